@@ -1,0 +1,168 @@
+"""The generation engine: one diffusers text-to-image pipeline, loaded once, fed in batches.
+
+It has no Ray in it, so a benchmark or a notebook can drive it directly:
+
+    engine = Engine(ModelSpec(source="/models/sd2"))
+    for indices, images, seconds in engine.generate(params, batch_size=8): ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from actors.storage import cached_copy, is_remote
+from schemas.samples import GenerationParams
+from schemas.spec import ModelSpec
+
+log = logging.getLogger("sdfleet")
+
+# Latents are drawn on the CPU so one sample can be regenerated alone on any device, bit for bit.
+GENERATOR_DEVICE = "cpu"
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded as the spec gives it. The message names the source and what to do."""
+
+
+def resolve_model_source(model: ModelSpec) -> str:
+    """A local folder for s3:// mirrors (copied once per node), else the source as given."""
+    if is_remote(model.source):
+        return str(cached_copy(model.source, model.storage_options))
+    return model.source
+
+
+def check_model_source(model: ModelSpec) -> None:
+    """Cheap checks the driver runs before any GPU is requested."""
+    source = model.source
+    if is_remote(source):
+        from actors.storage import Storage
+
+        if not Storage(source, model.storage_options).exists("model_index.json"):
+            raise ModelLoadError(f"model.source {source} has no model_index.json; point it at a diffusers folder")
+    elif Path(source).expanduser().exists():
+        folder = Path(source).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"model.source {source} is a local path without model_index.json; "
+                "point it at a diffusers pipeline folder (save_pretrained output)"
+            )
+        pickles = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth", ".pkl")]
+        if pickles and not any(folder.rglob("*.safetensors")):
+            raise ModelLoadError(
+                f"model.source {source} holds only pickle weights ({pickles[0]}); sdfleet loads safetensors only. "
+                "Convert it with `pipe.save_pretrained(dir, safe_serialization=True)` in a trusted environment"
+            )
+    elif source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model.source {source} does not exist")
+
+
+def check_scheduler_names(names: Sequence[str]) -> None:
+    import diffusers
+
+    for name in names:
+        cls = getattr(diffusers, name, None)
+        if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+            raise ModelLoadError(f"scheduler {name!r} is not a diffusers scheduler class; e.g. EulerDiscreteScheduler")
+
+
+class Engine:
+    """Holds one pipeline on one device and generates batches of samples with per-sample seeds."""
+
+    def __init__(self, model: ModelSpec, device: str | None = None, cpu_threads: int | None = None):
+        import torch
+
+        # 1. Device and dtype. fp16 kernels are slow or missing on CPUs: fall back to float32 there.
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = model.dtype
+        if self.device == "cpu":
+            if cpu_threads:
+                torch.set_num_threads(cpu_threads)
+            if self.dtype != "float32":
+                log.info("no GPU visible: running %s on the CPU in float32 instead of %s", model.source, self.dtype)
+                self.dtype = "float32"
+        self.model = model
+
+        # 2. Load with safetensors only: pickle checkpoints can run code on load.
+        import diffusers
+
+        path = resolve_model_source(model)
+        t0 = time.perf_counter()
+        try:
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+                path, revision=model.revision, dtype=getattr(torch, self.dtype), use_safetensors=True
+            )
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelLoadError(f"cannot load model.source {model.source}: {e}") from e
+        if getattr(pipe, "safety_checker", None) is not None:
+            # sdfleet scores images with its own detector (safety.*) and records the scores; the
+            # SD1.x checker would silently black images out instead.
+            pipe.safety_checker = None
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        log.info("loaded %s on %s (%s) in %.1fs", model.source, self.device, self.dtype, time.perf_counter() - t0)
+
+        # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
+        self._base_scheduler_config = self.pipe.scheduler.config
+        self.default_scheduler = model.scheduler or type(self.pipe.scheduler).__name__
+        self._schedulers = {}
+        self.pipe.scheduler = self._scheduler(self.default_scheduler)
+
+    def _scheduler(self, name: str):
+        if name not in self._schedulers:
+            import diffusers
+
+            check_scheduler_names([name])
+            cls = getattr(diffusers, name)
+            self._schedulers[name] = cls.from_config(self._base_scheduler_config, **self.model.scheduler_config)
+        return self._schedulers[name]
+
+    def generate(
+        self, params: Sequence[GenerationParams], batch_size: int
+    ) -> Iterator[tuple[list[int], list[np.ndarray], float]]:
+        """Yield (indices into params, uint8 HxWx3 images, seconds) batch by batch.
+
+        Samples are grouped by what must be equal within one pipeline call (steps, guidance,
+        size, scheduler), keeping plan order inside each group.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p.batch_key(), []).append(i)
+        for indices in groups.values():
+            for lo in range(0, len(indices), batch_size):
+                batch = indices[lo : lo + batch_size]
+                t0 = time.perf_counter()
+                images = self._call([params[i] for i in batch])
+                yield batch, images, time.perf_counter() - t0
+
+    def _call(self, batch: list[GenerationParams]) -> list[np.ndarray]:
+        import torch
+
+        first = batch[0]
+        self.pipe.scheduler = self._scheduler(first.scheduler or self.default_scheduler)
+        generators = [torch.Generator(GENERATOR_DEVICE).manual_seed(p.seed) for p in batch]
+        with torch.inference_mode():
+            out = self.pipe(
+                prompt=[p.prompt for p in batch],
+                negative_prompt=[p.negative_prompt for p in batch],
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                width=first.width,
+                height=first.height,
+                generator=generators,
+                output_type="np",
+            )
+        # The same rounding as diffusers' numpy_to_pil, so plain diffusers reproduces every pixel.
+        return list((out.images * 255).round().astype(np.uint8))
+
+    def scheduler_name(self, params: GenerationParams) -> str:
+        return params.scheduler or self.default_scheduler
+
+
+def cpu_threads_for(workers_on_node: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers_on_node))

@@ -1,0 +1,137 @@
+"""All file IO goes through here, over fsspec, so local paths and s3:// share one code path.
+
+S3 endpoints and credentials come from the standard AWS environment (AWS_ENDPOINT_URL included,
+which botocore reads itself) unless a spec's `storage_options` overrides them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger("sdfleet")
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+class Storage:
+    """One folder (local or object-store prefix). Every write is atomic: readers see a whole file or none."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.uri = uri.rstrip("/") if is_remote(uri) else str(Path(uri.removeprefix("file://")).absolute())
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def __reduce__(self):
+        # fsspec filesystems pickle, but carry caches; rebuild from the URI on the worker instead.
+        return (Storage, (self.uri, self.fs.storage_options))
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def url(self, name: str = "") -> str:
+        return f"{self.uri}/{name}" if name else self.uri
+
+    # ------------------------------------------------------------------ reads
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def list(self, pattern: str) -> list[str]:
+        """Names (relative to this folder) matching a glob, sorted."""
+        self.fs.invalidate_cache()
+        found = self.fs.glob(self.path(pattern))
+        prefix = self.root + "/"
+        return sorted(p[len(prefix):] if p.startswith(prefix) else p.rsplit("/", 1)[-1] for p in found)
+
+    # ----------------------------------------------------------------- writes
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        if self.local:
+            target = Path(self.path(name))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            # One PUT: S3 makes a single object visible whole or not at all.
+            self.fs.pipe_file(self.path(name), data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n")
+
+    def put_file(self, local_path: str | Path, name: str) -> None:
+        """Upload a finished local file (large tars are spooled to disk, not held in memory)."""
+        if self.local:
+            target = Path(self.path(name))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, target)
+        else:
+            # s3fs switches to a multipart upload for large files; S3 publishes it only on completion.
+            self.fs.put_file(str(local_path), self.path(name))
+
+
+# ---------------------------------------------------------------- model cache
+
+
+def cached_copy(uri: str, storage_options: dict[str, Any] | None = None, cache_root: str | None = None) -> Path:
+    """Copy a remote folder (e.g. an s3:// model mirror) once per node into a local cache.
+
+    A file lock makes concurrent actors on one node share one copy; a manifest of sizes written
+    last marks the copy complete and is checked on every reuse.
+    """
+    from filelock import FileLock
+
+    root = Path(cache_root or os.environ.get("SDFLEET_CACHE", Path.home() / ".cache" / "sdfleet"))
+    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    dest = root / "models" / digest
+    manifest_path = dest / ".sdfleet-manifest.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src = Storage(uri, storage_options)
+    with FileLock(str(dest) + ".lock"):
+        if manifest_path.exists() and _manifest_matches(dest, json.loads(manifest_path.read_text())):
+            return dest
+        remote = {p[len(src.root) + 1:]: int(info["size"]) for p, info in src.fs.find(src.root, detail=True).items()}
+        if not remote:
+            raise FileNotFoundError(f"model source {uri} is empty or does not exist")
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{digest}-"))
+        for rel in sorted(remote):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            src.fs.get_file(src.path(rel), str(tmp / rel))
+        if not _manifest_matches(tmp, remote):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"copy of {uri} is incomplete: sizes differ from the source")
+        (tmp / manifest_path.name).write_text(json.dumps({"source": uri, "files": remote}))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        log.info("copied %s (%d files) to %s", uri, len(remote), dest)
+        return dest
+
+
+def _manifest_matches(folder: Path, manifest: dict[str, Any]) -> bool:
+    files = manifest.get("files", manifest)
+    return all((folder / rel).is_file() and (folder / rel).stat().st_size == size for rel, size in files.items())

@@ -1,0 +1,202 @@
+"""Planning: list the input, read Parquet footers only, expand the sweep, cut samples into shards.
+
+A plan holds no per-sample data. A shard is a range of global sample indices; sample s is sweep
+point s % P of global prompt row s // P, so planning 10M prompts costs the same as 10.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.storage import Storage, is_remote
+from schemas.rows import STRING_TYPES, output_schema
+from schemas.samples import key_width, shard_name, sweep_points
+from schemas.spec import JobSpec, SpecError
+
+_GLOB_CHARS = set("*?[")
+
+
+class InputError(SpecError):
+    """The input cannot be used as given. The message names the file and what to do."""
+
+
+@dataclass
+class InputFile:
+    uri: str
+    size: int
+    rows: int
+    row_groups: list[int]  # rows in each row group, to read only the groups a shard touches
+
+    @property
+    def stem(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    files: list[InputFile]
+    points: list[dict[str, Any]]
+    passthrough_schema: pa.Schema
+    row_offsets: list[int] = field(default_factory=list)  # global index of each file's first row
+
+    def __post_init__(self):
+        if not self.row_offsets:
+            offsets, total = [], 0
+            for f in self.files:
+                offsets.append(total)
+                total += f.rows
+            self.row_offsets = offsets
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_rows * len(self.points)
+
+    @property
+    def samples_per_shard(self) -> int:
+        return self.spec.output.samples_per_shard
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_samples / self.samples_per_shard)
+
+    @property
+    def key_width(self) -> int:
+        return key_width(self.num_shards)
+
+    def shard_range(self, shard_id: int) -> tuple[int, int]:
+        start = shard_id * self.samples_per_shard
+        return start, min(start + self.samples_per_shard, self.num_samples)
+
+    def shard_name(self, shard_id: int) -> str:
+        return shard_name(shard_id, self.key_width)
+
+    def output_schema(self) -> pa.Schema:
+        return output_schema(self.passthrough_schema)
+
+    def input_manifest(self) -> list[dict[str, Any]]:
+        return [{"uri": f.uri, "size": f.size, "rows": f.rows} for f in self.files]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint(self.input_manifest())
+
+    def estimate(self) -> dict[str, float]:
+        """GPU-hours from FLOPs: a first estimate until measured throughput replaces it."""
+        tflop = 0.0
+        for point in self.points:
+            gen = self.spec.generation
+            steps = point.get("num_inference_steps", gen.num_inference_steps)
+            pixels = point.get("width", gen.width) * point.get("height", gen.height) / 512**2
+            cfg = 1.0 if point.get("guidance_scale", gen.guidance_scale) > 1 else 0.5
+            tflop += _UNET_TFLOP_CFG * cfg * steps * pixels + _VAE_TFLOP * pixels + _TEXT_TFLOP
+        tflop *= self.num_rows
+        gpu_hours = tflop / _SUSTAINED_TFLOPS / 3600
+        return {"tflop": tflop, "gpu_hours": gpu_hours}
+
+
+# SD2-base at 512² (counted on meta tensors; see FACTS.md). Cost scales with latent pixels.
+_UNET_TFLOP_CFG = 1.609  # one UNet forward with CFG (batch 2)
+_VAE_TFLOP = 2.51  # one VAE decode
+_TEXT_TFLOP = 0.09
+# Sustained fp16 throughput assumed for the estimate: about 30% of an H100's 989 TFLOP/s dense,
+# which is where plain diffusers lands. Real throughput per GPU type comes from measurements.
+_SUSTAINED_TFLOPS = 300.0
+
+
+class Planner:
+    """Turns a spec into a Plan. Reads only Parquet footers, never row data."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.storage_options = spec.input.storage_options
+
+    def plan(self) -> Plan:
+        # 1. List the input files, in a stable order.
+        uris = list_parquet(self.spec.input.uri, self.storage_options)
+        # 2. Read each footer: row counts per row group, and the columns the spec names.
+        files, passthrough = [], None
+        for uri in uris:
+            f, schema = self._read_footer(uri)
+            files.append(f)
+            passthrough = self._check_columns(uri, schema, passthrough)
+        # 3. Expand the sweep.
+        return Plan(spec=self.spec, files=files, points=sweep_points(self.spec), passthrough_schema=passthrough)
+
+    def _read_footer(self, uri: str) -> tuple[InputFile, pa.Schema]:
+        storage = Storage(uri, self.storage_options)
+        try:
+            size = storage.fs.size(storage.root)
+            with storage.fs.open(storage.root, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+                schema = meta.schema.to_arrow_schema()
+        except FileNotFoundError:
+            raise InputError(f"input file {uri} does not exist") from None
+        except PermissionError as e:
+            raise InputError(f"input file {uri} cannot be read (permission denied): {e}") from None
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"input file {uri} is not a readable Parquet file: {e}") from None
+        if meta.num_rows == 0:
+            raise InputError(f"input file {uri} has no rows; remove it from the input or fill it")
+        groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return InputFile(uri=uri, size=size, rows=meta.num_rows, row_groups=groups), schema
+
+    def _check_columns(self, uri: str, schema: pa.Schema, passthrough: pa.Schema | None) -> pa.Schema:
+        inp = self.spec.input
+        names = set(schema.names)
+
+        def need(column: str, what: str, string: bool) -> None:
+            if column not in names:
+                raise InputError(
+                    f"input file {uri} has no {what} column {column!r} (columns: {', '.join(schema.names)}); "
+                    f"set input.{what.replace(' ', '_')}_column to one of them"
+                )
+            if string and schema.field(column).type not in STRING_TYPES:
+                raise InputError(
+                    f"input file {uri}: {what} column {column!r} has type {schema.field(column).type}, "
+                    "expected string"
+                )
+
+        need(inp.prompt_column, "prompt", string=True)
+        if inp.id_column is not None:
+            need(inp.id_column, "id", string=False)
+        if inp.negative_prompt_column is not None:
+            need(inp.negative_prompt_column, "negative prompt", string=True)
+        for column in inp.passthrough_columns:
+            if column not in names:
+                raise InputError(f"input file {uri} has no passthrough column {column!r}")
+        this = pa.schema([schema.field(c) for c in inp.passthrough_columns])
+        if passthrough is not None and not this.equals(passthrough):
+            raise InputError(f"input file {uri}: passthrough column types {this} differ from earlier files' {passthrough}")
+        try:
+            output_schema(this)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        return this
+
+
+def list_parquet(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """A Parquet file, a folder or prefix (every *.parquet below it), or a glob; sorted."""
+    storage = Storage(uri, storage_options)
+    fs, root = storage.fs, storage.root
+    protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    if _GLOB_CHARS & set(uri):
+        found = sorted(fs.glob(root))
+    elif fs.isdir(root):
+        found = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    elif fs.exists(root):
+        found = [root]
+    else:
+        raise InputError(f"input.uri {uri} does not exist; give a Parquet file, a folder or prefix, or a glob")
+    if not found:
+        raise InputError(f"input.uri {uri} matches no Parquet files")
+    return [protocol + p if protocol and not p.startswith(protocol) else p for p in found]

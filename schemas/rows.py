@@ -1,0 +1,70 @@
+"""The prompt-row contract (input) and the output-row contract (one Parquet row per planned sample)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_FILTERED = "filtered"
+STATUS_FAILED = "failed"
+
+# Prompt rows: the prompt column must be a string column; the id column may be any scalar
+# (ints are common) and is stringified; the negative prompt column must be a string column.
+STRING_TYPES = (pa.string(), pa.large_string())
+
+NSFW_SCORES_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
+
+OUTPUT_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("sample_id", pa.string()),
+    pa.field("shard_id", pa.int64(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("prompt_id", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("generator_device", pa.string()),
+    pa.field("model_source", pa.string()),
+    pa.field("model_revision", pa.string()),
+    pa.field("scheduler", pa.string()),
+    pa.field("num_inference_steps", pa.int64()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("width", pa.int64()),
+    pa.field("height", pa.int64()),
+    pa.field("dtype", pa.string()),
+    pa.field("image_format", pa.string()),
+    pa.field("image_sha256", pa.string()),
+    pa.field("nsfw_score", pa.float32()),
+    pa.field("nsfw_scores", NSFW_SCORES_TYPE),
+    pa.field("safety_detector", pa.string()),
+    pa.field("safety_threshold", pa.float64()),
+    pa.field("safety_action", pa.string()),
+    # `device` is the torch device that ran the pipeline ("cuda:0", "cpu"); `gpu_id` is the GPU
+    # Ray assigned to the actor (a logical GPU on a CPU test cluster), null when none was assigned.
+    pa.field("device", pa.string()),
+    pa.field("worker_node", pa.string()),
+    pa.field("worker_id", pa.string()),
+    pa.field("gpu_id", pa.string()),
+    pa.field("gen_seconds", pa.float64()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+]
+
+OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
+
+# Columns that describe the run rather than the image. They stay in the Parquet for provenance but
+# are kept out of the tar's {key}.json, so a retried or resumed shard writes byte-identical tars.
+RUN_COLUMNS = ("device", "worker_node", "worker_id", "gpu_id", "gen_seconds", "created_at")
+
+
+def output_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
+    """The output schema, with the input's passthrough columns appended under their own types."""
+    fields = list(OUTPUT_FIELDS)
+    if passthrough is not None:
+        clash = [f.name for f in passthrough if f.name in OUTPUT_COLUMNS]
+        if clash:
+            raise ValueError(
+                f"passthrough column {clash[0]!r} clashes with an output column; rename it in the input"
+            )
+        fields.extend(passthrough)
+    return pa.schema(fields)

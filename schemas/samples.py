@@ -1,0 +1,125 @@
+"""What one sample is, and the pure functions that name it: sweep points, seeds, keys, sample ids.
+
+The planner (driver) and the generator (worker) both call these, so a shard means the same
+samples on every machine and in every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.spec import JobSpec
+
+# Keys are f"{shard:05d}{offset:04d}" (img2dataset's convention); the shard field widens past 99,999.
+SHARD_DIGITS = 5
+OFFSET_DIGITS = 4
+
+
+def sweep_points(spec: JobSpec) -> list[dict[str, Any]]:
+    """Every sweep point of one prompt, in plan order: axes in spec order, the seed index innermost.
+
+    Seed innermost means one seed is drawn at every axis value, which is what an X/Y grid needs.
+    """
+    axes = spec.sweep.axes
+    names = list(axes)
+    points = []
+    for combo in itertools.product(*(axes[n] for n in names), range(spec.sweep.num_seeds())):
+        point = dict(zip(names, combo[:-1]))
+        point["seed_index"] = combo[-1]
+        points.append(point)
+    return points
+
+
+def derive_seed(base_seed: int, prompt_id: str, index: int) -> int:
+    """A stable 63-bit seed from (base_seed, prompt_id, index): the same on every machine and Python.
+
+    Python's hash() is salted per process, so a cryptographic hash is used instead; 63 bits keep
+    the value a non-negative int64 for Parquet and for torch.Generator.manual_seed.
+    """
+    digest = hashlib.sha256(f"{base_seed}\x1f{prompt_id}\x1f{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def seed_for(spec: JobSpec, prompt_id: str, seed_index: int) -> int:
+    if isinstance(spec.sweep.seeds, list):
+        return spec.sweep.seeds[seed_index]
+    return derive_seed(spec.sweep.base_seed, prompt_id, seed_index)
+
+
+def key_width(num_shards: int) -> int:
+    return max(SHARD_DIGITS, len(str(max(num_shards - 1, 0))))
+
+
+def shard_name(shard_id: int, width: int = SHARD_DIGITS) -> str:
+    return f"{shard_id:0{width}d}"
+
+
+def sample_key(shard_id: int, offset: int, width: int = SHARD_DIGITS) -> str:
+    return f"{shard_id:0{width}d}{offset:0{OFFSET_DIGITS}d}"
+
+
+@dataclass
+class GenerationParams:
+    """What the pipeline is called with for one sample: enough to regenerate it with plain diffusers."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str | None  # None: the checkpoint's own scheduler
+
+    def batch_key(self) -> tuple:
+        # Samples that share these can go through the pipeline in one call.
+        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler)
+
+
+@dataclass
+class Sample:
+    key: str
+    shard_id: int
+    prompt_id: str
+    params: GenerationParams | None  # None when the row cannot be generated (see error)
+    error: str | None = None
+    passthrough: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_params(
+    spec: JobSpec, prompt: str, negative_prompt: str | None, prompt_id: str, point: dict[str, Any]
+) -> GenerationParams:
+    gen = spec.generation
+    if negative_prompt is None:
+        negative_prompt = point.get("negative_prompt", gen.negative_prompt)
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=seed_for(spec, prompt_id, point["seed_index"]),
+        num_inference_steps=point.get("num_inference_steps", gen.num_inference_steps),
+        guidance_scale=float(point.get("guidance_scale", gen.guidance_scale)),
+        width=point.get("width", gen.width),
+        height=point.get("height", gen.height),
+        scheduler=point.get("scheduler", spec.model.scheduler),
+    )
+
+
+def sample_id(model_source: str, model_revision: str | None, params: GenerationParams, scheduler: str) -> str:
+    """The identity of one image across jobs: everything that determines its pixels."""
+    payload = {
+        "model_source": model_source,
+        "model_revision": model_revision,
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt,
+        "seed": params.seed,
+        "scheduler": scheduler,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "width": params.width,
+        "height": params.height,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

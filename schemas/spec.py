@@ -1,0 +1,306 @@
+"""The job spec: validated data, loaded from YAML, overridable with ``--set a.b=c``.
+
+No torch, ray or tensorflow here: the CLI and `sdfleet plan` import this module on a laptop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A spec that cannot run. The message names the key, the bad value and what to do."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `guidence_scale` must not silently use the default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_scheduler_name(v: str | None) -> str | None:
+    # Only the shape is checked here (no diffusers import); the driver checks the class exists.
+    if v is not None and not re.fullmatch(r"[A-Z][A-Za-z0-9]*Scheduler[A-Za-z0-9]*", str(v)):
+        raise ValueError(
+            f"{v!r} is not a diffusers scheduler class name "
+            "(e.g. EulerDiscreteScheduler, DDIMScheduler); use null for the checkpoint's own"
+        )
+    return v
+
+
+class ModelSpec(_Section):
+    source: str = "stabilityai/stable-diffusion-2-base"
+    revision: str | None = None
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    scheduler: str | None = "EulerDiscreteScheduler"
+    scheduler_config: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model.source is empty; give a hub id, a local folder or an s3:// folder")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_is_class_name(cls, v: str | None) -> str | None:
+        return check_scheduler_name(v)
+
+
+class InputSpec(_Section):
+    uri: str
+    prompt_column: str = "prompt"
+    id_column: str | None = "prompt_id"
+    negative_prompt_column: str | None = None
+    passthrough_columns: list[str] = Field(default_factory=list)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+def _check_multiple_of_8(name: str, v: int) -> int:
+    # The VAE downsamples by 8: other sizes fail deep inside the UNet with a shape error.
+    if v % 8:
+        raise ValueError(f"{name}={v} is not divisible by 8; use e.g. {v - v % 8 or 8} or {v - v % 8 + 8}")
+    return v
+
+
+class GenerationSpec(_Section):
+    num_inference_steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    width: int = Field(512, ge=8, le=8192)
+    height: int = Field(512, ge=8, le=8192)
+    negative_prompt: str = ""
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size(cls, v: int, info) -> int:
+        return _check_multiple_of_8(info.field_name, v)
+
+
+# Keys a sweep axis may vary. Each is a per-sample generation parameter recorded in its own column.
+SWEEPABLE = ("guidance_scale", "num_inference_steps", "width", "height", "negative_prompt", "scheduler")
+
+
+class SweepSpec(_Section):
+    seeds: Union[int, list[int]] = 1
+    base_seed: int = 0
+    axes: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"sweep.seeds={v}: give a count >= 1 or a list of seeds")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("sweep.seeds=[] is empty: give a count >= 1 or a non-empty list")
+            bad = [s for s in v if not 0 <= s < 2**63]
+            if bad:
+                raise ValueError(f"sweep.seeds has {bad[0]}, outside [0, 2**63)")
+            if len(set(v)) != len(v):
+                raise ValueError(f"sweep.seeds={v} repeats a seed, which would generate duplicate images")
+        return v
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, v: dict[str, list[Any]]):
+        for key, values in v.items():
+            if key not in SWEEPABLE:
+                raise ValueError(f"sweep.axes.{key} cannot be swept; sweepable keys are {', '.join(SWEEPABLE)}")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"sweep.axes.{key}={values!r}: give a non-empty list of values")
+            if len({json.dumps(x, sort_keys=True) for x in values}) != len(values):
+                raise ValueError(f"sweep.axes.{key}={values!r} repeats a value")
+            checked = []
+            for x in values:
+                # Validate each value exactly as the scalar key would be validated.
+                if key == "scheduler":
+                    checked.append(check_scheduler_name(x))
+                    continue
+                try:
+                    checked.append(getattr(GenerationSpec(**{key: x}), key))
+                except ValidationError as e:
+                    msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"sweep.axes.{key} has {x!r}: {msg}") from None
+            v[key] = checked
+        return v
+
+    def num_seeds(self) -> int:
+        return self.seeds if isinstance(self.seeds, int) else len(self.seeds)
+
+
+class OutputSpec(_Section):
+    uri: str
+    image_format: Literal["jpeg", "png", "webp"] = "jpeg"
+    quality: int = Field(95, ge=1, le=100)
+    # Keys are f"{shard:05d}{offset:04d}": four digits of offset, so at most 10,000 per shard.
+    samples_per_shard: int = Field(1000, ge=1, le=10_000)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SafetySpec(_Section):
+    # Step 1 ships only `none`; the detectors (nsfw-detector, clip-checker, hf-classifier) come next.
+    detector: Literal["none"] = "none"
+    model: str | None = None
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    action: Literal["score", "drop", "blackout", "quarantine"] = "drop"
+
+
+class ResourcesSpec(_Section):
+    batch_size: int = Field(8, ge=1, le=1024)
+    gpus_per_worker: float = Field(1, gt=0)
+    min_workers: int = Field(0, ge=0)
+    max_workers: int = Field(8, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    shard_timeout_s: float = Field(3600, gt=0)
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"resources.min_workers={self.min_workers} exceeds resources.max_workers={self.max_workers}"
+            )
+        return self
+
+
+class JobSpec(_Section):
+    name: str = "sdfleet-job"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    input: InputSpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+    output: OutputSpec
+    safety: SafetySpec = Field(default_factory=SafetySpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """Every key that changes what is written, flattened to dotted names."""
+        data = self.model_dump(mode="json")
+        flat = _flatten(data)
+        return {k: v for k, v in flat.items() if not _is_operational(k)}
+
+    def fingerprint(self, input_files: list[dict[str, Any]] | None = None) -> str:
+        payload = {"spec": self.fingerprint_fields(), "input_files": input_files or []}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+    def redacted(self) -> dict[str, Any]:
+        """The spec as a dict with credentials masked: safe for logs, _job.json and the dataset card."""
+        data = self.model_dump(mode="json")
+        for section in ("model", "input", "output"):
+            data[section]["storage_options"] = redact(data[section]["storage_options"])
+        return data
+
+
+# Keys that change how a job runs but not what it writes. Everything else is in the fingerprint,
+# so that a resume can never mix shards made under different settings.
+_OPERATIONAL_PREFIXES = (
+    "name",
+    "resources.",
+    "output.uri",
+    "input.uri",  # the listed files and their sizes are fingerprinted instead
+    "input.storage_options",
+    "output.storage_options",
+    "model.storage_options",
+)
+
+
+def _is_operational(key: str) -> bool:
+    return any(key == p or key.startswith(p) for p in _OPERATIONAL_PREFIXES)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and v and name.count(".") < 1:
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+_SECRET = re.compile(r"(secret|token|password|passwd|credential|session|key)", re.I)
+_NOT_SECRET = {"endpoint_url", "anon", "region_name", "profile", "use_ssl", "requester_pays"}
+
+
+def redact(options: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif k not in _NOT_SECRET and _SECRET.search(k):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def diff_fingerprint_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k, "<unset>") != new.get(k, "<unset>")]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` to a raw spec dict; the value is parsed as YAML (safe_load)."""
+    if "=" not in assignment:
+        raise SpecError(f"--set {assignment!r} has no '='; write it as --set section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise SpecError(f"--set {assignment!r} names no key; write it as --set section.key=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {dotted}: {p!r} holds {child!r}, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, data, source)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read spec {str(path)!r}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return parse_spec(data, str(path))
+
+
+def format_validation_error(e: ValidationError, data: dict[str, Any], source: str) -> str:
+    lines = [f"{source}: invalid job spec"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; `sdfleet` accepts only documented keys)")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}={err.get('input')!r}: {msg}")
+    return "\n".join(lines)
