@@ -89,7 +89,14 @@ class Engine:
         self.model = model
 
         # 2. Load with safetensors only: pickle checkpoints can run code on load.
+        # transformers warns at import about optional vision backends the pipeline never uses.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import diffusers
+
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
         path = resolve_model_source(model)
         t0 = time.perf_counter()

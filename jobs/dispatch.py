@@ -25,6 +25,10 @@ log = logging.getLogger("sdfleet")
 SHARDS_PER_ACTOR = 2
 # How often the loop wakes without a result, to check shard timeouts and refresh the display.
 POLL_S = 1.0
+# S3 settings that are not secrets, forwarded to workers so that an endpoint such as MinIO or a
+# regional mirror set on the driver is used by every actor too. Credentials are never forwarded:
+# each node takes them from its own environment or instance role.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def connect_ray(address: str | None) -> str:
@@ -35,16 +39,19 @@ def connect_ray(address: str | None) -> str:
     if ray.is_initialized():
         return "existing Ray session"
     if address:
-        runtime_env = {}
+        runtime_env: dict | None = None
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
-            # Outside `ray job submit`, ship our own packages to the cluster's workers. Inside a
-            # submitted job, the job's working_dir already carries them.
+            # Outside `ray job submit`, ship our own packages and S3 settings to the cluster's
+            # workers. Inside a submitted job, the job's own runtime_env already carries them.
             import actors
             import jobs
             import schemas
 
             runtime_env = {"py_modules": [schemas, jobs, actors]}
-        ray.init(address=address, runtime_env=runtime_env or None, logging_level=logging.WARNING)
+            env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+            if env_vars:
+                runtime_env["env_vars"] = env_vars
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
         return f"Ray cluster at {address}"
     # An embedded Ray for one machine: no dashboard (saves ~1 GB and port 8265 clashes).
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)

@@ -1,0 +1,22 @@
+"""The README's demo command, as a new user runs it: tiny models, local prompts, embedded Ray."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_makes_a_complete_dataset(tmp_path):
+    out = run_cli("demo", str(tmp_path / "demo"), env={"RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    root = tmp_path / "demo" / "output"
+    assert (root / "_SUCCESS").exists()
+    assert sum(json.loads((root / "sizes.json").read_text()).values()) == 40
+    assert f"Dataset: {root}" in out.stderr
+    assert (tmp_path / "demo" / "models" / "tiny-sd2" / "model_index.json").exists()
+    # The written spec reruns as a plain `sdfleet run`, and finds nothing left to do.
+    again = run_cli("run", str(tmp_path / "demo" / "demo.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
+    assert again.returncode == 0 and "nothing to generate" in again.stderr

@@ -1,0 +1,117 @@
+"""The engine without Ray: tiny real pipeline, loaded through from_pretrained, compared with plain diffusers."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from actors.engine import Engine, ModelLoadError, check_model_source
+from schemas.samples import GenerationParams
+from schemas.spec import ModelSpec
+
+
+def params(prompt, seed, guidance=7.5, steps=3, scheduler=None, negative=""):
+    return GenerationParams(prompt=prompt, negative_prompt=negative, seed=seed, num_inference_steps=steps,
+                            guidance_scale=guidance, width=64, height=64, scheduler=scheduler)
+
+
+def plain_diffusers(model_dir, p: GenerationParams, scheduler_cls, **scheduler_config):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(p.prompt, negative_prompt=p.negative_prompt, num_inference_steps=p.num_inference_steps,
+                 guidance_scale=p.guidance_scale, width=p.width, height=p.height,
+                 generator=torch.Generator("cpu").manual_seed(p.seed)).images[0]
+    return np.asarray(image)
+
+
+def run(engine, batch, batch_size=2):
+    out = {}
+    for indices, images, seconds in engine.generate(batch, batch_size):
+        assert seconds > 0 and len(indices) <= batch_size
+        out.update(zip(indices, images))
+    return [out[i] for i in range(len(batch))]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine(ModelSpec(source=str(tiny_model), dtype="float16", scheduler="EulerDiscreteScheduler"),
+                  cpu_threads=2)
+
+
+def test_cpu_falls_back_to_float32(engine):
+    assert engine.device == "cpu" and engine.dtype == "float32"
+    assert engine.pipe.unet.dtype == torch.float32
+    assert type(engine.pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_batched_engine_matches_plain_diffusers(engine, tiny_model):
+    from diffusers import EulerDiscreteScheduler
+
+    batch = [params("a red fox in snow", 11), params("a lighthouse at dawn", 22), params("ramen, 35mm", 33)]
+    images = run(engine, batch)
+    assert all(img.shape == (64, 64, 3) and img.dtype == np.uint8 for img in images)
+    assert not np.array_equal(images[0], images[1])
+    for p, img in zip(batch, images):
+        ref = plain_diffusers(tiny_model, p, EulerDiscreteScheduler)
+        assert np.abs(img.astype(int) - ref.astype(int)).max() <= 2
+
+
+def test_same_seed_same_image_across_calls(engine):
+    a = run(engine, [params("a bonsai tree", 5)])[0]
+    b = run(engine, [params("something else", 6), params("a bonsai tree", 5)])[1]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_mixed_parameters_are_grouped_not_mixed(engine):
+    batch = [params("x", 1, guidance=3.0), params("x", 1, guidance=7.5), params("x", 1, guidance=3.0)]
+    calls = [indices for indices, _, _ in engine.generate(batch, batch_size=8)]
+    assert sorted(map(sorted, calls)) == [[0, 2], [1]]
+    images = run(engine, batch)
+    assert np.abs(images[0].astype(int) - images[2].astype(int)).max() <= 2
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_scheduler_axis_and_config_overrides(tiny_model, engine):
+    from diffusers import DDIMScheduler
+
+    ddim = run(engine, [params("a castle", 9, scheduler="DDIMScheduler")])[0]
+    euler = run(engine, [params("a castle", 9)])[0]
+    assert not np.array_equal(ddim, euler)
+    assert np.abs(ddim.astype(int) - plain_diffusers(tiny_model, params("a castle", 9), DDIMScheduler)).max() <= 2
+
+    trailing = Engine(ModelSpec(source=str(tiny_model), scheduler="DDIMScheduler",
+                                scheduler_config={"timestep_spacing": "trailing"}), cpu_threads=2)
+    assert trailing.pipe.scheduler.config.timestep_spacing == "trailing"
+    img = run(trailing, [params("a castle", 9)])[0]
+    ref = plain_diffusers(tiny_model, params("a castle", 9), DDIMScheduler, timestep_spacing="trailing")
+    assert np.abs(img.astype(int) - ref.astype(int)).max() <= 2
+    assert not np.array_equal(img, ddim)
+
+
+def test_unknown_scheduler_is_refused(engine):
+    with pytest.raises(ModelLoadError, match="'NoSuchScheduler' is not a diffusers scheduler"):
+        run(engine, [params("x", 1, scheduler="NoSuchScheduler")])
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_model, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder)
+    for f in folder.rglob("*.safetensors"):
+        f.with_suffix(".bin").write_bytes(b"pickle would run code here")
+        f.unlink()
+    with pytest.raises(ModelLoadError, match="only pickle weights.*safetensors only"):
+        check_model_source(ModelSpec(source=str(folder)))
+    with pytest.raises(ModelLoadError, match="cannot load model.source"):
+        Engine(ModelSpec(source=str(folder)))
+
+
+def test_missing_local_model_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        check_model_source(ModelSpec(source=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="without model_index.json"):
+        check_model_source(ModelSpec(source=str(tmp_path / "empty")))

@@ -1,0 +1,147 @@
+import pytest
+
+from schemas.spec import JobSpec, SpecError, apply_override, diff_fingerprint_fields, load_spec, parse_spec
+
+BASE = {"input": {"uri": "s3://b/prompts/"}, "output": {"uri": "s3://b/out/"}}
+
+
+def spec_with(**sections) -> dict:
+    data = {k: dict(v) for k, v in BASE.items()}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return data
+
+
+def error_of(data) -> str:
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    return str(e.value)
+
+
+def test_defaults_follow_the_design():
+    spec = parse_spec(spec_with())
+    assert spec.model.source == "stabilityai/stable-diffusion-2-base"
+    assert spec.model.dtype == "float16"
+    assert spec.generation.num_inference_steps == 50 and spec.generation.guidance_scale == 7.5
+    assert spec.output.samples_per_shard == 1000 and spec.output.image_format == "jpeg"
+    assert spec.resources.max_attempts == 3
+
+
+@pytest.mark.parametrize(
+    "data, must_name",
+    [
+        (spec_with(generation={"guidence_scale": 5}), "generation.guidence_scale"),
+        ({**spec_with(), "outptu": {}}, "outptu"),
+        (spec_with(model={"dtype": "float8"}), "float8"),
+        (spec_with(generation={"width": 500}), "width=500"),
+        (spec_with(generation={"height": 100}), "not divisible by 8"),
+        (spec_with(generation={"num_inference_steps": 0}), "num_inference_steps=0"),
+        (spec_with(sweep={"seeds": 0}), "sweep.seeds=0"),
+        (spec_with(sweep={"seeds": [1, 1]}), "repeats a seed"),
+        (spec_with(sweep={"axes": {"strength": [1]}}), "sweep.axes.strength cannot be swept"),
+        (spec_with(sweep={"axes": {"width": [64, 100]}}), "sweep.axes.width has 100"),
+        (spec_with(sweep={"axes": {"guidance_scale": []}}), "non-empty list"),
+        (spec_with(output={"samples_per_shard": 20000}), "samples_per_shard=20000"),
+        (spec_with(output={"image_format": "gif"}), "'gif'"),
+        (spec_with(model={"scheduler": "euler"}), "'euler' is not a diffusers scheduler"),
+        (spec_with(resources={"min_workers": 5, "max_workers": 2}), "min_workers=5"),
+        ({"output": {"uri": "x"}}, "input: required key is missing"),
+    ],
+)
+def test_bad_values_are_named(data, must_name):
+    assert must_name in error_of(data)
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: {uri: in/}\noutput: {uri: out/}\ngeneration: {guidance_scale: 7.5}\n")
+    spec = load_spec(path, ["generation.guidance_scale=5", "sweep.axes={num_inference_steps: [10, 20]}",
+                            "model.revision=null", "name=my job"])
+    assert spec.generation.guidance_scale == 5.0
+    assert spec.sweep.axes == {"num_inference_steps": [10, 20]}
+    assert spec.model.revision is None
+    assert spec.name == "my job"
+
+
+def test_override_errors_name_the_assignment():
+    with pytest.raises(SpecError, match="no '='"):
+        apply_override({}, "generation.guidance_scale")
+    with pytest.raises(SpecError, match="not a section"):
+        apply_override({"name": "x"}, "name.sub=1")
+    with pytest.raises(SpecError, match="generation.guidance_scale='high'"):
+        data = spec_with()
+        apply_override(data, "generation.guidance_scale=high")
+        parse_spec(data)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("input: !!python/object/apply:os.system ['echo pwned']\noutput: {uri: o}\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize(
+    "override, changes",
+    [
+        ("generation.guidance_scale=5", True),
+        ("generation.num_inference_steps=20", True),
+        ("model.source=other/model", True),
+        ("model.scheduler=DDIMScheduler", True),
+        ("sweep.seeds=3", True),
+        ("sweep.base_seed=1", True),
+        ("output.image_format=png", True),
+        ("output.samples_per_shard=10", True),
+        ("input.prompt_column=text", True),
+        ("resources.batch_size=2", False),
+        ("resources.max_workers=1", False),
+        ("output.uri=s3://elsewhere/", False),
+        ("name=renamed", False),
+        ("input.storage_options={anon: true}", False),
+    ],
+)
+def test_fingerprint_changes_exactly_with_outputs(override, changes):
+    base = parse_spec(spec_with())
+    data = spec_with()
+    apply_override(data, override)
+    other = parse_spec(data)
+    assert (base.fingerprint() != other.fingerprint()) is changes
+    diff = diff_fingerprint_fields(base.fingerprint_fields(), other.fingerprint_fields())
+    assert bool(diff) is changes
+    if changes:
+        assert override.split("=")[0].split(".")[0] in diff[0]
+
+
+def test_fingerprint_covers_input_files():
+    spec = parse_spec(spec_with())
+    a = spec.fingerprint([{"uri": "s3://b/p/0.parquet", "size": 10, "rows": 3}])
+    b = spec.fingerprint([{"uri": "s3://b/p/0.parquet", "size": 11, "rows": 3}])
+    assert a != b
+
+
+def test_credentials_are_redacted():
+    spec = parse_spec(spec_with(output={"storage_options": {"key": "AKIA123", "secret": "s3cr3t",
+                                                             "endpoint_url": "http://minio:9000",
+                                                             "client_kwargs": {"aws_session_token": "T0KV4LUE"}}}))
+    red = spec.redacted()
+    text = str(red)
+    assert "AKIA123" not in text and "s3cr3t" not in text and "T0KV4LUE" not in text
+    assert red["output"]["storage_options"]["endpoint_url"] == "http://minio:9000"
+    # The model itself still holds them for the workers.
+    assert spec.output.storage_options["secret"] == "s3cr3t"
+
+
+def test_schemas_import_no_heavy_frameworks():
+    import subprocess
+    import sys
+
+    code = "import schemas.spec, schemas.samples, schemas.rows, sys; " \
+           "print(sorted(m for m in ('torch','ray','tensorflow','diffusers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_jobspec_round_trips_through_json():
+    spec = parse_spec(spec_with(sweep={"seeds": [3, 1], "axes": {"guidance_scale": [3, 7.5]}}))
+    again = JobSpec.model_validate_json(spec.model_dump_json())
+    assert again == spec and again.fingerprint() == spec.fingerprint()
