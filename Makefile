@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,nsfw]'
+	# nsfw-detector's own requirements (tensorflow-hub==0.7.0) break on current TensorFlow;
+	# its working set comes from the nsfw extra above, so it goes in without its deps.
+	$(PY) -m pip install -q --no-deps "nsfw-detector==1.1.1"
 	touch $@
 
 demo: install

@@ -12,14 +12,19 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from actors.engine import GENERATOR_DEVICE, Engine
+from actors.safety import SafetyScore, load_detector
 from actors.storage import Storage
 from actors.writer import ShardWriter, encode_image
-from schemas.rows import STATUS_FAILED, STATUS_OK
+from schemas.rows import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
 from schemas.samples import Sample, resolve_params, sample_id, sample_key
 
 log = logging.getLogger("sdfleet")
@@ -74,8 +79,20 @@ def read_shard_samples(plan, shard_id: int) -> list[Sample]:
     return samples
 
 
+@dataclass
+class Outcome:
+    """What became of one generated image."""
+
+    status: str
+    gen_seconds: float
+    image: bytes | None = None  # encoded bytes, for the main tar or the quarantine tar
+    quarantined: bool = False
+    safety: SafetyScore | None = None
+    flagged: bool | None = None
+
+
 class ShardGenerator:
-    """One per GPU. Loads the pipeline once; `run(shard_id)` generates, writes and commits one shard."""
+    """One per GPU. Loads the pipeline and the detector once; `run(shard_id)` makes and commits a shard."""
 
     def __init__(self, plan, cpu_threads: int | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -83,95 +100,125 @@ class ShardGenerator:
         self.spec = plan.spec
         self.worker = _worker_identity()
         self.engine = Engine(self.spec.model, cpu_threads=cpu_threads)
+        self.detector = load_detector(self.spec.safety, self.engine.device)
         self.storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
         self.writer = ShardWriter(self.storage, self.spec.output.image_format)
         self.schema = plan.output_schema()
 
-    def identity(self) -> dict[str, Any]:
-        return {**self.worker, "device": self.engine.device}
-
     def run(self, shard_id: int, attempt: int = 1) -> dict[str, Any]:
         t0 = time.perf_counter()
         started_at = _now()
-        spec, engine = self.spec, self.engine
+        spec = self.spec
         name = self.plan.shard_name(shard_id)
 
         # 1. Read this shard's rows and expand them into samples.
         samples = read_shard_samples(self.plan, shard_id)
 
-        # 2. Generate the samples that can be generated, in batches, and encode each image.
+        # 2. Generate in batches. Each finished batch is scored, acted on and encoded on a second
+        #    thread while the pipeline generates the next one, so the GPU does not wait for it.
         todo = [s for s in samples if s.params is not None]
-        images: dict[str, bytes] = {}
-        seconds: dict[str, float] = {}
-        image_sha: dict[str, str] = {}
+        outcomes: dict[str, Outcome] = {}
         gen_total = 0.0
-        for batch, arrays, secs in engine.generate([s.params for s in todo], spec.resources.batch_size):
-            gen_total += secs
-            for i, array in zip(batch, arrays):
-                key = todo[i].key
-                images[key] = encode_image(array, spec.output.image_format, spec.output.quality)
-                seconds[key] = secs / len(batch)
-                image_sha[key] = _sha256(images[key])
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-post") as post:
+            futures = []
+            for batch, arrays, secs in self.engine.generate([s.params for s in todo], spec.resources.batch_size):
+                gen_total += secs
+                futures.append(post.submit(self._finish_batch, [todo[i].key for i in batch], arrays, secs))
+            for f in futures:
+                outcomes.update(f.result())
 
-        # 3. One row per planned sample: ok, or failed with the reason.
+        # 3. One row per planned sample: ok, filtered or failed, with its scores.
         created_at = dt.datetime.now(dt.timezone.utc)
-        rows = [self._row(s, image_sha.get(s.key), seconds.get(s.key), created_at) for s in samples]
-        counts = {"ok": 0, "filtered": 0, "failed": 0}
-        for r in rows:
-            counts[r["status"]] += 1
+        rows = [self._row(s, outcomes.get(s.key), created_at) for s in samples]
+        counts = Counter(r["status"] for r in rows)
+        unsafe = self.detector.unsafe_classes if self.detector else None
+        flagged_by_class = Counter(o.safety.top_class(unsafe) for o in outcomes.values() if o.flagged)
 
-        # 4. Write the tar and the Parquet, then commit with the stats file.
+        # 4. Write the tars and the Parquet, then commit with the stats file.
+        main = {k: o.image for k, o in outcomes.items() if o.image is not None and not o.quarantined}
+        quarantine = {k: o.image for k, o in outcomes.items() if o.quarantined}
         wall = time.perf_counter() - t0
-        gpus = len(self.worker["gpu_ids"])
         stats = {
             "shard": name,
             "shard_id": shard_id,
             "fingerprint": self.plan.fingerprint,
             "samples": len(samples),
-            **counts,
-            "images_in_tar": len(images),
+            "ok": counts[STATUS_OK],
+            "filtered": counts[STATUS_FILTERED],
+            "failed": counts[STATUS_FAILED],
+            "images_in_tar": len(main),
+            "quarantined_images": len(quarantine),
+            "flagged": sum(flagged_by_class.values()),
+            "flagged_by_class": dict(sorted(flagged_by_class.items())),
+            "safety_detector": self.spec.safety.detector,
+            "safety_model_sha256": self.detector.model_sha256 if self.detector else None,
             "attempt": attempt,
             "gen_seconds": round(gen_total, 4),
             "wall_seconds": round(wall, 4),
-            "gpu_seconds": round(wall * gpus, 4),
+            "gpu_seconds": round(wall * len(self.worker["gpu_ids"]), 4),
             "worker_node": self.worker["node"],
             "worker_id": self.worker["actor"],
             "gpu_id": self.worker["gpu_id"],
-            "device": engine.device,
+            "device": self.engine.device,
+            "dtype": self.engine.dtype,
             "started_at": started_at,
             "finished_at": _now(),
         }
-        self.writer.write(name, rows, images, self.schema, stats)
+        self.writer.write(name, rows, main, self.schema, stats, quarantine)
         return stats
 
-    def _row(self, s: Sample, image_sha: str | None, gen_seconds: float | None, created_at) -> dict[str, Any]:
+    def _finish_batch(self, keys: list[str], arrays: list, seconds: float) -> dict[str, Outcome]:
+        """Score, act on and encode one generated batch."""
+        safety, out = self.spec.safety, self.spec.output
+        scores = self.detector.score(arrays) if self.detector else [None] * len(arrays)
+        per_image = seconds / len(arrays)
+        outcomes = {}
+        for key, array, score in zip(keys, arrays, scores):
+            flagged = None if score is None else score.nsfw_score >= safety.threshold
+            o = Outcome(STATUS_OK, per_image, safety=score, flagged=flagged)
+            if flagged and safety.action in ("drop", "quarantine"):
+                o.status = STATUS_FILTERED
+                o.quarantined = safety.action == "quarantine"
+            if flagged and safety.action == "blackout":
+                array = np.zeros_like(array)
+            if o.status == STATUS_OK or o.quarantined:
+                o.image = encode_image(array, out.image_format, out.quality)
+            outcomes[key] = o
+        return outcomes
+
+    def _row(self, s: Sample, o: Outcome | None, created_at) -> dict[str, Any]:
         spec, p = self.spec, s.params
         row: dict[str, Any] = {
             "key": s.key,
             "shard_id": s.shard_id,
             "prompt_id": s.prompt_id,
-            "status": STATUS_OK if image_sha else STATUS_FAILED,
+            "status": o.status if o else STATUS_FAILED,
             "error": s.error,
             "generator_device": GENERATOR_DEVICE,
             "model_source": spec.model.source,
             "model_revision": spec.model.revision,
             "dtype": self.engine.dtype,
             "image_format": spec.output.image_format,
-            "image_sha256": image_sha,
-            # No detector ran: every safety column is null rather than a misleading 0.
-            "nsfw_score": None,
-            "nsfw_scores": None,
-            "safety_detector": None,
-            "safety_threshold": None,
-            "safety_action": None,
+            "image_sha256": _sha256(o.image) if o and o.image is not None else None,
             "device": self.engine.device,
             "worker_node": self.worker["node"],
             "worker_id": self.worker["actor"],
             "gpu_id": self.worker["gpu_id"],
-            "gen_seconds": gen_seconds,
+            "gen_seconds": o.gen_seconds if o else None,
             "created_at": created_at,
             **s.passthrough,
         }
+        if o is not None and o.safety is not None:
+            # Without a detector every safety column stays null rather than a misleading 0.
+            row.update(
+                nsfw_score=o.safety.nsfw_score,
+                nsfw_scores=[{"label": k, "score": v} for k, v in o.safety.scores.items()],
+                safety_detector=spec.safety.detector,
+                safety_model_sha256=self.detector.model_sha256,
+                safety_threshold=spec.safety.threshold,
+                safety_action=spec.safety.action,
+                safety_flagged=o.flagged,
+            )
         if p is not None:
             scheduler = self.engine.scheduler_name(p)
             row.update(

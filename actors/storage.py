@@ -99,10 +99,11 @@ class Storage:
 
 
 def cached_copy(uri: str, storage_options: dict[str, Any] | None = None, cache_root: str | None = None) -> Path:
-    """Copy a remote folder (e.g. an s3:// model mirror) once per node into a local cache.
+    """Copy a remote folder or file (e.g. an s3:// model mirror) once per node into a local cache.
 
     A file lock makes concurrent actors on one node share one copy; a manifest of sizes written
-    last marks the copy complete and is checked on every reuse.
+    last marks the copy complete and is checked on every reuse. Returns the local folder, or the
+    local file for a single-file source.
     """
     from filelock import FileLock
 
@@ -113,25 +114,35 @@ def cached_copy(uri: str, storage_options: dict[str, Any] | None = None, cache_r
     dest.parent.mkdir(parents=True, exist_ok=True)
     src = Storage(uri, storage_options)
     with FileLock(str(dest) + ".lock"):
-        if manifest_path.exists() and _manifest_matches(dest, json.loads(manifest_path.read_text())):
-            return dest
-        remote = {p[len(src.root) + 1:]: int(info["size"]) for p, info in src.fs.find(src.root, detail=True).items()}
-        if not remote:
-            raise FileNotFoundError(f"model source {uri} is empty or does not exist")
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            if _manifest_matches(dest, manifest["files"]):
+                return dest / manifest["single_file"] if manifest.get("single_file") else dest
+        # 1. List the source: every file below a folder, or the one file.
+        if src.fs.isfile(src.root):
+            single = src.root.rsplit("/", 1)[-1]
+            listing = {single: (src.root, int(src.fs.size(src.root)))}
+        else:
+            single = None
+            found = src.fs.find(src.root, detail=True)
+            listing = {p[len(src.root) + 1:]: (p, int(info["size"])) for p, info in found.items()}
+        if not listing:
+            raise FileNotFoundError(f"{uri} is empty or does not exist")
+        # 2. Copy into a private temp folder, check sizes, then move it into place in one rename.
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{digest}-"))
-        for rel in sorted(remote):
+        for rel, (remote_path, _) in sorted(listing.items()):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            src.fs.get_file(src.path(rel), str(tmp / rel))
-        if not _manifest_matches(tmp, remote):
+            src.fs.get_file(remote_path, str(tmp / rel))
+        sizes = {rel: size for rel, (_, size) in listing.items()}
+        if not _manifest_matches(tmp, sizes):
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(f"copy of {uri} is incomplete: sizes differ from the source")
-        (tmp / manifest_path.name).write_text(json.dumps({"source": uri, "files": remote}))
+        (tmp / manifest_path.name).write_text(json.dumps({"source": uri, "files": sizes, "single_file": single}))
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
-        log.info("copied %s (%d files) to %s", uri, len(remote), dest)
-        return dest
+        log.info("copied %s (%d files) to %s", uri, len(sizes), dest)
+        return dest / single if single else dest
 
 
-def _manifest_matches(folder: Path, manifest: dict[str, Any]) -> bool:
-    files = manifest.get("files", manifest)
+def _manifest_matches(folder: Path, files: dict[str, int]) -> bool:
     return all((folder / rel).is_file() and (folder / rel).stat().st_size == size for rel, size in files.items())

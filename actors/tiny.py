@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 
 _MAX_LEN = 77
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -110,3 +111,95 @@ def write_tiny_pipeline(path: str | os.PathLike) -> pathlib.Path:
     out = pathlib.Path(path)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+# --------------------------------------------------------------------------- tiny safety detectors
+# Random weights, real formats: each loads through the detector's own loading code. `flag` drives
+# the output so tests can check every action: "nothing" makes every image safe, "everything"
+# makes every image unsafe (set through the last layer's bias, or the checker's thresholds).
+_FLAG_BIAS = 12.0  # a logit margin that no random feature can overcome
+
+
+def write_tiny_nsfw_model(path: str | os.PathLike, flag: str = "nothing") -> pathlib.Path:
+    """A Keras .h5 in nsfw-detector's contract: 224x224x3 in [0, 1] -> softmax over its 5 classes."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    keras = tf.keras
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((224, 224, 3))
+    x = keras.layers.Conv2D(4, 3, strides=8, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    head = keras.layers.Dense(5, activation="softmax", name="predictions")
+    model = keras.Model(inputs, head(x))
+    kernel, bias = head.get_weights()
+    bias = np.zeros_like(bias)
+    # Classes in nsfw-detector's order: drawings, hentai, neutral, porn, sexy.
+    bias[2 if flag == "nothing" else 3] = _FLAG_BIAS
+    head.set_weights([kernel, bias])
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # .h5 is "legacy" to Keras but it is the format nsfw-detector's models ship in.
+        warnings.simplefilter("ignore", UserWarning)
+        model.save(out, save_format="h5")
+    return out
+
+
+def write_tiny_clip_checker(path: str | os.PathLike, flag: str = "nothing") -> pathlib.Path:
+    """diffusers' StableDiffusionSafetyChecker with a tiny CLIP vision tower, and its image processor."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "vocab_size": 100},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        # A concept is flagged when cosine similarity exceeds its threshold: -1 flags every image,
+        # +1 (the highest similarity there is) flags none.
+        threshold = 1.0 if flag == "nothing" else -1.0
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    out = pathlib.Path(path)
+    checker.save_pretrained(out, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def write_tiny_hf_classifier(path: str | os.PathLike, flag: str = "nothing") -> pathlib.Path:
+    """A tiny ViT image classifier with labels normal/nsfw, like the NSFW classifiers on the hub."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=37, id2label={0: "normal", 1: "nsfw"}, label2id={"normal": 0, "nsfw": 1})
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.bias.zero_()
+        model.classifier.bias[0 if flag == "nothing" else 1] = _FLAG_BIAS
+    out = pathlib.Path(path)
+    model.save_pretrained(out, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
+    """Everything `sdfleet tiny-models` writes: the pipeline and one tiny model per detector."""
+    folder = pathlib.Path(folder)
+    return {
+        "pipeline": write_tiny_pipeline(folder / "tiny-sd2"),
+        "nsfw-detector": write_tiny_nsfw_model(folder / "tiny-nsfw.h5"),
+        "clip-checker": write_tiny_clip_checker(folder / "tiny-clip-checker"),
+        "hf-classifier": write_tiny_hf_classifier(folder / "tiny-hf-classifier"),
+    }

@@ -55,10 +55,32 @@ class ShardWriter:
         self.ext = EXTENSIONS[image_format]
 
     def write(
-        self, name: str, rows: list[dict[str, Any]], images: dict[str, bytes], schema: pa.Schema, stats: dict
+        self,
+        name: str,
+        rows: list[dict[str, Any]],
+        images: dict[str, bytes],
+        schema: pa.Schema,
+        stats: dict,
+        quarantine: dict[str, bytes] | None = None,
     ) -> None:
-        """Write {name}.tar, {name}.parquet, then {name}_stats.json. rows: every planned sample."""
-        # 1. The tar: image, caption and row for each sample that has an image, in key order.
+        """Write {name}.tar, {name}.parquet, then {name}_stats.json. rows: every planned sample.
+
+        Images flagged under action `quarantine` go to quarantine/{name}.tar with their own
+        quarantine/{name}.parquet, outside the dataset that readers of sizes.json see.
+        """
+        # 1. Quarantined images first: they must exist before the shard is declared done.
+        if quarantine:
+            held = [r for r in rows if r["key"] in quarantine]
+            self._write_tar(f"quarantine/{name}.tar", held, quarantine)
+            self._write_parquet(f"quarantine/{name}.parquet", held, schema)
+        # 2. The tar: image, caption and row for each sample that has an image, in key order.
+        self._write_tar(f"{name}.tar", rows, images)
+        # 3. The Parquet: one row per planned sample, ok, filtered and failed alike.
+        self._write_parquet(f"{name}.parquet", rows, schema)
+        # 4. The commit marker, last.
+        self.storage.write_json(f"{name}_stats.json", stats)
+
+    def _write_tar(self, target: str, rows: list[dict[str, Any]], images: dict[str, bytes]) -> None:
         with tempfile.NamedTemporaryFile(suffix=".tar") as spool:
             with tarfile.open(fileobj=spool, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for row in rows:
@@ -71,13 +93,10 @@ class ShardWriter:
                     _tar_member(tar, f"{key}.txt", (row["prompt"] or "").encode())
                     _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
             spool.flush()
-            self.storage.put_file(spool.name, f"{name}.tar")
+            self.storage.put_file(spool.name, target)
 
-        # 2. The Parquet: one row per planned sample, ok, filtered and failed alike.
+    def _write_parquet(self, target: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
         table = pa.Table.from_pylist(rows, schema=schema)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
-        self.storage.write_bytes(f"{name}.parquet", buf.getvalue().to_pybytes())
-
-        # 3. The commit marker, last.
-        self.storage.write_json(f"{name}_stats.json", stats)
+        self.storage.write_bytes(target, buf.getvalue().to_pybytes())

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny models, sample prompts, local Ray, a local dataset")
     p.add_argument("dir", nargs="?", default="sdfleet-demo", help="working folder (default: ./sdfleet-demo)")
 
-    p = sub.add_parser("tiny-models", help="write the tiny random-weight SD2-architecture pipeline")
+    p = sub.add_parser("tiny-models", help="write the tiny random-weight pipeline and safety detectors")
     p.add_argument("dir", help="folder to write into")
     return parser
 
@@ -68,9 +68,10 @@ def _dispatch(args) -> int:
 
         return run_demo(args.dir)
     if args.command == "tiny-models":
-        from actors.tiny import write_tiny_pipeline
+        from actors.tiny import write_tiny_models
 
-        print(write_tiny_pipeline(f"{args.dir}/tiny-sd2"))
+        for what, path in write_tiny_models(args.dir).items():
+            print(f"{what:14} {path}")
         return 0
     raise AssertionError(args.command)
 

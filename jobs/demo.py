@@ -43,7 +43,8 @@ def demo_spec(root: Path) -> dict:
         "generation": {"num_inference_steps": 4, "guidance_scale": 7.5, "width": 64, "height": 64},
         "sweep": {"seeds": 2, "base_seed": 0, "axes": {"guidance_scale": [3.0, 7.5]}},
         "output": {"uri": str(root / "output"), "image_format": "png", "samples_per_shard": 10},
-        "safety": {"detector": "none"},
+        # The customer's detector, with the tiny random Keras model in nsfw-detector's format.
+        "safety": {"detector": "nsfw-detector", "model": str(root / "models" / "tiny-nsfw.h5"), "action": "drop"},
         "resources": {"batch_size": 4, "max_workers": 2},
     }
 
@@ -54,10 +55,10 @@ def run_demo(directory: str) -> int:
 
     root = Path(directory).absolute()
     # 1. The tiny model and the prompt table, made once.
-    if not (root / "models" / "tiny-sd2" / "model_index.json").exists():
-        from actors.tiny import write_tiny_pipeline
+    if not (root / "models" / "tiny-nsfw.h5").exists():
+        from actors.tiny import write_tiny_models
 
-        write_tiny_pipeline(root / "models" / "tiny-sd2")
+        write_tiny_models(root / "models")
     if not (root / "prompts").exists():
         write_demo_prompts(root / "prompts")
     # 2. The spec, written out so it can be read, edited and rerun with `sdfleet run`.

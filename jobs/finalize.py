@@ -37,8 +37,18 @@ class Survey:
         return not self.pending and not self.quarantined and self.committed_samples == self.num_samples
 
     def totals(self) -> dict[str, Any]:
-        keys = ("samples", "ok", "filtered", "failed", "images_in_tar", "gpu_seconds", "gen_seconds")
-        return {k: round(sum(s.get(k, 0) for s in self.committed.values()), 3) for k in keys}
+        keys = ("samples", "ok", "filtered", "failed", "images_in_tar", "quarantined_images", "flagged",
+                "gpu_seconds", "gen_seconds")
+        out: dict[str, Any] = {k: round(sum(s.get(k, 0) for s in self.committed.values()), 3) for k in keys}
+        by_class: dict[str, int] = {}
+        for s in self.committed.values():
+            for cls, n in s.get("flagged_by_class", {}).items():
+                by_class[cls] = by_class.get(cls, 0) + n
+        out["flagged_by_class"] = dict(sorted(by_class.items()))
+        out["dtypes"] = sorted({s["dtype"] for s in self.committed.values() if s.get("dtype")})
+        out["safety_model_sha256"] = sorted({s["safety_model_sha256"] for s in self.committed.values()
+                                             if s.get("safety_model_sha256")})
+        return out
 
 
 def survey(storage: Storage, job: dict[str, Any]) -> Survey:
@@ -80,7 +90,16 @@ class Finalizer:
             rows += n
         if rows != s.num_samples:
             raise RuntimeError(f"the shards hold {rows} rows but {s.num_samples} samples were planned")
-        # 2. sizes.json, the dataset card, then the marker.
+        # 2. The results join the job record (its spec and fingerprint stay as they were), then
+        #    sizes.json, the dataset card, and the marker last.
+        t = s.totals()
+        self.storage.write_json(JOB_FILE, {**self.job, "results": {
+            "samples": t["samples"], "ok": t["ok"], "filtered": t["filtered"], "failed": t["failed"],
+            "safety": {"detector": self.job["spec"]["safety"]["detector"], "model_sha256": t["safety_model_sha256"],
+                       "flagged": t["flagged"], "flagged_by_class": t["flagged_by_class"],
+                       "action": self.job["spec"]["safety"]["action"]},
+            "gpu_seconds": t["gpu_seconds"],
+        }})
         self.storage.write_json("sizes.json", {f"{n}.tar": st["images_in_tar"] for n, st in sorted(s.committed.items())})
         self.storage.write_bytes("README.md", dataset_card(self.job, s).encode())
         self.storage.write_bytes(SUCCESS_FILE, b"")
@@ -95,6 +114,13 @@ def dataset_card(job: dict[str, Any], s: Survey) -> str:
     axes = spec["sweep"]["axes"]
     seeds = spec["sweep"]["seeds"]
     gen = spec["generation"]
+    sf = spec["safety"]
+    if sf["detector"] == "none":
+        safety_text = "none (no detector ran; safety columns are null)"
+    else:
+        per_class = ", ".join(f"{k} {v}" for k, v in t["flagged_by_class"].items()) or "none"
+        safety_text = (f"`{sf['detector']}` (weights sha256 {', '.join(h[:12] for h in t['safety_model_sha256'])}), "
+                       f"threshold {sf['threshold']}, action `{sf['action']}`; flagged per class: {per_class}")
     base = spec["sweep"]["base_seed"]
     seed_text = seeds if isinstance(seeds, list) else f"{seeds} per prompt, derived from base_seed {base}"
     lines = [
@@ -123,18 +149,20 @@ def dataset_card(job: dict[str, Any], s: Survey) -> str:
         "|---|---|",
         f"| samples planned | {s.num_samples} |",
         f"| images (status ok) | {t['ok']} |",
-        f"| filtered by safety | {t['filtered']} |",
+        f"| flagged by safety | {t['flagged']} (action `{spec['safety']['action']}`) |",
+        f"| filtered (not in the tars) | {t['filtered']} |",
+        f"| kept aside in `quarantine/` | {t['quarantined_images']} |",
         f"| failed | {t['failed']} |",
         f"| shards | {s.num_shards} |",
         f"| GPU-hours | {gpu_hours:.4f} |",
         "",
         "## Generation",
         "",
-        f"- scheduler: `{spec['model']['scheduler'] or 'checkpoint default'}`, dtype `{spec['model']['dtype']}`",
+        f"- scheduler: `{spec['model']['scheduler'] or 'checkpoint default'}`, dtype {', '.join(t['dtypes']) or spec['model']['dtype']}",
         f"- steps {gen['num_inference_steps']}, guidance {gen['guidance_scale']}, {gen['width']}x{gen['height']}",
         f"- seeds: {seed_text}",
         f"- sweep axes: {json.dumps(axes) if axes else 'none'}",
-        f"- safety: {spec['safety']['detector']}",
+        f"- safety: {safety_text}",
         f"- job fingerprint: `{job['fingerprint']}`",
         "",
         "## Layout",

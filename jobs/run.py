@@ -9,7 +9,9 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from actors.storage import Storage
+from pathlib import Path
+
+from actors.storage import Storage, is_remote
 from jobs.finalize import JOB_FILE, Finalizer, survey
 from jobs.plan import Plan, Planner
 from schemas.spec import JobSpec, SpecError, diff_fingerprint_fields
@@ -99,6 +101,11 @@ class JobRunner:
             check_scheduler_names(sorted(names))
         except ModelLoadError as e:
             raise SpecError(str(e)) from None
+        safety = self.spec.safety
+        safety.check_runnable()
+        if safety.model and not is_remote(safety.model) and safety.model.startswith((".", "/", "~")):
+            if not Path(safety.model).expanduser().exists():
+                raise SpecError(f"safety.model {safety.model} does not exist; give the detector's weights")
 
     def _claim_output(self, plan: Plan) -> dict[str, Any]:
         record = job_record(plan)

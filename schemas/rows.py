@@ -40,6 +40,10 @@ OUTPUT_FIELDS = [
     pa.field("safety_detector", pa.string()),
     pa.field("safety_threshold", pa.float64()),
     pa.field("safety_action", pa.string()),
+    # Extensions: which detector weights scored the image, and whether it crossed the threshold
+    # (with action `blackout` a flagged row stays `ok` and its tar image is black).
+    pa.field("safety_model_sha256", pa.string()),
+    pa.field("safety_flagged", pa.bool_()),
     # `device` is the torch device that ran the pipeline ("cuda:0", "cpu"); `gpu_id` is the GPU
     # Ray assigned to the actor (a logical GPU on a CPU test cluster), null when none was assigned.
     pa.field("device", pa.string()),

@@ -145,12 +145,46 @@ class OutputSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
+# The classes whose probabilities add up to `nsfw_score` when `safety.unsafe_classes` is not set.
+# nsfw-detector's classes are drawings, hentai, neutral, porn, sexy; an HF NSFW classifier's labels
+# are usually normal/nsfw; the CLIP checker flags on any of its concepts.
+DEFAULT_UNSAFE_CLASSES = {
+    "nsfw-detector": ["porn", "hentai", "sexy"],
+    "hf-classifier": ["nsfw"],
+    "clip-checker": None,  # every concept
+    "none": None,
+}
+
+
 class SafetySpec(_Section):
-    # Step 1 ships only `none`; the detectors (nsfw-detector, clip-checker, hf-classifier) come next.
-    detector: Literal["none"] = "none"
+    detector: Literal["nsfw-detector", "clip-checker", "hf-classifier", "none"] = "nsfw-detector"
+    # Detector weights: a local path, an s3:// copy (cached per node), or for clip-checker and
+    # hf-classifier a hub id. nsfw-detector takes a Keras .h5 file or SavedModel folder.
     model: str | None = None
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     action: Literal["score", "drop", "blackout", "quarantine"] = "drop"
+    unsafe_classes: list[str] | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("unsafe_classes")
+    @classmethod
+    def _classes(cls, v):
+        if v is not None and not v:
+            raise ValueError("safety.unsafe_classes=[] would never flag anything; use action: score instead")
+        return v
+
+    def resolved_unsafe_classes(self) -> list[str] | None:
+        return self.unsafe_classes if self.unsafe_classes is not None else DEFAULT_UNSAFE_CLASSES[self.detector]
+
+    def check_runnable(self) -> None:
+        """Called before a job starts (not at parse time, so `sdfleet plan` works on any spec)."""
+        if self.detector != "none" and not self.model:
+            raise SpecError(
+                f"safety.detector={self.detector!r} needs safety.model: the path, s3:// URI"
+                f"{'' if self.detector == 'nsfw-detector' else ' or hub id'} of its weights"
+                f"{' (a Keras .h5 file or SavedModel folder)' if self.detector == 'nsfw-detector' else ''}; "
+                "or set safety.detector: none to skip safety scoring"
+            )
 
 
 class ResourcesSpec(_Section):
@@ -193,7 +227,7 @@ class JobSpec(_Section):
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with credentials masked: safe for logs, _job.json and the dataset card."""
         data = self.model_dump(mode="json")
-        for section in ("model", "input", "output"):
+        for section in ("model", "input", "output", "safety"):
             data[section]["storage_options"] = redact(data[section]["storage_options"])
         return data
 
@@ -208,6 +242,7 @@ _OPERATIONAL_PREFIXES = (
     "input.storage_options",
     "output.storage_options",
     "model.storage_options",
+    "safety.storage_options",
 )
 
 

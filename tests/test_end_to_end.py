@@ -58,6 +58,7 @@ def job(tmp_path_factory, tiny_model, ray_cluster, s3_endpoint):
         "generation": {"num_inference_steps": 3, "width": 64, "height": 64},
         "sweep": {"seeds": 2, "axes": {"guidance_scale": [3.0, 7.5]}},
         "output": {"uri": f"s3://{bucket}/out/run1", "image_format": "png", "samples_per_shard": 6},
+        "safety": {"detector": "none"},
         "resources": {"batch_size": 3, "max_workers": 4},
     }
     spec_path = tmp / "job.yaml"

@@ -1,0 +1,214 @@
+"""Safety detectors through their real loaders, and every action on real written output.
+
+The tiny detectors are driven to flag everything or nothing through their last layer's bias (or the
+CLIP checker's thresholds), so each action's effect on the tars and rows is checked exactly.
+"""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from actors.generator import ShardGenerator
+from actors.safety import load_detector, weights_sha256
+from conftest import run_cli, write_prompts
+from jobs.plan import Planner
+from schemas.spec import SafetySpec, SpecError, parse_spec
+
+DETECTORS = ("nsfw-detector", "clip-checker", "hf-classifier")
+PROMPTS = ["a quiet harbour at dusk", "a bowl of cherries", "a fox in the snow"]
+
+
+@pytest.fixture(scope="session")
+def tiny_detectors(tmp_path_factory):
+    from actors.tiny import write_tiny_clip_checker, write_tiny_hf_classifier, write_tiny_nsfw_model
+
+    root = tmp_path_factory.mktemp("detectors")
+    writers = {"nsfw-detector": (write_tiny_nsfw_model, "nsfw-{}.h5"),
+               "clip-checker": (write_tiny_clip_checker, "clip-{}"),
+               "hf-classifier": (write_tiny_hf_classifier, "hf-{}")}
+    return {(det, flag): str(fn(root / name.format(flag), flag))
+            for det, (fn, name) in writers.items() for flag in ("nothing", "everything")}
+
+
+def random_images(n=4):
+    return [np.random.RandomState(i).randint(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(n)]
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_detectors_score_through_their_own_loaders(detector, tiny_detectors):
+    safe = load_detector(SafetySpec(detector=detector, model=tiny_detectors[detector, "nothing"]), "cpu")
+    unsafe = load_detector(SafetySpec(detector=detector, model=tiny_detectors[detector, "everything"]), "cpu")
+    for score in safe.score(random_images()):
+        assert 0.0 <= score.nsfw_score < 0.5 and score.scores
+    for score in unsafe.score(random_images()):
+        assert 0.5 <= score.nsfw_score <= 1.0
+    assert safe.model_sha256 != unsafe.model_sha256 and len(safe.model_sha256) == 64
+
+
+def test_nsfw_score_sums_the_chosen_classes(tiny_detectors):
+    det = load_detector(SafetySpec(detector="nsfw-detector", model=tiny_detectors["nsfw-detector", "everything"]),
+                        "cpu")
+    score = det.score(random_images(1))[0]
+    assert set(score.scores) == {"drawings", "hentai", "neutral", "porn", "sexy"}
+    assert score.nsfw_score == pytest.approx(score.scores["porn"] + score.scores["hentai"] + score.scores["sexy"])
+    assert score.top_class(det.unsafe_classes) == "porn"
+    only_sexy = load_detector(SafetySpec(detector="nsfw-detector", unsafe_classes=["sexy"],
+                                         model=tiny_detectors["nsfw-detector", "everything"]), "cpu")
+    assert only_sexy.score(random_images(1))[0].nsfw_score < 0.5  # the model is sure it is "porn"
+
+
+def test_bad_safety_settings_are_named(tiny_detectors):
+    with pytest.raises(ValueError, match="safety.unsafe_classes has 'nude'.*drawings, hentai, neutral, porn, sexy"):
+        load_detector(SafetySpec(detector="nsfw-detector", unsafe_classes=["nude"],
+                                 model=tiny_detectors["nsfw-detector", "nothing"]), "cpu")
+    with pytest.raises(SpecError, match="safety.detector='clip-checker' needs safety.model"):
+        SafetySpec(detector="clip-checker").check_runnable()
+    with pytest.raises(SpecError, match="safety.unsafe_classes"):
+        parse_spec({"input": {"uri": "x"}, "output": {"uri": "y"}, "safety": {"unsafe_classes": []}})
+
+
+def test_weights_hash_is_stable_and_content_based(tiny_detectors, tmp_path):
+    import shutil
+
+    src = tiny_detectors["hf-classifier", "nothing"]
+    shutil.copytree(src, tmp_path / "copy")
+    assert weights_sha256(src) == weights_sha256(tmp_path / "copy")
+    (tmp_path / "copy" / "config.json").write_text((tmp_path / "copy" / "config.json").read_text() + " ")
+    assert weights_sha256(src) != weights_sha256(tmp_path / "copy")
+
+
+# ------------------------------------------------------------------------------------ actions
+
+
+def generate_shard(tmp_path, tiny_model, safety: dict, name: str):
+    """Run one shard (3 prompts x 1 seed + 1 seed) through the real worker, without Ray."""
+    if not (tmp_path / "in" / "p.parquet").exists():
+        write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
+    spec = parse_spec({
+        "model": {"source": str(tiny_model), "scheduler": "EulerDiscreteScheduler"},
+        "input": {"uri": str(tmp_path / "in")},
+        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
+        "sweep": {"seeds": 2},
+        "output": {"uri": str(tmp_path / name), "image_format": "png", "samples_per_shard": 10},
+        "safety": safety,
+        "resources": {"batch_size": 4},
+    })
+    stats = ShardGenerator(Planner(spec).plan(), cpu_threads=2).run(0)
+    out = tmp_path / name
+    return stats, pq.read_table(out / "00000.parquet").to_pylist(), tar_images(out / "00000.tar")
+
+
+def tar_images(path):
+    with tarfile.open(path) as tar:
+        return {m.name.split(".")[0]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")}
+
+
+@pytest.fixture(scope="module")
+def none_run(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("none")
+    return tmp, generate_shard(tmp, tiny_model, {"detector": "none"}, "none")
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_drop_with_everything_flagged_leaves_empty_tars(detector, tiny_detectors, tiny_model, tmp_path):
+    stats, rows, images = generate_shard(
+        tmp_path, tiny_model, {"detector": detector, "model": tiny_detectors[detector, "everything"],
+                               "action": "drop"}, "drop")
+    assert images == {}
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"filtered"}
+    for r in rows:
+        assert r["nsfw_score"] >= 0.5 and r["nsfw_scores"] and r["safety_flagged"] is True
+        assert r["safety_detector"] == detector and r["safety_action"] == "drop"
+        assert r["safety_threshold"] == 0.5 and len(r["safety_model_sha256"]) == 64
+        assert r["image_sha256"] is None
+    assert stats["filtered"] == 6 and stats["flagged"] == 6 and stats["images_in_tar"] == 0
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_flagging_nothing_equals_a_none_run(detector, tiny_detectors, tiny_model, none_run):
+    tmp, (_, none_rows, none_images) = none_run
+    stats, rows, images = generate_shard(
+        tmp, tiny_model, {"detector": detector, "model": tiny_detectors[detector, "nothing"]}, f"safe-{detector}")
+    assert images == none_images and len(images) == 6
+    assert [r["image_sha256"] for r in rows] == [r["image_sha256"] for r in none_rows]
+    assert {r["status"] for r in rows} == {"ok"} and all(r["nsfw_score"] < 0.5 for r in rows)
+    assert all(r["safety_flagged"] is False for r in rows) and stats["flagged"] == 0
+    assert all(r["nsfw_score"] is None and r["safety_detector"] is None for r in none_rows)
+
+
+def test_quarantine_moves_every_flagged_image_aside(tiny_detectors, tiny_model, none_run):
+    tmp, (_, _, none_images) = none_run
+    stats, rows, images = generate_shard(
+        tmp, tiny_model, {"detector": "nsfw-detector", "model": tiny_detectors["nsfw-detector", "everything"],
+                          "action": "quarantine"}, "quarantine")
+    assert images == {}
+    held = tar_images(tmp / "quarantine" / "quarantine" / "00000.tar")
+    assert held == none_images  # the very images, kept aside
+    held_rows = pq.read_table(tmp / "quarantine" / "quarantine" / "00000.parquet").to_pylist()
+    assert sorted(r["key"] for r in held_rows) == sorted(held)
+    assert {r["status"] for r in rows} == {"filtered"} and stats["quarantined_images"] == 6
+    assert stats["flagged_by_class"] == {"porn": 6}
+
+
+def test_blackout_writes_black_images(tiny_detectors, tiny_model, tmp_path):
+    stats, rows, images = generate_shard(
+        tmp_path, tiny_model, {"detector": "clip-checker", "model": tiny_detectors["clip-checker", "everything"],
+                               "action": "blackout"}, "blackout")
+    assert len(images) == 6
+    for data in images.values():
+        assert not np.asarray(Image.open(io.BytesIO(data))).any()
+    assert {r["status"] for r in rows} == {"ok"} and all(r["safety_flagged"] for r in rows)
+
+
+def test_score_keeps_everything(tiny_detectors, tiny_model, none_run):
+    tmp, (_, _, none_images) = none_run
+    stats, rows, images = generate_shard(
+        tmp, tiny_model, {"detector": "hf-classifier", "model": tiny_detectors["hf-classifier", "everything"],
+                          "action": "score"}, "score")
+    assert images == none_images
+    assert {r["status"] for r in rows} == {"ok"} and all(r["safety_flagged"] and r["nsfw_score"] > 0.99 for r in rows)
+    assert stats["flagged_by_class"] == {"nsfw": 6}
+
+
+@pytest.mark.slow
+def test_cli_job_records_safety_provenance(tiny_detectors, tiny_model, tmp_path):
+    """Through the CLI and Ray: _job.json, the dataset card and sizes.json carry the safety results."""
+    import yaml
+
+    write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
+    spec = {
+        "model": {"source": str(tiny_model)},
+        "input": {"uri": str(tmp_path / "in")},
+        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
+        "sweep": {"seeds": 2},
+        "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 4},
+        "safety": {"detector": "nsfw-detector", "model": tiny_detectors["nsfw-detector", "everything"],
+                   "action": "quarantine", "threshold": 0.9},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("run", str(tmp_path / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    job = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert job["results"]["filtered"] == 6
+    assert job["results"]["safety"]["flagged_by_class"] == {"porn": 6}
+    assert job["results"]["safety"]["model_sha256"] == [weights_sha256(tiny_detectors["nsfw-detector", "everything"])]
+    assert job["spec"]["safety"]["detector"] == "nsfw-detector"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "nsfw-detector" in card and "porn 6" in card and "threshold 0.9" in card
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"00000.tar": 0, "00001.tar": 0}
+    assert len(list((tmp_path / "out" / "quarantine").glob("*.tar"))) == 2
+
+
+def test_missing_detector_weights_refuse_the_job_before_any_gpu(tmp_path, tiny_model):
+    write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
+    (tmp_path / "job.yaml").write_text(
+        f"model: {{source: {tiny_model}}}\ninput: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n")
+    out = run_cli("run", str(tmp_path / "job.yaml"), env={"RAY_ADDRESS": ""})
+    assert out.returncode == 1
+    assert "safety.detector='nsfw-detector' needs safety.model" in out.stderr
+    assert not (tmp_path / "out").exists()
