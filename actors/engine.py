@@ -167,6 +167,22 @@ class Engine:
         # The same rounding as diffusers' numpy_to_pil, so plain diffusers reproduces every pixel.
         return list((out.images * 255).round().astype(np.uint8))
 
+    @property
+    def max_tokens(self) -> int:
+        return getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", 77)
+
+    def count_tokens(self, prompts: Sequence[str]) -> dict[str, int]:
+        """Tokens per prompt as the text encoder sees them (with start and end tokens), untruncated.
+
+        Prompts longer than `max_tokens` are generated truncated, as diffusers does; the rows record it.
+        Pipelines without a single CLIP tokenizer report nothing.
+        """
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None or not prompts:
+            return {}
+        ids = tokenizer(list(prompts), truncation=False, padding=False, verbose=False).input_ids
+        return {p: len(i) for p, i in zip(prompts, ids)}
+
     def scheduler_name(self, params: GenerationParams) -> str:
         return params.scheduler or self.default_scheduler
 

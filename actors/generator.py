@@ -55,28 +55,57 @@ def read_shard_samples(plan, shard_id: int) -> list[Sample]:
         storage = Storage(f.uri, inp.storage_options)
         with storage.fs.open(storage.root, "rb") as fh:
             table = pq.ParquetFile(fh).read_row_groups(groups, columns=columns)
-        table = table.slice(skip, hi - lo + 1).to_pydict()
+        table = table.slice(skip, hi - lo + 1)
+        # Text columns are read as bytes and decoded per row, so one non-UTF-8 row fails alone.
+        text = {c for c in (inp.prompt_column, inp.negative_prompt_column) if c}
+        values = {c: _as_bytes(table.column(c)) if c in text else table.column(c).to_pylist() for c in columns}
         for i in range(hi - lo + 1):
-            rows[lo + i] = (f.stem, offset, {c: table[c][i] for c in columns})
+            rows[lo + i] = (f.stem, offset, {c: values[c][i] for c in columns})
 
     # 2. Expand each (row, sweep point) into a sample with its key, seed and parameters.
     samples = []
     for s in range(start, end):
-        stem, offset, values = rows[s // n_points]
+        row = s // n_points
+        stem, offset, values = rows[row]
         point = plan.points[s % n_points]
         key = sample_key(shard_id, s - start, plan.key_width)
         raw_id = values[inp.id_column] if inp.id_column else None
-        prompt_id = f"{stem}:{s // n_points - offset}" if raw_id is None else str(raw_id)
+        prompt_id = f"{stem}:{row - offset}" if raw_id is None else str(raw_id)
         passthrough = {c: values[c] for c in inp.passthrough_columns}
-        prompt = values[inp.prompt_column]
-        if prompt is None or not str(prompt).strip():
-            what = "null" if prompt is None else "empty or whitespace-only"
-            samples.append(Sample(key, shard_id, prompt_id, None, f"prompt is {what}", passthrough))
+        prompt, error = _decode(values[inp.prompt_column], "prompt")
+        negative, negative_error = (None, None)
+        if inp.negative_prompt_column:
+            negative, negative_error = _decode(values[inp.negative_prompt_column], "negative prompt", allow_empty=True)
+        if row in plan.duplicate_rows:
+            error = f"duplicate prompt_id {prompt_id!r}: first at {plan.locate(plan.duplicate_rows[row])}"
+        error = error or negative_error
+        if error:
+            samples.append(Sample(key, shard_id, prompt_id, None, error, passthrough, prompt))
             continue
-        negative = values[inp.negative_prompt_column] if inp.negative_prompt_column else None
         params = resolve_params(spec, prompt, negative, prompt_id, point)
-        samples.append(Sample(key, shard_id, prompt_id, params, None, passthrough))
+        samples.append(Sample(key, shard_id, prompt_id, params, None, passthrough, prompt))
     return samples
+
+
+def _as_bytes(column) -> list[bytes | None]:
+    import pyarrow as pa
+
+    target = pa.large_binary() if pa.types.is_large_string(column.type) or pa.types.is_large_binary(column.type) \
+        else pa.binary()
+    return column.cast(target).to_pylist()
+
+
+def _decode(raw: bytes | None, what: str, allow_empty: bool = False) -> tuple[str | None, str | None]:
+    """Text and None, or None and the reason this row cannot be generated."""
+    if raw is None:
+        return None, (None if allow_empty else f"{what} is null")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"{what} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+    if not allow_empty and not text.strip():
+        return None, f"{what} is empty or whitespace-only"
+    return text, None
 
 
 @dataclass
@@ -105,11 +134,21 @@ class ShardGenerator:
         self.writer = ShardWriter(self.storage, self.spec.output.image_format)
         self.schema = plan.output_schema()
 
+    def ready(self) -> dict[str, Any]:
+        """Returns once the models are loaded; the dispatcher feeds only ready workers."""
+        return {**self.worker, "device": self.engine.device}
+
     def run(self, shard_id: int, attempt: int = 1) -> dict[str, Any]:
         t0 = time.perf_counter()
         started_at = _now()
         spec = self.spec
         name = self.plan.shard_name(shard_id)
+        # 0. A shard committed meanwhile (by a worker presumed dead, say) is not made twice.
+        if self.storage.exists(f"{name}_stats.json"):
+            committed = self.storage.read_json(f"{name}_stats.json")
+            if committed.get("fingerprint") == self.plan.fingerprint:
+                log.info("shard %s is already committed; skipping", name)
+                return committed
 
         # 1. Read this shard's rows and expand them into samples.
         samples = read_shard_samples(self.plan, shard_id)
@@ -117,6 +156,7 @@ class ShardGenerator:
         # 2. Generate in batches. Each finished batch is scored, acted on and encoded on a second
         #    thread while the pipeline generates the next one, so the GPU does not wait for it.
         todo = [s for s in samples if s.params is not None]
+        self._tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
         outcomes: dict[str, Outcome] = {}
         gen_total = 0.0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-post") as post:
@@ -164,8 +204,7 @@ class ShardGenerator:
             "started_at": started_at,
             "finished_at": _now(),
         }
-        self.writer.write(name, rows, main, self.schema, stats, quarantine)
-        return stats
+        return self.writer.write(name, rows, main, self.schema, stats, quarantine)
 
     def _finish_batch(self, keys: list[str], arrays: list, seconds: float) -> dict[str, Outcome]:
         """Score, act on and encode one generated batch."""
@@ -192,6 +231,7 @@ class ShardGenerator:
             "key": s.key,
             "shard_id": s.shard_id,
             "prompt_id": s.prompt_id,
+            "prompt": s.prompt,
             "status": o.status if o else STATUS_FAILED,
             "error": s.error,
             "generator_device": GENERATOR_DEVICE,
@@ -221,7 +261,10 @@ class ShardGenerator:
             )
         if p is not None:
             scheduler = self.engine.scheduler_name(p)
+            tokens = self._tokens.get(p.prompt)
             row.update(
+                prompt_tokens=tokens,
+                prompt_truncated=None if tokens is None else tokens > self.engine.max_tokens,
                 sample_id=sample_id(spec.model.source, spec.model.revision, p, scheduler),
                 prompt=p.prompt,
                 negative_prompt=p.negative_prompt,

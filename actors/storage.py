@@ -6,6 +6,7 @@ which botocore reads itself) unless a spec's `storage_options` overrides them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,12 @@ from fsspec.implementations.local import LocalFileSystem
 log = logging.getLogger("sdfleet")
 
 
+# botocore's "standard" mode retries throttling and 500/502/503/504 with capped exponential backoff
+# and jitter. Ten attempts ride out a minute-long S3 brown-out; 403 and 404 are never retried, so a
+# wrong bucket or missing permission fails at once.
+S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -31,7 +38,10 @@ class Storage:
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
         self.uri = uri.rstrip("/") if is_remote(uri) else str(Path(uri.removeprefix("file://")).absolute())
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+        options = dict(storage_options or {})
+        if self.uri.startswith(("s3://", "s3a://")):
+            options.setdefault("config_kwargs", {}).setdefault("retries", S3_RETRIES)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
 
@@ -48,10 +58,12 @@ class Storage:
     # ------------------------------------------------------------------ reads
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
+        with self._naming(name, "check"):
+            return self.fs.exists(self.path(name))
 
     def read_bytes(self, name: str) -> bytes:
-        return self.fs.cat_file(self.path(name))
+        with self._naming(name, "read"):
+            return self.fs.cat_file(self.path(name))
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
@@ -65,34 +77,60 @@ class Storage:
 
     # ----------------------------------------------------------------- writes
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        if self.local:
-            target = Path(self.path(name))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        else:
-            # One PUT: S3 makes a single object visible whole or not at all.
-            self.fs.pipe_file(self.path(name), data)
+    def write_bytes(self, name: str, data: bytes, exclusive: bool = False) -> None:
+        """Write atomically. exclusive=True creates the file only if it does not exist yet (else
+        FileExistsError): of two writers racing to commit the same shard, exactly one wins."""
+        with self._naming(name, "write"):
+            if self.local:
+                target = Path(self.path(name))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if exclusive:
+                    try:
+                        os.link(tmp, target)  # fails if the target exists, unlike rename
+                    finally:
+                        tmp.unlink()
+                else:
+                    os.replace(tmp, target)
+            else:
+                # One PUT: S3 makes a single object visible whole or not at all. mode="create"
+                # sends If-None-Match: *, which S3 enforces (412 -> FileExistsError).
+                self.fs.pipe_file(self.path(name), data, mode="create" if exclusive else "overwrite")
 
-    def write_json(self, name: str, obj: Any) -> None:
-        self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n")
+    def write_json(self, name: str, obj: Any, exclusive: bool = False) -> None:
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        self.write_bytes(name, data, exclusive=exclusive)
+
+    @contextlib.contextmanager
+    def _naming(self, name: str, action: str):
+        """Re-raise IO errors with the full URI, so a 403 or 404 says which object and what to do."""
+        try:
+            yield
+        except FileExistsError:
+            raise
+        except PermissionError as e:
+            raise PermissionError(
+                f"cannot {action} {self.url(name)}: access denied ({e}); check the credentials and the "
+                "bucket policy, or storage_options") from e
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"cannot {action} {self.url(name)}: not found ({e})") from e
 
     def put_file(self, local_path: str | Path, name: str) -> None:
         """Upload a finished local file (large tars are spooled to disk, not held in memory)."""
-        if self.local:
-            target = Path(self.path(name))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, target)
-        else:
-            # s3fs switches to a multipart upload for large files; S3 publishes it only on completion.
-            self.fs.put_file(str(local_path), self.path(name))
+        with self._naming(name, "write"):
+            if self.local:
+                target = Path(self.path(name))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+                shutil.copyfile(local_path, tmp)
+                os.replace(tmp, target)
+            else:
+                # s3fs switches to a multipart upload for large files; S3 publishes it only on completion.
+                self.fs.put_file(str(local_path), self.path(name))
 
 
 # ---------------------------------------------------------------- model cache

@@ -6,8 +6,10 @@ stats is invisible to readers of sizes.json and _SUCCESS, and is simply redone.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import tarfile
 import tempfile
 from typing import Any
@@ -18,6 +20,8 @@ import pyarrow.parquet as pq
 
 from actors.storage import Storage
 from schemas.rows import RUN_COLUMNS
+
+log = logging.getLogger("sdfleet")
 
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
@@ -62,11 +66,12 @@ class ShardWriter:
         schema: pa.Schema,
         stats: dict,
         quarantine: dict[str, bytes] | None = None,
-    ) -> None:
-        """Write {name}.tar, {name}.parquet, then {name}_stats.json. rows: every planned sample.
+    ) -> dict:
+        """Write {name}.tar, {name}.parquet, then commit {name}_stats.json. rows: every planned sample.
 
         Images flagged under action `quarantine` go to quarantine/{name}.tar with their own
         quarantine/{name}.parquet, outside the dataset that readers of sizes.json see.
+        Returns the stats in effect: this writer's, or those of a writer that committed first.
         """
         # 1. Quarantined images first: they must exist before the shard is declared done.
         if quarantine:
@@ -74,13 +79,39 @@ class ShardWriter:
             self._write_tar(f"quarantine/{name}.tar", held, quarantine)
             self._write_parquet(f"quarantine/{name}.parquet", held, schema)
         # 2. The tar: image, caption and row for each sample that has an image, in key order.
-        self._write_tar(f"{name}.tar", rows, images)
+        stats["tar_sha256"] = self._write_tar(f"{name}.tar", rows, images)
         # 3. The Parquet: one row per planned sample, ok, filtered and failed alike.
-        self._write_parquet(f"{name}.parquet", rows, schema)
-        # 4. The commit marker, last.
-        self.storage.write_json(f"{name}_stats.json", stats)
+        stats["parquet_sha256"] = self._write_parquet(f"{name}.parquet", rows, schema)
+        # 4. The commit marker, last, and only if no other writer committed this shard meanwhile.
+        return self._commit(name, stats)
 
-    def _write_tar(self, target: str, rows: list[dict[str, Any]], images: dict[str, bytes]) -> None:
+    def _commit(self, name: str, stats: dict) -> dict:
+        """Create the stats file, or reconcile with the writer that beat us to it.
+
+        A slow worker presumed dead can finish a shard that its replacement also finished. The tars
+        are byte-identical (deterministic content); the Parquets differ only in run columns. Exactly
+        one stats file is created; if the Parquet on storage is no longer the one those stats
+        describe (we overwrote it after they were written), our stats, which describe it, replace them.
+        """
+        target = f"{name}_stats.json"
+        try:
+            self.storage.write_json(target, stats, exclusive=True)
+            return stats
+        except FileExistsError:
+            pass
+        winner = self.storage.read_json(target)
+        on_storage = hashlib.sha256(self.storage.read_bytes(f"{name}.parquet")).hexdigest()
+        if on_storage == winner.get("parquet_sha256"):
+            log.warning("shard %s was already committed by %s; keeping that commit", name, winner.get("worker_id"))
+            return winner
+        if on_storage != stats["parquet_sha256"]:
+            raise RuntimeError(f"shard {name}: {self.storage.url(name + '.parquet')} matches neither commit; "
+                               "a third writer is active. Retrying the shard resolves it.")
+        log.warning("shard %s: re-committing so the stats describe the Parquet on storage", name)
+        self.storage.write_json(target, stats)
+        return stats
+
+    def _write_tar(self, target: str, rows: list[dict[str, Any]], images: dict[str, bytes]) -> str:
         with tempfile.NamedTemporaryFile(suffix=".tar") as spool:
             with tarfile.open(fileobj=spool, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for row in rows:
@@ -94,9 +125,13 @@ class ShardWriter:
                     _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
             spool.flush()
             self.storage.put_file(spool.name, target)
+            spool.seek(0)
+            return hashlib.file_digest(spool, "sha256").hexdigest()
 
-    def _write_parquet(self, target: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    def _write_parquet(self, target: str, rows: list[dict[str, Any]], schema: pa.Schema) -> str:
         table = pa.Table.from_pylist(rows, schema=schema)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression="zstd")
-        self.storage.write_bytes(target, buf.getvalue().to_pybytes())
+        data = buf.getvalue().to_pybytes()
+        self.storage.write_bytes(target, data)
+        return hashlib.sha256(data).hexdigest()

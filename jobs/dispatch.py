@@ -70,6 +70,8 @@ class _Slot:
     """One actor and the shards it holds, oldest (running) first."""
 
     actor: Any
+    ready_ref: Any  # resolves once the actor has loaded its models
+    ready: bool = False
     tasks: deque = field(default_factory=deque)  # (ref, task)
     head_since: float = 0.0
 
@@ -78,6 +80,10 @@ class _Slot:
 class DispatchResult:
     committed: dict[int, dict[str, Any]] = field(default_factory=dict)
     quarantined: dict[int, ShardTask] = field(default_factory=dict)
+
+
+class WorkerStartError(RuntimeError):
+    """No worker could start (e.g. the model fails to load on the cluster)."""
 
 
 class Dispatcher:
@@ -91,84 +97,124 @@ class Dispatcher:
         import ray
 
         res = self.spec.resources
-        result = DispatchResult()
-        queue = deque(ShardTask(s) for s in shard_ids)
+        self.result = DispatchResult()
+        self.queue = deque(ShardTask(s) for s in shard_ids)
+        self.refs: dict[Any, tuple[_Slot, ShardTask]] = {}
+        self.init_failures = 0
+        self.any_ready = False
 
         # 1. Size the pool: one actor per GPU (up to max_workers), or CPU actors on a GPU-less cluster.
-        actor_cls, n_workers, cpu_threads = self._actor_class(len(shard_ids))
-        plan_ref = ray.put(self.plan)
-        slots = [_Slot(actor_cls.remote(plan_ref, cpu_threads)) for _ in range(n_workers)]
+        self.actor_cls, n_workers, self.cpu_threads = self._actor_class(len(shard_ids))
+        self.plan_ref = ray.put(self.plan)
+        self.slots = [self._new_slot() for _ in range(n_workers)]
         log.info("dispatching %d shards to %d workers", len(shard_ids), n_workers)
         bar = self._progress_bar(already_done_samples)
-        refs: dict[Any, tuple[_Slot, ShardTask]] = {}
 
-        def submit(slot: _Slot) -> None:
-            while len(slot.tasks) < SHARDS_PER_ACTOR and queue:
-                task = queue.popleft()
-                ref = slot.actor.run.remote(task.shard_id, task.attempts + 1)
-                if not slot.tasks:
-                    slot.head_since = time.monotonic()
-                slot.tasks.append((ref, task))
-                refs[ref] = (slot, task)
-
-        def fail(task: ShardTask, error: str, counted: bool = True) -> None:
-            if counted:
-                task.attempts += 1
-                task.errors.append({"attempt": task.attempts, "error": error, "at": time.time()})
-            if task.attempts >= res.max_attempts:
-                result.quarantined[task.shard_id] = task
-                self._write_failed(task)
-                log.error("shard %s quarantined after %d attempts: %s", self.plan.shard_name(task.shard_id),
-                          task.attempts, error.strip().splitlines()[-1] if error.strip() else error)
-            else:
-                queue.appendleft(task)
-
-        def replace(slot: _Slot, reason: str) -> None:
-            """The slot's actor is gone or hung: its running shard fails, queued ones go back uncounted."""
-            ray.kill(slot.actor, no_restart=True)
-            for i, (ref, task) in enumerate(list(slot.tasks)):
-                refs.pop(ref, None)
-                fail(task, reason, counted=(i == 0))
-            slot.tasks.clear()
-            if queue:
-                slot.actor = actor_cls.remote(plan_ref, cpu_threads)
-
-        # 2. The pull loop.
+        # 2. The pull loop: feed ready actors, collect results, enforce timeouts.
         try:
-            while queue or refs:
-                for slot in slots:
-                    submit(slot)
-                ready, _ = ray.wait(list(refs), num_returns=1, timeout=POLL_S)
-                for ref in ready:
-                    if ref not in refs:
-                        continue  # its actor was already replaced
-                    slot, task = refs.pop(ref)
-                    try:
-                        stats = ray.get(ref)
-                    except ray.exceptions.RayActorError as e:
-                        replace(slot, f"worker died: {_short(e)}")
-                        continue
-                    except ray.exceptions.RayTaskError as e:
-                        _pop(slot, ref)
-                        fail(task, _task_error(e))
-                        continue
-                    _pop(slot, ref)
-                    result.committed[task.shard_id] = stats
-                    bar.update(stats["samples"])
-                    bar.set_postfix(workers=len(slots), quarantined=len(result.quarantined), refresh=False)
+            while self.queue or self.refs:
+                for slot in self.slots:
+                    self._feed(slot)
+                waiting = list(self.refs) + [s.ready_ref for s in self.slots if not s.ready]
+                done, _ = ray.wait(waiting, num_returns=1, timeout=POLL_S)
+                for ref in done:
+                    self._collect(ref, bar)
                 now = time.monotonic()
-                for slot in slots:
+                for slot in self.slots:
                     if slot.tasks and now - slot.head_since > res.shard_timeout_s:
                         shard = self.plan.shard_name(slot.tasks[0][1].shard_id)
                         log.warning("shard %s ran past shard_timeout_s=%s; killing its worker", shard,
                                     res.shard_timeout_s)
-                        replace(slot, f"timed out after {res.shard_timeout_s}s")
+                        self._replace(slot, f"timed out after {res.shard_timeout_s}s")
+                ready = sum(s.ready for s in self.slots)
+                bar.set_postfix(workers=f"{ready} running, {len(self.slots) - ready} starting",
+                                quarantined=len(self.result.quarantined), refresh=False)
         finally:
             bar.close()
             # 3. Release the actors (and with them their GPUs) as soon as the queue is drained.
-            for slot in slots:
+            for slot in self.slots:
                 ray.kill(slot.actor, no_restart=True)
-        return result
+        return self.result
+
+    # ------------------------------------------------------------------ pool
+
+    def _new_slot(self) -> _Slot:
+        actor = self.actor_cls.remote(self.plan_ref, self.cpu_threads)
+        return _Slot(actor=actor, ready_ref=actor.ready.remote())
+
+    def _feed(self, slot: _Slot) -> None:
+        # Only a ready actor gets shards: one that is still loading, or cannot be placed at all
+        # (its node died and no GPU is free), must not hold shards hostage.
+        while slot.ready and len(slot.tasks) < SHARDS_PER_ACTOR and self.queue:
+            task = self.queue.popleft()
+            ref = slot.actor.run.remote(task.shard_id, task.attempts + 1)
+            if not slot.tasks:
+                slot.head_since = time.monotonic()
+            slot.tasks.append((ref, task))
+            self.refs[ref] = (slot, task)
+
+    def _collect(self, ref, bar) -> None:
+        import ray
+
+        slot = next((s for s in self.slots if s.ready_ref == ref and not s.ready), None)
+        if slot is not None:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                self._start_failed(slot, e)
+                return
+            slot.ready, self.any_ready, self.init_failures = True, True, 0
+            return
+        if ref not in self.refs:
+            return  # its actor was already replaced
+        slot, task = self.refs.pop(ref)
+        try:
+            stats = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self._replace(slot, f"worker died: {_short(e)}")
+            return
+        except ray.exceptions.RayTaskError as e:
+            _pop(slot, ref)
+            self._fail(task, _task_error(e))
+            return
+        _pop(slot, ref)
+        self.result.committed[task.shard_id] = stats
+        bar.update(stats["samples"])
+
+    def _start_failed(self, slot: _Slot, e: Exception) -> None:
+        self.init_failures += 1
+        message = _task_error(e)
+        log.error("a worker failed to start: %s", message.strip().splitlines()[-1] if message.strip() else e)
+        if not self.any_ready and self.init_failures >= self.spec.resources.max_attempts:
+            raise WorkerStartError(f"no worker could start after {self.init_failures} tries; last error:\n{message}")
+        self._replace(slot, f"worker failed to start: {_short(e)}")
+
+    def _fail(self, task: ShardTask, error: str, counted: bool = True) -> None:
+        if counted:
+            task.attempts += 1
+            task.errors.append({"attempt": task.attempts, "error": error, "at": time.time()})
+        if task.attempts >= self.spec.resources.max_attempts:
+            self.result.quarantined[task.shard_id] = task
+            self._write_failed(task)
+            log.error("shard %s quarantined after %d attempts: %s", self.plan.shard_name(task.shard_id),
+                      task.attempts, error.strip().splitlines()[-1] if error.strip() else error)
+        else:
+            self.queue.appendleft(task)
+
+    def _replace(self, slot: _Slot, reason: str) -> None:
+        """The slot's actor is gone or hung: its running shard fails, queued ones go back uncounted."""
+        import ray
+
+        ray.kill(slot.actor, no_restart=True)
+        for i, (ref, task) in enumerate(list(slot.tasks)):
+            self.refs.pop(ref, None)
+            self._fail(task, reason, counted=(i == 0))
+        slot.tasks.clear()
+        if not self.queue:
+            self.slots.remove(slot)  # nothing left for a replacement to do
+            return
+        fresh = self._new_slot()
+        slot.actor, slot.ready_ref, slot.ready = fresh.actor, fresh.ready_ref, False
 
     def _actor_class(self, n_shards: int):
         import ray

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.storage import Storage, is_remote
-from schemas.rows import STRING_TYPES, output_schema
+from schemas.rows import TEXT_TYPES, output_schema
 from schemas.samples import key_width, shard_name, sweep_points
 from schemas.spec import JobSpec, SpecError
 
@@ -44,6 +44,8 @@ class Plan:
     points: list[dict[str, Any]]
     passthrough_schema: pa.Schema
     row_offsets: list[int] = field(default_factory=list)  # global index of each file's first row
+    # Rows whose prompt id appeared earlier in the input: global row -> global row of the first.
+    duplicate_rows: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.row_offsets:
@@ -72,6 +74,13 @@ class Plan:
     @property
     def key_width(self) -> int:
         return key_width(self.num_shards)
+
+    def locate(self, row: int) -> str:
+        """'<file>:<row in file>' for a global row index, for messages."""
+        for f, offset in zip(reversed(self.files), reversed(self.row_offsets)):
+            if row >= offset:
+                return f"{f.uri.rsplit('/', 1)[-1]}:{row - offset}"
+        raise IndexError(row)
 
     def shard_range(self, shard_id: int) -> tuple[int, int]:
         start = shard_id * self.samples_per_shard
@@ -129,8 +138,31 @@ class Planner:
             f, schema = self._read_footer(uri)
             files.append(f)
             passthrough = self._check_columns(uri, schema, passthrough)
-        # 3. Expand the sweep.
-        return Plan(spec=self.spec, files=files, points=sweep_points(self.spec), passthrough_schema=passthrough)
+        # 3. Expand the sweep, and find repeated prompt ids (they would repeat keys' seeds and ids).
+        plan = Plan(spec=self.spec, files=files, points=sweep_points(self.spec), passthrough_schema=passthrough)
+        if self.spec.input.id_column:
+            plan.duplicate_rows = self._duplicate_ids(plan)
+        return plan
+
+    def _duplicate_ids(self, plan: Plan) -> dict[int, int]:
+        """Read the id column alone and map every repeated id's later rows to its first row."""
+        import pyarrow.compute as pc
+
+        column = self.spec.input.id_column
+        ids = []
+        for f in plan.files:
+            storage = Storage(f.uri, self.storage_options)
+            with storage.fs.open(storage.root, "rb") as fh:
+                ids.append(pq.read_table(fh, columns=[column]).column(column).cast(pa.string()))
+        table = pa.table({"id": pa.chunked_array([c for a in ids for c in a.chunks], pa.string()),
+                          "row": pa.array(range(plan.num_rows), pa.int64())})
+        groups = table.group_by("id").aggregate([("row", "min"), ("row", "count")])
+        repeated = groups.filter(pc.greater(groups["row_count"], 1))
+        if repeated.num_rows == 0:
+            return {}
+        first = dict(zip(repeated["id"].to_pylist(), repeated["row_min"].to_pylist()))
+        hits = table.filter(pc.is_in(table["id"], value_set=repeated["id"]))
+        return {r: first[i] for i, r in zip(hits["id"].to_pylist(), hits["row"].to_pylist()) if r != first[i]}
 
     def _read_footer(self, uri: str) -> tuple[InputFile, pa.Schema]:
         storage = Storage(uri, self.storage_options)
@@ -160,10 +192,10 @@ class Planner:
                     f"input file {uri} has no {what} column {column!r} (columns: {', '.join(schema.names)}); "
                     f"set input.{what.replace(' ', '_')}_column to one of them"
                 )
-            if string and schema.field(column).type not in STRING_TYPES:
+            if string and schema.field(column).type not in TEXT_TYPES:
                 raise InputError(
                     f"input file {uri}: {what} column {column!r} has type {schema.field(column).type}, "
-                    "expected string"
+                    "expected string (or UTF-8 binary)"
                 )
 
         need(inp.prompt_column, "prompt", string=True)

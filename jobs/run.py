@@ -71,12 +71,16 @@ class JobRunner:
         if pending:
             if before.committed:
                 log.info("resuming: %d shards committed, %d to do", len(before.committed), len(pending))
-            from jobs.dispatch import Dispatcher, connect_ray
+            from jobs.dispatch import Dispatcher, WorkerStartError, connect_ray
 
             log.info("connected to %s", connect_ray(self.address))
-            result = Dispatcher(plan, self.storage, self.progress).run(pending, before.committed_samples)
-            if result.quarantined:
-                self._report(plan, result.quarantined)
+            try:
+                result = Dispatcher(plan, self.storage, self.progress).run(pending, before.committed_samples)
+            except WorkerStartError as e:
+                print(f"sdfleet: error: {e}", file=sys.stderr)
+            else:
+                if result.quarantined:
+                    self._report(plan, result.quarantined)
         else:
             log.info("all %d shards already committed; nothing to generate", plan.num_shards)
 

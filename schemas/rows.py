@@ -8,9 +8,10 @@ STATUS_OK = "ok"
 STATUS_FILTERED = "filtered"
 STATUS_FAILED = "failed"
 
-# Prompt rows: the prompt column must be a string column; the id column may be any scalar
-# (ints are common) and is stringified; the negative prompt column must be a string column.
-STRING_TYPES = (pa.string(), pa.large_string())
+# Prompt rows: the prompt and negative prompt columns hold text, as strings or as UTF-8 bytes
+# (a row whose bytes are not UTF-8 is recorded failed, not fatal); the id column may be any
+# scalar (ints are common) and is stringified.
+TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
 
 NSFW_SCORES_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
 
@@ -23,6 +24,9 @@ OUTPUT_FIELDS = [
     pa.field("prompt_id", pa.string()),
     pa.field("prompt", pa.string()),
     pa.field("negative_prompt", pa.string()),
+    # CLIP reads at most 77 tokens; longer prompts are generated truncated and say so here.
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("prompt_truncated", pa.bool_()),
     pa.field("seed", pa.int64()),
     pa.field("generator_device", pa.string()),
     pa.field("model_source", pa.string()),

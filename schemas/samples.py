@@ -88,6 +88,7 @@ class Sample:
     params: GenerationParams | None  # None when the row cannot be generated (see error)
     error: str | None = None
     passthrough: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None  # the row's text, kept for failed rows too (params is None there)
 
 
 def resolve_params(
