@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return _dispatch(args)
-    except SpecError as e:
+    except (SpecError, PermissionError, FileNotFoundError) as e:
+        # Refused before any work: a bad spec, bad input, or storage the driver cannot reach.
         print(f"sdfleet: error: {e}", file=sys.stderr)
         return 1
 

@@ -206,6 +206,7 @@ class Dispatcher:
         import ray
 
         ray.kill(slot.actor, no_restart=True)
+        held = [self.plan.shard_name(task.shard_id) for _, task in slot.tasks]
         for i, (ref, task) in enumerate(list(slot.tasks)):
             self.refs.pop(ref, None)
             self._fail(task, reason, counted=(i == 0))
@@ -213,6 +214,8 @@ class Dispatcher:
         if not self.queue:
             self.slots.remove(slot)  # nothing left for a replacement to do
             return
+        log.warning("%s; shards %s go back to the queue; starting a replacement worker", reason,
+                    ", ".join(held) or "none")
         fresh = self._new_slot()
         slot.actor, slot.ready_ref, slot.ready = fresh.actor, fresh.ready_ref, False
 
@@ -223,20 +226,22 @@ class Dispatcher:
 
         res = self.spec.resources
         cluster = ray.cluster_resources()
-        gpus = cluster.get("GPU", 0)
+        gpus, cpus = cluster.get("GPU", 0), int(cluster.get("CPU", 1))
+        # Threads per CPU-side torch follow from the cluster's capacity, never from how many shards
+        # are left: CPU float results depend on the thread count, and a resumed shard must come out
+        # byte-identical to the one an uninterrupted run would have made.
         if gpus >= res.gpus_per_worker:
-            n = max(1, min(res.max_workers, int(gpus // res.gpus_per_worker), n_shards))
+            capacity = min(res.max_workers, int(gpus // res.gpus_per_worker))
             # num_cpus=0: a GPU actor that also reserves a CPU can starve every other task on
             # small nodes (a silent deadlock was seen on 2-CPU machines).
             options = {"num_gpus": res.gpus_per_worker, "num_cpus": 0}
-            threads = max(1, int(cluster.get("CPU", 1)) // n)
         else:
-            cpus = int(cluster.get("CPU", 1))
             # No GPU anywhere: CPU workers so the demo runs; torch already uses every core it gets.
-            n = max(1, min(res.max_workers, n_shards, cpus // 2 or 1))
+            capacity = max(1, min(res.max_workers, cpus // 2 or 1))
             options = {"num_cpus": 1}
-            threads = max(1, cpus // n)
-            log.info("no GPUs in the Ray cluster: running %d CPU worker(s)", n)
+            log.info("no GPUs in the Ray cluster: running up to %d CPU worker(s)", capacity)
+        threads = max(1, cpus // capacity)
+        n = max(1, min(capacity, n_shards))
         cls = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardGenerator)
         return cls, n, threads
 
