@@ -10,7 +10,9 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +110,10 @@ def _decode(raw: bytes | None, what: str, allow_empty: bool = False) -> tuple[st
     return text, None
 
 
+class Preempted(RuntimeError):
+    """The worker got a termination notice (SIGTERM); its shard is abandoned and goes back uncounted."""
+
+
 @dataclass
 class Outcome:
     """What became of one generated image."""
@@ -128,11 +134,27 @@ class ShardGenerator:
         self.plan = plan
         self.spec = plan.spec
         self.worker = _worker_identity()
+        self.preempted = False
+        if threading.current_thread() is threading.main_thread():
+            # Spot reclaims and pod evictions send SIGTERM first: stop taking shards and abandon the
+            # current one at the next batch, so the driver requeues it without counting an attempt.
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        if cpu_threads is None:
+            cpu_threads = _node_cpu_threads(self.spec.resources.gpus_per_worker)
         self.engine = Engine(self.spec.model, cpu_threads=cpu_threads)
         self.detector = load_detector(self.spec.safety, self.engine.device)
         self.storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
         self.writer = ShardWriter(self.storage, self.spec.output.image_format)
         self.schema = plan.output_schema()
+        self.metrics = _Metrics(self.spec.name)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("termination notice (SIGTERM): abandoning the current shard at the next batch")
+        self.preempted = True
+
+    def _check_preempted(self) -> None:
+        if self.preempted:
+            raise Preempted(f"SIGTERM on worker {self.worker['actor']} (node {self.worker['node']})")
 
     def ready(self) -> dict[str, Any]:
         """Returns once the models are loaded; the dispatcher feeds only ready workers."""
@@ -151,6 +173,7 @@ class ShardGenerator:
                 return committed
 
         # 1. Read this shard's rows and expand them into samples.
+        self._check_preempted()
         samples = read_shard_samples(self.plan, shard_id)
 
         # 2. Generate in batches. Each finished batch is scored, acted on and encoded on a second
@@ -162,6 +185,7 @@ class ShardGenerator:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-post") as post:
             futures = []
             for batch, arrays, secs in self.engine.generate([s.params for s in todo], spec.resources.batch_size):
+                self._check_preempted()
                 gen_total += secs
                 futures.append(post.submit(self._finish_batch, [todo[i].key for i in batch], arrays, secs))
             for f in futures:
@@ -178,6 +202,7 @@ class ShardGenerator:
         main = {k: o.image for k, o in outcomes.items() if o.image is not None and not o.quarantined}
         quarantine = {k: o.image for k, o in outcomes.items() if o.quarantined}
         wall = time.perf_counter() - t0
+        gpu_seconds = wall * len(self.worker["gpu_ids"])
         stats = {
             "shard": name,
             "shard_id": shard_id,
@@ -195,7 +220,8 @@ class ShardGenerator:
             "attempt": attempt,
             "gen_seconds": round(gen_total, 4),
             "wall_seconds": round(wall, 4),
-            "gpu_seconds": round(wall * len(self.worker["gpu_ids"]), 4),
+            "gpu_seconds": round(gpu_seconds, 4),
+            "images_per_gpu_hour": round(len(main) / gpu_seconds * 3600, 1) if gpu_seconds else None,
             "worker_node": self.worker["node"],
             "worker_id": self.worker["actor"],
             "gpu_id": self.worker["gpu_id"],
@@ -204,7 +230,9 @@ class ShardGenerator:
             "started_at": started_at,
             "finished_at": _now(),
         }
-        return self.writer.write(name, rows, main, self.schema, stats, quarantine)
+        committed = self.writer.write(name, rows, main, self.schema, stats, quarantine)
+        self.metrics.record(committed)
+        return committed
 
     def _finish_batch(self, keys: list[str], arrays: list, seconds: float) -> dict[str, Outcome]:
         """Score, act on and encode one generated batch."""
@@ -276,6 +304,64 @@ class ShardGenerator:
                 height=p.height,
             )
         return row
+
+
+class _Metrics:
+    """Counters and a latency histogram through ray.util.metrics: the Ray dashboard and Prometheus
+    see them. Outside Ray they are not recorded."""
+
+    def __init__(self, job: str):
+        self.enabled = False
+        try:
+            import ray
+            from ray.util import metrics
+        except ImportError:
+            return
+        if not ray.is_initialized():
+            return
+        tags = ("job",)
+        self.tags = {"job": job}
+        self.counters = {
+            key: metrics.Counter(f"sdfleet_{key}", description=text, tag_keys=tags)
+            for key, text in (("images_generated", "images generated (all statuses but failed)"),
+                              ("images_filtered", "images filtered by the safety detector"),
+                              ("images_failed", "samples that could not be generated"),
+                              ("gpu_seconds", "GPU-seconds held while making shards"),
+                              ("shards_committed", "shards committed"))
+        }
+        # Shard latency from a few seconds (tiny shards) to hours (10,000 large images on one GPU).
+        self.latency = metrics.Histogram("sdfleet_shard_seconds", description="wall time per shard",
+                                         boundaries=[1, 5, 15, 60, 300, 900, 3600, 10800], tag_keys=tags)
+        self.enabled = True
+
+    def record(self, stats: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        values = {"images_generated": stats["ok"] + stats["filtered"], "images_filtered": stats["filtered"],
+                  "images_failed": stats["failed"], "gpu_seconds": stats["gpu_seconds"], "shards_committed": 1}
+        for key, value in values.items():
+            if value:
+                self.counters[key].inc(value, tags=self.tags)
+        self.latency.observe(stats["wall_seconds"], tags=self.tags)
+
+
+def _node_cpu_threads(gpus_per_worker: float) -> int | None:
+    """CPU threads for torch in a GPU actor: the node's CPUs shared among the GPU actors it can hold.
+
+    Fixed per node type, so CPU-side results never depend on how many actors happen to run.
+    """
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    except (ImportError, StopIteration):
+        return None
+    cpus, gpus = node["Resources"].get("CPU", 1), node["Resources"].get("GPU", 0)
+    per_node = gpus / gpus_per_worker if gpus and gpus_per_worker else 1
+    return max(1, int(cpus // max(1, per_node)))
 
 
 def _sha256(data: bytes) -> str:

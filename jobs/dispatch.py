@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.generator import Preempted
 from actors.storage import Storage
 
 log = logging.getLogger("sdfleet")
@@ -25,19 +26,22 @@ log = logging.getLogger("sdfleet")
 SHARDS_PER_ACTOR = 2
 # How often the loop wakes without a result, to check shard timeouts and refresh the display.
 POLL_S = 1.0
+PREEMPTED = "worker preempted"
+# How long workers may all wait to be placed before the driver says so (and then once a minute).
+WAITING_WARN_S = 60.0
 # S3 settings that are not secrets, forwarded to workers so that an endpoint such as MinIO or a
 # regional mirror set on the driver is used by every actor too. Credentials are never forwarded:
 # each node takes them from its own environment or instance role.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-def connect_ray(address: str | None) -> str:
-    """Connect to `address` (or RAY_ADDRESS); else start an embedded local Ray. Returns a description."""
+def connect_ray(address: str | None) -> bool:
+    """Connect to `address` (or RAY_ADDRESS); else start an embedded local Ray. Returns whether embedded."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return "existing Ray session"
+        return False
     if address:
         runtime_env: dict | None = None
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
@@ -52,10 +56,12 @@ def connect_ray(address: str | None) -> str:
             if env_vars:
                 runtime_env["env_vars"] = env_vars
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-        return f"Ray cluster at {address}"
+        log.info("connected to the Ray cluster at %s", address)
+        return False
     # An embedded Ray for one machine: no dashboard (saves ~1 GB and port 8265 clashes).
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    return "embedded local Ray"
+    log.info("started an embedded local Ray")
+    return True
 
 
 @dataclass
@@ -87,11 +93,12 @@ class WorkerStartError(RuntimeError):
 
 
 class Dispatcher:
-    def __init__(self, plan, storage: Storage, progress: bool = True):
+    def __init__(self, plan, storage: Storage, progress: bool = True, embedded: bool = False):
         self.plan = plan
         self.spec = plan.spec
         self.storage = storage
         self.progress = progress
+        self.embedded = embedded  # an embedded Ray has no autoscaler: what it has now is all there is
 
     def run(self, shard_ids: list[int], already_done_samples: int = 0) -> DispatchResult:
         import ray
@@ -100,19 +107,22 @@ class Dispatcher:
         self.result = DispatchResult()
         self.queue = deque(ShardTask(s) for s in shard_ids)
         self.refs: dict[Any, tuple[_Slot, ShardTask]] = {}
+        self.slots: list[_Slot] = []
         self.init_failures = 0
         self.any_ready = False
+        self.requested = -1
+        self.waiting_since = time.monotonic()
 
-        # 1. Size the pool: one actor per GPU (up to max_workers), or CPU actors on a GPU-less cluster.
-        self.actor_cls, n_workers, self.cpu_threads = self._actor_class(len(shard_ids))
+        # 1. Choose the worker kind: GPU actors (placed now, or pending until the autoscaler adds
+        #    GPU nodes), or CPU actors where no GPU can ever come.
+        self.actor_cls, self.max_pool, self.cpu_threads = self._actor_class()
         self.plan_ref = ray.put(self.plan)
-        self.slots = [self._new_slot() for _ in range(n_workers)]
-        log.info("dispatching %d shards to %d workers", len(shard_ids), n_workers)
         bar = self._progress_bar(already_done_samples)
 
-        # 2. The pull loop: feed ready actors, collect results, enforce timeouts.
+        # 2. The pull loop: size the pool, feed ready actors, collect results, enforce timeouts.
         try:
             while self.queue or self.refs:
+                self._rescale()
                 for slot in self.slots:
                     self._feed(slot)
                 waiting = list(self.refs) + [s.ready_ref for s in self.slots if not s.ready]
@@ -120,21 +130,68 @@ class Dispatcher:
                 for ref in done:
                     self._collect(ref, bar)
                 now = time.monotonic()
-                for slot in self.slots:
+                for slot in list(self.slots):
                     if slot.tasks and now - slot.head_since > res.shard_timeout_s:
                         shard = self.plan.shard_name(slot.tasks[0][1].shard_id)
                         log.warning("shard %s ran past shard_timeout_s=%s; killing its worker", shard,
                                     res.shard_timeout_s)
                         self._replace(slot, f"timed out after {res.shard_timeout_s}s")
+                self._report_waiting(now)
                 ready = sum(s.ready for s in self.slots)
-                bar.set_postfix(workers=f"{ready} running, {len(self.slots) - ready} starting",
+                bar.set_postfix(workers=f"{ready} running, {len(self.slots) - ready} pending",
                                 quarantined=len(self.result.quarantined), refresh=False)
         finally:
             bar.close()
-            # 3. Release the actors (and with them their GPUs) as soon as the queue is drained.
+            # 3. Release every actor (and with them their GPUs) and withdraw the resource request,
+            #    so the autoscaler can remove the nodes once they idle.
             for slot in self.slots:
                 ray.kill(slot.actor, no_restart=True)
+            self._request(0)
         return self.result
+
+    # ---------------------------------------------------------------- scaling
+
+    def _desired(self) -> int:
+        """Toward min(max_workers, shards not yet done), never below min_workers while work remains."""
+        remaining = len(self.queue) + len(self.refs)
+        if remaining == 0:
+            return 0
+        return min(self.max_pool, max(self.spec.resources.min_workers, remaining))
+
+    def _rescale(self) -> None:
+        import ray
+
+        desired = self._desired()
+        while len(self.slots) < desired:
+            self.slots.append(self._new_slot())
+        # Shrink: first actors that were never placed, then ready ones holding no shard. An actor
+        # with shards in hand is never removed; it is released when it has finished them.
+        for slot in sorted(self.slots, key=lambda s: s.ready):
+            if len(self.slots) <= desired:
+                break
+            if not slot.tasks:
+                ray.kill(slot.actor, no_restart=True)
+                self.slots.remove(slot)
+        self._request(desired)
+
+    def _request(self, workers: int) -> None:
+        """Ask the autoscaler for the GPU bundles ahead of time (it also reacts to pending actors)."""
+        if self.embedded or self.gpus_per_actor == 0 or workers == self.requested:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": self.gpus_per_actor}] * workers)
+        self.requested = workers
+
+    def _report_waiting(self, now: float) -> None:
+        if any(s.ready for s in self.slots) or not self.slots:
+            self.waiting_since = now
+        elif now - self.waiting_since > WAITING_WARN_S:
+            self.waiting_since = now
+            log.warning(
+                "%d worker(s) still waiting to be placed: the cluster has no free %s. An autoscaler adds "
+                "nodes for them; without one, free capacity or set resources.gpus_per_worker: 0 for CPU workers",
+                len(self.slots), "GPU" if self.gpus_per_actor else "CPU")
 
     # ------------------------------------------------------------------ pool
 
@@ -174,6 +231,10 @@ class Dispatcher:
             self._replace(slot, f"worker died: {_short(e)}")
             return
         except ray.exceptions.RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), Preempted):
+                # A termination notice (spot reclaim, pod eviction) is not the shard's fault.
+                self._replace(slot, f"{PREEMPTED}: {e.cause}")
+                return
             _pop(slot, ref)
             self._fail(task, _task_error(e))
             return
@@ -202,24 +263,24 @@ class Dispatcher:
             self.queue.appendleft(task)
 
     def _replace(self, slot: _Slot, reason: str) -> None:
-        """The slot's actor is gone or hung: its running shard fails, queued ones go back uncounted."""
+        """The slot's actor is gone or hung: its running shard fails, queued ones go back uncounted.
+
+        The slot goes; the next rescale starts a replacement if work remains.
+        """
         import ray
 
         ray.kill(slot.actor, no_restart=True)
         held = [self.plan.shard_name(task.shard_id) for _, task in slot.tasks]
         for i, (ref, task) in enumerate(list(slot.tasks)):
             self.refs.pop(ref, None)
-            self._fail(task, reason, counted=(i == 0))
+            self._fail(task, reason, counted=(i == 0) and not reason.startswith(PREEMPTED))
         slot.tasks.clear()
-        if not self.queue:
-            self.slots.remove(slot)  # nothing left for a replacement to do
-            return
-        log.warning("%s; shards %s go back to the queue; starting a replacement worker", reason,
-                    ", ".join(held) or "none")
-        fresh = self._new_slot()
-        slot.actor, slot.ready_ref, slot.ready = fresh.actor, fresh.ready_ref, False
+        self.slots.remove(slot)
+        if self.queue:
+            log.warning("%s; shards %s go back to the queue; starting a replacement worker", reason,
+                        ", ".join(held) or "none")
 
-    def _actor_class(self, n_shards: int):
+    def _actor_class(self):
         import ray
 
         from actors.generator import ShardGenerator
@@ -227,23 +288,25 @@ class Dispatcher:
         res = self.spec.resources
         cluster = ray.cluster_resources()
         gpus, cpus = cluster.get("GPU", 0), int(cluster.get("CPU", 1))
-        # Threads per CPU-side torch follow from the cluster's capacity, never from how many shards
-        # are left: CPU float results depend on the thread count, and a resumed shard must come out
-        # byte-identical to the one an uninterrupted run would have made.
-        if gpus >= res.gpus_per_worker:
-            capacity = min(res.max_workers, int(gpus // res.gpus_per_worker))
-            # num_cpus=0: a GPU actor that also reserves a CPU can starve every other task on
-            # small nodes (a silent deadlock was seen on 2-CPU machines).
+        if res.gpus_per_worker > 0 and (gpus > 0 or not self.embedded):
+            # One actor per GPU. On a cluster with no GPU yet, the actors wait as pending demand
+            # and the autoscaler adds GPU nodes. num_cpus=0: a GPU actor that also reserves a CPU
+            # can starve every other task on small nodes (a silent deadlock was seen on 2 CPUs).
+            self.gpus_per_actor = res.gpus_per_worker
+            if gpus == 0:
+                log.info("no GPU in the cluster yet: asking the autoscaler for GPU nodes")
             options = {"num_gpus": res.gpus_per_worker, "num_cpus": 0}
-        else:
-            # No GPU anywhere: CPU workers so the demo runs; torch already uses every core it gets.
-            capacity = max(1, min(res.max_workers, cpus // 2 or 1))
-            options = {"num_cpus": 1}
-            log.info("no GPUs in the Ray cluster: running up to %d CPU worker(s)", capacity)
-        threads = max(1, cpus // capacity)
-        n = max(1, min(capacity, n_shards))
-        cls = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardGenerator)
-        return cls, n, threads
+            # Threads for CPU-side torch are set per node by the actor (cpu_threads=None).
+            return ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardGenerator), res.max_workers, None
+        # CPU workers: asked for (gpus_per_worker: 0), or an embedded Ray on a machine without GPUs
+        # (the demo). Their threads follow from the machine's capacity, never from the work left:
+        # CPU float results depend on the thread count, and a resumed shard must come out
+        # byte-identical to the one an uninterrupted run would have made.
+        self.gpus_per_actor = 0
+        capacity = max(1, min(res.max_workers, cpus // 2 or 1))
+        log.info("no GPUs for this job: running up to %d CPU worker(s)", capacity)
+        cls = ray.remote(max_restarts=0, max_task_retries=0, num_cpus=1)(ShardGenerator)
+        return cls, capacity, max(1, cpus // capacity)
 
     def _progress_bar(self, initial: int):
         from tqdm import tqdm

@@ -45,6 +45,7 @@ class Survey:
             for cls, n in s.get("flagged_by_class", {}).items():
                 by_class[cls] = by_class.get(cls, 0) + n
         out["flagged_by_class"] = dict(sorted(by_class.items()))
+        out["images_per_gpu_hour"] = round(out["ok"] / out["gpu_seconds"] * 3600, 1) if out["gpu_seconds"] else None
         out["dtypes"] = sorted({s["dtype"] for s in self.committed.values() if s.get("dtype")})
         out["safety_model_sha256"] = sorted({s["safety_model_sha256"] for s in self.committed.values()
                                              if s.get("safety_model_sha256")})
@@ -154,7 +155,8 @@ def dataset_card(job: dict[str, Any], s: Survey) -> str:
         f"| kept aside in `quarantine/` | {t['quarantined_images']} |",
         f"| failed | {t['failed']} |",
         f"| shards | {s.num_shards} |",
-        f"| GPU-hours | {gpu_hours:.4f} |",
+        f"| GPU-hours | {gpu_hours:.4f} ({t['gpu_seconds']:.1f} GPU-seconds) |",
+        f"| images per GPU-hour | {t['images_per_gpu_hour'] if t['images_per_gpu_hour'] is not None else 'n/a (CPU)'} |",
         "",
         "## Generation",
         "",

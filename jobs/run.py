@@ -73,9 +73,10 @@ class JobRunner:
                 log.info("resuming: %d shards committed, %d to do", len(before.committed), len(pending))
             from jobs.dispatch import Dispatcher, WorkerStartError, connect_ray
 
-            log.info("connected to %s", connect_ray(self.address))
+            embedded = connect_ray(self.address)
             try:
-                result = Dispatcher(plan, self.storage, self.progress).run(pending, before.committed_samples)
+                dispatcher = Dispatcher(plan, self.storage, self.progress, embedded=embedded)
+                result = dispatcher.run(pending, before.committed_samples)
             except WorkerStartError as e:
                 print(f"sdfleet: error: {e}", file=sys.stderr)
             else:

@@ -189,7 +189,8 @@ class SafetySpec(_Section):
 
 class ResourcesSpec(_Section):
     batch_size: int = Field(8, ge=1, le=1024)
-    gpus_per_worker: float = Field(1, gt=0)
+    # 0 asks for CPU workers (no GPU anywhere); fractions pack several workers on one GPU.
+    gpus_per_worker: float = Field(1, ge=0)
     min_workers: int = Field(0, ge=0)
     max_workers: int = Field(8, ge=1)
     max_attempts: int = Field(3, ge=1)

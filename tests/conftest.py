@@ -122,6 +122,7 @@ def ray_cluster(tmp_path_factory, s3_endpoint):
             "temp_dir": str(temp_dir),
             "include_dashboard": False,
             "object_store_memory": 200 * 1024 * 1024,
+            "metrics_export_port": free_port(),
         },
     )
     cluster.model_cache = Path(os.environ["SDFLEET_CACHE"])

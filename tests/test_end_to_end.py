@@ -179,3 +179,24 @@ def test_resume_with_changed_spec_is_refused(job):
                   "--set", "generation.num_inference_steps=4", env=job["env"])
     assert out.returncode == 1
     assert "generation.num_inference_steps" in out.stderr and "different job" in out.stderr
+
+
+def test_metrics_are_exported_to_prometheus(job, ray_cluster):
+    """ray.util.metrics from the actors reach the node's Prometheus endpoint."""
+    import time
+    import urllib.request
+
+    port = ray_cluster.head_node.metrics_export_port
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if "sdfleet_shards_committed" in text:
+            break
+        time.sleep(2)
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("ray_sdfleet_") and 'job="e2e"' in line:
+            name = line.split("{", 1)[0]
+            values[name] = values.get(name, 0) + float(line.rsplit(" ", 1)[1])
+    assert values.get("ray_sdfleet_images_generated_total", values.get("ray_sdfleet_images_generated")) >= SAMPLES
+    assert any(k.startswith("ray_sdfleet_shard_seconds") for k in values)

@@ -232,6 +232,23 @@ def test_actor_death_is_retried_and_replaced(tmp_path, tiny_model, bucket, ray_c
     same_dataset(reference["out"], out)
 
 
+def test_preempted_worker_requeues_its_shard_without_counting_an_attempt(tiny_model, ray_cluster, reference):
+    """SIGTERM, as spot reclaims and Kubernetes evictions send: the shard goes back uncounted."""
+    out = f"s3://{reference['fs'].bucket}/preempted"
+    spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out)
+    proc = start_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
+    pid = wait_for(lambda: actor_pids(ray_cluster, running_only=True), 120, "an actor running a shard")[0]
+    os.kill(pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    if "worker preempted" not in stderr:
+        pytest.skip("the signalled actor had no shard left to abandon")  # pragma: no cover
+    assert "starting a replacement worker" in stderr
+    assert_exactly_once(out)
+    assert [output_fs(out).read_json(n)["attempt"] for n in committed(out)] == [1] * 8
+    same_dataset(reference["out"], out)
+
+
 def test_poison_shard_is_quarantined_and_the_rest_finish(tmp_path, tiny_model, bucket, ray_cluster):
     out = tmp_path / "poison"
     (out / "00002.tar").mkdir(parents=True)  # every attempt to write shard 2's tar fails
