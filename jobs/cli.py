@@ -82,12 +82,24 @@ def _plan(spec) -> int:
 
     plan = Planner(spec).plan()
     est = plan.estimate()
+    axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())
+    seeds = spec.sweep.num_seeds()
     print(f"job           {spec.name}")
     print(f"input files   {len(plan.files)} ({plan.num_rows} prompt rows)")
-    print(f"sweep points  {len(plan.points)} per prompt")
+    print(f"sweep         {len(plan.points)} points per prompt ({seeds} seed(s){' x ' + axes if axes else ''})")
     print(f"samples       {plan.num_samples}")
     print(f"shards        {plan.num_shards} of up to {plan.samples_per_shard} samples")
-    print(f"estimate      {est['gpu_hours']:.2f} GPU-hours ({est['tflop']:.0f} TFLOP at an assumed 300 TFLOP/s)")
+    print(f"compute       {est['tflop']:,.0f} TFLOP")
+    print(f"estimate      {est['gpu_hours']:,.2f} GPU-hours at {est['sustained_tflops']:.0f} TFLOP/s sustained "
+          f"({est['throughput_source']})")
+    if est["cost_usd"] is not None:
+        budget = spec.resources.budget_usd
+        print(f"cost          ${est['cost_usd']:,.2f} at ${spec.resources.gpu_hour_usd}/GPU-hour"
+              + (f" (budget ${budget:,.2f})" if budget is not None else ""))
+    else:
+        print("cost          set resources.gpu_hour_usd for a cost estimate")
+    if plan.duplicate_rows:
+        print(f"warning       {len(plan.duplicate_rows)} row(s) repeat an earlier prompt id; they will be recorded failed")
     print(f"fingerprint   {plan.fingerprint}")
     return 0
 

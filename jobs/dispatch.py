@@ -86,6 +86,7 @@ class _Slot:
 class DispatchResult:
     committed: dict[int, dict[str, Any]] = field(default_factory=dict)
     quarantined: dict[int, ShardTask] = field(default_factory=dict)
+    budget_stopped: bool = False  # resources.budget_usd was reached; the shards left were not started
 
 
 class WorkerStartError(RuntimeError):
@@ -100,7 +101,7 @@ class Dispatcher:
         self.progress = progress
         self.embedded = embedded  # an embedded Ray has no autoscaler: what it has now is all there is
 
-    def run(self, shard_ids: list[int], already_done_samples: int = 0) -> DispatchResult:
+    def run(self, shard_ids: list[int], already_done_samples: int = 0, spent_gpu_seconds: float = 0.0) -> DispatchResult:
         import ray
 
         res = self.spec.resources
@@ -112,6 +113,7 @@ class Dispatcher:
         self.any_ready = False
         self.requested = -1
         self.waiting_since = time.monotonic()
+        self.spent_gpu_seconds = spent_gpu_seconds
 
         # 1. Choose the worker kind: GPU actors (placed now, or pending until the autoscaler adds
         #    GPU nodes), or CPU actors where no GPU can ever come.
@@ -121,7 +123,7 @@ class Dispatcher:
 
         # 2. The pull loop: size the pool, feed ready actors, collect results, enforce timeouts.
         try:
-            while self.queue or self.refs:
+            while self._open_queue() or self.refs:
                 self._rescale()
                 for slot in self.slots:
                     self._feed(slot)
@@ -151,9 +153,20 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- scaling
 
+    def _open_queue(self) -> int:
+        """Shards that may still be started: none once the budget is spent."""
+        res = self.spec.resources
+        if res.budget_usd is not None and self.spent_gpu_seconds / 3600 * res.gpu_hour_usd >= res.budget_usd:
+            if self.queue and not self.result.budget_stopped:
+                log.warning("budget reached: $%.2f of resources.budget_usd=$%.2f spent; %d shard(s) not started",
+                            self.spent_gpu_seconds / 3600 * res.gpu_hour_usd, res.budget_usd, len(self.queue))
+                self.result.budget_stopped = True
+            return 0
+        return len(self.queue)
+
     def _desired(self) -> int:
         """Toward min(max_workers, shards not yet done), never below min_workers while work remains."""
-        remaining = len(self.queue) + len(self.refs)
+        remaining = self._open_queue() + len(self.refs)
         if remaining == 0:
             return 0
         return min(self.max_pool, max(self.spec.resources.min_workers, remaining))
@@ -202,7 +215,7 @@ class Dispatcher:
     def _feed(self, slot: _Slot) -> None:
         # Only a ready actor gets shards: one that is still loading, or cannot be placed at all
         # (its node died and no GPU is free), must not hold shards hostage.
-        while slot.ready and len(slot.tasks) < SHARDS_PER_ACTOR and self.queue:
+        while slot.ready and len(slot.tasks) < SHARDS_PER_ACTOR and self._open_queue():
             task = self.queue.popleft()
             ref = slot.actor.run.remote(task.shard_id, task.attempts + 1)
             if not slot.tasks:
@@ -240,6 +253,7 @@ class Dispatcher:
             return
         _pop(slot, ref)
         self.result.committed[task.shard_id] = stats
+        self.spent_gpu_seconds += stats.get("gpu_seconds", 0.0)
         bar.update(stats["samples"])
 
     def _start_failed(self, slot: _Slot, e: Exception) -> None:

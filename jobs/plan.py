@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -99,27 +100,41 @@ class Plan:
     def fingerprint(self) -> str:
         return self.spec.fingerprint(self.input_manifest())
 
-    def estimate(self) -> dict[str, float]:
-        """GPU-hours from FLOPs: a first estimate until measured throughput replaces it."""
+    def estimate(self) -> dict[str, Any]:
+        """FLOPs, GPU-hours and cost from the architecture's FLOPs and a sustained throughput."""
         tflop = 0.0
+        gen = self.spec.generation
         for point in self.points:
-            gen = self.spec.generation
             steps = point.get("num_inference_steps", gen.num_inference_steps)
             pixels = point.get("width", gen.width) * point.get("height", gen.height) / 512**2
             cfg = 1.0 if point.get("guidance_scale", gen.guidance_scale) > 1 else 0.5
             tflop += _UNET_TFLOP_CFG * cfg * steps * pixels + _VAE_TFLOP * pixels + _TEXT_TFLOP
         tflop *= self.num_rows
-        gpu_hours = tflop / _SUSTAINED_TFLOPS / 3600
-        return {"tflop": tflop, "gpu_hours": gpu_hours}
+        res = self.spec.resources
+        sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops)
+        gpu_hours = tflop / sustained / 3600
+        cost = gpu_hours * res.gpu_hour_usd if res.gpu_hour_usd is not None else None
+        return {"tflop": tflop, "gpu_hours": gpu_hours, "cost_usd": cost, "sustained_tflops": sustained,
+                "throughput_source": source, "images_per_gpu_hour": self.num_samples / gpu_hours if gpu_hours else None}
 
 
 # SD2-base at 512² (counted on meta tensors; see FACTS.md). Cost scales with latent pixels.
 _UNET_TFLOP_CFG = 1.609  # one UNet forward with CFG (batch 2)
 _VAE_TFLOP = 2.51  # one VAE decode
 _TEXT_TFLOP = 0.09
-# Sustained fp16 throughput assumed for the estimate: about 30% of an H100's 989 TFLOP/s dense,
-# which is where plain diffusers lands. Real throughput per GPU type comes from measurements.
-_SUSTAINED_TFLOPS = 300.0
+_THROUGHPUT_TABLE = Path(__file__).with_name("gpu_throughput.yaml")
+
+
+def sustained_tflops(gpu_type: str, override: float | None) -> tuple[float, str]:
+    if override is not None:
+        return override, "resources.throughput_tflops"
+    import yaml
+
+    table = yaml.safe_load(_THROUGHPUT_TABLE.read_text())
+    if gpu_type not in table:
+        raise SpecError(f"resources.gpu_type={gpu_type!r} is not in {_THROUGHPUT_TABLE.name} "
+                        f"({', '.join(table)}); add it there or set resources.throughput_tflops")
+    return float(table[gpu_type]["sustained_tflops"]), f"{_THROUGHPUT_TABLE.name}: {gpu_type}"
 
 
 class Planner:

@@ -76,12 +76,17 @@ class JobRunner:
             embedded = connect_ray(self.address)
             try:
                 dispatcher = Dispatcher(plan, self.storage, self.progress, embedded=embedded)
-                result = dispatcher.run(pending, before.committed_samples)
+                result = dispatcher.run(pending, before.committed_samples, before.totals()["gpu_seconds"])
             except WorkerStartError as e:
                 print(f"sdfleet: error: {e}", file=sys.stderr)
             else:
                 if result.quarantined:
                     self._report(plan, result.quarantined)
+                if result.budget_stopped:
+                    res = self.spec.resources
+                    print(f"sdfleet: stopped at the budget: resources.budget_usd=${res.budget_usd:,.2f} at "
+                          f"${res.gpu_hour_usd}/GPU-hour is spent. Committed shards are kept; rerun with a "
+                          f"higher budget (--set resources.budget_usd=...) to go on.", file=sys.stderr)
         else:
             log.info("all %d shards already committed; nothing to generate", plan.num_shards)
 

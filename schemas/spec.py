@@ -195,6 +195,22 @@ class ResourcesSpec(_Section):
     max_workers: int = Field(8, ge=1)
     max_attempts: int = Field(3, ge=1)
     shard_timeout_s: float = Field(3600, gt=0)
+    # Planning and spending. gpu_type picks a sustained throughput from jobs/gpu_throughput.yaml;
+    # throughput_tflops overrides it with a figure you measured.
+    gpu_type: str = "h100"
+    throughput_tflops: float | None = Field(None, gt=0)
+    gpu_hour_usd: float | None = Field(None, ge=0)
+    # Stop starting new shards once the job's GPU-seconds (all runs) cost this much; rerun with
+    # a higher cap to go on. Needs gpu_hour_usd.
+    budget_usd: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _budget_needs_price(self):
+        if self.budget_usd is not None and self.gpu_hour_usd is None:
+            raise ValueError(
+                f"resources.budget_usd={self.budget_usd} needs resources.gpu_hour_usd, the price of one GPU-hour"
+            )
+        return self
 
     @model_validator(mode="after")
     def _min_le_max(self):

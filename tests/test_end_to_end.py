@@ -200,3 +200,24 @@ def test_metrics_are_exported_to_prometheus(job, ray_cluster):
             values[name] = values.get(name, 0) + float(line.rsplit(" ", 1)[1])
     assert values.get("ray_sdfleet_images_generated_total", values.get("ray_sdfleet_images_generated")) >= SAMPLES
     assert any(k.startswith("ray_sdfleet_shard_seconds") for k in values)
+
+
+def test_openclip_and_parquet_readers(job, tmp_path):
+    """OpenCLIP's webdataset loader counts samples from sizes.json by tar basename and reads .txt
+    captions; the Parquet loads with pandas and with datasets."""
+    import glob
+    import os
+
+    import datasets
+    import pandas as pd
+
+    s3, out = job["s3"], f"{job['bucket']}/out/run1"
+    s3.get(f"{out}/", str(tmp_path), recursive=True)
+    tars = sorted(glob.glob(str(tmp_path / "*.tar")))
+    sizes = json.load(open(tmp_path / "sizes.json"))
+    assert sum(int(sizes[os.path.basename(t)]) for t in tars) == SAMPLES  # open_clip's get_dataset_size
+    parquet = sorted(glob.glob(str(tmp_path / "*.parquet")))
+    frame = pd.concat(map(pd.read_parquet, parquet))
+    assert len(frame) == SAMPLES and frame["key"].is_unique
+    ds = datasets.load_dataset("parquet", data_files=parquet, split="train")
+    assert len(ds) == SAMPLES and set(ds.column_names) >= {"key", "prompt", "seed", "nsfw_scores"}

@@ -249,6 +249,26 @@ def test_preempted_worker_requeues_its_shard_without_counting_an_attempt(tiny_mo
     same_dataset(reference["out"], out)
 
 
+def test_budget_cap_stops_cleanly_and_a_higher_cap_completes(tiny_model, ray_cluster, reference):
+    # $3600 per GPU-hour is $1 per GPU-second: a $1.50 budget is spent after a shard or two.
+    out = f"s3://{reference['fs'].bucket}/budget"
+    spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out,
+                    resources={"gpu_hour_usd": 3600.0, "budget_usd": 1.5})
+    done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
+    assert done.returncode == 2
+    assert "stopped at the budget" in done.stderr and "budget_usd" in done.stderr
+    first = committed(out)
+    assert 1 <= len(first) < 8
+    assert not output_fs(out).exists("_SUCCESS")
+    spent = sum(output_fs(out).read_json(n)["gpu_seconds"] for n in first)
+    assert spent >= 1.5  # it stopped because the budget was spent, not before
+    again = run_cli("run", str(spec), "--set", "resources.budget_usd=100000", "--address", ray_cluster.address,
+                    "--no-progress")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_exactly_once(out)
+    same_dataset(reference["out"], out)
+
+
 def test_poison_shard_is_quarantined_and_the_rest_finish(tmp_path, tiny_model, bucket, ray_cluster):
     out = tmp_path / "poison"
     (out / "00002.tar").mkdir(parents=True)  # every attempt to write shard 2's tar fails

@@ -172,3 +172,32 @@ def test_cli_refuses_bad_spec_with_exit_1(tmp_path):
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 1
     assert "generation.width=513" in out.stderr and "not divisible by 8" in out.stderr
+
+
+def test_plan_estimates_gpu_hours_and_cost(tmp_path):
+    make_input(tmp_path)
+    spec = spec_for(tmp_path, generation={"num_inference_steps": 50, "width": 512, "height": 512},
+                    sweep={"seeds": 1, "axes": {}}, resources={"gpu_hour_usd": 2.0, "gpu_type": "a100"})
+    est = Planner(spec).plan().estimate()
+    # 9 prompts x (50 CFG UNet steps + VAE decode + text) at SD2-base's FLOPs, 80 TFLOP/s on an A100.
+    assert est["tflop"] == pytest.approx(9 * (1.609 * 50 + 2.51 + 0.09))
+    assert est["gpu_hours"] == pytest.approx(est["tflop"] / 80 / 3600)
+    assert est["cost_usd"] == pytest.approx(est["gpu_hours"] * 2.0)
+    over = Planner(spec_for(tmp_path, resources={"throughput_tflops": 160.0})).plan().estimate()
+    assert over["sustained_tflops"] == 160.0 and over["cost_usd"] is None
+    from schemas.spec import SpecError
+
+    with pytest.raises(SpecError, match="resources.gpu_type='b200' is not in gpu_throughput.yaml"):
+        Planner(spec_for(tmp_path, resources={"gpu_type": "b200"})).plan().estimate()
+    with pytest.raises(SpecError, match="budget_usd=5.0 needs resources.gpu_hour_usd"):
+        spec_for(tmp_path, resources={"budget_usd": 5})
+
+
+def test_cli_plan_prints_cost(tmp_path):
+    make_input(tmp_path)
+    (tmp_path / "job.yaml").write_text(
+        f"input: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n"
+        "resources: {gpu_hour_usd: 4.0, budget_usd: 100}\n")
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "at $4.0/GPU-hour (budget $100.00)" in out.stdout and "TFLOP/s sustained" in out.stdout
