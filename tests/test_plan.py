@@ -201,3 +201,12 @@ def test_cli_plan_prints_cost(tmp_path):
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 0, out.stderr
     assert "at $4.0/GPU-hour (budget $100.00)" in out.stdout and "TFLOP/s sustained" in out.stdout
+
+
+def test_duplicate_ids_across_files_point_at_the_first(tmp_path):
+    write_prompts(tmp_path / "in" / "a.parquet", ["p"] * 4, ["x", "y", "x", None], lang=["en"] * 4)
+    write_prompts(tmp_path / "in" / "b.parquet", ["p"] * 3, ["y", None, "z"], lang=["en"] * 3)
+    plan = Planner(spec_for(tmp_path)).plan()
+    # Later rows of a repeated id map to its first row; null ids are not ids (they get "<file>:<row>").
+    assert plan.duplicate_rows == {2: 0, 4: 1}
+    assert plan.locate(4) == "b.parquet:0"
