@@ -162,7 +162,7 @@ class ShardGenerator:
 
     def run(self, shard_id: int, attempt: int = 1) -> dict[str, Any]:
         t0 = time.perf_counter()
-        started_at = _now()
+        started_at, started_ts = _now(), time.time()
         spec = self.spec
         name = self.plan.shard_name(shard_id)
         # 0. A shard committed meanwhile (by a worker presumed dead, say) is not made twice.
@@ -229,6 +229,9 @@ class ShardGenerator:
             "dtype": self.engine.dtype,
             "started_at": started_at,
             "finished_at": _now(),
+            # Epoch seconds, for throughput over a whole job (bench/overhead) and gaps between shards.
+            "started_ts": round(started_ts, 3),
+            "finished_ts": round(time.time(), 3),
         }
         committed = self.writer.write(name, rows, main, self.schema, stats, quarantine)
         self.metrics.record(committed)

@@ -106,6 +106,15 @@ class NsfwDetector(Detector):
 
         # TensorFlow maps almost all GPU memory at start: keep it off the GPU so torch owns it.
         tf.config.set_visible_devices([], "GPU")
+        # And to this worker's share of the node's CPUs (torch's thread count), not all of them:
+        # several workers per node would otherwise oversubscribe every core.
+        import torch
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(torch.get_num_threads())
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            pass  # TensorFlow was already initialised in this process; its pools are fixed
         tf.get_logger().setLevel(logging.ERROR)  # "model was not compiled": inference needs no compile
         from nsfw_detector import predict
 

@@ -310,8 +310,9 @@ class Dispatcher:
             if gpus == 0:
                 log.info("no GPU in the cluster yet: asking the autoscaler for GPU nodes")
             options = {"num_gpus": res.gpus_per_worker, "num_cpus": 0}
-            # Threads for CPU-side torch are set per node by the actor (cpu_threads=None).
-            return ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardGenerator), res.max_workers, None
+            # Threads for CPU-side torch are set per node by the actor unless the spec fixes them.
+            cls = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardGenerator)
+            return cls, res.max_workers, res.cpu_threads
         # CPU workers: asked for (gpus_per_worker: 0), or an embedded Ray on a machine without GPUs
         # (the demo). Their threads follow from the machine's capacity, never from the work left:
         # CPU float results depend on the thread count, and a resumed shard must come out
@@ -320,7 +321,7 @@ class Dispatcher:
         capacity = max(1, min(res.max_workers, cpus // 2 or 1))
         log.info("no GPUs for this job: running up to %d CPU worker(s)", capacity)
         cls = ray.remote(max_restarts=0, max_task_retries=0, num_cpus=1)(ShardGenerator)
-        return cls, capacity, max(1, cpus // capacity)
+        return cls, capacity, res.cpu_threads or max(1, cpus // capacity)
 
     def _progress_bar(self, initial: int):
         from tqdm import tqdm

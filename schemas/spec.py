@@ -195,6 +195,9 @@ class ResourcesSpec(_Section):
     max_workers: int = Field(8, ge=1)
     max_attempts: int = Field(3, ge=1)
     shard_timeout_s: float = Field(3600, gt=0)
+    # torch CPU threads per worker; null = the node's CPUs divided among the workers it can hold.
+    # CPU float results depend on it, so keep it fixed across the runs of one job on CPUs.
+    cpu_threads: int | None = Field(None, ge=1)
     # Planning and spending. gpu_type picks a sustained throughput from jobs/gpu_throughput.yaml;
     # throughput_tflops overrides it with a figure you measured.
     gpu_type: str = "h100"
