@@ -202,4 +202,67 @@ def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
         "nsfw-detector": write_tiny_nsfw_model(folder / "tiny-nsfw.h5"),
         "clip-checker": write_tiny_clip_checker(folder / "tiny-clip-checker"),
         "hf-classifier": write_tiny_hf_classifier(folder / "tiny-hf-classifier"),
+        "clip (score)": write_tiny_clip(folder / "tiny-clip"),
+        "fid (score)": write_tiny_inception(folder / "tiny-fid.safetensors"),
     }
+
+
+# --------------------------------------------------------------------------- tiny scoring models
+# For `sdfleet score` tests: random weights in the real formats, loaded through the real loaders
+# (CLIPModel/CLIPProcessor.from_pretrained with safetensors; jobs.score.load_feature_extractor).
+
+
+def write_tiny_clip(path: str | os.PathLike) -> pathlib.Path:
+    """A tiny CLIPModel (text + vision towers, 32x32 images) with its CLIPProcessor, in safetensors."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "vocab_size": len(tokenizer), "max_position_embeddings": _MAX_LEN,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    model = CLIPModel(config).eval()
+    with torch.no_grad():
+        # Random towers give near-constant, mostly negative similarities, which the score clips to 0.
+        # One shared projection and a shared bias before it spread the scores over roughly 0-35.
+        torch.manual_seed(1)
+        shared = torch.randn(config.text_config.hidden_size)
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+        model.text_model.final_layer_norm.bias.copy_(shared)
+        model.vision_model.post_layernorm.bias.copy_(shared)
+    out = pathlib.Path(path)
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def write_tiny_inception(path: str | os.PathLike) -> pathlib.Path:
+    """Tiny FID feature-extractor weights (.safetensors) for jobs.score: a two-conv network with the
+    FID InceptionV3's interface (uint8 images in, features out), named in the file's metadata so the
+    loader builds the right network. Batch-norm statistics are randomised, like trained ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    from jobs.score import ARCH_METADATA_KEY, ARCH_TINY, feature_extractor_class
+
+    torch.manual_seed(0)
+    net = feature_extractor_class(ARCH_TINY)()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        net.conv2.bn.weight.mul_(10.0)  # features of order 1, so FIDs are not all ~0.001
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(state, str(out), metadata={ARCH_METADATA_KEY: ARCH_TINY})
+    return out

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny models, sample prompts, local Ray, a local dataset")
     p.add_argument("dir", nargs="?", default="sdfleet-demo", help="working folder (default: ./sdfleet-demo)")
 
+    from jobs.score import add_arguments as add_score_arguments
+
+    add_score_arguments(sub.add_parser("score", help="CLIP score per image and FID per sweep point of an output"))
+
     p = sub.add_parser("tiny-models", help="write the tiny random-weight pipeline and safety detectors")
     p.add_argument("dir", help="folder to write into")
     return parser
@@ -68,6 +72,10 @@ def _dispatch(args) -> int:
         from jobs.demo import run_demo
 
         return run_demo(args.dir)
+    if args.command == "score":
+        from jobs.score import score_from_args
+
+        return score_from_args(args)
     if args.command == "tiny-models":
         from actors.tiny import write_tiny_models
 

@@ -1,0 +1,241 @@
+"""`sdfleet score`: CLIP score per image and FID per sweep point, on a dataset made by the real CLI.
+
+The models are tiny and random (actors.tiny.write_tiny_clip / write_tiny_inception), loaded through
+the same loaders as real ones; the figures mean nothing and the outputs must say so. The real FID
+InceptionV3 is checked for shape and weight-file compatibility with random weights.
+"""
+
+import io
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import REPO, run_cli, write_prompts
+
+EXAMPLE = REPO / "jobs" / "examples" / "sd2_model_card_eval.yaml"
+PROMPTS = ["a quiet harbour at dusk", "a bowl of cherries", "a fox in the snow", "two cats on a red sofa",
+           "a lighthouse in fog"]
+SCALES = [1.5, 7.5]
+
+
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory):
+    from actors.tiny import write_tiny_clip, write_tiny_inception
+
+    root = tmp_path_factory.mktemp("scorers")
+    return {"clip": str(write_tiny_clip(root / "tiny-clip")),
+            "inception": str(write_tiny_inception(root / "tiny-inception.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A few random PNGs of assorted sizes and modes, as a folder of reference photos would have."""
+    folder = tmp_path_factory.mktemp("reference")
+    sizes = [(80, 60), (64, 64), (50, 90), (120, 100), (64, 48), (72, 72)]
+    for i, (w, h) in enumerate(sizes):
+        arr = np.random.RandomState(100 + i).randint(0, 256, (h, w, 3), dtype=np.uint8)
+        im = Image.fromarray(arr)
+        (im.convert("L") if i == 1 else im).save(folder / f"ref_{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tiny_model):
+    """A real dataset: 5 prompts x 2 seeds x 2 guidance scales through `sdfleet run` on a local Ray."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("score-job")
+    write_prompts(tmp / "in" / "p.parquet", PROMPTS)
+    spec = {
+        "model": {"source": str(tiny_model)},
+        "input": {"uri": str(tmp / "in")},
+        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
+        "sweep": {"seeds": 2, "axes": {"guidance_scale": SCALES}},
+        "output": {"uri": str(tmp / "out"), "image_format": "png", "samples_per_shard": 12},
+        "safety": {"detector": "none"},
+    }
+    (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("run", str(tmp / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp / "out"
+
+
+def read_rows(folder):
+    return pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("[0-9]*.parquet"))]).to_pylist()
+
+
+@pytest.mark.slow
+def test_score_writes_clip_scores_fid_per_guidance_scale_and_a_labelled_plot(dataset, scorers, reference):
+    from jobs.score import LOUD_NOTE, run_score
+
+    summary = run_score(str(dataset), scorers["clip"], str(reference), batch_size=4, device="cpu",
+                        fid_weights=scorers["inception"], fid_size=64)
+
+    ok = [r for r in read_rows(dataset) if r["status"] == "ok"]
+    assert len(ok) == len(PROMPTS) * 2 * len(SCALES)
+    scores = pq.read_table(dataset / "scores.parquet").to_pylist()
+    assert sorted(r["key"] for r in scores) == sorted(r["key"] for r in ok)
+    by_key = {r["key"]: r for r in ok}
+    for s in scores:
+        assert math.isfinite(s["clip_score"]) and 0.0 <= s["clip_score"] <= 100.0
+        row = by_key[s["key"]]
+        assert (s["sample_id"], s["seed"], s["guidance_scale"], s["prompt_id"]) == (
+            row["sample_id"], row["seed"], row["guidance_scale"], row["prompt_id"])
+    assert len({round(s["clip_score"], 4) for s in scores}) > 1  # the tiny CLIP does tell images apart
+
+    on_disk = json.loads((dataset / "scores_summary.json").read_text())
+    assert on_disk["points"] == summary["points"] and on_disk["group_by"] == ["guidance_scale"]
+    assert [p["guidance_scale"] for p in summary["points"]] == SCALES
+    for p in summary["points"]:
+        assert p["n"] == len(PROMPTS) * 2
+        assert math.isfinite(p["fid"]) and p["fid"] >= 0
+        mine = [s["clip_score"] for s in scores if s["guidance_scale"] == p["guidance_scale"]]
+        assert p["clip_score_mean"] == pytest.approx(np.mean(mine))
+    assert summary["images_scored"] == len(ok) and summary["dataset_complete"] is True
+    assert summary["fid"]["reference_images"] == 6 and summary["fid"]["arch"] == "tiny-conv"
+
+    # Tiny models: the figures mean nothing, and the summary and the plot say so.
+    assert summary["figures_meaningful"] is False
+    assert summary["note"].startswith(LOUD_NOTE) and "CLIP model is tiny" in summary["note"]
+    assert "not InceptionV3" in summary["note"]
+    plot = Image.open(dataset / "scores_fid_vs_clip.png")
+    plot.load()
+    assert plot.format == "PNG" and plot.size[0] > 400 and plot.size[1] > 300
+    assert LOUD_NOTE in plot.info["Description"]
+
+
+def test_fid_of_the_reference_against_itself_is_zero(scorers, reference):
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from jobs.score import fid_image, load_feature_extractor
+
+    extractor = load_feature_extractor(scorers["inception"])
+    images = torch.from_numpy(np.stack([fid_image(p.read_bytes(), 64) for p in sorted(reference.glob("*.png"))]))
+    assert images.dtype == torch.uint8 and images.shape == (6, 3, 64, 64)
+    fid = FrechetInceptionDistance(feature=extractor)
+    fid.update(images, real=True)
+    fid.update(images, real=False)
+    assert abs(float(fid.compute())) < 1e-3
+    fid.reset()
+    fid.update(images, real=True)
+    fid.update(images // 3, real=False)  # the same pictures, much darker, are further away
+    assert float(fid.compute()) > 0.01
+
+
+def test_real_inception_loads_published_parameter_names_and_flags_random_weights(tmp_path):
+    """The real network: 2048 features from uint8 images of any size; weights only from safetensors,
+    every parameter required; untouched batch-norm statistics are recognised as an untrained net."""
+    import torch
+    from safetensors.torch import save_file
+
+    from jobs.score import _untrained_norms, feature_extractor_class, load_feature_extractor
+
+    torch.manual_seed(0)
+    net = feature_extractor_class("inception-v3-fid")()
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    # A few names from pytorch-fid's pt_inception-2015-12-05 weights, which the file must match.
+    for name in ("Conv2d_1a_3x3.conv.weight", "Conv2d_4a_3x3.bn.running_var", "Mixed_5b.branch5x5_2.conv.weight",
+                 "Mixed_6e.branch7x7dbl_5.bn.bias", "Mixed_7c.branch3x3dbl_3b.conv.weight", "fc.weight"):
+        assert name in state
+    assert state["fc.weight"].shape == (1008, 2048)
+    assert state["Mixed_7c.branch_pool.conv.weight"].shape[:2] == (192, 2048)
+    save_file(state, str(tmp_path / "inception.safetensors"))
+    loaded = load_feature_extractor(str(tmp_path / "inception.safetensors"))
+    assert loaded.arch == "inception-v3-fid" and loaded.num_features == 2048
+    with torch.no_grad():
+        feats = loaded(torch.randint(0, 256, (1, 3, 64, 48), dtype=torch.uint8))
+    assert feats.shape == (1, 2048) and torch.isfinite(feats).all()
+    assert _untrained_norms(loaded, (torch.nn.BatchNorm2d,))
+
+    # A file for another network (the tiny one, its metadata stripped) is refused, naming what is missing.
+    tiny = {"conv1.conv.weight": torch.zeros(8, 3, 3, 3)}
+    save_file(tiny, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="does not fit the inception-v3-fid network.*Conv2d_1a_3x3.*conv1.conv.weight"):
+        load_feature_extractor(str(tmp_path / "other.safetensors"))
+    (tmp_path / "weights.pth").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_feature_extractor(str(tmp_path / "weights.pth"))
+
+
+def test_score_arguments_parse_as_documented():
+    import argparse
+
+    from jobs.score import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["s3://b/out/", "--clip-model", "m", "--reference", "s3://b/ref/",
+                         "--fid-weights", "w.safetensors", "--out", "eval1", "--batch-size", "8", "--device", "cpu"])
+    assert (args.output, args.clip_model, args.reference, args.fid_weights, args.out, args.batch_size, args.device,
+            args.fid_size) == ("s3://b/out/", "m", "s3://b/ref/", "w.safetensors", "eval1", 8, "cpu", 299)
+    assert p.parse_args(["o", "--clip-model", "m"]).out == "scores"
+
+
+def test_score_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
+    from jobs.score import ScoreError, main, run_score
+
+    with pytest.raises(ScoreError, match="needs both --reference .* and --fid-weights"):
+        run_score(str(tmp_path), "no-such-clip", str(tmp_path), device="cpu")
+    with pytest.raises(ScoreError, match="--out"):
+        run_score(str(tmp_path), "no-such-clip", None, out="../elsewhere", device="cpu")
+    assert main([str(tmp_path / "nothing"), "--clip-model", "no-such-clip"]) == 1
+    assert "has no _job.json: not an sdfleet output" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_score_reads_and_writes_s3(dataset, scorers, reference, s3, tmp_path, monkeypatch):
+    """Dataset, reference images and both models on S3 (moto over HTTP); outputs land in the bucket."""
+    from jobs.score import run_score
+
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+    root = f"{s3.bucket}"
+    s3.put(str(dataset) + "/", f"{root}/out/", recursive=True)
+    for name in ("scores.parquet", "scores_summary.json", "scores_fid_vs_clip.png"):
+        if s3.exists(f"{root}/out/{name}"):
+            s3.rm(f"{root}/out/{name}")
+    s3.put(str(reference) + "/", f"{root}/ref/", recursive=True)
+    s3.put(scorers["clip"] + "/", f"{root}/models/clip/", recursive=True)
+    s3.put(scorers["inception"], f"{root}/models/inception.safetensors")
+
+    summary = run_score(f"s3://{root}/out", f"s3://{root}/models/clip", f"s3://{root}/ref", out="eval",
+                        batch_size=8, device="cpu", fid_weights=f"s3://{root}/models/inception.safetensors",
+                        fid_size=64, note="moto run")
+    assert summary["fid"]["reference_images"] == 6 and len(summary["points"]) == 2
+    assert all(math.isfinite(p["fid"]) for p in summary["points"]) and "moto run" in summary["notes"]
+    rows = pq.read_table(io.BytesIO(s3.cat_file(f"{root}/out/eval.parquet"))).to_pylist()
+    assert len(rows) == summary["images_scored"] == len(PROMPTS) * 2 * len(SCALES)
+    assert json.loads(s3.cat_file(f"{root}/out/eval_summary.json"))["points"] == summary["points"]
+    assert Image.open(io.BytesIO(s3.cat_file(f"{root}/out/eval_fid_vs_clip.png"))).format == "PNG"
+    # The same inputs give the same scores wherever they are stored.
+    local = pq.read_table(dataset / "scores.parquet").to_pylist() if (dataset / "scores.parquet").exists() else None
+    if local is not None:
+        assert sorted((r["key"], round(r["clip_score"], 4)) for r in rows) == \
+            sorted((r["key"], round(r["clip_score"], 4)) for r in local)
+
+
+def test_example_spec_plans_the_model_card_protocol(tmp_path):
+    """jobs/examples/sd2_model_card_eval.yaml: 10,000 captions x 8 guidance scales = 80,000 samples."""
+    from jobs.plan import Planner
+    from schemas.spec import load_spec
+
+    n = 10_000
+    pq.write_table(pa.table({
+        "prompt": [f"a photo of thing {i}" for i in range(n)],
+        "prompt_id": pa.array(range(700_000, 700_000 + n), pa.int64()),
+        "image_id": pa.array([i // 2 for i in range(n)], pa.int64()),
+    }), tmp_path / "coco2017_val_10k.parquet")
+    spec = load_spec(EXAMPLE, [f"input.uri={tmp_path / 'coco2017_val_10k.parquet'}", f"output.uri={tmp_path / 'out'}"])
+    assert spec.model.scheduler == "DDIMScheduler" and spec.model.source.startswith("s3://")
+    assert spec.generation.num_inference_steps == 50 and (spec.generation.width, spec.generation.height) == (512, 512)
+    assert spec.sweep.axes == {"guidance_scale": [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]}
+    assert spec.sweep.num_seeds() == 1
+    plan = Planner(spec).plan()
+    assert plan.num_samples == 80_000 and plan.num_rows == n and len(plan.points) == 8
+    assert load_spec(EXAMPLE).input.uri.startswith("s3://")  # parses as shipped, too
