@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from jobs.preview import PreviewError
 from schemas.spec import SpecError, load_spec
 
 
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny models, sample prompts, local Ray, a local dataset")
     p.add_argument("dir", nargs="?", default="sdfleet-demo", help="working folder (default: ./sdfleet-demo)")
 
+    from jobs.preview import add_preview_arguments
     from jobs.score import add_arguments as add_score_arguments
+
+    add_preview_arguments(sub.add_parser("preview", help="contact sheet, X/Y grid or HTML gallery of an output"))
 
     add_score_arguments(sub.add_parser("score", help="CLIP score per image and FID per sweep point of an output"))
 
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return _dispatch(args)
-    except (SpecError, PermissionError, FileNotFoundError) as e:
+    except (SpecError, PreviewError, PermissionError, FileNotFoundError) as e:
         # Refused before any work: a bad spec, bad input, or storage the driver cannot reach.
         print(f"sdfleet: error: {e}", file=sys.stderr)
         return 1
@@ -72,6 +76,11 @@ def _dispatch(args) -> int:
         from jobs.demo import run_demo
 
         return run_demo(args.dir)
+    if args.command == "preview":
+        from jobs.preview import run_preview
+
+        run_preview(args.output, args.out, args.grid, args.prompt_id, args.html, args.show_filtered, args.limit)
+        return 0
     if args.command == "score":
         from jobs.score import score_from_args
 

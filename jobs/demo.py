@@ -68,8 +68,13 @@ def run_demo(directory: str) -> int:
     # 3. A real job on a local Ray.
     code = JobRunner(load_spec(spec_path)).run()
     out = root / "output"
+    # 4. A contact sheet to look at right away.
+    from jobs.preview import run_preview
+
+    sheet = run_preview(str(out)) if code == 0 else None
     print(
         f"\nDataset: {out}\n"
+        f"  look:    {sheet}  (more: sdfleet preview {out} --html | --grid x=guidance_scale,y=seed)\n"
         f"  spec:    {spec_path} (rerun: sdfleet run {spec_path})\n"
         f"  status:  sdfleet status {out}\n"
         f"  rows:    python -c \"import glob, pandas as pd; "

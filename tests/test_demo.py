@@ -16,6 +16,11 @@ def test_demo_makes_a_complete_dataset(tmp_path):
     assert (root / "_SUCCESS").exists()
     assert sum(json.loads((root / "sizes.json").read_text()).values()) == 40
     assert f"Dataset: {root}" in out.stderr
+    # It ends with a contact sheet to look at, and the dataset card embeds a small one.
+    assert f"look:    {root}/preview/contact_sheet.png" in out.stderr
+    assert (root / "preview" / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![A sample of the images](preview/card_contact_sheet.png)" in (root / "README.md").read_text()
+    assert (root / "preview" / "card_contact_sheet.png").exists()
     assert (tmp_path / "demo" / "models" / "tiny-sd2" / "model_index.json").exists()
     # The written spec reruns as a plain `sdfleet run`, and finds nothing left to do.
     again = run_cli("run", str(tmp_path / "demo" / "demo.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
