@@ -81,10 +81,10 @@ def read_shard_samples(plan, shard_id: int) -> list[Sample]:
         if row in plan.duplicate_rows:
             error = f"duplicate prompt_id {prompt_id!r}: first at {plan.locate(plan.duplicate_rows[row])}"
         error = error or negative_error
+        params = resolve_params(spec, prompt or "", negative, prompt_id, point)
         if error:
-            samples.append(Sample(key, shard_id, prompt_id, None, error, passthrough, prompt))
+            samples.append(Sample(key, shard_id, prompt_id, None, error, passthrough, prompt, planned=params))
             continue
-        params = resolve_params(spec, prompt, negative, prompt_id, point)
         samples.append(Sample(key, shard_id, prompt_id, params, None, passthrough, prompt))
     return samples
 
@@ -290,6 +290,12 @@ class ShardGenerator:
                 safety_action=spec.safety.action,
                 safety_flagged=o.flagged,
             )
+        if p is None and s.planned is not None:
+            # A failed row still says what it was planned with, so it can be placed in a sweep.
+            q = s.planned
+            row.update(seed=q.seed, scheduler=self.engine.scheduler_name(q), num_inference_steps=q.num_inference_steps,
+                       guidance_scale=q.guidance_scale, width=q.width, height=q.height,
+                       negative_prompt=q.negative_prompt)
         if p is not None:
             scheduler = self.engine.scheduler_name(p)
             tokens = self._tokens.get(p.prompt)

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, PreviewError, PermissionError, FileNotFoundError) as e:
         # Refused before any work: a bad spec, bad input, or storage the driver cannot reach.
         print(f"sdfleet: error: {e}", file=sys.stderr)
-        return 1
+        from jobs.preview import _collect
+
+        return _collect(1)
 
 
 def _dispatch(args) -> int:

@@ -989,8 +989,17 @@ def main(argv: list[str] | None = None) -> int:
         run_preview(args.output, args.out, args.grid, args.prompt_id, args.html, args.show_filtered, args.limit)
     except (PreviewError, FileNotFoundError, PermissionError) as e:
         print(f"sdfleet preview: error: {e}", file=sys.stderr)
-        return 1
+        return _collect(1)
     return 0
+
+
+def _collect(code: int) -> int:
+    """Free the failed call's frames now: Arrow objects left in a traceback cycle until interpreter
+    teardown abort the process ("terminate called without an active exception")."""
+    import gc
+
+    gc.collect()
+    return code
 
 
 if __name__ == "__main__":

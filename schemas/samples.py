@@ -89,6 +89,7 @@ class Sample:
     error: str | None = None
     passthrough: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None  # the row's text, kept for failed rows too (params is None there)
+    planned: GenerationParams | None = None  # what a failed row would have used (seed, guidance ...)
 
 
 def resolve_params(

@@ -148,6 +148,7 @@ def test_null_and_blank_prompts_become_failed_samples(tmp_path):
     samples = read_shard_samples(plan, 0)
     assert [s.error for s in samples] == [None, "prompt is null", "prompt is empty or whitespace-only"]
     assert samples[1].params is None
+    assert samples[1].planned.seed == derive_seed(0, "b", 0)  # recorded, though never generated
 
 
 def test_cli_plan_prints_without_starting_anything(tmp_path):
