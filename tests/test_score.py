@@ -239,3 +239,9 @@ def test_example_spec_plans_the_model_card_protocol(tmp_path):
     plan = Planner(spec).plan()
     assert plan.num_samples == 80_000 and plan.num_rows == n and len(plan.points) == 8
     assert load_spec(EXAMPLE).input.uri.startswith("s3://")  # parses as shipped, too
+    # And as a user sees it: `sdfleet plan` prints the samples and a cost.
+    from conftest import run_cli
+
+    out = run_cli("plan", str(EXAMPLE), "--set", f"input.uri={tmp_path / 'coco2017_val_10k.parquet'}")
+    assert out.returncode == 0, out.stderr
+    assert "samples       80000" in out.stdout and "cost          $" in out.stdout
