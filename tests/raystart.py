@@ -25,16 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import free_port, wait_for  # noqa: F401 -- re-exported for the cluster tests
+
 VENV_BIN = Path(sys.executable).parent
 TAG = "SDF_RAYSTART_TAG"
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read(path: str) -> bytes:
@@ -289,11 +284,3 @@ class Sampler(threading.Thread):
         self.stop()
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

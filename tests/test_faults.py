@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, SDFLEET, free_port, run_cli, write_prompts
+from conftest import REPO, SDFLEET, free_port, run_cli, wait_for, write_prompts
 from s3proxy import Rule, S3Proxy
 from schemas.rows import RUN_COLUMNS
 
@@ -80,16 +80,6 @@ def output_fs(out: str):
 
 def committed(out: str) -> list[str]:
     return output_fs(out).list("*_stats.json")
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def rows_of(out: str) -> list[dict]:
@@ -197,32 +187,42 @@ def test_node_death_mid_run(tmp_path, tiny_model, bucket):
     try:
         nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
         out = f"s3://{bucket.bucket}/node-death"
-        spec = job_spec(tmp_path, tiny_model, bucket, out, steps=12)
+        # Slow enough shards (60 steps, 2 samples each) that most start after the node is gone.
+        spec = job_spec(tmp_path, tiny_model, bucket, out, steps=60, output={"samples_per_shard": 2})
         proc = start_cli("run", str(spec), "--address", cluster.address, "--no-progress")
         wait_for(lambda: committed(out), 120, "a first committed shard")
         cluster.remove_node(nodes[0], allow_graceful=False)
+        removed_at = time.time()
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-3000:]
-        rows = assert_exactly_once(out)
+        rows = assert_exactly_once(out, shards=12)
         survivor = nodes[1].node_id
         assert survivor in {r["worker_node"] for r in rows}
-        last = max((output_fs(out).read_json(n) for n in committed(out)), key=lambda s: s["finished_at"])
-        assert last["worker_node"] == survivor
+        # Every shard started after the node was gone ran on the survivor. (The dead node's actor
+        # may still commit the shard it was writing; its retry then finds it committed.)
+        later = [s for s in (output_fs(out).read_json(n) for n in committed(out)) if s["started_ts"] > removed_at + 0.5]
+        assert later and {s["worker_node"] for s in later} == {survivor}
     finally:
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_actor_death_is_retried_and_replaced(tmp_path, tiny_model, bucket, ray_cluster, reference):
-    out = f"s3://{reference['fs'].bucket}/actor-death"
+def run_and_signal_an_actor(tiny_model, ray_cluster, reference, name: str, sig: int) -> tuple[str, str]:
+    """The reference job into a new output; `sig` goes to the first actor seen running a shard.
+
+    The moment is taken from the actor's process title (slower steps would change the images)."""
+    out = f"s3://{reference['fs'].bucket}/{name}"
     spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out)
-    # Same job as the reference, except the output; slower steps would change the images, so the
-    # kill is timed on the actor's process title instead.
     proc = start_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
     pid = wait_for(lambda: actor_pids(ray_cluster, running_only=True), 120, "an actor running a shard")[0]
-    os.kill(pid, signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=300)
+    os.kill(pid, sig)
+    _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
+    return out, stderr
+
+
+def test_actor_death_is_retried_and_replaced(tiny_model, ray_cluster, reference):
+    out, stderr = run_and_signal_an_actor(tiny_model, ray_cluster, reference, "actor-death", signal.SIGKILL)
     assert_exactly_once(out)
     attempts = [output_fs(out).read_json(n)["attempt"] for n in committed(out)]
     if max(attempts) == 1:
@@ -234,13 +234,7 @@ def test_actor_death_is_retried_and_replaced(tmp_path, tiny_model, bucket, ray_c
 
 def test_preempted_worker_requeues_its_shard_without_counting_an_attempt(tiny_model, ray_cluster, reference):
     """SIGTERM, as spot reclaims and Kubernetes evictions send: the shard goes back uncounted."""
-    out = f"s3://{reference['fs'].bucket}/preempted"
-    spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out)
-    proc = start_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
-    pid = wait_for(lambda: actor_pids(ray_cluster, running_only=True), 120, "an actor running a shard")[0]
-    os.kill(pid, signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+    out, stderr = run_and_signal_an_actor(tiny_model, ray_cluster, reference, "preempted", signal.SIGTERM)
     if "worker preempted" not in stderr:
         pytest.skip("the signalled actor had no shard left to abandon")  # pragma: no cover
     assert "starting a replacement worker" in stderr
@@ -250,18 +244,19 @@ def test_preempted_worker_requeues_its_shard_without_counting_an_attempt(tiny_mo
 
 
 def test_budget_cap_stops_cleanly_and_a_higher_cap_completes(tiny_model, ray_cluster, reference):
-    # $3600 per GPU-hour is $1 per GPU-second: a $1.50 budget is spent after a shard or two.
+    # $3600 per GPU-hour is $1 per GPU-second: the first committed shard spends the $0.05 budget, and
+    # only the shards already handed out (two per actor) finish after it.
     out = f"s3://{reference['fs'].bucket}/budget"
     spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out,
-                    resources={"gpu_hour_usd": 3600.0, "budget_usd": 1.5})
+                    resources={"gpu_hour_usd": 3600.0, "budget_usd": 0.05})
     done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
     assert done.returncode == 2
     assert "stopped at the budget" in done.stderr and "budget_usd" in done.stderr
     first = committed(out)
-    assert 1 <= len(first) < 8
+    assert 1 <= len(first) <= 4
     assert not output_fs(out).exists("_SUCCESS")
     spent = sum(output_fs(out).read_json(n)["gpu_seconds"] for n in first)
-    assert spent >= 1.5  # it stopped because the budget was spent, not before
+    assert spent >= 0.05  # it stopped because the budget was spent, not before
     again = run_cli("run", str(spec), "--set", "resources.budget_usd=100000", "--address", ray_cluster.address,
                     "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -432,12 +427,14 @@ def test_hung_actor_is_killed_and_its_shard_retried(tiny_model, ray_cluster, s3_
 
 def test_resume_with_changed_spec_is_refused_and_nothing_is_deleted(tiny_model, ray_cluster, reference):
     storage = output_fs(reference["out"])
-    before = {n: storage.read_bytes(n) for n in storage.list("*")}
+    files = lambda: {p: storage.fs.cat_file(p) for p in storage.fs.find(storage.root)}  # noqa: E731
+    before = files()
     for change in ("generation.guidance_scale=3", "sweep.seeds=3", "output.image_format=jpeg"):
         done = run_cli("run", str(reference["spec"]), "--set", change, "--address", ray_cluster.address)
         assert done.returncode == 1
         assert change.split("=")[0] in done.stderr and "different job" in done.stderr
-    assert {n: storage.read_bytes(n) for n in storage.list("*")} == before
+    storage.fs.invalidate_cache()
+    assert files() == before
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -540,18 +537,30 @@ def test_credentials_never_reach_logs_or_outputs(tmp_path, tiny_model, bucket, r
     assert done.returncode == 0, done.stderr[-3000:]
     assert secret not in done.stdout + done.stderr
     storage = output_fs(out)
-    for name in storage.list("*") + storage.list("*/*"):
-        if not name.endswith(".tar"):
-            assert secret.encode() not in storage.read_bytes(name), name
+    for path in storage.fs.find(storage.root):
+        if not path.endswith(".tar"):
+            assert secret.encode() not in storage.fs.cat_file(path), path
     job = storage.read_json("_job.json")
     assert job["spec"]["output"]["storage_options"] == {"key": "***", "secret": "***"}
 
 
 def test_no_remote_code_and_no_unsafe_loading_in_the_source():
-    sources = [p for d in ("schemas", "jobs", "actors") for p in (REPO / d).rglob("*.py")]
-    text = {p: p.read_text() for p in sources}
-    for p, t in text.items():
-        assert "trust_remote_code=True" not in t, p
-        assert "yaml.load(" not in t and "pickle.load" not in t and "torch.load(" not in t, p
-        assert "use_safetensors=False" not in t, p
-    assert all("use_safetensors=True" in text[REPO / "actors" / f] for f in ("engine.py", "safety.py"))
+    """No call in the product loads pickles, unsafe YAML or remote code (docs may mention them)."""
+    import ast
+
+    unsafe_calls = {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("yaml", "load")}
+    found = []
+    for path in [p for d in ("schemas", "jobs", "actors") for p in (REPO / d).rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and (f.value.id, f.attr) in unsafe_calls:
+                found.append(f"{path.name}:{node.lineno} {f.value.id}.{f.attr}")
+            for kw in node.keywords:
+                if (kw.arg, getattr(kw.value, "value", None)) in (("trust_remote_code", True),
+                                                                    ("use_safetensors", False)):
+                    found.append(f"{path.name}:{node.lineno} {kw.arg}={kw.value.value}")
+    assert found == []
+    text = {f: (REPO / "actors" / f).read_text() for f in ("engine.py", "safety.py")}
+    assert all("use_safetensors=True" in t for t in text.values())
