@@ -141,7 +141,7 @@ class ShardGenerator:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         if cpu_threads is None:
             cpu_threads = _node_cpu_threads(self.spec.resources.gpus_per_worker)
-        self.engine = Engine(self.spec.model, cpu_threads=cpu_threads)
+        self.engine = Engine(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine)
         self.detector = load_detector(self.spec.safety, self.engine.device)
         self.storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
         self.writer = ShardWriter(self.storage, self.spec.output.image_format)

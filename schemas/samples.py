@@ -10,9 +10,10 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from schemas.spec import JobSpec
+if TYPE_CHECKING:  # the engine imports this module on machines without pydantic (bench/gpu)
+    from schemas.spec import JobSpec
 
 # Keys are f"{shard:05d}{offset:04d}" (img2dataset's convention); the shard field widens past 99,999.
 SHARD_DIGITS = 5

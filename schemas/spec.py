@@ -224,6 +224,23 @@ class ResourcesSpec(_Section):
         return self
 
 
+class EngineSpec(_Section):
+    """Lossless speed-ups of the pipeline: outputs stay within fp16 tolerance of plain diffusers.
+
+    They are part of the fingerprint: a resumed job must make its images the same way.
+    """
+
+    # NHWC convolutions for the UNet and VAE: faster cuDNN kernels on tensor-core GPUs.
+    channels_last: bool = True
+    # One matmul for each attention's Q, K and V (diffusers' fuse_qkv_projections).
+    fuse_qkv: bool = True
+    # torch.compile of the UNet and the VAE decoder. "auto": on CUDA only (CPU compiles cost more
+    # than they save on short jobs). Warm-up happens once per shape and is kept across shards.
+    compile: Literal["auto", "on", "off"] = "auto"
+    # Convert images to uint8 on the device and copy a quarter of the bytes to the host.
+    uint8_on_device: bool = True
+
+
 class JobSpec(_Section):
     name: str = "sdfleet-job"
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -233,6 +250,7 @@ class JobSpec(_Section):
     output: OutputSpec
     safety: SafetySpec = Field(default_factory=SafetySpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Every key that changes what is written, flattened to dotted names."""

@@ -115,3 +115,32 @@ def test_missing_local_model_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="without model_index.json"):
         check_model_source(ModelSpec(source=str(tmp_path / "empty")))
+
+
+OFF = dict(channels_last=False, fuse_qkv=False, compile="off", uint8_on_device=False)
+
+
+@pytest.mark.parametrize("option", [
+    {"channels_last": True}, {"fuse_qkv": True}, {"uint8_on_device": True},
+    pytest.param({"compile": "on"}, marks=pytest.mark.slow),  # ~1 min of CPU compile on 2 cores
+])
+def test_each_speed_up_keeps_outputs_within_tolerance_of_plain_diffusers(option, tiny_model):
+    """Every engine option that can run on a CPU, alone, against plain diffusers' pixels."""
+    from diffusers import EulerDiscreteScheduler
+
+    from schemas.spec import EngineSpec
+
+    engine = Engine(ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"), cpu_threads=2,
+                    options=EngineSpec(**{**OFF, **option}))
+    assert engine.applied == [k for k, v in option.items() if v]
+    batch = [params("a red fox in snow", 11), params("a lighthouse at dawn", 22)]
+    for p, img in zip(batch, run(engine, batch)):
+        ref = plain_diffusers(tiny_model, p, EulerDiscreteScheduler)
+        assert np.abs(img.astype(int) - ref.astype(int)).max() <= 2
+
+
+def test_speed_ups_are_in_the_fingerprint():
+    from schemas.spec import parse_spec
+
+    base = {"input": {"uri": "x"}, "output": {"uri": "y"}}
+    assert parse_spec(base).fingerprint() != parse_spec({**base, "engine": {"channels_last": False}}).fingerprint()

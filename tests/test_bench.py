@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end (their figures are printed, never asserted as speeds)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def bench(*args: str, timeout: float = 600) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_gpu_bench_runs_on_the_tiny_pipeline_and_matches_plain_diffusers():
+    out = bench("bench/gpu.py", "--tiny")
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+[\d.]+", line)]
+    assert [(r[0], r[1]) for r in rows] == [("2", "1"), ("2", "2")]
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[3]) > 0
+        assert int(r[7]) <= 2  # the engine's pixels vs plain diffusers'
+    assert "engine speed-ups: channels_last, fuse_qkv, uint8_on_device" in out
+
+
+@pytest.mark.gpu
+def test_gpu_bench_full_size():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = bench("bench/gpu.py", "--steps", "25", "--batches", "8", timeout=1800)
+    assert "MFU" in out
+
+
+def test_plan_bench_runs_at_small_scale():
+    out = bench("bench/plan.py", "--rows", "20000", "--files", "2")
+    assert re.search(r"planned 20,000 prompts -> 160,000 samples in 16 shards", out)
+    assert "target: under 60 s -> met" in out
