@@ -36,17 +36,21 @@ N_PROMPTS = 12  # x 2 seeds = 24 samples in 8 shards of 3
 # ------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture
-def bucket(s3_endpoint):
+def bucket_with_prompts(prefix: str):
+    """A new bucket holding the fault tests' prompt table; an s3fs filesystem with `.bucket` set."""
     import s3fs
 
     fs = s3fs.S3FileSystem()
-    name = f"faults-{uuid.uuid4().hex[:10]}"
-    fs.mkdir(name)
-    write_prompts(f"{name}/prompts/p.parquet", [f"a landscape, variation {i}" for i in range(N_PROMPTS)],
+    fs.bucket = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(fs.bucket)
+    write_prompts(f"{fs.bucket}/prompts/p.parquet", [f"a landscape, variation {i}" for i in range(N_PROMPTS)],
                   storage=fs, row_group_size=4)
-    fs.bucket = name
     return fs
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    return bucket_with_prompts("faults")
 
 
 def job_spec(tmp_path, tiny_model, bucket, out: str, steps: int = 2, **sections) -> Path:
@@ -151,16 +155,9 @@ def actor_pids(cluster, running_only: bool = False) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model, ray_cluster, s3_endpoint):
     """One uninterrupted run, the dataset every fault test must reproduce exactly."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem()
-    name = f"reference-{uuid.uuid4().hex[:8]}"
-    fs.mkdir(name)
-    write_prompts(f"{name}/prompts/p.parquet", [f"a landscape, variation {i}" for i in range(N_PROMPTS)],
-                  storage=fs, row_group_size=4)
-    fs.bucket = name
+    fs = bucket_with_prompts("reference")
     tmp = tmp_path_factory.mktemp("reference")
-    out = f"s3://{name}/reference"
+    out = f"s3://{fs.bucket}/reference"
     spec = job_spec(tmp, tiny_model, fs, out)
     done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
