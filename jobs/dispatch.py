@@ -100,6 +100,7 @@ class Dispatcher:
         self.storage = storage
         self.progress = progress
         self.embedded = embedded  # an embedded Ray has no autoscaler: what it has now is all there is
+        self.gpus_per_actor = 0.0
 
     def run(self, shard_ids: list[int], already_done_samples: int = 0, spent_gpu_seconds: float = 0.0) -> DispatchResult:
         import ray
