@@ -2,12 +2,14 @@
 
 It has no Ray in it, so a benchmark or a notebook can drive it directly:
 
-    engine = Engine(ModelSpec(source="/models/sd2"))
-    for indices, images, seconds in engine.generate(params, batch_size=8): ...
+    engine = Engine(ModelSpec(source="/models/sd2"), batch_size="auto")
+    for indices, images, seconds in engine.generate(params): ...
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import time
@@ -28,6 +30,15 @@ log = logging.getLogger("sdfleet")
 
 # Latents are drawn on the CPU so one sample can be regenerated alone on any device, bit for bit.
 GENERATOR_DEVICE = "cpu"
+
+# batch_size "auto" on a GPU: the largest batch whose measured memory fits in this share of the
+# memory free after loading; the rest is for allocator fragmentation, cuDNN and compile workspaces.
+AUTO_BATCH_MEMORY_SHARE = 0.8
+# ...and never more than this: the batch range bench/gpu measures tops out at 32, and a larger
+# batch only lengthens the partial last batch of every sweep group in a shard.
+AUTO_BATCH_CAP = 64
+# batch_size "auto" without a GPU: there is no memory to fill and CPU throughput is flat in batch size.
+CPU_AUTO_BATCH = 8
 
 
 class ModelLoadError(RuntimeError):
@@ -79,7 +90,11 @@ class Engine:
     """Holds one pipeline on one device and generates batches of samples with per-sample seeds."""
 
     def __init__(self, model: ModelSpec, device: str | None = None, cpu_threads: int | None = None,
-                 options: EngineSpec | None = None):
+                 options: EngineSpec | None = None, batch_size: int | str = CPU_AUTO_BATCH,
+                 warm_up: Sequence[GenerationParams] = ()):
+        """batch_size: images per pipeline call, or "auto" to fill the GPU's memory.
+        warm_up: one GenerationParams per sweep point; with torch.compile on, every shape they
+        need is compiled here, once, instead of in the middle of the first shards."""
         import torch
 
         # 1. Device and dtype. fp16 kernels are slow or missing on CPUs: fall back to float32 there.
@@ -119,21 +134,33 @@ class Engine:
         self.pipe = pipe.to(self.device)
         log.info("loaded %s on %s (%s) in %.1fs", model.source, self.device, self.dtype, time.perf_counter() - t0)
 
-        # 3. Lossless speed-ups (engine.*), before the first call so compiled graphs see them.
-        if options is None:
-            from schemas.spec import EngineSpec
-
-            options = EngineSpec()
-        self.options = options
-        self.applied = self._speed_up(options)
-
-        # 4. Schedulers: the checkpoint's own, or the spec's class with its overrides.
+        # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
         self._base_scheduler_config = self.pipe.scheduler.config
         self.default_scheduler = model.scheduler or type(self.pipe.scheduler).__name__
         self._schedulers = {}
         self.pipe.scheduler = self._scheduler(self.default_scheduler)
 
-    def _speed_up(self, options) -> list[str]:
+        # 4. Lossless speed-ups (engine.*), before the first call so compiled graphs see them.
+        if options is None:
+            from schemas.spec import EngineSpec
+
+            options = EngineSpec()
+        self.options = options
+        self.applied = self._speed_up(options, compile_now=False)
+
+        # 5. The batch size, measured in eager mode (compiling a probe shape would be wasted).
+        self.batch_size = self._fit_batch_size(warm_up) if batch_size == "auto" else int(batch_size)
+
+        # 6. torch.compile last, then its warm-up: every shape the job's sweep needs, once per actor.
+        if self._wants_compile(options):
+            self._compile()
+            self._warm_up(warm_up)
+        log.info("engine speed-ups: %s; batch size %d", ", ".join(self.applied) or "none", self.batch_size)
+
+    def _wants_compile(self, options) -> bool:
+        return options.compile == "on" or (options.compile == "auto" and self.device.startswith("cuda"))
+
+    def _speed_up(self, options, compile_now: bool = True) -> list[str]:
         import torch
 
         pipe, applied = self.pipe, []
@@ -145,15 +172,63 @@ class Engine:
         if options.fuse_qkv and hasattr(pipe, "fuse_qkv_projections"):
             pipe.fuse_qkv_projections()
             applied.append("fuse_qkv")
-        if options.compile == "on" or (options.compile == "auto" and self.device.startswith("cuda")):
-            # No CUDA graphs: batch shapes change between sweep points and at a shard's last batch.
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
-            pipe.vae.decode = torch.compile(pipe.vae.decode, mode="max-autotune-no-cudagraphs")
-            applied.append("compile")
         if options.uint8_on_device:
             applied.append("uint8_on_device")
-        log.info("engine speed-ups: %s", ", ".join(applied) or "none")
+        self.applied = applied
+        if compile_now and self._wants_compile(options):
+            self._compile()
         return applied
+
+    def _compile(self) -> None:
+        import torch
+
+        # No CUDA graphs: batch shapes change between sweep points and at a shard's last batch.
+        # Those partial batches are served by one graph with a dynamic batch dimension, which
+        # _warm_up makes (torch compiles a dynamic graph at the second batch size it sees).
+        self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs")
+        self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode="max-autotune-no-cudagraphs")
+        self.applied.append("compile")
+
+    def _warm_up(self, params: Sequence[GenerationParams]) -> None:
+        """Run every (size, CFG on/off) shape of the sweep at the full batch, a partial batch and
+        batch 1 (which torch always specializes), two steps each, so shards never compile."""
+        import torch
+
+        shapes = {(p.width, p.height, p.guidance_scale > 1): p for p in params}
+        sizes = sorted({self.batch_size, max(1, self.batch_size // 2), 1}, reverse=True)
+        # Each shape costs up to three graphs per compiled function; torch's default limit is 8.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(shapes) + 4)
+        t0 = time.perf_counter()
+        for p in shapes.values():
+            probe = dataclasses.replace(p, prompt="warm-up", negative_prompt="", num_inference_steps=2, seed=0)
+            for size in sizes:
+                self._call([probe] * size)
+        if shapes:
+            log.info("compiled %d shape(s) x batch %s in %.0fs", len(shapes), sizes, time.perf_counter() - t0)
+
+    def _fit_batch_size(self, params: Sequence[GenerationParams]) -> int:
+        """The largest batch whose memory, measured at batch 1 and 2, fits in the GPU's free memory."""
+        import torch
+
+        if not self.device.startswith("cuda") or not params:
+            return CPU_AUTO_BATCH
+        largest = max(params, key=lambda p: (p.width * p.height, p.guidance_scale > 1))
+        probe = dataclasses.replace(largest, prompt="memory probe", negative_prompt="", num_inference_steps=1,
+                                    seed=0)
+        peaks = []
+        for size in (1, 2):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self._call([probe] * size)
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        size = batch_that_fits(free * AUTO_BATCH_MEMORY_SHARE, peaks[0], peaks[1], AUTO_BATCH_CAP)
+        log.info("batch_size auto: %d (%.2f GiB per image, %.1f GiB free, %dx%d)", size,
+                 (peaks[1] - peaks[0]) / 2**30, free / 2**30, largest.width, largest.height)
+        return size
 
     def _scheduler(self, name: str):
         if name not in self._schedulers:
@@ -165,22 +240,38 @@ class Engine:
         return self._schedulers[name]
 
     def generate(
-        self, params: Sequence[GenerationParams], batch_size: int
+        self, params: Sequence[GenerationParams], batch_size: int | None = None
     ) -> Iterator[tuple[list[int], list[np.ndarray], float]]:
         """Yield (indices into params, uint8 HxWx3 images, seconds) batch by batch.
 
         Samples are grouped by what must be equal within one pipeline call (steps, guidance,
-        size, scheduler), keeping plan order inside each group.
+        size, scheduler), keeping plan order inside each group. A batch that runs out of GPU
+        memory is split in half and retried, and the engine keeps the smaller batch size.
         """
+        import torch
+
+        size = batch_size or self.batch_size
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault(p.batch_key(), []).append(i)
         for indices in groups.values():
-            for lo in range(0, len(indices), batch_size):
-                batch = indices[lo : lo + batch_size]
+            lo = 0
+            while lo < len(indices):
+                batch = indices[lo : lo + size]
                 t0 = time.perf_counter()
-                images = self._call([params[i] for i in batch])
+                try:
+                    images = self._call([params[i] for i in batch])
+                except torch.OutOfMemoryError:
+                    if len(batch) == 1:
+                        raise
+                    size = len(batch) // 2
+                    log.warning("out of GPU memory at batch %d; going on with batch %d", len(batch), size)
+                    self.batch_size = min(self.batch_size, size)
+                    if self.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                    continue
                 yield batch, images, time.perf_counter() - t0
+                lo += len(batch)
 
     def _call(self, batch: list[GenerationParams]) -> list[np.ndarray]:
         import torch
@@ -220,12 +311,19 @@ class Engine:
         tokenizer = getattr(self.pipe, "tokenizer", None)
         if tokenizer is None or not prompts:
             return {}
-        ids = tokenizer(list(prompts), truncation=False, padding=False, verbose=False).input_ids
+        if not hasattr(self, "_counting_tokenizer"):
+            # A copy: the next shard counts tokens while the pipeline encodes prompts for the current
+            # one, and a fast tokenizer called from two threads with different settings fails.
+            self._counting_tokenizer = copy.deepcopy(tokenizer)
+        ids = self._counting_tokenizer(list(prompts), truncation=False, padding=False, verbose=False).input_ids
         return {p: len(i) for p, i in zip(prompts, ids)}
 
     def scheduler_name(self, params: GenerationParams) -> str:
         return params.scheduler or self.default_scheduler
 
 
-def cpu_threads_for(workers_on_node: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers_on_node))
+def batch_that_fits(budget: float, peak_1: float, peak_2: float, cap: int) -> int:
+    """The batch size whose memory, linear in batch size through the two measured peaks, fits `budget`."""
+    per_image = max(peak_2 - peak_1, 1.0)
+    fixed = max(peak_1 - per_image, 0.0)
+    return int(max(1, min(cap, (budget - fixed) // per_image)))

@@ -146,7 +146,10 @@ class ShardGenerator:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         if cpu_threads is None:
             cpu_threads = _node_cpu_threads(self.spec.resources.gpus_per_worker)
-        self.engine = Engine(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine)
+        # One set of parameters per sweep point: the shapes to size the batch for and to compile.
+        shapes = [resolve_params(self.spec, "", None, "", point) for point in plan.points]
+        self.engine = Engine(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine,
+                             batch_size=self.spec.resources.batch_size, warm_up=shapes)
         self.detector = load_detector(self.spec.safety, self.engine.device)
         self.storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
         self.writer = ShardWriter(self.storage, self.spec.output.image_format)
@@ -189,7 +192,7 @@ class ShardGenerator:
         gen_total = 0.0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-post") as post:
             futures, keys, arrays, seconds = [], [], [], []
-            for batch, images, secs in self.engine.generate([s.params for s in todo], spec.resources.batch_size):
+            for batch, images, secs in self.engine.generate([s.params for s in todo]):
                 self._check_preempted()
                 gen_total += secs
                 keys += [todo[i].key for i in batch]
@@ -230,6 +233,7 @@ class ShardGenerator:
             "safety_detector": self.spec.safety.detector,
             "safety_model_sha256": self.detector.model_sha256 if self.detector else None,
             "attempt": attempt,
+            "batch_size": self.engine.batch_size,
             "gen_seconds": round(gen_total, 4),
             "wall_seconds": round(wall, 4),
             "gpu_seconds": round(gpu_seconds, 4),

@@ -188,7 +188,9 @@ class SafetySpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    batch_size: int = Field(8, ge=1, le=1024)
+    # Images per pipeline call. "auto": on a GPU, the largest batch that fits its memory (measured
+    # when the worker starts, at most 64); without a GPU, 8.
+    batch_size: int | Literal["auto"] = "auto"
     # 0 asks for CPU workers (no GPU anywhere); fractions pack several workers on one GPU.
     gpus_per_worker: float = Field(1, ge=0)
     min_workers: int = Field(0, ge=0)
@@ -206,6 +208,13 @@ class ResourcesSpec(_Section):
     # Stop starting new shards once the job's GPU-seconds (all runs) cost this much; rerun with
     # a higher cap to go on. Needs gpu_hour_usd.
     budget_usd: float | None = Field(None, gt=0)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024):
+            return value
+        raise ValueError(f"batch_size must be an integer from 1 to 1024, or auto; got {value!r}")
 
     @model_validator(mode="after")
     def _budget_needs_price(self):

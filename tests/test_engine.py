@@ -122,7 +122,6 @@ OFF = dict(channels_last=False, fuse_qkv=False, compile="off", uint8_on_device=F
 
 @pytest.mark.parametrize("option", [
     {"channels_last": True}, {"fuse_qkv": True}, {"uint8_on_device": True},
-    pytest.param({"compile": "on"}, marks=pytest.mark.slow),  # ~1 min of CPU compile on 2 cores
 ])
 def test_each_speed_up_keeps_outputs_within_tolerance_of_plain_diffusers(option, tiny_model):
     """Every engine option that can run on a CPU, alone, against plain diffusers' pixels."""
@@ -144,3 +143,65 @@ def test_speed_ups_are_in_the_fingerprint():
 
     base = {"input": {"uri": "x"}, "output": {"uri": "y"}}
     assert parse_spec(base).fingerprint() != parse_spec({**base, "engine": {"channels_last": False}}).fingerprint()
+
+
+def test_batch_that_fits_is_linear_in_the_measured_peaks():
+    from actors.engine import batch_that_fits
+
+    gib = 2**30
+    # 3 GiB at batch 1, 4 GiB at batch 2: 1 GiB per image on top of 2 GiB.
+    assert batch_that_fits(10 * gib, 3 * gib, 4 * gib, cap=64) == 8
+    assert batch_that_fits(1000 * gib, 3 * gib, 4 * gib, cap=64) == 64
+    assert batch_that_fits(2.5 * gib, 3 * gib, 4 * gib, cap=64) == 1
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_sample(tiny_model, monkeypatch):
+    """An injected CUDA out-of-memory error for batches over 2: the engine splits and goes on."""
+    engine = Engine(ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"), cpu_threads=2,
+                    batch_size="auto")
+    assert engine.batch_size == 8  # no GPU memory to fill on a CPU
+    batch = [params(f"a harbour at night, {i}", 100 + i, steps=2) for i in range(5)]
+    expected = run(engine, batch, batch_size=5)
+
+    pipeline_call, sizes = type(engine.pipe).__call__, []
+
+    def limited(pipe, *args, **kwargs):
+        sizes.append(len(kwargs["prompt"]))
+        if len(kwargs["prompt"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return pipeline_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine.pipe), "__call__", limited)
+    engine.batch_size = 4
+    got = {}
+    for indices, images, _ in engine.generate(batch):
+        got.update(zip(indices, images))
+    assert sizes == [4, 2, 2, 1] and engine.batch_size == 2
+    assert sorted(got) == list(range(5))
+    for i in range(5):
+        assert np.abs(got[i].astype(int) - expected[i].astype(int)).max() <= 2
+
+
+@pytest.mark.slow
+def test_compiled_engine_compiles_each_shape_once_at_start(tiny_model):
+    """With torch.compile, the warm-up covers every shape a job's sweep needs: full, partial and
+    single-image batches, with and without CFG. Shards after it never compile (a recompile raises)."""
+    from diffusers import EulerDiscreteScheduler
+
+    from schemas.spec import EngineSpec
+
+    sweep = [params("", 0, guidance=7.5, steps=3), params("", 0, guidance=1.0, steps=3)]
+    engine = Engine(ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"), cpu_threads=2,
+                    options=EngineSpec(**{**OFF, "compile": "on"}), batch_size=4, warm_up=sweep)
+    assert engine.applied == ["compile"]
+    shard = [params(f"a tram in fog, {i}", 7 + i, guidance=7.5 if i % 3 else 1.0) for i in range(10)]
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        first = run(engine, shard, batch_size=4)  # CFG on: 4 + 2 + 0; CFG off (i % 3 == 0): 4
+        second = run(engine, shard[:8], batch_size=4)  # CFG on: 4 + 1; CFG off: 3
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    for p, img in zip(shard[:3], first[:3]):
+        ref = plain_diffusers(tiny_model, p, EulerDiscreteScheduler)
+        assert np.abs(img.astype(int) - ref.astype(int)).max() <= 2
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 2 for a, b in zip(first, second))
