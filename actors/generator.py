@@ -1,7 +1,12 @@
 """The worker: reads a shard's prompt rows, generates its images, writes and commits the shard.
 
-`ShardGenerator` is a plain class; the dispatcher wraps it with `ray.remote` (one actor per GPU),
-and tests or benchmarks can call it directly without Ray.
+`ShardGenerator` is a plain class; the dispatcher wraps it with `ray.remote` (one actor per GPU,
+running up to two `run` calls at once), and tests or benchmarks can call it directly without Ray.
+
+Two shards are in a worker at a time, and only the pipeline is exclusive: while shard n holds
+the GPU, shard n+1 reads its prompt rows, and once shard n's last batch is generated, shard n+1
+generates while shard n is encoded, written and committed. The GPU waits neither for S3 reads
+nor for uploads.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +137,46 @@ class Outcome:
     flagged: bool | None = None
 
 
+class GpuTurns:
+    """Hands the pipeline to one shard at a time, in the order the shards arrived (tickets).
+
+    A shard that ends before its turn (already committed, unreadable input) gives its ticket back,
+    so the shard after it is not kept waiting.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+        self._done: set[int] = set()
+
+    def take(self) -> int:
+        with self._cond:
+            self._issued += 1
+            return self._issued - 1
+
+    @contextmanager
+    def turn(self, ticket: int, check=lambda: None):
+        """Wait for `ticket`'s turn (calling `check` while waiting), hold it for the block."""
+        with self._cond:
+            while self._serving != ticket:
+                check()
+                self._cond.wait(timeout=0.5)
+        try:
+            yield
+        finally:
+            self.release(ticket)
+
+    def release(self, ticket: int) -> None:
+        """Mark `ticket` done (idempotent); the next ticket in line gets the turn."""
+        with self._cond:
+            self._done.add(ticket)
+            while self._serving in self._done:
+                self._done.discard(self._serving)
+                self._serving += 1
+            self._cond.notify_all()
+
+
 class ShardGenerator:
     """One per GPU. Loads the pipeline and the detector once; `run(shard_id)` makes and commits a shard."""
 
@@ -155,6 +201,10 @@ class ShardGenerator:
         self.writer = ShardWriter(self.storage, self.spec.output.image_format)
         self.schema = plan.output_schema()
         self.metrics = _Metrics(self.spec.name)
+        self.turns = GpuTurns()
+        # One thread scores and encodes for every shard of this worker: detectors are called from
+        # one thread only (Keras' predict is not safe to call concurrently on one model).
+        self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-post")
 
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("termination notice (SIGTERM): abandoning the current shard at the next batch")
@@ -169,9 +219,15 @@ class ShardGenerator:
         return {**self.worker, "device": self.engine.device}
 
     def run(self, shard_id: int, attempt: int = 1) -> dict[str, Any]:
+        ticket = self.turns.take()
+        try:
+            return self._run(shard_id, attempt, ticket)
+        finally:
+            self.turns.release(ticket)
+
+    def _run(self, shard_id: int, attempt: int, ticket: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         started_at, started_ts = _now(), time.time()
-        spec = self.spec
         name = self.plan.shard_name(shard_id)
         # 0. A shard committed meanwhile (by a worker presumed dead, say) is not made twice.
         if self.storage.exists(f"{name}_stats.json"):
@@ -180,18 +236,19 @@ class ShardGenerator:
                 log.info("shard %s is already committed; skipping", name)
                 return committed
 
-        # 1. Read this shard's rows and expand them into samples.
+        # 1. Read this shard's rows and expand them into samples, while the shard before it may
+        #    still hold the GPU.
         self._check_preempted()
         samples = read_shard_samples(self.plan, shard_id)
-
-        # 2. Generate in batches. Each finished batch is scored, acted on and encoded on a second
-        #    thread while the pipeline generates the next one, so the GPU does not wait for it.
         todo = [s for s in samples if s.params is not None]
-        self._tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
-        outcomes: dict[str, Outcome] = {}
+        tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
+
+        # 2. Generate in batches once it is this shard's turn. Each 16 images are scored, acted on
+        #    and encoded on the post thread while the pipeline generates the next batch.
+        futures, keys, arrays, seconds = [], [], [], []
         gen_total = 0.0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-post") as post:
-            futures, keys, arrays, seconds = [], [], [], []
+        with self.turns.turn(ticket, self._check_preempted):
+            turn_start, generate_started_ts = time.perf_counter(), time.time()
             for batch, images, secs in self.engine.generate([s.params for s in todo]):
                 self._check_preempted()
                 gen_total += secs
@@ -199,16 +256,19 @@ class ShardGenerator:
                 arrays += images
                 seconds += [secs / len(batch)] * len(batch)
                 if len(keys) >= POST_BATCH:
-                    futures.append(post.submit(self._finish_batch, keys, arrays, seconds))
+                    futures.append(self.post.submit(self._finish_batch, keys, arrays, seconds))
                     keys, arrays, seconds = [], [], []
-            if keys:
-                futures.append(post.submit(self._finish_batch, keys, arrays, seconds))
-            for f in futures:
-                outcomes.update(f.result())
+            turn_seconds, generate_finished_ts = time.perf_counter() - turn_start, time.time()
+        # The next shard has the GPU now; the rest of this one runs beside it.
+        if keys:
+            futures.append(self.post.submit(self._finish_batch, keys, arrays, seconds))
+        outcomes: dict[str, Outcome] = {}
+        for f in futures:
+            outcomes.update(f.result())
 
         # 3. One row per planned sample: ok, filtered or failed, with its scores.
         created_at = dt.datetime.now(dt.timezone.utc)
-        rows = [self._row(s, outcomes.get(s.key), created_at) for s in samples]
+        rows = [self._row(s, outcomes.get(s.key), created_at, tokens) for s in samples]
         counts = Counter(r["status"] for r in rows)
         unsafe = self.detector.unsafe_classes if self.detector else None
         flagged_by_class = Counter(o.safety.top_class(unsafe) for o in outcomes.values() if o.flagged)
@@ -216,8 +276,8 @@ class ShardGenerator:
         # 4. Write the tars and the Parquet, then commit with the stats file.
         main = {k: o.image for k, o in outcomes.items() if o.image is not None and not o.quarantined}
         quarantine = {k: o.image for k, o in outcomes.items() if o.quarantined}
-        wall = time.perf_counter() - t0
-        gpu_seconds = wall * len(self.worker["gpu_ids"])
+        # The GPU time this shard used is its turn: its reads and uploads overlap other shards' turns.
+        gpu_seconds = turn_seconds * len(self.worker["gpu_ids"])
         stats = {
             "shard": name,
             "shard_id": shard_id,
@@ -235,7 +295,6 @@ class ShardGenerator:
             "attempt": attempt,
             "batch_size": self.engine.batch_size,
             "gen_seconds": round(gen_total, 4),
-            "wall_seconds": round(wall, 4),
             "gpu_seconds": round(gpu_seconds, 4),
             "images_per_gpu_hour": round(len(main) / gpu_seconds * 3600, 1) if gpu_seconds else None,
             "worker_node": self.worker["node"],
@@ -244,12 +303,17 @@ class ShardGenerator:
             "device": self.engine.device,
             "dtype": self.engine.dtype,
             "started_at": started_at,
-            "finished_at": _now(),
-            # Epoch seconds, for throughput over a whole job (bench/overhead) and gaps between shards.
+            # Epoch seconds, for throughput over a whole job (bench/overhead) and to see the overlap
+            # of one shard's reads and uploads with its neighbours' generation.
             "started_ts": round(started_ts, 3),
-            "finished_ts": round(time.time(), 3),
+            "generate_started_ts": round(generate_started_ts, 3),
+            "generate_finished_ts": round(generate_finished_ts, 3),
         }
-        committed = self.writer.write(name, rows, main, self.schema, stats, quarantine)
+        stats.update(self.writer.write_outputs(name, rows, main, self.schema, quarantine))
+        # Finished: every output is on storage; only the commit marker is left to write.
+        stats.update(finished_at=_now(), finished_ts=round(time.time(), 3),
+                     wall_seconds=round(time.perf_counter() - t0, 4))
+        committed = self.writer.commit(name, stats)
         self.metrics.record(committed)
         return committed
 
@@ -271,7 +335,7 @@ class ShardGenerator:
             outcomes[key] = o
         return outcomes
 
-    def _row(self, s: Sample, o: Outcome | None, created_at) -> dict[str, Any]:
+    def _row(self, s: Sample, o: Outcome | None, created_at, tokens: dict[str, int]) -> dict[str, Any]:
         spec, p = self.spec, s.params
         row: dict[str, Any] = {
             "key": s.key,
@@ -313,10 +377,10 @@ class ShardGenerator:
                        negative_prompt=q.negative_prompt)
         if p is not None:
             scheduler = self.engine.scheduler_name(p)
-            tokens = self._tokens.get(p.prompt)
+            n_tokens = tokens.get(p.prompt)
             row.update(
-                prompt_tokens=tokens,
-                prompt_truncated=None if tokens is None else tokens > self.engine.max_tokens,
+                prompt_tokens=n_tokens,
+                prompt_truncated=None if n_tokens is None else n_tokens > self.engine.max_tokens,
                 sample_id=sample_id(spec.model.source, spec.model.revision, p, scheduler),
                 prompt=p.prompt,
                 negative_prompt=p.negative_prompt,

@@ -58,20 +58,19 @@ class ShardWriter:
         self.storage = storage
         self.ext = EXTENSIONS[image_format]
 
-    def write(
+    def write_outputs(
         self,
         name: str,
         rows: list[dict[str, Any]],
         images: dict[str, bytes],
         schema: pa.Schema,
-        stats: dict,
         quarantine: dict[str, bytes] | None = None,
-    ) -> dict:
-        """Write {name}.tar, {name}.parquet, then commit {name}_stats.json. rows: every planned sample.
+    ) -> dict[str, str]:
+        """Write {name}.tar and {name}.parquet (rows: every planned sample); return their sha256s.
 
         Images flagged under action `quarantine` go to quarantine/{name}.tar with their own
         quarantine/{name}.parquet, outside the dataset that readers of sizes.json see.
-        Returns the stats in effect: this writer's, or those of a writer that committed first.
+        Nothing is done until `commit`.
         """
         # 1. Quarantined images first: they must exist before the shard is declared done.
         if quarantine:
@@ -79,14 +78,13 @@ class ShardWriter:
             self._write_tar(f"quarantine/{name}.tar", held, quarantine)
             self._write_parquet(f"quarantine/{name}.parquet", held, schema)
         # 2. The tar: image, caption and row for each sample that has an image, in key order.
-        stats["tar_sha256"] = self._write_tar(f"{name}.tar", rows, images)
         # 3. The Parquet: one row per planned sample, ok, filtered and failed alike.
-        stats["parquet_sha256"] = self._write_parquet(f"{name}.parquet", rows, schema)
-        # 4. The commit marker, last, and only if no other writer committed this shard meanwhile.
-        return self._commit(name, stats)
+        return {"tar_sha256": self._write_tar(f"{name}.tar", rows, images),
+                "parquet_sha256": self._write_parquet(f"{name}.parquet", rows, schema)}
 
-    def _commit(self, name: str, stats: dict) -> dict:
-        """Create the stats file, or reconcile with the writer that beat us to it.
+    def commit(self, name: str, stats: dict) -> dict:
+        """Create {name}_stats.json, the commit marker, or reconcile with the writer that beat us to it.
+        Returns the stats in effect: these, or those of a writer that committed first.
 
         A slow worker presumed dead can finish a shard that its replacement also finished. The tars
         are byte-identical (deterministic content); the Parquets differ only in run columns. Exactly

@@ -1,8 +1,8 @@
 """Dispatch: one GeneratorActor per GPU, fed by pull, with retries, timeouts and quarantine.
 
-Each actor holds one shard in flight and one queued in its mailbox (Ray runs an actor's calls in
-order), so it starts the next shard the moment it finishes one. The driver, not Ray, counts
-attempts: Ray's own restarts would retry a deterministic crash forever.
+Each actor holds two shards and runs both calls at once: one generating, the other reading its
+prompts before, or writing its output after, its turn on the GPU (see actors.generator). The
+driver, not Ray, counts attempts: Ray's own restarts would retry a deterministic crash forever.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from actors.storage import Storage
 
 log = logging.getLogger("sdfleet")
 
-# One running and one waiting: enough to hide the gap between shards, few enough that a dead
-# actor strands at most two shards.
+# One generating and one reading or writing beside it: enough to hide reads and uploads from the
+# GPU, few enough that a dead actor strands at most two shards.
 SHARDS_PER_ACTOR = 2
 # How often the loop wakes without a result, to check shard timeouts and refresh the display.
 POLL_S = 1.0
@@ -312,7 +312,8 @@ class Dispatcher:
                 log.info("no GPU in the cluster yet: asking the autoscaler for GPU nodes")
             options = {"num_gpus": res.gpus_per_worker, "num_cpus": 0}
             # Threads for CPU-side torch are set per node by the actor unless the spec fixes them.
-            cls = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardGenerator)
+            cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=SHARDS_PER_ACTOR,
+                             **options)(ShardGenerator)
             return cls, res.max_workers, res.cpu_threads
         # CPU workers: asked for (gpus_per_worker: 0), or an embedded Ray on a machine without GPUs
         # (the demo). Their threads follow from the machine's capacity, never from the work left:
@@ -321,7 +322,8 @@ class Dispatcher:
         self.gpus_per_actor = 0
         capacity = max(1, min(res.max_workers, cpus // 2 or 1))
         log.info("no GPUs for this job: running up to %d CPU worker(s)", capacity)
-        cls = ray.remote(max_restarts=0, max_task_retries=0, num_cpus=1)(ShardGenerator)
+        cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=SHARDS_PER_ACTOR,
+                         num_cpus=1)(ShardGenerator)
         return cls, capacity, res.cpu_threads or max(1, cpus // capacity)
 
     def _progress_bar(self, initial: int):

@@ -352,11 +352,12 @@ def test_two_writers_commit_one_consistent_shard(tmp_path, tiny_model, bucket):
 
     # The race made deterministic at the writer: a second writer overwrote the Parquet after the first
     # committed. Its commit fails, it sees the stats no longer describe the Parquet, and re-commits.
-    writer = ShardWriter(storage, "png")
+    writer, schema = ShardWriter(storage, "png"), plan.output_schema()
     late_rows = [{**r, "worker_id": "late-writer"} for r in rows]
     images = {r["key"]: b"same-bytes" for r in rows}
-    first = writer.write("00009", rows, images, plan.output_schema(), {"worker_id": "first"})
-    second = writer.write("00009", late_rows, images, plan.output_schema(), {"worker_id": "late-writer"})
+    first = writer.commit("00009", {"worker_id": "first", **writer.write_outputs("00009", rows, images, schema)})
+    late = writer.write_outputs("00009", late_rows, images, schema)
+    second = writer.commit("00009", {"worker_id": "late-writer", **late})
     assert first["worker_id"] == "first" and second["worker_id"] == "late-writer"
     final = storage.read_json("00009_stats.json")
     assert final["worker_id"] == "late-writer"
@@ -417,6 +418,32 @@ def test_hung_actor_is_killed_and_its_shard_retried(tiny_model, ray_cluster, s3_
         assert output_fs(out).read_json("00003_stats.json")["attempt"] == 2
         assert_exactly_once(out)
         same_dataset(reference["out"], out)
+    finally:
+        proxy.close()
+
+
+def test_slow_uploads_overlap_the_next_shards_generation(tiny_model, ray_cluster, s3_endpoint, reference):
+    """Every tar upload takes 0.5 s longer (a slow link): one worker goes on generating meanwhile.
+
+    Shards take ~1 s to generate here (40 steps), longer than their upload, as real shards do."""
+    proxy = S3Proxy(s3_endpoint, [Rule(path=r"/slow/\d+\.tar", action="hang", methods=("PUT",), hang_s=0.5)])
+    try:
+        out = f"s3://{reference['fs'].bucket}/slow"
+        spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out, steps=40, resources={"max_workers": 1})
+        done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress",
+                       env={"AWS_ENDPOINT_URL": proxy.url})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert proxy.rules[0].fired == 8
+        assert_exactly_once(out)
+        stats = sorted((output_fs(out).read_json(n) for n in committed(out)), key=lambda s: s["generate_started_ts"])
+        assert len({s["worker_id"] for s in stats}) == 1
+        # The second shard read its prompts while the first one was generating ...
+        assert stats[1]["started_ts"] < stats[0]["generate_finished_ts"]
+        for before, after in zip(stats, stats[1:]):
+            # ... every shard had the pipeline to itself ...
+            assert after["generate_started_ts"] >= before["generate_finished_ts"]
+            # ... and started generating before the shard ahead of it had finished uploading.
+            assert after["generate_started_ts"] < before["finished_ts"], (before, after)
     finally:
         proxy.close()
 
