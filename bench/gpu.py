@@ -1,14 +1,15 @@
 """sdfleet's engine vs plain diffusers on one GPU: SD2-base architecture, random weights, fp16.
 
-    python3 bench/gpu.py                 # full size, 512x512, 50 and 25 steps, batch 1/8/16/32
+    python3 bench/gpu.py                 # full size, 512x512, 50 and 25 steps, batch 1/8/16/32/auto
     python3 bench/gpu.py --tiny          # the tiny pipeline on the CPU: checks the script end to end
 
 Needs torch, transformers and diffusers only (no pydantic, ray or tensorflow), so on a GPU machine
-that has torch and transformers it runs with just the diffusers wheel carried. For each steps x
-batch it times plain `StableDiffusionPipeline.__call__` and `actors.engine.Engine.generate` on the
-same prompts and seeds (after a warm-up call each, which for the engine includes torch.compile),
-and prints images/s, the ratio, MFU against the FLOPs of one image (83 TFLOP at 50 steps, 512x512
-with CFG) and the largest pixel difference between the two.
+that has torch and transformers it runs with just the diffusers wheel carried. The engine is built
+as a worker builds it: batch size "auto" measured on the GPU, then torch.compile's warm-up of the
+shapes it will see (its time is printed). For each steps x batch it times plain
+`StableDiffusionPipeline.__call__` and `actors.engine.Engine.generate` on the same prompts and
+seeds (after one untimed call each), and prints images/s, the ratio, MFU against the FLOPs of one
+image (83 TFLOP at 50 steps, 512x512 with CFG) and the largest pixel difference between the two.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, nargs="+")
-    parser.add_argument("--batches", type=int, nargs="+")
+    parser.add_argument("--batches", nargs="+", help="batch sizes, or auto (the engine's own choice)")
     parser.add_argument("--size", type=int)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--model", help="an existing diffusers folder (skips building one)")
     args = parser.parse_args()
     steps = args.steps or ([2] if args.tiny else [50, 25])
-    batches = args.batches or ([1, 2] if args.tiny else [1, 8, 16, 32])
+    batches = args.batches or (["1", "2"] if args.tiny else ["1", "8", "16", "32", "auto"])
     size = args.size or (64 if args.tiny else 512)
 
     import torch
@@ -78,13 +79,20 @@ def main() -> None:
     plain = plain.to(device)
     plain.set_progress_bar_config(disable=True)
 
-    # 3. The sdfleet engine, with its speed-ups (duck-typed options: no pydantic needed).
+    # 3. The sdfleet engine as a worker builds it: speed-ups, batch size, compile warm-up
+    #    (duck-typed options: no pydantic needed).
     model = SimpleNamespace(source=str(folder), revision=None, dtype=dtype, scheduler="EulerDiscreteScheduler",
                             scheduler_config={}, storage_options={})
     options = SimpleNamespace(channels_last=True, fuse_qkv=True, compile=args.compile, uint8_on_device=True)
-    engine = Engine(model, device=device, options=options)
+    shape = GenerationParams("", "", 0, steps[0], 7.5, size, size, None)
+    requested = "auto" if "auto" in batches else max(int(b) for b in batches)
+    t0 = time.perf_counter()
+    engine = Engine(model, device=device, options=options, batch_size=requested, warm_up=[shape])
+    ready = time.perf_counter() - t0
+    batches = sorted({engine.batch_size if b == "auto" else int(b) for b in batches})
 
     print(f"device: {name}; {dtype}; {size}x{size}; engine speed-ups: {', '.join(engine.applied)}")
+    print(f"engine ready in {ready:.0f}s (load, batch size {requested} -> {engine.batch_size}, compile warm-up)")
     print(f"{'steps':>5} {'batch':>5} {'plain img/s':>11} {'sdfleet img/s':>13} {'ratio':>6} {'MFU plain':>9} "
           f"{'MFU sdfleet':>11} {'max diff':>8} {'warm-up s':>9}")
     for n_steps in steps:
