@@ -352,8 +352,11 @@ def _pop(slot: _Slot, ref) -> None:
     for i, (r, _) in enumerate(slot.tasks):
         if r == ref:
             del slot.tasks[i]
+            if i == 0:
+                # The next shard's clock starts now. A queued shard that finishes first (it generates
+                # after the head, but may upload faster) leaves the head's clock running.
+                slot.head_since = time.monotonic()
             break
-    slot.head_since = time.monotonic()
 
 
 def _task_error(e) -> str:

@@ -422,6 +422,19 @@ def test_hung_actor_is_killed_and_its_shard_retried(tiny_model, ray_cluster, s3_
         proxy.close()
 
 
+def test_a_queued_shard_finishing_first_does_not_restart_the_heads_timeout():
+    """A worker's second shard may commit before its first (whose upload hangs): the first one's
+    shard_timeout_s clock must keep running, or a hung upload would never time out."""
+    from jobs.dispatch import ShardTask, _pop, _Slot
+
+    slot = _Slot(actor=None, ready_ref=None, ready=True, head_since=100.0)
+    slot.tasks.extend([("head", ShardTask(1)), ("queued", ShardTask(2))])
+    _pop(slot, "queued")
+    assert slot.head_since == 100.0 and [r for r, _ in slot.tasks] == ["head"]
+    _pop(slot, "head")
+    assert slot.head_since > 100.0 and not slot.tasks
+
+
 def test_slow_uploads_overlap_the_next_shards_generation(tiny_model, ray_cluster, s3_endpoint, reference):
     """Every tar upload takes 0.5 s longer (a slow link): one worker goes on generating meanwhile.
 
