@@ -153,8 +153,7 @@ class Engine:
 
         # 6. torch.compile last, then its warm-up: every shape the job's sweep needs, once per actor.
         if self._wants_compile(options):
-            self._compile()
-            self._warm_up(warm_up)
+            self._compile_and_warm_up(warm_up, options)
         log.info("engine speed-ups: %s; batch size %d", ", ".join(self.applied) or "none", self.batch_size)
 
     def _wants_compile(self, options) -> bool:
@@ -188,6 +187,40 @@ class Engine:
         self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs")
         self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode="max-autotune-no-cudagraphs")
         self.applied.append("compile")
+
+    def _compile_and_warm_up(self, params: Sequence[GenerationParams], options) -> None:
+        """With compile `auto`, a compiler that fails (no C compiler in the image, a GPU the
+        compiler does not support) leaves the engine eager instead of failing every worker."""
+        import torch
+
+        eager = self.pipe.unet, self.pipe.vae.decode
+        self._compile()
+        while True:
+            try:
+                self._warm_up(params)
+                return
+            except torch.OutOfMemoryError:
+                # Compiled kernels and autotuning take memory that the eager probe did not see.
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                torch.cuda.empty_cache()
+                log.warning("out of GPU memory while compiling; going on with batch %d", self.batch_size)
+            except Exception as e:  # torch raises many kinds (BackendCompilerFailed, InductorError, ...)
+                root = e
+                for _ in range(8):  # the compiler's own error, under torch's wrappers
+                    inner = root.__cause__ or getattr(root, "inner_exception", None)
+                    if inner is None or inner is root:
+                        break
+                    root = inner
+                reason = f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0]}"
+                if options.compile == "on":
+                    raise ModelLoadError(f"engine.compile=on: torch.compile failed: {reason}. "
+                                         "Set engine.compile: auto (falls back to eager) or off") from e
+                log.warning("torch.compile failed (%s); engine.compile=auto goes on without it", reason)
+                self.pipe.unet, self.pipe.vae.decode = eager
+                self.applied.remove("compile")
+                return
 
     def _warm_up(self, params: Sequence[GenerationParams]) -> None:
         """Run every (size, CFG on/off) shape of the sweep at the full batch, a partial batch and

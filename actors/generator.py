@@ -294,6 +294,8 @@ class ShardGenerator:
             "safety_model_sha256": self.detector.model_sha256 if self.detector else None,
             "attempt": attempt,
             "batch_size": self.engine.batch_size,
+            # What the engine applied in fact: compile `auto` goes on without compile if the compiler fails.
+            "engine_speed_ups": list(self.engine.applied),
             "gen_seconds": round(gen_total, 4),
             "gpu_seconds": round(gpu_seconds, 4),
             "images_per_gpu_hour": round(len(main) / gpu_seconds * 3600, 1) if gpu_seconds else None,

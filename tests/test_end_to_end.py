@@ -77,6 +77,11 @@ def test_job_succeeds_and_writes_the_layout(job):
     for shard in shards:
         assert {f"{shard}.tar", f"{shard}.parquet", f"{shard}_stats.json"} <= names
     assert {"_job.json", "sizes.json", "README.md", "_SUCCESS"} <= names
+    stats = json.loads(s3.cat_file(f"{out}/00000_stats.json"))
+    # What the engine did in fact: the spec's batch of 3, the CPU-safe speed-ups (compile is CUDA-only).
+    assert stats["batch_size"] == 3
+    assert stats["engine_speed_ups"] == ["channels_last", "fuse_qkv", "uint8_on_device"]
+    assert stats["started_ts"] <= stats["generate_started_ts"] <= stats["generate_finished_ts"] <= stats["finished_ts"]
     sizes = json.loads(s3.cat_file(f"{out}/sizes.json"))
     assert sum(sizes.values()) == SAMPLES and set(sizes) == {f"{s}.tar" for s in shards}
     record = json.loads(s3.cat_file(f"{out}/_job.json"))

@@ -205,3 +205,27 @@ def test_compiled_engine_compiles_each_shape_once_at_start(tiny_model):
         ref = plain_diffusers(tiny_model, p, EulerDiscreteScheduler)
         assert np.abs(img.astype(int) - ref.astype(int)).max() <= 2
     assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 2 for a, b in zip(first, second))
+
+
+def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(tiny_model, monkeypatch, caplog):
+    """The compiler breaks (as without a C compiler in the image): `auto` goes on eager, `on` says so."""
+    import torch._inductor.compile_fx as compile_fx
+    from diffusers import EulerDiscreteScheduler
+
+    from schemas.spec import EngineSpec
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: no working C compiler found (injected)")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    monkeypatch.setattr(Engine, "_wants_compile", lambda self, options: options.compile != "off")  # as on CUDA
+    model = ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler")
+    sweep = [params("", 0, steps=2)]
+    engine = Engine(model, cpu_threads=2, options=EngineSpec(**{**OFF, "compile": "auto"}), batch_size=2,
+                    warm_up=sweep)
+    assert "compile" not in engine.applied and "torch.compile failed" in caplog.text
+    p = params("a red fox in snow", 11)
+    ref = plain_diffusers(tiny_model, p, EulerDiscreteScheduler)
+    assert np.abs(run(engine, [p])[0].astype(int) - ref.astype(int)).max() <= 2
+    with pytest.raises(ModelLoadError, match="engine.compile=on: torch.compile failed: .*no working C compiler"):
+        Engine(model, cpu_threads=2, options=EngineSpec(**{**OFF, "compile": "on"}), batch_size=2, warm_up=sweep)
