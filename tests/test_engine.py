@@ -219,6 +219,8 @@ def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(tiny_
 
     monkeypatch.setattr(compile_fx, "compile_fx", broken)
     monkeypatch.setattr(Engine, "_wants_compile", lambda self, options: options.compile != "off")  # as on CUDA
+    # Graphs compiled by an earlier test in this process would be reused without calling the compiler.
+    torch._dynamo.reset()
     model = ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler")
     sweep = [params("", 0, steps=2)]
     engine = Engine(model, cpu_threads=2, options=EngineSpec(**{**OFF, "compile": "auto"}), batch_size=2,
@@ -229,3 +231,4 @@ def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(tiny_
     assert np.abs(run(engine, [p])[0].astype(int) - ref.astype(int)).max() <= 2
     with pytest.raises(ModelLoadError, match="engine.compile=on: torch.compile failed: .*no working C compiler"):
         Engine(model, cpu_threads=2, options=EngineSpec(**{**OFF, "compile": "on"}), batch_size=2, warm_up=sweep)
+    torch._dynamo.reset()
