@@ -240,11 +240,13 @@ def test_preempted_worker_requeues_its_shard_without_counting_an_attempt(tiny_mo
 
 
 def test_budget_cap_stops_cleanly_and_a_higher_cap_completes(tiny_model, ray_cluster, reference):
-    # $3600 per GPU-hour is $1 per GPU-second: the first committed shard spends the $0.05 budget, and
-    # only the shards already handed out (two per actor) finish after it.
+    # $3600 per GPU-hour is $1 per GPU-second: the first committed shard spends the $0.005 budget (a
+    # shard's GPU time is its turn on the pipeline, ~0.05 s here), and only the shards already handed
+    # out (two per actor) finish after it.
+    budget = 0.005
     out = f"s3://{reference['fs'].bucket}/budget"
     spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out,
-                    resources={"gpu_hour_usd": 3600.0, "budget_usd": 0.05})
+                    resources={"gpu_hour_usd": 3600.0, "budget_usd": budget})
     done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
     assert done.returncode == 2
     assert "stopped at the budget" in done.stderr and "budget_usd" in done.stderr
@@ -252,7 +254,7 @@ def test_budget_cap_stops_cleanly_and_a_higher_cap_completes(tiny_model, ray_clu
     assert 1 <= len(first) <= 4
     assert not output_fs(out).exists("_SUCCESS")
     spent = sum(output_fs(out).read_json(n)["gpu_seconds"] for n in first)
-    assert spent >= 0.05  # it stopped because the budget was spent, not before
+    assert spent >= budget  # it stopped because the budget was spent, not before
     again = run_cli("run", str(spec), "--set", "resources.budget_usd=100000", "--address", ray_cluster.address,
                     "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
