@@ -15,10 +15,9 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-
-from typing import TYPE_CHECKING
 
 from actors.storage import cached_copy, is_remote
 from schemas.samples import GenerationParams
@@ -146,7 +145,7 @@ class Engine:
 
             options = EngineSpec()
         self.options = options
-        self.applied = self._speed_up(options, compile_now=False)
+        self.applied = self._speed_up(options)
 
         # 5. The batch size, measured in eager mode (compiling a probe shape would be wasted).
         self.batch_size = self._fit_batch_size(warm_up) if batch_size == "auto" else int(batch_size)
@@ -159,7 +158,8 @@ class Engine:
     def _wants_compile(self, options) -> bool:
         return options.compile == "on" or (options.compile == "auto" and self.device.startswith("cuda"))
 
-    def _speed_up(self, options, compile_now: bool = True) -> list[str]:
+    def _speed_up(self, options) -> list[str]:
+        """The speed-ups that need no warm-up (compile comes after the batch size is measured)."""
         import torch
 
         pipe, applied = self.pipe, []
@@ -173,9 +173,6 @@ class Engine:
             applied.append("fuse_qkv")
         if options.uint8_on_device:
             applied.append("uint8_on_device")
-        self.applied = applied
-        if compile_now and self._wants_compile(options):
-            self._compile()
         return applied
 
     def _compile(self) -> None:

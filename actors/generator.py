@@ -371,27 +371,19 @@ class ShardGenerator:
                 safety_action=spec.safety.action,
                 safety_flagged=o.flagged,
             )
-        if p is None and s.planned is not None:
-            # A failed row still says what it was planned with, so it can be placed in a sweep.
-            q = s.planned
-            row.update(seed=q.seed, scheduler=self.engine.scheduler_name(q), num_inference_steps=q.num_inference_steps,
-                       guidance_scale=q.guidance_scale, width=q.width, height=q.height,
-                       negative_prompt=q.negative_prompt)
+        planned = p or s.planned
+        if planned is not None:
+            # A failed row too says what it was planned with, so it can be placed in a sweep.
+            row.update(seed=planned.seed, scheduler=self.engine.scheduler_name(planned),
+                       num_inference_steps=planned.num_inference_steps, guidance_scale=planned.guidance_scale,
+                       width=planned.width, height=planned.height, negative_prompt=planned.negative_prompt)
         if p is not None:
-            scheduler = self.engine.scheduler_name(p)
             n_tokens = tokens.get(p.prompt)
             row.update(
                 prompt_tokens=n_tokens,
                 prompt_truncated=None if n_tokens is None else n_tokens > self.engine.max_tokens,
-                sample_id=sample_id(spec.model.source, spec.model.revision, p, scheduler),
+                sample_id=sample_id(spec.model.source, spec.model.revision, p, row["scheduler"]),
                 prompt=p.prompt,
-                negative_prompt=p.negative_prompt,
-                seed=p.seed,
-                scheduler=scheduler,
-                num_inference_steps=p.num_inference_steps,
-                guidance_scale=p.guidance_scale,
-                width=p.width,
-                height=p.height,
             )
         return row
 

@@ -310,21 +310,22 @@ class Dispatcher:
             self.gpus_per_actor = res.gpus_per_worker
             if gpus == 0:
                 log.info("no GPU in the cluster yet: asking the autoscaler for GPU nodes")
-            options = {"num_gpus": res.gpus_per_worker, "num_cpus": 0}
+            placement = {"num_gpus": res.gpus_per_worker, "num_cpus": 0}
             # Threads for CPU-side torch are set per node by the actor unless the spec fixes them.
-            cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=SHARDS_PER_ACTOR,
-                             **options)(ShardGenerator)
-            return cls, res.max_workers, res.cpu_threads
-        # CPU workers: asked for (gpus_per_worker: 0), or an embedded Ray on a machine without GPUs
-        # (the demo). Their threads follow from the machine's capacity, never from the work left:
-        # CPU float results depend on the thread count, and a resumed shard must come out
-        # byte-identical to the one an uninterrupted run would have made.
-        self.gpus_per_actor = 0
-        capacity = max(1, min(res.max_workers, cpus // 2 or 1))
-        log.info("no GPUs for this job: running up to %d CPU worker(s)", capacity)
+            capacity, threads = res.max_workers, res.cpu_threads
+        else:
+            # CPU workers: asked for (gpus_per_worker: 0), or an embedded Ray on a machine without
+            # GPUs (the demo). Their threads follow from the machine's capacity, never from the work
+            # left: CPU float results depend on the thread count, and a resumed shard must come out
+            # byte-identical to the one an uninterrupted run would have made.
+            self.gpus_per_actor = 0
+            placement = {"num_cpus": 1}
+            capacity = max(1, min(res.max_workers, cpus // 2 or 1))
+            threads = res.cpu_threads or max(1, cpus // capacity)
+            log.info("no GPUs for this job: running up to %d CPU worker(s)", capacity)
         cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=SHARDS_PER_ACTOR,
-                         num_cpus=1)(ShardGenerator)
-        return cls, capacity, res.cpu_threads or max(1, cpus // capacity)
+                         **placement)(ShardGenerator)
+        return cls, capacity, threads
 
     def _progress_bar(self, initial: int):
         from tqdm import tqdm
