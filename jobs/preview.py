@@ -45,10 +45,10 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from actors.storage import Storage, is_remote
+from schemas.rows import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
 
 log = logging.getLogger("sdfleet")
 
-STATUS_OK, STATUS_FILTERED, STATUS_FAILED = "ok", "filtered", "failed"
 STATUSES = (STATUS_OK, STATUS_FILTERED, STATUS_FAILED)
 IMAGE_EXTS = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
 SHARD_RE = re.compile(r"\d{5,}")

@@ -66,6 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
+from schemas.rows import STATUS_OK
 from schemas.spec import SpecError
 
 log = logging.getLogger("sdfleet")
@@ -385,7 +386,7 @@ def _iter_ok_images(storage, shard: str, counters: dict[str, int]) -> Iterator[t
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(storage.read_bytes(f"{shard}.parquet")))
-    rows = {r["key"]: r for r in table.to_pylist() if r["status"] == "ok"}
+    rows = {r["key"]: r for r in table.to_pylist() if r["status"] == STATUS_OK}
     seen = set()
     with storage.fs.open(storage.path(f"{shard}.tar"), "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
         for member in tar:

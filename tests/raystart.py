@@ -89,20 +89,20 @@ def find_processes(marker: str) -> list[int]:
 
 def rss_bytes(pids) -> int:
     """Sum of resident set sizes (shared pages counted once per process, so an upper bound)."""
-    total = 0
-    for pid in pids:
-        for line in _read(f"/proc/{pid}/status").decode(errors="replace").splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
+    return _summed_kib(pids, "status", "VmRSS:")
 
 
 def pss_bytes(pids) -> int:
     """Sum of proportional set sizes: shared pages split between the processes that map them."""
+    return _summed_kib(pids, "smaps_rollup", "Pss:")
+
+
+def _summed_kib(pids, proc_file: str, field: str) -> int:
+    """Bytes: the sum over `pids` of the kB figure on the `field` line of /proc/PID/`proc_file`."""
     total = 0
     for pid in pids:
-        for line in _read(f"/proc/{pid}/smaps_rollup").decode(errors="replace").splitlines():
-            if line.startswith("Pss:"):
+        for line in _read(f"/proc/{pid}/{proc_file}").decode(errors="replace").splitlines():
+            if line.startswith(field):
                 total += int(line.split()[1]) * 1024
     return total
 
