@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the engine imports this module on machines without pydantic (bench/gpu)
-    from schemas.spec import JobSpec
+    from sdfleet.schemas.spec import JobSpec
 
 # Keys are f"{shard:05d}{offset:04d}" (img2dataset's convention); the shard field widens past 99,999.
 SHARD_DIGITS = 5

@@ -14,10 +14,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class SpecError(ValueError):
-    """A spec that cannot run. The message names the key, the bad value and what to do."""
-
+from sdfleet.schemas.errors import SpecError
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo such as `guidence_scale` must not silently use the default.

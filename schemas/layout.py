@@ -1,0 +1,153 @@
+"""The output folder: the name of every file sdfleet writes, and the schemas of its JSON records.
+
+This module is the one owner of the layout. Writers (actors) and readers (status, preview, score,
+the finalizer) import the names from here; none spells a file name itself.
+
+    OUTPUT/
+      _job.json                the job record: resolved spec, fingerprint, input files, versions
+      {shard}.tar              {key}.{ext} image, {key}.txt prompt, {key}.json row
+      {shard}.parquet          one row per planned sample
+      {shard}_stats.json       `ShardStats`; written LAST: its presence = the shard is committed
+      {shard}_failed.json      `FailedShard`; only for a quarantined shard
+      quarantine/{shard}.tar   images flagged under safety.action=quarantine, with
+      quarantine/{shard}.parquet   their rows
+      sizes.json               {"00000.tar": images in it, ...}; only when complete
+      README.md                the dataset card; only when complete
+      preview/                 previews: contact_sheet.png, xy_*.png, index.html, the card's sheet
+      _SUCCESS                 written last of all, only when every planned sample has its row
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from pydantic import BaseModel, ConfigDict
+
+JOB_FILE = "_job.json"
+SUCCESS_FILE = "_SUCCESS"
+SIZES_FILE = "sizes.json"
+CARD_FILE = "README.md"
+QUARANTINE_DIR = "quarantine"
+PREVIEW_DIR = "preview"
+# A small sample of the images, embedded in the dataset card.
+CARD_SHEET = f"{PREVIEW_DIR}/card_contact_sheet.png"
+CONTACT_SHEET = f"{PREVIEW_DIR}/contact_sheet.png"
+GALLERY_PAGE = f"{PREVIEW_DIR}/index.html"
+
+_STATS_SUFFIX = "_stats.json"
+_FAILED_SUFFIX = "_failed.json"
+STATS_GLOB = f"*{_STATS_SUFFIX}"
+FAILED_GLOB = f"*{_FAILED_SUFFIX}"
+
+# image_format (the spec's word) -> the tar member's extension (the WebDataset key readers match on).
+IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# Extension -> MIME type, for every extension an image file may carry (reference folders use .jpeg too).
+MIME_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+
+def tar_file(shard: str) -> str:
+    return f"{shard}.tar"
+
+
+def parquet_file(shard: str) -> str:
+    return f"{shard}.parquet"
+
+
+def stats_file(shard: str) -> str:
+    return f"{shard}{_STATS_SUFFIX}"
+
+
+def failed_file(shard: str) -> str:
+    return f"{shard}{_FAILED_SUFFIX}"
+
+
+def quarantine_tar(shard: str) -> str:
+    return f"{QUARANTINE_DIR}/{shard}.tar"
+
+
+def quarantine_parquet(shard: str) -> str:
+    return f"{QUARANTINE_DIR}/{shard}.parquet"
+
+
+def xy_grid_file(x: str, y: str, prompt_id: str | None = None) -> str:
+    """preview/xy_{x}_{y}.png; another prompt than the first adds a hash of its id (ids are free
+    text, never part of a path). x and y are column names, checked by the caller."""
+    suffix = "" if prompt_id is None else "_" + hashlib.sha256(prompt_id.encode()).hexdigest()[:10]
+    return f"{PREVIEW_DIR}/xy_{x}_{y}{suffix}.png"
+
+
+def score_files(name: str) -> dict[str, str]:
+    """The files `sdfleet score --out NAME` writes into the output, by role."""
+    return {"scores": f"{name}.parquet", "summary": f"{name}_summary.json", "plot": f"{name}_fid_vs_clip.png"}
+
+
+def image_member(key: str, image_format: str) -> str:
+    return f"{key}.{IMAGE_EXTENSIONS[image_format]}"
+
+
+class _Record(BaseModel):
+    # A record another sdfleet wrote: unknown keys mean another version or a stray file, not ours.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ShardStats(_Record):
+    """`{shard}_stats.json`: what one committed shard holds and how it was made."""
+
+    shard: str
+    shard_id: int
+    fingerprint: str  # the job's; a stats file of another job does not commit this job's shard
+    # Counts. samples = ok + filtered + failed; images_in_tar counts ok rows with an image.
+    samples: int
+    ok: int
+    filtered: int
+    failed: int
+    images_in_tar: int
+    quarantined_images: int
+    flagged: int
+    flagged_by_class: dict[str, int]
+    safety_detector: str
+    safety_model_sha256: str | None
+    # How it was made.
+    attempt: int
+    batch_size: int
+    engine_speed_ups: list[str]  # what the engine applied in fact (compile `auto` may fall back)
+    dtype: str
+    device: str
+    worker_node: str
+    worker_id: str
+    gpu_id: str | None
+    # Time. gpu_seconds is the shard's turn on the pipeline: its reads and uploads overlap other
+    # shards' turns, so it adds up over a worker without counting the overlap twice.
+    gen_seconds: float
+    gpu_seconds: float
+    images_per_gpu_hour: float | None
+    wall_seconds: float
+    started_at: str
+    finished_at: str
+    # Epoch seconds: throughput over a whole job, and the overlap of neighbouring shards.
+    started_ts: float
+    generate_started_ts: float
+    generate_finished_ts: float
+    finished_ts: float
+    # What it commits.
+    tar_sha256: str
+    parquet_sha256: str
+
+
+class ShardAttemptError(_Record):
+    attempt: int
+    error: str
+    at: float
+
+
+class FailedShard(_Record):
+    """`{shard}_failed.json`: a shard quarantined after max_attempts, with every attempt's error."""
+
+    shard_id: int
+    attempts: int
+    errors: list[ShardAttemptError]
+    fingerprint: str
+
+    def last_error_line(self) -> str:
+        lines = self.errors[-1].error.strip().splitlines() if self.errors else []
+        return lines[-1] if lines else "?"

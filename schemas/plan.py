@@ -1,0 +1,92 @@
+"""The plan: what the driver hands every worker. Data and pure functions only; `jobs.plan` makes it.
+
+A plan holds no per-sample data. A shard is a range of global sample indices; sample s is sweep
+point s % P of global prompt row s // P, so planning 10M prompts costs the same as 10.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from sdfleet.schemas.rows import output_schema
+from sdfleet.schemas.samples import key_width, shard_name
+from sdfleet.schemas.spec import JobSpec
+
+
+@dataclass
+class InputFile:
+    uri: str
+    size: int
+    rows: int
+    row_groups: list[int]  # rows in each row group, to read only the groups a shard touches
+
+    @property
+    def stem(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    files: list[InputFile]
+    points: list[dict[str, Any]]
+    passthrough_schema: pa.Schema
+    row_offsets: list[int] = field(default_factory=list)  # global index of each file's first row
+    # Rows whose prompt id appeared earlier in the input: global row -> global row of the first.
+    duplicate_rows: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.row_offsets:
+            offsets, total = [], 0
+            for f in self.files:
+                offsets.append(total)
+                total += f.rows
+            self.row_offsets = offsets
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_rows * len(self.points)
+
+    @property
+    def samples_per_shard(self) -> int:
+        return self.spec.output.samples_per_shard
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_samples / self.samples_per_shard)
+
+    @property
+    def key_width(self) -> int:
+        return key_width(self.num_shards)
+
+    def locate(self, row: int) -> str:
+        """'<file>:<row in file>' for a global row index, for messages."""
+        for f, offset in zip(reversed(self.files), reversed(self.row_offsets)):
+            if row >= offset:
+                return f"{f.uri.rsplit('/', 1)[-1]}:{row - offset}"
+        raise IndexError(row)
+
+    def shard_range(self, shard_id: int) -> tuple[int, int]:
+        start = shard_id * self.samples_per_shard
+        return start, min(start + self.samples_per_shard, self.num_samples)
+
+    def shard_name(self, shard_id: int) -> str:
+        return shard_name(shard_id, self.key_width)
+
+    def output_schema(self) -> pa.Schema:
+        return output_schema(self.passthrough_schema)
+
+    def input_manifest(self) -> list[dict[str, Any]]:
+        return [{"uri": f.uri, "size": f.size, "rows": f.rows} for f in self.files]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint(self.input_manifest())
