@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actors.storage import cached_copy, is_remote
-from schemas.samples import GenerationParams
+from sdfleet.actors.storage import is_remote, local_copy
+from sdfleet.schemas.errors import ModelLoadError
+from sdfleet.schemas.samples import GenerationParams
 
 if TYPE_CHECKING:  # duck-typed at run time, so bench/gpu runs where pydantic is not installed
-    from schemas.spec import EngineSpec, ModelSpec
+    from sdfleet.schemas.spec import EngineSpec, ModelSpec
 
 log = logging.getLogger("sdfleet")
 
@@ -40,22 +41,11 @@ AUTO_BATCH_CAP = 64
 CPU_AUTO_BATCH = 8
 
 
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded as the spec gives it. The message names the source and what to do."""
-
-
-def resolve_model_source(model: ModelSpec) -> str:
-    """A local folder for s3:// mirrors (copied once per node), else the source as given."""
-    if is_remote(model.source):
-        return str(cached_copy(model.source, model.storage_options))
-    return model.source
-
-
 def check_model_source(model: ModelSpec) -> None:
     """Cheap checks the driver runs before any GPU is requested."""
     source = model.source
     if is_remote(source):
-        from actors.storage import Storage
+        from sdfleet.actors.storage import Storage
 
         if not Storage(source, model.storage_options).exists("model_index.json"):
             raise ModelLoadError(f"model.source {source} has no model_index.json; point it at a diffusers folder")
@@ -117,7 +107,7 @@ class Engine:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
-        path = resolve_model_source(model)
+        path = local_copy(model.source, model.storage_options)
         t0 = time.perf_counter()
         try:
             pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
@@ -141,7 +131,7 @@ class Engine:
 
         # 4. Lossless speed-ups (engine.*), before the first call so compiled graphs see them.
         if options is None:
-            from schemas.spec import EngineSpec
+            from sdfleet.schemas.spec import EngineSpec
 
             options = EngineSpec()
         self.options = options

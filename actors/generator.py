@@ -22,18 +22,21 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from actors.engine import GENERATOR_DEVICE, Engine
-from actors.safety import SafetyScore, load_detector
-from actors.storage import Storage
-from actors.writer import ShardWriter, encode_image
-from schemas.rows import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
-from schemas.samples import Sample, resolve_params, sample_id, sample_key
+from sdfleet.actors.engine import GENERATOR_DEVICE, Engine
+from sdfleet.actors.safety import SafetyScore, load_detector
+from sdfleet.actors.storage import Storage
+from sdfleet.actors.writer import ShardWriter, encode_image
+from sdfleet.schemas import layout
+from sdfleet.schemas.layout import ShardStats
+from sdfleet.schemas.plan import Plan
+from sdfleet.schemas.rows import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
+from sdfleet.schemas.samples import Sample, resolve_params, sample_id, sample_key
 
 log = logging.getLogger("sdfleet")
 
@@ -43,7 +46,7 @@ log = logging.getLogger("sdfleet")
 POST_BATCH = 16
 
 
-def read_shard_samples(plan, shard_id: int) -> list[Sample]:
+def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
     """Read the prompt rows one shard needs (only the row groups it touches) and expand them."""
     spec, inp = plan.spec, plan.spec.input
     start, end = plan.shard_range(shard_id)
@@ -137,6 +140,35 @@ class Outcome:
     flagged: bool | None = None
 
 
+@dataclass
+class Generated:
+    """What one shard's turn on the pipeline made."""
+
+    outcomes: dict[str, Outcome]
+    gen_seconds: float  # in the pipeline
+    turn_seconds: float  # holding the pipeline
+    started_ts: float
+    finished_ts: float
+
+    @property
+    def tar_images(self) -> dict[str, bytes]:
+        """Encoded images for the main tar: ok ones (blacked out if so acted on)."""
+        return {k: o.image for k, o in self.outcomes.items() if o.image is not None and not o.quarantined}
+
+    @property
+    def quarantined_images(self) -> dict[str, bytes]:
+        return {k: o.image for k, o in self.outcomes.items() if o.quarantined}
+
+
+@dataclass
+class Clock:
+    """When a shard's work began, as a wall-clock string, epoch seconds and a monotonic counter."""
+
+    started_at: str = field(default_factory=lambda: _now())
+    started_ts: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+
+
 class GpuTurns:
     """Hands the pipeline to one shard at a time, in the order the shards arrived (tickets).
 
@@ -180,7 +212,7 @@ class GpuTurns:
 class ShardGenerator:
     """One per GPU. Loads the pipeline and the detector once; `run(shard_id)` makes and commits a shard."""
 
-    def __init__(self, plan, cpu_threads: int | None = None):
+    def __init__(self, plan: Plan, cpu_threads: int | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         self.plan = plan
         self.spec = plan.spec
@@ -218,21 +250,20 @@ class ShardGenerator:
         """Returns once the models are loaded; the dispatcher feeds only ready workers."""
         return {**self.worker, "device": self.engine.device}
 
-    def run(self, shard_id: int, attempt: int = 1) -> dict[str, Any]:
+    def run(self, shard_id: int, attempt: int = 1) -> ShardStats:
         ticket = self.turns.take()
         try:
             return self._run(shard_id, attempt, ticket)
         finally:
             self.turns.release(ticket)
 
-    def _run(self, shard_id: int, attempt: int, ticket: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        started_at, started_ts = _now(), time.time()
+    def _run(self, shard_id: int, attempt: int, ticket: int) -> ShardStats:
+        clock = Clock()
         name = self.plan.shard_name(shard_id)
         # 0. A shard committed meanwhile (by a worker presumed dead, say) is not made twice.
-        if self.storage.exists(f"{name}_stats.json"):
-            committed = self.storage.read_json(f"{name}_stats.json")
-            if committed.get("fingerprint") == self.plan.fingerprint:
+        if self.storage.exists(layout.stats_file(name)):
+            committed = ShardStats.model_validate(self.storage.read_json(layout.stats_file(name)))
+            if committed.fingerprint == self.plan.fingerprint:
                 log.info("shard %s is already committed; skipping", name)
                 return committed
 
@@ -243,12 +274,28 @@ class ShardGenerator:
         todo = [s for s in samples if s.params is not None]
         tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
 
-        # 2. Generate in batches once it is this shard's turn. Each 16 images are scored, acted on
-        #    and encoded on the post thread while the pipeline generates the next batch.
+        # 2. Generate once it is this shard's turn; scoring, acting and encoding run beside it.
+        made = self._generate(todo, ticket)
+
+        # 3. One row per planned sample: ok, filtered or failed, with its scores.
+        created_at = dt.datetime.now(dt.timezone.utc)
+        rows = [self._row(s, made.outcomes.get(s.key), created_at, tokens) for s in samples]
+
+        # 4. Write the tars and the Parquet, then commit with the stats file.
+        hashes = self.writer.write_outputs(name, rows, made.tar_images, self.schema, made.quarantined_images)
+        # Finished: every output is on storage; only the commit marker is left to write.
+        stats = self._stats(name, shard_id, attempt, clock, rows, made, hashes)
+        committed = self.writer.commit(name, stats)
+        self.metrics.record(committed)
+        return committed
+
+    def _generate(self, todo: list[Sample], ticket: int) -> Generated:
+        """Generate `todo` in batches during this shard's turn on the pipeline. Each POST_BATCH images
+        are scored, acted on and encoded on the post thread while the pipeline makes the next batch."""
         futures, keys, arrays, seconds = [], [], [], []
         gen_total = 0.0
         with self.turns.turn(ticket, self._check_preempted):
-            turn_start, generate_started_ts = time.perf_counter(), time.time()
+            turn_start, started_ts = time.perf_counter(), time.time()
             for batch, images, secs in self.engine.generate([s.params for s in todo]):
                 self._check_preempted()
                 gen_total += secs
@@ -258,66 +305,39 @@ class ShardGenerator:
                 if len(keys) >= POST_BATCH:
                     futures.append(self.post.submit(self._finish_batch, keys, arrays, seconds))
                     keys, arrays, seconds = [], [], []
-            turn_seconds, generate_finished_ts = time.perf_counter() - turn_start, time.time()
+            turn_seconds, finished_ts = time.perf_counter() - turn_start, time.time()
         # The next shard has the GPU now; the rest of this one runs beside it.
         if keys:
             futures.append(self.post.submit(self._finish_batch, keys, arrays, seconds))
         outcomes: dict[str, Outcome] = {}
         for f in futures:
             outcomes.update(f.result())
+        return Generated(outcomes, gen_total, turn_seconds, started_ts, finished_ts)
 
-        # 3. One row per planned sample: ok, filtered or failed, with its scores.
-        created_at = dt.datetime.now(dt.timezone.utc)
-        rows = [self._row(s, outcomes.get(s.key), created_at, tokens) for s in samples]
+    def _stats(self, name: str, shard_id: int, attempt: int, clock: Clock, rows: list[dict[str, Any]],
+               made: Generated, hashes: dict[str, str]) -> ShardStats:
         counts = Counter(r["status"] for r in rows)
         unsafe = self.detector.unsafe_classes if self.detector else None
-        flagged_by_class = Counter(o.safety.top_class(unsafe) for o in outcomes.values() if o.flagged)
-
-        # 4. Write the tars and the Parquet, then commit with the stats file.
-        main = {k: o.image for k, o in outcomes.items() if o.image is not None and not o.quarantined}
-        quarantine = {k: o.image for k, o in outcomes.items() if o.quarantined}
+        flagged_by_class = Counter(o.safety.top_class(unsafe) for o in made.outcomes.values() if o.flagged)
         # The GPU time this shard used is its turn: its reads and uploads overlap other shards' turns.
-        gpu_seconds = turn_seconds * len(self.worker["gpu_ids"])
-        stats = {
-            "shard": name,
-            "shard_id": shard_id,
-            "fingerprint": self.plan.fingerprint,
-            "samples": len(samples),
-            "ok": counts[STATUS_OK],
-            "filtered": counts[STATUS_FILTERED],
-            "failed": counts[STATUS_FAILED],
-            "images_in_tar": len(main),
-            "quarantined_images": len(quarantine),
-            "flagged": sum(flagged_by_class.values()),
-            "flagged_by_class": dict(sorted(flagged_by_class.items())),
-            "safety_detector": self.spec.safety.detector,
-            "safety_model_sha256": self.detector.model_sha256 if self.detector else None,
-            "attempt": attempt,
-            "batch_size": self.engine.batch_size,
-            # What the engine applied in fact: compile `auto` goes on without compile if the compiler fails.
-            "engine_speed_ups": list(self.engine.applied),
-            "gen_seconds": round(gen_total, 4),
-            "gpu_seconds": round(gpu_seconds, 4),
-            "images_per_gpu_hour": round(len(main) / gpu_seconds * 3600, 1) if gpu_seconds else None,
-            "worker_node": self.worker["node"],
-            "worker_id": self.worker["actor"],
-            "gpu_id": self.worker["gpu_id"],
-            "device": self.engine.device,
-            "dtype": self.engine.dtype,
-            "started_at": started_at,
-            # Epoch seconds, for throughput over a whole job (bench/overhead) and to see the overlap
-            # of one shard's reads and uploads with its neighbours' generation.
-            "started_ts": round(started_ts, 3),
-            "generate_started_ts": round(generate_started_ts, 3),
-            "generate_finished_ts": round(generate_finished_ts, 3),
-        }
-        stats.update(self.writer.write_outputs(name, rows, main, self.schema, quarantine))
-        # Finished: every output is on storage; only the commit marker is left to write.
-        stats.update(finished_at=_now(), finished_ts=round(time.time(), 3),
-                     wall_seconds=round(time.perf_counter() - t0, 4))
-        committed = self.writer.commit(name, stats)
-        self.metrics.record(committed)
-        return committed
+        gpu_seconds = made.turn_seconds * len(self.worker["gpu_ids"])
+        return ShardStats(
+            shard=name, shard_id=shard_id, fingerprint=self.plan.fingerprint,
+            samples=len(rows), ok=counts[STATUS_OK], filtered=counts[STATUS_FILTERED],
+            failed=counts[STATUS_FAILED], images_in_tar=len(made.tar_images),
+            quarantined_images=len(made.quarantined_images),
+            flagged=sum(flagged_by_class.values()), flagged_by_class=dict(sorted(flagged_by_class.items())),
+            safety_detector=self.spec.safety.detector,
+            safety_model_sha256=self.detector.model_sha256 if self.detector else None,
+            attempt=attempt, batch_size=self.engine.batch_size, engine_speed_ups=list(self.engine.applied),
+            dtype=self.engine.dtype, device=self.engine.device, worker_node=self.worker["node"],
+            worker_id=self.worker["actor"], gpu_id=self.worker["gpu_id"],
+            gen_seconds=round(made.gen_seconds, 4), gpu_seconds=round(gpu_seconds, 4),
+            images_per_gpu_hour=round(len(made.tar_images) / gpu_seconds * 3600, 1) if gpu_seconds else None,
+            wall_seconds=round(time.perf_counter() - clock.t0, 4), started_at=clock.started_at, finished_at=_now(),
+            started_ts=round(clock.started_ts, 3), generate_started_ts=round(made.started_ts, 3),
+            generate_finished_ts=round(made.finished_ts, 3), finished_ts=round(time.time(), 3), **hashes,
+        )
 
     def _finish_batch(self, keys: list[str], arrays: list, seconds: list[float]) -> dict[str, Outcome]:
         """Score, act on and encode generated images (seconds: the pipeline's time per image)."""
@@ -416,15 +436,15 @@ class _Metrics:
                                          boundaries=[1, 5, 15, 60, 300, 900, 3600, 10800], tag_keys=tags)
         self.enabled = True
 
-    def record(self, stats: dict[str, Any]) -> None:
+    def record(self, stats: ShardStats) -> None:
         if not self.enabled:
             return
-        values = {"images_generated": stats["ok"] + stats["filtered"], "images_filtered": stats["filtered"],
-                  "images_failed": stats["failed"], "gpu_seconds": stats["gpu_seconds"], "shards_committed": 1}
+        values = {"images_generated": stats.ok + stats.filtered, "images_filtered": stats.filtered,
+                  "images_failed": stats.failed, "gpu_seconds": stats.gpu_seconds, "shards_committed": 1}
         for key, value in values.items():
             if value:
                 self.counters[key].inc(value, tags=self.tags)
-        self.latency.observe(stats["wall_seconds"], tags=self.tags)
+        self.latency.observe(stats.wall_seconds, tags=self.tags)
 
 
 def _node_cpu_threads(gpus_per_worker: float) -> int | None:

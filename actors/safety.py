@@ -15,7 +15,6 @@ does with a flagged image (score >= safety.threshold) is the action's business, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.storage import cached_copy, is_remote
-from schemas.spec import SafetySpec
+from sdfleet.actors.storage import local_copy, weights_sha256
+from sdfleet.schemas.spec import SafetySpec
 
 log = logging.getLogger("sdfleet")
 
@@ -55,33 +54,12 @@ def load_detector(spec: SafetySpec, device: str) -> Detector | None:
     if spec.detector == "none":
         return None
     spec.check_runnable()
-    path = _local_weights(spec)
+    path = local_copy(spec.model, spec.storage_options)
     cls = {"nsfw-detector": NsfwDetector, "clip-checker": ClipChecker, "hf-classifier": HfClassifier}[spec.detector]
     detector = cls(path, spec.resolved_unsafe_classes(), device)
     detector.model_sha256 = weights_sha256(path) if Path(path).exists() else None
     log.info("safety: %s from %s (sha256 %s)", spec.detector, spec.model, (detector.model_sha256 or "?")[:12])
     return detector
-
-
-def _local_weights(spec: SafetySpec) -> str:
-    if is_remote(spec.model):
-        return str(cached_copy(spec.model, spec.storage_options))
-    return spec.model
-
-
-def weights_sha256(path: str | Path) -> str:
-    """The hash of a weights file, or of every file in a weights folder (names and contents)."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and
-                                                 not p.name.startswith(".sdfleet"))
-    outer = hashlib.sha256()
-    for f in files:
-        inner = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                inner.update(chunk)
-        outer.update(f"{f.relative_to(path) if f != path else f.name}\0{inner.hexdigest()}\n".encode())
-    return outer.hexdigest()
 
 
 def _check_classes(detector: str, unsafe: list[str] | None, known) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from sdfleet.schemas.errors import StorageDenied, StorageError, StorageNotFound
+
 log = logging.getLogger("sdfleet")
 
 
@@ -31,6 +33,41 @@ S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
+
+
+def storage_error(e: BaseException, what: str, options: dict[str, Any] | None = None) -> StorageError | None:
+    """`what` ("cannot read s3://b/k") with the cause and what to do, for the storage failures a
+    user can fix; None for anything else. Looks through the exception's chain, since s3fs and
+    pyarrow wrap botocore's errors."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {type(x).__name__ for x in chain}
+    text = " ".join(str(x) for x in chain)
+    endpoint = (options or {}).get("client_kwargs", {}).get("endpoint_url") or (options or {}).get(
+        "endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+        return StorageError(f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                            "(or AWS_PROFILE, or an instance role), or give key/secret in the spec's "
+                            "storage_options; for a public bucket set storage_options: {anon: true}")
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError"}:
+        return StorageError(f"{what}: cannot connect to the S3 endpoint {endpoint or '(AWS default)'}. "
+                            "Check AWS_ENDPOINT_URL or storage_options.endpoint_url, and that the endpoint is up")
+    if "NoSuchBucket" in names or "bucket does not exist" in text:
+        return StorageNotFound(f"{what}: the bucket does not exist{f' at {endpoint}' if endpoint else ''}. "
+                               "Check the bucket name (and the endpoint), or create the bucket")
+    if isinstance(e, PermissionError) or names & {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+        return StorageDenied(f"{what}: access denied ({_first_line(e)}); check the credentials and the "
+                             "bucket policy, or storage_options")
+    if isinstance(e, FileNotFoundError):
+        return StorageNotFound(f"{what}: not found ({_first_line(e)})")
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 class Storage:
@@ -58,11 +95,11 @@ class Storage:
     # ------------------------------------------------------------------ reads
 
     def exists(self, name: str) -> bool:
-        with self._naming(name, "check"):
+        with self.errors(name, "check"):
             return self.fs.exists(self.path(name))
 
     def read_bytes(self, name: str) -> bytes:
-        with self._naming(name, "read"):
+        with self.errors(name, "read"):
             return self.fs.cat_file(self.path(name))
 
     def read_json(self, name: str) -> Any:
@@ -71,7 +108,8 @@ class Storage:
     def list(self, pattern: str) -> list[str]:
         """Names (relative to this folder) matching a glob, sorted."""
         self.fs.invalidate_cache()
-        found = self.fs.glob(self.path(pattern))
+        with self.errors(pattern, "list"):
+            found = self.fs.glob(self.path(pattern))
         prefix = self.root + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p.rsplit("/", 1)[-1] for p in found)
 
@@ -80,7 +118,7 @@ class Storage:
     def write_bytes(self, name: str, data: bytes, exclusive: bool = False) -> None:
         """Write atomically. exclusive=True creates the file only if it does not exist yet (else
         FileExistsError): of two writers racing to commit the same shard, exactly one wins."""
-        with self._naming(name, "write"):
+        with self.errors(name, "write"):
             if self.local:
                 target = Path(self.path(name))
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -106,22 +144,26 @@ class Storage:
         self.write_bytes(name, data, exclusive=exclusive)
 
     @contextlib.contextmanager
-    def _naming(self, name: str, action: str):
-        """Re-raise IO errors with the full URI, so a 403 or 404 says which object and what to do."""
+    def errors(self, name: str, action: str):
+        """Re-raise IO errors as `StorageError`s that name the full URI and what to do.
+
+        FileExistsError passes through untouched: it is how an exclusive create loses a race.
+        """
         try:
             yield
         except FileExistsError:
             raise
-        except PermissionError as e:
-            raise PermissionError(
-                f"cannot {action} {self.url(name)}: access denied ({e}); check the credentials and the "
-                "bucket policy, or storage_options") from e
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"cannot {action} {self.url(name)}: not found ({e})") from e
+        except StorageError:
+            raise
+        except Exception as e:
+            error = storage_error(e, f"cannot {action} {self.url(name)}", self.fs.storage_options)
+            if error is None:
+                raise
+            raise error from e
 
     def put_file(self, local_path: str | Path, name: str) -> None:
         """Upload a finished local file (large tars are spooled to disk, not held in memory)."""
-        with self._naming(name, "write"):
+        with self.errors(name, "write"):
             if self.local:
                 target = Path(self.path(name))
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +176,31 @@ class Storage:
 
 
 # ---------------------------------------------------------------- model cache
+
+
+def local_copy(source: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Where to load a model or weights file from on this node: an `s3://` (or other remote) source
+    is copied once into the node cache (`cached_copy`); a local path has `~` expanded; anything
+    else (a hub id) is returned as given, for `from_pretrained` to resolve."""
+    if is_remote(source):
+        return str(cached_copy(source, storage_options))
+    expanded = Path(source).expanduser()
+    return str(expanded) if expanded.exists() else source
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The hash of a weights file, or of every file in a weights folder (names and contents)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and
+                                                 not p.name.startswith(".sdfleet"))
+    outer = hashlib.sha256()
+    for f in files:
+        inner = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(f"{f.relative_to(path) if f != path else f.name}\0{inner.hexdigest()}\n".encode())
+    return outer.hexdigest()
 
 
 def cached_copy(uri: str, storage_options: dict[str, Any] | None = None, cache_root: str | None = None) -> Path:

@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors.storage import Storage
-from schemas.rows import RUN_COLUMNS
+from sdfleet.actors.storage import Storage
+from sdfleet.schemas import layout
+from sdfleet.schemas.layout import ShardStats
+from sdfleet.schemas.rows import RUN_COLUMNS
 
 log = logging.getLogger("sdfleet")
-
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
 def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -56,7 +56,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ShardWriter:
     def __init__(self, storage: Storage, image_format: str):
         self.storage = storage
-        self.ext = EXTENSIONS[image_format]
+        self.image_format = image_format
 
     def write_outputs(
         self,
@@ -75,14 +75,14 @@ class ShardWriter:
         # 1. Quarantined images first: they must exist before the shard is declared done.
         if quarantine:
             held = [r for r in rows if r["key"] in quarantine]
-            self._write_tar(f"quarantine/{name}.tar", held, quarantine)
-            self._write_parquet(f"quarantine/{name}.parquet", held, schema)
+            self._write_tar(layout.quarantine_tar(name), held, quarantine)
+            self._write_parquet(layout.quarantine_parquet(name), held, schema)
         # 2. The tar: image, caption and row for each sample that has an image, in key order.
         # 3. The Parquet: one row per planned sample, ok, filtered and failed alike.
-        return {"tar_sha256": self._write_tar(f"{name}.tar", rows, images),
-                "parquet_sha256": self._write_parquet(f"{name}.parquet", rows, schema)}
+        return {"tar_sha256": self._write_tar(layout.tar_file(name), rows, images),
+                "parquet_sha256": self._write_parquet(layout.parquet_file(name), rows, schema)}
 
-    def commit(self, name: str, stats: dict) -> dict:
+    def commit(self, name: str, stats: ShardStats) -> ShardStats:
         """Create {name}_stats.json, the commit marker, or reconcile with the writer that beat us to it.
         Returns the stats in effect: these, or those of a writer that committed first.
 
@@ -91,22 +91,22 @@ class ShardWriter:
         one stats file is created; if the Parquet on storage is no longer the one those stats
         describe (we overwrote it after they were written), our stats, which describe it, replace them.
         """
-        target = f"{name}_stats.json"
+        target = layout.stats_file(name)
         try:
-            self.storage.write_json(target, stats, exclusive=True)
+            self.storage.write_json(target, stats.model_dump(mode="json"), exclusive=True)
             return stats
         except FileExistsError:
             pass
-        winner = self.storage.read_json(target)
-        on_storage = hashlib.sha256(self.storage.read_bytes(f"{name}.parquet")).hexdigest()
-        if on_storage == winner.get("parquet_sha256"):
-            log.warning("shard %s was already committed by %s; keeping that commit", name, winner.get("worker_id"))
+        winner = ShardStats.model_validate(self.storage.read_json(target))
+        on_storage = hashlib.sha256(self.storage.read_bytes(layout.parquet_file(name))).hexdigest()
+        if on_storage == winner.parquet_sha256:
+            log.warning("shard %s was already committed by %s; keeping that commit", name, winner.worker_id)
             return winner
-        if on_storage != stats["parquet_sha256"]:
-            raise RuntimeError(f"shard {name}: {self.storage.url(name + '.parquet')} matches neither commit; "
+        if on_storage != stats.parquet_sha256:
+            raise RuntimeError(f"shard {name}: {self.storage.url(layout.parquet_file(name))} matches neither commit; "
                                "a third writer is active. Retrying the shard resolves it.")
         log.warning("shard %s: re-committing so the stats describe the Parquet on storage", name)
-        self.storage.write_json(target, stats)
+        self.storage.write_json(target, stats.model_dump(mode="json"))
         return stats
 
     def _write_tar(self, target: str, rows: list[dict[str, Any]], images: dict[str, bytes]) -> str:
@@ -118,7 +118,7 @@ class ShardWriter:
                         continue
                     key = row["key"]
                     meta = {k: v for k, v in row.items() if k not in RUN_COLUMNS}
-                    _tar_member(tar, f"{key}.{self.ext}", data)
+                    _tar_member(tar, layout.image_member(key, self.image_format), data)
                     _tar_member(tar, f"{key}.txt", (row["prompt"] or "").encode())
                     _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
             spool.flush()
