@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
-from jobs.preview import PreviewError
-from schemas.spec import SpecError, load_spec
+from sdfleet.schemas.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_REFUSED, UserError
+from sdfleet.schemas.spec import load_spec
+
+log = logging.getLogger("sdfleet")
+
+QUIET_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3")
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
@@ -35,12 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny models, sample prompts, local Ray, a local dataset")
     p.add_argument("dir", nargs="?", default="sdfleet-demo", help="working folder (default: ./sdfleet-demo)")
 
-    from jobs.preview import add_preview_arguments
-    from jobs.score import add_arguments as add_score_arguments
+    from sdfleet.jobs import preview, score
 
-    add_preview_arguments(sub.add_parser("preview", help="contact sheet, X/Y grid or HTML gallery of an output"))
-
-    add_score_arguments(sub.add_parser("score", help="CLIP score per image and FID per sweep point of an output"))
+    preview.add_arguments(sub.add_parser("preview", help="contact sheet, X/Y grid or HTML gallery of an output"))
+    score.add_arguments(sub.add_parser("score", help="CLIP score per image and FID per sweep point of an output"))
 
     p = sub.add_parser("tiny-models", help="write the tiny random-weight pipeline and safety detectors")
     p.add_argument("dir", help="folder to write into")
@@ -54,53 +57,71 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        # The S3 stack narrates every client it builds ("Found credentials in environment variables")
+        # at INFO: noise in a default run, and the `-v` run still shows it.
+        for name in QUIET_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return _dispatch(args)
-    except (SpecError, PreviewError, PermissionError, FileNotFoundError) as e:
-        # Refused before any work: a bad spec, bad input, or storage the driver cannot reach.
-        print(f"sdfleet: error: {e}", file=sys.stderr)
-        from jobs.preview import _collect
+    except Exception as e:
+        return _refuse(e, args.verbose)
 
-        return _collect(1)
+
+def _refuse(e: Exception, verbose: bool) -> int:
+    """The one error policy: a failure the user can fix is one line (the value or URI and what to
+    do) and exit 1, with the traceback only under -v. Anything else is a bug and keeps its traceback."""
+    from sdfleet.actors.storage import storage_error
+
+    error = e if isinstance(e, UserError) else storage_error(e, "storage")
+    if error is None:
+        raise e
+    if verbose:
+        log.error("traceback of the error below", exc_info=e)
+    print(f"sdfleet: error: {error}", file=sys.stderr)
+    # Free the failed call's frames now: Arrow objects left in a traceback cycle until interpreter
+    # teardown abort the process ("terminate called without an active exception").
+    del e, error
+    gc.collect()
+    return EXIT_REFUSED
 
 
 def _dispatch(args) -> int:
     if args.command == "plan":
         return _plan(load_spec(args.spec, args.overrides))
     if args.command == "run":
-        from jobs.run import JobRunner
+        from sdfleet.jobs.run import JobRunner
 
         spec = load_spec(args.spec, args.overrides)
         return JobRunner(spec, address=args.address, progress=not args.no_progress).run()
     if args.command == "status":
         return _status(args.output)
     if args.command == "demo":
-        from jobs.demo import run_demo
+        from sdfleet.jobs.demo import run_demo
 
         return run_demo(args.dir)
     if args.command == "preview":
-        from jobs.preview import run_preview
+        from sdfleet.jobs.preview import command
 
-        run_preview(args.output, args.out, args.grid, args.prompt_id, args.html, args.show_filtered, args.limit)
-        return 0
+        return command(args)
     if args.command == "score":
-        from jobs.score import score_from_args
+        from sdfleet.jobs.score import command
 
-        return score_from_args(args)
+        return command(args)
     if args.command == "tiny-models":
-        from actors.tiny import write_tiny_models
+        from sdfleet.jobs.tiny import write_tiny_models
 
         for what, path in write_tiny_models(args.dir).items():
             print(f"{what:14} {path}")
-        return 0
+        return EXIT_OK
     raise AssertionError(args.command)
 
 
 def _plan(spec) -> int:
-    from jobs.plan import Planner
+    from sdfleet.jobs.plan import Planner, estimate
 
     plan = Planner(spec).plan()
-    est = plan.estimate()
+    est = estimate(plan)
     axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())
     seeds = spec.sweep.num_seeds()
     print(f"job           {spec.name}")
@@ -120,31 +141,27 @@ def _plan(spec) -> int:
     if plan.duplicate_rows:
         print(f"warning       {len(plan.duplicate_rows)} row(s) repeat an earlier prompt id; they will be recorded failed")
     print(f"fingerprint   {plan.fingerprint}")
-    return 0
+    return EXIT_OK
 
 
 def _status(output: str) -> int:
-    from actors.storage import Storage
-    from jobs.finalize import JOB_FILE, SUCCESS_FILE, survey
+    from sdfleet.jobs.output import OutputReader
+    from sdfleet.schemas import layout
 
-    storage = Storage(output)
-    if not storage.exists(JOB_FILE):
-        raise SpecError(f"{output} has no {JOB_FILE}: it is not an sdfleet output (or the job never started)")
-    job = storage.read_json(JOB_FILE)
-    s = survey(storage, job)
+    reader = OutputReader.open(output)
+    s = reader.survey()
     t = s.totals()
-    print(f"output       {storage.url()}")
-    print(f"job          {job['spec']['name']} (fingerprint {job['fingerprint']})")
+    print(f"output       {reader.storage.url()}")
+    print(f"job          {reader.name} (fingerprint {reader.job['fingerprint']})")
     print(f"shards       {len(s.committed)} committed, {len(s.pending)} pending, {len(s.quarantined)} quarantined "
           f"of {s.num_shards}")
     print(f"samples      {s.committed_samples}/{s.num_samples} with rows: {t['ok']} ok, {t['filtered']} filtered, "
           f"{t['failed']} failed")
     for name, failed in sorted(s.quarantined.items()):
-        last = failed["errors"][-1]["error"].strip().splitlines()[-1] if failed.get("errors") else "?"
-        print(f"  quarantined {name}: {last}")
-    complete = s.complete and storage.exists(SUCCESS_FILE)
+        print(f"  quarantined {name}: {failed.last_error_line()}")
+    complete = s.complete and reader.storage.exists(layout.SUCCESS_FILE)
     print(f"complete     {'yes' if complete else 'no'}")
-    return 0 if complete else 2
+    return EXIT_OK if complete else EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":

@@ -50,13 +50,13 @@ def demo_spec(root: Path) -> dict:
 
 
 def run_demo(directory: str) -> int:
-    from jobs.run import JobRunner
-    from schemas.spec import load_spec
+    from sdfleet.jobs.run import JobRunner
+    from sdfleet.schemas.spec import load_spec
 
     root = Path(directory).absolute()
     # 1. The tiny model and the prompt table, made once.
     if not (root / "models" / "tiny-nsfw.h5").exists():
-        from actors.tiny import write_tiny_models
+        from sdfleet.jobs.tiny import write_tiny_models
 
         write_tiny_models(root / "models")
     if not (root / "prompts").exists():
@@ -69,7 +69,7 @@ def run_demo(directory: str) -> int:
     code = JobRunner(load_spec(spec_path)).run()
     out = root / "output"
     # 4. A contact sheet to look at right away.
-    from jobs.preview import run_preview
+    from sdfleet.jobs.preview import run_preview
 
     sheet = run_preview(str(out)) if code == 0 else None
     print(

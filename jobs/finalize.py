@@ -1,116 +1,63 @@
-"""What an output folder holds, and the files that declare a dataset complete.
+"""The files that declare a dataset complete: sizes.json, the dataset card and, last, _SUCCESS.
 
-`Survey` reads only the small files (stats, failed markers, Parquet footers), so `sdfleet status`
-is cheap on a dataset of any size. `Finalizer` writes sizes.json, the dataset card and, last,
-_SUCCESS, and only when every planned sample has exactly one row.
+They are written only when every planned sample has exactly one row (`OutputReader.survey` says
+which shards are committed; the Parquet footers are counted again here before anything is written).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from actors.storage import Storage
-from schemas.samples import shard_name
-
-JOB_FILE = "_job.json"
-CARD_SHEET = "preview/card_contact_sheet.png"  # a small sample of the images, shown by the dataset card
-SUCCESS_FILE = "_SUCCESS"
+from sdfleet.jobs.output import OutputReader, Survey
+from sdfleet.schemas import layout
 
 
-@dataclass
-class Survey:
-    num_shards: int
-    num_samples: int
-    committed: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard name -> stats
-    quarantined: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard name -> failed record
-    pending: list[str] = field(default_factory=list)
-
-    @property
-    def committed_samples(self) -> int:
-        return sum(s["samples"] for s in self.committed.values())
-
-    @property
-    def complete(self) -> bool:
-        return not self.pending and not self.quarantined and self.committed_samples == self.num_samples
-
-    def totals(self) -> dict[str, Any]:
-        keys = ("samples", "ok", "filtered", "failed", "images_in_tar", "quarantined_images", "flagged",
-                "gpu_seconds", "gen_seconds")
-        out: dict[str, Any] = {k: round(sum(s.get(k, 0) for s in self.committed.values()), 3) for k in keys}
-        by_class: dict[str, int] = {}
-        for s in self.committed.values():
-            for cls, n in s.get("flagged_by_class", {}).items():
-                by_class[cls] = by_class.get(cls, 0) + n
-        out["flagged_by_class"] = dict(sorted(by_class.items()))
-        out["images_per_gpu_hour"] = round(out["ok"] / out["gpu_seconds"] * 3600, 1) if out["gpu_seconds"] else None
-        out["dtypes"] = sorted({s["dtype"] for s in self.committed.values() if s.get("dtype")})
-        out["safety_model_sha256"] = sorted({s["safety_model_sha256"] for s in self.committed.values()
-                                             if s.get("safety_model_sha256")})
-        return out
-
-
-def survey(storage: Storage, job: dict[str, Any]) -> Survey:
-    """Classify every planned shard of the job recorded in `_job.json` as committed, quarantined or pending."""
-    width = job["key_width"]
-    names = [shard_name(i, width) for i in range(job["num_shards"])]
-    stats_files = set(storage.list("*_stats.json"))
-    failed_files = set(storage.list("*_failed.json"))
-    out = Survey(num_shards=job["num_shards"], num_samples=job["num_samples"])
-    for name in names:
-        if f"{name}_stats.json" in stats_files:
-            stats = storage.read_json(f"{name}_stats.json")
-            if stats.get("fingerprint") == job["fingerprint"]:
-                out.committed[name] = stats
-                continue
-        if f"{name}_failed.json" in failed_files:
-            out.quarantined[name] = storage.read_json(f"{name}_failed.json")
-        else:
-            out.pending.append(name)
-    return out
+class IncompleteOutput(RuntimeError):
+    """Committed shards that do not add up to the plan: an output damaged by hand, or a bug."""
 
 
 class Finalizer:
-    def __init__(self, storage: Storage, job: dict[str, Any]):
-        self.storage = storage
-        self.job = job
+    def __init__(self, reader: OutputReader):
+        self.reader = reader
+        self.storage = reader.storage
 
-    def finalize(self, s: Survey) -> bool:
+    def finalize(self) -> bool:
         """Write sizes.json, README.md and _SUCCESS if the dataset is complete. Returns completeness."""
+        s = self.reader.survey(refresh=True)
         if not s.complete:
             return False
         # 1. Verify from the Parquet footers themselves: one row per planned sample, no more.
         rows = 0
-        for name in s.committed:
-            with self.storage.fs.open(self.storage.path(f"{name}.parquet"), "rb") as fh:
-                n = pq.ParquetFile(fh).metadata.num_rows
-            if n != s.committed[name]["samples"]:
-                raise RuntimeError(f"{name}.parquet has {n} rows but its stats say {s.committed[name]['samples']}")
+        for name, stats in s.committed.items():
+            n = self.reader.parquet_rows(name)
+            if n != stats.samples:
+                raise IncompleteOutput(f"{self.storage.url(layout.parquet_file(name))} has {n} rows but its "
+                                       f"stats say {stats.samples}")
             rows += n
         if rows != s.num_samples:
-            raise RuntimeError(f"the shards hold {rows} rows but {s.num_samples} samples were planned")
+            raise IncompleteOutput(f"the shards hold {rows} rows but {s.num_samples} samples were planned")
         # 2. The results join the job record (its spec and fingerprint stay as they were), then
         #    sizes.json, the dataset card, and the marker last.
+        job = self.reader.job
         t = s.totals()
-        self.storage.write_json(JOB_FILE, {**self.job, "results": {
+        self.storage.write_json(layout.JOB_FILE, {**job, "results": {
             "samples": t["samples"], "ok": t["ok"], "filtered": t["filtered"], "failed": t["failed"],
-            "safety": {"detector": self.job["spec"]["safety"]["detector"], "model_sha256": t["safety_model_sha256"],
+            "safety": {"detector": job["spec"]["safety"]["detector"], "model_sha256": t["safety_model_sha256"],
                        "flagged": t["flagged"], "flagged_by_class": t["flagged_by_class"],
-                       "action": self.job["spec"]["safety"]["action"]},
+                       "action": job["spec"]["safety"]["action"]},
             "gpu_seconds": t["gpu_seconds"],
         }})
-        self.storage.write_json("sizes.json", {f"{n}.tar": st["images_in_tar"] for n, st in sorted(s.committed.items())})
+        self.storage.write_json(layout.SIZES_FILE, {layout.tar_file(n): st.images_in_tar
+                                                    for n, st in sorted(s.committed.items())})
         sheet = None
         if t["images_in_tar"]:
-            from jobs.preview import small_contact_sheet
+            from sdfleet.jobs.preview import small_contact_sheet
 
-            sheet = CARD_SHEET
-            self.storage.write_bytes(sheet, small_contact_sheet(self.storage))
-        self.storage.write_bytes("README.md", dataset_card(self.job, s, sheet).encode())
-        self.storage.write_bytes(SUCCESS_FILE, b"")
+            sheet = layout.CARD_SHEET
+            self.storage.write_bytes(sheet, small_contact_sheet(self.reader))
+        self.storage.write_bytes(layout.CARD_FILE, dataset_card(job, s, sheet).encode())
+        self.storage.write_bytes(layout.SUCCESS_FILE, b"")
         return True
 
 
@@ -118,7 +65,7 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
     spec = job["spec"]
     t = s.totals()
     gpu_hours = t["gpu_seconds"] / 3600
-    ext = {"jpeg": "jpg"}.get(spec["output"]["image_format"], spec["output"]["image_format"])
+    ext = layout.IMAGE_EXTENSIONS[spec["output"]["image_format"]]
     axes = spec["sweep"]["axes"]
     seeds = spec["sweep"]["seeds"]
     gen = spec["generation"]

@@ -1,121 +1,42 @@
 """Planning: list the input, read Parquet footers only, expand the sweep, cut samples into shards.
 
-A plan holds no per-sample data. A shard is a range of global sample indices; sample s is sweep
-point s % P of global prompt row s // P, so planning 10M prompts costs the same as 10.
+The plan's data types live in `sdfleet.schemas.plan`, so that workers type against them.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actors.storage import Storage, is_remote
-from schemas.rows import TEXT_TYPES, output_schema
-from schemas.samples import key_width, shard_name, sweep_points
-from schemas.spec import JobSpec, SpecError
+from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.schemas.errors import InputError, SpecError, StorageError
+from sdfleet.schemas.plan import InputFile, Plan
+from sdfleet.schemas.rows import TEXT_TYPES, output_schema
+from sdfleet.schemas.samples import sweep_points
+from sdfleet.schemas.spec import JobSpec
 
 _GLOB_CHARS = set("*?[")
 
 
-class InputError(SpecError):
-    """The input cannot be used as given. The message names the file and what to do."""
-
-
-@dataclass
-class InputFile:
-    uri: str
-    size: int
-    rows: int
-    row_groups: list[int]  # rows in each row group, to read only the groups a shard touches
-
-    @property
-    def stem(self) -> str:
-        return self.uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-
-
-@dataclass
-class Plan:
-    spec: JobSpec
-    files: list[InputFile]
-    points: list[dict[str, Any]]
-    passthrough_schema: pa.Schema
-    row_offsets: list[int] = field(default_factory=list)  # global index of each file's first row
-    # Rows whose prompt id appeared earlier in the input: global row -> global row of the first.
-    duplicate_rows: dict[int, int] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not self.row_offsets:
-            offsets, total = [], 0
-            for f in self.files:
-                offsets.append(total)
-                total += f.rows
-            self.row_offsets = offsets
-
-    @property
-    def num_rows(self) -> int:
-        return sum(f.rows for f in self.files)
-
-    @property
-    def num_samples(self) -> int:
-        return self.num_rows * len(self.points)
-
-    @property
-    def samples_per_shard(self) -> int:
-        return self.spec.output.samples_per_shard
-
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.num_samples / self.samples_per_shard)
-
-    @property
-    def key_width(self) -> int:
-        return key_width(self.num_shards)
-
-    def locate(self, row: int) -> str:
-        """'<file>:<row in file>' for a global row index, for messages."""
-        for f, offset in zip(reversed(self.files), reversed(self.row_offsets)):
-            if row >= offset:
-                return f"{f.uri.rsplit('/', 1)[-1]}:{row - offset}"
-        raise IndexError(row)
-
-    def shard_range(self, shard_id: int) -> tuple[int, int]:
-        start = shard_id * self.samples_per_shard
-        return start, min(start + self.samples_per_shard, self.num_samples)
-
-    def shard_name(self, shard_id: int) -> str:
-        return shard_name(shard_id, self.key_width)
-
-    def output_schema(self) -> pa.Schema:
-        return output_schema(self.passthrough_schema)
-
-    def input_manifest(self) -> list[dict[str, Any]]:
-        return [{"uri": f.uri, "size": f.size, "rows": f.rows} for f in self.files]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.spec.fingerprint(self.input_manifest())
-
-    def estimate(self) -> dict[str, Any]:
-        """FLOPs, GPU-hours and cost from the architecture's FLOPs and a sustained throughput."""
-        tflop = 0.0
-        gen = self.spec.generation
-        for point in self.points:
-            steps = point.get("num_inference_steps", gen.num_inference_steps)
-            pixels = point.get("width", gen.width) * point.get("height", gen.height) / 512**2
-            cfg = 1.0 if point.get("guidance_scale", gen.guidance_scale) > 1 else 0.5
-            tflop += _UNET_TFLOP_CFG * cfg * steps * pixels + _VAE_TFLOP * pixels + _TEXT_TFLOP
-        tflop *= self.num_rows
-        res = self.spec.resources
-        sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops)
-        gpu_hours = tflop / sustained / 3600
-        cost = gpu_hours * res.gpu_hour_usd if res.gpu_hour_usd is not None else None
-        return {"tflop": tflop, "gpu_hours": gpu_hours, "cost_usd": cost, "sustained_tflops": sustained,
-                "throughput_source": source, "images_per_gpu_hour": self.num_samples / gpu_hours if gpu_hours else None}
+def estimate(plan: Plan) -> dict[str, Any]:
+    """FLOPs, GPU-hours and cost from the architecture's FLOPs and a sustained throughput."""
+    tflop = 0.0
+    gen = plan.spec.generation
+    for point in plan.points:
+        steps = point.get("num_inference_steps", gen.num_inference_steps)
+        pixels = point.get("width", gen.width) * point.get("height", gen.height) / 512**2
+        cfg = 1.0 if point.get("guidance_scale", gen.guidance_scale) > 1 else 0.5
+        tflop += _UNET_TFLOP_CFG * cfg * steps * pixels + _VAE_TFLOP * pixels + _TEXT_TFLOP
+    tflop *= plan.num_rows
+    res = plan.spec.resources
+    sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops)
+    gpu_hours = tflop / sustained / 3600
+    cost = gpu_hours * res.gpu_hour_usd if res.gpu_hour_usd is not None else None
+    return {"tflop": tflop, "gpu_hours": gpu_hours, "cost_usd": cost, "sustained_tflops": sustained,
+            "throughput_source": source, "images_per_gpu_hour": plan.num_samples / gpu_hours if gpu_hours else None}
 
 
 # SD2-base at 512² (counted on meta tensors; see FACTS.md). Cost scales with latent pixels.
@@ -172,7 +93,7 @@ class Planner:
         chunks = []
         for f in plan.files:
             storage = Storage(f.uri, self.storage_options)
-            with storage.fs.open(storage.root, "rb") as fh:
+            with storage.errors("", "read"), storage.fs.open(storage.root, "rb") as fh:
                 chunks += pq.read_table(fh, columns=[column]).column(column).cast(pa.string()).chunks
         ids = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
         del chunks
@@ -193,10 +114,16 @@ class Planner:
     def _read_footer(self, uri: str) -> tuple[InputFile, pa.Schema]:
         storage = Storage(uri, self.storage_options)
         try:
-            size = storage.fs.size(storage.root)
-            with storage.fs.open(storage.root, "rb") as fh:
-                meta = pq.ParquetFile(fh).metadata
-                schema = meta.schema.to_arrow_schema()
+            with storage.errors("", "read"):
+                size = storage.fs.size(storage.root)
+                with storage.fs.open(storage.root, "rb") as fh:
+                    meta = pq.ParquetFile(fh).metadata
+                    schema = meta.schema.to_arrow_schema()
+        except StorageError as e:
+            if not isinstance(e, (FileNotFoundError, PermissionError)):
+                raise  # credentials or endpoint: the message already says what to set
+            raise InputError(f"input file {uri} {'does not exist' if isinstance(e, FileNotFoundError) else 'cannot be read'}"
+                             f": {e}") from None
         except FileNotFoundError:
             raise InputError(f"input file {uri} does not exist") from None
         except PermissionError as e:
@@ -247,14 +174,19 @@ def list_parquet(uri: str, storage_options: dict[str, Any] | None = None) -> lis
     storage = Storage(uri, storage_options)
     fs, root = storage.fs, storage.root
     protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
-    if _GLOB_CHARS & set(uri):
-        found = sorted(fs.glob(root))
-    elif fs.isdir(root):
-        found = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
-    elif fs.exists(root):
-        found = [root]
-    else:
-        raise InputError(f"input.uri {uri} does not exist; give a Parquet file, a folder or prefix, or a glob")
+    with storage.errors("", "list"):
+        if _GLOB_CHARS & set(uri):
+            found = sorted(fs.glob(root))
+        elif fs.isdir(root):
+            found = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+        elif fs.exists(root):
+            found = [root]
+        else:
+            bucket = root.split("/", 1)[0]
+            if is_remote(uri) and not fs.exists(bucket):
+                raise InputError(f"input.uri {uri} does not exist: there is no bucket {bucket!r} at this endpoint; "
+                                 "check the bucket name, AWS_ENDPOINT_URL or input.storage_options")
+            raise InputError(f"input.uri {uri} does not exist; give a Parquet file, a folder or prefix, or a glob")
     if not found:
         raise InputError(f"input.uri {uri} matches no Parquet files")
     return [protocol + p if protocol and not p.startswith(protocol) else p for p in found]

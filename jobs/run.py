@@ -1,4 +1,4 @@
-"""`sdfleet run`: plan, check, dispatch, finalize. Exit codes: 0 complete, 1 refused, 2 quarantined."""
+"""`sdfleet run`: plan, check, claim the output, dispatch, finalize."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ import logging
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
-
-from actors.storage import Storage, is_remote
-from jobs.finalize import JOB_FILE, Finalizer, survey
-from jobs.plan import Plan, Planner
-from schemas.spec import JobSpec, SpecError, diff_fingerprint_fields
+from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.jobs.finalize import Finalizer
+from sdfleet.jobs.output import OutputReader
+from sdfleet.jobs.plan import Planner
+from sdfleet.schemas import layout
+from sdfleet.schemas.errors import EXIT_INCOMPLETE, EXIT_OK, SpecError
+from sdfleet.schemas.plan import Plan
+from sdfleet.schemas.spec import JobSpec, diff_fingerprint_fields
 
 log = logging.getLogger("sdfleet")
-
-EXIT_OK, EXIT_REFUSED, EXIT_QUARANTINED = 0, 1, 2
 
 _VERSIONED = ("sdfleet", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "pillow")
 
@@ -63,20 +64,24 @@ class JobRunner:
         self._preflight()
 
         # 3. Claim the output, or resume it if it holds this very job.
-        job = self._claim_output(plan)
+        self._claim_output(plan)
+        reader = OutputReader(self.storage)
 
         # 4. Dispatch every shard that is not committed yet.
-        before = survey(self.storage, job)
+        before = reader.survey()
         pending = [int(n) for n in before.pending + list(before.quarantined)]
         if pending:
             if before.committed:
                 log.info("resuming: %d shards committed, %d to do", len(before.committed), len(pending))
-            from jobs.dispatch import Dispatcher, WorkerStartError, connect_ray
+            from sdfleet.jobs.dispatch import Dispatcher, WorkerStartError
+            from sdfleet.jobs.pool import connect_ray
 
             embedded = connect_ray(self.address)
             try:
-                dispatcher = Dispatcher(plan, self.storage, self.progress, embedded=embedded)
-                result = dispatcher.run(pending, before.committed_samples, before.totals()["gpu_seconds"])
+                dispatcher = Dispatcher(plan, self.storage, pending, progress=self.progress, embedded=embedded,
+                                        done_samples=before.committed_samples,
+                                        spent_gpu_seconds=before.totals()["gpu_seconds"])
+                result = dispatcher.run()
             except WorkerStartError as e:
                 print(f"sdfleet: error: {e}", file=sys.stderr)
             else:
@@ -91,26 +96,25 @@ class JobRunner:
             log.info("all %d shards already committed; nothing to generate", plan.num_shards)
 
         # 5. Finalize: sizes.json, the card and _SUCCESS, only if every planned sample has its row.
-        after = survey(self.storage, job)
-        if Finalizer(self.storage, job).finalize(after):
+        finalizer = Finalizer(reader)
+        if finalizer.finalize():
+            after = reader.survey()
             t = after.totals()
             print(f"dataset complete: {t['ok']} images, {t['filtered']} filtered, {t['failed']} failed "
                   f"in {after.num_shards} shards at {self.storage.url()}", file=sys.stderr)
             return EXIT_OK
+        after = reader.survey()
         print(f"dataset incomplete: {len(after.committed)}/{after.num_shards} shards committed, "
               f"{len(after.quarantined)} quarantined, {len(after.pending)} pending. "
               f"Rerun the same command to retry.", file=sys.stderr)
-        return EXIT_QUARANTINED
+        return EXIT_INCOMPLETE
 
     def _preflight(self) -> None:
-        from actors.engine import ModelLoadError, check_model_source, check_scheduler_names
+        from sdfleet.actors.engine import check_model_source, check_scheduler_names
 
         names = {self.spec.model.scheduler, *self.spec.sweep.axes.get("scheduler", [])} - {None}
-        try:
-            check_model_source(self.spec.model)
-            check_scheduler_names(sorted(names))
-        except ModelLoadError as e:
-            raise SpecError(str(e)) from None
+        check_model_source(self.spec.model)
+        check_scheduler_names(sorted(names))
         safety = self.spec.safety
         safety.check_runnable()
         if safety.model and not is_remote(safety.model) and safety.model.startswith((".", "/", "~")):
@@ -119,10 +123,10 @@ class JobRunner:
 
     def _claim_output(self, plan: Plan) -> dict[str, Any]:
         record = job_record(plan)
-        if not self.storage.exists(JOB_FILE):
-            self.storage.write_json(JOB_FILE, record)
+        if not self.storage.exists(layout.JOB_FILE):
+            self.storage.write_json(layout.JOB_FILE, record)
             return record
-        existing = self.storage.read_json(JOB_FILE)
+        existing = self.storage.read_json(layout.JOB_FILE)
         if existing.get("fingerprint") != plan.fingerprint:
             changed = diff_fingerprint_fields(existing.get("fingerprint_fields", {}), record["fingerprint_fields"])
             if existing.get("input_files") != record["input_files"]:
@@ -138,6 +142,6 @@ class JobRunner:
         print(f"{len(quarantined)} shard(s) quarantined after {self.spec.resources.max_attempts} attempts:",
               file=sys.stderr)
         for shard_id, task in sorted(quarantined.items()):
-            last = task.errors[-1]["error"].strip().splitlines() if task.errors else ["?"]
-            print(f"  {plan.shard_name(shard_id)}: {last[-1]}  (see {plan.shard_name(shard_id)}_failed.json)",
-                  file=sys.stderr)
+            last = task.errors[-1].error.strip().splitlines() if task.errors else ["?"]
+            name = plan.shard_name(shard_id)
+            print(f"  {name}: {last[-1]}  (see {layout.failed_file(name)})", file=sys.stderr)

@@ -32,7 +32,8 @@ def _byte_symbols() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def _tokenizer():
+def clip_tokenizer():
+    """A CLIP BPE tokenizer made locally (no hub): byte-level symbols and a few merges, 77 tokens."""
     from transformers import CLIPTokenizer
 
     base = _byte_symbols()
@@ -59,7 +60,7 @@ def write_tiny_pipeline(path: str | os.PathLike) -> pathlib.Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = _tokenizer()
+    tokenizer = clip_tokenizer()
     hidden = 32
 
     torch.manual_seed(0)
@@ -209,7 +210,7 @@ def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
 
 # --------------------------------------------------------------------------- tiny scoring models
 # For `sdfleet score` tests: random weights in the real formats, loaded through the real loaders
-# (CLIPModel/CLIPProcessor.from_pretrained with safetensors; jobs.score.load_feature_extractor).
+# (CLIPModel/CLIPProcessor.from_pretrained with safetensors; jobs.score.inception.load_feature_extractor).
 
 
 def write_tiny_clip(path: str | os.PathLike) -> pathlib.Path:
@@ -217,7 +218,7 @@ def write_tiny_clip(path: str | os.PathLike) -> pathlib.Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tokenizer = _tokenizer()
+    tokenizer = clip_tokenizer()
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
@@ -251,10 +252,10 @@ def write_tiny_inception(path: str | os.PathLike) -> pathlib.Path:
     import torch
     from safetensors.torch import save_file
 
-    from jobs.score import ARCH_METADATA_KEY, ARCH_TINY, feature_extractor_class
+    from sdfleet.jobs.score.inception import ARCH_METADATA_KEY, TinyFeatureExtractor
 
     torch.manual_seed(0)
-    net = feature_extractor_class(ARCH_TINY)()
+    net = TinyFeatureExtractor()
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -264,5 +265,5 @@ def write_tiny_inception(path: str | os.PathLike) -> pathlib.Path:
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    save_file(state, str(out), metadata={ARCH_METADATA_KEY: ARCH_TINY})
+    save_file(state, str(out), metadata={ARCH_METADATA_KEY: TinyFeatureExtractor.arch})
     return out

@@ -1,0 +1,214 @@
+"""Reading an output folder: the one reader that `status`, `preview`, `score` and the finalizer share.
+
+It reads what a committed shard holds and nothing else: a shard counts once its stats file
+exists and carries the job's fingerprint (`Survey`). Rows come from its Parquet; images are
+streamed from its tar by key, stopping as soon as the wanted keys are seen (members are in key
+order), so a preview of the first samples reads the start of the first tars only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from sdfleet.actors.storage import Storage
+from sdfleet.schemas import layout
+from sdfleet.schemas.errors import StorageError, UserError
+from sdfleet.schemas.layout import FailedShard, ShardStats
+from sdfleet.schemas.rows import STATUS_FILTERED, STATUS_OK
+from sdfleet.schemas.samples import shard_name
+
+log = logging.getLogger("sdfleet")
+
+
+class NotAnOutput(UserError, FileNotFoundError):
+    """The URI holds no job record: not an sdfleet output, or a job that never started."""
+
+
+@dataclass
+class Survey:
+    """Every planned shard of one job, classified as committed, quarantined or pending."""
+
+    num_shards: int
+    num_samples: int
+    committed: dict[str, ShardStats] = field(default_factory=dict)  # shard name -> its stats
+    quarantined: dict[str, FailedShard] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+
+    @property
+    def committed_samples(self) -> int:
+        return sum(s.samples for s in self.committed.values())
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending and not self.quarantined and self.committed_samples == self.num_samples
+
+    def totals(self) -> dict[str, Any]:
+        """Counts and times summed over the committed shards, for status, the card and budgets."""
+        shards = list(self.committed.values())
+        keys = ("samples", "ok", "filtered", "failed", "images_in_tar", "quarantined_images", "flagged",
+                "gpu_seconds", "gen_seconds")
+        out: dict[str, Any] = {k: round(sum(getattr(s, k) for s in shards), 3) for k in keys}
+        by_class: dict[str, int] = {}
+        for s in shards:
+            for cls, n in s.flagged_by_class.items():
+                by_class[cls] = by_class.get(cls, 0) + n
+        out["flagged_by_class"] = dict(sorted(by_class.items()))
+        out["images_per_gpu_hour"] = round(out["ok"] / out["gpu_seconds"] * 3600, 1) if out["gpu_seconds"] else None
+        out["dtypes"] = sorted({s.dtype for s in shards})
+        out["safety_model_sha256"] = sorted({s.safety_model_sha256 for s in shards if s.safety_model_sha256})
+        return out
+
+
+class OutputReader:
+    """One output (local folder or object-store prefix), read lazily and cached per shard."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self._job: dict[str, Any] | None = None
+        self._survey: Survey | None = None
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._quarantined: set[str] | None = None
+
+    @classmethod
+    def open(cls, uri: str, storage_options: dict[str, Any] | None = None) -> OutputReader:
+        return cls(Storage(uri, storage_options))
+
+    # ------------------------------------------------------------------ the job and its shards
+
+    @property
+    def job(self) -> dict[str, Any]:
+        """The job record (`_job.json`); NotAnOutput if there is none."""
+        if self._job is None:
+            try:
+                self._job = self.storage.read_json(layout.JOB_FILE)
+            except FileNotFoundError:
+                raise NotAnOutput(f"{self.storage.url()} has no {layout.JOB_FILE}: it is not an sdfleet output "
+                                  "(or its job never started)") from None
+        return self._job
+
+    @property
+    def name(self) -> str:
+        return str(self.job["spec"].get("name") or self.storage.url().rstrip("/").rsplit("/", 1)[-1])
+
+    def survey(self, refresh: bool = False) -> Survey:
+        """Classify every planned shard. Reads the stats and failed records only, never the data."""
+        if self._survey is not None and not refresh:
+            return self._survey
+        job = self.job
+        names = [shard_name(i, job["key_width"]) for i in range(job["num_shards"])]
+        stats_files = set(self.storage.list(layout.STATS_GLOB))
+        failed_files = set(self.storage.list(layout.FAILED_GLOB))
+        out = Survey(num_shards=job["num_shards"], num_samples=job["num_samples"])
+        for name in names:
+            if layout.stats_file(name) in stats_files:
+                stats = self._record(ShardStats, layout.stats_file(name))
+                if stats.fingerprint == job["fingerprint"]:
+                    out.committed[name] = stats
+                    continue
+            if layout.failed_file(name) in failed_files:
+                out.quarantined[name] = self._record(FailedShard, layout.failed_file(name))
+            else:
+                out.pending.append(name)
+        self._survey = out
+        return out
+
+    def _record(self, model, name: str):
+        try:
+            return model.model_validate(self.storage.read_json(name))
+        except (ValueError, ValidationError) as e:
+            raise StorageError(f"{self.storage.url(name)} is not a valid {model.__name__} record ({e}); "
+                               "it was not written by this version of sdfleet") from None
+
+    @property
+    def shards(self) -> list[str]:
+        """The committed shards, in key order: the only ones a reader sees."""
+        return sorted(self.survey().committed)
+
+    # ------------------------------------------------------------------ rows
+
+    def rows(self, shard: str) -> list[dict[str, Any]]:
+        """The shard's Parquet rows in key order; `_shard` names the shard."""
+        if shard not in self._rows:
+            table = pq.read_table(io.BytesIO(self.storage.read_bytes(layout.parquet_file(shard))))
+            rows = sorted(table.to_pylist(), key=lambda r: r["key"])
+            for r in rows:
+                r["_shard"] = shard
+            self._rows[shard] = rows
+        return self._rows[shard]
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        for shard in self.shards:
+            yield from self.rows(shard)
+
+    def parquet_rows(self, shard: str) -> int:
+        """Rows in the shard's Parquet, from its footer alone."""
+        with self.storage.errors(layout.parquet_file(shard), "read"), \
+                self.storage.fs.open(self.storage.path(layout.parquet_file(shard)), "rb") as fh:
+            return pq.ParquetFile(fh).metadata.num_rows
+
+    @property
+    def quarantined_keys(self) -> set[str]:
+        """Keys whose image is held in quarantine/ (safety.action=quarantine)."""
+        if self._quarantined is None:
+            keys: set[str] = set()
+            for shard in self.shards:
+                if self.storage.exists(layout.quarantine_parquet(shard)):
+                    data = self.storage.read_bytes(layout.quarantine_parquet(shard))
+                    keys.update(pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist())
+            self._quarantined = keys
+        return self._quarantined
+
+    # ------------------------------------------------------------------ images
+
+    def has_image(self, row: dict[str, Any], show_filtered: bool = False) -> bool:
+        """Whether the row's image is in a tar: ok rows, and with show_filtered quarantined ones."""
+        if row["status"] == STATUS_OK:
+            return True
+        return show_filtered and row["status"] == STATUS_FILTERED and row["key"] in self.quarantined_keys
+
+    def images(self, rows: Iterable[dict[str, Any]]) -> dict[str, tuple[str, bytes]]:
+        """{key: (extension, encoded bytes)} for the given rows, from their shard's main tar, or its
+        quarantine tar for filtered rows. Keys whose image is missing are left out."""
+        by_tar: dict[str, set[str]] = {}
+        for r in rows:
+            name = layout.quarantine_tar(r["_shard"]) if r["status"] == STATUS_FILTERED else layout.tar_file(r["_shard"])
+            by_tar.setdefault(name, set()).add(r["key"])
+        found: dict[str, tuple[str, bytes]] = {}
+        for name, keys in sorted(by_tar.items()):
+            try:
+                found.update((key, (ext, data)) for key, ext, data in self.stream_images(name, keys))
+            except (StorageError, tarfile.TarError) as e:
+                log.warning("%s is unreadable (%s); its images are left out", self.storage.url(name), e)
+        return found
+
+    def stream_images(self, tar_name: str, keys: set[str] | None = None) -> Iterator[tuple[str, str, bytes]]:
+        """(key, extension, encoded bytes) of each image in one tar, in tar order; only `keys` when
+        given, and then reading stops at the first member past the last of them."""
+        if keys is not None and not keys:
+            return
+        last = max(keys) if keys else None
+        left = set(keys) if keys is not None else None
+        # Remote: modest read-ahead blocks, so stopping early really does read only the start.
+        options = {} if self.storage.local else {"block_size": 4 << 20, "cache_type": "readahead"}
+        with self.storage.errors(tar_name, "read"), \
+                self.storage.fs.open(self.storage.path(tar_name), "rb", **options) as f, \
+                tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition(".")
+                if left is not None and last is not None and len(key) == len(last) and key > last:
+                    return  # members are in key order: the rest are past what we want
+                if ext.lower() not in layout.MIME_TYPES or (left is not None and key not in left):
+                    continue
+                yield key, ext.lower(), tar.extractfile(member).read()
+                if left is not None:
+                    left.discard(key)
+                    if not left:
+                        return

@@ -1,0 +1,298 @@
+"""The actor pool: Ray's side of the driver. One ShardGenerator actor per GPU, each holding up to
+`SHARDS_PER_ACTOR` shards; which shard to give, when to retry and when to stop is the dispatcher's
+business (`sdfleet.jobs.dispatch`), not the pool's.
+
+The pool knows its slots (an actor and the shards it holds), which actors have loaded their
+models (only those get shards), how long each actor's oldest shard has run (timeouts), and what to
+ask the autoscaler for. Cf. Ray Data's `_ActorPool` and datatrove's timeout manager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdfleet.schemas.plan import Plan
+
+log = logging.getLogger("sdfleet")
+
+# One generating and one reading or writing beside it: enough to hide reads and uploads from the
+# GPU, few enough that a dead actor strands at most two shards.
+SHARDS_PER_ACTOR = 2
+# How long workers may all wait to be placed before the driver says so (and then once a minute).
+WAITING_WARN_S = 60.0
+# S3 settings that are not secrets, forwarded to workers so that an endpoint such as MinIO or a
+# regional mirror set on the driver is used by every actor too. Credentials are never forwarded:
+# each node takes them from its own environment or instance role.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def connect_ray(address: str | None) -> bool:
+    """Connect to `address` (or RAY_ADDRESS); else start an embedded local Ray. Returns whether embedded."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    if address:
+        runtime_env: dict | None = None
+        stage = None
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+            # Outside `ray job submit`, ship our own package and S3 settings to the cluster's
+            # workers. Inside a submitted job, the job's own runtime_env already carries them.
+            stage = staged_package()
+            runtime_env = {"py_modules": [str(stage)]}
+            env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+            if env_vars:
+                runtime_env["env_vars"] = env_vars
+        try:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        finally:
+            if stage is not None:  # uploaded by now: Ray ships py_modules at init
+                shutil.rmtree(stage.parent, ignore_errors=True)
+        log.info("connected to the Ray cluster at %s", address)
+        return False
+    # An embedded Ray for one machine: no dashboard (saves ~1 GB and port 8265 clashes).
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    log.info("started an embedded local Ray")
+    return True
+
+
+def staged_package() -> Path:
+    """This sdfleet's code as one folder named `sdfleet`, which Ray's py_modules ships as that package.
+
+    Installed, the code is site-packages/sdfleet; installed editable, it is the repo's jobs/, actors/
+    and schemas/ mapped under that name. A copy under the right name serves both (Ray uploads a
+    folder by its content hash, so an unchanged package is uploaded once per cluster).
+    """
+    from sdfleet import actors, jobs, schemas
+
+    stage = Path(tempfile.mkdtemp(prefix="sdfleet-ship-")) / "sdfleet"
+    for package in (schemas, actors, jobs):
+        shutil.copytree(Path(package.__file__).parent, stage / package.__name__.rsplit(".", 1)[-1],
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return stage
+
+
+@dataclass
+class Slot:
+    """One actor and the shards it holds, oldest (running) first."""
+
+    actor: Any
+    ready_ref: Any  # resolves once the actor has loaded its models
+    ready: bool = False
+    tasks: deque = field(default_factory=deque)  # (ref, task)
+    head_since: float = 0.0  # when the oldest shard it holds became its oldest
+
+    def add(self, ref: Any, task: Any) -> None:
+        if not self.tasks:
+            self.head_since = time.monotonic()
+        self.tasks.append((ref, task))
+
+    def pop(self, ref: Any) -> None:
+        for i, (r, _) in enumerate(self.tasks):
+            if r == ref:
+                del self.tasks[i]
+                if i == 0:
+                    # The next shard's clock starts now. A queued shard that finishes first (it
+                    # generates after the head, but may upload faster) leaves the head's clock running.
+                    self.head_since = time.monotonic()
+                return
+
+
+@dataclass
+class Finished:
+    """A call that came back: an actor's start-up (task None) or one of its shards."""
+
+    slot: Slot
+    task: Any = None
+    value: Any = None  # the shard's stats
+    error: BaseException | None = None  # a Ray error: the actor died, or the call raised
+    ref: Any = None
+
+
+@dataclass
+class WorkerKind:
+    """How the pool's actors are placed."""
+
+    placement: dict[str, Any]  # ray.remote's num_gpus / num_cpus
+    capacity: int  # actors the job may hold at once
+    cpu_threads: int | None  # torch CPU threads per actor; None: set per node by the actor
+    gpus_per_actor: float  # 0 for CPU workers
+
+
+class ActorPool:
+    def __init__(self, plan: Plan, embedded: bool):
+        import ray
+
+        from sdfleet.actors.generator import ShardGenerator
+
+        self.embedded = embedded  # an embedded Ray has no autoscaler: what it has now is all there is
+        self.kind = choose_worker_kind(plan, embedded)
+        # The driver, not Ray, counts attempts: Ray's own restarts would retry a deterministic crash forever.
+        self.actor_cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=SHARDS_PER_ACTOR,
+                                    **self.kind.placement)(ShardGenerator)
+        self.plan_ref = ray.put(plan)
+        self.slots: list[Slot] = []
+        self.refs: dict[Any, tuple[Slot, Any]] = {}  # a shard's call -> its slot and task
+        self.requested = -1  # GPU bundles last asked of the autoscaler
+        self.waiting_since = time.monotonic()
+
+    @property
+    def busy(self) -> int:
+        """Shards in the actors' hands."""
+        return len(self.refs)
+
+    @property
+    def ready(self) -> int:
+        return sum(s.ready for s in self.slots)
+
+    # ------------------------------------------------------------------ size
+
+    def resize(self, desired: int) -> None:
+        """Grow to `desired` actors; shrink by releasing unplaced actors, then idle ready ones. An
+        actor with shards in hand is never removed; it is released when it has finished them."""
+        import ray
+
+        desired = min(desired, self.kind.capacity)
+        while len(self.slots) < desired:
+            actor = self.actor_cls.remote(self.plan_ref, self.kind.cpu_threads)
+            self.slots.append(Slot(actor=actor, ready_ref=actor.ready.remote()))
+        for slot in sorted(self.slots, key=lambda s: s.ready):
+            if len(self.slots) <= desired:
+                break
+            if not slot.tasks:
+                ray.kill(slot.actor, no_restart=True)
+                self.slots.remove(slot)
+        self.request(desired)
+
+    def request(self, workers: int) -> None:
+        """Ask the autoscaler for the GPU bundles ahead of time (it also reacts to pending actors)."""
+        if self.embedded or self.kind.gpus_per_actor == 0 or workers == self.requested:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": self.kind.gpus_per_actor}] * workers)
+        self.requested = workers
+
+    # ------------------------------------------------------------------ work
+
+    def feed(self, next_task: Callable[[], Any | None]) -> None:
+        """Give ready actors shards until each holds SHARDS_PER_ACTOR or `next_task` has none.
+
+        Only a ready actor gets shards: one that is still loading, or cannot be placed at all (its
+        node died and no GPU is free), must not hold shards hostage."""
+        for slot in self.slots:
+            while slot.ready and len(slot.tasks) < SHARDS_PER_ACTOR:
+                task = next_task()
+                if task is None:
+                    return
+                ref = slot.actor.run.remote(task.shard_id, task.attempts + 1)
+                slot.add(ref, task)
+                self.refs[ref] = (slot, task)
+
+    def wait(self, timeout: float) -> Iterator[Finished]:
+        """The calls that came back within `timeout` seconds (at most one start-up or shard)."""
+        import ray
+
+        waiting = list(self.refs) + [s.ready_ref for s in self.slots if not s.ready]
+        done, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+        for ref in done:
+            starting = next((s for s in self.slots if s.ready_ref == ref and not s.ready), None)
+            if starting is not None:
+                try:
+                    ray.get(ref)
+                    starting.ready = True
+                    yield Finished(starting)
+                except ray.exceptions.RayError as e:
+                    yield Finished(starting, error=e)
+                continue
+            if ref not in self.refs:
+                continue  # its actor was already removed
+            slot, task = self.refs.pop(ref)
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                # The slot keeps the task: whether it goes with the actor or alone is the caller's call.
+                yield Finished(slot, task, error=e, ref=ref)
+                continue
+            slot.pop(ref)
+            yield Finished(slot, task, value=value, ref=ref)
+
+    def release(self, finished: Finished) -> None:
+        """Drop a failed call's shard from its slot; the actor lives on."""
+        finished.slot.pop(finished.ref)
+
+    def timed_out(self, limit_s: float) -> list[Slot]:
+        """Slots whose oldest shard has run longer than `limit_s`."""
+        now = time.monotonic()
+        return [s for s in self.slots if s.tasks and now - s.head_since > limit_s]
+
+    def remove(self, slot: Slot) -> list[Any]:
+        """Kill the slot's actor and drop it; return the tasks it held, oldest (running) first.
+        The next resize starts a replacement if work remains."""
+        import ray
+
+        ray.kill(slot.actor, no_restart=True)
+        held = [task for _, task in slot.tasks]
+        for ref, _ in slot.tasks:
+            self.refs.pop(ref, None)
+        slot.tasks.clear()
+        self.slots.remove(slot)
+        return held
+
+    def report_waiting(self) -> None:
+        """Say so, once a minute, while no actor could be placed."""
+        now = time.monotonic()
+        if self.ready or not self.slots:
+            self.waiting_since = now
+        elif now - self.waiting_since > WAITING_WARN_S:
+            self.waiting_since = now
+            log.warning(
+                "%d worker(s) still waiting to be placed: the cluster has no free %s. An autoscaler adds "
+                "nodes for them; without one, free capacity or set resources.gpus_per_worker: 0 for CPU workers",
+                len(self.slots), "GPU" if self.kind.gpus_per_actor else "CPU")
+
+    def shutdown(self) -> None:
+        """Release every actor (and with them their GPUs) and withdraw the resource request, so the
+        autoscaler can remove the nodes once they idle."""
+        import ray
+
+        for slot in self.slots:
+            ray.kill(slot.actor, no_restart=True)
+        self.slots.clear()
+        self.refs.clear()
+        self.request(0)
+
+
+def choose_worker_kind(plan: Plan, embedded: bool) -> WorkerKind:
+    """GPU actors (placed now, or pending until the autoscaler adds GPU nodes), or CPU actors where
+    no GPU can ever come."""
+    import ray
+
+    res = plan.spec.resources
+    cluster = ray.cluster_resources()
+    gpus, cpus = cluster.get("GPU", 0), int(cluster.get("CPU", 1))
+    if res.gpus_per_worker > 0 and (gpus > 0 or not embedded):
+        # One actor per GPU. On a cluster with no GPU yet, the actors wait as pending demand and the
+        # autoscaler adds GPU nodes. num_cpus=0: a GPU actor that also reserves a CPU can starve
+        # every other task on small nodes (a silent deadlock was seen on 2 CPUs).
+        if gpus == 0:
+            log.info("no GPU in the cluster yet: asking the autoscaler for GPU nodes")
+        return WorkerKind({"num_gpus": res.gpus_per_worker, "num_cpus": 0}, res.max_workers, res.cpu_threads,
+                          res.gpus_per_worker)
+    # CPU workers: asked for (gpus_per_worker: 0), or an embedded Ray on a machine without GPUs (the
+    # demo). Their threads follow from the machine's capacity, never from the work left: CPU float
+    # results depend on the thread count, and a resumed shard must come out byte-identical to the
+    # one an uninterrupted run would have made.
+    capacity = max(1, min(res.max_workers, cpus // 2 or 1))
+    log.info("no GPUs for this job: running up to %d CPU worker(s)", capacity)
+    return WorkerKind({"num_cpus": 1}, capacity, res.cpu_threads or max(1, cpus // capacity), 0.0)
