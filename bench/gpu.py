@@ -24,7 +24,16 @@ from types import SimpleNamespace
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+sys.path.insert(0, str(REPO / "bench"))
+try:
+    import sdfleet.actors  # noqa: F401  (installed, e.g. `pip install -e .`)
+except ImportError:
+    # A bare checkout (the GPU machine has torch, transformers and the diffusers wheel, nothing
+    # else): the repo root is the `sdfleet` package, as pyproject's package-dir maps it.
+    import types
+
+    sys.modules["sdfleet"] = types.ModuleType("sdfleet")
+    sys.modules["sdfleet"].__path__ = [str(REPO)]
 
 # Dense fp16 tensor-core peaks (TFLOP/s) by device name; MFU is reported against these.
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -51,8 +60,8 @@ def main() -> None:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from actors.engine import Engine
-    from schemas.samples import GenerationParams
+    from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.samples import GenerationParams
 
     cuda = torch.cuda.is_available() and not args.tiny
     device, dtype = ("cuda", "float16") if cuda else ("cpu", "float32")
@@ -64,7 +73,7 @@ def main() -> None:
     if not args.model:
         t0 = time.perf_counter()
         if args.tiny:
-            from actors.tiny import write_tiny_pipeline
+            from sdfleet.jobs.tiny import write_tiny_pipeline
 
             write_tiny_pipeline(folder)
         else:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
@@ -39,7 +38,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     import yaml
 
-    from actors.tiny import write_tiny_nsfw_model
+    from sdfleet.jobs.tiny import write_tiny_nsfw_model
     from sd2_base import build_pipeline
 
     work = Path(args.work or tempfile.mkdtemp(prefix="sdfleet-overhead-"))
@@ -57,9 +56,9 @@ def main() -> None:
     # 1. The bare loop: the engine alone, in this process, one torch thread.
     import torch
 
-    from actors.engine import Engine
-    from schemas.samples import GenerationParams, derive_seed
-    from schemas.spec import ModelSpec
+    from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.samples import GenerationParams, derive_seed
+    from sdfleet.schemas.spec import ModelSpec
 
     torch.set_num_threads(1)
     engine = Engine(ModelSpec(source=str(model), scheduler="EulerDiscreteScheduler"), cpu_threads=1)
@@ -87,7 +86,7 @@ def main() -> None:
     }
     (work / "job.yaml").write_text(yaml.safe_dump(spec))
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(work / "job.yaml"), "--no-progress"],
+    run = subprocess.run([sys.executable, "-m", "sdfleet.jobs.cli", "run", str(work / "job.yaml"), "--no-progress"],
                          cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if run.returncode:
@@ -96,7 +95,7 @@ def main() -> None:
     # minute to the next, so the job is compared with the mean of a loop before and one after it.
     bare_after = bare_loop()
     bare = (bare_before + bare_after) / 2
-    from actors.storage import Storage
+    from sdfleet.actors.storage import Storage
 
     out = Storage(spec["output"]["uri"])
     stats = sorted((out.read_json(n) for n in out.list("*_stats.json")), key=lambda s: s["generate_started_ts"])

@@ -21,14 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 PLAN_CODE = """
 import json, resource, sys, time
-from jobs.plan import Planner
-from schemas.spec import parse_spec
+from sdfleet.jobs.plan import Planner, estimate
+from sdfleet.schemas.spec import parse_spec
 t0 = time.perf_counter()
 spec = parse_spec({"input": {"uri": sys.argv[1]}, "output": {"uri": sys.argv[2]},
                    "sweep": {"seeds": 4, "axes": {"guidance_scale": [3.0, 7.5]}},
                    "output": {"uri": sys.argv[2], "samples_per_shard": 10000}})
 plan = Planner(spec).plan()
-est = plan.estimate()
+est = estimate(plan)
 elapsed = time.perf_counter() - t0
 print(json.dumps({"seconds": elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rows": plan.num_rows, "samples": plan.num_samples, "shards": plan.num_shards,

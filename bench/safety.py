@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -19,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from actors.safety import load_detector  # noqa: E402
-from schemas.spec import SafetySpec  # noqa: E402
+from sdfleet.actors.safety import load_detector
+from sdfleet.schemas.spec import SafetySpec
 
 
 def keras_model(kind: str, path: Path) -> Path:

@@ -37,9 +37,9 @@ def build_pipeline(path: str | Path, width: float = 1.0, text_layers: int | None
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from actors.tiny import _tokenizer
+    from sdfleet.jobs.tiny import clip_tokenizer
 
-    tokenizer = _tokenizer()  # a local CLIP BPE; only the embedding table differs from SD2's (FLOPs are the same)
+    tokenizer = clip_tokenizer()  # a local CLIP BPE; only the embedding table differs from SD2's (FLOPs are the same)
     hidden = max(64, int(TEXT["hidden_size"] * width) // 64 * 64)
     torch.manual_seed(0)
     heads = tuple(max(1, int(round(h * width))) for h in UNET["attention_head_dim"])
