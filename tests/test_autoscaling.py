@@ -8,18 +8,14 @@ for `idle_timeout_minutes`. Nothing is patched: the CLI connects by address as a
 
 from __future__ import annotations
 
-import io
-import json
 import time
-import urllib.request
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import run_cli, write_prompts
-from raystart import Sampler, free_port, make_temp_dir, proc_name, start_head, wait_for
+from clusters import Sampler, make_temp_dir, proc_name, start_head
+from helpers import free_port, rows_of, run_cli, wait_for, write_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +35,12 @@ def autoscaling_head():
     (temp_dir / "autoscaler.yaml").write_text(yaml.safe_dump(config))
     head_resources = config["available_node_types"]["ray.head.default"]["resources"]
     head = start_head(
-        temp_dir,
-        {"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
-         "SDFLEET_CACHE": str(temp_dir / "cache")},  # inherited by the fake nodes too
         f"--autoscaling-config={temp_dir / 'autoscaler.yaml'}",
         f"--num-cpus={head_resources['CPU']}", f"--num-gpus={head_resources['GPU']}",
         "--object-store-memory=150000000",
+        temp_dir=temp_dir,
+        env={"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
+             "SDFLEET_CACHE": str(temp_dir / "cache")},  # inherited by the fake nodes too
         port=port,
     )
     try:
@@ -53,15 +49,8 @@ def autoscaling_head():
         head.stop()
 
 
-def alive_nodes(head) -> list[dict]:
-    """Alive nodes from the dashboard's state API (cheap: no Ray client in this process)."""
-    with urllib.request.urlopen(f"{head.dashboard_url}/api/v0/nodes?limit=100&detail=1", timeout=10) as r:
-        body = json.load(r)
-    return [n for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"]
-
-
 def gpu_nodes(head) -> list[str]:
-    return sorted(n["node_id"] for n in alive_nodes(head) if n.get("resources_total", {}).get("GPU"))
+    return sorted(n["node_id"] for n in head.alive_nodes() if n.get("resources_total", {}).get("GPU"))
 
 
 def raylets(head) -> list[int]:
@@ -72,7 +61,7 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(tmp_path, tiny_model, autosc
     head = autoscaling_head
     t0 = time.monotonic()
     assert gpu_nodes(head) == [], "the cluster must start without GPU nodes"
-    assert [n["node_id"] for n in alive_nodes(head)] == [FAKE_HEAD_NODE_ID]
+    assert [n["node_id"] for n in head.alive_nodes()] == [FAKE_HEAD_NODE_ID]
 
     write_prompts(tmp_path / "in" / "p.parquet", [f"a lighthouse at dusk, variation {i}" for i in range(N_PROMPTS)])
     out = tmp_path / "out"
@@ -100,14 +89,12 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(tmp_path, tiny_model, autosc
 
     # The spec lives in the cluster's temp dir, so the sampler counts the CLI's memory too.
     with Sampler(head, probe=probe) as sampler:
-        done = run_cli("run", str(spec_path), "--address", head.gcs_address, "--no-progress", timeout=300)
+        done = run_cli("run", str(spec_path), "--address", head.address, "--no-progress", timeout=300)
         job_s = time.monotonic() - t0
         assert done.returncode == 0, done.stderr[-4000:] + "\n" + head.logs("monitor.*")
 
         # Every planned sample exactly once, and the work spread over both GPU nodes the autoscaler added.
-        rows = []
-        for f in sorted(out.glob("*.parquet")):
-            rows += pq.read_table(io.BytesIO(f.read_bytes())).to_pylist()
+        rows = rows_of(str(out))
         samples = N_PROMPTS * SEEDS
         assert len(rows) == samples and len({r["key"] for r in rows}) == samples
         assert (out / "_SUCCESS").exists()
@@ -121,7 +108,7 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(tmp_path, tiny_model, autosc
         t_done = time.monotonic()
         wait_for(lambda: not gpu_nodes(head), 60, "the autoscaler to remove the idle GPU nodes", poll=1)
         release_s = time.monotonic() - t_done
-        assert [n["node_id"] for n in alive_nodes(head)] == [FAKE_HEAD_NODE_ID]
+        assert [n["node_id"] for n in head.alive_nodes()] == [FAKE_HEAD_NODE_ID]
         # ... and their processes are gone, not just marked dead: one raylet left, the head's.
         wait_for(lambda: len(raylets(head)) == 1, 30, "the removed nodes' raylets to exit")
     total_s = time.monotonic() - t0

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import run_cli, write_prompts
+from helpers import run_cli, write_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def test_every_planned_sample_has_exactly_one_row_and_both_gpus_worked(job):
     assert r["scheduler"] == "EulerDiscreteScheduler" and r["num_inference_steps"] == 3
     assert r["topic"] == "t0" and r["prompt_id"] == "scene-0"
     assert r["nsfw_score"] is None and r["safety_detector"] is None  # no detector ran
-    from schemas.rows import OUTPUT_COLUMNS
+    from sdfleet.schemas.rows import OUTPUT_COLUMNS
 
     assert set(OUTPUT_COLUMNS) <= set(r)
 
@@ -191,7 +191,7 @@ def test_metrics_are_exported_to_prometheus(job, ray_cluster):
     import time
     import urllib.request
 
-    port = ray_cluster.head_node.metrics_export_port
+    port = ray_cluster.metrics_port
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -207,7 +207,7 @@ def test_metrics_are_exported_to_prometheus(job, ray_cluster):
     assert any(k.startswith("ray_sdfleet_shard_seconds") for k in values)
 
 
-def test_openclip_and_parquet_readers(job, tmp_path):
+def test_openclip_pandas_and_datasets_read_the_output(job, tmp_path):
     """OpenCLIP's webdataset loader counts samples from sizes.json by tar basename and reads .txt
     captions; the Parquet loads with pandas and with datasets."""
     import glob

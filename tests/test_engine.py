@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from actors.engine import Engine, ModelLoadError, check_model_source
-from schemas.samples import GenerationParams
-from schemas.spec import ModelSpec
+from sdfleet.actors.engine import Engine, check_model_source
+from sdfleet.schemas.errors import ModelLoadError
+from sdfleet.schemas.samples import GenerationParams
+from sdfleet.schemas.spec import ModelSpec
 
 
 def params(prompt, seed, guidance=7.5, steps=3, scheduler=None, negative=""):
@@ -75,7 +76,7 @@ def test_mixed_parameters_are_grouped_not_mixed(engine):
     assert not np.array_equal(images[0], images[1])
 
 
-def test_scheduler_axis_and_config_overrides(tiny_model, engine):
+def test_scheduler_and_its_config_overrides_match_plain_diffusers(tiny_model, engine):
     from diffusers import DDIMScheduler
 
     ddim = run(engine, [params("a castle", 9, scheduler="DDIMScheduler")])[0]
@@ -127,7 +128,7 @@ def test_each_speed_up_keeps_outputs_within_tolerance_of_plain_diffusers(option,
     """Every engine option that can run on a CPU, alone, against plain diffusers' pixels."""
     from diffusers import EulerDiscreteScheduler
 
-    from schemas.spec import EngineSpec
+    from sdfleet.schemas.spec import EngineSpec
 
     engine = Engine(ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"), cpu_threads=2,
                     options=EngineSpec(**{**OFF, **option}))
@@ -139,14 +140,14 @@ def test_each_speed_up_keeps_outputs_within_tolerance_of_plain_diffusers(option,
 
 
 def test_speed_ups_are_in_the_fingerprint():
-    from schemas.spec import parse_spec
+    from sdfleet.schemas.spec import parse_spec
 
     base = {"input": {"uri": "x"}, "output": {"uri": "y"}}
     assert parse_spec(base).fingerprint() != parse_spec({**base, "engine": {"channels_last": False}}).fingerprint()
 
 
 def test_batch_that_fits_is_linear_in_the_measured_peaks():
-    from actors.engine import batch_that_fits
+    from sdfleet.actors.engine import batch_that_fits
 
     gib = 2**30
     # 3 GiB at batch 1, 4 GiB at batch 2: 1 GiB per image on top of 2 GiB.
@@ -188,7 +189,7 @@ def test_compiled_engine_compiles_each_shape_once_at_start(tiny_model):
     single-image batches, with and without CFG. Shards after it never compile (a recompile raises)."""
     from diffusers import EulerDiscreteScheduler
 
-    from schemas.spec import EngineSpec
+    from sdfleet.schemas.spec import EngineSpec
 
     sweep = [params("", 0, guidance=7.5, steps=3), params("", 0, guidance=1.0, steps=3)]
     engine = Engine(ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"), cpu_threads=2,
@@ -212,7 +213,7 @@ def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(tiny_
     import torch._inductor.compile_fx as compile_fx
     from diffusers import EulerDiscreteScheduler
 
-    from schemas.spec import EngineSpec
+    from sdfleet.schemas.spec import EngineSpec
 
     def broken(*args, **kwargs):
         raise RuntimeError("InductorError: no working C compiler found (injected)")

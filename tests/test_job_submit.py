@@ -6,7 +6,6 @@ endpoint and credentials the head was started with.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import subprocess
@@ -14,12 +13,11 @@ import time
 import urllib.request
 import uuid
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, write_prompts
-from raystart import VENV_BIN, Sampler, make_temp_dir, start_head, wait_for
+from clusters import VENV_BIN, Sampler, make_temp_dir, start_head
+from helpers import REPO, rows_of, wait_for, write_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +33,8 @@ def job_head(s3_endpoint):
     its environment (from s3_endpoint), so every process of the cluster, the job's driver included,
     reaches the test's S3 server."""
     temp_dir = make_temp_dir("sdf-js-")
-    head = start_head(temp_dir, {"SDFLEET_CACHE": str(temp_dir / "cache")},
-                      "--num-cpus=2", "--num-gpus=2", "--object-store-memory=200000000")
+    head = start_head("--num-cpus=2", "--num-gpus=2", "--object-store-memory=200000000", temp_dir=temp_dir,
+                      env={"SDFLEET_CACHE": str(temp_dir / "cache")})
     try:
         yield head
     finally:
@@ -118,12 +116,10 @@ def test_ray_job_submit_runs_a_job_to_completion(tmp_path, tiny_model, s3_endpoi
     assert size < 10 * 2**20, f"{size} bytes uploaded"
 
     # Every planned sample has exactly one row; the dataset is marked complete.
-    from actors.storage import Storage
+    from sdfleet.actors.storage import Storage
 
     storage = Storage(out)
-    rows = []
-    for name in storage.list("*.parquet"):
-        rows += pq.read_table(io.BytesIO(storage.read_bytes(name))).to_pylist()
+    rows = rows_of(out)
     samples = N_PROMPTS * SEEDS
     assert len(rows) == samples
     assert len({r["key"] for r in rows}) == samples and len({r["sample_id"] for r in rows}) == samples

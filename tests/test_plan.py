@@ -3,11 +3,12 @@ import sys
 
 import pytest
 
-from actors.generator import read_shard_samples
-from conftest import run_cli, write_prompts
-from jobs.plan import InputError, Planner, list_parquet
-from schemas.samples import derive_seed, key_width, sample_key, sweep_points
-from schemas.spec import parse_spec
+from sdfleet.actors.generator import read_shard_samples
+from helpers import run_cli, write_prompts
+from sdfleet.jobs.plan import Planner, estimate, list_parquet
+from sdfleet.schemas.errors import InputError
+from sdfleet.schemas.samples import derive_seed, key_width, sample_key, sweep_points
+from sdfleet.schemas.spec import parse_spec
 
 
 def make_input(tmp_path, sizes=(5, 4), row_group_size=2):
@@ -73,7 +74,7 @@ def test_plan_is_deterministic(tmp_path):
     assert sa == sb
 
 
-def test_seed_list_and_default_ids(tmp_path):
+def test_a_seed_list_is_used_as_given_and_missing_ids_default_to_file_and_row(tmp_path):
     make_input(tmp_path, sizes=(3,))
     spec = spec_for(tmp_path, sweep={"seeds": [11, 22], "axes": {}}, input={"id_column": None})
     plan = Planner(spec).plan()
@@ -83,7 +84,7 @@ def test_seed_list_and_default_ids(tmp_path):
 
 
 def test_seed_derivation_is_stable_across_processes():
-    code = "from schemas.samples import derive_seed; print(derive_seed(7, 'prompt-42', 3))"
+    code = "from sdfleet.schemas.samples import derive_seed; print(derive_seed(7, 'prompt-42', 3))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={"PYTHONHASHSEED": str(i)}, cwd=".").stdout.strip() for i in range(3)}
     assert len(outs) == 1
@@ -109,7 +110,7 @@ def test_sweep_points_are_a_cartesian_product():
     assert points[-1] == {"guidance_scale": 3.0, "num_inference_steps": 8, "seed_index": 1}
 
 
-def test_listing_file_folder_and_glob(tmp_path):
+def test_input_may_be_a_file_a_folder_or_a_glob(tmp_path):
     make_input(tmp_path, sizes=(2, 2, 2))
     folder = tmp_path / "in"
     assert [p.rsplit("/", 1)[-1] for p in list_parquet(str(folder))] == [
@@ -157,7 +158,7 @@ def test_cli_plan_prints_without_starting_anything(tmp_path):
         f"input: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}, samples_per_shard: 5}}\n"
         "sweep: {seeds: 2, axes: {guidance_scale: [3.0, 7.5]}}\n"
     )
-    code = ("import sys; from jobs.cli import main; rc = main(['plan', sys.argv[1]]); "
+    code = ("import sys; from sdfleet.jobs.cli import main; rc = main(['plan', sys.argv[1]]); "
             "heavy = [m for m in ('ray', 'torch', 'diffusers') if m in sys.modules]; "
             "print('HEAVY', heavy); sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "job.yaml")], capture_output=True, text=True)
@@ -179,17 +180,17 @@ def test_plan_estimates_gpu_hours_and_cost(tmp_path):
     make_input(tmp_path)
     spec = spec_for(tmp_path, generation={"num_inference_steps": 50, "width": 512, "height": 512},
                     sweep={"seeds": 1, "axes": {}}, resources={"gpu_hour_usd": 2.0, "gpu_type": "a100"})
-    est = Planner(spec).plan().estimate()
+    est = estimate(Planner(spec).plan())
     # 9 prompts x (50 CFG UNet steps + VAE decode + text) at SD2-base's FLOPs, 80 TFLOP/s on an A100.
     assert est["tflop"] == pytest.approx(9 * (1.609 * 50 + 2.51 + 0.09))
     assert est["gpu_hours"] == pytest.approx(est["tflop"] / 80 / 3600)
     assert est["cost_usd"] == pytest.approx(est["gpu_hours"] * 2.0)
-    over = Planner(spec_for(tmp_path, resources={"throughput_tflops": 160.0})).plan().estimate()
+    over = estimate(Planner(spec_for(tmp_path, resources={"throughput_tflops": 160.0})).plan())
     assert over["sustained_tflops"] == 160.0 and over["cost_usd"] is None
-    from schemas.spec import SpecError
+    from sdfleet.schemas.spec import SpecError
 
     with pytest.raises(SpecError, match="resources.gpu_type='b200' is not in gpu_throughput.yaml"):
-        Planner(spec_for(tmp_path, resources={"gpu_type": "b200"})).plan().estimate()
+        estimate(Planner(spec_for(tmp_path, resources={"gpu_type": "b200"})).plan())
     with pytest.raises(SpecError, match="budget_usd=5.0 needs resources.gpu_hour_usd"):
         spec_for(tmp_path, resources={"budget_usd": 5})
 

@@ -4,11 +4,14 @@ Two datasets are made once per module with the real CLI on embedded Ray: a 3 see
 sweep of two prompts plus an empty prompt (whose rows fail), with no detector; and the same job with
 a tiny CLIP checker that flags everything under action=quarantine. Pixels in the previews are
 compared with the images in the tars, read here with tarfile, not through the code under test.
+Smaller outputs are written by hand (`synthetic_output`), among them one whose every string column
+holds markup, to show the gallery keeps such values text.
 """
 
 from __future__ import annotations
 
 import base64
+import html.parser
 import io
 import json
 import shutil
@@ -17,6 +20,7 @@ import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -27,10 +31,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from actors.storage import Storage
-from conftest import REPO, free_port, run_cli, write_prompts
-from jobs import preview
-from jobs.preview import PreviewError
+from helpers import REPO, free_port, run_cli, wait_for, write_prompts
+from sdfleet.jobs import preview
+from sdfleet.jobs.output import OutputReader
+from sdfleet.jobs.preview import PreviewError
+from sdfleet.schemas import layout
+from sdfleet.schemas.errors import UserError
+from sdfleet.schemas.layout import ShardStats
 
 PROMPTS = ["a lighthouse on a cliff at dawn", "a bowl of ramen, studio lighting", "   "]
 GUIDANCE = [1.5, 4.0, 7.5]
@@ -78,7 +85,7 @@ def dataset(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture(scope="module")
 def quarantined(tmp_path_factory, tiny_model) -> Path:
-    from actors.tiny import write_tiny_clip_checker
+    from sdfleet.jobs.tiny import write_tiny_clip_checker
 
     root = tmp_path_factory.mktemp("preview-q")
     checker = write_tiny_clip_checker(root / "clip-everything", flag="everything")
@@ -91,6 +98,10 @@ def rows_of(out: Path, folder: str = "") -> list[dict]:
     for f in sorted((out / folder).glob("*.parquet")):
         rows += pq.read_table(f).to_pylist()
     return sorted(rows, key=lambda r: r["key"])
+
+
+def reader_of(out: Path) -> OutputReader:
+    return OutputReader.open(str(out))
 
 
 def tar_image(out: Path, key: str, folder: str = "") -> Image.Image:
@@ -141,55 +152,92 @@ def test_grid_syntax_errors_are_clear():
             preview.parse_grid(bad)
 
 
-def test_scaling_policy():
+def test_images_below_the_minimum_scale_up_by_an_integer_and_above_the_maximum_down_to_it():
     assert preview.scale_factor(64, 160, 256) == 3.0
     assert preview.scale_factor(200, 160, 256) == 1.0
     assert preview.scale_factor(512, 160, 256) == 0.5
+
+
+def test_hard_wrap_breaks_long_words_and_ends_the_last_line_with_an_ellipsis():
     f = preview.font(12)
     lines = preview.wrap("seed=2168214285462722822 and a long tail of words " * 3, f, 100, 2, hard=True)
     assert len(lines) == 2 and lines[-1].endswith("…")
     assert all(f.getlength(line) <= 100 for line in lines)
 
 
-def test_preview_needs_no_torch_or_ray():
-    code = ("import sys, jobs.preview; heavy = [m for m in ('torch', 'ray', 'tensorflow', 'diffusers') "
+def test_importing_preview_loads_no_torch_ray_tensorflow_or_diffusers():
+    code = ("import sys, sdfleet.jobs.preview; heavy = [m for m in ('torch', 'ray', 'tensorflow', 'diffusers') "
             "if m in sys.modules]; assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
-def test_not_an_output(tmp_path):
-    with pytest.raises(PreviewError, match="holds no NNNNN.parquet: not an sdfleet output"):
-        preview.contact_sheet(Storage(str(tmp_path)))
+def test_preview_of_a_folder_without_a_job_record_is_refused(tmp_path):
+    with pytest.raises(UserError, match=f"has no {layout.JOB_FILE}: it is not an sdfleet output"):
+        preview.run_preview(str(tmp_path))
 
 
-def synthetic_output(root: Path, samples: list[dict]) -> Path:
-    """A minimal output written by hand: one shard, solid-colour JPEGs, the Parquet columns preview reads."""
+SYNTHETIC_SHARD = "00000"
+SYNTHETIC_FINGERPRINT = "synthetic"
+
+
+def synthetic_output(root: Path, samples: list[dict], spec: dict | None = None) -> Path:
+    """A minimal committed output written by hand: one shard of solid-colour JPEGs (for ok rows),
+    the Parquet columns preview reads, a job record and the shard's stats (which commit it)."""
     rows, buf = [], io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for offset, sample in enumerate(samples):
-            key = f"00000{offset:04d}"
-            row = {"key": key, "shard_id": 0, "status": "ok", "prompt_id": "p0", "prompt": "a red square",
-                   "negative_prompt": "", "seed": 7, "guidance_scale": 7.5, "num_inference_steps": 20,
-                   "scheduler": "EulerDiscreteScheduler", "width": 64, "height": 64, "nsfw_score": None,
-                   "safety_flagged": None, "error": None, **sample}
+            row = {"key": f"{SYNTHETIC_SHARD}{offset:04d}", "shard_id": 0, "status": "ok", "prompt_id": "p0",
+                   "prompt": "a red square", "negative_prompt": "", "seed": 7, "guidance_scale": 7.5,
+                   "num_inference_steps": 20, "scheduler": "EulerDiscreteScheduler", "width": 64, "height": 64,
+                   "nsfw_score": None, "safety_flagged": None, "error": None, **sample}
             rows.append(row)
+            if row["status"] != "ok":
+                continue
             img = io.BytesIO()
             Image.new("RGB", (row["width"], row["height"]), (40 * offset % 256, 90, 160)).save(img, "JPEG")
-            info = tarfile.TarInfo(f"{key}.jpg")
+            info = tarfile.TarInfo(f"{row['key']}.jpg")
             info.size = len(img.getvalue())
             tar.addfile(info, io.BytesIO(img.getvalue()))
     root.mkdir(parents=True)
-    (root / "00000.tar").write_bytes(buf.getvalue())
-    pq.write_table(pa.Table.from_pylist(rows), root / "00000.parquet")
+    (root / layout.tar_file(SYNTHETIC_SHARD)).write_bytes(buf.getvalue())
+    pq.write_table(pa.Table.from_pylist(rows), root / layout.parquet_file(SYNTHETIC_SHARD))
+    spec = spec or {"name": "synthetic", "model": {"source": "synthetic-model"}, "sweep": {"seeds": 1, "axes": {}}}
+    job = {"spec": spec, "fingerprint": SYNTHETIC_FINGERPRINT, "num_samples": len(rows), "num_shards": 1,
+           "samples_per_shard": len(rows), "key_width": len(SYNTHETIC_SHARD)}
+    (root / layout.JOB_FILE).write_text(json.dumps(job))
+    (root / layout.stats_file(SYNTHETIC_SHARD)).write_text(synthetic_stats(rows).model_dump_json())
     return root
+
+
+def synthetic_stats(rows: list[dict]) -> ShardStats:
+    count = {s: sum(r["status"] == s for r in rows) for s in ("ok", "filtered")}
+    return ShardStats(
+        shard=SYNTHETIC_SHARD, shard_id=0, fingerprint=SYNTHETIC_FINGERPRINT, samples=len(rows), ok=count["ok"],
+        filtered=count["filtered"], failed=len(rows) - count["ok"] - count["filtered"], images_in_tar=count["ok"],
+        quarantined_images=0, flagged=0, flagged_by_class={}, safety_detector="none", safety_model_sha256=None,
+        attempt=1, batch_size=len(rows), engine_speed_ups=[], dtype="float32", device="cpu", worker_node="n",
+        worker_id="w", gpu_id=None, gen_seconds=1.0, gpu_seconds=1.0, images_per_gpu_hour=None, wall_seconds=1.0,
+        started_at="2026-01-01T00:00:00+00:00", finished_at="2026-01-01T00:00:01+00:00", started_ts=0.0,
+        generate_started_ts=0.0, generate_finished_ts=1.0, finished_ts=1.0, tar_sha256="0" * 64,
+        parquet_sha256="0" * 64)
+
+
+def test_previews_show_committed_shards_only(tmp_path):
+    out = synthetic_output(tmp_path / "out", [{"seed": seed} for seed in (1, 2)])
+    assert len(preview.read_preview_meta(preview.contact_sheet(reader_of(out)))["tiles"]) == 2
+    # Without its stats file the shard is not committed (a writer may still be at it): nothing shows.
+    (out / layout.stats_file(SYNTHETIC_SHARD)).unlink()
+    assert preview.read_preview_meta(preview.contact_sheet(reader_of(out)))["tiles"] == []
+    with pytest.raises(PreviewError, match="has no committed shard yet"):
+        preview.xy_grid(reader_of(out), "seed", "guidance_scale")
 
 
 def test_xy_grid_scales_all_cells_alike_and_holds_a_third_axis(tmp_path):
     samples = [{"width": w, "scheduler": sch, "seed": seed}
                for w in (64, 128) for sch in ("EulerDiscreteScheduler", "DDIMScheduler") for seed in (1, 2)]
     out = synthetic_output(tmp_path / "out", samples)
-    png = preview.xy_grid(Storage(str(out)), "width", "seed")
+    png = preview.xy_grid(reader_of(out), "width", "seed")
     meta = preview.read_preview_meta(png)
     # 128 px is the largest side: every image is enlarged x2 (nearest), so sizes stay comparable.
     assert meta["factor"] == 2.0 and meta["x_values"] == [64, 128] and meta["y_values"] == [1, 2]
@@ -202,13 +250,13 @@ def test_xy_grid_scales_all_cells_alike_and_holds_a_third_axis(tmp_path):
     keys = {c["key"] for c in meta["cells"]}
     assert keys == {"000000000", "000000001", "000000004", "000000005"}  # EulerDiscreteScheduler rows only
     with pytest.raises(PreviewError, match="columns that vary: seed, scheduler, width"):
-        preview.xy_grid(Storage(str(out)), "height", "seed")
+        preview.xy_grid(reader_of(out), "height", "seed")
 
 
 def test_gallery_escapes_prompt_text_and_keeps_seeds_exact(tmp_path):
     evil = 'a cat</script><script>alert(1)</script><img src=x onerror="alert(2)"> & <!-- ok'
     out = synthetic_output(tmp_path / "out", [{"prompt": evil, "seed": 2**62 + 1}])
-    page = Path(preview.html_gallery(Storage(str(out)))).read_text()
+    page = Path(preview.html_gallery(reader_of(out))).read_text()
     assert "<script>alert" not in page and "<img src=x" not in page
     blob = page.split('<script id="rows" type="application/json">', 1)[1].split("</script>", 1)[0]
     (row,) = json.loads(blob)
@@ -223,7 +271,7 @@ def test_gallery_escapes_prompt_text_and_keeps_seeds_exact(tmp_path):
 def test_contact_sheet_shows_n_tiles_with_the_right_images(dataset):
     rows = rows_of(dataset)
     assert [r["status"] for r in rows].count("ok") == 18 and [r["status"] for r in rows].count("failed") == 9
-    png = preview.contact_sheet(Storage(str(dataset)), limit=16)
+    png = preview.contact_sheet(reader_of(dataset), limit=16)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     sheet = pixels(png)
     meta = preview.read_preview_meta(png)
@@ -254,17 +302,17 @@ def test_contact_sheet_shows_n_tiles_with_the_right_images(dataset):
 
 
 @pytest.mark.slow
-def test_contact_sheet_limits_and_writes(dataset, tmp_path):
-    storage = Storage(str(dataset))
-    everything = preview.read_preview_meta(preview.contact_sheet(storage, limit=100))
+def test_contact_sheet_shows_at_most_limit_images_and_writes_to_out_path(dataset, tmp_path):
+    reader = reader_of(dataset)
+    everything = preview.read_preview_meta(preview.contact_sheet(reader, limit=100))
     assert len(everything["tiles"]) == 18  # every ok image, never the failed rows
-    written = preview.contact_sheet(storage, str(tmp_path / "sheet.png"), limit=4)
+    written = preview.contact_sheet(reader, str(tmp_path / "sheet.png"), limit=4)
     assert written == str(tmp_path / "sheet.png")
     assert len(preview.read_preview_meta((tmp_path / "sheet.png").read_bytes())["tiles"]) == 4
-    small = preview.small_contact_sheet(storage)
+    small = preview.small_contact_sheet(reader)
     meta = preview.read_preview_meta(small)
     assert len(meta["tiles"]) == 16
-    assert Image.open(io.BytesIO(small)).width < Image.open(io.BytesIO(preview.contact_sheet(storage, limit=16))).width
+    assert Image.open(io.BytesIO(small)).width < Image.open(io.BytesIO(preview.contact_sheet(reader, limit=16))).width
 
 
 # ------------------------------------------------------------------------------------ X/Y grid
@@ -316,10 +364,10 @@ def check_grid(png: bytes, out: Path, prompt_id: str, x: str, y: str) -> dict:
 
 @pytest.mark.slow
 def test_xy_grid_puts_each_sample_in_its_cell(dataset):
-    storage = Storage(str(dataset))
-    check_grid(preview.xy_grid(storage, "guidance_scale", "seed"), dataset, "p000", "guidance_scale", "seed")
+    reader = reader_of(dataset)
+    check_grid(preview.xy_grid(reader, "guidance_scale", "seed"), dataset, "p000", "guidance_scale", "seed")
     # Transposed, and for the second prompt, whose samples straddle two shards (keys 9..17).
-    meta = check_grid(preview.xy_grid(storage, "seed", "guidance_scale", prompt_id="p001"), dataset, "p001",
+    meta = check_grid(preview.xy_grid(reader, "seed", "guidance_scale", prompt_id="p001"), dataset, "p001",
                       "seed", "guidance_scale")
     assert {c["key"][:-4] for c in meta["cells"]} == {"00000", "00001"}
 
@@ -334,7 +382,7 @@ def test_xy_grid_draws_labelled_placeholders_for_missing_cells(dataset, tmp_path
     broken = rows[4]
     broken.update(status="failed", error="CUDA out of memory (synthetic)")
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), copy / "00000.parquet")
-    png = preview.xy_grid(Storage(str(copy)), "guidance_scale", "seed")
+    png = preview.xy_grid(reader_of(copy), "guidance_scale", "seed")
     meta = check_grid(png, copy, "p000", "guidance_scale", "seed")
     grid = pixels(png)
     cells = {c["key"]: c for c in meta["cells"]}
@@ -346,24 +394,24 @@ def test_xy_grid_draws_labelled_placeholders_for_missing_cells(dataset, tmp_path
     # A prompt whose every row failed (an empty prompt) has nothing to plot, and says why.
     with pytest.raises(PreviewError, match=r"prompt_id 'p002' has no image to put in a grid: all 9 of its rows "
                                            r"failed \(prompt is empty or whitespace-only\)"):
-        preview.xy_grid(Storage(str(dataset)), "guidance_scale", "seed", prompt_id="p002")
+        preview.xy_grid(reader_of(dataset), "guidance_scale", "seed", prompt_id="p002")
 
 
 @pytest.mark.slow
 def test_bad_axes_are_named_with_the_columns_that_vary(dataset):
-    storage = Storage(str(dataset))
+    reader = reader_of(dataset)
     with pytest.raises(ValueError, match=r"x axis 'width' does not vary for prompt_id 'p000' \(every row has "
                                          r"width=64\); columns that vary: guidance_scale, seed"):
-        preview.xy_grid(storage, "width", "seed")
+        preview.xy_grid(reader, "width", "seed")
     with pytest.raises(ValueError, match=r"y axis 'cfg' is not a column of .*; columns that vary for prompt_id "
                                          r"'p000': guidance_scale, seed"):
-        preview.xy_grid(storage, "guidance_scale", "cfg")
+        preview.xy_grid(reader, "guidance_scale", "cfg")
     with pytest.raises(ValueError, match=r"'key' is a result column, not a sweep axis"):
-        preview.xy_grid(storage, "key", "seed")
+        preview.xy_grid(reader, "key", "seed")
     with pytest.raises(ValueError, match=r"x and y are both 'seed'"):
-        preview.xy_grid(storage, "seed", "seed")
+        preview.xy_grid(reader, "seed", "seed")
     with pytest.raises(ValueError, match=r"prompt_id 'nope' is not in .*first prompt ids: p000, p001, p002"):
-        preview.xy_grid(storage, "guidance_scale", "seed", prompt_id="nope")
+        preview.xy_grid(reader, "guidance_scale", "seed", prompt_id="nope")
 
 
 # ------------------------------------------------------------------------------------ filtered images
@@ -371,16 +419,16 @@ def test_bad_axes_are_named_with_the_columns_that_vary(dataset):
 
 @pytest.mark.slow
 def test_filtered_images_are_shown_only_when_asked(quarantined):
-    storage = Storage(str(quarantined))
+    reader = reader_of(quarantined)
     held = rows_of(quarantined, "quarantine")
     assert len(held) == 18 and {r["status"] for r in held} == {"filtered"}
     assert not any(k.endswith(".png") for k in tarfile.open(quarantined / "00000.tar").getnames())
 
-    hidden = preview.contact_sheet(storage, limit=16)
+    hidden = preview.contact_sheet(reader, limit=16)
     assert preview.read_preview_meta(hidden)["tiles"] == []
     assert Image.open(io.BytesIO(hidden)).height < SIZE * SCALE  # a note, no tiles
 
-    png = preview.contact_sheet(storage, limit=16, show_filtered=True)
+    png = preview.contact_sheet(reader, limit=16, show_filtered=True)
     sheet, tiles = pixels(png), preview.read_preview_meta(png)["tiles"]
     assert len(tiles) == 16 and {t["status"] for t in tiles} == {"filtered"}
     for t in tiles:
@@ -388,14 +436,14 @@ def test_filtered_images_are_shown_only_when_asked(quarantined):
         x0, y0, x1, y1 = t["box"]
         assert (sheet[y0 - 2, x0:x1] == preview.RED).all()  # the red frame marks it
 
-    png = preview.xy_grid(storage, "guidance_scale", "seed")
+    png = preview.xy_grid(reader, "guidance_scale", "seed")
     grid, meta = pixels(png), preview.read_preview_meta(png)
     assert [c["status"] for c in meta["cells"]] == ["filtered"] * 9 and not any(c["shown"] for c in meta["cells"])
     for c in meta["cells"]:  # labelled grey placeholders of the full cell size, no image pixels
         assert c["box"][2] - c["box"][0] == SIZE * SCALE
         region = crop(grid, c["box"])
         assert (region == np.array(preview.PLACEHOLDER)).all(axis=-1).mean() > 0.8 and has_ink(region)
-    png = preview.xy_grid(storage, "guidance_scale", "seed", show_filtered=True)
+    png = preview.xy_grid(reader, "guidance_scale", "seed", show_filtered=True)
     grid, meta = pixels(png), preview.read_preview_meta(png)
     assert all(c["shown"] for c in meta["cells"])
     for c in meta["cells"]:
@@ -403,9 +451,9 @@ def test_filtered_images_are_shown_only_when_asked(quarantined):
         want = enlarged(tar_image(quarantined, c["key"], "quarantine"))[4:-4, 4:-4]
         assert (inner == want).all(axis=-1).mean() > 0.9  # all but the "FILTERED" label
 
-    page = Path(preview.html_gallery(storage)).read_text()
+    page = Path(preview.html_gallery(reader)).read_text()
     assert page.count('data-status="filtered"') == 18 and "<img" not in page
-    page = Path(preview.html_gallery(storage, show_filtered=True)).read_text()
+    page = Path(preview.html_gallery(reader, show_filtered=True)).read_text()
     assert page.count("<img ") == 18
 
 
@@ -432,25 +480,24 @@ def test_run_preview_writes_where_it_says(dataset, tmp_path, capsys):
     with pytest.raises(PreviewError, match="one at a time"):
         preview.run_preview(out, grid="x=seed,y=guidance_scale", html=True)
     # As a command: errors exit 1 with the message, not a traceback.
-    done = subprocess.run([sys.executable, "-m", "jobs.preview", out, "--grid", "x=width,y=seed"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli("preview", out, "--grid", "x=width,y=seed", timeout=120)
     assert done.returncode == 1 and "columns that vary: guidance_scale, seed" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 @pytest.mark.slow
 def test_previews_read_and_write_s3(dataset, s3, tmp_path):
-    from jobs.preview import gallery_link
+    from sdfleet.jobs.preview import gallery_link
 
     for f in sorted(dataset.iterdir()):
         if f.is_file():
             s3.put(str(f), f"{s3.bucket}/ds/{f.name}")
-    storage = Storage(f"s3://{s3.bucket}/ds")
-    written = preview.run_preview(storage.uri)
+    reader = OutputReader.open(f"s3://{s3.bucket}/ds")
+    written = preview.run_preview(reader.storage.uri)
     assert written == f"s3://{s3.bucket}/ds/preview/contact_sheet.png"
     assert len(preview.read_preview_meta(s3.cat(f"{s3.bucket}/ds/preview/contact_sheet.png"))["tiles"]) == 18
-    assert preview.html_gallery(storage) == f"s3://{s3.bucket}/ds/preview/index.html"
-    url = gallery_link(storage)
+    assert preview.html_gallery(reader) == f"s3://{s3.bucket}/ds/preview/index.html"
+    url = gallery_link(reader)
     assert url.startswith("http") and ("Signature=" in url or "X-Amz-Signature=" in url)
     with urllib.request.urlopen(url, timeout=30) as resp:  # the presigned page needs nothing else
         page = resp.read().decode()
@@ -470,8 +517,8 @@ def colourful(img: np.ndarray) -> int:
 
 @pytest.mark.slow
 @needs_chromium
-def test_gallery_renders_in_chromium(dataset, tmp_path):
-    page = Path(preview.html_gallery(Storage(str(dataset))))
+def test_gallery_shows_thumbnails_in_chromium_and_its_hash_opens_that_sample(dataset, tmp_path):
+    page = Path(preview.html_gallery(reader_of(dataset)))
     shot = tmp_path / "gallery.png"
     base = [CHROMIUM, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     done = subprocess.run([*base, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True,
@@ -543,6 +590,10 @@ class WebDriver:
     def js(self, script: str):
         return self("POST", "/execute/sync", {"script": script, "args": []})
 
+    def cdp(self, command: str, params: dict) -> None:
+        """A Chrome DevTools command, through chromedriver's own endpoint."""
+        self("POST", "/goog/cdp/execute", {"cmd": command, "params": params})
+
     def screenshot(self, path: Path) -> np.ndarray:
         path.write_bytes(base64.b64decode(self("GET", "/screenshot")))
         return pixels(path)
@@ -558,7 +609,7 @@ class WebDriver:
 @pytest.mark.slow
 @needs_chromedriver
 def test_gallery_click_shows_metadata_and_filters_by_status(dataset, tmp_path):
-    page = Path(preview.html_gallery(Storage(str(dataset))))
+    page = Path(preview.html_gallery(reader_of(dataset)))
     rows = {r["key"]: r for r in rows_of(dataset)}
     driver = WebDriver(tmp_path / "profile")
     try:
@@ -597,5 +648,128 @@ def test_gallery_click_shows_metadata_and_filters_by_status(dataset, tmp_path):
         driver.click('#filters input[value="ok"]')
         driver.click('#filters input[value="failed"]')
         assert sorted(driver.js(visible)) == ["ok"] * 18
+    finally:
+        driver.close()
+
+
+# ------------------------------------------------------------------------------------ hostile values
+
+# Every string column a Parquet row may carry; "caption" stands for a passthrough column of the input.
+HOSTILE_COLUMNS = ("status", "key", "prompt", "negative_prompt", "error", "scheduler", "model_source", "prompt_id",
+                   "caption")
+
+
+def hostile(tag: str) -> str:
+    """Markup that, were it ever live, records `tag` in window.__pwned: an image that fails to load,
+    and a script. A stray entity and comment opener ride along: they must show as typed too."""
+    return (f"\"><img src=x onerror=\"window.__pwned.push('{tag}')\"><script>window.__pwned.push('{tag}')</script>"
+            " &amp; <!--")
+
+
+def hostile_output(root: Path) -> tuple[Path, list[dict]]:
+    """An output whose every string column (and the job's name and model) holds markup.
+
+    Three rows: an ok row with an image; a row whose key is hostile; a row whose status is hostile.
+    sdfleet makes keys from the shard id and offset (digits), which also name the tar members; a
+    hostile key can only come from a tampered Parquet, so that row failed and has no image to pair
+    with it (the tar is never asked for it). A hostile status is not `ok`: no image either.
+    """
+    common = {c: hostile(c) for c in HOSTILE_COLUMNS if c not in ("status", "key")}
+    samples = [{**common, "status": "ok"},
+               {**common, "key": hostile("key"), "status": "failed"},
+               {**common, "status": hostile("status")}]
+    spec = {"name": hostile("spec.name"), "model": {"source": hostile("spec.model.source")},
+            "sweep": {"seeds": 1, "axes": {}}}
+    out = synthetic_output(root, samples, spec)
+    return out, rows_of(out)
+
+
+class TagCollector(html.parser.HTMLParser):
+    """Every element of a page as the browser's parser would build it, with its attributes unescaped."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_gallery_html_carries_hostile_values_as_text_only(tmp_path):
+    out, rows = hostile_output(tmp_path / "out")
+    page = Path(preview.html_gallery(reader_of(out))).read_text()
+    assert "<img src=x" not in page and "<script>window.__pwned" not in page and "<!--" not in page
+    parser = TagCollector()
+    parser.feed(page)
+    tags = [t for t, _ in parser.tags]
+    assert tags.count("img") == 1 and tags.count("script") == 2  # the thumbnail; the rows and the page's code
+    cards = [attrs for t, attrs in parser.tags if t == "figure"]
+    by_key = {c["data-key"]: c for c in cards}
+    assert set(by_key) == {r["key"] for r in rows}
+    assert by_key[hostile("key")]["data-status"] == "failed"
+    hostile_status = next(c for c in cards if c["data-status"] == hostile("status"))
+    assert hostile_status["class"] == f"card s-{hostile('status')}"  # one attribute value, not markup
+    blob = page.split('<script id="rows" type="application/json">', 1)[1].split("</script>", 1)[0]
+    assert json.loads(blob) == rows
+
+
+@pytest.mark.slow
+@needs_chromedriver
+def test_gallery_runs_no_hostile_markup_in_chromium_and_shows_it_verbatim(tmp_path):
+    out, rows = hostile_output(tmp_path / "out")
+    page = Path(preview.html_gallery(reader_of(out)))
+    driver = WebDriver(tmp_path / "profile")
+    pwned = "return window.__pwned"
+    try:
+        # The hook is in place before any script of the page runs, so an injected one would record itself.
+        driver.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": "window.__pwned = [];"})
+        driver.get(page.as_uri())
+        wait_for(lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load")
+        time.sleep(1)  # an injected <img src=x> fails to load and fires onerror asynchronously
+        assert driver.js(pwned) == []
+        assert driver.js("return document.querySelectorAll('img').length") == 1
+        assert driver.js("return document.querySelectorAll('script').length") == 2
+        assert driver.js("return document.title") == f"{hostile('spec.name')}: preview"
+        assert driver.js("return document.querySelector('h1').textContent") == hostile("spec.name")
+
+        cards = driver.js("""return Array.from(document.querySelectorAll('#grid .card'), c => ({
+            key: c.querySelector('.key').textContent, status: c.querySelector('.badge').textContent,
+            prompt: c.querySelector('.prompt').textContent, dataKey: c.dataset.key,
+            placeholder: c.querySelector('.ph') && c.querySelector('.ph span').textContent}))""")
+        assert [c["key"] for c in cards] == [r["key"] for r in rows]
+        assert [c["dataKey"] for c in cards] == [r["key"] for r in rows]
+        assert [c["status"] for c in cards] == [r["status"] for r in rows]
+        assert all(c["prompt"] == hostile("prompt") for c in cards)
+        failed = next(c for c in cards if c["status"] == "failed")
+        assert failed["key"] == hostile("key") and failed["placeholder"] == hostile("error")
+
+        # A real click on each card opens its row: every value, verbatim, as text; still nothing ran.
+        for n, row in enumerate(rows, start=1):
+            driver.click(f"#grid .card:nth-of-type({n})")
+            assert driver.js("return document.getElementById('detail').hidden") is False
+            assert driver.js("return document.getElementById('detail-key').textContent") == \
+                f"{row['key']} ({row['status']})"
+            table = driver.js("return Object.fromEntries(Array.from(document.querySelectorAll('#meta tr'))"
+                              ".map(tr => [tr.dataset.column, tr.querySelector('td').textContent]))")
+            for column in HOSTILE_COLUMNS:
+                assert table[column] == row[column], column
+            time.sleep(0.5)
+            assert driver.js(pwned) == []
+            driver.click("#close")
+
+        # #KEY with the hostile key opens that row too (a fresh load, so the hook runs again).
+        driver.get("about:blank")
+        driver.get(f"{page.as_uri()}#{urllib.parse.quote(hostile('key'), safe='')}")
+        wait_for(lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load")
+        assert driver.js("return document.getElementById('detail-key').textContent") == f"{hostile('key')} (failed)"
+        time.sleep(0.5)
+        assert driver.js(pwned) == []
+
+        # The hook does catch live markup: the same string put in as HTML records itself.
+        driver.js(f"document.getElementById('grid').insertAdjacentHTML('beforeend', {json.dumps(hostile('control'))})")
+        deadline = time.monotonic() + 10
+        while not driver.js(pwned) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert driver.js(pwned) == ["control"]
     finally:
         driver.close()

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from actors.generator import ShardGenerator
-from actors.safety import load_detector, weights_sha256
-from conftest import run_cli, write_prompts
-from jobs.plan import Planner
-from schemas.spec import SafetySpec, SpecError, parse_spec
+from sdfleet.actors.generator import ShardGenerator
+from sdfleet.actors.safety import load_detector, weights_sha256
+from helpers import run_cli, write_prompts
+from sdfleet.jobs.plan import Planner
+from sdfleet.schemas.spec import SafetySpec, SpecError, parse_spec
 
 DETECTORS = ("nsfw-detector", "clip-checker", "hf-classifier")
 PROMPTS = ["a quiet harbour at dusk", "a bowl of cherries", "a fox in the snow"]
@@ -25,7 +25,7 @@ PROMPTS = ["a quiet harbour at dusk", "a bowl of cherries", "a fox in the snow"]
 
 @pytest.fixture(scope="session")
 def tiny_detectors(tmp_path_factory):
-    from actors.tiny import write_tiny_clip_checker, write_tiny_hf_classifier, write_tiny_nsfw_model
+    from sdfleet.jobs.tiny import write_tiny_clip_checker, write_tiny_hf_classifier, write_tiny_nsfw_model
 
     root = tmp_path_factory.mktemp("detectors")
     writers = {"nsfw-detector": (write_tiny_nsfw_model, "nsfw-{}.h5"),
@@ -98,7 +98,7 @@ def generate_shard(tmp_path, tiny_model, safety: dict, name: str):
         "safety": safety,
         "resources": {"batch_size": 4},
     })
-    stats = ShardGenerator(Planner(spec).plan(), cpu_threads=2).run(0)
+    stats = ShardGenerator(Planner(spec).plan(), cpu_threads=2).run(0).model_dump()
     out = tmp_path / name
     return stats, pq.read_table(out / "00000.parquet").to_pylist(), tar_images(out / "00000.tar")
 
@@ -165,7 +165,7 @@ def test_blackout_writes_black_images(tiny_detectors, tiny_model, tmp_path):
     assert {r["status"] for r in rows} == {"ok"} and all(r["safety_flagged"] for r in rows)
 
 
-def test_score_keeps_everything(tiny_detectors, tiny_model, none_run):
+def test_action_score_flags_but_keeps_every_image(tiny_detectors, tiny_model, none_run):
     tmp, (_, _, none_images) = none_run
     stats, rows, images = generate_shard(
         tmp, tiny_model, {"detector": "hf-classifier", "model": tiny_detectors["hf-classifier", "everything"],

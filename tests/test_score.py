@@ -1,6 +1,6 @@
 """`sdfleet score`: CLIP score per image and FID per sweep point, on a dataset made by the real CLI.
 
-The models are tiny and random (actors.tiny.write_tiny_clip / write_tiny_inception), loaded through
+The models are tiny and random (jobs.tiny.write_tiny_clip / write_tiny_inception), loaded through
 the same loaders as real ones; the figures mean nothing and the outputs must say so. The real FID
 InceptionV3 is checked for shape and weight-file compatibility with random weights.
 """
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli, write_prompts
+from helpers import REPO, run_cli, write_prompts
 
 EXAMPLE = REPO / "jobs" / "examples" / "sd2_model_card_eval.yaml"
 PROMPTS = ["a quiet harbour at dusk", "a bowl of cherries", "a fox in the snow", "two cats on a red sofa",
@@ -25,7 +25,7 @@ SCALES = [1.5, 7.5]
 
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
-    from actors.tiny import write_tiny_clip, write_tiny_inception
+    from sdfleet.jobs.tiny import write_tiny_clip, write_tiny_inception
 
     root = tmp_path_factory.mktemp("scorers")
     return {"clip": str(write_tiny_clip(root / "tiny-clip")),
@@ -72,7 +72,7 @@ def read_rows(folder):
 
 @pytest.mark.slow
 def test_score_writes_clip_scores_fid_per_guidance_scale_and_a_labelled_plot(dataset, scorers, reference):
-    from jobs.score import LOUD_NOTE, run_score
+    from sdfleet.jobs.score import LOUD_NOTE, run_score
 
     summary = run_score(str(dataset), scorers["clip"], str(reference), batch_size=4, device="cpu",
                         fid_weights=scorers["inception"], fid_size=64)
@@ -114,7 +114,8 @@ def test_fid_of_the_reference_against_itself_is_zero(scorers, reference):
     import torch
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from jobs.score import fid_image, load_feature_extractor
+    from sdfleet.jobs.score.fid import fid_image
+    from sdfleet.jobs.score.inception import load_feature_extractor
 
     extractor = load_feature_extractor(scorers["inception"])
     images = torch.from_numpy(np.stack([fid_image(p.read_bytes(), 64) for p in sorted(reference.glob("*.png"))]))
@@ -135,10 +136,11 @@ def test_real_inception_loads_published_parameter_names_and_flags_random_weights
     import torch
     from safetensors.torch import save_file
 
-    from jobs.score import _untrained_norms, feature_extractor_class, load_feature_extractor
+    from sdfleet.jobs.score.inception import InceptionV3FID, load_feature_extractor
+    from sdfleet.jobs.score.sanity import looks_untrained
 
     torch.manual_seed(0)
-    net = feature_extractor_class("inception-v3-fid")()
+    net = InceptionV3FID()
     state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     # A few names from pytorch-fid's pt_inception-2015-12-05 weights, which the file must match.
     for name in ("Conv2d_1a_3x3.conv.weight", "Conv2d_4a_3x3.bn.running_var", "Mixed_5b.branch5x5_2.conv.weight",
@@ -152,7 +154,7 @@ def test_real_inception_loads_published_parameter_names_and_flags_random_weights
     with torch.no_grad():
         feats = loaded(torch.randint(0, 256, (1, 3, 64, 48), dtype=torch.uint8))
     assert feats.shape == (1, 2048) and torch.isfinite(feats).all()
-    assert _untrained_norms(loaded, (torch.nn.BatchNorm2d,))
+    assert looks_untrained(loaded, (torch.nn.BatchNorm2d,))
 
     # A file for another network (the tiny one, its metadata stripped) is refused, naming what is missing.
     tiny = {"conv1.conv.weight": torch.zeros(8, 3, 3, 3)}
@@ -167,7 +169,7 @@ def test_real_inception_loads_published_parameter_names_and_flags_random_weights
 def test_score_arguments_parse_as_documented():
     import argparse
 
-    from jobs.score import add_arguments
+    from sdfleet.jobs.score import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -179,20 +181,33 @@ def test_score_arguments_parse_as_documented():
 
 
 def test_score_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
-    from jobs.score import ScoreError, main, run_score
+    from sdfleet.jobs.cli import main
+    from sdfleet.jobs.score import ScoreError, run_score
 
     with pytest.raises(ScoreError, match="needs both --reference .* and --fid-weights"):
         run_score(str(tmp_path), "no-such-clip", str(tmp_path), device="cpu")
     with pytest.raises(ScoreError, match="--out"):
         run_score(str(tmp_path), "no-such-clip", None, out="../elsewhere", device="cpu")
-    assert main([str(tmp_path / "nothing"), "--clip-model", "no-such-clip"]) == 1
-    assert "has no _job.json: not an sdfleet output" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "nothing"), "--clip-model", "no-such-clip"]) == 1
+    err = capsys.readouterr().err
+    assert "sdfleet: error: " in err and "has no _job.json: it is not an sdfleet output" in err
+
+
+def test_importing_score_loads_no_heavy_frameworks():
+    """The CLI imports the package to build its parser; the scoring modules load only to score."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sdfleet.jobs.score, sdfleet.jobs.cli; print([m for m in "
+            "('torch', 'ray', 'tensorflow', 'diffusers', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 @pytest.mark.slow
 def test_score_reads_and_writes_s3(dataset, scorers, reference, s3, tmp_path, monkeypatch):
     """Dataset, reference images and both models on S3 (moto over HTTP); outputs land in the bucket."""
-    from jobs.score import run_score
+    from sdfleet.jobs.score import run_score
 
     monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
     root = f"{s3.bucket}"
@@ -222,8 +237,8 @@ def test_score_reads_and_writes_s3(dataset, scorers, reference, s3, tmp_path, mo
 
 def test_example_spec_plans_the_model_card_protocol(tmp_path):
     """jobs/examples/sd2_model_card_eval.yaml: 10,000 captions x 8 guidance scales = 80,000 samples."""
-    from jobs.plan import Planner
-    from schemas.spec import load_spec
+    from sdfleet.jobs.plan import Planner
+    from sdfleet.schemas.spec import load_spec
 
     n = 10_000
     pq.write_table(pa.table({
@@ -240,7 +255,7 @@ def test_example_spec_plans_the_model_card_protocol(tmp_path):
     assert plan.num_samples == 80_000 and plan.num_rows == n and len(plan.points) == 8
     assert load_spec(EXAMPLE).input.uri.startswith("s3://")  # parses as shipped, too
     # And as a user sees it: `sdfleet plan` prints the samples and a cost.
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = run_cli("plan", str(EXAMPLE), "--set", f"input.uri={tmp_path / 'coco2017_val_10k.parquet'}")
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,6 @@
 import pytest
 
-from schemas.spec import JobSpec, SpecError, apply_override, diff_fingerprint_fields, load_spec, parse_spec
+from sdfleet.schemas.spec import JobSpec, SpecError, apply_override, diff_fingerprint_fields, load_spec, parse_spec
 
 BASE = {"input": {"uri": "s3://b/prompts/"}, "output": {"uri": "s3://b/out/"}}
 
@@ -52,7 +52,7 @@ def test_bad_values_are_named(data, must_name):
     assert must_name in error_of(data)
 
 
-def test_yaml_file_and_overrides(tmp_path):
+def test_overrides_replace_yaml_values_with_parsed_yaml(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("input: {uri: in/}\noutput: {uri: out/}\ngeneration: {guidance_scale: 7.5}\n")
     spec = load_spec(path, ["generation.guidance_scale=5", "sweep.axes={num_inference_steps: [10, 20]}",
@@ -135,7 +135,7 @@ def test_schemas_import_no_heavy_frameworks():
     import subprocess
     import sys
 
-    code = "import schemas.spec, schemas.samples, schemas.rows, sys; " \
+    code = "import sdfleet.schemas.spec, sdfleet.schemas.samples, sdfleet.schemas.rows, sys; " \
            "print(sorted(m for m in ('torch','ray','tensorflow','diffusers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from actors.storage import Storage, cached_copy
+from sdfleet.actors.storage import Storage, cached_copy
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -1,0 +1,300 @@
+"""The output folder's contract, without Ray: one stats file commits a shard, however many writers race
+(`ShardWriter.commit`); the survey classifies every planned shard from its records alone
+(`OutputReader.survey`); the finalizer declares a dataset complete only when the Parquet footers add
+up (`Finalizer`), with a card that says what the dataset holds (`dataset_card`)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from helpers import write_prompts
+from sdfleet.actors.storage import Storage
+from sdfleet.actors.writer import ShardWriter
+from sdfleet.jobs.finalize import Finalizer, IncompleteOutput, dataset_card
+from sdfleet.jobs.output import NotAnOutput, OutputReader, Survey
+from sdfleet.jobs.plan import Planner
+from sdfleet.jobs.run import job_record
+from sdfleet.schemas import layout
+from sdfleet.schemas.errors import StorageError
+from sdfleet.schemas.layout import FailedShard, ShardAttemptError, ShardStats
+from sdfleet.schemas.rows import output_schema
+from sdfleet.schemas.samples import sample_key
+from sdfleet.schemas.spec import parse_spec
+
+# The job of `output`: 7 prompts x 1 seed, 2 samples per shard.
+SAMPLES_PER_SHARD = {"00000": 2, "00001": 2, "00002": 2, "00003": 1}
+
+
+def shard_stats(shard: str, fingerprint: str, samples: int, **fields) -> ShardStats:
+    """A stats record for `shard`: every sample ok and in the tar, unless `fields` say otherwise."""
+    record = dict(
+        shard=shard, shard_id=int(shard), fingerprint=fingerprint, samples=samples, ok=samples, filtered=0,
+        failed=0, images_in_tar=samples, quarantined_images=0, flagged=0, flagged_by_class={},
+        safety_detector="none", safety_model_sha256=None, attempt=1, batch_size=samples, engine_speed_ups=[],
+        dtype="float32", device="cpu", worker_node="node-1", worker_id="worker-1", gpu_id="0", gen_seconds=1.0,
+        gpu_seconds=1.0, images_per_gpu_hour=None, wall_seconds=2.0, started_at="2026-11-29T00:00:00+00:00",
+        finished_at="2026-11-29T00:00:02+00:00", started_ts=0.0, generate_started_ts=0.5,
+        generate_finished_ts=1.5, finished_ts=2.0, tar_sha256="0" * 64, parquet_sha256="0" * 64,
+    )
+    return ShardStats(**{**record, **fields})
+
+
+def failed_shard(shard: str, fingerprint: str) -> FailedShard:
+    return FailedShard(shard_id=int(shard), attempts=3, fingerprint=fingerprint,
+                       errors=[ShardAttemptError(attempt=i, error="Traceback ...\nOSError: disk full", at=float(i))
+                               for i in (1, 2, 3)])
+
+
+def put_record(storage: Storage, name: str, record) -> None:
+    storage.write_json(name, record.model_dump(mode="json"))
+
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed * 40 % 256, 90, 160)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(reader: OutputReader, shard: str, parquet_rows: int | None = None) -> ShardStats:
+    """Write the shard's tar and Parquet as a worker does (tiny PNGs, every sample ok) and commit it;
+    `parquet_rows` makes the Parquet hold another number of rows than the stats say."""
+    job = reader.job
+    samples = SAMPLES_PER_SHARD[shard]
+    rows = [{"key": sample_key(int(shard), i, job["key_width"]), "shard_id": int(shard), "status": "ok",
+             "prompt": f"a quiet harbour {i}", "width": 8, "height": 8, "image_format": "png"}
+            for i in range(samples if parquet_rows is None else parquet_rows)]
+    writer = ShardWriter(reader.storage, "png")
+    hashes = writer.write_outputs(shard, rows, {r["key"]: png(i) for i, r in enumerate(rows)}, output_schema())
+    return writer.commit(shard, shard_stats(shard, job["fingerprint"], samples, **hashes))
+
+
+@pytest.fixture
+def output(tmp_path) -> OutputReader:
+    """A started job's output folder: its `_job.json` (7 samples in 4 shards), no shard yet."""
+    write_prompts(tmp_path / "in" / "p.parquet", [f"a quiet harbour, variation {i}" for i in range(7)])
+    spec = parse_spec({"name": "harbours", "input": {"uri": str(tmp_path / "in")},
+                       "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 2, "image_format": "png"},
+                       "safety": {"detector": "none"}})
+    plan = Planner(spec).plan()
+    storage = Storage(spec.output.uri)
+    storage.write_json(layout.JOB_FILE, job_record(plan))
+    return OutputReader(storage)
+
+
+# ------------------------------------------------------------------------------------- commit
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path) -> Storage:
+    if request.param == "s3":
+        return Storage(f"s3://{request.getfixturevalue('s3').bucket}/out")
+    return Storage(str(tmp_path / "out"))
+
+
+def put_parquet(storage: Storage, data: bytes) -> str:
+    """Stand-in Parquet bytes for shard 00000 (the commit only hashes them); their sha256."""
+    storage.write_bytes(layout.parquet_file("00000"), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def stats_on(storage: Storage) -> ShardStats:
+    return ShardStats.model_validate(storage.read_json(layout.stats_file("00000")))
+
+
+def test_of_writers_racing_to_commit_exactly_one_creates_the_stats(storage):
+    # Retries of one shard write byte-identical Parquets, so every racer's stats describe the one on storage.
+    sha = put_parquet(storage, b"the rows")
+    racers = [shard_stats("00000", "job", 2, worker_id=f"worker-{i}", parquet_sha256=sha) for i in range(6)]
+    results = [None] * len(racers)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ShardWriter(storage, "png").commit(
+        "00000", racers[i]))) for i in range(len(racers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [winner] = {r.worker_id for r in results}
+    assert stats_on(storage).worker_id == winner
+
+
+def test_a_later_writer_keeps_the_commit_that_describes_the_parquet_on_storage(storage):
+    writer = ShardWriter(storage, "png")
+    first = writer.commit("00000", shard_stats("00000", "job", 2, worker_id="first",
+                                               parquet_sha256=put_parquet(storage, b"the first writer's rows")))
+    # The later writer's own Parquet was overwritten by the first one's before either committed.
+    later = shard_stats("00000", "job", 2, worker_id="later",
+                        parquet_sha256=hashlib.sha256(b"the later writer's rows").hexdigest())
+    assert writer.commit("00000", later) == first
+    assert stats_on(storage) == first
+
+
+def test_a_later_writer_whose_parquet_is_on_storage_commits_again(storage):
+    writer = ShardWriter(storage, "png")
+    writer.commit("00000", shard_stats("00000", "job", 2, worker_id="first",
+                                       parquet_sha256=put_parquet(storage, b"the first writer's rows")))
+    # The later writer overwrote the Parquet after the first commit: only its stats describe it now.
+    later = shard_stats("00000", "job", 2, worker_id="later",
+                        parquet_sha256=put_parquet(storage, b"the later writer's rows"))
+    assert writer.commit("00000", later) == later
+    assert stats_on(storage) == later
+
+
+def test_a_parquet_that_matches_neither_commit_is_an_error(storage):
+    writer = ShardWriter(storage, "png")
+    first = writer.commit("00000", shard_stats("00000", "job", 2, worker_id="first",
+                                               parquet_sha256=put_parquet(storage, b"the first writer's rows")))
+    later = shard_stats("00000", "job", 2, worker_id="later",
+                        parquet_sha256=hashlib.sha256(b"the later writer's rows").hexdigest())
+    put_parquet(storage, b"a third writer's rows")
+    with pytest.raises(RuntimeError, match="matches neither commit; a third writer is active"):
+        writer.commit("00000", later)
+    assert stats_on(storage) == first
+
+
+# ------------------------------------------------------------------------------------- survey
+
+
+def test_survey_classifies_every_planned_shard_by_its_records(output):
+    job, storage = output.job, output.storage
+    put_record(storage, layout.stats_file("00000"), shard_stats("00000", job["fingerprint"], 2))
+    put_record(storage, layout.stats_file("00001"), shard_stats("00001", "another job", 2))
+    put_record(storage, layout.failed_file("00002"), failed_shard("00002", job["fingerprint"]))
+    survey = output.survey()
+    assert (survey.num_shards, survey.num_samples) == (4, 7)
+    assert list(survey.committed) == ["00000"]
+    assert list(survey.quarantined) == ["00002"]
+    assert survey.quarantined["00002"].last_error_line() == "OSError: disk full"
+    # A stats file of another job commits nothing here: the shard is made again.
+    assert survey.pending == ["00001", "00003"]
+    assert survey.committed_samples == 2 and not survey.complete
+
+
+def test_survey_totals_add_up_the_committed_shards_only(output):
+    job, storage = output.job, output.storage
+    put_record(storage, layout.stats_file("00000"), shard_stats(
+        "00000", job["fingerprint"], 2, ok=1, filtered=1, images_in_tar=1, quarantined_images=1, flagged=1,
+        flagged_by_class={"porn": 1}, gpu_seconds=1.5, dtype="float16", safety_model_sha256="b" * 64))
+    put_record(storage, layout.stats_file("00001"), shard_stats(
+        "00001", job["fingerprint"], 2, ok=1, failed=1, images_in_tar=1, flagged=2,
+        flagged_by_class={"porn": 1, "hentai": 1}, gpu_seconds=0.5, safety_model_sha256="a" * 64))
+    put_record(storage, layout.stats_file("00002"), shard_stats("00002", "another job", 2, gpu_seconds=100.0))
+    totals = output.survey().totals()
+    assert totals == {
+        "samples": 4, "ok": 2, "filtered": 1, "failed": 1, "images_in_tar": 2, "quarantined_images": 1,
+        "flagged": 3, "gpu_seconds": 2.0, "gen_seconds": 2.0, "flagged_by_class": {"hentai": 1, "porn": 2},
+        "images_per_gpu_hour": 3600.0, "dtypes": ["float16", "float32"],
+        "safety_model_sha256": ["a" * 64, "b" * 64],
+    }
+
+
+def test_survey_is_complete_only_when_the_committed_samples_are_the_planned_ones(output):
+    job, storage = output.job, output.storage
+    for shard, samples in SAMPLES_PER_SHARD.items():
+        put_record(storage, layout.stats_file(shard), shard_stats(shard, job["fingerprint"], samples))
+    assert output.survey().complete
+    put_record(storage, layout.stats_file("00003"), shard_stats("00003", job["fingerprint"], 0))
+    assert not output.survey(refresh=True).complete
+
+
+def test_survey_names_a_record_it_cannot_read(output):
+    output.storage.write_json(layout.stats_file("00001"), {"samples": 2})
+    with pytest.raises(StorageError, match="00001_stats.json is not a valid ShardStats record"):
+        output.survey()
+
+
+def test_a_folder_without_a_job_record_is_not_an_output(tmp_path):
+    with pytest.raises(NotAnOutput, match="_job.json"):
+        OutputReader(Storage(str(tmp_path))).survey()
+
+
+# ----------------------------------------------------------------------------------- finalize
+
+
+def completion_files(storage: Storage) -> dict[str, bool]:
+    return {name: storage.exists(name) for name in (layout.SIZES_FILE, layout.CARD_FILE, layout.CARD_SHEET,
+                                                    layout.SUCCESS_FILE)}
+
+
+def test_finalizer_writes_nothing_while_a_shard_is_pending_or_quarantined(output):
+    for shard in ("00000", "00001", "00002"):
+        write_shard(output, shard)
+    assert Finalizer(output).finalize() is False
+    put_record(output.storage, layout.failed_file("00003"), failed_shard("00003", output.job["fingerprint"]))
+    assert Finalizer(output).finalize() is False
+    assert not any(completion_files(output.storage).values())
+    assert "results" not in output.storage.read_json(layout.JOB_FILE)
+
+
+def test_finalizer_declares_a_complete_output(output):
+    for shard in SAMPLES_PER_SHARD:
+        write_shard(output, shard)
+    job_before = output.job
+    assert Finalizer(output).finalize() is True
+    storage = output.storage
+    assert all(completion_files(storage).values())
+    assert storage.read_json(layout.SIZES_FILE) == {f"{s}.tar": n for s, n in SAMPLES_PER_SHARD.items()}
+    job = storage.read_json(layout.JOB_FILE)
+    assert {k: v for k, v in job.items() if k != "results"} == job_before
+    assert job["results"]["samples"] == job["results"]["ok"] == 7
+    card = storage.read_bytes(layout.CARD_FILE).decode()
+    assert card == dataset_card(job_before, output.survey(), layout.CARD_SHEET)
+    assert Image.open(io.BytesIO(storage.read_bytes(layout.CARD_SHEET))).format == "PNG"
+
+
+def test_finalizer_refuses_a_parquet_whose_footer_disagrees_with_its_stats(output):
+    for shard in SAMPLES_PER_SHARD:
+        write_shard(output, shard, parquet_rows=1 if shard == "00001" else None)
+    assert pq.read_metadata(output.storage.path("00001.parquet")).num_rows == 1
+    with pytest.raises(IncompleteOutput, match="00001.parquet has 1 rows but its stats say 2"):
+        Finalizer(output).finalize()
+    assert not any(completion_files(output.storage).values())
+
+
+# -------------------------------------------------------------------------------- dataset card
+
+
+def card_for(reader: OutputReader, sheet: str | None = None, **spec_sections) -> str:
+    """The card of the `output` job with every shard committed: 7 samples, 2 of them filtered by the
+    detector; `spec_sections` update the job's spec."""
+    job = json.loads(json.dumps(reader.job))
+    for section, values in spec_sections.items():
+        job["spec"][section].update(values)
+    survey = Survey(num_shards=4, num_samples=7, committed={
+        shard: shard_stats(shard, job["fingerprint"], n, gpu_seconds=900.0) for shard, n in SAMPLES_PER_SHARD.items()})
+    survey.committed["00001"] = shard_stats(
+        "00001", job["fingerprint"], 2, ok=0, filtered=2, images_in_tar=0, flagged=2,
+        flagged_by_class={"porn": 1, "sexy": 1}, gpu_seconds=900.0, safety_model_sha256="c0ffee" * 10 + "abcd")
+    return dataset_card(job, survey, sheet)
+
+
+def test_dataset_card_counts_what_the_dataset_holds(output):
+    card = card_for(output)
+    for line in ("# harbours", "| samples planned | 7 |", "| images (status ok) | 5 |",
+                 "| flagged by safety | 2 (action `drop`) |", "| filtered (not in the tars) | 2 |",
+                 "| kept aside in `quarantine/` | 0 |", "| failed | 0 |", "| shards | 4 |",
+                 "| GPU-hours | 1.0000 (3600.0 GPU-seconds) |", "| images per GPU-hour | 5.0 |"):
+        assert f"\n{line}\n" in card, line
+    assert card.startswith("---\n") and "![" not in card
+
+
+def test_dataset_card_says_whether_and_how_images_were_checked(output):
+    assert "\n- safety: none (no detector ran; safety columns are null)\n" in card_for(output)
+    card = card_for(output, safety={"detector": "nsfw-detector", "threshold": 0.7, "action": "quarantine"})
+    assert ("\n- safety: `nsfw-detector` (weights sha256 c0ffeec0ffee), threshold 0.7, action `quarantine`; "
+            "flagged per class: porn 1, sexy 1\n") in card
+
+
+@pytest.mark.parametrize("image_format, extension", [("jpeg", "jpg"), ("png", "png"), ("webp", "webp")])
+def test_dataset_card_names_the_tar_members_by_the_images_extension(output, image_format, extension):
+    card = card_for(output, output={"image_format": image_format})
+    assert f"WebDataset shards with `{{key}}.{extension}`, `{{key}}.txt` (prompt)" in card
+
+
+def test_dataset_card_shows_the_contact_sheet_it_is_given(output):
+    assert "\n![A sample of the images](preview/card_contact_sheet.png)\n" in card_for(output, layout.CARD_SHEET)
