@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,10 +30,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sdfleet.actors.engine import GENERATOR_DEVICE, Engine
+from sdfleet.actors.logs import configure_logging, remember_secrets
 from sdfleet.actors.safety import SafetyScore, load_detector
 from sdfleet.actors.storage import Storage
-from sdfleet.actors.writer import ShardWriter, encode_image
+from sdfleet.actors.writer import ShardWriter, encode_image, publish_committed
 from sdfleet.schemas import layout
+from sdfleet.schemas.errors import UserError
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.rows import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
@@ -213,7 +216,9 @@ class ShardGenerator:
     """One per GPU. Loads the pipeline and the detector once; `run(shard_id)` makes and commits a shard."""
 
     def __init__(self, plan: Plan, cpu_threads: int | None = None):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        configure_logging()
+        for options in plan.spec.storage_options():
+            remember_secrets(options)
         self.plan = plan
         self.spec = plan.spec
         self.worker = _worker_identity()
@@ -222,13 +227,6 @@ class ShardGenerator:
             # Spot reclaims and pod evictions send SIGTERM first: stop taking shards and abandon the
             # current one at the next batch, so the driver requeues it without counting an attempt.
             signal.signal(signal.SIGTERM, self._on_sigterm)
-        if cpu_threads is None:
-            cpu_threads = _node_cpu_threads(self.spec.resources.gpus_per_worker)
-        # One set of parameters per sweep point: the shapes to size the batch for and to compile.
-        shapes = [resolve_params(self.spec, "", None, "", point) for point in plan.points]
-        self.engine = Engine(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine,
-                             batch_size=self.spec.resources.batch_size, warm_up=shapes)
-        self.detector = load_detector(self.spec.safety, self.engine.device)
         self.storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
         self.writer = ShardWriter(self.storage, self.spec.output.image_format)
         self.schema = plan.output_schema()
@@ -237,6 +235,30 @@ class ShardGenerator:
         # One thread scores and encodes for every shard of this worker: detectors are called from
         # one thread only (Keras' predict is not safe to call concurrently on one model).
         self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-post")
+        # A failure no retry can change (output not writable, a model or weights that do not load
+        # or are refused) is kept for `ready` to raise, so the driver stops the job at once.
+        self.start_error: UserError | None = None
+        try:
+            self._probe_write_access()
+            self._load_models(cpu_threads)
+        except UserError as e:
+            self.start_error = type(e)(f"{e} (worker {self.worker['actor']} on node {self.worker['node']})")
+
+    def _probe_write_access(self) -> None:
+        """Write and delete a small object in the output before any model loads: a worker that may
+        not write finds out now, not after generating a whole shard."""
+        probe = f"{layout.PROBE_PREFIX}worker-{uuid.uuid4().hex}"
+        self.storage.write_bytes(probe, b"")
+        self.storage.delete(probe)
+
+    def _load_models(self, cpu_threads: int | None) -> None:
+        if cpu_threads is None:
+            cpu_threads = _node_cpu_threads(self.spec.resources.gpus_per_worker)
+        # One set of parameters per sweep point: the shapes to size the batch for and to compile.
+        shapes = [resolve_params(self.spec, "", None, "", point) for point in self.plan.points]
+        self.engine = Engine(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine,
+                             batch_size=self.spec.resources.batch_size, warm_up=shapes)
+        self.detector = load_detector(self.spec.safety, self.engine.device)
 
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("termination notice (SIGTERM): abandoning the current shard at the next batch")
@@ -248,9 +270,13 @@ class ShardGenerator:
 
     def ready(self) -> dict[str, Any]:
         """Returns once the models are loaded; the dispatcher feeds only ready workers."""
+        if self.start_error is not None:
+            raise self.start_error
         return {**self.worker, "device": self.engine.device}
 
     def run(self, shard_id: int, attempt: int = 1) -> ShardStats:
+        if self.start_error is not None:
+            raise self.start_error
         ticket = self.turns.take()
         try:
             return self._run(shard_id, attempt, ticket)
@@ -265,6 +291,7 @@ class ShardGenerator:
             committed = ShardStats.model_validate(self.storage.read_json(layout.stats_file(name)))
             if committed.fingerprint == self.plan.fingerprint:
                 log.info("shard %s is already committed; skipping", name)
+                publish_committed(self.storage, committed)  # in case its writer died before publishing
                 return committed
 
         # 1. Read this shard's rows and expand them into samples, while the shard before it may
@@ -281,11 +308,13 @@ class ShardGenerator:
         created_at = dt.datetime.now(dt.timezone.utc)
         rows = [self._row(s, made.outcomes.get(s.key), created_at, tokens) for s in samples]
 
-        # 4. Write the tars and the Parquet, then commit with the stats file.
-        hashes = self.writer.write_outputs(name, rows, made.tar_images, self.schema, made.quarantined_images)
-        # Finished: every output is on storage; only the commit marker is left to write.
-        stats = self._stats(name, shard_id, attempt, clock, rows, made, hashes)
-        committed = self.writer.commit(name, stats)
+        # 4. Write the tar and the Parquet, then stage, commit and publish them with the stats file.
+        spooled = self.writer.spool(name, rows, made.tar_images, self.schema, made.quarantined_images)
+        try:
+            stats = self._stats(name, shard_id, attempt, clock, rows, made, spooled.sha256)
+            committed = self.writer.commit(name, spooled, stats)
+        finally:
+            spooled.close()
         self.metrics.record(committed)
         return committed
 
@@ -315,7 +344,7 @@ class ShardGenerator:
         return Generated(outcomes, gen_total, turn_seconds, started_ts, finished_ts)
 
     def _stats(self, name: str, shard_id: int, attempt: int, clock: Clock, rows: list[dict[str, Any]],
-               made: Generated, hashes: dict[str, str]) -> ShardStats:
+               made: Generated, sha256: dict[str, str]) -> ShardStats:
         counts = Counter(r["status"] for r in rows)
         unsafe = self.detector.unsafe_classes if self.detector else None
         flagged_by_class = Counter(o.safety.top_class(unsafe) for o in made.outcomes.values() if o.flagged)
@@ -334,9 +363,11 @@ class ShardGenerator:
             worker_id=self.worker["actor"], gpu_id=self.worker["gpu_id"],
             gen_seconds=round(made.gen_seconds, 4), gpu_seconds=round(gpu_seconds, 4),
             images_per_gpu_hour=round(len(made.tar_images) / gpu_seconds * 3600, 1) if gpu_seconds else None,
+            # The writer sets the finish (and so the wall time) when the files are on storage.
             wall_seconds=round(time.perf_counter() - clock.t0, 4), started_at=clock.started_at, finished_at=_now(),
             started_ts=round(clock.started_ts, 3), generate_started_ts=round(made.started_ts, 3),
-            generate_finished_ts=round(made.finished_ts, 3), finished_ts=round(time.time(), 3), **hashes,
+            generate_finished_ts=round(made.finished_ts, 3), finished_ts=round(time.time(), 3),
+            tar_sha256=sha256[layout.tar_file(name)], parquet_sha256=sha256[layout.parquet_file(name)],
         )
 
     def _finish_batch(self, keys: list[str], arrays: list, seconds: list[float]) -> dict[str, Outcome]:

@@ -15,15 +15,22 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from sdfleet.schemas.errors import StorageDenied, StorageError, StorageNotFound
 
+if TYPE_CHECKING:  # pydantic, which the engine's users on a bare GPU machine may lack, loads lazily
+    from sdfleet.schemas.layout import StagedFile
+
 log = logging.getLogger("sdfleet")
 
+
+# Part size of staged uploads. S3's minimum is 5 MiB (but for the last part) and its maximum 10,000
+# parts: 64 MiB parts allow 640 GB files, and a 1,000-image JPEG shard (~100 MB) is two parts.
+STAGE_PART_BYTES = 64 << 20
 
 # botocore's "standard" mode retries throttling and 500/502/503/504 with capped exponential backoff
 # and jitter. Ten attempts ride out a minute-long S3 brown-out; 403 and 404 are never retried, so a
@@ -63,6 +70,26 @@ def storage_error(e: BaseException, what: str, options: dict[str, Any] | None = 
     if isinstance(e, FileNotFoundError):
         return StorageNotFound(f"{what}: not found ({_first_line(e)})")
     return None
+
+
+def multipart_etag(part_etags: list[str]) -> str:
+    """The ETag S3 gives an object completed from these parts: md5 of the parts' md5s, and their count."""
+    digest = hashlib.md5(b"".join(bytes.fromhex(e) for e in part_etags), usedforsecurity=False)
+    return f"{digest.hexdigest()}-{len(part_etags)}"
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file, or a folder's entries, to disk (a rename is durable only once its folder is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _first_line(e: BaseException) -> str:
@@ -113,6 +140,15 @@ class Storage:
         prefix = self.root + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p.rsplit("/", 1)[-1] for p in found)
 
+    def listing(self) -> dict[str, int]:
+        """Every file below this folder: relative name -> size, in one listing (paginated on S3)
+        rather than a request per file."""
+        self.fs.invalidate_cache()
+        prefix = self.root + "/"
+        with self.errors("", "list"):
+            found = self.fs.find(self.root, detail=True)
+        return {p[len(prefix):]: int(info["size"]) for p, info in found.items() if p.startswith(prefix)}
+
     # ----------------------------------------------------------------- writes
 
     def write_bytes(self, name: str, data: bytes, exclusive: bool = False) -> None:
@@ -139,6 +175,10 @@ class Storage:
                 # sends If-None-Match: *, which S3 enforces (412 -> FileExistsError).
                 self.fs.pipe_file(self.path(name), data, mode="create" if exclusive else "overwrite")
 
+    def delete(self, name: str) -> None:
+        with self.errors(name, "delete"):
+            self.fs.rm_file(self.path(name))
+
     def write_json(self, name: str, obj: Any, exclusive: bool = False) -> None:
         data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
         self.write_bytes(name, data, exclusive=exclusive)
@@ -161,18 +201,131 @@ class Storage:
                 raise
             raise error from e
 
-    def put_file(self, local_path: str | Path, name: str) -> None:
-        """Upload a finished local file (large tars are spooled to disk, not held in memory)."""
-        with self.errors(name, "write"):
+    # ---------------------------------------------------- staged writes (the shard commit protocol)
+
+    def stage(self, local_path: str | Path, name: str, writer_id: str, content_type: str,
+              sha256: str | None = None) -> StagedFile:
+        """Put a finished local file where no reader sees it yet, ready to be published as `name`:
+        on S3 an uncompleted multipart upload to its final key; locally a hidden file beside its
+        final name, fsynced with its folder. See `sdfleet.actors.writer` for the protocol."""
+        from sdfleet.schemas.layout import StagedFile
+
+        size = os.path.getsize(local_path)
+        sha256 = sha256 or file_sha256(local_path)
+        with self.errors(name, "stage"):
             if self.local:
                 target = Path(self.path(name))
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-                shutil.copyfile(local_path, tmp)
-                os.replace(tmp, target)
+                temp = target.with_name(f".{target.name}.{writer_id}.staged")
+                shutil.copyfile(local_path, temp)
+                _fsync(temp)
+                _fsync(target.parent)
+                return StagedFile(size=size, sha256=sha256, temp=temp.name)
+            bucket, key, _ = self.fs.split_path(self.path(name))
+            upload = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, ContentType=content_type)
+            parts = []
+            with open(local_path, "rb") as f:
+                while True:
+                    chunk = f.read(STAGE_PART_BYTES)
+                    if parts and not chunk:
+                        break
+                    part = self.fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+                                           PartNumber=len(parts) + 1, Body=chunk)
+                    parts.append(part["ETag"].strip('"'))
+            return StagedFile(size=size, sha256=sha256, upload_id=upload["UploadId"], parts=parts)
+
+    def publish(self, name: str, staged: StagedFile) -> None:
+        """Make a staged file visible as `name` and check it is; idempotent, so a roll-forward may
+        repeat what a crashed writer had already done."""
+        with self.errors(name, "publish"):
+            if self.local:
+                target = Path(self.path(name))
+                temp = target.with_name(staged.temp)
+                if temp.exists():
+                    os.replace(temp, target)
+                    _fsync(target.parent)
             else:
-                # s3fs switches to a multipart upload for large files; S3 publishes it only on completion.
-                self.fs.put_file(str(local_path), self.path(name))
+                bucket, key, _ = self.fs.split_path(self.path(name))
+                parts = [{"PartNumber": i + 1, "ETag": f'"{etag}"'} for i, etag in enumerate(staged.parts)]
+                try:
+                    done = self.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key,
+                                           UploadId=staged.upload_id, MultipartUpload={"Parts": parts})
+                    # s3fs caches listings, and calls made through call_s3 do not update them.
+                    self.fs.invalidate_cache(self.path(name))
+                    if done.get("ETag", "").strip('"') == multipart_etag(staged.parts):
+                        return  # S3 made exactly these parts the object
+                except Exception as e:  # completed before (or aborted): what is visible decides
+                    if "NoSuchUpload" not in f"{type(e).__name__} {e}":
+                        raise
+        problem = self.published_problem(name, staged)
+        if problem:
+            raise StorageError(f"cannot publish {self.url(name)}: {problem}")
+
+    def discard(self, name: str, staged: StagedFile) -> None:
+        """Throw away a staged file that lost the commit; what is visible as `name` is untouched."""
+        with self.errors(name, "discard"):
+            if self.local:
+                Path(self.path(name)).with_name(staged.temp).unlink(missing_ok=True)
+                return
+            bucket, key, _ = self.fs.split_path(self.path(name))
+            try:
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=staged.upload_id)
+            except Exception as e:
+                if "NoSuchUpload" not in f"{type(e).__name__} {e}":
+                    raise
+
+    def published_problem(self, name: str, staged: StagedFile, deep: bool = False) -> str | None:
+        """Why what is visible as `name` is not the staged file, or None: missing, another size, and
+        with deep=True other bytes (sha256)."""
+        self.fs.invalidate_cache()
+        with self.errors(name, "check"):
+            try:
+                size = int(self.fs.info(self.path(name))["size"])
+            except FileNotFoundError:
+                size = None
+            problem = self.visible_problem(name, staged, size)
+            if problem is None and deep:
+                digest = hashlib.sha256(self.read_bytes(name)).hexdigest()
+                if digest != staged.sha256:
+                    problem = f"{self.url(name)} has sha256 {digest[:12]}…; its commit says {staged.sha256[:12]}…"
+        return problem
+
+    def visible_problem(self, name: str, staged: StagedFile, size: int | None) -> str | None:
+        """Why a file of `size` bytes under `name` (None: not there) is not the staged file, or None.
+
+        Sizes only, no S3 ETags: an ETag changes when an output is copied (CopyObject, `aws s3
+        sync`), and no writer but the committing one ever completes an upload to these names;
+        `status --verify` compares the bytes themselves."""
+        if size is None:
+            return f"{self.url(name)} is missing"
+        if size != staged.size:
+            return f"{self.url(name)} has {size} bytes; its commit says {staged.size}"
+        return None
+
+    def discard_leftovers(self, referenced: set[str]) -> int:
+        """Discard staged files that no commit refers to (`referenced`: upload ids and hidden file
+        names), left by writers that lost a commit or died before one; returns how many. Called
+        once a job is complete, when no writer can still be at work."""
+        found = 0
+        with self.errors("", "clean up"):
+            if self.local:
+                for temp in Path(self.root).rglob(".*.staged"):
+                    if temp.name not in referenced:
+                        temp.unlink(missing_ok=True)
+                        found += 1
+                return found
+            bucket, prefix, _ = self.fs.split_path(self.root + "/")
+            kwargs = {"Bucket": bucket, "Prefix": prefix}
+            while True:
+                page = self.fs.call_s3("list_multipart_uploads", **kwargs)
+                for upload in page.get("Uploads", []):
+                    if upload["UploadId"] not in referenced:
+                        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                                        UploadId=upload["UploadId"])
+                        found += 1
+                if not page.get("IsTruncated"):
+                    return found
+                kwargs.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
 
 
 # ---------------------------------------------------------------- model cache
@@ -195,11 +348,7 @@ def weights_sha256(path: str | Path) -> str:
                                                  not p.name.startswith(".sdfleet"))
     outer = hashlib.sha256()
     for f in files:
-        inner = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                inner.update(chunk)
-        outer.update(f"{f.relative_to(path) if f != path else f.name}\0{inner.hexdigest()}\n".encode())
+        outer.update(f"{f.relative_to(path) if f != path else f.name}\0{file_sha256(f)}\n".encode())
     return outer.hexdigest()
 
 
@@ -234,6 +383,10 @@ def cached_copy(uri: str, storage_options: dict[str, Any] | None = None, cache_r
         if not listing:
             raise FileNotFoundError(f"{uri} is empty or does not exist")
         # 2. Copy into a private temp folder, check sizes, then move it into place in one rename.
+        #    Object keys are the bucket owner's to choose: one that would land outside the copy
+        #    (a `..` segment, an absolute path) could drop a .pth into site-packages. Refuse it.
+        for rel in listing:
+            check_inside(dest, rel, f"{uri}: object key {rel!r}")
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{digest}-"))
         for rel, (remote_path, _) in sorted(listing.items()):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +400,17 @@ def cached_copy(uri: str, storage_options: dict[str, Any] | None = None, cache_r
         os.replace(tmp, dest)
         log.info("copied %s (%d files) to %s", uri, len(sizes), dest)
         return dest / single if single else dest
+
+
+def check_inside(folder: Path, relative: str, what: str) -> Path:
+    """`folder / relative`, if that stays inside `folder` (no `..`, no absolute path, no symlink out);
+    else a StorageError naming `what`. For names that come from data: object keys, ids."""
+    parts = relative.replace("\\", "/").split("/")
+    target = (folder / relative).resolve()
+    if relative.startswith("/") or ".." in parts or not target.is_relative_to(folder.resolve()):
+        raise StorageError(f"{what} points outside {folder}; refusing to write it. Whoever can write to that "
+                           "bucket is trying to reach the worker's file system: check the bucket")
+    return target
 
 
 def _manifest_matches(folder: Path, files: dict[str, int]) -> bool:

@@ -1,29 +1,52 @@
 """The shard writer: one WebDataset tar, one Parquet file, and the stats file that commits them.
 
-The stats file is written last and is the only definition of "done": a shard with a tar and no
-stats is invisible to readers of sizes.json and _SUCCESS, and is simply redone.
+The stats file is the only definition of "done", and the data at a shard's final names is only
+ever the committing writer's, even when two writers made different bytes (two GPU types, another
+batch size). The protocol has the shape of Hadoop's S3A magic committer:
+
+1. stage: each file goes up where no reader sees it: on S3 an uncompleted multipart upload to its
+   final key, locally a hidden file beside its final name (fsynced, with its folder);
+2. commit: the stats file is created exclusively (put-if-absent), recording what was staged: per
+   file its size, sha256 and how to publish it (upload id and part ETags, or the hidden file);
+3. publish: the winner completes its uploads (renames its files); a loser discards its own and
+   makes sure the winner's are published.
+
+A writer that dies between 2 and 3 leaves a commit whose files are not yet visible: whoever looks
+next (a rerun, `status`, the finalizer) publishes them from what the stats file records
+(`publish_committed`). Publishing is idempotent, and checks that what is visible is what the
+commit names (its size; `status --verify` compares sha256). A winner that cannot publish (a folder
+where its tar must go) withdraws its commit, so the shard's retry can make it again.
 """
 
 from __future__ import annotations
 
-import hashlib
+import datetime as dt
 import io
 import json
 import logging
 import tarfile
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdfleet.actors.storage import Storage
+from sdfleet.actors.storage import Storage, file_sha256
 from sdfleet.schemas import layout
-from sdfleet.schemas.layout import ShardStats
+from sdfleet.schemas.errors import StorageError
+from sdfleet.schemas.layout import ShardStats, StagedFile
 from sdfleet.schemas.rows import RUN_COLUMNS
 
 log = logging.getLogger("sdfleet")
+
+CONTENT_TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parquet",
+                 ".json": "application/json"}
 
 
 def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -53,83 +76,160 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+@dataclass
+class Spooled:
+    """A shard's files, finished on local disk and not yet anywhere else: final name -> local path."""
+
+    folder: tempfile.TemporaryDirectory
+    files: dict[str, Path]
+    sha256: dict[str, str]
+
+    def close(self) -> None:
+        self.folder.cleanup()
+
+
 class ShardWriter:
     def __init__(self, storage: Storage, image_format: str):
         self.storage = storage
         self.image_format = image_format
 
-    def write_outputs(
-        self,
-        name: str,
-        rows: list[dict[str, Any]],
-        images: dict[str, bytes],
-        schema: pa.Schema,
-        quarantine: dict[str, bytes] | None = None,
-    ) -> dict[str, str]:
-        """Write {name}.tar and {name}.parquet (rows: every planned sample); return their sha256s.
-
-        Images flagged under action `quarantine` go to quarantine/{name}.tar with their own
-        quarantine/{name}.parquet, outside the dataset that readers of sizes.json see.
-        Nothing is done until `commit`.
-        """
-        # 1. Quarantined images first: they must exist before the shard is declared done.
+    def spool(self, name: str, rows: list[dict[str, Any]], images: dict[str, bytes], schema: pa.Schema,
+              quarantine: dict[str, bytes] | None = None) -> Spooled:
+        """Write the shard's files to local disk: {name}.tar, {name}.parquet (every planned sample),
+        and for images flagged under action `quarantine` quarantine/{name}.tar and .parquet, outside
+        the dataset that readers of sizes.json see. Nothing reaches storage until `commit`."""
+        folder = tempfile.TemporaryDirectory(prefix="sdfleet-shard-")
+        root = Path(folder.name)
+        files: dict[str, Path] = {}
         if quarantine:
             held = [r for r in rows if r["key"] in quarantine]
-            self._write_tar(layout.quarantine_tar(name), held, quarantine)
-            self._write_parquet(layout.quarantine_parquet(name), held, schema)
-        # 2. The tar: image, caption and row for each sample that has an image, in key order.
-        # 3. The Parquet: one row per planned sample, ok, filtered and failed alike.
-        return {"tar_sha256": self._write_tar(layout.tar_file(name), rows, images),
-                "parquet_sha256": self._write_parquet(layout.parquet_file(name), rows, schema)}
+            files[layout.quarantine_tar(name)] = self._tar(root / "q.tar", held, quarantine)
+            files[layout.quarantine_parquet(name)] = _parquet(root / "q.parquet", held, schema)
+        files[layout.tar_file(name)] = self._tar(root / "shard.tar", rows, images)
+        files[layout.parquet_file(name)] = _parquet(root / "shard.parquet", rows, schema)
+        return Spooled(folder, files, {n: file_sha256(p) for n, p in files.items()})
 
-    def commit(self, name: str, stats: ShardStats) -> ShardStats:
-        """Create {name}_stats.json, the commit marker, or reconcile with the writer that beat us to it.
-        Returns the stats in effect: these, or those of a writer that committed first.
-
-        A slow worker presumed dead can finish a shard that its replacement also finished. The tars
-        are byte-identical (deterministic content); the Parquets differ only in run columns. Exactly
-        one stats file is created; if the Parquet on storage is no longer the one those stats
-        describe (we overwrote it after they were written), our stats, which describe it, replace them.
-        """
-        target = layout.stats_file(name)
-        try:
-            self.storage.write_json(target, stats.model_dump(mode="json"), exclusive=True)
-            return stats
-        except FileExistsError:
+    def commit(self, name: str, spooled: Spooled, stats: ShardStats) -> ShardStats:
+        """Stage, commit and publish the spooled files. Returns the stats in effect: these, or those
+        of the writer that committed first (whose files are then the ones on storage)."""
+        attempt = ShardCommit(self.storage, name, spooled, stats)
+        for _ in attempt.steps():
             pass
-        winner = ShardStats.model_validate(self.storage.read_json(target))
-        on_storage = hashlib.sha256(self.storage.read_bytes(layout.parquet_file(name))).hexdigest()
-        if on_storage == winner.parquet_sha256:
-            log.warning("shard %s was already committed by %s; keeping that commit", name, winner.worker_id)
-            return winner
-        if on_storage != stats.parquet_sha256:
-            raise RuntimeError(f"shard {name}: {self.storage.url(layout.parquet_file(name))} matches neither commit; "
-                               "a third writer is active. Retrying the shard resolves it.")
-        log.warning("shard %s: re-committing so the stats describe the Parquet on storage", name)
-        self.storage.write_json(target, stats.model_dump(mode="json"))
-        return stats
+        return attempt.result
 
-    def _write_tar(self, target: str, rows: list[dict[str, Any]], images: dict[str, bytes]) -> str:
-        with tempfile.NamedTemporaryFile(suffix=".tar") as spool:
-            with tarfile.open(fileobj=spool, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for row in rows:
-                    data = images.get(row["key"])
-                    if data is None:
-                        continue
-                    key = row["key"]
-                    meta = {k: v for k, v in row.items() if k not in RUN_COLUMNS}
-                    _tar_member(tar, layout.image_member(key, self.image_format), data)
-                    _tar_member(tar, f"{key}.txt", (row["prompt"] or "").encode())
-                    _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
-            spool.flush()
-            self.storage.put_file(spool.name, target)
-            spool.seek(0)
-            return hashlib.file_digest(spool, "sha256").hexdigest()
+    def _tar(self, path: Path, rows: list[dict[str, Any]], images: dict[str, bytes]) -> Path:
+        # The image, caption and row of each sample that has an image, in key order.
+        with tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for row in rows:
+                data = images.get(row["key"])
+                if data is None:
+                    continue
+                key = row["key"]
+                meta = {k: v for k, v in row.items() if k not in RUN_COLUMNS}
+                _tar_member(tar, layout.image_member(key, self.image_format), data)
+                _tar_member(tar, f"{key}.txt", (row["prompt"] or "").encode())
+                _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
+        return path
 
-    def _write_parquet(self, target: str, rows: list[dict[str, Any]], schema: pa.Schema) -> str:
-        table = pa.Table.from_pylist(rows, schema=schema)
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
-        data = buf.getvalue().to_pybytes()
-        self.storage.write_bytes(target, data)
-        return hashlib.sha256(data).hexdigest()
+
+def _parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, compression="zstd")
+    return path
+
+
+class ShardCommit:
+    """One writer's attempt to commit one shard. `steps()` does one storage step at a time and
+    yields after each, so a test can interleave several writers step by step (and stop one after
+    any step, as a crash would)."""
+
+    def __init__(self, storage: Storage, name: str, spooled: Spooled, stats: ShardStats):
+        self.storage = storage
+        self.name = name
+        self.spooled = spooled
+        self.stats = stats
+        self.writer_id = uuid.uuid4().hex
+        self.staged: dict[str, StagedFile] = {}
+        self.won: bool | None = None
+        self.result: ShardStats | None = None
+
+    def steps(self) -> Iterator[str]:
+        """Stage each file, commit, then publish or discard each file: 2 x files + 1 steps."""
+        # 1. Stage every file where no reader sees it.
+        for final, path in self.spooled.files.items():
+            self.staged[final] = self.storage.stage(path, final, self.writer_id, _content_type(final),
+                                                    sha256=self.spooled.sha256[final])
+            yield f"stage {final}"
+        # 2. Commit: the stats file, created exclusively, records what was staged. The shard is
+        #    finished now: every output is on storage, if not yet visible.
+        now = time.time()
+        record = self.stats.model_copy(update={
+            "writer_id": self.writer_id, "files": self.staged, "finished_ts": round(now, 3),
+            "finished_at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(now - self.stats.started_ts, 4)})
+        try:
+            self.storage.write_json(layout.stats_file(self.name), record.model_dump(mode="json"), exclusive=True)
+            self.won = True
+        except FileExistsError:
+            self.won = False
+        yield "commit"
+        # 3. Publish (the winner), or discard and make sure the winner's files are published.
+        if self.won:
+            self.result = record
+            for final, staged in self.staged.items():
+                try:
+                    self.storage.publish(final, staged)
+                except Exception:
+                    self._withdraw()
+                    raise
+                yield f"publish {final}"
+            return
+        for i, (final, staged) in enumerate(self.staged.items()):
+            self.storage.discard(final, staged)
+            if i == len(self.staged) - 1:  # as many steps as a winner: tests interleave by count
+                self.result = self._adopt_winner()
+            yield f"discard {final}"
+
+    def _withdraw(self) -> None:
+        """A commit whose files cannot be made visible (say, a folder where the tar must go) is
+        taken back, so the shard is not done and its retry can make it again. Best effort: if even
+        that fails, the next reader's roll-forward tries the publish again."""
+        try:
+            self.storage.delete(layout.stats_file(self.name))
+            for final, staged in self.staged.items():
+                self.storage.discard(final, staged)
+            log.warning("shard %s: its files could not be published; withdrew its commit", self.name)
+        except Exception as e:  # noqa: BLE001 -- the publish error is the one to report
+            log.warning("shard %s: could not withdraw its commit either: %s", self.name, e)
+
+    def _adopt_winner(self) -> ShardStats:
+        winner = ShardStats.model_validate(self.storage.read_json(layout.stats_file(self.name)))
+        publish_committed(self.storage, winner)
+        log.warning("shard %s was already committed by %s; discarded this attempt's files", self.name,
+                    winner.worker_id)
+        return winner
+
+
+def _content_type(name: str) -> str:
+    return CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream")
+
+
+def publish_committed(storage: Storage, stats: ShardStats) -> None:
+    """Make a committed shard's files visible, as its stats record them (idempotent), and check
+    that what is visible is what the commit names. A commit made before this protocol records no
+    files: there is nothing to publish."""
+    for final, staged in stats.files.items():
+        storage.publish(final, staged)
+
+
+def committed_file_problems(storage: Storage, stats: ShardStats, deep: bool = False) -> list[str]:
+    """What is wrong with a committed shard's files on storage: missing, another size, or with
+    deep=True other bytes (sha256). Empty when all is well."""
+    problems = []
+    for final, staged in stats.files.items():
+        try:
+            problem = storage.published_problem(final, staged, deep=deep)
+        except StorageError as e:
+            problem = str(e)
+        if problem:
+            problems.append(problem)
+    return problems

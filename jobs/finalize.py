@@ -7,14 +7,19 @@ which shards are committed; the Parquet footers are counted again here before an
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from sdfleet.jobs.output import OutputReader, Survey
 from sdfleet.schemas import layout
+from sdfleet.schemas.errors import UserError
+
+log = logging.getLogger("sdfleet")
 
 
-class IncompleteOutput(RuntimeError):
-    """Committed shards that do not add up to the plan: an output damaged by hand, or a bug."""
+class IncompleteOutput(UserError):
+    """Committed shards that do not add up to the plan, or whose files are not the ones their stats
+    describe: an output changed by something other than sdfleet."""
 
 
 class Finalizer:
@@ -22,21 +27,39 @@ class Finalizer:
         self.reader = reader
         self.storage = reader.storage
 
-    def finalize(self) -> bool:
-        """Write sizes.json, README.md and _SUCCESS if the dataset is complete. Returns completeness."""
-        s = self.reader.survey(refresh=True)
-        if not s.complete:
-            return False
-        # 1. Verify from the Parquet footers themselves: one row per planned sample, no more.
-        rows = 0
+    def _check_files(self) -> None:
+        problems = self.reader.verify()
+        if problems:
+            details = "; ".join(f"shard {name}: {', '.join(found)}" for name, found in sorted(problems.items()))
+            raise IncompleteOutput(f"{self.storage.url()}: committed shards whose files differ from their stats "
+                                   f"({details}); no _SUCCESS written. Remove those shards' stats files and rerun "
+                                   "to make them again")
+
+    def _check_rows(self, s: Survey) -> None:
         for name, stats in s.committed.items():
             n = self.reader.parquet_rows(name)
             if n != stats.samples:
                 raise IncompleteOutput(f"{self.storage.url(layout.parquet_file(name))} has {n} rows but its "
                                        f"stats say {stats.samples}")
-            rows += n
-        if rows != s.num_samples:
-            raise IncompleteOutput(f"the shards hold {rows} rows but {s.num_samples} samples were planned")
+
+    def _discard_leftovers(self, s: Survey) -> None:
+        """Staged files no commit refers to: writers that lost a commit or died before one."""
+        referenced = {f.upload_id or f.temp for st in s.committed.values() for f in st.files.values()}
+        discarded = self.storage.discard_leftovers(referenced)
+        if discarded:
+            log.info("discarded %d staged file(s) that no commit refers to", discarded)
+
+    def finalize(self) -> bool:
+        """Write sizes.json, README.md and _SUCCESS if the dataset is complete. Returns completeness."""
+        s = self.reader.survey(refresh=True)
+        if not s.complete:
+            return False
+        # 1. Every committed file is its commit's (a commit whose writer died before publishing is
+        #    published now), and the Parquet footers hold one row per planned sample (the survey has
+        #    checked that the stats add up to the plan).
+        self._check_files()
+        self._check_rows(s)
+        self._discard_leftovers(s)
         # 2. The results join the job record (its spec and fingerprint stay as they were), then
         #    sizes.json, the dataset card, and the marker last.
         job = self.reader.job

@@ -127,6 +127,30 @@ class OutputReader:
             raise StorageError(f"{self.storage.url(name)} is not a valid {model.__name__} record ({e}); "
                                "it was not written by this version of sdfleet") from None
 
+    def verify(self, deep: bool = False) -> dict[str, list[str]]:
+        """What differs, per committed shard, between its files on storage and its stats; empty when
+        all is well. A commit whose writer died before publishing its files is published first
+        (that is how such a crash is rolled forward). Checks sizes from one
+        listing of the output; deep=True also reads every file and compares its sha256."""
+        from sdfleet.actors.writer import committed_file_problems, publish_committed
+
+        listing = self.storage.listing()
+        problems: dict[str, list[str]] = {}
+        for name, stats in self.survey().committed.items():
+            found = [p for f, staged in stats.files.items()
+                     if (p := self.storage.visible_problem(f, staged, listing.get(f)))]
+            if found:
+                try:
+                    publish_committed(self.storage, stats)
+                    found = []
+                except StorageError as e:
+                    found = [str(e)]
+            if deep and not found:
+                found = committed_file_problems(self.storage, stats, deep=True)
+            if found:
+                problems[name] = found
+        return problems
+
     @property
     def shards(self) -> list[str]:
         """The committed shards, in key order: the only ones a reader sees."""

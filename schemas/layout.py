@@ -29,6 +29,17 @@ SIZES_FILE = "sizes.json"
 CARD_FILE = "README.md"
 QUARANTINE_DIR = "quarantine"
 PREVIEW_DIR = "preview"
+# Objects a run writes and deletes at once to learn what the store does (exclusive create, write
+# access); one left behind by a crash is not an output file. At the top, not in a folder: a local
+# folder emptied by one worker could vanish under another worker's probe.
+PROBE_PREFIX = "_probe-"
+
+
+def is_transient(name: str) -> bool:
+    """A name sdfleet uses while writing, never an output file: a probe, a local write's hidden temp
+    file, a staged file not yet published."""
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith(PROBE_PREFIX) or (base.startswith(".") and base.endswith((".tmp", ".staged")))
 # A small sample of the images, embedded in the dataset card.
 CARD_SHEET = f"{PREVIEW_DIR}/card_contact_sheet.png"
 CONTACT_SHEET = f"{PREVIEW_DIR}/contact_sheet.png"
@@ -90,6 +101,17 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StagedFile(_Record):
+    """One file of a shard's commit as its writer staged it: enough to publish it, and to check
+    that what is visible under its name is it (see sdfleet.actors.writer)."""
+
+    size: int
+    sha256: str
+    upload_id: str | None = None  # S3: the uncompleted multipart upload at the final key
+    parts: list[str] | None = None  # S3: the ETag of each part, in order
+    temp: str | None = None  # local: the hidden file beside the final name, renamed on publish
+
+
 class ShardStats(_Record):
     """`{shard}_stats.json`: what one committed shard holds and how it was made."""
 
@@ -129,9 +151,13 @@ class ShardStats(_Record):
     generate_started_ts: float
     generate_finished_ts: float
     finished_ts: float
-    # What it commits.
+    # What it commits: the writer, and each file it staged by final name (tar, Parquet and, under
+    # safety.action=quarantine, the quarantine files). Empty for shards committed before sdfleet
+    # staged files, which have only the two hashes.
     tar_sha256: str
     parquet_sha256: str
+    writer_id: str | None = None
+    files: dict[str, StagedFile] = {}
 
 
 class ShardAttemptError(_Record):

@@ -1,14 +1,13 @@
-"""The output folder's contract, without Ray: one stats file commits a shard, however many writers race
-(`ShardWriter.commit`); the survey classifies every planned shard from its records alone
-(`OutputReader.survey`); the finalizer declares a dataset complete only when the Parquet footers add
-up (`Finalizer`), with a card that says what the dataset holds (`dataset_card`)."""
+"""The output folder's contract, without Ray: the survey classifies every planned shard from its
+records alone (`OutputReader.survey`); the finalizer declares a dataset complete only when the
+Parquet footers add up (`Finalizer`), with a card that says what the dataset holds (`dataset_card`).
+The commit of one shard by racing writers is tests/test_commit.py's."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import threading
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -71,8 +70,13 @@ def write_shard(reader: OutputReader, shard: str, parquet_rows: int | None = Non
              "prompt": f"a quiet harbour {i}", "width": 8, "height": 8, "image_format": "png"}
             for i in range(samples if parquet_rows is None else parquet_rows)]
     writer = ShardWriter(reader.storage, "png")
-    hashes = writer.write_outputs(shard, rows, {r["key"]: png(i) for i, r in enumerate(rows)}, output_schema())
-    return writer.commit(shard, shard_stats(shard, job["fingerprint"], samples, **hashes))
+    spooled = writer.spool(shard, rows, {r["key"]: png(i) for i, r in enumerate(rows)}, output_schema())
+    try:
+        return writer.commit(shard, spooled, shard_stats(shard, job["fingerprint"], samples,
+                                                         tar_sha256=spooled.sha256[layout.tar_file(shard)],
+                                                         parquet_sha256=spooled.sha256[layout.parquet_file(shard)]))
+    finally:
+        spooled.close()
 
 
 @pytest.fixture
@@ -86,75 +90,6 @@ def output(tmp_path) -> OutputReader:
     storage = Storage(spec.output.uri)
     storage.write_json(layout.JOB_FILE, job_record(plan))
     return OutputReader(storage)
-
-
-# ------------------------------------------------------------------------------------- commit
-
-
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path) -> Storage:
-    if request.param == "s3":
-        return Storage(f"s3://{request.getfixturevalue('s3').bucket}/out")
-    return Storage(str(tmp_path / "out"))
-
-
-def put_parquet(storage: Storage, data: bytes) -> str:
-    """Stand-in Parquet bytes for shard 00000 (the commit only hashes them); their sha256."""
-    storage.write_bytes(layout.parquet_file("00000"), data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def stats_on(storage: Storage) -> ShardStats:
-    return ShardStats.model_validate(storage.read_json(layout.stats_file("00000")))
-
-
-def test_of_writers_racing_to_commit_exactly_one_creates_the_stats(storage):
-    # Retries of one shard write byte-identical Parquets, so every racer's stats describe the one on storage.
-    sha = put_parquet(storage, b"the rows")
-    racers = [shard_stats("00000", "job", 2, worker_id=f"worker-{i}", parquet_sha256=sha) for i in range(6)]
-    results = [None] * len(racers)
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ShardWriter(storage, "png").commit(
-        "00000", racers[i]))) for i in range(len(racers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    [winner] = {r.worker_id for r in results}
-    assert stats_on(storage).worker_id == winner
-
-
-def test_a_later_writer_keeps_the_commit_that_describes_the_parquet_on_storage(storage):
-    writer = ShardWriter(storage, "png")
-    first = writer.commit("00000", shard_stats("00000", "job", 2, worker_id="first",
-                                               parquet_sha256=put_parquet(storage, b"the first writer's rows")))
-    # The later writer's own Parquet was overwritten by the first one's before either committed.
-    later = shard_stats("00000", "job", 2, worker_id="later",
-                        parquet_sha256=hashlib.sha256(b"the later writer's rows").hexdigest())
-    assert writer.commit("00000", later) == first
-    assert stats_on(storage) == first
-
-
-def test_a_later_writer_whose_parquet_is_on_storage_commits_again(storage):
-    writer = ShardWriter(storage, "png")
-    writer.commit("00000", shard_stats("00000", "job", 2, worker_id="first",
-                                       parquet_sha256=put_parquet(storage, b"the first writer's rows")))
-    # The later writer overwrote the Parquet after the first commit: only its stats describe it now.
-    later = shard_stats("00000", "job", 2, worker_id="later",
-                        parquet_sha256=put_parquet(storage, b"the later writer's rows"))
-    assert writer.commit("00000", later) == later
-    assert stats_on(storage) == later
-
-
-def test_a_parquet_that_matches_neither_commit_is_an_error(storage):
-    writer = ShardWriter(storage, "png")
-    first = writer.commit("00000", shard_stats("00000", "job", 2, worker_id="first",
-                                               parquet_sha256=put_parquet(storage, b"the first writer's rows")))
-    later = shard_stats("00000", "job", 2, worker_id="later",
-                        parquet_sha256=hashlib.sha256(b"the later writer's rows").hexdigest())
-    put_parquet(storage, b"a third writer's rows")
-    with pytest.raises(RuntimeError, match="matches neither commit; a third writer is active"):
-        writer.commit("00000", later)
-    assert stats_on(storage) == first
 
 
 # ------------------------------------------------------------------------------------- survey
@@ -256,6 +191,38 @@ def test_finalizer_refuses_a_parquet_whose_footer_disagrees_with_its_stats(outpu
     assert not any(completion_files(output.storage).values())
 
 
+def test_finalizer_refuses_a_tar_that_is_not_the_one_committed_and_names_it(output):
+    for shard in SAMPLES_PER_SHARD:
+        write_shard(output, shard)
+    output.storage.write_bytes(layout.tar_file("00002"), b"a tar someone else wrote")
+    with pytest.raises(IncompleteOutput, match=r"shard 00002: .*00002\.tar has 24 bytes; its commit says"):
+        Finalizer(output).finalize()
+    assert not any(completion_files(output.storage).values())
+
+
+def test_finalizer_publishes_a_commit_whose_writer_died_before_publishing_and_discards_leftovers(output):
+    from sdfleet.actors.writer import ShardCommit
+
+    for shard in ("00000", "00001", "00002"):
+        write_shard(output, shard)
+    writer = ShardWriter(output.storage, "png")
+    rows = [{"key": sample_key(3, 0, 5), "shard_id": 3, "status": "ok", "prompt": "p"}]
+    spooled = writer.spool("00003", rows, {rows[0]["key"]: png(0)}, output_schema())
+    stats = shard_stats("00003", output.job["fingerprint"], 1, tar_sha256=spooled.sha256["00003.tar"],
+                        parquet_sha256=spooled.sha256["00003.parquet"])
+    died = ShardCommit(output.storage, "00003", spooled, stats).steps()
+    for _ in range(3):  # staged both files, committed; died before publishing
+        next(died)
+    loser = ShardCommit(output.storage, "00003", spooled, stats.model_copy(update={"worker_id": "lost"})).steps()
+    next(loser)  # a second writer staged its tar, then died too
+    assert not output.storage.exists("00003.tar")
+    assert Finalizer(output).finalize() is True
+    assert output.storage.exists("00003.tar")
+    assert OutputReader(output.storage).verify(deep=True) == {}
+    assert not list(Path(output.storage.root).rglob(".*.staged"))  # the dead loser's file is gone
+    spooled.close()
+
+
 # -------------------------------------------------------------------------------- dataset card
 
 
@@ -298,3 +265,53 @@ def test_dataset_card_names_the_tar_members_by_the_images_extension(output, imag
 
 def test_dataset_card_shows_the_contact_sheet_it_is_given(output):
     assert "\n![A sample of the images](preview/card_contact_sheet.png)\n" in card_for(output, layout.CARD_SHEET)
+
+
+# ------------------------------------------------------------------------------------ the job claim
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_two_drivers_with_different_specs_starting_at_once_exactly_one_claims_the_output(where, tmp_path, request):
+    import threading
+
+    from sdfleet.jobs.run import JobRunner
+    from sdfleet.schemas.errors import SpecError
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a quiet harbour", "a loud harbour"])
+    out = f"s3://{request.getfixturevalue('s3').bucket}/claimed" if where == "s3" else str(tmp_path / "out")
+    runners = [JobRunner(parse_spec({"input": {"uri": str(tmp_path / "in")}, "output": {"uri": out},
+                                     "generation": {"guidance_scale": g}, "safety": {"detector": "none"}}))
+               for g in (3.0, 7.5)]
+    plans = [Planner(r.spec).plan() for r in runners]
+    start, outcomes = threading.Barrier(2), [None, None]
+
+    def claim(i: int) -> None:
+        start.wait()
+        try:
+            outcomes[i] = runners[i]._claim_output(plans[i])["fingerprint"]
+        except SpecError as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [winner] = [o for o in outcomes if isinstance(o, str)]
+    [refused] = [o for o in outcomes if isinstance(o, SpecError)]
+    assert "holds a different job" in str(refused) and "generation.guidance_scale" in str(refused)
+    assert Storage(out).read_json(layout.JOB_FILE)["fingerprint"] == winner
+
+
+def test_an_output_with_files_but_no_job_record_is_refused_naming_them(tmp_path):
+    from sdfleet.jobs.run import JobRunner
+    from sdfleet.schemas.errors import SpecError
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a quiet harbour"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "00000.tar").write_bytes(b"someone else's shard")
+    spec = parse_spec({"input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
+                       "safety": {"detector": "none"}})
+    with pytest.raises(SpecError, match=r"holds 1 file\(s\) but no _job.json \(e.g. 00000.tar\)"):
+        JobRunner(spec)._claim_output(Planner(spec).plan())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.tar"]  # nothing written

@@ -1,8 +1,10 @@
+import re
 import threading
 
 import pytest
 
 from sdfleet.actors.storage import Storage, cached_copy
+from sdfleet.schemas.errors import StorageError
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -20,7 +22,9 @@ def test_atomic_writes_and_listing(where, tmp_path, request):
     assert storage.read_json("00001_stats.json") == {"samples": 4}
     src = tmp_path / "big.bin"
     src.write_bytes(b"x" * 100_000)
-    storage.put_file(src, "00001.tar")
+    staged = storage.stage(src, "00001.tar", "writer-1", "application/x-tar")
+    assert not storage.exists("00001.tar")  # staged files are invisible until published
+    storage.publish("00001.tar", staged)
     assert storage.read_bytes("00001.tar") == src.read_bytes()
     storage.write_bytes("00000.tar", b"replaced")
     assert storage.read_bytes("00000.tar") == b"replaced"
@@ -49,3 +53,18 @@ def test_remote_folder_is_cached_once_and_verified(s3, tmp_path):
     assert (cached_copy(uri, cache_root=str(tmp_path)) / "unet" / "w.safetensors").stat().st_size == 1000
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         cached_copy(f"s3://{s3.bucket}/nothing-here", cache_root=str(tmp_path))
+
+
+@pytest.mark.parametrize("key", ["../../../escaped.txt", "unet/../../../../escaped.txt"])
+def test_a_model_key_that_leaves_the_cache_folder_is_refused_and_nothing_is_written(key, s3, tmp_path):
+    """Whoever can write to a model bucket must not reach the worker's files: a key with `..` that
+    would land outside the node cache fails the copy, naming the key, before anything is written."""
+    s3.pipe_file(f"{s3.bucket}/models/m/model_index.json", b"{}")
+    s3.pipe_file(f"{s3.bucket}/models/m/{key}", b"import os; os.system('touch /tmp/owned')")
+    cache = tmp_path / "deep" / "cache"
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(StorageError, match=f"object key '{re.escape(key)}' points outside"):
+        cached_copy(f"s3://{s3.bucket}/models/m", cache_root=str(cache))
+    written = {p for p in set(tmp_path.rglob("*")) - before if p.is_file()}
+    assert not any(p.name == "escaped.txt" for p in written), written
+    assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "escaped.txt").exists()
