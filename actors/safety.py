@@ -15,6 +15,8 @@ does with a flagged image (score >= safety.threshold) is the action's business, 
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,11 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from sdfleet.actors.storage import local_copy, weights_sha256
+from sdfleet.schemas.errors import SpecError, UserError
 from sdfleet.schemas.spec import SafetySpec
 
 log = logging.getLogger("sdfleet")
 
 NSFW_DETECTOR_CLASSES = ("drawings", "hentai", "neutral", "porn", "sexy")
+
+
+class UnsafeModelError(UserError):
+    """Detector weights that would run code when they load, or that are not the pinned file."""
 
 
 @dataclass
@@ -55,11 +62,97 @@ def load_detector(spec: SafetySpec, device: str) -> Detector | None:
         return None
     spec.check_runnable()
     path = local_copy(spec.model, spec.storage_options)
+    # Hash before anything is loaded: a pinned hash refuses other weights before they can run code.
+    sha256 = weights_sha256(path) if Path(path).exists() else None
+    if spec.model_sha256 and sha256 != spec.model_sha256:
+        raise UnsafeModelError(f"safety.model {spec.model} has sha256 {sha256 or '(not a local file: a hub id)'}, "
+                               f"not the pinned safety.model_sha256 {spec.model_sha256}; check where the weights "
+                               "came from, or update the pin")
     cls = {"nsfw-detector": NsfwDetector, "clip-checker": ClipChecker, "hf-classifier": HfClassifier}[spec.detector]
     detector = cls(path, spec.resolved_unsafe_classes(), device)
-    detector.model_sha256 = weights_sha256(path) if Path(path).exists() else None
+    detector.model_sha256 = sha256
     log.info("safety: %s from %s (sha256 %s)", spec.detector, spec.model, (detector.model_sha256 or "?")[:12])
     return detector
+
+
+# Keras model containers: their configs hold further layers, which are checked too.
+KERAS_CONTAINERS = ("Functional", "Sequential", "Model")
+
+
+def check_keras_model(path: str | Path) -> None:
+    """Refuse a Keras model (.h5 file or SavedModel folder) that would run code while it loads.
+
+    tf-keras' legacy loaders ignore `safe_mode`: a Lambda layer's marshalled bytecode, or a function
+    it names (`os.system`), runs inside `load_model` (CVE-2025-9905). So the model's config is read
+    here without building anything (h5py for .h5; the SavedModel's keras_metadata.pb) and every
+    class it names, nested models included, must be one of Keras' own, and none a Lambda layer.
+    ProtectAI's modelscan checks only the top-level layers of an .h5 and no class names, so a
+    Lambda in a nested model passes it; modelaudit pulls in telemetry and pins numpy.
+    """
+    path = Path(path)
+    for where, class_name in _named_classes(_keras_configs(path)):
+        if class_name == "Lambda":
+            raise UnsafeModelError(
+                f"safety.model {path}: {where} is a Lambda layer, whose code would run when the model loads; "
+                "sdfleet refuses such models. Use the detector's published weights, or re-save the model "
+                "without Lambda layers")
+        if class_name not in _keras_builtin_classes():
+            raise UnsafeModelError(
+                f"safety.model {path}: {where} is of class {class_name!r}, which is not one of Keras' built-in "
+                "classes; custom classes run their own code when the model loads, so sdfleet refuses them")
+
+
+def _keras_configs(path: Path) -> list[dict]:
+    """The model configs a .h5 file or a SavedModel folder holds, as JSON, read without building layers."""
+    if path.is_dir():
+        from tf_keras.protobuf import saved_metadata_pb2
+
+        metadata = path / "keras_metadata.pb"
+        if not metadata.is_file():
+            raise UnsafeModelError(f"safety.model {path}: a SavedModel folder without keras_metadata.pb; sdfleet "
+                                   "cannot inspect it before loading, so it refuses it")
+        saved = saved_metadata_pb2.SavedMetadata()
+        saved.ParseFromString(metadata.read_bytes())
+        return [json.loads(node.metadata) for node in saved.nodes if node.metadata]
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        raw = f.attrs.get("model_config")
+    if raw is None:
+        raise UnsafeModelError(f"safety.model {path}: no model_config in the file; sdfleet loads whole Keras "
+                               "models (.h5 saved with model.save) only")
+    return [json.loads(raw.decode() if isinstance(raw, bytes) else raw)]
+
+
+def _named_classes(node, path: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """('layer a/b/c', class name) for every `class_name` in a Keras config, depth first."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("class_name"), str):
+            config = node.get("config") if isinstance(node.get("config"), dict) else {}
+            path = (*path, str(config.get("name") or node.get("name") or node["class_name"]))
+            found.append((f"layer {'/'.join(path)!r}", node["class_name"]))
+        for key, value in node.items():
+            if key != "class_name":
+                found += _named_classes(value, path)
+    elif isinstance(node, list):
+        for value in node:
+            found += _named_classes(value, path)
+    return found
+
+
+@functools.cache
+def _keras_builtin_classes() -> frozenset[str]:
+    """The class names Keras itself can deserialize: its layers, initializers, regularizers,
+    constraints and model containers."""
+    import tf_keras
+
+    # Shapes, tuples and tensor specs are data in a config (the last two appear in SavedModel metadata).
+    names = set(KERAS_CONTAINERS) | {"__tuple__", "TensorShape", "TypeSpec"}
+    for module in (tf_keras.layers, tf_keras.initializers, tf_keras.regularizers, tf_keras.constraints,
+                   tf_keras.mixed_precision):
+        names.update(n for n, v in vars(module).items() if isinstance(v, type))
+    return frozenset(names)
 
 
 def _check_classes(detector: str, unsafe: list[str] | None, known) -> None:
@@ -67,7 +160,7 @@ def _check_classes(detector: str, unsafe: list[str] | None, known) -> None:
         return
     unknown = [c for c in unsafe if c not in known]
     if unknown:
-        raise ValueError(
+        raise SpecError(
             f"safety.unsafe_classes has {unknown[0]!r}, which {detector} does not output; "
             f"its classes are {', '.join(known)}"
         )
@@ -99,6 +192,7 @@ class NsfwDetector(Detector):
         self._quiet = tf.keras.utils.disable_interactive_logging
         if not Path(path).exists():
             raise FileNotFoundError(f"safety.model {path} does not exist")
+        check_keras_model(path)
         self._predict = predict
         self.model = predict.load_model(path)
         self.size = tuple(self.model.input_shape[1:3])  # (224, 224) or (299, 299)

@@ -140,6 +140,9 @@ class OutputSpec(_Section):
     # Keys are f"{shard:05d}{offset:04d}": four digits of offset, so at most 10,000 per shard.
     samples_per_shard: int = Field(1000, ge=1, le=10_000)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # Commits rely on the store refusing to create an object twice (S3 If-None-Match: *). A store
+    # that ignores it is refused unless this says to go on without that guarantee; recorded in _job.json.
+    allow_non_exclusive_commits: bool = False
 
 
 # The classes whose probabilities add up to `nsfw_score` when `safety.unsafe_classes` is not set.
@@ -161,6 +164,9 @@ class SafetySpec(_Section):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     action: Literal["score", "drop", "blackout", "quarantine"] = "drop"
     unsafe_classes: list[str] | None = None
+    # Pin the weights: sha256 of the file, or of a folder's files (as the rows' safety_model_sha256
+    # records it); a worker refuses weights that hash otherwise.
+    model_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("unsafe_classes")
@@ -247,6 +253,10 @@ class EngineSpec(_Section):
     uint8_on_device: bool = True
 
 
+# The sections that reach storage, each with its own storage_options.
+STORAGE_SECTIONS = ("model", "input", "output", "safety")
+
+
 class JobSpec(_Section):
     name: str = "sdfleet-job"
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -271,9 +281,13 @@ class JobSpec(_Section):
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with credentials masked: safe for logs, _job.json and the dataset card."""
         data = self.model_dump(mode="json")
-        for section in ("model", "input", "output", "safety"):
+        for section in STORAGE_SECTIONS:
             data[section]["storage_options"] = redact(data[section]["storage_options"])
         return data
+
+    def storage_options(self) -> list[dict[str, Any]]:
+        """Every section's storage_options (for masking their secrets in logs)."""
+        return [getattr(self, section).storage_options for section in STORAGE_SECTIONS]
 
 
 # Keys that change how a job runs but not what it writes. Everything else is in the fingerprint,
@@ -285,8 +299,10 @@ _OPERATIONAL_PREFIXES = (
     "input.uri",  # the listed files and their sizes are fingerprinted instead
     "input.storage_options",
     "output.storage_options",
+    "output.allow_non_exclusive_commits",
     "model.storage_options",
     "safety.storage_options",
+    "safety.model_sha256",  # a guard on the weights; their hash is recorded per row either way
 )
 
 

@@ -13,11 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sdfleet.actors.generator import ShardGenerator
-from sdfleet.actors.safety import load_detector, weights_sha256
 from helpers import run_cli, write_prompts
+from sdfleet.actors.generator import ShardGenerator
+from sdfleet.actors.safety import UnsafeModelError, load_detector
+from sdfleet.actors.storage import weights_sha256
 from sdfleet.jobs.plan import Planner
-from sdfleet.schemas.spec import SafetySpec, SpecError, parse_spec
+from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.spec import SafetySpec, parse_spec
 
 DETECTORS = ("nsfw-detector", "clip-checker", "hf-classifier")
 PROMPTS = ["a quiet harbour at dusk", "a bowl of cherries", "a fox in the snow"]
@@ -80,6 +82,82 @@ def test_weights_hash_is_stable_and_content_based(tiny_detectors, tmp_path):
     assert weights_sha256(src) == weights_sha256(tmp_path / "copy")
     (tmp_path / "copy" / "config.json").write_text((tmp_path / "copy" / "config.json").read_text() + " ")
     assert weights_sha256(src) != weights_sha256(tmp_path / "copy")
+
+
+# ------------------------------------------------------------------------------------ hostile weights
+# tf-keras' legacy loaders ignore safe_mode: a Lambda layer's bytecode runs inside load_model
+# (CVE-2025-9905). These models write MARKER when their code runs, once armed by ARMED in the
+# environment (so that building them here runs nothing).
+
+ARMED = "SDFLEET_TEST_MARKER"
+
+
+def _runs_code(t):
+    import os
+    import pathlib
+
+    if "SDFLEET_TEST_MARKER" in os.environ:
+        pathlib.Path(os.environ["SDFLEET_TEST_MARKER"]).write_text("code from the weights ran")
+    return t
+
+
+def hostile_keras_model(path, kind: str) -> str:
+    import os
+
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tensorflow as tf
+
+    keras = tf.keras
+    inputs = keras.Input((224, 224, 3))
+    if kind == "custom-class":
+        class Sneaky(keras.layers.Layer):
+            def call(self, x):
+                return x
+        x = Sneaky()(inputs)
+    elif kind == "nested-lambda":
+        inner_in = keras.Input((224, 224, 3))
+        x = keras.Model(inner_in, keras.layers.Lambda(_runs_code)(inner_in), name="inner")(inputs)
+    else:  # "lambda", "savedmodel-lambda"
+        x = keras.layers.Lambda(_runs_code)(inputs)
+    x = keras.layers.Dense(5, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, x)
+    if kind == "savedmodel-lambda":
+        model.save(str(path), save_format="tf")
+    else:
+        model.save(str(path), save_format="h5")
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, named", [
+    ("lambda", r"layer 'model(_\d+)?/lambda(_\d+)?' is a Lambda layer"),
+    ("nested-lambda", r"layer 'model(_\d+)?/inner/lambda(_\d+)?' is a Lambda layer"),
+    ("custom-class", r"is of class 'Sneaky', which is not one of Keras' built-in classes"),
+    ("savedmodel-lambda", r"is a Lambda layer"),
+])
+def test_keras_weights_that_would_run_code_are_refused_before_loading(kind, named, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    path = hostile_keras_model(tmp_path / ("model" if kind.startswith("savedmodel") else "model.h5"), kind)
+    marker = tmp_path / "ran"
+    monkeypatch.setenv(ARMED, str(marker))
+    with pytest.raises(UnsafeModelError, match=named):
+        load_detector(SafetySpec(detector="nsfw-detector", model=path), "cpu")
+    assert not marker.exists()
+    if kind == "lambda":  # the control: the package's own loader does run it
+        code = "from nsfw_detector import predict; import sys; predict.load_model(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", code, path], capture_output=True, timeout=300,
+                       env={**__import__("os").environ, "TF_USE_LEGACY_KERAS": "1"})
+        assert marker.read_text() == "code from the weights ran"
+
+
+def test_pinned_weights_load_and_other_weights_are_refused(tiny_detectors):
+    path = tiny_detectors["nsfw-detector", "nothing"]
+    pinned = weights_sha256(path)
+    assert load_detector(SafetySpec(detector="nsfw-detector", model=path, model_sha256=pinned), "cpu")
+    other = tiny_detectors["nsfw-detector", "everything"]
+    with pytest.raises(UnsafeModelError, match=f"has sha256 {weights_sha256(other)}, not the pinned"):
+        load_detector(SafetySpec(detector="nsfw-detector", model=other, model_sha256=pinned), "cpu")
 
 
 # ------------------------------------------------------------------------------------ actions
