@@ -111,10 +111,19 @@ class Engine:
         t0 = time.perf_counter()
         try:
             pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
-                path, revision=model.revision, dtype=getattr(torch, self.dtype), use_safetensors=True
+                path, revision=model.revision, use_safetensors=True,
+                **{dtype_keyword(diffusers.__version__): getattr(torch, self.dtype)},
             )
         except (OSError, ValueError, EnvironmentError) as e:
             raise ModelLoadError(f"cannot load model.source {model.source}: {e}") from e
+        # Record what was loaded, not what was asked for: the rows' dtype column must say how the
+        # pixels were made, and an argument the installed diffusers ignores would load float32.
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        loaded = str(denoiser.dtype).removeprefix("torch.") if denoiser is not None else self.dtype
+        if loaded != self.dtype:
+            log.warning("%s loaded in %s, not the %s asked for; its rows record %s", model.source, loaded,
+                        self.dtype, loaded)
+            self.dtype = loaded
         if getattr(pipe, "safety_checker", None) is not None:
             # sdfleet scores images with its own detector (safety.*) and records the scores; the
             # SD1.x checker would silently black images out instead.
@@ -340,6 +349,14 @@ class Engine:
 
     def scheduler_name(self, params: GenerationParams) -> str:
         return params.scheduler or self.default_scheduler
+
+
+def dtype_keyword(diffusers_version: str) -> str:
+    """The from_pretrained keyword for the dtype: `dtype` from diffusers 0.40 (the older name then
+    warns), `torch_dtype` before (which would ignore `dtype` and load float32)."""
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers_version) >= Version("0.40") else "torch_dtype"
 
 
 def batch_that_fits(budget: float, peak_1: float, peak_2: float, cap: int) -> int:

@@ -12,8 +12,6 @@ from sdfleet.schemas.spec import load_spec
 
 log = logging.getLogger("sdfleet")
 
-QUIET_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3")
-
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="job spec (YAML)")
@@ -36,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="committed, pending and quarantined shards of an output")
     p.add_argument("output", help="output folder or s3:// prefix")
+    p.add_argument("--verify", action="store_true",
+                   help="also read every committed file and compare its sha256 with its commit (sizes are always checked)")
 
     p = sub.add_parser("demo", help="tiny models, sample prompts, local Ray, a local dataset")
     p.add_argument("dir", nargs="?", default="sdfleet-demo", help="working folder (default: ./sdfleet-demo)")
@@ -52,20 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not args.verbose:
-        # The S3 stack narrates every client it builds ("Found credentials in environment variables")
-        # at INFO: noise in a default run, and the `-v` run still shows it.
-        for name in QUIET_LIBRARIES:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    from sdfleet.actors.logs import configure_logging
+
+    configure_logging(args.verbose)
     try:
         return _dispatch(args)
     except Exception as e:
         return _refuse(e, args.verbose)
+    finally:
+        # Free Arrow objects while the interpreter is whole: left to its teardown (in a traceback
+        # cycle, or a plan's schema), Arrow's threads can abort the process ("terminate called
+        # without an active exception") after the work is done, seen once under `ray job submit`.
+        gc.collect()
 
 
 def _refuse(e: Exception, verbose: bool) -> int:
@@ -79,23 +77,29 @@ def _refuse(e: Exception, verbose: bool) -> int:
     if verbose:
         log.error("traceback of the error below", exc_info=e)
     print(f"sdfleet: error: {error}", file=sys.stderr)
-    # Free the failed call's frames now: Arrow objects left in a traceback cycle until interpreter
-    # teardown abort the process ("terminate called without an active exception").
-    del e, error
-    gc.collect()
+    del e, error  # the failed call's frames hold Arrow objects: let main's gc.collect free them
     return EXIT_REFUSED
+
+
+def _load(args):
+    """The spec, with its storage_options' secrets masked in every log record from now on."""
+    from sdfleet.actors.logs import remember_secrets
+
+    spec = load_spec(args.spec, args.overrides)
+    for options in spec.storage_options():
+        remember_secrets(options)
+    return spec
 
 
 def _dispatch(args) -> int:
     if args.command == "plan":
-        return _plan(load_spec(args.spec, args.overrides))
+        return _plan(_load(args))
     if args.command == "run":
         from sdfleet.jobs.run import JobRunner
 
-        spec = load_spec(args.spec, args.overrides)
-        return JobRunner(spec, address=args.address, progress=not args.no_progress).run()
+        return JobRunner(_load(args), address=args.address, progress=not args.no_progress).run()
     if args.command == "status":
-        return _status(args.output)
+        return _status(args.output, args.verify)
     if args.command == "demo":
         from sdfleet.jobs.demo import run_demo
 
@@ -144,7 +148,7 @@ def _plan(spec) -> int:
     return EXIT_OK
 
 
-def _status(output: str) -> int:
+def _status(output: str, verify: bool = False) -> int:
     from sdfleet.jobs.output import OutputReader
     from sdfleet.schemas import layout
 
@@ -159,7 +163,12 @@ def _status(output: str) -> int:
           f"{t['failed']} failed")
     for name, failed in sorted(s.quarantined.items()):
         print(f"  quarantined {name}: {failed.last_error_line()}")
-    complete = s.complete and reader.storage.exists(layout.SUCCESS_FILE)
+    problems = reader.verify(deep=verify)
+    print(f"files        {'differ from their commits in ' + str(len(problems)) + ' shard(s)' if problems else 'as committed'}"
+          f" ({'sha256' if verify else 'sizes'} checked)")
+    for name, found in sorted(problems.items()):
+        print(f"  shard {name}: {'; '.join(found)}")
+    complete = s.complete and not problems and reader.storage.exists(layout.SUCCESS_FILE)
     print(f"complete     {'yes' if complete else 'no'}")
     return EXIT_OK if complete else EXIT_INCOMPLETE
 

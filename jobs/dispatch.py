@@ -21,6 +21,7 @@ from sdfleet.actors.generator import Preempted
 from sdfleet.actors.storage import Storage
 from sdfleet.jobs.pool import ActorPool, Finished, Slot
 from sdfleet.schemas import layout
+from sdfleet.schemas.errors import UserError
 from sdfleet.schemas.layout import FailedShard, ShardAttemptError, ShardStats
 from sdfleet.schemas.plan import Plan
 
@@ -46,8 +47,8 @@ class DispatchResult:
     budget_stopped: bool = False  # resources.budget_usd was reached; the shards left were not started
 
 
-class WorkerStartError(RuntimeError):
-    """No worker could start (e.g. the model fails to load on the cluster)."""
+class WorkerStartError(UserError):
+    """No worker could start: the model or detector does not load, the output is not writable."""
 
 
 class Dispatcher:
@@ -138,6 +139,11 @@ class Dispatcher:
             bar.update(stats.samples)
 
     def _start_failed(self, pool: ActorPool, slot: Slot, e: BaseException) -> None:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, UserError):
+            # A bad model, weights refused, an output it may not write: the next worker would
+            # find the same, so the job stops now instead of after max_attempts workers.
+            raise WorkerStartError(str(cause)) from None
         self.start_failures += 1
         message = _task_error(e)
         log.error("a worker failed to start: %s", message.strip().splitlines()[-1] if message.strip() else e)

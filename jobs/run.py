@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import platform
 import sys
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -73,25 +74,21 @@ class JobRunner:
         if pending:
             if before.committed:
                 log.info("resuming: %d shards committed, %d to do", len(before.committed), len(pending))
-            from sdfleet.jobs.dispatch import Dispatcher, WorkerStartError
+            from sdfleet.jobs.dispatch import Dispatcher
             from sdfleet.jobs.pool import connect_ray
 
             embedded = connect_ray(self.address)
-            try:
-                dispatcher = Dispatcher(plan, self.storage, pending, progress=self.progress, embedded=embedded,
-                                        done_samples=before.committed_samples,
-                                        spent_gpu_seconds=before.totals()["gpu_seconds"])
-                result = dispatcher.run()
-            except WorkerStartError as e:
-                print(f"sdfleet: error: {e}", file=sys.stderr)
-            else:
-                if result.quarantined:
-                    self._report(plan, result.quarantined)
-                if result.budget_stopped:
-                    res = self.spec.resources
-                    print(f"sdfleet: stopped at the budget: resources.budget_usd=${res.budget_usd:,.2f} at "
-                          f"${res.gpu_hour_usd}/GPU-hour is spent. Committed shards are kept; rerun with a "
-                          f"higher budget (--set resources.budget_usd=...) to go on.", file=sys.stderr)
+            dispatcher = Dispatcher(plan, self.storage, pending, progress=self.progress, embedded=embedded,
+                                    done_samples=before.committed_samples,
+                                    spent_gpu_seconds=before.totals()["gpu_seconds"])
+            result = dispatcher.run()
+            if result.quarantined:
+                self._report(plan, result.quarantined)
+            if result.budget_stopped:
+                res = self.spec.resources
+                print(f"sdfleet: stopped at the budget: resources.budget_usd=${res.budget_usd:,.2f} at "
+                      f"${res.gpu_hour_usd}/GPU-hour is spent. Committed shards are kept; rerun with a "
+                      f"higher budget (--set resources.budget_usd=...) to go on.", file=sys.stderr)
         else:
             log.info("all %d shards already committed; nothing to generate", plan.num_shards)
 
@@ -122,10 +119,19 @@ class JobRunner:
                 raise SpecError(f"safety.model {safety.model} does not exist; give the detector's weights")
 
     def _claim_output(self, plan: Plan) -> dict[str, Any]:
+        """Create `_job.json` exclusively, or resume the job it records if it is this one. Of two
+        drivers starting different jobs on one new output, exactly one claims it."""
         record = job_record(plan)
-        if not self.storage.exists(layout.JOB_FILE):
-            self.storage.write_json(layout.JOB_FILE, record)
-            return record
+        exists = self.storage.exists(layout.JOB_FILE)
+        if not exists:
+            self._check_unclaimed_output_is_empty()
+        record["exclusive_create"] = self._probe_exclusive_create()
+        if not exists:
+            try:
+                self.storage.write_json(layout.JOB_FILE, record, exclusive=True)
+                return record
+            except FileExistsError:
+                pass  # another driver claimed it meanwhile: resume if it is this job, else refuse
         existing = self.storage.read_json(layout.JOB_FILE)
         if existing.get("fingerprint") != plan.fingerprint:
             changed = diff_fingerprint_fields(existing.get("fingerprint_fields", {}), record["fingerprint_fields"])
@@ -137,6 +143,40 @@ class JobRunner:
                 "Write to a new output.uri, or restore the original spec to resume."
             )
         return existing
+
+    def _check_unclaimed_output_is_empty(self) -> None:
+        """An output without a job record must hold nothing: stray *.tar files there would be read
+        as part of the dataset by every `*.tar` reader and by the card."""
+        found = self.storage.listing()
+        if layout.JOB_FILE in found:
+            return  # another driver claimed it meanwhile; the claim decides
+        strays = sorted(n for n in found if not layout.is_transient(n))
+        if strays:
+            raise SpecError(f"output.uri {self.storage.url()} holds {len(strays)} file(s) but no {layout.JOB_FILE} "
+                            f"(e.g. {', '.join(strays[:5])}): it is not an sdfleet output. Give an empty or new "
+                            "output.uri, or remove those files")
+
+    def _probe_exclusive_create(self) -> bool:
+        """Create one probe object twice: the second create must fail. Commits rely on it."""
+        probe = f"{layout.PROBE_PREFIX}exclusive-create-{uuid.uuid4().hex}"
+        self.storage.write_bytes(probe, b"first", exclusive=True)
+        try:
+            self.storage.write_bytes(probe, b"second", exclusive=True)
+            honoured = False
+        except FileExistsError:
+            honoured = True
+        finally:
+            self.storage.delete(probe)
+        if not honoured and not self.spec.output.allow_non_exclusive_commits:
+            raise SpecError(
+                f"{self.storage.url()} created an object that already existed (it ignores S3's If-None-Match: *), "
+                "and sdfleet's commits rely on that refusal: two workers could both commit one shard. Use a "
+                "store that honours conditional writes, or set output.allow_non_exclusive_commits: true to go "
+                "on without that guarantee")
+        if not honoured:
+            log.warning("%s ignores conditional writes; going on as output.allow_non_exclusive_commits says: "
+                        "two workers finishing one shard could both commit it", self.storage.url())
+        return honoured
 
     def _report(self, plan: Plan, quarantined) -> None:
         print(f"{len(quarantined)} shard(s) quarantined after {self.spec.resources.max_attempts} attempts:",

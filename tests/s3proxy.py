@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy in front of the local S3 server (moto), for the fault tests.
 
 The product talks real S3 HTTP to it (through AWS_ENDPOINT_URL); the proxy forwards every request
-to moto unchanged unless a rule says to answer 503, 403, or to hang first. Only loopback is used.
+to moto unchanged unless a rule says to answer 503, 403, to hang first, or to drop the conditional
+headers. Only loopback is used.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ _ERROR = "<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Messa
 class Rule:
     """Requests whose method is in `methods` and whose path matches `path` get `action`.
 
-    action: "503" (SlowDown), "403" (AccessDenied) or "hang" (sleep `hang_s`, then forward).
+    action: "503" (SlowDown), "403" (AccessDenied), "hang" (sleep `hang_s`, then forward) or
+    "unconditional" (forward without If-None-Match / If-Match, as a store that ignores them would).
     every: act on every n-th matching request; times: act at most this many times (None: always).
     """
 
@@ -71,7 +73,10 @@ class S3Proxy:
                 if rule is not None and rule.action == "hang":
                     time.sleep(rule.hang_s)
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                dropped = {"transfer-encoding"}
+                if rule is not None and rule.action == "unconditional":
+                    dropped |= {"if-none-match", "if-match"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 if body is not None:
                     headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)

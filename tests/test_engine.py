@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdfleet.actors.engine import Engine, check_model_source
+from sdfleet.actors.engine import Engine, check_model_source, dtype_keyword
 from sdfleet.schemas.errors import ModelLoadError
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.spec import ModelSpec
@@ -47,6 +47,28 @@ def test_cpu_falls_back_to_float32(engine):
     assert engine.device == "cpu" and engine.dtype == "float32"
     assert engine.pipe.unet.dtype == torch.float32
     assert type(engine.pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_the_dtype_keyword_is_the_one_the_installed_diffusers_reads():
+    # diffusers' from_pretrained reads `dtype` since 0.40; before, it read only `torch_dtype` and
+    # would have ignored `dtype`, loading float32.
+    assert dtype_keyword("0.40.0") == dtype_keyword("0.42.1") == "dtype"
+    assert dtype_keyword("0.39.2") == dtype_keyword("0.32.0") == "torch_dtype"
+
+
+def test_the_dtype_recorded_is_the_one_the_denoiser_was_loaded_in(tiny_model, monkeypatch, caplog):
+    """Were the dtype keyword ignored (an older diffusers), the pipeline would load in torch's
+    default dtype: the engine then records that, not the dtype it asked for, and says so."""
+    import sdfleet.actors.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "dtype_keyword", lambda version: "a_keyword_diffusers_ignores")
+    torch.set_default_dtype(torch.float64)
+    try:
+        engine = Engine(ModelSpec(source=str(tiny_model), dtype="float32"), cpu_threads=1)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert engine.pipe.unet.dtype == torch.float64 and engine.dtype == "float64"
+    assert "loaded in float64, not the float32 asked for" in caplog.text
 
 
 def test_batched_engine_matches_plain_diffusers(engine, tiny_model):

@@ -211,7 +211,7 @@ def test_two_writers_commit_one_consistent_shard(tmp_path, tiny_model, bucket):
     import threading
 
     from sdfleet.actors.generator import ShardGenerator
-    from sdfleet.actors.writer import ShardWriter
+    from sdfleet.actors.writer import ShardWriter, committed_file_problems
     from sdfleet.jobs.plan import Planner
     from sdfleet.schemas.layout import ShardStats
     from sdfleet.schemas.spec import load_spec
@@ -234,23 +234,17 @@ def test_two_writers_commit_one_consistent_shard(tmp_path, tiny_model, bucket):
     with tarfile.open(fileobj=io.BytesIO(storage.read_bytes("00000.tar"))) as tar:
         assert len(tar.getnames()) == 9
 
-    # The race made deterministic at the writer: a second writer overwrote the Parquet after the first
-    # committed. Its commit fails, it sees the stats no longer describe the Parquet, and re-commits.
-    writer, schema = ShardWriter(storage, "png"), plan.output_schema()
+    # A late writer with other bytes (another batch size, another GPU) loses the commit and leaves the
+    # winner's files as they are: the stats still describe, byte for byte, what is on storage.
     late_rows = [{**r, "worker_id": "late-writer"} for r in rows]
-    images = {r["key"]: b"same-bytes" for r in rows}
-
-    def commit(worker_id: str, hashes: dict) -> ShardStats:
-        return writer.commit("00009", ShardStats.model_validate(
-            {**stats, "shard": "00009", "shard_id": 9, "worker_id": worker_id, **hashes}))
-
-    first = commit("first", writer.write_outputs("00009", rows, images, schema))
-    late = writer.write_outputs("00009", late_rows, images, schema)
-    second = commit("late-writer", late)
-    assert first.worker_id == "first" and second.worker_id == "late-writer"
-    final = storage.read_json("00009_stats.json")
-    assert final["worker_id"] == "late-writer"
-    assert hashlib.sha256(storage.read_bytes("00009.parquet")).hexdigest() == final["parquet_sha256"]
+    writer = ShardWriter(storage, "png")
+    spooled = writer.spool("00000", late_rows, {r["key"]: b"other bytes" for r in rows}, plan.output_schema())
+    try:
+        late = writer.commit("00000", spooled, ShardStats.model_validate({**stats, "worker_id": "late-writer"}))
+    finally:
+        spooled.close()
+    assert late.worker_id == stats["worker_id"] and storage.read_json("00000_stats.json") == stats
+    assert committed_file_problems(storage, late, deep=True) == []
     # And a writer that finds the shard already committed leaves it alone.
     mtime = storage.fs.info(storage.path("00000_stats.json"))["LastModified"]
     assert workers[0].run(0).parquet_sha256 == stats["parquet_sha256"]
@@ -291,6 +285,81 @@ def test_persistent_403_and_404_fail_fast_naming_the_uri(tmp_path, tiny_model, b
     missing = run_cli("run", str(job_spec(tmp_path, tiny_model, bucket, str(tmp_path / "o"),
                                           input={"uri": f"s3://{bucket.bucket}/no-such-prefix/"})))
     assert missing.returncode == 1 and f"s3://{bucket.bucket}/no-such-prefix/" in missing.stderr
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_unless_the_spec_allows_it(tmp_path, tiny_model, bucket,
+                                                                                       s3_endpoint):
+    proxy = S3Proxy(s3_endpoint, [Rule(path=r"/lax/", action="unconditional")])
+    try:
+        out = f"s3://{bucket.bucket}/lax"
+        env = {"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""}
+        done = run_cli("run", str(job_spec(tmp_path, tiny_model, bucket, out)), env=env)
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert f"{out} created an object that already existed" in done.stderr
+        assert "output.allow_non_exclusive_commits" in done.stderr and "Traceback" not in done.stderr
+        assert output_storage(out).listing() == {}  # refused before anything was written
+        allowed = run_cli("run", str(job_spec(tmp_path, tiny_model, bucket, out,
+                                              output={"allow_non_exclusive_commits": True})), env=env)
+        assert allowed.returncode == 0, allowed.stderr[-3000:]
+        job = output_storage(out).read_json("_job.json")
+        assert job["exclusive_create"] is False and job["spec"]["output"]["allow_non_exclusive_commits"] is True
+    finally:
+        proxy.close()
+
+
+def test_a_worker_that_cannot_write_the_output_fails_the_job_at_once(tmp_path, tiny_model, bucket, s3_endpoint):
+    """The driver may write (it claims the output), the workers may not: the first worker's write
+    probe fails the job with exit 1, naming the URI and the node, before any shard is generated."""
+    proxy = S3Proxy(s3_endpoint, [Rule(path=r"/readonly/_probe-worker-", action="403", methods=("PUT",))])
+    try:
+        out = f"s3://{bucket.bucket}/readonly"
+        t0 = time.monotonic()
+        done = run_cli("run", str(job_spec(tmp_path, tiny_model, bucket, out)), "--no-progress",
+                       env={"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""})
+        seconds = time.monotonic() - t0
+        assert done.returncode == 1, done.stderr[-3000:]
+        [line] = [line for line in done.stderr.splitlines() if line.startswith("sdfleet: error:")]
+        assert f"cannot write {out}/_probe-worker-" in line and "access denied" in line and "on node" in line
+        assert proxy.rules[0].fired == 1  # no worker was tried again
+        assert committed(out) == [] and output_storage(out).list("*_failed.json") == []
+        print(f"\n[write probe] refused after {seconds:.1f}s")
+    finally:
+        proxy.close()
+
+
+def test_two_worker_processes_with_different_batch_sizes_commit_one_consistent_shard(tmp_path, tiny_model, bucket):
+    """Two real processes make shard 0 at once with batch sizes 1 and 3, so their PNG bytes differ
+    (batching moves a few pixels by one): one commits, and its files are the ones on storage."""
+    import subprocess
+    import sys
+
+    from sdfleet.actors.writer import committed_file_problems
+    from sdfleet.schemas.layout import ShardStats
+
+    out = f"s3://{bucket.bucket}/batch-sizes"
+    worker = ("import sys, time; from sdfleet.actors.generator import ShardGenerator; "
+              "from sdfleet.jobs.plan import Planner; from sdfleet.schemas.spec import load_spec; "
+              "g = ShardGenerator(Planner(load_spec(sys.argv[1])).plan(), cpu_threads=1); "
+              "time.sleep(max(0, float(sys.argv[2]) - time.time())); print(g.run(0).worker_id)")
+    # Each batch size alone first, into its own output: the bytes do differ.
+    alone = {}
+    for batch in (1, 3):
+        spec = job_spec(tmp_path, tiny_model, bucket, f"{out}-alone-{batch}", resources={"batch_size": batch})
+        subprocess.run([sys.executable, "-c", worker, str(spec), "0"], check=True, capture_output=True, timeout=300)
+        alone[batch] = output_storage(f"{out}-alone-{batch}").read_json("00000_stats.json")["tar_sha256"]
+    assert alone[1] != alone[3]
+    start_at = str(time.time() + 20)  # both load their models first, then start the shard together
+    procs = [subprocess.Popen([sys.executable, "-c", worker, str(job_spec(tmp_path, tiny_model, bucket, out,
+                                                                          resources={"batch_size": b})), start_at],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in (1, 3)]
+    winners = {p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs}
+    storage = output_storage(out)
+    stats = ShardStats.model_validate(storage.read_json("00000_stats.json"))
+    assert winners == {stats.worker_id}  # both report the one commit
+    assert stats.tar_sha256 in alone.values()
+    assert committed_file_problems(storage, stats, deep=True) == []
+    rows = pq.read_table(io.BytesIO(storage.read_bytes("00000.parquet"))).to_pylist()
+    assert len(rows) == 3 and {r["worker_id"] for r in rows} == {stats.worker_id}
 
 
 def test_hung_actor_is_killed_and_its_shard_retried(tiny_model, ray_cluster, s3_endpoint, reference):

@@ -1,0 +1,72 @@
+"""Log set-up for the driver and the workers: one format, quiet libraries, no credential in any record.
+
+`sdfleet -v` turns on DEBUG everywhere, and botocore at DEBUG writes each request's canonical
+form, which holds the session token of temporary credentials (instance roles, IRSA), and its
+headers, which hold the signature. Every record, its traceback included, is masked on its way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+# Libraries that narrate routine work at INFO ("Found credentials in environment variables"):
+# quiet unless -v.
+QUIET_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3")
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+MASK = "***"
+
+_VALUE = r"""[^\s"',}&;]+"""
+_MASKS = [
+    # Authorization: AWS4-HMAC-SHA256 Credential=..., Signature=... (a header, or a repr of one).
+    re.compile(r"""(?i)(authorization['"]?\s*[:=]\s*b?['"]?)[^'"\n]+"""),
+    # x-amz-security-token:TOKEN in a canonical request, or as a header or query parameter.
+    re.compile(rf"""(?i)(x-amz-security-token['"]?\s*[:=]\s*b?['"]?){_VALUE}"""),
+    # Presigned URLs carry their signature, credential and token in the query string.
+    re.compile(rf"(?i)([?&]x-amz-(?:signature|credential)=){_VALUE}"),
+    # key=value and "key": "value" forms of secrets (storage_options, environment dumps).
+    re.compile(rf"""(?i)((?:aws_)?(?:secret_access_key|secret|session_token|token|password)['"]?\s*[:=]\s*b?['"]?){_VALUE}"""),
+]
+_known_secrets: set[str] = set()
+
+
+def remember_secrets(options: dict[str, Any]) -> None:
+    """Mask these storage_options' secret values wherever they appear, whatever their key's name."""
+    from sdfleet.schemas.spec import redact
+
+    for key, value in options.items():
+        if isinstance(value, dict):
+            remember_secrets(value)
+        elif isinstance(value, str) and len(value) >= 8 and redact({key: value})[key] == MASK:
+            _known_secrets.add(value)
+
+
+def mask(text: str) -> str:
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if len(os.environ.get(name, "")) >= 8:
+            text = text.replace(os.environ[name], MASK)
+    for secret in _known_secrets:
+        text = text.replace(secret, MASK)
+    for pattern in _MASKS:
+        text = pattern.sub(rf"\1{MASK}", text)
+    return text
+
+
+class MaskingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return mask(super().format(record))
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """INFO (DEBUG with `verbose`) to stderr through a masking formatter; QUIET_LIBRARIES at WARNING
+    unless verbose. Idempotent: the root's existing handlers get the masking formatter too."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        handler.setFormatter(MaskingFormatter(FORMAT, datefmt="%H:%M:%S"))
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
