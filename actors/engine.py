@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,8 +42,14 @@ AUTO_BATCH_CAP = 64
 CPU_AUTO_BATCH = 8
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
+# How long the driver waits for the Hugging Face hub before saying it cannot reach it.
+HUB_TIMEOUT_S = 10.0
+
+
 def check_model_source(model: ModelSpec) -> None:
-    """Cheap checks the driver runs before any GPU is requested."""
+    """What the driver can check of the model before any worker starts: the folder and its weight
+    formats (safetensors only, per component), or that a hub id can be had at all."""
     source = model.source
     if is_remote(source):
         from sdfleet.actors.storage import Storage
@@ -50,28 +57,66 @@ def check_model_source(model: ModelSpec) -> None:
         if not Storage(source, model.storage_options).exists("model_index.json"):
             raise ModelLoadError(f"model.source {source} has no model_index.json; point it at a diffusers folder")
     elif Path(source).expanduser().exists():
-        folder = Path(source).expanduser()
-        if not (folder / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"model.source {source} is a local path without model_index.json; "
-                "point it at a diffusers pipeline folder (save_pretrained output)"
-            )
-        pickles = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth", ".pkl")]
-        if pickles and not any(folder.rglob("*.safetensors")):
-            raise ModelLoadError(
-                f"model.source {source} holds only pickle weights ({pickles[0]}); sdfleet loads safetensors only. "
-                "Convert it with `pipe.save_pretrained(dir, safe_serialization=True)` in a trusted environment"
-            )
+        _check_local_pipeline(Path(source).expanduser())
     elif source.startswith((".", "/", "~")):
         raise ModelLoadError(f"model.source {source} does not exist")
+    else:
+        _check_hub_pipeline(source, model.revision)
+
+
+def _check_local_pipeline(folder: Path) -> None:
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"model.source {folder} is a local path without model_index.json; point it at a "
+                             "diffusers pipeline folder (save_pretrained output)")
+    # Every component with weights must have them as safetensors: one pickle-only component would
+    # fail only inside the workers.
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        pickles = [p.name for p in component.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+        if pickles and not any(component.rglob("*.safetensors")):
+            raise ModelLoadError(
+                f"model.source {folder} holds only pickle weights for {component.name} ({pickles[0]}); sdfleet "
+                "loads safetensors only. Convert it with `pipe.save_pretrained(dir, safe_serialization=True)` "
+                "in a trusted environment")
+
+
+def _check_hub_pipeline(repo: str, revision: str | None) -> None:
+    """A hub id: in the local cache when offline, else on a hub that answers, with safetensors."""
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+
+    advice = "point model.source at a local folder or an s3:// mirror"
+    if hub_constants.HF_HUB_OFFLINE:
+        cached = huggingface_hub.try_to_load_from_cache(repo, "model_index.json", revision=revision)
+        if not isinstance(cached, str):
+            raise ModelLoadError(f"model.source {repo} is a hub id, HF_HUB_OFFLINE is set and the local Hugging Face "
+                                 f"cache does not hold it: {advice}")
+        return
+    try:
+        info = huggingface_hub.model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 -- network, not found, gated: each is said in one line
+        kind = type(e).__name__
+        if "NotFound" in kind or "Gated" in kind:
+            raise ModelLoadError(f"model.source {repo}: the hub has no such model you may read ({kind}); {advice}, "
+                                 "or log in with a token that may read it") from None
+        raise ModelLoadError(f"cannot reach the Hugging Face hub for {repo} ({kind}: {str(e).splitlines()[0][:120]}): "
+                             f"{advice}, or set HF_HUB_OFFLINE=1 to use the local cache") from None
+    names = [s.rfilename for s in info.siblings or []]
+    if names and not any(n.endswith(".safetensors") for n in names):
+        raise ModelLoadError(f"model.source {repo} has no safetensors weights on the hub; sdfleet loads "
+                             f"safetensors only: {advice} holding a converted copy")
 
 
 def check_scheduler_names(names: Sequence[str]) -> None:
-    import diffusers
+    """Each name is a scheduler class the installed diffusers defines. Read from diffusers' source,
+    not by importing it: diffusers loads torch, which `sdfleet plan` must not."""
+    import importlib.util
 
+    found = importlib.util.find_spec("diffusers")
+    folder = Path(found.origin).parent / "schedulers" if found and found.origin else None
+    defined = {m.group(1) for f in (folder.rglob("scheduling_*.py") if folder else ())
+               for m in re.finditer(r"^class (\w+Scheduler\w*)\(", f.read_text(), re.M)}
     for name in names:
-        cls = getattr(diffusers, name, None)
-        if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+        if name not in defined:
             raise ModelLoadError(f"scheduler {name!r} is not a diffusers scheduler class; e.g. EulerDiscreteScheduler")
 
 
@@ -114,8 +159,9 @@ class Engine:
                 path, revision=model.revision, use_safetensors=True,
                 **{dtype_keyword(diffusers.__version__): getattr(torch, self.dtype)},
             )
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise ModelLoadError(f"cannot load model.source {model.source}: {e}") from e
+        except Exception as e:  # noqa: BLE001 -- a checkpoint that does not load never will on a retry
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelLoadError(f"cannot load model.source {model.source}: {type(e).__name__}: {reason}") from e
         # Record what was loaded, not what was asked for: the rows' dtype column must say how the
         # pixels were made, and an argument the installed diffusers ignores would load float32.
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -263,8 +309,10 @@ class Engine:
         if name not in self._schedulers:
             import diffusers
 
-            check_scheduler_names([name])
-            cls = getattr(diffusers, name)
+            cls = getattr(diffusers, name, None)
+            if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+                raise ModelLoadError(f"scheduler {name!r} is not a diffusers scheduler class; "
+                                     "e.g. EulerDiscreteScheduler")
             self._schedulers[name] = cls.from_config(self._base_scheduler_config, **self.model.scheduler_config)
         return self._schedulers[name]
 

@@ -19,9 +19,23 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
                    help="override a spec key, e.g. --set generation.guidance_scale=5 (repeatable)")
 
 
+EXIT_CODES = """exit codes:
+  0    done: the dataset is complete (or the command did what it was asked)
+  1    refused: a bad spec, input, model, detector or storage; the one line on stderr says what to fix
+  2    incomplete: shards failed max_attempts times, or the budget ran out; rerun the same command
+  130  interrupted by Ctrl-C (143 by SIGTERM); rerun the same command to resume"""
+
+OUTPUT_HELP = "output folder or s3:// prefix, or the job's spec file (then its output.uri and storage_options)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdfleet", description="Prompts in Parquet -> image dataset, on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from importlib import metadata
+
+    parser = argparse.ArgumentParser(prog="sdfleet", description="Prompts in Parquet -> image dataset, on Ray.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logs from sdfleet and its libraries, and tracebacks with errors")
+    parser.add_argument("--version", action="version", version=f"sdfleet {metadata.version('sdfleet')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run (or resume) a job")
@@ -29,11 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("plan", help="show shards, samples and an estimate; starts nothing")
+    p = sub.add_parser("plan", help="check everything run checks and show shards, samples, cost and what run "
+                                    "would do; starts nothing")
     _spec_args(p)
 
     p = sub.add_parser("status", help="committed, pending and quarantined shards of an output")
-    p.add_argument("output", help="output folder or s3:// prefix")
+    p.add_argument("output", help=OUTPUT_HELP)
     p.add_argument("--verify", action="store_true",
                    help="also read every committed file and compare its sha256 with its commit (sizes are always checked)")
 
@@ -58,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except Exception as e:
+        from sdfleet.jobs.run import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"sdfleet: {e}", file=sys.stderr)
+            return e.exit_code
         return _refuse(e, args.verbose)
+    except KeyboardInterrupt:  # before the job runs (or after): nothing to say about shards
+        print("sdfleet: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     finally:
         # Free Arrow objects while the interpreter is whole: left to its teardown (in a traceback
         # cycle, or a plan's schema), Arrow's threads can abort the process ("terminate called
@@ -98,8 +121,10 @@ def _dispatch(args) -> int:
         from sdfleet.jobs.run import JobRunner
 
         return JobRunner(_load(args), address=args.address, progress=not args.no_progress).run()
+    if args.command in ("status", "preview", "score"):
+        args.output, args.storage_options = _output_location(args.output)
     if args.command == "status":
-        return _status(args.output, args.verify)
+        return _status(args.output, args.storage_options, args.verify)
     if args.command == "demo":
         from sdfleet.jobs.demo import run_demo
 
@@ -122,9 +147,10 @@ def _dispatch(args) -> int:
 
 
 def _plan(spec) -> int:
-    from sdfleet.jobs.plan import Planner, estimate
+    from sdfleet.jobs.plan import estimate
+    from sdfleet.jobs.run import JobRunner
 
-    plan = Planner(spec).plan()
+    plan, verdict = JobRunner(spec).check()
     est = estimate(plan)
     axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())
     seeds = spec.sweep.num_seeds()
@@ -145,14 +171,29 @@ def _plan(spec) -> int:
     if plan.duplicate_rows:
         print(f"warning       {len(plan.duplicate_rows)} row(s) repeat an earlier prompt id; they will be recorded failed")
     print(f"fingerprint   {plan.fingerprint}")
+    print(f"run would     {verdict.describe()}")
     return EXIT_OK
 
 
-def _status(output: str, verify: bool = False) -> int:
+def _output_location(argument: str) -> tuple[str, dict]:
+    """An OUTPUT argument: a folder or prefix as given, or a spec file, whose output.uri and
+    storage_options (with its secrets masked in logs) are used."""
+    from pathlib import Path
+
+    if argument.endswith((".yaml", ".yml")) and Path(argument).is_file():
+        from sdfleet.actors.logs import remember_secrets
+
+        spec = load_spec(argument)
+        remember_secrets(spec.output.storage_options)
+        return spec.output.uri, spec.output.storage_options
+    return argument, {}
+
+
+def _status(output: str, storage_options: dict, verify: bool = False) -> int:
     from sdfleet.jobs.output import OutputReader
     from sdfleet.schemas import layout
 
-    reader = OutputReader.open(output)
+    reader = OutputReader.open(output, storage_options)
     s = reader.survey()
     t = s.totals()
     print(f"output       {reader.storage.url()}")

@@ -90,6 +90,8 @@ class OutputReader:
             try:
                 self._job = self.storage.read_json(layout.JOB_FILE)
             except FileNotFoundError:
+                if not self.storage.exists(""):
+                    raise NotAnOutput(f"{self.storage.url()} does not exist") from None
                 raise NotAnOutput(f"{self.storage.url()} has no {layout.JOB_FILE}: it is not an sdfleet output "
                                   "(or its job never started)") from None
         return self._job
@@ -113,8 +115,10 @@ class OutputReader:
                 if stats.fingerprint == job["fingerprint"]:
                     out.committed[name] = stats
                     continue
-            if layout.failed_file(name) in failed_files:
-                out.quarantined[name] = self._record(FailedShard, layout.failed_file(name))
+            failed = self._record(FailedShard, layout.failed_file(name)) if layout.failed_file(name) in failed_files \
+                else None
+            if failed is not None and failed.fingerprint == job["fingerprint"]:  # not a replaced job's
+                out.quarantined[name] = failed
             else:
                 out.pending.append(name)
         self._survey = out

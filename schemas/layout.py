@@ -5,6 +5,7 @@ the finalizer) import the names from here; none spells a file name itself.
 
     OUTPUT/
       _job.json                the job record: resolved spec, fingerprint, input files, versions
+      _driver.json             the lease of the driver running the job (host, pid, last refresh)
       {shard}.tar              {key}.{ext} image, {key}.txt prompt, {key}.json row
       {shard}.parquet          one row per planned sample
       {shard}_stats.json       `ShardStats`; written LAST: its presence = the shard is committed
@@ -24,6 +25,8 @@ import hashlib
 from pydantic import BaseModel, ConfigDict
 
 JOB_FILE = "_job.json"
+# Which driver runs the job now: refreshed while it runs, released when it ends.
+DRIVER_FILE = "_driver.json"
 SUCCESS_FILE = "_SUCCESS"
 SIZES_FILE = "sizes.json"
 CARD_FILE = "README.md"
@@ -54,6 +57,16 @@ FAILED_GLOB = f"*{_FAILED_SUFFIX}"
 IMAGE_EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 # Extension -> MIME type, for every extension an image file may carry (reference folders use .jpeg too).
 MIME_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+# Content types of what an output holds, so a browser shows the gallery and the card instead of
+# downloading them (S3 serves binary/octet-stream otherwise).
+CONTENT_TYPES = {
+    **MIME_TYPES, "tar": "application/x-tar", "parquet": "application/vnd.apache.parquet",
+    "json": "application/json", "html": "text/html; charset=utf-8", "md": "text/markdown; charset=utf-8",
+}
+
+
+def content_type(name: str) -> str:
+    return CONTENT_TYPES.get(name.rsplit(".", 1)[-1].lower(), "application/octet-stream")
 
 
 def tar_file(shard: str) -> str:

@@ -136,6 +136,14 @@ class SweepSpec(_Section):
 class OutputSpec(_Section):
     uri: str
     image_format: Literal["jpeg", "png", "webp"] = "jpeg"
+
+    @field_validator("image_format", mode="before")
+    @classmethod
+    def _format_name(cls, v):
+        aliases = {"jpg": "jpeg", "JPG": "jpeg", "JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
+        if v in aliases:
+            raise ValueError(f"did you mean {aliases[v]!r}? image_format is one of 'jpeg', 'png', 'webp'")
+        return v
     quality: int = Field(95, ge=1, le=100)
     # Keys are f"{shard:05d}{offset:04d}": four digits of offset, so at most 10,000 per shard.
     samples_per_shard: int = Field(1000, ge=1, le=10_000)
@@ -384,7 +392,32 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     for assignment in overrides:
         apply_override(data, assignment)
-    return parse_spec(data, str(path))
+    spec = parse_spec(data, str(path))
+    return resolve_relative_paths(spec, path.absolute().parent)
+
+
+def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """Relative local paths in a spec file are relative to the file's folder, not to where the
+    command runs (docker compose's rule), and are kept absolute: errors show where they point and
+    the rows' model_source regenerates from anywhere. input.uri and output.uri are paths whenever
+    they are not URIs; model.source and safety.model may also be hub ids, so they count as paths
+    only if written as one (./, ../) or if they name something that exists."""
+
+    def resolved(value: str | None, maybe_hub_id: bool) -> str | None:
+        if value is None or "://" in value or Path(value).expanduser().is_absolute():
+            return value
+        candidate = base / value
+        if maybe_hub_id and not (value.startswith(("./", "../")) or candidate.exists()):
+            return value
+        return str(candidate.resolve())
+
+    updates = {
+        "input": spec.input.model_copy(update={"uri": resolved(spec.input.uri, False)}),
+        "output": spec.output.model_copy(update={"uri": resolved(spec.output.uri, False)}),
+        "model": spec.model.model_copy(update={"source": resolved(spec.model.source, True)}),
+        "safety": spec.safety.model_copy(update={"model": resolved(spec.safety.model, True)}),
+    }
+    return spec.model_copy(update=updates)
 
 
 def format_validation_error(e: ValidationError, data: dict[str, Any], source: str) -> str:

@@ -23,6 +23,8 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 # botocore asks the instance-metadata address (169.254.169.254) for credentials when it finds none:
 # no test may reach beyond loopback.
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+# Nor the Hugging Face hub: hub ids resolve from the (empty) local cache only.
+os.environ["HF_HUB_OFFLINE"] = "1"
 # Fewer background threads per test process on a 2-core machine.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # moto logs every HTTP request at INFO; failures are easier to read without them.

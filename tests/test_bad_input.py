@@ -52,7 +52,7 @@ def test_bad_rows_are_recorded_and_the_job_goes_on(tmp_path, tiny_model, ray_clu
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar",
                      "00001_stats.json", "00002.parquet", "00002.tar", "00002_stats.json", "README.md",
-                     "_SUCCESS", "_job.json", "preview", "sizes.json"]
+                     "_SUCCESS", "_driver.json", "_job.json", "preview", "sizes.json"]
     assert [p.name for p in (tmp_path / "out" / "preview").iterdir()] == ["card_contact_sheet.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "job.yaml", "out"]
     with tarfile.open(tmp_path / "out" / "00001.tar") as tar:

@@ -184,6 +184,31 @@ def test_driver_killed_then_rerun_is_byte_identical(tiny_model, ray_cluster, ref
     same_dataset(reference["out"], out)
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_driver_says_how_far_it_got_and_a_rerun_resumes(sig, code, tiny_model, ray_cluster, reference):
+    """Ctrl-C (or a scheduler's SIGTERM): one line, exit 128 + signal, the job's actors released,
+    nothing half-committed; the same command resumes into the dataset an uninterrupted run makes."""
+    out = f"s3://{reference['fs'].bucket}/interrupted-{sig.name}"
+    spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out, steps=20)
+    proc = start_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
+    wait_for(lambda: committed(out), 120, "a first committed shard")
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr[-3000:]
+    [line] = [line for line in stderr.splitlines() if line.startswith("sdfleet: interrupted")]
+    assert f"interrupted ({sig.name}) after" in line and "of 8 shards committed; rerun the same command" in line
+    assert "Traceback" not in stderr
+    wait_for(lambda: not actor_pids(ray_cluster), 60, "the interrupted job's actors to exit", poll=0.5)
+    again = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_exactly_once(out)
+    if sig == signal.SIGINT:  # 20 steps, not the reference's 2: compare with a run of its own
+        uninterrupted = f"s3://{reference['fs'].bucket}/uninterrupted"
+        assert run_cli("run", str(job_spec(reference["tmp"], tiny_model, reference["fs"], uninterrupted, steps=20)),
+                       "--address", ray_cluster.address, "--no-progress").returncode == 0
+        same_dataset(uninterrupted, out)
+
+
 def test_crash_between_images_and_commit_is_redone(tiny_model, ray_cluster, reference):
     """A shard whose tar and Parquet exist but whose stats do not is not done, and is redone."""
     fs, out = reference["fs"], f"s3://{reference['fs'].bucket}/crash"

@@ -112,7 +112,7 @@ def token_ray_head(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_cronjob_script_submits_follows_and_reports(cronjob, token_ray_head, tmp_path):
+def test_cronjob_script_submits_follows_and_reports(cronjob, token_ray_head, tmp_path, tiny_model):
     # The CronJob's own script, run against a real Ray job API with token auth. The entrypoint is
     # `sdfleet plan` (no GPU here); everything else is what the pod does.
     url, cluster_env = token_ray_head.dashboard_url, token_ray_head.env
@@ -124,7 +124,7 @@ def test_cronjob_script_submits_follows_and_reports(cronjob, token_ray_head, tmp
     specs.mkdir()
     (specs / "job.yaml").write_text(yaml.safe_dump({
         "name": "cron-check", "input": {"uri": str(prompts)}, "output": {"uri": str(tmp_path / "out")},
-        "safety": {"detector": "none"}}))
+        "model": {"source": str(tiny_model)}, "safety": {"detector": "none"}}))
     (specs / "..data").mkdir()  # as in a ConfigMap volume: not shipped
     env = {**cluster_env, "RAY_API_SERVER_ADDRESS": url, "SDFLEET_SPEC_DIR": str(specs), "SDFLEET_POLL_S": "0.5",
            "SDFLEET_RETRY_S": "60"}

@@ -115,3 +115,14 @@ def test_the_layering_check_catches_a_wrong_way_import(tmp_path):
     assert any("imports 'jobs.cli': import it as 'sdfleet.jobs.cli'" in e for e in errors)
     assert any(e.startswith("actors/bad.py:4") and "imports sdfleet.jobs, a layer above" in e for e in errors)
     assert private == ["actors/bad.py:5 imports _first_line from sdfleet.actors.storage"]
+
+
+def test_the_engine_imports_without_ray_pydantic_or_tensorflow():
+    """bench/gpu.py runs the engine on a GPU machine that has torch, transformers and diffusers only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sdfleet.actors.engine; print(sorted(m for m in ('ray', 'pydantic', 'tensorflow', 'yaml') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr

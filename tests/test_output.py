@@ -288,7 +288,8 @@ def test_of_two_drivers_with_different_specs_starting_at_once_exactly_one_claims
     def claim(i: int) -> None:
         start.wait()
         try:
-            outcomes[i] = runners[i]._claim_output(plans[i])["fingerprint"]
+            runners[i]._claim_output(plans[i], runners[i]._judge_output(plans[i]))
+            outcomes[i] = plans[i].fingerprint
         except SpecError as e:
             outcomes[i] = e
 
@@ -299,11 +300,12 @@ def test_of_two_drivers_with_different_specs_starting_at_once_exactly_one_claims
         t.join()
     [winner] = [o for o in outcomes if isinstance(o, str)]
     [refused] = [o for o in outcomes if isinstance(o, SpecError)]
-    assert "holds a different job" in str(refused) and "generation.guidance_scale" in str(refused)
+    assert "another driver" in str(refused) and "generation.guidance_scale: 7.5 -> 3.0" in str(refused) \
+        or "generation.guidance_scale: 3.0 -> 7.5" in str(refused)
     assert Storage(out).read_json(layout.JOB_FILE)["fingerprint"] == winner
 
 
-def test_an_output_with_files_but_no_job_record_is_refused_naming_them(tmp_path):
+def test_an_output_with_files_but_no_job_record_is_refused_naming_them(tmp_path, tiny_model):
     from sdfleet.jobs.run import JobRunner
     from sdfleet.schemas.errors import SpecError
 
@@ -311,7 +313,7 @@ def test_an_output_with_files_but_no_job_record_is_refused_naming_them(tmp_path)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "00000.tar").write_bytes(b"someone else's shard")
     spec = parse_spec({"input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
-                       "safety": {"detector": "none"}})
+                       "model": {"source": str(tiny_model)}, "safety": {"detector": "none"}})
     with pytest.raises(SpecError, match=r"holds 1 file\(s\) but no _job.json \(e.g. 00000.tar\)"):
-        JobRunner(spec)._claim_output(Planner(spec).plan())
+        JobRunner(spec).check()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.tar"]  # nothing written

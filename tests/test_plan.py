@@ -152,10 +152,11 @@ def test_null_and_blank_prompts_become_failed_samples(tmp_path):
     assert samples[1].planned.seed == derive_seed(0, "b", 0)  # recorded, though never generated
 
 
-def test_cli_plan_prints_without_starting_anything(tmp_path):
+def test_cli_plan_prints_without_starting_anything(tmp_path, tiny_model):
     make_input(tmp_path)
     (tmp_path / "job.yaml").write_text(
         f"input: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}, samples_per_shard: 5}}\n"
+        f"model: {{source: {tiny_model}}}\nsafety: {{detector: none}}\n"
         "sweep: {seeds: 2, axes: {guidance_scale: [3.0, 7.5]}}\n"
     )
     code = ("import sys; from sdfleet.jobs.cli import main; rc = main(['plan', sys.argv[1]]); "
@@ -195,10 +196,11 @@ def test_plan_estimates_gpu_hours_and_cost(tmp_path):
         spec_for(tmp_path, resources={"budget_usd": 5})
 
 
-def test_cli_plan_prints_cost(tmp_path):
+def test_cli_plan_prints_cost(tmp_path, tiny_model):
     make_input(tmp_path)
     (tmp_path / "job.yaml").write_text(
         f"input: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n"
+        f"model: {{source: {tiny_model}}}\nsafety: {{detector: none}}\n"
         "resources: {gpu_hour_usd: 4.0, budget_usd: 100}\n")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 0, out.stderr

@@ -188,6 +188,7 @@ def test_score_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
         run_score(str(tmp_path), "no-such-clip", str(tmp_path), device="cpu")
     with pytest.raises(ScoreError, match="--out"):
         run_score(str(tmp_path), "no-such-clip", None, out="../elsewhere", device="cpu")
+    (tmp_path / "nothing").mkdir()  # a folder, but no output
     assert main(["score", str(tmp_path / "nothing"), "--clip-model", "no-such-clip"]) == 1
     err = capsys.readouterr().err
     assert "sdfleet: error: " in err and "has no _job.json: it is not an sdfleet output" in err
@@ -235,7 +236,7 @@ def test_score_reads_and_writes_s3(dataset, scorers, reference, s3, tmp_path, mo
             sorted((r["key"], round(r["clip_score"], 4)) for r in local)
 
 
-def test_example_spec_plans_the_model_card_protocol(tmp_path):
+def test_example_spec_plans_the_model_card_protocol(tmp_path, tiny_model):
     """jobs/examples/sd2_model_card_eval.yaml: 10,000 captions x 8 guidance scales = 80,000 samples."""
     from sdfleet.jobs.plan import Planner
     from sdfleet.schemas.spec import load_spec
@@ -257,6 +258,9 @@ def test_example_spec_plans_the_model_card_protocol(tmp_path):
     # And as a user sees it: `sdfleet plan` prints the samples and a cost.
     from helpers import run_cli
 
-    out = run_cli("plan", str(EXAMPLE), "--set", f"input.uri={tmp_path / 'coco2017_val_10k.parquet'}")
+    # With the model and detector weights at hand, as plan checks them like run does.
+    out = run_cli("plan", str(EXAMPLE), "--set", f"input.uri={tmp_path / 'coco2017_val_10k.parquet'}",
+                  "--set", f"model.source={tiny_model}", "--set", "safety.detector=none",
+                  "--set", f"output.uri={tmp_path / 'out'}")
     assert out.returncode == 0, out.stderr
     assert "samples       80000" in out.stdout and "cost          $" in out.stdout

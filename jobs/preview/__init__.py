@@ -97,7 +97,8 @@ def run_preview(output: str, out: str | None = None, grid: str | None = None, pr
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `sdfleet preview` arguments, for the CLI to add to its subparser."""
-    p.add_argument("output", help="output folder or s3:// prefix")
+    p.add_argument("output", help="output folder or s3:// prefix, or the job's spec file (then its output.uri "
+                                  "and storage_options)")
     p.add_argument("--out", help="write here (a local file or URI) instead of OUTPUT/preview/")
     p.add_argument("--grid", metavar="x=AXIS,y=AXIS",
                    help="X/Y grid of one prompt across two varying columns, e.g. x=guidance_scale,y=seed")
@@ -110,5 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     """Run `sdfleet preview` from parsed arguments; errors are the CLI's to report."""
-    run_preview(args.output, args.out, args.grid, args.prompt_id, args.html, args.show_filtered, args.limit)
+    if args.prompt_id is not None and not args.grid:
+        raise PreviewError("--prompt-id picks the prompt of an X/Y grid; give --grid x=AXIS,y=AXIS with it")
+    run_preview(args.output, args.out, args.grid, args.prompt_id, args.html, args.show_filtered, args.limit,
+                storage_options=args.storage_options)
     return EXIT_OK

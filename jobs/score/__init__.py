@@ -89,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `sdfleet score` arguments (wire with `add_arguments(sub.add_parser("score", ...))`)."""
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("output", help="sdfleet output folder or s3:// prefix to score (scores are written into it)")
+    p.add_argument("output", help="sdfleet output folder or s3:// prefix to score (scores are written into it), "
+                                  "or the job's spec file (then its output.uri and storage_options)")
     p.add_argument("--clip-model", required=True, metavar="SRC",
                    help="CLIP checkpoint (transformers CLIPModel + CLIPProcessor, safetensors): local folder, "
                         "s3:// folder or hub id, e.g. a mirror of openai/clip-vit-large-patch14")
@@ -114,7 +115,8 @@ def command(args: argparse.Namespace) -> int:
     from sdfleet.jobs.score.run import run_score
 
     summary = run_score(args.output, args.clip_model, args.reference, out=args.out, batch_size=args.batch_size,
-                        device=args.device, fid_weights=args.fid_weights, fid_size=args.fid_size, note=args.note)
+                        device=args.device, fid_weights=args.fid_weights, fid_size=args.fid_size, note=args.note,
+                        storage_options=args.storage_options)
     print(f"scored        {summary['images_scored']} images in {summary['shards_scored']} shards"
           f"{'' if summary['dataset_complete'] else ' (dataset incomplete)'}")
     for p in summary["points"]:
