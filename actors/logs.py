@@ -7,14 +7,25 @@ headers, which hold the signature. Every record, its traceback included, is mask
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sys
+import tempfile
+import warnings
 from typing import Any
 
-# Libraries that narrate routine work at INFO ("Found credentials in environment variables"):
-# quiet unless -v.
-QUIET_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3")
+# Libraries that narrate routine work at INFO ("Found credentials in environment variables"; Keras'
+# "1/1 - 0s - 30ms/step" per scoring call goes through absl): quiet unless -v. Ray's notice that
+# token authentication is on comes with every embedded cluster.
+QUIET_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "absl", "tensorflow",
+                   "ray._private.authentication.authentication_token_setup")
+# Set before TensorFlow and transformers load (workers get them from the driver or set them at
+# start): TensorFlow's C++ start-up lines (oneDNN, "failed call to cuInit", which is not an error
+# here), transformers' advisories and progress bars of saving and loading.
+QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "3", "TRANSFORMERS_VERBOSITY": "error",
+                     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 MASK = "***"
 
@@ -69,4 +80,34 @@ def configure_logging(verbose: bool = False) -> None:
         handler.setFormatter(MaskingFormatter(FORMAT, datefmt="%H:%M:%S"))
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in QUIET_LIBRARIES:
-        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    if not verbose:
+        for key, value in QUIET_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        # tensorflow_hub (nsfw-detector's) imports pkg_resources, which warns on every import.
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
+
+@contextlib.contextmanager
+def native_start_up_quiet():
+    """Hold what native libraries write to the process's stderr while the block runs, and show it
+    only if the block fails (or under -v). TensorFlow's C++ start-up lines (oneDNN, "failed call
+    to cuInit", which is no error on a CPU worker) come before absl reads any log setting, so no
+    environment variable keeps them out of a default run."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdfleet.actors.logs import native_start_up_quiet
 from sdfleet.actors.storage import local_copy, weights_sha256
 from sdfleet.schemas.errors import SpecError, UserError
 from sdfleet.schemas.spec import SafetySpec
@@ -31,6 +32,18 @@ from sdfleet.schemas.spec import SafetySpec
 log = logging.getLogger("sdfleet")
 
 NSFW_DETECTOR_CLASSES = ("drawings", "hentai", "neutral", "porn", "sexy")
+
+
+def import_tensorflow():
+    """TensorFlow with tf-keras (nsfw-detector 1.1.1 needs Keras 2, chosen before TensorFlow loads),
+    kept off the GPU (it maps almost all GPU memory at start, which torch needs), without its native
+    start-up lines."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    with native_start_up_quiet():
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    return tf
 
 
 class UnsafeModelError(UserError):
@@ -170,13 +183,7 @@ class NsfwDetector(Detector):
     name = "nsfw-detector"
 
     def __init__(self, path: str, unsafe: list[str] | None, device: str):
-        # nsfw-detector 1.1.1 needs Keras 2 (tf-keras): this must be set before TensorFlow is imported.
-        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
-
-        # TensorFlow maps almost all GPU memory at start: keep it off the GPU so torch owns it.
-        tf.config.set_visible_devices([], "GPU")
+        tf = import_tensorflow()
         # And to this worker's share of the node's CPUs (torch's thread count), not all of them:
         # several workers per node would otherwise oversubscribe every core.
         import torch

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -52,8 +53,7 @@ def storage_error(e: BaseException, what: str, options: dict[str, Any] | None = 
         seen = seen.__cause__ or seen.__context__
     names = {type(x).__name__ for x in chain}
     text = " ".join(str(x) for x in chain)
-    endpoint = (options or {}).get("client_kwargs", {}).get("endpoint_url") or (options or {}).get(
-        "endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _endpoint(options or {})
     if "NoCredentialsError" in names or "PartialCredentialsError" in names:
         return StorageError(f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                             "(or AWS_PROFILE, or an instance role), or give key/secret in the spec's "
@@ -70,6 +70,35 @@ def storage_error(e: BaseException, what: str, options: dict[str, Any] | None = 
     if isinstance(e, FileNotFoundError):
         return StorageNotFound(f"{what}: not found ({_first_line(e)})")
     return None
+
+
+# How long a connection to a configured S3 endpoint may take before it is reported unreachable.
+# botocore retries a refused connection 10 times with backoff (about a minute of silence); a dead
+# MinIO or a wrong port should be named at once.
+ENDPOINT_CONNECT_TIMEOUT_S = 5.0
+_reachable: set[str] = set()
+
+
+def _endpoint(options: dict[str, Any]) -> str | None:
+    return (options.get("client_kwargs", {}).get("endpoint_url") or options.get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def check_endpoint_reachable(uri: str, endpoint: str | None) -> None:
+    """A StorageError naming `uri` and the endpoint when nothing answers at a configured S3 endpoint
+    (AWS's own endpoints are not probed). Checked once per endpoint and process."""
+    if not endpoint or endpoint in _reachable:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=ENDPOINT_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise StorageError(f"cannot reach {uri}: cannot connect to the S3 endpoint {endpoint} ({e.strerror or e}). "
+                           "Check AWS_ENDPOINT_URL or storage_options.endpoint_url, and that the endpoint is up") from None
+    _reachable.add(endpoint)
 
 
 def multipart_etag(part_etags: list[str]) -> str:
@@ -105,6 +134,7 @@ class Storage:
         options = dict(storage_options or {})
         if self.uri.startswith(("s3://", "s3a://")):
             options.setdefault("config_kwargs", {}).setdefault("retries", S3_RETRIES)
+            check_endpoint_reachable(self.uri, _endpoint(options))
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
@@ -171,9 +201,12 @@ class Storage:
                 else:
                     os.replace(tmp, target)
             else:
+                from sdfleet.schemas.layout import content_type  # pydantic: not on the engine's import path
+
                 # One PUT: S3 makes a single object visible whole or not at all. mode="create"
                 # sends If-None-Match: *, which S3 enforces (412 -> FileExistsError).
-                self.fs.pipe_file(self.path(name), data, mode="create" if exclusive else "overwrite")
+                self.fs.pipe_file(self.path(name), data, mode="create" if exclusive else "overwrite",
+                                  ContentType=content_type(name))
 
     def delete(self, name: str) -> None:
         with self.errors(name, "delete"):

@@ -45,10 +45,6 @@ from sdfleet.schemas.rows import RUN_COLUMNS
 
 log = logging.getLogger("sdfleet")
 
-CONTENT_TYPES = {".tar": "application/x-tar", ".parquet": "application/vnd.apache.parquet",
-                 ".json": "application/json"}
-
-
 def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
     from PIL import Image
 
@@ -156,7 +152,7 @@ class ShardCommit:
         """Stage each file, commit, then publish or discard each file: 2 x files + 1 steps."""
         # 1. Stage every file where no reader sees it.
         for final, path in self.spooled.files.items():
-            self.staged[final] = self.storage.stage(path, final, self.writer_id, _content_type(final),
+            self.staged[final] = self.storage.stage(path, final, self.writer_id, layout.content_type(final),
                                                     sha256=self.spooled.sha256[final])
             yield f"stage {final}"
         # 2. Commit: the stats file, created exclusively, records what was staged. The shard is
@@ -207,10 +203,6 @@ class ShardCommit:
         log.warning("shard %s was already committed by %s; discarded this attempt's files", self.name,
                     winner.worker_id)
         return winner
-
-
-def _content_type(name: str) -> str:
-    return CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream")
 
 
 def publish_committed(storage: Storage, stats: ShardStats) -> None:

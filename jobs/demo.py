@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
@@ -80,6 +79,5 @@ def run_demo(directory: str) -> int:
         f"  rows:    python -c \"import glob, pandas as pd; "
         f"print(pd.concat(map(pd.read_parquet, sorted(glob.glob('{out}/*.parquet')))))\"\n"
         f"  images:  tar tf {out}/00000.tar | head",
-        file=sys.stderr,
     )
     return code

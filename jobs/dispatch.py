@@ -86,7 +86,7 @@ class Dispatcher:
                     self._lose_actor(pool, slot, f"timed out after {limit}s")
                 pool.report_waiting()
                 bar.set_postfix(workers=f"{pool.ready} running, {len(pool.slots) - pool.ready} pending",
-                                quarantined=len(self.result.quarantined), refresh=False)
+                                failed_shards=len(self.result.quarantined), refresh=False)
         finally:
             bar.close()
             pool.shutdown()
@@ -184,8 +184,8 @@ class Dispatcher:
             unit="img",
             desc=self.plan.spec.name,
             disable=not self.progress,
-            file=sys.stderr,
-            mininterval=1.0 if sys.stderr.isatty() else 10.0,
+            file=sys.stdout,
+            mininterval=1.0 if sys.stdout.isatty() else 10.0,
             dynamic_ncols=True,
         )
 

@@ -92,6 +92,10 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
     axes = spec["sweep"]["axes"]
     seeds = spec["sweep"]["seeds"]
     gen = spec["generation"]
+
+    def swept(key: str) -> str:  # a swept key shows its values, not the default it overrides
+        return "/".join(str(v) for v in axes[key]) if key in axes else str(gen[key])
+
     sf = spec["safety"]
     if sf["detector"] == "none":
         safety_text = "none (no detector ran; safety columns are null)"
@@ -139,7 +143,8 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         "## Generation",
         "",
         f"- scheduler: `{spec['model']['scheduler'] or 'checkpoint default'}`, dtype {', '.join(t['dtypes']) or spec['model']['dtype']}",
-        f"- steps {gen['num_inference_steps']}, guidance {gen['guidance_scale']}, {gen['width']}x{gen['height']}",
+        f"- steps {swept('num_inference_steps')}, guidance {swept('guidance_scale')}, "
+        f"{swept('width')}x{swept('height')}",
         f"- seeds: {seed_text}",
         f"- sweep axes: {json.dumps(axes) if axes else 'none'}",
         f"- safety: {safety_text}",

@@ -123,12 +123,11 @@ _FLAG_BIAS = 12.0  # a logit margin that no random feature can overcome
 
 def write_tiny_nsfw_model(path: str | os.PathLike, flag: str = "nothing") -> pathlib.Path:
     """A Keras .h5 in nsfw-detector's contract: 224x224x3 in [0, 1] -> softmax over its 5 classes."""
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
-    import tensorflow as tf
 
-    tf.config.set_visible_devices([], "GPU")
+    from sdfleet.actors.safety import import_tensorflow
+
+    tf = import_tensorflow()
     keras = tf.keras
     keras.utils.set_random_seed(0)
     inputs = keras.Input((224, 224, 3))

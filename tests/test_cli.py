@@ -55,7 +55,7 @@ def test_plan_against_an_unreachable_endpoint_names_the_endpoint(tmp_path, promp
     t0 = time.monotonic()
     line = one_line_error(run_cli("plan", spec_file(tmp_path, prompts_on_s3), env={"AWS_ENDPOINT_URL": dead}))
     assert prompts_on_s3.rstrip("/") in line and f"cannot connect to the S3 endpoint {dead}" in line
-    print(f"\n[unreachable endpoint] reported after {time.monotonic() - t0:.1f}s")
+    assert time.monotonic() - t0 < 15  # not after botocore's minute of retries
 
 
 def test_status_of_a_folder_that_is_not_an_output(tmp_path):

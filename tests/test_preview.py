@@ -501,7 +501,10 @@ def test_previews_read_and_write_s3(dataset, s3, tmp_path):
     assert url.startswith("http") and ("Signature=" in url or "X-Amz-Signature=" in url)
     with urllib.request.urlopen(url, timeout=30) as resp:  # the presigned page needs nothing else
         page = resp.read().decode()
+        # A browser shows it rather than downloading it (S3 would serve binary/octet-stream).
+        assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
     assert page.count("<img ") == 18 and "preview-test" in page
+    assert s3.info(f"{s3.bucket}/ds/preview/contact_sheet.png")["ContentType"] == "image/png"
 
 
 # ------------------------------------------------------------------------------------ the gallery in Chromium

@@ -279,6 +279,7 @@ def test_cli_job_records_safety_provenance(tiny_detectors, tiny_model, tmp_path)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "nsfw-detector" in card and "porn 6" in card and "threshold 0.9" in card
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"00000.tar": 0, "00001.tar": 0}
+    assert "the dataset holds no image" in out.stdout  # readers refuse empty tars: the summary says so
     assert len(list((tmp_path / "out" / "quarantine").glob("*.tar"))) == 2
 
 

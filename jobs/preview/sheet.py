@@ -12,12 +12,14 @@ from sdfleet.jobs.output import OutputReader
 from sdfleet.jobs.preview.draw import BACKGROUND, INK, MUTED, ORANGE, PLACEHOLDER, RED, decode, nsfw_label, \
     scale_factor, scale_image
 from sdfleet.jobs.preview.files import encode_png, png_or_written
-from sdfleet.jobs.preview.text import Font, font, line_height, text_width, truncate, wrap
+from sdfleet.jobs.preview.text import Font, fmt_value, font, line_height, text_width, truncate, wrap
 from sdfleet.schemas.rows import STATUS_FILTERED
 
 MARGIN = 12  # around the sheet, and between tiles
 CAPTION_GAP = 6  # between an image and its caption
 TITLE_GAP = 10  # under the title
+# Sweep columns in a tile's caption, short: a 160 px tile holds about 25 characters.
+SHORT_NAMES = {"guidance_scale": "cfg", "num_inference_steps": "steps", "negative_prompt": "neg"}
 
 
 @dataclass
@@ -92,14 +94,16 @@ def contact_sheet(reader: OutputReader, out_path: str | None = None, limit: int 
     """
     tiles = _load_tiles(reader, select_sample(reader, limit, show_filtered), min_tile, max_tile)
     small, large = font(font_size), font(font_size + 4)
-    caption_h = line_height(small) * (1 + caption_lines)
+    point_columns = [*reader.job["spec"]["sweep"]["axes"], "seed"]
+    caption_h = line_height(small) * (2 + caption_lines)  # key, sweep point, prompt
     title_h = line_height(large) + TITLE_GAP if title else 0
     layout = _arrange(tiles, min_tile, caption_h, title_h)
     heading = _heading(reader, len(tiles), show_filtered)
-    empty_note = "no images to show" + ("" if show_filtered else " (filtered images are hidden; show_filtered "
+    empty_note = "no images to show" + ("" if show_filtered else " (filtered images are hidden; --show-filtered "
                                                                  "shows quarantined ones)")
     if tiles:
         width = 2 * MARGIN + layout.cols * layout.tile_w + (layout.cols - 1) * MARGIN
+        width = max(width, math.ceil(text_width(large, heading)) + 2 * MARGIN if title else 0)
         height = title_h + 2 * MARGIN + layout.rows * layout.cell_h + (layout.rows - 1) * MARGIN
     else:
         width = math.ceil(max(text_width(large, heading) if title else 0, text_width(small, empty_note))) + 2 * MARGIN
@@ -111,7 +115,7 @@ def contact_sheet(reader: OutputReader, out_path: str | None = None, limit: int 
         draw.text((MARGIN, MARGIN), truncate(heading, large, width - 2 * MARGIN), font=large, fill=INK)
     if not tiles:
         draw.text((MARGIN, title_h + MARGIN), empty_note, font=small, fill=MUTED)
-    meta_tiles = [_draw_tile(sheet, draw, tile, layout.origin(i), layout, small, caption_lines)
+    meta_tiles = [_draw_tile(sheet, draw, tile, layout.origin(i), layout, small, caption_lines, point_columns)
                   for i, tile in enumerate(tiles)]
     png = encode_png(sheet, {"kind": "contact_sheet", "show_filtered": show_filtered, "tiles": meta_tiles})
     return png_or_written(reader.storage, png, out_path)
@@ -153,7 +157,7 @@ def _heading(reader: OutputReader, shown: int, show_filtered: bool) -> str:
 
 
 def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, tile: _Tile, origin: tuple[int, int],
-               layout: _Arrangement, f: Font, caption_lines: int) -> dict[str, Any]:
+               layout: _Arrangement, f: Font, caption_lines: int, point_columns: list[str]) -> dict[str, Any]:
     """One tile: the image centred in its cell (or a placeholder), a frame if it is marked, the
     caption under it. Returns the tile's entry for the PNG's layout metadata."""
     x0, y0 = origin
@@ -176,6 +180,8 @@ def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, tile: _Tile, origi
     lh = line_height(f)
     ty = y0 + layout.img_h + CAPTION_GAP
     draw.text((x0, ty), truncate(label, f, layout.tile_w), font=f, fill=colour)
+    point = " ".join(f"{SHORT_NAMES.get(c, c)}={fmt_value(row.get(c), 19)}" for c in point_columns)
+    draw.text((x0, ty + lh), truncate(point, f, layout.tile_w), font=f, fill=MUTED)
     for j, line in enumerate(wrap(row.get("prompt") or "", f, layout.tile_w, caption_lines)):
-        draw.text((x0, ty + lh * (1 + j)), line, font=f, fill=MUTED)
+        draw.text((x0, ty + lh * (2 + j)), line, font=f, fill=MUTED)
     return {"key": row["key"], "status": row["status"], "box": box, "shown": tile.image is not None}
