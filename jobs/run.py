@@ -260,7 +260,8 @@ class JobRunner:
         active = DriverLease(self.storage, existing).active()
         if active:
             raise SpecError(f"{self.storage.url()} is being written by another driver ({active}) running a different "
-                            f"job ({'; '.join(changed) or 'other input files'}); wait for it, or write to a new output.uri")
+                            f"job ({'; '.join(changed) or 'other input files'}); wait for it, or write to a new output.uri. "
+                            f"If that driver was killed, its claim lapses {LEASE_STALE_S:.0f} s after its last refresh")
         return Verdict("replace", self.storage.url(), 0, plan.num_shards, replaced=existing, changed=changed)
 
     def _claim_output(self, plan: Plan, verdict: Verdict) -> None:
