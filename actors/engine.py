@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdfleet.actors.storage import is_remote, local_copy
-from sdfleet.schemas.errors import ModelLoadError
+from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.samples import GenerationParams
 
 if TYPE_CHECKING:  # duck-typed at run time, so bench/gpu runs where pydantic is not installed
@@ -98,7 +98,7 @@ def _check_hub_pipeline(repo: str, revision: str | None) -> None:
         if "NotFound" in kind or "Gated" in kind:
             raise ModelLoadError(f"model.source {repo}: the hub has no such model you may read ({kind}); {advice}, "
                                  "or log in with a token that may read it") from None
-        raise ModelLoadError(f"cannot reach the Hugging Face hub for {repo} ({kind}: {str(e).splitlines()[0][:120]}): "
+        raise ModelLoadError(f"cannot reach the Hugging Face hub for {repo} ({kind}: {first_line(e)[:120]}): "
                              f"{advice}, or set HF_HUB_OFFLINE=1 to use the local cache") from None
     names = [s.rfilename for s in info.siblings or []]
     if names and not any(n.endswith(".safetensors") for n in names):
@@ -160,8 +160,7 @@ class Engine:
                 **{dtype_keyword(diffusers.__version__): getattr(torch, self.dtype)},
             )
         except Exception as e:  # noqa: BLE001 -- a checkpoint that does not load never will on a retry
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ModelLoadError(f"cannot load model.source {model.source}: {type(e).__name__}: {reason}") from e
+            raise ModelLoadError(f"cannot load model.source {model.source}: {type(e).__name__}: {first_line(e)}") from e
         # Record what was loaded, not what was asked for: the rows' dtype column must say how the
         # pixels were made, and an argument the installed diffusers ignores would load float32.
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)

@@ -12,6 +12,7 @@ nor for uploads.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import os
@@ -153,12 +154,12 @@ class Generated:
     started_ts: float
     finished_ts: float
 
-    @property
+    @functools.cached_property
     def tar_images(self) -> dict[str, bytes]:
         """Encoded images for the main tar: ok ones (blacked out if so acted on)."""
         return {k: o.image for k, o in self.outcomes.items() if o.image is not None and not o.quarantined}
 
-    @property
+    @functools.cached_property
     def quarantined_images(self) -> dict[str, bytes]:
         return {k: o.image for k, o in self.outcomes.items() if o.quarantined}
 

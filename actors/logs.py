@@ -71,8 +71,8 @@ class MaskingFormatter(logging.Formatter):
 
 
 def configure_logging(verbose: bool = False) -> None:
-    """INFO (DEBUG with `verbose`) to stderr through a masking formatter; QUIET_LIBRARIES at WARNING
-    unless verbose. Idempotent: the root's existing handlers get the masking formatter too."""
+    """INFO (DEBUG with `verbose`) to stderr through a masking formatter; QUIET_LIBRARIES at ERROR
+    and QUIET_ENVIRONMENT set unless verbose. Idempotent: the root's existing handlers get the masking formatter too."""
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler())

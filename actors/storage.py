@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from sdfleet.schemas.errors import StorageDenied, StorageError, StorageNotFound
+from sdfleet.schemas.errors import StorageDenied, StorageError, StorageNotFound, first_line
 
 if TYPE_CHECKING:  # pydantic, which the engine's users on a bare GPU machine may lack, loads lazily
     from sdfleet.schemas.layout import StagedFile
@@ -60,15 +60,15 @@ def storage_error(e: BaseException, what: str, options: dict[str, Any] | None = 
                             "storage_options; for a public bucket set storage_options: {anon: true}")
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError"}:
         return StorageError(f"{what}: cannot connect to the S3 endpoint {endpoint or '(AWS default)'}. "
-                            "Check AWS_ENDPOINT_URL or storage_options.endpoint_url, and that the endpoint is up")
+                            f"{ENDPOINT_ADVICE}")
     if "NoSuchBucket" in names or "bucket does not exist" in text:
         return StorageNotFound(f"{what}: the bucket does not exist{f' at {endpoint}' if endpoint else ''}. "
                                "Check the bucket name (and the endpoint), or create the bucket")
     if isinstance(e, PermissionError) or names & {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-        return StorageDenied(f"{what}: access denied ({_first_line(e)}); check the credentials and the "
+        return StorageDenied(f"{what}: access denied ({first_line(e)}); check the credentials and the "
                              "bucket policy, or storage_options")
     if isinstance(e, FileNotFoundError):
-        return StorageNotFound(f"{what}: not found ({_first_line(e)})")
+        return StorageNotFound(f"{what}: not found ({first_line(e)})")
     return None
 
 
@@ -76,6 +76,7 @@ def storage_error(e: BaseException, what: str, options: dict[str, Any] | None = 
 # botocore retries a refused connection 10 times with backoff (about a minute of silence); a dead
 # MinIO or a wrong port should be named at once.
 ENDPOINT_CONNECT_TIMEOUT_S = 5.0
+ENDPOINT_ADVICE = "Check AWS_ENDPOINT_URL or storage_options.endpoint_url, and that the endpoint is up"
 _reachable: set[str] = set()
 
 
@@ -97,8 +98,13 @@ def check_endpoint_reachable(uri: str, endpoint: str | None) -> None:
         socket.create_connection((parts.hostname, port), timeout=ENDPOINT_CONNECT_TIMEOUT_S).close()
     except OSError as e:
         raise StorageError(f"cannot reach {uri}: cannot connect to the S3 endpoint {endpoint} ({e.strerror or e}). "
-                           "Check AWS_ENDPOINT_URL or storage_options.endpoint_url, and that the endpoint is up") from None
+                           f"{ENDPOINT_ADVICE}") from None
     _reachable.add(endpoint)
+
+
+def _no_such_upload(e: BaseException) -> bool:
+    """An upload already completed or aborted (s3fs passes botocore's NoSuchUpload through as text)."""
+    return "NoSuchUpload" in f"{type(e).__name__} {e}"
 
 
 def multipart_etag(part_etags: list[str]) -> str:
@@ -119,11 +125,6 @@ def _fsync(path: str | Path) -> None:
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 class Storage:
@@ -288,7 +289,7 @@ class Storage:
                     if done.get("ETag", "").strip('"') == multipart_etag(staged.parts):
                         return  # S3 made exactly these parts the object
                 except Exception as e:  # completed before (or aborted): what is visible decides
-                    if "NoSuchUpload" not in f"{type(e).__name__} {e}":
+                    if not _no_such_upload(e):
                         raise
         problem = self.published_problem(name, staged)
         if problem:
@@ -304,7 +305,7 @@ class Storage:
             try:
                 self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=staged.upload_id)
             except Exception as e:
-                if "NoSuchUpload" not in f"{type(e).__name__} {e}":
+                if not _no_such_upload(e):
                     raise
 
     def published_problem(self, name: str, staged: StagedFile, deep: bool = False) -> str | None:

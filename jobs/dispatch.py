@@ -21,7 +21,7 @@ from sdfleet.actors.generator import Preempted
 from sdfleet.actors.storage import Storage
 from sdfleet.jobs.pool import ActorPool, Finished, Slot
 from sdfleet.schemas import layout
-from sdfleet.schemas.errors import UserError
+from sdfleet.schemas.errors import UserError, first_line
 from sdfleet.schemas.layout import FailedShard, ShardAttemptError, ShardStats
 from sdfleet.schemas.plan import Plan
 
@@ -125,7 +125,7 @@ class Dispatcher:
             else:
                 self._start_failed(pool, finished.slot, e)
         elif isinstance(e, ray.exceptions.RayActorError):
-            self._lose_actor(pool, finished.slot, f"worker died: {_first_line(e)}")
+            self._lose_actor(pool, finished.slot, f"worker died: {first_line(e)}")
         elif isinstance(getattr(e, "cause", None), Preempted):
             # A termination notice (spot reclaim, pod eviction) is not the shard's fault.
             self._lose_actor(pool, finished.slot, f"{PREEMPTED}: {e.cause}", preempted=True)
@@ -149,7 +149,7 @@ class Dispatcher:
         log.error("a worker failed to start: %s", message.strip().splitlines()[-1] if message.strip() else e)
         if not self.any_ready and self.start_failures >= self.resources.max_attempts:
             raise WorkerStartError(f"no worker could start after {self.start_failures} tries; last error:\n{message}")
-        self._lose_actor(pool, slot, f"worker failed to start: {_first_line(e)}")
+        self._lose_actor(pool, slot, f"worker failed to start: {first_line(e)}")
 
     def _lose_actor(self, pool: ActorPool, slot: Slot, reason: str, preempted: bool = False) -> None:
         """The slot's actor is gone or hung: its running shard fails (uncounted if preempted), its
@@ -197,7 +197,3 @@ def _task_error(e: BaseException) -> str:
         return "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
     return str(e)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -13,6 +13,12 @@ EXIT_REFUSED = 1  # bad spec, input, storage or model: refused before any GPU is
 EXIT_INCOMPLETE = 2  # the job ended with shards quarantined or not started (budget); rerun to go on
 
 
+def first_line(e: BaseException) -> str:
+    """An exception in one line: its message's first line, or its type's name when it has none."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 class UserError(Exception):
     """A failure the user can fix. The message names the value and what to do."""
 

@@ -11,7 +11,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from sdfleet.actors.storage import local_copy, weights_sha256
 from sdfleet.jobs.score.sanity import looks_untrained
-from sdfleet.schemas.errors import ModelLoadError
+from sdfleet.schemas.errors import ModelLoadError, first_line
 
 
 class ClipScorer:
@@ -27,9 +27,8 @@ class ClipScorer:
             self.model = CLIPModel.from_pretrained(local, use_safetensors=True).eval().to(device)
             self.processor = CLIPProcessor.from_pretrained(local)
         except OSError as e:
-            cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelLoadError(f"--clip-model {source}: cannot load a CLIPModel and CLIPProcessor with "
-                                 f"safetensors weights from it ({cause})") from e
+                                 f"safetensors weights from it ({first_line(e)})") from e
         self.device = device
         self.info = {"source": source, "params": sum(p.numel() for p in self.model.parameters()),
                      "untrained": looks_untrained(self.model, (torch.nn.LayerNorm,)),
