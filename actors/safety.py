@@ -4,7 +4,8 @@ Each detector returns, per image, an `nsfw_score` in [0, 1] and its per-class sc
 does with a flagged image (score >= safety.threshold) is the action's business, in the generator.
 
 - nsfw-detector: GantMan's Keras models (MobileNetV2 224 or InceptionV3 299), loaded with the
-  package's own `predict.load_model` and run with its `classify_nd`. nsfw_score is the sum of the
+  package's own `predict.load_model` and run as its `classify_nd` runs them (one call per batch,
+  without the tf.data pipeline `predict()` builds each time). nsfw_score is the sum of the
   unsafe classes' probabilities (default porn + hentai + sexy; `safety.unsafe_classes` changes it).
 - clip-checker: diffusers' StableDiffusionSafetyChecker (the SD 1.x checker). Its per-concept scores
   are cosine similarity minus the concept's threshold, so > 0 means the checker flags the concept;
@@ -70,7 +71,9 @@ class Detector:
         raise NotImplementedError
 
 
-def load_detector(spec: SafetySpec, device: str) -> Detector | None:
+def load_detector(spec: SafetySpec, device: str, cpu_threads: int | None = None) -> Detector | None:
+    """cpu_threads: this worker's share of the node's CPUs, for a detector that runs on the CPU
+    (nsfw-detector); None: torch's thread count."""
     if spec.detector == "none":
         return None
     spec.check_runnable()
@@ -82,7 +85,7 @@ def load_detector(spec: SafetySpec, device: str) -> Detector | None:
                                f"not the pinned safety.model_sha256 {spec.model_sha256}; check where the weights "
                                "came from, or update the pin")
     cls = {"nsfw-detector": NsfwDetector, "clip-checker": ClipChecker, "hf-classifier": HfClassifier}[spec.detector]
-    detector = cls(path, spec.resolved_unsafe_classes(), device)
+    detector = cls(path, spec.resolved_unsafe_classes(), device, cpu_threads)
     detector.model_sha256 = sha256
     log.info("safety: %s from %s (sha256 %s)", spec.detector, spec.model, (detector.model_sha256 or "?")[:12])
     return detector
@@ -182,25 +185,24 @@ def _check_classes(detector: str, unsafe: list[str] | None, known) -> None:
 class NsfwDetector(Detector):
     name = "nsfw-detector"
 
-    def __init__(self, path: str, unsafe: list[str] | None, device: str):
+    def __init__(self, path: str, unsafe: list[str] | None, device: str, cpu_threads: int | None = None):
         tf = import_tensorflow()
-        # And to this worker's share of the node's CPUs (torch's thread count), not all of them:
-        # several workers per node would otherwise oversubscribe every core.
+        # And to this worker's share of the node's CPUs, not all of them: several workers per node
+        # would otherwise oversubscribe every core. Not torch's thread count: Ray sets
+        # OMP_NUM_THREADS=1 in a GPU actor, which would leave the detector one core of the node's share.
         import torch
 
         try:
-            tf.config.threading.set_intra_op_parallelism_threads(torch.get_num_threads())
+            tf.config.threading.set_intra_op_parallelism_threads(cpu_threads or torch.get_num_threads())
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:
             pass  # TensorFlow was already initialised in this process; its pools are fixed
         tf.get_logger().setLevel(logging.ERROR)  # "model was not compiled": inference needs no compile
         from nsfw_detector import predict
 
-        self._quiet = tf.keras.utils.disable_interactive_logging
         if not Path(path).exists():
             raise FileNotFoundError(f"safety.model {path} does not exist")
         check_keras_model(path)
-        self._predict = predict
         self.model = predict.load_model(path)
         self.size = tuple(self.model.input_shape[1:3])  # (224, 224) or (299, 299)
         self.unsafe_classes = unsafe
@@ -209,12 +211,12 @@ class NsfwDetector(Detector):
     def score(self, images: list[np.ndarray]) -> list[SafetyScore]:
         from PIL import Image
 
-        # classify_nd's predict() prints a progress bar per call unless told otherwise; Keras keeps
-        # that switch per thread, and scoring runs on the generator's post-processing thread.
-        self._quiet()
         # Nearest-neighbour resize, as the package's own image loader does, then [0, 1] floats.
         batch = np.stack([np.asarray(Image.fromarray(im).resize(self.size[::-1], Image.NEAREST)) for im in images])
-        probs = self._predict.classify_nd(self.model, batch.astype(np.float32) / 255.0)
+        # classify_nd's math (its class order is NSFW_DETECTOR_CLASSES), through predict_on_batch:
+        # predict() builds a tf.data pipeline per call, 15% more CPU per image for the same numbers.
+        preds = self.model.predict_on_batch(batch.astype(np.float32) / 255.0)
+        probs = [{c: float(v) for c, v in zip(NSFW_DETECTOR_CLASSES, row)} for row in preds]
         unsafe = self.unsafe_classes or []
         return [SafetyScore(min(1.0, sum(p[c] for c in unsafe)), p) for p in probs]
 
@@ -222,7 +224,7 @@ class NsfwDetector(Detector):
 class ClipChecker(Detector):
     name = "clip-checker"
 
-    def __init__(self, path: str, unsafe: list[str] | None, device: str):
+    def __init__(self, path: str, unsafe: list[str] | None, device: str, cpu_threads: int | None = None):
         import torch
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
@@ -259,7 +261,7 @@ class ClipChecker(Detector):
 class HfClassifier(Detector):
     name = "hf-classifier"
 
-    def __init__(self, path: str, unsafe: list[str] | None, device: str):
+    def __init__(self, path: str, unsafe: list[str] | None, device: str, cpu_threads: int | None = None):
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 

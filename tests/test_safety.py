@@ -64,6 +64,22 @@ def test_nsfw_score_sums_the_chosen_classes(tiny_detectors):
     assert only_sexy.score(random_images(1))[0].nsfw_score < 0.5  # the model is sure it is "porn"
 
 
+def test_nsfw_detector_scores_are_the_packages_own(tiny_detectors):
+    """sdfleet calls the model once per batch (predict_on_batch) instead of the package's classify_nd
+    (predict, which builds an input pipeline per call): the per-class scores must be classify_nd's."""
+    from nsfw_detector import predict
+
+    det = load_detector(SafetySpec(detector="nsfw-detector", model=tiny_detectors["nsfw-detector", "nothing"]),
+                        "cpu", cpu_threads=1)
+    images = random_images(5)
+    resized = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.NEAREST)) for im in images])
+    expected = predict.classify_nd(det.model, resized.astype(np.float32) / 255.0)
+    got = [s.scores for s in det.score(images)]
+    assert [list(g) for g in got] == [list(e) for e in expected]
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, abs=1e-6)
+
+
 def test_bad_safety_settings_are_named(tiny_detectors):
     with pytest.raises(ValueError, match="safety.unsafe_classes has 'nude'.*drawings, hentai, neutral, porn, sexy"):
         load_detector(SafetySpec(detector="nsfw-detector", unsafe_classes=["nude"],
