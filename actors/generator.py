@@ -139,6 +139,7 @@ class Outcome:
     status: str
     gen_seconds: float
     image: bytes | None = None  # encoded bytes, for the main tar or the quarantine tar
+    image_sha256: str | None = None
     quarantined: bool = False
     safety: SafetyScore | None = None
     flagged: bool | None = None
@@ -153,6 +154,7 @@ class Generated:
     turn_seconds: float  # holding the pipeline
     started_ts: float
     finished_ts: float
+    stage_seconds: Counter  # post-processing time by stage (score, encode, hash)
 
     @functools.cached_property
     def tar_images(self) -> dict[str, bytes]:
@@ -216,6 +218,10 @@ class GpuTurns:
 class ShardGenerator:
     """One per GPU. Loads the pipeline and the detector once; `run(shard_id)` makes and commits a shard."""
 
+    # What makes the images. bench/pipeline.py and bench/scale.py swap in engines with the same
+    # interface that sleep at a GPU's rate or return at once, to measure everything around them.
+    engine_class = Engine
+
     def __init__(self, plan: Plan, cpu_threads: int | None = None):
         configure_logging()
         for options in plan.spec.storage_options():
@@ -257,9 +263,9 @@ class ShardGenerator:
             cpu_threads = _node_cpu_threads(self.spec.resources.gpus_per_worker)
         # One set of parameters per sweep point: the shapes to size the batch for and to compile.
         shapes = [resolve_params(self.spec, "", None, "", point) for point in self.plan.points]
-        self.engine = Engine(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine,
-                             batch_size=self.spec.resources.batch_size, warm_up=shapes)
-        self.detector = load_detector(self.spec.safety, self.engine.device)
+        self.engine = self.engine_class(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine,
+                                        batch_size=self.spec.resources.batch_size, warm_up=shapes)
+        self.detector = load_detector(self.spec.safety, self.engine.device, cpu_threads)
 
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("termination notice (SIGTERM): abandoning the current shard at the next batch")
@@ -298,19 +304,24 @@ class ShardGenerator:
         # 1. Read this shard's rows and expand them into samples, while the shard before it may
         #    still hold the GPU.
         self._check_preempted()
+        t0 = time.perf_counter()
         samples = read_shard_samples(self.plan, shard_id)
         todo = [s for s in samples if s.params is not None]
         tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
+        read_seconds = time.perf_counter() - t0
 
         # 2. Generate once it is this shard's turn; scoring, acting and encoding run beside it.
         made = self._generate(todo, ticket)
+        made.stage_seconds["read"] += read_seconds
 
         # 3. One row per planned sample: ok, filtered or failed, with its scores.
+        t0 = time.perf_counter()
         created_at = dt.datetime.now(dt.timezone.utc)
         rows = [self._row(s, made.outcomes.get(s.key), created_at, tokens) for s in samples]
 
         # 4. Write the tar and the Parquet, then stage, commit and publish them with the stats file.
         spooled = self.writer.spool(name, rows, made.tar_images, self.schema, made.quarantined_images)
+        made.stage_seconds["write"] += time.perf_counter() - t0
         try:
             stats = self._stats(name, shard_id, attempt, clock, rows, made, spooled.sha256)
             committed = self.writer.commit(name, spooled, stats)
@@ -340,9 +351,12 @@ class ShardGenerator:
         if keys:
             futures.append(self.post.submit(self._finish_batch, keys, arrays, seconds))
         outcomes: dict[str, Outcome] = {}
+        stage_seconds: Counter = Counter()
         for f in futures:
-            outcomes.update(f.result())
-        return Generated(outcomes, gen_total, turn_seconds, started_ts, finished_ts)
+            done, seconds = f.result()
+            outcomes.update(done)
+            stage_seconds.update(seconds)
+        return Generated(outcomes, gen_total, turn_seconds, started_ts, finished_ts, stage_seconds)
 
     def _stats(self, name: str, shard_id: int, attempt: int, clock: Clock, rows: list[dict[str, Any]],
                made: Generated, sha256: dict[str, str]) -> ShardStats:
@@ -369,12 +383,17 @@ class ShardGenerator:
             started_ts=round(clock.started_ts, 3), generate_started_ts=round(made.started_ts, 3),
             generate_finished_ts=round(made.finished_ts, 3), finished_ts=round(time.time(), 3),
             tar_sha256=sha256[layout.tar_file(name)], parquet_sha256=sha256[layout.parquet_file(name)],
+            stage_seconds={k: round(v, 4) for k, v in sorted(made.stage_seconds.items())},
         )
 
-    def _finish_batch(self, keys: list[str], arrays: list, seconds: list[float]) -> dict[str, Outcome]:
-        """Score, act on and encode generated images (seconds: the pipeline's time per image)."""
+    def _finish_batch(self, keys: list[str], arrays: list,
+                      seconds: list[float]) -> tuple[dict[str, Outcome], dict[str, float]]:
+        """Score, act on, encode and hash generated images (seconds: the pipeline's time per image).
+        Returns the outcomes and the time each stage took."""
         safety, out = self.spec.safety, self.spec.output
+        t0 = time.perf_counter()
         scores = self.detector.score(arrays) if self.detector else [None] * len(arrays)
+        timing = {"score": time.perf_counter() - t0, "encode": 0.0, "hash": 0.0}
         outcomes = {}
         for key, array, score, per_image in zip(keys, arrays, scores, seconds):
             flagged = None if score is None else score.nsfw_score >= safety.threshold
@@ -385,9 +404,14 @@ class ShardGenerator:
             if flagged and safety.action == "blackout":
                 array = np.zeros_like(array)
             if o.status == STATUS_OK or o.quarantined:
+                t0 = time.perf_counter()
                 o.image = encode_image(array, out.image_format, out.quality)
+                t1 = time.perf_counter()
+                o.image_sha256 = _sha256(o.image)
+                timing["encode"] += t1 - t0
+                timing["hash"] += time.perf_counter() - t1
             outcomes[key] = o
-        return outcomes
+        return outcomes, timing
 
     def _row(self, s: Sample, o: Outcome | None, created_at, tokens: dict[str, int]) -> dict[str, Any]:
         spec, p = self.spec, s.params
@@ -403,7 +427,7 @@ class ShardGenerator:
             "model_revision": spec.model.revision,
             "dtype": self.engine.dtype,
             "image_format": spec.output.image_format,
-            "image_sha256": _sha256(o.image) if o and o.image is not None else None,
+            "image_sha256": o.image_sha256 if o else None,
             "device": self.engine.device,
             "worker_node": self.worker["node"],
             "worker_id": self.worker["actor"],

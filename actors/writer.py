@@ -151,6 +151,7 @@ class ShardCommit:
     def steps(self) -> Iterator[str]:
         """Stage each file, commit, then publish or discard each file: 2 x files + 1 steps."""
         # 1. Stage every file where no reader sees it.
+        t0 = time.perf_counter()
         for final, path in self.spooled.files.items():
             self.staged[final] = self.storage.stage(path, final, self.writer_id, layout.content_type(final),
                                                     sha256=self.spooled.sha256[final])
@@ -160,6 +161,7 @@ class ShardCommit:
         now = time.time()
         record = self.stats.model_copy(update={
             "writer_id": self.writer_id, "files": self.staged, "finished_ts": round(now, 3),
+            "stage_seconds": {**self.stats.stage_seconds, "upload": round(time.perf_counter() - t0, 4)},
             "finished_at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"),
             "wall_seconds": round(now - self.stats.started_ts, 4)})
         try:

@@ -159,6 +159,10 @@ class ShardStats(_Record):
     wall_seconds: float
     started_at: str
     finished_at: str
+    # Seconds the worker spent per stage beside the pipeline: read (prompt rows, token counts),
+    # score, encode, hash (per image), write (rows, tar and Parquet on local disk), upload (staging
+    # them on storage). Wall time of the thread doing each: where a shard's time beside the GPU goes.
+    stage_seconds: dict[str, float] = {}
     # Epoch seconds: throughput over a whole job, and the overlap of neighbouring shards.
     started_ts: float
     generate_started_ts: float
