@@ -53,9 +53,11 @@ class WorkerStartError(UserError):
 
 class Dispatcher:
     def __init__(self, plan: Plan, storage: Storage, shard_ids: list[int], *, progress: bool = True,
-                 embedded: bool = False, done_samples: int = 0, spent_gpu_seconds: float = 0.0):
+                 embedded: bool = False, done_samples: int = 0, spent_gpu_seconds: float = 0.0,
+                 worker: type | None = None):
         """shard_ids: the shards to make; done_samples and spent_gpu_seconds: what earlier runs of
-        this job already made and spent (for the progress bar and the budget)."""
+        this job already made and spent (for the progress bar and the budget); worker: the actor
+        class (default ShardGenerator)."""
         self.plan = plan
         self.resources = plan.spec.resources
         self.storage = storage
@@ -67,10 +69,11 @@ class Dispatcher:
         self.any_ready = False
         self.progress = progress
         self.done_samples = done_samples
+        self.worker = worker
 
     def run(self) -> DispatchResult:
         """Make every queued shard, or quarantine it, or stop at the budget."""
-        pool = ActorPool(self.plan, self.embedded)
+        pool = ActorPool(self.plan, self.embedded, self.worker)
         bar = self._progress_bar()
         try:
             # The pull loop: size the pool, feed ready actors, collect results, enforce timeouts.

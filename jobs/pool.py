@@ -130,16 +130,18 @@ class WorkerKind:
 
 
 class ActorPool:
-    def __init__(self, plan: Plan, embedded: bool):
+    def __init__(self, plan: Plan, embedded: bool, worker: type | None = None):
+        """worker: the actor class, ShardGenerator or a subclass (the benchmarks swap its engine)."""
         import ray
 
-        from sdfleet.actors.generator import ShardGenerator
+        if worker is None:
+            from sdfleet.actors.generator import ShardGenerator as worker
 
         self.embedded = embedded  # an embedded Ray has no autoscaler: what it has now is all there is
         self.kind = choose_worker_kind(plan, embedded)
         # The driver, not Ray, counts attempts: Ray's own restarts would retry a deterministic crash forever.
         self.actor_cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=SHARDS_PER_ACTOR,
-                                    **self.kind.placement)(ShardGenerator)
+                                    **self.kind.placement)(worker)
         self.plan_ref = ray.put(plan)
         self.slots: list[Slot] = []
         self.refs: dict[Any, tuple[Slot, Any]] = {}  # a shard's call -> its slot and task

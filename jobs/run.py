@@ -143,8 +143,12 @@ class DriverLease:
 
 
 class JobRunner:
-    def __init__(self, spec: JobSpec, address: str | None = None, progress: bool = True):
+    def __init__(self, spec: JobSpec, address: str | None = None, progress: bool = True,
+                 worker: type | None = None):
+        """worker: the actor class that makes shards; ShardGenerator unless a benchmark swaps in
+        a subclass with another engine."""
         self.spec = spec
+        self.worker = worker
         self.address = address
         self.progress = progress
         self.storage = Storage(spec.output.uri, spec.output.storage_options)
@@ -187,7 +191,7 @@ class JobRunner:
         embedded = connect_ray(self.address)
         dispatcher = Dispatcher(plan, self.storage, pending, progress=self.progress, embedded=embedded,
                                 done_samples=before.committed_samples,
-                                spent_gpu_seconds=before.totals()["gpu_seconds"])
+                                spent_gpu_seconds=before.totals()["gpu_seconds"], worker=self.worker)
         with _signals_raise():
             try:
                 result = dispatcher.run()
