@@ -239,8 +239,10 @@ class ShardGenerator:
         self.schema = plan.output_schema()
         self.metrics = _Metrics(self.spec.name)
         self.turns = GpuTurns()
-        # One thread scores and encodes for every shard of this worker: detectors are called from
-        # one thread only (Keras' predict is not safe to call concurrently on one model).
+        # One thread scores for every shard of this worker: detectors are called from one thread
+        # only (Keras' predict is not safe to call concurrently on one model). Encoding runs on a
+        # pool beside it (`_load_models`): PNG costs as much CPU as scoring and Pillow's encoders
+        # release the GIL, so one thread doing both halved the rate a worker could keep up with.
         self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfleet-post")
         # A failure no retry can change (output not writable, a model or weights that do not load
         # or are refused) is kept for `ready` to raise, so the driver stops the job at once.
@@ -266,6 +268,8 @@ class ShardGenerator:
         self.engine = self.engine_class(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine,
                                         batch_size=self.spec.resources.batch_size, warm_up=shapes)
         self.detector = load_detector(self.spec.safety, self.engine.device, cpu_threads)
+        self.encoders = ThreadPoolExecutor(max_workers=cpu_threads or os.cpu_count() or 1,
+                                           thread_name_prefix="sdfleet-encode")
 
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("termination notice (SIGTERM): abandoning the current shard at the next batch")
@@ -332,7 +336,8 @@ class ShardGenerator:
 
     def _generate(self, todo: list[Sample], ticket: int) -> Generated:
         """Generate `todo` in batches during this shard's turn on the pipeline. Each POST_BATCH images
-        are scored, acted on and encoded on the post thread while the pipeline makes the next batch."""
+        are scored and acted on on the post thread, and encoded on the encoder pool, while the
+        pipeline makes the next batch."""
         futures, keys, arrays, seconds = [], [], [], []
         gen_total = 0.0
         with self.turns.turn(ticket, self._check_preempted):
@@ -353,9 +358,13 @@ class ShardGenerator:
         outcomes: dict[str, Outcome] = {}
         stage_seconds: Counter = Counter()
         for f in futures:
-            done, seconds = f.result()
+            done, seconds, encoding = f.result()
             outcomes.update(done)
             stage_seconds.update(seconds)
+            for key, job in encoding.items():
+                o = outcomes[key]
+                o.image, o.image_sha256, seconds = job.result()
+                stage_seconds.update(seconds)
         return Generated(outcomes, gen_total, turn_seconds, started_ts, finished_ts, stage_seconds)
 
     def _stats(self, name: str, shard_id: int, attempt: int, clock: Clock, rows: list[dict[str, Any]],
@@ -386,15 +395,15 @@ class ShardGenerator:
             stage_seconds={k: round(v, 4) for k, v in sorted(made.stage_seconds.items())},
         )
 
-    def _finish_batch(self, keys: list[str], arrays: list,
-                      seconds: list[float]) -> tuple[dict[str, Outcome], dict[str, float]]:
-        """Score, act on, encode and hash generated images (seconds: the pipeline's time per image).
-        Returns the outcomes and the time each stage took."""
+    def _finish_batch(self, keys: list[str], arrays: list, seconds: list[float]):
+        """Score and act on generated images (seconds: the pipeline's time per image), and hand the
+        images to keep to the encoder pool. Returns the outcomes, the scoring time, and the
+        encoding of each image to keep: key -> future of (bytes, sha256, seconds per stage)."""
         safety, out = self.spec.safety, self.spec.output
         t0 = time.perf_counter()
         scores = self.detector.score(arrays) if self.detector else [None] * len(arrays)
-        timing = {"score": time.perf_counter() - t0, "encode": 0.0, "hash": 0.0}
-        outcomes = {}
+        timing = {"score": time.perf_counter() - t0}
+        outcomes, encoding = {}, {}
         for key, array, score, per_image in zip(keys, arrays, scores, seconds):
             flagged = None if score is None else score.nsfw_score >= safety.threshold
             o = Outcome(STATUS_OK, per_image, safety=score, flagged=flagged)
@@ -404,14 +413,9 @@ class ShardGenerator:
             if flagged and safety.action == "blackout":
                 array = np.zeros_like(array)
             if o.status == STATUS_OK or o.quarantined:
-                t0 = time.perf_counter()
-                o.image = encode_image(array, out.image_format, out.quality)
-                t1 = time.perf_counter()
-                o.image_sha256 = _sha256(o.image)
-                timing["encode"] += t1 - t0
-                timing["hash"] += time.perf_counter() - t1
+                encoding[key] = self.encoders.submit(_encode, array, out.image_format, out.quality)
             outcomes[key] = o
-        return outcomes, timing
+        return outcomes, timing, encoding
 
     def _row(self, s: Sample, o: Outcome | None, created_at, tokens: dict[str, int]) -> dict[str, Any]:
         spec, p = self.spec, s.params
@@ -522,8 +526,13 @@ def _node_cpu_threads(gpus_per_worker: float) -> int | None:
     return max(1, int(cpus // max(1, per_node)))
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _encode(array: np.ndarray, image_format: str, quality: int) -> tuple[bytes, str, dict[str, float]]:
+    """One image's bytes, their sha256, and the seconds each took."""
+    t0 = time.perf_counter()
+    data = encode_image(array, image_format, quality)
+    t1 = time.perf_counter()
+    digest = hashlib.sha256(data).hexdigest()
+    return data, digest, {"encode": t1 - t0, "hash": time.perf_counter() - t1}
 
 
 def _now() -> str:

@@ -1,6 +1,6 @@
 """The whole job at GPU rates: does anything but the GPU limit a worker?
 
-    .venv/bin/python bench/pipeline.py [--rates 6 11.9 23.1 35 50] [--png-rates 11.9] [--seconds 30]
+    .venv/bin/python bench/pipeline.py [--rates 6 11.9 23.1 35 50 60] [--png-rates 11.9 23.1 35] [--seconds 30]
 
 An H100 at the FLOP limit makes 11.9 SD2-base images/s at 512² and 50 steps (83 TFLOP each), 23.1
 at 25 steps. Here a synthetic engine (bench/synthetic.py: the real engine's interface and batching,
@@ -197,21 +197,32 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
     storage = Storage(out)
     stats = sorted((ShardStats.model_validate(storage.read_json(name)) for name in storage.list(layout.STATS_GLOB)),
                    key=lambda s: s.finished_ts)
-    # Steady state: from the second shard's commit to the last one's, so that the first shard's
-    # warm-up (the detector's first call builds its graph) and one tail each side cancel out.
+    # Steady state, as the GPU sees it: the images of the third shard on, over the span from the
+    # second shard's end of generation (the hand-over to the third) to the last shard's. A gap in
+    # that span is the GPU waiting: for a shard not yet fed because the shard two ahead of it has
+    # not committed, or for the pipeline turn. The first two shards are warm-up (the detector's
+    # first calls build its graph; the post thread starts behind).
     first, last = stats[1], stats[-1]
+    if args.timeline:
+        t0 = stats[0].generate_started_ts
+        for s in stats:
+            print(f"  {s.shard}: gen {s.generate_started_ts - t0:7.2f} -> {s.generate_finished_ts - t0:7.2f}  "
+                  f"commit {s.finished_ts - t0:7.2f}  stages {s.stage_seconds}")
     made = sum(s.ok + s.filtered for s in stats[2:])
-    achieved = made / (last.finished_ts - first.finished_ts)
-    # The stand-in GPU's busy share over the same shards: their pipeline time over the span from
-    # the hand-over to the third shard to the end of the last shard's generation.
-    busy = sum(s.gen_seconds for s in stats[2:]) / (last.generate_finished_ts - first.generate_finished_ts)
+    window = last.generate_finished_ts - first.generate_finished_ts
+    achieved = made / window
+    busy = sum(s.gen_seconds for s in stats[2:]) / window
+    # How long a shard's scoring, encoding and upload outlast its generation, over its generation
+    # time: at 1 or more, the next shard but one is fed too late and the GPU waits.
+    lag = [(s.finished_ts - s.generate_finished_ts) / (s.generate_finished_ts - s.generate_started_ts)
+           for s in stats[1:]]
     # The worker's own CPU over the steady window, from its engine's log.
     (log_file,) = cpu_log.glob("cpu-*.jsonl")
     entries = [json.loads(line) for line in log_file.read_text().splitlines()]
-    inside = [e for e in entries if first.finished_ts <= e["ts"] <= last.generate_finished_ts] or entries
+    inside = [e for e in entries if first.generate_finished_ts <= e["ts"] <= last.generate_finished_ts] or entries
     worker_cpu = (inside[-1]["cpu"] - inside[0]["cpu"]) / max(1, inside[-1]["images"] - inside[0]["images"])
     worker_pid = int(log_file.stem.split("-")[1])
-    driver, ray_cpu, moto = SAMPLER.between(first.finished_ts, last.finished_ts, worker_pid)
+    driver, ray_cpu, moto = SAMPLER.between(first.generate_finished_ts, last.generate_finished_ts, worker_pid)
     stage_totals: dict[str, float] = {}
     for s in stats[1:]:
         for k, v in s.stage_seconds.items():
@@ -219,6 +230,7 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
     return {
         "format": fmt, "rate": rate, "images": n, "shards": len(stats), "samples_per_shard": per_shard,
         "achieved": round(achieved, 3), "ratio": round(achieved / rate, 4), "gpu_busy": round(busy, 4),
+        "commit_lag": round(sum(lag) / len(lag), 3),
         "cpu_s_per_image": {"worker": round(worker_cpu, 5), "driver": round(driver / made, 5),
                             "ray": round(ray_cpu / made, 5), "moto": round(moto / made, 5)},
         "worker_thread_s_per_image": {k: round(v / made, 5) for k, v in sorted(stage_totals.items())},
@@ -231,13 +243,14 @@ SAMPLER: CpuSampler
 def main() -> None:
     global SAMPLER
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rates", type=float, nargs="+", default=[6, 11.9, 23.1, 35, 50],
+    parser.add_argument("--rates", type=float, nargs="+", default=[6, 11.9, 23.1, 35, 50, 60],
                         help="stand-in GPU rates (images/s) for JPEG jobs")
-    parser.add_argument("--png-rates", type=float, nargs="*", default=[11.9])
+    parser.add_argument("--png-rates", type=float, nargs="*", default=[11.9, 23.1, 35])
     parser.add_argument("--seconds", type=float, default=30, help="generation time per job at its rate")
     parser.add_argument("--shards", type=int, default=6, help="shards per job (at least 3: two are warm-up)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16, help="images per pipeline call")
+    parser.add_argument("--timeline", action="store_true", help="print each shard's generate and commit times")
     parser.add_argument("--tiny-detector", action="store_true", help="the tiny nsfw model (tests only)")
     parser.add_argument("--work", help="working folder (default: a temp dir)")
     parser.add_argument("--measure-stages", nargs=3, metavar=("DETECTOR", "BUCKET", "THREADS"), help=argparse.SUPPRESS)
@@ -286,7 +299,7 @@ def main() -> None:
                     r = run_job(args, work, s3, model, detector, fmt, rate)
                     results[f"{fmt} {rate:g}"] = r
                     print(f"{fmt:4} {rate:6.1f} img/s: achieved {r['achieved']:6.2f}  ratio {r['ratio']:.3f}  "
-                          f"GPU busy {r['gpu_busy']:.3f}  CPU s/img {r['cpu_s_per_image']}", flush=True)
+                          f"commit lag {r['commit_lag']:.2f}  CPU s/img {r['cpu_s_per_image']}", flush=True)
         finally:
             SAMPLER.close()
             ray.shutdown()
@@ -304,10 +317,12 @@ def main() -> None:
 
     print(f"\nstage CPU-seconds per image, each alone (nsfw-detector on {threads} threads, 512² photos): "
           + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in stages.items()))
-    print(f"{'format':6} {'rate':>6} {'achieved':>9} {'ratio':>6} {'GPU busy':>8}  CPU ms/img: worker driver ray moto")
+    print(f"{'format':6} {'rate':>6} {'achieved':>9} {'ratio':>6} {'GPU busy':>8} {'lag':>5}  "
+          "CPU ms/img: worker driver ray moto")
     for r in results.values():
         c = r["cpu_s_per_image"]
-        print(f"{r['format']:6} {r['rate']:6.1f} {r['achieved']:9.2f} {r['ratio']:6.3f} {r['gpu_busy']:8.3f}  "
+        print(f"{r['format']:6} {r['rate']:6.1f} {r['achieved']:9.2f} {r['ratio']:6.3f} {r['gpu_busy']:8.3f} "
+              f"{r['commit_lag']:5.2f}  "
               f"{1000 * c['worker']:7.1f} {1000 * c['driver']:6.1f} {1000 * c['ray']:4.1f} {1000 * c['moto']:5.1f}")
     at_target = next((r for r in jpeg if r["rate"] == 11.9), None)
     if at_target:
@@ -315,7 +330,7 @@ def main() -> None:
               f"{'met' if at_target['ratio'] >= TARGET_RATIO else 'MISSED'} ({at_target['ratio']:.3f})")
     print(f"knee: ratio >= {TARGET_RATIO} up to {knee['last_rate_at_target']} img/s; first below: "
           f"{knee['first_rate_below']}; CPUs would saturate near {knee['cpu_bound_rate']} img/s")
-    print(json.dumps({"rates": {k: {x: r[x] for x in ("achieved", "ratio", "gpu_busy", "cpu_s_per_image",
+    print(json.dumps({"rates": {k: {x: r[x] for x in ("achieved", "ratio", "gpu_busy", "commit_lag", "cpu_s_per_image",
                                                          "worker_thread_s_per_image", "images", "shards")}
                                 for k, r in results.items()},
                       "stage_cpu_s_per_image": stages, "knee": knee, "cores": threads}))

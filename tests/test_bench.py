@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (their figures are printed, never asserted as speeds)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -38,3 +39,22 @@ def test_plan_bench_runs_at_small_scale():
     out = bench("bench/plan.py", "--rows", "20000", "--files", "2")
     assert re.search(r"planned 20,000 prompts -> 160,000 samples in 16 shards", out)
     assert "target: under 60 s -> met" in out
+
+
+def last_json(out: str) -> dict:
+    """Each bench's last printed line is one JSON object of its figures."""
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_pipeline_bench_runs_a_whole_job_at_a_synthetic_rate():
+    out = bench("bench/pipeline.py", "--rates", "40", "--png-rates", "20", "--seconds", "1.5", "--shards", "3",
+                "--size", "64", "--batch", "4", "--tiny-detector")
+    figures = last_json(out)
+    assert set(figures["rates"]) == {"jpeg 40", "png 20"}
+    for r in figures["rates"].values():
+        assert r["shards"] == 3 and r["images"] > 0 and r["achieved"] > 0 and r["ratio"] > 0
+        assert set(r["cpu_s_per_image"]) == {"worker", "driver", "ray", "moto"}
+        assert {"score", "encode", "hash", "write", "upload", "read"} <= set(r["worker_thread_s_per_image"])
+    assert {"score", "encode_jpeg", "encode_png", "hash", "write", "upload"} == set(figures["stage_cpu_s_per_image"])
+    assert set(figures["knee"]) == {"last_rate_at_target", "first_rate_below", "cpu_bound_rate"}
