@@ -40,6 +40,10 @@ AUTO_BATCH_MEMORY_SHARE = 0.8
 AUTO_BATCH_CAP = 64
 # batch_size "auto" without a GPU: there is no memory to fill and CPU throughput is flat in batch size.
 CPU_AUTO_BATCH = 8
+# No CUDA graphs: batch shapes change between sweep points and at a shard's last batch. Those
+# partial batches are served by one graph with a dynamic batch dimension, which the warm-up makes
+# (torch compiles a dynamic graph at the second batch size it sees).
+COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
@@ -190,6 +194,10 @@ class Engine:
             options = EngineSpec()
         self.options = options
         self.applied = self._speed_up(options)
+        # What the compile warm-up took, and whether engine.compile_cache spared it ("hit"),
+        # will keep it for later workers ("miss"), or was not asked ("off"); None: no compile.
+        self.warm_up_seconds: float | None = None
+        self.compile_cache: str | None = None
 
         # 5. The batch size, measured in eager mode (compiling a probe shape would be wasted).
         self.batch_size = self._fit_batch_size(warm_up) if batch_size == "auto" else int(batch_size)
@@ -222,23 +230,37 @@ class Engine:
     def _compile(self) -> None:
         import torch
 
-        # No CUDA graphs: batch shapes change between sweep points and at a shard's last batch.
-        # Those partial batches are served by one graph with a dynamic batch dimension, which
-        # _warm_up makes (torch compiles a dynamic graph at the second batch size it sees).
-        self.pipe.unet = torch.compile(self.pipe.unet, mode="max-autotune-no-cudagraphs")
-        self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode="max-autotune-no-cudagraphs")
+        self.pipe.unet = torch.compile(self.pipe.unet, mode=COMPILE_MODE)
+        self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode=COMPILE_MODE)
         self.applied.append("compile")
 
     def _compile_and_warm_up(self, params: Sequence[GenerationParams], options) -> None:
-        """With compile `auto`, a compiler that fails (no C compiler in the image, a GPU the
+        """Compile and warm up every shape, loading what an earlier worker compiled for the same
+        graphs from `engine.compile_cache` (then nothing is compiled) or saving it there.
+
+        With compile `auto`, a compiler that fails (no C compiler in the image, a GPU the
         compiler does not support) leaves the engine eager instead of failing every worker."""
         import torch
 
+        from sdfleet.actors.compile_cache import OFF, CompileCache
+
+        t0 = time.perf_counter()
+        location = getattr(options, "compile_cache", OFF)
+        cache, self.compile_cache = None, OFF
+        if location != OFF:
+            cache = CompileCache(location)
+            self.compile_cache = "hit" if cache.load(self._compile_cache_key(params)) else "miss"
         eager = self.pipe.unet, self.pipe.vae.decode
         self._compile()
         while True:
             try:
                 self._warm_up(params)
+                self.warm_up_seconds = time.perf_counter() - t0
+                log.info("compile warm-up took %.1fs (engine.compile_cache %s: %s)", self.warm_up_seconds,
+                         location, self.compile_cache)
+                if cache is not None and self.compile_cache == "miss":
+                    # The key of what was compiled: an OOM above may have halved the batch.
+                    cache.save(self._compile_cache_key(params))
                 return
             except torch.OutOfMemoryError:
                 # Compiled kernels and autotuning take memory that the eager probe did not see.
@@ -263,13 +285,41 @@ class Engine:
                 self.applied.remove("compile")
                 return
 
-    def _warm_up(self, params: Sequence[GenerationParams]) -> None:
-        """Run every (size, CFG on/off) shape of the sweep at the full batch, a partial batch and
-        batch 1 (which torch always specializes), two steps each, so shards never compile."""
+    def _warm_up_shapes(self, params: Sequence[GenerationParams]) -> tuple[dict[tuple, GenerationParams], list[int]]:
+        """The (width, height, CFG on/off) shapes of the sweep, and the batch sizes each is run at:
+        the full batch, a partial batch and batch 1 (which torch always specializes)."""
+        shapes = {(p.width, p.height, p.guidance_scale > 1): p for p in params}
+        return shapes, sorted({self.batch_size, max(1, self.batch_size // 2), 1}, reverse=True)
+
+    def _compile_cache_key(self, params: Sequence[GenerationParams]) -> str:
+        """A key of everything that changes the compiled graphs (see sdfleet.actors.compile_cache)."""
+        import platform
+
+        import diffusers
         import torch
 
-        shapes = {(p.width, p.height, p.guidance_scale > 1): p for p in params}
-        sizes = sorted({self.batch_size, max(1, self.batch_size // 2), 1}, reverse=True)
+        from sdfleet.actors.compile_cache import cache_key
+
+        if self.device.startswith("cuda"):
+            device = {"name": torch.cuda.get_device_name(self.device),
+                      "capability": torch.cuda.get_device_capability(self.device), "cuda": torch.version.cuda}
+        else:  # Inductor's CPU code is built for the host's vector instructions
+            device = {"name": platform.machine(), "capability": torch.backends.cpu.get_cpu_capability()}
+        shapes, sizes = self._warm_up_shapes(params)
+        return cache_key({
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "device": device, "dtype": self.dtype, "unet": dict(self.pipe.unet.config),
+            "vae": dict(self.pipe.vae.config),
+            "options": {"channels_last": self.options.channels_last, "fuse_qkv": self.options.fuse_qkv,
+                        "mode": COMPILE_MODE},
+            "shapes": sorted(shapes), "batch_sizes": sizes,
+        })
+
+    def _warm_up(self, params: Sequence[GenerationParams]) -> None:
+        """Run every shape of the sweep at each warm-up batch size, two steps each, so shards never compile."""
+        import torch
+
+        shapes, sizes = self._warm_up_shapes(params)
         # Each shape costs up to three graphs per compiled function; torch's default limit is 8.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(shapes) + 4)
         t0 = time.perf_counter()

@@ -6,7 +6,9 @@
 Needs torch, transformers and diffusers only (no pydantic, ray or tensorflow), so on a GPU machine
 that has torch and transformers it runs with just the diffusers wheel carried. The engine is built
 as a worker builds it: batch size "auto" measured on the GPU, then torch.compile's warm-up of the
-shapes it will see (its time is printed). For each steps x batch it times plain
+shapes it will see (its time is printed; with compile on, a second engine in a fresh process then
+loads the compiled graphs from engine.compile_cache, as an autoscaled worker would, and its
+warm-up is printed too). For each steps x batch it times plain
 `StableDiffusionPipeline.__call__` and `actors.engine.Engine.generate` on the same prompts and
 seeds (after one untimed call each), and prints images/s, the ratio, MFU against the FLOPs of one
 image (83 TFLOP at 50 steps, 512x512 with CFG) and the largest pixel difference between the two.
@@ -15,6 +17,9 @@ image (83 TFLOP at 50 steps, 512x512 with CFG) and the largest pixel difference 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +57,9 @@ def main() -> None:
     parser.add_argument("--size", type=int)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--model", help="an existing diffusers folder (skips building one)")
+    parser.add_argument("--compile-cache", help="engine.compile_cache for both engines (default: a new folder)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="build the engine, print its warm-up as JSON and stop (the second engine's process)")
     args = parser.parse_args()
     steps = args.steps or ([2] if args.tiny else [50, 25])
     batches = args.batches or (["1", "2"] if args.tiny else ["1", "8", "16", "32", "auto"])
@@ -83,25 +91,46 @@ def main() -> None:
         print(f"built {folder} in {time.perf_counter() - t0:.0f}s", flush=True)
 
     # 2. Plain diffusers, as a user would call it.
-    plain = StableDiffusionPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), use_safetensors=True)
-    plain.scheduler = EulerDiscreteScheduler.from_config(plain.scheduler.config)
-    plain = plain.to(device)
-    plain.set_progress_bar_config(disable=True)
+    if not args.engine_only:
+        plain = StableDiffusionPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), use_safetensors=True)
+        plain.scheduler = EulerDiscreteScheduler.from_config(plain.scheduler.config)
+        plain = plain.to(device)
+        plain.set_progress_bar_config(disable=True)
 
     # 3. The sdfleet engine as a worker builds it: speed-ups, batch size, compile warm-up
     #    (duck-typed options: no pydantic needed).
     model = SimpleNamespace(source=str(folder), revision=None, dtype=dtype, scheduler="EulerDiscreteScheduler",
                             scheduler_config={}, storage_options={})
-    options = SimpleNamespace(channels_last=True, fuse_qkv=True, compile=args.compile, uint8_on_device=True)
+    compile_cache = args.compile_cache or str(folder.parent / "compile-cache")
+    options = SimpleNamespace(channels_last=True, fuse_qkv=True, compile=args.compile, uint8_on_device=True,
+                              compile_cache=compile_cache)
     shape = GenerationParams("", "", 0, steps[0], 7.5, size, size, None)
     requested = "auto" if "auto" in batches else max(int(b) for b in batches)
     t0 = time.perf_counter()
     engine = Engine(model, device=device, options=options, batch_size=requested, warm_up=[shape])
     ready = time.perf_counter() - t0
+    if args.engine_only:
+        print(json.dumps({"ready_s": ready, "warm_up_s": engine.warm_up_seconds, "compile_cache": engine.compile_cache,
+                          "batch_size": engine.batch_size}))
+        return
     batches = sorted({engine.batch_size if b == "auto" else int(b) for b in batches})
 
     print(f"device: {name}; {dtype}; {size}x{size}; engine speed-ups: {', '.join(engine.applied)}")
-    print(f"engine ready in {ready:.0f}s (load, batch size {requested} -> {engine.batch_size}, compile warm-up)")
+    print(f"engine ready in {ready:.0f}s (load, batch size {requested} -> {engine.batch_size}, compile warm-up "
+          f"{engine.warm_up_seconds or 0:.0f}s, compile cache {engine.compile_cache or 'not used'})")
+    if engine.compile_cache == "miss":
+        # What an autoscaled worker pays: a fresh process, an empty Inductor cache, this cache.
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
+        cmd = [sys.executable, __file__, "--engine-only", "--model", str(folder), "--compile-cache", compile_cache,
+               "--compile", args.compile, "--size", str(size), "--steps", str(steps[0]),
+               "--batches", str(engine.batch_size)]  # the same batch, so the same graphs and key
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if second.returncode == 0:
+            r = json.loads(second.stdout.strip().splitlines()[-1])
+            print(f"second engine (fresh process, compile cache {r['compile_cache']}): ready in {r['ready_s']:.0f}s, "
+                  f"compile warm-up {r['warm_up_s'] or 0:.0f}s", flush=True)
+        else:
+            print(f"second engine failed: {second.stderr[-2000:]}", flush=True)
     print(f"{'steps':>5} {'batch':>5} {'plain img/s':>11} {'sdfleet img/s':>13} {'ratio':>6} {'MFU plain':>9} "
           f"{'MFU sdfleet':>11} {'max diff':>8} {'warm-up s':>9}")
     for n_steps in steps:

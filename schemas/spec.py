@@ -259,6 +259,17 @@ class EngineSpec(_Section):
     compile: Literal["auto", "on", "off"] = "auto"
     # Convert images to uint8 on the device and copy a quarter of the bytes to the host.
     uint8_on_device: bool = True
+    # Where compiled graphs are saved for the next worker that compiles the same ones, which then
+    # compiles nothing: "node" (the node-local cache), "off", or a folder or s3:// prefix shared by
+    # a fleet. It holds compiled code: share it only where nothing but your jobs may write.
+    compile_cache: str = "node"
+
+    @field_validator("compile_cache")
+    @classmethod
+    def _compile_cache(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("engine.compile_cache is empty; use node, off, a folder or an s3:// prefix")
+        return v
 
 
 # The sections that reach storage, each with its own storage_options.
@@ -311,6 +322,7 @@ _OPERATIONAL_PREFIXES = (
     "model.storage_options",
     "safety.storage_options",
     "safety.model_sha256",  # a guard on the weights; their hash is recorded per row either way
+    "engine.compile_cache",  # where compiled graphs are kept, not how images are made
 )
 
 
