@@ -214,3 +214,30 @@ def test_duplicate_ids_across_files_point_at_the_first(tmp_path):
     # Later rows of a repeated id map to its first row; null ids are not ids (they get "<file>:<row>").
     assert plan.duplicate_rows == {2: 0, 4: 1}
     assert plan.locate(4) == "b.parquet:0"
+
+
+def test_ids_whose_hashes_collide_are_told_apart_by_their_text(tmp_path, monkeypatch):
+    """Pass 1 only finds hashes that repeat; pass 2 compares the ids, so a collision is no repeat."""
+    import numpy as np
+
+    import sdfleet.jobs.plan as planning
+
+    write_prompts(tmp_path / "in" / "a.parquet", ["p"] * 5, ["x", "y", "x", None, None], row_group_size=2,
+                  lang=["en"] * 5)
+    write_prompts(tmp_path / "in" / "b.parquet", ["p"] * 3, ["7", "8", "7"], row_group_size=2, lang=["en"] * 3)
+    monkeypatch.setattr(planning, "id_hashes", lambda ids, row: np.zeros(len(ids), dtype=np.uint64))
+    monkeypatch.setattr(planning, "ID_BATCH_ROWS", 2)  # batches that split files
+    plan = Planner(spec_for(tmp_path)).plan()
+    assert plan.duplicate_rows == {2: 0, 7: 5}
+
+
+def test_id_hashes_are_equal_for_equal_ids_only_and_do_not_depend_on_the_batch():
+    import pyarrow as pa
+
+    from sdfleet.jobs.plan import id_hashes
+
+    ids = pa.array(["coco-1", "coco-2", "coco-1", None, None, "", "", "ab", "ba", "a" * 300])
+    h = id_hashes(ids, 0).tolist()
+    assert h[0] == h[2] and h[5] == h[6]
+    assert len({h[0], h[1], h[3], h[4], h[5], h[7], h[8], h[9]}) == 8  # nulls never repeat each other
+    assert id_hashes(ids.slice(7, 3), 7).tolist() == h[7:]
