@@ -33,6 +33,10 @@ log = logging.getLogger("sdfleet")
 # parts: 64 MiB parts allow 640 GB files, and a 1,000-image JPEG shard (~100 MB) is two parts.
 STAGE_PART_BYTES = 64 << 20
 
+# What `read_many(tails=...)` reads of each file: a Parquet footer of a 10,000-row shard with its
+# column statistics is a few tens of KB; a larger one is read again whole by the caller.
+TAIL_BYTES = 256 << 10
+
 # botocore's "standard" mode retries throttling and 500/502/503/504 with capped exponential backoff
 # and jitter. Ten attempts ride out a minute-long S3 brown-out; 403 and 404 are never retried, so a
 # wrong bucket or missing permission fails at once.
@@ -162,6 +166,34 @@ class Storage:
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
+
+    def read_many(self, names: list[str], tails: dict[str, int] | None = None) -> dict[str, bytes | Exception]:
+        """Several files' bytes at once: from an object store concurrently (one GET each, many in
+        flight), from a local folder in turn. A file that cannot be read maps to its error, so one
+        bad file is reported by name. tails: name -> file size; read only the last TAIL_BYTES of
+        each (a Parquet footer), from its size as listed."""
+        if not names:
+            return {}
+        ranges = {n: (max(0, tails[n] - TAIL_BYTES), tails[n]) for n in names} if tails is not None else {}
+        if self.local:
+            out: dict[str, bytes | Exception] = {}
+            for n in names:
+                try:
+                    with open(self.path(n), "rb") as f:
+                        if ranges:
+                            f.seek(ranges[n][0])
+                        out[n] = f.read()
+                except OSError as e:
+                    out[n] = e
+            return out
+        paths = [self.path(n) for n in names]
+        with self.errors("", "read"):
+            if ranges:
+                found = self.fs.cat_ranges(paths, [ranges[n][0] for n in names], [ranges[n][1] for n in names],
+                                           on_error="return")
+                return dict(zip(names, found))
+            found = self.fs.cat(paths, on_error="return")
+        return {n: found.get(p, FileNotFoundError(p)) for n, p in zip(names, paths)}
 
     def list(self, pattern: str) -> list[str]:
         """Names (relative to this folder) matching a glob, sorted."""

@@ -36,8 +36,9 @@ class Finalizer:
                                    "to make them again")
 
     def _check_rows(self, s: Survey) -> None:
+        rows = self.reader.parquet_rows(sorted(s.committed))
         for name, stats in s.committed.items():
-            n = self.reader.parquet_rows(name)
+            n = rows[name]
             if n != stats.samples:
                 raise IncompleteOutput(f"{self.storage.url(layout.parquet_file(name))} has {n} rows but its "
                                        f"stats say {stats.samples}")

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
@@ -41,6 +42,7 @@ class Survey:
     committed: dict[str, ShardStats] = field(default_factory=dict)  # shard name -> its stats
     quarantined: dict[str, FailedShard] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
+    listing: dict[str, int] = field(default_factory=dict)  # every file of the output -> its size, when surveyed
 
     @property
     def committed_samples(self) -> int:
@@ -101,46 +103,58 @@ class OutputReader:
         return str(self.job["spec"].get("name") or self.storage.url().rstrip("/").rsplit("/", 1)[-1])
 
     def survey(self, refresh: bool = False) -> Survey:
-        """Classify every planned shard. Reads the stats and failed records only, never the data."""
+        """Classify every planned shard. Lists the output once and reads the stats and failed
+        records only, never the data, many at a time on an object store: 10,000 shards on S3 are
+        10 listing pages and 10,000 GETs in flight 1,000 at a time (bench/scale.py)."""
         if self._survey is not None and not refresh:
             return self._survey
         job = self.job
         names = [shard_name(i, job["key_width"]) for i in range(job["num_shards"])]
-        stats_files = set(self.storage.list(layout.STATS_GLOB))
-        failed_files = set(self.storage.list(layout.FAILED_GLOB))
-        out = Survey(num_shards=job["num_shards"], num_samples=job["num_samples"])
+        listing = self.storage.listing()
+        out = Survey(num_shards=job["num_shards"], num_samples=job["num_samples"], listing=listing)
+        stats = self._records(ShardStats, [layout.stats_file(n) for n in names if layout.stats_file(n) in listing])
+        failed = self._records(FailedShard, [layout.failed_file(n) for n in names
+                                             if layout.failed_file(n) in listing])
         for name in names:
-            if layout.stats_file(name) in stats_files:
-                stats = self._record(ShardStats, layout.stats_file(name))
-                if stats.fingerprint == job["fingerprint"]:
-                    out.committed[name] = stats
-                    continue
-            failed = self._record(FailedShard, layout.failed_file(name)) if layout.failed_file(name) in failed_files \
-                else None
-            if failed is not None and failed.fingerprint == job["fingerprint"]:  # not a replaced job's
-                out.quarantined[name] = failed
+            record = stats.get(layout.stats_file(name))
+            if record is not None and record.fingerprint == job["fingerprint"]:
+                out.committed[name] = record
+                continue
+            record = failed.get(layout.failed_file(name))
+            if record is not None and record.fingerprint == job["fingerprint"]:  # not a replaced job's
+                out.quarantined[name] = record
             else:
                 out.pending.append(name)
         self._survey = out
         return out
 
-    def _record(self, model, name: str):
-        try:
-            return model.model_validate(self.storage.read_json(name))
-        except (ValueError, ValidationError) as e:
-            raise StorageError(f"{self.storage.url(name)} is not a valid {model.__name__} record ({e}); "
-                               "it was not written by this version of sdfleet") from None
+    def _records(self, model, names: list[str]) -> dict:
+        """name -> the record (a ShardStats or FailedShard) each file holds."""
+        out = {}
+        for name, data in self.storage.read_many(names).items():
+            if isinstance(data, FileNotFoundError):
+                continue  # withdrawn since the listing: the shard is not committed
+            if isinstance(data, Exception):
+                with self.storage.errors(name, "read"):
+                    raise data
+            try:
+                out[name] = model.model_validate_json(data)
+            except (ValueError, ValidationError) as e:
+                raise StorageError(f"{self.storage.url(name)} is not a valid {model.__name__} record ({e}); "
+                                   "it was not written by this version of sdfleet") from None
+        return out
 
     def verify(self, deep: bool = False) -> dict[str, list[str]]:
         """What differs, per committed shard, between its files on storage and its stats; empty when
         all is well. A commit whose writer died before publishing its files is published first
-        (that is how such a crash is rolled forward). Checks sizes from one
-        listing of the output; deep=True also reads every file and compares its sha256."""
+        (that is how such a crash is rolled forward). Checks sizes from the survey's listing of
+        the output; deep=True also reads every file and compares its sha256."""
         from sdfleet.actors.writer import committed_file_problems, publish_committed
 
-        listing = self.storage.listing()
+        survey = self.survey()
+        listing = survey.listing
         problems: dict[str, list[str]] = {}
-        for name, stats in self.survey().committed.items():
+        for name, stats in survey.committed.items():
             found = [p for f, staged in stats.files.items()
                      if (p := self.storage.visible_problem(f, staged, listing.get(f)))]
             if found:
@@ -176,11 +190,31 @@ class OutputReader:
         for shard in self.shards:
             yield from self.rows(shard)
 
-    def parquet_rows(self, shard: str) -> int:
-        """Rows in the shard's Parquet, from its footer alone."""
-        with self.storage.errors(layout.parquet_file(shard), "read"), \
-                self.storage.fs.open(self.storage.path(layout.parquet_file(shard)), "rb") as fh:
-            return pq.ParquetFile(fh).metadata.num_rows
+    def parquet_rows(self, shards: list[str]) -> dict[str, int]:
+        """Rows in each shard's Parquet, from its footer alone: the files' ends, read many at a time."""
+        sizes = {layout.parquet_file(s): st.files[layout.parquet_file(s)].size if st.files else None
+                 for s, st in ((s, self.survey().committed[s]) for s in shards)}
+        listed = self.survey().listing
+        sizes = {n: listed.get(n, size) for n, size in sizes.items()}
+        missing = [n for n, size in sizes.items() if size is None]
+        if missing:
+            raise StorageError(f"{self.storage.url(missing[0])} is missing")
+        tails = self.storage.read_many(list(sizes), tails=sizes)
+        out = {}
+        for shard in shards:
+            name = layout.parquet_file(shard)
+            tail = tails[name]
+            if isinstance(tail, Exception):
+                with self.storage.errors(name, "read"):
+                    raise tail
+            try:
+                out[shard] = _footer(tail, sizes[name]).num_rows
+            except (ValueError, pa.ArrowInvalid) as e:
+                raise StorageError(f"{self.storage.url(name)} is not a readable Parquet file: {e}") from None
+            except _FooterBeyondTail:
+                with self.storage.errors(name, "read"), self.storage.fs.open(self.storage.path(name), "rb") as fh:
+                    out[shard] = pq.ParquetFile(fh).metadata.num_rows
+        return out
 
     @property
     def quarantined_keys(self) -> set[str]:
@@ -240,3 +274,21 @@ class OutputReader:
                     left.discard(key)
                     if not left:
                         return
+
+
+class _FooterBeyondTail(Exception):
+    """The Parquet footer is larger than the tail that was read."""
+
+
+def _footer(tail: bytes, size: int):
+    """A Parquet file's metadata from its last bytes (`tail`; the file has `size` bytes)."""
+    import struct
+
+    if len(tail) < 8 or tail[-4:] != b"PAR1":
+        raise ValueError("no PAR1 at its end")
+    (length,) = struct.unpack("<I", tail[-8:-4])
+    if length + 8 > len(tail):
+        if len(tail) == size:
+            raise ValueError("its footer is longer than the file")
+        raise _FooterBeyondTail
+    return pq.read_metadata(pa.BufferReader(tail[-(length + 8):]))

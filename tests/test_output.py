@@ -80,17 +80,21 @@ def write_shard(reader: OutputReader, shard: str, parquet_rows: int | None = Non
         spooled.close()
 
 
-@pytest.fixture
-def output(tmp_path) -> OutputReader:
-    """A started job's output folder: its `_job.json` (7 samples in 4 shards), no shard yet."""
+def started_output(tmp_path, uri: str) -> OutputReader:
+    """A started job's output at `uri`: its `_job.json` (7 samples in 4 shards), no shard yet."""
     write_prompts(tmp_path / "in" / "p.parquet", [f"a quiet harbour, variation {i}" for i in range(7)])
     spec = parse_spec({"name": "harbours", "input": {"uri": str(tmp_path / "in")},
-                       "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 2, "image_format": "png"},
+                       "output": {"uri": uri, "samples_per_shard": 2, "image_format": "png"},
                        "safety": {"detector": "none"}})
     plan = Planner(spec).plan()
     storage = Storage(spec.output.uri)
     storage.write_json(layout.JOB_FILE, job_record(plan))
     return OutputReader(storage)
+
+
+@pytest.fixture
+def output(tmp_path) -> OutputReader:
+    return started_output(tmp_path, str(tmp_path / "out"))
 
 
 # ------------------------------------------------------------------------------------- survey
@@ -190,6 +194,39 @@ def test_finalizer_refuses_a_parquet_whose_footer_disagrees_with_its_stats(outpu
     with pytest.raises(IncompleteOutput, match="00001.parquet has 1 rows but its stats say 2"):
         Finalizer(output).finalize()
     assert not any(completion_files(output.storage).values())
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_survey_and_footers_read_many_records_at_once(where, tmp_path, request):
+    """One listing, then the stats (and the Parquet footers' tails) read many at a time: the same
+    answers from a folder and from S3 over HTTP."""
+    uri = f"s3://{request.getfixturevalue('s3').bucket}/out" if where == "s3" else str(tmp_path / "out")
+    output = started_output(tmp_path, uri)
+    for shard in SAMPLES_PER_SHARD:
+        write_shard(output, shard)
+    survey = output.survey(refresh=True)
+    assert sorted(survey.committed) == sorted(SAMPLES_PER_SHARD) and not survey.pending
+    assert survey.listing[layout.tar_file("00003")] == survey.committed["00003"].files[layout.tar_file("00003")].size
+    assert output.parquet_rows(sorted(SAMPLES_PER_SHARD)) == SAMPLES_PER_SHARD
+    assert Finalizer(output).finalize()
+
+
+def test_a_parquet_footer_larger_than_the_tail_read_is_read_whole(output, monkeypatch):
+    import sdfleet.actors.storage as storage
+
+    for shard in SAMPLES_PER_SHARD:
+        write_shard(output, shard)
+    monkeypatch.setattr(storage, "TAIL_BYTES", 16)  # far less than any footer
+    assert output.parquet_rows(sorted(SAMPLES_PER_SHARD)) == SAMPLES_PER_SHARD
+
+
+def test_a_parquet_that_is_not_one_is_named_by_the_footer_check(output):
+    for shard in SAMPLES_PER_SHARD:
+        write_shard(output, shard)
+    size = output.storage.listing()[layout.parquet_file("00001")]
+    output.storage.write_bytes(layout.parquet_file("00001"), b"x" * size)
+    with pytest.raises(StorageError, match=r"00001\.parquet is not a readable Parquet file: no PAR1 at its end"):
+        output.parquet_rows(sorted(SAMPLES_PER_SHARD))
 
 
 def test_finalizer_refuses_a_tar_that_is_not_the_one_committed_and_names_it(output):
