@@ -29,6 +29,9 @@ log = logging.getLogger("sdfleet")
 SHARDS_PER_ACTOR = 2
 # How long workers may all wait to be placed before the driver says so (and then once a minute).
 WAITING_WARN_S = 60.0
+# How often the pool looks for shards past shard_timeout_s: a scan is a pass over every actor,
+# and timeouts are minutes to hours, so once a second is soon enough at any fleet size.
+TIMEOUT_SCAN_S = 1.0
 # S3 settings that are not secrets, forwarded to workers so that an endpoint such as MinIO or a
 # regional mirror set on the driver is used by every actor too. Credentials are never forwarded:
 # each node takes them from its own environment or instance role.
@@ -91,6 +94,12 @@ class Slot:
     ready: bool = False
     tasks: deque = field(default_factory=deque)  # (ref, task)
     head_since: float = 0.0  # when the oldest shard it holds became its oldest
+    live: bool = True  # False once removed from the pool
+
+    @property
+    def hungry(self) -> bool:
+        """Ready, in the pool, and holding fewer shards than it may."""
+        return self.live and self.ready and len(self.tasks) < SHARDS_PER_ACTOR
 
     def add(self, ref: Any, task: Any) -> None:
         if not self.tasks:
@@ -143,19 +152,22 @@ class ActorPool:
         self.actor_cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=SHARDS_PER_ACTOR,
                                     **self.kind.placement)(worker)
         self.plan_ref = ray.put(plan)
+        # The driver's work per event must not grow with the fleet (1,000 GPUs are 2,000 calls in
+        # flight): calls and start-ups are found by dict, shards go to a queue of slots with room,
+        # and the timeout scan runs once per TIMEOUT_SCAN_S, not once per result.
         self.slots: list[Slot] = []
         self.refs: dict[Any, tuple[Slot, Any]] = {}  # a shard's call -> its slot and task
+        self.starting: dict[Any, Slot] = {}  # an actor's start-up call -> its slot, until it is ready
+        self.hungry: deque[Slot] = deque()  # slots that may have room; checked when taken
+        self.ready = 0  # actors that have loaded their models
         self.requested = -1  # GPU bundles last asked of the autoscaler
         self.waiting_since = time.monotonic()
+        self.timeouts_scanned = 0.0
 
     @property
     def busy(self) -> int:
         """Shards in the actors' hands."""
         return len(self.refs)
-
-    @property
-    def ready(self) -> int:
-        return sum(s.ready for s in self.slots)
 
     # ------------------------------------------------------------------ size
 
@@ -167,13 +179,16 @@ class ActorPool:
         desired = min(desired, self.kind.capacity)
         while len(self.slots) < desired:
             actor = self.actor_cls.remote(self.plan_ref, self.kind.cpu_threads)
-            self.slots.append(Slot(actor=actor, ready_ref=actor.ready.remote()))
-        for slot in sorted(self.slots, key=lambda s: s.ready):
-            if len(self.slots) <= desired:
-                break
-            if not slot.tasks:
-                ray.kill(slot.actor, no_restart=True)
-                self.slots.remove(slot)
+            slot = Slot(actor=actor, ready_ref=actor.ready.remote())
+            self.slots.append(slot)
+            self.starting[slot.ready_ref] = slot
+        if len(self.slots) > desired:
+            for slot in sorted(self.slots, key=lambda s: s.ready):
+                if len(self.slots) <= desired:
+                    break
+                if not slot.tasks:
+                    ray.kill(slot.actor, no_restart=True)
+                    self._drop(slot)
         self.request(desired)
 
     def request(self, workers: int) -> None:
@@ -192,27 +207,35 @@ class ActorPool:
 
         Only a ready actor gets shards: one that is still loading, or cannot be placed at all (its
         node died and no GPU is free), must not hold shards hostage."""
-        for slot in self.slots:
-            while slot.ready and len(slot.tasks) < SHARDS_PER_ACTOR:
-                task = next_task()
-                if task is None:
-                    return
-                ref = slot.actor.run.remote(task.shard_id, task.attempts + 1)
-                slot.add(ref, task)
-                self.refs[ref] = (slot, task)
+        while self.hungry:
+            slot = self.hungry[0]
+            if not slot.hungry:
+                self.hungry.popleft()
+                continue
+            task = next_task()
+            if task is None:
+                return
+            ref = slot.actor.run.remote(task.shard_id, task.attempts + 1)
+            slot.add(ref, task)
+            self.refs[ref] = (slot, task)
 
     def wait(self, timeout: float) -> Iterator[Finished]:
         """The calls that came back within `timeout` seconds (at most one start-up or shard)."""
         import ray
 
-        waiting = list(self.refs) + [s.ready_ref for s in self.slots if not s.ready]
+        waiting = [*self.refs, *self.starting]
+        if not waiting:
+            time.sleep(timeout)
+            return
         done, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
         for ref in done:
-            starting = next((s for s in self.slots if s.ready_ref == ref and not s.ready), None)
+            starting = self.starting.pop(ref, None)
             if starting is not None:
                 try:
                     ray.get(ref)
                     starting.ready = True
+                    self.ready += 1
+                    self.hungry.append(starting)
                     yield Finished(starting)
                 except ray.exceptions.RayError as e:
                     yield Finished(starting, error=e)
@@ -226,16 +249,23 @@ class ActorPool:
                 # The slot keeps the task: whether it goes with the actor or alone is the caller's call.
                 yield Finished(slot, task, error=e, ref=ref)
                 continue
-            slot.pop(ref)
+            self._pop(slot, ref)
             yield Finished(slot, task, value=value, ref=ref)
+
+    def _pop(self, slot: Slot, ref: Any) -> None:
+        slot.pop(ref)
+        self.hungry.append(slot)
 
     def release(self, finished: Finished) -> None:
         """Drop a failed call's shard from its slot; the actor lives on."""
-        finished.slot.pop(finished.ref)
+        self._pop(finished.slot, finished.ref)
 
     def timed_out(self, limit_s: float) -> list[Slot]:
-        """Slots whose oldest shard has run longer than `limit_s`."""
+        """Slots whose oldest shard has run longer than `limit_s`, looked for once per TIMEOUT_SCAN_S."""
         now = time.monotonic()
+        if now - self.timeouts_scanned < TIMEOUT_SCAN_S:
+            return []
+        self.timeouts_scanned = now
         return [s for s in self.slots if s.tasks and now - s.head_since > limit_s]
 
     def remove(self, slot: Slot) -> list[Any]:
@@ -248,8 +278,14 @@ class ActorPool:
         for ref, _ in slot.tasks:
             self.refs.pop(ref, None)
         slot.tasks.clear()
-        self.slots.remove(slot)
+        self._drop(slot)
         return held
+
+    def _drop(self, slot: Slot) -> None:
+        self.slots.remove(slot)
+        self.starting.pop(slot.ready_ref, None)
+        self.ready -= slot.ready
+        slot.live = False
 
     def report_waiting(self) -> None:
         """Say so, once a minute, while no actor could be placed."""
@@ -268,10 +304,11 @@ class ActorPool:
         autoscaler can remove the nodes once they idle."""
         import ray
 
-        for slot in self.slots:
+        for slot in list(self.slots):
             ray.kill(slot.actor, no_restart=True)
-        self.slots.clear()
+            self._drop(slot)
         self.refs.clear()
+        self.hungry.clear()
         self.request(0)
 
 
