@@ -52,15 +52,16 @@ def select_sample(reader: OutputReader, limit: int, show_filtered: bool = False)
     """A deterministic sample of rows that have an image, in key order: first the first image of each
     prompt (so the sheet shows as many prompts as it can), then the following images in key order.
 
-    Shards are read in order and reading stops once `limit` prompts are found (or after a row budget),
-    so a sheet of a large dataset reads its first Parquet files only.
+    Shards are read in order and reading stops once `limit` prompts are found (or after a row budget,
+    or a shard budget for datasets of many small shards), so a sheet of a large dataset reads its
+    first Parquet files only.
     """
     if limit <= 0:
         return []
     candidates: list[dict[str, Any]] = []
     prompts: set[Any] = set()
     budget = max(20 * limit, 10_000)
-    for shard in reader.shards:
+    for shard in reader.shards[:max(4 * limit, 64)]:
         for row in reader.rows(shard):
             if reader.has_image(row, show_filtered):
                 candidates.append(row)
