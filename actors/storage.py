@@ -126,6 +126,12 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """A JSON record as sdfleet writes it: sorted keys, indented, one trailing newline (so the same
+    record is always the same bytes, and has the same content tag)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+
+
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -206,11 +212,48 @@ class Storage:
     def listing(self) -> dict[str, int]:
         """Every file below this folder: relative name -> size, in one listing (paginated on S3)
         rather than a request per file."""
+        return {name: size for name, (size, _) in self.tagged_listing().items()}
+
+    def tagged_listing(self) -> dict[str, tuple[int, str]]:
+        """Every file below this folder: relative name -> (size, tag), in one listing. A tag changes
+        whenever the file is written: its ETag on S3 (the MD5 of its bytes for a plain PUT), its
+        modification time and inode locally."""
+        if self.local:
+            return self._local_listing()
         self.fs.invalidate_cache()
         prefix = self.root + "/"
         with self.errors("", "list"):
             found = self.fs.find(self.root, detail=True)
-        return {p[len(prefix):]: int(info["size"]) for p, info in found.items() if p.startswith(prefix)}
+        return {p[len(prefix):]: (int(info["size"]), str(info.get("ETag", "")).strip('"'))
+                for p, info in found.items() if p.startswith(prefix)}
+
+    def _local_listing(self) -> dict[str, tuple[int, str]]:
+        """os.scandir directly: fsspec's local find builds an info dict per file, 8.8 s of a 100k-shard
+        status (300k files) where this takes about one. Symlinked folders are not followed."""
+        out: dict[str, tuple[int, str]] = {}
+        folders = [(self.root, "")]
+        with self.errors("", "list"):
+            while folders:
+                folder, rel = folders.pop()
+                try:
+                    entries = os.scandir(folder)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                with entries:
+                    for e in entries:
+                        name = f"{rel}{e.name}"
+                        if e.is_dir(follow_symlinks=False):
+                            folders.append((e.path, name + "/"))
+                        else:
+                            st = e.stat()
+                            out[name] = (st.st_size, f"{st.st_mtime_ns}:{st.st_ino}")
+        return out
+
+    def content_tag(self, data: bytes) -> str | None:
+        """The tag a listing shows for a file of these bytes written by `write_bytes`, where a tag
+        is a content hash (S3's ETag of a single PUT: MD5); None where it is not (local folders,
+        and stores whose ETags are not MD5s simply never match)."""
+        return None if self.local else hashlib.md5(data, usedforsecurity=False).hexdigest()
 
     # ----------------------------------------------------------------- writes
 
@@ -246,8 +289,7 @@ class Storage:
             self.fs.rm_file(self.path(name))
 
     def write_json(self, name: str, obj: Any, exclusive: bool = False) -> None:
-        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
-        self.write_bytes(name, data, exclusive=exclusive)
+        self.write_bytes(name, json_bytes(obj), exclusive=exclusive)
 
     @contextlib.contextmanager
     def errors(self, name: str, action: str):

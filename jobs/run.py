@@ -178,13 +178,16 @@ class JobRunner:
             if pending:
                 if before.committed:
                     log.info("resuming: %d shards committed, %d to do", len(before.committed), len(pending))
-                self._dispatch(plan, pending, before)
+                committed = self._dispatch(plan, pending, before)
+                # The finalizer's survey takes these records from memory, not 100k GETs (S3).
+                reader.remember(committed.values())
             else:
                 log.info("all %d shards already committed; nothing to generate", plan.num_shards)
             # 6. Finalize: sizes.json, the card and _SUCCESS, only if every planned sample has its row.
             return self._finish(reader)
 
-    def _dispatch(self, plan: Plan, pending: list[int], before) -> None:
+    def _dispatch(self, plan: Plan, pending: list[int], before) -> dict:
+        """Make the pending shards; returns the stats of those committed, by shard id."""
         from sdfleet.jobs.dispatch import Dispatcher
         from sdfleet.jobs.pool import connect_ray
 
@@ -206,6 +209,7 @@ class JobRunner:
             print(f"sdfleet: stopped at the budget: resources.budget_usd=${res.budget_usd:,.2f} at "
                   f"${res.gpu_hour_usd}/GPU-hour is spent. Committed shards are kept; rerun with a "
                   f"higher budget (--set resources.budget_usd=...) to go on.", file=sys.stderr)
+        return result.committed
 
     def _finish(self, reader: OutputReader) -> int:
         complete = Finalizer(reader).finalize()

@@ -15,6 +15,8 @@ the finalizer) import the names from here; none spells a file name itself.
       sizes.json               {"00000.tar": images in it, ...}; only when complete
       README.md                the dataset card; only when complete
       preview/                 previews: contact_sheet.png, xy_*.png, index.html, the card's sheet
+      _index/stats-*.parquet   a cache of the stats files' contents, each entry valid only while its
+                               file's listing tag is the one recorded (status reads it, not 100k files)
       _SUCCESS                 written last of all, only when every planned sample has its row
 """
 
@@ -47,6 +49,17 @@ def is_transient(name: str) -> bool:
 CARD_SHEET = f"{PREVIEW_DIR}/card_contact_sheet.png"
 CONTACT_SHEET = f"{PREVIEW_DIR}/contact_sheet.png"
 GALLERY_PAGE = f"{PREVIEW_DIR}/index.html"
+
+INDEX_DIR = "_index"
+
+
+def index_file(stamp: str) -> str:
+    return f"{INDEX_DIR}/stats-{stamp}.parquet"
+
+
+def is_index_file(name: str) -> bool:
+    return name.startswith(f"{INDEX_DIR}/stats-") and name.endswith(".parquet")
+
 
 _STATS_SUFFIX = "_stats.json"
 _FAILED_SUFFIX = "_failed.json"

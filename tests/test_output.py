@@ -211,6 +211,63 @@ def test_survey_and_footers_read_many_records_at_once(where, tmp_path, request):
     assert Finalizer(output).finalize()
 
 
+def stats_reads(monkeypatch) -> list[str]:
+    """The stats files the survey reads itself (a spy on the one read path; nothing is faked)."""
+    reads: list[str] = []
+    real = Storage.read_many
+
+    def read_many(self, names, tails=None):
+        reads.extend(n for n in names if n.endswith("_stats.json"))
+        return real(self, names, tails)
+
+    monkeypatch.setattr(Storage, "read_many", read_many)
+    return reads
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_index_spares_the_next_survey_every_read_and_never_outlives_a_changed_record(
+        where, tmp_path, request, monkeypatch):
+    import sdfleet.jobs.output as output_module
+
+    monkeypatch.setattr(output_module, "INDEX_AFTER_READS", 2)
+    uri = f"s3://{request.getfixturevalue('s3').bucket}/out" if where == "s3" else str(tmp_path / "out")
+    output = started_output(tmp_path, uri)
+    for shard in SAMPLES_PER_SHARD:
+        write_shard(output, shard)
+    reads = stats_reads(monkeypatch)
+    first = OutputReader(output.storage).survey()
+    assert sorted(reads) == [layout.stats_file(s) for s in sorted(SAMPLES_PER_SHARD)]
+    assert [n for n in output.storage.listing() if layout.is_index_file(n)]  # it wrote an index
+
+    reads.clear()
+    second = OutputReader(output.storage).survey()
+    assert reads == [] and second.committed == first.committed
+
+    # A stats file written again (its commit withdrawn and made anew): the index's copy is stale.
+    stats = output.storage.read_json(layout.stats_file("00002"))
+    output.storage.delete(layout.stats_file("00002"))
+    put_record(output.storage, layout.stats_file("00002"), ShardStats(**{**stats, "gpu_seconds": 99.0}))
+    reads.clear()
+    third = OutputReader(output.storage).survey()
+    assert reads == [layout.stats_file("00002")] and third.committed["00002"].gpu_seconds == 99.0
+    assert third.committed["00001"] == first.committed["00001"]
+
+
+def test_the_driver_s_own_records_spare_the_finalizer_s_reads_on_s3(s3, tmp_path, monkeypatch):
+    output = started_output(tmp_path, f"s3://{s3.bucket}/out")
+    committed = [write_shard(output, shard) for shard in SAMPLES_PER_SHARD]
+    reads = stats_reads(monkeypatch)
+    reader = OutputReader(output.storage)
+    reader.remember(committed)
+    assert Finalizer(reader).finalize()
+    assert reads == []
+    # A record that is not what the file holds is not taken: the file is read.
+    reader = OutputReader(output.storage)
+    reader.remember([committed[0].model_copy(update={"gpu_seconds": 5.0})])
+    assert reader.survey().committed["00000"].gpu_seconds == committed[0].gpu_seconds
+    assert layout.stats_file("00000") in reads
+
+
 def test_a_parquet_footer_larger_than_the_tail_read_is_read_whole(output, monkeypatch):
     import sdfleet.actors.storage as storage
 
