@@ -118,6 +118,7 @@ def main() -> None:
     print(f"device: {name}; {dtype}; {size}x{size}; engine speed-ups: {', '.join(engine.applied)}")
     print(f"engine ready in {ready:.0f}s (load, batch size {requested} -> {engine.batch_size}, compile warm-up "
           f"{engine.warm_up_seconds or 0:.0f}s, compile cache {engine.compile_cache or 'not used'})")
+    second_engine = None
     if engine.compile_cache == "miss":
         # What an autoscaled worker pays: a fresh process, an empty Inductor cache, this cache.
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
@@ -126,11 +127,12 @@ def main() -> None:
                "--batches", str(engine.batch_size)]  # the same batch, so the same graphs and key
         second = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if second.returncode == 0:
-            r = json.loads(second.stdout.strip().splitlines()[-1])
+            r = second_engine = json.loads(second.stdout.strip().splitlines()[-1])
             print(f"second engine (fresh process, compile cache {r['compile_cache']}): ready in {r['ready_s']:.0f}s, "
                   f"compile warm-up {r['warm_up_s'] or 0:.0f}s", flush=True)
         else:
             print(f"second engine failed: {second.stderr[-2000:]}", flush=True)
+    rows = []
     print(f"{'steps':>5} {'batch':>5} {'plain img/s':>11} {'sdfleet img/s':>13} {'ratio':>6} {'MFU plain':>9} "
           f"{'MFU sdfleet':>11} {'max diff':>8} {'warm-up s':>9}")
     for n_steps in steps:
@@ -166,6 +168,13 @@ def main() -> None:
             diff = int(np.abs(p_img.astype(int) - e_img.astype(int)).max())
             print(f"{n_steps:5d} {batch:5d} {p_ips:11.3f} {e_ips:13.3f} {e_ips / p_ips:6.2f} {mfu(p_ips):>9} "
                   f"{mfu(e_ips):>11} {diff:8d} {e_warm:9.1f}", flush=True)
+            rows.append({"steps": n_steps, "batch": batch, "plain_images_per_s": round(p_ips, 4),
+                         "sdfleet_images_per_s": round(e_ips, 4), "ratio": round(e_ips / p_ips, 4),
+                         "mfu_plain": round(p_ips * flops / peak, 4) if peak else None,
+                         "mfu_sdfleet": round(e_ips * flops / peak, 4) if peak else None, "max_diff": diff})
+    print(json.dumps({"device": name, "engine_ready_s": round(ready, 1), "warm_up_s": engine.warm_up_seconds,
+                      "compile_cache": engine.compile_cache, "second_engine": second_engine,
+                      "batch_size": engine.batch_size, "rows": rows}))
 
 
 if __name__ == "__main__":

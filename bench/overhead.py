@@ -11,6 +11,7 @@ with the same batch size; each side's first batch is warm-up. Ratio = job images
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,9 @@ def main() -> None:
     print(f"sdfleet run (steady):  {steady:.3f} images/s   ratio {steady / bare:.3f}  (target >= 0.95)")
     print(f"sdfleet run (all shards, first-batch warm-up included): {whole:.3f} images/s   ratio {whole / bare:.3f}")
     print(f"sdfleet run wall time incl. Ray start and model load: {wall:.1f}s")
+    print(json.dumps({"bare_images_per_s": round(bare, 4), "job_images_per_s": round(steady, 4),
+                      "ratio": round(steady / bare, 4), "ratio_with_warm_up": round(whole / bare, 4),
+                      "wall_s": round(wall, 1)}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ nsfw-detector always runs on the CPU (TensorFlow is kept off the GPU so torch ow
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -79,6 +80,7 @@ def main() -> None:
         "clip": ("clip-checker", "CLIP ViT-L/14 safety checker", lambda d: clip_checker(d / "clip")),
         "vit": ("hf-classifier", "ViT-B/16 224", lambda d: vit_classifier(d / "vit")),
     }
+    figures = {}
     print(f"{'detector':14} {'architecture':30} {'device':6} {'batch':>5} {'ms/image':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (detector, arch, build) in cases.items():
@@ -95,6 +97,8 @@ def main() -> None:
             device = "cpu" if detector == "nsfw-detector" else args.device
             print(f"{detector:14} {arch:30} {device:6} {args.batch:5d} {1000 * min(times) / args.batch:9.1f}",
                   flush=True)
+            figures[name] = {"detector": detector, "device": device, "ms_per_image": round(1000 * min(times) / args.batch, 2)}
+    print(json.dumps(figures))
 
 
 def _has_cuda() -> bool:

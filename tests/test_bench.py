@@ -67,6 +67,7 @@ def test_scale_bench_runs_every_measurement_at_a_small_size():
     figures = last_json(out)
     (driver,) = figures["driver"]
     assert driver["workers"] == 2 and driver["shards"] == 12 and driver["driver_cpu_ms_per_shard"] > 0
+    assert driver["driver_cpu_ms_per_s"] > 0
     assert figures["wait_2000_calls_ms"] > 0 and figures["driver_cpu_ms_per_shard_1000_gpus_projected"] > 0
     assert figures["plan"]["rows"] == 20000 and figures["plan"]["peak_rss_mb"] > 0
     assert set(figures["outputs"]) == {"local 600", "s3 300"}
