@@ -136,8 +136,12 @@ class OutputReader:
         index_names, tags = index.column("name").to_pylist(), index.column("tag").to_pylist()
         rows = {name: i for i, name in enumerate(index_names)}  # a later file's row wins
         valid = [rows[n] for n in wanted if n in rows and tags[rows[n]] == tagged[n][1]]
-        content = index.column("content")
-        stats = {index_names[i]: self._parse(ShardStats, index_names[i], content[i].as_py()) for i in valid}
+        content, stats = index.column("content"), {}
+        for i in list(valid):
+            try:
+                stats[index_names[i]] = ShardStats.model_validate_json(content[i].as_py())
+            except (ValueError, ValidationError):  # a damaged entry: the file itself is read below
+                valid.remove(i)
         fresh = {n: data for n, (tag, data) in self._remembered.items()
                  if n not in stats and n in tagged and tagged[n][1] == tag}
         # 3. The rest, read.

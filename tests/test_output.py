@@ -252,6 +252,13 @@ def test_the_index_spares_the_next_survey_every_read_and_never_outlives_a_change
     assert reads == [layout.stats_file("00002")] and third.committed["00002"].gpu_seconds == 99.0
     assert third.committed["00001"] == first.committed["00001"]
 
+    # A damaged index (a foreign writer, a truncated upload) costs reads, never a wrong answer.
+    (index,) = [n for n in output.storage.listing() if layout.is_index_file(n)]
+    output.storage.write_bytes(index, b"not parquet")
+    reads.clear()
+    assert OutputReader(output.storage).survey().committed == third.committed
+    assert len(reads) == len(SAMPLES_PER_SHARD)
+
 
 def test_the_driver_s_own_records_spare_the_finalizer_s_reads_on_s3(s3, tmp_path, monkeypatch):
     output = started_output(tmp_path, f"s3://{s3.bucket}/out")
