@@ -358,13 +358,13 @@ class ShardGenerator:
         outcomes: dict[str, Outcome] = {}
         stage_seconds: Counter = Counter()
         for f in futures:
-            done, seconds, encoding = f.result()
+            done, timing, encoding = f.result()
             outcomes.update(done)
-            stage_seconds.update(seconds)
+            stage_seconds.update(timing)
             for key, job in encoding.items():
                 o = outcomes[key]
-                o.image, o.image_sha256, seconds = job.result()
-                stage_seconds.update(seconds)
+                o.image, o.image_sha256, timing = job.result()
+                stage_seconds.update(timing)
         return Generated(outcomes, gen_total, turn_seconds, started_ts, finished_ts, stage_seconds)
 
     def _stats(self, name: str, shard_id: int, attempt: int, clock: Clock, rows: list[dict[str, Any]],
