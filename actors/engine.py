@@ -1,4 +1,5 @@
-"""The generation engine: one diffusers text-to-image pipeline, loaded once, fed in batches.
+"""The generation engine: one diffusers pipeline (text-to-image, or an image task of the SD2
+family: image-to-image, inpaint, depth-to-image, upscale), loaded once, fed in batches.
 
 It has no Ray in it, so a benchmark or a notebook can drive it directly:
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -22,7 +24,8 @@ import numpy as np
 
 from sdfleet.actors.storage import is_remote, local_copy
 from sdfleet.schemas.errors import ModelLoadError, first_line
-from sdfleet.schemas.samples import GenerationParams
+from sdfleet.schemas.samples import GenerationParams, InputImage
+from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
 if TYPE_CHECKING:  # duck-typed at run time, so bench/gpu runs where pydantic is not installed
     from sdfleet.schemas.spec import EngineSpec, ModelSpec
@@ -110,6 +113,85 @@ def _check_hub_pipeline(repo: str, revision: str | None) -> None:
                              f"safetensors only: {advice} holding a converted copy")
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint's JSON configs say about it: enough to check it fits the task and to know
+    its native image size, before any worker (or torch) loads it."""
+
+    source: str
+    class_name: str | None  # model_index.json's _class_name
+    components: frozenset[str]
+    unet_in_channels: int | None  # None: no UNet (a transformer-based family)
+    sample_size: int | None  # the UNet's latent size
+    vae_scale_factor: int
+    prediction_type: str | None
+
+    @property
+    def default_size(self) -> int | None:
+        """The size it was trained at (512-base: 64 * 8, 768-v: 96 * 8), or None where unknown."""
+        return self.sample_size * self.vae_scale_factor if self.sample_size else None
+
+    def describe(self) -> str:
+        unet = f" with a {self.unet_in_channels}-channel UNet" if self.unet_in_channels is not None else ""
+        return f"a {self.class_name or 'diffusers pipeline'}{unet}"
+
+
+def read_checkpoint(model: ModelSpec) -> Checkpoint:
+    """Read model_index.json and the UNet's and VAE's configs from a local folder, an s3:// mirror
+    or the hub (its cache when offline), without loading a weight."""
+    source = model.source
+
+    def config(name: str) -> dict:
+        try:
+            if is_remote(source):
+                from sdfleet.actors.storage import Storage
+
+                storage = Storage(source, model.storage_options)
+                return storage.read_json(name) if storage.exists(name) else {}
+            local = Path(source).expanduser()
+            if local.exists():
+                return json.loads((local / name).read_text()) if (local / name).is_file() else {}
+            import huggingface_hub
+
+            try:
+                return json.loads(Path(huggingface_hub.hf_hub_download(source, name, revision=model.revision))
+                                  .read_text())
+            except huggingface_hub.errors.EntryNotFoundError:
+                return {}
+        except (OSError, ValueError) as e:  # ValueError: not JSON
+            raise ModelLoadError(f"cannot read {name} of model.source {source}: {type(e).__name__}: "
+                                 f"{first_line(e)}") from None
+
+    index = config("model_index.json")
+    unet = config("unet/config.json") if "unet" in index else {}
+    vae = config("vae/config.json") if "vae" in index else {}
+    scheduler = config("scheduler/scheduler_config.json") if "scheduler" in index else {}
+    blocks = len(vae.get("block_out_channels", [0, 0, 0, 0]))
+    return Checkpoint(source=source, class_name=index.get("_class_name"),
+                      components=frozenset(k for k in index if not k.startswith("_")),
+                      unet_in_channels=unet.get("in_channels"), sample_size=unet.get("sample_size"),
+                      vae_scale_factor=2 ** (blocks - 1), prediction_type=scheduler.get("prediction_type"))
+
+
+def check_task(task_name: str, checkpoint: Checkpoint) -> None:
+    """The checkpoint is one the task can run: its UNet takes the task's conditioning channels and
+    it has the task's extra component. Else the error names both, before any GPU starts."""
+    task = TASKS[task_name]
+    fits = checkpoint.unet_in_channels == task.unet_in_channels if checkpoint.unet_in_channels is not None \
+        else task_name == TEXT_TO_IMAGE
+    if task.needs_component and task.needs_component not in checkpoint.components:
+        fits = False
+    if fits:
+        return
+    made_for = [n for n, t in TASKS.items() if n != "image-to-image" and t.unet_in_channels ==
+                checkpoint.unet_in_channels and (t.needs_component or "") in checkpoint.components | {""}]
+    advice = f"; it is made for model.task: {made_for[0]}" if made_for else ""
+    needs = f"a {task.unet_in_channels}-channel UNet" + (f" and a {task.needs_component}" if task.needs_component
+                                                         else "")
+    raise ModelLoadError(f"model.task={task_name} loads {task.pipeline}, which needs {needs}; model.source "
+                         f"{checkpoint.source} is {checkpoint.describe()}{advice}")
+
+
 def check_scheduler_names(names: Sequence[str]) -> None:
     """Each name is a scheduler class the installed diffusers defines. Read from diffusers' source,
     not by importing it: diffusers loads torch, which `sdfleet plan` must not."""
@@ -157,9 +239,12 @@ class Engine:
         transformers.utils.logging.disable_progress_bar()
 
         path = local_copy(model.source, model.storage_options)
+        self.task_name = getattr(model, "task", TEXT_TO_IMAGE)
+        self.task = TASKS[self.task_name]
         t0 = time.perf_counter()
         try:
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+            pipeline_class = getattr(diffusers, self.task.auto_pipeline or self.task.pipeline)
+            pipe = pipeline_class.from_pretrained(
                 path, revision=model.revision, use_safetensors=True,
                 **{dtype_keyword(diffusers.__version__): getattr(torch, self.dtype)},
             )
@@ -179,7 +264,12 @@ class Engine:
             pipe.safety_checker = None
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        log.info("loaded %s on %s (%s) in %.1fs", model.source, self.device, self.dtype, time.perf_counter() - t0)
+        log.info("loaded %s as %s on %s (%s) in %.1fs", model.source, type(pipe).__name__, self.device, self.dtype,
+                 time.perf_counter() - t0)
+        # The size text-to-image makes when the spec gives none: the checkpoint's own.
+        sample = getattr(getattr(pipe, "unet", None), "config", {}).get("sample_size")
+        scale = getattr(pipe, "vae_scale_factor", 8)
+        self.default_size = sample * scale if isinstance(sample, int) else None
 
         # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
         self._base_scheduler_config = self.pipe.scheduler.config
@@ -225,6 +315,11 @@ class Engine:
             applied.append("fuse_qkv")
         if options.uint8_on_device:
             applied.append("uint8_on_device")
+        if getattr(options, "vae_tiling", False):
+            # Decodes in overlapping tiles: a 2048² upscale fits in far less memory, but the
+            # blended seams change pixels, so it is opt-in and recorded per row.
+            pipe.vae.enable_tiling()
+            applied.append("vae_tiling")
         return applied
 
     def _compile(self) -> None:
@@ -288,7 +383,8 @@ class Engine:
     def _warm_up_shapes(self, params: Sequence[GenerationParams]) -> tuple[dict[tuple, GenerationParams], list[int]]:
         """The (width, height, CFG on/off) shapes of the sweep, and the batch sizes each is run at:
         the full batch, a partial batch and batch 1 (which torch always specializes)."""
-        shapes = {(p.width, p.height, p.guidance_scale > 1): p for p in params}
+        # The image tasks' shapes come from their input images, unknown until a shard is read.
+        shapes = {} if self.task.image else {(p.width, p.height, p.guidance_scale > 1): p for p in params}
         return shapes, sorted({self.batch_size, max(1, self.batch_size // 2), 1}, reverse=True)
 
     def _compile_cache_key(self, params: Sequence[GenerationParams]) -> str:
@@ -336,9 +432,7 @@ class Engine:
 
         if not self.device.startswith("cuda") or not params:
             return CPU_AUTO_BATCH
-        largest = max(params, key=lambda p: (p.width * p.height, p.guidance_scale > 1))
-        probe = dataclasses.replace(largest, prompt="memory probe", negative_prompt="", num_inference_steps=1,
-                                    seed=0)
+        probe = self._memory_probe(params)
         peaks = []
         for size in (1, 2):
             torch.cuda.synchronize()
@@ -350,9 +444,30 @@ class Engine:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info()
         size = batch_that_fits(free * AUTO_BATCH_MEMORY_SHARE, peaks[0], peaks[1], AUTO_BATCH_CAP)
-        log.info("batch_size auto: %d (%.2f GiB per image, %.1f GiB free, %dx%d)", size,
-                 (peaks[1] - peaks[0]) / 2**30, free / 2**30, largest.width, largest.height)
+        log.info("batch_size auto: %d (%.2f GiB per image, %.1f GiB free, %s %dx%d)", size,
+                 (peaks[1] - peaks[0]) / 2**30, free / 2**30, self.task_name, *self._output_size(probe))
         return size
+
+    def _memory_probe(self, params: Sequence[GenerationParams]) -> GenerationParams:
+        """The sweep point that needs the most memory, one step long. The image tasks' inputs are
+        not known yet: they are probed at the checkpoint's native size (the upscaler: its native
+        input, 4x larger out), and a larger input that runs out of memory halves the batch then."""
+        largest = max(params, key=lambda p: ((p.width or 0) * (p.height or 0), p.guidance_scale > 1))
+        probe = dataclasses.replace(largest, prompt="memory probe", negative_prompt="", num_inference_steps=1,
+                                    seed=0)
+        if self.task.image:
+            from PIL import Image
+
+            side = (self.default_size or 512) // self.task.scale
+            gray = InputImage(Image.new("RGB", (side, side), (128, 128, 128)), sha256="probe")
+            white = InputImage(Image.new("L", (side, side), 255), sha256="probe")
+            probe = dataclasses.replace(probe, image=gray, mask=white if self.task.mask else None)
+        return probe
+
+    def _output_size(self, p: GenerationParams) -> tuple[int, int]:
+        if p.image is None:
+            return p.width, p.height
+        return p.image.size[0] * self.task.scale, p.image.size[1] * self.task.scale
 
     def _scheduler(self, name: str):
         if name not in self._schedulers:
@@ -406,17 +521,23 @@ class Engine:
         self.pipe.scheduler = self._scheduler(first.scheduler or self.default_scheduler)
         generators = [torch.Generator(GENERATOR_DEVICE).manual_seed(p.seed) for p in batch]
         on_device = self.options.uint8_on_device
+        # 1. What every task takes, then the task's own inputs: the size (text-to-image), or the
+        #    rows' images and masks, and strength or noise_level.
+        task = self.task
+        inputs = dict(prompt=[p.prompt for p in batch], negative_prompt=[p.negative_prompt for p in batch],
+                      num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+                      generator=generators, output_type="pt" if on_device else "np")
+        if task.image:
+            inputs["image"] = [p.image.pixels for p in batch]
+        else:
+            inputs.update(width=first.width, height=first.height)
+        if task.mask:
+            inputs["mask_image"] = [p.mask.pixels for p in batch]
+        for key in task.parameters:
+            inputs[key] = getattr(first, key)
+        # 2. The pipeline, then the images as uint8.
         with torch.inference_mode():
-            out = self.pipe(
-                prompt=[p.prompt for p in batch],
-                negative_prompt=[p.negative_prompt for p in batch],
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                width=first.width,
-                height=first.height,
-                generator=generators,
-                output_type="pt" if on_device else "np",
-            )
+            out = self.pipe(**inputs)
             # The same float32 rounding as diffusers' numpy_to_pil, so plain diffusers reproduces
             # every pixel; on the device it moves a quarter of the bytes to the host.
             if on_device:

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sdfleet.actors.engine import GENERATOR_DEVICE, Engine
+from sdfleet.actors.inputs import InputImageReader, read_row_inputs
 from sdfleet.actors.logs import configure_logging, remember_secrets
 from sdfleet.actors.safety import SafetyScore, load_detector
 from sdfleet.actors.storage import Storage
@@ -58,7 +59,8 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
     first_row, last_row = start // n_points, (end - 1) // n_points  # global rows, inclusive
 
     # 1. Read the rows, file by file; a shard may span the end of one file and the start of the next.
-    columns = [inp.prompt_column] + [c for c in (inp.id_column, inp.negative_prompt_column) if c]
+    columns = [inp.prompt_column] + [c for c in (inp.id_column, inp.negative_prompt_column, inp.image_column,
+                                                 inp.mask_column) if c]
     columns += [c for c in inp.passthrough_columns if c not in columns]
     rows: dict[int, tuple[str, int, dict[str, Any]]] = {}  # global row -> (file stem, file offset, values)
     for f, offset in zip(plan.files, plan.row_offsets):
@@ -82,7 +84,14 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
         for i in range(hi - lo + 1):
             rows[lo + i] = (f.stem, offset, {c: values[c][i] for c in columns})
 
-    # 2. Expand each (row, sweep point) into a sample with its key, seed and parameters.
+    # 2. The image tasks' inputs, one read and decode per row (its sweep points share them).
+    inputs = {}
+    if inp.image_column:
+        reader = InputImageReader(inp.uri, inp.storage_options)
+        inputs = read_row_inputs(reader, {r: v[2][inp.image_column] for r, v in rows.items()},
+                                 {r: v[2][inp.mask_column] for r, v in rows.items()} if inp.mask_column else None)
+
+    # 3. Expand each (row, sweep point) into a sample with its key, seed and parameters.
     samples = []
     for s in range(start, end):
         row = s // n_points
@@ -100,6 +109,11 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
             error = f"duplicate prompt_id {prompt_id!r}: first at {plan.locate(plan.duplicate_rows[row])}"
         error = error or negative_error
         params = resolve_params(spec, prompt or "", negative, prompt_id, point)
+        if row in inputs:
+            if isinstance(inputs[row], str):
+                error = error or inputs[row]
+            else:
+                params.image, params.mask = inputs[row]
         if error:
             samples.append(Sample(key, shard_id, prompt_id, None, error, passthrough, prompt, planned=params))
             continue
@@ -143,6 +157,7 @@ class Outcome:
     quarantined: bool = False
     safety: SafetyScore | None = None
     flagged: bool | None = None
+    size: tuple[int, int] | None = None  # (width, height) as made: the image tasks' inputs decide it
 
 
 @dataclass
@@ -311,6 +326,9 @@ class ShardGenerator:
         t0 = time.perf_counter()
         samples = read_shard_samples(self.plan, shard_id)
         todo = [s for s in samples if s.params is not None]
+        for s in todo:  # a plan made without the driver's checks (a bench, a notebook) leaves it unset
+            if s.params.width is None and s.params.image is None:
+                s.params.width = s.params.height = self.engine.default_size
         tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
         read_seconds = time.perf_counter() - t0
 
@@ -406,7 +424,7 @@ class ShardGenerator:
         outcomes, encoding = {}, {}
         for key, array, score, per_image in zip(keys, arrays, scores, seconds):
             flagged = None if score is None else score.nsfw_score >= safety.threshold
-            o = Outcome(STATUS_OK, per_image, safety=score, flagged=flagged)
+            o = Outcome(STATUS_OK, per_image, safety=score, flagged=flagged, size=(array.shape[1], array.shape[0]))
             if flagged and safety.action in ("drop", "quarantine"):
                 o.status = STATUS_FILTERED
                 o.quarantined = safety.action == "quarantine"
@@ -452,11 +470,17 @@ class ShardGenerator:
                 safety_flagged=o.flagged,
             )
         planned = p or s.planned
+        row.update(task=spec.model.task, vae_tiling=spec.engine.vae_tiling)
         if planned is not None:
             # A failed row too says what it was planned with, so it can be placed in a sweep.
+            width, height = o.size if o is not None and o.size else (planned.width, planned.height)
             row.update(seed=planned.seed, scheduler=self.engine.scheduler_name(planned),
                        num_inference_steps=planned.num_inference_steps, guidance_scale=planned.guidance_scale,
-                       width=planned.width, height=planned.height, negative_prompt=planned.negative_prompt)
+                       width=width, height=height, negative_prompt=planned.negative_prompt,
+                       strength=planned.strength, noise_level=planned.noise_level)
+            for name, given in (("input_image", planned.image), ("mask_image", planned.mask)):
+                if given is not None:
+                    row.update({f"{name}_sha256": given.sha256, f"{name}_uri": given.uri})
         if p is not None:
             n_tokens = tokens.get(p.prompt)
             row.update(

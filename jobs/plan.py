@@ -70,7 +70,8 @@ def estimate(plan: Plan) -> dict[str, Any]:
     gen = plan.spec.generation
     for point in plan.points:
         steps = point.get("num_inference_steps", gen.num_inference_steps)
-        pixels = point.get("width", gen.width) * point.get("height", gen.height) / 512**2
+        # Sizes the driver has not resolved (the image tasks': their inputs decide) count as 512².
+        pixels = (point.get("width", gen.width) or 512) * (point.get("height", gen.height) or 512) / 512**2
         cfg = 1.0 if point.get("guidance_scale", gen.guidance_scale) > 1 else 0.5
         tflop += _UNET_TFLOP_CFG * cfg * steps * pixels + _VAE_TFLOP * pixels + _TEXT_TFLOP
     tflop *= plan.num_rows
@@ -204,7 +205,8 @@ class Planner:
             if string and schema.field(column).type not in TEXT_TYPES:
                 raise InputError(
                     f"input file {uri}: {what} column {column!r} has type {schema.field(column).type}, "
-                    "expected string (or UTF-8 binary)"
+                    + ("expected encoded image bytes (binary) or URIs (string)" if what in ("image", "mask")
+                       else "expected string (or UTF-8 binary)")
                 )
 
         need(inp.prompt_column, "prompt", string=True)
@@ -212,6 +214,11 @@ class Planner:
             need(inp.id_column, "id", string=False)
         if inp.negative_prompt_column is not None:
             need(inp.negative_prompt_column, "negative prompt", string=True)
+        # Encoded bytes or URIs: the text types' Arrow types.
+        if inp.image_column is not None:
+            need(inp.image_column, "image", string=True)
+        if inp.mask_column is not None:
+            need(inp.mask_column, "mask", string=True)
         for column in inp.passthrough_columns:
             if column not in names:
                 raise InputError(f"input file {uri} has no passthrough column {column!r}")

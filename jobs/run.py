@@ -34,6 +34,8 @@ log = logging.getLogger("sdfleet")
 # for dead (a SIGKILLed driver releases nothing), so its job may be replaced if it committed nothing.
 LEASE_REFRESH_S = 30.0
 LEASE_STALE_S = 180.0
+# Text-to-image size for a checkpoint whose configs give none: SD2-base's.
+FALLBACK_SIZE = 512
 
 _VERSIONED = ("sdfleet", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "pillow")
 
@@ -161,8 +163,11 @@ class JobRunner:
         plan = Planner(self.spec).plan()
         log.info("planned %d samples in %d shards from %d input file(s)", plan.num_samples, plan.num_shards,
                  len(plan.files))
-        # 2. The model and the detector, before any GPU is asked for.
-        self._check_model_and_detector()
+        # 2. The model (does it fit the task?) and the detector, before any GPU is asked for; the
+        #    checkpoint's own image size where the spec gives none, so that the fingerprint,
+        #    the estimate and every row name the size that is made.
+        checkpoint = self._check_model_and_detector()
+        plan.spec = self.spec = self._with_checkpoint_size(checkpoint)
         # 3. The output: empty, this job's, or a job that committed nothing.
         return plan, self._judge_output(plan)
 
@@ -226,17 +231,35 @@ class JobRunner:
                   "empty, and readers such as webdataset refuse empty tars unless told (empty_check=False)")
         return EXIT_OK
 
-    def _check_model_and_detector(self) -> None:
-        from sdfleet.actors.engine import check_model_source, check_scheduler_names
+    def _check_model_and_detector(self):
+        from sdfleet.actors.engine import check_model_source, check_scheduler_names, check_task, read_checkpoint
 
         names = {self.spec.model.scheduler, *self.spec.sweep.axes.get("scheduler", [])} - {None}
         check_model_source(self.spec.model)
+        checkpoint = read_checkpoint(self.spec.model)
+        check_task(self.spec.model.task, checkpoint)
         check_scheduler_names(sorted(names))
         safety = self.spec.safety
         safety.check_runnable()
         if safety.model and not is_remote(safety.model) and safety.model.startswith((".", "/", "~")):
             if not Path(safety.model).expanduser().exists():
                 raise SpecError(f"safety.model {safety.model} does not exist; give the detector's weights")
+        return checkpoint
+
+    def _with_checkpoint_size(self, checkpoint) -> JobSpec:
+        """Text-to-image without a width or height makes the checkpoint's native size (512-base:
+        512, 768-v: 768); the image tasks' sizes come from their inputs."""
+        from sdfleet.schemas.tasks import TASKS
+
+        gen = self.spec.generation
+        if TASKS[self.spec.model.task].image or (gen.width is not None and gen.height is not None):
+            return self.spec
+        size = checkpoint.default_size or FALLBACK_SIZE
+        if not checkpoint.default_size:
+            log.warning("model.source %s names no native size; making %dx%d (set generation.width and height)",
+                        checkpoint.source, size, size)
+        resolved = gen.model_copy(update={"width": gen.width or size, "height": gen.height or size})
+        return self.spec.model_copy(update={"generation": resolved})
 
     def _check_input_and_output_apart(self) -> None:
         """An output inside the input folder would be read back as prompts (every *.parquet below

@@ -1,4 +1,4 @@
-"""A tiny, random-weight Stable Diffusion 2-base pipeline written to disk.
+"""Tiny, random-weight Stable Diffusion 2-family pipelines (and detectors) written to disk.
 
 No model hub is reachable from CI or the demo box, yet the workers must be
 exercised through the real ``from_pretrained`` path (safetensors, configs,
@@ -50,22 +50,36 @@ def clip_tokenizer():
     )
 
 
-def write_tiny_pipeline(path: str | os.PathLike) -> pathlib.Path:
-    """Write the tiny pipeline to ``path`` (safetensors) and return it.
+# The SD2 family from the model card, scaled down: each variant keeps what tells its checkpoint
+# apart (the UNet's conditioning channels, the VAE's scale factor, the prediction type, the extra
+# components) and shrinks the rest. Default image sizes: 64 (base), 96 (768-v: "768-style", 1.5x
+# base), 64 inpaint and depth, 16 -> 64 for the x4 upscaler.
+TINY_SD2_VARIANTS = ("base", "768-v", "inpaint", "depth", "upscale")
+
+
+def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathlib.Path:
+    """Write one tiny SD2-family pipeline to ``path`` (safetensors) and return it.
 
     Seeding before each component keeps the weights byte-identical across runs,
     so cached fixtures and checksums stay valid.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if variant not in TINY_SD2_VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {', '.join(TINY_SD2_VARIANTS)}")
     tokenizer = clip_tokenizer()
     hidden = 32
+    # UNet input channels: 4 latent channels, plus the masked image's latents and the mask (inpaint),
+    # the depth map (depth), or the low-resolution RGB image (upscale).
+    in_channels = {"inpaint": 9, "depth": 5, "upscale": 7}.get(variant, 4)
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size={"768-v": 12, "upscale": 16}.get(variant, 8), in_channels=in_channels, out_channels=4,
+        layers_per_block=1,
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -73,17 +87,21 @@ def write_tiny_pipeline(path: str | os.PathLike) -> pathlib.Path:
         attention_head_dim=(2, 4),  # per-block tuple, as in SD2
         use_linear_projection=True,  # SD2's transformer blocks use linear proj_in/out
         norm_num_groups=32,
+        # The upscaler embeds its noise_level as a class label, as x4-upscaling does (1000 classes).
+        num_class_embeds=1000 if variant == "upscale" else None,
     )
 
     torch.manual_seed(0)
+    # Four blocks -> three downsamples -> scale factor 8, as in SD, so 64x64 images map to the
+    # UNet's 8x8 latents; the x4 upscaler's VAE has three (scale factor 4) and its own scaling.
+    blocks = 3 if variant == "upscale" else 4
     vae = AutoencoderKL(
-        # Four blocks -> three downsamples -> scale factor 8, as in SD, so
-        # 64x64 images map to the UNet's 8x8 latents.
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16)[:blocks],
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
         in_channels=3, out_channels=3, latent_channels=4,
         layers_per_block=1, norm_num_groups=8, sample_size=64,
+        scaling_factor=0.08333 if variant == "upscale" else 0.18215,
     )
 
     torch.manual_seed(0)
@@ -98,20 +116,45 @@ def write_tiny_pipeline(path: str | os.PathLike) -> pathlib.Path:
     # SD2-base's shipped scheduler config (its model card swaps in Euler at
     # run time; the repo itself holds PNDM/PLMS). Built via from_config because
     # SD's config carries clip_sample, which PNDM's constructor does not accept.
-    scheduler = PNDMScheduler.from_config(dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", prediction_type="epsilon",
-        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
-    ))
+    # 768-v and the upscaler are v-prediction checkpoints and ship DDIM, as their repos do.
+    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    if variant in ("768-v", "upscale"):
+        scheduler = DDIMScheduler.from_config({**schedule, "prediction_type": "v_prediction"})
+    else:
+        scheduler = PNDMScheduler.from_config({**schedule, "prediction_type": "epsilon", "skip_prk_steps": True})
 
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    if variant in ("base", "768-v", "inpaint"):
+        cls = {"inpaint": diffusers.StableDiffusionInpaintPipeline}.get(variant, diffusers.StableDiffusionPipeline)
+        pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    elif variant == "depth":
+        pipe = diffusers.StableDiffusionDepth2ImgPipeline(**parts, **_tiny_depth_estimator())
+    else:
+        # The upscaler noises its low-resolution input with a DDPM schedule, up to max_noise_level.
+        low_res = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0001,
+                                beta_end=0.02)
+        pipe = diffusers.StableDiffusionUpscalePipeline(**parts, low_res_scheduler=low_res, safety_checker=None,
+                                                        feature_extractor=None, watermarker=None,
+                                                        max_noise_level=350)
     out = pathlib.Path(path)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def _tiny_depth_estimator() -> dict:
+    """A tiny DPT (MiDaS' architecture, as 512-depth's dpt_hybrid) and its image processor."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    # Four transformer layers feed DPT's four reassemble stages, as ViT-based MiDaS does.
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
+                       neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5],
+                       is_hybrid=False)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+    return {"depth_estimator": DPTForDepthEstimation(config).eval(), "feature_extractor": processor}
 
 
 # --------------------------------------------------------------------------- tiny safety detectors
@@ -199,6 +242,7 @@ def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
     folder = pathlib.Path(folder)
     return {
         "pipeline": write_tiny_pipeline(folder / "tiny-sd2"),
+        **{f"pipeline {v}": write_tiny_pipeline(folder / f"tiny-sd2-{v}", v) for v in TINY_SD2_VARIANTS[1:]},
         "nsfw-detector": write_tiny_nsfw_model(folder / "tiny-nsfw.h5"),
         "clip-checker": write_tiny_clip_checker(folder / "tiny-clip-checker"),
         "hf-classifier": write_tiny_hf_classifier(folder / "tiny-hf-classifier"),

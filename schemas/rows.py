@@ -10,7 +10,8 @@ STATUS_FAILED = "failed"
 
 # Prompt rows: the prompt and negative prompt columns hold text, as strings or as UTF-8 bytes
 # (a row whose bytes are not UTF-8 is recorded failed, not fatal); the id column may be any
-# scalar (ints are common) and is stringified.
+# scalar (ints are common) and is stringified. Image and mask columns hold encoded images
+# (binary) or URIs (strings): the same types.
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
 
 NSFW_SCORES_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
@@ -36,6 +37,18 @@ OUTPUT_FIELDS = [
     pa.field("guidance_scale", pa.float64()),
     pa.field("width", pa.int64()),
     pa.field("height", pa.int64()),
+    # model.task, and the image tasks' inputs and parameters (null for text-to-image): the input
+    # image's and mask's bytes by sha256, where they were read from (null: inline in the input's
+    # Parquet), the strength or noise_level used.
+    pa.field("task", pa.string()),
+    pa.field("input_image_sha256", pa.string()),
+    pa.field("input_image_uri", pa.string()),
+    pa.field("mask_image_sha256", pa.string()),
+    pa.field("mask_image_uri", pa.string()),
+    pa.field("strength", pa.float64()),
+    pa.field("noise_level", pa.int64()),
+    # engine.vae_tiling, which changes pixels.
+    pa.field("vae_tiling", pa.bool_()),
     pa.field("dtype", pa.string()),
     pa.field("image_format", pa.string()),
     pa.field("image_sha256", pa.string()),

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sdfleet.schemas.tasks import TASKS
+
 if TYPE_CHECKING:  # the engine imports this module on machines without pydantic (bench/gpu)
     from sdfleet.schemas.spec import JobSpec
 
@@ -72,13 +74,34 @@ class GenerationParams:
     seed: int
     num_inference_steps: int
     guidance_scale: float
-    width: int
-    height: int
+    # The image's size. None for the image tasks until made: the input image decides it.
+    width: int | None
+    height: int | None
     scheduler: str | None  # None: the checkpoint's own scheduler
+    # The image tasks' own parameters (None where the task has none), and the row's input.
+    strength: float | None = None
+    noise_level: int | None = None
+    image: InputImage | None = None
+    mask: InputImage | None = None
 
     def batch_key(self) -> tuple:
         # Samples that share these can go through the pipeline in one call.
-        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler)
+        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler,
+                self.strength, self.noise_level, self.image.size if self.image else None)
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One row's input image or mask, decoded (RGB, or L for a mask, EXIF orientation applied),
+    with the sha256 of the bytes it was decoded from and where they came from (None: inline)."""
+
+    pixels: Any  # a PIL image
+    sha256: str
+    uri: str | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.size
 
 
 @dataclass
@@ -96,7 +119,7 @@ class Sample:
 def resolve_params(
     spec: JobSpec, prompt: str, negative_prompt: str | None, prompt_id: str, point: dict[str, Any]
 ) -> GenerationParams:
-    gen = spec.generation
+    gen, task = spec.generation, TASKS[spec.model.task]
     if negative_prompt is None:
         negative_prompt = point.get("negative_prompt", gen.negative_prompt)
     return GenerationParams(
@@ -108,7 +131,15 @@ def resolve_params(
         width=point.get("width", gen.width),
         height=point.get("height", gen.height),
         scheduler=point.get("scheduler", spec.model.scheduler),
+        # The value the task runs with, its diffusers default when the spec leaves it out: rows
+        # record what made the image, not what was written.
+        strength=_first_set(point.get("strength"), gen.strength, task.strength),
+        noise_level=_first_set(point.get("noise_level"), gen.noise_level, task.noise_level),
     )
+
+
+def _first_set(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def sample_id(model_source: str, model_revision: str | None, params: GenerationParams, scheduler: str) -> str:
@@ -125,4 +156,10 @@ def sample_id(model_source: str, model_revision: str | None, params: GenerationP
         "width": params.width,
         "height": params.height,
     }
+    # The image tasks' inputs and parameters, only where there are any: a text-to-image sample
+    # keeps the id it had before there were other tasks.
+    extra = {"strength": params.strength, "noise_level": params.noise_level,
+             "input_image_sha256": params.image.sha256 if params.image else None,
+             "mask_image_sha256": params.mask.sha256 if params.mask else None}
+    payload.update({k: v for k, v in extra.items() if v is not None})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.tasks import TASK_NAMES, TASK_PARAMETERS, TASKS, TEXT_TO_IMAGE
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo such as `guidence_scale` must not silently use the default.
@@ -34,6 +35,9 @@ def check_scheduler_name(v: str | None) -> str | None:
 class ModelSpec(_Section):
     source: str = "stabilityai/stable-diffusion-2-base"
     revision: str | None = None
+    # What the checkpoint does with each row (sdfleet.schemas.tasks): text-to-image, or one of the
+    # SD2 model card's image-conditioned checkpoints, which take an input image per row.
+    task: Literal[TASK_NAMES] = TEXT_TO_IMAGE
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     scheduler: str | None = "EulerDiscreteScheduler"
     scheduler_config: dict[str, Any] = Field(default_factory=dict)
@@ -58,6 +62,10 @@ class InputSpec(_Section):
     id_column: str | None = "prompt_id"
     negative_prompt_column: str | None = None
     passthrough_columns: list[str] = Field(default_factory=list)
+    # Input images for the image tasks: encoded image bytes, or a URI (s3://..., or a path relative
+    # to the input's folder) that must stay inside the input's folder. Masks: white = repaint.
+    image_column: str | None = None
+    mask_column: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -71,18 +79,28 @@ def _check_multiple_of_8(name: str, v: int) -> int:
 class GenerationSpec(_Section):
     num_inference_steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0.0)
-    width: int = Field(512, ge=8, le=8192)
-    height: int = Field(512, ge=8, le=8192)
+    # null: text-to-image makes the checkpoint's own size (its UNet's sample size times the VAE's
+    # scale factor: 512 for 512-base, 768 for 768-v); the image tasks make the input image's size
+    # (times 4 for the upscaler), so these are for text-to-image only.
+    width: int | None = Field(None, ge=8, le=8192)
+    height: int | None = Field(None, ge=8, le=8192)
     negative_prompt: str = ""
+    # How far from the input image image-to-image, depth-to-image and inpaint go (0: the input
+    # itself, 1: all new); null: the task's diffusers default (0.8; 1.0 for inpaint).
+    strength: float | None = Field(None, gt=0.0, le=1.0)
+    # The noise the x4 upscaler adds to its low-resolution input (0 to the checkpoint's
+    # max_noise_level, 350 for x4-upscaling); null: diffusers' default of 20.
+    noise_level: int | None = Field(None, ge=0, le=1000)
 
     @field_validator("width", "height")
     @classmethod
-    def _size(cls, v: int, info) -> int:
-        return _check_multiple_of_8(info.field_name, v)
+    def _size(cls, v: int | None, info) -> int | None:
+        return v if v is None else _check_multiple_of_8(info.field_name, v)
 
 
 # Keys a sweep axis may vary. Each is a per-sample generation parameter recorded in its own column.
-SWEEPABLE = ("guidance_scale", "num_inference_steps", "width", "height", "negative_prompt", "scheduler")
+SWEEPABLE = ("guidance_scale", "num_inference_steps", "width", "height", "negative_prompt", "scheduler",
+             *TASK_PARAMETERS)
 
 
 class SweepSpec(_Section):
@@ -245,7 +263,8 @@ class ResourcesSpec(_Section):
 
 
 class EngineSpec(_Section):
-    """Lossless speed-ups of the pipeline: outputs stay within fp16 tolerance of plain diffusers.
+    """How the engine runs the pipeline. All but vae_tiling are lossless speed-ups: outputs stay
+    within fp16 tolerance of plain diffusers.
 
     They are part of the fingerprint: a resumed job must make its images the same way.
     """
@@ -263,6 +282,10 @@ class EngineSpec(_Section):
     # compiles nothing: "node" (the node-local cache), "off", or a folder or s3:// prefix shared by
     # a fleet. It holds compiled code: share it only where nothing but your jobs may write.
     compile_cache: str = "node"
+    # Decode latents in overlapping tiles (diffusers' VAE tiling): the x4 upscaler's 2048² decode
+    # then fits in a fraction of the memory. Not lossless (tiles are blended), so off unless asked
+    # for, and recorded in each row's vae_tiling.
+    vae_tiling: bool = False
 
     @field_validator("compile_cache")
     @classmethod
@@ -287,11 +310,38 @@ class JobSpec(_Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
 
+    @model_validator(mode="after")
+    def _fits_the_task(self):
+        """The input columns and generation keys the task takes, and none it would ignore."""
+        name, task = self.model.task, TASKS[self.model.task]
+        inp, gen, axes = self.input, self.generation, self.sweep.axes
+        if task.image and not inp.image_column:
+            raise ValueError(f"model.task={name} needs input.image_column: the column of input images "
+                             "(encoded bytes, or URIs inside the input's folder)")
+        if not task.image and inp.image_column:
+            raise ValueError(f"input.image_column={inp.image_column!r} is for the image tasks; model.task={name} "
+                             "takes none (set model.task: image-to-image, inpaint, depth-to-image or upscale)")
+        if task.mask and not inp.mask_column:
+            raise ValueError(f"model.task={name} needs input.mask_column: the column of masks (white = repaint)")
+        if not task.mask and inp.mask_column:
+            raise ValueError(f"input.mask_column={inp.mask_column!r} is for model.task=inpaint, not {name}")
+        for key in TASK_PARAMETERS:
+            if key not in task.parameters and (getattr(gen, key) is not None or key in axes):
+                takers = ", ".join(n for n, t in TASKS.items() if key in t.parameters)
+                raise ValueError(f"generation.{key} is for model.task {takers}; model.task={name} has no {key}")
+        if task.image:
+            for key in ("width", "height"):
+                if getattr(gen, key) is not None or key in axes:
+                    raise ValueError(f"generation.{key}: model.task={name} makes each image at its input "
+                                     f"image's size{' times 4' if task.scale == 4 else ''}; remove {key} "
+                                     "(or resize the input images)")
+        return self
+
     def fingerprint_fields(self) -> dict[str, Any]:
         """Every key that changes what is written, flattened to dotted names."""
         data = self.model_dump(mode="json")
         flat = _flatten(data)
-        return {k: v for k, v in flat.items() if not _is_operational(k)}
+        return {k: v for k, v in flat.items() if not _is_operational(k) and _ADDED_KEYS.get(k, flat) != v}
 
     def fingerprint(self, input_files: list[dict[str, Any]] | None = None) -> str:
         payload = {"spec": self.fingerprint_fields(), "input_files": input_files or []}
@@ -324,6 +374,12 @@ _OPERATIONAL_PREFIXES = (
     "safety.model_sha256",  # a guard on the weights; their hash is recorded per row either way
     "engine.compile_cache",  # where compiled graphs are kept, not how images are made
 )
+
+
+# Keys added after outputs were made, with the default that reproduces those outputs: left out of
+# the fingerprint at that default, so a job made before them still resumes after an upgrade.
+_ADDED_KEYS = {"model.task": TEXT_TO_IMAGE, "input.image_column": None, "input.mask_column": None,
+               "generation.strength": None, "generation.noise_level": None, "engine.vae_tiling": False}
 
 
 def _is_operational(key: str) -> bool:
@@ -440,6 +496,8 @@ def format_validation_error(e: ValidationError, data: dict[str, Any], source: st
             lines.append(f"  {key}: unknown key (check the spelling; `sdfleet` accepts only documented keys)")
         elif err["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif not key:  # a check across sections names its keys itself
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {key}={err.get('input')!r}: {msg}")

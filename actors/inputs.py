@@ -1,0 +1,179 @@
+"""Input images for the image tasks: each row's image (and mask), read and decoded by the worker.
+
+A cell holds encoded image bytes, or a URI: a path relative to the input's folder, or an
+absolute URI inside it. Whoever wrote the Parquet may be hostile, so a URI that leaves the
+input's folder (`..`, another bucket, an absolute path elsewhere) is refused, and so is an image
+over Pillow's pixel limit (a decompression bomb). Every refusal is one row's error; the shard
+goes on. Decoding is explicit (EXIF orientation applied, then RGB, or L for a mask), so the same
+bytes always give the same input pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdfleet.actors.storage import Storage, check_inside, is_remote
+from sdfleet.schemas.errors import StorageError
+from sdfleet.schemas.samples import InputImage
+
+_GLOB_CHARS = "*?["
+
+
+def input_folder(uri: str) -> str:
+    """The input's folder, which relative image URIs are read from: input.uri itself when it is a
+    folder or prefix, the folder of a file, the fixed part of a glob."""
+    uri = uri.rstrip("/")
+    cut = min((uri.index(c) for c in _GLOB_CHARS if c in uri), default=None)
+    if cut is not None:
+        return uri[:cut].rsplit("/", 1)[0]
+    return uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
+
+
+@dataclass
+class Cell:
+    """One row's image or mask value, resolved: bytes to decode, or why there are none."""
+
+    data: bytes | None = None
+    uri: str | None = None
+    error: str | None = None
+
+
+class InputImageReader:
+    """Reads the image (or mask) cells of one shard's rows: URIs concurrently, all at once."""
+
+    def __init__(self, input_uri: str, storage_options: dict[str, Any] | None = None):
+        self.folder = input_folder(input_uri)
+        self.storage_options = storage_options or {}
+        self._storage: Storage | None = None
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = Storage(self.folder, self.storage_options)
+        return self._storage
+
+    def read(self, values: list[Any], what: str, mask: bool = False) -> list[InputImage | str]:
+        """Each value as a decoded InputImage, or the reason (a string) it cannot be one."""
+        # 1. Resolve each value to inline bytes or a name inside the input's folder.
+        cells, names = [], {}
+        for v in values:
+            cell = self._resolve(v, what)
+            cells.append(cell)
+            if cell.data is None and cell.error is None:
+                names.setdefault(self._name(cell.uri), []).append(cell)
+        # 2. Fetch the named files at once (concurrent GETs on an object store).
+        if names:
+            for name, found in self.storage.read_many(list(names)).items():
+                for cell in names[name]:
+                    if isinstance(found, BaseException):
+                        missing = isinstance(found, FileNotFoundError)
+                        cell.error = (f"{what} {cell.uri} does not exist" if missing else
+                                      f"{what} {cell.uri} cannot be read: {type(found).__name__}: {found}")
+                    else:
+                        cell.data = found
+        # 3. Decode; the same bytes decode once per shard (sweep points share their row's image).
+        decoded: dict[tuple[str, str | None], InputImage | str] = {}
+        out: list[InputImage | str] = []
+        for cell in cells:
+            if cell.error:
+                out.append(cell.error)
+                continue
+            digest = hashlib.sha256(cell.data).hexdigest()
+            if (digest, cell.uri) not in decoded:
+                decoded[digest, cell.uri] = decode(cell.data, what, cell.uri, digest, mask)
+            out.append(decoded[digest, cell.uri])
+        return out
+
+    def _resolve(self, value: Any, what: str) -> Cell:
+        if value is None:
+            return Cell(error=f"{what} is null")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+            return Cell(data=data) if data else Cell(error=f"{what} is empty (0 bytes)")
+        if not isinstance(value, str) or not value.strip():
+            return Cell(error=f"{what} is {value!r}: give encoded image bytes or a URI inside {self.folder}")
+        return self._inside(value.strip(), what)
+
+    def _inside(self, uri: str, what: str) -> Cell:
+        """A URI or relative path, kept only if it names a file inside the input's folder."""
+        folder = self.folder.rstrip("/")
+        if "://" in uri or uri.startswith("/"):
+            scheme = uri.split("://", 1)[0] if "://" in uri else ""
+            ours = folder.split("://", 1)[0] if is_remote(folder) else ""
+            if scheme != ours and not (scheme == "file" and not ours):
+                return Cell(error=f"{what} {uri} is outside the input's folder {folder}; refusing to read it")
+            path = uri.removeprefix("file://")
+            relative = posixpath.relpath(posixpath.normpath(path), folder.removeprefix("file://")) \
+                if not ours else _relative_key(path, folder)
+        else:
+            relative = uri
+        normal = posixpath.normpath(relative)
+        if normal.startswith("../") or normal in ("..", ".") or normal.startswith("/") or "\\" in relative:
+            return Cell(error=f"{what} {uri} is outside the input's folder {folder}; refusing to read it")
+        if not is_remote(folder):
+            try:  # a symlink inside the folder may point out of it
+                check_inside(Path(folder), normal, f"{what} {uri}")
+            except StorageError:
+                return Cell(error=f"{what} {uri} is outside the input's folder {folder}; refusing to read it")
+        return Cell(uri=f"{folder}/{normal}")
+
+    def _name(self, uri: str) -> str:
+        return uri[len(self.folder.rstrip("/")) + 1:]
+
+
+def _relative_key(uri: str, folder: str) -> str:
+    """An object URI relative to the folder's, '../…' if it is not below it (another bucket too)."""
+    prefix = folder.rstrip("/") + "/"
+    if not uri.startswith(prefix):
+        return "../" + uri
+    return uri[len(prefix):]
+
+
+def decode(data: bytes, what: str, uri: str | None, digest: str, mask: bool) -> InputImage | str:
+    """Decoded pixels, or why not: not an image, over Pillow's pixel limit, truncated."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    where = f" {uri}" if uri else ""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; both are refused here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image = ImageOps.exif_transpose(image)
+            image = image.convert("L" if mask else "RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return (f"{what}{where} is refused as a decompression bomb ({e}); Pillow's limit is "
+                f"{Image.MAX_IMAGE_PIXELS:,} pixels")
+    except UnidentifiedImageError:
+        return f"{what}{where} is not an image Pillow can decode ({len(data)} bytes starting {data[:8]!r})"
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        return f"{what}{where} cannot be decoded: {type(e).__name__}: {e}"
+    if min(image.size) < 8:
+        return f"{what}{where} is {image.size[0]}x{image.size[1]}; the pipeline needs at least 8x8 pixels"
+    return InputImage(image, digest, uri)
+
+
+def read_row_inputs(reader: InputImageReader, images: dict[int, Any], masks: dict[int, Any] | None
+                    ) -> dict[int, tuple[InputImage, InputImage | None] | str]:
+    """Each row's (image, mask), or the reason the row cannot be generated. Rows: global row ->
+    its image cell (and mask cell, for inpaint)."""
+    rows = list(images)
+    found = dict(zip(rows, reader.read([images[r] for r in rows], "input image")))
+    found_masks = dict(zip(rows, reader.read([masks[r] for r in rows], "mask", mask=True))) if masks else {}
+    out: dict[int, tuple[InputImage, InputImage | None] | str] = {}
+    for r in rows:
+        image, mask = found[r], found_masks.get(r)
+        if isinstance(image, str) or isinstance(mask, str):
+            out[r] = image if isinstance(image, str) else mask
+        elif mask is not None and mask.size != image.size:
+            out[r] = (f"mask is {mask.size[0]}x{mask.size[1]} but its input image is {image.size[0]}x"
+                      f"{image.size[1]}; give a mask of the image's size")
+        else:
+            out[r] = (image, mask)
+    return out

@@ -1,0 +1,52 @@
+"""What each `model.task` is: its diffusers pipeline class, what its checkpoint looks like, and
+what each sample needs and may vary. The one owner of the task concept: the spec validates
+against it, the planner checks checkpoints with it, the engine calls pipelines by it.
+
+No torch or diffusers here: `sdfleet plan` checks a checkpoint from its JSON configs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Task:
+    pipeline: str  # the diffusers class an SD2 checkpoint is loaded as for this task
+    # The diffusers auto class that picks the pipeline for other families too (SDXL's img2img for
+    # its refiner, say); None: the task exists for SD2 only and loads `pipeline` itself.
+    auto_pipeline: str | None
+    # The UNet's input channels: 4 latent channels plus the task's conditioning. It is what tells
+    # an inpainting or depth checkpoint from a text-to-image one (the SD2 model card's five).
+    unet_in_channels: int
+    # A component the checkpoint must have besides the text-to-image ones (model_index.json).
+    needs_component: str | None = None
+    image: bool = False  # each row brings an input image (input.image_column)
+    mask: bool = False  # ...and a mask, white = repaint (input.mask_column)
+    # diffusers' defaults for the task's own parameters; None: the task has no such parameter.
+    strength: float | None = None
+    noise_level: int | None = None
+    # Output pixels per input pixel along each side (the x4 upscaler: 4).
+    scale: int = 1
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The task parameters (generation.* keys, sweepable) it takes."""
+        return tuple(k for k in TASK_PARAMETERS if getattr(self, k) is not None)
+
+
+TEXT_TO_IMAGE = "text-to-image"
+
+TASKS: dict[str, Task] = {
+    TEXT_TO_IMAGE: Task("StableDiffusionPipeline", "AutoPipelineForText2Image", 4),
+    "image-to-image": Task("StableDiffusionImg2ImgPipeline", "AutoPipelineForImage2Image", 4, image=True, strength=0.8),
+    "inpaint": Task("StableDiffusionInpaintPipeline", "AutoPipelineForInpainting", 9, image=True, mask=True, strength=1.0),
+    "depth-to-image": Task("StableDiffusionDepth2ImgPipeline", None, 5, needs_component="depth_estimator", image=True,
+                           strength=0.8),
+    "upscale": Task("StableDiffusionUpscalePipeline", None, 7, needs_component="low_res_scheduler", image=True,
+                    noise_level=20, scale=4),
+}
+
+TASK_NAMES = tuple(TASKS)
+# The task parameters any task has; each is a generation.* key and may be swept.
+TASK_PARAMETERS = ("strength", "noise_level")
