@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sdfleet.actors.engine import GENERATOR_DEVICE, Engine
-from sdfleet.actors.inputs import InputImageReader, read_row_inputs
+from sdfleet.actors.inputs import InputImageReader, read_row_inputs, read_source_inputs
 from sdfleet.actors.logs import configure_logging, remember_secrets
 from sdfleet.actors.safety import SafetyScore, load_detector
 from sdfleet.actors.storage import Storage
@@ -40,7 +40,7 @@ from sdfleet.schemas import layout
 from sdfleet.schemas.errors import UserError
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.plan import Plan
-from sdfleet.schemas.rows import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
+from sdfleet.schemas.rows import SOURCE_COLUMNS, STATUS_FAILED, STATUS_FILTERED, STATUS_OK
 from sdfleet.schemas.samples import Sample, resolve_params, sample_id, sample_key
 
 log = logging.getLogger("sdfleet")
@@ -59,8 +59,12 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
     first_row, last_row = start // n_points, (end - 1) // n_points  # global rows, inclusive
 
     # 1. Read the rows, file by file; a shard may span the end of one file and the start of the next.
-    columns = [inp.prompt_column] + [c for c in (inp.id_column, inp.negative_prompt_column, inp.image_column,
-                                                 inp.mask_column) if c]
+    source = plan.source_output
+    if source is None:
+        columns = [inp.prompt_column] + [c for c in (inp.id_column, inp.negative_prompt_column, inp.image_column,
+                                                     inp.mask_column) if c]
+    else:  # an earlier output's rows: keyed by their keys, their images in the shards' tars
+        columns = [inp.prompt_column] + [c for c in (inp.negative_prompt_column, *SOURCE_COLUMNS) if c]
     columns += [c for c in inp.passthrough_columns if c not in columns]
     rows: dict[int, tuple[str, int, dict[str, Any]]] = {}  # global row -> (file stem, file offset, values)
     for f, offset in zip(plan.files, plan.row_offsets):
@@ -76,8 +80,13 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
             group_start += n
         storage = Storage(f.uri, inp.storage_options)
         with storage.fs.open(storage.root, "rb") as fh:
-            table = pq.ParquetFile(fh).read_row_groups(groups, columns=columns)
-        table = table.slice(skip, hi - lo + 1)
+            if source is None:
+                table = pq.ParquetFile(fh).read_row_groups(groups, columns=columns).slice(skip, hi - lo + 1)
+            else:  # the file's ok rows, which are what the plan counted
+                import pyarrow.compute as pc
+
+                table = pq.ParquetFile(fh).read(columns=columns)
+                table = table.filter(pc.equal(table.column("status"), STATUS_OK)).slice(lo - offset, hi - lo + 1)
         # Text columns are read as bytes and decoded per row, so one non-UTF-8 row fails alone.
         text = {c for c in (inp.prompt_column, inp.negative_prompt_column) if c}
         values = {c: _as_bytes(table.column(c)) if c in text else table.column(c).to_pylist() for c in columns}
@@ -86,7 +95,9 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
 
     # 2. The image tasks' inputs, one read and decode per row (its sweep points share them).
     inputs = {}
-    if inp.image_column:
+    if source is not None:
+        inputs = read_source_inputs(Storage(source, inp.storage_options), rows)
+    elif inp.image_column:
         reader = InputImageReader(inp.uri, inp.storage_options)
         inputs = read_row_inputs(reader, {r: v[2][inp.image_column] for r, v in rows.items()},
                                  {r: v[2][inp.mask_column] for r, v in rows.items()} if inp.mask_column else None)
@@ -98,7 +109,7 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
         stem, offset, values = rows[row]
         point = plan.points[s % n_points]
         key = sample_key(shard_id, s - start, plan.key_width)
-        raw_id = values[inp.id_column] if inp.id_column else None
+        raw_id = values["key"] if source else values[inp.id_column] if inp.id_column else None
         prompt_id = f"{stem}:{row - offset}" if raw_id is None else str(raw_id)
         passthrough = {c: values[c] for c in inp.passthrough_columns}
         prompt, error = _decode(values[inp.prompt_column], "prompt")
@@ -114,10 +125,13 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
                 error = error or inputs[row]
             else:
                 params.image, params.mask = inputs[row]
+        origin = {"source_output": source, "source_key": values["key"],
+                  "source_image_sha256": values["image_sha256"]} if source else {}
         if error:
-            samples.append(Sample(key, shard_id, prompt_id, None, error, passthrough, prompt, planned=params))
+            samples.append(Sample(key, shard_id, prompt_id, None, error, passthrough, prompt, planned=params,
+                                  origin=origin))
             continue
-        samples.append(Sample(key, shard_id, prompt_id, params, None, passthrough, prompt))
+        samples.append(Sample(key, shard_id, prompt_id, params, None, passthrough, prompt, origin=origin))
     return samples
 
 
@@ -456,6 +470,7 @@ class ShardGenerator:
             "gpu_id": self.worker["gpu_id"],
             "gen_seconds": o.gen_seconds if o else None,
             "created_at": created_at,
+            **s.origin,
             **s.passthrough,
         }
         if o is not None and o.safety is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdfleet.actors.storage import Storage, check_inside, is_remote
+from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError
 from sdfleet.schemas.samples import InputImage
 
@@ -176,4 +177,30 @@ def read_row_inputs(reader: InputImageReader, images: dict[int, Any], masks: dic
                       f"{image.size[1]}; give a mask of the image's size")
         else:
             out[r] = (image, mask)
+    return out
+
+
+def read_source_inputs(source: Storage, rows: dict[int, tuple[str, int, dict[str, Any]]]
+                       ) -> dict[int, tuple[InputImage, None] | str]:
+    """The images of an earlier sdfleet output's rows, from their shards' tars (rows: global row
+    -> (shard name, file offset, values with key, image_sha256)), each checked against the sha256
+    its output recorded. One tar read per shard, stopping after its last wanted key."""
+    by_tar: dict[str, dict[str, int]] = {}
+    for r, (shard, _, values) in rows.items():
+        by_tar.setdefault(layout.tar_file(shard), {})[values["key"]] = r
+    out: dict[int, tuple[InputImage, None] | str] = {}
+    for tar, keys in by_tar.items():
+        found = {key: data for key, _, data in source.tar_images(tar, set(keys))}
+        for key, r in keys.items():
+            where = f"{source.url(tar)}#{key}"
+            recorded = rows[r][2]["image_sha256"]
+            if key not in found:
+                out[r] = f"source image {where} is not in its tar"
+                continue
+            digest = hashlib.sha256(found[key]).hexdigest()
+            if digest != recorded:
+                out[r] = f"source image {where} has sha256 {digest[:12]}..., not the {str(recorded)[:12]}... its row records"
+                continue
+            image = decode(found[key], "source image", where, digest, mask=False)
+            out[r] = image if isinstance(image, str) else (image, None)
     return out

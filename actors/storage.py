@@ -16,6 +16,7 @@ import socket
 import tempfile
 import uuid
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -200,6 +201,34 @@ class Storage:
                 return dict(zip(names, found))
             found = self.fs.cat(paths, on_error="return")
         return {n: found.get(p, FileNotFoundError(p)) for n, p in zip(names, paths)}
+
+    def tar_images(self, tar_name: str, keys: set[str] | None = None) -> Iterator[tuple[str, str, bytes]]:
+        """(key, extension, encoded bytes) of each image in an sdfleet tar, in tar order; only `keys`
+        when given, and then reading stops at the first member past the last of them. Member
+        names are only ever keys here, never paths."""
+        import tarfile
+
+        from sdfleet.schemas import layout
+
+        if keys is not None and not keys:
+            return
+        last = max(keys) if keys else None
+        left = set(keys) if keys is not None else None
+        # Remote: modest read-ahead blocks, so stopping early really does read only the start.
+        options = {} if self.local else {"block_size": 4 << 20, "cache_type": "readahead"}
+        with self.errors(tar_name, "read"), self.fs.open(self.path(tar_name), "rb", **options) as f, \
+                tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition(".")
+                if left is not None and last is not None and len(key) == len(last) and key > last:
+                    return  # members are in key order: the rest are past what we want
+                if ext.lower() not in layout.MIME_TYPES or (left is not None and key not in left):
+                    continue
+                yield key, ext.lower(), tar.extractfile(member).read()
+                if left is not None:
+                    left.discard(key)
+                    if not left:
+                        return
 
     def list(self, pattern: str) -> list[str]:
         """Names (relative to this folder) matching a glob, sorted."""

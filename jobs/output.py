@@ -38,6 +38,10 @@ INDEX_AFTER_READS = 500
 INDEX_SCHEMA = pa.schema([("name", pa.string()), ("tag", pa.string()), ("content", pa.binary())])
 
 
+# What every job record holds that readers rely on.
+_JOB_KEYS = ("spec", "fingerprint", "num_shards", "num_samples", "key_width")
+
+
 class NotAnOutput(UserError, FileNotFoundError):
     """The URI holds no job record: not an sdfleet output, or a job that never started."""
 
@@ -106,6 +110,11 @@ class OutputReader:
                     raise NotAnOutput(f"{self.storage.url()} does not exist") from None
                 raise NotAnOutput(f"{self.storage.url()} has no {layout.JOB_FILE}: it is not an sdfleet output "
                                   "(or its job never started)") from None
+            missing = [k for k in _JOB_KEYS if k not in self._job] if isinstance(self._job, dict) else _JOB_KEYS
+            if missing:
+                self._job = None
+                raise NotAnOutput(f"{self.storage.url(layout.JOB_FILE)} is not an sdfleet job record (no "
+                                  f"{', '.join(missing)})")
         return self._job
 
     @property
@@ -337,28 +346,8 @@ class OutputReader:
         return found
 
     def stream_images(self, tar_name: str, keys: set[str] | None = None) -> Iterator[tuple[str, str, bytes]]:
-        """(key, extension, encoded bytes) of each image in one tar, in tar order; only `keys` when
-        given, and then reading stops at the first member past the last of them."""
-        if keys is not None and not keys:
-            return
-        last = max(keys) if keys else None
-        left = set(keys) if keys is not None else None
-        # Remote: modest read-ahead blocks, so stopping early really does read only the start.
-        options = {} if self.storage.local else {"block_size": 4 << 20, "cache_type": "readahead"}
-        with self.storage.errors(tar_name, "read"), \
-                self.storage.fs.open(self.storage.path(tar_name), "rb", **options) as f, \
-                tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                key, _, ext = member.name.rpartition(".")
-                if left is not None and last is not None and len(key) == len(last) and key > last:
-                    return  # members are in key order: the rest are past what we want
-                if ext.lower() not in layout.MIME_TYPES or (left is not None and key not in left):
-                    continue
-                yield key, ext.lower(), tar.extractfile(member).read()
-                if left is not None:
-                    left.discard(key)
-                    if not left:
-                        return
+        """(key, extension, encoded bytes) of each image in one of this output's tars (Storage.tar_images)."""
+        return self.storage.tar_images(tar_name, keys)
 
 
 class _FooterBeyondTail(Exception):

@@ -12,11 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.schemas import layout
 from sdfleet.schemas.errors import InputError, SpecError, StorageError
 from sdfleet.schemas.plan import InputFile, Plan
-from sdfleet.schemas.rows import TEXT_TYPES, output_schema
+from sdfleet.schemas.rows import SOURCE_COLUMNS, TEXT_TYPES, output_schema
 from sdfleet.schemas.samples import sweep_points
 from sdfleet.schemas.spec import JobSpec
+from sdfleet.schemas.tasks import TASKS
 
 _GLOB_CHARS = set("*?[")
 # Ids hashed at a time: the byte-wise temporaries stay a few MB whatever the input's size.
@@ -110,19 +112,65 @@ class Planner:
         self.storage_options = spec.input.storage_options
 
     def plan(self) -> Plan:
-        # 1. List the input files, in a stable order.
-        uris = list_parquet(self.spec.input.uri, self.storage_options)
+        # 1. List the input files, in a stable order: Parquet files, or an earlier sdfleet
+        #    output's committed shards (its ok rows, whose images are the inputs).
+        source = self._source_output()
+        self._check_image_inputs(source)
+        uris = list_parquet(self.spec.input.uri, self.storage_options) if source is None else list(source)
         # 2. Read each footer: row counts per row group, and the columns the spec names.
         files, passthrough = [], None
         for uri in uris:
             f, schema = self._read_footer(uri)
+            if source is not None:  # only the shard's ok rows are planned
+                f = InputFile(uri=f.uri, size=f.size, rows=source[uri], row_groups=[source[uri]])
             files.append(f)
-            passthrough = self._check_columns(uri, schema, passthrough)
-        # 3. Expand the sweep, and find repeated prompt ids (they would repeat keys' seeds and ids).
-        plan = Plan(spec=self.spec, files=files, points=sweep_points(self.spec), passthrough_schema=passthrough)
-        if self.spec.input.id_column:
+            passthrough = self._check_columns(uri, schema, passthrough, source is not None)
+        # 3. Expand the sweep, and find repeated prompt ids (they would repeat keys' seeds and ids);
+        #    a source output's rows are keyed by their unique source keys.
+        plan = Plan(spec=self.spec, files=files, points=sweep_points(self.spec), passthrough_schema=passthrough,
+                    source_output=Storage(self.spec.input.uri, self.storage_options).uri if source else None)
+        if self.spec.input.id_column and source is None:
             plan.duplicate_rows = self._duplicate_ids(plan)
         return plan
+
+    def _source_output(self) -> dict[str, int] | None:
+        """When input.uri is an earlier sdfleet output (it has _job.json): its committed shards'
+        Parquet URIs -> their ok rows, for shards with any. The output must be complete, so that
+        every run of this job sees the same inputs."""
+        from sdfleet.jobs.output import OutputReader
+
+        uri = self.spec.input.uri
+        if _GLOB_CHARS & set(uri) or uri.endswith(".parquet"):
+            return None
+        storage = Storage(uri, self.storage_options)
+        with storage.errors(layout.JOB_FILE, "check"):
+            if not storage.exists(layout.JOB_FILE):
+                return None
+        survey = OutputReader(storage).survey()
+        if not (survey.complete and storage.exists(layout.SUCCESS_FILE)):
+            raise InputError(f"input.uri {uri} is an sdfleet output that is not complete ({len(survey.committed)} of "
+                             f"{survey.num_shards} shards committed, {len(survey.quarantined)} quarantined): let its "
+                             "job finish (rerun it), then run this one")
+        shards = {storage.url(layout.parquet_file(name)): stats.ok for name, stats in sorted(survey.committed.items())
+                  if stats.ok}
+        if not shards:
+            raise InputError(f"input.uri {uri} is an sdfleet output with no ok image to use as input")
+        return shards
+
+    def _check_image_inputs(self, source: dict[str, int] | None) -> None:
+        inp, name = self.spec.input, self.spec.model.task
+        task = TASKS[name]
+        if source is not None:
+            if not task.image:
+                raise SpecError(f"input.uri {inp.uri} is an sdfleet output, whose images are inputs; model.task="
+                                f"{name} takes none: set model.task (e.g. upscale or image-to-image)")
+            if inp.image_column or task.mask:
+                raise SpecError(f"input.uri {inp.uri} is an sdfleet output: its images are the inputs, so "
+                                + ("input.image_column must not be set" if inp.image_column else
+                                   f"model.task={name} would need masks, which an output does not hold"))
+        elif task.image and not inp.image_column:
+            raise SpecError(f"model.task={name} needs input.image_column: the column of input images (encoded "
+                            "bytes, or URIs inside the input's folder); or an sdfleet output as input.uri")
 
     def _duplicate_ids(self, plan: Plan) -> dict[int, int]:
         """Read the id column alone and map every repeated id's later rows to its first row.
@@ -192,7 +240,8 @@ class Planner:
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         return InputFile(uri=uri, size=size, rows=meta.num_rows, row_groups=groups), schema
 
-    def _check_columns(self, uri: str, schema: pa.Schema, passthrough: pa.Schema | None) -> pa.Schema:
+    def _check_columns(self, uri: str, schema: pa.Schema, passthrough: pa.Schema | None,
+                       source: bool = False) -> pa.Schema:
         inp = self.spec.input
         names = set(schema.names)
 
@@ -210,7 +259,11 @@ class Planner:
                 )
 
         need(inp.prompt_column, "prompt", string=True)
-        if inp.id_column is not None:
+        if source:
+            for column in SOURCE_COLUMNS:
+                if column not in names:
+                    raise InputError(f"input file {uri} has no {column!r} column: not an sdfleet shard's Parquet")
+        elif inp.id_column is not None:
             need(inp.id_column, "id", string=False)
         if inp.negative_prompt_column is not None:
             need(inp.negative_prompt_column, "negative prompt", string=True)

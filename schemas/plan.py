@@ -38,6 +38,10 @@ class Plan:
     row_offsets: list[int] = field(default_factory=list)  # global index of each file's first row
     # Rows whose prompt id appeared earlier in the input: global row -> global row of the first.
     duplicate_rows: dict[int, int] = field(default_factory=dict)
+    # input.uri when it is an earlier sdfleet output: then `files` are its committed shards'
+    # Parquet files, each file's `rows` counts its ok rows only, and those rows' images (from the
+    # shard's tar) are the inputs, each row keyed by its source key.
+    source_output: str | None = None
 
     def __post_init__(self):
         if not self.row_offsets:

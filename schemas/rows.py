@@ -49,6 +49,11 @@ OUTPUT_FIELDS = [
     pa.field("noise_level", pa.int64()),
     # engine.vae_tiling, which changes pixels.
     pa.field("vae_tiling", pa.bool_()),
+    # When the input is an earlier sdfleet output: which one, the source row's key, and the sha256
+    # of its image as that output recorded it (the input image's bytes, checked on reading).
+    pa.field("source_output", pa.string()),
+    pa.field("source_key", pa.string()),
+    pa.field("source_image_sha256", pa.string()),
     pa.field("dtype", pa.string()),
     pa.field("image_format", pa.string()),
     pa.field("image_sha256", pa.string()),
@@ -72,6 +77,9 @@ OUTPUT_FIELDS = [
 ]
 
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
+
+# What a shard Parquet of an earlier output must hold to be this job's input (besides the prompt).
+SOURCE_COLUMNS = ("key", "status", "image_sha256", "image_format")
 
 # Columns that describe the run rather than the image. They stay in the Parquet for provenance but
 # are kept out of the tar's {key}.json, so a retried or resumed shard writes byte-identical tars.

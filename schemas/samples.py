@@ -114,6 +114,7 @@ class Sample:
     passthrough: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None  # the row's text, kept for failed rows too (params is None there)
     planned: GenerationParams | None = None  # what a failed row would have used (seed, guidance ...)
+    origin: dict[str, Any] = field(default_factory=dict)  # source_* columns, when the input is an output
 
 
 def resolve_params(

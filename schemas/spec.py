@@ -312,12 +312,10 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _fits_the_task(self):
-        """The input columns and generation keys the task takes, and none it would ignore."""
+        """The input columns and generation keys the task takes, and none it would ignore. (That an
+        image task has its images, from input.image_column or an earlier output, the planner checks.)"""
         name, task = self.model.task, TASKS[self.model.task]
         inp, gen, axes = self.input, self.generation, self.sweep.axes
-        if task.image and not inp.image_column:
-            raise ValueError(f"model.task={name} needs input.image_column: the column of input images "
-                             "(encoded bytes, or URIs inside the input's folder)")
         if not task.image and inp.image_column:
             raise ValueError(f"input.image_column={inp.image_column!r} is for the image tasks; model.task={name} "
                              "takes none (set model.task: image-to-image, inpaint, depth-to-image or upscale)")

@@ -43,7 +43,6 @@ def test_defaults_follow_the_design():
         (spec_with(sweep={"axes": {"strength": [0.5]}}), "model.task=text-to-image has no strength"),
         (spec_with(model={"task": "inpaint"}, input={"uri": "s3://b/p/", "image_column": "image"}),
          "model.task=inpaint needs input.mask_column"),
-        (spec_with(model={"task": "upscale"}), "model.task=upscale needs input.image_column"),
         (spec_with(model={"task": "upscale"}, input={"uri": "s3://b/p/", "image_column": "image"},
                    generation={"strength": 0.5}), "model.task=upscale has no strength"),
         (spec_with(model={"task": "image-to-image"}, input={"uri": "s3://b/p/", "image_column": "image"},

@@ -336,3 +336,87 @@ def test_local_uris_stay_inside_the_input_folder(tmp_path):
     for reason in found[3:7]:
         assert isinstance(reason, str) and "outside the input's folder" in reason, reason
     assert "is '': give encoded image bytes or a URI" in found[7] and "is 42" in found[8]
+
+
+# --------------------------------------------------------- an earlier output as the input: two jobs
+
+
+def test_two_stage_example_upscales_the_first_jobs_ok_images(tmp_path, family, s3, ray_cluster):
+    """jobs/examples' pair at tiny size: 32² text-to-image, then the x4 upscaler over its ok images;
+    the second job's rows point at the first's keys, and rerunning it generates nothing."""
+    from helpers import REPO
+
+    examples = REPO / "jobs" / "examples"
+    prompts = ["a lighthouse", "", "a red fox", "a city at night"]  # the empty one fails in stage 1
+    table = pa.table({"prompt_id": [f"p{i}" for i in range(4)], "prompt": prompts})
+    with s3.open(f"{s3.bucket}/prompts/p.parquet", "wb") as f:
+        pq.write_table(table, f)
+    out1, out2 = f"s3://{s3.bucket}/two/512", f"s3://{s3.bucket}/two/2048"
+    tiny = ["generation.num_inference_steps=3", "safety.detector=none", "output.samples_per_shard=3",
+            "resources.batch_size=2", "resources.max_workers=2"]
+    sets = lambda *pairs: [a for p in (*pairs, *tiny) for a in ("--set", p)]  # noqa: E731
+    first = run_cli("run", str(examples / "sd2_base_512.yaml"), "--address", ray_cluster.address, "--no-progress",
+                    *sets(f"model.source={family['base']}", f"input.uri=s3://{s3.bucket}/prompts/",
+                          f"output.uri={out1}", "generation.width=32", "generation.height=32"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second_args = ("run", str(examples / "sd2_x4_upscale_2048.yaml"), "--address", ray_cluster.address,
+                   "--no-progress", *sets(f"model.source={family['upscale']}", f"input.uri={out1}",
+                                          f"output.uri={out2}"))
+    second = run_cli(*second_args)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    def rows_at(uri):
+        found = {}
+        for name in sorted(s3.glob(f"{uri.removeprefix('s3://')}/*.parquet")):
+            with s3.open(name, "rb") as f:
+                found.update({r["key"]: r for r in pq.read_table(f).to_pylist()})
+        return found
+
+    stage1, stage2 = rows_at(out1), rows_at(out2)
+    ok1 = {k: r for k, r in stage1.items() if r["status"] == "ok"}
+    assert len(stage1) == 8 and len(ok1) == 6  # 4 prompts x 2 seeds; the empty prompt's two fail
+    assert len(stage2) == 6 and {r["status"] for r in stage2.values()} == {"ok"}
+    assert {r["source_key"] for r in stage2.values()} == set(ok1)
+    for r in stage2.values():
+        source = ok1[r["source_key"]]
+        assert r["source_output"] == out1 and r["source_image_sha256"] == source["image_sha256"]
+        assert r["input_image_sha256"] == source["image_sha256"] and r["prompt"] == source["prompt"]
+        assert (r["width"], r["height"]) == (128, 128) and r["task"] == "upscale" and r["noise_level"] == 20
+        assert r["prompt_id"] == r["source_key"]
+
+    # One row regenerates from the first job's image with the plain upscaler.
+    row = next(iter(stage2.values()))
+    shard = row["source_key"][:5]
+    with tarfile.open(fileobj=io.BytesIO(s3.cat_file(f"{out1.removeprefix('s3://')}/{shard}.tar"))) as tar:
+        source_png = tar.extractfile(f"{row['source_key']}.png").read()
+    with tarfile.open(fileobj=io.BytesIO(s3.cat_file(f"{out2.removeprefix('s3://')}/{row['key'][:5]}.tar"))) as tar:
+        ours = np.asarray(Image.open(tar.extractfile(f"{row['key']}.png")))
+    import diffusers
+
+    pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(family["upscale"], use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert row["scheduler"] == type(pipe.scheduler).__name__  # scheduler: null keeps the checkpoint's
+    assert_close(ours, regenerate(pipe, row, image=decoded(source_png, "RGB"), noise_level=row["noise_level"]))
+
+    again = run_cli(*second_args)
+    assert again.returncode == 0 and "nothing to generate" in again.stderr, again.stderr[-2000:]
+
+
+def test_an_unfinished_output_is_not_an_input(tmp_path, family, s3):
+    """A source output without _SUCCESS (its job still running or failed) is refused by `plan`."""
+    from sdfleet.schemas import layout
+
+    s3.pipe(f"{s3.bucket}/src/{layout.JOB_FILE}", b'{"fingerprint": "x", "num_shards": 2, "num_samples": 4, '
+                                                   b'"key_width": 5, "spec": {"name": "stage1"}}')
+    spec = {"model": {"source": str(family["upscale"]), "task": "upscale"}, "input": {"uri": f"s3://{s3.bucket}/src"},
+            "output": {"uri": str(tmp_path / "out")}, "safety": {"detector": "none"}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 1 and "is an sdfleet output that is not complete (0 of 2 shards" in out.stderr, out.stderr
+    # ...and an image task without any images is named too.
+    spec["input"] = {"uri": str(tmp_path / "in")}
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["x"]}), tmp_path / "in" / "p.parquet")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 1 and "model.task=upscale needs input.image_column" in out.stderr, out.stderr
