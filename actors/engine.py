@@ -291,6 +291,11 @@ class Engine:
 
         # 5. The batch size, measured in eager mode (compiling a probe shape would be wasted).
         self.batch_size = self._fit_batch_size(warm_up) if batch_size == "auto" else int(batch_size)
+        # The image tasks' sizes come with their inputs: "auto" measures each new input size on a
+        # GPU when it first arrives (a 512² input to the x4 upscaler decodes at 2048², 16x the
+        # memory of its native 128² input), and keeps the batch per size.
+        self._fit_per_input_size = batch_size == "auto" and self.task.image and self.device.startswith("cuda")
+        self._batch_by_input_size: dict[tuple[int, int], int] = {}
 
         # 6. torch.compile last, then its warm-up: every shape the job's sweep needs, once per actor.
         if self._wants_compile(options):
@@ -432,7 +437,11 @@ class Engine:
 
         if not self.device.startswith("cuda") or not params:
             return CPU_AUTO_BATCH
-        probe = self._memory_probe(params)
+        return self._fit(self._memory_probe(params))
+
+    def _fit(self, probe: GenerationParams) -> int:
+        import torch
+
         peaks = []
         for size in (1, 2):
             torch.cuda.synchronize()
@@ -491,11 +500,12 @@ class Engine:
         """
         import torch
 
-        size = batch_size or self.batch_size
+        fixed = batch_size
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault(p.batch_key(), []).append(i)
         for indices in groups.values():
+            size = fixed or self._batch_size_for(params[indices[0]])
             lo = 0
             while lo < len(indices):
                 batch = indices[lo : lo + size]
@@ -508,11 +518,22 @@ class Engine:
                     size = len(batch) // 2
                     log.warning("out of GPU memory at batch %d; going on with batch %d", len(batch), size)
                     self.batch_size = min(self.batch_size, size)
+                    first = params[batch[0]]
+                    if first.image is not None and first.image.size in self._batch_by_input_size:
+                        self._batch_by_input_size[first.image.size] = size
                     if self.device.startswith("cuda"):
                         torch.cuda.empty_cache()
                     continue
                 yield batch, images, time.perf_counter() - t0
                 lo += len(batch)
+
+    def _batch_size_for(self, p: GenerationParams) -> int:
+        if not self._fit_per_input_size or p.image is None:
+            return self.batch_size
+        if p.image.size not in self._batch_by_input_size:
+            probe = dataclasses.replace(p, prompt="memory probe", negative_prompt="", num_inference_steps=1, seed=0)
+            self._batch_by_input_size[p.image.size] = self._fit(probe)
+        return self._batch_by_input_size[p.image.size]
 
     def _call(self, batch: list[GenerationParams]) -> list[np.ndarray]:
         import torch

@@ -255,3 +255,29 @@ def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(tiny_
     with pytest.raises(ModelLoadError, match="engine.compile=on: torch.compile failed: .*no working C compiler"):
         Engine(model, cpu_threads=2, options=EngineSpec(**{**OFF, "compile": "on"}), batch_size=2, warm_up=sweep)
     torch._dynamo.reset()
+
+
+def test_vae_tiling_is_opt_in_changes_pixels_and_regenerates_with_plain_tiling(tmp_path):
+    """engine.vae_tiling decodes in tiles (the tiny VAE tiles above 64 px): other pixels than a
+    whole decode, the same as plain diffusers with vae.enable_tiling()."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from sdfleet.jobs.tiny import write_tiny_pipeline
+    from sdfleet.schemas.spec import EngineSpec
+
+    model = write_tiny_pipeline(tmp_path / "768-v", "768-v")
+    p = GenerationParams("a lighthouse", "", 3, 3, 7.5, 96, 96, "EulerDiscreteScheduler")
+    spec = ModelSpec(source=str(model), dtype="float32")
+    whole = Engine(spec, options=EngineSpec(), batch_size=1)
+    tiled = Engine(spec, options=EngineSpec(vae_tiling=True), batch_size=1)
+    assert "vae_tiling" in tiled.applied and "vae_tiling" not in whole.applied
+    (ours,), (untiled,) = run(tiled, [p], 1), run(whole, [p], 1)
+    assert np.abs(ours.astype(int) - untiled.astype(int)).max() > 2
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(p.prompt, num_inference_steps=3, guidance_scale=7.5, width=96, height=96,
+               generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.abs(ours.astype(int) - np.asarray(ref).astype(int)).max() <= 2
