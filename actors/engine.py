@@ -432,14 +432,14 @@ class Engine:
             log.info("compiled %d shape(s) x batch %s in %.0fs", len(shapes), sizes, time.perf_counter() - t0)
 
     def _fit_batch_size(self, params: Sequence[GenerationParams]) -> int:
-        """The largest batch whose memory, measured at batch 1 and 2, fits in the GPU's free memory."""
-        import torch
-
+        """The batch size "auto" starts with: CPU_AUTO_BATCH without a GPU, else what fits at the
+        sweep's most demanding shape."""
         if not self.device.startswith("cuda") or not params:
             return CPU_AUTO_BATCH
         return self._fit(self._memory_probe(params))
 
     def _fit(self, probe: GenerationParams) -> int:
+        """The largest batch whose memory, measured at batch 1 and 2 of `probe`, fits in the GPU's free memory."""
         import torch
 
         peaks = []

@@ -106,6 +106,11 @@ def job_spec(tmp_path, tiny_model, bucket, out: str, steps: int = 2, **sections)
         "safety": {"detector": "none"},
         "resources": {"batch_size": 3, "max_attempts": 3},
     }
+    return write_spec(tmp_path, spec, **sections)
+
+
+def write_spec(tmp_path, spec: dict, **sections) -> Path:
+    """`spec` with `sections` merged into its sections, written to a new YAML file."""
     for section, values in sections.items():
         spec.setdefault(section, {}).update(values)
     path = tmp_path / f"job-{uuid.uuid4().hex[:6]}.yaml"

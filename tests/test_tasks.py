@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from helpers import run_cli
+from helpers import run_cli, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -71,11 +71,7 @@ def run_job(tmp_path, s3, address, model, task, table, extra_files=(), **section
         "safety": {"detector": "none"},
         "resources": {"batch_size": 2, "max_workers": 2},
     }
-    for section, values in sections.items():
-        spec.setdefault(section, {}).update(values)
-    path = tmp_path / f"{task}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    done = run_cli("run", str(path), "--address", address, "--no-progress")
+    done = run_cli("run", str(write_spec(tmp_path, spec, **sections)), "--address", address, "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     rows, images = {}, {}
     for name in sorted(s3.glob(f"{out}/*.parquet")):
