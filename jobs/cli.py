@@ -141,7 +141,7 @@ def _dispatch(args) -> int:
         from sdfleet.jobs.tiny import write_tiny_models
 
         for what, path in write_tiny_models(args.dir).items():
-            print(f"{what:14} {path}")
+            print(f"{what:16} {path}")
         return EXIT_OK
     raise AssertionError(args.command)
 
