@@ -206,6 +206,13 @@ def check_scheduler_names(names: Sequence[str]) -> None:
             raise ModelLoadError(f"scheduler {name!r} is not a diffusers scheduler class; e.g. EulerDiscreteScheduler")
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleFailed:
+    """In place of an image: why this one sample could not be made (its row records it)."""
+
+    reason: str
+
+
 class Engine:
     """Holds one pipeline on one device and generates batches of samples with per-sample seeds."""
 
@@ -492,7 +499,8 @@ class Engine:
     def generate(
         self, params: Sequence[GenerationParams], batch_size: int | None = None
     ) -> Iterator[tuple[list[int], list[np.ndarray], float]]:
-        """Yield (indices into params, uint8 HxWx3 images, seconds) batch by batch.
+        """Yield (indices into params, uint8 HxWx3 images, seconds) batch by batch. An image task's
+        sample whose input is too large for the GPU even alone yields a SampleFailed instead.
 
         Samples are grouped by what must be equal within one pipeline call (steps, guidance,
         size, scheduler), keeping plan order inside each group. A batch that runs out of GPU
@@ -514,7 +522,19 @@ class Engine:
                     images = self._call([params[i] for i in batch])
                 except torch.OutOfMemoryError:
                     if len(batch) == 1:
-                        raise
+                        sample = params[batch[0]]
+                        if sample.image is None:
+                            raise  # the spec's own size: no row can be made, so the shard fails
+                        # One row's input too large for the GPU: that row fails, the shard goes on.
+                        if self.device.startswith("cuda"):
+                            torch.cuda.empty_cache()
+                        w, h = self._output_size(sample)
+                        yield batch, [SampleFailed(f"out of GPU memory for one {self.task_name} image at {w}x{h} "
+                                                   f"from its {sample.image.size[0]}x{sample.image.size[1]} input; "
+                                                   "resize the input or set engine.vae_tiling: true")], \
+                            time.perf_counter() - t0
+                        lo += 1
+                        continue
                     size = len(batch) // 2
                     log.warning("out of GPU memory at batch %d; going on with batch %d", len(batch), size)
                     self.batch_size = min(self.batch_size, size)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from sdfleet.actors.engine import GENERATOR_DEVICE, Engine
+from sdfleet.actors.engine import GENERATOR_DEVICE, Engine, SampleFailed
 from sdfleet.actors.inputs import InputImageReader, read_row_inputs, read_source_inputs
 from sdfleet.actors.logs import configure_logging, remember_secrets
 from sdfleet.actors.safety import SafetyScore, load_detector
@@ -377,9 +377,13 @@ class ShardGenerator:
             for batch, images, secs in self.engine.generate([s.params for s in todo]):
                 self._check_preempted()
                 gen_total += secs
-                keys += [todo[i].key for i in batch]
-                arrays += images
-                seconds += [secs / len(batch)] * len(batch)
+                for i, image in zip(batch, images):
+                    if isinstance(image, SampleFailed):
+                        todo[i].error = image.reason  # no outcome: its row is failed, with the reason
+                        continue
+                    keys.append(todo[i].key)
+                    arrays.append(image)
+                    seconds.append(secs / len(batch))
                 if len(keys) >= POST_BATCH:
                     futures.append(self.post.submit(self._finish_batch, keys, arrays, seconds))
                     keys, arrays, seconds = [], [], []

@@ -281,3 +281,30 @@ def test_vae_tiling_is_opt_in_changes_pixels_and_regenerates_with_plain_tiling(t
     ref = pipe(p.prompt, num_inference_steps=3, guidance_scale=7.5, width=96, height=96,
                generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert np.abs(ours.astype(int) - np.asarray(ref).astype(int)).max() <= 2
+
+
+def test_an_input_too_large_for_the_gpu_fails_alone(tiny_model):
+    """An injected out-of-memory for one large input image: the batch halves, then that sample alone
+    yields SampleFailed with its sizes, and the others are made (a spec-sized text-to-image OOM at
+    batch 1 still raises: no row of that shape can be made)."""
+    from PIL import Image
+
+    from sdfleet.actors.engine import SampleFailed
+    from sdfleet.schemas.samples import InputImage
+
+    class SmallGpu(Engine):
+        def _call(self, batch):
+            if any(p.image is not None and p.image.size[0] > 32 for p in batch):
+                raise torch.OutOfMemoryError("injected")
+            return super()._call(batch)
+
+    engine = SmallGpu(ModelSpec(source=str(tiny_model), task="image-to-image", dtype="float32"), batch_size=4)
+    small, large = (InputImage(Image.new("RGB", (side, side), (90, 120, 150)), f"sha-{side}") for side in (32, 48))
+    batch = [GenerationParams("a", "", seed, 2, 7.5, None, None, None, strength=0.8, image=image)
+             for seed, image in enumerate([small, small, large, small, large])]
+    # One group per input size: the two large ones are tried together, then alone.
+    made = {i: image for indices, images, _ in engine.generate(batch) for i, image in zip(indices, images)}
+    for i in (2, 4):
+        assert isinstance(made[i], SampleFailed)
+        assert "out of GPU memory for one image-to-image image at 48x48 from its 48x48 input" in made[i].reason
+    assert all(made[i].shape == (32, 32, 3) for i in (0, 1, 3))
