@@ -158,6 +158,8 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
                                   .read_text())
             except huggingface_hub.errors.EntryNotFoundError:
                 return {}
+            except Exception as e:  # noqa: BLE001 -- the hub's network errors are not OSErrors
+                raise OSError(f"the hub did not give it: {type(e).__name__}: {first_line(e)}") from e
         except (OSError, ValueError) as e:  # ValueError: not JSON
             raise ModelLoadError(f"cannot read {name} of model.source {source}: {type(e).__name__}: "
                                  f"{first_line(e)}") from None
