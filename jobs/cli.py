@@ -9,6 +9,7 @@ import sys
 
 from sdfleet.schemas.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_REFUSED, UserError
 from sdfleet.schemas.spec import load_spec
+from sdfleet.schemas.tasks import TASKS
 
 log = logging.getLogger("sdfleet")
 
@@ -160,6 +161,9 @@ def _plan(spec) -> int:
     print(f"samples       {plan.num_samples}")
     print(f"shards        {plan.num_shards} of up to {plan.samples_per_shard} samples")
     print(f"compute       {est['tflop']:,.0f} TFLOP")
+    if TASKS[spec.model.task].image:
+        print(f"task          {spec.model.task}: each image's size comes from its input, so the compute and "
+              "GPU-hours here count SD2-base at 512² per image")
     print(f"estimate      {est['gpu_hours']:,.2f} GPU-hours at {est['sustained_tflops']:.0f} TFLOP/s sustained "
           f"({est['throughput_source']})")
     if est["cost_usd"] is not None:
