@@ -27,6 +27,7 @@ import numpy as np
 
 from sdfleet.actors.engine import Engine
 from sdfleet.actors.generator import ShardGenerator
+from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
 # Colour photographs inside scikit-image's wheel (no download), of different content and detail.
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
@@ -70,6 +71,10 @@ class SyntheticEngine(Engine):
         self.options = options
         self.applied = []
         self.batch_size = 8 if batch_size == "auto" else int(batch_size)
+        self.task_name = getattr(model, "task", TEXT_TO_IMAGE)
+        self.task = TASKS[self.task_name]
+        self.default_size = 512
+        self._fit_per_input_size = False  # no GPU memory to measure
         self.default_scheduler = model.scheduler or "EulerDiscreteScheduler"
         # The tokenizer's cost (each shard counts its prompts' tokens) is the real one.
         self.pipe = SimpleNamespace(tokenizer=clip_tokenizer())
