@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from sdfleet.actors.curation import CurationScores, Curator
 from sdfleet.actors.engine import GENERATOR_DEVICE, Engine, SampleFailed
 from sdfleet.actors.inputs import InputImageReader, read_row_inputs, read_source_inputs
 from sdfleet.actors.logs import configure_logging, remember_secrets
@@ -172,6 +173,7 @@ class Outcome:
     safety: SafetyScore | None = None
     flagged: bool | None = None
     size: tuple[int, int] | None = None  # (width, height) as made: the image tasks' inputs decide it
+    curation: CurationScores | None = None
 
 
 @dataclass
@@ -297,6 +299,8 @@ class ShardGenerator:
         self.engine = self.engine_class(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine,
                                         batch_size=self.spec.resources.batch_size, warm_up=shapes)
         self.detector = load_detector(self.spec.safety, self.engine.device, cpu_threads)
+        # On the post thread beside the detector, on the pipeline's device.
+        self.curator = Curator(self.spec.curation, self.engine.device) if self.spec.curation.clip_model else None
         self.encoders = ThreadPoolExecutor(max_workers=cpu_threads or os.cpu_count() or 1,
                                            thread_name_prefix="sdfleet-encode")
 
@@ -370,7 +374,7 @@ class ShardGenerator:
         """Generate `todo` in batches during this shard's turn on the pipeline. Each POST_BATCH images
         are scored and acted on on the post thread, and encoded on the encoder pool, while the
         pipeline makes the next batch."""
-        futures, keys, arrays, seconds = [], [], [], []
+        futures, made, arrays, seconds = [], [], [], []
         gen_total = 0.0
         with self.turns.turn(ticket, self._check_preempted):
             turn_start, started_ts = time.perf_counter(), time.time()
@@ -381,16 +385,16 @@ class ShardGenerator:
                     if isinstance(image, SampleFailed):
                         todo[i].error = image.reason  # no outcome: its row is failed, with the reason
                         continue
-                    keys.append(todo[i].key)
+                    made.append(todo[i])
                     arrays.append(image)
                     seconds.append(secs / len(batch))
-                if len(keys) >= POST_BATCH:
-                    futures.append(self.post.submit(self._finish_batch, keys, arrays, seconds))
-                    keys, arrays, seconds = [], [], []
+                if len(made) >= POST_BATCH:
+                    futures.append(self.post.submit(self._finish_batch, made, arrays, seconds))
+                    made, arrays, seconds = [], [], []
             turn_seconds, finished_ts = time.perf_counter() - turn_start, time.time()
         # The next shard has the GPU now; the rest of this one runs beside it.
-        if keys:
-            futures.append(self.post.submit(self._finish_batch, keys, arrays, seconds))
+        if made:
+            futures.append(self.post.submit(self._finish_batch, made, arrays, seconds))
         outcomes: dict[str, Outcome] = {}
         stage_seconds: Counter = Counter()
         for f in futures:
@@ -429,9 +433,10 @@ class ShardGenerator:
             generate_finished_ts=round(made.finished_ts, 3), finished_ts=round(time.time(), 3),
             tar_sha256=sha256[layout.tar_file(name)], parquet_sha256=sha256[layout.parquet_file(name)],
             stage_seconds={k: round(v, 4) for k, v in sorted(made.stage_seconds.items())},
+            curation_models_sha256=self.curator.models_sha256 if self.curator else {},
         )
 
-    def _finish_batch(self, keys: list[str], arrays: list, seconds: list[float]):
+    def _finish_batch(self, samples: list[Sample], arrays: list, seconds: list[float]):
         """Score and act on generated images (seconds: the pipeline's time per image), and hand the
         images to keep to the encoder pool. Returns the outcomes, the scoring time, and the
         encoding of each image to keep: key -> future of (bytes, sha256, seconds per stage)."""
@@ -439,10 +444,17 @@ class ShardGenerator:
         t0 = time.perf_counter()
         scores = self.detector.score(arrays) if self.detector else [None] * len(arrays)
         timing = {"score": time.perf_counter() - t0}
+        curated = [None] * len(arrays)
+        if self.curator is not None:  # before a blackout, so the scores are of what was generated
+            t0 = time.perf_counter()
+            curated = self.curator.score(arrays, [s.params.prompt for s in samples])
+            timing["curate"] = time.perf_counter() - t0
         outcomes, encoding = {}, {}
-        for key, array, score, per_image in zip(keys, arrays, scores, seconds):
+        for sample, array, score, curation, per_image in zip(samples, arrays, scores, curated, seconds):
+            key = sample.key
             flagged = None if score is None else score.nsfw_score >= safety.threshold
-            o = Outcome(STATUS_OK, per_image, safety=score, flagged=flagged, size=(array.shape[1], array.shape[0]))
+            o = Outcome(STATUS_OK, per_image, safety=score, flagged=flagged, size=(array.shape[1], array.shape[0]),
+                        curation=curation)
             if flagged and safety.action in ("drop", "quarantine"):
                 o.status = STATUS_FILTERED
                 o.quarantined = safety.action == "quarantine"
@@ -477,6 +489,9 @@ class ShardGenerator:
             **s.origin,
             **s.passthrough,
         }
+        if o is not None and o.curation is not None:
+            row.update(clip_score=o.curation.clip_score, aesthetic_score=o.curation.aesthetic_score,
+                       punsafe=o.curation.punsafe)
         if o is not None and o.safety is not None:
             # Without a detector every safety column stays null rather than a misleading 0.
             row.update(

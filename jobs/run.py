@@ -244,7 +244,21 @@ class JobRunner:
         if safety.model and not is_remote(safety.model) and safety.model.startswith((".", "/", "~")):
             if not Path(safety.model).expanduser().exists():
                 raise SpecError(f"safety.model {safety.model} does not exist; give the detector's weights")
+        self._check_curation_models()
         return checkpoint
+
+    def _check_curation_models(self) -> None:
+        """What the driver can see of curation.*'s models: heads are safetensors files, and local paths exist."""
+        cur = self.spec.curation
+        for key in ("clip_model", "aesthetic_model", "nsfw_model"):
+            value = getattr(cur, key)
+            if value is None:
+                continue
+            if key != "clip_model" and not value.endswith(".safetensors"):
+                raise SpecError(f"curation.{key}={value} is not a .safetensors file; sdfleet loads heads from "
+                                "safetensors only: convert the original once (see the README's Curation section)")
+            if not is_remote(value) and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+                raise SpecError(f"curation.{key} {value} does not exist")
 
     def _with_checkpoint_size(self, checkpoint) -> JobSpec:
         """Text-to-image without a width or height makes the checkpoint's native size (512-base:

@@ -247,6 +247,8 @@ def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
         "clip-checker": write_tiny_clip_checker(folder / "tiny-clip-checker"),
         "hf-classifier": write_tiny_hf_classifier(folder / "tiny-hf-classifier"),
         "clip (score)": write_tiny_clip(folder / "tiny-clip"),
+        "aesthetic head": write_tiny_aesthetic_head(folder / "tiny-aesthetic.safetensors"),
+        "nsfw head": write_tiny_nsfw_head(folder / "tiny-laion-nsfw.safetensors"),
         "fid (score)": write_tiny_inception(folder / "tiny-fid.safetensors"),
     }
 
@@ -310,3 +312,39 @@ def write_tiny_inception(path: str | os.PathLike) -> pathlib.Path:
     state = {k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     save_file(state, str(out), metadata={ARCH_METADATA_KEY: TinyFeatureExtractor.arch})
     return out
+
+
+# --------------------------------------------------------------------------- tiny curation heads
+# In sdfleet.actors.curation's head format, on tiny-clip's 16-wide embeddings: the LAION aesthetic
+# predictor's shape (five linear layers, no activation, a score out) and the LAION CLIP NSFW
+# classifier's (a normalization, ReLU layers, a sigmoid probability out), scaled down.
+
+
+def _write_head(path, widths: list[int], metadata: dict[str, str], normalization: bool, seed: int):
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    tensors = {}
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        layer = torch.nn.Linear(n_in, n_out)
+        tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = layer.weight.detach(), layer.bias.detach()
+    if normalization:
+        tensors["input_mean"] = torch.randn(widths[0]) * 0.05
+        tensors["input_variance"] = torch.rand(widths[0]) * 0.01 + 0.005
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata=metadata)
+    return out
+
+
+def write_tiny_aesthetic_head(path: str | os.PathLike, embedding_size: int = 16) -> pathlib.Path:
+    return _write_head(path, [embedding_size, 32, 16, 8, 4, 1],
+                       {"sdfleet_head": "aesthetic", "hidden_activation": "none", "output": "identity"},
+                       normalization=False, seed=2)
+
+
+def write_tiny_nsfw_head(path: str | os.PathLike, embedding_size: int = 16) -> pathlib.Path:
+    return _write_head(path, [embedding_size, 32, 16, 1],
+                       {"sdfleet_head": "nsfw", "hidden_activation": "relu", "output": "sigmoid"},
+                       normalization=True, seed=3)

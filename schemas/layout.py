@@ -173,9 +173,12 @@ class ShardStats(_Record):
     started_at: str
     finished_at: str
     # Seconds the worker spent per stage beside the pipeline: read (prompt rows, token counts),
-    # score, encode, hash (per image), write (rows, tar and Parquet on local disk), upload (staging
-    # them on storage). Wall time of the thread doing each: where a shard's time beside the GPU goes.
+    # score, curate (curation.*), encode, hash (per image), write (rows, tar and Parquet on local
+    # disk), upload (staging them on storage). Wall time of the thread doing each: where a shard's
+    # time beside the GPU goes.
     stage_seconds: dict[str, float] = {}
+    # curation.*: the sha256 of each scoring model's files, by key (clip_model, aesthetic_model, nsfw_model).
+    curation_models_sha256: dict[str, str] = {}
     # Epoch seconds: throughput over a whole job, and the overlap of neighbouring shards.
     started_ts: float
     generate_started_ts: float

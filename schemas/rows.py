@@ -66,6 +66,11 @@ OUTPUT_FIELDS = [
     # (with action `blackout` a flagged row stays `ok` and its tar image is black).
     pa.field("safety_model_sha256", pa.string()),
     pa.field("safety_flagged", pa.bool_()),
+    # curation.*: CLIPScore against the prompt (as `sdfleet score` computes it), the LAION aesthetic
+    # predictor's score, the LAION CLIP NSFW head's probability of unsafe; null where not configured.
+    pa.field("clip_score", pa.float32()),
+    pa.field("aesthetic_score", pa.float32()),
+    pa.field("punsafe", pa.float32()),
     # `device` is the torch device that ran the pipeline ("cuda:0", "cpu"); `gpu_id` is the GPU
     # Ray assigned to the actor (a logical GPU on a CPU test cluster), null when none was assigned.
     pa.field("device", pa.string()),

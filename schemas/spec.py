@@ -295,8 +295,29 @@ class EngineSpec(_Section):
         return v
 
 
+class CurationSpec(_Section):
+    """Scores computed in the job from one CLIP image embedding per image (sdfleet.actors.curation)."""
+
+    # A transformers CLIP checkpoint (local, s3:// or hub id; safetensors): clip_score per row, and the
+    # embedding the heads read. null: no curation scores.
+    clip_model: str | None = None
+    # The LAION aesthetic predictor's head (aesthetic_score) and the LAION CLIP-based NSFW
+    # classifier's head (punsafe), each a safetensors file converted once from the original.
+    aesthetic_model: str | None = None
+    nsfw_model: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _heads_need_clip(self):
+        for key in ("aesthetic_model", "nsfw_model"):
+            if getattr(self, key) and not self.clip_model:
+                raise ValueError(f"curation.{key} reads CLIP image embeddings: set curation.clip_model to the "
+                                 "CLIP checkpoint the head was trained on (ViT-L/14 for LAION's)")
+        return self
+
+
 # The sections that reach storage, each with its own storage_options.
-STORAGE_SECTIONS = ("model", "input", "output", "safety")
+STORAGE_SECTIONS = ("model", "input", "output", "safety", "curation")
 
 
 class JobSpec(_Section):
@@ -309,6 +330,7 @@ class JobSpec(_Section):
     safety: SafetySpec = Field(default_factory=SafetySpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    curation: CurationSpec = Field(default_factory=CurationSpec)
 
     @model_validator(mode="after")
     def _fits_the_task(self):
@@ -370,6 +392,7 @@ _OPERATIONAL_PREFIXES = (
     "model.storage_options",
     "safety.storage_options",
     "safety.model_sha256",  # a guard on the weights; their hash is recorded per row either way
+    "curation.storage_options",
     "engine.compile_cache",  # where compiled graphs are kept, not how images are made
 )
 
@@ -377,7 +400,8 @@ _OPERATIONAL_PREFIXES = (
 # Keys added after outputs were made, with the default that reproduces those outputs: left out of
 # the fingerprint at that default, so a job made before them still resumes after an upgrade.
 _ADDED_KEYS = {"model.task": TEXT_TO_IMAGE, "input.image_column": None, "input.mask_column": None,
-               "generation.strength": None, "generation.noise_level": None, "engine.vae_tiling": False}
+               "generation.strength": None, "generation.noise_level": None, "engine.vae_tiling": False,
+               "curation.clip_model": None, "curation.aesthetic_model": None, "curation.nsfw_model": None}
 
 
 def _is_operational(key: str) -> bool:
@@ -482,6 +506,10 @@ def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
         "output": spec.output.model_copy(update={"uri": resolved(spec.output.uri, False)}),
         "model": spec.model.model_copy(update={"source": resolved(spec.model.source, True)}),
         "safety": spec.safety.model_copy(update={"model": resolved(spec.safety.model, True)}),
+        "curation": spec.curation.model_copy(update={
+            "clip_model": resolved(spec.curation.clip_model, True),
+            "aesthetic_model": resolved(spec.curation.aesthetic_model, False),
+            "nsfw_model": resolved(spec.curation.nsfw_model, False)}),
     }
     return spec.model_copy(update=updates)
 
