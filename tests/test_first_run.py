@@ -42,7 +42,8 @@ def error_lines(stderr: str) -> list[str]:
 def test_a_model_that_does_not_load_fails_once_fast_and_leaves_the_output_to_a_fixed_spec(project, tiny_model):
     broken = project / "models" / "broken"
     shutil.copytree(tiny_model, broken)
-    (broken / "unet" / "config.json").write_text("{ this is not json")
+    # A config only the workers read (the driver reads the UNet's, VAE's and scheduler's itself).
+    (broken / "text_encoder" / "config.json").write_text("{ this is not json")
     spec = write_job(project, model={"source": "models/broken"})  # relative to the spec's folder
     t0 = time.monotonic()
     done = run_cli("run", spec, "--no-progress", env={"RAY_ADDRESS": ""})

@@ -416,3 +416,18 @@ def test_an_unfinished_output_is_not_an_input(tmp_path, family, s3):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 1 and "model.task=upscale needs input.image_column" in out.stderr, out.stderr
+
+
+def test_a_checkpoint_whose_configs_do_not_parse_is_refused_by_the_driver(tmp_path, tiny_model):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "unet" / "config.json").write_text("{ this is not json")
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["x"]}), tmp_path / "in" / "p.parquet")
+    spec = {"model": {"source": str(broken)}, "input": {"uri": str(tmp_path / "in")},
+            "output": {"uri": str(tmp_path / "out")}, "safety": {"detector": "none"}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 1 and f"cannot read unet/config.json of model.source {broken}" in out.stderr, out.stderr
