@@ -145,6 +145,14 @@ class CurationScores:
     clip_score: float | None
     aesthetic_score: float | None
     punsafe: float | None
+    embedding: np.ndarray | None = None  # the L2-normalized CLIP image embedding (float32)
+
+    def failed_gates(self, gates: dict[str, float]) -> list[str]:
+        """The gates (curation.min_clip_score, min_aesthetic, max_punsafe) this image fails; the
+        bounds themselves pass."""
+        values = {"min_clip_score": self.clip_score, "min_aesthetic": self.aesthetic_score, "max_punsafe": self.punsafe}
+        return [g for g, bound in gates.items()
+                if (values[g] > bound if g.startswith("max_") else values[g] < bound)]
 
 
 class Curator:
@@ -174,4 +182,5 @@ class Curator:
         normalized = embeds / embeds.norm(dim=-1, keepdim=True)
         aesthetic = self.aesthetic(normalized).cpu().tolist() if self.aesthetic else [None] * len(images)
         punsafe = self.nsfw(normalized).cpu().tolist() if self.nsfw else [None] * len(images)
-        return [CurationScores(*v) for v in zip(scores, aesthetic, punsafe)]
+        embeddings = normalized.float().cpu().numpy()
+        return [CurationScores(*v) for v in zip(scores, aesthetic, punsafe, embeddings)]

@@ -41,7 +41,8 @@ from sdfleet.schemas import layout
 from sdfleet.schemas.errors import UserError
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.plan import Plan
-from sdfleet.schemas.rows import SOURCE_COLUMNS, STATUS_FAILED, STATUS_FILTERED, STATUS_OK
+from sdfleet.schemas.rows import (SOURCE_COLUMNS, STATUS_DUPLICATE, STATUS_FAILED, STATUS_FILTERED, STATUS_OK,
+                                  STATUS_REJECTED, STATUS_SKIPPED)
 from sdfleet.schemas.samples import Sample, resolve_params, sample_id, sample_key
 
 log = logging.getLogger("sdfleet")
@@ -103,7 +104,10 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
         inputs = read_row_inputs(reader, {r: v[2][inp.image_column] for r, v in rows.items()},
                                  {r: v[2][inp.mask_column] for r, v in rows.items()} if inp.mask_column else None)
 
-    # 3. Expand each (row, sweep point) into a sample with its key, seed and parameters.
+    # 3. Expand each (row, sweep point) into a sample with its key, seed and parameters; with
+    #    best-of-N, each prompt's candidate slots (consecutive samples) form one group.
+    best_of_n = spec.curation.images_per_prompt is not None
+    candidates = spec.curation.candidates
     samples = []
     for s in range(start, end):
         row = s // n_points
@@ -126,13 +130,14 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
                 error = error or inputs[row]
             else:
                 params.image, params.mask = inputs[row]
+        slot = {"group": s // candidates, "candidate": s % candidates} if best_of_n else {}
         origin = {"source_output": source, "source_key": values["key"],
                   "source_image_sha256": values["image_sha256"]} if source else {}
         if error:
             samples.append(Sample(key, shard_id, prompt_id, None, error, passthrough, prompt, planned=params,
-                                  origin=origin))
+                                  origin=origin, **slot))
             continue
-        samples.append(Sample(key, shard_id, prompt_id, params, None, passthrough, prompt, origin=origin))
+        samples.append(Sample(key, shard_id, prompt_id, params, None, passthrough, prompt, origin=origin, **slot))
     return samples
 
 
@@ -174,6 +179,8 @@ class Outcome:
     flagged: bool | None = None
     size: tuple[int, int] | None = None  # (width, height) as made: the image tasks' inputs decide it
     curation: CurationScores | None = None
+    rejected_by: str | None = None  # the curation gates it failed
+    duplicate_of: str | None = None  # the key of the kept image it is too close to
 
 
 @dataclass
@@ -371,41 +378,100 @@ class ShardGenerator:
         return committed
 
     def _generate(self, todo: list[Sample], ticket: int) -> Generated:
-        """Generate `todo` in batches during this shard's turn on the pipeline. Each POST_BATCH images
-        are scored and acted on on the post thread, and encoded on the encoder pool, while the
-        pipeline makes the next batch."""
-        futures, made, arrays, seconds = [], [], [], []
-        gen_total = 0.0
+        """Generate `todo` during this shard's turn on the pipeline: all of it, or with best-of-N
+        curation in rounds (`_best_of_n`). Scoring and acting run on the post thread, encoding on
+        the encoder pool, while the pipeline makes the next batch."""
+        best_of_n = self.spec.curation.images_per_prompt is not None
+        results: list = []  # a future of (outcomes, timing, encoding) per post batch, in order
         with self.turns.turn(ticket, self._check_preempted):
             turn_start, started_ts = time.perf_counter(), time.time()
-            for batch, images, secs in self.engine.generate([s.params for s in todo]):
-                self._check_preempted()
-                gen_total += secs
-                for i, image in zip(batch, images):
-                    if isinstance(image, SampleFailed):
-                        todo[i].error = image.reason  # no outcome: its row is failed, with the reason
-                        continue
-                    made.append(todo[i])
-                    arrays.append(image)
-                    seconds.append(secs / len(batch))
-                if len(made) >= POST_BATCH:
-                    futures.append(self.post.submit(self._finish_batch, made, arrays, seconds))
-                    made, arrays, seconds = [], [], []
+            gen_total = self._best_of_n(todo, results) if best_of_n else self._wave(todo, results)
             turn_seconds, finished_ts = time.perf_counter() - turn_start, time.time()
         # The next shard has the GPU now; the rest of this one runs beside it.
-        if made:
-            futures.append(self.post.submit(self._finish_batch, made, arrays, seconds))
         outcomes: dict[str, Outcome] = {}
         stage_seconds: Counter = Counter()
-        for f in futures:
+        encodings = []
+        for f in results:
             done, timing, encoding = f.result()
             outcomes.update(done)
             stage_seconds.update(timing)
+            encodings.append(encoding)
+        for encoding in encodings:
             for key, job in encoding.items():
                 o = outcomes[key]
-                o.image, o.image_sha256, timing = job.result()
+                image, digest, timing = job.result()
                 stage_seconds.update(timing)
+                if o.status == STATUS_OK or o.quarantined:  # not a duplicate found after encoding began
+                    o.image, o.image_sha256 = image, digest
+        for s in todo if best_of_n else ():
+            if s.key not in outcomes and s.error is None:  # a candidate slot best-of-N did not need
+                outcomes[s.key] = Outcome(STATUS_SKIPPED, None)
         return Generated(outcomes, gen_total, turn_seconds, started_ts, finished_ts, stage_seconds)
+
+    def _wave(self, samples: list[Sample], futures: list) -> float:
+        """Generate `samples` in batches, handing each POST_BATCH images to the post thread (its
+        futures go to `futures`); returns the seconds spent in the pipeline."""
+        made, arrays, seconds = [], [], []
+        total = 0.0
+        for batch, images, secs in self.engine.generate([s.params for s in samples]):
+            self._check_preempted()
+            total += secs
+            for i, image in zip(batch, images):
+                if isinstance(image, SampleFailed):
+                    samples[i].error = image.reason  # no outcome: its row is failed, with the reason
+                    continue
+                made.append(samples[i])
+                arrays.append(image)
+                seconds.append(secs / len(batch))
+            if len(made) >= POST_BATCH:
+                futures.append(self.post.submit(self._finish_batch, made, arrays, seconds))
+                made, arrays, seconds = [], [], []
+        if made:
+            futures.append(self.post.submit(self._finish_batch, made, arrays, seconds))
+        return total
+
+    def _best_of_n(self, todo: list[Sample], results: list) -> float:
+        """curation.images_per_prompt (k) of each prompt's candidate slots, in rounds: first the
+        first k slots of every prompt, then, for each prompt with fewer than k kept, as many more
+        as it lacks, until it has k or has tried them all. An image is kept if it passes safety and
+        the gates and is no duplicate of one kept before it, so the kept images are the first k
+        passing in slot (seed) order whatever the batching. Returns the pipeline's seconds."""
+        cur = self.spec.curation
+        k, threshold = cur.images_per_prompt, cur.dedup_threshold
+        groups: dict[int, list[Sample]] = {}
+        for s in todo:  # in key order, so each prompt's candidates in slot order
+            groups.setdefault(s.group, []).append(s)
+        tried = dict.fromkeys(groups, 0)
+        kept: dict[int, list[tuple[str, np.ndarray]]] = {g: [] for g in groups}
+        outcomes: dict[str, Outcome] = {}
+        total = 0.0
+        while True:
+            # 1. This round's candidates: what each prompt still lacks, from its next untried slots.
+            wave = []
+            for g, candidates in groups.items():
+                n = min(k - len(kept[g]), len(candidates) - tried[g])
+                wave += candidates[tried[g]:tried[g] + n]
+                tried[g] += n
+            if not wave:
+                return total
+            # 2. Generate and score them; the next round depends on what passed.
+            futures: list = []
+            total += self._wave(wave, futures)
+            for f in futures:
+                outcomes.update(f.result()[0])
+            results += futures
+            # 3. Keep, in slot order, what passed and is not too close to an image kept before it.
+            for s in wave:
+                o = outcomes.get(s.key)
+                if o is None or o.status != STATUS_OK:
+                    continue
+                if threshold is not None:
+                    o.duplicate_of = next((key for key, e in kept[s.group]
+                                           if float(np.dot(e, o.curation.embedding)) >= threshold), None)
+                    if o.duplicate_of:
+                        o.status = STATUS_DUPLICATE
+                        continue
+                kept[s.group].append((s.key, o.curation.embedding if o.curation else None))
 
     def _stats(self, name: str, shard_id: int, attempt: int, clock: Clock, rows: list[dict[str, Any]],
                made: Generated, sha256: dict[str, str]) -> ShardStats:
@@ -417,7 +483,8 @@ class ShardGenerator:
         return ShardStats(
             shard=name, shard_id=shard_id, fingerprint=self.plan.fingerprint,
             samples=len(rows), ok=counts[STATUS_OK], filtered=counts[STATUS_FILTERED],
-            failed=counts[STATUS_FAILED], images_in_tar=len(made.tar_images),
+            failed=counts[STATUS_FAILED], rejected=counts[STATUS_REJECTED], duplicate=counts[STATUS_DUPLICATE],
+            skipped=counts[STATUS_SKIPPED], images_in_tar=len(made.tar_images),
             quarantined_images=len(made.quarantined_images),
             flagged=sum(flagged_by_class.values()), flagged_by_class=dict(sorted(flagged_by_class.items())),
             safety_detector=self.spec.safety.detector,
@@ -460,6 +527,10 @@ class ShardGenerator:
                 o.quarantined = safety.action == "quarantine"
             if flagged and safety.action == "blackout":
                 array = np.zeros_like(array)
+            if o.status == STATUS_OK and curation is not None:
+                failed = curation.failed_gates(self.spec.curation.gates)
+                if failed:
+                    o.status, o.rejected_by = STATUS_REJECTED, ",".join(failed)
             if o.status == STATUS_OK or o.quarantined:
                 encoding[key] = self.encoders.submit(_encode, array, out.image_format, out.quality)
             outcomes[key] = o
@@ -491,7 +562,9 @@ class ShardGenerator:
         }
         if o is not None and o.curation is not None:
             row.update(clip_score=o.curation.clip_score, aesthetic_score=o.curation.aesthetic_score,
-                       punsafe=o.curation.punsafe)
+                       punsafe=o.curation.punsafe, rejected_by=o.rejected_by, duplicate_of=o.duplicate_of)
+        if s.candidate is not None:
+            row["candidate"] = s.candidate
         if o is not None and o.safety is not None:
             # Without a detector every safety column stays null rather than a misleading 0.
             row.update(

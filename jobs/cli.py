@@ -194,7 +194,7 @@ def _output_location(argument: str) -> tuple[str, dict]:
 
 
 def _status(output: str, storage_options: dict, verify: bool = False) -> int:
-    from sdfleet.jobs.output import OutputReader
+    from sdfleet.jobs.output import OutputReader, curation_counts
     from sdfleet.schemas import layout
 
     reader = OutputReader.open(output, storage_options)
@@ -205,7 +205,7 @@ def _status(output: str, storage_options: dict, verify: bool = False) -> int:
     print(f"shards       {len(s.committed)} committed, {len(s.pending)} pending, {len(s.quarantined)} quarantined "
           f"of {s.num_shards}")
     print(f"samples      {s.committed_samples}/{s.num_samples} with rows: {t['ok']} ok, {t['filtered']} filtered, "
-          f"{t['failed']} failed")
+          f"{t['failed']} failed{curation_counts(t)}")
     for name, failed in sorted(s.quarantined.items()):
         print(f"  quarantined {name}: {failed.last_error_line()}")
     problems = reader.verify(deep=verify)

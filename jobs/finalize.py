@@ -67,6 +67,7 @@ class Finalizer:
         t = s.totals()
         self.storage.write_json(layout.JOB_FILE, {**job, "results": {
             "samples": t["samples"], "ok": t["ok"], "filtered": t["filtered"], "failed": t["failed"],
+            **{k: t[k] for k in ("rejected", "duplicate", "skipped") if t[k]},
             "safety": {"detector": job["spec"]["safety"]["detector"], "model_sha256": t["safety_model_sha256"],
                        "flagged": t["flagged"], "flagged_by_class": t["flagged_by_class"],
                        "action": job["spec"]["safety"]["action"]},
@@ -137,6 +138,9 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         f"| filtered (not in the tars) | {t['filtered']} |",
         f"| kept aside in `quarantine/` | {t['quarantined_images']} |",
         f"| failed | {t['failed']} |",
+        *[f"| {what} | {t[k]} |" for k, what in (("rejected", "rejected by a curation gate (not in the tars)"),
+                                                  ("duplicate", "near-duplicates of a kept image (not in the tars)"),
+                                                  ("skipped", "candidate slots not needed (not generated)")) if t[k]],
         f"| shards | {s.num_shards} |",
         f"| GPU-hours | {gpu_hours:.4f} ({t['gpu_seconds']:.1f} GPU-seconds) |",
         f"| images per GPU-hour | {t['images_per_gpu_hour'] if t['images_per_gpu_hour'] is not None else 'n/a (CPU)'} |",
@@ -154,7 +158,8 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         "## Layout",
         "",
         f"- `NNNNN.tar`: WebDataset shards with `{{key}}.{ext}`, `{{key}}.txt` (prompt), `{{key}}.json` (row)",
-        "- `NNNNN.parquet`: one row per planned sample (ok, filtered, failed), with seeds and parameters",
+        "- `NNNNN.parquet`: one row per planned sample (ok, filtered, failed, and with curation rejected, "
+        "duplicate, skipped), with seeds and parameters",
         "- `sizes.json`: images per tar; `_job.json`: the resolved spec and package versions",
         "",
         "Every row carries the seed and parameters needed to regenerate its image with plain diffusers.",

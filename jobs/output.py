@@ -68,7 +68,8 @@ class Survey:
     def totals(self) -> dict[str, Any]:
         """Counts and times summed over the committed shards, for status, the card and budgets."""
         shards = list(self.committed.values())
-        keys = ("samples", "ok", "filtered", "failed", "images_in_tar", "quarantined_images", "flagged",
+        keys = ("samples", "ok", "filtered", "failed", "rejected", "duplicate", "skipped", "images_in_tar",
+                "quarantined_images", "flagged",
                 "gpu_seconds", "gen_seconds")
         out: dict[str, Any] = {k: round(sum(getattr(s, k) for s in shards), 3) for k in keys}
         by_class: dict[str, int] = {}
@@ -80,6 +81,12 @@ class Survey:
         out["dtypes"] = sorted({s.dtype for s in shards})
         out["safety_model_sha256"] = sorted({s.safety_model_sha256 for s in shards if s.safety_model_sha256})
         return out
+
+
+def curation_counts(totals: dict) -> str:
+    """', 3 rejected, 1 duplicate, 8 skipped' where curation made any, else ''."""
+    counts = [f"{totals[k]} {k}" for k in ("rejected", "duplicate", "skipped") if totals.get(k)]
+    return "".join(", " + c for c in counts)
 
 
 class OutputReader:

@@ -21,7 +21,7 @@ from typing import Any
 
 from sdfleet.actors.storage import Storage, is_remote
 from sdfleet.jobs.finalize import Finalizer
-from sdfleet.jobs.output import OutputReader
+from sdfleet.jobs.output import OutputReader, curation_counts
 from sdfleet.jobs.plan import Planner
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import EXIT_INCOMPLETE, EXIT_OK, SpecError
@@ -224,7 +224,8 @@ class JobRunner:
             print(f"dataset incomplete: {len(s.committed)}/{s.num_shards} shards committed, "
                   f"{len(s.quarantined)} quarantined, {len(s.pending)} pending. Rerun the same command to retry.")
             return EXIT_INCOMPLETE
-        print(f"dataset complete: {t['ok']} images, {t['filtered']} filtered, {t['failed']} failed "
+        print(f"dataset complete: {t['ok']} images, {t['filtered']} filtered, {t['failed']} failed"
+              f"{curation_counts(t)} "
               f"in {s.num_shards} shards at {self.storage.url()}")
         if not t["images_in_tar"]:
             print("warning: the dataset holds no image (every sample was filtered or failed): its tars are "

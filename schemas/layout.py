@@ -144,11 +144,15 @@ class ShardStats(_Record):
     shard: str
     shard_id: int
     fingerprint: str  # the job's; a stats file of another job does not commit this job's shard
-    # Counts. samples = ok + filtered + failed; images_in_tar counts ok rows with an image.
+    # Counts. samples = ok + filtered + failed (+ rejected + duplicate + skipped, with curation);
+    # images_in_tar counts ok rows with an image.
     samples: int
     ok: int
     filtered: int
     failed: int
+    rejected: int = 0
+    duplicate: int = 0
+    skipped: int = 0
     images_in_tar: int
     quarantined_images: int
     flagged: int

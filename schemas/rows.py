@@ -7,6 +7,12 @@ import pyarrow as pa
 STATUS_OK = "ok"
 STATUS_FILTERED = "filtered"
 STATUS_FAILED = "failed"
+# Curation (curation.*): an image under a gate, one too close to an image already kept for its
+# prompt, and a candidate slot that was not needed (its prompt had its images) and so not generated.
+STATUS_REJECTED = "rejected"
+STATUS_DUPLICATE = "duplicate"
+STATUS_SKIPPED = "skipped"
+STATUSES = (STATUS_OK, STATUS_FILTERED, STATUS_FAILED, STATUS_REJECTED, STATUS_DUPLICATE, STATUS_SKIPPED)
 
 # Prompt rows: the prompt and negative prompt columns hold text, as strings or as UTF-8 bytes
 # (a row whose bytes are not UTF-8 is recorded failed, not fatal); the id column may be any
@@ -71,6 +77,11 @@ OUTPUT_FIELDS = [
     pa.field("clip_score", pa.float32()),
     pa.field("aesthetic_score", pa.float32()),
     pa.field("punsafe", pa.float32()),
+    # Best-of-N: the row's candidate slot (0 = its prompt's first seed), the gates a rejected image
+    # failed (comma-separated), and the key of the kept image a duplicate is too close to.
+    pa.field("candidate", pa.int64()),
+    pa.field("rejected_by", pa.string()),
+    pa.field("duplicate_of", pa.string()),
     # `device` is the torch device that ran the pipeline ("cuda:0", "cpu"); `gpu_id` is the GPU
     # Ray assigned to the actor (a logical GPU on a CPU test cluster), null when none was assigned.
     pa.field("device", pa.string()),

@@ -30,7 +30,9 @@ def sweep_points(spec: JobSpec) -> list[dict[str, Any]]:
     axes = spec.sweep.axes
     names = list(axes)
     points = []
-    for combo in itertools.product(*(axes[n] for n in names), range(spec.sweep.num_seeds())):
+    # With best-of-N curation the seeds are the candidate slots, sweep.seeds being 1.
+    seeds = spec.sweep.num_seeds() * spec.curation.candidates
+    for combo in itertools.product(*(axes[n] for n in names), range(seeds)):
         point = dict(zip(names, combo[:-1]))
         point["seed_index"] = combo[-1]
         points.append(point)
@@ -115,6 +117,9 @@ class Sample:
     prompt: str | None = None  # the row's text, kept for failed rows too (params is None there)
     planned: GenerationParams | None = None  # what a failed row would have used (seed, guidance ...)
     origin: dict[str, Any] = field(default_factory=dict)  # source_* columns, when the input is an output
+    # Best-of-N: the (prompt, sweep point) group this candidate slot belongs to, and its slot there.
+    group: int | None = None
+    candidate: int | None = None
 
 
 def resolve_params(

@@ -305,15 +305,54 @@ class CurationSpec(_Section):
     # classifier's head (punsafe), each a safetensors file converted once from the original.
     aesthetic_model: str | None = None
     nsfw_model: str | None = None
+    # Gates: an image under a minimum or over the maximum is `rejected` (not in the tars), with the
+    # gates it failed in `rejected_by`. The model card's LAION filter: max_punsafe 0.1, min_aesthetic 4.5.
+    min_clip_score: float | None = None
+    min_aesthetic: float | None = None
+    max_punsafe: float | None = Field(None, ge=0.0, le=1.0)
+    # Best-of-N: each prompt (per sweep point) owns max_candidates seeds (candidate slots); the
+    # worker generates images_per_prompt of them first, then more only for prompts short of that
+    # many passing, until they have them or every slot is tried. null: every slot is generated.
+    images_per_prompt: int | None = Field(None, ge=1)
+    max_candidates: int | None = Field(None, ge=1, le=10_000)
+    # An image whose embedding has at least this cosine with an image already accepted for the same
+    # prompt (and sweep point) is a `duplicate` of it.
+    dedup_threshold: float | None = Field(None, gt=0.0, le=1.0)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _heads_need_clip(self):
+    def _scorers_for_what_reads_them(self):
         for key in ("aesthetic_model", "nsfw_model"):
             if getattr(self, key) and not self.clip_model:
                 raise ValueError(f"curation.{key} reads CLIP image embeddings: set curation.clip_model to the "
                                  "CLIP checkpoint the head was trained on (ViT-L/14 for LAION's)")
+        for gate, scorer in CURATION_GATES.items():
+            if getattr(self, gate) is not None and not getattr(self, scorer):
+                raise ValueError(f"curation.{gate} needs curation.{scorer}, the model whose score it gates")
+        if self.dedup_threshold is not None and not self.clip_model:
+            raise ValueError("curation.dedup_threshold compares CLIP image embeddings: set curation.clip_model")
+        if self.max_candidates is not None and self.images_per_prompt is None:
+            raise ValueError(f"curation.max_candidates={self.max_candidates} needs curation.images_per_prompt, "
+                             "the number of images to keep per prompt")
+        if self.images_per_prompt is not None and self.candidates < self.images_per_prompt:
+            raise ValueError(f"curation.max_candidates={self.max_candidates} is under curation.images_per_prompt="
+                             f"{self.images_per_prompt}: a prompt could never have that many images")
         return self
+
+    @property
+    def candidates(self) -> int:
+        """Candidate slots per prompt and sweep point (1 without best-of-N)."""
+        if self.images_per_prompt is None:
+            return 1
+        return self.max_candidates or self.images_per_prompt
+
+    @property
+    def gates(self) -> dict[str, float]:
+        return {g: getattr(self, g) for g in CURATION_GATES if getattr(self, g) is not None}
+
+
+# Each gate and the model whose score it reads.
+CURATION_GATES = {"min_clip_score": "clip_model", "min_aesthetic": "aesthetic_model", "max_punsafe": "nsfw_model"}
 
 
 # The sections that reach storage, each with its own storage_options.
@@ -349,6 +388,17 @@ class JobSpec(_Section):
             if key not in task.parameters and (getattr(gen, key) is not None or key in axes):
                 takers = ", ".join(n for n, t in TASKS.items() if key in t.parameters)
                 raise ValueError(f"generation.{key} is for model.task {takers}; model.task={name} has no {key}")
+        cur = self.curation
+        if cur.images_per_prompt is not None:
+            if self.sweep.seeds != 1:
+                raise ValueError(f"sweep.seeds={self.sweep.seeds}: with curation.images_per_prompt the seeds are the "
+                                 f"candidates, {cur.candidates} per prompt (curation.max_candidates); leave "
+                                 "sweep.seeds at 1")
+            if self.output.samples_per_shard % cur.candidates:
+                n = cur.candidates
+                raise ValueError(f"output.samples_per_shard={self.output.samples_per_shard} is not a multiple of "
+                                 f"curation.max_candidates={n}: a prompt's candidates must share a shard; use "
+                                 f"{max(n, self.output.samples_per_shard // n * n)}")
         if task.image:
             for key in ("width", "height"):
                 if getattr(gen, key) is not None or key in axes:
@@ -401,7 +451,9 @@ _OPERATIONAL_PREFIXES = (
 # the fingerprint at that default, so a job made before them still resumes after an upgrade.
 _ADDED_KEYS = {"model.task": TEXT_TO_IMAGE, "input.image_column": None, "input.mask_column": None,
                "generation.strength": None, "generation.noise_level": None, "engine.vae_tiling": False,
-               "curation.clip_model": None, "curation.aesthetic_model": None, "curation.nsfw_model": None}
+               **{f"curation.{k}": None for k in ("clip_model", "aesthetic_model", "nsfw_model", "min_clip_score",
+                                                   "min_aesthetic", "max_punsafe", "images_per_prompt",
+                                                   "max_candidates", "dedup_threshold")}}
 
 
 def _is_operational(key: str) -> bool:

@@ -137,3 +137,131 @@ def test_plan_refuses_a_pickled_head_and_a_missing_clip_model(tmp_path, tiny_mod
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
         out = run_cli("plan", str(tmp_path / "job.yaml"))
         assert out.returncode == 1 and message in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------------------------- best-of-N
+
+
+def reference_candidates(tiny_model, clip_dir, prompts, ids, m):
+    """Every candidate slot of every prompt made alone with plain diffusers and scored with
+    transformers' CLIPModel: {(prompt_id, slot): (clip_score, normalized embedding)}."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPProcessor
+
+    from sdfleet.schemas.samples import derive_seed
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, use_safetensors=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    model = CLIPModel.from_pretrained(clip_dir, use_safetensors=True).eval()
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    out = {}
+    for prompt, pid in zip(prompts, ids):
+        for slot in range(m):
+            image = pipe(prompt, num_inference_steps=2, guidance_scale=7.5, width=64, height=64,
+                         generator=torch.Generator("cpu").manual_seed(derive_seed(0, pid, slot))).images[0]
+            with torch.no_grad():
+                o = model(**processor(text=[prompt], images=[image], return_tensors="pt", padding=True))
+            out[pid, slot] = (float((100 * (o.image_embeds * o.text_embeds).sum()).clamp(min=0)), o.image_embeds[0].numpy())
+    return out
+
+
+def between(values, low_quantile, high_quantile=1.0):
+    """A threshold in the widest gap of the sorted values between two quantiles, far from all of them."""
+    v = sorted(values)
+    start, end = int(len(v) * low_quantile), max(int(len(v) * high_quantile), int(len(v) * low_quantile) + 1)
+    i = max(range(start, min(end, len(v) - 1)), key=lambda j: v[j + 1] - v[j])
+    return (v[i] + v[i + 1]) / 2, v[i + 1] - v[i]
+
+
+def expected_statuses(ref, ids, k, m, min_clip, dedup):
+    """The first k passing candidates in slot order per prompt, computed here from the reference."""
+    want = {}
+    for pid in ids:
+        kept = []
+        for slot in range(m):
+            if len(kept) == k:
+                want[pid, slot] = "skipped"
+                continue
+            score, emb = ref[pid, slot]
+            if score < min_clip:
+                want[pid, slot] = "rejected"
+            elif any(float(emb @ e) >= dedup for e in kept):
+                want[pid, slot] = "duplicate"
+            else:
+                want[pid, slot] = "ok"
+                kept.append(emb)
+    return want
+
+
+def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(tmp_path, tiny_model, scorers, ray_cluster):
+    import itertools
+
+    prompts = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of ramen", "a city at night, rain"]
+    ids = [f"p{i}" for i in range(4)]
+    k, m = 2, 6
+    ref = reference_candidates(tiny_model, scorers["clip"], prompts, ids, m)
+    # The tiny CLIP scores some prompts high and some low whatever the seed: a gate inside the low
+    # prompts' range makes them need more rounds, and the dedup threshold inside the cosines of
+    # kept-prompt pairs makes some duplicates.
+    scores = {pid: [ref[pid, s][0] for s in range(m)] for pid in ids}
+    low = sorted(scores, key=lambda pid: max(scores[pid]))[:2]
+    min_clip, clip_gap = between([v for pid in low for v in scores[pid]], 0.35, 0.65)
+    cosines = sorted(float(ref[p, a][1] @ ref[p, b][1]) for p in ids for a, b in itertools.combinations(range(m), 2))
+    # Just under the closest first pair of a high prompt, whose slot 0 is kept: its slot 1 is then a duplicate.
+    closest = max(float(ref[p, 0][1] @ ref[p, 1][1]) for p in ids if p not in low)
+    below = max(c for c in cosines if c < closest)
+    dedup, dedup_gap = (closest + below) / 2, closest - below
+    assert clip_gap > 0.2 and dedup_gap > 1e-5  # thresholds far from every score, so batching cannot flip one
+    want = expected_statuses(ref, ids, k, m, min_clip, dedup)
+
+    write_prompts(tmp_path / "in" / "p.parquet", prompts, ids)
+    spec = {
+        "model": {"source": str(tiny_model)},
+        "input": {"uri": str(tmp_path / "in")},
+        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
+        "output": {"uri": str(tmp_path / "out"), "image_format": "png", "samples_per_shard": 12},
+        "safety": {"detector": "none"},
+        "resources": {"batch_size": 2},
+        "curation": {"clip_model": str(scorers["clip"]), "min_clip_score": min_clip, "dedup_threshold": dedup,
+                     "images_per_prompt": k, "max_candidates": m},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = run_cli("run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rows = rows_of(str(tmp_path / "out"))
+    assert len(rows) == len(ids) * m  # every planned slot has exactly one row
+    got = {(r["prompt_id"], r["candidate"]): r for r in rows}
+    assert {key: r["status"] for key, r in got.items()} == want
+    assert set(want.values()) == {"ok", "rejected", "duplicate", "skipped"}, want
+    # Some prompt needed a later round: a slot past the first k kept.
+    assert any(want[pid, s] == "ok" for pid in ids for s in range(k, m))
+    for (pid, slot), r in got.items():
+        if r["status"] == "rejected":
+            assert r["rejected_by"] == "min_clip_score" and r["clip_score"] < min_clip
+        if r["status"] == "duplicate":
+            assert got[pid, int(r["duplicate_of"][-4:]) % m]["status"] == "ok"
+        if r["status"] == "skipped":
+            assert r["clip_score"] is None and r["gen_seconds"] is None and r["seed"] is not None
+    for pid in ids:
+        assert sum(got[pid, s]["status"] == "ok" for s in range(m)) <= k
+    in_tars = set()
+    for tar_path in (tmp_path / "out").glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            in_tars |= {n[:-4] for n in tar.getnames() if n.endswith(".png")}
+    assert in_tars == {r["key"] for r in rows if r["status"] == "ok"}
+    stats = [yaml.safe_load(p.read_text()) for p in sorted((tmp_path / "out").glob("*_stats.json"))]
+    assert sum(s["skipped"] for s in stats) == list(want.values()).count("skipped")
+    assert sum(s["rejected"] for s in stats) == list(want.values()).count("rejected")
+    # status, the card and the gallery say it too.
+    counts = {v: list(want.values()).count(v) for v in ("rejected", "duplicate", "skipped")}
+    status = run_cli("status", str(tmp_path / "out"))
+    assert ", ".join(f"{n} {v}" for v, n in counts.items()) in status.stdout, status.stdout
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| candidate slots not needed (not generated) | {counts['skipped']} |" in card
+    html = run_cli("preview", str(tmp_path / "out"), "--html")
+    assert html.returncode == 0, html.stderr[-2000:]
+    page = (tmp_path / "out" / "preview" / "index.html").read_text()
+    assert 'value="duplicate"' in page and "rejected: min_clip_score" in page

@@ -24,10 +24,17 @@ from sdfleet.jobs.preview.draw import decode, nsfw_label
 from sdfleet.jobs.preview.files import write_output
 from sdfleet.jobs.preview.text import clean, fmt_value
 from sdfleet.schemas import layout
-from sdfleet.schemas.rows import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
+from sdfleet.schemas.rows import (STATUS_DUPLICATE, STATUS_FAILED, STATUS_FILTERED, STATUS_OK, STATUS_REJECTED,
+                                  STATUS_SKIPPED, STATUSES)
 
 TEMPLATE = "gallery.html.j2"
-STATUSES = (STATUS_OK, STATUS_FILTERED, STATUS_FAILED)  # the page's filters, in this order
+BASE_STATUSES = (STATUS_OK, STATUS_FILTERED, STATUS_FAILED)  # always a filter, in this order
+
+
+def page_statuses(reader: OutputReader) -> list[str]:
+    """The page's filters: the base statuses, and curation's where the output has any."""
+    totals = reader.survey().totals()
+    return [s for s in STATUSES if s in BASE_STATUSES or totals.get(s)]
 
 EMBED_AS_IS_BYTES = 48 * 1024  # images this small go in exact; above, a JPEG thumbnail is far smaller
 THUMB_PX = 256  # thumbnails stay sharp when the detail view enlarges them to 384 px
@@ -77,7 +84,7 @@ def gallery_rows(reader: OutputReader, limit: int) -> list[dict[str, Any]]:
     """The first `limit` rows of each status, in key order (so every status filter has something).
     Shards are read in order until every status has its rows, or after max(20 * limit, 20,000) rows:
     a dataset without failed rows is not read to its end to look for some."""
-    taken = {s: 0 for s in STATUSES}
+    taken = {s: 0 for s in page_statuses(reader)}
     out, scanned, budget = [], 0, max(20 * limit, 20_000)
     for shard in reader.shards:
         for row in reader.rows(shard):
@@ -94,7 +101,8 @@ def gallery_rows(reader: OutputReader, limit: int) -> list[dict[str, Any]]:
 def _render_page(reader: OutputReader, rows: list[dict[str, Any]], show_filtered: bool) -> str:
     """The page for these rows (see html_gallery), as HTML text."""
     images = reader.images(r for r in rows if reader.has_image(r, show_filtered))
-    shown = {s: sum(1 for r in rows if r["status"] == s) for s in STATUSES}
+    statuses = page_statuses(reader)
+    shown = {s: sum(1 for r in rows if r["status"] == s) for s in statuses}
     totals = reader.survey().totals()  # what the committed shards hold: the page may show fewer
     return _environment().get_template(TEMPLATE).render(
         title=f"{reader.name}: preview",
@@ -102,7 +110,7 @@ def _render_page(reader: OutputReader, rows: list[dict[str, Any]], show_filtered
         where=reader.storage.url(),
         summary=_spec_summary(reader.job["spec"]),
         note="filtered images shown (from quarantine/)" if show_filtered else "filtered images hidden",
-        filters=[{"status": s, "shown": shown[s], "total": totals[s]} for s in STATUSES],
+        filters=[{"status": s, "shown": shown[s], "total": totals[s]} for s in statuses],
         cards=[_card(r, images.get(r["key"]), show_filtered) for r in rows],
         rows=[{k: _jsonable(v) for k, v in r.items() if not k.startswith("_")} for r in rows],
     )
@@ -137,7 +145,10 @@ def _card(row: dict[str, Any], image: tuple[str, bytes] | None, show_filtered: b
         card.update(image=_thumbnail_data_uri(*image, width, height), pixelated=max(width, height) < CARD_PX)
     else:
         card["why"] = {STATUS_FILTERED: "filtered" + ("" if show_filtered else " (hidden)"),
-                       STATUS_FAILED: "failed"}.get(status, "image missing")
+                       STATUS_FAILED: "failed",
+                       STATUS_REJECTED: f"rejected: {row.get('rejected_by') or '?'}",
+                       STATUS_DUPLICATE: f"duplicate of {row.get('duplicate_of') or '?'}",
+                       STATUS_SKIPPED: "skipped (not needed)"}.get(status, "image missing")
         card["detail"] = clean((row.get("error") if status == STATUS_FAILED else card["score"]) or "")
     return card
 
