@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sdfleet.actors.curation import CurationScores, Curator
@@ -85,8 +86,6 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
             if source is None:
                 table = pq.ParquetFile(fh).read_row_groups(groups, columns=columns).slice(skip, hi - lo + 1)
             else:  # the file's ok rows, which are what the plan counted
-                import pyarrow.compute as pc
-
                 table = pq.ParquetFile(fh).read(columns=columns)
                 table = table.filter(pc.equal(table.column("status"), STATUS_OK)).slice(lo - offset, hi - lo + 1)
         # Text columns are read as bytes and decoded per row, so one non-UTF-8 row fails alone.
@@ -106,8 +105,7 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
 
     # 3. Expand each (row, sweep point) into a sample with its key, seed and parameters; with
     #    best-of-N, each prompt's candidate slots (consecutive samples) form one group.
-    best_of_n = spec.curation.images_per_prompt is not None
-    candidates = spec.curation.candidates
+    best_of_n, candidates = spec.curation.best_of_n, spec.curation.candidates
     samples = []
     for s in range(start, end):
         row = s // n_points
@@ -381,7 +379,7 @@ class ShardGenerator:
         """Generate `todo` during this shard's turn on the pipeline: all of it, or with best-of-N
         curation in rounds (`_best_of_n`). Scoring and acting run on the post thread, encoding on
         the encoder pool, while the pipeline makes the next batch."""
-        best_of_n = self.spec.curation.images_per_prompt is not None
+        best_of_n = self.spec.curation.best_of_n
         results: list = []  # a future of (outcomes, timing, encoding) per post batch, in order
         with self.turns.turn(ticket, self._check_preempted):
             turn_start, started_ts = time.perf_counter(), time.time()
@@ -390,22 +388,20 @@ class ShardGenerator:
         # The next shard has the GPU now; the rest of this one runs beside it.
         outcomes: dict[str, Outcome] = {}
         stage_seconds: Counter = Counter()
-        encodings = []
         for f in results:
             done, timing, encoding = f.result()
             outcomes.update(done)
             stage_seconds.update(timing)
-            encodings.append(encoding)
-        for encoding in encodings:
             for key, job in encoding.items():
                 o = outcomes[key]
                 image, digest, timing = job.result()
                 stage_seconds.update(timing)
                 if o.status == STATUS_OK or o.quarantined:  # not a duplicate found after encoding began
                     o.image, o.image_sha256 = image, digest
-        for s in todo if best_of_n else ():
-            if s.key not in outcomes and s.error is None:  # a candidate slot best-of-N did not need
-                outcomes[s.key] = Outcome(STATUS_SKIPPED, None)
+        if best_of_n:
+            for s in todo:
+                if s.key not in outcomes and s.error is None:  # a candidate slot best-of-N did not need
+                    outcomes[s.key] = Outcome(STATUS_SKIPPED, None)
         return Generated(outcomes, gen_total, turn_seconds, started_ts, finished_ts, stage_seconds)
 
     def _wave(self, samples: list[Sample], futures: list) -> float:

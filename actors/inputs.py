@@ -42,6 +42,7 @@ class Cell:
 
     data: bytes | None = None
     uri: str | None = None
+    name: str | None = None  # the URI's path inside the input's folder
     error: str | None = None
 
 
@@ -67,7 +68,7 @@ class InputImageReader:
             cell = self._resolve(v, what)
             cells.append(cell)
             if cell.data is None and cell.error is None:
-                names.setdefault(self._name(cell.uri), []).append(cell)
+                names.setdefault(cell.name, []).append(cell)
         # 2. Fetch the named files at once (concurrent GETs on an object store).
         if names:
             for name, found in self.storage.read_many(list(names)).items():
@@ -104,11 +105,12 @@ class InputImageReader:
     def _inside(self, uri: str, what: str) -> Cell:
         """A URI or relative path, kept only if it names a file inside the input's folder."""
         folder = self.folder.rstrip("/")
+        outside = Cell(error=f"{what} {uri} is outside the input's folder {folder}; refusing to read it")
         if "://" in uri or uri.startswith("/"):
             scheme = uri.split("://", 1)[0] if "://" in uri else ""
             ours = folder.split("://", 1)[0] if is_remote(folder) else ""
             if scheme != ours and not (scheme == "file" and not ours):
-                return Cell(error=f"{what} {uri} is outside the input's folder {folder}; refusing to read it")
+                return outside
             path = uri.removeprefix("file://")
             relative = posixpath.relpath(posixpath.normpath(path), folder.removeprefix("file://")) \
                 if not ours else _relative_key(path, folder)
@@ -116,16 +118,13 @@ class InputImageReader:
             relative = uri
         normal = posixpath.normpath(relative)
         if normal.startswith("../") or normal in ("..", ".") or normal.startswith("/") or "\\" in relative:
-            return Cell(error=f"{what} {uri} is outside the input's folder {folder}; refusing to read it")
+            return outside
         if not is_remote(folder):
             try:  # a symlink inside the folder may point out of it
                 check_inside(Path(folder), normal, f"{what} {uri}")
             except StorageError:
-                return Cell(error=f"{what} {uri} is outside the input's folder {folder}; refusing to read it")
-        return Cell(uri=f"{folder}/{normal}")
-
-    def _name(self, uri: str) -> str:
-        return uri[len(self.folder.rstrip("/")) + 1:]
+                return outside
+        return Cell(uri=f"{folder}/{normal}", name=normal)
 
 
 def _relative_key(uri: str, folder: str) -> str:

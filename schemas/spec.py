@@ -340,9 +340,13 @@ class CurationSpec(_Section):
         return self
 
     @property
+    def best_of_n(self) -> bool:
+        return self.images_per_prompt is not None
+
+    @property
     def candidates(self) -> int:
         """Candidate slots per prompt and sweep point (1 without best-of-N)."""
-        if self.images_per_prompt is None:
+        if not self.best_of_n:
             return 1
         return self.max_candidates or self.images_per_prompt
 
@@ -389,7 +393,7 @@ class JobSpec(_Section):
                 takers = ", ".join(n for n, t in TASKS.items() if key in t.parameters)
                 raise ValueError(f"generation.{key} is for model.task {takers}; model.task={name} has no {key}")
         cur = self.curation
-        if cur.images_per_prompt is not None:
+        if cur.best_of_n:
             if self.sweep.seeds != 1:
                 raise ValueError(f"sweep.seeds={self.sweep.seeds}: with curation.images_per_prompt the seeds are the "
                                  f"candidates, {cur.candidates} per prompt (curation.max_candidates); leave "
