@@ -365,7 +365,11 @@ class ShardGenerator:
         rows = [self._row(s, made.outcomes.get(s.key), created_at, tokens) for s in samples]
 
         # 4. Write the tar and the Parquet, then stage, commit and publish them with the stats file.
-        spooled = self.writer.spool(name, rows, made.tar_images, self.schema, made.quarantined_images)
+        embeddings = None
+        if self.spec.curation.save_embeddings:
+            embeddings = {k: o.curation.embedding for k, o in made.outcomes.items() if o.curation is not None}
+        spooled = self.writer.spool(name, rows, made.tar_images, self.schema, made.quarantined_images, embeddings,
+                                    self.curator.clip.embedding_size if self.curator else 0)
         made.stage_seconds["write"] += time.perf_counter() - t0
         try:
             stats = self._stats(name, shard_id, attempt, clock, rows, made, spooled.sha256)

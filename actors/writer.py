@@ -90,10 +90,13 @@ class ShardWriter:
         self.image_format = image_format
 
     def spool(self, name: str, rows: list[dict[str, Any]], images: dict[str, bytes], schema: pa.Schema,
-              quarantine: dict[str, bytes] | None = None) -> Spooled:
+              quarantine: dict[str, bytes] | None = None,
+              embeddings: dict[str, np.ndarray] | None = None, embedding_size: int = 0) -> Spooled:
         """Write the shard's files to local disk: {name}.tar, {name}.parquet (every planned sample),
-        and for images flagged under action `quarantine` quarantine/{name}.tar and .parquet, outside
-        the dataset that readers of sizes.json see. Nothing reaches storage until `commit`."""
+        for images flagged under action `quarantine` quarantine/{name}.tar and .parquet, outside
+        the dataset that readers of sizes.json see, and with `embeddings` (key -> the image's
+        embedding) the embeddings of the tar's images with their keys, in tar order. Nothing
+        reaches storage until `commit`."""
         folder = tempfile.TemporaryDirectory(prefix="sdfleet-shard-")
         root = Path(folder.name)
         files: dict[str, Path] = {}
@@ -103,6 +106,12 @@ class ShardWriter:
             files[layout.quarantine_parquet(name)] = _parquet(root / "q.parquet", held, schema)
         files[layout.tar_file(name)] = self._tar(root / "shard.tar", rows, images)
         files[layout.parquet_file(name)] = _parquet(root / "shard.parquet", rows, schema)
+        if embeddings is not None:
+            in_tar = [r for r in rows if r["key"] in images]
+            files[layout.embeddings_file(name)] = _embeddings(root / "emb.npy", in_tar, embeddings, embedding_size)
+            files[layout.embeddings_metadata_file(name)] = _parquet(
+                root / "emb.parquet", [{"key": r["key"], "caption": r["prompt"], "prompt_id": r["prompt_id"],
+                                        "image_sha256": r["image_sha256"]} for r in in_tar], EMBEDDINGS_METADATA_SCHEMA)
         return Spooled(folder, files, {n: file_sha256(p) for n, p in files.items()})
 
     def commit(self, name: str, spooled: Spooled, stats: ShardStats) -> ShardStats:
@@ -126,6 +135,20 @@ class ShardWriter:
                 _tar_member(tar, f"{key}.txt", (row["prompt"] or "").encode())
                 _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
         return path
+
+
+# clip-retrieval's metadata files carry the image's name and caption; these carry the key (the tar
+# member's name and the join key into {shard}.parquet) and the prompt as caption.
+EMBEDDINGS_METADATA_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("prompt_id", pa.string()),
+                                        ("image_sha256", pa.string())])
+
+
+def _embeddings(path: Path, rows: list[dict[str, Any]], embeddings: dict[str, np.ndarray], width: int) -> Path:
+    # float16, as clip-retrieval writes them: half the bytes, and cosines still good to ~1e-3. A
+    # shard without images still has its (0, width) file, so readers can stack every shard's.
+    matrix = np.stack([embeddings[r["key"]] for r in rows]) if rows else np.zeros((0, width))
+    np.save(path, matrix.astype(np.float16))
+    return path
 
 
 def _parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> Path:

@@ -12,6 +12,9 @@ the finalizer) import the names from here; none spells a file name itself.
       {shard}_failed.json      `FailedShard`; only for a quarantined shard
       quarantine/{shard}.tar   images flagged under safety.action=quarantine, with
       quarantine/{shard}.parquet   their rows
+      img_emb/img_emb_{shard}.npy  curation.save_embeddings: the CLIP image embedding of each image
+      metadata/metadata_{shard}.parquet  in the tar (float16, L2-normalized), and their keys in the
+                               same order: the layout clip-retrieval writes and autofaiss reads
       sizes.json               {"00000.tar": images in it, ...}; only when complete
       README.md                the dataset card; only when complete
       preview/                 previews: contact_sheet.png, xy_*.png, index.html, the card's sheet
@@ -34,6 +37,9 @@ SIZES_FILE = "sizes.json"
 CARD_FILE = "README.md"
 QUARANTINE_DIR = "quarantine"
 PREVIEW_DIR = "preview"
+# clip-retrieval's folder names, so its tools and autofaiss read the embeddings where they are.
+EMBEDDINGS_DIR = "img_emb"
+EMBEDDINGS_METADATA_DIR = "metadata"
 # Objects a run writes and deletes at once to learn what the store does (exclusive create, write
 # access); one left behind by a crash is not an output file. At the top, not in a folder: a local
 # folder emptied by one worker could vanish under another worker's probe.
@@ -104,6 +110,14 @@ def quarantine_tar(shard: str) -> str:
 
 def quarantine_parquet(shard: str) -> str:
     return f"{QUARANTINE_DIR}/{shard}.parquet"
+
+
+def embeddings_file(shard: str) -> str:
+    return f"{EMBEDDINGS_DIR}/img_emb_{shard}.npy"
+
+
+def embeddings_metadata_file(shard: str) -> str:
+    return f"{EMBEDDINGS_METADATA_DIR}/metadata_{shard}.parquet"
 
 
 def xy_grid_file(x: str, y: str, prompt_id: str | None = None) -> str:

@@ -318,6 +318,9 @@ class CurationSpec(_Section):
     # An image whose embedding has at least this cosine with an image already accepted for the same
     # prompt (and sweep point) is a `duplicate` of it.
     dedup_threshold: float | None = Field(None, gt=0.0, le=1.0)
+    # Write each shard's image embeddings and their keys beside its tar (schemas.layout names the
+    # files), committed with it: an index for retrieval or dedup is built from them after the job.
+    save_embeddings: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -331,6 +334,8 @@ class CurationSpec(_Section):
                 raise ValueError(f"curation.{gate} needs curation.{scorer}, the model whose score it gates")
         if self.dedup_threshold is not None and not self.clip_model:
             raise ValueError("curation.dedup_threshold compares CLIP image embeddings: set curation.clip_model")
+        if self.save_embeddings and not self.clip_model:
+            raise ValueError("curation.save_embeddings writes CLIP image embeddings: set curation.clip_model")
         if self.max_candidates is not None and self.images_per_prompt is None:
             raise ValueError(f"curation.max_candidates={self.max_candidates} needs curation.images_per_prompt, "
                              "the number of images to keep per prompt")
@@ -457,7 +462,8 @@ _ADDED_KEYS = {"model.task": TEXT_TO_IMAGE, "input.image_column": None, "input.m
                "generation.strength": None, "generation.noise_level": None, "engine.vae_tiling": False,
                **{f"curation.{k}": None for k in ("clip_model", "aesthetic_model", "nsfw_model", "min_clip_score",
                                                    "min_aesthetic", "max_punsafe", "images_per_prompt",
-                                                   "max_candidates", "dedup_threshold")}}
+                                                   "max_candidates", "dedup_threshold")},
+               "curation.save_embeddings": False}
 
 
 def _is_operational(key: str) -> bool:

@@ -46,7 +46,10 @@ def numpy_head(path, embeds: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x)) if meta["output"] == "sigmoid" else x
 
 
-def test_job_rows_carry_clip_aesthetic_and_punsafe_scores(tmp_path, tiny_model, scorers, ray_cluster):
+def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(tmp_path, tiny_model, scorers, ray_cluster):
+    import faiss
+    import pyarrow.parquet as pq
+
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
@@ -61,7 +64,7 @@ def test_job_rows_carry_clip_aesthetic_and_punsafe_scores(tmp_path, tiny_model, 
         "safety": {"detector": "none"},
         "resources": {"batch_size": 2},
         "curation": {"clip_model": str(scorers["clip"]), "aesthetic_model": str(scorers["aesthetic"]),
-                     "nsfw_model": str(scorers["nsfw"])},
+                     "nsfw_model": str(scorers["nsfw"]), "save_embeddings": True},
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     done = run_cli("run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress")
@@ -92,6 +95,30 @@ def test_job_rows_carry_clip_aesthetic_and_punsafe_scores(tmp_path, tiny_model, 
     stats = yaml.safe_load((tmp_path / "out" / "00000_stats.json").read_text())
     assert set(stats["curation_models_sha256"]) == {"clip_model", "aesthetic_model", "nsfw_model"}
     assert stats["stage_seconds"]["curate"] > 0
+
+    # The embeddings, in clip-retrieval's layout, committed with their shards and in tar order.
+    out = tmp_path / "out"
+    assert {"img_emb/img_emb_00000.npy", "metadata/metadata_00000.parquet"} <= set(stats["files"])
+    keys, matrices = [], []
+    for shard in ("00000", "00001"):
+        with tarfile.open(out / f"{shard}.tar") as tar:
+            in_tar = [n[:-4] for n in tar.getnames() if n.endswith(".png")]
+        meta = pq.read_table(out / "metadata" / f"metadata_{shard}.parquet").to_pylist()
+        assert [m["key"] for m in meta] == in_tar
+        matrix = np.load(out / "img_emb" / f"img_emb_{shard}.npy")
+        assert matrix.dtype == np.float16 and matrix.shape == (len(in_tar), 16)
+        keys += in_tar
+        matrices.append(matrix)
+    by_key = {r["key"]: r for r in rows}
+    assert [by_key[k]["prompt"] for k in keys] == [m["caption"] for s in ("00000", "00001")
+                                                  for m in pq.read_table(out / f"metadata/metadata_{s}.parquet").to_pylist()]
+    embeddings = np.concatenate(matrices).astype(np.float32)
+    np.testing.assert_allclose(embeddings, embeds[[ [r["key"] for r in rows].index(k) for k in keys]], atol=2e-3)
+    # An exact index over them finds each image's own key first.
+    index = faiss.IndexFlatL2(embeddings.shape[1])
+    index.add(embeddings)
+    _, nearest = index.search(embeddings, 2)
+    assert [keys[i] for i in nearest[:, 0]] == keys
 
 
 def test_heads_are_safetensors_of_the_right_kind_and_width(tmp_path, scorers):
