@@ -68,6 +68,14 @@ def proc_title(pid: int) -> str:
     return _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
 
 
+def actor_pids(cluster, running_only: bool = False) -> list[int]:
+    """PIDs of ShardGenerator actor processes of this cluster (never anyone else's); with
+    `running_only`, those whose process title says they are running a shard."""
+    titles = {pid: proc_title(pid) for pid in cluster.processes()}
+    return [pid for pid, title in titles.items()
+            if "ShardGenerator" in title and (not running_only or ".run" in title)]
+
+
 def _own_ancestry() -> set[int]:
     pids, pid = set(), os.getpid()
     while pid > 1:

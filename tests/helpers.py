@@ -139,13 +139,14 @@ def rows_of(out: str) -> list[dict]:
     return rows
 
 
-def assert_exactly_once(out: str, samples: int = N_PROMPTS * 2, shards: int = 8) -> list[dict]:
+def assert_exactly_once(out: str, samples: int = N_PROMPTS * 2, shards: int = 8, images: int | None = None) -> list[dict]:
+    """Every shard committed once, every sample once; `images` in the tars (default: one per sample)."""
     storage = output_storage(out)
     assert committed(out) == [f"{i:05d}_stats.json" for i in range(shards)]
     rows = rows_of(out)
     assert len(rows) == samples and len({r["key"] for r in rows}) == samples
     assert len({r["sample_id"] for r in rows}) == samples
-    assert sum(json.loads(storage.read_bytes("sizes.json")).values()) == samples
+    assert sum(json.loads(storage.read_bytes("sizes.json")).values()) == (samples if images is None else images)
     assert storage.exists("_SUCCESS")
     for name in storage.list("*_stats.json"):
         stats = storage.read_json(name)

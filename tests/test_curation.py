@@ -292,3 +292,52 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(tmp_path, 
     assert html.returncode == 0, html.stderr[-2000:]
     page = (tmp_path / "out" / "preview" / "index.html").read_text()
     assert 'value="duplicate"' in page and "rejected: min_clip_score" in page
+
+
+def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(tmp_path, tiny_model, scorers, ray_cluster):
+    """The rounds depend on the scores, so a rerun must make the same choices: a driver killed
+    after its first commit, then rerun, gives the tars an uninterrupted run gives, byte for byte."""
+    import signal
+
+    from clusters import actor_pids
+    from helpers import assert_exactly_once, committed, same_dataset, start_cli, wait_for
+
+    prompts = [f"a landscape, variation {i}" for i in range(8)]
+    ids = [f"p{i}" for i in range(8)]
+    k, m = 1, 3
+    ref = reference_candidates(tiny_model, scorers["clip"], prompts, ids, m)
+    # A gate in the middle of the scores: some prompts keep their first candidate, some need more rounds.
+    min_clip, _ = between([score for score, _ in ref.values()], 0.3, 0.7)
+    want = expected_statuses(ref, ids, k, m, min_clip, dedup=2.0)
+    assert {"ok", "rejected", "skipped"} <= set(want.values())
+    write_prompts(tmp_path / "in" / "p.parquet", prompts, ids)
+
+    def spec(out):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": {"source": str(tiny_model)}, "input": {"uri": str(tmp_path / "in")},
+            "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
+            "output": {"uri": str(tmp_path / out), "image_format": "png", "samples_per_shard": m},
+            "safety": {"detector": "none"}, "resources": {"batch_size": 2},
+            "curation": {"clip_model": str(scorers["clip"]), "min_clip_score": min_clip, "images_per_prompt": k,
+                         "max_candidates": m, "save_embeddings": True}}))
+        return str(path)
+
+    done = run_cli("run", spec("uninterrupted"), "--address", ray_cluster.address, "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = str(tmp_path / "killed")
+    proc = start_cli("run", spec("killed"), "--address", ray_cluster.address, "--no-progress")
+    wait_for(lambda: committed(killed), 120, "a first committed shard")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert len(committed(killed)) < len(ids), "the job ended before the kill: nothing was resumed"
+    wait_for(lambda: not actor_pids(ray_cluster), 60, "the dead driver's actors to exit", poll=0.5)
+    again = run_cli("run", spec("killed"), "--address", ray_cluster.address, "--no-progress")
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    rows = assert_exactly_once(killed, samples=len(ids) * m, shards=len(ids), images=list(want.values()).count("ok"))
+    assert {(r["prompt_id"], r["candidate"]): r["status"] for r in rows} == want
+    same_dataset(str(tmp_path / "uninterrupted"), killed)
+    for shard in range(len(ids)):
+        name = f"img_emb/img_emb_{shard:05d}.npy"
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes()

@@ -18,20 +18,12 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from clusters import FAST_HEALTH_CHECKS, make_temp_dir, proc_title, start_head
+from clusters import FAST_HEALTH_CHECKS, actor_pids, make_temp_dir, start_head
 from helpers import (assert_exactly_once, bucket_with_prompts, committed, job_spec, output_storage, run_cli,
                      same_dataset, start_cli, wait_for)
 from s3proxy import Rule, S3Proxy
 
 pytestmark = pytest.mark.slow
-
-
-def actor_pids(cluster, running_only: bool = False) -> list[int]:
-    """PIDs of ShardGenerator actor processes of this cluster (never anyone else's); with
-    `running_only`, those whose process title says they are running a shard."""
-    titles = {pid: proc_title(pid) for pid in cluster.processes()}
-    return [pid for pid, title in titles.items()
-            if "ShardGenerator" in title and (not running_only or ".run" in title)]
 
 
 @pytest.fixture(scope="module")
