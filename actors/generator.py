@@ -303,9 +303,10 @@ class ShardGenerator:
         shapes = [resolve_params(self.spec, "", None, "", point) for point in self.plan.points]
         self.engine = self.engine_class(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine,
                                         batch_size=self.spec.resources.batch_size, warm_up=shapes)
-        self.detector = load_detector(self.spec.safety, self.engine.device, cpu_threads)
-        # On the post thread beside the detector, on the pipeline's device.
+        # On the post thread beside the detector, on the pipeline's device; first, as a detector may
+        # read its embeddings.
         self.curator = Curator(self.spec.curation, self.engine.device) if self.spec.curation.clip_model else None
+        self.detector = load_detector(self.spec.safety, self.engine.device, cpu_threads, self.curator)
         self.encoders = ThreadPoolExecutor(max_workers=cpu_threads or os.cpu_count() or 1,
                                            thread_name_prefix="sdfleet-encode")
 
@@ -508,14 +509,19 @@ class ShardGenerator:
         images to keep to the encoder pool. Returns the outcomes, the scoring time, and the
         encoding of each image to keep: key -> future of (bytes, sha256, seconds per stage)."""
         safety, out = self.spec.safety, self.spec.output
-        t0 = time.perf_counter()
-        scores = self.detector.score(arrays) if self.detector else [None] * len(arrays)
-        timing = {"score": time.perf_counter() - t0}
-        curated = [None] * len(arrays)
+        timing, curated = {}, [None] * len(arrays)
         if self.curator is not None:  # before a blackout, so the scores are of what was generated
             t0 = time.perf_counter()
             curated = self.curator.score(arrays, [s.params.prompt for s in samples])
             timing["curate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if self.detector is None:
+            scores = [None] * len(arrays)
+        elif self.detector.reads_embeddings:  # the embedding curation just made, not a second one
+            scores = self.detector.score_embeddings(np.stack([c.embedding for c in curated]))
+        else:
+            scores = self.detector.score(arrays)
+        timing["score"] = time.perf_counter() - t0
         outcomes, encoding = {}, {}
         for sample, array, score, curation, per_image in zip(samples, arrays, scores, curated, seconds):
             key = sample.key

@@ -12,6 +12,9 @@ does with a flagged image (score >= safety.threshold) is the action's business, 
   nsfw_score = clip(0.5 + max concept score, 0, 1) puts its own decision boundary at 0.5.
 - hf-classifier: any transformers image-classification checkpoint; nsfw_score is the sum of the
   softmax probabilities of `safety.unsafe_classes` (default ["nsfw"]).
+- laion-clip-nsfw: the LAION CLIP-based NSFW classifier (the filter SD2's training data went
+  through, punsafe < 0.1): its head on the CLIP image embedding curation already computes, so the
+  image is embedded once for both. nsfw_score = punsafe.
 """
 
 from __future__ import annotations
@@ -66,14 +69,17 @@ class Detector:
     name: str
     model_sha256: str | None
     unsafe_classes: list[str] | None
+    # A detector that reads curation's CLIP image embeddings (`score_embeddings`) instead of pixels.
+    reads_embeddings = False
 
     def score(self, images: list[np.ndarray]) -> list[SafetyScore]:
         raise NotImplementedError
 
 
-def load_detector(spec: SafetySpec, device: str, cpu_threads: int | None = None) -> Detector | None:
+def load_detector(spec: SafetySpec, device: str, cpu_threads: int | None = None, curator=None) -> Detector | None:
     """cpu_threads: this worker's share of the node's CPUs, for a detector that runs on the CPU
-    (nsfw-detector); None: torch's thread count."""
+    (nsfw-detector); None: torch's thread count. curator: the worker's `Curator`, whose CLIP
+    embedding laion-clip-nsfw reads."""
     if spec.detector == "none":
         return None
     spec.check_runnable()
@@ -84,8 +90,14 @@ def load_detector(spec: SafetySpec, device: str, cpu_threads: int | None = None)
         raise UnsafeModelError(f"safety.model {spec.model} has sha256 {sha256 or '(not a local file: a hub id)'}, "
                                f"not the pinned safety.model_sha256 {spec.model_sha256}; check where the weights "
                                "came from, or update the pin")
-    cls = {"nsfw-detector": NsfwDetector, "clip-checker": ClipChecker, "hf-classifier": HfClassifier}[spec.detector]
-    detector = cls(path, spec.resolved_unsafe_classes(), device, cpu_threads)
+    if spec.detector == "laion-clip-nsfw":
+        if curator is None:
+            raise SpecError("safety.detector=laion-clip-nsfw reads the CLIP image embedding curation computes: set "
+                            "curation.clip_model")
+        detector = LaionClipNsfw(path, spec.resolved_unsafe_classes(), device, curator.clip)
+    else:
+        cls = {"nsfw-detector": NsfwDetector, "clip-checker": ClipChecker, "hf-classifier": HfClassifier}[spec.detector]
+        detector = cls(path, spec.resolved_unsafe_classes(), device, cpu_threads)
     detector.model_sha256 = sha256
     log.info("safety: %s from %s (sha256 %s)", spec.detector, spec.model, (detector.model_sha256 or "?")[:12])
     return detector
@@ -285,5 +297,37 @@ class HfClassifier(Detector):
         out = []
         for row in probs:
             scores = {label: float(p) for label, p in zip(self.labels, row)}
+            out.append(SafetyScore(min(1.0, sum(scores[c] for c in self.unsafe_classes or [])), scores))
+        return out
+
+
+class LaionClipNsfw(Detector):
+    name = "laion-clip-nsfw"
+    reads_embeddings = True
+    classes = ("unsafe", "safe")
+
+    def __init__(self, path: str, unsafe: list[str] | None, device: str, clip):
+        from sdfleet.actors.curation import Head
+
+        self.clip = clip
+        self.head = Head(path, "nsfw", device, clip.embedding_size, "safety.model")
+        self.unsafe_classes = unsafe
+        _check_classes(self.name, unsafe, self.classes)
+
+    def score(self, images: list[np.ndarray]) -> list[SafetyScore]:
+        """Embeds the images itself: for callers without curation's embeddings (benches)."""
+        from PIL import Image
+
+        embeds = self.clip.image_embeds([self.clip.pixel_values(Image.fromarray(a)) for a in images])
+        return self.score_embeddings((embeds / embeds.norm(dim=-1, keepdim=True)).float().cpu().numpy())
+
+    def score_embeddings(self, normalized: np.ndarray) -> list[SafetyScore]:
+        """From L2-normalized CLIP image embeddings, one row per image."""
+        import torch
+
+        punsafe = self.head(torch.from_numpy(np.asarray(normalized)).to(self.head.device)).float().cpu().tolist()
+        out = []
+        for p in punsafe:
+            scores = {"unsafe": p, "safe": 1.0 - p}
             out.append(SafetyScore(min(1.0, sum(scores[c] for c in self.unsafe_classes or [])), scores))
         return out

@@ -242,6 +242,9 @@ class JobRunner:
         check_scheduler_names(sorted(names))
         safety = self.spec.safety
         safety.check_runnable()
+        if safety.detector == "laion-clip-nsfw" and not safety.model.endswith(".safetensors"):
+            raise SpecError(f"safety.model={safety.model} is not a .safetensors file; laion-clip-nsfw loads its head "
+                            "from safetensors only: convert the original once (see the README's Curation section)")
         if safety.model and not is_remote(safety.model) and safety.model.startswith((".", "/", "~")):
             if not Path(safety.model).expanduser().exists():
                 raise SpecError(f"safety.model {safety.model} does not exist; give the detector's weights")

@@ -178,14 +178,16 @@ DEFAULT_UNSAFE_CLASSES = {
     "nsfw-detector": ["porn", "hentai", "sexy"],
     "hf-classifier": ["nsfw"],
     "clip-checker": None,  # every concept
+    "laion-clip-nsfw": ["unsafe"],  # its classes are unsafe (punsafe) and safe
     "none": None,
 }
 
 
 class SafetySpec(_Section):
-    detector: Literal["nsfw-detector", "clip-checker", "hf-classifier", "none"] = "nsfw-detector"
+    detector: Literal["nsfw-detector", "clip-checker", "hf-classifier", "laion-clip-nsfw", "none"] = "nsfw-detector"
     # Detector weights: a local path, an s3:// copy (cached per node), or for clip-checker and
-    # hf-classifier a hub id. nsfw-detector takes a Keras .h5 file or SavedModel folder.
+    # hf-classifier a hub id. nsfw-detector takes a Keras .h5 file or SavedModel folder;
+    # laion-clip-nsfw the LAION NSFW head as safetensors, reading curation.clip_model's embedding.
     model: str | None = None
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     action: Literal["score", "drop", "blackout", "quarantine"] = "drop"
@@ -208,10 +210,11 @@ class SafetySpec(_Section):
     def check_runnable(self) -> None:
         """Called before a job starts (not at parse time, so `sdfleet plan` works on any spec)."""
         if self.detector != "none" and not self.model:
+            weights = {"nsfw-detector": "path or s3:// URI of its weights (a Keras .h5 file or SavedModel folder)",
+                       "laion-clip-nsfw": "path or s3:// URI of its head (a .safetensors file)"}
             raise SpecError(
-                f"safety.detector={self.detector!r} needs safety.model: the path, s3:// URI"
-                f"{'' if self.detector == 'nsfw-detector' else ' or hub id'} of its weights"
-                f"{' (a Keras .h5 file or SavedModel folder)' if self.detector == 'nsfw-detector' else ''}; "
+                f"safety.detector={self.detector!r} needs safety.model: the "
+                f"{weights.get(self.detector, 'path, s3:// URI or hub id of its weights')}; "
                 "or set safety.detector: none to skip safety scoring"
             )
 
@@ -398,6 +401,9 @@ class JobSpec(_Section):
                 takers = ", ".join(n for n, t in TASKS.items() if key in t.parameters)
                 raise ValueError(f"generation.{key} is for model.task {takers}; model.task={name} has no {key}")
         cur = self.curation
+        if self.safety.detector == "laion-clip-nsfw" and not cur.clip_model:
+            raise ValueError("safety.detector=laion-clip-nsfw reads the CLIP image embedding curation computes: set "
+                             "curation.clip_model to the CLIP checkpoint its head was trained on (ViT-L/14 for LAION's)")
         if cur.best_of_n:
             if self.sweep.seeds != 1:
                 raise ValueError(f"sweep.seeds={self.sweep.seeds}: with curation.images_per_prompt the seeds are the "

@@ -341,3 +341,59 @@ def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(tmp_path, t
     for shard in range(len(ids)):
         name = f"img_emb/img_emb_{shard:05d}.npy"
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes()
+
+
+def test_laion_clip_nsfw_as_the_safety_detector_reads_curations_embedding(tmp_path, tiny_model, scorers, ray_cluster):
+    """safety.detector: laion-clip-nsfw flags on the NSFW head's punsafe, from the same embedding
+    curation computes: its nsfw_score is exactly the row's punsafe when curation runs that head too,
+    and matches the head applied here to transformers' own embedding of a plain-diffusers image."""
+    prompts = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of ramen", "a city at night, rain"]
+    ids = [f"p{i}" for i in range(4)]
+    ref = reference_candidates(tiny_model, scorers["clip"], prompts, ids, 2)
+    punsafe = {key: float(numpy_head(scorers["nsfw"], emb[None])[0]) for key, (_, emb) in ref.items()}
+    threshold, gap = between(list(punsafe.values()), 0.3, 0.7)
+    assert gap > 1e-4
+    write_prompts(tmp_path / "in" / "p.parquet", prompts, ids)
+    spec = {
+        "model": {"source": str(tiny_model)}, "input": {"uri": str(tmp_path / "in")},
+        "generation": {"num_inference_steps": 2, "width": 64, "height": 64}, "sweep": {"seeds": 2},
+        "output": {"uri": str(tmp_path / "out"), "image_format": "png", "samples_per_shard": 4},
+        "safety": {"detector": "laion-clip-nsfw", "model": str(scorers["nsfw"]), "threshold": threshold,
+                   "action": "drop"},
+        "resources": {"batch_size": 2},
+        "curation": {"clip_model": str(scorers["clip"]), "nsfw_model": str(scorers["nsfw"])},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = run_cli("run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = rows_of(str(tmp_path / "out"))
+    assert len(rows) == 8
+    for r in rows:
+        slot = 0 if r["seed"] == ref_seed(r["prompt_id"], 0) else 1
+        assert r["nsfw_score"] == r["punsafe"]
+        assert r["nsfw_score"] == pytest.approx(punsafe[r["prompt_id"], slot], abs=1e-4)
+        assert r["status"] == ("filtered" if punsafe[r["prompt_id"], slot] >= threshold else "ok")
+        assert {s["label"] for s in r["nsfw_scores"]} == {"unsafe", "safe"} and r["safety_detector"] == "laion-clip-nsfw"
+    assert {r["status"] for r in rows} == {"ok", "filtered"}
+
+
+def ref_seed(prompt_id, slot):
+    from sdfleet.schemas.samples import derive_seed
+
+    return derive_seed(0, prompt_id, slot)
+
+
+def test_laion_clip_nsfw_needs_the_clip_model_and_a_safetensors_head(tmp_path, tiny_model, scorers):
+    from sdfleet.schemas.errors import SpecError
+    from sdfleet.schemas.spec import parse_spec
+
+    with pytest.raises(SpecError, match="safety.detector=laion-clip-nsfw reads the CLIP image embedding"):
+        parse_spec({"input": {"uri": "x"}, "output": {"uri": "y"},
+                    "safety": {"detector": "laion-clip-nsfw", "model": "n.safetensors"}})
+    write_prompts(tmp_path / "in" / "p.parquet", ["a"])
+    spec = {"model": {"source": str(tiny_model)}, "input": {"uri": str(tmp_path / "in")},
+            "output": {"uri": str(tmp_path / "out")}, "curation": {"clip_model": str(scorers["clip"])},
+            "safety": {"detector": "laion-clip-nsfw", "model": str(tmp_path / "clip_autokeras_nsfw_b32.zip")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 1 and "laion-clip-nsfw loads its head from safetensors only" in out.stderr, out.stderr
