@@ -154,22 +154,37 @@ def _plan(spec) -> int:
     plan, verdict = JobRunner(spec).check()
     est = estimate(plan)
     axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())
-    seeds = spec.sweep.num_seeds()
+    seeds = spec.sweep.num_seeds() * spec.curation.candidates
     print(f"job           {spec.name}")
     print(f"input files   {len(plan.files)} ({plan.num_rows} prompt rows)")
-    print(f"sweep         {len(plan.points)} points per prompt ({seeds} seed(s){' x ' + axes if axes else ''})")
+    print(f"sweep         {len(plan.points)} points per prompt ({seeds} {'candidate ' if spec.curation.best_of_n else ''}seed(s){' x ' + axes if axes else ''})")
     print(f"samples       {plan.num_samples}")
     print(f"shards        {plan.num_shards} of up to {plan.samples_per_shard} samples")
-    print(f"compute       {est['tflop']:,.0f} TFLOP")
+    cur = spec.curation
+    # With best-of-N a prompt generates k to m of its m candidate slots: every figure is a range.
+    k, m = (cur.images_per_prompt, cur.candidates) if cur.best_of_n else (None, None)
+    if cur.best_of_n:
+        per_prompt = len(plan.points) // m
+        print(f"candidates    {m} slots per prompt and sweep point (curation.max_candidates), "
+              f"{plan.num_rows * per_prompt * k} images kept at most ({k} per prompt and point)")
+
+    def span(low, high, fmt):
+        return fmt.format(high) if low == high else f"{fmt.format(low)} … {fmt.format(high)}"
+
+    print(f"compute       {span(est['tflop_min'], est['tflop'], '{:,.0f}')} TFLOP"
+          + (f" ({k} … {m} candidates per prompt)" if k else ""))
     if TASKS[spec.model.task].image:
         print(f"task          {spec.model.task}: each image's size comes from its input, so the compute and "
               "GPU-hours here count SD2-base at 512² per image")
-    print(f"estimate      {est['gpu_hours']:,.2f} GPU-hours at {est['sustained_tflops']:.0f} TFLOP/s sustained "
-          f"({est['throughput_source']})")
+    print(f"estimate      {span(est['gpu_hours_min'], est['gpu_hours'], '{:,.2f}')} GPU-hours at "
+          f"{est['sustained_tflops']:.0f} TFLOP/s sustained ({est['throughput_source']})")
     if est["cost_usd"] is not None:
         budget = spec.resources.budget_usd
-        print(f"cost          ${est['cost_usd']:,.2f} at ${spec.resources.gpu_hour_usd}/GPU-hour"
-              + (f" (budget ${budget:,.2f})" if budget is not None else ""))
+        print(f"cost          {span(est['cost_usd_min'], est['cost_usd'], '${:,.2f}')} at "
+              f"${spec.resources.gpu_hour_usd}/GPU-hour" + (f" (budget ${budget:,.2f})" if budget is not None else ""))
+        if budget is not None and budget < est["cost_usd"]:
+            print(f"warning       the budget is under the {'most' if k else 'estimated'} cost: the job may stop "
+                  "with shards not made (rerun with a higher resources.budget_usd to go on)")
     else:
         print("cost          set resources.gpu_hour_usd for a cost estimate")
     if plan.duplicate_rows:

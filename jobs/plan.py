@@ -67,7 +67,9 @@ def _mix64(x: "np.ndarray") -> "np.ndarray":
 
 
 def estimate(plan: Plan) -> dict[str, Any]:
-    """FLOPs, GPU-hours and cost from the architecture's FLOPs and a sustained throughput."""
+    """FLOPs, GPU-hours and cost from the architecture's FLOPs and a sustained throughput: for every
+    planned sample, and with best-of-N (curation.images_per_prompt) the `_min` of each too, the
+    cost if each prompt's first k candidates pass; the truth lies between."""
     tflop = 0.0
     gen = plan.spec.generation
     for point in plan.points:
@@ -81,7 +83,11 @@ def estimate(plan: Plan) -> dict[str, Any]:
     sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops)
     gpu_hours = tflop / sustained / 3600
     cost = gpu_hours * res.gpu_hour_usd if res.gpu_hour_usd is not None else None
+    cur = plan.spec.curation
+    fewest = cur.images_per_prompt / cur.candidates if cur.best_of_n else 1.0  # k of m candidates generated
     return {"tflop": tflop, "gpu_hours": gpu_hours, "cost_usd": cost, "sustained_tflops": sustained,
+            "tflop_min": tflop * fewest, "gpu_hours_min": gpu_hours * fewest,
+            "cost_usd_min": None if cost is None else cost * fewest,
             "throughput_source": source, "images_per_gpu_hour": plan.num_samples / gpu_hours if gpu_hours else None}
 
 

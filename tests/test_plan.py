@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from sdfleet.actors.generator import read_shard_samples
 from helpers import run_cli, write_prompts
@@ -205,6 +206,36 @@ def test_cli_plan_prints_cost(tmp_path, tiny_model):
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 0, out.stderr
     assert "at $4.0/GPU-hour (budget $100.00)" in out.stdout and "TFLOP/s sustained" in out.stdout
+
+
+def test_best_of_n_plans_every_candidate_slot_and_prices_a_range(tmp_path, tiny_model):
+    """k of m candidates per prompt: the plan has m slots per prompt, and its compute, GPU-hours and
+    cost run from every prompt's first k passing to all m tried."""
+    make_input(tmp_path)
+    curation = {"clip_model": str(tmp_path), "images_per_prompt": 2, "max_candidates": 8}
+    spec = spec_for(tmp_path, generation={"num_inference_steps": 50, "width": 512, "height": 512},
+                    sweep={"seeds": 1, "axes": {"guidance_scale": [3.0, 7.5]}}, output={"samples_per_shard": 16},
+                    resources={"gpu_hour_usd": 2.0}, curation=curation)
+    plan = Planner(spec).plan()
+    assert plan.num_samples == 9 * 2 * 8
+    est = estimate(plan)
+    assert est["tflop"] == pytest.approx(9 * 2 * 8 * (1.609 * 50 + 2.51 + 0.09))
+    assert est["tflop_min"] == pytest.approx(est["tflop"] / 4) and est["cost_usd_min"] == pytest.approx(est["cost_usd"] / 4)
+
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({
+        "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 16},
+        "model": {"source": str(tiny_model)}, "safety": {"detector": "none"},
+        "generation": {"num_inference_steps": 50, "width": 512, "height": 512},
+        "sweep": {"axes": {"guidance_scale": [3.0, 7.5]}}, "curation": curation,
+        "resources": {"gpu_hour_usd": 2.0, "budget_usd": round(est["cost_usd"] / 2, 4)}}))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "16 points per prompt (8 candidate seed(s) x guidance_scale[2])" in out.stdout
+    assert "candidates    8 slots per prompt and sweep point (curation.max_candidates), 36 images kept at most" \
+        in out.stdout, out.stdout
+    assert f"compute       {est['tflop_min']:,.0f} … {est['tflop']:,.0f} TFLOP (2 … 8 candidates per prompt)" in out.stdout
+    assert f"cost          ${est['cost_usd_min']:,.2f} … ${est['cost_usd']:,.2f} at $2.0/GPU-hour" in out.stdout
+    assert "warning       the budget is under the most cost" in out.stdout
 
 
 def test_duplicate_ids_across_files_point_at_the_first(tmp_path):
