@@ -21,6 +21,7 @@ import numpy as np
 
 from sdfleet.actors.storage import local_copy, weights_sha256
 from sdfleet.schemas.errors import ModelLoadError, first_line
+from sdfleet.schemas.rows import STATUS_DUPLICATE, STATUS_FILTERED, STATUS_OK, STATUS_REJECTED
 
 log = logging.getLogger("sdfleet")
 
@@ -184,3 +185,32 @@ class Curator:
         punsafe = self.nsfw(normalized).cpu().tolist() if self.nsfw else [None] * len(images)
         embeddings = normalized.float().cpu().numpy()
         return [CurationScores(*v) for v in zip(scores, aesthetic, punsafe, embeddings)]
+
+
+def tally(rows: list[dict[str, Any]], axes: list[str], images_per_prompt: int | None) -> dict[str, Any]:
+    """One shard's curation counts, for its stats (summed over shards for the card):
+    - gated: images that reached the gates (passed safety); gate_failures: of those, how many failed
+      each gate (an image failing two counts under both);
+    - by_sweep_point: per sweep point (its axis values, "all" without axes) the candidates generated
+      and kept, and with best-of-N its prompts and how many of them are short of k kept images
+      (a prompt's candidates share a shard, so these add up over shards)."""
+    gated = [r for r in rows if r["status"] in (STATUS_OK, STATUS_REJECTED, STATUS_DUPLICATE)]
+    failures: dict[str, int] = {}
+    for r in gated:
+        for gate in filter(None, (r.get("rejected_by") or "").split(",")):
+            failures[gate] = failures.get(gate, 0) + 1
+    points: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        label = ", ".join(f"{a}={r[a]}" for a in sorted(axes)) or "all"
+        p = points.setdefault(label, {"generated": 0, "ok": 0, "kept_by_prompt": {}})
+        made = r["status"] in (STATUS_OK, STATUS_FILTERED, STATUS_REJECTED, STATUS_DUPLICATE)
+        p["generated"] += made
+        p["ok"] += r["status"] == STATUS_OK
+        p["kept_by_prompt"][r["prompt_id"]] = p["kept_by_prompt"].get(r["prompt_id"], 0) + (r["status"] == STATUS_OK)
+    by_point = {}
+    for label, p in sorted(points.items()):
+        kept = p.pop("kept_by_prompt")
+        if images_per_prompt is not None:
+            p.update(prompts=len(kept), short=sum(n < images_per_prompt for n in kept.values()))
+        by_point[label] = p
+    return {"gated": len(gated), "gate_failures": dict(sorted(failures.items())), "by_sweep_point": by_point}

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sdfleet.actors.curation import CurationScores, Curator
+from sdfleet.actors.curation import CurationScores, Curator, tally
 from sdfleet.actors.engine import GENERATOR_DEVICE, Engine, SampleFailed
 from sdfleet.actors.inputs import InputImageReader, read_row_inputs, read_source_inputs
 from sdfleet.actors.logs import configure_logging, remember_secrets
@@ -502,6 +502,7 @@ class ShardGenerator:
             tar_sha256=sha256[layout.tar_file(name)], parquet_sha256=sha256[layout.parquet_file(name)],
             stage_seconds={k: round(v, 4) for k, v in sorted(made.stage_seconds.items())},
             curation_models_sha256=self.curator.models_sha256 if self.curator else {},
+            **(tally(rows, list(self.spec.sweep.axes), self.spec.curation.images_per_prompt) if self.curator else {}),
         )
 
     def _finish_batch(self, samples: list[Sample], arrays: list, seconds: list[float]):

@@ -145,6 +145,7 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         f"| GPU-hours | {gpu_hours:.4f} ({t['gpu_seconds']:.1f} GPU-seconds) |",
         f"| images per GPU-hour | {t['images_per_gpu_hour'] if t['images_per_gpu_hour'] is not None else 'n/a (CPU)'} |",
         "",
+        *_curation_section(spec, t),
         "## Generation",
         "",
         f"- scheduler: `{spec['model']['scheduler'] or 'checkpoint default'}`, dtype {', '.join(t['dtypes']) or spec['model']['dtype']}",
@@ -165,3 +166,32 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         "Every row carries the seed and parameters needed to regenerate its image with plain diffusers.",
     ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _curation_section(spec: dict[str, Any], t: dict[str, Any]) -> list[str]:
+    """How often each gate passed, and per sweep point how many candidates it took to keep the images."""
+    cur = spec.get("curation") or {}
+    if not cur.get("clip_model"):
+        return []
+    k = cur.get("images_per_prompt")
+    lines = ["## Curation", ""]
+    gates = {g: cur[g] for g in ("min_clip_score", "min_aesthetic", "max_punsafe") if cur.get(g) is not None}
+    if gates:
+        lines += [f"Gates on the {t['gated']} images that passed safety (an image may fail more than one):", "",
+                  "| gate | bound | failed | pass rate |", "|---|---|---|---|"]
+        for gate, bound in gates.items():
+            failed = t["gate_failures"].get(gate, 0)
+            lines.append(f"| `{gate}` | {bound} | {failed} | {_rate(t['gated'] - failed, t['gated'])} |")
+        lines.append("")
+    lines += ["Per sweep point: the images kept of the candidates generated"
+              + (f"; best-of-N keeps {k} per prompt of up to {cur.get('max_candidates') or k} candidates." if k else "."),
+              "", "| sweep point | generated | kept | acceptance |" + (" prompts short of k |" if k else ""),
+              "|---|---|---|---|" + ("---|" if k else "")]
+    for label, p in t["by_sweep_point"].items():
+        lines.append(f"| {label} | {p['generated']} | {p['ok']} | {_rate(p['ok'], p['generated'])} |"
+                     + (f" {p.get('short', 0)} of {p.get('prompts', 0)} |" if k else ""))
+    return [*lines, ""]
+
+
+def _rate(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "n/a"

@@ -72,15 +72,26 @@ class Survey:
                 "quarantined_images", "flagged",
                 "gpu_seconds", "gen_seconds")
         out: dict[str, Any] = {k: round(sum(getattr(s, k) for s in shards), 3) for k in keys}
-        by_class: dict[str, int] = {}
+        out["flagged_by_class"] = _add_up(s.flagged_by_class for s in shards)
+        out["gated"] = sum(s.gated for s in shards)
+        out["gate_failures"] = _add_up(s.gate_failures for s in shards)
+        points: dict[str, dict[str, int]] = {}
         for s in shards:
-            for cls, n in s.flagged_by_class.items():
-                by_class[cls] = by_class.get(cls, 0) + n
-        out["flagged_by_class"] = dict(sorted(by_class.items()))
+            for label, counts in s.by_sweep_point.items():
+                points[label] = _add_up([points.get(label, {}), counts])
+        out["by_sweep_point"] = dict(sorted(points.items()))
         out["images_per_gpu_hour"] = round(out["ok"] / out["gpu_seconds"] * 3600, 1) if out["gpu_seconds"] else None
         out["dtypes"] = sorted({s.dtype for s in shards})
         out["safety_model_sha256"] = sorted({s.safety_model_sha256 for s in shards if s.safety_model_sha256})
         return out
+
+
+def _add_up(counts) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, n in c.items():
+            out[k] = out.get(k, 0) + n
+    return dict(sorted(out.items()))
 
 
 def curation_counts(totals: dict) -> str:

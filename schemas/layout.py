@@ -197,6 +197,11 @@ class ShardStats(_Record):
     stage_seconds: dict[str, float] = {}
     # curation.*: the sha256 of each scoring model's files, by key (clip_model, aesthetic_model, nsfw_model).
     curation_models_sha256: dict[str, str] = {}
+    # curation.* (sdfleet.actors.curation.tally): images that reached the gates, how many failed each,
+    # and per sweep point the candidates generated and kept (with best-of-N, prompts short of k).
+    gated: int = 0
+    gate_failures: dict[str, int] = {}
+    by_sweep_point: dict[str, dict[str, int]] = {}
     # Epoch seconds: throughput over a whole job, and the overlap of neighbouring shards.
     started_ts: float
     generate_started_ts: float

@@ -288,6 +288,13 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(tmp_path, 
     assert ", ".join(f"{n} {v}" for v, n in counts.items()) in status.stdout, status.stdout
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"| candidate slots not needed (not generated) | {counts['skipped']} |" in card
+    statuses = list(want.values())
+    gated = len(statuses) - counts["skipped"]
+    passed = gated - counts["rejected"]
+    assert f"| `min_clip_score` | {min_clip} | {counts['rejected']} | {passed / gated:.1%} |" in card, card
+    short = sum(sum(want[pid, s] == "ok" for s in range(m)) < k for pid in ids)
+    kept = statuses.count("ok")
+    assert f"| all | {gated} | {kept} | {kept / gated:.1%} | {short} of {len(ids)} |" in card, card
     html = run_cli("preview", str(tmp_path / "out"), "--html")
     assert html.returncode == 0, html.stderr[-2000:]
     page = (tmp_path / "out" / "preview" / "index.html").read_text()
@@ -397,3 +404,21 @@ def test_laion_clip_nsfw_needs_the_clip_model_and_a_safetensors_head(tmp_path, t
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 1 and "laion-clip-nsfw loads its head from safetensors only" in out.stderr, out.stderr
+
+
+def test_tally_counts_gates_and_each_sweep_point_apart():
+    from sdfleet.actors.curation import tally
+
+    def row(pid, g, status, rejected_by=None):
+        return {"prompt_id": pid, "guidance_scale": g, "status": status, "rejected_by": rejected_by}
+
+    rows = [row("a", 3.0, "ok"), row("a", 3.0, "skipped"), row("a", 7.5, "rejected", "min_clip_score,max_punsafe"),
+            row("a", 7.5, "duplicate"), row("b", 3.0, "filtered"), row("b", 3.0, "rejected", "max_punsafe"),
+            row("b", 7.5, "ok"), row("b", 7.5, "failed")]
+    got = tally(rows, ["guidance_scale"], images_per_prompt=1)
+    assert got["gated"] == 5  # not filtered (safety), failed (never made) or skipped
+    assert got["gate_failures"] == {"max_punsafe": 2, "min_clip_score": 1}
+    assert got["by_sweep_point"] == {
+        "guidance_scale=3.0": {"generated": 3, "ok": 1, "prompts": 2, "short": 1},
+        "guidance_scale=7.5": {"generated": 3, "ok": 1, "prompts": 2, "short": 1},
+    }

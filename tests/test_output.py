@@ -126,8 +126,9 @@ def test_survey_totals_add_up_the_committed_shards_only(output):
     put_record(storage, layout.stats_file("00002"), shard_stats("00002", "another job", 2, gpu_seconds=100.0))
     totals = output.survey().totals()
     assert totals == {
-        "samples": 4, "ok": 2, "filtered": 1, "failed": 1, "rejected": 0, "duplicate": 0, "skipped": 0, "images_in_tar": 2, "quarantined_images": 1,
-        "flagged": 3, "gpu_seconds": 2.0, "gen_seconds": 2.0, "flagged_by_class": {"hentai": 1, "porn": 2},
+        "samples": 4, "ok": 2, "filtered": 1, "failed": 1, "rejected": 0, "duplicate": 0, "skipped": 0,
+        "images_in_tar": 2, "quarantined_images": 1, "flagged": 3, "gpu_seconds": 2.0, "gen_seconds": 2.0,
+        "flagged_by_class": {"hentai": 1, "porn": 2}, "gated": 0, "gate_failures": {}, "by_sweep_point": {},
         "images_per_gpu_hour": 3600.0, "dtypes": ["float16", "float32"],
         "safety_model_sha256": ["a" * 64, "b" * 64],
     }
