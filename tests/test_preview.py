@@ -655,6 +655,30 @@ def test_gallery_click_shows_metadata_and_filters_by_status(dataset, tmp_path):
         driver.close()
 
 
+@pytest.mark.slow
+@needs_chromedriver
+def test_gallery_sorts_by_a_curation_score_highest_first(tmp_path):
+    scores = [12.5, None, 31.0, 3.25, 20.0]
+    out = synthetic_output(tmp_path / "out", [{"clip_score": v, "status": "ok" if v is not None else "failed"}
+                                              for v in scores])
+    page = Path(preview.html_gallery(reader_of(out)))
+    assert '<option value="clip_score">' in page.read_text() and 'value="aesthetic_score"' not in page.read_text()
+    keys = [f"{SYNTHETIC_SHARD}{i:04d}" for i in range(len(scores))]
+    order = "return Array.from(document.querySelectorAll('#grid .card'), c => c.dataset.key)"
+    driver = WebDriver(tmp_path / "profile")
+    try:
+        driver.get(page.as_uri())
+        assert driver.js(order) == keys
+        driver.js("const s = document.getElementById('sort'); s.value = 'clip_score';"
+                  "s.dispatchEvent(new Event('input', {bubbles: true}))")
+        assert driver.js(order) == [keys[i] for i in (2, 4, 0, 3, 1)]  # the row without a score last
+        driver.js("const s = document.getElementById('sort'); s.value = 'key';"
+                  "s.dispatchEvent(new Event('input', {bubbles: true}))")
+        assert driver.js(order) == keys
+    finally:
+        driver.close()
+
+
 # ------------------------------------------------------------------------------------ hostile values
 
 # Every string column a Parquet row may carry; "caption" stands for a passthrough column of the input.

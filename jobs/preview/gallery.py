@@ -31,6 +31,10 @@ TEMPLATE = "gallery.html.j2"
 BASE_STATUSES = (STATUS_OK, STATUS_FILTERED, STATUS_FAILED)  # always a filter, in this order
 
 
+# The scores a page can be sorted by, where its rows have them: curation's, then safety's.
+SORT_COLUMNS = ("clip_score", "aesthetic_score", "punsafe", "nsfw_score")
+
+
 def page_statuses(reader: OutputReader) -> list[str]:
     """The page's filters: the base statuses, and curation's where the output has any."""
     totals = reader.survey().totals()
@@ -111,6 +115,7 @@ def _render_page(reader: OutputReader, rows: list[dict[str, Any]], show_filtered
         summary=_spec_summary(reader.job["spec"]),
         note="filtered images shown (from quarantine/)" if show_filtered else "filtered images hidden",
         filters=[{"status": s, "shown": shown[s], "total": totals[s]} for s in statuses],
+        sort_columns=[c for c in SORT_COLUMNS if any(r.get(c) is not None for r in rows)],
         cards=[_card(r, images.get(r["key"]), show_filtered) for r in rows],
         rows=[{k: _jsonable(v) for k, v in r.items() if not k.startswith("_")} for r in rows],
     )
