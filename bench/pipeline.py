@@ -1,6 +1,7 @@
 """The whole job at GPU rates: does anything but the GPU limit a worker?
 
-    .venv/bin/python bench/pipeline.py [--rates 6 11.9 23.1 35 50 60] [--png-rates 11.9 23.1 35] [--seconds 30]
+    .venv/bin/python bench/pipeline.py [--rates 6 11.9 23.1 35 50 60] [--png-rates 11.9 23.1 35]
+                                       [--curation-rates 11.9] [--seconds 30]
 
 An H100 at the FLOP limit makes 11.9 SD2-base images/s at 512² and 50 steps (83 TFLOP each), 23.1
 at 25 steps. Here a synthetic engine (bench/synthetic.py: the real engine's interface and batching,
@@ -17,6 +18,14 @@ CPU-seconds per image of the worker, the driver, Ray's own processes and moto. B
 measures each stage's CPU-seconds per image alone in a fresh process (score, encode, hash, write,
 upload), with the same code the worker runs. The knee is the lowest rate whose ratio falls
 below 0.97. The last line printed is one JSON object of all figures (keys in the README).
+
+The curation rows run the same JPEG job with curation on: a CLIP embedding per image, the
+aesthetic and NSFW heads, best-of-N (1 kept of 2 candidates, a min_aesthetic gate at the photos'
+median, so about half the prompts need a second round). Their CLIP is the tiny one on the CPU:
+the row measures curation's CPU side (CLIPImageProcessor per 512² image, the prompt embeddings)
+and the GPU's wait between rounds. ViT-L/14's own forward (~0.16 TFLOP per image, 0.2% of an
+SD2-base image at 50 steps) runs on the GPU in a real job and is not in it. The ratio counts every
+candidate generated (kept, rejected or filtered) against the stand-in GPU's rate.
 """
 
 from __future__ import annotations
@@ -161,7 +170,8 @@ class CpuSampler:
         self.thread.join()
 
 
-def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: float) -> dict:
+def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: float,
+            curation: dict | None = None) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -172,12 +182,13 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
     from sdfleet.schemas.spec import parse_spec
     from synthetic import synthetic_worker
 
-    tag = f"{fmt}-{rate}"
+    tag = f"{fmt}-{rate}" + ("-curated" if curation else "")
     per_shard = max(args.batch, round(rate * args.seconds / args.shards / args.batch) * args.batch)
     n = per_shard * args.shards
+    rows = n // (curation["max_candidates"] if curation else 1)  # each prompt owns its candidate slots
     with s3.open(f"{args.bucket}/prompts-{tag}/p.parquet", "wb") as f:
-        pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(n)],
-                                 "prompt": [f"a photograph of a harbour at dusk, variation {i}" for i in range(n)]}), f)
+        pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(rows)],
+                                 "prompt": [f"a photograph of a harbour at dusk, variation {i}" for i in range(rows)]}), f)
     out = f"s3://{args.bucket}/out-{tag}"
     spec = parse_spec({
         "name": f"pipeline-{tag}",
@@ -187,6 +198,7 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
         "output": {"uri": out, "image_format": fmt, "quality": 95, "samples_per_shard": per_shard},
         "safety": {"detector": "nsfw-detector", "model": str(detector), "action": "score"},
         "resources": {"batch_size": args.batch, "max_workers": 1, "gpus_per_worker": 1},
+        "curation": curation or {},
     })
     cpu_log = work / f"cpu-{tag}"
     cpu_log.mkdir()
@@ -208,7 +220,7 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
         for s in stats:
             print(f"  {s.shard}: gen {s.generate_started_ts - t0:7.2f} -> {s.generate_finished_ts - t0:7.2f}  "
                   f"commit {s.finished_ts - t0:7.2f}  stages {s.stage_seconds}")
-    made = sum(s.ok + s.filtered for s in stats[2:])
+    made = sum(s.ok + s.filtered + s.rejected + s.duplicate for s in stats[2:])  # every image the GPU made
     window = last.generate_finished_ts - first.generate_finished_ts
     achieved = made / window
     busy = sum(s.gen_seconds for s in stats[2:]) / window
@@ -228,7 +240,8 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
         for k, v in s.stage_seconds.items():
             stage_totals[k] = stage_totals.get(k, 0.0) + v
     return {
-        "format": fmt, "rate": rate, "images": n, "shards": len(stats), "samples_per_shard": per_shard,
+        "format": fmt, "curation": bool(curation), "rate": rate, "images": n,
+        "kept_per_s": round(sum(s.ok for s in stats[2:]) / window, 3), "shards": len(stats), "samples_per_shard": per_shard,
         "achieved": round(achieved, 3), "ratio": round(achieved / rate, 4), "gpu_busy": round(busy, 4),
         "commit_lag": round(sum(lag) / len(lag), 3),
         "cpu_s_per_image": {"worker": round(worker_cpu, 5), "driver": round(driver / made, 5),
@@ -240,12 +253,33 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
 SAMPLER: CpuSampler
 
 
+def curation_spec(work: Path, size: int) -> dict:
+    """Tiny CLIP and heads, best-of-N 1 of 2, and a min_aesthetic gate at the median aesthetic
+    score of the photographs the stand-in GPU returns, so about half the first candidates fail."""
+    import statistics
+
+    from sdfleet.actors.curation import Curator
+    from sdfleet.jobs.tiny import write_tiny_aesthetic_head, write_tiny_clip, write_tiny_nsfw_head
+    from sdfleet.schemas.spec import CurationSpec
+    from synthetic import photographs
+
+    models = {"clip_model": str(write_tiny_clip(work / "clip")),
+              "aesthetic_model": str(write_tiny_aesthetic_head(work / "aesthetic.safetensors")),
+              "nsfw_model": str(write_tiny_nsfw_head(work / "nsfw.safetensors"))}
+    photos = photographs(size, size)
+    scores = Curator(CurationSpec(**models), "cpu").score(photos, ["a photograph"] * len(photos))
+    median = statistics.median(s.aesthetic_score for s in scores)
+    return {**models, "min_aesthetic": median, "images_per_prompt": 1, "max_candidates": 2}
+
+
 def main() -> None:
     global SAMPLER
     parser = argparse.ArgumentParser()
     parser.add_argument("--rates", type=float, nargs="+", default=[6, 11.9, 23.1, 35, 50, 60],
                         help="stand-in GPU rates (images/s) for JPEG jobs")
     parser.add_argument("--png-rates", type=float, nargs="*", default=[11.9, 23.1, 35])
+    parser.add_argument("--curation-rates", type=float, nargs="*", default=[11.9],
+                        help="stand-in GPU rates for JPEG jobs with curation and best-of-N on")
     parser.add_argument("--seconds", type=float, default=30, help="generation time per job at its rate")
     parser.add_argument("--shards", type=int, default=6, help="shards per job (at least 3: two are warm-up)")
     parser.add_argument("--size", type=int, default=512)
@@ -286,6 +320,8 @@ def main() -> None:
             sys.exit(measured.stderr[-3000:])
         stages = json.loads(measured.stdout.strip().splitlines()[-1])
 
+        curation = curation_spec(work, args.size) if args.curation_rates else None
+
         import ray
 
         ray.init(num_cpus=threads, num_gpus=1, include_dashboard=False, logging_level="WARNING",
@@ -294,11 +330,12 @@ def main() -> None:
         SAMPLER = CpuSampler(server.proc.pid)
         results = {}
         try:
-            for fmt, rates in (("jpeg", args.rates), ("png", args.png_rates)):
+            for fmt, rates, cur in (("jpeg", args.rates, None), ("png", args.png_rates, None),
+                                    ("jpeg", args.curation_rates, curation)):
                 for rate in rates:
-                    r = run_job(args, work, s3, model, detector, fmt, rate)
-                    results[f"{fmt} {rate:g}"] = r
-                    print(f"{fmt:4} {rate:6.1f} img/s: achieved {r['achieved']:6.2f}  ratio {r['ratio']:.3f}  "
+                    r = run_job(args, work, s3, model, detector, fmt, rate, cur)
+                    results[f"{fmt} {rate:g}" + (" curated" if cur else "")] = r
+                    print(f"{fmt:4} {rate:6.1f} img/s{' curated' if cur else ''}: achieved {r['achieved']:6.2f}  ratio {r['ratio']:.3f}  "
                           f"commit lag {r['commit_lag']:.2f}  CPU s/img {r['cpu_s_per_image']}", flush=True)
         finally:
             SAMPLER.close()
@@ -306,7 +343,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    jpeg = sorted((r for r in results.values() if r["format"] == "jpeg"), key=lambda r: r["rate"])
+    jpeg = sorted((r for r in results.values() if r["format"] == "jpeg" and not r["curation"]), key=lambda r: r["rate"])
     below = [r["rate"] for r in jpeg if r["ratio"] < TARGET_RATIO]
     kept = [r["rate"] for r in jpeg if r["ratio"] >= TARGET_RATIO and (not below or r["rate"] < below[0])]
     knee = {"last_rate_at_target": kept[-1] if kept else None, "first_rate_below": below[0] if below else None}
@@ -317,20 +354,25 @@ def main() -> None:
 
     print(f"\nstage CPU-seconds per image, each alone (nsfw-detector on {threads} threads, 512² photos): "
           + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in stages.items()))
-    print(f"{'format':6} {'rate':>6} {'achieved':>9} {'ratio':>6} {'GPU busy':>8} {'lag':>5}  "
+    print(f"{'job':14} {'rate':>6} {'achieved':>9} {'ratio':>6} {'GPU busy':>8} {'lag':>5}  "
           "CPU ms/img: worker driver ray moto")
     for r in results.values():
         c = r["cpu_s_per_image"]
-        print(f"{r['format']:6} {r['rate']:6.1f} {r['achieved']:9.2f} {r['ratio']:6.3f} {r['gpu_busy']:8.3f} "
+        print(f"{r['format'] + (' curated' if r['curation'] else ''):14} {r['rate']:6.1f} {r['achieved']:9.2f} {r['ratio']:6.3f} {r['gpu_busy']:8.3f} "
               f"{r['commit_lag']:5.2f}  "
               f"{1000 * c['worker']:7.1f} {1000 * c['driver']:6.1f} {1000 * c['ray']:4.1f} {1000 * c['moto']:5.1f}")
     at_target = next((r for r in jpeg if r["rate"] == 11.9), None)
     if at_target:
         print(f"target: ratio >= {TARGET_RATIO} at 11.9 img/s (JPEG, nsfw-detector) -> "
               f"{'met' if at_target['ratio'] >= TARGET_RATIO else 'MISSED'} ({at_target['ratio']:.3f})")
+    curated = next((r for r in results.values() if r["curation"] and r["rate"] == 11.9), None)
+    if curated:
+        print(f"target: ratio >= {TARGET_RATIO} at 11.9 img/s with curation and best-of-N -> "
+              f"{'met' if curated['ratio'] >= TARGET_RATIO else 'MISSED'} ({curated['ratio']:.3f}; "
+              f"{curated['kept_per_s']:.2f} kept images/s)")
     print(f"knee: ratio >= {TARGET_RATIO} up to {knee['last_rate_at_target']} img/s; first below: "
           f"{knee['first_rate_below']}; CPUs would saturate near {knee['cpu_bound_rate']} img/s")
-    print(json.dumps({"rates": {k: {x: r[x] for x in ("achieved", "ratio", "gpu_busy", "commit_lag", "cpu_s_per_image",
+    print(json.dumps({"rates": {k: {x: r[x] for x in ("achieved", "kept_per_s", "ratio", "gpu_busy", "commit_lag", "cpu_s_per_image",
                                                          "worker_thread_s_per_image", "images", "shards")}
                                 for k, r in results.items()},
                       "stage_cpu_s_per_image": stages, "knee": knee, "cores": threads}))

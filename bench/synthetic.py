@@ -65,7 +65,8 @@ class SyntheticEngine(Engine):
     def __init__(self, model, device=None, cpu_threads=None, options=None, batch_size=8, warm_up=()):
         from sdfleet.jobs.tiny import clip_tokenizer
 
-        self.device = "synthetic"
+        # What runs on the pipeline's device beside it (curation's CLIP and heads) runs on the CPU here.
+        self.device = "cpu"
         self.dtype = model.dtype
         self.model = model
         self.options = options

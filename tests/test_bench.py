@@ -48,10 +48,12 @@ def last_json(out: str) -> dict:
 
 @pytest.mark.slow
 def test_pipeline_bench_runs_a_whole_job_at_a_synthetic_rate():
-    out = bench("bench/pipeline.py", "--rates", "40", "--png-rates", "20", "--seconds", "1.5", "--shards", "3",
-                "--size", "64", "--batch", "4", "--tiny-detector")
+    out = bench("bench/pipeline.py", "--rates", "40", "--png-rates", "20", "--curation-rates", "20", "--seconds",
+                "1.5", "--shards", "3", "--size", "64", "--batch", "4", "--tiny-detector")
     figures = last_json(out)
-    assert set(figures["rates"]) == {"jpeg 40", "png 20"}
+    assert set(figures["rates"]) == {"jpeg 40", "png 20", "jpeg 20 curated"}
+    curated = figures["rates"]["jpeg 20 curated"]
+    assert "curate" in curated["worker_thread_s_per_image"] and 0 < curated["kept_per_s"] < curated["achieved"]
     for r in figures["rates"].values():
         assert r["shards"] == 3 and r["images"] > 0 and r["achieved"] > 0 and r["ratio"] > 0
         assert set(r["cpu_s_per_image"]) == {"worker", "driver", "ray", "moto"}
