@@ -212,7 +212,10 @@ class Clock:
 
 
 class GpuTurns:
-    """Hands the pipeline to one shard at a time, in the order the shards arrived (tickets).
+    """Hands the pipeline to one shard at a time. Shards take their first turn in the order they
+    arrived (tickets). A shard may step aside (`pause`) while it waits on something else than the
+    pipeline (best-of-N waits for a round's scores before it knows what to make next): the next
+    shard generates meanwhile, and the paused one takes the pipeline back once it is free.
 
     A shard that ends before its turn (already committed, unreadable input) gives its ticket back,
     so the shard after it is not kept waiting.
@@ -221,8 +224,9 @@ class GpuTurns:
     def __init__(self):
         self._cond = threading.Condition()
         self._issued = 0
-        self._serving = 0
-        self._done: set[int] = set()
+        self._next_first = 0  # the ticket whose first turn comes next
+        self._passed: set[int] = set()  # tickets that had their first turn or gave theirs back
+        self._holder: int | None = None
 
     def take(self) -> int:
         with self._cond:
@@ -233,22 +237,43 @@ class GpuTurns:
     def turn(self, ticket: int, check=lambda: None):
         """Wait for `ticket`'s turn (calling `check` while waiting), hold it for the block."""
         with self._cond:
-            while self._serving != ticket:
+            while self._holder is not None or self._next_first != ticket:
                 check()
                 self._cond.wait(timeout=0.5)
+            self._holder = ticket
+            self._pass(ticket)
         try:
             yield
         finally:
             self.release(ticket)
 
-    def release(self, ticket: int) -> None:
-        """Mark `ticket` done (idempotent); the next ticket in line gets the turn."""
+    @contextmanager
+    def pause(self, ticket: int):
+        """Inside `ticket`'s turn: let another shard have the pipeline for the block, then take it back."""
         with self._cond:
-            self._done.add(ticket)
-            while self._serving in self._done:
-                self._done.discard(self._serving)
-                self._serving += 1
+            self._holder = None
             self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                while self._holder is not None:
+                    self._cond.wait(timeout=0.5)
+                self._holder = ticket
+
+    def release(self, ticket: int) -> None:
+        """`ticket` is done with the pipeline (idempotent); the next ticket in line gets the turn."""
+        with self._cond:
+            self._pass(ticket)
+            if self._holder == ticket:
+                self._holder = None
+            self._cond.notify_all()
+
+    def _pass(self, ticket: int) -> None:
+        self._passed.add(ticket)
+        while self._next_first in self._passed:
+            self._passed.discard(self._next_first)
+            self._next_first += 1
 
 
 class ShardGenerator:
@@ -388,8 +413,9 @@ class ShardGenerator:
         results: list = []  # a future of (outcomes, timing, encoding) per post batch, in order
         with self.turns.turn(ticket, self._check_preempted):
             turn_start, started_ts = time.perf_counter(), time.time()
-            gen_total = self._best_of_n(todo, results) if best_of_n else self._wave(todo, results)
-            turn_seconds, finished_ts = time.perf_counter() - turn_start, time.time()
+            paused: list[float] = []  # seconds another shard had the pipeline while this one waited
+            gen_total = self._best_of_n(todo, results, ticket, paused) if best_of_n else self._wave(todo, results)
+            turn_seconds, finished_ts = time.perf_counter() - turn_start - sum(paused), time.time()
         # The next shard has the GPU now; the rest of this one runs beside it.
         outcomes: dict[str, Outcome] = {}
         stage_seconds: Counter = Counter()
@@ -431,12 +457,13 @@ class ShardGenerator:
             futures.append(self.post.submit(self._finish_batch, made, arrays, seconds))
         return total
 
-    def _best_of_n(self, todo: list[Sample], results: list) -> float:
+    def _best_of_n(self, todo: list[Sample], results: list, ticket: int, paused: list[float]) -> float:
         """curation.images_per_prompt (k) of each prompt's candidate slots, in rounds: first the
         first k slots of every prompt, then, for each prompt with fewer than k kept, as many more
         as it lacks, until it has k or has tried them all. An image is kept if it passes safety and
         the gates and is no duplicate of one kept before it, so the kept images are the first k
-        passing in slot (seed) order whatever the batching. Returns the pipeline's seconds."""
+        passing in slot (seed) order whatever the batching. While a round's last images are scored,
+        the next shard may use the pipeline (its time goes to `paused`). Returns the pipeline's seconds."""
         cur = self.spec.curation
         k, threshold = cur.images_per_prompt, cur.dedup_threshold
         groups: dict[int, list[Sample]] = {}
@@ -458,6 +485,12 @@ class ShardGenerator:
             # 2. Generate and score them; the next round depends on what passed.
             futures: list = []
             total += self._wave(wave, futures)
+            if not all(f.done() for f in futures):
+                t0 = time.perf_counter()
+                with self.turns.pause(ticket):
+                    for f in futures:
+                        f.result()
+                paused.append(time.perf_counter() - t0)
             for f in futures:
                 outcomes.update(f.result()[0])
             results += futures

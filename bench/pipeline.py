@@ -209,8 +209,8 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
     storage = Storage(out)
     stats = sorted((ShardStats.model_validate(storage.read_json(name)) for name in storage.list(layout.STATS_GLOB)),
                    key=lambda s: s.finished_ts)
-    # Steady state, as the GPU sees it: the images of the third shard on, over the span from the
-    # second shard's end of generation (the hand-over to the third) to the last shard's. A gap in
+    # Steady state, as the GPU sees it: the images made from the second shard's end of generation
+    # (the hand-over to the third) to the last shard's, over that span. A gap in
     # that span is the GPU waiting: for a shard not yet fed because the shard two ahead of it has
     # not committed, or for the pipeline turn. The first two shards are warm-up (the detector's
     # first calls build its graph; the post thread starts behind).
@@ -220,19 +220,21 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
         for s in stats:
             print(f"  {s.shard}: gen {s.generate_started_ts - t0:7.2f} -> {s.generate_finished_ts - t0:7.2f}  "
                   f"commit {s.finished_ts - t0:7.2f}  stages {s.stage_seconds}")
-    made = sum(s.ok + s.filtered + s.rejected + s.duplicate for s in stats[2:])  # every image the GPU made
-    window = last.generate_finished_ts - first.generate_finished_ts
-    achieved = made / window
-    busy = sum(s.gen_seconds for s in stats[2:]) / window
     # How long a shard's scoring, encoding and upload outlast its generation, over its generation
     # time: at 1 or more, the next shard but one is fed too late and the GPU waits.
     lag = [(s.finished_ts - s.generate_finished_ts) / (s.generate_finished_ts - s.generate_started_ts)
            for s in stats[1:]]
-    # The worker's own CPU over the steady window, from its engine's log.
+    # The stand-in GPU's rate, busy share and the worker's own CPU over the steady window, from the
+    # engine's log of its pipeline calls: with best-of-N, neighbouring shards' rounds interleave on
+    # the pipeline, so per-shard times would count the overlap twice.
     (log_file,) = cpu_log.glob("cpu-*.jsonl")
     entries = [json.loads(line) for line in log_file.read_text().splitlines()]
     inside = [e for e in entries if first.generate_finished_ts <= e["ts"] <= last.generate_finished_ts] or entries
-    worker_cpu = (inside[-1]["cpu"] - inside[0]["cpu"]) / max(1, inside[-1]["images"] - inside[0]["images"])
+    made = inside[-1]["images"] - inside[0]["images"]  # every image the GPU made: kept, rejected or filtered
+    window = inside[-1]["ts"] - inside[0]["ts"]
+    achieved = made / window
+    busy = sum(e["ts"] - e["started"] for e in inside[1:]) / window
+    worker_cpu = (inside[-1]["cpu"] - inside[0]["cpu"]) / max(1, made)
     worker_pid = int(log_file.stem.split("-")[1])
     driver, ray_cpu, moto = SAMPLER.between(first.generate_finished_ts, last.generate_finished_ts, worker_pid)
     stage_totals: dict[str, float] = {}
@@ -241,7 +243,7 @@ def run_job(args, work: Path, s3, model: Path, detector: Path, fmt: str, rate: f
             stage_totals[k] = stage_totals.get(k, 0.0) + v
     return {
         "format": fmt, "curation": bool(curation), "rate": rate, "images": n,
-        "kept_per_s": round(sum(s.ok for s in stats[2:]) / window, 3), "shards": len(stats), "samples_per_shard": per_shard,
+        "kept_per_s": round(achieved * sum(s.ok for s in stats) / sum(s.samples - s.skipped - s.failed for s in stats), 3), "shards": len(stats), "samples_per_shard": per_shard,
         "achieved": round(achieved, 3), "ratio": round(achieved / rate, 4), "gpu_busy": round(busy, 4),
         "commit_lag": round(sum(lag) / len(lag), 3),
         "cpu_s_per_image": {"worker": round(worker_cpu, 5), "driver": round(driver / made, 5),

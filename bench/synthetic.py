@@ -84,6 +84,7 @@ class SyntheticEngine(Engine):
 
     def _call(self, batch) -> list[np.ndarray]:
         first = batch[0]
+        started = time.time()
         done_at = time.perf_counter() + (len(batch) / self.rate if self.rate else 0.0)
         size = (first.width, first.height)
         if size not in self._photos:
@@ -97,7 +98,7 @@ class SyntheticEngine(Engine):
         if self.cpu_log:
             usage = resource.getrusage(resource.RUSAGE_SELF)
             with open(Path(self.cpu_log) / f"cpu-{os.getpid()}.jsonl", "a") as f:
-                f.write(json.dumps({"ts": time.time(), "cpu": usage.ru_utime + usage.ru_stime,
+                f.write(json.dumps({"started": started, "ts": time.time(), "cpu": usage.ru_utime + usage.ru_stime,
                                     "images": self._made}) + "\n")
         return images
 

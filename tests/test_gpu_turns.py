@@ -75,3 +75,48 @@ def test_a_waiting_shard_checks_in_while_it_waits_and_may_give_up():
         stop.set()
         waiting.join(timeout=10)
         assert outcome == ["gave up"]
+
+
+def test_a_paused_shard_lets_the_next_generate_and_takes_the_pipeline_back():
+    turns = GpuTurns()
+    first, second = turns.take(), turns.take()
+    log, scores_ready = [], threading.Event()
+
+    def first_shard():
+        with turns.turn(first):
+            log.append("first: round 1")
+            with turns.pause(first):  # waiting for round 1's scores
+                scores_ready.wait(10)
+            log.append("first: round 2")
+
+    def second_shard():
+        with turns.turn(second):
+            log.append("second: start")
+            scores_ready.set()
+            wait_for(lambda: len(log) >= 2, 5, "the log")
+            log.append("second: end")
+
+    a = in_thread(first_shard)
+    b = in_thread(second_shard)
+    a.join(timeout=10)
+    b.join(timeout=10)
+    # The second shard had the pipeline during the pause; the first got it back only once it was free.
+    assert log == ["first: round 1", "second: start", "second: end", "first: round 2"]
+
+
+def test_after_a_pause_the_shard_holds_the_pipeline_again():
+    turns = GpuTurns()
+    first, second = turns.take(), turns.take()
+    entered = threading.Event()
+
+    def second_shard():
+        with turns.turn(second):
+            entered.set()
+
+    with turns.turn(first):
+        with turns.pause(first):  # no one waiting: straight back
+            pass
+        waiting = in_thread(second_shard)
+        assert not entered.wait(0.3), "the second shard entered while the first held the pipeline"
+    waiting.join(timeout=10)
+    assert entered.is_set()
