@@ -70,6 +70,13 @@ class ClipModel:
         with self.torch.no_grad():
             return _projected(self.model.get_image_features(pixel_values=self.torch.stack(pixel_values).to(self.device)))
 
+    def normalized_image_embeds(self, images: list[np.ndarray]) -> Any:
+        """The L2-normalized image embedding of each RGB array: what the heads and dedup read."""
+        from PIL import Image
+
+        embeds = self.image_embeds([self.pixel_values(Image.fromarray(a)) for a in images])
+        return embeds / embeds.norm(dim=-1, keepdim=True)
+
     def text_embeds(self, texts: list[str]) -> Any:
         """One embedding per text; prompts seen before come from the cache. Prompts longer than the
         text encoder's context are truncated by the tokenizer, keeping the end token, as diffusers
@@ -175,12 +182,8 @@ class Curator:
 
     def score(self, images: list[np.ndarray], prompts: list[str]) -> list[CurationScores]:
         """One image embedding per image, read by every scorer."""
-        from PIL import Image
-
-        pixels = [self.clip.pixel_values(Image.fromarray(a)) for a in images]
-        embeds = self.clip.image_embeds(pixels)
-        scores = clip_score(embeds, self.clip.text_embeds(prompts)).float().cpu().tolist()
-        normalized = embeds / embeds.norm(dim=-1, keepdim=True)
+        normalized = self.clip.normalized_image_embeds(images)
+        scores = clip_score(normalized, self.clip.text_embeds(prompts)).float().cpu().tolist()
         aesthetic = self.aesthetic(normalized).cpu().tolist() if self.aesthetic else [None] * len(images)
         punsafe = self.nsfw(normalized).cpu().tolist() if self.nsfw else [None] * len(images)
         embeddings = normalized.float().cpu().numpy()

@@ -316,10 +316,7 @@ class LaionClipNsfw(Detector):
 
     def score(self, images: list[np.ndarray]) -> list[SafetyScore]:
         """Embeds the images itself: for callers without curation's embeddings (benches)."""
-        from PIL import Image
-
-        embeds = self.clip.image_embeds([self.clip.pixel_values(Image.fromarray(a)) for a in images])
-        return self.score_embeddings((embeds / embeds.norm(dim=-1, keepdim=True)).float().cpu().numpy())
+        return self.score_embeddings(self.clip.normalized_image_embeds(images).float().cpu().numpy())
 
     def score_embeddings(self, normalized: np.ndarray) -> list[SafetyScore]:
         """From L2-normalized CLIP image embeddings, one row per image."""
