@@ -39,7 +39,9 @@ def node_cache_folder() -> Path:
 
 
 def cache_key(material: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[
+        :32
+    ]
 
 
 class CompileCache:
@@ -62,7 +64,11 @@ class CompileCache:
         except FileNotFoundError:
             return False
         except Exception as e:  # noqa: BLE001 -- an unreadable cache costs a compile, not the job
-            log.warning("compile cache: cannot read %s (%s); compiling", self.storage.url(self.artifact(key)), e)
+            log.warning(
+                "compile cache: cannot read %s (%s); compiling",
+                self.storage.url(self.artifact(key)),
+                e,
+            )
             return False
         # A truncated or foreign artifact: torch warns and loads nothing (None), or raises; compile instead.
         try:
@@ -72,10 +78,18 @@ class CompileCache:
         else:
             why = "torch loaded nothing from it"
         if loaded is None:
-            log.warning("compile cache: %s does not load (%s); compiling", self.storage.url(self.artifact(key)), why)
+            log.warning(
+                "compile cache: %s does not load (%s); compiling",
+                self.storage.url(self.artifact(key)),
+                why,
+            )
             return False
-        log.info("compile cache: loaded %s (%.1f MB) from %s", self.artifact(key), len(data) / 1e6,
-                 self.storage.url())
+        log.info(
+            "compile cache: loaded %s (%.1f MB) from %s",
+            self.artifact(key),
+            len(data) / 1e6,
+            self.storage.url(),
+        )
         return True
 
     def save(self, key: str) -> bool:
@@ -92,7 +106,14 @@ class CompileCache:
         except FileExistsError:
             return False
         except Exception as e:  # noqa: BLE001 -- the cache only saves time; the shards do not need it
-            log.warning("compile cache: could not save to %s: %s", self.storage.url(self.artifact(key)), e)
+            log.warning(
+                "compile cache: could not save to %s: %s", self.storage.url(self.artifact(key)), e
+            )
             return False
-        log.info("compile cache: saved %s (%.1f MB) to %s", self.artifact(key), len(data) / 1e6, self.storage.url())
+        log.info(
+            "compile cache: saved %s (%.1f MB) to %s",
+            self.artifact(key),
+            len(data) / 1e6,
+            self.storage.url(),
+        )
         return True

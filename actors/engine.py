@@ -62,7 +62,9 @@ def check_model_source(model: ModelSpec) -> None:
         from sdfleet.actors.storage import Storage
 
         if not Storage(source, model.storage_options).exists("model_index.json"):
-            raise ModelLoadError(f"model.source {source} has no model_index.json; point it at a diffusers folder")
+            raise ModelLoadError(
+                f"model.source {source} has no model_index.json; point it at a diffusers folder"
+            )
     elif Path(source).expanduser().exists():
         _check_local_pipeline(Path(source).expanduser())
     elif source.startswith((".", "/", "~")):
@@ -73,8 +75,10 @@ def check_model_source(model: ModelSpec) -> None:
 
 def _check_local_pipeline(folder: Path) -> None:
     if not (folder / "model_index.json").is_file():
-        raise ModelLoadError(f"model.source {folder} is a local path without model_index.json; point it at a "
-                             "diffusers pipeline folder (save_pretrained output)")
+        raise ModelLoadError(
+            f"model.source {folder} is a local path without model_index.json; point it at a "
+            "diffusers pipeline folder (save_pretrained output)"
+        )
     # Every component with weights must have them as safetensors: one pickle-only component would
     # fail only inside the workers.
     for component in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -83,7 +87,8 @@ def _check_local_pipeline(folder: Path) -> None:
             raise ModelLoadError(
                 f"model.source {folder} holds only pickle weights for {component.name} ({pickles[0]}); sdfleet "
                 "loads safetensors only. Convert it with `pipe.save_pretrained(dir, safe_serialization=True)` "
-                "in a trusted environment")
+                "in a trusted environment"
+            )
 
 
 def _check_hub_pipeline(repo: str, revision: str | None) -> None:
@@ -95,22 +100,30 @@ def _check_hub_pipeline(repo: str, revision: str | None) -> None:
     if hub_constants.HF_HUB_OFFLINE:
         cached = huggingface_hub.try_to_load_from_cache(repo, "model_index.json", revision=revision)
         if not isinstance(cached, str):
-            raise ModelLoadError(f"model.source {repo} is a hub id, HF_HUB_OFFLINE is set and the local Hugging Face "
-                                 f"cache does not hold it: {advice}")
+            raise ModelLoadError(
+                f"model.source {repo} is a hub id, HF_HUB_OFFLINE is set and the local Hugging Face "
+                f"cache does not hold it: {advice}"
+            )
         return
     try:
         info = huggingface_hub.model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 -- network, not found, gated: each is said in one line
         kind = type(e).__name__
         if "NotFound" in kind or "Gated" in kind:
-            raise ModelLoadError(f"model.source {repo}: the hub has no such model you may read ({kind}); {advice}, "
-                                 "or log in with a token that may read it") from None
-        raise ModelLoadError(f"cannot reach the Hugging Face hub for {repo} ({kind}: {first_line(e)[:120]}): "
-                             f"{advice}, or set HF_HUB_OFFLINE=1 to use the local cache") from None
+            raise ModelLoadError(
+                f"model.source {repo}: the hub has no such model you may read ({kind}); {advice}, "
+                "or log in with a token that may read it"
+            ) from None
+        raise ModelLoadError(
+            f"cannot reach the Hugging Face hub for {repo} ({kind}: {first_line(e)[:120]}): "
+            f"{advice}, or set HF_HUB_OFFLINE=1 to use the local cache"
+        ) from None
     names = [s.rfilename for s in info.siblings or []]
     if names and not any(n.endswith(".safetensors") for n in names):
-        raise ModelLoadError(f"model.source {repo} has no safetensors weights on the hub; sdfleet loads "
-                             f"safetensors only: {advice} holding a converted copy")
+        raise ModelLoadError(
+            f"model.source {repo} has no safetensors weights on the hub; sdfleet loads "
+            f"safetensors only: {advice} holding a converted copy"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +145,11 @@ class Checkpoint:
         return self.sample_size * self.vae_scale_factor if self.sample_size else None
 
     def describe(self) -> str:
-        unet = f" with a {self.unet_in_channels}-channel UNet" if self.unet_in_channels is not None else ""
+        unet = (
+            f" with a {self.unet_in_channels}-channel UNet"
+            if self.unet_in_channels is not None
+            else ""
+        )
         return f"a {self.class_name or 'diffusers pipeline'}{unet}"
 
 
@@ -154,44 +171,66 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
             import huggingface_hub
 
             try:
-                return json.loads(Path(huggingface_hub.hf_hub_download(source, name, revision=model.revision))
-                                  .read_text())
+                return json.loads(
+                    Path(
+                        huggingface_hub.hf_hub_download(source, name, revision=model.revision)
+                    ).read_text()
+                )
             except huggingface_hub.errors.EntryNotFoundError:
                 return {}
             except Exception as e:  # noqa: BLE001 -- the hub's network errors are not OSErrors
-                raise OSError(f"the hub did not give it: {type(e).__name__}: {first_line(e)}") from e
+                raise OSError(
+                    f"the hub did not give it: {type(e).__name__}: {first_line(e)}"
+                ) from e
         except (OSError, ValueError) as e:  # ValueError: not JSON
-            raise ModelLoadError(f"cannot read {name} of model.source {source}: {type(e).__name__}: "
-                                 f"{first_line(e)}") from None
+            raise ModelLoadError(
+                f"cannot read {name} of model.source {source}: {type(e).__name__}: {first_line(e)}"
+            ) from None
 
     index = config("model_index.json")
     unet = config("unet/config.json") if "unet" in index else {}
     vae = config("vae/config.json") if "vae" in index else {}
     scheduler = config("scheduler/scheduler_config.json") if "scheduler" in index else {}
     blocks = len(vae.get("block_out_channels", [0, 0, 0, 0]))
-    return Checkpoint(source=source, class_name=index.get("_class_name"),
-                      components=frozenset(k for k in index if not k.startswith("_")),
-                      unet_in_channels=unet.get("in_channels"), sample_size=unet.get("sample_size"),
-                      vae_scale_factor=2 ** (blocks - 1), prediction_type=scheduler.get("prediction_type"))
+    return Checkpoint(
+        source=source,
+        class_name=index.get("_class_name"),
+        components=frozenset(k for k in index if not k.startswith("_")),
+        unet_in_channels=unet.get("in_channels"),
+        sample_size=unet.get("sample_size"),
+        vae_scale_factor=2 ** (blocks - 1),
+        prediction_type=scheduler.get("prediction_type"),
+    )
 
 
 def check_task(task_name: str, checkpoint: Checkpoint) -> None:
     """The checkpoint is one the task can run: its UNet takes the task's conditioning channels and
     it has the task's extra component. Else the error names both, before any GPU starts."""
     task = TASKS[task_name]
-    fits = checkpoint.unet_in_channels == task.unet_in_channels if checkpoint.unet_in_channels is not None \
+    fits = (
+        checkpoint.unet_in_channels == task.unet_in_channels
+        if checkpoint.unet_in_channels is not None
         else task_name == TEXT_TO_IMAGE
+    )
     if task.needs_component and task.needs_component not in checkpoint.components:
         fits = False
     if fits:
         return
-    made_for = [n for n, t in TASKS.items() if n != "image-to-image" and t.unet_in_channels ==
-                checkpoint.unet_in_channels and (t.needs_component or "") in checkpoint.components | {""}]
+    made_for = [
+        n
+        for n, t in TASKS.items()
+        if n != "image-to-image"
+        and t.unet_in_channels == checkpoint.unet_in_channels
+        and (t.needs_component or "") in checkpoint.components | {""}
+    ]
     advice = f"; it is made for model.task: {made_for[0]}" if made_for else ""
-    needs = f"a {task.unet_in_channels}-channel UNet" + (f" and a {task.needs_component}" if task.needs_component
-                                                         else "")
-    raise ModelLoadError(f"model.task={task_name} loads {task.pipeline}, which needs {needs}; model.source "
-                         f"{checkpoint.source} is {checkpoint.describe()}{advice}")
+    needs = f"a {task.unet_in_channels}-channel UNet" + (
+        f" and a {task.needs_component}" if task.needs_component else ""
+    )
+    raise ModelLoadError(
+        f"model.task={task_name} loads {task.pipeline}, which needs {needs}; model.source "
+        f"{checkpoint.source} is {checkpoint.describe()}{advice}"
+    )
 
 
 def check_scheduler_names(names: Sequence[str]) -> None:
@@ -201,11 +240,16 @@ def check_scheduler_names(names: Sequence[str]) -> None:
 
     found = importlib.util.find_spec("diffusers")
     folder = Path(found.origin).parent / "schedulers" if found and found.origin else None
-    defined = {m.group(1) for f in (folder.rglob("scheduling_*.py") if folder else ())
-               for m in re.finditer(r"^class (\w+Scheduler\w*)\(", f.read_text(), re.M)}
+    defined = {
+        m.group(1)
+        for f in (folder.rglob("scheduling_*.py") if folder else ())
+        for m in re.finditer(r"^class (\w+Scheduler\w*)\(", f.read_text(), re.M)
+    }
     for name in names:
         if name not in defined:
-            raise ModelLoadError(f"scheduler {name!r} is not a diffusers scheduler class; e.g. EulerDiscreteScheduler")
+            raise ModelLoadError(
+                f"scheduler {name!r} is not a diffusers scheduler class; e.g. EulerDiscreteScheduler"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,9 +262,15 @@ class SampleFailed:
 class Engine:
     """Holds one pipeline on one device and generates batches of samples with per-sample seeds."""
 
-    def __init__(self, model: ModelSpec, device: str | None = None, cpu_threads: int | None = None,
-                 options: EngineSpec | None = None, batch_size: int | str = CPU_AUTO_BATCH,
-                 warm_up: Sequence[GenerationParams] = ()):
+    def __init__(
+        self,
+        model: ModelSpec,
+        device: str | None = None,
+        cpu_threads: int | None = None,
+        options: EngineSpec | None = None,
+        batch_size: int | str = CPU_AUTO_BATCH,
+        warm_up: Sequence[GenerationParams] = (),
+    ):
         """batch_size: images per pipeline call, or "auto" to fill the GPU's memory.
         warm_up: one GenerationParams per sweep point; with torch.compile on, every shape they
         need is compiled here, once, instead of in the middle of the first shards."""
@@ -233,7 +283,11 @@ class Engine:
             if cpu_threads:
                 torch.set_num_threads(cpu_threads)
             if self.dtype != "float32":
-                log.info("no GPU visible: running %s on the CPU in float32 instead of %s", model.source, self.dtype)
+                log.info(
+                    "no GPU visible: running %s on the CPU in float32 instead of %s",
+                    model.source,
+                    self.dtype,
+                )
                 self.dtype = "float32"
         self.model = model
 
@@ -254,18 +308,27 @@ class Engine:
         try:
             pipeline_class = getattr(diffusers, self.task.auto_pipeline or self.task.pipeline)
             pipe = pipeline_class.from_pretrained(
-                path, revision=model.revision, use_safetensors=True,
+                path,
+                revision=model.revision,
+                use_safetensors=True,
                 **{dtype_keyword(diffusers.__version__): getattr(torch, self.dtype)},
             )
         except Exception as e:  # noqa: BLE001 -- a checkpoint that does not load never will on a retry
-            raise ModelLoadError(f"cannot load model.source {model.source}: {type(e).__name__}: {first_line(e)}") from e
+            raise ModelLoadError(
+                f"cannot load model.source {model.source}: {type(e).__name__}: {first_line(e)}"
+            ) from e
         # Record what was loaded, not what was asked for: the rows' dtype column must say how the
         # pixels were made, and an argument the installed diffusers ignores would load float32.
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         loaded = str(denoiser.dtype).removeprefix("torch.") if denoiser is not None else self.dtype
         if loaded != self.dtype:
-            log.warning("%s loaded in %s, not the %s asked for; its rows record %s", model.source, loaded,
-                        self.dtype, loaded)
+            log.warning(
+                "%s loaded in %s, not the %s asked for; its rows record %s",
+                model.source,
+                loaded,
+                self.dtype,
+                loaded,
+            )
             self.dtype = loaded
         if getattr(pipe, "safety_checker", None) is not None:
             # sdfleet scores images with its own detector (safety.*) and records the scores; the
@@ -273,8 +336,14 @@ class Engine:
             pipe.safety_checker = None
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        log.info("loaded %s as %s on %s (%s) in %.1fs", model.source, type(pipe).__name__, self.device, self.dtype,
-                 time.perf_counter() - t0)
+        log.info(
+            "loaded %s as %s on %s (%s) in %.1fs",
+            model.source,
+            type(pipe).__name__,
+            self.device,
+            self.dtype,
+            time.perf_counter() - t0,
+        )
         # The size text-to-image makes when the spec gives none: the checkpoint's own.
         sample = getattr(getattr(pipe, "unet", None), "config", {}).get("sample_size")
         scale = getattr(pipe, "vae_scale_factor", 8)
@@ -303,23 +372,33 @@ class Engine:
         # The image tasks' sizes come with their inputs: "auto" measures each new input size on a
         # GPU when it first arrives (a 512² input to the x4 upscaler decodes at 2048², 16x the
         # memory of its native 128² input), and keeps the batch per size.
-        self._fit_per_input_size = batch_size == "auto" and self.task.image and self.device.startswith("cuda")
+        self._fit_per_input_size = (
+            batch_size == "auto" and self.task.image and self.device.startswith("cuda")
+        )
         self._batch_by_input_size: dict[tuple[int, int], int] = {}
 
         # 6. torch.compile last, then its warm-up: every shape the job's sweep needs, once per actor.
         if self._wants_compile(options):
             self._compile_and_warm_up(warm_up, options)
-        log.info("engine speed-ups: %s; batch size %d", ", ".join(self.applied) or "none", self.batch_size)
+        log.info(
+            "engine speed-ups: %s; batch size %d",
+            ", ".join(self.applied) or "none",
+            self.batch_size,
+        )
 
     def _wants_compile(self, options) -> bool:
-        return options.compile == "on" or (options.compile == "auto" and self.device.startswith("cuda"))
+        return options.compile == "on" or (
+            options.compile == "auto" and self.device.startswith("cuda")
+        )
 
     def _speed_up(self, options) -> list[str]:
         """The speed-ups that need no warm-up (compile comes after the batch size is measured)."""
         import torch
 
         pipe, applied = self.pipe, []
-        modules = [m for m in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)) if m is not None]
+        modules = [
+            m for m in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)) if m is not None
+        ]
         if options.channels_last:
             for m in modules:
                 m.to(memory_format=torch.channels_last)
@@ -365,8 +444,12 @@ class Engine:
             try:
                 self._warm_up(params)
                 self.warm_up_seconds = time.perf_counter() - t0
-                log.info("compile warm-up took %.1fs (engine.compile_cache %s: %s)", self.warm_up_seconds,
-                         location, self.compile_cache)
+                log.info(
+                    "compile warm-up took %.1fs (engine.compile_cache %s: %s)",
+                    self.warm_up_seconds,
+                    location,
+                    self.compile_cache,
+                )
                 if cache is not None and self.compile_cache == "miss":
                     # The key of what was compiled: an OOM above may have halved the batch.
                     cache.save(self._compile_cache_key(params))
@@ -377,8 +460,12 @@ class Engine:
                     raise
                 self.batch_size //= 2
                 torch.cuda.empty_cache()
-                log.warning("out of GPU memory while compiling; going on with batch %d", self.batch_size)
-            except Exception as e:  # torch raises many kinds (BackendCompilerFailed, InductorError, ...)
+                log.warning(
+                    "out of GPU memory while compiling; going on with batch %d", self.batch_size
+                )
+            except (
+                Exception
+            ) as e:  # torch raises many kinds (BackendCompilerFailed, InductorError, ...)
                 root = e
                 for _ in range(8):  # the compiler's own error, under torch's wrappers
                     inner = root.__cause__ or getattr(root, "inner_exception", None)
@@ -387,18 +474,28 @@ class Engine:
                     root = inner
                 reason = f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0]}"
                 if options.compile == "on":
-                    raise ModelLoadError(f"engine.compile=on: torch.compile failed: {reason}. "
-                                         "Set engine.compile: auto (falls back to eager) or off") from e
-                log.warning("torch.compile failed (%s); engine.compile=auto goes on without it", reason)
+                    raise ModelLoadError(
+                        f"engine.compile=on: torch.compile failed: {reason}. "
+                        "Set engine.compile: auto (falls back to eager) or off"
+                    ) from e
+                log.warning(
+                    "torch.compile failed (%s); engine.compile=auto goes on without it", reason
+                )
                 self.pipe.unet, self.pipe.vae.decode = eager
                 self.applied.remove("compile")
                 return
 
-    def _warm_up_shapes(self, params: Sequence[GenerationParams]) -> tuple[dict[tuple, GenerationParams], list[int]]:
+    def _warm_up_shapes(
+        self, params: Sequence[GenerationParams]
+    ) -> tuple[dict[tuple, GenerationParams], list[int]]:
         """The (width, height, CFG on/off) shapes of the sweep, and the batch sizes each is run at:
         the full batch, a partial batch and batch 1 (which torch always specializes)."""
         # The image tasks' shapes come from their input images, unknown until a shard is read.
-        shapes = {} if self.task.image else {(p.width, p.height, p.guidance_scale > 1): p for p in params}
+        shapes = (
+            {}
+            if self.task.image
+            else {(p.width, p.height, p.guidance_scale > 1): p for p in params}
+        )
         return shapes, sorted({self.batch_size, max(1, self.batch_size // 2), 1}, reverse=True)
 
     def _compile_cache_key(self, params: Sequence[GenerationParams]) -> str:
@@ -411,19 +508,35 @@ class Engine:
         from sdfleet.actors.compile_cache import cache_key
 
         if self.device.startswith("cuda"):
-            device = {"name": torch.cuda.get_device_name(self.device),
-                      "capability": torch.cuda.get_device_capability(self.device), "cuda": torch.version.cuda}
+            device = {
+                "name": torch.cuda.get_device_name(self.device),
+                "capability": torch.cuda.get_device_capability(self.device),
+                "cuda": torch.version.cuda,
+            }
         else:  # Inductor's CPU code is built for the host's vector instructions
-            device = {"name": platform.machine(), "capability": torch.backends.cpu.get_cpu_capability()}
+            device = {
+                "name": platform.machine(),
+                "capability": torch.backends.cpu.get_cpu_capability(),
+            }
         shapes, sizes = self._warm_up_shapes(params)
-        return cache_key({
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "device": device, "dtype": self.dtype, "unet": dict(self.pipe.unet.config),
-            "vae": dict(self.pipe.vae.config),
-            "options": {"channels_last": self.options.channels_last, "fuse_qkv": self.options.fuse_qkv,
-                        "mode": COMPILE_MODE},
-            "shapes": sorted(shapes), "batch_sizes": sizes,
-        })
+        return cache_key(
+            {
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "python": platform.python_version(),
+                "device": device,
+                "dtype": self.dtype,
+                "unet": dict(self.pipe.unet.config),
+                "vae": dict(self.pipe.vae.config),
+                "options": {
+                    "channels_last": self.options.channels_last,
+                    "fuse_qkv": self.options.fuse_qkv,
+                    "mode": COMPILE_MODE,
+                },
+                "shapes": sorted(shapes),
+                "batch_sizes": sizes,
+            }
+        )
 
     def _warm_up(self, params: Sequence[GenerationParams]) -> None:
         """Run every shape of the sweep at each warm-up batch size, two steps each, so shards never compile."""
@@ -431,14 +544,23 @@ class Engine:
 
         shapes, sizes = self._warm_up_shapes(params)
         # Each shape costs up to three graphs per compiled function; torch's default limit is 8.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(shapes) + 4)
+        torch._dynamo.config.cache_size_limit = max(
+            torch._dynamo.config.cache_size_limit, 4 * len(shapes) + 4
+        )
         t0 = time.perf_counter()
         for p in shapes.values():
-            probe = dataclasses.replace(p, prompt="warm-up", negative_prompt="", num_inference_steps=2, seed=0)
+            probe = dataclasses.replace(
+                p, prompt="warm-up", negative_prompt="", num_inference_steps=2, seed=0
+            )
             for size in sizes:
                 self._call([probe] * size)
         if shapes:
-            log.info("compiled %d shape(s) x batch %s in %.0fs", len(shapes), sizes, time.perf_counter() - t0)
+            log.info(
+                "compiled %d shape(s) x batch %s in %.0fs",
+                len(shapes),
+                sizes,
+                time.perf_counter() - t0,
+            )
 
     def _fit_batch_size(self, params: Sequence[GenerationParams]) -> int:
         """The batch size "auto" starts with: CPU_AUTO_BATCH without a GPU, else what fits at the
@@ -462,17 +584,26 @@ class Engine:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info()
         size = batch_that_fits(free * AUTO_BATCH_MEMORY_SHARE, peaks[0], peaks[1], AUTO_BATCH_CAP)
-        log.info("batch_size auto: %d (%.2f GiB per image, %.1f GiB free, %s %dx%d)", size,
-                 (peaks[1] - peaks[0]) / 2**30, free / 2**30, self.task_name, *self._output_size(probe))
+        log.info(
+            "batch_size auto: %d (%.2f GiB per image, %.1f GiB free, %s %dx%d)",
+            size,
+            (peaks[1] - peaks[0]) / 2**30,
+            free / 2**30,
+            self.task_name,
+            *self._output_size(probe),
+        )
         return size
 
     def _memory_probe(self, params: Sequence[GenerationParams]) -> GenerationParams:
         """The sweep point that needs the most memory, one step long. The image tasks' inputs are
         not known yet: they are probed at the checkpoint's native size (the upscaler: its native
         input, 4x larger out), and a larger input that runs out of memory halves the batch then."""
-        largest = max(params, key=lambda p: ((p.width or 0) * (p.height or 0), p.guidance_scale > 1))
-        probe = dataclasses.replace(largest, prompt="memory probe", negative_prompt="", num_inference_steps=1,
-                                    seed=0)
+        largest = max(
+            params, key=lambda p: ((p.width or 0) * (p.height or 0), p.guidance_scale > 1)
+        )
+        probe = dataclasses.replace(
+            largest, prompt="memory probe", negative_prompt="", num_inference_steps=1, seed=0
+        )
         if self.task.image:
             from PIL import Image
 
@@ -493,9 +624,13 @@ class Engine:
 
             cls = getattr(diffusers, name, None)
             if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-                raise ModelLoadError(f"scheduler {name!r} is not a diffusers scheduler class; "
-                                     "e.g. EulerDiscreteScheduler")
-            self._schedulers[name] = cls.from_config(self._base_scheduler_config, **self.model.scheduler_config)
+                raise ModelLoadError(
+                    f"scheduler {name!r} is not a diffusers scheduler class; "
+                    "e.g. EulerDiscreteScheduler"
+                )
+            self._schedulers[name] = cls.from_config(
+                self._base_scheduler_config, **self.model.scheduler_config
+            )
         return self._schedulers[name]
 
     def generate(
@@ -531,14 +666,23 @@ class Engine:
                         if self.device.startswith("cuda"):
                             torch.cuda.empty_cache()
                         w, h = self._output_size(sample)
-                        yield batch, [SampleFailed(f"out of GPU memory for one {self.task_name} image at {w}x{h} "
-                                                   f"from its {sample.image.size[0]}x{sample.image.size[1]} input; "
-                                                   "resize the input or set engine.vae_tiling: true")], \
-                            time.perf_counter() - t0
+                        yield (
+                            batch,
+                            [
+                                SampleFailed(
+                                    f"out of GPU memory for one {self.task_name} image at {w}x{h} "
+                                    f"from its {sample.image.size[0]}x{sample.image.size[1]} input; "
+                                    "resize the input or set engine.vae_tiling: true"
+                                )
+                            ],
+                            time.perf_counter() - t0,
+                        )
                         lo += 1
                         continue
                     size = len(batch) // 2
-                    log.warning("out of GPU memory at batch %d; going on with batch %d", len(batch), size)
+                    log.warning(
+                        "out of GPU memory at batch %d; going on with batch %d", len(batch), size
+                    )
                     self.batch_size = min(self.batch_size, size)
                     first = params[batch[0]]
                     if first.image is not None and first.image.size in self._batch_by_input_size:
@@ -553,7 +697,9 @@ class Engine:
         if not self._fit_per_input_size or p.image is None:
             return self.batch_size
         if p.image.size not in self._batch_by_input_size:
-            probe = dataclasses.replace(p, prompt="memory probe", negative_prompt="", num_inference_steps=1, seed=0)
+            probe = dataclasses.replace(
+                p, prompt="memory probe", negative_prompt="", num_inference_steps=1, seed=0
+            )
             self._batch_by_input_size[p.image.size] = self._fit(probe)
         return self._batch_by_input_size[p.image.size]
 
@@ -567,9 +713,14 @@ class Engine:
         # 1. What every task takes, then the task's own inputs: the size (text-to-image), or the
         #    rows' images and masks, and strength or noise_level.
         task = self.task
-        inputs = dict(prompt=[p.prompt for p in batch], negative_prompt=[p.negative_prompt for p in batch],
-                      num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-                      generator=generators, output_type="pt" if on_device else "np")
+        inputs = dict(
+            prompt=[p.prompt for p in batch],
+            negative_prompt=[p.negative_prompt for p in batch],
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            generator=generators,
+            output_type="pt" if on_device else "np",
+        )
         if task.image:
             inputs["image"] = [p.image.pixels for p in batch]
         else:
@@ -605,7 +756,9 @@ class Engine:
             # A copy: the next shard counts tokens while the pipeline encodes prompts for the current
             # one, and a fast tokenizer called from two threads with different settings fails.
             self._counting_tokenizer = copy.deepcopy(tokenizer)
-        ids = self._counting_tokenizer(list(prompts), truncation=False, padding=False, verbose=False).input_ids
+        ids = self._counting_tokenizer(
+            list(prompts), truncation=False, padding=False, verbose=False
+        ).input_ids
         return {p: len(i) for p, i in zip(prompts, ids)}
 
     def scheduler_name(self, params: GenerationParams) -> str:

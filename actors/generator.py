@@ -42,8 +42,15 @@ from sdfleet.schemas import layout
 from sdfleet.schemas.errors import UserError
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.plan import Plan
-from sdfleet.schemas.rows import (SOURCE_COLUMNS, STATUS_DUPLICATE, STATUS_FAILED, STATUS_FILTERED, STATUS_OK,
-                                  STATUS_REJECTED, STATUS_SKIPPED)
+from sdfleet.schemas.rows import (
+    SOURCE_COLUMNS,
+    STATUS_DUPLICATE,
+    STATUS_FAILED,
+    STATUS_FILTERED,
+    STATUS_OK,
+    STATUS_REJECTED,
+    STATUS_SKIPPED,
+)
 from sdfleet.schemas.samples import Sample, resolve_params, sample_id, sample_key
 
 log = logging.getLogger("sdfleet")
@@ -64,12 +71,19 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
     # 1. Read the rows, file by file; a shard may span the end of one file and the start of the next.
     source = plan.source_output
     if source is None:
-        columns = [inp.prompt_column] + [c for c in (inp.id_column, inp.negative_prompt_column, inp.image_column,
-                                                     inp.mask_column) if c]
+        columns = [inp.prompt_column] + [
+            c
+            for c in (inp.id_column, inp.negative_prompt_column, inp.image_column, inp.mask_column)
+            if c
+        ]
     else:  # an earlier output's rows: keyed by their keys, their images in the shards' tars
-        columns = [inp.prompt_column] + [c for c in (inp.negative_prompt_column, *SOURCE_COLUMNS) if c]
+        columns = [inp.prompt_column] + [
+            c for c in (inp.negative_prompt_column, *SOURCE_COLUMNS) if c
+        ]
     columns += [c for c in inp.passthrough_columns if c not in columns]
-    rows: dict[int, tuple[str, int, dict[str, Any]]] = {}  # global row -> (file stem, file offset, values)
+    rows: dict[
+        int, tuple[str, int, dict[str, Any]]
+    ] = {}  # global row -> (file stem, file offset, values)
     for f, offset in zip(plan.files, plan.row_offsets):
         lo, hi = max(first_row, offset), min(last_row, offset + f.rows - 1)
         if lo > hi:
@@ -84,13 +98,22 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
         storage = Storage(f.uri, inp.storage_options)
         with storage.fs.open(storage.root, "rb") as fh:
             if source is None:
-                table = pq.ParquetFile(fh).read_row_groups(groups, columns=columns).slice(skip, hi - lo + 1)
+                table = (
+                    pq.ParquetFile(fh)
+                    .read_row_groups(groups, columns=columns)
+                    .slice(skip, hi - lo + 1)
+                )
             else:  # the file's ok rows, which are what the plan counted
                 table = pq.ParquetFile(fh).read(columns=columns)
-                table = table.filter(pc.equal(table.column("status"), STATUS_OK)).slice(lo - offset, hi - lo + 1)
+                table = table.filter(pc.equal(table.column("status"), STATUS_OK)).slice(
+                    lo - offset, hi - lo + 1
+                )
         # Text columns are read as bytes and decoded per row, so one non-UTF-8 row fails alone.
         text = {c for c in (inp.prompt_column, inp.negative_prompt_column) if c}
-        values = {c: _as_bytes(table.column(c)) if c in text else table.column(c).to_pylist() for c in columns}
+        values = {
+            c: _as_bytes(table.column(c)) if c in text else table.column(c).to_pylist()
+            for c in columns
+        }
         for i in range(hi - lo + 1):
             rows[lo + i] = (f.stem, offset, {c: values[c][i] for c in columns})
 
@@ -100,8 +123,11 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
         inputs = read_source_inputs(Storage(source, inp.storage_options), rows)
     elif inp.image_column:
         reader = InputImageReader(inp.uri, inp.storage_options)
-        inputs = read_row_inputs(reader, {r: v[2][inp.image_column] for r, v in rows.items()},
-                                 {r: v[2][inp.mask_column] for r, v in rows.items()} if inp.mask_column else None)
+        inputs = read_row_inputs(
+            reader,
+            {r: v[2][inp.image_column] for r, v in rows.items()},
+            {r: v[2][inp.mask_column] for r, v in rows.items()} if inp.mask_column else None,
+        )
 
     # 3. Expand each (row, sweep point) into a sample with its key, seed and parameters; with
     #    best-of-N, each prompt's candidate slots (consecutive samples) form one group.
@@ -118,7 +144,9 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
         prompt, error = _decode(values[inp.prompt_column], "prompt")
         negative, negative_error = (None, None)
         if inp.negative_prompt_column:
-            negative, negative_error = _decode(values[inp.negative_prompt_column], "negative prompt", allow_empty=True)
+            negative, negative_error = _decode(
+                values[inp.negative_prompt_column], "negative prompt", allow_empty=True
+            )
         if row in plan.duplicate_rows:
             error = f"duplicate prompt_id {prompt_id!r}: first at {plan.locate(plan.duplicate_rows[row])}"
         error = error or negative_error
@@ -129,32 +157,60 @@ def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
             else:
                 params.image, params.mask = inputs[row]
         slot = {"group": s // candidates, "candidate": s % candidates} if best_of_n else {}
-        origin = {"source_output": source, "source_key": values["key"],
-                  "source_image_sha256": values["image_sha256"]} if source else {}
+        origin = (
+            {
+                "source_output": source,
+                "source_key": values["key"],
+                "source_image_sha256": values["image_sha256"],
+            }
+            if source
+            else {}
+        )
         if error:
-            samples.append(Sample(key, shard_id, prompt_id, None, error, passthrough, prompt, planned=params,
-                                  origin=origin, **slot))
+            samples.append(
+                Sample(
+                    key,
+                    shard_id,
+                    prompt_id,
+                    None,
+                    error,
+                    passthrough,
+                    prompt,
+                    planned=params,
+                    origin=origin,
+                    **slot,
+                )
+            )
             continue
-        samples.append(Sample(key, shard_id, prompt_id, params, None, passthrough, prompt, origin=origin, **slot))
+        samples.append(
+            Sample(
+                key, shard_id, prompt_id, params, None, passthrough, prompt, origin=origin, **slot
+            )
+        )
     return samples
 
 
 def _as_bytes(column) -> list[bytes | None]:
     import pyarrow as pa
 
-    target = pa.large_binary() if pa.types.is_large_string(column.type) or pa.types.is_large_binary(column.type) \
+    target = (
+        pa.large_binary()
+        if pa.types.is_large_string(column.type) or pa.types.is_large_binary(column.type)
         else pa.binary()
+    )
     return column.cast(target).to_pylist()
 
 
-def _decode(raw: bytes | None, what: str, allow_empty: bool = False) -> tuple[str | None, str | None]:
+def _decode(
+    raw: bytes | None, what: str, allow_empty: bool = False
+) -> tuple[str | None, str | None]:
     """Text and None, or None and the reason this row cannot be generated."""
     if raw is None:
         return None, (None if allow_empty else f"{what} is null")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, f"{what} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+        return None, f"{what} is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})"
     if not allow_empty and not text.strip():
         return None, f"{what} is empty or whitespace-only"
     return text, None
@@ -175,7 +231,9 @@ class Outcome:
     quarantined: bool = False
     safety: SafetyScore | None = None
     flagged: bool | None = None
-    size: tuple[int, int] | None = None  # (width, height) as made: the image tasks' inputs decide it
+    size: tuple[int, int] | None = (
+        None  # (width, height) as made: the image tasks' inputs decide it
+    )
     curation: CurationScores | None = None
     rejected_by: str | None = None  # the curation gates it failed
     duplicate_of: str | None = None  # the key of the kept image it is too close to
@@ -195,7 +253,11 @@ class Generated:
     @functools.cached_property
     def tar_images(self) -> dict[str, bytes]:
         """Encoded images for the main tar: ok ones (blacked out if so acted on)."""
-        return {k: o.image for k, o in self.outcomes.items() if o.image is not None and not o.quarantined}
+        return {
+            k: o.image
+            for k, o in self.outcomes.items()
+            if o.image is not None and not o.quarantined
+        }
 
     @functools.cached_property
     def quarantined_images(self) -> dict[str, bytes]:
@@ -312,7 +374,9 @@ class ShardGenerator:
             self._probe_write_access()
             self._load_models(cpu_threads)
         except UserError as e:
-            self.start_error = type(e)(f"{e} (worker {self.worker['actor']} on node {self.worker['node']})")
+            self.start_error = type(e)(
+                f"{e} (worker {self.worker['actor']} on node {self.worker['node']})"
+            )
 
     def _probe_write_access(self) -> None:
         """Write and delete a small object in the output before any model loads: a worker that may
@@ -326,14 +390,26 @@ class ShardGenerator:
             cpu_threads = _node_cpu_threads(self.spec.resources.gpus_per_worker)
         # One set of parameters per sweep point: the shapes to size the batch for and to compile.
         shapes = [resolve_params(self.spec, "", None, "", point) for point in self.plan.points]
-        self.engine = self.engine_class(self.spec.model, cpu_threads=cpu_threads, options=self.spec.engine,
-                                        batch_size=self.spec.resources.batch_size, warm_up=shapes)
+        self.engine = self.engine_class(
+            self.spec.model,
+            cpu_threads=cpu_threads,
+            options=self.spec.engine,
+            batch_size=self.spec.resources.batch_size,
+            warm_up=shapes,
+        )
         # On the post thread beside the detector, on the pipeline's device; first, as a detector may
         # read its embeddings.
-        self.curator = Curator(self.spec.curation, self.engine.device) if self.spec.curation.clip_model else None
-        self.detector = load_detector(self.spec.safety, self.engine.device, cpu_threads, self.curator)
-        self.encoders = ThreadPoolExecutor(max_workers=cpu_threads or os.cpu_count() or 1,
-                                           thread_name_prefix="sdfleet-encode")
+        self.curator = (
+            Curator(self.spec.curation, self.engine.device)
+            if self.spec.curation.clip_model
+            else None
+        )
+        self.detector = load_detector(
+            self.spec.safety, self.engine.device, cpu_threads, self.curator
+        )
+        self.encoders = ThreadPoolExecutor(
+            max_workers=cpu_threads or os.cpu_count() or 1, thread_name_prefix="sdfleet-encode"
+        )
 
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("termination notice (SIGTERM): abandoning the current shard at the next batch")
@@ -341,7 +417,9 @@ class ShardGenerator:
 
     def _check_preempted(self) -> None:
         if self.preempted:
-            raise Preempted(f"SIGTERM on worker {self.worker['actor']} (node {self.worker['node']})")
+            raise Preempted(
+                f"SIGTERM on worker {self.worker['actor']} (node {self.worker['node']})"
+            )
 
     def ready(self) -> dict[str, Any]:
         """Returns once the models are loaded; the dispatcher feeds only ready workers."""
@@ -366,7 +444,9 @@ class ShardGenerator:
             committed = ShardStats.model_validate(self.storage.read_json(layout.stats_file(name)))
             if committed.fingerprint == self.plan.fingerprint:
                 log.info("shard %s is already committed; skipping", name)
-                publish_committed(self.storage, committed)  # in case its writer died before publishing
+                publish_committed(
+                    self.storage, committed
+                )  # in case its writer died before publishing
                 return committed
 
         # 1. Read this shard's rows and expand them into samples, while the shard before it may
@@ -375,7 +455,9 @@ class ShardGenerator:
         t0 = time.perf_counter()
         samples = read_shard_samples(self.plan, shard_id)
         todo = [s for s in samples if s.params is not None]
-        for s in todo:  # a plan made without the driver's checks (a bench, a notebook) leaves it unset
+        for (
+            s
+        ) in todo:  # a plan made without the driver's checks (a bench, a notebook) leaves it unset
             if s.params.width is None and s.params.image is None:
                 s.params.width = s.params.height = self.engine.default_size
         tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
@@ -393,9 +475,18 @@ class ShardGenerator:
         # 4. Write the tar and the Parquet, then stage, commit and publish them with the stats file.
         embeddings = None
         if self.spec.curation.save_embeddings:
-            embeddings = {k: o.curation.embedding for k, o in made.outcomes.items() if o.curation is not None}
-        spooled = self.writer.spool(name, rows, made.tar_images, self.schema, made.quarantined_images, embeddings,
-                                    self.curator.clip.embedding_size if self.curator else 0)
+            embeddings = {
+                k: o.curation.embedding for k, o in made.outcomes.items() if o.curation is not None
+            }
+        spooled = self.writer.spool(
+            name,
+            rows,
+            made.tar_images,
+            self.schema,
+            made.quarantined_images,
+            embeddings,
+            self.curator.clip.embedding_size if self.curator else 0,
+        )
         made.stage_seconds["write"] += time.perf_counter() - t0
         try:
             stats = self._stats(name, shard_id, attempt, clock, rows, made, spooled.sha256)
@@ -414,7 +505,11 @@ class ShardGenerator:
         with self.turns.turn(ticket, self._check_preempted):
             turn_start, started_ts = time.perf_counter(), time.time()
             paused: list[float] = []  # seconds another shard had the pipeline while this one waited
-            gen_total = self._best_of_n(todo, results, ticket, paused) if best_of_n else self._wave(todo, results)
+            gen_total = (
+                self._best_of_n(todo, results, ticket, paused)
+                if best_of_n
+                else self._wave(todo, results)
+            )
             turn_seconds, finished_ts = time.perf_counter() - turn_start - sum(paused), time.time()
         # The next shard has the GPU now; the rest of this one runs beside it.
         outcomes: dict[str, Outcome] = {}
@@ -427,11 +522,15 @@ class ShardGenerator:
                 o = outcomes[key]
                 image, digest, timing = job.result()
                 stage_seconds.update(timing)
-                if o.status == STATUS_OK or o.quarantined:  # not a duplicate found after encoding began
+                if (
+                    o.status == STATUS_OK or o.quarantined
+                ):  # not a duplicate found after encoding began
                     o.image, o.image_sha256 = image, digest
         if best_of_n:
             for s in todo:
-                if s.key not in outcomes and s.error is None:  # a candidate slot best-of-N did not need
+                if (
+                    s.key not in outcomes and s.error is None
+                ):  # a candidate slot best-of-N did not need
                     outcomes[s.key] = Outcome(STATUS_SKIPPED, None)
         return Generated(outcomes, gen_total, turn_seconds, started_ts, finished_ts, stage_seconds)
 
@@ -445,7 +544,9 @@ class ShardGenerator:
             total += secs
             for i, image in zip(batch, images):
                 if isinstance(image, SampleFailed):
-                    samples[i].error = image.reason  # no outcome: its row is failed, with the reason
+                    samples[
+                        i
+                    ].error = image.reason  # no outcome: its row is failed, with the reason
                     continue
                 made.append(samples[i])
                 arrays.append(image)
@@ -457,7 +558,9 @@ class ShardGenerator:
             futures.append(self.post.submit(self._finish_batch, made, arrays, seconds))
         return total
 
-    def _best_of_n(self, todo: list[Sample], results: list, ticket: int, paused: list[float]) -> float:
+    def _best_of_n(
+        self, todo: list[Sample], results: list, ticket: int, paused: list[float]
+    ) -> float:
         """curation.images_per_prompt (k) of each prompt's candidate slots, in rounds: first the
         first k slots of every prompt, then, for each prompt with fewer than k kept, as many more
         as it lacks, until it has k or has tried them all. An image is kept if it passes safety and
@@ -478,7 +581,7 @@ class ShardGenerator:
             wave = []
             for g, candidates in groups.items():
                 n = min(k - len(kept[g]), len(candidates) - tried[g])
-                wave += candidates[tried[g]:tried[g] + n]
+                wave += candidates[tried[g] : tried[g] + n]
                 tried[g] += n
             if not wave:
                 return total
@@ -500,42 +603,83 @@ class ShardGenerator:
                 if o is None or o.status != STATUS_OK:
                     continue
                 if threshold is not None:
-                    o.duplicate_of = next((key for key, e in kept[s.group]
-                                           if float(np.dot(e, o.curation.embedding)) >= threshold), None)
+                    o.duplicate_of = next(
+                        (
+                            key
+                            for key, e in kept[s.group]
+                            if float(np.dot(e, o.curation.embedding)) >= threshold
+                        ),
+                        None,
+                    )
                     if o.duplicate_of:
                         o.status = STATUS_DUPLICATE
                         continue
                 kept[s.group].append((s.key, o.curation.embedding if o.curation else None))
 
-    def _stats(self, name: str, shard_id: int, attempt: int, clock: Clock, rows: list[dict[str, Any]],
-               made: Generated, sha256: dict[str, str]) -> ShardStats:
+    def _stats(
+        self,
+        name: str,
+        shard_id: int,
+        attempt: int,
+        clock: Clock,
+        rows: list[dict[str, Any]],
+        made: Generated,
+        sha256: dict[str, str],
+    ) -> ShardStats:
         counts = Counter(r["status"] for r in rows)
         unsafe = self.detector.unsafe_classes if self.detector else None
-        flagged_by_class = Counter(o.safety.top_class(unsafe) for o in made.outcomes.values() if o.flagged)
+        flagged_by_class = Counter(
+            o.safety.top_class(unsafe) for o in made.outcomes.values() if o.flagged
+        )
         # The GPU time this shard used is its turn: its reads and uploads overlap other shards' turns.
         gpu_seconds = made.turn_seconds * len(self.worker["gpu_ids"])
         return ShardStats(
-            shard=name, shard_id=shard_id, fingerprint=self.plan.fingerprint,
-            samples=len(rows), ok=counts[STATUS_OK], filtered=counts[STATUS_FILTERED],
-            failed=counts[STATUS_FAILED], rejected=counts[STATUS_REJECTED], duplicate=counts[STATUS_DUPLICATE],
-            skipped=counts[STATUS_SKIPPED], images_in_tar=len(made.tar_images),
+            shard=name,
+            shard_id=shard_id,
+            fingerprint=self.plan.fingerprint,
+            samples=len(rows),
+            ok=counts[STATUS_OK],
+            filtered=counts[STATUS_FILTERED],
+            failed=counts[STATUS_FAILED],
+            rejected=counts[STATUS_REJECTED],
+            duplicate=counts[STATUS_DUPLICATE],
+            skipped=counts[STATUS_SKIPPED],
+            images_in_tar=len(made.tar_images),
             quarantined_images=len(made.quarantined_images),
-            flagged=sum(flagged_by_class.values()), flagged_by_class=dict(sorted(flagged_by_class.items())),
+            flagged=sum(flagged_by_class.values()),
+            flagged_by_class=dict(sorted(flagged_by_class.items())),
             safety_detector=self.spec.safety.detector,
             safety_model_sha256=self.detector.model_sha256 if self.detector else None,
-            attempt=attempt, batch_size=self.engine.batch_size, engine_speed_ups=list(self.engine.applied),
-            dtype=self.engine.dtype, device=self.engine.device, worker_node=self.worker["node"],
-            worker_id=self.worker["actor"], gpu_id=self.worker["gpu_id"],
-            gen_seconds=round(made.gen_seconds, 4), gpu_seconds=round(gpu_seconds, 4),
-            images_per_gpu_hour=round(len(made.tar_images) / gpu_seconds * 3600, 1) if gpu_seconds else None,
+            attempt=attempt,
+            batch_size=self.engine.batch_size,
+            engine_speed_ups=list(self.engine.applied),
+            dtype=self.engine.dtype,
+            device=self.engine.device,
+            worker_node=self.worker["node"],
+            worker_id=self.worker["actor"],
+            gpu_id=self.worker["gpu_id"],
+            gen_seconds=round(made.gen_seconds, 4),
+            gpu_seconds=round(gpu_seconds, 4),
+            images_per_gpu_hour=round(len(made.tar_images) / gpu_seconds * 3600, 1)
+            if gpu_seconds
+            else None,
             # The writer sets the finish (and so the wall time) when the files are on storage.
-            wall_seconds=round(time.perf_counter() - clock.t0, 4), started_at=clock.started_at, finished_at=_now(),
-            started_ts=round(clock.started_ts, 3), generate_started_ts=round(made.started_ts, 3),
-            generate_finished_ts=round(made.finished_ts, 3), finished_ts=round(time.time(), 3),
-            tar_sha256=sha256[layout.tar_file(name)], parquet_sha256=sha256[layout.parquet_file(name)],
+            wall_seconds=round(time.perf_counter() - clock.t0, 4),
+            started_at=clock.started_at,
+            finished_at=_now(),
+            started_ts=round(clock.started_ts, 3),
+            generate_started_ts=round(made.started_ts, 3),
+            generate_finished_ts=round(made.finished_ts, 3),
+            finished_ts=round(time.time(), 3),
+            tar_sha256=sha256[layout.tar_file(name)],
+            parquet_sha256=sha256[layout.parquet_file(name)],
             stage_seconds={k: round(v, 4) for k, v in sorted(made.stage_seconds.items())},
             curation_models_sha256=self.curator.models_sha256 if self.curator else {},
-            **(tally(rows, list(self.spec.sweep.axes), self.spec.curation.images_per_prompt) if self.curator else {}),
+            **(
+                tally(rows, list(self.spec.sweep.axes), self.spec.curation.images_per_prompt)
+                if self.curator
+                else {}
+            ),
         )
 
     def _finish_batch(self, samples: list[Sample], arrays: list, seconds: list[float]):
@@ -557,11 +701,19 @@ class ShardGenerator:
             scores = self.detector.score(arrays)
         timing["score"] = time.perf_counter() - t0
         outcomes, encoding = {}, {}
-        for sample, array, score, curation, per_image in zip(samples, arrays, scores, curated, seconds):
+        for sample, array, score, curation, per_image in zip(
+            samples, arrays, scores, curated, seconds
+        ):
             key = sample.key
             flagged = None if score is None else score.nsfw_score >= safety.threshold
-            o = Outcome(STATUS_OK, per_image, safety=score, flagged=flagged, size=(array.shape[1], array.shape[0]),
-                        curation=curation)
+            o = Outcome(
+                STATUS_OK,
+                per_image,
+                safety=score,
+                flagged=flagged,
+                size=(array.shape[1], array.shape[0]),
+                curation=curation,
+            )
             if flagged and safety.action in ("drop", "quarantine"):
                 o.status = STATUS_FILTERED
                 o.quarantined = safety.action == "quarantine"
@@ -576,7 +728,9 @@ class ShardGenerator:
             outcomes[key] = o
         return outcomes, timing, encoding
 
-    def _row(self, s: Sample, o: Outcome | None, created_at, tokens: dict[str, int]) -> dict[str, Any]:
+    def _row(
+        self, s: Sample, o: Outcome | None, created_at, tokens: dict[str, int]
+    ) -> dict[str, Any]:
         spec, p = self.spec, s.params
         row: dict[str, Any] = {
             "key": s.key,
@@ -601,8 +755,13 @@ class ShardGenerator:
             **s.passthrough,
         }
         if o is not None and o.curation is not None:
-            row.update(clip_score=o.curation.clip_score, aesthetic_score=o.curation.aesthetic_score,
-                       punsafe=o.curation.punsafe, rejected_by=o.rejected_by, duplicate_of=o.duplicate_of)
+            row.update(
+                clip_score=o.curation.clip_score,
+                aesthetic_score=o.curation.aesthetic_score,
+                punsafe=o.curation.punsafe,
+                rejected_by=o.rejected_by,
+                duplicate_of=o.duplicate_of,
+            )
         if s.candidate is not None:
             row["candidate"] = s.candidate
         if o is not None and o.safety is not None:
@@ -621,10 +780,17 @@ class ShardGenerator:
         if planned is not None:
             # A failed row too says what it was planned with, so it can be placed in a sweep.
             width, height = o.size if o is not None and o.size else (planned.width, planned.height)
-            row.update(seed=planned.seed, scheduler=self.engine.scheduler_name(planned),
-                       num_inference_steps=planned.num_inference_steps, guidance_scale=planned.guidance_scale,
-                       width=width, height=height, negative_prompt=planned.negative_prompt,
-                       strength=planned.strength, noise_level=planned.noise_level)
+            row.update(
+                seed=planned.seed,
+                scheduler=self.engine.scheduler_name(planned),
+                num_inference_steps=planned.num_inference_steps,
+                guidance_scale=planned.guidance_scale,
+                width=width,
+                height=height,
+                negative_prompt=planned.negative_prompt,
+                strength=planned.strength,
+                noise_level=planned.noise_level,
+            )
             for name, given in (("input_image", planned.image), ("mask_image", planned.mask)):
                 if given is not None:
                     row.update({f"{name}_sha256": given.sha256, f"{name}_uri": given.uri})
@@ -656,22 +822,33 @@ class _Metrics:
         self.tags = {"job": job}
         self.counters = {
             key: metrics.Counter(f"sdfleet_{key}", description=text, tag_keys=tags)
-            for key, text in (("images_generated", "images generated (all statuses but failed)"),
-                              ("images_filtered", "images filtered by the safety detector"),
-                              ("images_failed", "samples that could not be generated"),
-                              ("gpu_seconds", "GPU-seconds held while making shards"),
-                              ("shards_committed", "shards committed"))
+            for key, text in (
+                ("images_generated", "images generated (all statuses but failed)"),
+                ("images_filtered", "images filtered by the safety detector"),
+                ("images_failed", "samples that could not be generated"),
+                ("gpu_seconds", "GPU-seconds held while making shards"),
+                ("shards_committed", "shards committed"),
+            )
         }
         # Shard latency from a few seconds (tiny shards) to hours (10,000 large images on one GPU).
-        self.latency = metrics.Histogram("sdfleet_shard_seconds", description="wall time per shard",
-                                         boundaries=[1, 5, 15, 60, 300, 900, 3600, 10800], tag_keys=tags)
+        self.latency = metrics.Histogram(
+            "sdfleet_shard_seconds",
+            description="wall time per shard",
+            boundaries=[1, 5, 15, 60, 300, 900, 3600, 10800],
+            tag_keys=tags,
+        )
         self.enabled = True
 
     def record(self, stats: ShardStats) -> None:
         if not self.enabled:
             return
-        values = {"images_generated": stats.ok + stats.filtered, "images_filtered": stats.filtered,
-                  "images_failed": stats.failed, "gpu_seconds": stats.gpu_seconds, "shards_committed": 1}
+        values = {
+            "images_generated": stats.ok + stats.filtered,
+            "images_filtered": stats.filtered,
+            "images_failed": stats.failed,
+            "gpu_seconds": stats.gpu_seconds,
+            "shards_committed": 1,
+        }
         for key, value in values.items():
             if value:
                 self.counters[key].inc(value, tags=self.tags)
@@ -697,7 +874,9 @@ def _node_cpu_threads(gpus_per_worker: float) -> int | None:
     return max(1, int(cpus // max(1, per_node)))
 
 
-def _encode(array: np.ndarray, image_format: str, quality: int) -> tuple[bytes, str, dict[str, float]]:
+def _encode(
+    array: np.ndarray, image_format: str, quality: int
+) -> tuple[bytes, str, dict[str, float]]:
     """One image's bytes, their sha256, and the seconds each took."""
     t0 = time.perf_counter()
     data = encode_image(array, image_format, quality)
@@ -727,4 +906,9 @@ def _worker_identity() -> dict[str, Any]:
             }
     except ImportError:
         pass
-    return {"node": socket.gethostname(), "actor": f"pid:{os.getpid()}", "gpu_ids": [], "gpu_id": None}
+    return {
+        "node": socket.gethostname(),
+        "actor": f"pid:{os.getpid()}",
+        "gpu_ids": [],
+        "gpu_id": None,
+    }

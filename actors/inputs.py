@@ -75,8 +75,11 @@ class InputImageReader:
                 for cell in names[name]:
                     if isinstance(found, BaseException):
                         missing = isinstance(found, FileNotFoundError)
-                        cell.error = (f"{what} {cell.uri} does not exist" if missing else
-                                      f"{what} {cell.uri} cannot be read: {type(found).__name__}: {found}")
+                        cell.error = (
+                            f"{what} {cell.uri} does not exist"
+                            if missing
+                            else f"{what} {cell.uri} cannot be read: {type(found).__name__}: {found}"
+                        )
                     else:
                         cell.data = found
         # 3. Decode; the same bytes decode once per shard (sweep points share their row's image).
@@ -99,25 +102,37 @@ class InputImageReader:
             data = bytes(value)
             return Cell(data=data) if data else Cell(error=f"{what} is empty (0 bytes)")
         if not isinstance(value, str) or not value.strip():
-            return Cell(error=f"{what} is {value!r}: give encoded image bytes or a URI inside {self.folder}")
+            return Cell(
+                error=f"{what} is {value!r}: give encoded image bytes or a URI inside {self.folder}"
+            )
         return self._inside(value.strip(), what)
 
     def _inside(self, uri: str, what: str) -> Cell:
         """A URI or relative path, kept only if it names a file inside the input's folder."""
         folder = self.folder.rstrip("/")
-        outside = Cell(error=f"{what} {uri} is outside the input's folder {folder}; refusing to read it")
+        outside = Cell(
+            error=f"{what} {uri} is outside the input's folder {folder}; refusing to read it"
+        )
         if "://" in uri or uri.startswith("/"):
             scheme = uri.split("://", 1)[0] if "://" in uri else ""
             ours = folder.split("://", 1)[0] if is_remote(folder) else ""
             if scheme != ours and not (scheme == "file" and not ours):
                 return outside
             path = uri.removeprefix("file://")
-            relative = posixpath.relpath(posixpath.normpath(path), folder.removeprefix("file://")) \
-                if not ours else _relative_key(path, folder)
+            relative = (
+                posixpath.relpath(posixpath.normpath(path), folder.removeprefix("file://"))
+                if not ours
+                else _relative_key(path, folder)
+            )
         else:
             relative = uri
         normal = posixpath.normpath(relative)
-        if normal.startswith("../") or normal in ("..", ".") or normal.startswith("/") or "\\" in relative:
+        if (
+            normal.startswith("../")
+            or normal in ("..", ".")
+            or normal.startswith("/")
+            or "\\" in relative
+        ):
             return outside
         if not is_remote(folder):
             try:  # a symlink inside the folder may point out of it
@@ -132,7 +147,7 @@ def _relative_key(uri: str, folder: str) -> str:
     prefix = folder.rstrip("/") + "/"
     if not uri.startswith(prefix):
         return "../" + uri
-    return uri[len(prefix):]
+    return uri[len(prefix) :]
 
 
 def decode(data: bytes, what: str, uri: str | None, digest: str, mask: bool) -> InputImage | str:
@@ -148,8 +163,10 @@ def decode(data: bytes, what: str, uri: str | None, digest: str, mask: bool) -> 
             image = ImageOps.exif_transpose(image)
             image = image.convert("L" if mask else "RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return (f"{what}{where} is refused as a decompression bomb ({e}); Pillow's limit is "
-                f"{Image.MAX_IMAGE_PIXELS:,} pixels")
+        return (
+            f"{what}{where} is refused as a decompression bomb ({e}); Pillow's limit is "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels"
+        )
     except UnidentifiedImageError:
         return f"{what}{where} is not an image Pillow can decode ({len(data)} bytes starting {data[:8]!r})"
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
@@ -159,28 +176,34 @@ def decode(data: bytes, what: str, uri: str | None, digest: str, mask: bool) -> 
     return InputImage(image, digest, uri)
 
 
-def read_row_inputs(reader: InputImageReader, images: dict[int, Any], masks: dict[int, Any] | None
-                    ) -> dict[int, tuple[InputImage, InputImage | None] | str]:
+def read_row_inputs(
+    reader: InputImageReader, images: dict[int, Any], masks: dict[int, Any] | None
+) -> dict[int, tuple[InputImage, InputImage | None] | str]:
     """Each row's (image, mask), or the reason the row cannot be generated. Rows: global row ->
     its image cell (and mask cell, for inpaint)."""
     rows = list(images)
     found = dict(zip(rows, reader.read([images[r] for r in rows], "input image")))
-    found_masks = dict(zip(rows, reader.read([masks[r] for r in rows], "mask", mask=True))) if masks else {}
+    found_masks = (
+        dict(zip(rows, reader.read([masks[r] for r in rows], "mask", mask=True))) if masks else {}
+    )
     out: dict[int, tuple[InputImage, InputImage | None] | str] = {}
     for r in rows:
         image, mask = found[r], found_masks.get(r)
         if isinstance(image, str) or isinstance(mask, str):
             out[r] = image if isinstance(image, str) else mask
         elif mask is not None and mask.size != image.size:
-            out[r] = (f"mask is {mask.size[0]}x{mask.size[1]} but its input image is {image.size[0]}x"
-                      f"{image.size[1]}; give a mask of the image's size")
+            out[r] = (
+                f"mask is {mask.size[0]}x{mask.size[1]} but its input image is {image.size[0]}x"
+                f"{image.size[1]}; give a mask of the image's size"
+            )
         else:
             out[r] = (image, mask)
     return out
 
 
-def read_source_inputs(source: Storage, rows: dict[int, tuple[str, int, dict[str, Any]]]
-                       ) -> dict[int, tuple[InputImage, None] | str]:
+def read_source_inputs(
+    source: Storage, rows: dict[int, tuple[str, int, dict[str, Any]]]
+) -> dict[int, tuple[InputImage, None] | str]:
     """The images of an earlier sdfleet output's rows, from their shards' tars (rows: global row
     -> (shard name, file offset, values with key, image_sha256)), each checked against the sha256
     its output recorded. One tar read per shard, stopping after its last wanted key."""
@@ -198,7 +221,9 @@ def read_source_inputs(source: Storage, rows: dict[int, tuple[str, int, dict[str
                 continue
             digest = hashlib.sha256(found[key]).hexdigest()
             if digest != recorded:
-                out[r] = f"source image {where} has sha256 {digest[:12]}..., not the {str(recorded)[:12]}... its row records"
+                out[r] = (
+                    f"source image {where} has sha256 {digest[:12]}..., not the {str(recorded)[:12]}... its row records"
+                )
                 continue
             image = decode(found[key], "source image", where, digest, mask=False)
             out[r] = image if isinstance(image, str) else (image, None)

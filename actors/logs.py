@@ -19,13 +19,25 @@ from typing import Any
 # Libraries that narrate routine work at INFO ("Found credentials in environment variables"; Keras'
 # "1/1 - 0s - 30ms/step" per scoring call goes through absl): quiet unless -v. Ray's notice that
 # token authentication is on comes with every embedded cluster.
-QUIET_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "absl", "tensorflow",
-                   "ray._private.authentication.authentication_token_setup")
+QUIET_LIBRARIES = (
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "fsspec",
+    "urllib3",
+    "absl",
+    "tensorflow",
+    "ray._private.authentication.authentication_token_setup",
+)
 # Set before TensorFlow and transformers load (workers get them from the driver or set them at
 # start): TensorFlow's C++ start-up lines (oneDNN, "failed call to cuInit", which is not an error
 # here), transformers' advisories and progress bars of saving and loading.
-QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "3", "TRANSFORMERS_VERBOSITY": "error",
-                     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+QUIET_ENVIRONMENT = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 MASK = "***"
 
@@ -38,7 +50,9 @@ _MASKS = [
     # Presigned URLs carry their signature, credential and token in the query string.
     re.compile(rf"(?i)([?&]x-amz-(?:signature|credential)=){_VALUE}"),
     # key=value and "key": "value" forms of secrets (storage_options, environment dumps).
-    re.compile(rf"""(?i)((?:aws_)?(?:secret_access_key|secret|session_token|token|password)['"]?\s*[:=]\s*b?['"]?){_VALUE}"""),
+    re.compile(
+        rf"""(?i)((?:aws_)?(?:secret_access_key|secret|session_token|token|password)['"]?\s*[:=]\s*b?['"]?){_VALUE}"""
+    ),
 ]
 _known_secrets: set[str] = set()
 
@@ -85,7 +99,9 @@ def configure_logging(verbose: bool = False) -> None:
         for key, value in QUIET_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
         # tensorflow_hub (nsfw-detector's) imports pkg_resources, which warns on every import.
-        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="pkg_resources is deprecated", category=UserWarning
+        )
 
 
 @contextlib.contextmanager

@@ -61,7 +61,9 @@ class SafetyScore:
 
     def top_class(self, unsafe: list[str] | None) -> str:
         """The unsafe class that weighs most in this image: what it is counted as when filtered."""
-        pool = {k: v for k, v in self.scores.items() if unsafe is None or k in unsafe} or self.scores
+        pool = {
+            k: v for k, v in self.scores.items() if unsafe is None or k in unsafe
+        } or self.scores
         return max(pool, key=pool.get)
 
 
@@ -76,7 +78,9 @@ class Detector:
         raise NotImplementedError
 
 
-def load_detector(spec: SafetySpec, device: str, cpu_threads: int | None = None, curator=None) -> Detector | None:
+def load_detector(
+    spec: SafetySpec, device: str, cpu_threads: int | None = None, curator=None
+) -> Detector | None:
     """cpu_threads: this worker's share of the node's CPUs, for a detector that runs on the CPU
     (nsfw-detector); None: torch's thread count. curator: the worker's `Curator`, whose CLIP
     embedding laion-clip-nsfw reads."""
@@ -87,19 +91,32 @@ def load_detector(spec: SafetySpec, device: str, cpu_threads: int | None = None,
     # Hash before anything is loaded: a pinned hash refuses other weights before they can run code.
     sha256 = weights_sha256(path) if Path(path).exists() else None
     if spec.model_sha256 and sha256 != spec.model_sha256:
-        raise UnsafeModelError(f"safety.model {spec.model} has sha256 {sha256 or '(not a local file: a hub id)'}, "
-                               f"not the pinned safety.model_sha256 {spec.model_sha256}; check where the weights "
-                               "came from, or update the pin")
+        raise UnsafeModelError(
+            f"safety.model {spec.model} has sha256 {sha256 or '(not a local file: a hub id)'}, "
+            f"not the pinned safety.model_sha256 {spec.model_sha256}; check where the weights "
+            "came from, or update the pin"
+        )
     if spec.detector == "laion-clip-nsfw":
         if curator is None:
-            raise SpecError("safety.detector=laion-clip-nsfw reads the CLIP image embedding curation computes: set "
-                            "curation.clip_model")
+            raise SpecError(
+                "safety.detector=laion-clip-nsfw reads the CLIP image embedding curation computes: set "
+                "curation.clip_model"
+            )
         detector = LaionClipNsfw(path, spec.resolved_unsafe_classes(), device, curator.clip)
     else:
-        cls = {"nsfw-detector": NsfwDetector, "clip-checker": ClipChecker, "hf-classifier": HfClassifier}[spec.detector]
+        cls = {
+            "nsfw-detector": NsfwDetector,
+            "clip-checker": ClipChecker,
+            "hf-classifier": HfClassifier,
+        }[spec.detector]
         detector = cls(path, spec.resolved_unsafe_classes(), device, cpu_threads)
     detector.model_sha256 = sha256
-    log.info("safety: %s from %s (sha256 %s)", spec.detector, spec.model, (detector.model_sha256 or "?")[:12])
+    log.info(
+        "safety: %s from %s (sha256 %s)",
+        spec.detector,
+        spec.model,
+        (detector.model_sha256 or "?")[:12],
+    )
     return detector
 
 
@@ -123,11 +140,13 @@ def check_keras_model(path: str | Path) -> None:
             raise UnsafeModelError(
                 f"safety.model {path}: {where} is a Lambda layer, whose code would run when the model loads; "
                 "sdfleet refuses such models. Use the detector's published weights, or re-save the model "
-                "without Lambda layers")
+                "without Lambda layers"
+            )
         if class_name not in _keras_builtin_classes():
             raise UnsafeModelError(
                 f"safety.model {path}: {where} is of class {class_name!r}, which is not one of Keras' built-in "
-                "classes; custom classes run their own code when the model loads, so sdfleet refuses them")
+                "classes; custom classes run their own code when the model loads, so sdfleet refuses them"
+            )
 
 
 def _keras_configs(path: Path) -> list[dict]:
@@ -137,8 +156,10 @@ def _keras_configs(path: Path) -> list[dict]:
 
         metadata = path / "keras_metadata.pb"
         if not metadata.is_file():
-            raise UnsafeModelError(f"safety.model {path}: a SavedModel folder without keras_metadata.pb; sdfleet "
-                                   "cannot inspect it before loading, so it refuses it")
+            raise UnsafeModelError(
+                f"safety.model {path}: a SavedModel folder without keras_metadata.pb; sdfleet "
+                "cannot inspect it before loading, so it refuses it"
+            )
         saved = saved_metadata_pb2.SavedMetadata()
         saved.ParseFromString(metadata.read_bytes())
         return [json.loads(node.metadata) for node in saved.nodes if node.metadata]
@@ -147,8 +168,10 @@ def _keras_configs(path: Path) -> list[dict]:
     with h5py.File(path, "r") as f:
         raw = f.attrs.get("model_config")
     if raw is None:
-        raise UnsafeModelError(f"safety.model {path}: no model_config in the file; sdfleet loads whole Keras "
-                               "models (.h5 saved with model.save) only")
+        raise UnsafeModelError(
+            f"safety.model {path}: no model_config in the file; sdfleet loads whole Keras "
+            "models (.h5 saved with model.save) only"
+        )
     return [json.loads(raw.decode() if isinstance(raw, bytes) else raw)]
 
 
@@ -177,8 +200,13 @@ def _keras_builtin_classes() -> frozenset[str]:
 
     # Shapes, tuples and tensor specs are data in a config (the last two appear in SavedModel metadata).
     names = set(KERAS_CONTAINERS) | {"__tuple__", "TensorShape", "TypeSpec"}
-    for module in (tf_keras.layers, tf_keras.initializers, tf_keras.regularizers, tf_keras.constraints,
-                   tf_keras.mixed_precision):
+    for module in (
+        tf_keras.layers,
+        tf_keras.initializers,
+        tf_keras.regularizers,
+        tf_keras.constraints,
+        tf_keras.mixed_precision,
+    ):
         names.update(n for n, v in vars(module).items() if isinstance(v, type))
     return frozenset(names)
 
@@ -197,7 +225,9 @@ def _check_classes(detector: str, unsafe: list[str] | None, known) -> None:
 class NsfwDetector(Detector):
     name = "nsfw-detector"
 
-    def __init__(self, path: str, unsafe: list[str] | None, device: str, cpu_threads: int | None = None):
+    def __init__(
+        self, path: str, unsafe: list[str] | None, device: str, cpu_threads: int | None = None
+    ):
         tf = import_tensorflow()
         # And to this worker's share of the node's CPUs, not all of them: several workers per node
         # would otherwise oversubscribe every core. Not torch's thread count: Ray sets
@@ -205,11 +235,15 @@ class NsfwDetector(Detector):
         import torch
 
         try:
-            tf.config.threading.set_intra_op_parallelism_threads(cpu_threads or torch.get_num_threads())
+            tf.config.threading.set_intra_op_parallelism_threads(
+                cpu_threads or torch.get_num_threads()
+            )
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:
             pass  # TensorFlow was already initialised in this process; its pools are fixed
-        tf.get_logger().setLevel(logging.ERROR)  # "model was not compiled": inference needs no compile
+        tf.get_logger().setLevel(
+            logging.ERROR
+        )  # "model was not compiled": inference needs no compile
         from nsfw_detector import predict
 
         if not Path(path).exists():
@@ -224,7 +258,12 @@ class NsfwDetector(Detector):
         from PIL import Image
 
         # Nearest-neighbour resize, as the package's own image loader does, then [0, 1] floats.
-        batch = np.stack([np.asarray(Image.fromarray(im).resize(self.size[::-1], Image.NEAREST)) for im in images])
+        batch = np.stack(
+            [
+                np.asarray(Image.fromarray(im).resize(self.size[::-1], Image.NEAREST))
+                for im in images
+            ]
+        )
         # classify_nd's math (its class order is NSFW_DETECTOR_CLASSES), through predict_on_batch:
         # predict() builds a tf.data pipeline per call, 15% more CPU per image for the same numbers.
         preds = self.model.predict_on_batch(batch.astype(np.float32) / 255.0)
@@ -236,7 +275,9 @@ class NsfwDetector(Detector):
 class ClipChecker(Detector):
     name = "clip-checker"
 
-    def __init__(self, path: str, unsafe: list[str] | None, device: str, cpu_threads: int | None = None):
+    def __init__(
+        self, path: str, unsafe: list[str] | None, device: str, cpu_threads: int | None = None
+    ):
         import torch
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
@@ -255,13 +296,19 @@ class ClipChecker(Detector):
         from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
         c = self.checker
-        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values.to(
+            self.device, self.dtype
+        )
         with torch.inference_mode():
             embeds = c.visual_projection(c.vision_model(pixels)[1])
             # The checker's own rule (as in its forward_onnx): a special-care hit raises every concept by 0.01.
             special = cosine_distance(embeds, c.special_care_embeds) - c.special_care_embeds_weights
             adjustment = (special > 0).any(dim=1, keepdim=True).to(embeds.dtype) * 0.01
-            concept = (cosine_distance(embeds, c.concept_embeds) - c.concept_embeds_weights + adjustment).float().cpu()
+            concept = (
+                (cosine_distance(embeds, c.concept_embeds) - c.concept_embeds_weights + adjustment)
+                .float()
+                .cpu()
+            )
         out = []
         for row in concept.numpy():
             scores = {name: float(v) for name, v in zip(self.concepts, row)}
@@ -273,7 +320,9 @@ class ClipChecker(Detector):
 class HfClassifier(Detector):
     name = "hf-classifier"
 
-    def __init__(self, path: str, unsafe: list[str] | None, device: str, cpu_threads: int | None = None):
+    def __init__(
+        self, path: str, unsafe: list[str] | None, device: str, cpu_threads: int | None = None
+    ):
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -297,7 +346,9 @@ class HfClassifier(Detector):
         out = []
         for row in probs:
             scores = {label: float(p) for label, p in zip(self.labels, row)}
-            out.append(SafetyScore(min(1.0, sum(scores[c] for c in self.unsafe_classes or [])), scores))
+            out.append(
+                SafetyScore(min(1.0, sum(scores[c] for c in self.unsafe_classes or [])), scores)
+            )
         return out
 
 
@@ -316,15 +367,24 @@ class LaionClipNsfw(Detector):
 
     def score(self, images: list[np.ndarray]) -> list[SafetyScore]:
         """Embeds the images itself: for callers without curation's embeddings (benches)."""
-        return self.score_embeddings(self.clip.normalized_image_embeds(images).float().cpu().numpy())
+        return self.score_embeddings(
+            self.clip.normalized_image_embeds(images).float().cpu().numpy()
+        )
 
     def score_embeddings(self, normalized: np.ndarray) -> list[SafetyScore]:
         """From L2-normalized CLIP image embeddings, one row per image."""
         import torch
 
-        punsafe = self.head(torch.from_numpy(np.asarray(normalized)).to(self.head.device)).float().cpu().tolist()
+        punsafe = (
+            self.head(torch.from_numpy(np.asarray(normalized)).to(self.head.device))
+            .float()
+            .cpu()
+            .tolist()
+        )
         out = []
         for p in punsafe:
             scores = {"unsafe": p, "safe": 1.0 - p}
-            out.append(SafetyScore(min(1.0, sum(scores[c] for c in self.unsafe_classes or [])), scores))
+            out.append(
+                SafetyScore(min(1.0, sum(scores[c] for c in self.unsafe_classes or [])), scores)
+            )
         return out

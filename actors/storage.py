@@ -48,7 +48,9 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def storage_error(e: BaseException, what: str, options: dict[str, Any] | None = None) -> StorageError | None:
+def storage_error(
+    e: BaseException, what: str, options: dict[str, Any] | None = None
+) -> StorageError | None:
     """`what` ("cannot read s3://b/k") with the cause and what to do, for the storage failures a
     user can fix; None for anything else. Looks through the exception's chain, since s3fs and
     pyarrow wrap botocore's errors."""
@@ -60,18 +62,35 @@ def storage_error(e: BaseException, what: str, options: dict[str, Any] | None = 
     text = " ".join(str(x) for x in chain)
     endpoint = _endpoint(options or {})
     if "NoCredentialsError" in names or "PartialCredentialsError" in names:
-        return StorageError(f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                            "(or AWS_PROFILE, or an instance role), or give key/secret in the spec's "
-                            "storage_options; for a public bucket set storage_options: {anon: true}")
-    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError"}:
-        return StorageError(f"{what}: cannot connect to the S3 endpoint {endpoint or '(AWS default)'}. "
-                            f"{ENDPOINT_ADVICE}")
+        return StorageError(
+            f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, or an instance role), or give key/secret in the spec's "
+            "storage_options; for a public bucket set storage_options: {anon: true}"
+        )
+    if names & {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ClientConnectorError",
+        "ConnectionRefusedError",
+    }:
+        return StorageError(
+            f"{what}: cannot connect to the S3 endpoint {endpoint or '(AWS default)'}. "
+            f"{ENDPOINT_ADVICE}"
+        )
     if "NoSuchBucket" in names or "bucket does not exist" in text:
-        return StorageNotFound(f"{what}: the bucket does not exist{f' at {endpoint}' if endpoint else ''}. "
-                               "Check the bucket name (and the endpoint), or create the bucket")
-    if isinstance(e, PermissionError) or names & {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-        return StorageDenied(f"{what}: access denied ({first_line(e)}); check the credentials and the "
-                             "bucket policy, or storage_options")
+        return StorageNotFound(
+            f"{what}: the bucket does not exist{f' at {endpoint}' if endpoint else ''}. "
+            "Check the bucket name (and the endpoint), or create the bucket"
+        )
+    if isinstance(e, PermissionError) or names & {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+    }:
+        return StorageDenied(
+            f"{what}: access denied ({first_line(e)}); check the credentials and the "
+            "bucket policy, or storage_options"
+        )
     if isinstance(e, FileNotFoundError):
         return StorageNotFound(f"{what}: not found ({first_line(e)})")
     return None
@@ -81,13 +100,19 @@ def storage_error(e: BaseException, what: str, options: dict[str, Any] | None = 
 # botocore retries a refused connection 10 times with backoff (about a minute of silence); a dead
 # MinIO or a wrong port should be named at once.
 ENDPOINT_CONNECT_TIMEOUT_S = 5.0
-ENDPOINT_ADVICE = "Check AWS_ENDPOINT_URL or storage_options.endpoint_url, and that the endpoint is up"
+ENDPOINT_ADVICE = (
+    "Check AWS_ENDPOINT_URL or storage_options.endpoint_url, and that the endpoint is up"
+)
 _reachable: set[str] = set()
 
 
 def _endpoint(options: dict[str, Any]) -> str | None:
-    return (options.get("client_kwargs", {}).get("endpoint_url") or options.get("endpoint_url")
-            or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    return (
+        options.get("client_kwargs", {}).get("endpoint_url")
+        or options.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
 
 
 def check_endpoint_reachable(uri: str, endpoint: str | None) -> None:
@@ -102,8 +127,10 @@ def check_endpoint_reachable(uri: str, endpoint: str | None) -> None:
     try:
         socket.create_connection((parts.hostname, port), timeout=ENDPOINT_CONNECT_TIMEOUT_S).close()
     except OSError as e:
-        raise StorageError(f"cannot reach {uri}: cannot connect to the S3 endpoint {endpoint} ({e.strerror or e}). "
-                           f"{ENDPOINT_ADVICE}") from None
+        raise StorageError(
+            f"cannot reach {uri}: cannot connect to the S3 endpoint {endpoint} ({e.strerror or e}). "
+            f"{ENDPOINT_ADVICE}"
+        ) from None
     _reachable.add(endpoint)
 
 
@@ -142,7 +169,9 @@ class Storage:
     """One folder (local or object-store prefix). Every write is atomic: readers see a whole file or none."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
-        self.uri = uri.rstrip("/") if is_remote(uri) else str(Path(uri.removeprefix("file://")).absolute())
+        self.uri = (
+            uri.rstrip("/") if is_remote(uri) else str(Path(uri.removeprefix("file://")).absolute())
+        )
         options = dict(storage_options or {})
         if self.uri.startswith(("s3://", "s3a://")):
             options.setdefault("config_kwargs", {}).setdefault("retries", S3_RETRIES)
@@ -174,14 +203,20 @@ class Storage:
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
 
-    def read_many(self, names: list[str], tails: dict[str, int] | None = None) -> dict[str, bytes | Exception]:
+    def read_many(
+        self, names: list[str], tails: dict[str, int] | None = None
+    ) -> dict[str, bytes | Exception]:
         """Several files' bytes at once: from an object store concurrently (one GET each, many in
         flight), from a local folder in turn. A file that cannot be read maps to its error, so one
         bad file is reported by name. tails: name -> file size; read only the last TAIL_BYTES of
         each (a Parquet footer), from its size as listed."""
         if not names:
             return {}
-        ranges = {n: (max(0, tails[n] - TAIL_BYTES), tails[n]) for n in names} if tails is not None else {}
+        ranges = (
+            {n: (max(0, tails[n] - TAIL_BYTES), tails[n]) for n in names}
+            if tails is not None
+            else {}
+        )
         if self.local:
             out: dict[str, bytes | Exception] = {}
             for n in names:
@@ -196,13 +231,19 @@ class Storage:
         paths = [self.path(n) for n in names]
         with self.errors("", "read"):
             if ranges:
-                found = self.fs.cat_ranges(paths, [ranges[n][0] for n in names], [ranges[n][1] for n in names],
-                                           on_error="return")
+                found = self.fs.cat_ranges(
+                    paths,
+                    [ranges[n][0] for n in names],
+                    [ranges[n][1] for n in names],
+                    on_error="return",
+                )
                 return dict(zip(names, found))
             found = self.fs.cat(paths, on_error="return")
         return {n: found.get(p, FileNotFoundError(p)) for n, p in zip(names, paths)}
 
-    def tar_images(self, tar_name: str, keys: set[str] | None = None) -> Iterator[tuple[str, str, bytes]]:
+    def tar_images(
+        self, tar_name: str, keys: set[str] | None = None
+    ) -> Iterator[tuple[str, str, bytes]]:
         """(key, extension, encoded bytes) of each image in an sdfleet tar, in tar order; only `keys`
         when given, and then reading stops at the first member past the last of them. Member
         names are only ever keys here, never paths."""
@@ -216,8 +257,11 @@ class Storage:
         left = set(keys) if keys is not None else None
         # Remote: modest read-ahead blocks, so stopping early really does read only the start.
         options = {} if self.local else {"block_size": 4 << 20, "cache_type": "readahead"}
-        with self.errors(tar_name, "read"), self.fs.open(self.path(tar_name), "rb", **options) as f, \
-                tarfile.open(fileobj=f, mode="r|") as tar:
+        with (
+            self.errors(tar_name, "read"),
+            self.fs.open(self.path(tar_name), "rb", **options) as f,
+            tarfile.open(fileobj=f, mode="r|") as tar,
+        ):
             for member in tar:
                 key, _, ext = member.name.rpartition(".")
                 if left is not None and last is not None and len(key) == len(last) and key > last:
@@ -236,7 +280,9 @@ class Storage:
         with self.errors(pattern, "list"):
             found = self.fs.glob(self.path(pattern))
         prefix = self.root + "/"
-        return sorted(p[len(prefix):] if p.startswith(prefix) else p.rsplit("/", 1)[-1] for p in found)
+        return sorted(
+            p[len(prefix) :] if p.startswith(prefix) else p.rsplit("/", 1)[-1] for p in found
+        )
 
     def listing(self) -> dict[str, int]:
         """Every file below this folder: relative name -> size, in one listing (paginated on S3)
@@ -253,8 +299,11 @@ class Storage:
         prefix = self.root + "/"
         with self.errors("", "list"):
             found = self.fs.find(self.root, detail=True)
-        return {p[len(prefix):]: (int(info["size"]), str(info.get("ETag", "")).strip('"'))
-                for p, info in found.items() if p.startswith(prefix)}
+        return {
+            p[len(prefix) :]: (int(info["size"]), str(info.get("ETag", "")).strip('"'))
+            for p, info in found.items()
+            if p.startswith(prefix)
+        }
 
     def _local_listing(self) -> dict[str, tuple[int, str]]:
         """os.scandir directly: fsspec's local find builds an info dict per file, 8.8 s of a 100k-shard
@@ -306,12 +355,18 @@ class Storage:
                 else:
                     os.replace(tmp, target)
             else:
-                from sdfleet.schemas.layout import content_type  # pydantic: not on the engine's import path
+                from sdfleet.schemas.layout import (
+                    content_type,
+                )  # pydantic: not on the engine's import path
 
                 # One PUT: S3 makes a single object visible whole or not at all. mode="create"
                 # sends If-None-Match: *, which S3 enforces (412 -> FileExistsError).
-                self.fs.pipe_file(self.path(name), data, mode="create" if exclusive else "overwrite",
-                                  ContentType=content_type(name))
+                self.fs.pipe_file(
+                    self.path(name),
+                    data,
+                    mode="create" if exclusive else "overwrite",
+                    ContentType=content_type(name),
+                )
 
     def delete(self, name: str) -> None:
         with self.errors(name, "delete"):
@@ -340,8 +395,14 @@ class Storage:
 
     # ---------------------------------------------------- staged writes (the shard commit protocol)
 
-    def stage(self, local_path: str | Path, name: str, writer_id: str, content_type: str,
-              sha256: str | None = None) -> StagedFile:
+    def stage(
+        self,
+        local_path: str | Path,
+        name: str,
+        writer_id: str,
+        content_type: str,
+        sha256: str | None = None,
+    ) -> StagedFile:
         """Put a finished local file where no reader sees it yet, ready to be published as `name`:
         on S3 an uncompleted multipart upload to its final key; locally a hidden file beside its
         final name, fsynced with its folder. See `sdfleet.actors.writer` for the protocol."""
@@ -359,15 +420,23 @@ class Storage:
                 _fsync(target.parent)
                 return StagedFile(size=size, sha256=sha256, temp=temp.name)
             bucket, key, _ = self.fs.split_path(self.path(name))
-            upload = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, ContentType=content_type)
+            upload = self.fs.call_s3(
+                "create_multipart_upload", Bucket=bucket, Key=key, ContentType=content_type
+            )
             parts = []
             with open(local_path, "rb") as f:
                 while True:
                     chunk = f.read(STAGE_PART_BYTES)
                     if parts and not chunk:
                         break
-                    part = self.fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload["UploadId"],
-                                           PartNumber=len(parts) + 1, Body=chunk)
+                    part = self.fs.call_s3(
+                        "upload_part",
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload["UploadId"],
+                        PartNumber=len(parts) + 1,
+                        Body=chunk,
+                    )
                     parts.append(part["ETag"].strip('"'))
             return StagedFile(size=size, sha256=sha256, upload_id=upload["UploadId"], parts=parts)
 
@@ -383,10 +452,18 @@ class Storage:
                     _fsync(target.parent)
             else:
                 bucket, key, _ = self.fs.split_path(self.path(name))
-                parts = [{"PartNumber": i + 1, "ETag": f'"{etag}"'} for i, etag in enumerate(staged.parts)]
+                parts = [
+                    {"PartNumber": i + 1, "ETag": f'"{etag}"'}
+                    for i, etag in enumerate(staged.parts)
+                ]
                 try:
-                    done = self.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key,
-                                           UploadId=staged.upload_id, MultipartUpload={"Parts": parts})
+                    done = self.fs.call_s3(
+                        "complete_multipart_upload",
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=staged.upload_id,
+                        MultipartUpload={"Parts": parts},
+                    )
                     # s3fs caches listings, and calls made through call_s3 do not update them.
                     self.fs.invalidate_cache(self.path(name))
                     if done.get("ETag", "").strip('"') == multipart_etag(staged.parts):
@@ -406,7 +483,9 @@ class Storage:
                 return
             bucket, key, _ = self.fs.split_path(self.path(name))
             try:
-                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=staged.upload_id)
+                self.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=staged.upload_id
+                )
             except Exception as e:
                 if not _no_such_upload(e):
                     raise
@@ -457,12 +536,18 @@ class Storage:
                 page = self.fs.call_s3("list_multipart_uploads", **kwargs)
                 for upload in page.get("Uploads", []):
                     if upload["UploadId"] not in referenced:
-                        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
-                                        UploadId=upload["UploadId"])
+                        self.fs.call_s3(
+                            "abort_multipart_upload",
+                            Bucket=bucket,
+                            Key=upload["Key"],
+                            UploadId=upload["UploadId"],
+                        )
                         found += 1
                 if not page.get("IsTruncated"):
                     return found
-                kwargs.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+                kwargs.update(
+                    KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"]
+                )
 
 
 # ---------------------------------------------------------------- model cache
@@ -481,15 +566,20 @@ def local_copy(source: str, storage_options: dict[str, Any] | None = None) -> st
 def weights_sha256(path: str | Path) -> str:
     """The hash of a weights file, or of every file in a weights folder (names and contents)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and
-                                                 not p.name.startswith(".sdfleet"))
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".sdfleet"))
+    )
     outer = hashlib.sha256()
     for f in files:
         outer.update(f"{f.relative_to(path) if f != path else f.name}\0{file_sha256(f)}\n".encode())
     return outer.hexdigest()
 
 
-def cached_copy(uri: str, storage_options: dict[str, Any] | None = None, cache_root: str | None = None) -> Path:
+def cached_copy(
+    uri: str, storage_options: dict[str, Any] | None = None, cache_root: str | None = None
+) -> Path:
     """Copy a remote folder or file (e.g. an s3:// model mirror) once per node into a local cache.
 
     A file lock makes concurrent actors on one node share one copy; a manifest of sizes written
@@ -516,7 +606,7 @@ def cached_copy(uri: str, storage_options: dict[str, Any] | None = None, cache_r
         else:
             single = None
             found = src.fs.find(src.root, detail=True)
-            listing = {p[len(src.root) + 1:]: (p, int(info["size"])) for p, info in found.items()}
+            listing = {p[len(src.root) + 1 :]: (p, int(info["size"])) for p, info in found.items()}
         if not listing:
             raise FileNotFoundError(f"{uri} is empty or does not exist")
         # 2. Copy into a private temp folder, check sizes, then move it into place in one rename.
@@ -532,7 +622,9 @@ def cached_copy(uri: str, storage_options: dict[str, Any] | None = None, cache_r
         if not _manifest_matches(tmp, sizes):
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(f"copy of {uri} is incomplete: sizes differ from the source")
-        (tmp / manifest_path.name).write_text(json.dumps({"source": uri, "files": sizes, "single_file": single}))
+        (tmp / manifest_path.name).write_text(
+            json.dumps({"source": uri, "files": sizes, "single_file": single})
+        )
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         log.info("copied %s (%d files) to %s", uri, len(sizes), dest)
@@ -545,10 +637,15 @@ def check_inside(folder: Path, relative: str, what: str) -> Path:
     parts = relative.replace("\\", "/").split("/")
     target = (folder / relative).resolve()
     if relative.startswith("/") or ".." in parts or not target.is_relative_to(folder.resolve()):
-        raise StorageError(f"{what} points outside {folder}; refusing to write it. Whoever can write to that "
-                           "bucket is trying to reach the worker's file system: check the bucket")
+        raise StorageError(
+            f"{what} points outside {folder}; refusing to write it. Whoever can write to that "
+            "bucket is trying to reach the worker's file system: check the bucket"
+        )
     return target
 
 
 def _manifest_matches(folder: Path, files: dict[str, int]) -> bool:
-    return all((folder / rel).is_file() and (folder / rel).stat().st_size == size for rel, size in files.items())
+    return all(
+        (folder / rel).is_file() and (folder / rel).stat().st_size == size
+        for rel, size in files.items()
+    )

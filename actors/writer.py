@@ -45,6 +45,7 @@ from sdfleet.schemas.rows import RUN_COLUMNS
 
 log = logging.getLogger("sdfleet")
 
+
 def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
     from PIL import Image
 
@@ -89,9 +90,16 @@ class ShardWriter:
         self.storage = storage
         self.image_format = image_format
 
-    def spool(self, name: str, rows: list[dict[str, Any]], images: dict[str, bytes], schema: pa.Schema,
-              quarantine: dict[str, bytes] | None = None,
-              embeddings: dict[str, np.ndarray] | None = None, embedding_size: int = 0) -> Spooled:
+    def spool(
+        self,
+        name: str,
+        rows: list[dict[str, Any]],
+        images: dict[str, bytes],
+        schema: pa.Schema,
+        quarantine: dict[str, bytes] | None = None,
+        embeddings: dict[str, np.ndarray] | None = None,
+        embedding_size: int = 0,
+    ) -> Spooled:
         """Write the shard's files to local disk: {name}.tar, {name}.parquet (every planned sample),
         for images flagged under action `quarantine` quarantine/{name}.tar and .parquet, outside
         the dataset that readers of sizes.json see, and with `embeddings` (key -> the image's
@@ -108,10 +116,22 @@ class ShardWriter:
         files[layout.parquet_file(name)] = _parquet(root / "shard.parquet", rows, schema)
         if embeddings is not None:
             in_tar = [r for r in rows if r["key"] in images]
-            files[layout.embeddings_file(name)] = _embeddings(root / "emb.npy", in_tar, embeddings, embedding_size)
+            files[layout.embeddings_file(name)] = _embeddings(
+                root / "emb.npy", in_tar, embeddings, embedding_size
+            )
             files[layout.embeddings_metadata_file(name)] = _parquet(
-                root / "emb.parquet", [{"key": r["key"], "caption": r["prompt"], "prompt_id": r["prompt_id"],
-                                        "image_sha256": r["image_sha256"]} for r in in_tar], EMBEDDINGS_METADATA_SCHEMA)
+                root / "emb.parquet",
+                [
+                    {
+                        "key": r["key"],
+                        "caption": r["prompt"],
+                        "prompt_id": r["prompt_id"],
+                        "image_sha256": r["image_sha256"],
+                    }
+                    for r in in_tar
+                ],
+                EMBEDDINGS_METADATA_SCHEMA,
+            )
         return Spooled(folder, files, {n: file_sha256(p) for n, p in files.items()})
 
     def commit(self, name: str, spooled: Spooled, stats: ShardStats) -> ShardStats:
@@ -133,17 +153,29 @@ class ShardWriter:
                 meta = {k: v for k, v in row.items() if k not in RUN_COLUMNS}
                 _tar_member(tar, layout.image_member(key, self.image_format), data)
                 _tar_member(tar, f"{key}.txt", (row["prompt"] or "").encode())
-                _tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
+                _tar_member(
+                    tar,
+                    f"{key}.json",
+                    json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
+                )
         return path
 
 
 # clip-retrieval's metadata files carry the image's name and caption; these carry the key (the tar
 # member's name and the join key into {shard}.parquet) and the prompt as caption.
-EMBEDDINGS_METADATA_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("prompt_id", pa.string()),
-                                        ("image_sha256", pa.string())])
+EMBEDDINGS_METADATA_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("caption", pa.string()),
+        ("prompt_id", pa.string()),
+        ("image_sha256", pa.string()),
+    ]
+)
 
 
-def _embeddings(path: Path, rows: list[dict[str, Any]], embeddings: dict[str, np.ndarray], width: int) -> Path:
+def _embeddings(
+    path: Path, rows: list[dict[str, Any]], embeddings: dict[str, np.ndarray], width: int
+) -> Path:
     # float16, as clip-retrieval writes them: half the bytes, and cosines still good to ~1e-3. A
     # shard without images still has its (0, width) file, so readers can stack every shard's.
     matrix = np.stack([embeddings[r["key"]] for r in rows]) if rows else np.zeros((0, width))
@@ -176,19 +208,36 @@ class ShardCommit:
         # 1. Stage every file where no reader sees it.
         t0 = time.perf_counter()
         for final, path in self.spooled.files.items():
-            self.staged[final] = self.storage.stage(path, final, self.writer_id, layout.content_type(final),
-                                                    sha256=self.spooled.sha256[final])
+            self.staged[final] = self.storage.stage(
+                path,
+                final,
+                self.writer_id,
+                layout.content_type(final),
+                sha256=self.spooled.sha256[final],
+            )
             yield f"stage {final}"
         # 2. Commit: the stats file, created exclusively, records what was staged. The shard is
         #    finished now: every output is on storage, if not yet visible.
         now = time.time()
-        record = self.stats.model_copy(update={
-            "writer_id": self.writer_id, "files": self.staged, "finished_ts": round(now, 3),
-            "stage_seconds": {**self.stats.stage_seconds, "upload": round(time.perf_counter() - t0, 4)},
-            "finished_at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"),
-            "wall_seconds": round(now - self.stats.started_ts, 4)})
+        record = self.stats.model_copy(
+            update={
+                "writer_id": self.writer_id,
+                "files": self.staged,
+                "finished_ts": round(now, 3),
+                "stage_seconds": {
+                    **self.stats.stage_seconds,
+                    "upload": round(time.perf_counter() - t0, 4),
+                },
+                "finished_at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "wall_seconds": round(now - self.stats.started_ts, 4),
+            }
+        )
         try:
-            self.storage.write_json(layout.stats_file(self.name), record.model_dump(mode="json"), exclusive=True)
+            self.storage.write_json(
+                layout.stats_file(self.name), record.model_dump(mode="json"), exclusive=True
+            )
             self.won = True
         except FileExistsError:
             self.won = False
@@ -218,15 +267,20 @@ class ShardCommit:
             self.storage.delete(layout.stats_file(self.name))
             for final, staged in self.staged.items():
                 self.storage.discard(final, staged)
-            log.warning("shard %s: its files could not be published; withdrew its commit", self.name)
+            log.warning(
+                "shard %s: its files could not be published; withdrew its commit", self.name
+            )
         except Exception as e:  # noqa: BLE001 -- the publish error is the one to report
             log.warning("shard %s: could not withdraw its commit either: %s", self.name, e)
 
     def _adopt_winner(self) -> ShardStats:
         winner = ShardStats.model_validate(self.storage.read_json(layout.stats_file(self.name)))
         publish_committed(self.storage, winner)
-        log.warning("shard %s was already committed by %s; discarded this attempt's files", self.name,
-                    winner.worker_id)
+        log.warning(
+            "shard %s was already committed by %s; discarded this attempt's files",
+            self.name,
+            winner.worker_id,
+        )
         return winner
 
 

@@ -28,7 +28,9 @@ def peak_rss_mb():
             return round(int(line.split()[1]) / 1024)
 """
 
-PLAN_CODE = PEAK_RSS + """
+PLAN_CODE = (
+    PEAK_RSS
+    + """
 import json, sys, time
 from sdfleet.jobs.plan import Planner, estimate
 from sdfleet.schemas.spec import parse_spec
@@ -43,6 +45,7 @@ print(json.dumps({"seconds": elapsed, "peak_rss_mb": peak_rss_mb(),
                   "rows": plan.num_rows, "samples": plan.num_samples, "shards": plan.num_shards,
                   "duplicates": len(plan.duplicate_rows), "gpu_hours": est["gpu_hours"]}))
 """
+)
 
 
 def write_input(folder: Path, rows: int, files: int) -> None:
@@ -58,13 +61,21 @@ def write_input(folder: Path, rows: int, files: int) -> None:
 
     per_file = rows // files
     for f in range(files):
-        with pq.ParquetWriter(folder / f"part-{f:03d}.parquet", pa.schema([("prompt_id", pa.string()),
-                                                                              ("prompt", pa.string())])) as w:
+        with pq.ParquetWriter(
+            folder / f"part-{f:03d}.parquet",
+            pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())]),
+        ) as w:
             for start in range(f * per_file, (f + 1) * per_file, 1 << 20):
                 n = np.arange(start, min(start + (1 << 20), (f + 1) * per_file))
                 ids = pc.binary_join_element_wise("coco-", pc.utf8_lpad(text(n), 9, "0"), "")
-                prompts = pc.binary_join_element_wise("a photo of object ", text(n % 1000), " in scene ",
-                                                      text(n % 977), ", high detail", "")
+                prompts = pc.binary_join_element_wise(
+                    "a photo of object ",
+                    text(n % 1000),
+                    " in scene ",
+                    text(n % 977),
+                    ", high detail",
+                    "",
+                )
                 w.write_table(pa.table({"prompt_id": ids, "prompt": prompts}), row_group_size=65536)
 
 
@@ -80,16 +91,37 @@ def main() -> None:
         if not list(folder.glob("*.parquet")):
             t0 = time.perf_counter()
             write_input(folder, args.rows, args.files)
-            print(f"wrote {args.rows:,} prompts in {args.files} files in {time.perf_counter() - t0:.1f}s", flush=True)
-        out = subprocess.run([sys.executable, "-c", PLAN_CODE, str(folder), str(Path(tmp) / "out")], cwd=REPO,
-                             capture_output=True, text=True, check=True)
+            print(
+                f"wrote {args.rows:,} prompts in {args.files} files in {time.perf_counter() - t0:.1f}s",
+                flush=True,
+            )
+        out = subprocess.run(
+            [sys.executable, "-c", PLAN_CODE, str(folder), str(Path(tmp) / "out")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"planned {r['rows']:,} prompts -> {r['samples']:,} samples in {r['shards']:,} shards "
-              f"({r['duplicates']} duplicate ids) in {r['seconds']:.1f}s, peak RSS {r['peak_rss_mb']:.0f} MB")
-        print(f"target: under 60 s -> {'met' if r['seconds'] < 60 else 'MISSED'} "
-              f"(ratio to target {r['seconds'] / 60:.2f})")
-        print(json.dumps({"rows": r["rows"], "samples": r["samples"], "shards": r["shards"],
-                          "seconds": round(r["seconds"], 2), "peak_rss_mb": r["peak_rss_mb"]}))
+        print(
+            f"planned {r['rows']:,} prompts -> {r['samples']:,} samples in {r['shards']:,} shards "
+            f"({r['duplicates']} duplicate ids) in {r['seconds']:.1f}s, peak RSS {r['peak_rss_mb']:.0f} MB"
+        )
+        print(
+            f"target: under 60 s -> {'met' if r['seconds'] < 60 else 'MISSED'} "
+            f"(ratio to target {r['seconds'] / 60:.2f})"
+        )
+        print(
+            json.dumps(
+                {
+                    "rows": r["rows"],
+                    "samples": r["samples"],
+                    "shards": r["shards"],
+                    "seconds": round(r["seconds"], 2),
+                    "peak_rss_mb": r["peak_rss_mb"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def keras_model(kind: str, path: Path) -> Path:
     else:
         model = apps.InceptionV3(input_shape=(299, 299, 3), weights=None, classes=5)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # .h5 is nsfw-detector's format, "legacy" to Keras
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # .h5 is nsfw-detector's format, "legacy" to Keras
         model.save(path, save_format="h5")
     return path
 
@@ -47,12 +49,20 @@ def clip_checker(path: Path) -> Path:
 
     config = CLIPConfig(
         text_config={"hidden_size": 768, "num_hidden_layers": 1, "num_attention_heads": 12},
-        vision_config={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                       "num_attention_heads": 16, "image_size": 224, "patch_size": 14},
+        vision_config={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 224,
+            "patch_size": 14,
+        },
         projection_dim=768,
     )
     StableDiffusionSafetyChecker(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    ).save_pretrained(path)
     return path
 
 
@@ -73,11 +83,26 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     parser.add_argument("--only", nargs="*", help="subset of: mobilenet inception clip vit")
     args = parser.parse_args()
-    images = [np.random.RandomState(i).randint(0, 256, (512, 512, 3), dtype=np.uint8) for i in range(args.batch)]
+    images = [
+        np.random.RandomState(i).randint(0, 256, (512, 512, 3), dtype=np.uint8)
+        for i in range(args.batch)
+    ]
     cases = {
-        "mobilenet": ("nsfw-detector", "MobileNetV2 1.4 224", lambda d: keras_model("mobilenet_v2_140_224", d / "m.h5")),
-        "inception": ("nsfw-detector", "InceptionV3 299", lambda d: keras_model("inception_v3", d / "i.h5")),
-        "clip": ("clip-checker", "CLIP ViT-L/14 safety checker", lambda d: clip_checker(d / "clip")),
+        "mobilenet": (
+            "nsfw-detector",
+            "MobileNetV2 1.4 224",
+            lambda d: keras_model("mobilenet_v2_140_224", d / "m.h5"),
+        ),
+        "inception": (
+            "nsfw-detector",
+            "InceptionV3 299",
+            lambda d: keras_model("inception_v3", d / "i.h5"),
+        ),
+        "clip": (
+            "clip-checker",
+            "CLIP ViT-L/14 safety checker",
+            lambda d: clip_checker(d / "clip"),
+        ),
         "vit": ("hf-classifier", "ViT-B/16 224", lambda d: vit_classifier(d / "vit")),
     }
     figures = {}
@@ -95,9 +120,15 @@ def main() -> None:
                 det.score(images)
                 times.append(time.perf_counter() - t0)
             device = "cpu" if detector == "nsfw-detector" else args.device
-            print(f"{detector:14} {arch:30} {device:6} {args.batch:5d} {1000 * min(times) / args.batch:9.1f}",
-                  flush=True)
-            figures[name] = {"detector": detector, "device": device, "ms_per_image": round(1000 * min(times) / args.batch, 2)}
+            print(
+                f"{detector:14} {arch:30} {device:6} {args.batch:5d} {1000 * min(times) / args.batch:9.1f}",
+                flush=True,
+            )
+            figures[name] = {
+                "detector": detector,
+                "device": device,
+                "ms_per_image": round(1000 * min(times) / args.batch, 2),
+            }
     print(json.dumps(figures))
 
 

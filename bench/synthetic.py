@@ -30,7 +30,14 @@ from sdfleet.actors.generator import ShardGenerator
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
 # Colour photographs inside scikit-image's wheel (no download), of different content and detail.
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
+PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+)
 # Crops per photo: 24 different images, so one encoded image is not simply repeated.
 CROPS_PER_PHOTO = 4
 
@@ -62,7 +69,9 @@ class SyntheticEngine(Engine):
     rate: float | None = None  # images/s of the stand-in GPU; None: at once
     cpu_log: str | None = None  # folder for the per-process CPU log
 
-    def __init__(self, model, device=None, cpu_threads=None, options=None, batch_size=8, warm_up=()):
+    def __init__(
+        self, model, device=None, cpu_threads=None, options=None, batch_size=8, warm_up=()
+    ):
         from sdfleet.jobs.tiny import clip_tokenizer
 
         # What runs on the pipeline's device beside it (curation's CLIP and heads) runs on the CPU here.
@@ -98,8 +107,17 @@ class SyntheticEngine(Engine):
         if self.cpu_log:
             usage = resource.getrusage(resource.RUSAGE_SELF)
             with open(Path(self.cpu_log) / f"cpu-{os.getpid()}.jsonl", "a") as f:
-                f.write(json.dumps({"started": started, "ts": time.time(), "cpu": usage.ru_utime + usage.ru_stime,
-                                    "images": self._made}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "started": started,
+                            "ts": time.time(),
+                            "cpu": usage.ru_utime + usage.ru_stime,
+                            "images": self._made,
+                        }
+                    )
+                    + "\n"
+                )
         return images
 
 
@@ -131,8 +149,11 @@ class S3Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         moto = Path(sys.executable).with_name("moto_server")
-        self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.endpoint = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while True:
@@ -143,10 +164,16 @@ class S3Server:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.1)
-        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
-                           # nothing may ask the instance-metadata address for credentials
-                           "AWS_EC2_METADATA_DISABLED": "true"})
+        os.environ.update(
+            {
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": self.endpoint,
+                # nothing may ask the instance-metadata address for credentials
+                "AWS_EC2_METADATA_DISABLED": "true",
+            }
+        )
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.proc.pid)

@@ -16,8 +16,14 @@ log = logging.getLogger("sdfleet")
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="job spec (YAML)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key, e.g. --set generation.guidance_scale=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key, e.g. --set generation.guidance_scale=5 (repeatable)",
+    )
 
 
 EXIT_CODES = """exit codes:
@@ -32,36 +38,62 @@ OUTPUT_HELP = "output folder or s3:// prefix, or the job's spec file (then its o
 def build_parser() -> argparse.ArgumentParser:
     from importlib import metadata
 
-    parser = argparse.ArgumentParser(prog="sdfleet", description="Prompts in Parquet -> image dataset, on Ray.",
-                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logs from sdfleet and its libraries, and tracebacks with errors")
-    parser.add_argument("--version", action="version", version=f"sdfleet {metadata.version('sdfleet')}")
+    parser = argparse.ArgumentParser(
+        prog="sdfleet",
+        description="Prompts in Parquet -> image dataset, on Ray.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logs from sdfleet and its libraries, and tracebacks with errors",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"sdfleet {metadata.version('sdfleet')}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run (or resume) a job")
     _spec_args(p)
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument(
+        "--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("plan", help="check everything run checks and show shards, samples, cost and what run "
-                                    "would do; starts nothing")
+    p = sub.add_parser(
+        "plan",
+        help="check everything run checks and show shards, samples, cost and what run "
+        "would do; starts nothing",
+    )
     _spec_args(p)
 
     p = sub.add_parser("status", help="committed, pending and quarantined shards of an output")
     p.add_argument("output", help=OUTPUT_HELP)
-    p.add_argument("--verify", action="store_true",
-                   help="also read every committed file and compare its sha256 with its commit (sizes are always checked)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every committed file and compare its sha256 with its commit (sizes are always checked)",
+    )
 
     p = sub.add_parser("demo", help="tiny models, sample prompts, local Ray, a local dataset")
-    p.add_argument("dir", nargs="?", default="sdfleet-demo", help="working folder (default: ./sdfleet-demo)")
+    p.add_argument(
+        "dir", nargs="?", default="sdfleet-demo", help="working folder (default: ./sdfleet-demo)"
+    )
 
     from sdfleet.jobs import preview, score
 
-    preview.add_arguments(sub.add_parser("preview", help="contact sheet, X/Y grid or HTML gallery of an output"))
-    score.add_arguments(sub.add_parser("score", help="CLIP score per image and FID per sweep point of an output"))
+    preview.add_arguments(
+        sub.add_parser("preview", help="contact sheet, X/Y grid or HTML gallery of an output")
+    )
+    score.add_arguments(
+        sub.add_parser("score", help="CLIP score per image and FID per sweep point of an output")
+    )
 
-    p = sub.add_parser("tiny-models", help="write the tiny random-weight pipeline and safety detectors")
+    p = sub.add_parser(
+        "tiny-models", help="write the tiny random-weight pipeline and safety detectors"
+    )
     p.add_argument("dir", help="folder to write into")
     return parser
 
@@ -157,7 +189,9 @@ def _plan(spec) -> int:
     seeds = spec.sweep.num_seeds() * spec.curation.candidates
     print(f"job           {spec.name}")
     print(f"input files   {len(plan.files)} ({plan.num_rows} prompt rows)")
-    print(f"sweep         {len(plan.points)} points per prompt ({seeds} {'candidate ' if spec.curation.best_of_n else ''}seed(s){' x ' + axes if axes else ''})")
+    print(
+        f"sweep         {len(plan.points)} points per prompt ({seeds} {'candidate ' if spec.curation.best_of_n else ''}seed(s){' x ' + axes if axes else ''})"
+    )
     print(f"samples       {plan.num_samples}")
     print(f"shards        {plan.num_shards} of up to {plan.samples_per_shard} samples")
     cur = spec.curation
@@ -165,30 +199,45 @@ def _plan(spec) -> int:
     k, m = (cur.images_per_prompt, cur.candidates) if cur.best_of_n else (None, None)
     if cur.best_of_n:
         per_prompt = len(plan.points) // m
-        print(f"candidates    {m} slots per prompt and sweep point (curation.max_candidates), "
-              f"{plan.num_rows * per_prompt * k} images kept at most ({k} per prompt and point)")
+        print(
+            f"candidates    {m} slots per prompt and sweep point (curation.max_candidates), "
+            f"{plan.num_rows * per_prompt * k} images kept at most ({k} per prompt and point)"
+        )
 
     def span(low, high, fmt):
         return fmt.format(high) if low == high else f"{fmt.format(low)} … {fmt.format(high)}"
 
-    print(f"compute       {span(est['tflop_min'], est['tflop'], '{:,.0f}')} TFLOP"
-          + (f" ({k} … {m} candidates per prompt)" if k else ""))
+    print(
+        f"compute       {span(est['tflop_min'], est['tflop'], '{:,.0f}')} TFLOP"
+        + (f" ({k} … {m} candidates per prompt)" if k else "")
+    )
     if TASKS[spec.model.task].image:
-        print(f"task          {spec.model.task}: each image's size comes from its input, so the compute and "
-              "GPU-hours here count SD2-base at 512² per image")
-    print(f"estimate      {span(est['gpu_hours_min'], est['gpu_hours'], '{:,.2f}')} GPU-hours at "
-          f"{est['sustained_tflops']:.0f} TFLOP/s sustained ({est['throughput_source']})")
+        print(
+            f"task          {spec.model.task}: each image's size comes from its input, so the compute and "
+            "GPU-hours here count SD2-base at 512² per image"
+        )
+    print(
+        f"estimate      {span(est['gpu_hours_min'], est['gpu_hours'], '{:,.2f}')} GPU-hours at "
+        f"{est['sustained_tflops']:.0f} TFLOP/s sustained ({est['throughput_source']})"
+    )
     if est["cost_usd"] is not None:
         budget = spec.resources.budget_usd
-        print(f"cost          {span(est['cost_usd_min'], est['cost_usd'], '${:,.2f}')} at "
-              f"${spec.resources.gpu_hour_usd}/GPU-hour" + (f" (budget ${budget:,.2f})" if budget is not None else ""))
+        print(
+            f"cost          {span(est['cost_usd_min'], est['cost_usd'], '${:,.2f}')} at "
+            f"${spec.resources.gpu_hour_usd}/GPU-hour"
+            + (f" (budget ${budget:,.2f})" if budget is not None else "")
+        )
         if budget is not None and budget < est["cost_usd"]:
-            print(f"warning       the budget is under the {'most' if k else 'estimated'} cost: the job may stop "
-                  "with shards not made (rerun with a higher resources.budget_usd to go on)")
+            print(
+                f"warning       the budget is under the {'most' if k else 'estimated'} cost: the job may stop "
+                "with shards not made (rerun with a higher resources.budget_usd to go on)"
+            )
     else:
         print("cost          set resources.gpu_hour_usd for a cost estimate")
     if plan.duplicate_rows:
-        print(f"warning       {len(plan.duplicate_rows)} row(s) repeat an earlier prompt id; they will be recorded failed")
+        print(
+            f"warning       {len(plan.duplicate_rows)} row(s) repeat an earlier prompt id; they will be recorded failed"
+        )
     print(f"fingerprint   {plan.fingerprint}")
     print(f"run would     {verdict.describe()}")
     return EXIT_OK
@@ -217,15 +266,21 @@ def _status(output: str, storage_options: dict, verify: bool = False) -> int:
     t = s.totals()
     print(f"output       {reader.storage.url()}")
     print(f"job          {reader.name} (fingerprint {reader.job['fingerprint']})")
-    print(f"shards       {len(s.committed)} committed, {len(s.pending)} pending, {len(s.quarantined)} quarantined "
-          f"of {s.num_shards}")
-    print(f"samples      {s.committed_samples}/{s.num_samples} with rows: {t['ok']} ok, {t['filtered']} filtered, "
-          f"{t['failed']} failed{curation_counts(t)}")
+    print(
+        f"shards       {len(s.committed)} committed, {len(s.pending)} pending, {len(s.quarantined)} quarantined "
+        f"of {s.num_shards}"
+    )
+    print(
+        f"samples      {s.committed_samples}/{s.num_samples} with rows: {t['ok']} ok, {t['filtered']} filtered, "
+        f"{t['failed']} failed{curation_counts(t)}"
+    )
     for name, failed in sorted(s.quarantined.items()):
         print(f"  quarantined {name}: {failed.last_error_line()}")
     problems = reader.verify(deep=verify)
-    print(f"files        {'differ from their commits in ' + str(len(problems)) + ' shard(s)' if problems else 'as committed'}"
-          f" ({'sha256' if verify else 'sizes'} checked)")
+    print(
+        f"files        {'differ from their commits in ' + str(len(problems)) + ' shard(s)' if problems else 'as committed'}"
+        f" ({'sha256' if verify else 'sizes'} checked)"
+    )
     for name, found in sorted(problems.items()):
         print(f"  shard {name}: {'; '.join(found)}")
     complete = s.complete and not problems and reader.storage.exists(layout.SUCCESS_FILE)

@@ -29,21 +29,30 @@ def write_demo_prompts(folder: Path) -> None:
     half = len(DEMO_PROMPTS) // 2
     for i, chunk in enumerate((DEMO_PROMPTS[:half], DEMO_PROMPTS[half:])):
         ids = [f"demo-{i * half + j:03d}" for j in range(len(chunk))]
-        table = pa.table({"prompt_id": ids, "prompt": chunk, "source": ["sdfleet-demo"] * len(chunk)})
+        table = pa.table(
+            {"prompt_id": ids, "prompt": chunk, "source": ["sdfleet-demo"] * len(chunk)}
+        )
         pq.write_table(table, folder / f"prompts-{i:03d}.parquet", row_group_size=2)
 
 
 def demo_spec(root: Path) -> dict:
     return {
         "name": "sdfleet-demo",
-        "model": {"source": str(root / "models" / "tiny-sd2"), "dtype": "float16",
-                  "scheduler": "EulerDiscreteScheduler"},
+        "model": {
+            "source": str(root / "models" / "tiny-sd2"),
+            "dtype": "float16",
+            "scheduler": "EulerDiscreteScheduler",
+        },
         "input": {"uri": str(root / "prompts"), "passthrough_columns": ["source"]},
         "generation": {"num_inference_steps": 4, "guidance_scale": 7.5, "width": 64, "height": 64},
         "sweep": {"seeds": 2, "base_seed": 0, "axes": {"guidance_scale": [3.0, 7.5]}},
         "output": {"uri": str(root / "output"), "image_format": "png", "samples_per_shard": 10},
         # The customer's detector, with the tiny random Keras model in nsfw-detector's format.
-        "safety": {"detector": "nsfw-detector", "model": str(root / "models" / "tiny-nsfw.h5"), "action": "drop"},
+        "safety": {
+            "detector": "nsfw-detector",
+            "model": str(root / "models" / "tiny-nsfw.h5"),
+            "action": "drop",
+        },
         "resources": {"batch_size": 4, "max_workers": 2},
     }
 
@@ -76,7 +85,7 @@ def run_demo(directory: str) -> int:
         f"  look:    {sheet}  (more: sdfleet preview {out} --html | --grid x=guidance_scale,y=seed)\n"
         f"  spec:    {spec_path} (rerun: sdfleet run {spec_path})\n"
         f"  status:  sdfleet status {out}\n"
-        f"  rows:    python -c \"import glob, pandas as pd; "
+        f'  rows:    python -c "import glob, pandas as pd; '
         f"print(pd.concat(map(pd.read_parquet, sorted(glob.glob('{out}/*.parquet')))))\"\n"
         f"  images:  tar tf {out}/00000.tar | head",
     )

@@ -44,7 +44,9 @@ class ShardTask:
 class DispatchResult:
     committed: dict[int, ShardStats] = field(default_factory=dict)
     quarantined: dict[int, ShardTask] = field(default_factory=dict)
-    budget_stopped: bool = False  # resources.budget_usd was reached; the shards left were not started
+    budget_stopped: bool = (
+        False  # resources.budget_usd was reached; the shards left were not started
+    )
 
 
 class WorkerStartError(UserError):
@@ -52,9 +54,18 @@ class WorkerStartError(UserError):
 
 
 class Dispatcher:
-    def __init__(self, plan: Plan, storage: Storage, shard_ids: list[int], *, progress: bool = True,
-                 embedded: bool = False, done_samples: int = 0, spent_gpu_seconds: float = 0.0,
-                 worker: type | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        storage: Storage,
+        shard_ids: list[int],
+        *,
+        progress: bool = True,
+        embedded: bool = False,
+        done_samples: int = 0,
+        spent_gpu_seconds: float = 0.0,
+        worker: type | None = None,
+    ):
         """shard_ids: the shards to make; done_samples and spent_gpu_seconds: what earlier runs of
         this job already made and spent (for the progress bar and the budget); worker: the actor
         class (default ShardGenerator)."""
@@ -84,12 +95,18 @@ class Dispatcher:
                     self._collect(pool, finished, bar)
                 limit = self.resources.shard_timeout_s
                 for slot in pool.timed_out(limit):
-                    log.warning("shard %s ran past shard_timeout_s=%s; killing its worker",
-                                self.plan.shard_name(slot.tasks[0][1].shard_id), limit)
+                    log.warning(
+                        "shard %s ran past shard_timeout_s=%s; killing its worker",
+                        self.plan.shard_name(slot.tasks[0][1].shard_id),
+                        limit,
+                    )
                     self._lose_actor(pool, slot, f"timed out after {limit}s")
                 pool.report_waiting()
-                bar.set_postfix(workers=f"{pool.ready} running, {len(pool.slots) - pool.ready} pending",
-                                failed_shards=len(self.result.quarantined), refresh=False)
+                bar.set_postfix(
+                    workers=f"{pool.ready} running, {len(pool.slots) - pool.ready} pending",
+                    failed_shards=len(self.result.quarantined),
+                    refresh=False,
+                )
         finally:
             bar.close()
             pool.shutdown()
@@ -100,10 +117,17 @@ class Dispatcher:
     def _open_queue(self) -> int:
         """Shards that may still be started: none once the budget is spent."""
         res = self.resources
-        if res.budget_usd is not None and self.spent_gpu_seconds / 3600 * res.gpu_hour_usd >= res.budget_usd:
+        if (
+            res.budget_usd is not None
+            and self.spent_gpu_seconds / 3600 * res.gpu_hour_usd >= res.budget_usd
+        ):
             if self.queue and not self.result.budget_stopped:
-                log.warning("budget reached: $%.2f of resources.budget_usd=$%.2f spent; %d shard(s) not started",
-                            self.spent_gpu_seconds / 3600 * res.gpu_hour_usd, res.budget_usd, len(self.queue))
+                log.warning(
+                    "budget reached: $%.2f of resources.budget_usd=$%.2f spent; %d shard(s) not started",
+                    self.spent_gpu_seconds / 3600 * res.gpu_hour_usd,
+                    res.budget_usd,
+                    len(self.queue),
+                )
                 self.result.budget_stopped = True
             return 0
         return len(self.queue)
@@ -149,12 +173,19 @@ class Dispatcher:
             raise WorkerStartError(str(cause)) from None
         self.start_failures += 1
         message = _task_error(e)
-        log.error("a worker failed to start: %s", message.strip().splitlines()[-1] if message.strip() else e)
+        log.error(
+            "a worker failed to start: %s",
+            message.strip().splitlines()[-1] if message.strip() else e,
+        )
         if not self.any_ready and self.start_failures >= self.resources.max_attempts:
-            raise WorkerStartError(f"no worker could start after {self.start_failures} tries; last error:\n{message}")
+            raise WorkerStartError(
+                f"no worker could start after {self.start_failures} tries; last error:\n{message}"
+            )
         self._lose_actor(pool, slot, f"worker failed to start: {first_line(e)}")
 
-    def _lose_actor(self, pool: ActorPool, slot: Slot, reason: str, preempted: bool = False) -> None:
+    def _lose_actor(
+        self, pool: ActorPool, slot: Slot, reason: str, preempted: bool = False
+    ) -> None:
         """The slot's actor is gone or hung: its running shard fails (uncounted if preempted), its
         queued one goes back uncounted."""
         held = pool.remove(slot)
@@ -162,21 +193,34 @@ class Dispatcher:
             self._fail(task, reason, counted=i == 0 and not preempted)
         if self.queue:
             names = ", ".join(self.plan.shard_name(t.shard_id) for t in held) or "none"
-            log.warning("%s; shards %s go back to the queue; starting a replacement worker", reason, names)
+            log.warning(
+                "%s; shards %s go back to the queue; starting a replacement worker", reason, names
+            )
 
     def _fail(self, task: ShardTask, error: str, counted: bool = True) -> None:
         if counted:
             task.attempts += 1
-            task.errors.append(ShardAttemptError(attempt=task.attempts, error=error, at=time.time()))
+            task.errors.append(
+                ShardAttemptError(attempt=task.attempts, error=error, at=time.time())
+            )
         if task.attempts < self.resources.max_attempts:
             self.queue.appendleft(task)
             return
         self.result.quarantined[task.shard_id] = task
         name = self.plan.shard_name(task.shard_id)
-        record = FailedShard(shard_id=task.shard_id, attempts=task.attempts, errors=task.errors,
-                             fingerprint=self.plan.fingerprint)
+        record = FailedShard(
+            shard_id=task.shard_id,
+            attempts=task.attempts,
+            errors=task.errors,
+            fingerprint=self.plan.fingerprint,
+        )
         self.storage.write_json(layout.failed_file(name), record.model_dump(mode="json"))
-        log.error("shard %s quarantined after %d attempts: %s", name, task.attempts, record.last_error_line())
+        log.error(
+            "shard %s quarantined after %d attempts: %s",
+            name,
+            task.attempts,
+            record.last_error_line(),
+        )
 
     def _progress_bar(self):
         from tqdm import tqdm
@@ -193,10 +237,8 @@ class Dispatcher:
         )
 
 
-
 def _task_error(e: BaseException) -> str:
     cause = getattr(e, "cause", None)
     if cause is not None:
         return "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
     return str(e)
-

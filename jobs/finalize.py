@@ -30,22 +30,30 @@ class Finalizer:
     def _check_files(self) -> None:
         problems = self.reader.verify()
         if problems:
-            details = "; ".join(f"shard {name}: {', '.join(found)}" for name, found in sorted(problems.items()))
-            raise IncompleteOutput(f"{self.storage.url()}: committed shards whose files differ from their stats "
-                                   f"({details}); no _SUCCESS written. Remove those shards' stats files and rerun "
-                                   "to make them again")
+            details = "; ".join(
+                f"shard {name}: {', '.join(found)}" for name, found in sorted(problems.items())
+            )
+            raise IncompleteOutput(
+                f"{self.storage.url()}: committed shards whose files differ from their stats "
+                f"({details}); no _SUCCESS written. Remove those shards' stats files and rerun "
+                "to make them again"
+            )
 
     def _check_rows(self, s: Survey) -> None:
         rows = self.reader.parquet_rows(sorted(s.committed))
         for name, stats in s.committed.items():
             n = rows[name]
             if n != stats.samples:
-                raise IncompleteOutput(f"{self.storage.url(layout.parquet_file(name))} has {n} rows but its "
-                                       f"stats say {stats.samples}")
+                raise IncompleteOutput(
+                    f"{self.storage.url(layout.parquet_file(name))} has {n} rows but its "
+                    f"stats say {stats.samples}"
+                )
 
     def _discard_leftovers(self, s: Survey) -> None:
         """Staged files no commit refers to: writers that lost a commit or died before one."""
-        referenced = {f.upload_id or f.temp for st in s.committed.values() for f in st.files.values()}
+        referenced = {
+            f.upload_id or f.temp for st in s.committed.values() for f in st.files.values()
+        }
         discarded = self.storage.discard_leftovers(referenced)
         if discarded:
             log.info("discarded %d staged file(s) that no commit refers to", discarded)
@@ -65,16 +73,31 @@ class Finalizer:
         #    sizes.json, the dataset card, and the marker last.
         job = self.reader.job
         t = s.totals()
-        self.storage.write_json(layout.JOB_FILE, {**job, "results": {
-            "samples": t["samples"], "ok": t["ok"], "filtered": t["filtered"], "failed": t["failed"],
-            **{k: t[k] for k in ("rejected", "duplicate", "skipped") if t[k]},
-            "safety": {"detector": job["spec"]["safety"]["detector"], "model_sha256": t["safety_model_sha256"],
-                       "flagged": t["flagged"], "flagged_by_class": t["flagged_by_class"],
-                       "action": job["spec"]["safety"]["action"]},
-            "gpu_seconds": t["gpu_seconds"],
-        }})
-        self.storage.write_json(layout.SIZES_FILE, {layout.tar_file(n): st.images_in_tar
-                                                    for n, st in sorted(s.committed.items())})
+        self.storage.write_json(
+            layout.JOB_FILE,
+            {
+                **job,
+                "results": {
+                    "samples": t["samples"],
+                    "ok": t["ok"],
+                    "filtered": t["filtered"],
+                    "failed": t["failed"],
+                    **{k: t[k] for k in ("rejected", "duplicate", "skipped") if t[k]},
+                    "safety": {
+                        "detector": job["spec"]["safety"]["detector"],
+                        "model_sha256": t["safety_model_sha256"],
+                        "flagged": t["flagged"],
+                        "flagged_by_class": t["flagged_by_class"],
+                        "action": job["spec"]["safety"]["action"],
+                    },
+                    "gpu_seconds": t["gpu_seconds"],
+                },
+            },
+        )
+        self.storage.write_json(
+            layout.SIZES_FILE,
+            {layout.tar_file(n): st.images_in_tar for n, st in sorted(s.committed.items())},
+        )
         sheet = None
         if t["images_in_tar"]:
             from sdfleet.jobs.preview import small_contact_sheet
@@ -103,10 +126,14 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         safety_text = "none (no detector ran; safety columns are null)"
     else:
         per_class = ", ".join(f"{k} {v}" for k, v in t["flagged_by_class"].items()) or "none"
-        safety_text = (f"`{sf['detector']}` (weights sha256 {', '.join(h[:12] for h in t['safety_model_sha256'])}), "
-                       f"threshold {sf['threshold']}, action `{sf['action']}`; flagged per class: {per_class}")
+        safety_text = (
+            f"`{sf['detector']}` (weights sha256 {', '.join(h[:12] for h in t['safety_model_sha256'])}), "
+            f"threshold {sf['threshold']}, action `{sf['action']}`; flagged per class: {per_class}"
+        )
     base = spec["sweep"]["base_seed"]
-    seed_text = seeds if isinstance(seeds, list) else f"{seeds} per prompt, derived from base_seed {base}"
+    seed_text = (
+        seeds if isinstance(seeds, list) else f"{seeds} per prompt, derived from base_seed {base}"
+    )
     lines = [
         "---",
         "# Hugging Face dataset card header: the Hub reads the WebDataset tars, not the Parquet metadata.",
@@ -138,9 +165,15 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         f"| filtered (not in the tars) | {t['filtered']} |",
         f"| kept aside in `quarantine/` | {t['quarantined_images']} |",
         f"| failed | {t['failed']} |",
-        *[f"| {what} | {t[k]} |" for k, what in (("rejected", "rejected by a curation gate (not in the tars)"),
-                                                  ("duplicate", "near-duplicates of a kept image (not in the tars)"),
-                                                  ("skipped", "candidate slots not needed (not generated)")) if t[k]],
+        *[
+            f"| {what} | {t[k]} |"
+            for k, what in (
+                ("rejected", "rejected by a curation gate (not in the tars)"),
+                ("duplicate", "near-duplicates of a kept image (not in the tars)"),
+                ("skipped", "candidate slots not needed (not generated)"),
+            )
+            if t[k]
+        ],
         f"| shards | {s.num_shards} |",
         f"| GPU-hours | {gpu_hours:.4f} ({t['gpu_seconds']:.1f} GPU-seconds) |",
         f"| images per GPU-hour | {t['images_per_gpu_hour'] if t['images_per_gpu_hour'] is not None else 'n/a (CPU)'} |",
@@ -175,21 +208,40 @@ def _curation_section(spec: dict[str, Any], t: dict[str, Any]) -> list[str]:
         return []
     k = cur.get("images_per_prompt")
     lines = ["## Curation", ""]
-    gates = {g: cur[g] for g in ("min_clip_score", "min_aesthetic", "max_punsafe") if cur.get(g) is not None}
+    gates = {
+        g: cur[g]
+        for g in ("min_clip_score", "min_aesthetic", "max_punsafe")
+        if cur.get(g) is not None
+    }
     if gates:
-        lines += [f"Gates on the {t['gated']} images that passed safety (an image may fail more than one):", "",
-                  "| gate | bound | failed | pass rate |", "|---|---|---|---|"]
+        lines += [
+            f"Gates on the {t['gated']} images that passed safety (an image may fail more than one):",
+            "",
+            "| gate | bound | failed | pass rate |",
+            "|---|---|---|---|",
+        ]
         for gate, bound in gates.items():
             failed = t["gate_failures"].get(gate, 0)
-            lines.append(f"| `{gate}` | {bound} | {failed} | {_rate(t['gated'] - failed, t['gated'])} |")
+            lines.append(
+                f"| `{gate}` | {bound} | {failed} | {_rate(t['gated'] - failed, t['gated'])} |"
+            )
         lines.append("")
-    lines += ["Per sweep point: the images kept of the candidates generated"
-              + (f"; best-of-N keeps {k} per prompt of up to {cur.get('max_candidates') or k} candidates." if k else "."),
-              "", "| sweep point | generated | kept | acceptance |" + (" prompts short of k |" if k else ""),
-              "|---|---|---|---|" + ("---|" if k else "")]
+    lines += [
+        "Per sweep point: the images kept of the candidates generated"
+        + (
+            f"; best-of-N keeps {k} per prompt of up to {cur.get('max_candidates') or k} candidates."
+            if k
+            else "."
+        ),
+        "",
+        "| sweep point | generated | kept | acceptance |" + (" prompts short of k |" if k else ""),
+        "|---|---|---|---|" + ("---|" if k else ""),
+    ]
     for label, p in t["by_sweep_point"].items():
-        lines.append(f"| {label} | {p['generated']} | {p['ok']} | {_rate(p['ok'], p['generated'])} |"
-                     + (f" {p.get('short', 0)} of {p.get('prompts', 0)} |" if k else ""))
+        lines.append(
+            f"| {label} | {p['generated']} | {p['ok']} | {_rate(p['ok'], p['generated'])} |"
+            + (f" {p.get('short', 0)} of {p.get('prompts', 0)} |" if k else "")
+        )
     return [*lines, ""]
 
 

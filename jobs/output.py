@@ -55,7 +55,9 @@ class Survey:
     committed: dict[str, ShardStats] = field(default_factory=dict)  # shard name -> its stats
     quarantined: dict[str, FailedShard] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
-    listing: dict[str, int] = field(default_factory=dict)  # every file of the output -> its size, when surveyed
+    listing: dict[str, int] = field(
+        default_factory=dict
+    )  # every file of the output -> its size, when surveyed
 
     @property
     def committed_samples(self) -> int:
@@ -63,14 +65,27 @@ class Survey:
 
     @property
     def complete(self) -> bool:
-        return not self.pending and not self.quarantined and self.committed_samples == self.num_samples
+        return (
+            not self.pending and not self.quarantined and self.committed_samples == self.num_samples
+        )
 
     def totals(self) -> dict[str, Any]:
         """Counts and times summed over the committed shards, for status, the card and budgets."""
         shards = list(self.committed.values())
-        keys = ("samples", "ok", "filtered", "failed", "rejected", "duplicate", "skipped", "images_in_tar",
-                "quarantined_images", "flagged",
-                "gpu_seconds", "gen_seconds")
+        keys = (
+            "samples",
+            "ok",
+            "filtered",
+            "failed",
+            "rejected",
+            "duplicate",
+            "skipped",
+            "images_in_tar",
+            "quarantined_images",
+            "flagged",
+            "gpu_seconds",
+            "gen_seconds",
+        )
         out: dict[str, Any] = {k: round(sum(getattr(s, k) for s in shards), 3) for k in keys}
         out["flagged_by_class"] = _add_up(s.flagged_by_class for s in shards)
         out["gated"] = sum(s.gated for s in shards)
@@ -80,9 +95,13 @@ class Survey:
             for label, counts in s.by_sweep_point.items():
                 points[label] = _add_up([points.get(label, {}), counts])
         out["by_sweep_point"] = dict(sorted(points.items()))
-        out["images_per_gpu_hour"] = round(out["ok"] / out["gpu_seconds"] * 3600, 1) if out["gpu_seconds"] else None
+        out["images_per_gpu_hour"] = (
+            round(out["ok"] / out["gpu_seconds"] * 3600, 1) if out["gpu_seconds"] else None
+        )
         out["dtypes"] = sorted({s.dtype for s in shards})
-        out["safety_model_sha256"] = sorted({s.safety_model_sha256 for s in shards if s.safety_model_sha256})
+        out["safety_model_sha256"] = sorted(
+            {s.safety_model_sha256 for s in shards if s.safety_model_sha256}
+        )
         return out
 
 
@@ -126,18 +145,28 @@ class OutputReader:
             except FileNotFoundError:
                 if not self.storage.exists(""):
                     raise NotAnOutput(f"{self.storage.url()} does not exist") from None
-                raise NotAnOutput(f"{self.storage.url()} has no {layout.JOB_FILE}: it is not an sdfleet output "
-                                  "(or its job never started)") from None
-            missing = [k for k in _JOB_KEYS if k not in self._job] if isinstance(self._job, dict) else _JOB_KEYS
+                raise NotAnOutput(
+                    f"{self.storage.url()} has no {layout.JOB_FILE}: it is not an sdfleet output "
+                    "(or its job never started)"
+                ) from None
+            missing = (
+                [k for k in _JOB_KEYS if k not in self._job]
+                if isinstance(self._job, dict)
+                else _JOB_KEYS
+            )
             if missing:
                 self._job = None
-                raise NotAnOutput(f"{self.storage.url(layout.JOB_FILE)} is not an sdfleet job record (no "
-                                  f"{', '.join(missing)})")
+                raise NotAnOutput(
+                    f"{self.storage.url(layout.JOB_FILE)} is not an sdfleet job record (no "
+                    f"{', '.join(missing)})"
+                )
         return self._job
 
     @property
     def name(self) -> str:
-        return str(self.job["spec"].get("name") or self.storage.url().rstrip("/").rsplit("/", 1)[-1])
+        return str(
+            self.job["spec"].get("name") or self.storage.url().rstrip("/").rsplit("/", 1)[-1]
+        )
 
     def survey(self, refresh: bool = False) -> Survey:
         """Classify every planned shard from the records alone, never the data.
@@ -169,29 +198,45 @@ class OutputReader:
                 stats[index_names[i]] = ShardStats.model_validate_json(content[i].as_py())
             except (ValueError, ValidationError):  # a damaged entry: the file itself is read below
                 valid.remove(i)
-        fresh = {n: data for n, (tag, data) in self._remembered.items()
-                 if n not in stats and n in tagged and tagged[n][1] == tag}
+        fresh = {
+            n: data
+            for n, (tag, data) in self._remembered.items()
+            if n not in stats and n in tagged and tagged[n][1] == tag
+        }
         # 3. The rest, read.
         fresh.update(self._read_texts([n for n in wanted if n not in stats and n not in fresh]))
         stats.update((n, self._parse(ShardStats, n, data)) for n, data in fresh.items())
-        failed = {n: self._parse(FailedShard, n, text) for n, text in self._read_texts(
-            [layout.failed_file(n) for n in names if layout.failed_file(n) in tagged]).items()}
+        failed = {
+            n: self._parse(FailedShard, n, text)
+            for n, text in self._read_texts(
+                [layout.failed_file(n) for n in names if layout.failed_file(n) in tagged]
+            ).items()
+        }
         for name in names:
             record = stats.get(layout.stats_file(name))
             if record is not None and record.fingerprint == job["fingerprint"]:
                 out.committed[name] = record
                 continue
             record = failed.get(layout.failed_file(name))
-            if record is not None and record.fingerprint == job["fingerprint"]:  # not a replaced job's
+            if (
+                record is not None and record.fingerprint == job["fingerprint"]
+            ):  # not a replaced job's
                 out.quarantined[name] = record
             else:
                 out.pending.append(name)
         # 4. A new index: the still valid rows of the old ones, and what was not in them.
         if len(fresh) >= INDEX_AFTER_READS:
             names_fresh = sorted(fresh)
-            new_rows = pa.table({"name": names_fresh, "tag": [tagged[n][1] for n in names_fresh],
-                                 "content": pa.array([fresh[n] for n in names_fresh], pa.binary())})
-            self._write_index(pa.concat_tables([index.take(pa.array(valid, pa.int64())), new_rows]), index_files)
+            new_rows = pa.table(
+                {
+                    "name": names_fresh,
+                    "tag": [tagged[n][1] for n in names_fresh],
+                    "content": pa.array([fresh[n] for n in names_fresh], pa.binary()),
+                }
+            )
+            self._write_index(
+                pa.concat_tables([index.take(pa.array(valid, pa.int64())), new_rows]), index_files
+            )
         self._survey = out
         return out
 
@@ -209,7 +254,7 @@ class OutputReader:
         (a withdrawn commit) is left out."""
         out = {}
         for i in range(0, len(names), READ_BATCH):
-            for name, data in self.storage.read_many(names[i:i + READ_BATCH]).items():
+            for name, data in self.storage.read_many(names[i : i + READ_BATCH]).items():
                 if isinstance(data, FileNotFoundError):
                     continue
                 if isinstance(data, Exception):
@@ -222,8 +267,10 @@ class OutputReader:
         try:
             return model.model_validate_json(data)
         except (ValueError, ValidationError) as e:
-            raise StorageError(f"{self.storage.url(name)} is not a valid {model.__name__} record ({e}); "
-                               "it was not written by this version of sdfleet") from None
+            raise StorageError(
+                f"{self.storage.url(name)} is not a valid {model.__name__} record ({e}); "
+                "it was not written by this version of sdfleet"
+            ) from None
 
     def _read_index(self, index_files: list[str]) -> pa.Table:
         """The rows (name, tag, content) of every index file, in file order. An index file that does
@@ -231,8 +278,11 @@ class OutputReader:
         tables = []
         for name in index_files:
             try:
-                tables.append(pq.read_table(io.BytesIO(self.storage.read_bytes(name))).select(list(INDEX_SCHEMA.names))
-                              .cast(INDEX_SCHEMA))
+                tables.append(
+                    pq.read_table(io.BytesIO(self.storage.read_bytes(name)))
+                    .select(list(INDEX_SCHEMA.names))
+                    .cast(INDEX_SCHEMA)
+                )
             except Exception as e:  # noqa: BLE001
                 log.info("ignoring %s: %s", self.storage.url(name), e)
         return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
@@ -243,11 +293,17 @@ class OutputReader:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         try:
-            self.storage.write_bytes(layout.index_file(f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"), buf.getvalue())
+            self.storage.write_bytes(
+                layout.index_file(f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"), buf.getvalue()
+            )
             for old in replaces:
                 self.storage.delete(old)
         except Exception as e:  # noqa: BLE001
-            log.info("could not write the stats index in %s: %s", self.storage.url(layout.INDEX_DIR), first_line(e))
+            log.info(
+                "could not write the stats index in %s: %s",
+                self.storage.url(layout.INDEX_DIR),
+                first_line(e),
+            )
 
     def verify(self, deep: bool = False) -> dict[str, list[str]]:
         """What differs, per committed shard, between its files on storage and its stats; empty when
@@ -260,8 +316,11 @@ class OutputReader:
         listing = survey.listing
         problems: dict[str, list[str]] = {}
         for name, stats in survey.committed.items():
-            found = [p for f, staged in stats.files.items()
-                     if (p := self.storage.visible_problem(f, staged, listing.get(f)))]
+            found = [
+                p
+                for f, staged in stats.files.items()
+                if (p := self.storage.visible_problem(f, staged, listing.get(f)))
+            ]
             if found:
                 try:
                     publish_committed(self.storage, stats)
@@ -297,8 +356,10 @@ class OutputReader:
 
     def parquet_rows(self, shards: list[str]) -> dict[str, int]:
         """Rows in each shard's Parquet, from its footer alone: the files' ends, read many at a time."""
-        sizes = {layout.parquet_file(s): st.files[layout.parquet_file(s)].size if st.files else None
-                 for s, st in ((s, self.survey().committed[s]) for s in shards)}
+        sizes = {
+            layout.parquet_file(s): st.files[layout.parquet_file(s)].size if st.files else None
+            for s, st in ((s, self.survey().committed[s]) for s in shards)
+        }
         listed = self.survey().listing
         sizes = {n: listed.get(n, size) for n, size in sizes.items()}
         missing = [n for n, size in sizes.items() if size is None]
@@ -306,7 +367,7 @@ class OutputReader:
             raise StorageError(f"{self.storage.url(missing[0])} is missing")
         out = {}
         for i in range(0, len(shards), READ_BATCH):
-            out.update(self._rows_from_footers(shards[i:i + READ_BATCH], sizes))
+            out.update(self._rows_from_footers(shards[i : i + READ_BATCH], sizes))
         return out
 
     def _rows_from_footers(self, shards: list[str], sizes: dict[str, int]) -> dict[str, int]:
@@ -322,9 +383,14 @@ class OutputReader:
             try:
                 out[shard] = _footer(tail, sizes[name]).num_rows
             except (ValueError, pa.ArrowInvalid) as e:
-                raise StorageError(f"{self.storage.url(name)} is not a readable Parquet file: {e}") from None
+                raise StorageError(
+                    f"{self.storage.url(name)} is not a readable Parquet file: {e}"
+                ) from None
             except _FooterBeyondTail:
-                with self.storage.errors(name, "read"), self.storage.fs.open(self.storage.path(name), "rb") as fh:
+                with (
+                    self.storage.errors(name, "read"),
+                    self.storage.fs.open(self.storage.path(name), "rb") as fh,
+                ):
                     out[shard] = pq.ParquetFile(fh).metadata.num_rows
         return out
 
@@ -336,7 +402,9 @@ class OutputReader:
             for shard in self.shards:
                 if self.storage.exists(layout.quarantine_parquet(shard)):
                     data = self.storage.read_bytes(layout.quarantine_parquet(shard))
-                    keys.update(pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist())
+                    keys.update(
+                        pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist()
+                    )
             self._quarantined = keys
         return self._quarantined
 
@@ -346,24 +414,38 @@ class OutputReader:
         """Whether the row's image is in a tar: ok rows, and with show_filtered quarantined ones."""
         if row["status"] == STATUS_OK:
             return True
-        return show_filtered and row["status"] == STATUS_FILTERED and row["key"] in self.quarantined_keys
+        return (
+            show_filtered
+            and row["status"] == STATUS_FILTERED
+            and row["key"] in self.quarantined_keys
+        )
 
     def images(self, rows: Iterable[dict[str, Any]]) -> dict[str, tuple[str, bytes]]:
         """{key: (extension, encoded bytes)} for the given rows, from their shard's main tar, or its
         quarantine tar for filtered rows. Keys whose image is missing are left out."""
         by_tar: dict[str, set[str]] = {}
         for r in rows:
-            name = layout.quarantine_tar(r["_shard"]) if r["status"] == STATUS_FILTERED else layout.tar_file(r["_shard"])
+            name = (
+                layout.quarantine_tar(r["_shard"])
+                if r["status"] == STATUS_FILTERED
+                else layout.tar_file(r["_shard"])
+            )
             by_tar.setdefault(name, set()).add(r["key"])
         found: dict[str, tuple[str, bytes]] = {}
         for name, keys in sorted(by_tar.items()):
             try:
-                found.update((key, (ext, data)) for key, ext, data in self.stream_images(name, keys))
+                found.update(
+                    (key, (ext, data)) for key, ext, data in self.stream_images(name, keys)
+                )
             except (StorageError, tarfile.TarError) as e:
-                log.warning("%s is unreadable (%s); its images are left out", self.storage.url(name), e)
+                log.warning(
+                    "%s is unreadable (%s); its images are left out", self.storage.url(name), e
+                )
         return found
 
-    def stream_images(self, tar_name: str, keys: set[str] | None = None) -> Iterator[tuple[str, str, bytes]]:
+    def stream_images(
+        self, tar_name: str, keys: set[str] | None = None
+    ) -> Iterator[tuple[str, str, bytes]]:
         """(key, extension, encoded bytes) of each image in one of this output's tars (Storage.tar_images)."""
         return self.storage.tar_images(tar_name, keys)
 
@@ -383,4 +465,4 @@ def _footer(tail: bytes, size: int):
         if len(tail) == size:
             raise ValueError("its footer is longer than the file")
         raise _FooterBeyondTail
-    return pq.read_metadata(pa.BufferReader(tail[-(length + 8):]))
+    return pq.read_metadata(pa.BufferReader(tail[-(length + 8) :]))

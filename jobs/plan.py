@@ -36,13 +36,19 @@ def id_hashes(ids: pa.Array, first_row: int) -> "np.ndarray":
     n = len(arr)
     if n == 0:
         return np.empty(0, dtype=np.uint64)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     base, lengths = int(offsets[0]), np.diff(offsets)
     data = arr.buffers()[2]
-    raw = np.frombuffer(data, dtype=np.uint8)[base:int(offsets[-1])] if data is not None else np.empty(0, np.uint8)
+    raw = (
+        np.frombuffer(data, dtype=np.uint8)[base : int(offsets[-1])]
+        if data is not None
+        else np.empty(0, np.uint8)
+    )
     position = np.arange(len(raw), dtype=np.int64) - np.repeat(offsets[:-1] - base, lengths)
     # The weight of position p is mix(p), made odd: a fixed function, the same in every process.
-    weights = _mix64(np.arange(int(lengths.max()), dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    weights = _mix64(
+        np.arange(int(lengths.max()), dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    ) | np.uint64(1)
     weighted = raw.astype(np.uint64) * weights[position]
     h = np.zeros(n, dtype=np.uint64)
     filled = lengths > 0
@@ -51,7 +57,9 @@ def id_hashes(ids: pa.Array, first_row: int) -> "np.ndarray":
     h += lengths.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
     if arr.null_count:
         nulls = np.asarray(arr.is_null())
-        h[nulls] = np.arange(first_row, first_row + n, dtype=np.uint64)[nulls] ^ np.uint64(0xD1B54A32D192ED03)
+        h[nulls] = np.arange(first_row, first_row + n, dtype=np.uint64)[nulls] ^ np.uint64(
+            0xD1B54A32D192ED03
+        )
     return _mix64(h)
 
 
@@ -75,7 +83,11 @@ def estimate(plan: Plan) -> dict[str, Any]:
     for point in plan.points:
         steps = point.get("num_inference_steps", gen.num_inference_steps)
         # Sizes the driver has not resolved (the image tasks': their inputs decide) count as 512².
-        pixels = (point.get("width", gen.width) or 512) * (point.get("height", gen.height) or 512) / 512**2
+        pixels = (
+            (point.get("width", gen.width) or 512)
+            * (point.get("height", gen.height) or 512)
+            / 512**2
+        )
         cfg = 1.0 if point.get("guidance_scale", gen.guidance_scale) > 1 else 0.5
         tflop += _UNET_TFLOP_CFG * cfg * steps * pixels + _VAE_TFLOP * pixels + _TEXT_TFLOP
     tflop *= plan.num_rows
@@ -84,11 +96,20 @@ def estimate(plan: Plan) -> dict[str, Any]:
     gpu_hours = tflop / sustained / 3600
     cost = gpu_hours * res.gpu_hour_usd if res.gpu_hour_usd is not None else None
     cur = plan.spec.curation
-    fewest = cur.images_per_prompt / cur.candidates if cur.best_of_n else 1.0  # k of m candidates generated
-    return {"tflop": tflop, "gpu_hours": gpu_hours, "cost_usd": cost, "sustained_tflops": sustained,
-            "tflop_min": tflop * fewest, "gpu_hours_min": gpu_hours * fewest,
-            "cost_usd_min": None if cost is None else cost * fewest,
-            "throughput_source": source, "images_per_gpu_hour": plan.num_samples / gpu_hours if gpu_hours else None}
+    fewest = (
+        cur.images_per_prompt / cur.candidates if cur.best_of_n else 1.0
+    )  # k of m candidates generated
+    return {
+        "tflop": tflop,
+        "gpu_hours": gpu_hours,
+        "cost_usd": cost,
+        "sustained_tflops": sustained,
+        "tflop_min": tflop * fewest,
+        "gpu_hours_min": gpu_hours * fewest,
+        "cost_usd_min": None if cost is None else cost * fewest,
+        "throughput_source": source,
+        "images_per_gpu_hour": plan.num_samples / gpu_hours if gpu_hours else None,
+    }
 
 
 # SD2-base at 512² (counted on meta tensors; see FACTS.md). Cost scales with latent pixels.
@@ -105,8 +126,10 @@ def sustained_tflops(gpu_type: str, override: float | None) -> tuple[float, str]
 
     table = yaml.safe_load(_THROUGHPUT_TABLE.read_text())
     if gpu_type not in table:
-        raise SpecError(f"resources.gpu_type={gpu_type!r} is not in {_THROUGHPUT_TABLE.name} "
-                        f"({', '.join(table)}); add it there or set resources.throughput_tflops")
+        raise SpecError(
+            f"resources.gpu_type={gpu_type!r} is not in {_THROUGHPUT_TABLE.name} "
+            f"({', '.join(table)}); add it there or set resources.throughput_tflops"
+        )
     return float(table[gpu_type]["sustained_tflops"]), f"{_THROUGHPUT_TABLE.name}: {gpu_type}"
 
 
@@ -122,7 +145,11 @@ class Planner:
         #    output's committed shards (its ok rows, whose images are the inputs).
         source = self._source_output()
         self._check_image_inputs(source)
-        uris = list_parquet(self.spec.input.uri, self.storage_options) if source is None else list(source)
+        uris = (
+            list_parquet(self.spec.input.uri, self.storage_options)
+            if source is None
+            else list(source)
+        )
         # 2. Read each footer: row counts per row group, and the columns the spec names.
         files, passthrough = [], None
         for uri in uris:
@@ -133,8 +160,15 @@ class Planner:
             passthrough = self._check_columns(uri, schema, passthrough, source is not None)
         # 3. Expand the sweep, and find repeated prompt ids (they would repeat keys' seeds and ids);
         #    a source output's rows are keyed by their unique source keys.
-        plan = Plan(spec=self.spec, files=files, points=sweep_points(self.spec), passthrough_schema=passthrough,
-                    source_output=Storage(self.spec.input.uri, self.storage_options).uri if source else None)
+        plan = Plan(
+            spec=self.spec,
+            files=files,
+            points=sweep_points(self.spec),
+            passthrough_schema=passthrough,
+            source_output=Storage(self.spec.input.uri, self.storage_options).uri
+            if source
+            else None,
+        )
         if self.spec.input.id_column and source is None:
             plan.duplicate_rows = self._duplicate_ids(plan)
         return plan
@@ -154,13 +188,20 @@ class Planner:
                 return None
         survey = OutputReader(storage).survey()
         if not (survey.complete and storage.exists(layout.SUCCESS_FILE)):
-            raise InputError(f"input.uri {uri} is an sdfleet output that is not complete ({len(survey.committed)} of "
-                             f"{survey.num_shards} shards committed, {len(survey.quarantined)} quarantined): let its "
-                             "job finish (rerun it), then run this one")
-        shards = {storage.url(layout.parquet_file(name)): stats.ok for name, stats in sorted(survey.committed.items())
-                  if stats.ok}
+            raise InputError(
+                f"input.uri {uri} is an sdfleet output that is not complete ({len(survey.committed)} of "
+                f"{survey.num_shards} shards committed, {len(survey.quarantined)} quarantined): let its "
+                "job finish (rerun it), then run this one"
+            )
+        shards = {
+            storage.url(layout.parquet_file(name)): stats.ok
+            for name, stats in sorted(survey.committed.items())
+            if stats.ok
+        }
         if not shards:
-            raise InputError(f"input.uri {uri} is an sdfleet output with no ok image to use as input")
+            raise InputError(
+                f"input.uri {uri} is an sdfleet output with no ok image to use as input"
+            )
         return shards
 
     def _check_image_inputs(self, source: dict[str, int] | None) -> None:
@@ -168,15 +209,24 @@ class Planner:
         task = TASKS[name]
         if source is not None:
             if not task.image:
-                raise SpecError(f"input.uri {inp.uri} is an sdfleet output, whose images are inputs; model.task="
-                                f"{name} takes none: set model.task (e.g. upscale or image-to-image)")
+                raise SpecError(
+                    f"input.uri {inp.uri} is an sdfleet output, whose images are inputs; model.task="
+                    f"{name} takes none: set model.task (e.g. upscale or image-to-image)"
+                )
             if inp.image_column or task.mask:
-                raise SpecError(f"input.uri {inp.uri} is an sdfleet output: its images are the inputs, so "
-                                + ("input.image_column must not be set" if inp.image_column else
-                                   f"model.task={name} would need masks, which an output does not hold"))
+                raise SpecError(
+                    f"input.uri {inp.uri} is an sdfleet output: its images are the inputs, so "
+                    + (
+                        "input.image_column must not be set"
+                        if inp.image_column
+                        else f"model.task={name} would need masks, which an output does not hold"
+                    )
+                )
         elif task.image and not inp.image_column:
-            raise SpecError(f"model.task={name} needs input.image_column: the column of input images (encoded "
-                            "bytes, or URIs inside the input's folder); or an sdfleet output as input.uri")
+            raise SpecError(
+                f"model.task={name} needs input.image_column: the column of input images (encoded "
+                "bytes, or URIs inside the input's folder); or an sdfleet output as input.uri"
+            )
 
     def _duplicate_ids(self, plan: Plan) -> dict[int, int]:
         """Read the id column alone and map every repeated id's later rows to its first row.
@@ -191,7 +241,7 @@ class Planner:
         # 1. Pass 1: every id's hash, in row order; then sorted, to find the hashes that repeat.
         hashes = np.empty(plan.num_rows, dtype=np.uint64)
         for row, ids in self._id_batches(plan):
-            hashes[row:row + len(ids)] = id_hashes(ids, row)
+            hashes[row : row + len(ids)] = id_hashes(ids, row)
         hashes.sort()
         repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
         del hashes
@@ -217,7 +267,9 @@ class Planner:
             storage = Storage(f.uri, self.storage_options)
             row = offset
             with storage.errors("", "read"), storage.fs.open(storage.root, "rb") as fh:
-                for batch in pq.ParquetFile(fh).iter_batches(batch_size=ID_BATCH_ROWS, columns=[column]):
+                for batch in pq.ParquetFile(fh).iter_batches(
+                    batch_size=ID_BATCH_ROWS, columns=[column]
+                ):
                     ids = batch.column(0).cast(pa.string())
                     yield row, ids
                     row += len(ids)
@@ -233,8 +285,10 @@ class Planner:
         except StorageError as e:
             if not isinstance(e, (FileNotFoundError, PermissionError)):
                 raise  # credentials or endpoint: the message already says what to set
-            raise InputError(f"input file {uri} {'does not exist' if isinstance(e, FileNotFoundError) else 'cannot be read'}"
-                             f": {e}") from None
+            raise InputError(
+                f"input file {uri} {'does not exist' if isinstance(e, FileNotFoundError) else 'cannot be read'}"
+                f": {e}"
+            ) from None
         except FileNotFoundError:
             raise InputError(f"input file {uri} does not exist") from None
         except PermissionError as e:
@@ -246,8 +300,9 @@ class Planner:
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         return InputFile(uri=uri, size=size, rows=meta.num_rows, row_groups=groups), schema
 
-    def _check_columns(self, uri: str, schema: pa.Schema, passthrough: pa.Schema | None,
-                       source: bool = False) -> pa.Schema:
+    def _check_columns(
+        self, uri: str, schema: pa.Schema, passthrough: pa.Schema | None, source: bool = False
+    ) -> pa.Schema:
         inp = self.spec.input
         names = set(schema.names)
 
@@ -260,15 +315,20 @@ class Planner:
             if string and schema.field(column).type not in TEXT_TYPES:
                 raise InputError(
                     f"input file {uri}: {what} column {column!r} has type {schema.field(column).type}, "
-                    + ("expected encoded image bytes (binary) or URIs (string)" if what in ("image", "mask")
-                       else "expected string (or UTF-8 binary)")
+                    + (
+                        "expected encoded image bytes (binary) or URIs (string)"
+                        if what in ("image", "mask")
+                        else "expected string (or UTF-8 binary)"
+                    )
                 )
 
         need(inp.prompt_column, "prompt", string=True)
         if source:
             for column in SOURCE_COLUMNS:
                 if column not in names:
-                    raise InputError(f"input file {uri} has no {column!r} column: not an sdfleet shard's Parquet")
+                    raise InputError(
+                        f"input file {uri} has no {column!r} column: not an sdfleet shard's Parquet"
+                    )
         elif inp.id_column is not None:
             need(inp.id_column, "id", string=False)
         if inp.negative_prompt_column is not None:
@@ -283,7 +343,9 @@ class Planner:
                 raise InputError(f"input file {uri} has no passthrough column {column!r}")
         this = pa.schema([schema.field(c) for c in inp.passthrough_columns])
         if passthrough is not None and not this.equals(passthrough):
-            raise InputError(f"input file {uri}: passthrough column types {this} differ from earlier files' {passthrough}")
+            raise InputError(
+                f"input file {uri}: passthrough column types {this} differ from earlier files' {passthrough}"
+            )
         try:
             output_schema(this)
         except ValueError as e:
@@ -306,9 +368,13 @@ def list_parquet(uri: str, storage_options: dict[str, Any] | None = None) -> lis
         else:
             bucket = root.split("/", 1)[0]
             if is_remote(uri) and not fs.exists(bucket):
-                raise InputError(f"input.uri {uri} does not exist: there is no bucket {bucket!r} at this endpoint; "
-                                 "check the bucket name, AWS_ENDPOINT_URL or input.storage_options")
-            raise InputError(f"input.uri {uri} does not exist; give a Parquet file, a folder or prefix, or a glob")
+                raise InputError(
+                    f"input.uri {uri} does not exist: there is no bucket {bucket!r} at this endpoint; "
+                    "check the bucket name, AWS_ENDPOINT_URL or input.storage_options"
+                )
+            raise InputError(
+                f"input.uri {uri} does not exist; give a Parquet file, a folder or prefix, or a glob"
+            )
     if not found:
         raise InputError(f"input.uri {uri} matches no Parquet files")
     return [protocol + p if protocol and not p.startswith(protocol) else p for p in found]

@@ -80,8 +80,11 @@ def staged_package() -> Path:
 
     stage = Path(tempfile.mkdtemp(prefix="sdfleet-ship-")) / "sdfleet"
     for package in (schemas, actors, jobs):
-        shutil.copytree(Path(package.__file__).parent, stage / package.__name__.rsplit(".", 1)[-1],
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            Path(package.__file__).parent,
+            stage / package.__name__.rsplit(".", 1)[-1],
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
     return stage
 
 
@@ -146,18 +149,26 @@ class ActorPool:
         if worker is None:
             from sdfleet.actors.generator import ShardGenerator as worker
 
-        self.embedded = embedded  # an embedded Ray has no autoscaler: what it has now is all there is
+        self.embedded = (
+            embedded  # an embedded Ray has no autoscaler: what it has now is all there is
+        )
         self.kind = choose_worker_kind(plan, embedded)
         # The driver, not Ray, counts attempts: Ray's own restarts would retry a deterministic crash forever.
-        self.actor_cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=SHARDS_PER_ACTOR,
-                                    **self.kind.placement)(worker)
+        self.actor_cls = ray.remote(
+            max_restarts=0,
+            max_task_retries=0,
+            max_concurrency=SHARDS_PER_ACTOR,
+            **self.kind.placement,
+        )(worker)
         self.plan_ref = ray.put(plan)
         # The driver's work per event must not grow with the fleet (1,000 GPUs are 2,000 calls in
         # flight): calls and start-ups are found by dict, shards go to a queue of slots with room,
         # and the timeout scan runs once per TIMEOUT_SCAN_S, not once per result.
         self.slots: list[Slot] = []
         self.refs: dict[Any, tuple[Slot, Any]] = {}  # a shard's call -> its slot and task
-        self.starting: dict[Any, Slot] = {}  # an actor's start-up call -> its slot, until it is ready
+        self.starting: dict[
+            Any, Slot
+        ] = {}  # an actor's start-up call -> its slot, until it is ready
         self.hungry: deque[Slot] = deque()  # slots that may have room; checked when taken
         self.ready = 0  # actors that have loaded their models
         self.requested = -1  # GPU bundles last asked of the autoscaler
@@ -297,7 +308,9 @@ class ActorPool:
             log.warning(
                 "%d worker(s) still waiting to be placed: the cluster has no free %s. An autoscaler adds "
                 "nodes for them; without one, free capacity or set resources.gpus_per_worker: 0 for CPU workers",
-                len(self.slots), "GPU" if self.kind.gpus_per_actor else "CPU")
+                len(self.slots),
+                "GPU" if self.kind.gpus_per_actor else "CPU",
+            )
 
     def shutdown(self) -> None:
         """Release every actor (and with them their GPUs) and withdraw the resource request, so the
@@ -326,8 +339,12 @@ def choose_worker_kind(plan: Plan, embedded: bool) -> WorkerKind:
         # every other task on small nodes (a silent deadlock was seen on 2 CPUs).
         if gpus == 0:
             log.info("no GPU in the cluster yet: asking the autoscaler for GPU nodes")
-        return WorkerKind({"num_gpus": res.gpus_per_worker, "num_cpus": 0}, res.max_workers, res.cpu_threads,
-                          res.gpus_per_worker)
+        return WorkerKind(
+            {"num_gpus": res.gpus_per_worker, "num_cpus": 0},
+            res.max_workers,
+            res.cpu_threads,
+            res.gpus_per_worker,
+        )
     # CPU workers: asked for (gpus_per_worker: 0), or an embedded Ray on a machine without GPUs (the
     # demo). Their threads follow from the machine's capacity, never from the work left: CPU float
     # results depend on the thread count, and a resumed shard must come out byte-identical to the

@@ -37,7 +37,17 @@ LEASE_STALE_S = 180.0
 # Text-to-image size for a checkpoint whose configs give none: SD2-base's.
 FALLBACK_SIZE = 512
 
-_VERSIONED = ("sdfleet", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "pillow")
+_VERSIONED = (
+    "sdfleet",
+    "torch",
+    "diffusers",
+    "transformers",
+    "ray",
+    "pyarrow",
+    "fsspec",
+    "s3fs",
+    "pillow",
+)
 
 
 def job_record(plan: Plan) -> dict[str, Any]:
@@ -73,15 +83,19 @@ class Verdict:
     committed: int = 0
     num_shards: int = 0
     replaced: dict[str, Any] | None = None  # the job record a "replace" writes over
-    changed: list[str] = field(default_factory=list)  # its keys that differ, with old and new values
+    changed: list[str] = field(
+        default_factory=list
+    )  # its keys that differ, with old and new values
 
     def describe(self) -> str:
         if self.action == "start":
             return f"start a new job in {self.url}"
         if self.action == "resume":
             return f"resume: {self.committed} of {self.num_shards} shards committed in {self.url}"
-        return (f"replace the job recorded in {self.url} (fingerprint {self.replaced['fingerprint']}), which "
-                f"committed no shard; {'; '.join(self.changed) or 'its input files differ'}")
+        return (
+            f"replace the job recorded in {self.url} (fingerprint {self.replaced['fingerprint']}), which "
+            f"committed no shard; {'; '.join(self.changed) or 'its input files differ'}"
+        )
 
 
 class Interrupted(Exception):
@@ -107,7 +121,9 @@ class DriverLease:
         try:
             lease = self.storage.read_json(layout.DRIVER_FILE)
         except FileNotFoundError:
-            claimed = dt.datetime.fromisoformat(self.job.get("created_at", "1970-01-01T00:00:00+00:00"))
+            claimed = dt.datetime.fromisoformat(
+                self.job.get("created_at", "1970-01-01T00:00:00+00:00")
+            )
             fresh = (dt.datetime.now(dt.timezone.utc) - claimed).total_seconds() < LEASE_STALE_S
             return "the driver that claimed it just now" if fresh else None
         if lease.get("released") or lease.get("fingerprint") != self.job.get("fingerprint"):
@@ -118,8 +134,13 @@ class DriverLease:
 
     @contextlib.contextmanager
     def held(self):
-        record = {"fingerprint": self.job["fingerprint"], "host": socket.gethostname(), "pid": os.getpid(),
-                  "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "released": False}
+        record = {
+            "fingerprint": self.job["fingerprint"],
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "released": False,
+        }
         self._write(record)
         refresher = threading.Thread(target=self._refresh, args=(record,), daemon=True)
         refresher.start()
@@ -145,8 +166,13 @@ class DriverLease:
 
 
 class JobRunner:
-    def __init__(self, spec: JobSpec, address: str | None = None, progress: bool = True,
-                 worker: type | None = None):
+    def __init__(
+        self,
+        spec: JobSpec,
+        address: str | None = None,
+        progress: bool = True,
+        worker: type | None = None,
+    ):
         """worker: the actor class that makes shards; ShardGenerator unless a benchmark swaps in
         a subclass with another engine."""
         self.spec = spec
@@ -161,8 +187,12 @@ class JobRunner:
         # 1. Plan: lists the input and reads Parquet footers; bad input is refused here.
         self._check_input_and_output_apart()
         plan = Planner(self.spec).plan()
-        log.info("planned %d samples in %d shards from %d input file(s)", plan.num_samples, plan.num_shards,
-                 len(plan.files))
+        log.info(
+            "planned %d samples in %d shards from %d input file(s)",
+            plan.num_samples,
+            plan.num_shards,
+            len(plan.files),
+        )
         # 2. The model (does it fit the task?) and the detector, before any GPU is asked for; the
         #    checkpoint's own image size where the spec gives none, so that the fingerprint,
         #    the estimate and every row name the size that is made.
@@ -182,7 +212,11 @@ class JobRunner:
             pending = [int(n) for n in before.pending + list(before.quarantined)]
             if pending:
                 if before.committed:
-                    log.info("resuming: %d shards committed, %d to do", len(before.committed), len(pending))
+                    log.info(
+                        "resuming: %d shards committed, %d to do",
+                        len(before.committed),
+                        len(pending),
+                    )
                 committed = self._dispatch(plan, pending, before)
                 # The finalizer's survey takes these records from memory, not 100k GETs (S3).
                 reader.remember(committed.values())
@@ -197,23 +231,36 @@ class JobRunner:
         from sdfleet.jobs.pool import connect_ray
 
         embedded = connect_ray(self.address)
-        dispatcher = Dispatcher(plan, self.storage, pending, progress=self.progress, embedded=embedded,
-                                done_samples=before.committed_samples,
-                                spent_gpu_seconds=before.totals()["gpu_seconds"], worker=self.worker)
+        dispatcher = Dispatcher(
+            plan,
+            self.storage,
+            pending,
+            progress=self.progress,
+            embedded=embedded,
+            done_samples=before.committed_samples,
+            spent_gpu_seconds=before.totals()["gpu_seconds"],
+            worker=self.worker,
+        )
         with _signals_raise():
             try:
                 result = dispatcher.run()
             except _Signalled as e:
                 done = len(OutputReader(self.storage).survey().committed)
-                raise Interrupted(f"interrupted ({signal.Signals(e.signum).name}) after {done} of {plan.num_shards} "
-                                  "shards committed; rerun the same command to resume", e.signum) from None
+                raise Interrupted(
+                    f"interrupted ({signal.Signals(e.signum).name}) after {done} of {plan.num_shards} "
+                    "shards committed; rerun the same command to resume",
+                    e.signum,
+                ) from None
         if result.quarantined:
             self._report(plan, result.quarantined)
         if result.budget_stopped:
             res = self.spec.resources
-            print(f"sdfleet: stopped at the budget: resources.budget_usd=${res.budget_usd:,.2f} at "
-                  f"${res.gpu_hour_usd}/GPU-hour is spent. Committed shards are kept; rerun with a "
-                  f"higher budget (--set resources.budget_usd=...) to go on.", file=sys.stderr)
+            print(
+                f"sdfleet: stopped at the budget: resources.budget_usd=${res.budget_usd:,.2f} at "
+                f"${res.gpu_hour_usd}/GPU-hour is spent. Committed shards are kept; rerun with a "
+                f"higher budget (--set resources.budget_usd=...) to go on.",
+                file=sys.stderr,
+            )
         return result.committed
 
     def _finish(self, reader: OutputReader) -> int:
@@ -221,19 +268,30 @@ class JobRunner:
         s = reader.survey()
         t = s.totals()
         if not complete:
-            print(f"dataset incomplete: {len(s.committed)}/{s.num_shards} shards committed, "
-                  f"{len(s.quarantined)} quarantined, {len(s.pending)} pending. Rerun the same command to retry.")
+            print(
+                f"dataset incomplete: {len(s.committed)}/{s.num_shards} shards committed, "
+                f"{len(s.quarantined)} quarantined, {len(s.pending)} pending. Rerun the same command to retry."
+            )
             return EXIT_INCOMPLETE
-        print(f"dataset complete: {t['ok']} images, {t['filtered']} filtered, {t['failed']} failed"
-              f"{curation_counts(t)} "
-              f"in {s.num_shards} shards at {self.storage.url()}")
+        print(
+            f"dataset complete: {t['ok']} images, {t['filtered']} filtered, {t['failed']} failed"
+            f"{curation_counts(t)} "
+            f"in {s.num_shards} shards at {self.storage.url()}"
+        )
         if not t["images_in_tar"]:
-            print("warning: the dataset holds no image (every sample was filtered or failed): its tars are "
-                  "empty, and readers such as webdataset refuse empty tars unless told (empty_check=False)")
+            print(
+                "warning: the dataset holds no image (every sample was filtered or failed): its tars are "
+                "empty, and readers such as webdataset refuse empty tars unless told (empty_check=False)"
+            )
         return EXIT_OK
 
     def _check_model_and_detector(self):
-        from sdfleet.actors.engine import check_model_source, check_scheduler_names, check_task, read_checkpoint
+        from sdfleet.actors.engine import (
+            check_model_source,
+            check_scheduler_names,
+            check_task,
+            read_checkpoint,
+        )
 
         names = {self.spec.model.scheduler, *self.spec.sweep.axes.get("scheduler", [])} - {None}
         check_model_source(self.spec.model)
@@ -243,11 +301,19 @@ class JobRunner:
         safety = self.spec.safety
         safety.check_runnable()
         if safety.detector == "laion-clip-nsfw" and not safety.model.endswith(".safetensors"):
-            raise SpecError(f"safety.model={safety.model} is not a .safetensors file; laion-clip-nsfw loads its head "
-                            "from safetensors only: convert the original once (see the README's Curation section)")
-        if safety.model and not is_remote(safety.model) and safety.model.startswith((".", "/", "~")):
+            raise SpecError(
+                f"safety.model={safety.model} is not a .safetensors file; laion-clip-nsfw loads its head "
+                "from safetensors only: convert the original once (see the README's Curation section)"
+            )
+        if (
+            safety.model
+            and not is_remote(safety.model)
+            and safety.model.startswith((".", "/", "~"))
+        ):
             if not Path(safety.model).expanduser().exists():
-                raise SpecError(f"safety.model {safety.model} does not exist; give the detector's weights")
+                raise SpecError(
+                    f"safety.model {safety.model} does not exist; give the detector's weights"
+                )
         self._check_curation_models()
         return checkpoint
 
@@ -259,9 +325,15 @@ class JobRunner:
             if value is None:
                 continue
             if key != "clip_model" and not value.endswith(".safetensors"):
-                raise SpecError(f"curation.{key}={value} is not a .safetensors file; sdfleet loads heads from "
-                                "safetensors only: convert the original once (see the README's Curation section)")
-            if not is_remote(value) and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+                raise SpecError(
+                    f"curation.{key}={value} is not a .safetensors file; sdfleet loads heads from "
+                    "safetensors only: convert the original once (see the README's Curation section)"
+                )
+            if (
+                not is_remote(value)
+                and value.startswith((".", "/", "~"))
+                and not Path(value).expanduser().exists()
+            ):
                 raise SpecError(f"curation.{key} {value} does not exist")
 
     def _with_checkpoint_size(self, checkpoint) -> JobSpec:
@@ -274,14 +346,19 @@ class JobRunner:
             return self.spec
         size = checkpoint.default_size or FALLBACK_SIZE
         if not checkpoint.default_size:
-            log.warning("model.source %s names no native size; making %dx%d (set generation.width and height)",
-                        checkpoint.source, size, size)
+            log.warning(
+                "model.source %s names no native size; making %dx%d (set generation.width and height)",
+                checkpoint.source,
+                size,
+                size,
+            )
         resolved = gen.model_copy(update={"width": gen.width or size, "height": gen.height or size})
         return self.spec.model_copy(update={"generation": resolved})
 
     def _check_input_and_output_apart(self) -> None:
         """An output inside the input folder would be read back as prompts (every *.parquet below
         it), and an input inside the output would be taken for stray files."""
+
         def folder(uri: str) -> str:
             uri = uri.removeprefix("file://")
             static = uri.split("*")[0].split("?")[0].split("[")[0]
@@ -289,8 +366,10 @@ class JobRunner:
 
         inp, out = folder(self.spec.input.uri), folder(self.spec.output.uri)
         if inp == out or inp.startswith(out + "/") or out.startswith(inp + "/"):
-            raise SpecError(f"input.uri {self.spec.input.uri} and output.uri {self.spec.output.uri} overlap: a run "
-                            "would read its own Parquet files as prompts. Give them separate folders")
+            raise SpecError(
+                f"input.uri {self.spec.input.uri} and output.uri {self.spec.output.uri} overlap: a run "
+                "would read its own Parquet files as prompts. Give them separate folders"
+            )
 
     def _judge_output(self, plan: Plan) -> Verdict:
         if not self.storage.exists(layout.JOB_FILE):
@@ -305,13 +384,18 @@ class JobRunner:
             raise SpecError(
                 f"{self.storage.url()} holds a different job with {committed} committed shard(s) (fingerprint "
                 f"{existing.get('fingerprint')}, this spec {plan.fingerprint}); what differs: "
-                f"{'; '.join(changed) or 'unknown'}. Write to a new output.uri, or restore the original spec to resume")
+                f"{'; '.join(changed) or 'unknown'}. Write to a new output.uri, or restore the original spec to resume"
+            )
         active = DriverLease(self.storage, existing).active()
         if active:
-            raise SpecError(f"{self.storage.url()} is being written by another driver ({active}) running a different "
-                            f"job ({'; '.join(changed) or 'other input files'}); wait for it, or write to a new output.uri. "
-                            f"If that driver was killed, its claim lapses {LEASE_STALE_S:.0f} s after its last refresh")
-        return Verdict("replace", self.storage.url(), 0, plan.num_shards, replaced=existing, changed=changed)
+            raise SpecError(
+                f"{self.storage.url()} is being written by another driver ({active}) running a different "
+                f"job ({'; '.join(changed) or 'other input files'}); wait for it, or write to a new output.uri. "
+                f"If that driver was killed, its claim lapses {LEASE_STALE_S:.0f} s after its last refresh"
+            )
+        return Verdict(
+            "replace", self.storage.url(), 0, plan.num_shards, replaced=existing, changed=changed
+        )
 
     def _claim_output(self, plan: Plan, verdict: Verdict) -> None:
         """Create `_job.json` exclusively for a new job (of two drivers starting different jobs on one
@@ -322,19 +406,31 @@ class JobRunner:
             try:
                 self.storage.write_json(layout.JOB_FILE, record, exclusive=True)
                 return
-            except FileExistsError:  # another driver claimed it this moment: it runs the job, or we resume
+            except (
+                FileExistsError
+            ):  # another driver claimed it this moment: it runs the job, or we resume
                 verdict = self._judge_output(plan)
                 if verdict.action != "resume":
-                    raise SpecError(f"{self.storage.url()} was claimed a moment ago by another driver running a "
-                                    f"different job ({'; '.join(verdict.changed)}); write to a new output.uri") from None
+                    raise SpecError(
+                        f"{self.storage.url()} was claimed a moment ago by another driver running a "
+                        f"different job ({'; '.join(verdict.changed)}); write to a new output.uri"
+                    ) from None
         if verdict.action == "replace":
             old = verdict.replaced
-            record["history"] = [{"fingerprint": old.get("fingerprint"), "created_at": old.get("created_at"),
-                                  "replaced_at": record["created_at"], "changed": verdict.changed},
-                                 *old.get("history", [])]
+            record["history"] = [
+                {
+                    "fingerprint": old.get("fingerprint"),
+                    "created_at": old.get("created_at"),
+                    "replaced_at": record["created_at"],
+                    "changed": verdict.changed,
+                },
+                *old.get("history", []),
+            ]
             self.storage.write_json(layout.JOB_FILE, record)
-            print(f"sdfleet: {self.storage.url()} held job {old.get('fingerprint')}, which committed no shard; "
-                  f"it now holds this one ({'; '.join(verdict.changed) or 'other input files'})")
+            print(
+                f"sdfleet: {self.storage.url()} held job {old.get('fingerprint')}, which committed no shard; "
+                f"it now holds this one ({'; '.join(verdict.changed) or 'other input files'})"
+            )
 
     def _check_unclaimed_output_is_empty(self) -> None:
         """An output without a job record must hold nothing: stray *.tar files there would be read
@@ -344,9 +440,11 @@ class JobRunner:
             return  # another driver claimed it meanwhile; the claim decides
         strays = sorted(n for n in found if not layout.is_transient(n))
         if strays:
-            raise SpecError(f"output.uri {self.storage.url()} holds {len(strays)} file(s) but no {layout.JOB_FILE} "
-                            f"(e.g. {', '.join(strays[:5])}): it is not an sdfleet output. Give an empty or new "
-                            "output.uri, or remove those files")
+            raise SpecError(
+                f"output.uri {self.storage.url()} holds {len(strays)} file(s) but no {layout.JOB_FILE} "
+                f"(e.g. {', '.join(strays[:5])}): it is not an sdfleet output. Give an empty or new "
+                "output.uri, or remove those files"
+            )
 
     def _probe_exclusive_create(self) -> bool:
         """Create one probe object twice: the second create must fail. Commits rely on it."""
@@ -364,15 +462,21 @@ class JobRunner:
                 f"{self.storage.url()} created an object that already existed (it ignores S3's If-None-Match: *), "
                 "and sdfleet's commits rely on that refusal: two workers could both commit one shard. Use a "
                 "store that honours conditional writes, or set output.allow_non_exclusive_commits: true to go "
-                "on without that guarantee")
+                "on without that guarantee"
+            )
         if not honoured:
-            log.warning("%s ignores conditional writes; going on as output.allow_non_exclusive_commits says: "
-                        "two workers finishing one shard could both commit it", self.storage.url())
+            log.warning(
+                "%s ignores conditional writes; going on as output.allow_non_exclusive_commits says: "
+                "two workers finishing one shard could both commit it",
+                self.storage.url(),
+            )
         return honoured
 
     def _report(self, plan: Plan, quarantined) -> None:
-        print(f"{len(quarantined)} shard(s) quarantined after {self.spec.resources.max_attempts} attempts:",
-              file=sys.stderr)
+        print(
+            f"{len(quarantined)} shard(s) quarantined after {self.spec.resources.max_attempts} attempts:",
+            file=sys.stderr,
+        )
         for shard_id, task in sorted(quarantined.items()):
             last = task.errors[-1].error.strip().splitlines() if task.errors else ["?"]
             name = plan.shard_name(shard_id)
@@ -382,8 +486,10 @@ class JobRunner:
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'key: old -> new' for each fingerprinted key that differs between two job records."""
     before, after = old.get("fingerprint_fields", {}), new["fingerprint_fields"]
-    out = [f"{k}: {json.dumps(before.get(k, '<unset>'))} -> {json.dumps(after.get(k, '<unset>'))}"
-           for k in diff_fingerprint_fields(before, after)]
+    out = [
+        f"{k}: {json.dumps(before.get(k, '<unset>'))} -> {json.dumps(after.get(k, '<unset>'))}"
+        for k in diff_fingerprint_fields(before, after)
+    ]
     if old.get("input_files") != new["input_files"]:
         out.append("input files (names, sizes or row counts)")
     return out

@@ -45,8 +45,10 @@ def clip_tokenizer():
     # merges; the old vocab_file=/merges_file= kwargs are silently ignored and
     # leave a 3-token vocabulary behind.
     return CLIPTokenizer(
-        vocab=vocab, merges=[tuple(m.split(" ")) for m in _MERGES],
-        pad_token=_EOS, model_max_length=_MAX_LEN,
+        vocab=vocab,
+        merges=[tuple(m.split(" ")) for m in _MERGES],
+        pad_token=_EOS,
+        model_max_length=_MAX_LEN,
     )
 
 
@@ -65,7 +67,13 @@ def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathl
     """
     import torch
     import diffusers
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        PNDMScheduler,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if variant not in TINY_SD2_VARIANTS:
@@ -78,7 +86,9 @@ def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathl
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size={"768-v": 12, "upscale": 16}.get(variant, 8), in_channels=in_channels, out_channels=4,
+        sample_size={"768-v": 12, "upscale": 16}.get(variant, 8),
+        in_channels=in_channels,
+        out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -99,44 +109,80 @@ def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathl
         block_out_channels=(8, 8, 16, 16)[:blocks],
         down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks,
-        in_channels=3, out_channels=3, latent_channels=4,
-        layers_per_block=1, norm_num_groups=8, sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
         scaling_factor=0.08333 if variant == "upscale" else 0.18215,
     )
 
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=2, projection_dim=hidden, hidden_act="gelu",
-        vocab_size=len(tokenizer), max_position_embeddings=_MAX_LEN,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=hidden,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=hidden,
+            hidden_act="gelu",
+            vocab_size=len(tokenizer),
+            max_position_embeddings=_MAX_LEN,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
 
     # SD2-base's shipped scheduler config (its model card swaps in Euler at
     # run time; the repo itself holds PNDM/PLMS). Built via from_config because
     # SD's config carries clip_sample, which PNDM's constructor does not accept.
     # 768-v and the upscaler are v-prediction checkpoints and ship DDIM, as their repos do.
-    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    schedule = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        steps_offset=1,
+        clip_sample=False,
+    )
     if variant in ("768-v", "upscale"):
         scheduler = DDIMScheduler.from_config({**schedule, "prediction_type": "v_prediction"})
     else:
-        scheduler = PNDMScheduler.from_config({**schedule, "prediction_type": "epsilon", "skip_prk_steps": True})
+        scheduler = PNDMScheduler.from_config(
+            {**schedule, "prediction_type": "epsilon", "skip_prk_steps": True}
+        )
 
-    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    parts = dict(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+    )
     if variant in ("base", "768-v", "inpaint"):
-        cls = {"inpaint": diffusers.StableDiffusionInpaintPipeline}.get(variant, diffusers.StableDiffusionPipeline)
-        pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        cls = {"inpaint": diffusers.StableDiffusionInpaintPipeline}.get(
+            variant, diffusers.StableDiffusionPipeline
+        )
+        pipe = cls(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     elif variant == "depth":
         pipe = diffusers.StableDiffusionDepth2ImgPipeline(**parts, **_tiny_depth_estimator())
     else:
         # The upscaler noises its low-resolution input with a DDPM schedule, up to max_noise_level.
-        low_res = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0001,
-                                beta_end=0.02)
-        pipe = diffusers.StableDiffusionUpscalePipeline(**parts, low_res_scheduler=low_res, safety_checker=None,
-                                                        feature_extractor=None, watermarker=None,
-                                                        max_noise_level=350)
+        low_res = DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.0001,
+            beta_end=0.02,
+        )
+        pipe = diffusers.StableDiffusionUpscalePipeline(
+            **parts,
+            low_res_scheduler=low_res,
+            safety_checker=None,
+            feature_extractor=None,
+            watermarker=None,
+            max_noise_level=350,
+        )
     out = pathlib.Path(path)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
@@ -149,10 +195,19 @@ def _tiny_depth_estimator() -> dict:
 
     torch.manual_seed(0)
     # Four transformer layers feed DPT's four reassemble stages, as ViT-based MiDaS does.
-    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
-                       image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
-                       neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5],
-                       is_hybrid=False)
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 8, 16, 16],
+        fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5],
+        is_hybrid=False,
+    )
     processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
     return {"depth_estimator": DPTForDepthEstimation(config).eval(), "feature_extractor": processor}
 
@@ -200,10 +255,21 @@ def write_tiny_clip_checker(path: str | os.PathLike, flag: str = "nothing") -> p
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "vocab_size": 100},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "vocab_size": 100,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=16,
     )
     checker = StableDiffusionSafetyChecker(config).eval()
@@ -215,7 +281,9 @@ def write_tiny_clip_checker(path: str | os.PathLike, flag: str = "nothing") -> p
         checker.special_care_embeds_weights.fill_(threshold)
     out = pathlib.Path(path)
     checker.save_pretrained(out, safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(out)
     return out
 
 
@@ -225,8 +293,16 @@ def write_tiny_hf_classifier(path: str | os.PathLike, flag: str = "nothing") -> 
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=37, id2label={0: "normal", 1: "nsfw"}, label2id={"normal": 0, "nsfw": 1})
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        id2label={0: "normal", 1: "nsfw"},
+        label2id={"normal": 0, "nsfw": 1},
+    )
     model = ViTForImageClassification(config).eval()
     with torch.no_grad():
         model.classifier.bias.zero_()
@@ -242,7 +318,10 @@ def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
     folder = pathlib.Path(folder)
     return {
         "pipeline": write_tiny_pipeline(folder / "tiny-sd2"),
-        **{f"pipeline {v}": write_tiny_pipeline(folder / f"tiny-sd2-{v}", v) for v in TINY_SD2_VARIANTS[1:]},
+        **{
+            f"pipeline {v}": write_tiny_pipeline(folder / f"tiny-sd2-{v}", v)
+            for v in TINY_SD2_VARIANTS[1:]
+        },
         "nsfw-detector": write_tiny_nsfw_model(folder / "tiny-nsfw.h5"),
         "clip-checker": write_tiny_clip_checker(folder / "tiny-clip-checker"),
         "hf-classifier": write_tiny_hf_classifier(folder / "tiny-hf-classifier"),
@@ -266,12 +345,25 @@ def write_tiny_clip(path: str | os.PathLike) -> pathlib.Path:
     tokenizer = clip_tokenizer()
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "vocab_size": len(tokenizer), "max_position_embeddings": _MAX_LEN,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": _MAX_LEN,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=16,
     )
     model = CLIPModel(config).eval()
@@ -285,7 +377,9 @@ def write_tiny_clip(path: str | os.PathLike) -> pathlib.Path:
         model.vision_model.post_layernorm.bias.copy_(shared)
     out = pathlib.Path(path)
     model.save_pretrained(out, safe_serialization=True)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
 
@@ -309,7 +403,11 @@ def write_tiny_inception(path: str | os.PathLike) -> pathlib.Path:
         net.conv2.bn.weight.mul_(10.0)  # features of order 1, so FIDs are not all ~0.001
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {
+        k: v.contiguous()
+        for k, v in net.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     save_file(state, str(out), metadata={ARCH_METADATA_KEY: TinyFeatureExtractor.arch})
     return out
 
@@ -328,7 +426,10 @@ def _write_head(path, widths: list[int], metadata: dict[str, str], normalization
     tensors = {}
     for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
         layer = torch.nn.Linear(n_in, n_out)
-        tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = layer.weight.detach(), layer.bias.detach()
+        tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = (
+            layer.weight.detach(),
+            layer.bias.detach(),
+        )
     if normalization:
         tensors["input_mean"] = torch.randn(widths[0]) * 0.05
         tensors["input_variance"] = torch.rand(widths[0]) * 0.01 + 0.005
@@ -339,12 +440,20 @@ def _write_head(path, widths: list[int], metadata: dict[str, str], normalization
 
 
 def write_tiny_aesthetic_head(path: str | os.PathLike, embedding_size: int = 16) -> pathlib.Path:
-    return _write_head(path, [embedding_size, 32, 16, 8, 4, 1],
-                       {"sdfleet_head": "aesthetic", "hidden_activation": "none", "output": "identity"},
-                       normalization=False, seed=2)
+    return _write_head(
+        path,
+        [embedding_size, 32, 16, 8, 4, 1],
+        {"sdfleet_head": "aesthetic", "hidden_activation": "none", "output": "identity"},
+        normalization=False,
+        seed=2,
+    )
 
 
 def write_tiny_nsfw_head(path: str | os.PathLike, embedding_size: int = 16) -> pathlib.Path:
-    return _write_head(path, [embedding_size, 32, 16, 1],
-                       {"sdfleet_head": "nsfw", "hidden_activation": "relu", "output": "sigmoid"},
-                       normalization=True, seed=3)
+    return _write_head(
+        path,
+        [embedding_size, 32, 16, 1],
+        {"sdfleet_head": "nsfw", "hidden_activation": "relu", "output": "sigmoid"},
+        normalization=True,
+        seed=3,
+    )

@@ -50,7 +50,11 @@ def is_transient(name: str) -> bool:
     """A name sdfleet uses while writing, never an output file: a probe, a local write's hidden temp
     file, a staged file not yet published."""
     base = name.rsplit("/", 1)[-1]
-    return base.startswith(PROBE_PREFIX) or (base.startswith(".") and base.endswith((".tmp", ".staged")))
+    return base.startswith(PROBE_PREFIX) or (
+        base.startswith(".") and base.endswith((".tmp", ".staged"))
+    )
+
+
 # A small sample of the images, embedded in the dataset card.
 CARD_SHEET = f"{PREVIEW_DIR}/card_contact_sheet.png"
 CONTACT_SHEET = f"{PREVIEW_DIR}/contact_sheet.png"
@@ -79,8 +83,12 @@ MIME_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "we
 # Content types of what an output holds, so a browser shows the gallery and the card instead of
 # downloading them (S3 serves binary/octet-stream otherwise).
 CONTENT_TYPES = {
-    **MIME_TYPES, "tar": "application/x-tar", "parquet": "application/vnd.apache.parquet",
-    "json": "application/json", "html": "text/html; charset=utf-8", "md": "text/markdown; charset=utf-8",
+    **MIME_TYPES,
+    "tar": "application/x-tar",
+    "parquet": "application/vnd.apache.parquet",
+    "json": "application/json",
+    "html": "text/html; charset=utf-8",
+    "md": "text/markdown; charset=utf-8",
 }
 
 
@@ -129,7 +137,11 @@ def xy_grid_file(x: str, y: str, prompt_id: str | None = None) -> str:
 
 def score_files(name: str) -> dict[str, str]:
     """The files `sdfleet score --out NAME` writes into the output, by role."""
-    return {"scores": f"{name}.parquet", "summary": f"{name}_summary.json", "plot": f"{name}_fid_vs_clip.png"}
+    return {
+        "scores": f"{name}.parquet",
+        "summary": f"{name}_summary.json",
+        "plot": f"{name}_fid_vs_clip.png",
+    }
 
 
 def image_member(key: str, image_format: str) -> str:

@@ -12,7 +12,14 @@ STATUS_FAILED = "failed"
 STATUS_REJECTED = "rejected"
 STATUS_DUPLICATE = "duplicate"
 STATUS_SKIPPED = "skipped"
-STATUSES = (STATUS_OK, STATUS_FILTERED, STATUS_FAILED, STATUS_REJECTED, STATUS_DUPLICATE, STATUS_SKIPPED)
+STATUSES = (
+    STATUS_OK,
+    STATUS_FILTERED,
+    STATUS_FAILED,
+    STATUS_REJECTED,
+    STATUS_DUPLICATE,
+    STATUS_SKIPPED,
+)
 
 # Prompt rows: the prompt and negative prompt columns hold text, as strings or as UTF-8 bytes
 # (a row whose bytes are not UTF-8 is recorded failed, not fatal); the id column may be any

@@ -88,8 +88,16 @@ class GenerationParams:
 
     def batch_key(self) -> tuple:
         # Samples that share these can go through the pipeline in one call.
-        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler,
-                self.strength, self.noise_level, self.image.size if self.image else None)
+        return (
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.width,
+            self.height,
+            self.scheduler,
+            self.strength,
+            self.noise_level,
+            self.image.size if self.image else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -115,8 +123,12 @@ class Sample:
     error: str | None = None
     passthrough: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None  # the row's text, kept for failed rows too (params is None there)
-    planned: GenerationParams | None = None  # what a failed row would have used (seed, guidance ...)
-    origin: dict[str, Any] = field(default_factory=dict)  # source_* columns, when the input is an output
+    planned: GenerationParams | None = (
+        None  # what a failed row would have used (seed, guidance ...)
+    )
+    origin: dict[str, Any] = field(
+        default_factory=dict
+    )  # source_* columns, when the input is an output
     # Best-of-N: the (prompt, sweep point) group this candidate slot belongs to, and its slot there.
     group: int | None = None
     candidate: int | None = None
@@ -148,7 +160,9 @@ def _first_set(*values):
     return next((v for v in values if v is not None), None)
 
 
-def sample_id(model_source: str, model_revision: str | None, params: GenerationParams, scheduler: str) -> str:
+def sample_id(
+    model_source: str, model_revision: str | None, params: GenerationParams, scheduler: str
+) -> str:
     """The identity of one image across jobs: everything that determines its pixels."""
     payload = {
         "model_source": model_source,
@@ -164,8 +178,11 @@ def sample_id(model_source: str, model_revision: str | None, params: GenerationP
     }
     # The image tasks' inputs and parameters, only where there are any: a text-to-image sample
     # keeps the id it had before there were other tasks.
-    extra = {"strength": params.strength, "noise_level": params.noise_level,
-             "input_image_sha256": params.image.sha256 if params.image else None,
-             "mask_image_sha256": params.mask.sha256 if params.mask else None}
+    extra = {
+        "strength": params.strength,
+        "noise_level": params.noise_level,
+        "input_image_sha256": params.image.sha256 if params.image else None,
+        "mask_image_sha256": params.mask.sha256 if params.mask else None,
+    }
     payload.update({k: v for k, v in extra.items() if v is not None})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

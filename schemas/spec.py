@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.tasks import TASK_NAMES, TASK_PARAMETERS, TASKS, TEXT_TO_IMAGE
 
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo such as `guidence_scale` must not silently use the default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -47,7 +48,9 @@ class ModelSpec(_Section):
     @classmethod
     def _source_not_empty(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("model.source is empty; give a hub id, a local folder or an s3:// folder")
+            raise ValueError(
+                "model.source is empty; give a hub id, a local folder or an s3:// folder"
+            )
         return v
 
     @field_validator("scheduler")
@@ -72,7 +75,9 @@ class InputSpec(_Section):
 def _check_multiple_of_8(name: str, v: int) -> int:
     # The VAE downsamples by 8: other sizes fail deep inside the UNet with a shape error.
     if v % 8:
-        raise ValueError(f"{name}={v} is not divisible by 8; use e.g. {v - v % 8 or 8} or {v - v % 8 + 8}")
+        raise ValueError(
+            f"{name}={v} is not divisible by 8; use e.g. {v - v % 8 or 8} or {v - v % 8 + 8}"
+        )
     return v
 
 
@@ -99,8 +104,15 @@ class GenerationSpec(_Section):
 
 
 # Keys a sweep axis may vary. Each is a per-sample generation parameter recorded in its own column.
-SWEEPABLE = ("guidance_scale", "num_inference_steps", "width", "height", "negative_prompt", "scheduler",
-             *TASK_PARAMETERS)
+SWEEPABLE = (
+    "guidance_scale",
+    "num_inference_steps",
+    "width",
+    "height",
+    "negative_prompt",
+    "scheduler",
+    *TASK_PARAMETERS,
+)
 
 
 class SweepSpec(_Section):
@@ -120,7 +132,9 @@ class SweepSpec(_Section):
             if bad:
                 raise ValueError(f"sweep.seeds has {bad[0]}, outside [0, 2**63)")
             if len(set(v)) != len(v):
-                raise ValueError(f"sweep.seeds={v} repeats a seed, which would generate duplicate images")
+                raise ValueError(
+                    f"sweep.seeds={v} repeats a seed, which would generate duplicate images"
+                )
         return v
 
     @field_validator("axes")
@@ -128,7 +142,9 @@ class SweepSpec(_Section):
     def _axes(cls, v: dict[str, list[Any]]):
         for key, values in v.items():
             if key not in SWEEPABLE:
-                raise ValueError(f"sweep.axes.{key} cannot be swept; sweepable keys are {', '.join(SWEEPABLE)}")
+                raise ValueError(
+                    f"sweep.axes.{key} cannot be swept; sweepable keys are {', '.join(SWEEPABLE)}"
+                )
             if not isinstance(values, list) or not values:
                 raise ValueError(f"sweep.axes.{key}={values!r}: give a non-empty list of values")
             if len({json.dumps(x, sort_keys=True) for x in values}) != len(values):
@@ -160,8 +176,11 @@ class OutputSpec(_Section):
     def _format_name(cls, v):
         aliases = {"jpg": "jpeg", "JPG": "jpeg", "JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
         if v in aliases:
-            raise ValueError(f"did you mean {aliases[v]!r}? image_format is one of 'jpeg', 'png', 'webp'")
+            raise ValueError(
+                f"did you mean {aliases[v]!r}? image_format is one of 'jpeg', 'png', 'webp'"
+            )
         return v
+
     quality: int = Field(95, ge=1, le=100)
     # Keys are f"{shard:05d}{offset:04d}": four digits of offset, so at most 10,000 per shard.
     samples_per_shard: int = Field(1000, ge=1, le=10_000)
@@ -184,7 +203,9 @@ DEFAULT_UNSAFE_CLASSES = {
 
 
 class SafetySpec(_Section):
-    detector: Literal["nsfw-detector", "clip-checker", "hf-classifier", "laion-clip-nsfw", "none"] = "nsfw-detector"
+    detector: Literal[
+        "nsfw-detector", "clip-checker", "hf-classifier", "laion-clip-nsfw", "none"
+    ] = "nsfw-detector"
     # Detector weights: a local path, an s3:// copy (cached per node), or for clip-checker and
     # hf-classifier a hub id. nsfw-detector takes a Keras .h5 file or SavedModel folder;
     # laion-clip-nsfw the LAION NSFW head as safetensors, reading curation.clip_model's embedding.
@@ -201,17 +222,25 @@ class SafetySpec(_Section):
     @classmethod
     def _classes(cls, v):
         if v is not None and not v:
-            raise ValueError("safety.unsafe_classes=[] would never flag anything; use action: score instead")
+            raise ValueError(
+                "safety.unsafe_classes=[] would never flag anything; use action: score instead"
+            )
         return v
 
     def resolved_unsafe_classes(self) -> list[str] | None:
-        return self.unsafe_classes if self.unsafe_classes is not None else DEFAULT_UNSAFE_CLASSES[self.detector]
+        return (
+            self.unsafe_classes
+            if self.unsafe_classes is not None
+            else DEFAULT_UNSAFE_CLASSES[self.detector]
+        )
 
     def check_runnable(self) -> None:
         """Called before a job starts (not at parse time, so `sdfleet plan` works on any spec)."""
         if self.detector != "none" and not self.model:
-            weights = {"nsfw-detector": "path or s3:// URI of its weights (a Keras .h5 file or SavedModel folder)",
-                       "laion-clip-nsfw": "path or s3:// URI of its head (a .safetensors file)"}
+            weights = {
+                "nsfw-detector": "path or s3:// URI of its weights (a Keras .h5 file or SavedModel folder)",
+                "laion-clip-nsfw": "path or s3:// URI of its head (a .safetensors file)",
+            }
             raise SpecError(
                 f"safety.detector={self.detector!r} needs safety.model: the "
                 f"{weights.get(self.detector, 'path, s3:// URI or hub id of its weights')}; "
@@ -244,7 +273,9 @@ class ResourcesSpec(_Section):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size(cls, value):
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024):
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024
+        ):
             return value
         raise ValueError(f"batch_size must be an integer from 1 to 1024, or auto; got {value!r}")
 
@@ -294,7 +325,9 @@ class EngineSpec(_Section):
     @classmethod
     def _compile_cache(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("engine.compile_cache is empty; use node, off, a folder or an s3:// prefix")
+            raise ValueError(
+                "engine.compile_cache is empty; use node, off, a folder or an s3:// prefix"
+            )
         return v
 
 
@@ -330,21 +363,33 @@ class CurationSpec(_Section):
     def _scorers_for_what_reads_them(self):
         for key in ("aesthetic_model", "nsfw_model"):
             if getattr(self, key) and not self.clip_model:
-                raise ValueError(f"curation.{key} reads CLIP image embeddings: set curation.clip_model to the "
-                                 "CLIP checkpoint the head was trained on (ViT-L/14 for LAION's)")
+                raise ValueError(
+                    f"curation.{key} reads CLIP image embeddings: set curation.clip_model to the "
+                    "CLIP checkpoint the head was trained on (ViT-L/14 for LAION's)"
+                )
         for gate, scorer in CURATION_GATES.items():
             if getattr(self, gate) is not None and not getattr(self, scorer):
-                raise ValueError(f"curation.{gate} needs curation.{scorer}, the model whose score it gates")
+                raise ValueError(
+                    f"curation.{gate} needs curation.{scorer}, the model whose score it gates"
+                )
         if self.dedup_threshold is not None and not self.clip_model:
-            raise ValueError("curation.dedup_threshold compares CLIP image embeddings: set curation.clip_model")
+            raise ValueError(
+                "curation.dedup_threshold compares CLIP image embeddings: set curation.clip_model"
+            )
         if self.save_embeddings and not self.clip_model:
-            raise ValueError("curation.save_embeddings writes CLIP image embeddings: set curation.clip_model")
+            raise ValueError(
+                "curation.save_embeddings writes CLIP image embeddings: set curation.clip_model"
+            )
         if self.max_candidates is not None and self.images_per_prompt is None:
-            raise ValueError(f"curation.max_candidates={self.max_candidates} needs curation.images_per_prompt, "
-                             "the number of images to keep per prompt")
+            raise ValueError(
+                f"curation.max_candidates={self.max_candidates} needs curation.images_per_prompt, "
+                "the number of images to keep per prompt"
+            )
         if self.images_per_prompt is not None and self.candidates < self.images_per_prompt:
-            raise ValueError(f"curation.max_candidates={self.max_candidates} is under curation.images_per_prompt="
-                             f"{self.images_per_prompt}: a prompt could never have that many images")
+            raise ValueError(
+                f"curation.max_candidates={self.max_candidates} is under curation.images_per_prompt="
+                f"{self.images_per_prompt}: a prompt could never have that many images"
+            )
         return self
 
     @property
@@ -364,7 +409,11 @@ class CurationSpec(_Section):
 
 
 # Each gate and the model whose score it reads.
-CURATION_GATES = {"min_clip_score": "clip_model", "min_aesthetic": "aesthetic_model", "max_punsafe": "nsfw_model"}
+CURATION_GATES = {
+    "min_clip_score": "clip_model",
+    "min_aesthetic": "aesthetic_model",
+    "max_punsafe": "nsfw_model",
+}
 
 
 # The sections that reach storage, each with its own storage_options.
@@ -390,43 +439,63 @@ class JobSpec(_Section):
         name, task = self.model.task, TASKS[self.model.task]
         inp, gen, axes = self.input, self.generation, self.sweep.axes
         if not task.image and inp.image_column:
-            raise ValueError(f"input.image_column={inp.image_column!r} is for the image tasks; model.task={name} "
-                             "takes none (set model.task: image-to-image, inpaint, depth-to-image or upscale)")
+            raise ValueError(
+                f"input.image_column={inp.image_column!r} is for the image tasks; model.task={name} "
+                "takes none (set model.task: image-to-image, inpaint, depth-to-image or upscale)"
+            )
         if task.mask and not inp.mask_column:
-            raise ValueError(f"model.task={name} needs input.mask_column: the column of masks (white = repaint)")
+            raise ValueError(
+                f"model.task={name} needs input.mask_column: the column of masks (white = repaint)"
+            )
         if not task.mask and inp.mask_column:
-            raise ValueError(f"input.mask_column={inp.mask_column!r} is for model.task=inpaint, not {name}")
+            raise ValueError(
+                f"input.mask_column={inp.mask_column!r} is for model.task=inpaint, not {name}"
+            )
         for key in TASK_PARAMETERS:
             if key not in task.parameters and (getattr(gen, key) is not None or key in axes):
                 takers = ", ".join(n for n, t in TASKS.items() if key in t.parameters)
-                raise ValueError(f"generation.{key} is for model.task {takers}; model.task={name} has no {key}")
+                raise ValueError(
+                    f"generation.{key} is for model.task {takers}; model.task={name} has no {key}"
+                )
         cur = self.curation
         if self.safety.detector == "laion-clip-nsfw" and not cur.clip_model:
-            raise ValueError("safety.detector=laion-clip-nsfw reads the CLIP image embedding curation computes: set "
-                             "curation.clip_model to the CLIP checkpoint its head was trained on (ViT-L/14 for LAION's)")
+            raise ValueError(
+                "safety.detector=laion-clip-nsfw reads the CLIP image embedding curation computes: set "
+                "curation.clip_model to the CLIP checkpoint its head was trained on (ViT-L/14 for LAION's)"
+            )
         if cur.best_of_n:
             if self.sweep.seeds != 1:
-                raise ValueError(f"sweep.seeds={self.sweep.seeds}: with curation.images_per_prompt the seeds are the "
-                                 f"candidates, {cur.candidates} per prompt (curation.max_candidates); leave "
-                                 "sweep.seeds at 1")
+                raise ValueError(
+                    f"sweep.seeds={self.sweep.seeds}: with curation.images_per_prompt the seeds are the "
+                    f"candidates, {cur.candidates} per prompt (curation.max_candidates); leave "
+                    "sweep.seeds at 1"
+                )
             if self.output.samples_per_shard % cur.candidates:
                 n = cur.candidates
-                raise ValueError(f"output.samples_per_shard={self.output.samples_per_shard} is not a multiple of "
-                                 f"curation.max_candidates={n}: a prompt's candidates must share a shard; use "
-                                 f"{max(n, self.output.samples_per_shard // n * n)}")
+                raise ValueError(
+                    f"output.samples_per_shard={self.output.samples_per_shard} is not a multiple of "
+                    f"curation.max_candidates={n}: a prompt's candidates must share a shard; use "
+                    f"{max(n, self.output.samples_per_shard // n * n)}"
+                )
         if task.image:
             for key in ("width", "height"):
                 if getattr(gen, key) is not None or key in axes:
-                    raise ValueError(f"generation.{key}: model.task={name} makes each image at its input "
-                                     f"image's size{' times 4' if task.scale == 4 else ''}; remove {key} "
-                                     "(or resize the input images)")
+                    raise ValueError(
+                        f"generation.{key}: model.task={name} makes each image at its input "
+                        f"image's size{' times 4' if task.scale == 4 else ''}; remove {key} "
+                        "(or resize the input images)"
+                    )
         return self
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Every key that changes what is written, flattened to dotted names."""
         data = self.model_dump(mode="json")
         flat = _flatten(data)
-        return {k: v for k, v in flat.items() if not _is_operational(k) and _ADDED_KEYS.get(k, flat) != v}
+        return {
+            k: v
+            for k, v in flat.items()
+            if not _is_operational(k) and _ADDED_KEYS.get(k, flat) != v
+        }
 
     def fingerprint(self, input_files: list[dict[str, Any]] | None = None) -> str:
         payload = {"spec": self.fingerprint_fields(), "input_files": input_files or []}
@@ -464,12 +533,29 @@ _OPERATIONAL_PREFIXES = (
 
 # Keys added after outputs were made, with the default that reproduces those outputs: left out of
 # the fingerprint at that default, so a job made before them still resumes after an upgrade.
-_ADDED_KEYS = {"model.task": TEXT_TO_IMAGE, "input.image_column": None, "input.mask_column": None,
-               "generation.strength": None, "generation.noise_level": None, "engine.vae_tiling": False,
-               **{f"curation.{k}": None for k in ("clip_model", "aesthetic_model", "nsfw_model", "min_clip_score",
-                                                   "min_aesthetic", "max_punsafe", "images_per_prompt",
-                                                   "max_candidates", "dedup_threshold")},
-               "curation.save_embeddings": False}
+_ADDED_KEYS = {
+    "model.task": TEXT_TO_IMAGE,
+    "input.image_column": None,
+    "input.mask_column": None,
+    "generation.strength": None,
+    "generation.noise_level": None,
+    "engine.vae_tiling": False,
+    **{
+        f"curation.{k}": None
+        for k in (
+            "clip_model",
+            "aesthetic_model",
+            "nsfw_model",
+            "min_clip_score",
+            "min_aesthetic",
+            "max_punsafe",
+            "images_per_prompt",
+            "max_candidates",
+            "dedup_threshold",
+        )
+    },
+    "curation.save_embeddings": False,
+}
 
 
 def _is_operational(key: str) -> bool:
@@ -574,10 +660,13 @@ def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
         "output": spec.output.model_copy(update={"uri": resolved(spec.output.uri, False)}),
         "model": spec.model.model_copy(update={"source": resolved(spec.model.source, True)}),
         "safety": spec.safety.model_copy(update={"model": resolved(spec.safety.model, True)}),
-        "curation": spec.curation.model_copy(update={
-            "clip_model": resolved(spec.curation.clip_model, True),
-            "aesthetic_model": resolved(spec.curation.aesthetic_model, False),
-            "nsfw_model": resolved(spec.curation.nsfw_model, False)}),
+        "curation": spec.curation.model_copy(
+            update={
+                "clip_model": resolved(spec.curation.clip_model, True),
+                "aesthetic_model": resolved(spec.curation.aesthetic_model, False),
+                "nsfw_model": resolved(spec.curation.nsfw_model, False),
+            }
+        ),
     }
     return spec.model_copy(update=updates)
 
@@ -587,7 +676,9 @@ def format_validation_error(e: ValidationError, data: dict[str, Any], source: st
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; `sdfleet` accepts only documented keys)")
+            lines.append(
+                f"  {key}: unknown key (check the spelling; `sdfleet` accepts only documented keys)"
+            )
         elif err["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         elif not key:  # a check across sections names its keys itself

@@ -39,12 +39,34 @@ TEXT_TO_IMAGE = "text-to-image"
 
 TASKS: dict[str, Task] = {
     TEXT_TO_IMAGE: Task("StableDiffusionPipeline", "AutoPipelineForText2Image", 4),
-    "image-to-image": Task("StableDiffusionImg2ImgPipeline", "AutoPipelineForImage2Image", 4, image=True, strength=0.8),
-    "inpaint": Task("StableDiffusionInpaintPipeline", "AutoPipelineForInpainting", 9, image=True, mask=True, strength=1.0),
-    "depth-to-image": Task("StableDiffusionDepth2ImgPipeline", None, 5, needs_component="depth_estimator", image=True,
-                           strength=0.8),
-    "upscale": Task("StableDiffusionUpscalePipeline", None, 7, needs_component="low_res_scheduler", image=True,
-                    noise_level=20, scale=4),
+    "image-to-image": Task(
+        "StableDiffusionImg2ImgPipeline", "AutoPipelineForImage2Image", 4, image=True, strength=0.8
+    ),
+    "inpaint": Task(
+        "StableDiffusionInpaintPipeline",
+        "AutoPipelineForInpainting",
+        9,
+        image=True,
+        mask=True,
+        strength=1.0,
+    ),
+    "depth-to-image": Task(
+        "StableDiffusionDepth2ImgPipeline",
+        None,
+        5,
+        needs_component="depth_estimator",
+        image=True,
+        strength=0.8,
+    ),
+    "upscale": Task(
+        "StableDiffusionUpscalePipeline",
+        None,
+        7,
+        needs_component="low_res_scheduler",
+        image=True,
+        noise_level=20,
+        scale=4,
+    ),
 }
 
 TASK_NAMES = tuple(TASKS)

@@ -39,7 +39,12 @@ TAG = "SDF_RAYSTART_TAG"
 # `ray start --head` flag: the GCS declares a node dead after about a second without an answer,
 # instead of about 20.
 FAST_HEALTH_CHECKS = "--system-config=" + json.dumps(
-    {"health_check_period_ms": 500, "health_check_failure_threshold": 2, "health_check_timeout_ms": 500})
+    {
+        "health_check_period_ms": 500,
+        "health_check_failure_threshold": 2,
+        "health_check_timeout_ms": 500,
+    }
+)
 
 
 def _read(path: str) -> bytes:
@@ -72,8 +77,11 @@ def actor_pids(cluster, running_only: bool = False) -> list[int]:
     """PIDs of ShardGenerator actor processes of this cluster (never anyone else's); with
     `running_only`, those whose process title says they are running a shard."""
     titles = {pid: proc_title(pid) for pid in cluster.processes()}
-    return [pid for pid, title in titles.items()
-            if "ShardGenerator" in title and (not running_only or ".run" in title)]
+    return [
+        pid
+        for pid, title in titles.items()
+        if "ShardGenerator" in title and (not running_only or ".run" in title)
+    ]
 
 
 def _own_ancestry() -> set[int]:
@@ -99,7 +107,9 @@ def find_processes(marker: str) -> list[int]:
         if pid in exclude:
             continue
         parents[pid] = _ppid(pid)
-        if in_cmdline.search(_read(f"/proc/{pid}/cmdline")) or in_environ.search(_read(f"/proc/{pid}/environ")):
+        if in_cmdline.search(_read(f"/proc/{pid}/cmdline")) or in_environ.search(
+            _read(f"/proc/{pid}/environ")
+        ):
             mine.add(pid)
     grew = True
     while grew:
@@ -153,10 +163,17 @@ def make_temp_dir(prefix: str = "sdf-ray-") -> Path:
 def _ray_start(args: list[str], env: dict, tag: Path, timeout: float) -> None:
     """Run `ray start` with the node's tag in its environment; RuntimeError with its output if it fails."""
     # Only the cluster's own processes carry the tag; `env` stays the environment for its clients.
-    done = subprocess.run([str(VENV_BIN / "ray"), "start", *args, "--disable-usage-stats"],
-                          env={**env, TAG: str(tag)}, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [str(VENV_BIN / "ray"), "start", *args, "--disable-usage-stats"],
+        env={**env, TAG: str(tag)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"ray start failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
+        raise RuntimeError(
+            f"ray start failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}"
+        )
 
 
 def _node_ports() -> list[str]:
@@ -214,9 +231,19 @@ class Head:
         name = f"worker{len(self.workers) + 1}"
         temp_dir = self.temp_dir / name
         temp_dir.mkdir()
-        _ray_start([f"--address={self.address}", f"--temp-dir={temp_dir}", *_node_ports(),
-                    f"--metrics-export-port={free_port()}", f"--resources={json.dumps({name: 1})}", *args],
-                   {**self.env, "RAY_TMPDIR": str(temp_dir)}, temp_dir, timeout)
+        _ray_start(
+            [
+                f"--address={self.address}",
+                f"--temp-dir={temp_dir}",
+                *_node_ports(),
+                f"--metrics-export-port={free_port()}",
+                f"--resources={json.dumps({name: 1})}",
+                *args,
+            ],
+            {**self.env, "RAY_TMPDIR": str(temp_dir)},
+            temp_dir,
+            timeout,
+        )
         worker = WorkerNode(name, temp_dir)
         self.workers.append(worker)
         return worker
@@ -233,7 +260,9 @@ class Head:
 
     def nodes(self) -> list[dict]:
         """Every node the GCS knows, alive or dead, from the dashboard's state API (no Ray client here)."""
-        with urllib.request.urlopen(f"{self.dashboard_url}/api/v0/nodes?limit=100&detail=1", timeout=10) as r:
+        with urllib.request.urlopen(
+            f"{self.dashboard_url}/api/v0/nodes?limit=100&detail=1", timeout=10
+        ) as r:
             return json.load(r)["data"]["result"]["result"]
 
     def alive_nodes(self) -> list[dict]:
@@ -259,13 +288,20 @@ class Head:
             time.sleep(0.3)
         left = self.processes()
         if left:
-            raise RuntimeError(f"processes of the Ray head in {self.temp_dir} survived SIGKILL: {left}")
+            raise RuntimeError(
+                f"processes of the Ray head in {self.temp_dir} survived SIGKILL: {left}"
+            )
         if remove:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_head(*args: str, temp_dir: Path | None = None, env: dict | None = None, port: int | None = None,
-               timeout: float = 120) -> Head:
+def start_head(
+    *args: str,
+    temp_dir: Path | None = None,
+    env: dict | None = None,
+    port: int | None = None,
+    timeout: float = 120,
+) -> Head:
     """`ray start --head` on its own temp dir and ports, with extra flags in `args` (e.g. --num-gpus=2)
     and extra environment in `env`, which every process of the cluster inherits.
 
@@ -285,13 +321,30 @@ def start_head(*args: str, temp_dir: Path | None = None, env: dict | None = None
         **(env or {}),
     }
     cluster_env.pop("RAY_ADDRESS", None)
-    head = Head(temp_dir=temp_dir, address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
-                metrics_port=metrics_port, env=cluster_env)
+    head = Head(
+        temp_dir=temp_dir,
+        address=f"127.0.0.1:{port}",
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        metrics_port=metrics_port,
+        env=cluster_env,
+    )
     try:
-        _ray_start(["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
-                    f"--metrics-export-port={metrics_port}", *_node_ports(), *args],
-                   cluster_env, temp_dir, timeout)
+        _ray_start(
+            [
+                "--head",
+                f"--port={port}",
+                f"--temp-dir={temp_dir}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+                f"--metrics-export-port={metrics_port}",
+                *_node_ports(),
+                *args,
+            ],
+            cluster_env,
+            temp_dir,
+            timeout,
+        )
         # Ray swaps a loopback --node-ip-address for the machine's routable IP; ask it which it chose.
         address_file = temp_dir / "ray_current_cluster"
         if address_file.exists():
@@ -341,9 +394,15 @@ class Sampler(threading.Thread):
         self.join(timeout=30)
 
     def summary(self) -> str:
-        errors = f"; probe failed {len(self.probe_errors)}x, last {self.probe_errors[-1]}" if self.probe_errors else ""
-        return (f"peak {self.peak_procs} processes, RSS {self.peak_rss / 2**30:.2f} GiB, "
-                f"PSS {self.peak_pss / 2**30:.2f} GiB{errors}")
+        errors = (
+            f"; probe failed {len(self.probe_errors)}x, last {self.probe_errors[-1]}"
+            if self.probe_errors
+            else ""
+        )
+        return (
+            f"peak {self.peak_procs} processes, RSS {self.peak_rss / 2**30:.2f} GiB, "
+            f"PSS {self.peak_pss / 2**30:.2f} GiB{errors}"
+        )
 
     def __enter__(self):
         self.start()

@@ -94,9 +94,14 @@ def ray_cluster(tmp_path_factory, s3_endpoint):
     from clusters import make_temp_dir, start_head
 
     model_cache = tmp_path_factory.mktemp("node-cache")
-    head = start_head("--num-cpus=2", "--num-gpus=2", "--object-store-memory=200000000",
-                      "--include-dashboard=false", temp_dir=make_temp_dir("sdf-rc-"),
-                      env={"SDFLEET_CACHE": str(model_cache)})
+    head = start_head(
+        "--num-cpus=2",
+        "--num-gpus=2",
+        "--object-store-memory=200000000",
+        "--include-dashboard=false",
+        temp_dir=make_temp_dir("sdf-rc-"),
+        env={"SDFLEET_CACHE": str(model_cache)},
+    )
     head.model_cache = model_cache
     yield head
     head.stop()

@@ -44,17 +44,31 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.1):
 # ------------------------------------------------------------------------------------ the CLI
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run `sdfleet ...` as a user would, in a fresh process. `env` adds to this environment; a
     value of None unsets the variable."""
-    return subprocess.run([*SDFLEET, *args], cwd=REPO, env=_environment(env), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [*SDFLEET, *args],
+        cwd=REPO,
+        env=_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
     """`sdfleet ...` in the background, for tests that act while it runs."""
-    return subprocess.Popen([*SDFLEET, *args], cwd=REPO, env=_environment(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*SDFLEET, *args],
+        cwd=REPO,
+        env=_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _environment(changes: dict | None) -> dict:
@@ -88,8 +102,12 @@ def bucket_with_prompts(prefix: str):
     fs = s3fs.S3FileSystem()
     fs.bucket = f"{prefix}-{uuid.uuid4().hex[:10]}"
     fs.mkdir(fs.bucket)
-    write_prompts(f"{fs.bucket}/prompts/p.parquet", [f"a landscape, variation {i}" for i in range(N_PROMPTS)],
-                  storage=fs, row_group_size=4)
+    write_prompts(
+        f"{fs.bucket}/prompts/p.parquet",
+        [f"a landscape, variation {i}" for i in range(N_PROMPTS)],
+        storage=fs,
+        row_group_size=4,
+    )
     return fs
 
 
@@ -139,19 +157,25 @@ def rows_of(out: str) -> list[dict]:
     return rows
 
 
-def assert_exactly_once(out: str, samples: int = N_PROMPTS * 2, shards: int = 8, images: int | None = None) -> list[dict]:
+def assert_exactly_once(
+    out: str, samples: int = N_PROMPTS * 2, shards: int = 8, images: int | None = None
+) -> list[dict]:
     """Every shard committed once, every sample once; `images` in the tars (default: one per sample)."""
     storage = output_storage(out)
     assert committed(out) == [f"{i:05d}_stats.json" for i in range(shards)]
     rows = rows_of(out)
     assert len(rows) == samples and len({r["key"] for r in rows}) == samples
     assert len({r["sample_id"] for r in rows}) == samples
-    assert sum(json.loads(storage.read_bytes("sizes.json")).values()) == (samples if images is None else images)
+    assert sum(json.loads(storage.read_bytes("sizes.json")).values()) == (
+        samples if images is None else images
+    )
     assert storage.exists("_SUCCESS")
     for name in storage.list("*_stats.json"):
         stats = storage.read_json(name)
         parquet = storage.read_bytes(name.replace("_stats.json", ".parquet"))
-        assert hashlib.sha256(parquet).hexdigest() == stats["parquet_sha256"]  # one consistent commit
+        assert (
+            hashlib.sha256(parquet).hexdigest() == stats["parquet_sha256"]
+        )  # one consistent commit
     return rows
 
 
@@ -163,8 +187,10 @@ def same_dataset(a: str, b: str) -> None:
     assert sa.list("*.tar") == sb.list("*.tar")
     for name in sa.list("*.tar"):
         assert sa.read_bytes(name) == sb.read_bytes(name), name
-    strip = lambda rows: sorted(({k: v for k, v in r.items() if k not in RUN_COLUMNS} for r in rows),  # noqa: E731
-                                key=lambda r: r["key"])
+    strip = lambda rows: sorted(
+        ({k: v for k, v in r.items() if k not in RUN_COLUMNS} for r in rows),  # noqa: E731
+        key=lambda r: r["key"],
+    )
     assert strip(rows_of(a)) == strip(rows_of(b))
 
 
@@ -205,7 +231,7 @@ def check_sdfleet_command(line: str) -> list[str]:
 
     words = shlex.split(line)
     assert "sdfleet" in words, f"no sdfleet command in {line!r}"
-    argv = words[words.index("sdfleet") + 1:]
+    argv = words[words.index("sdfleet") + 1 :]
     try:
         build_parser().parse_args(argv)
     except SystemExit:

@@ -68,7 +68,9 @@ class S3Proxy:
                     rule = next((r for r in proxy.rules if r.fires(self.command, self.path)), None)
                 if rule is not None and rule.action in ("503", "403"):
                     code = "SlowDown" if rule.action == "503" else "AccessDenied"
-                    self._reply(int(rule.action), _ERROR.format(code=code).encode(), "application/xml")
+                    self._reply(
+                        int(rule.action), _ERROR.format(code=code).encode(), "application/xml"
+                    )
                     return
                 if rule is not None and rule.action == "hang":
                     time.sleep(rule.hang_s)
@@ -87,7 +89,11 @@ class S3Proxy:
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
                 # A HEAD answer has no body but must keep the object's length.
-                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                length = (
+                    resp.getheader("Content-Length", "0")
+                    if self.command == "HEAD"
+                    else str(len(data))
+                )
                 self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":

@@ -36,11 +36,15 @@ def autoscaling_head():
     head_resources = config["available_node_types"]["ray.head.default"]["resources"]
     head = start_head(
         f"--autoscaling-config={temp_dir / 'autoscaler.yaml'}",
-        f"--num-cpus={head_resources['CPU']}", f"--num-gpus={head_resources['GPU']}",
+        f"--num-cpus={head_resources['CPU']}",
+        f"--num-gpus={head_resources['GPU']}",
         "--object-store-memory=150000000",
         temp_dir=temp_dir,
-        env={"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
-             "SDFLEET_CACHE": str(temp_dir / "cache")},  # inherited by the fake nodes too
+        env={
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_FAKE_CLUSTER": "1",
+            "SDFLEET_CACHE": str(temp_dir / "cache"),
+        },  # inherited by the fake nodes too
         port=port,
     )
     try:
@@ -50,7 +54,9 @@ def autoscaling_head():
 
 
 def gpu_nodes(head) -> list[str]:
-    return sorted(n["node_id"] for n in head.alive_nodes() if n.get("resources_total", {}).get("GPU"))
+    return sorted(
+        n["node_id"] for n in head.alive_nodes() if n.get("resources_total", {}).get("GPU")
+    )
 
 
 def raylets(head) -> list[int]:
@@ -63,7 +69,10 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(tmp_path, tiny_model, autosc
     assert gpu_nodes(head) == [], "the cluster must start without GPU nodes"
     assert [n["node_id"] for n in head.alive_nodes()] == [FAKE_HEAD_NODE_ID]
 
-    write_prompts(tmp_path / "in" / "p.parquet", [f"a lighthouse at dusk, variation {i}" for i in range(N_PROMPTS)])
+    write_prompts(
+        tmp_path / "in" / "p.parquet",
+        [f"a lighthouse at dusk, variation {i}" for i in range(N_PROMPTS)],
+    )
     out = tmp_path / "out"
     spec = {
         "name": "autoscaling",
@@ -89,7 +98,9 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(tmp_path, tiny_model, autosc
 
     # The spec lives in the cluster's temp dir, so the sampler counts the CLI's memory too.
     with Sampler(head, probe=probe) as sampler:
-        done = run_cli("run", str(spec_path), "--address", head.address, "--no-progress", timeout=300)
+        done = run_cli(
+            "run", str(spec_path), "--address", head.address, "--no-progress", timeout=300
+        )
         job_s = time.monotonic() - t0
         assert done.returncode == 0, done.stderr[-4000:] + "\n" + head.logs("monitor.*")
 
@@ -106,12 +117,16 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(tmp_path, tiny_model, autosc
 
         # Released: the job withdrew its request and killed its actors, so the idle nodes go.
         t_done = time.monotonic()
-        wait_for(lambda: not gpu_nodes(head), 60, "the autoscaler to remove the idle GPU nodes", poll=1)
+        wait_for(
+            lambda: not gpu_nodes(head), 60, "the autoscaler to remove the idle GPU nodes", poll=1
+        )
         release_s = time.monotonic() - t_done
         assert [n["node_id"] for n in head.alive_nodes()] == [FAKE_HEAD_NODE_ID]
         # ... and their processes are gone, not just marked dead: one raylet left, the head's.
         wait_for(lambda: len(raylets(head)) == 1, 30, "the removed nodes' raylets to exit")
     total_s = time.monotonic() - t0
     per_node = {n[-5:]: sum(r["worker_node"] == n for r in rows) for n in sorted(workers)}
-    print(f"\n[autoscaling] samples per node {per_node}; job {job_s:.1f}s, GPU nodes released "
-          f"{release_s:.1f}s after, test body {total_s:.1f}s; {sampler.summary()}")
+    print(
+        f"\n[autoscaling] samples per node {per_node}; job {job_s:.1f}s, GPU nodes released "
+        f"{release_s:.1f}s after, test body {total_s:.1f}s; {sampler.summary()}"
+    )

@@ -14,14 +14,27 @@ import yaml
 from helpers import free_port, run_cli, write_prompts
 
 # No credentials anywhere botocore looks (conftest keeps it off the instance-metadata address).
-NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,
-                  "AWS_PROFILE": None, "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+NO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": None,
+    "AWS_SECRET_ACCESS_KEY": None,
+    "AWS_SESSION_TOKEN": None,
+    "AWS_PROFILE": None,
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+}
 
 
 def spec_file(tmp_path, input_uri: str) -> str:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"input": {"uri": input_uri}, "output": {"uri": str(tmp_path / "out")},
-                                    "safety": {"detector": "none"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"uri": input_uri},
+                "output": {"uri": str(tmp_path / "out")},
+                "safety": {"detector": "none"},
+            }
+        )
+    )
     return str(path)
 
 
@@ -42,18 +55,29 @@ def prompts_on_s3(s3):
 
 def test_plan_without_credentials_says_what_to_set(tmp_path, prompts_on_s3):
     line = one_line_error(run_cli("plan", spec_file(tmp_path, prompts_on_s3), env=NO_CREDENTIALS))
-    assert prompts_on_s3.rstrip("/") in line and "no AWS credentials" in line and "AWS_ACCESS_KEY_ID" in line
+    assert (
+        prompts_on_s3.rstrip("/") in line
+        and "no AWS credentials" in line
+        and "AWS_ACCESS_KEY_ID" in line
+    )
 
 
 def test_plan_of_a_missing_bucket_names_it(tmp_path, s3_endpoint):
-    line = one_line_error(run_cli("plan", spec_file(tmp_path, "s3://no-such-bucket-sdfleet/prompts/")))
-    assert "s3://no-such-bucket-sdfleet/prompts/" in line and "no bucket 'no-such-bucket-sdfleet'" in line
+    line = one_line_error(
+        run_cli("plan", spec_file(tmp_path, "s3://no-such-bucket-sdfleet/prompts/"))
+    )
+    assert (
+        "s3://no-such-bucket-sdfleet/prompts/" in line
+        and "no bucket 'no-such-bucket-sdfleet'" in line
+    )
 
 
 def test_plan_against_an_unreachable_endpoint_names_the_endpoint(tmp_path, prompts_on_s3):
     dead = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
-    line = one_line_error(run_cli("plan", spec_file(tmp_path, prompts_on_s3), env={"AWS_ENDPOINT_URL": dead}))
+    line = one_line_error(
+        run_cli("plan", spec_file(tmp_path, prompts_on_s3), env={"AWS_ENDPOINT_URL": dead})
+    )
     assert prompts_on_s3.rstrip("/") in line and f"cannot connect to the S3 endpoint {dead}" in line
     assert time.monotonic() - t0 < 15  # not after botocore's minute of retries
 
@@ -66,4 +90,6 @@ def test_status_of_a_folder_that_is_not_an_output(tmp_path):
 def test_verbose_shows_the_traceback_behind_the_line(tmp_path):
     done = run_cli("-v", "status", str(tmp_path))
     assert done.returncode == 1
-    assert "Traceback" in done.stderr and done.stderr.rstrip().splitlines()[-1].startswith("sdfleet: error: ")
+    assert "Traceback" in done.stderr and done.stderr.rstrip().splitlines()[-1].startswith(
+        "sdfleet: error: "
+    )

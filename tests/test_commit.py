@@ -22,7 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from sdfleet.actors.storage import Storage
-from sdfleet.actors.writer import ShardCommit, ShardWriter, Spooled, committed_file_problems, publish_committed
+from sdfleet.actors.writer import (
+    ShardCommit,
+    ShardWriter,
+    Spooled,
+    committed_file_problems,
+    publish_committed,
+)
 from sdfleet.schemas import layout
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import output_schema
@@ -35,13 +41,40 @@ STEPS = 2 * len(FILES) + 1  # stage each file, commit, publish or discard each f
 
 def stats_for(writer: int, spooled: Spooled) -> ShardStats:
     return ShardStats(
-        shard=SHARD, shard_id=0, fingerprint="f" * 32, samples=3, ok=3, filtered=0, failed=0, images_in_tar=3,
-        quarantined_images=0, flagged=0, flagged_by_class={}, safety_detector="none", safety_model_sha256=None,
-        attempt=1, batch_size=writer + 1, engine_speed_ups=[], dtype="float32", device="cpu",
-        worker_node="node", worker_id=f"writer-{writer}", gpu_id=None, gen_seconds=0.0, gpu_seconds=0.0,
-        images_per_gpu_hour=None, wall_seconds=0.0, started_at="", finished_at="", started_ts=0.0,
-        generate_started_ts=0.0, generate_finished_ts=0.0, finished_ts=0.0,
-        tar_sha256=spooled.sha256[FILES[0]], parquet_sha256=spooled.sha256[FILES[1]])
+        shard=SHARD,
+        shard_id=0,
+        fingerprint="f" * 32,
+        samples=3,
+        ok=3,
+        filtered=0,
+        failed=0,
+        images_in_tar=3,
+        quarantined_images=0,
+        flagged=0,
+        flagged_by_class={},
+        safety_detector="none",
+        safety_model_sha256=None,
+        attempt=1,
+        batch_size=writer + 1,
+        engine_speed_ups=[],
+        dtype="float32",
+        device="cpu",
+        worker_node="node",
+        worker_id=f"writer-{writer}",
+        gpu_id=None,
+        gen_seconds=0.0,
+        gpu_seconds=0.0,
+        images_per_gpu_hour=None,
+        wall_seconds=0.0,
+        started_at="",
+        finished_at="",
+        started_ts=0.0,
+        generate_started_ts=0.0,
+        generate_finished_ts=0.0,
+        finished_ts=0.0,
+        tar_sha256=spooled.sha256[FILES[0]],
+        parquet_sha256=spooled.sha256[FILES[1]],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +82,16 @@ def spools():
     """Each writer's finished shard on local disk: its own image bytes and its own worker_id column."""
     made = []
     for w in range(3):
-        rows = [{"key": k, "shard_id": 0, "status": "ok", "prompt": f"prompt {k}", "worker_id": f"writer-{w}"}
-                for k in KEYS]
+        rows = [
+            {
+                "key": k,
+                "shard_id": 0,
+                "status": "ok",
+                "prompt": f"prompt {k}",
+                "worker_id": f"writer-{w}",
+            }
+            for k in KEYS
+        ]
         images = {k: f"writer {w}, image {k}; ".encode() * (40 + w) for k in KEYS}
         made.append(ShardWriter(None, "png").spool(SHARD, rows, images, output_schema()))
     yield made
@@ -78,24 +119,34 @@ def check_end_state(storage: Storage) -> str:
         assert not visible & set(FILES), "shard files visible without a commit"
         return "no commit"
     stats = ShardStats.model_validate(storage.read_json(layout.stats_file(SHARD)))
-    publish_committed(storage, stats)  # it also checks each file's size (and S3 ETag) against the stats
+    publish_committed(
+        storage, stats
+    )  # it also checks each file's size (and S3 ETag) against the stats
     assert set(stats.files) == set(FILES)
     data = {name: storage.read_bytes(name) for name in FILES}
     for name, content in data.items():
-        assert (len(content), hashlib.sha256(content).hexdigest()) == (stats.files[name].size,
-                                                                       stats.files[name].sha256), name
+        assert (len(content), hashlib.sha256(content).hexdigest()) == (
+            stats.files[name].size,
+            stats.files[name].sha256,
+        ), name
     rows = pq.read_table(io.BytesIO(data[layout.parquet_file(SHARD)])).to_pylist()
     assert [r["key"] for r in rows] == KEYS and {r["worker_id"] for r in rows} == {stats.worker_id}
     with tarfile.open(fileobj=io.BytesIO(data[layout.tar_file(SHARD)])) as tar:
-        assert sorted(tar.getnames()) == sorted(f"{k}.{e}" for k in KEYS for e in ("png", "txt", "json"))
+        assert sorted(tar.getnames()) == sorted(
+            f"{k}.{e}" for k in KEYS for e in ("png", "txt", "json")
+        )
     return stats.worker_id
 
 
-def run_schedule(storage: Storage, spools: list[Spooled], schedule: list[int], per_turn: list[int]) -> str:
+def run_schedule(
+    storage: Storage, spools: list[Spooled], schedule: list[int], per_turn: list[int]
+) -> str:
     """Advance writer `schedule[i]` by `per_turn[j]` steps at its j-th turn; writers with turns left
     when the schedule ends have crashed there."""
     writers = sorted(set(schedule))
-    steps = {w: ShardCommit(storage, SHARD, spools[w], stats_for(w, spools[w])).steps() for w in writers}
+    steps = {
+        w: ShardCommit(storage, SHARD, spools[w], stats_for(w, spools[w])).steps() for w in writers
+    }
     turns = Counter()
     for w in schedule:
         for _ in range(per_turn[turns[w]]):
@@ -106,13 +157,15 @@ def run_schedule(storage: Storage, spools: list[Spooled], schedule: list[int], p
 
 def interleavings(lengths: list[int]):
     """Every order of turns for writers with these numbers of turns (writer w appears lengths[w] times)."""
+
     def extend(prefix, left):
         if not any(left):
             yield prefix
             return
         for w, n in enumerate(left):
             if n:
-                yield from extend(prefix + [w], left[:w] + [n - 1] + left[w + 1:])
+                yield from extend(prefix + [w], left[:w] + [n - 1] + left[w + 1 :])
+
     yield from extend([], list(lengths))
 
 
@@ -131,13 +184,20 @@ FINE = [1] * STEPS  # stage tar, stage Parquet, commit, publish/discard tar, pub
 STAGE_AS_ONE = [len(FILES), 1, 1, 1]  # stage both, commit, publish/discard tar, then Parquet
 
 
-@pytest.mark.parametrize("where, turns, expected", [
-    ("local", FINE, 923),
-    ("s3", STAGE_AS_ONE, 251),
-])
-def test_two_writers_every_interleaving_and_every_crash(where, turns, expected, request, tmp_path, spools):
+@pytest.mark.parametrize(
+    "where, turns, expected",
+    [
+        ("local", FINE, 923),
+        ("s3", STAGE_AS_ONE, 251),
+    ],
+)
+def test_two_writers_every_interleaving_and_every_crash(
+    where, turns, expected, request, tmp_path, spools
+):
     new_storage = storage_maker(where, request, tmp_path)
-    outcomes = Counter(run_schedule(new_storage(), spools, s, turns) for s in schedules(2, len(turns)))
+    outcomes = Counter(
+        run_schedule(new_storage(), spools, s, turns) for s in schedules(2, len(turns))
+    )
     assert sum(outcomes.values()) == expected
     assert outcomes["no commit"] and outcomes["writer-0"] and outcomes["writer-1"]
 
@@ -150,7 +210,9 @@ def test_three_writers_every_interleaving_and_every_crash(where, request, tmp_pa
     outcomes = Counter()
     for schedule in schedules(3, 2):
         storage = new_storage()
-        outcomes[run_schedule(storage, spools, [0, 1, 2] + schedule, [len(FILES), 1, len(FILES)])] += 1
+        outcomes[
+            run_schedule(storage, spools, [0, 1, 2] + schedule, [len(FILES), 1, len(FILES)])
+        ] += 1
     assert sum(outcomes.values()) == 271
     assert {"writer-0", "writer-1", "writer-2", "no commit"} <= set(outcomes)
 
@@ -196,7 +258,9 @@ def test_a_lost_writers_leftovers_are_discarded_and_the_winners_kept(new_storage
     assert check_end_state(storage) == "writer-0"
 
 
-def test_local_files_and_their_folder_reach_the_disk_before_the_commit(tmp_path, spools, monkeypatch):
+def test_local_files_and_their_folder_reach_the_disk_before_the_commit(
+    tmp_path, spools, monkeypatch
+):
     """A power cut after the stats file exists must not leave a commit whose files are lost: the
     staged tar and Parquet, and the folder naming them, are fsynced before the stats file is made."""
     import os
@@ -214,19 +278,32 @@ def test_local_files_and_their_folder_reach_the_disk_before_the_commit(tmp_path,
     for _ in FILES:
         next(steps)
     staged = [n for n in synced if n.endswith(".staged")]
-    assert sorted(n.split("/")[-1].split(".")[1] for n in staged) == ["00000", "00000"]  # tar and Parquet
+    assert sorted(n.split("/")[-1].split(".")[1] for n in staged) == [
+        "00000",
+        "00000",
+    ]  # tar and Parquet
     assert str(tmp_path / "out") in synced  # the folder, so the staged names survive a crash too
     next(steps)  # the commit
     assert storage.exists(layout.stats_file(SHARD))
 
 
-def test_status_finds_a_committed_file_that_was_changed_and_verify_finds_same_size_tampering(tmp_path, spools):
+def test_status_finds_a_committed_file_that_was_changed_and_verify_finds_same_size_tampering(
+    tmp_path, spools
+):
     from helpers import run_cli
     from sdfleet.jobs.output import OutputReader
 
     storage = Storage(str(tmp_path / "out"))
-    storage.write_json(layout.JOB_FILE, {"spec": {"name": "t"}, "fingerprint": "f" * 32, "num_shards": 1,
-                                         "num_samples": 3, "key_width": 5})
+    storage.write_json(
+        layout.JOB_FILE,
+        {
+            "spec": {"name": "t"},
+            "fingerprint": "f" * 32,
+            "num_shards": 1,
+            "num_samples": 3,
+            "key_width": 5,
+        },
+    )
     ShardWriter(storage, "png").commit(SHARD, spools[0], stats_for(0, spools[0]))
     assert OutputReader(storage).verify(deep=True) == {}
     tar = tmp_path / "out" / layout.tar_file(SHARD)

@@ -41,17 +41,27 @@ print(json.dumps({"cache": engine.compile_cache, "warm_up_s": engine.warm_up_sec
 def worker(tiny_model, cache: str, inductor_dir) -> dict:
     # A fresh Inductor cache folder per process: only engine.compile_cache can spare a compile.
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)}
-    out = subprocess.run([sys.executable, "-c", WORKER, str(tiny_model), cache], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, str(tiny_model), cache],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
-def test_a_second_worker_loads_the_first_ones_graphs_from_s3_and_compiles_none(tiny_model, s3, tmp_path):
+def test_a_second_worker_loads_the_first_ones_graphs_from_s3_and_compiles_none(
+    tiny_model, s3, tmp_path
+):
     cache = f"s3://{s3.bucket}/compile-cache"
     first = worker(tiny_model, cache, tmp_path / "inductor-first")
-    assert first["cache"] == "miss" and first["inductor"]["fxgraph_cache_miss"] >= 2  # the UNet and the VAE decoder
+    assert (
+        first["cache"] == "miss" and first["inductor"]["fxgraph_cache_miss"] >= 2
+    )  # the UNet and the VAE decoder
     artifacts = s3.ls(f"{s3.bucket}/compile-cache", detail=True)
     assert len(artifacts) == 1 and artifacts[0]["size"] > 0
 
@@ -63,16 +73,24 @@ def test_a_second_worker_loads_the_first_ones_graphs_from_s3_and_compiles_none(t
     assert second["image"] == first["image"]
     # Put-if-absent: the second worker wrote nothing over the first one's artifact.
     assert s3.ls(f"{s3.bucket}/compile-cache", detail=True, refresh=True) == artifacts
-    print(f"warm-up: first worker {first['warm_up_s']:.1f}s (compiled), second {second['warm_up_s']:.1f}s (cache hit)")
+    print(
+        f"warm-up: first worker {first['warm_up_s']:.1f}s (compiled), second {second['warm_up_s']:.1f}s (cache hit)"
+    )
 
 
 @pytest.fixture(scope="module")
 def eager_engine(tiny_model):
-    return Engine(ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"), cpu_threads=2,
-                  options=EngineSpec(**OFF, compile="off"), batch_size=4)
+    return Engine(
+        ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"),
+        cpu_threads=2,
+        options=EngineSpec(**OFF, compile="off"),
+        batch_size=4,
+    )
 
 
-def test_the_key_changes_with_every_shape_batch_and_option_that_changes_the_graphs(eager_engine, monkeypatch):
+def test_the_key_changes_with_every_shape_batch_and_option_that_changes_the_graphs(
+    eager_engine, monkeypatch
+):
     def shape(width=64, guidance=7.5):
         return GenerationParams("", "", 0, 2, guidance, width, 64, None)
 
@@ -82,7 +100,9 @@ def test_the_key_changes_with_every_shape_batch_and_option_that_changes_the_grap
     assert key([shape(width=128)]) != base  # another size
     assert key([shape(guidance=1.0)]) != base  # CFG off: half the UNet's batch
     assert key([shape(), shape(width=128)]) != base  # one more shape
-    assert key([GenerationParams("another prompt", "x", 9, 50, 7.5, 64, 64, None)]) == base  # not part of a graph
+    assert (
+        key([GenerationParams("another prompt", "x", 9, 50, 7.5, 64, 64, None)]) == base
+    )  # not part of a graph
     monkeypatch.setattr(eager_engine, "batch_size", 8)
     assert key([shape()]) != base
     monkeypatch.setattr(eager_engine, "batch_size", 4)
@@ -100,4 +120,6 @@ def test_a_key_nobody_saved_is_a_miss_in_the_node_cache(tmp_path, monkeypatch):
     (tmp_path / "compile").mkdir()
     broken = "0" * 32
     (tmp_path / "compile" / CompileCache.artifact(broken)).write_bytes(b"not torch's artifacts")
-    assert cache.load(broken) is False  # a foreign or truncated artifact: compile instead of failing
+    assert (
+        cache.load(broken) is False
+    )  # a foreign or truncated artifact: compile instead of failing

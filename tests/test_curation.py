@@ -22,8 +22,11 @@ def scorers(tmp_path_factory):
     from sdfleet.jobs.tiny import write_tiny_aesthetic_head, write_tiny_clip, write_tiny_nsfw_head
 
     root = tmp_path_factory.mktemp("curation")
-    return {"clip": write_tiny_clip(root / "clip"), "aesthetic": write_tiny_aesthetic_head(root / "a.safetensors"),
-            "nsfw": write_tiny_nsfw_head(root / "n.safetensors")}
+    return {
+        "clip": write_tiny_clip(root / "clip"),
+        "aesthetic": write_tiny_aesthetic_head(root / "a.safetensors"),
+        "nsfw": write_tiny_nsfw_head(root / "n.safetensors"),
+    }
 
 
 def numpy_head(path, embeds: np.ndarray) -> np.ndarray:
@@ -46,14 +49,21 @@ def numpy_head(path, embeds: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x)) if meta["output"] == "sigmoid" else x
 
 
-def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(tmp_path, tiny_model, scorers, ray_cluster):
+def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(
+    tmp_path, tiny_model, scorers, ray_cluster
+):
     import faiss
     import pyarrow.parquet as pq
 
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    prompts = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of ramen", "a city at night, rain"]
+    prompts = [
+        "a lighthouse at dusk",
+        "a red fox in the snow",
+        "a bowl of ramen",
+        "a city at night, rain",
+    ]
     write_prompts(tmp_path / "in" / "p.parquet", prompts)
     spec = {
         "model": {"source": str(tiny_model)},
@@ -63,11 +73,17 @@ def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(tmp_
         "output": {"uri": str(tmp_path / "out"), "image_format": "png", "samples_per_shard": 4},
         "safety": {"detector": "none"},
         "resources": {"batch_size": 2},
-        "curation": {"clip_model": str(scorers["clip"]), "aesthetic_model": str(scorers["aesthetic"]),
-                     "nsfw_model": str(scorers["nsfw"]), "save_embeddings": True},
+        "curation": {
+            "clip_model": str(scorers["clip"]),
+            "aesthetic_model": str(scorers["aesthetic"]),
+            "nsfw_model": str(scorers["nsfw"]),
+            "save_embeddings": True,
+        },
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    done = run_cli("run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress")
+    done = run_cli(
+        "run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = sorted(rows_of(str(tmp_path / "out")), key=lambda r: r["key"])
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
@@ -75,19 +91,32 @@ def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(tmp_
     images = {}
     for tar_path in sorted((tmp_path / "out").glob("*.tar")):
         with tarfile.open(tar_path) as tar:
-            images.update({m.name[:-4]: Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
-                           for m in tar.getmembers() if m.name.endswith(".png")})
+            images.update(
+                {
+                    m.name[:-4]: Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+                    for m in tar.getmembers()
+                    if m.name.endswith(".png")
+                }
+            )
     model = CLIPModel.from_pretrained(scorers["clip"], use_safetensors=True).eval()
     processor = CLIPProcessor.from_pretrained(scorers["clip"])
     with torch.no_grad():
-        out = model(**processor(text=[r["prompt"] for r in rows], images=[images[r["key"]] for r in rows],
-                                return_tensors="pt", padding=True))
+        out = model(
+            **processor(
+                text=[r["prompt"] for r in rows],
+                images=[images[r["key"]] for r in rows],
+                return_tensors="pt",
+                padding=True,
+            )
+        )
     # CLIPModel's forward returns normalized embeddings: CLIPScore is 100 x their dot, clipped at 0.
     expected_clip = (100 * (out.image_embeds * out.text_embeds).sum(-1)).clamp(min=0).numpy()
     embeds = out.image_embeds.numpy()
     got = {k: np.array([r[k] for r in rows]) for k in ("clip_score", "aesthetic_score", "punsafe")}
     np.testing.assert_allclose(got["clip_score"], expected_clip, atol=1e-3)
-    np.testing.assert_allclose(got["aesthetic_score"], numpy_head(scorers["aesthetic"], embeds), atol=1e-4)
+    np.testing.assert_allclose(
+        got["aesthetic_score"], numpy_head(scorers["aesthetic"], embeds), atol=1e-4
+    )
     np.testing.assert_allclose(got["punsafe"], numpy_head(scorers["nsfw"], embeds), atol=1e-4)
     assert len(set(got["clip_score"].round(3))) == 8  # a score per image, not one per shard
     assert 0 <= got["punsafe"].min() and got["punsafe"].max() <= 1
@@ -110,10 +139,15 @@ def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(tmp_
         keys += in_tar
         matrices.append(matrix)
     by_key = {r["key"]: r for r in rows}
-    assert [by_key[k]["prompt"] for k in keys] == [m["caption"] for s in ("00000", "00001")
-                                                  for m in pq.read_table(out / f"metadata/metadata_{s}.parquet").to_pylist()]
+    assert [by_key[k]["prompt"] for k in keys] == [
+        m["caption"]
+        for s in ("00000", "00001")
+        for m in pq.read_table(out / f"metadata/metadata_{s}.parquet").to_pylist()
+    ]
     embeddings = np.concatenate(matrices).astype(np.float32)
-    np.testing.assert_allclose(embeddings, embeds[[ [r["key"] for r in rows].index(k) for k in keys]], atol=2e-3)
+    np.testing.assert_allclose(
+        embeddings, embeds[[[r["key"] for r in rows].index(k) for k in keys]], atol=2e-3
+    )
     # An exact index over them finds each image's own key first.
     index = faiss.IndexFlatL2(embeddings.shape[1])
     index.add(embeddings)
@@ -131,12 +165,18 @@ def test_heads_are_safetensors_of_the_right_kind_and_width(tmp_path, scorers):
     pickle = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
     pickle.write_bytes(b"\x80\x04not loaded")
     cases = [
-        (CurationSpec(clip_model=str(scorers["clip"]), aesthetic_model=str(wide)),
-         "takes 768-wide embeddings, but curation.clip_model's are 16"),
-        (CurationSpec(clip_model=str(scorers["clip"]), aesthetic_model=str(scorers["nsfw"])),
-         "says it is a 'nsfw' head, not 'aesthetic'"),
-        (CurationSpec(clip_model=str(scorers["clip"]), nsfw_model=str(pickle)),
-         "is not a .safetensors file; sdfleet loads heads from safetensors only"),
+        (
+            CurationSpec(clip_model=str(scorers["clip"]), aesthetic_model=str(wide)),
+            "takes 768-wide embeddings, but curation.clip_model's are 16",
+        ),
+        (
+            CurationSpec(clip_model=str(scorers["clip"]), aesthetic_model=str(scorers["nsfw"])),
+            "says it is a 'nsfw' head, not 'aesthetic'",
+        ),
+        (
+            CurationSpec(clip_model=str(scorers["clip"]), nsfw_model=str(pickle)),
+            "is not a .safetensors file; sdfleet loads heads from safetensors only",
+        ),
     ]
     for spec, message in cases:
         with pytest.raises(ModelLoadError, match="curation") as e:
@@ -149,18 +189,39 @@ def test_a_head_without_its_clip_model_is_a_spec_error():
     from sdfleet.schemas.spec import parse_spec
 
     with pytest.raises(SpecError, match="curation.aesthetic_model reads CLIP image embeddings"):
-        parse_spec({"input": {"uri": "x"}, "output": {"uri": "y"}, "curation": {"aesthetic_model": "a.safetensors"}})
+        parse_spec(
+            {
+                "input": {"uri": "x"},
+                "output": {"uri": "y"},
+                "curation": {"aesthetic_model": "a.safetensors"},
+            }
+        )
 
 
 def test_plan_refuses_a_pickled_head_and_a_missing_clip_model(tmp_path, tiny_model, scorers):
     write_prompts(tmp_path / "in" / "p.parquet", ["a"])
     for curation, message in [
-        ({"clip_model": str(scorers["clip"]), "aesthetic_model": str(tmp_path / "ava1-l14-linearMSE.pth")},
-         "curation.aesthetic_model=" + str(tmp_path / "ava1-l14-linearMSE.pth") + " is not a .safetensors file"),
-        ({"clip_model": str(tmp_path / "no-clip")}, f"curation.clip_model {tmp_path / 'no-clip'} does not exist"),
+        (
+            {
+                "clip_model": str(scorers["clip"]),
+                "aesthetic_model": str(tmp_path / "ava1-l14-linearMSE.pth"),
+            },
+            "curation.aesthetic_model="
+            + str(tmp_path / "ava1-l14-linearMSE.pth")
+            + " is not a .safetensors file",
+        ),
+        (
+            {"clip_model": str(tmp_path / "no-clip")},
+            f"curation.clip_model {tmp_path / 'no-clip'} does not exist",
+        ),
     ]:
-        spec = {"model": {"source": str(tiny_model)}, "input": {"uri": str(tmp_path / "in")},
-                "output": {"uri": str(tmp_path / "out")}, "safety": {"detector": "none"}, "curation": curation}
+        spec = {
+            "model": {"source": str(tiny_model)},
+            "input": {"uri": str(tmp_path / "in")},
+            "output": {"uri": str(tmp_path / "out")},
+            "safety": {"detector": "none"},
+            "curation": curation,
+        }
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
         out = run_cli("plan", str(tmp_path / "job.yaml"))
         assert out.returncode == 1 and message in out.stderr, out.stderr
@@ -186,18 +247,32 @@ def reference_candidates(tiny_model, clip_dir, prompts, ids, m):
     out = {}
     for prompt, pid in zip(prompts, ids):
         for slot in range(m):
-            image = pipe(prompt, num_inference_steps=2, guidance_scale=7.5, width=64, height=64,
-                         generator=torch.Generator("cpu").manual_seed(derive_seed(0, pid, slot))).images[0]
+            image = pipe(
+                prompt,
+                num_inference_steps=2,
+                guidance_scale=7.5,
+                width=64,
+                height=64,
+                generator=torch.Generator("cpu").manual_seed(derive_seed(0, pid, slot)),
+            ).images[0]
             with torch.no_grad():
-                o = model(**processor(text=[prompt], images=[image], return_tensors="pt", padding=True))
-            out[pid, slot] = (float((100 * (o.image_embeds * o.text_embeds).sum()).clamp(min=0)), o.image_embeds[0].numpy())
+                o = model(
+                    **processor(text=[prompt], images=[image], return_tensors="pt", padding=True)
+                )
+            out[pid, slot] = (
+                float((100 * (o.image_embeds * o.text_embeds).sum()).clamp(min=0)),
+                o.image_embeds[0].numpy(),
+            )
     return out
 
 
 def between(values, low_quantile, high_quantile=1.0):
     """A threshold in the widest gap of the sorted values between two quantiles, far from all of them."""
     v = sorted(values)
-    start, end = int(len(v) * low_quantile), max(int(len(v) * high_quantile), int(len(v) * low_quantile) + 1)
+    start, end = (
+        int(len(v) * low_quantile),
+        max(int(len(v) * high_quantile), int(len(v) * low_quantile) + 1),
+    )
     i = max(range(start, min(end, len(v) - 1)), key=lambda j: v[j + 1] - v[j])
     return (v[i] + v[i + 1]) / 2, v[i + 1] - v[i]
 
@@ -222,10 +297,17 @@ def expected_statuses(ref, ids, k, m, min_clip, dedup):
     return want
 
 
-def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(tmp_path, tiny_model, scorers, ray_cluster):
+def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(
+    tmp_path, tiny_model, scorers, ray_cluster
+):
     import itertools
 
-    prompts = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of ramen", "a city at night, rain"]
+    prompts = [
+        "a lighthouse at dusk",
+        "a red fox in the snow",
+        "a bowl of ramen",
+        "a city at night, rain",
+    ]
     ids = [f"p{i}" for i in range(4)]
     k, m = 2, 6
     ref = reference_candidates(tiny_model, scorers["clip"], prompts, ids, m)
@@ -235,12 +317,18 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(tmp_path, 
     scores = {pid: [ref[pid, s][0] for s in range(m)] for pid in ids}
     low = sorted(scores, key=lambda pid: max(scores[pid]))[:2]
     min_clip, clip_gap = between([v for pid in low for v in scores[pid]], 0.35, 0.65)
-    cosines = sorted(float(ref[p, a][1] @ ref[p, b][1]) for p in ids for a, b in itertools.combinations(range(m), 2))
+    cosines = sorted(
+        float(ref[p, a][1] @ ref[p, b][1])
+        for p in ids
+        for a, b in itertools.combinations(range(m), 2)
+    )
     # Just under the closest first pair of a high prompt, whose slot 0 is kept: its slot 1 is then a duplicate.
     closest = max(float(ref[p, 0][1] @ ref[p, 1][1]) for p in ids if p not in low)
     below = max(c for c in cosines if c < closest)
     dedup, dedup_gap = (closest + below) / 2, closest - below
-    assert clip_gap > 0.2 and dedup_gap > 1e-5  # thresholds far from every score, so batching cannot flip one
+    assert (
+        clip_gap > 0.2 and dedup_gap > 1e-5
+    )  # thresholds far from every score, so batching cannot flip one
     want = expected_statuses(ref, ids, k, m, min_clip, dedup)
 
     write_prompts(tmp_path / "in" / "p.parquet", prompts, ids)
@@ -251,11 +339,18 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(tmp_path, 
         "output": {"uri": str(tmp_path / "out"), "image_format": "png", "samples_per_shard": 12},
         "safety": {"detector": "none"},
         "resources": {"batch_size": 2},
-        "curation": {"clip_model": str(scorers["clip"]), "min_clip_score": min_clip, "dedup_threshold": dedup,
-                     "images_per_prompt": k, "max_candidates": m},
+        "curation": {
+            "clip_model": str(scorers["clip"]),
+            "min_clip_score": min_clip,
+            "dedup_threshold": dedup,
+            "images_per_prompt": k,
+            "max_candidates": m,
+        },
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    done = run_cli("run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress")
+    done = run_cli(
+        "run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     rows = rows_of(str(tmp_path / "out"))
@@ -291,7 +386,9 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(tmp_path, 
     statuses = list(want.values())
     gated = len(statuses) - counts["skipped"]
     passed = gated - counts["rejected"]
-    assert f"| `min_clip_score` | {min_clip} | {counts['rejected']} | {passed / gated:.1%} |" in card, card
+    assert (
+        f"| `min_clip_score` | {min_clip} | {counts['rejected']} | {passed / gated:.1%} |" in card
+    ), card
     short = sum(sum(want[pid, s] == "ok" for s in range(m)) < k for pid in ids)
     kept = statuses.count("ok")
     assert f"| all | {gated} | {kept} | {kept / gated:.1%} | {short} of {len(ids)} |" in card, card
@@ -301,7 +398,9 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(tmp_path, 
     assert 'value="duplicate"' in page and "rejected: min_clip_score" in page
 
 
-def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(tmp_path, tiny_model, scorers, ray_cluster):
+def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(
+    tmp_path, tiny_model, scorers, ray_cluster
+):
     """The rounds depend on the scores, so a rerun must make the same choices: a driver killed
     after its first commit, then rerun, gives the tars an uninterrupted run gives, byte for byte."""
     import signal
@@ -321,13 +420,29 @@ def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(tmp_path, t
 
     def spec(out):
         path = tmp_path / f"{out}.yaml"
-        path.write_text(yaml.safe_dump({
-            "model": {"source": str(tiny_model)}, "input": {"uri": str(tmp_path / "in")},
-            "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-            "output": {"uri": str(tmp_path / out), "image_format": "png", "samples_per_shard": m},
-            "safety": {"detector": "none"}, "resources": {"batch_size": 2},
-            "curation": {"clip_model": str(scorers["clip"]), "min_clip_score": min_clip, "images_per_prompt": k,
-                         "max_candidates": m, "save_embeddings": True}}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "model": {"source": str(tiny_model)},
+                    "input": {"uri": str(tmp_path / "in")},
+                    "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
+                    "output": {
+                        "uri": str(tmp_path / out),
+                        "image_format": "png",
+                        "samples_per_shard": m,
+                    },
+                    "safety": {"detector": "none"},
+                    "resources": {"batch_size": 2},
+                    "curation": {
+                        "clip_model": str(scorers["clip"]),
+                        "min_clip_score": min_clip,
+                        "images_per_prompt": k,
+                        "max_candidates": m,
+                        "save_embeddings": True,
+                    },
+                }
+            )
+        )
         return str(path)
 
     done = run_cli("run", spec("uninterrupted"), "--address", ray_cluster.address, "--no-progress")
@@ -342,36 +457,57 @@ def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(tmp_path, t
     again = run_cli("run", spec("killed"), "--address", ray_cluster.address, "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
 
-    rows = assert_exactly_once(killed, samples=len(ids) * m, shards=len(ids), images=list(want.values()).count("ok"))
+    rows = assert_exactly_once(
+        killed, samples=len(ids) * m, shards=len(ids), images=list(want.values()).count("ok")
+    )
     assert {(r["prompt_id"], r["candidate"]): r["status"] for r in rows} == want
     same_dataset(str(tmp_path / "uninterrupted"), killed)
     for shard in range(len(ids)):
         name = f"img_emb/img_emb_{shard:05d}.npy"
-        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes()
+        assert (tmp_path / "killed" / name).read_bytes() == (
+            tmp_path / "uninterrupted" / name
+        ).read_bytes()
 
 
-def test_laion_clip_nsfw_as_the_safety_detector_reads_curations_embedding(tmp_path, tiny_model, scorers, ray_cluster):
+def test_laion_clip_nsfw_as_the_safety_detector_reads_curations_embedding(
+    tmp_path, tiny_model, scorers, ray_cluster
+):
     """safety.detector: laion-clip-nsfw flags on the NSFW head's punsafe, from the same embedding
     curation computes: its nsfw_score is exactly the row's punsafe when curation runs that head too,
     and matches the head applied here to transformers' own embedding of a plain-diffusers image."""
-    prompts = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of ramen", "a city at night, rain"]
+    prompts = [
+        "a lighthouse at dusk",
+        "a red fox in the snow",
+        "a bowl of ramen",
+        "a city at night, rain",
+    ]
     ids = [f"p{i}" for i in range(4)]
     ref = reference_candidates(tiny_model, scorers["clip"], prompts, ids, 2)
-    punsafe = {key: float(numpy_head(scorers["nsfw"], emb[None])[0]) for key, (_, emb) in ref.items()}
+    punsafe = {
+        key: float(numpy_head(scorers["nsfw"], emb[None])[0]) for key, (_, emb) in ref.items()
+    }
     threshold, gap = between(list(punsafe.values()), 0.3, 0.7)
     assert gap > 1e-4
     write_prompts(tmp_path / "in" / "p.parquet", prompts, ids)
     spec = {
-        "model": {"source": str(tiny_model)}, "input": {"uri": str(tmp_path / "in")},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64}, "sweep": {"seeds": 2},
+        "model": {"source": str(tiny_model)},
+        "input": {"uri": str(tmp_path / "in")},
+        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
+        "sweep": {"seeds": 2},
         "output": {"uri": str(tmp_path / "out"), "image_format": "png", "samples_per_shard": 4},
-        "safety": {"detector": "laion-clip-nsfw", "model": str(scorers["nsfw"]), "threshold": threshold,
-                   "action": "drop"},
+        "safety": {
+            "detector": "laion-clip-nsfw",
+            "model": str(scorers["nsfw"]),
+            "threshold": threshold,
+            "action": "drop",
+        },
         "resources": {"batch_size": 2},
         "curation": {"clip_model": str(scorers["clip"]), "nsfw_model": str(scorers["nsfw"])},
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    done = run_cli("run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress")
+    done = run_cli(
+        "run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = rows_of(str(tmp_path / "out"))
     assert len(rows) == 8
@@ -380,7 +516,9 @@ def test_laion_clip_nsfw_as_the_safety_detector_reads_curations_embedding(tmp_pa
         assert r["nsfw_score"] == r["punsafe"]
         assert r["nsfw_score"] == pytest.approx(punsafe[r["prompt_id"], slot], abs=1e-4)
         assert r["status"] == ("filtered" if punsafe[r["prompt_id"], slot] >= threshold else "ok")
-        assert {s["label"] for s in r["nsfw_scores"]} == {"unsafe", "safe"} and r["safety_detector"] == "laion-clip-nsfw"
+        assert {s["label"] for s in r["nsfw_scores"]} == {"unsafe", "safe"} and r[
+            "safety_detector"
+        ] == "laion-clip-nsfw"
     assert {r["status"] for r in rows} == {"ok", "filtered"}
 
 
@@ -394,16 +532,32 @@ def test_laion_clip_nsfw_needs_the_clip_model_and_a_safetensors_head(tmp_path, t
     from sdfleet.schemas.errors import SpecError
     from sdfleet.schemas.spec import parse_spec
 
-    with pytest.raises(SpecError, match="safety.detector=laion-clip-nsfw reads the CLIP image embedding"):
-        parse_spec({"input": {"uri": "x"}, "output": {"uri": "y"},
-                    "safety": {"detector": "laion-clip-nsfw", "model": "n.safetensors"}})
+    with pytest.raises(
+        SpecError, match="safety.detector=laion-clip-nsfw reads the CLIP image embedding"
+    ):
+        parse_spec(
+            {
+                "input": {"uri": "x"},
+                "output": {"uri": "y"},
+                "safety": {"detector": "laion-clip-nsfw", "model": "n.safetensors"},
+            }
+        )
     write_prompts(tmp_path / "in" / "p.parquet", ["a"])
-    spec = {"model": {"source": str(tiny_model)}, "input": {"uri": str(tmp_path / "in")},
-            "output": {"uri": str(tmp_path / "out")}, "curation": {"clip_model": str(scorers["clip"])},
-            "safety": {"detector": "laion-clip-nsfw", "model": str(tmp_path / "clip_autokeras_nsfw_b32.zip")}}
+    spec = {
+        "model": {"source": str(tiny_model)},
+        "input": {"uri": str(tmp_path / "in")},
+        "output": {"uri": str(tmp_path / "out")},
+        "curation": {"clip_model": str(scorers["clip"])},
+        "safety": {
+            "detector": "laion-clip-nsfw",
+            "model": str(tmp_path / "clip_autokeras_nsfw_b32.zip"),
+        },
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = run_cli("plan", str(tmp_path / "job.yaml"))
-    assert out.returncode == 1 and "laion-clip-nsfw loads its head from safetensors only" in out.stderr, out.stderr
+    assert (
+        out.returncode == 1 and "laion-clip-nsfw loads its head from safetensors only" in out.stderr
+    ), out.stderr
 
 
 def test_tally_counts_gates_and_each_sweep_point_apart():
@@ -412,9 +566,16 @@ def test_tally_counts_gates_and_each_sweep_point_apart():
     def row(pid, g, status, rejected_by=None):
         return {"prompt_id": pid, "guidance_scale": g, "status": status, "rejected_by": rejected_by}
 
-    rows = [row("a", 3.0, "ok"), row("a", 3.0, "skipped"), row("a", 7.5, "rejected", "min_clip_score,max_punsafe"),
-            row("a", 7.5, "duplicate"), row("b", 3.0, "filtered"), row("b", 3.0, "rejected", "max_punsafe"),
-            row("b", 7.5, "ok"), row("b", 7.5, "failed")]
+    rows = [
+        row("a", 3.0, "ok"),
+        row("a", 3.0, "skipped"),
+        row("a", 7.5, "rejected", "min_clip_score,max_punsafe"),
+        row("a", 7.5, "duplicate"),
+        row("b", 3.0, "filtered"),
+        row("b", 3.0, "rejected", "max_punsafe"),
+        row("b", 7.5, "ok"),
+        row("b", 7.5, "failed"),
+    ]
     got = tally(rows, ["guidance_scale"], images_per_prompt=1)
     assert got["gated"] == 5  # not filtered (safety), failed (never made) or skipped
     assert got["gate_failures"] == {"max_punsafe": 2, "min_clip_score": 1}

@@ -20,15 +20,39 @@ def test_demo_makes_a_complete_dataset(tmp_path):
     assert f"Dataset: {root}" in out.stdout and "dataset complete: 40 images" in out.stdout
     assert f"look:    {root}/preview/contact_sheet.png" in out.stdout
     assert (root / "preview" / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![A sample of the images](preview/card_contact_sheet.png)" in (root / "README.md").read_text()
+    assert (
+        "![A sample of the images](preview/card_contact_sheet.png)"
+        in (root / "README.md").read_text()
+    )
     assert (root / "preview" / "card_contact_sheet.png").exists()
     assert (tmp_path / "demo" / "models" / "tiny-sd2" / "model_index.json").exists()
     # Quiet: no start-up chatter of TensorFlow (its C++ lines, absl), Keras, botocore, transformers or Ray.
-    noise = [line for line in (out.stdout + out.stderr).splitlines()
-             if any(word in line for word in ("absl", "I0000", "E0000", "W0000", "cuInit", "oneDNN", "tensorflow",
-                                               "keras", "botocore", "pkg_resources", "[transformers]",
-                                               "Token authentication", "Writing model shards", "ms/step"))]
+    noise = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if any(
+            word in line
+            for word in (
+                "absl",
+                "I0000",
+                "E0000",
+                "W0000",
+                "cuInit",
+                "oneDNN",
+                "tensorflow",
+                "keras",
+                "botocore",
+                "pkg_resources",
+                "[transformers]",
+                "Token authentication",
+                "Writing model shards",
+                "ms/step",
+            )
+        )
+    ]
     assert noise == []
     # The written spec reruns as a plain `sdfleet run`, and finds nothing left to do.
-    again = run_cli("run", str(tmp_path / "demo" / "demo.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
+    again = run_cli(
+        "run", str(tmp_path / "demo" / "demo.yaml"), "--no-progress", env={"RAY_ADDRESS": ""}
+    )
     assert again.returncode == 0 and "nothing to generate" in again.stderr

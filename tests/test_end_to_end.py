@@ -45,15 +45,23 @@ def job(tmp_path_factory, tiny_model, ray_cluster, s3_endpoint):
     n = 0
     for i, size in enumerate(N_ROWS):
         prompts = [f"a photo of scene {n + j}, detailed" for j in range(size)]
-        write_prompts(f"{bucket}/prompts/part-{i}.parquet", prompts, [f"scene-{n + j}" for j in range(size)],
-                      storage=s3, topic=[f"t{(n + j) % 3}" for j in range(size)])
+        write_prompts(
+            f"{bucket}/prompts/part-{i}.parquet",
+            prompts,
+            [f"scene-{n + j}" for j in range(size)],
+            storage=s3,
+            topic=[f"t{(n + j) % 3}" for j in range(size)],
+        )
         n += size
     s3.put(str(tiny_model), f"{bucket}/models/tiny-sd2", recursive=True)
 
     tmp = tmp_path_factory.mktemp("e2e")
     spec = {
         "name": "e2e",
-        "model": {"source": f"s3://{bucket}/models/tiny-sd2", "scheduler": "EulerDiscreteScheduler"},
+        "model": {
+            "source": f"s3://{bucket}/models/tiny-sd2",
+            "scheduler": "EulerDiscreteScheduler",
+        },
         "input": {"uri": f"s3://{bucket}/prompts/", "passthrough_columns": ["topic"]},
         "generation": {"num_inference_steps": 3, "width": 64, "height": 64},
         "sweep": {"seeds": 2, "axes": {"guidance_scale": [3.0, 7.5]}},
@@ -64,9 +72,19 @@ def job(tmp_path_factory, tiny_model, ray_cluster, s3_endpoint):
     spec_path = tmp / "job.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     env = {}
-    first = run_cli("run", str(spec_path), "--address", ray_cluster.address, "--no-progress", env=env)
-    return {"s3": s3, "bucket": bucket, "spec": spec_path, "env": env, "first": first, "tmp": tmp,
-            "address": ray_cluster.address, "model_cache": ray_cluster.model_cache}
+    first = run_cli(
+        "run", str(spec_path), "--address", ray_cluster.address, "--no-progress", env=env
+    )
+    return {
+        "s3": s3,
+        "bucket": bucket,
+        "spec": spec_path,
+        "env": env,
+        "first": first,
+        "tmp": tmp,
+        "address": ray_cluster.address,
+        "model_cache": ray_cluster.model_cache,
+    }
 
 
 def test_job_succeeds_and_writes_the_layout(job):
@@ -81,7 +99,12 @@ def test_job_succeeds_and_writes_the_layout(job):
     # What the engine did in fact: the spec's batch of 3, the CPU-safe speed-ups (compile is CUDA-only).
     assert stats["batch_size"] == 3
     assert stats["engine_speed_ups"] == ["channels_last", "fuse_qkv", "uint8_on_device"]
-    assert stats["started_ts"] <= stats["generate_started_ts"] <= stats["generate_finished_ts"] <= stats["finished_ts"]
+    assert (
+        stats["started_ts"]
+        <= stats["generate_started_ts"]
+        <= stats["generate_finished_ts"]
+        <= stats["finished_ts"]
+    )
     sizes = json.loads(s3.cat_file(f"{out}/sizes.json"))
     assert sum(sizes.values()) == SAMPLES and set(sizes) == {f"{s}.tar" for s in shards}
     record = json.loads(s3.cat_file(f"{out}/_job.json"))
@@ -143,9 +166,15 @@ def test_images_match_plain_diffusers(job, tiny_model):
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for row in (rows[0], rows[7], rows[-1]):
-        ref = pipe(row["prompt"], negative_prompt=row["negative_prompt"], num_inference_steps=row["num_inference_steps"],
-                   guidance_scale=row["guidance_scale"], width=row["width"], height=row["height"],
-                   generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"])).images[0]
+        ref = pipe(
+            row["prompt"],
+            negative_prompt=row["negative_prompt"],
+            num_inference_steps=row["num_inference_steps"],
+            guidance_scale=row["guidance_scale"],
+            width=row["width"],
+            height=row["height"],
+            generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"]),
+        ).images[0]
         members = tar_members(s3, f"{out}/{row['shard_id']:05d}.tar")
         ours = np.asarray(Image.open(io.BytesIO(members[f"{row['key']}.png"])))
         assert np.abs(ours.astype(int) - np.asarray(ref).astype(int)).max() <= 2
@@ -154,7 +183,9 @@ def test_images_match_plain_diffusers(job, tiny_model):
 def test_rerun_generates_nothing(job):
     s3, out = job["s3"], f"{job['bucket']}/out/run1"
     before = {p: s3.info(p)["LastModified"] for p in s3.glob(f"{out}/*_stats.json")}
-    again = run_cli("run", str(job["spec"]), "--address", job["address"], "--no-progress", env=job["env"])
+    again = run_cli(
+        "run", str(job["spec"]), "--address", job["address"], "--no-progress", env=job["env"]
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to generate" in again.stderr
     s3.invalidate_cache()
@@ -165,8 +196,16 @@ def test_rerun_generates_nothing(job):
 
 def test_new_output_is_byte_identical(job):
     s3, bucket = job["s3"], job["bucket"]
-    second = run_cli("run", str(job["spec"]), "--address", job["address"], "--no-progress",
-                     "--set", f"output.uri=s3://{bucket}/out/run2", env=job["env"])
+    second = run_cli(
+        "run",
+        str(job["spec"]),
+        "--address",
+        job["address"],
+        "--no-progress",
+        "--set",
+        f"output.uri=s3://{bucket}/out/run2",
+        env=job["env"],
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     tars1 = sorted(s3.glob(f"{bucket}/out/run1/*.tar"))
     tars2 = sorted(s3.glob(f"{bucket}/out/run2/*.tar"))
@@ -180,8 +219,16 @@ def test_new_output_is_byte_identical(job):
 
 
 def test_resume_with_changed_spec_is_refused(job):
-    out = run_cli("run", str(job["spec"]), "--address", job["address"], "--no-progress",
-                  "--set", "generation.num_inference_steps=4", env=job["env"])
+    out = run_cli(
+        "run",
+        str(job["spec"]),
+        "--address",
+        job["address"],
+        "--no-progress",
+        "--set",
+        "generation.num_inference_steps=4",
+        env=job["env"],
+    )
     assert out.returncode == 1
     assert "generation.num_inference_steps" in out.stderr and "different job" in out.stderr
 
@@ -194,7 +241,9 @@ def test_metrics_are_exported_to_prometheus(job, ray_cluster):
     port = ray_cluster.metrics_port
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        )
         if "sdfleet_shards_committed" in text:
             break
         time.sleep(2)
@@ -203,7 +252,10 @@ def test_metrics_are_exported_to_prometheus(job, ray_cluster):
         if line.startswith("ray_sdfleet_") and 'job="e2e"' in line:
             name = line.split("{", 1)[0]
             values[name] = values.get(name, 0) + float(line.rsplit(" ", 1)[1])
-    assert values.get("ray_sdfleet_images_generated_total", values.get("ray_sdfleet_images_generated")) >= SAMPLES
+    assert (
+        values.get("ray_sdfleet_images_generated_total", values.get("ray_sdfleet_images_generated"))
+        >= SAMPLES
+    )
     assert any(k.startswith("ray_sdfleet_shard_seconds") for k in values)
 
 
@@ -220,7 +272,9 @@ def test_openclip_pandas_and_datasets_read_the_output(job, tmp_path):
     s3.get(f"{out}/", str(tmp_path), recursive=True)
     tars = sorted(glob.glob(str(tmp_path / "*.tar")))
     sizes = json.load(open(tmp_path / "sizes.json"))
-    assert sum(int(sizes[os.path.basename(t)]) for t in tars) == SAMPLES  # open_clip's get_dataset_size
+    assert (
+        sum(int(sizes[os.path.basename(t)]) for t in tars) == SAMPLES
+    )  # open_clip's get_dataset_size
     parquet = sorted(glob.glob(str(tmp_path / "*.parquet")))
     frame = pd.concat(map(pd.read_parquet, parquet))
     assert len(frame) == SAMPLES and frame["key"].is_unique

@@ -13,8 +13,16 @@ from sdfleet.schemas.spec import ModelSpec
 
 
 def params(prompt, seed, guidance=7.5, steps=3, scheduler=None, negative=""):
-    return GenerationParams(prompt=prompt, negative_prompt=negative, seed=seed, num_inference_steps=steps,
-                            guidance_scale=guidance, width=64, height=64, scheduler=scheduler)
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=seed,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        width=64,
+        height=64,
+        scheduler=scheduler,
+    )
 
 
 def plain_diffusers(model_dir, p: GenerationParams, scheduler_cls, **scheduler_config):
@@ -23,9 +31,15 @@ def plain_diffusers(model_dir, p: GenerationParams, scheduler_cls, **scheduler_c
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True)
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **scheduler_config)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(p.prompt, negative_prompt=p.negative_prompt, num_inference_steps=p.num_inference_steps,
-                 guidance_scale=p.guidance_scale, width=p.width, height=p.height,
-                 generator=torch.Generator("cpu").manual_seed(p.seed)).images[0]
+    image = pipe(
+        p.prompt,
+        negative_prompt=p.negative_prompt,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        width=p.width,
+        height=p.height,
+        generator=torch.Generator("cpu").manual_seed(p.seed),
+    ).images[0]
     return np.asarray(image)
 
 
@@ -39,8 +53,10 @@ def run(engine, batch, batch_size=2):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return Engine(ModelSpec(source=str(tiny_model), dtype="float16", scheduler="EulerDiscreteScheduler"),
-                  cpu_threads=2)
+    return Engine(
+        ModelSpec(source=str(tiny_model), dtype="float16", scheduler="EulerDiscreteScheduler"),
+        cpu_threads=2,
+    )
 
 
 def test_cpu_falls_back_to_float32(engine):
@@ -61,7 +77,9 @@ def test_the_dtype_recorded_is_the_one_the_denoiser_was_loaded_in(tiny_model, mo
     default dtype: the engine then records that, not the dtype it asked for, and says so."""
     import sdfleet.actors.engine as engine_module
 
-    monkeypatch.setattr(engine_module, "dtype_keyword", lambda version: "a_keyword_diffusers_ignores")
+    monkeypatch.setattr(
+        engine_module, "dtype_keyword", lambda version: "a_keyword_diffusers_ignores"
+    )
     torch.set_default_dtype(torch.float64)
     try:
         engine = Engine(ModelSpec(source=str(tiny_model), dtype="float32"), cpu_threads=1)
@@ -74,7 +92,11 @@ def test_the_dtype_recorded_is_the_one_the_denoiser_was_loaded_in(tiny_model, mo
 def test_batched_engine_matches_plain_diffusers(engine, tiny_model):
     from diffusers import EulerDiscreteScheduler
 
-    batch = [params("a red fox in snow", 11), params("a lighthouse at dawn", 22), params("ramen, 35mm", 33)]
+    batch = [
+        params("a red fox in snow", 11),
+        params("a lighthouse at dawn", 22),
+        params("ramen, 35mm", 33),
+    ]
     images = run(engine, batch)
     assert all(img.shape == (64, 64, 3) and img.dtype == np.uint8 for img in images)
     assert not np.array_equal(images[0], images[1])
@@ -90,7 +112,11 @@ def test_same_seed_same_image_across_calls(engine):
 
 
 def test_mixed_parameters_are_grouped_not_mixed(engine):
-    batch = [params("x", 1, guidance=3.0), params("x", 1, guidance=7.5), params("x", 1, guidance=3.0)]
+    batch = [
+        params("x", 1, guidance=3.0),
+        params("x", 1, guidance=7.5),
+        params("x", 1, guidance=3.0),
+    ]
     calls = [indices for indices, _, _ in engine.generate(batch, batch_size=8)]
     assert sorted(map(sorted, calls)) == [[0, 2], [1]]
     images = run(engine, batch)
@@ -104,13 +130,26 @@ def test_scheduler_and_its_config_overrides_match_plain_diffusers(tiny_model, en
     ddim = run(engine, [params("a castle", 9, scheduler="DDIMScheduler")])[0]
     euler = run(engine, [params("a castle", 9)])[0]
     assert not np.array_equal(ddim, euler)
-    assert np.abs(ddim.astype(int) - plain_diffusers(tiny_model, params("a castle", 9), DDIMScheduler)).max() <= 2
+    assert (
+        np.abs(
+            ddim.astype(int) - plain_diffusers(tiny_model, params("a castle", 9), DDIMScheduler)
+        ).max()
+        <= 2
+    )
 
-    trailing = Engine(ModelSpec(source=str(tiny_model), scheduler="DDIMScheduler",
-                                scheduler_config={"timestep_spacing": "trailing"}), cpu_threads=2)
+    trailing = Engine(
+        ModelSpec(
+            source=str(tiny_model),
+            scheduler="DDIMScheduler",
+            scheduler_config={"timestep_spacing": "trailing"},
+        ),
+        cpu_threads=2,
+    )
     assert trailing.pipe.scheduler.config.timestep_spacing == "trailing"
     img = run(trailing, [params("a castle", 9)])[0]
-    ref = plain_diffusers(tiny_model, params("a castle", 9), DDIMScheduler, timestep_spacing="trailing")
+    ref = plain_diffusers(
+        tiny_model, params("a castle", 9), DDIMScheduler, timestep_spacing="trailing"
+    )
     assert np.abs(img.astype(int) - ref.astype(int)).max() <= 2
     assert not np.array_equal(img, ddim)
 
@@ -143,17 +182,25 @@ def test_missing_local_model_is_refused(tmp_path):
 OFF = dict(channels_last=False, fuse_qkv=False, compile="off", uint8_on_device=False)
 
 
-@pytest.mark.parametrize("option", [
-    {"channels_last": True}, {"fuse_qkv": True}, {"uint8_on_device": True},
-])
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"channels_last": True},
+        {"fuse_qkv": True},
+        {"uint8_on_device": True},
+    ],
+)
 def test_each_speed_up_keeps_outputs_within_tolerance_of_plain_diffusers(option, tiny_model):
     """Every engine option that can run on a CPU, alone, against plain diffusers' pixels."""
     from diffusers import EulerDiscreteScheduler
 
     from sdfleet.schemas.spec import EngineSpec
 
-    engine = Engine(ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"), cpu_threads=2,
-                    options=EngineSpec(**{**OFF, **option}))
+    engine = Engine(
+        ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"),
+        cpu_threads=2,
+        options=EngineSpec(**{**OFF, **option}),
+    )
     assert engine.applied == [k for k, v in option.items() if v]
     batch = [params("a red fox in snow", 11), params("a lighthouse at dawn", 22)]
     for p, img in zip(batch, run(engine, batch)):
@@ -165,7 +212,10 @@ def test_speed_ups_are_in_the_fingerprint():
     from sdfleet.schemas.spec import parse_spec
 
     base = {"input": {"uri": "x"}, "output": {"uri": "y"}}
-    assert parse_spec(base).fingerprint() != parse_spec({**base, "engine": {"channels_last": False}}).fingerprint()
+    assert (
+        parse_spec(base).fingerprint()
+        != parse_spec({**base, "engine": {"channels_last": False}}).fingerprint()
+    )
 
 
 def test_batch_that_fits_is_linear_in_the_measured_peaks():
@@ -180,8 +230,11 @@ def test_batch_that_fits_is_linear_in_the_measured_peaks():
 
 def test_out_of_memory_halves_the_batch_and_loses_no_sample(tiny_model, monkeypatch):
     """An injected CUDA out-of-memory error for batches over 2: the engine splits and goes on."""
-    engine = Engine(ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"), cpu_threads=2,
-                    batch_size="auto")
+    engine = Engine(
+        ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"),
+        cpu_threads=2,
+        batch_size="auto",
+    )
     assert engine.batch_size == 8  # no GPU memory to fill on a CPU
     batch = [params(f"a harbour at night, {i}", 100 + i, steps=2) for i in range(5)]
     expected = run(engine, batch, batch_size=5)
@@ -214,10 +267,17 @@ def test_compiled_engine_compiles_each_shape_once_at_start(tiny_model):
     from sdfleet.schemas.spec import EngineSpec
 
     sweep = [params("", 0, guidance=7.5, steps=3), params("", 0, guidance=1.0, steps=3)]
-    engine = Engine(ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"), cpu_threads=2,
-                    options=EngineSpec(**{**OFF, "compile": "on"}), batch_size=4, warm_up=sweep)
+    engine = Engine(
+        ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler"),
+        cpu_threads=2,
+        options=EngineSpec(**{**OFF, "compile": "on"}),
+        batch_size=4,
+        warm_up=sweep,
+    )
     assert engine.applied == ["compile"]
-    shard = [params(f"a tram in fog, {i}", 7 + i, guidance=7.5 if i % 3 else 1.0) for i in range(10)]
+    shard = [
+        params(f"a tram in fog, {i}", 7 + i, guidance=7.5 if i % 3 else 1.0) for i in range(10)
+    ]
     torch._dynamo.config.error_on_recompile = True
     try:
         first = run(engine, shard, batch_size=4)  # CFG on: 4 + 2 + 0; CFG off (i % 3 == 0): 4
@@ -230,7 +290,9 @@ def test_compiled_engine_compiles_each_shape_once_at_start(tiny_model):
     assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 2 for a, b in zip(first, second))
 
 
-def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(tiny_model, monkeypatch, caplog):
+def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(
+    tiny_model, monkeypatch, caplog
+):
     """The compiler breaks (as without a C compiler in the image): `auto` goes on eager, `on` says so."""
     import torch._inductor.compile_fx as compile_fx
     from diffusers import EulerDiscreteScheduler
@@ -241,19 +303,34 @@ def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(tiny_
         raise RuntimeError("InductorError: no working C compiler found (injected)")
 
     monkeypatch.setattr(compile_fx, "compile_fx", broken)
-    monkeypatch.setattr(Engine, "_wants_compile", lambda self, options: options.compile != "off")  # as on CUDA
+    monkeypatch.setattr(
+        Engine, "_wants_compile", lambda self, options: options.compile != "off"
+    )  # as on CUDA
     # Graphs compiled by an earlier test in this process would be reused without calling the compiler.
     torch._dynamo.reset()
     model = ModelSpec(source=str(tiny_model), scheduler="EulerDiscreteScheduler")
     sweep = [params("", 0, steps=2)]
-    engine = Engine(model, cpu_threads=2, options=EngineSpec(**{**OFF, "compile": "auto"}), batch_size=2,
-                    warm_up=sweep)
+    engine = Engine(
+        model,
+        cpu_threads=2,
+        options=EngineSpec(**{**OFF, "compile": "auto"}),
+        batch_size=2,
+        warm_up=sweep,
+    )
     assert "compile" not in engine.applied and "torch.compile failed" in caplog.text
     p = params("a red fox in snow", 11)
     ref = plain_diffusers(tiny_model, p, EulerDiscreteScheduler)
     assert np.abs(run(engine, [p])[0].astype(int) - ref.astype(int)).max() <= 2
-    with pytest.raises(ModelLoadError, match="engine.compile=on: torch.compile failed: .*no working C compiler"):
-        Engine(model, cpu_threads=2, options=EngineSpec(**{**OFF, "compile": "on"}), batch_size=2, warm_up=sweep)
+    with pytest.raises(
+        ModelLoadError, match="engine.compile=on: torch.compile failed: .*no working C compiler"
+    ):
+        Engine(
+            model,
+            cpu_threads=2,
+            options=EngineSpec(**{**OFF, "compile": "on"}),
+            batch_size=2,
+            warm_up=sweep,
+        )
     torch._dynamo.reset()
 
 
@@ -278,8 +355,14 @@ def test_vae_tiling_is_opt_in_changes_pixels_and_regenerates_with_plain_tiling(t
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(p.prompt, num_inference_steps=3, guidance_scale=7.5, width=96, height=96,
-               generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    ref = pipe(
+        p.prompt,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        width=96,
+        height=96,
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).images[0]
     assert np.abs(ours.astype(int) - np.asarray(ref).astype(int)).max() <= 2
 
 
@@ -298,13 +381,27 @@ def test_an_input_too_large_for_the_gpu_fails_alone(tiny_model):
                 raise torch.OutOfMemoryError("injected")
             return super()._call(batch)
 
-    engine = SmallGpu(ModelSpec(source=str(tiny_model), task="image-to-image", dtype="float32"), batch_size=4)
-    small, large = (InputImage(Image.new("RGB", (side, side), (90, 120, 150)), f"sha-{side}") for side in (32, 48))
-    batch = [GenerationParams("a", "", seed, 2, 7.5, None, None, None, strength=0.8, image=image)
-             for seed, image in enumerate([small, small, large, small, large])]
+    engine = SmallGpu(
+        ModelSpec(source=str(tiny_model), task="image-to-image", dtype="float32"), batch_size=4
+    )
+    small, large = (
+        InputImage(Image.new("RGB", (side, side), (90, 120, 150)), f"sha-{side}")
+        for side in (32, 48)
+    )
+    batch = [
+        GenerationParams("a", "", seed, 2, 7.5, None, None, None, strength=0.8, image=image)
+        for seed, image in enumerate([small, small, large, small, large])
+    ]
     # One group per input size: the two large ones are tried together, then alone.
-    made = {i: image for indices, images, _ in engine.generate(batch) for i, image in zip(indices, images)}
+    made = {
+        i: image
+        for indices, images, _ in engine.generate(batch)
+        for i, image in zip(indices, images)
+    }
     for i in (2, 4):
         assert isinstance(made[i], SampleFailed)
-        assert "out of GPU memory for one image-to-image image at 48x48 from its 48x48 input" in made[i].reason
+        assert (
+            "out of GPU memory for one image-to-image image at 48x48 from its 48x48 input"
+            in made[i].reason
+        )
     assert all(made[i].shape == (32, 32, 3) for i in (0, 1, 3))

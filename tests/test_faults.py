@@ -19,8 +19,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from clusters import FAST_HEALTH_CHECKS, actor_pids, make_temp_dir, start_head
-from helpers import (assert_exactly_once, bucket_with_prompts, committed, job_spec, output_storage, run_cli,
-                     same_dataset, start_cli, wait_for)
+from helpers import (
+    assert_exactly_once,
+    bucket_with_prompts,
+    committed,
+    job_spec,
+    output_storage,
+    run_cli,
+    same_dataset,
+    start_cli,
+    wait_for,
+)
 from s3proxy import Rule, S3Proxy
 
 pytestmark = pytest.mark.slow
@@ -41,8 +50,13 @@ def reference(tmp_path_factory, tiny_model, ray_cluster, s3_endpoint):
 @pytest.fixture
 def two_gpu_nodes(s3_endpoint):
     """A head without GPUs that notices a dead node within about a second, and two 1-GPU worker nodes."""
-    head = start_head("--num-cpus=2", "--num-gpus=0", "--object-store-memory=150000000", FAST_HEALTH_CHECKS,
-                      temp_dir=make_temp_dir("sdf-nd-"))
+    head = start_head(
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--object-store-memory=150000000",
+        FAST_HEALTH_CHECKS,
+        temp_dir=make_temp_dir("sdf-nd-"),
+    )
     try:
         for _ in range(2):
             head.add_worker("--num-cpus=1", "--num-gpus=1", "--object-store-memory=150000000")
@@ -51,7 +65,9 @@ def two_gpu_nodes(s3_endpoint):
         head.stop()
 
 
-def test_node_death_mid_run_finishes_on_the_surviving_node(tmp_path, tiny_model, bucket, two_gpu_nodes):
+def test_node_death_mid_run_finishes_on_the_surviving_node(
+    tmp_path, tiny_model, bucket, two_gpu_nodes
+):
     """A node holding a GPU actor dies mid-job; the job finishes on the other node."""
     head = two_gpu_nodes
     doomed, survivor = head.workers
@@ -76,14 +92,18 @@ def test_node_death_mid_run_finishes_on_the_surviving_node(tmp_path, tiny_model,
     assert later and {s["worker_node"] for s in later} == {survivor_id}
 
 
-def run_and_signal_an_actor(tiny_model, ray_cluster, reference, name: str, sig: int) -> tuple[str, str]:
+def run_and_signal_an_actor(
+    tiny_model, ray_cluster, reference, name: str, sig: int
+) -> tuple[str, str]:
     """The reference job into a new output; `sig` goes to the first actor seen running a shard.
 
     The moment is taken from the actor's process title (slower steps would change the images)."""
     out = f"s3://{reference['fs'].bucket}/{name}"
     spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out)
     proc = start_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
-    pid = wait_for(lambda: actor_pids(ray_cluster, running_only=True), 120, "an actor running a shard")[0]
+    pid = wait_for(
+        lambda: actor_pids(ray_cluster, running_only=True), 120, "an actor running a shard"
+    )[0]
     os.kill(pid, sig)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
@@ -91,19 +111,27 @@ def run_and_signal_an_actor(tiny_model, ray_cluster, reference, name: str, sig: 
 
 
 def test_actor_death_is_retried_and_replaced(tiny_model, ray_cluster, reference):
-    out, stderr = run_and_signal_an_actor(tiny_model, ray_cluster, reference, "actor-death", signal.SIGKILL)
+    out, stderr = run_and_signal_an_actor(
+        tiny_model, ray_cluster, reference, "actor-death", signal.SIGKILL
+    )
     assert_exactly_once(out)
     attempts = [output_storage(out).read_json(n)["attempt"] for n in committed(out)]
     if max(attempts) == 1:
-        pytest.skip("the killed actor had finished its shard before the signal landed")  # pragma: no cover
+        pytest.skip(
+            "the killed actor had finished its shard before the signal landed"
+        )  # pragma: no cover
     assert sorted(attempts)[-1] == 2 and attempts.count(2) == 1
     assert "worker died" in stderr and "starting a replacement worker" in stderr
     same_dataset(reference["out"], out)
 
 
-def test_preempted_worker_requeues_its_shard_without_counting_an_attempt(tiny_model, ray_cluster, reference):
+def test_preempted_worker_requeues_its_shard_without_counting_an_attempt(
+    tiny_model, ray_cluster, reference
+):
     """SIGTERM, as spot reclaims and Kubernetes evictions send: the shard goes back uncounted."""
-    out, stderr = run_and_signal_an_actor(tiny_model, ray_cluster, reference, "preempted", signal.SIGTERM)
+    out, stderr = run_and_signal_an_actor(
+        tiny_model, ray_cluster, reference, "preempted", signal.SIGTERM
+    )
     if "worker preempted" not in stderr:
         pytest.skip("the signalled actor had no shard left to abandon")  # pragma: no cover
     assert "starting a replacement worker" in stderr
@@ -118,8 +146,13 @@ def test_budget_cap_stops_cleanly_and_a_higher_cap_completes(tiny_model, ray_clu
     # out (two per actor) finish after it.
     budget = 0.005
     out = f"s3://{reference['fs'].bucket}/budget"
-    spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out,
-                    resources={"gpu_hour_usd": 3600.0, "budget_usd": budget})
+    spec = job_spec(
+        reference["tmp"],
+        tiny_model,
+        reference["fs"],
+        out,
+        resources={"gpu_hour_usd": 3600.0, "budget_usd": budget},
+    )
     done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
     assert done.returncode == 2
     assert "stopped at the budget" in done.stderr and "budget_usd" in done.stderr
@@ -128,8 +161,15 @@ def test_budget_cap_stops_cleanly_and_a_higher_cap_completes(tiny_model, ray_clu
     assert not output_storage(out).exists("_SUCCESS")
     spent = sum(output_storage(out).read_json(n)["gpu_seconds"] for n in first)
     assert spent >= budget  # it stopped because the budget was spent, not before
-    again = run_cli("run", str(spec), "--set", "resources.budget_usd=100000", "--address", ray_cluster.address,
-                    "--no-progress")
+    again = run_cli(
+        "run",
+        str(spec),
+        "--set",
+        "resources.budget_usd=100000",
+        "--address",
+        ray_cluster.address,
+        "--no-progress",
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert_exactly_once(out)
     same_dataset(reference["out"], out)
@@ -150,13 +190,18 @@ def test_poison_shard_is_quarantined_and_the_rest_finish(tmp_path, tiny_model, b
     assert not (out / "_SUCCESS").exists() and not (out / "sizes.json").exists()
     status = run_cli("status", str(out))
     assert status.returncode == 2
-    assert "7 committed, 0 pending, 1 quarantined" in status.stdout and "complete     no" in status.stdout
+    assert (
+        "7 committed, 0 pending, 1 quarantined" in status.stdout
+        and "complete     no" in status.stdout
+    )
     # Fix the cause and rerun the same command: only shard 2 is made, and the dataset completes.
     (out / "00002.tar").rmdir()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json")}
     again = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json") if p.name in before} == before
+    assert {
+        p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json") if p.name in before
+    } == before
     assert_exactly_once(str(out))
 
 
@@ -177,7 +222,9 @@ def test_driver_killed_then_rerun_is_byte_identical(tiny_model, ray_cluster, ref
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupted_driver_says_how_far_it_got_and_a_rerun_resumes(sig, code, tiny_model, ray_cluster, reference):
+def test_interrupted_driver_says_how_far_it_got_and_a_rerun_resumes(
+    sig, code, tiny_model, ray_cluster, reference
+):
     """Ctrl-C (or a scheduler's SIGTERM): one line, exit 128 + signal, the job's actors released,
     nothing half-committed; the same command resumes into the dataset an uninterrupted run makes."""
     out = f"s3://{reference['fs'].bucket}/interrupted-{sig.name}"
@@ -188,16 +235,31 @@ def test_interrupted_driver_says_how_far_it_got_and_a_rerun_resumes(sig, code, t
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr[-3000:]
     [line] = [line for line in stderr.splitlines() if line.startswith("sdfleet: interrupted")]
-    assert f"interrupted ({sig.name}) after" in line and "of 8 shards committed; rerun the same command" in line
+    assert (
+        f"interrupted ({sig.name}) after" in line
+        and "of 8 shards committed; rerun the same command" in line
+    )
     assert "Traceback" not in stderr
-    wait_for(lambda: not actor_pids(ray_cluster), 60, "the interrupted job's actors to exit", poll=0.5)
+    wait_for(
+        lambda: not actor_pids(ray_cluster), 60, "the interrupted job's actors to exit", poll=0.5
+    )
     again = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
     assert_exactly_once(out)
     if sig == signal.SIGINT:  # 20 steps, not the reference's 2: compare with a run of its own
         uninterrupted = f"s3://{reference['fs'].bucket}/uninterrupted"
-        assert run_cli("run", str(job_spec(reference["tmp"], tiny_model, reference["fs"], uninterrupted, steps=20)),
-                       "--address", ray_cluster.address, "--no-progress").returncode == 0
+        assert (
+            run_cli(
+                "run",
+                str(
+                    job_spec(reference["tmp"], tiny_model, reference["fs"], uninterrupted, steps=20)
+                ),
+                "--address",
+                ray_cluster.address,
+                "--no-progress",
+            ).returncode
+            == 0
+        )
         same_dataset(uninterrupted, out)
 
 
@@ -214,11 +276,20 @@ def test_crash_between_images_and_commit_is_redone(tiny_model, ray_cluster, refe
     status = run_cli("status", out)
     assert status.returncode == 2 and "7 committed, 1 pending" in status.stdout
     before = {n: storage.fs.info(storage.path(n))["LastModified"] for n in committed(out)}
-    again = run_cli("run", str(reference["spec"]), "--set", f"output.uri={out}", "--address",
-                    ray_cluster.address, "--no-progress")
+    again = run_cli(
+        "run",
+        str(reference["spec"]),
+        "--set",
+        f"output.uri={out}",
+        "--address",
+        ray_cluster.address,
+        "--no-progress",
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     storage.fs.invalidate_cache()
-    assert {n: storage.fs.info(storage.path(n))["LastModified"] for n in before} == before  # only shard 1 redone
+    assert {
+        n: storage.fs.info(storage.path(n))["LastModified"] for n in before
+    } == before  # only shard 1 redone
     assert_exactly_once(out)
     same_dataset(reference["out"], out)
 
@@ -237,7 +308,10 @@ def test_two_writers_commit_one_consistent_shard(tmp_path, tiny_model, bucket):
     plan = Planner(load_spec(job_spec(tmp_path, tiny_model, bucket, out))).plan()
     workers = [ShardGenerator(plan, cpu_threads=1) for _ in range(2)]
     results = [None, None]
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, workers[i].run(0))) for i in range(2)]
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, workers[i].run(0)))
+        for i in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -246,7 +320,9 @@ def test_two_writers_commit_one_consistent_shard(tmp_path, tiny_model, bucket):
     stats = storage.read_json("00000_stats.json")
     rows = pq.read_table(io.BytesIO(storage.read_bytes("00000.parquet"))).to_pylist()
     assert len(rows) == 3 and len({r["key"] for r in rows}) == 3
-    assert hashlib.sha256(storage.read_bytes("00000.parquet")).hexdigest() == stats["parquet_sha256"]
+    assert (
+        hashlib.sha256(storage.read_bytes("00000.parquet")).hexdigest() == stats["parquet_sha256"]
+    )
     assert {r["worker_id"] for r in rows} == {stats["worker_id"]}  # rows and stats from one writer
     with tarfile.open(fileobj=io.BytesIO(storage.read_bytes("00000.tar"))) as tar:
         assert len(tar.getnames()) == 9
@@ -255,9 +331,13 @@ def test_two_writers_commit_one_consistent_shard(tmp_path, tiny_model, bucket):
     # winner's files as they are: the stats still describe, byte for byte, what is on storage.
     late_rows = [{**r, "worker_id": "late-writer"} for r in rows]
     writer = ShardWriter(storage, "png")
-    spooled = writer.spool("00000", late_rows, {r["key"]: b"other bytes" for r in rows}, plan.output_schema())
+    spooled = writer.spool(
+        "00000", late_rows, {r["key"]: b"other bytes" for r in rows}, plan.output_schema()
+    )
     try:
-        late = writer.commit("00000", spooled, ShardStats.model_validate({**stats, "worker_id": "late-writer"}))
+        late = writer.commit(
+            "00000", spooled, ShardStats.model_validate({**stats, "worker_id": "late-writer"})
+        )
     finally:
         spooled.close()
     assert late.worker_id == stats["worker_id"] and storage.read_json("00000_stats.json") == stats
@@ -269,14 +349,27 @@ def test_two_writers_commit_one_consistent_shard(tmp_path, tiny_model, bucket):
     assert storage.fs.info(storage.path("00000_stats.json"))["LastModified"] == mtime
 
 
-def test_transient_s3_errors_are_retried(tmp_path, tiny_model, bucket, ray_cluster, s3_endpoint, reference):
-    proxy = S3Proxy(s3_endpoint, [Rule(path=r"/transient/", action="503", methods=("PUT",), every=3),
-                                  Rule(path=r"/prompts/", action="503", methods=("GET",), every=2)])
+def test_transient_s3_errors_are_retried(
+    tmp_path, tiny_model, bucket, ray_cluster, s3_endpoint, reference
+):
+    proxy = S3Proxy(
+        s3_endpoint,
+        [
+            Rule(path=r"/transient/", action="503", methods=("PUT",), every=3),
+            Rule(path=r"/prompts/", action="503", methods=("GET",), every=2),
+        ],
+    )
     try:
         out = f"s3://{reference['fs'].bucket}/transient"
         spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out)
-        done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress",
-                       env={"AWS_ENDPOINT_URL": proxy.url})
+        done = run_cli(
+            "run",
+            str(spec),
+            "--address",
+            ray_cluster.address,
+            "--no-progress",
+            env={"AWS_ENDPOINT_URL": proxy.url},
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert proxy.rules[0].fired >= 5 and proxy.rules[1].fired >= 1
         assert_exactly_once(out)
@@ -292,20 +385,34 @@ def test_persistent_403_and_404_fail_fast_naming_the_uri(tmp_path, tiny_model, b
     try:
         out = f"s3://{bucket.bucket}/denied"
         t0 = time.monotonic()
-        done = run_cli("run", str(job_spec(tmp_path, tiny_model, bucket, out)), env={"AWS_ENDPOINT_URL": proxy.url,
-                                                                                     "RAY_ADDRESS": ""})
+        done = run_cli(
+            "run",
+            str(job_spec(tmp_path, tiny_model, bucket, out)),
+            env={"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""},
+        )
         assert done.returncode == 1
         assert f"{out}/_job.json" in done.stderr and "access denied" in done.stderr
         assert time.monotonic() - t0 < 60
     finally:
         proxy.close()
-    missing = run_cli("run", str(job_spec(tmp_path, tiny_model, bucket, str(tmp_path / "o"),
-                                          input={"uri": f"s3://{bucket.bucket}/no-such-prefix/"})))
+    missing = run_cli(
+        "run",
+        str(
+            job_spec(
+                tmp_path,
+                tiny_model,
+                bucket,
+                str(tmp_path / "o"),
+                input={"uri": f"s3://{bucket.bucket}/no-such-prefix/"},
+            )
+        ),
+    )
     assert missing.returncode == 1 and f"s3://{bucket.bucket}/no-such-prefix/" in missing.stderr
 
 
-def test_a_store_that_ignores_conditional_writes_is_refused_unless_the_spec_allows_it(tmp_path, tiny_model, bucket,
-                                                                                       s3_endpoint):
+def test_a_store_that_ignores_conditional_writes_is_refused_unless_the_spec_allows_it(
+    tmp_path, tiny_model, bucket, s3_endpoint
+):
     proxy = S3Proxy(s3_endpoint, [Rule(path=r"/lax/", action="unconditional")])
     try:
         out = f"s3://{bucket.bucket}/lax"
@@ -313,30 +420,54 @@ def test_a_store_that_ignores_conditional_writes_is_refused_unless_the_spec_allo
         done = run_cli("run", str(job_spec(tmp_path, tiny_model, bucket, out)), env=env)
         assert done.returncode == 1, done.stderr[-3000:]
         assert f"{out} created an object that already existed" in done.stderr
-        assert "output.allow_non_exclusive_commits" in done.stderr and "Traceback" not in done.stderr
+        assert (
+            "output.allow_non_exclusive_commits" in done.stderr and "Traceback" not in done.stderr
+        )
         assert output_storage(out).listing() == {}  # refused before anything was written
-        allowed = run_cli("run", str(job_spec(tmp_path, tiny_model, bucket, out,
-                                              output={"allow_non_exclusive_commits": True})), env=env)
+        allowed = run_cli(
+            "run",
+            str(
+                job_spec(
+                    tmp_path, tiny_model, bucket, out, output={"allow_non_exclusive_commits": True}
+                )
+            ),
+            env=env,
+        )
         assert allowed.returncode == 0, allowed.stderr[-3000:]
         job = output_storage(out).read_json("_job.json")
-        assert job["exclusive_create"] is False and job["spec"]["output"]["allow_non_exclusive_commits"] is True
+        assert (
+            job["exclusive_create"] is False
+            and job["spec"]["output"]["allow_non_exclusive_commits"] is True
+        )
     finally:
         proxy.close()
 
 
-def test_a_worker_that_cannot_write_the_output_fails_the_job_at_once(tmp_path, tiny_model, bucket, s3_endpoint):
+def test_a_worker_that_cannot_write_the_output_fails_the_job_at_once(
+    tmp_path, tiny_model, bucket, s3_endpoint
+):
     """The driver may write (it claims the output), the workers may not: the first worker's write
     probe fails the job with exit 1, naming the URI and the node, before any shard is generated."""
-    proxy = S3Proxy(s3_endpoint, [Rule(path=r"/readonly/_probe-worker-", action="403", methods=("PUT",))])
+    proxy = S3Proxy(
+        s3_endpoint, [Rule(path=r"/readonly/_probe-worker-", action="403", methods=("PUT",))]
+    )
     try:
         out = f"s3://{bucket.bucket}/readonly"
         t0 = time.monotonic()
-        done = run_cli("run", str(job_spec(tmp_path, tiny_model, bucket, out)), "--no-progress",
-                       env={"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""})
+        done = run_cli(
+            "run",
+            str(job_spec(tmp_path, tiny_model, bucket, out)),
+            "--no-progress",
+            env={"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""},
+        )
         seconds = time.monotonic() - t0
         assert done.returncode == 1, done.stderr[-3000:]
         [line] = [line for line in done.stderr.splitlines() if line.startswith("sdfleet: error:")]
-        assert f"cannot write {out}/_probe-worker-" in line and "access denied" in line and "on node" in line
+        assert (
+            f"cannot write {out}/_probe-worker-" in line
+            and "access denied" in line
+            and "on node" in line
+        )
         assert proxy.rules[0].fired == 1  # no worker was tried again
         assert committed(out) == [] and output_storage(out).list("*_failed.json") == []
         print(f"\n[write probe] refused after {seconds:.1f}s")
@@ -344,7 +475,9 @@ def test_a_worker_that_cannot_write_the_output_fails_the_job_at_once(tmp_path, t
         proxy.close()
 
 
-def test_two_worker_processes_with_different_batch_sizes_commit_one_consistent_shard(tmp_path, tiny_model, bucket):
+def test_two_worker_processes_with_different_batch_sizes_commit_one_consistent_shard(
+    tmp_path, tiny_model, bucket
+):
     """Two real processes make shard 0 at once with batch sizes 1 and 3, so their PNG bytes differ
     (batching moves a few pixels by one): one commits, and its files are the ones on storage."""
     import subprocess
@@ -354,21 +487,44 @@ def test_two_worker_processes_with_different_batch_sizes_commit_one_consistent_s
     from sdfleet.schemas.layout import ShardStats
 
     out = f"s3://{bucket.bucket}/batch-sizes"
-    worker = ("import sys, time; from sdfleet.actors.generator import ShardGenerator; "
-              "from sdfleet.jobs.plan import Planner; from sdfleet.schemas.spec import load_spec; "
-              "g = ShardGenerator(Planner(load_spec(sys.argv[1])).plan(), cpu_threads=1); "
-              "time.sleep(max(0, float(sys.argv[2]) - time.time())); print(g.run(0).worker_id)")
+    worker = (
+        "import sys, time; from sdfleet.actors.generator import ShardGenerator; "
+        "from sdfleet.jobs.plan import Planner; from sdfleet.schemas.spec import load_spec; "
+        "g = ShardGenerator(Planner(load_spec(sys.argv[1])).plan(), cpu_threads=1); "
+        "time.sleep(max(0, float(sys.argv[2]) - time.time())); print(g.run(0).worker_id)"
+    )
     # Each batch size alone first, into its own output: the bytes do differ.
     alone = {}
     for batch in (1, 3):
-        spec = job_spec(tmp_path, tiny_model, bucket, f"{out}-alone-{batch}", resources={"batch_size": batch})
-        subprocess.run([sys.executable, "-c", worker, str(spec), "0"], check=True, capture_output=True, timeout=300)
-        alone[batch] = output_storage(f"{out}-alone-{batch}").read_json("00000_stats.json")["tar_sha256"]
+        spec = job_spec(
+            tmp_path, tiny_model, bucket, f"{out}-alone-{batch}", resources={"batch_size": batch}
+        )
+        subprocess.run(
+            [sys.executable, "-c", worker, str(spec), "0"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        alone[batch] = output_storage(f"{out}-alone-{batch}").read_json("00000_stats.json")[
+            "tar_sha256"
+        ]
     assert alone[1] != alone[3]
     start_at = str(time.time() + 20)  # both load their models first, then start the shard together
-    procs = [subprocess.Popen([sys.executable, "-c", worker, str(job_spec(tmp_path, tiny_model, bucket, out,
-                                                                          resources={"batch_size": b})), start_at],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in (1, 3)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                worker,
+                str(job_spec(tmp_path, tiny_model, bucket, out, resources={"batch_size": b})),
+                start_at,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for b in (1, 3)
+    ]
     winners = {p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs}
     storage = output_storage(out)
     stats = ShardStats.model_validate(storage.read_json("00000_stats.json"))
@@ -379,15 +535,27 @@ def test_two_worker_processes_with_different_batch_sizes_commit_one_consistent_s
     assert len(rows) == 3 and {r["worker_id"] for r in rows} == {stats.worker_id}
 
 
-def test_hung_actor_is_killed_and_its_shard_retried(tiny_model, ray_cluster, s3_endpoint, reference):
+def test_hung_actor_is_killed_and_its_shard_retried(
+    tiny_model, ray_cluster, s3_endpoint, reference
+):
     # The first upload of shard 3's tar hangs, as a stuck connection would.
-    proxy = S3Proxy(s3_endpoint, [Rule(path=r"/hung/00003\.tar", action="hang", methods=("PUT",), times=1,
-                                       hang_s=120)])
+    proxy = S3Proxy(
+        s3_endpoint,
+        [Rule(path=r"/hung/00003\.tar", action="hang", methods=("PUT",), times=1, hang_s=120)],
+    )
     try:
         out = f"s3://{reference['fs'].bucket}/hung"
-        spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out, resources={"shard_timeout_s": 10})
-        done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress",
-                       env={"AWS_ENDPOINT_URL": proxy.url})
+        spec = job_spec(
+            reference["tmp"], tiny_model, reference["fs"], out, resources={"shard_timeout_s": 10}
+        )
+        done = run_cli(
+            "run",
+            str(spec),
+            "--address",
+            ray_cluster.address,
+            "--no-progress",
+            env={"AWS_ENDPOINT_URL": proxy.url},
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert "00003 ran past shard_timeout_s=10" in done.stderr
         assert output_storage(out).read_json("00003_stats.json")["attempt"] == 2
@@ -411,21 +579,40 @@ def test_a_queued_shard_finishing_first_does_not_restart_the_heads_timeout():
     assert slot.head_since > 100.0 and not slot.tasks
 
 
-def test_slow_uploads_overlap_the_next_shards_generation(tiny_model, ray_cluster, s3_endpoint, reference):
+def test_slow_uploads_overlap_the_next_shards_generation(
+    tiny_model, ray_cluster, s3_endpoint, reference
+):
     """Every tar upload takes 0.5 s longer (a slow link): one worker goes on generating meanwhile.
 
     Shards take ~1 s to generate here (40 steps), longer than their upload, as real shards do."""
-    proxy = S3Proxy(s3_endpoint, [Rule(path=r"/slow/\d+\.tar", action="hang", methods=("PUT",), hang_s=0.5)])
+    proxy = S3Proxy(
+        s3_endpoint, [Rule(path=r"/slow/\d+\.tar", action="hang", methods=("PUT",), hang_s=0.5)]
+    )
     try:
         out = f"s3://{reference['fs'].bucket}/slow"
-        spec = job_spec(reference["tmp"], tiny_model, reference["fs"], out, steps=40, resources={"max_workers": 1})
-        done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress",
-                       env={"AWS_ENDPOINT_URL": proxy.url})
+        spec = job_spec(
+            reference["tmp"],
+            tiny_model,
+            reference["fs"],
+            out,
+            steps=40,
+            resources={"max_workers": 1},
+        )
+        done = run_cli(
+            "run",
+            str(spec),
+            "--address",
+            ray_cluster.address,
+            "--no-progress",
+            env={"AWS_ENDPOINT_URL": proxy.url},
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert proxy.rules[0].fired == 8
         assert_exactly_once(out)
-        stats = sorted((output_storage(out).read_json(n) for n in committed(out)),
-                       key=lambda s: s["generate_started_ts"])
+        stats = sorted(
+            (output_storage(out).read_json(n) for n in committed(out)),
+            key=lambda s: s["generate_started_ts"],
+        )
         assert len({s["worker_id"] for s in stats}) == 1
         # The second shard read its prompts while the first one was generating ...
         assert stats[1]["started_ts"] < stats[0]["generate_finished_ts"]
@@ -438,12 +625,16 @@ def test_slow_uploads_overlap_the_next_shards_generation(tiny_model, ray_cluster
         proxy.close()
 
 
-def test_resume_with_changed_spec_is_refused_and_nothing_is_deleted(tiny_model, ray_cluster, reference):
+def test_resume_with_changed_spec_is_refused_and_nothing_is_deleted(
+    tiny_model, ray_cluster, reference
+):
     storage = output_storage(reference["out"])
     files = lambda: {p: storage.fs.cat_file(p) for p in storage.fs.find(storage.root)}  # noqa: E731
     before = files()
     for change in ("generation.guidance_scale=3", "sweep.seeds=3", "output.image_format=jpeg"):
-        done = run_cli("run", str(reference["spec"]), "--set", change, "--address", ray_cluster.address)
+        done = run_cli(
+            "run", str(reference["spec"]), "--set", change, "--address", ray_cluster.address
+        )
         assert done.returncode == 1
         assert change.split("=")[0] in done.stderr and "different job" in done.stderr
     storage.fs.invalidate_cache()

@@ -13,8 +13,17 @@ import re
 
 import pytest
 
-from helpers import (CLUSTER_YAML, DOCKERFILE, INFRA, KUBERAY, REPO, check_sdfleet_command, containers, cron_pod_spec,
-                     load_all)
+from helpers import (
+    CLUSTER_YAML,
+    DOCKERFILE,
+    INFRA,
+    KUBERAY,
+    REPO,
+    check_sdfleet_command,
+    containers,
+    cron_pod_spec,
+    load_all,
+)
 
 CREDENTIAL_PATTERNS = [
     re.compile(r"AWS_SECRET_ACCESS_KEY\s*[=:]\s*\S"),
@@ -25,13 +34,15 @@ CREDENTIAL_PATTERNS = [
 ]
 
 
-@pytest.mark.parametrize("path", sorted(INFRA.rglob("*.yaml")), ids=lambda p: str(p.relative_to(INFRA)))
+@pytest.mark.parametrize(
+    "path", sorted(INFRA.rglob("*.yaml")), ids=lambda p: str(p.relative_to(INFRA))
+)
 def test_every_yaml_document_parses(path):
     for doc in load_all(path):
         if path.parent == KUBERAY:
-            assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name"), (
-                f"{path}: a Kubernetes object needs apiVersion, kind and metadata.name"
-            )
+            assert (
+                doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name")
+            ), f"{path}: a Kubernetes object needs apiVersion, kind and metadata.name"
 
 
 def test_no_infra_file_holds_aws_credentials():
@@ -41,11 +52,14 @@ def test_no_infra_file_holds_aws_credentials():
         text = path.read_text()
         for pattern in CREDENTIAL_PATTERNS:
             m = pattern.search(text)
-            assert not m, f"{path.relative_to(REPO)} looks like it holds an AWS credential: {m.group(0)!r}"
+            assert not m, (
+                f"{path.relative_to(REPO)} looks like it holds an AWS credential: {m.group(0)!r}"
+            )
 
 
-def test_every_node_and_pod_runs_the_one_pinned_image_the_dockerfile_builds(cluster_yaml, raycluster, rayjob,
-                                                                             cronjob):
+def test_every_node_and_pod_runs_the_one_pinned_image_the_dockerfile_builds(
+    cluster_yaml, raycluster, rayjob, cronjob
+):
     images = {("cluster.yaml", "docker.image"): cluster_yaml["docker"]["image"]}
     for key in ("head_image", "worker_image"):
         if key in cluster_yaml["docker"]:
@@ -68,17 +82,30 @@ def test_every_node_and_pod_runs_the_one_pinned_image_the_dockerfile_builds(clus
             images[(where, c["name"])] = c["image"]
     assert len(set(images.values())) == 1, f"different images: {images}"
     image = next(iter(images.values()))
-    assert not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1], f"{image} has no pinned tag"
+    assert not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1], (
+        f"{image} has no pinned tag"
+    )
     # The Dockerfile's build command builds exactly that tag.
     assert f"-t {image} " in DOCKERFILE.read_text()
 
 
 def test_readme_is_a_complete_and_honest_guide():
     text = (INFRA / "README.md").read_text()
-    for needed in ("docker build -f infra/Dockerfile", "ray up infra/aws/cluster.yaml", "ray job submit",
-                   "sdfleet run", "sdfleet status s3://", "ray down infra/aws/cluster.yaml",
-                   "helm install", "kubectl apply -f infra/kuberay/rayjob.yaml", "kubectl apply -f infra/kuberay/cronjob.yaml",
-                   "IRSA", "instance profile", "$SDFLEET_CACHE", "November 2025"):
+    for needed in (
+        "docker build -f infra/Dockerfile",
+        "ray up infra/aws/cluster.yaml",
+        "ray job submit",
+        "sdfleet run",
+        "sdfleet status s3://",
+        "ray down infra/aws/cluster.yaml",
+        "helm install",
+        "kubectl apply -f infra/kuberay/rayjob.yaml",
+        "kubectl apply -f infra/kuberay/cronjob.yaml",
+        "IRSA",
+        "instance profile",
+        "$SDFLEET_CACHE",
+        "November 2025",
+    ):
         assert needed in text, f"infra/README.md does not mention {needed!r}"
     assert re.search(r"`ray up`, `kubectl`.*cannot run in this[\s>]+project's CI", text, re.S)
     # Every file it links to exists, and every file in infra/ is in its table.
@@ -87,7 +114,9 @@ def test_readme_is_a_complete_and_honest_guide():
             assert (INFRA / link).resolve().exists(), f"infra/README.md links to missing {link}"
     for path in INFRA.rglob("*"):
         if path.is_file() and path.name != "README.md":
-            assert str(path.relative_to(INFRA)) in text, f"infra/README.md does not list {path.relative_to(INFRA)}"
+            assert str(path.relative_to(INFRA)) in text, (
+                f"infra/README.md does not list {path.relative_to(INFRA)}"
+            )
     # Its sdfleet command lines parse with the CLI.
     for line in re.findall(r"(sdfleet (?:run|plan|status) [^`\n]*?)(?:`|'|\n)", text):
         check_sdfleet_command(line.split("#")[0].strip())

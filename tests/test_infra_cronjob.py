@@ -20,9 +20,17 @@ import yaml
 from clusters import make_temp_dir, start_head
 from helpers import check_sdfleet_command, cron_pod_spec, wait_for
 
-CRON_FIELDS = [(0, 59, {}), (0, 23, {}), (1, 31, {}),
-               (1, 12, {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())}),
-               (0, 7, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())})]
+CRON_FIELDS = [
+    (0, 59, {}),
+    (0, 23, {}),
+    (1, 31, {}),
+    (
+        1,
+        12,
+        {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
+    ),
+    (0, 7, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}),
+]
 
 
 def valid_cron(expr: str) -> bool:
@@ -46,16 +54,28 @@ def valid_cron(expr: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("expr,ok", [
-    ("0 2 * * *", True), ("*/15 0-6 * * mon-fri", True), ("30 1 1,15 * *", True),
-    ("0 2 * *", False), ("60 2 * * *", False), ("0 24 * * *", False), ("@nightly", False),
-    ("0 2 * * 8", False), ("*/0 * * * *", False), ("0 5-2 * * *", False),
-])
+@pytest.mark.parametrize(
+    "expr,ok",
+    [
+        ("0 2 * * *", True),
+        ("*/15 0-6 * * mon-fri", True),
+        ("30 1 1,15 * *", True),
+        ("0 2 * *", False),
+        ("60 2 * * *", False),
+        ("0 24 * * *", False),
+        ("@nightly", False),
+        ("0 2 * * 8", False),
+        ("*/0 * * * *", False),
+        ("0 5-2 * * *", False),
+    ],
+)
 def test_the_cron_check_accepts_standard_schedules_only(expr, ok):
     assert valid_cron(expr) is ok
 
 
-def test_cronjob_submits_one_run_at_a_time_to_the_raycluster_with_its_token(cronjob, raycluster, configmap, service_account):
+def test_cronjob_submits_one_run_at_a_time_to_the_raycluster_with_its_token(
+    cronjob, raycluster, configmap, service_account
+):
     assert cronjob["apiVersion"] == "batch/v1"
     assert cronjob["kind"] == "CronJob"
     spec = cronjob["spec"]
@@ -73,7 +93,9 @@ def test_cronjob_submits_one_run_at_a_time_to_the_raycluster_with_its_token(cron
     [c] = pod["containers"]
     command = c["command"] + c.get("args", [])
     entries = [w for w in command if w.startswith("sdfleet run")]
-    assert len(entries) == 1, f"the CronJob's command/args should hold one `sdfleet run` entrypoint: {c.get('args')}"
+    assert len(entries) == 1, (
+        f"the CronJob's command/args should hold one `sdfleet run` entrypoint: {c.get('args')}"
+    )
     [entry] = entries
     check_sdfleet_command(entry)
     assert "--no-progress" in entry
@@ -101,8 +123,12 @@ def token_ray_head(tmp_path):
     home = tmp_path / "home"  # the token stays out of the real ~/.ray
     home.mkdir()
     token = "sdfleet-test-" + os.urandom(16).hex()
-    head = start_head("--num-cpus=2", "--num-gpus=0", temp_dir=make_temp_dir("sdf-infra-"),
-                      env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(home)})
+    head = start_head(
+        "--num-cpus=2",
+        "--num-gpus=0",
+        temp_dir=make_temp_dir("sdf-infra-"),
+        env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(home)},
+    )
     try:
         wait_for(head.dashboard_answers, 120, "the dashboard")
         yield head
@@ -122,16 +148,34 @@ def test_cronjob_script_submits_follows_and_reports(cronjob, token_ray_head, tmp
     pq.write_table(pa.table({"prompt_id": ["a", "b", "c"], "prompt": ["x", "y", "z"]}), prompts)
     specs = tmp_path / "specs"
     specs.mkdir()
-    (specs / "job.yaml").write_text(yaml.safe_dump({
-        "name": "cron-check", "input": {"uri": str(prompts)}, "output": {"uri": str(tmp_path / "out")},
-        "model": {"source": str(tiny_model)}, "safety": {"detector": "none"}}))
+    (specs / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "cron-check",
+                "input": {"uri": str(prompts)},
+                "output": {"uri": str(tmp_path / "out")},
+                "model": {"source": str(tiny_model)},
+                "safety": {"detector": "none"},
+            }
+        )
+    )
     (specs / "..data").mkdir()  # as in a ConfigMap volume: not shipped
-    env = {**cluster_env, "RAY_API_SERVER_ADDRESS": url, "SDFLEET_SPEC_DIR": str(specs), "SDFLEET_POLL_S": "0.5",
-           "SDFLEET_RETRY_S": "60"}
+    env = {
+        **cluster_env,
+        "RAY_API_SERVER_ADDRESS": url,
+        "SDFLEET_SPEC_DIR": str(specs),
+        "SDFLEET_POLL_S": "0.5",
+        "SDFLEET_RETRY_S": "60",
+    }
 
     def run(entrypoint: str, **extra) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", script, entrypoint], env={**env, **extra},
-                              capture_output=True, text=True, timeout=180)
+        return subprocess.run(
+            [sys.executable, "-c", script, entrypoint],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
 
     # 1. Submits with the spec as working_dir, prints the job's log, exits 0 on success.
     r = run("sdfleet plan job.yaml")
@@ -146,11 +190,19 @@ def test_cronjob_script_submits_follows_and_reports(cronjob, token_ray_head, tmp
     assert "cannot read spec 'missing.yaml'" in r.stdout and r.stdout.rstrip().endswith("FAILED")
 
     # 3. While an earlier run is still going, it follows that run instead of starting a second driver.
-    pre = subprocess.run([sys.executable, "-c",
-                          "from ray.job_submission import JobSubmissionClient as C\n"
-                          "print(C().submit_job(entrypoint='sleep 3; echo earlier-run-done',"
-                          " submission_id='sdfleet-nightly-00000000-000000'))"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    pre = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ray.job_submission import JobSubmissionClient as C\n"
+            "print(C().submit_job(entrypoint='sleep 3; echo earlier-run-done',"
+            " submission_id='sdfleet-nightly-00000000-000000'))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert pre.returncode == 0, pre.stderr
     r = run("sdfleet plan job.yaml")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -61,22 +61,32 @@ def test_dockerfile_installs_like_the_makefile():
     torch_at = first(re.escape(torch_pin) + r"\b")
     project_at = first(r"pip install\s+[\"']?\.\[nsfw\]")
     detector_at = first(r"pip install\s+--no-deps\s+[\"']?" + re.escape(nsfw_pin))
-    assert torch_at < project_at < detector_at, "torch first, then the project with its nsfw extra, then nsfw-detector"
+    assert torch_at < project_at < detector_at, (
+        "torch first, then the project with its nsfw extra, then nsfw-detector"
+    )
     assert not any(re.search(r"\.\[[^\]]*test", r) for r in runs), "no test extra in the image"
     assert not any(re.search(r"pip install\s+(-e|--editable)\b", r) for r in runs)
 
     envs = " ".join(args for ins, args in dockerfile_instructions() if ins == "ENV")
     assert re.search(r"\bTF_USE_LEGACY_KERAS=1\b", envs)
-    assert not any(ins in ("ENTRYPOINT", "CMD") for ins, _ in dockerfile_instructions()), "keep the Ray image's own"
+    assert not any(ins in ("ENTRYPOINT", "CMD") for ins, _ in dockerfile_instructions()), (
+        "keep the Ray image's own"
+    )
     for ins, args in dockerfile_instructions():
         if ins in ("ENV", "ARG"):
-            assert not re.search(r"AWS_(SECRET|ACCESS_KEY|SESSION_TOKEN)", args), f"{ins} {args}: no credentials in images"
+            assert not re.search(r"AWS_(SECRET|ACCESS_KEY|SESSION_TOKEN)", args), (
+                f"{ins} {args}: no credentials in images"
+            )
 
 
 def test_dockerfile_context_is_only_what_it_copies():
     # infra/Dockerfile.dockerignore is an allow-list; every COPY source must be on it, and the
     # heavy or private parts of the repository must not be.
-    lines = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln.strip()
+        for ln in DOCKERIGNORE.read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert lines[0] == "*"
     allowed = {ln[1:] for ln in lines if ln.startswith("!")}
     for ins, args in dockerfile_instructions():
@@ -89,5 +99,7 @@ def test_dockerfile_context_is_only_what_it_copies():
     for pkg in ("schemas", "jobs", "actors"):
         assert pkg in allowed
     # The folders the project's packages come from, so a new top-level one is not silently left out.
-    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ]
     assert {folder.split("/")[0] for folder in package_dirs.values()} <= allowed

@@ -24,7 +24,15 @@ pytestmark = pytest.mark.slow
 N_PROMPTS, SEEDS, PER_SHARD = 8, 2, 3  # 16 samples in 6 shards
 # What the working dir must not carry to the cluster. Ray honours .gitignore (which lists .venv/),
 # but not .git, and RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 would turn .gitignore off: say it outright.
-EXCLUDES = [".git", ".venv", "**/__pycache__", ".pytest_cache", "sdfleet-demo", "*.egg-info", "build"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "**/__pycache__",
+    ".pytest_cache",
+    "sdfleet-demo",
+    "*.egg-info",
+    "build",
+]
 
 
 @pytest.fixture
@@ -33,8 +41,13 @@ def job_head(s3_endpoint):
     its environment (from s3_endpoint), so every process of the cluster, the job's driver included,
     reaches the test's S3 server."""
     temp_dir = make_temp_dir("sdf-js-")
-    head = start_head("--num-cpus=2", "--num-gpus=2", "--object-store-memory=200000000", temp_dir=temp_dir,
-                      env={"SDFLEET_CACHE": str(temp_dir / "cache")})
+    head = start_head(
+        "--num-cpus=2",
+        "--num-gpus=2",
+        "--object-store-memory=200000000",
+        temp_dir=temp_dir,
+        env={"SDFLEET_CACHE": str(temp_dir / "cache")},
+    )
     try:
         yield head
     finally:
@@ -42,8 +55,14 @@ def job_head(s3_endpoint):
 
 
 def ray_cli(head, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "ray"), *args], cwd=REPO, env=head.env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(VENV_BIN / "ray"), *args],
+        cwd=REPO,
+        env=head.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def jobs_api_up(head) -> bool:
@@ -57,10 +76,24 @@ def jobs_api_up(head) -> bool:
 def job_status(head, job_id: str) -> str:
     """The status `ray job status` prints. It words the end states its own way: "Job 'x' succeeded",
     "Job 'x' failed", "Job 'x' was stopped"; anything else as "Status for job 'x': RUNNING"."""
-    done = ray_cli(head, "job", "status", "--address", head.dashboard_url, "--log-style", "record",
-                   "--log-color", "false", job_id)
+    done = ray_cli(
+        head,
+        "job",
+        "status",
+        "--address",
+        head.dashboard_url,
+        "--log-style",
+        "record",
+        "--log-color",
+        "false",
+        job_id,
+    )
     text = done.stdout + done.stderr
-    for word, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+    for word, status in (
+        ("succeeded", "SUCCEEDED"),
+        ("failed", "FAILED"),
+        ("was stopped", "STOPPED"),
+    ):
         if f"Job '{job_id}' {word}" in text:
             return status
     found = re.search(rf"Status for job '{re.escape(job_id)}': (\w+)", text)
@@ -75,8 +108,12 @@ def test_ray_job_submit_runs_a_job_to_completion(tmp_path, tiny_model, s3_endpoi
     fs = s3fs.S3FileSystem()
     bucket = f"job-submit-{uuid.uuid4().hex[:10]}"
     fs.mkdir(bucket)
-    write_prompts(f"{bucket}/prompts/p.parquet", [f"a harbour in the rain, variation {i}" for i in range(N_PROMPTS)],
-                  storage=fs, row_group_size=3)
+    write_prompts(
+        f"{bucket}/prompts/p.parquet",
+        [f"a harbour in the rain, variation {i}" for i in range(N_PROMPTS)],
+        storage=fs,
+        row_group_size=3,
+    )
     out = f"s3://{bucket}/dataset"
     spec = {
         "name": "job-submit",
@@ -94,9 +131,25 @@ def test_ray_job_submit_runs_a_job_to_completion(tmp_path, tiny_model, s3_endpoi
     wait_for(lambda: jobs_api_up(head), 60, "the dashboard's job API")
     job_id = f"sdfleet-{uuid.uuid4().hex[:8]}"
     with Sampler(head) as sampler:
-        submit = ray_cli(head, "job", "submit", "--address", head.dashboard_url, "--submission-id", job_id,
-                         "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-                         "--no-wait", "--", "sdfleet", "run", str(spec_path), "--no-progress")
+        submit = ray_cli(
+            head,
+            "job",
+            "submit",
+            "--address",
+            head.dashboard_url,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps({"excludes": EXCLUDES}),
+            "--no-wait",
+            "--",
+            "sdfleet",
+            "run",
+            str(spec_path),
+            "--no-progress",
+        )
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         status, deadline = "", time.monotonic() + 240
         while status not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
@@ -104,12 +157,17 @@ def test_ray_job_submit_runs_a_job_to_completion(tmp_path, tiny_model, s3_endpoi
             status = job_status(head, job_id)
         job_s = time.monotonic() - t0
     logs = ray_cli(head, "job", "logs", "--address", head.dashboard_url, job_id)
-    assert status == "SUCCEEDED", f"job {job_id} is {status or 'unknown'}:\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
+    assert status == "SUCCEEDED", (
+        f"job {job_id} is {status or 'unknown'}:\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}"
+    )
     assert "dataset complete: 16 images" in logs.stdout, logs.stdout[-3000:]
 
     # The job's working dir (its cwd, first on its PYTHONPATH) is the source tree, without venv or git store.
-    unpacked = [p for p in head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/*")
-                if p.is_dir()]
+    unpacked = [
+        p
+        for p in head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/*")
+        if p.is_dir()
+    ]
     assert len(unpacked) == 1 and (unpacked[0] / "jobs" / "cli.py").exists(), unpacked
     assert not (unpacked[0] / ".venv").exists() and not (unpacked[0] / ".git").exists()
     size = sum(f.stat().st_size for f in unpacked[0].rglob("*") if f.is_file())
@@ -122,12 +180,18 @@ def test_ray_job_submit_runs_a_job_to_completion(tmp_path, tiny_model, s3_endpoi
     rows = rows_of(out)
     samples = N_PROMPTS * SEEDS
     assert len(rows) == samples
-    assert len({r["key"] for r in rows}) == samples and len({r["sample_id"] for r in rows}) == samples
+    assert (
+        len({r["key"] for r in rows}) == samples and len({r["sample_id"] for r in rows}) == samples
+    )
     assert all(r["status"] == "ok" for r in rows)
-    assert storage.list("*_stats.json") == [f"{i:05d}_stats.json" for i in range(-(-samples // PER_SHARD))]
+    assert storage.list("*_stats.json") == [
+        f"{i:05d}_stats.json" for i in range(-(-samples // PER_SHARD))
+    ]
     assert storage.exists("_SUCCESS")
     assert sum(json.loads(storage.read_bytes("sizes.json")).values()) == samples
     # Made by GPU actors on the head's logical GPUs.
     assert {r["gpu_id"] for r in rows} <= {"0", "1"}, {r["gpu_id"] for r in rows}
-    print(f"\n[job submit] job finished {job_s:.1f}s after submission ({size / 2**10:.0f} KiB uploaded); "
-          f"{sampler.summary()}")
+    print(
+        f"\n[job submit] job finished {job_s:.1f}s after submission ({size / 2**10:.0f} KiB uploaded); "
+        f"{sampler.summary()}"
+    )

@@ -38,7 +38,11 @@ def imports(tree: ast.AST, module: str) -> list[tuple[int, str, list[str]]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolve against this module's package
-                package = module.split(".")[: -node.level] if not module.endswith("__init__") else module.split(".")
+                package = (
+                    module.split(".")[: -node.level]
+                    if not module.endswith("__init__")
+                    else module.split(".")
+                )
                 base = ".".join(package + ([base] if base else []))
             out.append((node.lineno, base, [alias.name for alias in node.names]))
     return out
@@ -57,12 +61,16 @@ def layering_errors(module: str, path: Path, root: Path = REPO) -> list[str]:
                 if target == "sdfleet" and name in LAYERS and LAYERS[name] > layer:
                     errors.append(f"{where}: {module} imports sdfleet.{name}, a layer above it")
             if layer == 0 and top in HEAVY:
-                errors.append(f"{where}: schemas import {target!r}; schemas stay free of heavy frameworks")
+                errors.append(
+                    f"{where}: schemas import {target!r}; schemas stay free of heavy frameworks"
+                )
             continue
         target_layer = target.split(".")[1] if "." in target else None
         if target_layer in LAYERS and LAYERS[target_layer] > layer:
-            errors.append(f"{where}: {module} imports {target}, a layer above it "
-                          f"({' <- '.join(LAYERS)} is the only direction)")
+            errors.append(
+                f"{where}: {module} imports {target}, a layer above it "
+                f"({' <- '.join(LAYERS)} is the only direction)"
+            )
     return errors
 
 
@@ -71,10 +79,16 @@ def private_import_errors(path: Path, module: str | None, root: Path = REPO) -> 
     tree = ast.parse(path.read_text())
     errors, module_aliases = [], {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sdfleet":
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] == "sdfleet"
+        ):
             for alias in node.names:
                 if alias.name.startswith("_") and node.module != module:
-                    errors.append(f"{path.relative_to(root)}:{node.lineno} imports {alias.name} from {node.module}")
+                    errors.append(
+                        f"{path.relative_to(root)}:{node.lineno} imports {alias.name} from {node.module}"
+                    )
                 else:
                     module_aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
         elif isinstance(node, ast.Import):
@@ -82,10 +96,17 @@ def private_import_errors(path: Path, module: str | None, root: Path = REPO) -> 
                 if alias.name.split(".")[0] == "sdfleet" and alias.asname:
                     module_aliases[alias.asname] = alias.name
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                and isinstance(node.value, ast.Name) and node.value.id in module_aliases):
-            errors.append(f"{path.relative_to(root)}:{node.lineno} reaches into "
-                          f"{module_aliases[node.value.id]}.{node.attr}")
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in module_aliases
+        ):
+            errors.append(
+                f"{path.relative_to(root)}:{node.lineno} reaches into "
+                f"{module_aliases[node.value.id]}.{node.attr}"
+            )
     return errors
 
 
@@ -97,7 +118,11 @@ def test_imports_run_one_way_under_the_sdfleet_name():
 @pytest.mark.parametrize("folder", ["schemas", "actors", "jobs", "bench", "tests"])
 def test_no_module_imports_another_modules_private_names(folder):
     modules = dict((p, m) for m, p in product_modules())
-    errors = [e for p in sorted((REPO / folder).rglob("*.py")) for e in private_import_errors(p, modules.get(p))]
+    errors = [
+        e
+        for p in sorted((REPO / folder).rglob("*.py"))
+        for e in private_import_errors(p, modules.get(p))
+    ]
     assert errors == []
 
 
@@ -106,14 +131,19 @@ def test_the_layering_check_catches_a_wrong_way_import(tmp_path):
     private name taken across modules are each reported."""
     bad = tmp_path / "actors" / "bad.py"
     bad.parent.mkdir()
-    bad.write_text("from sdfleet.jobs.plan import Planner\nimport jobs.cli\n"
-                   "def f():\n    from sdfleet.jobs import output\n"
-                   "from sdfleet.actors.storage import _first_line\n")
+    bad.write_text(
+        "from sdfleet.jobs.plan import Planner\nimport jobs.cli\n"
+        "def f():\n    from sdfleet.jobs import output\n"
+        "from sdfleet.actors.storage import _first_line\n"
+    )
     errors = layering_errors("sdfleet.actors.bad", bad, root=tmp_path)
     private = private_import_errors(bad, "sdfleet.actors.bad", root=tmp_path)
     assert any("imports sdfleet.jobs.plan, a layer above it" in e for e in errors)
     assert any("imports 'jobs.cli': import it as 'sdfleet.jobs.cli'" in e for e in errors)
-    assert any(e.startswith("actors/bad.py:4") and "imports sdfleet.jobs, a layer above" in e for e in errors)
+    assert any(
+        e.startswith("actors/bad.py:4") and "imports sdfleet.jobs, a layer above" in e
+        for e in errors
+    )
     assert private == ["actors/bad.py:5 imports _first_line from sdfleet.actors.storage"]
 
 
@@ -122,7 +152,11 @@ def test_the_engine_imports_without_ray_pydantic_or_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys, sdfleet.actors.engine; print(sorted(m for m in ('ray', 'pydantic', 'tensorflow', 'yaml') "
-            "if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, sdfleet.actors.engine; print(sorted(m for m in ('ray', 'pydantic', 'tensorflow', 'yaml') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.stdout.strip() == "[]", done.stderr

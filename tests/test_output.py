@@ -35,21 +35,53 @@ SAMPLES_PER_SHARD = {"00000": 2, "00001": 2, "00002": 2, "00003": 1}
 def shard_stats(shard: str, fingerprint: str, samples: int, **fields) -> ShardStats:
     """A stats record for `shard`: every sample ok and in the tar, unless `fields` say otherwise."""
     record = dict(
-        shard=shard, shard_id=int(shard), fingerprint=fingerprint, samples=samples, ok=samples, filtered=0,
-        failed=0, images_in_tar=samples, quarantined_images=0, flagged=0, flagged_by_class={},
-        safety_detector="none", safety_model_sha256=None, attempt=1, batch_size=samples, engine_speed_ups=[],
-        dtype="float32", device="cpu", worker_node="node-1", worker_id="worker-1", gpu_id="0", gen_seconds=1.0,
-        gpu_seconds=1.0, images_per_gpu_hour=None, wall_seconds=2.0, started_at="2026-11-29T00:00:00+00:00",
-        finished_at="2026-11-29T00:00:02+00:00", started_ts=0.0, generate_started_ts=0.5,
-        generate_finished_ts=1.5, finished_ts=2.0, tar_sha256="0" * 64, parquet_sha256="0" * 64,
+        shard=shard,
+        shard_id=int(shard),
+        fingerprint=fingerprint,
+        samples=samples,
+        ok=samples,
+        filtered=0,
+        failed=0,
+        images_in_tar=samples,
+        quarantined_images=0,
+        flagged=0,
+        flagged_by_class={},
+        safety_detector="none",
+        safety_model_sha256=None,
+        attempt=1,
+        batch_size=samples,
+        engine_speed_ups=[],
+        dtype="float32",
+        device="cpu",
+        worker_node="node-1",
+        worker_id="worker-1",
+        gpu_id="0",
+        gen_seconds=1.0,
+        gpu_seconds=1.0,
+        images_per_gpu_hour=None,
+        wall_seconds=2.0,
+        started_at="2026-11-29T00:00:00+00:00",
+        finished_at="2026-11-29T00:00:02+00:00",
+        started_ts=0.0,
+        generate_started_ts=0.5,
+        generate_finished_ts=1.5,
+        finished_ts=2.0,
+        tar_sha256="0" * 64,
+        parquet_sha256="0" * 64,
     )
     return ShardStats(**{**record, **fields})
 
 
 def failed_shard(shard: str, fingerprint: str) -> FailedShard:
-    return FailedShard(shard_id=int(shard), attempts=3, fingerprint=fingerprint,
-                       errors=[ShardAttemptError(attempt=i, error="Traceback ...\nOSError: disk full", at=float(i))
-                               for i in (1, 2, 3)])
+    return FailedShard(
+        shard_id=int(shard),
+        attempts=3,
+        fingerprint=fingerprint,
+        errors=[
+            ShardAttemptError(attempt=i, error="Traceback ...\nOSError: disk full", at=float(i))
+            for i in (1, 2, 3)
+        ],
+    )
 
 
 def put_record(storage: Storage, name: str, record) -> None:
@@ -67,25 +99,51 @@ def write_shard(reader: OutputReader, shard: str, parquet_rows: int | None = Non
     `parquet_rows` makes the Parquet hold another number of rows than the stats say."""
     job = reader.job
     samples = SAMPLES_PER_SHARD[shard]
-    rows = [{"key": sample_key(int(shard), i, job["key_width"]), "shard_id": int(shard), "status": "ok",
-             "prompt": f"a quiet harbour {i}", "width": 8, "height": 8, "image_format": "png"}
-            for i in range(samples if parquet_rows is None else parquet_rows)]
+    rows = [
+        {
+            "key": sample_key(int(shard), i, job["key_width"]),
+            "shard_id": int(shard),
+            "status": "ok",
+            "prompt": f"a quiet harbour {i}",
+            "width": 8,
+            "height": 8,
+            "image_format": "png",
+        }
+        for i in range(samples if parquet_rows is None else parquet_rows)
+    ]
     writer = ShardWriter(reader.storage, "png")
-    spooled = writer.spool(shard, rows, {r["key"]: png(i) for i, r in enumerate(rows)}, output_schema())
+    spooled = writer.spool(
+        shard, rows, {r["key"]: png(i) for i, r in enumerate(rows)}, output_schema()
+    )
     try:
-        return writer.commit(shard, spooled, shard_stats(shard, job["fingerprint"], samples,
-                                                         tar_sha256=spooled.sha256[layout.tar_file(shard)],
-                                                         parquet_sha256=spooled.sha256[layout.parquet_file(shard)]))
+        return writer.commit(
+            shard,
+            spooled,
+            shard_stats(
+                shard,
+                job["fingerprint"],
+                samples,
+                tar_sha256=spooled.sha256[layout.tar_file(shard)],
+                parquet_sha256=spooled.sha256[layout.parquet_file(shard)],
+            ),
+        )
     finally:
         spooled.close()
 
 
 def started_output(tmp_path, uri: str) -> OutputReader:
     """A started job's output at `uri`: its `_job.json` (7 samples in 4 shards), no shard yet."""
-    write_prompts(tmp_path / "in" / "p.parquet", [f"a quiet harbour, variation {i}" for i in range(7)])
-    spec = parse_spec({"name": "harbours", "input": {"uri": str(tmp_path / "in")},
-                       "output": {"uri": uri, "samples_per_shard": 2, "image_format": "png"},
-                       "safety": {"detector": "none"}})
+    write_prompts(
+        tmp_path / "in" / "p.parquet", [f"a quiet harbour, variation {i}" for i in range(7)]
+    )
+    spec = parse_spec(
+        {
+            "name": "harbours",
+            "input": {"uri": str(tmp_path / "in")},
+            "output": {"uri": uri, "samples_per_shard": 2, "image_format": "png"},
+            "safety": {"detector": "none"},
+        }
+    )
     plan = Planner(spec).plan()
     storage = Storage(spec.output.uri)
     storage.write_json(layout.JOB_FILE, job_record(plan))
@@ -117,19 +175,65 @@ def test_survey_classifies_every_planned_shard_by_its_records(output):
 
 def test_survey_totals_add_up_the_committed_shards_only(output):
     job, storage = output.job, output.storage
-    put_record(storage, layout.stats_file("00000"), shard_stats(
-        "00000", job["fingerprint"], 2, ok=1, filtered=1, images_in_tar=1, quarantined_images=1, flagged=1,
-        flagged_by_class={"porn": 1}, gpu_seconds=1.5, dtype="float16", safety_model_sha256="b" * 64))
-    put_record(storage, layout.stats_file("00001"), shard_stats(
-        "00001", job["fingerprint"], 2, ok=1, failed=1, images_in_tar=1, flagged=2,
-        flagged_by_class={"porn": 1, "hentai": 1}, gpu_seconds=0.5, safety_model_sha256="a" * 64))
-    put_record(storage, layout.stats_file("00002"), shard_stats("00002", "another job", 2, gpu_seconds=100.0))
+    put_record(
+        storage,
+        layout.stats_file("00000"),
+        shard_stats(
+            "00000",
+            job["fingerprint"],
+            2,
+            ok=1,
+            filtered=1,
+            images_in_tar=1,
+            quarantined_images=1,
+            flagged=1,
+            flagged_by_class={"porn": 1},
+            gpu_seconds=1.5,
+            dtype="float16",
+            safety_model_sha256="b" * 64,
+        ),
+    )
+    put_record(
+        storage,
+        layout.stats_file("00001"),
+        shard_stats(
+            "00001",
+            job["fingerprint"],
+            2,
+            ok=1,
+            failed=1,
+            images_in_tar=1,
+            flagged=2,
+            flagged_by_class={"porn": 1, "hentai": 1},
+            gpu_seconds=0.5,
+            safety_model_sha256="a" * 64,
+        ),
+    )
+    put_record(
+        storage,
+        layout.stats_file("00002"),
+        shard_stats("00002", "another job", 2, gpu_seconds=100.0),
+    )
     totals = output.survey().totals()
     assert totals == {
-        "samples": 4, "ok": 2, "filtered": 1, "failed": 1, "rejected": 0, "duplicate": 0, "skipped": 0,
-        "images_in_tar": 2, "quarantined_images": 1, "flagged": 3, "gpu_seconds": 2.0, "gen_seconds": 2.0,
-        "flagged_by_class": {"hentai": 1, "porn": 2}, "gated": 0, "gate_failures": {}, "by_sweep_point": {},
-        "images_per_gpu_hour": 3600.0, "dtypes": ["float16", "float32"],
+        "samples": 4,
+        "ok": 2,
+        "filtered": 1,
+        "failed": 1,
+        "rejected": 0,
+        "duplicate": 0,
+        "skipped": 0,
+        "images_in_tar": 2,
+        "quarantined_images": 1,
+        "flagged": 3,
+        "gpu_seconds": 2.0,
+        "gen_seconds": 2.0,
+        "flagged_by_class": {"hentai": 1, "porn": 2},
+        "gated": 0,
+        "gate_failures": {},
+        "by_sweep_point": {},
+        "images_per_gpu_hour": 3600.0,
+        "dtypes": ["float16", "float32"],
         "safety_model_sha256": ["a" * 64, "b" * 64],
     }
 
@@ -137,7 +241,9 @@ def test_survey_totals_add_up_the_committed_shards_only(output):
 def test_survey_is_complete_only_when_the_committed_samples_are_the_planned_ones(output):
     job, storage = output.job, output.storage
     for shard, samples in SAMPLES_PER_SHARD.items():
-        put_record(storage, layout.stats_file(shard), shard_stats(shard, job["fingerprint"], samples))
+        put_record(
+            storage, layout.stats_file(shard), shard_stats(shard, job["fingerprint"], samples)
+        )
     assert output.survey().complete
     put_record(storage, layout.stats_file("00003"), shard_stats("00003", job["fingerprint"], 0))
     assert not output.survey(refresh=True).complete
@@ -158,15 +264,21 @@ def test_a_folder_without_a_job_record_is_not_an_output(tmp_path):
 
 
 def completion_files(storage: Storage) -> dict[str, bool]:
-    return {name: storage.exists(name) for name in (layout.SIZES_FILE, layout.CARD_FILE, layout.CARD_SHEET,
-                                                    layout.SUCCESS_FILE)}
+    return {
+        name: storage.exists(name)
+        for name in (layout.SIZES_FILE, layout.CARD_FILE, layout.CARD_SHEET, layout.SUCCESS_FILE)
+    }
 
 
 def test_finalizer_writes_nothing_while_a_shard_is_pending_or_quarantined(output):
     for shard in ("00000", "00001", "00002"):
         write_shard(output, shard)
     assert Finalizer(output).finalize() is False
-    put_record(output.storage, layout.failed_file("00003"), failed_shard("00003", output.job["fingerprint"]))
+    put_record(
+        output.storage,
+        layout.failed_file("00003"),
+        failed_shard("00003", output.job["fingerprint"]),
+    )
     assert Finalizer(output).finalize() is False
     assert not any(completion_files(output.storage).values())
     assert "results" not in output.storage.read_json(layout.JOB_FILE)
@@ -179,7 +291,9 @@ def test_finalizer_declares_a_complete_output(output):
     assert Finalizer(output).finalize() is True
     storage = output.storage
     assert all(completion_files(storage).values())
-    assert storage.read_json(layout.SIZES_FILE) == {f"{s}.tar": n for s, n in SAMPLES_PER_SHARD.items()}
+    assert storage.read_json(layout.SIZES_FILE) == {
+        f"{s}.tar": n for s, n in SAMPLES_PER_SHARD.items()
+    }
     job = storage.read_json(layout.JOB_FILE)
     assert {k: v for k, v in job.items() if k != "results"} == job_before
     assert job["results"]["samples"] == job["results"]["ok"] == 7
@@ -201,13 +315,20 @@ def test_finalizer_refuses_a_parquet_whose_footer_disagrees_with_its_stats(outpu
 def test_survey_and_footers_read_many_records_at_once(where, tmp_path, request):
     """One listing, then the stats (and the Parquet footers' tails) read many at a time: the same
     answers from a folder and from S3 over HTTP."""
-    uri = f"s3://{request.getfixturevalue('s3').bucket}/out" if where == "s3" else str(tmp_path / "out")
+    uri = (
+        f"s3://{request.getfixturevalue('s3').bucket}/out"
+        if where == "s3"
+        else str(tmp_path / "out")
+    )
     output = started_output(tmp_path, uri)
     for shard in SAMPLES_PER_SHARD:
         write_shard(output, shard)
     survey = output.survey(refresh=True)
     assert sorted(survey.committed) == sorted(SAMPLES_PER_SHARD) and not survey.pending
-    assert survey.listing[layout.tar_file("00003")] == survey.committed["00003"].files[layout.tar_file("00003")].size
+    assert (
+        survey.listing[layout.tar_file("00003")]
+        == survey.committed["00003"].files[layout.tar_file("00003")].size
+    )
     assert output.parquet_rows(sorted(SAMPLES_PER_SHARD)) == SAMPLES_PER_SHARD
     assert Finalizer(output).finalize()
 
@@ -227,11 +348,16 @@ def stats_reads(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_the_index_spares_the_next_survey_every_read_and_never_outlives_a_changed_record(
-        where, tmp_path, request, monkeypatch):
+    where, tmp_path, request, monkeypatch
+):
     import sdfleet.jobs.output as output_module
 
     monkeypatch.setattr(output_module, "INDEX_AFTER_READS", 2)
-    uri = f"s3://{request.getfixturevalue('s3').bucket}/out" if where == "s3" else str(tmp_path / "out")
+    uri = (
+        f"s3://{request.getfixturevalue('s3').bucket}/out"
+        if where == "s3"
+        else str(tmp_path / "out")
+    )
     output = started_output(tmp_path, uri)
     for shard in SAMPLES_PER_SHARD:
         write_shard(output, shard)
@@ -247,7 +373,9 @@ def test_the_index_spares_the_next_survey_every_read_and_never_outlives_a_change
     # A stats file written again (its commit withdrawn and made anew): the index's copy is stale.
     stats = output.storage.read_json(layout.stats_file("00002"))
     output.storage.delete(layout.stats_file("00002"))
-    put_record(output.storage, layout.stats_file("00002"), ShardStats(**{**stats, "gpu_seconds": 99.0}))
+    put_record(
+        output.storage, layout.stats_file("00002"), ShardStats(**{**stats, "gpu_seconds": 99.0})
+    )
     reads.clear()
     third = OutputReader(output.storage).survey()
     assert reads == [layout.stats_file("00002")] and third.committed["00002"].gpu_seconds == 99.0
@@ -290,7 +418,9 @@ def test_a_parquet_that_is_not_one_is_named_by_the_footer_check(output):
         write_shard(output, shard)
     size = output.storage.listing()[layout.parquet_file("00001")]
     output.storage.write_bytes(layout.parquet_file("00001"), b"x" * size)
-    with pytest.raises(StorageError, match=r"00001\.parquet is not a readable Parquet file: no PAR1 at its end"):
+    with pytest.raises(
+        StorageError, match=r"00001\.parquet is not a readable Parquet file: no PAR1 at its end"
+    ):
         output.parquet_rows(sorted(SAMPLES_PER_SHARD))
 
 
@@ -298,12 +428,16 @@ def test_finalizer_refuses_a_tar_that_is_not_the_one_committed_and_names_it(outp
     for shard in SAMPLES_PER_SHARD:
         write_shard(output, shard)
     output.storage.write_bytes(layout.tar_file("00002"), b"a tar someone else wrote")
-    with pytest.raises(IncompleteOutput, match=r"shard 00002: .*00002\.tar has 24 bytes; its commit says"):
+    with pytest.raises(
+        IncompleteOutput, match=r"shard 00002: .*00002\.tar has 24 bytes; its commit says"
+    ):
         Finalizer(output).finalize()
     assert not any(completion_files(output.storage).values())
 
 
-def test_finalizer_publishes_a_commit_whose_writer_died_before_publishing_and_discards_leftovers(output):
+def test_finalizer_publishes_a_commit_whose_writer_died_before_publishing_and_discards_leftovers(
+    output,
+):
     from sdfleet.actors.writer import ShardCommit
 
     for shard in ("00000", "00001", "00002"):
@@ -311,12 +445,19 @@ def test_finalizer_publishes_a_commit_whose_writer_died_before_publishing_and_di
     writer = ShardWriter(output.storage, "png")
     rows = [{"key": sample_key(3, 0, 5), "shard_id": 3, "status": "ok", "prompt": "p"}]
     spooled = writer.spool("00003", rows, {rows[0]["key"]: png(0)}, output_schema())
-    stats = shard_stats("00003", output.job["fingerprint"], 1, tar_sha256=spooled.sha256["00003.tar"],
-                        parquet_sha256=spooled.sha256["00003.parquet"])
+    stats = shard_stats(
+        "00003",
+        output.job["fingerprint"],
+        1,
+        tar_sha256=spooled.sha256["00003.tar"],
+        parquet_sha256=spooled.sha256["00003.parquet"],
+    )
     died = ShardCommit(output.storage, "00003", spooled, stats).steps()
     for _ in range(3):  # staged both files, committed; died before publishing
         next(died)
-    loser = ShardCommit(output.storage, "00003", spooled, stats.model_copy(update={"worker_id": "lost"})).steps()
+    loser = ShardCommit(
+        output.storage, "00003", spooled, stats.model_copy(update={"worker_id": "lost"})
+    ).steps()
     next(loser)  # a second writer staged its tar, then died too
     assert not output.storage.exists("00003.tar")
     assert Finalizer(output).finalize() is True
@@ -335,56 +476,105 @@ def card_for(reader: OutputReader, sheet: str | None = None, **spec_sections) ->
     job = json.loads(json.dumps(reader.job))
     for section, values in spec_sections.items():
         job["spec"][section].update(values)
-    survey = Survey(num_shards=4, num_samples=7, committed={
-        shard: shard_stats(shard, job["fingerprint"], n, gpu_seconds=900.0) for shard, n in SAMPLES_PER_SHARD.items()})
+    survey = Survey(
+        num_shards=4,
+        num_samples=7,
+        committed={
+            shard: shard_stats(shard, job["fingerprint"], n, gpu_seconds=900.0)
+            for shard, n in SAMPLES_PER_SHARD.items()
+        },
+    )
     survey.committed["00001"] = shard_stats(
-        "00001", job["fingerprint"], 2, ok=0, filtered=2, images_in_tar=0, flagged=2,
-        flagged_by_class={"porn": 1, "sexy": 1}, gpu_seconds=900.0, safety_model_sha256="c0ffee" * 10 + "abcd")
+        "00001",
+        job["fingerprint"],
+        2,
+        ok=0,
+        filtered=2,
+        images_in_tar=0,
+        flagged=2,
+        flagged_by_class={"porn": 1, "sexy": 1},
+        gpu_seconds=900.0,
+        safety_model_sha256="c0ffee" * 10 + "abcd",
+    )
     return dataset_card(job, survey, sheet)
 
 
 def test_dataset_card_counts_what_the_dataset_holds(output):
     card = card_for(output)
-    for line in ("# harbours", "| samples planned | 7 |", "| images (status ok) | 5 |",
-                 "| flagged by safety | 2 (action `drop`) |", "| filtered (not in the tars) | 2 |",
-                 "| kept aside in `quarantine/` | 0 |", "| failed | 0 |", "| shards | 4 |",
-                 "| GPU-hours | 1.0000 (3600.0 GPU-seconds) |", "| images per GPU-hour | 5.0 |"):
+    for line in (
+        "# harbours",
+        "| samples planned | 7 |",
+        "| images (status ok) | 5 |",
+        "| flagged by safety | 2 (action `drop`) |",
+        "| filtered (not in the tars) | 2 |",
+        "| kept aside in `quarantine/` | 0 |",
+        "| failed | 0 |",
+        "| shards | 4 |",
+        "| GPU-hours | 1.0000 (3600.0 GPU-seconds) |",
+        "| images per GPU-hour | 5.0 |",
+    ):
         assert f"\n{line}\n" in card, line
     assert card.startswith("---\n") and "![" not in card
 
 
 def test_dataset_card_says_whether_and_how_images_were_checked(output):
     assert "\n- safety: none (no detector ran; safety columns are null)\n" in card_for(output)
-    card = card_for(output, safety={"detector": "nsfw-detector", "threshold": 0.7, "action": "quarantine"})
-    assert ("\n- safety: `nsfw-detector` (weights sha256 c0ffeec0ffee), threshold 0.7, action `quarantine`; "
-            "flagged per class: porn 1, sexy 1\n") in card
+    card = card_for(
+        output, safety={"detector": "nsfw-detector", "threshold": 0.7, "action": "quarantine"}
+    )
+    assert (
+        "\n- safety: `nsfw-detector` (weights sha256 c0ffeec0ffee), threshold 0.7, action `quarantine`; "
+        "flagged per class: porn 1, sexy 1\n"
+    ) in card
 
 
-@pytest.mark.parametrize("image_format, extension", [("jpeg", "jpg"), ("png", "png"), ("webp", "webp")])
-def test_dataset_card_names_the_tar_members_by_the_images_extension(output, image_format, extension):
+@pytest.mark.parametrize(
+    "image_format, extension", [("jpeg", "jpg"), ("png", "png"), ("webp", "webp")]
+)
+def test_dataset_card_names_the_tar_members_by_the_images_extension(
+    output, image_format, extension
+):
     card = card_for(output, output={"image_format": image_format})
     assert f"WebDataset shards with `{{key}}.{extension}`, `{{key}}.txt` (prompt)" in card
 
 
 def test_dataset_card_shows_the_contact_sheet_it_is_given(output):
-    assert "\n![A sample of the images](preview/card_contact_sheet.png)\n" in card_for(output, layout.CARD_SHEET)
+    assert "\n![A sample of the images](preview/card_contact_sheet.png)\n" in card_for(
+        output, layout.CARD_SHEET
+    )
 
 
 # ------------------------------------------------------------------------------------ the job claim
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_of_two_drivers_with_different_specs_starting_at_once_exactly_one_claims_the_output(where, tmp_path, request):
+def test_of_two_drivers_with_different_specs_starting_at_once_exactly_one_claims_the_output(
+    where, tmp_path, request
+):
     import threading
 
     from sdfleet.jobs.run import JobRunner
     from sdfleet.schemas.errors import SpecError
 
     write_prompts(tmp_path / "in" / "p.parquet", ["a quiet harbour", "a loud harbour"])
-    out = f"s3://{request.getfixturevalue('s3').bucket}/claimed" if where == "s3" else str(tmp_path / "out")
-    runners = [JobRunner(parse_spec({"input": {"uri": str(tmp_path / "in")}, "output": {"uri": out},
-                                     "generation": {"guidance_scale": g}, "safety": {"detector": "none"}}))
-               for g in (3.0, 7.5)]
+    out = (
+        f"s3://{request.getfixturevalue('s3').bucket}/claimed"
+        if where == "s3"
+        else str(tmp_path / "out")
+    )
+    runners = [
+        JobRunner(
+            parse_spec(
+                {
+                    "input": {"uri": str(tmp_path / "in")},
+                    "output": {"uri": out},
+                    "generation": {"guidance_scale": g},
+                    "safety": {"detector": "none"},
+                }
+            )
+        )
+        for g in (3.0, 7.5)
+    ]
     plans = [Planner(r.spec).plan() for r in runners]
     start, outcomes = threading.Barrier(2), [None, None]
 
@@ -415,8 +605,14 @@ def test_an_output_with_files_but_no_job_record_is_refused_naming_them(tmp_path,
     write_prompts(tmp_path / "in" / "p.parquet", ["a quiet harbour"])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "00000.tar").write_bytes(b"someone else's shard")
-    spec = parse_spec({"input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
-                       "model": {"source": str(tiny_model)}, "safety": {"detector": "none"}})
+    spec = parse_spec(
+        {
+            "input": {"uri": str(tmp_path / "in")},
+            "output": {"uri": str(tmp_path / "out")},
+            "model": {"source": str(tiny_model)},
+            "safety": {"detector": "none"},
+        }
+    )
     with pytest.raises(SpecError, match=r"holds 1 file\(s\) but no _job.json \(e.g. 00000.tar\)"):
         JobRunner(spec).check()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.tar"]  # nothing written

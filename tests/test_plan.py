@@ -17,8 +17,13 @@ def make_input(tmp_path, sizes=(5, 4), row_group_size=2):
     for i, size in enumerate(sizes):
         prompts = [f"prompt number {n + j}" for j in range(size)]
         ids = [f"id-{n + j}" for j in range(size)]
-        write_prompts(tmp_path / "in" / f"part-{i}.parquet", prompts, ids, row_group_size=row_group_size,
-                      lang=["en"] * size)
+        write_prompts(
+            tmp_path / "in" / f"part-{i}.parquet",
+            prompts,
+            ids,
+            row_group_size=row_group_size,
+            lang=["en"] * size,
+        )
         n += size
     return tmp_path / "in"
 
@@ -52,7 +57,11 @@ def test_shard_samples_follow_file_row_point_order(tmp_path):
     samples = [s for shard in range(plan.num_shards) for s in read_shard_samples(plan, shard)]
     assert len(samples) == plan.num_samples
     # Keys: shard then offset, unique and fixed-width.
-    assert samples[0].key == "000000000" and samples[5].key == "000010000" and samples[-1].key == "000070000"
+    assert (
+        samples[0].key == "000000000"
+        and samples[5].key == "000010000"
+        and samples[-1].key == "000070000"
+    )
     assert len({s.key for s in samples}) == len(samples)
     # Row order across the file boundary (row 5 is the first row of the second file), sweep innermost.
     assert [s.prompt_id for s in samples[:8]] == ["id-0"] * 4 + ["id-1"] * 4
@@ -86,8 +95,16 @@ def test_a_seed_list_is_used_as_given_and_missing_ids_default_to_file_and_row(tm
 
 def test_seed_derivation_is_stable_across_processes():
     code = "from sdfleet.schemas.samples import derive_seed; print(derive_seed(7, 'prompt-42', 3))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={"PYTHONHASHSEED": str(i)}, cwd=".").stdout.strip() for i in range(3)}
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={"PYTHONHASHSEED": str(i)},
+            cwd=".",
+        ).stdout.strip()
+        for i in range(3)
+    }
     assert len(outs) == 1
     seed = int(outs.pop())
     assert seed == derive_seed(7, "prompt-42", 3)
@@ -103,8 +120,16 @@ def test_key_width_widens_past_99999_shards():
 
 
 def test_sweep_points_are_a_cartesian_product():
-    spec = parse_spec({"input": {"uri": "x"}, "output": {"uri": "y"},
-                       "sweep": {"seeds": 2, "axes": {"guidance_scale": [1, 2, 3], "num_inference_steps": [4, 8]}}})
+    spec = parse_spec(
+        {
+            "input": {"uri": "x"},
+            "output": {"uri": "y"},
+            "sweep": {
+                "seeds": 2,
+                "axes": {"guidance_scale": [1, 2, 3], "num_inference_steps": [4, 8]},
+            },
+        }
+    )
     points = sweep_points(spec)
     assert len(points) == 12
     assert points[0] == {"guidance_scale": 1.0, "num_inference_steps": 4, "seed_index": 0}
@@ -115,7 +140,10 @@ def test_input_may_be_a_file_a_folder_or_a_glob(tmp_path):
     make_input(tmp_path, sizes=(2, 2, 2))
     folder = tmp_path / "in"
     assert [p.rsplit("/", 1)[-1] for p in list_parquet(str(folder))] == [
-        "part-0.parquet", "part-1.parquet", "part-2.parquet"]
+        "part-0.parquet",
+        "part-1.parquet",
+        "part-2.parquet",
+    ]
     assert len(list_parquet(str(folder / "part-1.parquet"))) == 1
     assert len(list_parquet(str(folder / "part-[01].parquet"))) == 2
     with pytest.raises(InputError, match="does not exist"):
@@ -129,8 +157,13 @@ def test_missing_or_mistyped_prompt_column_is_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": [1], "lang": ["en"]}), tmp_path / "in" / "part-9.parquet")
-    with pytest.raises(InputError, match=r"part-9.parquet: prompt column 'prompt' has type int64, expected string"):
+    pq.write_table(
+        pa.table({"prompt_id": ["a"], "prompt": [1], "lang": ["en"]}),
+        tmp_path / "in" / "part-9.parquet",
+    )
+    with pytest.raises(
+        InputError, match=r"part-9.parquet: prompt column 'prompt' has type int64, expected string"
+    ):
         Planner(spec_for(tmp_path)).plan()
 
 
@@ -145,10 +178,16 @@ def test_empty_and_unreadable_files_are_refused(tmp_path):
 
 
 def test_null_and_blank_prompts_become_failed_samples(tmp_path):
-    write_prompts(tmp_path / "in" / "p.parquet", ["ok prompt", None, "   "], ["a", "b", "c"], lang=["x"] * 3)
+    write_prompts(
+        tmp_path / "in" / "p.parquet", ["ok prompt", None, "   "], ["a", "b", "c"], lang=["x"] * 3
+    )
     plan = Planner(spec_for(tmp_path, sweep={"seeds": 1, "axes": {}})).plan()
     samples = read_shard_samples(plan, 0)
-    assert [s.error for s in samples] == [None, "prompt is null", "prompt is empty or whitespace-only"]
+    assert [s.error for s in samples] == [
+        None,
+        "prompt is null",
+        "prompt is empty or whitespace-only",
+    ]
     assert samples[1].params is None
     assert samples[1].planned.seed == derive_seed(0, "b", 0)  # recorded, though never generated
 
@@ -160,10 +199,14 @@ def test_cli_plan_prints_without_starting_anything(tmp_path, tiny_model):
         f"model: {{source: {tiny_model}}}\nsafety: {{detector: none}}\n"
         "sweep: {seeds: 2, axes: {guidance_scale: [3.0, 7.5]}}\n"
     )
-    code = ("import sys; from sdfleet.jobs.cli import main; rc = main(['plan', sys.argv[1]]); "
-            "heavy = [m for m in ('ray', 'torch', 'diffusers') if m in sys.modules]; "
-            "print('HEAVY', heavy); sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "job.yaml")], capture_output=True, text=True)
+    code = (
+        "import sys; from sdfleet.jobs.cli import main; rc = main(['plan', sys.argv[1]]); "
+        "heavy = [m for m in ('ray', 'torch', 'diffusers') if m in sys.modules]; "
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "job.yaml")], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "samples       36" in out.stdout and "shards        8" in out.stdout
     assert "GPU-hours" in out.stdout
@@ -172,7 +215,9 @@ def test_cli_plan_prints_without_starting_anything(tmp_path, tiny_model):
 
 
 def test_cli_refuses_bad_spec_with_exit_1(tmp_path):
-    (tmp_path / "job.yaml").write_text("input: {uri: x}\noutput: {uri: y}\ngeneration: {width: 513}\n")
+    (tmp_path / "job.yaml").write_text(
+        "input: {uri: x}\noutput: {uri: y}\ngeneration: {width: 513}\n"
+    )
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 1
     assert "generation.width=513" in out.stderr and "not divisible by 8" in out.stderr
@@ -180,8 +225,12 @@ def test_cli_refuses_bad_spec_with_exit_1(tmp_path):
 
 def test_plan_estimates_gpu_hours_and_cost(tmp_path):
     make_input(tmp_path)
-    spec = spec_for(tmp_path, generation={"num_inference_steps": 50, "width": 512, "height": 512},
-                    sweep={"seeds": 1, "axes": {}}, resources={"gpu_hour_usd": 2.0, "gpu_type": "a100"})
+    spec = spec_for(
+        tmp_path,
+        generation={"num_inference_steps": 50, "width": 512, "height": 512},
+        sweep={"seeds": 1, "axes": {}},
+        resources={"gpu_hour_usd": 2.0, "gpu_type": "a100"},
+    )
     est = estimate(Planner(spec).plan())
     # 9 prompts x (50 CFG UNet steps + VAE decode + text) at SD2-base's FLOPs, 80 TFLOP/s on an A100.
     assert est["tflop"] == pytest.approx(9 * (1.609 * 50 + 2.51 + 0.09))
@@ -202,7 +251,8 @@ def test_cli_plan_prints_cost(tmp_path, tiny_model):
     (tmp_path / "job.yaml").write_text(
         f"input: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n"
         f"model: {{source: {tiny_model}}}\nsafety: {{detector: none}}\n"
-        "resources: {gpu_hour_usd: 4.0, budget_usd: 100}\n")
+        "resources: {gpu_hour_usd: 4.0, budget_usd: 100}\n"
+    )
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 0, out.stderr
     assert "at $4.0/GPU-hour (budget $100.00)" in out.stdout and "TFLOP/s sustained" in out.stdout
@@ -213,28 +263,51 @@ def test_best_of_n_plans_every_candidate_slot_and_prices_a_range(tmp_path, tiny_
     cost run from every prompt's first k passing to all m tried."""
     make_input(tmp_path)
     curation = {"clip_model": str(tmp_path), "images_per_prompt": 2, "max_candidates": 8}
-    spec = spec_for(tmp_path, generation={"num_inference_steps": 50, "width": 512, "height": 512},
-                    sweep={"seeds": 1, "axes": {"guidance_scale": [3.0, 7.5]}}, output={"samples_per_shard": 16},
-                    resources={"gpu_hour_usd": 2.0}, curation=curation)
+    spec = spec_for(
+        tmp_path,
+        generation={"num_inference_steps": 50, "width": 512, "height": 512},
+        sweep={"seeds": 1, "axes": {"guidance_scale": [3.0, 7.5]}},
+        output={"samples_per_shard": 16},
+        resources={"gpu_hour_usd": 2.0},
+        curation=curation,
+    )
     plan = Planner(spec).plan()
     assert plan.num_samples == 9 * 2 * 8
     est = estimate(plan)
     assert est["tflop"] == pytest.approx(9 * 2 * 8 * (1.609 * 50 + 2.51 + 0.09))
-    assert est["tflop_min"] == pytest.approx(est["tflop"] / 4) and est["cost_usd_min"] == pytest.approx(est["cost_usd"] / 4)
+    assert est["tflop_min"] == pytest.approx(est["tflop"] / 4) and est[
+        "cost_usd_min"
+    ] == pytest.approx(est["cost_usd"] / 4)
 
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump({
-        "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 16},
-        "model": {"source": str(tiny_model)}, "safety": {"detector": "none"},
-        "generation": {"num_inference_steps": 50, "width": 512, "height": 512},
-        "sweep": {"axes": {"guidance_scale": [3.0, 7.5]}}, "curation": curation,
-        "resources": {"gpu_hour_usd": 2.0, "budget_usd": round(est["cost_usd"] / 2, 4)}}))
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "input": {"uri": str(tmp_path / "in")},
+                "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 16},
+                "model": {"source": str(tiny_model)},
+                "safety": {"detector": "none"},
+                "generation": {"num_inference_steps": 50, "width": 512, "height": 512},
+                "sweep": {"axes": {"guidance_scale": [3.0, 7.5]}},
+                "curation": curation,
+                "resources": {"gpu_hour_usd": 2.0, "budget_usd": round(est["cost_usd"] / 2, 4)},
+            }
+        )
+    )
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 0, out.stderr
     assert "16 points per prompt (8 candidate seed(s) x guidance_scale[2])" in out.stdout
-    assert "candidates    8 slots per prompt and sweep point (curation.max_candidates), 36 images kept at most" \
-        in out.stdout, out.stdout
-    assert f"compute       {est['tflop_min']:,.0f} … {est['tflop']:,.0f} TFLOP (2 … 8 candidates per prompt)" in out.stdout
-    assert f"cost          ${est['cost_usd_min']:,.2f} … ${est['cost_usd']:,.2f} at $2.0/GPU-hour" in out.stdout
+    assert (
+        "candidates    8 slots per prompt and sweep point (curation.max_candidates), 36 images kept at most"
+        in out.stdout
+    ), out.stdout
+    assert (
+        f"compute       {est['tflop_min']:,.0f} … {est['tflop']:,.0f} TFLOP (2 … 8 candidates per prompt)"
+        in out.stdout
+    )
+    assert (
+        f"cost          ${est['cost_usd_min']:,.2f} … ${est['cost_usd']:,.2f} at $2.0/GPU-hour"
+        in out.stdout
+    )
     assert "warning       the budget is under the most cost" in out.stdout
 
 
@@ -253,9 +326,16 @@ def test_ids_whose_hashes_collide_are_told_apart_by_their_text(tmp_path, monkeyp
 
     import sdfleet.jobs.plan as planning
 
-    write_prompts(tmp_path / "in" / "a.parquet", ["p"] * 5, ["x", "y", "x", None, None], row_group_size=2,
-                  lang=["en"] * 5)
-    write_prompts(tmp_path / "in" / "b.parquet", ["p"] * 3, ["7", "8", "7"], row_group_size=2, lang=["en"] * 3)
+    write_prompts(
+        tmp_path / "in" / "a.parquet",
+        ["p"] * 5,
+        ["x", "y", "x", None, None],
+        row_group_size=2,
+        lang=["en"] * 5,
+    )
+    write_prompts(
+        tmp_path / "in" / "b.parquet", ["p"] * 3, ["7", "8", "7"], row_group_size=2, lang=["en"] * 3
+    )
     monkeypatch.setattr(planning, "id_hashes", lambda ids, row: np.zeros(len(ids), dtype=np.uint64))
     monkeypatch.setattr(planning, "ID_BATCH_ROWS", 2)  # batches that split files
     plan = Planner(spec_for(tmp_path)).plan()
@@ -270,5 +350,7 @@ def test_id_hashes_are_equal_for_equal_ids_only_and_do_not_depend_on_the_batch()
     ids = pa.array(["coco-1", "coco-2", "coco-1", None, None, "", "", "ab", "ba", "a" * 300])
     h = id_hashes(ids, 0).tolist()
     assert h[0] == h[2] and h[5] == h[6]
-    assert len({h[0], h[1], h[3], h[4], h[5], h[7], h[8], h[9]}) == 8  # nulls never repeat each other
+    assert (
+        len({h[0], h[1], h[3], h[4], h[5], h[7], h[8], h[9]}) == 8
+    )  # nulls never repeat each other
     assert id_hashes(ids.slice(7, 3), 7).tolist() == h[7:]

@@ -49,12 +49,15 @@ WHITE = np.array([255, 255, 255])
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed (CI: apt-get update && apt-get install -y chromium "
-                             "chromium-driver)")
+    CHROMIUM is None,
+    reason="Chromium is not installed (CI: apt-get update && apt-get install -y chromium "
+    "chromium-driver)",
+)
 needs_chromedriver = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="Chromium/ChromeDriver are not installed (CI: apt-get update && apt-get install -y chromium "
-           "chromium-driver)")
+    "chromium-driver)",
+)
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -89,8 +92,11 @@ def quarantined(tmp_path_factory, tiny_model) -> Path:
 
     root = tmp_path_factory.mktemp("preview-q")
     checker = write_tiny_clip_checker(root / "clip-everything", flag="everything")
-    return make_dataset(root, tiny_model, {"detector": "clip-checker", "model": str(checker),
-                                           "action": "quarantine"})
+    return make_dataset(
+        root,
+        tiny_model,
+        {"detector": "clip-checker", "model": str(checker), "action": "quarantine"},
+    )
 
 
 def rows_of(out: Path, folder: str = "") -> list[dict]:
@@ -110,7 +116,9 @@ def tar_image(out: Path, key: str, folder: str = "") -> Image.Image:
 
 
 def pixels(png) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png) if isinstance(png, bytes) else png).convert("RGB")).astype(int)
+    return np.asarray(
+        Image.open(io.BytesIO(png) if isinstance(png, bytes) else png).convert("RGB")
+    ).astype(int)
 
 
 def crop(a: np.ndarray, box) -> np.ndarray:
@@ -119,7 +127,9 @@ def crop(a: np.ndarray, box) -> np.ndarray:
 
 
 def enlarged(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.resize((img.width * SCALE, img.height * SCALE), Image.Resampling.NEAREST)).astype(int)
+    return np.asarray(
+        img.resize((img.width * SCALE, img.height * SCALE), Image.Resampling.NEAREST)
+    ).astype(int)
 
 
 def has_ink(region: np.ndarray) -> bool:
@@ -129,7 +139,7 @@ def has_ink(region: np.ndarray) -> bool:
 
 def runs_of_content(line: np.ndarray, min_len: int) -> int:
     """Count runs of non-background pixels at least min_len long along one scanline."""
-    content = (np.abs(line - WHITE).sum(axis=-1) > 0)
+    content = np.abs(line - WHITE).sum(axis=-1) > 0
     runs, n = 0, 0
     for c in list(content) + [False]:
         if c:
@@ -146,9 +156,18 @@ def runs_of_content(line: np.ndarray, min_len: int) -> int:
 def test_grid_syntax_errors_are_clear():
     assert preview.parse_grid("x=guidance_scale,y=seed") == ("guidance_scale", "seed")
     assert preview.parse_grid(" y = seed , x = scheduler ") == ("scheduler", "seed")
-    for bad in ("guidance_scale,seed", "x=guidance_scale", "x=a,y=b,z=c", "x=a,x=b", "x=,y=seed", "x=a b,y=c",
-                "x=guidance_scale;y=seed"):
-        with pytest.raises(PreviewError, match=r"expected x=AXIS,y=AXIS, e.g. --grid x=guidance_scale,y=seed"):
+    for bad in (
+        "guidance_scale,seed",
+        "x=guidance_scale",
+        "x=a,y=b,z=c",
+        "x=a,x=b",
+        "x=,y=seed",
+        "x=a b,y=c",
+        "x=guidance_scale;y=seed",
+    ):
+        with pytest.raises(
+            PreviewError, match=r"expected x=AXIS,y=AXIS, e.g. --grid x=guidance_scale,y=seed"
+        ):
             preview.parse_grid(bad)
 
 
@@ -160,15 +179,21 @@ def test_images_below_the_minimum_scale_up_by_an_integer_and_above_the_maximum_d
 
 def test_hard_wrap_breaks_long_words_and_ends_the_last_line_with_an_ellipsis():
     f = preview.font(12)
-    lines = preview.wrap("seed=2168214285462722822 and a long tail of words " * 3, f, 100, 2, hard=True)
+    lines = preview.wrap(
+        "seed=2168214285462722822 and a long tail of words " * 3, f, 100, 2, hard=True
+    )
     assert len(lines) == 2 and lines[-1].endswith("…")
     assert all(f.getlength(line) <= 100 for line in lines)
 
 
 def test_importing_preview_loads_no_torch_ray_tensorflow_or_diffusers():
-    code = ("import sys, sdfleet.jobs.preview; heavy = [m for m in ('torch', 'ray', 'tensorflow', 'diffusers') "
-            "if m in sys.modules]; assert not heavy, heavy")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, sdfleet.jobs.preview; heavy = [m for m in ('torch', 'ray', 'tensorflow', 'diffusers') "
+        "if m in sys.modules]; assert not heavy, heavy"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -187,24 +212,50 @@ def synthetic_output(root: Path, samples: list[dict], spec: dict | None = None) 
     rows, buf = [], io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for offset, sample in enumerate(samples):
-            row = {"key": f"{SYNTHETIC_SHARD}{offset:04d}", "shard_id": 0, "status": "ok", "prompt_id": "p0",
-                   "prompt": "a red square", "negative_prompt": "", "seed": 7, "guidance_scale": 7.5,
-                   "num_inference_steps": 20, "scheduler": "EulerDiscreteScheduler", "width": 64, "height": 64,
-                   "nsfw_score": None, "safety_flagged": None, "error": None, **sample}
+            row = {
+                "key": f"{SYNTHETIC_SHARD}{offset:04d}",
+                "shard_id": 0,
+                "status": "ok",
+                "prompt_id": "p0",
+                "prompt": "a red square",
+                "negative_prompt": "",
+                "seed": 7,
+                "guidance_scale": 7.5,
+                "num_inference_steps": 20,
+                "scheduler": "EulerDiscreteScheduler",
+                "width": 64,
+                "height": 64,
+                "nsfw_score": None,
+                "safety_flagged": None,
+                "error": None,
+                **sample,
+            }
             rows.append(row)
             if row["status"] != "ok":
                 continue
             img = io.BytesIO()
-            Image.new("RGB", (row["width"], row["height"]), (40 * offset % 256, 90, 160)).save(img, "JPEG")
+            Image.new("RGB", (row["width"], row["height"]), (40 * offset % 256, 90, 160)).save(
+                img, "JPEG"
+            )
             info = tarfile.TarInfo(f"{row['key']}.jpg")
             info.size = len(img.getvalue())
             tar.addfile(info, io.BytesIO(img.getvalue()))
     root.mkdir(parents=True)
     (root / layout.tar_file(SYNTHETIC_SHARD)).write_bytes(buf.getvalue())
     pq.write_table(pa.Table.from_pylist(rows), root / layout.parquet_file(SYNTHETIC_SHARD))
-    spec = spec or {"name": "synthetic", "model": {"source": "synthetic-model"}, "sweep": {"seeds": 1, "axes": {}}}
-    job = {"spec": spec, "fingerprint": SYNTHETIC_FINGERPRINT, "num_samples": len(rows), "num_shards": 1,
-           "samples_per_shard": len(rows), "key_width": len(SYNTHETIC_SHARD)}
+    spec = spec or {
+        "name": "synthetic",
+        "model": {"source": "synthetic-model"},
+        "sweep": {"seeds": 1, "axes": {}},
+    }
+    job = {
+        "spec": spec,
+        "fingerprint": SYNTHETIC_FINGERPRINT,
+        "num_samples": len(rows),
+        "num_shards": 1,
+        "samples_per_shard": len(rows),
+        "key_width": len(SYNTHETIC_SHARD),
+    }
     (root / layout.JOB_FILE).write_text(json.dumps(job))
     (root / layout.stats_file(SYNTHETIC_SHARD)).write_text(synthetic_stats(rows).model_dump_json())
     return root
@@ -213,14 +264,40 @@ def synthetic_output(root: Path, samples: list[dict], spec: dict | None = None) 
 def synthetic_stats(rows: list[dict]) -> ShardStats:
     count = {s: sum(r["status"] == s for r in rows) for s in ("ok", "filtered")}
     return ShardStats(
-        shard=SYNTHETIC_SHARD, shard_id=0, fingerprint=SYNTHETIC_FINGERPRINT, samples=len(rows), ok=count["ok"],
-        filtered=count["filtered"], failed=len(rows) - count["ok"] - count["filtered"], images_in_tar=count["ok"],
-        quarantined_images=0, flagged=0, flagged_by_class={}, safety_detector="none", safety_model_sha256=None,
-        attempt=1, batch_size=len(rows), engine_speed_ups=[], dtype="float32", device="cpu", worker_node="n",
-        worker_id="w", gpu_id=None, gen_seconds=1.0, gpu_seconds=1.0, images_per_gpu_hour=None, wall_seconds=1.0,
-        started_at="2026-01-01T00:00:00+00:00", finished_at="2026-01-01T00:00:01+00:00", started_ts=0.0,
-        generate_started_ts=0.0, generate_finished_ts=1.0, finished_ts=1.0, tar_sha256="0" * 64,
-        parquet_sha256="0" * 64)
+        shard=SYNTHETIC_SHARD,
+        shard_id=0,
+        fingerprint=SYNTHETIC_FINGERPRINT,
+        samples=len(rows),
+        ok=count["ok"],
+        filtered=count["filtered"],
+        failed=len(rows) - count["ok"] - count["filtered"],
+        images_in_tar=count["ok"],
+        quarantined_images=0,
+        flagged=0,
+        flagged_by_class={},
+        safety_detector="none",
+        safety_model_sha256=None,
+        attempt=1,
+        batch_size=len(rows),
+        engine_speed_ups=[],
+        dtype="float32",
+        device="cpu",
+        worker_node="n",
+        worker_id="w",
+        gpu_id=None,
+        gen_seconds=1.0,
+        gpu_seconds=1.0,
+        images_per_gpu_hour=None,
+        wall_seconds=1.0,
+        started_at="2026-01-01T00:00:00+00:00",
+        finished_at="2026-01-01T00:00:01+00:00",
+        started_ts=0.0,
+        generate_started_ts=0.0,
+        generate_finished_ts=1.0,
+        finished_ts=1.0,
+        tar_sha256="0" * 64,
+        parquet_sha256="0" * 64,
+    )
 
 
 def test_previews_show_committed_shards_only(tmp_path):
@@ -234,8 +311,12 @@ def test_previews_show_committed_shards_only(tmp_path):
 
 
 def test_xy_grid_scales_all_cells_alike_and_holds_a_third_axis(tmp_path):
-    samples = [{"width": w, "scheduler": sch, "seed": seed}
-               for w in (64, 128) for sch in ("EulerDiscreteScheduler", "DDIMScheduler") for seed in (1, 2)]
+    samples = [
+        {"width": w, "scheduler": sch, "seed": seed}
+        for w in (64, 128)
+        for sch in ("EulerDiscreteScheduler", "DDIMScheduler")
+        for seed in (1, 2)
+    ]
     out = synthetic_output(tmp_path / "out", samples)
     png = preview.xy_grid(reader_of(out), "width", "seed")
     meta = preview.read_preview_meta(png)
@@ -248,7 +329,12 @@ def test_xy_grid_scales_all_cells_alike_and_holds_a_third_axis(tmp_path):
         assert (narrow[2] - narrow[0], narrow[3] - narrow[1]) == (128, 128)
         assert (wide[2] - wide[0], wide[3] - wide[1]) == (256, 128)
     keys = {c["key"] for c in meta["cells"]}
-    assert keys == {"000000000", "000000001", "000000004", "000000005"}  # EulerDiscreteScheduler rows only
+    assert keys == {
+        "000000000",
+        "000000001",
+        "000000004",
+        "000000005",
+    }  # EulerDiscreteScheduler rows only
     with pytest.raises(PreviewError, match="columns that vary: seed, scheduler, width"):
         preview.xy_grid(reader_of(out), "height", "seed")
 
@@ -260,7 +346,9 @@ def test_gallery_escapes_prompt_text_and_keeps_seeds_exact(tmp_path):
     assert "<script>alert" not in page and "<img src=x" not in page
     blob = page.split('<script id="rows" type="application/json">', 1)[1].split("</script>", 1)[0]
     (row,) = json.loads(blob)
-    assert row["prompt"] == evil and row["seed"] == str(2**62 + 1)  # a string: JS numbers would round it
+    assert row["prompt"] == evil and row["seed"] == str(
+        2**62 + 1
+    )  # a string: JS numbers would round it
     assert page.count("<img ") == 1 and "data:image/jpeg;base64," in page
 
 
@@ -270,7 +358,9 @@ def test_gallery_escapes_prompt_text_and_keeps_seeds_exact(tmp_path):
 @pytest.mark.slow
 def test_contact_sheet_shows_n_tiles_with_the_right_images(dataset):
     rows = rows_of(dataset)
-    assert [r["status"] for r in rows].count("ok") == 18 and [r["status"] for r in rows].count("failed") == 9
+    assert [r["status"] for r in rows].count("ok") == 18 and [r["status"] for r in rows].count(
+        "failed"
+    ) == 9
     png = preview.contact_sheet(reader_of(dataset), limit=16)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     sheet = pixels(png)
@@ -293,9 +383,11 @@ def test_contact_sheet_shows_n_tiles_with_the_right_images(dataset):
     assert sum(runs_of_content(sheet[y], tile - 2) for y in row_centres) == 16
     for t in tiles:
         assert t["box"][2] - t["box"][0] == tile and t["box"][3] - t["box"][1] == tile
-        assert np.array_equal(crop(sheet, t["box"]), enlarged(tar_image(dataset, t["key"]))), t["key"]
+        assert np.array_equal(crop(sheet, t["box"]), enlarged(tar_image(dataset, t["key"]))), t[
+            "key"
+        ]
         x0, _, x1, y1 = t["box"]
-        assert has_ink(sheet[y1 + 4:y1 + 50, x0:x1]), f"no caption under {t['key']}"
+        assert has_ink(sheet[y1 + 4 : y1 + 50, x0:x1]), f"no caption under {t['key']}"
     # Tiles go left to right, top to bottom, without overlapping.
     order = sorted(tiles, key=lambda t: (t["box"][1], t["box"][0]))
     assert [t["key"] for t in order] == keys
@@ -312,7 +404,10 @@ def test_contact_sheet_shows_at_most_limit_images_and_writes_to_out_path(dataset
     small = preview.small_contact_sheet(reader)
     meta = preview.read_preview_meta(small)
     assert len(meta["tiles"]) == 16
-    assert Image.open(io.BytesIO(small)).width < Image.open(io.BytesIO(preview.contact_sheet(reader, limit=16))).width
+    assert (
+        Image.open(io.BytesIO(small)).width
+        < Image.open(io.BytesIO(preview.contact_sheet(reader, limit=16))).width
+    )
 
 
 # ------------------------------------------------------------------------------------ X/Y grid
@@ -348,16 +443,19 @@ def check_grid(png: bytes, out: Path, prompt_id: str, x: str, y: str) -> dict:
         assert cell["key"] == want["key"] and cell["status"] == want["status"]
         if want["status"] == "ok":
             assert cell["shown"]
-            assert np.array_equal(crop(grid, cell["box"]), enlarged(tar_image(out, want["key"]))), (i, j)
+            assert np.array_equal(crop(grid, cell["box"]), enlarged(tar_image(out, want["key"]))), (
+                i,
+                j,
+            )
     # Headers: ink above every column and left of every row, none over the cells' gaps.
     top = min(c["box"][1] for c in cells.values())
     left = min(c["box"][0] for c in cells.values())
     for i in range(3):
         x0, _, x1, _ = cells[i, 0]["box"]
-        assert has_ink(grid[top - 30:top - 2, x0:x1]), f"no header over column {i}"
+        assert has_ink(grid[top - 30 : top - 2, x0:x1]), f"no header over column {i}"
     for j in range(3):
         _, y0, _, y1 = cells[0, j]["box"]
-        assert has_ink(grid[y0:y1, 16:left - 4]), f"no header left of row {j}"
+        assert has_ink(grid[y0:y1, 16 : left - 4]), f"no header left of row {j}"
     assert has_ink(grid[10:40, 16:300])  # the title (the prompt)
     return meta
 
@@ -365,10 +463,17 @@ def check_grid(png: bytes, out: Path, prompt_id: str, x: str, y: str) -> dict:
 @pytest.mark.slow
 def test_xy_grid_puts_each_sample_in_its_cell(dataset):
     reader = reader_of(dataset)
-    check_grid(preview.xy_grid(reader, "guidance_scale", "seed"), dataset, "p000", "guidance_scale", "seed")
+    check_grid(
+        preview.xy_grid(reader, "guidance_scale", "seed"), dataset, "p000", "guidance_scale", "seed"
+    )
     # Transposed, and for the second prompt, whose samples straddle two shards (keys 9..17).
-    meta = check_grid(preview.xy_grid(reader, "seed", "guidance_scale", prompt_id="p001"), dataset, "p001",
-                      "seed", "guidance_scale")
+    meta = check_grid(
+        preview.xy_grid(reader, "seed", "guidance_scale", prompt_id="p001"),
+        dataset,
+        "p001",
+        "seed",
+        "guidance_scale",
+    )
     assert {c["key"][:-4] for c in meta["cells"]} == {"00000", "00001"}
 
 
@@ -392,25 +497,36 @@ def test_xy_grid_draws_labelled_placeholders_for_missing_cells(dataset, tmp_path
     assert (region == np.array(preview.PLACEHOLDER)).all(axis=-1).mean() > 0.8
     assert has_ink(region[:20]) and (region == preview.RED).all(axis=-1).any()  # "failed", in red
     # A prompt whose every row failed (an empty prompt) has nothing to plot, and says why.
-    with pytest.raises(PreviewError, match=r"prompt_id 'p002' has no image to put in a grid: all 9 of its rows "
-                                           r"failed \(prompt is empty or whitespace-only\)"):
+    with pytest.raises(
+        PreviewError,
+        match=r"prompt_id 'p002' has no image to put in a grid: all 9 of its rows "
+        r"failed \(prompt is empty or whitespace-only\)",
+    ):
         preview.xy_grid(reader_of(dataset), "guidance_scale", "seed", prompt_id="p002")
 
 
 @pytest.mark.slow
 def test_bad_axes_are_named_with_the_columns_that_vary(dataset):
     reader = reader_of(dataset)
-    with pytest.raises(ValueError, match=r"x axis 'width' does not vary for prompt_id 'p000' \(every row has "
-                                         r"width=64\); columns that vary: guidance_scale, seed"):
+    with pytest.raises(
+        ValueError,
+        match=r"x axis 'width' does not vary for prompt_id 'p000' \(every row has "
+        r"width=64\); columns that vary: guidance_scale, seed",
+    ):
         preview.xy_grid(reader, "width", "seed")
-    with pytest.raises(ValueError, match=r"y axis 'cfg' is not a column of .*; columns that vary for prompt_id "
-                                         r"'p000': guidance_scale, seed"):
+    with pytest.raises(
+        ValueError,
+        match=r"y axis 'cfg' is not a column of .*; columns that vary for prompt_id "
+        r"'p000': guidance_scale, seed",
+    ):
         preview.xy_grid(reader, "guidance_scale", "cfg")
     with pytest.raises(ValueError, match=r"'key' is a result column, not a sweep axis"):
         preview.xy_grid(reader, "key", "seed")
     with pytest.raises(ValueError, match=r"x and y are both 'seed'"):
         preview.xy_grid(reader, "seed", "seed")
-    with pytest.raises(ValueError, match=r"prompt_id 'nope' is not in .*first prompt ids: p000, p001, p002"):
+    with pytest.raises(
+        ValueError, match=r"prompt_id 'nope' is not in .*first prompt ids: p000, p001, p002"
+    ):
         preview.xy_grid(reader, "guidance_scale", "seed", prompt_id="nope")
 
 
@@ -432,17 +548,23 @@ def test_filtered_images_are_shown_only_when_asked(quarantined):
     sheet, tiles = pixels(png), preview.read_preview_meta(png)["tiles"]
     assert len(tiles) == 16 and {t["status"] for t in tiles} == {"filtered"}
     for t in tiles:
-        assert np.array_equal(crop(sheet, t["box"]), enlarged(tar_image(quarantined, t["key"], "quarantine")))
+        assert np.array_equal(
+            crop(sheet, t["box"]), enlarged(tar_image(quarantined, t["key"], "quarantine"))
+        )
         x0, y0, x1, y1 = t["box"]
         assert (sheet[y0 - 2, x0:x1] == preview.RED).all()  # the red frame marks it
 
     png = preview.xy_grid(reader, "guidance_scale", "seed")
     grid, meta = pixels(png), preview.read_preview_meta(png)
-    assert [c["status"] for c in meta["cells"]] == ["filtered"] * 9 and not any(c["shown"] for c in meta["cells"])
+    assert [c["status"] for c in meta["cells"]] == ["filtered"] * 9 and not any(
+        c["shown"] for c in meta["cells"]
+    )
     for c in meta["cells"]:  # labelled grey placeholders of the full cell size, no image pixels
         assert c["box"][2] - c["box"][0] == SIZE * SCALE
         region = crop(grid, c["box"])
-        assert (region == np.array(preview.PLACEHOLDER)).all(axis=-1).mean() > 0.8 and has_ink(region)
+        assert (region == np.array(preview.PLACEHOLDER)).all(axis=-1).mean() > 0.8 and has_ink(
+            region
+        )
     png = preview.xy_grid(reader, "guidance_scale", "seed", show_filtered=True)
     grid, meta = pixels(png), preview.read_preview_meta(png)
     assert all(c["shown"] for c in meta["cells"])
@@ -469,8 +591,9 @@ def test_run_preview_writes_where_it_says(dataset, tmp_path, capsys):
     assert path == str(dataset / "preview" / "xy_guidance_scale_seed.png")
     other = preview.run_preview(out, grid="x=seed,y=guidance_scale", prompt_id="p001")
     assert Path(other).name.startswith("xy_seed_guidance_scale_") and "p001" not in other
-    assert preview.run_preview(out, out=str(tmp_path / "g.png"), grid="x=seed,y=guidance_scale") == \
-        str(tmp_path / "g.png")
+    assert preview.run_preview(
+        out, out=str(tmp_path / "g.png"), grid="x=seed,y=guidance_scale"
+    ) == str(tmp_path / "g.png")
     page = preview.run_preview(out, html=True, limit=5)
     assert page == str(dataset / "preview" / "index.html")
     printed = capsys.readouterr().out
@@ -495,7 +618,10 @@ def test_previews_read_and_write_s3(dataset, s3, tmp_path):
     reader = OutputReader.open(f"s3://{s3.bucket}/ds")
     written = preview.run_preview(reader.storage.uri)
     assert written == f"s3://{s3.bucket}/ds/preview/contact_sheet.png"
-    assert len(preview.read_preview_meta(s3.cat(f"{s3.bucket}/ds/preview/contact_sheet.png"))["tiles"]) == 18
+    assert (
+        len(preview.read_preview_meta(s3.cat(f"{s3.bucket}/ds/preview/contact_sheet.png"))["tiles"])
+        == 18
+    )
     assert preview.html_gallery(reader) == f"s3://{s3.bucket}/ds/preview/index.html"
     url = gallery_link(reader)
     assert url.startswith("http") and ("Signature=" in url or "X-Amz-Signature=" in url)
@@ -509,9 +635,19 @@ def test_previews_read_and_write_s3(dataset, s3, tmp_path):
 
 # ------------------------------------------------------------------------------------ the gallery in Chromium
 
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,900"]
+BROWSER_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--window-size=1280,900",
+]
 
 
 def colourful(img: np.ndarray) -> int:
@@ -524,8 +660,9 @@ def test_gallery_shows_thumbnails_in_chromium_and_its_hash_opens_that_sample(dat
     page = Path(preview.html_gallery(reader_of(dataset)))
     shot = tmp_path / "gallery.png"
     base = [CHROMIUM, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-    done = subprocess.run([*base, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [*base, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120
+    )
     assert shot.exists(), done.stderr[-2000:]
     img = pixels(shot)
     assert img.shape[:2] == (900, 1280)
@@ -535,8 +672,12 @@ def test_gallery_shows_thumbnails_in_chromium_and_its_hash_opens_that_sample(dat
     # #KEY opens that sample's detail: the DOM after scripts ran holds its row, the seed exact.
     rows = rows_of(dataset)
     target = next(r for r in rows if r["status"] == "ok" and r["prompt_id"] == "p001")
-    dom = subprocess.run([*base, "--dump-dom", f"{page.as_uri()}#{target['key']}"], capture_output=True,
-                         text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [*base, "--dump-dom", f"{page.as_uri()}#{target['key']}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert f'<h2 id="detail-key">{target["key"]} (ok)</h2>' in dom
     assert f'<tr data-column="seed"><th>seed</th><td>{target["seed"]}</td></tr>' in dom
     assert '<div id="detail">' in dom  # no longer hidden
@@ -549,8 +690,11 @@ class WebDriver:
 
     def __init__(self, profile: Path):
         self.port = free_port()
-        self.proc = subprocess.Popen([CHROMEDRIVER, f"--port={self.port}"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [CHROMEDRIVER, f"--port={self.port}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -562,21 +706,34 @@ class WebDriver:
                 self.proc.kill()
                 raise RuntimeError("chromedriver did not start")
             time.sleep(0.2)
-        caps = {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": CHROMIUM, "args": [*BROWSER_FLAGS, f"--user-data-dir={profile}"]}}
-        self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+        caps = {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": [*BROWSER_FLAGS, f"--user-data-dir={profile}"],
+            },
+        }
+        self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})[
+            "sessionId"
+        ]
 
     def _call(self, method: str, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return json.loads(resp.read())["value"]
         except urllib.error.HTTPError as e:  # WebDriver errors come as 4xx/5xx with a JSON body
             value = json.loads(e.read())["value"]
-            raise RuntimeError(f"WebDriver {method} {path}: {value.get('error')}: "
-                               f"{str(value.get('message'))[:500]}") from None
+            raise RuntimeError(
+                f"WebDriver {method} {path}: {value.get('error')}: "
+                f"{str(value.get('message'))[:500]}"
+            ) from None
 
     def __call__(self, method: str, path: str, body: dict | None = None):
         return self._call(method, f"/session/{self.session}{path}", body)
@@ -617,12 +774,16 @@ def test_gallery_click_shows_metadata_and_filters_by_status(dataset, tmp_path):
     driver = WebDriver(tmp_path / "profile")
     try:
         driver.get(page.as_uri())
-        visible = "return Array.from(document.querySelectorAll('#grid .card')).filter(c => c.offsetParent)" \
-                  ".map(c => c.dataset.status)"
+        visible = (
+            "return Array.from(document.querySelectorAll('#grid .card')).filter(c => c.offsetParent)"
+            ".map(c => c.dataset.status)"
+        )
         assert sorted(driver.js(visible)) == ["failed"] * 9 + ["ok"] * 18
         # The thumbnails in view are decoded images (64 px, as in the tar), not broken links.
-        in_view = driver.js("return Array.from(document.images).filter(i => i.getBoundingClientRect().bottom "
-                            "< innerHeight).map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().width])")
+        in_view = driver.js(
+            "return Array.from(document.images).filter(i => i.getBoundingClientRect().bottom "
+            "< innerHeight).map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().width])"
+        )
         assert len(in_view) >= 6 and all(v == [True, 64, 160] for v in in_view), in_view
         before = driver.screenshot(tmp_path / "grid.png")
         assert colourful(before) > 2000
@@ -631,8 +792,10 @@ def test_gallery_click_shows_metadata_and_filters_by_status(dataset, tmp_path):
         key = driver.js("return document.querySelectorAll('#grid .card')[4].dataset.key")
         driver.click(f'#grid .card[data-key="{key}"]')
         assert driver.js("return document.getElementById('detail').hidden") is False
-        table = driver.js("return Object.fromEntries(Array.from(document.querySelectorAll('#meta tr'))"
-                          ".map(tr => [tr.dataset.column, tr.querySelector('td').textContent]))")
+        table = driver.js(
+            "return Object.fromEntries(Array.from(document.querySelectorAll('#meta tr'))"
+            ".map(tr => [tr.dataset.column, tr.querySelector('td').textContent]))"
+        )
         row = rows[key]
         assert table["key"] == key and table["status"] == "ok" and table["prompt"] == row["prompt"]
         assert table["seed"] == str(row["seed"])  # exact, though past 2**53
@@ -647,7 +810,9 @@ def test_gallery_click_shows_metadata_and_filters_by_status(dataset, tmp_path):
         # Status filter: untick "ok" and only the failed rows stay, with their error shown.
         driver.click('#filters input[value="ok"]')
         assert sorted(driver.js(visible)) == ["failed"] * 9
-        assert "prompt is" in driver.js("return document.querySelector('.card.s-failed .ph').textContent")
+        assert "prompt is" in driver.js(
+            "return document.querySelector('.card.s-failed .ph').textContent"
+        )
         driver.click('#filters input[value="ok"]')
         driver.click('#filters input[value="failed"]')
         assert sorted(driver.js(visible)) == ["ok"] * 18
@@ -659,21 +824,32 @@ def test_gallery_click_shows_metadata_and_filters_by_status(dataset, tmp_path):
 @needs_chromedriver
 def test_gallery_sorts_by_a_curation_score_highest_first(tmp_path):
     scores = [12.5, None, 31.0, 3.25, 20.0]
-    out = synthetic_output(tmp_path / "out", [{"clip_score": v, "status": "ok" if v is not None else "failed"}
-                                              for v in scores])
+    out = synthetic_output(
+        tmp_path / "out",
+        [{"clip_score": v, "status": "ok" if v is not None else "failed"} for v in scores],
+    )
     page = Path(preview.html_gallery(reader_of(out)))
-    assert '<option value="clip_score">' in page.read_text() and 'value="aesthetic_score"' not in page.read_text()
+    assert (
+        '<option value="clip_score">' in page.read_text()
+        and 'value="aesthetic_score"' not in page.read_text()
+    )
     keys = [f"{SYNTHETIC_SHARD}{i:04d}" for i in range(len(scores))]
     order = "return Array.from(document.querySelectorAll('#grid .card'), c => c.dataset.key)"
     driver = WebDriver(tmp_path / "profile")
     try:
         driver.get(page.as_uri())
         assert driver.js(order) == keys
-        driver.js("const s = document.getElementById('sort'); s.value = 'clip_score';"
-                  "s.dispatchEvent(new Event('input', {bubbles: true}))")
-        assert driver.js(order) == [keys[i] for i in (2, 4, 0, 3, 1)]  # the row without a score last
-        driver.js("const s = document.getElementById('sort'); s.value = 'key';"
-                  "s.dispatchEvent(new Event('input', {bubbles: true}))")
+        driver.js(
+            "const s = document.getElementById('sort'); s.value = 'clip_score';"
+            "s.dispatchEvent(new Event('input', {bubbles: true}))"
+        )
+        assert driver.js(order) == [
+            keys[i] for i in (2, 4, 0, 3, 1)
+        ]  # the row without a score last
+        driver.js(
+            "const s = document.getElementById('sort'); s.value = 'key';"
+            "s.dispatchEvent(new Event('input', {bubbles: true}))"
+        )
         assert driver.js(order) == keys
     finally:
         driver.close()
@@ -682,15 +858,26 @@ def test_gallery_sorts_by_a_curation_score_highest_first(tmp_path):
 # ------------------------------------------------------------------------------------ hostile values
 
 # Every string column a Parquet row may carry; "caption" stands for a passthrough column of the input.
-HOSTILE_COLUMNS = ("status", "key", "prompt", "negative_prompt", "error", "scheduler", "model_source", "prompt_id",
-                   "caption")
+HOSTILE_COLUMNS = (
+    "status",
+    "key",
+    "prompt",
+    "negative_prompt",
+    "error",
+    "scheduler",
+    "model_source",
+    "prompt_id",
+    "caption",
+)
 
 
 def hostile(tag: str) -> str:
     """Markup that, were it ever live, records `tag` in window.__pwned: an image that fails to load,
     and a script. A stray entity and comment opener ride along: they must show as typed too."""
-    return (f"\"><img src=x onerror=\"window.__pwned.push('{tag}')\"><script>window.__pwned.push('{tag}')</script>"
-            " &amp; <!--")
+    return (
+        f"\"><img src=x onerror=\"window.__pwned.push('{tag}')\"><script>window.__pwned.push('{tag}')</script>"
+        " &amp; <!--"
+    )
 
 
 def hostile_output(root: Path) -> tuple[Path, list[dict]]:
@@ -702,11 +889,16 @@ def hostile_output(root: Path) -> tuple[Path, list[dict]]:
     with it (the tar is never asked for it). A hostile status is not `ok`: no image either.
     """
     common = {c: hostile(c) for c in HOSTILE_COLUMNS if c not in ("status", "key")}
-    samples = [{**common, "status": "ok"},
-               {**common, "key": hostile("key"), "status": "failed"},
-               {**common, "status": hostile("status")}]
-    spec = {"name": hostile("spec.name"), "model": {"source": hostile("spec.model.source")},
-            "sweep": {"seeds": 1, "axes": {}}}
+    samples = [
+        {**common, "status": "ok"},
+        {**common, "key": hostile("key"), "status": "failed"},
+        {**common, "status": hostile("status")},
+    ]
+    spec = {
+        "name": hostile("spec.name"),
+        "model": {"source": hostile("spec.model.source")},
+        "sweep": {"seeds": 1, "axes": {}},
+    }
     out = synthetic_output(root, samples, spec)
     return out, rows_of(out)
 
@@ -729,13 +921,17 @@ def test_gallery_html_carries_hostile_values_as_text_only(tmp_path):
     parser = TagCollector()
     parser.feed(page)
     tags = [t for t, _ in parser.tags]
-    assert tags.count("img") == 1 and tags.count("script") == 2  # the thumbnail; the rows and the page's code
+    assert (
+        tags.count("img") == 1 and tags.count("script") == 2
+    )  # the thumbnail; the rows and the page's code
     cards = [attrs for t, attrs in parser.tags if t == "figure"]
     by_key = {c["data-key"]: c for c in cards}
     assert set(by_key) == {r["key"] for r in rows}
     assert by_key[hostile("key")]["data-status"] == "failed"
     hostile_status = next(c for c in cards if c["data-status"] == hostile("status"))
-    assert hostile_status["class"] == f"card s-{hostile('status')}"  # one attribute value, not markup
+    assert (
+        hostile_status["class"] == f"card s-{hostile('status')}"
+    )  # one attribute value, not markup
     blob = page.split('<script id="rows" type="application/json">', 1)[1].split("</script>", 1)[0]
     assert json.loads(blob) == rows
 
@@ -751,7 +947,9 @@ def test_gallery_runs_no_hostile_markup_in_chromium_and_shows_it_verbatim(tmp_pa
         # The hook is in place before any script of the page runs, so an injected one would record itself.
         driver.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": "window.__pwned = [];"})
         driver.get(page.as_uri())
-        wait_for(lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load")
+        wait_for(
+            lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load"
+        )
         time.sleep(1)  # an injected <img src=x> fails to load and fires onerror asynchronously
         assert driver.js(pwned) == []
         assert driver.js("return document.querySelectorAll('img').length") == 1
@@ -774,10 +972,14 @@ def test_gallery_runs_no_hostile_markup_in_chromium_and_shows_it_verbatim(tmp_pa
         for n, row in enumerate(rows, start=1):
             driver.click(f"#grid .card:nth-of-type({n})")
             assert driver.js("return document.getElementById('detail').hidden") is False
-            assert driver.js("return document.getElementById('detail-key').textContent") == \
-                f"{row['key']} ({row['status']})"
-            table = driver.js("return Object.fromEntries(Array.from(document.querySelectorAll('#meta tr'))"
-                              ".map(tr => [tr.dataset.column, tr.querySelector('td').textContent]))")
+            assert (
+                driver.js("return document.getElementById('detail-key').textContent")
+                == f"{row['key']} ({row['status']})"
+            )
+            table = driver.js(
+                "return Object.fromEntries(Array.from(document.querySelectorAll('#meta tr'))"
+                ".map(tr => [tr.dataset.column, tr.querySelector('td').textContent]))"
+            )
             for column in HOSTILE_COLUMNS:
                 assert table[column] == row[column], column
             time.sleep(0.5)
@@ -787,13 +989,20 @@ def test_gallery_runs_no_hostile_markup_in_chromium_and_shows_it_verbatim(tmp_pa
         # #KEY with the hostile key opens that row too (a fresh load, so the hook runs again).
         driver.get("about:blank")
         driver.get(f"{page.as_uri()}#{urllib.parse.quote(hostile('key'), safe='')}")
-        wait_for(lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load")
-        assert driver.js("return document.getElementById('detail-key').textContent") == f"{hostile('key')} (failed)"
+        wait_for(
+            lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load"
+        )
+        assert (
+            driver.js("return document.getElementById('detail-key').textContent")
+            == f"{hostile('key')} (failed)"
+        )
         time.sleep(0.5)
         assert driver.js(pwned) == []
 
         # The hook does catch live markup: the same string put in as HTML records itself.
-        driver.js(f"document.getElementById('grid').insertAdjacentHTML('beforeend', {json.dumps(hostile('control'))})")
+        driver.js(
+            f"document.getElementById('grid').insertAdjacentHTML('beforeend', {json.dumps(hostile('control'))})"
+        )
         deadline = time.monotonic() + 10
         while not driver.js(pwned) and time.monotonic() < deadline:
             time.sleep(0.1)

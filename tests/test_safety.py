@@ -27,14 +27,23 @@ PROMPTS = ["a quiet harbour at dusk", "a bowl of cherries", "a fox in the snow"]
 
 @pytest.fixture(scope="session")
 def tiny_detectors(tmp_path_factory):
-    from sdfleet.jobs.tiny import write_tiny_clip_checker, write_tiny_hf_classifier, write_tiny_nsfw_model
+    from sdfleet.jobs.tiny import (
+        write_tiny_clip_checker,
+        write_tiny_hf_classifier,
+        write_tiny_nsfw_model,
+    )
 
     root = tmp_path_factory.mktemp("detectors")
-    writers = {"nsfw-detector": (write_tiny_nsfw_model, "nsfw-{}.h5"),
-               "clip-checker": (write_tiny_clip_checker, "clip-{}"),
-               "hf-classifier": (write_tiny_hf_classifier, "hf-{}")}
-    return {(det, flag): str(fn(root / name.format(flag), flag))
-            for det, (fn, name) in writers.items() for flag in ("nothing", "everything")}
+    writers = {
+        "nsfw-detector": (write_tiny_nsfw_model, "nsfw-{}.h5"),
+        "clip-checker": (write_tiny_clip_checker, "clip-{}"),
+        "hf-classifier": (write_tiny_hf_classifier, "hf-{}"),
+    }
+    return {
+        (det, flag): str(fn(root / name.format(flag), flag))
+        for det, (fn, name) in writers.items()
+        for flag in ("nothing", "everything")
+    }
 
 
 def random_images(n=4):
@@ -43,8 +52,12 @@ def random_images(n=4):
 
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_detectors_score_through_their_own_loaders(detector, tiny_detectors):
-    safe = load_detector(SafetySpec(detector=detector, model=tiny_detectors[detector, "nothing"]), "cpu")
-    unsafe = load_detector(SafetySpec(detector=detector, model=tiny_detectors[detector, "everything"]), "cpu")
+    safe = load_detector(
+        SafetySpec(detector=detector, model=tiny_detectors[detector, "nothing"]), "cpu"
+    )
+    unsafe = load_detector(
+        SafetySpec(detector=detector, model=tiny_detectors[detector, "everything"]), "cpu"
+    )
     for score in safe.score(random_images()):
         assert 0.0 <= score.nsfw_score < 0.5 and score.scores
     for score in unsafe.score(random_images()):
@@ -53,14 +66,24 @@ def test_detectors_score_through_their_own_loaders(detector, tiny_detectors):
 
 
 def test_nsfw_score_sums_the_chosen_classes(tiny_detectors):
-    det = load_detector(SafetySpec(detector="nsfw-detector", model=tiny_detectors["nsfw-detector", "everything"]),
-                        "cpu")
+    det = load_detector(
+        SafetySpec(detector="nsfw-detector", model=tiny_detectors["nsfw-detector", "everything"]),
+        "cpu",
+    )
     score = det.score(random_images(1))[0]
     assert set(score.scores) == {"drawings", "hentai", "neutral", "porn", "sexy"}
-    assert score.nsfw_score == pytest.approx(score.scores["porn"] + score.scores["hentai"] + score.scores["sexy"])
+    assert score.nsfw_score == pytest.approx(
+        score.scores["porn"] + score.scores["hentai"] + score.scores["sexy"]
+    )
     assert score.top_class(det.unsafe_classes) == "porn"
-    only_sexy = load_detector(SafetySpec(detector="nsfw-detector", unsafe_classes=["sexy"],
-                                         model=tiny_detectors["nsfw-detector", "everything"]), "cpu")
+    only_sexy = load_detector(
+        SafetySpec(
+            detector="nsfw-detector",
+            unsafe_classes=["sexy"],
+            model=tiny_detectors["nsfw-detector", "everything"],
+        ),
+        "cpu",
+    )
     assert only_sexy.score(random_images(1))[0].nsfw_score < 0.5  # the model is sure it is "porn"
 
 
@@ -69,10 +92,15 @@ def test_nsfw_detector_scores_are_the_packages_own(tiny_detectors):
     (predict, which builds an input pipeline per call): the per-class scores must be classify_nd's."""
     from nsfw_detector import predict
 
-    det = load_detector(SafetySpec(detector="nsfw-detector", model=tiny_detectors["nsfw-detector", "nothing"]),
-                        "cpu", cpu_threads=1)
+    det = load_detector(
+        SafetySpec(detector="nsfw-detector", model=tiny_detectors["nsfw-detector", "nothing"]),
+        "cpu",
+        cpu_threads=1,
+    )
     images = random_images(5)
-    resized = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.NEAREST)) for im in images])
+    resized = np.stack(
+        [np.asarray(Image.fromarray(im).resize((224, 224), Image.NEAREST)) for im in images]
+    )
     expected = predict.classify_nd(det.model, resized.astype(np.float32) / 255.0)
     got = [s.scores for s in det.score(images)]
     assert [list(g) for g in got] == [list(e) for e in expected]
@@ -81,13 +109,23 @@ def test_nsfw_detector_scores_are_the_packages_own(tiny_detectors):
 
 
 def test_bad_safety_settings_are_named(tiny_detectors):
-    with pytest.raises(ValueError, match="safety.unsafe_classes has 'nude'.*drawings, hentai, neutral, porn, sexy"):
-        load_detector(SafetySpec(detector="nsfw-detector", unsafe_classes=["nude"],
-                                 model=tiny_detectors["nsfw-detector", "nothing"]), "cpu")
+    with pytest.raises(
+        ValueError, match="safety.unsafe_classes has 'nude'.*drawings, hentai, neutral, porn, sexy"
+    ):
+        load_detector(
+            SafetySpec(
+                detector="nsfw-detector",
+                unsafe_classes=["nude"],
+                model=tiny_detectors["nsfw-detector", "nothing"],
+            ),
+            "cpu",
+        )
     with pytest.raises(SpecError, match="safety.detector='clip-checker' needs safety.model"):
         SafetySpec(detector="clip-checker").check_runnable()
     with pytest.raises(SpecError, match="safety.unsafe_classes"):
-        parse_spec({"input": {"uri": "x"}, "output": {"uri": "y"}, "safety": {"unsafe_classes": []}})
+        parse_spec(
+            {"input": {"uri": "x"}, "output": {"uri": "y"}, "safety": {"unsafe_classes": []}}
+        )
 
 
 def test_weights_hash_is_stable_and_content_based(tiny_detectors, tmp_path):
@@ -96,7 +134,9 @@ def test_weights_hash_is_stable_and_content_based(tiny_detectors, tmp_path):
     src = tiny_detectors["hf-classifier", "nothing"]
     shutil.copytree(src, tmp_path / "copy")
     assert weights_sha256(src) == weights_sha256(tmp_path / "copy")
-    (tmp_path / "copy" / "config.json").write_text((tmp_path / "copy" / "config.json").read_text() + " ")
+    (tmp_path / "copy" / "config.json").write_text(
+        (tmp_path / "copy" / "config.json").read_text() + " "
+    )
     assert weights_sha256(src) != weights_sha256(tmp_path / "copy")
 
 
@@ -126,9 +166,11 @@ def hostile_keras_model(path, kind: str) -> str:
     keras = tf.keras
     inputs = keras.Input((224, 224, 3))
     if kind == "custom-class":
+
         class Sneaky(keras.layers.Layer):
             def call(self, x):
                 return x
+
         x = Sneaky()(inputs)
     elif kind == "nested-lambda":
         inner_in = keras.Input((224, 224, 3))
@@ -144,17 +186,24 @@ def hostile_keras_model(path, kind: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind, named", [
-    ("lambda", r"layer 'model(_\d+)?/lambda(_\d+)?' is a Lambda layer"),
-    ("nested-lambda", r"layer 'model(_\d+)?/inner/lambda(_\d+)?' is a Lambda layer"),
-    ("custom-class", r"is of class 'Sneaky', which is not one of Keras' built-in classes"),
-    ("savedmodel-lambda", r"is a Lambda layer"),
-])
-def test_keras_weights_that_would_run_code_are_refused_before_loading(kind, named, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "kind, named",
+    [
+        ("lambda", r"layer 'model(_\d+)?/lambda(_\d+)?' is a Lambda layer"),
+        ("nested-lambda", r"layer 'model(_\d+)?/inner/lambda(_\d+)?' is a Lambda layer"),
+        ("custom-class", r"is of class 'Sneaky', which is not one of Keras' built-in classes"),
+        ("savedmodel-lambda", r"is a Lambda layer"),
+    ],
+)
+def test_keras_weights_that_would_run_code_are_refused_before_loading(
+    kind, named, tmp_path, monkeypatch
+):
     import subprocess
     import sys
 
-    path = hostile_keras_model(tmp_path / ("model" if kind.startswith("savedmodel") else "model.h5"), kind)
+    path = hostile_keras_model(
+        tmp_path / ("model" if kind.startswith("savedmodel") else "model.h5"), kind
+    )
     marker = tmp_path / "ran"
     monkeypatch.setenv(ARMED, str(marker))
     with pytest.raises(UnsafeModelError, match=named):
@@ -162,17 +211,25 @@ def test_keras_weights_that_would_run_code_are_refused_before_loading(kind, name
     assert not marker.exists()
     if kind == "lambda":  # the control: the package's own loader does run it
         code = "from nsfw_detector import predict; import sys; predict.load_model(sys.argv[1])"
-        subprocess.run([sys.executable, "-c", code, path], capture_output=True, timeout=300,
-                       env={**__import__("os").environ, "TF_USE_LEGACY_KERAS": "1"})
+        subprocess.run(
+            [sys.executable, "-c", code, path],
+            capture_output=True,
+            timeout=300,
+            env={**__import__("os").environ, "TF_USE_LEGACY_KERAS": "1"},
+        )
         assert marker.read_text() == "code from the weights ran"
 
 
 def test_pinned_weights_load_and_other_weights_are_refused(tiny_detectors):
     path = tiny_detectors["nsfw-detector", "nothing"]
     pinned = weights_sha256(path)
-    assert load_detector(SafetySpec(detector="nsfw-detector", model=path, model_sha256=pinned), "cpu")
+    assert load_detector(
+        SafetySpec(detector="nsfw-detector", model=path, model_sha256=pinned), "cpu"
+    )
     other = tiny_detectors["nsfw-detector", "everything"]
-    with pytest.raises(UnsafeModelError, match=f"has sha256 {weights_sha256(other)}, not the pinned"):
+    with pytest.raises(
+        UnsafeModelError, match=f"has sha256 {weights_sha256(other)}, not the pinned"
+    ):
         load_detector(SafetySpec(detector="nsfw-detector", model=other, model_sha256=pinned), "cpu")
 
 
@@ -183,15 +240,17 @@ def generate_shard(tmp_path, tiny_model, safety: dict, name: str):
     """Run one shard (3 prompts x 1 seed + 1 seed) through the real worker, without Ray."""
     if not (tmp_path / "in" / "p.parquet").exists():
         write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
-    spec = parse_spec({
-        "model": {"source": str(tiny_model), "scheduler": "EulerDiscreteScheduler"},
-        "input": {"uri": str(tmp_path / "in")},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "sweep": {"seeds": 2},
-        "output": {"uri": str(tmp_path / name), "image_format": "png", "samples_per_shard": 10},
-        "safety": safety,
-        "resources": {"batch_size": 4},
-    })
+    spec = parse_spec(
+        {
+            "model": {"source": str(tiny_model), "scheduler": "EulerDiscreteScheduler"},
+            "input": {"uri": str(tmp_path / "in")},
+            "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
+            "sweep": {"seeds": 2},
+            "output": {"uri": str(tmp_path / name), "image_format": "png", "samples_per_shard": 10},
+            "safety": safety,
+            "resources": {"batch_size": 4},
+        }
+    )
     stats = ShardGenerator(Planner(spec).plan(), cpu_threads=2).run(0).model_dump()
     out = tmp_path / name
     return stats, pq.read_table(out / "00000.parquet").to_pylist(), tar_images(out / "00000.tar")
@@ -199,7 +258,11 @@ def generate_shard(tmp_path, tiny_model, safety: dict, name: str):
 
 def tar_images(path):
     with tarfile.open(path) as tar:
-        return {m.name.split(".")[0]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")}
+        return {
+            m.name.split(".")[0]: tar.extractfile(m).read()
+            for m in tar.getmembers()
+            if m.name.endswith(".png")
+        }
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +272,15 @@ def none_run(tmp_path_factory, tiny_model):
 
 
 @pytest.mark.parametrize("detector", DETECTORS)
-def test_drop_with_everything_flagged_leaves_empty_tars(detector, tiny_detectors, tiny_model, tmp_path):
+def test_drop_with_everything_flagged_leaves_empty_tars(
+    detector, tiny_detectors, tiny_model, tmp_path
+):
     stats, rows, images = generate_shard(
-        tmp_path, tiny_model, {"detector": detector, "model": tiny_detectors[detector, "everything"],
-                               "action": "drop"}, "drop")
+        tmp_path,
+        tiny_model,
+        {"detector": detector, "model": tiny_detectors[detector, "everything"], "action": "drop"},
+        "drop",
+    )
     assert images == {}
     assert len(rows) == 6 and {r["status"] for r in rows} == {"filtered"}
     for r in rows:
@@ -227,7 +295,11 @@ def test_drop_with_everything_flagged_leaves_empty_tars(detector, tiny_detectors
 def test_flagging_nothing_equals_a_none_run(detector, tiny_detectors, tiny_model, none_run):
     tmp, (_, none_rows, none_images) = none_run
     stats, rows, images = generate_shard(
-        tmp, tiny_model, {"detector": detector, "model": tiny_detectors[detector, "nothing"]}, f"safe-{detector}")
+        tmp,
+        tiny_model,
+        {"detector": detector, "model": tiny_detectors[detector, "nothing"]},
+        f"safe-{detector}",
+    )
     assert images == none_images and len(images) == 6
     assert [r["image_sha256"] for r in rows] == [r["image_sha256"] for r in none_rows]
     assert {r["status"] for r in rows} == {"ok"} and all(r["nsfw_score"] < 0.5 for r in rows)
@@ -238,8 +310,15 @@ def test_flagging_nothing_equals_a_none_run(detector, tiny_detectors, tiny_model
 def test_quarantine_moves_every_flagged_image_aside(tiny_detectors, tiny_model, none_run):
     tmp, (_, _, none_images) = none_run
     stats, rows, images = generate_shard(
-        tmp, tiny_model, {"detector": "nsfw-detector", "model": tiny_detectors["nsfw-detector", "everything"],
-                          "action": "quarantine"}, "quarantine")
+        tmp,
+        tiny_model,
+        {
+            "detector": "nsfw-detector",
+            "model": tiny_detectors["nsfw-detector", "everything"],
+            "action": "quarantine",
+        },
+        "quarantine",
+    )
     assert images == {}
     held = tar_images(tmp / "quarantine" / "quarantine" / "00000.tar")
     assert held == none_images  # the very images, kept aside
@@ -251,8 +330,15 @@ def test_quarantine_moves_every_flagged_image_aside(tiny_detectors, tiny_model, 
 
 def test_blackout_writes_black_images(tiny_detectors, tiny_model, tmp_path):
     stats, rows, images = generate_shard(
-        tmp_path, tiny_model, {"detector": "clip-checker", "model": tiny_detectors["clip-checker", "everything"],
-                               "action": "blackout"}, "blackout")
+        tmp_path,
+        tiny_model,
+        {
+            "detector": "clip-checker",
+            "model": tiny_detectors["clip-checker", "everything"],
+            "action": "blackout",
+        },
+        "blackout",
+    )
     assert len(images) == 6
     for data in images.values():
         assert not np.asarray(Image.open(io.BytesIO(data))).any()
@@ -262,10 +348,19 @@ def test_blackout_writes_black_images(tiny_detectors, tiny_model, tmp_path):
 def test_action_score_flags_but_keeps_every_image(tiny_detectors, tiny_model, none_run):
     tmp, (_, _, none_images) = none_run
     stats, rows, images = generate_shard(
-        tmp, tiny_model, {"detector": "hf-classifier", "model": tiny_detectors["hf-classifier", "everything"],
-                          "action": "score"}, "score")
+        tmp,
+        tiny_model,
+        {
+            "detector": "hf-classifier",
+            "model": tiny_detectors["hf-classifier", "everything"],
+            "action": "score",
+        },
+        "score",
+    )
     assert images == none_images
-    assert {r["status"] for r in rows} == {"ok"} and all(r["safety_flagged"] and r["nsfw_score"] > 0.99 for r in rows)
+    assert {r["status"] for r in rows} == {"ok"} and all(
+        r["safety_flagged"] and r["nsfw_score"] > 0.99 for r in rows
+    )
     assert stats["flagged_by_class"] == {"nsfw": 6}
 
 
@@ -281,8 +376,12 @@ def test_cli_job_records_safety_provenance(tiny_detectors, tiny_model, tmp_path)
         "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
         "sweep": {"seeds": 2},
         "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 4},
-        "safety": {"detector": "nsfw-detector", "model": tiny_detectors["nsfw-detector", "everything"],
-                   "action": "quarantine", "threshold": 0.9},
+        "safety": {
+            "detector": "nsfw-detector",
+            "model": tiny_detectors["nsfw-detector", "everything"],
+            "action": "quarantine",
+            "threshold": 0.9,
+        },
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = run_cli("run", str(tmp_path / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
@@ -290,19 +389,27 @@ def test_cli_job_records_safety_provenance(tiny_detectors, tiny_model, tmp_path)
     job = json.loads((tmp_path / "out" / "_job.json").read_text())
     assert job["results"]["filtered"] == 6
     assert job["results"]["safety"]["flagged_by_class"] == {"porn": 6}
-    assert job["results"]["safety"]["model_sha256"] == [weights_sha256(tiny_detectors["nsfw-detector", "everything"])]
+    assert job["results"]["safety"]["model_sha256"] == [
+        weights_sha256(tiny_detectors["nsfw-detector", "everything"])
+    ]
     assert job["spec"]["safety"]["detector"] == "nsfw-detector"
     card = (tmp_path / "out" / "README.md").read_text()
     assert "nsfw-detector" in card and "porn 6" in card and "threshold 0.9" in card
-    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"00000.tar": 0, "00001.tar": 0}
-    assert "the dataset holds no image" in out.stdout  # readers refuse empty tars: the summary says so
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {
+        "00000.tar": 0,
+        "00001.tar": 0,
+    }
+    assert (
+        "the dataset holds no image" in out.stdout
+    )  # readers refuse empty tars: the summary says so
     assert len(list((tmp_path / "out" / "quarantine").glob("*.tar"))) == 2
 
 
 def test_missing_detector_weights_refuse_the_job_before_any_gpu(tmp_path, tiny_model):
     write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
     (tmp_path / "job.yaml").write_text(
-        f"model: {{source: {tiny_model}}}\ninput: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n")
+        f"model: {{source: {tiny_model}}}\ninput: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n"
+    )
     out = run_cli("run", str(tmp_path / "job.yaml"), env={"RAY_ADDRESS": ""})
     assert out.returncode == 1
     assert "safety.detector='nsfw-detector' needs safety.model" in out.stderr

@@ -18,8 +18,13 @@ from PIL import Image
 from helpers import REPO, run_cli, write_prompts
 
 EXAMPLE = REPO / "jobs" / "examples" / "sd2_model_card_eval.yaml"
-PROMPTS = ["a quiet harbour at dusk", "a bowl of cherries", "a fox in the snow", "two cats on a red sofa",
-           "a lighthouse in fog"]
+PROMPTS = [
+    "a quiet harbour at dusk",
+    "a bowl of cherries",
+    "a fox in the snow",
+    "two cats on a red sofa",
+    "a lighthouse in fog",
+]
 SCALES = [1.5, 7.5]
 
 
@@ -28,8 +33,10 @@ def scorers(tmp_path_factory):
     from sdfleet.jobs.tiny import write_tiny_clip, write_tiny_inception
 
     root = tmp_path_factory.mktemp("scorers")
-    return {"clip": str(write_tiny_clip(root / "tiny-clip")),
-            "inception": str(write_tiny_inception(root / "tiny-inception.safetensors"))}
+    return {
+        "clip": str(write_tiny_clip(root / "tiny-clip")),
+        "inception": str(write_tiny_inception(root / "tiny-inception.safetensors")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +74,26 @@ def dataset(tmp_path_factory, tiny_model):
 
 
 def read_rows(folder):
-    return pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("[0-9]*.parquet"))]).to_pylist()
+    return pa.concat_tables(
+        [pq.read_table(p) for p in sorted(folder.glob("[0-9]*.parquet"))]
+    ).to_pylist()
 
 
 @pytest.mark.slow
-def test_score_writes_clip_scores_fid_per_guidance_scale_and_a_labelled_plot(dataset, scorers, reference):
+def test_score_writes_clip_scores_fid_per_guidance_scale_and_a_labelled_plot(
+    dataset, scorers, reference
+):
     from sdfleet.jobs.score import LOUD_NOTE, run_score
 
-    summary = run_score(str(dataset), scorers["clip"], str(reference), batch_size=4, device="cpu",
-                        fid_weights=scorers["inception"], fid_size=64)
+    summary = run_score(
+        str(dataset),
+        scorers["clip"],
+        str(reference),
+        batch_size=4,
+        device="cpu",
+        fid_weights=scorers["inception"],
+        fid_size=64,
+    )
 
     ok = [r for r in read_rows(dataset) if r["status"] == "ok"]
     assert len(ok) == len(PROMPTS) * 2 * len(SCALES)
@@ -86,8 +104,14 @@ def test_score_writes_clip_scores_fid_per_guidance_scale_and_a_labelled_plot(dat
         assert math.isfinite(s["clip_score"]) and 0.0 <= s["clip_score"] <= 100.0
         row = by_key[s["key"]]
         assert (s["sample_id"], s["seed"], s["guidance_scale"], s["prompt_id"]) == (
-            row["sample_id"], row["seed"], row["guidance_scale"], row["prompt_id"])
-    assert len({round(s["clip_score"], 4) for s in scores}) > 1  # the tiny CLIP does tell images apart
+            row["sample_id"],
+            row["seed"],
+            row["guidance_scale"],
+            row["prompt_id"],
+        )
+    assert (
+        len({round(s["clip_score"], 4) for s in scores}) > 1
+    )  # the tiny CLIP does tell images apart
 
     on_disk = json.loads((dataset / "scores_summary.json").read_text())
     assert on_disk["points"] == summary["points"] and on_disk["group_by"] == ["guidance_scale"]
@@ -118,7 +142,9 @@ def test_fid_of_the_reference_against_itself_is_zero(scorers, reference):
     from sdfleet.jobs.score.inception import load_feature_extractor
 
     extractor = load_feature_extractor(scorers["inception"])
-    images = torch.from_numpy(np.stack([fid_image(p.read_bytes(), 64) for p in sorted(reference.glob("*.png"))]))
+    images = torch.from_numpy(
+        np.stack([fid_image(p.read_bytes(), 64) for p in sorted(reference.glob("*.png"))])
+    )
     assert images.dtype == torch.uint8 and images.shape == (6, 3, 64, 64)
     fid = FrechetInceptionDistance(feature=extractor)
     fid.update(images, real=True)
@@ -143,8 +169,14 @@ def test_real_inception_loads_published_parameter_names_and_flags_random_weights
     net = InceptionV3FID()
     state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     # A few names from pytorch-fid's pt_inception-2015-12-05 weights, which the file must match.
-    for name in ("Conv2d_1a_3x3.conv.weight", "Conv2d_4a_3x3.bn.running_var", "Mixed_5b.branch5x5_2.conv.weight",
-                 "Mixed_6e.branch7x7dbl_5.bn.bias", "Mixed_7c.branch3x3dbl_3b.conv.weight", "fc.weight"):
+    for name in (
+        "Conv2d_1a_3x3.conv.weight",
+        "Conv2d_4a_3x3.bn.running_var",
+        "Mixed_5b.branch5x5_2.conv.weight",
+        "Mixed_6e.branch7x7dbl_5.bn.bias",
+        "Mixed_7c.branch3x3dbl_3b.conv.weight",
+        "fc.weight",
+    ):
         assert name in state
     assert state["fc.weight"].shape == (1008, 2048)
     assert state["Mixed_7c.branch_pool.conv.weight"].shape[:2] == (192, 2048)
@@ -159,7 +191,10 @@ def test_real_inception_loads_published_parameter_names_and_flags_random_weights
     # A file for another network (the tiny one, its metadata stripped) is refused, naming what is missing.
     tiny = {"conv1.conv.weight": torch.zeros(8, 3, 3, 3)}
     save_file(tiny, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="does not fit the inception-v3-fid network.*Conv2d_1a_3x3.*conv1.conv.weight"):
+    with pytest.raises(
+        ValueError,
+        match="does not fit the inception-v3-fid network.*Conv2d_1a_3x3.*conv1.conv.weight",
+    ):
         load_feature_extractor(str(tmp_path / "other.safetensors"))
     (tmp_path / "weights.pth").write_bytes(b"not read")
     with pytest.raises(ValueError, match="safetensors"):
@@ -173,10 +208,33 @@ def test_score_arguments_parse_as_documented():
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    args = p.parse_args(["s3://b/out/", "--clip-model", "m", "--reference", "s3://b/ref/",
-                         "--fid-weights", "w.safetensors", "--out", "eval1", "--batch-size", "8", "--device", "cpu"])
-    assert (args.output, args.clip_model, args.reference, args.fid_weights, args.out, args.batch_size, args.device,
-            args.fid_size) == ("s3://b/out/", "m", "s3://b/ref/", "w.safetensors", "eval1", 8, "cpu", 299)
+    args = p.parse_args(
+        [
+            "s3://b/out/",
+            "--clip-model",
+            "m",
+            "--reference",
+            "s3://b/ref/",
+            "--fid-weights",
+            "w.safetensors",
+            "--out",
+            "eval1",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert (
+        args.output,
+        args.clip_model,
+        args.reference,
+        args.fid_weights,
+        args.out,
+        args.batch_size,
+        args.device,
+        args.fid_size,
+    ) == ("s3://b/out/", "m", "s3://b/ref/", "w.safetensors", "eval1", 8, "cpu", 299)
     assert p.parse_args(["o", "--clip-model", "m"]).out == "scores"
 
 
@@ -199,9 +257,13 @@ def test_importing_score_loads_no_heavy_frameworks():
     import subprocess
     import sys
 
-    code = ("import sys, sdfleet.jobs.score, sdfleet.jobs.cli; print([m for m in "
-            "('torch', 'ray', 'tensorflow', 'diffusers', 'matplotlib') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, sdfleet.jobs.score, sdfleet.jobs.cli; print([m for m in "
+        "('torch', 'ray', 'tensorflow', 'diffusers', 'matplotlib') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
@@ -220,20 +282,35 @@ def test_score_reads_and_writes_s3(dataset, scorers, reference, s3, tmp_path, mo
     s3.put(scorers["clip"] + "/", f"{root}/models/clip/", recursive=True)
     s3.put(scorers["inception"], f"{root}/models/inception.safetensors")
 
-    summary = run_score(f"s3://{root}/out", f"s3://{root}/models/clip", f"s3://{root}/ref", out="eval",
-                        batch_size=8, device="cpu", fid_weights=f"s3://{root}/models/inception.safetensors",
-                        fid_size=64, note="moto run")
+    summary = run_score(
+        f"s3://{root}/out",
+        f"s3://{root}/models/clip",
+        f"s3://{root}/ref",
+        out="eval",
+        batch_size=8,
+        device="cpu",
+        fid_weights=f"s3://{root}/models/inception.safetensors",
+        fid_size=64,
+        note="moto run",
+    )
     assert summary["fid"]["reference_images"] == 6 and len(summary["points"]) == 2
-    assert all(math.isfinite(p["fid"]) for p in summary["points"]) and "moto run" in summary["notes"]
+    assert (
+        all(math.isfinite(p["fid"]) for p in summary["points"]) and "moto run" in summary["notes"]
+    )
     rows = pq.read_table(io.BytesIO(s3.cat_file(f"{root}/out/eval.parquet"))).to_pylist()
     assert len(rows) == summary["images_scored"] == len(PROMPTS) * 2 * len(SCALES)
     assert json.loads(s3.cat_file(f"{root}/out/eval_summary.json"))["points"] == summary["points"]
     assert Image.open(io.BytesIO(s3.cat_file(f"{root}/out/eval_fid_vs_clip.png"))).format == "PNG"
     # The same inputs give the same scores wherever they are stored.
-    local = pq.read_table(dataset / "scores.parquet").to_pylist() if (dataset / "scores.parquet").exists() else None
+    local = (
+        pq.read_table(dataset / "scores.parquet").to_pylist()
+        if (dataset / "scores.parquet").exists()
+        else None
+    )
     if local is not None:
-        assert sorted((r["key"], round(r["clip_score"], 4)) for r in rows) == \
-            sorted((r["key"], round(r["clip_score"], 4)) for r in local)
+        assert sorted((r["key"], round(r["clip_score"], 4)) for r in rows) == sorted(
+            (r["key"], round(r["clip_score"], 4)) for r in local
+        )
 
 
 def test_example_spec_plans_the_model_card_protocol(tmp_path, tiny_model):
@@ -242,14 +319,25 @@ def test_example_spec_plans_the_model_card_protocol(tmp_path, tiny_model):
     from sdfleet.schemas.spec import load_spec
 
     n = 10_000
-    pq.write_table(pa.table({
-        "prompt": [f"a photo of thing {i}" for i in range(n)],
-        "prompt_id": pa.array(range(700_000, 700_000 + n), pa.int64()),
-        "image_id": pa.array([i // 2 for i in range(n)], pa.int64()),
-    }), tmp_path / "coco2017_val_10k.parquet")
-    spec = load_spec(EXAMPLE, [f"input.uri={tmp_path / 'coco2017_val_10k.parquet'}", f"output.uri={tmp_path / 'out'}"])
+    pq.write_table(
+        pa.table(
+            {
+                "prompt": [f"a photo of thing {i}" for i in range(n)],
+                "prompt_id": pa.array(range(700_000, 700_000 + n), pa.int64()),
+                "image_id": pa.array([i // 2 for i in range(n)], pa.int64()),
+            }
+        ),
+        tmp_path / "coco2017_val_10k.parquet",
+    )
+    spec = load_spec(
+        EXAMPLE,
+        [f"input.uri={tmp_path / 'coco2017_val_10k.parquet'}", f"output.uri={tmp_path / 'out'}"],
+    )
     assert spec.model.scheduler == "DDIMScheduler" and spec.model.source.startswith("s3://")
-    assert spec.generation.num_inference_steps == 50 and (spec.generation.width, spec.generation.height) == (512, 512)
+    assert spec.generation.num_inference_steps == 50 and (
+        spec.generation.width,
+        spec.generation.height,
+    ) == (512, 512)
     assert spec.sweep.axes == {"guidance_scale": [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]}
     assert spec.sweep.num_seeds() == 1
     plan = Planner(spec).plan()
@@ -259,8 +347,17 @@ def test_example_spec_plans_the_model_card_protocol(tmp_path, tiny_model):
     from helpers import run_cli
 
     # With the model and detector weights at hand, as plan checks them like run does.
-    out = run_cli("plan", str(EXAMPLE), "--set", f"input.uri={tmp_path / 'coco2017_val_10k.parquet'}",
-                  "--set", f"model.source={tiny_model}", "--set", "safety.detector=none",
-                  "--set", f"output.uri={tmp_path / 'out'}")
+    out = run_cli(
+        "plan",
+        str(EXAMPLE),
+        "--set",
+        f"input.uri={tmp_path / 'coco2017_val_10k.parquet'}",
+        "--set",
+        f"model.source={tiny_model}",
+        "--set",
+        "safety.detector=none",
+        "--set",
+        f"output.uri={tmp_path / 'out'}",
+    )
     assert out.returncode == 0, out.stderr
     assert "samples       80000" in out.stdout and "cost          $" in out.stdout

@@ -15,8 +15,13 @@ from helpers import REPO, job_spec, output_storage, run_cli
 def test_credentials_never_reach_logs_or_outputs(tmp_path, tiny_model, bucket, ray_cluster):
     secret = "wJalrXUtnFEMI-SECRET-" + uuid.uuid4().hex
     out = f"s3://{bucket.bucket}/secret"
-    spec = job_spec(tmp_path, tiny_model, bucket, out,
-                    output={"storage_options": {"key": "testing", "secret": secret}})
+    spec = job_spec(
+        tmp_path,
+        tiny_model,
+        bucket,
+        out,
+        output={"storage_options": {"key": "testing", "secret": secret}},
+    )
     done = run_cli("-v", "run", str(spec), "--address", ray_cluster.address)
     assert done.returncode == 0, done.stderr[-3000:]
     assert secret not in done.stdout + done.stderr
@@ -32,12 +37,25 @@ def test_credentials_never_reach_logs_or_outputs(tmp_path, tiny_model, bucket, r
 def test_temporary_credentials_never_reach_verbose_logs_or_outputs(tmp_path, tiny_model, bucket):
     """Session credentials (as instance roles and IRSA give) through `sdfleet -v`: botocore's DEBUG
     records hold the canonical request with the token and the signed headers; all are masked."""
-    key, secret, token = ("ASIA" + uuid.uuid4().hex[:16].upper(), "tmp-secret-" + uuid.uuid4().hex,
-                          "FwoGZXIvYXdzEXAMPLE" + uuid.uuid4().hex * 3)
+    key, secret, token = (
+        "ASIA" + uuid.uuid4().hex[:16].upper(),
+        "tmp-secret-" + uuid.uuid4().hex,
+        "FwoGZXIvYXdzEXAMPLE" + uuid.uuid4().hex * 3,
+    )
     out = f"s3://{bucket.bucket}/temporary"
     spec = job_spec(tmp_path, tiny_model, bucket, out)
-    done = run_cli("-v", "run", str(spec), "--no-progress", env={
-        "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": token, "RAY_ADDRESS": ""})
+    done = run_cli(
+        "-v",
+        "run",
+        str(spec),
+        "--no-progress",
+        env={
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_SESSION_TOKEN": token,
+            "RAY_ADDRESS": "",
+        },
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     logs = done.stdout + done.stderr
     assert "x-amz-security-token" in logs.lower()  # the records are there, with their values masked
@@ -52,10 +70,28 @@ def test_temporary_credentials_never_reach_verbose_logs_or_outputs(tmp_path, tin
 # and shells. Matched on the resolved name, so `import pickle as p; p.loads` and
 # `from yaml import unsafe_load as ul; ul(...)` are caught as surely as `pickle.loads`.
 UNSAFE_CALLS = {
-    "pickle.load", "pickle.loads", "pickle.Unpickler", "dill.load", "dill.loads", "cloudpickle.load",
-    "cloudpickle.loads", "joblib.load", "marshal.load", "marshal.loads", "shelve.open", "torch.load",
-    "yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.unsafe_load_all", "yaml.full_load",
-    "yaml.full_load_all", "eval", "exec", "os.system", "os.popen",
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "dill.load",
+    "dill.loads",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "joblib.load",
+    "marshal.load",
+    "marshal.loads",
+    "shelve.open",
+    "torch.load",
+    "yaml.load",
+    "yaml.load_all",
+    "yaml.unsafe_load",
+    "yaml.unsafe_load_all",
+    "yaml.full_load",
+    "yaml.full_load_all",
+    "eval",
+    "exec",
+    "os.system",
+    "os.popen",
 }
 UNSAFE_KEYWORDS = {("trust_remote_code", True), ("use_safetensors", False)}
 
@@ -67,7 +103,9 @@ def unsafe_calls(source: str, where: str = "<source>") -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                aliases[a.asname or a.name.split(".")[0]] = (
+                    a.name if a.asname else a.name.split(".")[0]
+                )
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             for a in node.names:
                 aliases[a.asname or a.name] = f"{node.module}.{a.name}"
@@ -79,7 +117,12 @@ def unsafe_calls(source: str, where: str = "<source>") -> list[str]:
         if name in UNSAFE_CALLS:
             found.append(f"{where}:{node.lineno} {name}")
         shell = next((k for k in node.keywords if k.arg == "shell"), None)
-        if name and name.startswith("subprocess.") and shell is not None and getattr(shell.value, "value", True):
+        if (
+            name
+            and name.startswith("subprocess.")
+            and shell is not None
+            and getattr(shell.value, "value", True)
+        ):
             found.append(f"{where}:{node.lineno} {name}(shell=...)")
         for k in node.keywords:
             if (k.arg, getattr(k.value, "value", None)) in UNSAFE_KEYWORDS:
@@ -100,27 +143,37 @@ def _dotted(func: ast.expr, aliases: dict[str, str]) -> str | None:
 def test_no_remote_code_and_no_unsafe_loading_in_the_source():
     """No call in the product or the benchmarks loads pickles, unsafe YAML or remote code, evaluates
     strings or runs a shell (docs may mention them)."""
-    found = [f for d in ("schemas", "jobs", "actors", "bench") for p in sorted((REPO / d).rglob("*.py"))
-             for f in unsafe_calls(p.read_text(), str(p.relative_to(REPO)))]
+    found = [
+        f
+        for d in ("schemas", "jobs", "actors", "bench")
+        for p in sorted((REPO / d).rglob("*.py"))
+        for f in unsafe_calls(p.read_text(), str(p.relative_to(REPO)))
+    ]
     assert found == []
     text = {f: (REPO / "actors" / f).read_text() for f in ("engine.py", "safety.py")}
     assert all("use_safetensors=True" in t for t in text.values())
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("import pickle\npickle.loads(b'')", "pickle.loads"),
-    ("import pickle as p\np.load(f)", "pickle.load"),
-    ("from pickle import loads as l\nl(b'')", "pickle.loads"),
-    ("import torch\ntorch.load('w.pt')", "torch.load"),
-    ("from torch import load\nload('w.pt', weights_only=True)", "torch.load"),
-    ("import yaml\nyaml.load(text, Loader=yaml.Loader)", "yaml.load"),
-    ("from yaml import unsafe_load as ul\nul(text)", "yaml.unsafe_load"),
-    ("eval(text)", "eval"),
-    ("exec(code)", "exec"),
-    ("import subprocess as sp\nsp.run(cmd, shell=True)", "subprocess.run(shell=...)"),
-    ("from subprocess import Popen\nPopen(cmd, shell=True)", "subprocess.Popen(shell=...)"),
-    ("m.from_pretrained(p, trust_remote_code=True)", "trust_remote_code=True"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("import pickle\npickle.loads(b'')", "pickle.loads"),
+        ("import pickle as p\np.load(f)", "pickle.load"),
+        ("from pickle import loads as l\nl(b'')", "pickle.loads"),
+        ("import torch\ntorch.load('w.pt')", "torch.load"),
+        ("from torch import load\nload('w.pt', weights_only=True)", "torch.load"),
+        ("import yaml\nyaml.load(text, Loader=yaml.Loader)", "yaml.load"),
+        ("from yaml import unsafe_load as ul\nul(text)", "yaml.unsafe_load"),
+        ("eval(text)", "eval"),
+        ("exec(code)", "exec"),
+        ("import subprocess as sp\nsp.run(cmd, shell=True)", "subprocess.run(shell=...)"),
+        ("from subprocess import Popen\nPopen(cmd, shell=True)", "subprocess.Popen(shell=...)"),
+        ("m.from_pretrained(p, trust_remote_code=True)", "trust_remote_code=True"),
+    ],
+)
 def test_the_source_scan_sees_through_aliases(source, expected):
     assert [f.split(" ", 1)[1] for f in unsafe_calls(source)] == [expected]
-    assert unsafe_calls("import yaml\nyaml.safe_load(text)\nimport subprocess\nsubprocess.run(['ls'])") == []
+    assert (
+        unsafe_calls("import yaml\nyaml.safe_load(text)\nimport subprocess\nsubprocess.run(['ls'])")
+        == []
+    )

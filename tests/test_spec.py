@@ -1,6 +1,13 @@
 import pytest
 
-from sdfleet.schemas.spec import JobSpec, SpecError, apply_override, diff_fingerprint_fields, load_spec, parse_spec
+from sdfleet.schemas.spec import (
+    JobSpec,
+    SpecError,
+    apply_override,
+    diff_fingerprint_fields,
+    load_spec,
+    parse_spec,
+)
 
 BASE = {"input": {"uri": "s3://b/prompts/"}, "output": {"uri": "s3://b/out/"}}
 
@@ -40,14 +47,36 @@ def test_defaults_follow_the_design():
         (spec_with(sweep={"seeds": [1, 1]}), "repeats a seed"),
         (spec_with(sweep={"axes": {"eta": [1]}}), "sweep.axes.eta cannot be swept"),
         # The image tasks' keys, and what each task needs.
-        (spec_with(sweep={"axes": {"strength": [0.5]}}), "model.task=text-to-image has no strength"),
-        (spec_with(model={"task": "inpaint"}, input={"uri": "s3://b/p/", "image_column": "image"}),
-         "model.task=inpaint needs input.mask_column"),
-        (spec_with(model={"task": "upscale"}, input={"uri": "s3://b/p/", "image_column": "image"},
-                   generation={"strength": 0.5}), "model.task=upscale has no strength"),
-        (spec_with(model={"task": "image-to-image"}, input={"uri": "s3://b/p/", "image_column": "image"},
-                   generation={"width": 512}), "generation.width: model.task=image-to-image makes each image"),
-        (spec_with(input={"uri": "s3://b/p/", "image_column": "image"}), "input.image_column='image' is for"),
+        (
+            spec_with(sweep={"axes": {"strength": [0.5]}}),
+            "model.task=text-to-image has no strength",
+        ),
+        (
+            spec_with(
+                model={"task": "inpaint"}, input={"uri": "s3://b/p/", "image_column": "image"}
+            ),
+            "model.task=inpaint needs input.mask_column",
+        ),
+        (
+            spec_with(
+                model={"task": "upscale"},
+                input={"uri": "s3://b/p/", "image_column": "image"},
+                generation={"strength": 0.5},
+            ),
+            "model.task=upscale has no strength",
+        ),
+        (
+            spec_with(
+                model={"task": "image-to-image"},
+                input={"uri": "s3://b/p/", "image_column": "image"},
+                generation={"width": 512},
+            ),
+            "generation.width: model.task=image-to-image makes each image",
+        ),
+        (
+            spec_with(input={"uri": "s3://b/p/", "image_column": "image"}),
+            "input.image_column='image' is for",
+        ),
         (spec_with(model={"task": "draw"}), "model.task='draw'"),
         (spec_with(generation={"strength": 1.5}), "generation.strength=1.5"),
         (spec_with(sweep={"axes": {"width": [64, 100]}}), "sweep.axes.width has 100"),
@@ -66,8 +95,15 @@ def test_bad_values_are_named(data, must_name):
 def test_overrides_replace_yaml_values_with_parsed_yaml(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("input: {uri: in/}\noutput: {uri: out/}\ngeneration: {guidance_scale: 7.5}\n")
-    spec = load_spec(path, ["generation.guidance_scale=5", "sweep.axes={num_inference_steps: [10, 20]}",
-                            "model.revision=null", "name=my job"])
+    spec = load_spec(
+        path,
+        [
+            "generation.guidance_scale=5",
+            "sweep.axes={num_inference_steps: [10, 20]}",
+            "model.revision=null",
+            "name=my job",
+        ],
+    )
     assert spec.generation.guidance_scale == 5.0
     assert spec.sweep.axes == {"num_inference_steps": [10, 20]}
     assert spec.model.revision is None
@@ -131,9 +167,18 @@ def test_fingerprint_covers_input_files():
 
 
 def test_credentials_are_redacted():
-    spec = parse_spec(spec_with(output={"storage_options": {"key": "AKIA123", "secret": "s3cr3t",
-                                                             "endpoint_url": "http://minio:9000",
-                                                             "client_kwargs": {"aws_session_token": "T0KV4LUE"}}}))
+    spec = parse_spec(
+        spec_with(
+            output={
+                "storage_options": {
+                    "key": "AKIA123",
+                    "secret": "s3cr3t",
+                    "endpoint_url": "http://minio:9000",
+                    "client_kwargs": {"aws_session_token": "T0KV4LUE"},
+                }
+            }
+        )
+    )
     red = spec.redacted()
     text = str(red)
     assert "AKIA123" not in text and "s3cr3t" not in text and "T0KV4LUE" not in text
@@ -146,9 +191,13 @@ def test_schemas_import_no_heavy_frameworks():
     import subprocess
     import sys
 
-    code = "import sdfleet.schemas.spec, sdfleet.schemas.samples, sdfleet.schemas.rows, sys; " \
-           "print(sorted(m for m in ('torch','ray','tensorflow','diffusers') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sdfleet.schemas.spec, sdfleet.schemas.samples, sdfleet.schemas.rows, sys; "
+        "print(sorted(m for m in ('torch','ray','tensorflow','diffusers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 

@@ -31,7 +31,11 @@ def test_atomic_writes_and_listing(where, tmp_path, request):
     if where == "local":
         # No temp files are left behind for a reader to trip over.
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-            "00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json"]
+            "00000.tar",
+            "00000_stats.json",
+            "00001.tar",
+            "00001_stats.json",
+        ]
 
 
 def test_remote_folder_is_cached_once_and_verified(s3, tmp_path):
@@ -39,8 +43,10 @@ def test_remote_folder_is_cached_once_and_verified(s3, tmp_path):
         s3.pipe_file(f"{s3.bucket}/m/{name}", data)
     uri = f"s3://{s3.bucket}/m"
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cached_copy(uri, cache_root=str(tmp_path))))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(cached_copy(uri, cache_root=str(tmp_path))))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -50,13 +56,17 @@ def test_remote_folder_is_cached_once_and_verified(s3, tmp_path):
     assert (folder / "unet" / "w.safetensors").read_bytes() == b"w" * 1000
     # A damaged copy (size differs from the manifest) is fetched again rather than trusted.
     (folder / "unet" / "w.safetensors").write_bytes(b"short")
-    assert (cached_copy(uri, cache_root=str(tmp_path)) / "unet" / "w.safetensors").stat().st_size == 1000
+    assert (
+        cached_copy(uri, cache_root=str(tmp_path)) / "unet" / "w.safetensors"
+    ).stat().st_size == 1000
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         cached_copy(f"s3://{s3.bucket}/nothing-here", cache_root=str(tmp_path))
 
 
 @pytest.mark.parametrize("key", ["../../../escaped.txt", "unet/../../../../escaped.txt"])
-def test_a_model_key_that_leaves_the_cache_folder_is_refused_and_nothing_is_written(key, s3, tmp_path):
+def test_a_model_key_that_leaves_the_cache_folder_is_refused_and_nothing_is_written(
+    key, s3, tmp_path
+):
     """Whoever can write to a model bucket must not reach the worker's files: a key with `..` that
     would land outside the node cache fails the copy, naming the key, before anything is written."""
     s3.pipe_file(f"{s3.bucket}/models/m/model_index.json", b"{}")

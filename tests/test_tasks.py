@@ -71,7 +71,9 @@ def run_job(tmp_path, s3, address, model, task, table, extra_files=(), **section
         "safety": {"detector": "none"},
         "resources": {"batch_size": 2, "max_workers": 2},
     }
-    done = run_cli("run", str(write_spec(tmp_path, spec, **sections)), "--address", address, "--no-progress")
+    done = run_cli(
+        "run", str(write_spec(tmp_path, spec, **sections)), "--address", address, "--no-progress"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows, images = {}, {}
     for name in sorted(s3.glob(f"{out}/*.parquet")):
@@ -79,8 +81,13 @@ def run_job(tmp_path, s3, address, model, task, table, extra_files=(), **section
             rows.update({r["key"]: r for r in pq.read_table(f).to_pylist()})
     for name in sorted(s3.glob(f"{out}/*.tar")):
         with tarfile.open(fileobj=io.BytesIO(s3.cat_file(name))) as tar:
-            images.update({m.name.split(".")[0]: np.asarray(Image.open(tar.extractfile(m)))
-                           for m in tar.getmembers() if m.name.endswith(".png")})
+            images.update(
+                {
+                    m.name.split(".")[0]: np.asarray(Image.open(tar.extractfile(m)))
+                    for m in tar.getmembers()
+                    if m.name.endswith(".png")
+                }
+            )
     return rows, images, prefix
 
 
@@ -97,9 +104,15 @@ def regenerate(pipe, row, **inputs) -> np.ndarray:
     """The row's image from plain diffusers and the row's own values."""
     import torch
 
-    image = pipe(row["prompt"], negative_prompt=row["negative_prompt"], num_inference_steps=row["num_inference_steps"],
-                 guidance_scale=row["guidance_scale"], output_type="np",
-                 generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"]), **inputs).images[0]
+    image = pipe(
+        row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        output_type="np",
+        generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"]),
+        **inputs,
+    ).images[0]
     return (image * 255).round().astype(np.uint8)
 
 
@@ -109,7 +122,11 @@ def input_bytes(s3, table: pa.Table, row: dict, column: str) -> bytes:
         data = s3.cat_file(row[f"{column}_uri"].removeprefix("s3://"))
     else:
         cells = table.column("image" if column == "input_image" else "mask").to_pylist()
-        data = next(c for c in cells if isinstance(c, bytes) and hashlib.sha256(c).hexdigest() == row[f"{column}_sha256"])
+        data = next(
+            c
+            for c in cells
+            if isinstance(c, bytes) and hashlib.sha256(c).hexdigest() == row[f"{column}_sha256"]
+        )
     assert hashlib.sha256(data).hexdigest() == row[f"{column}_sha256"]
     return data
 
@@ -135,8 +152,12 @@ def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
 def test_768_v_makes_its_own_size_and_keeps_v_prediction(tmp_path, family, s3, ray_cluster):
     """No width or height in the spec: the checkpoint's size (96 for the tiny 768-style model);
     Euler from the checkpoint's config keeps prediction_type=v_prediction."""
-    table = pa.table({"prompt_id": ["a", "b"], "prompt": ["a lighthouse at dusk", "a red fox in snow"]})
-    rows, images, _ = run_job(tmp_path, s3, ray_cluster.address, family["768-v"], "text-to-image", table)
+    table = pa.table(
+        {"prompt_id": ["a", "b"], "prompt": ["a lighthouse at dusk", "a red fox in snow"]}
+    )
+    rows, images, _ = run_job(
+        tmp_path, s3, ray_cluster.address, family["768-v"], "text-to-image", table
+    )
     assert {(r["width"], r["height"]) for r in rows.values()} == {(96, 96)}
     assert {r["task"] for r in rows.values()} == {"text-to-image"}
     pipe = plain("StableDiffusionPipeline", family["768-v"])
@@ -147,7 +168,9 @@ def test_768_v_makes_its_own_size_and_keeps_v_prediction(tmp_path, family, s3, r
     # The objective matters: the same row read as epsilon-prediction is another image.
     import diffusers
 
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, prediction_type="epsilon"
+    )
     row = three_ok(rows)[0]
     wrong = regenerate(pipe, row, width=96, height=96)
     assert np.abs(images[row["key"]].astype(int) - wrong.astype(int)).max() > 2
@@ -163,7 +186,12 @@ def image_table(side: int, masks: bool, uris: bool) -> tuple[pa.Table, dict[str,
     names = ["astronaut.png", "photos/chelsea.png", "photos/coffee.png", "rocket.png"]
     columns = {
         "prompt_id": ["p0", "p1", "p2", "p3"],
-        "prompt": ["an oil painting", "a watercolour cat", "a cup of coffee, studio light", "a rocket at night"],
+        "prompt": [
+            "an oil painting",
+            "a watercolour cat",
+            "a cup of coffee, studio light",
+            "a rocket at night",
+        ],
         "image": pa.array(names, pa.string()) if uris else pa.array(encoded, pa.binary()),
     }
     if masks:
@@ -173,7 +201,13 @@ def image_table(side: int, masks: bool, uris: bool) -> tuple[pa.Table, dict[str,
 
 TASK_CASES = {
     # task: (tiny variant, pipeline class, input side, inputs as URIs?, sweep axes)
-    "image-to-image": ("base", "StableDiffusionImg2ImgPipeline", 64, True, {"strength": [0.5, 0.9]}),
+    "image-to-image": (
+        "base",
+        "StableDiffusionImg2ImgPipeline",
+        64,
+        True,
+        {"strength": [0.5, 0.9]},
+    ),
     "inpaint": ("inpaint", "StableDiffusionInpaintPipeline", 64, False, {"strength": [1.0]}),
     "depth-to-image": ("depth", "StableDiffusionDepth2ImgPipeline", 64, False, {"strength": [0.7]}),
     "upscale": ("upscale", "StableDiffusionUpscalePipeline", 16, True, {"noise_level": [10, 40]}),
@@ -185,8 +219,17 @@ def test_image_task_rows_regenerate_with_plain_diffusers(task, tmp_path, family,
     variant, pipeline_class, side, uris, axes = TASK_CASES[task]
     table, files = image_table(side, masks=task == "inpaint", uris=uris)
     input_spec = {"image_column": "image", **({"mask_column": "mask"} if task == "inpaint" else {})}
-    rows, images, prefix = run_job(tmp_path, s3, ray_cluster.address, family[variant], task, table, files,
-                              input=input_spec, sweep={"seeds": 2, "axes": axes})
+    rows, images, prefix = run_job(
+        tmp_path,
+        s3,
+        ray_cluster.address,
+        family[variant],
+        task,
+        table,
+        files,
+        input=input_spec,
+        sweep={"seeds": 2, "axes": axes},
+    )
     points = 2 * len(next(iter(axes.values())))
     assert len(rows) == 4 * points and {r["status"] for r in rows.values()} == {"ok"}
     assert {r["task"] for r in rows.values()} == {task}
@@ -199,7 +242,10 @@ def test_image_task_rows_regenerate_with_plain_diffusers(task, tmp_path, family,
 
     pipe = plain(pipeline_class, family[variant])
     for row in three_ok(rows):
-        inputs = {"image": decoded(input_bytes(s3, table, row, "input_image"), "RGB"), key: row[key]}
+        inputs = {
+            "image": decoded(input_bytes(s3, table, row, "input_image"), "RGB"),
+            key: row[key],
+        }
         if task == "inpaint":
             inputs["mask_image"] = decoded(input_bytes(s3, table, row, "mask_image"), "L")
         assert_close(images[row["key"]], regenerate(pipe, row, **inputs))
@@ -220,8 +266,12 @@ def test_bad_input_images_fail_their_rows_and_the_job_goes_on(tmp_path, family, 
     other = f"sdfleet-other-{uuid.uuid4().hex[:8]}"
     s3.mkdir(other)
     s3.pipe(f"{other}/secret.png", good)
-    inside = {"good.png": good, "not-an-image.png": b"GIF89a but not really", "truncated.png": good[: len(good) // 2],
-              "bomb.png": bomb()}
+    inside = {
+        "good.png": good,
+        "not-an-image.png": b"GIF89a but not really",
+        "truncated.png": good[: len(good) // 2],
+        "bomb.png": bomb(),
+    }
     cases = {  # prompt id: (image URI, mask)
         "good": ("good.png", png(mask_for(0, 64))),
         "not-an-image": ("not-an-image.png", png(mask_for(0, 64))),
@@ -236,12 +286,26 @@ def test_bad_input_images_fail_their_rows_and_the_job_goes_on(tmp_path, family, 
         "absolute-path": ("/etc/passwd", png(mask_for(0, 64))),
         "null-mask": ("good.png", None),
     }
-    table = pa.table({"prompt_id": list(cases), "prompt": [f"a picture, {k}" for k in cases],
-                      "image": pa.array([c[0] for c in cases.values()], pa.string()),
-                      "mask": pa.array([c[1] for c in cases.values()], pa.binary())})
+    table = pa.table(
+        {
+            "prompt_id": list(cases),
+            "prompt": [f"a picture, {k}" for k in cases],
+            "image": pa.array([c[0] for c in cases.values()], pa.string()),
+            "mask": pa.array([c[1] for c in cases.values()], pa.binary()),
+        }
+    )
     s3.pipe(f"{s3.bucket}/outside.png", good)  # exists, but outside the input's folder
-    rows, images, prefix = run_job(tmp_path, s3, ray_cluster.address, family["inpaint"], "inpaint", table, inside,
-                                   input={"image_column": "image", "mask_column": "mask"}, sweep={"seeds": 1})
+    rows, images, prefix = run_job(
+        tmp_path,
+        s3,
+        ray_cluster.address,
+        family["inpaint"],
+        "inpaint",
+        table,
+        inside,
+        input={"image_column": "image", "mask_column": "mask"},
+        sweep={"seeds": 1},
+    )
     by_id = {r["prompt_id"]: r for r in rows.values()}
     for prompt_id in ("good", "dot-dot-inside"):  # a `..` that stays inside is the same file
         assert by_id[prompt_id]["status"] == "ok" and by_id[prompt_id]["key"] in images
@@ -266,22 +330,55 @@ def test_bad_input_images_fail_their_rows_and_the_job_goes_on(tmp_path, family, 
     assert by_id["bomb"]["seed"] is not None and by_id["bomb"]["task"] == "inpaint"
 
 
-def test_a_checkpoint_that_does_not_fit_the_task_is_refused_before_any_worker(tmp_path, family, tiny_model):
+def test_a_checkpoint_that_does_not_fit_the_task_is_refused_before_any_worker(
+    tmp_path, family, tiny_model
+):
     """`sdfleet plan` (no Ray, no GPU) names the task, the pipeline class and what the checkpoint is."""
     (tmp_path / "in").mkdir()
-    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["x"], "image": pa.array([b"a.png"], pa.binary()),
-                             "mask": pa.array([b"m.png"], pa.binary())}), tmp_path / "in" / "p.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "prompt_id": ["a"],
+                "prompt": ["x"],
+                "image": pa.array([b"a.png"], pa.binary()),
+                "mask": pa.array([b"m.png"], pa.binary()),
+            }
+        ),
+        tmp_path / "in" / "p.parquet",
+    )
     cases = [
-        ("inpaint", tiny_model, "model.task=inpaint loads StableDiffusionInpaintPipeline, which needs a 9-channel "
-                                "UNet", "is a StableDiffusionPipeline with a 4-channel UNet"),
-        ("text-to-image", family["inpaint"], "needs a 4-channel UNet",
-         "is a StableDiffusionInpaintPipeline with a 9-channel UNet; it is made for model.task: inpaint"),
-        ("image-to-image", family["depth"], "needs a 4-channel UNet", "made for model.task: depth-to-image"),
-        ("upscale", family["base"], "needs a 7-channel UNet and a low_res_scheduler", "4-channel UNet"),
+        (
+            "inpaint",
+            tiny_model,
+            "model.task=inpaint loads StableDiffusionInpaintPipeline, which needs a 9-channel UNet",
+            "is a StableDiffusionPipeline with a 4-channel UNet",
+        ),
+        (
+            "text-to-image",
+            family["inpaint"],
+            "needs a 4-channel UNet",
+            "is a StableDiffusionInpaintPipeline with a 9-channel UNet; it is made for model.task: inpaint",
+        ),
+        (
+            "image-to-image",
+            family["depth"],
+            "needs a 4-channel UNet",
+            "made for model.task: depth-to-image",
+        ),
+        (
+            "upscale",
+            family["base"],
+            "needs a 7-channel UNet and a low_res_scheduler",
+            "4-channel UNet",
+        ),
     ]
     for task, model, needs, found in cases:
-        spec = {"model": {"source": str(model), "task": task}, "input": {"uri": str(tmp_path / "in")},
-                "output": {"uri": str(tmp_path / "out")}, "safety": {"detector": "none"}}
+        spec = {
+            "model": {"source": str(model), "task": task},
+            "input": {"uri": str(tmp_path / "in")},
+            "output": {"uri": str(tmp_path / "out")},
+            "safety": {"detector": "none"},
+        }
         if task != "text-to-image":
             spec["input"]["image_column"] = "image"
         if task == "inpaint":
@@ -326,8 +423,20 @@ def test_local_uris_stay_inside_the_input_folder(tmp_path):
     (tmp_path / "secret.png").write_bytes(png(photo("coffee", 16)))
     (folder / "sub" / "link.png").symlink_to(tmp_path / "secret.png")
     reader = InputImageReader(str(folder / "prompts.parquet"))  # a file: its folder is the root
-    found = reader.read(["a.png", "sub/../a.png", str(folder / "a.png"), "../secret.png", str(tmp_path / "secret.png"),
-                         "sub/link.png", "s3://bucket/a.png", "", 42], "input image")
+    found = reader.read(
+        [
+            "a.png",
+            "sub/../a.png",
+            str(folder / "a.png"),
+            "../secret.png",
+            str(tmp_path / "secret.png"),
+            "sub/link.png",
+            "s3://bucket/a.png",
+            "",
+            42,
+        ],
+        "input image",
+    )
     assert [f.uri for f in found[:3]] == [f"{folder}/a.png"] * 3
     for reason in found[3:7]:
         assert isinstance(reason, str) and "outside the input's folder" in reason, reason
@@ -348,16 +457,37 @@ def test_two_stage_example_upscales_the_first_jobs_ok_images(tmp_path, family, s
     with s3.open(f"{s3.bucket}/prompts/p.parquet", "wb") as f:
         pq.write_table(table, f)
     out1, out2 = f"s3://{s3.bucket}/two/512", f"s3://{s3.bucket}/two/2048"
-    tiny = ["generation.num_inference_steps=3", "safety.detector=none", "output.samples_per_shard=3",
-            "resources.batch_size=2", "resources.max_workers=2"]
+    tiny = [
+        "generation.num_inference_steps=3",
+        "safety.detector=none",
+        "output.samples_per_shard=3",
+        "resources.batch_size=2",
+        "resources.max_workers=2",
+    ]
     sets = lambda *pairs: [a for p in (*pairs, *tiny) for a in ("--set", p)]  # noqa: E731
-    first = run_cli("run", str(examples / "sd2_base_512.yaml"), "--address", ray_cluster.address, "--no-progress",
-                    *sets(f"model.source={family['base']}", f"input.uri=s3://{s3.bucket}/prompts/",
-                          f"output.uri={out1}", "generation.width=32", "generation.height=32"))
+    first = run_cli(
+        "run",
+        str(examples / "sd2_base_512.yaml"),
+        "--address",
+        ray_cluster.address,
+        "--no-progress",
+        *sets(
+            f"model.source={family['base']}",
+            f"input.uri=s3://{s3.bucket}/prompts/",
+            f"output.uri={out1}",
+            "generation.width=32",
+            "generation.height=32",
+        ),
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    second_args = ("run", str(examples / "sd2_x4_upscale_2048.yaml"), "--address", ray_cluster.address,
-                   "--no-progress", *sets(f"model.source={family['upscale']}", f"input.uri={out1}",
-                                          f"output.uri={out2}"))
+    second_args = (
+        "run",
+        str(examples / "sd2_x4_upscale_2048.yaml"),
+        "--address",
+        ray_cluster.address,
+        "--no-progress",
+        *sets(f"model.source={family['upscale']}", f"input.uri={out1}", f"output.uri={out2}"),
+    )
     second = run_cli(*second_args)
     assert second.returncode == 0, second.stderr[-3000:]
 
@@ -377,22 +507,37 @@ def test_two_stage_example_upscales_the_first_jobs_ok_images(tmp_path, family, s
         source = ok1[r["source_key"]]
         assert r["source_output"] == out1 and r["source_image_sha256"] == source["image_sha256"]
         assert r["input_image_sha256"] == source["image_sha256"] and r["prompt"] == source["prompt"]
-        assert (r["width"], r["height"]) == (128, 128) and r["task"] == "upscale" and r["noise_level"] == 20
+        assert (
+            (r["width"], r["height"]) == (128, 128)
+            and r["task"] == "upscale"
+            and r["noise_level"] == 20
+        )
         assert r["prompt_id"] == r["source_key"]
 
     # One row regenerates from the first job's image with the plain upscaler.
     row = next(iter(stage2.values()))
     shard = row["source_key"][:5]
-    with tarfile.open(fileobj=io.BytesIO(s3.cat_file(f"{out1.removeprefix('s3://')}/{shard}.tar"))) as tar:
+    with tarfile.open(
+        fileobj=io.BytesIO(s3.cat_file(f"{out1.removeprefix('s3://')}/{shard}.tar"))
+    ) as tar:
         source_png = tar.extractfile(f"{row['source_key']}.png").read()
-    with tarfile.open(fileobj=io.BytesIO(s3.cat_file(f"{out2.removeprefix('s3://')}/{row['key'][:5]}.tar"))) as tar:
+    with tarfile.open(
+        fileobj=io.BytesIO(s3.cat_file(f"{out2.removeprefix('s3://')}/{row['key'][:5]}.tar"))
+    ) as tar:
         ours = np.asarray(Image.open(tar.extractfile(f"{row['key']}.png")))
     import diffusers
 
-    pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(family["upscale"], use_safetensors=True)
+    pipe = diffusers.StableDiffusionUpscalePipeline.from_pretrained(
+        family["upscale"], use_safetensors=True
+    )
     pipe.set_progress_bar_config(disable=True)
-    assert row["scheduler"] == type(pipe.scheduler).__name__  # scheduler: null keeps the checkpoint's
-    assert_close(ours, regenerate(pipe, row, image=decoded(source_png, "RGB"), noise_level=row["noise_level"]))
+    assert (
+        row["scheduler"] == type(pipe.scheduler).__name__
+    )  # scheduler: null keeps the checkpoint's
+    assert_close(
+        ours,
+        regenerate(pipe, row, image=decoded(source_png, "RGB"), noise_level=row["noise_level"]),
+    )
 
     again = run_cli(*second_args)
     assert again.returncode == 0 and "nothing to generate" in again.stderr, again.stderr[-2000:]
@@ -402,20 +547,32 @@ def test_an_unfinished_output_is_not_an_input(tmp_path, family, s3):
     """A source output without _SUCCESS (its job still running or failed) is refused by `plan`."""
     from sdfleet.schemas import layout
 
-    s3.pipe(f"{s3.bucket}/src/{layout.JOB_FILE}", b'{"fingerprint": "x", "num_shards": 2, "num_samples": 4, '
-                                                   b'"key_width": 5, "spec": {"name": "stage1"}}')
-    spec = {"model": {"source": str(family["upscale"]), "task": "upscale"}, "input": {"uri": f"s3://{s3.bucket}/src"},
-            "output": {"uri": str(tmp_path / "out")}, "safety": {"detector": "none"}}
+    s3.pipe(
+        f"{s3.bucket}/src/{layout.JOB_FILE}",
+        b'{"fingerprint": "x", "num_shards": 2, "num_samples": 4, '
+        b'"key_width": 5, "spec": {"name": "stage1"}}',
+    )
+    spec = {
+        "model": {"source": str(family["upscale"]), "task": "upscale"},
+        "input": {"uri": f"s3://{s3.bucket}/src"},
+        "output": {"uri": str(tmp_path / "out")},
+        "safety": {"detector": "none"},
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = run_cli("plan", str(tmp_path / "job.yaml"))
-    assert out.returncode == 1 and "is an sdfleet output that is not complete (0 of 2 shards" in out.stderr, out.stderr
+    assert (
+        out.returncode == 1
+        and "is an sdfleet output that is not complete (0 of 2 shards" in out.stderr
+    ), out.stderr
     # ...and an image task without any images is named too.
     spec["input"] = {"uri": str(tmp_path / "in")}
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["x"]}), tmp_path / "in" / "p.parquet")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = run_cli("plan", str(tmp_path / "job.yaml"))
-    assert out.returncode == 1 and "model.task=upscale needs input.image_column" in out.stderr, out.stderr
+    assert out.returncode == 1 and "model.task=upscale needs input.image_column" in out.stderr, (
+        out.stderr
+    )
 
 
 def test_a_checkpoint_whose_configs_do_not_parse_is_refused_by_the_driver(tmp_path, tiny_model):
@@ -426,8 +583,15 @@ def test_a_checkpoint_whose_configs_do_not_parse_is_refused_by_the_driver(tmp_pa
     (broken / "unet" / "config.json").write_text("{ this is not json")
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["x"]}), tmp_path / "in" / "p.parquet")
-    spec = {"model": {"source": str(broken)}, "input": {"uri": str(tmp_path / "in")},
-            "output": {"uri": str(tmp_path / "out")}, "safety": {"detector": "none"}}
+    spec = {
+        "model": {"source": str(broken)},
+        "input": {"uri": str(tmp_path / "in")},
+        "output": {"uri": str(tmp_path / "out")},
+        "safety": {"detector": "none"},
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = run_cli("plan", str(tmp_path / "job.yaml"))
-    assert out.returncode == 1 and f"cannot read unet/config.json of model.source {broken}" in out.stderr, out.stderr
+    assert (
+        out.returncode == 1
+        and f"cannot read unet/config.json of model.source {broken}" in out.stderr
+    ), out.stderr

@@ -37,12 +37,30 @@ from sdfleet.schemas import layout
 from sdfleet.schemas.errors import EXIT_OK
 
 __all__ = [
-    "PLACEHOLDER", "RED", "PreviewError", "add_arguments", "command", "contact_sheet", "font", "gallery_link",
-    "html_gallery", "parse_grid", "read_preview_meta", "run_preview", "scale_factor", "select_sample",
-    "small_contact_sheet", "varying_columns", "wrap", "write_output", "xy_grid",
+    "PLACEHOLDER",
+    "RED",
+    "PreviewError",
+    "add_arguments",
+    "command",
+    "contact_sheet",
+    "font",
+    "gallery_link",
+    "html_gallery",
+    "parse_grid",
+    "read_preview_meta",
+    "run_preview",
+    "scale_factor",
+    "select_sample",
+    "small_contact_sheet",
+    "varying_columns",
+    "wrap",
+    "write_output",
+    "xy_grid",
 ]
 
-AXIS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a column name; it also goes into the grid's file name
+AXIS_NAME = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*"
+)  # a column name; it also goes into the grid's file name
 
 
 def parse_grid(grid: str) -> tuple[str, str]:
@@ -60,9 +78,16 @@ def parse_grid(grid: str) -> tuple[str, str]:
     return parts["x"], parts["y"]
 
 
-def run_preview(output: str, out: str | None = None, grid: str | None = None, prompt_id: str | None = None,
-                html: bool = False, show_filtered: bool = False, limit: int = 64,
-                storage_options: dict[str, Any] | None = None) -> str:
+def run_preview(
+    output: str,
+    out: str | None = None,
+    grid: str | None = None,
+    prompt_id: str | None = None,
+    html: bool = False,
+    show_filtered: bool = False,
+    limit: int = 64,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
     """`sdfleet preview OUTPUT`: write one preview and print (and return) where it is.
 
     - default: a contact sheet of `limit` images, to OUTPUT/preview/contact_sheet.png
@@ -81,11 +106,18 @@ def run_preview(output: str, out: str | None = None, grid: str | None = None, pr
     if grid:
         x, y = parse_grid(grid)
         target = out or storage.url(layout.xy_grid_file(x, y, prompt_id))
-        written = xy_grid(reader, x, y, prompt_id=prompt_id, out_path=target, show_filtered=show_filtered)
+        written = xy_grid(
+            reader, x, y, prompt_id=prompt_id, out_path=target, show_filtered=show_filtered
+        )
     elif html:
         written = html_gallery(reader, show_filtered=show_filtered, limit=limit, out_path=out)
     else:
-        written = contact_sheet(reader, out or storage.url(layout.CONTACT_SHEET), limit=limit, show_filtered=show_filtered)
+        written = contact_sheet(
+            reader,
+            out or storage.url(layout.CONTACT_SHEET),
+            limit=limit,
+            show_filtered=show_filtered,
+        )
     print(written)
     if html:
         if out is None and not storage.local:
@@ -97,22 +129,48 @@ def run_preview(output: str, out: str | None = None, grid: str | None = None, pr
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `sdfleet preview` arguments, for the CLI to add to its subparser."""
-    p.add_argument("output", help="output folder or s3:// prefix, or the job's spec file (then its output.uri "
-                                  "and storage_options)")
+    p.add_argument(
+        "output",
+        help="output folder or s3:// prefix, or the job's spec file (then its output.uri "
+        "and storage_options)",
+    )
     p.add_argument("--out", help="write here (a local file or URI) instead of OUTPUT/preview/")
-    p.add_argument("--grid", metavar="x=AXIS,y=AXIS",
-                   help="X/Y grid of one prompt across two varying columns, e.g. x=guidance_scale,y=seed")
+    p.add_argument(
+        "--grid",
+        metavar="x=AXIS,y=AXIS",
+        help="X/Y grid of one prompt across two varying columns, e.g. x=guidance_scale,y=seed",
+    )
     p.add_argument("--prompt-id", help="the prompt of the X/Y grid (default: the first prompt)")
-    p.add_argument("--html", action="store_true", help="write a static HTML gallery to OUTPUT/preview/index.html")
-    p.add_argument("--show-filtered", action="store_true", help="show images held in quarantine/ (marked)")
-    p.add_argument("--limit", type=int, default=64,
-                   help="contact sheet: images (default 64); --html: rows per status (default 64)")
+    p.add_argument(
+        "--html",
+        action="store_true",
+        help="write a static HTML gallery to OUTPUT/preview/index.html",
+    )
+    p.add_argument(
+        "--show-filtered", action="store_true", help="show images held in quarantine/ (marked)"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=64,
+        help="contact sheet: images (default 64); --html: rows per status (default 64)",
+    )
 
 
 def command(args: argparse.Namespace) -> int:
     """Run `sdfleet preview` from parsed arguments; errors are the CLI's to report."""
     if args.prompt_id is not None and not args.grid:
-        raise PreviewError("--prompt-id picks the prompt of an X/Y grid; give --grid x=AXIS,y=AXIS with it")
-    run_preview(args.output, args.out, args.grid, args.prompt_id, args.html, args.show_filtered, args.limit,
-                storage_options=args.storage_options)
+        raise PreviewError(
+            "--prompt-id picks the prompt of an X/Y grid; give --grid x=AXIS,y=AXIS with it"
+        )
+    run_preview(
+        args.output,
+        args.out,
+        args.grid,
+        args.prompt_id,
+        args.html,
+        args.show_filtered,
+        args.limit,
+        storage_options=args.storage_options,
+    )
     return EXIT_OK

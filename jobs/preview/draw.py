@@ -41,7 +41,7 @@ def scale_image(image: Image.Image, factor: float) -> Image.Image:
 
 
 def nsfw_label(row: dict[str, Any]) -> str:
-    """" nsfw 0.87" to append to a label (" nsfw 1.2e-05" for a tiny score, not "0.00"), or "" when
+    """ " nsfw 0.87" to append to a label (" nsfw 1.2e-05" for a tiny score, not "0.00"), or "" when
     the row has no score."""
     score = row.get("nsfw_score")
     return f" nsfw {score:.2g}" if isinstance(score, (int, float)) and not math.isnan(score) else ""

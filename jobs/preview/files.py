@@ -37,7 +37,7 @@ def write_output(storage: Storage, target: str, data: bytes) -> str:
     keeping its storage options. Returns the target as written (a local path or a URI)."""
     base = storage.url().rstrip("/") + "/"
     if target.startswith(base):
-        storage.write_bytes(target[len(base):], data)
+        storage.write_bytes(target[len(base) :], data)
         return target
     if is_remote(target):
         parent, _, name = target.rstrip("/").rpartition("/")

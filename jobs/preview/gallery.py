@@ -24,8 +24,15 @@ from sdfleet.jobs.preview.draw import decode, nsfw_label
 from sdfleet.jobs.preview.files import write_output
 from sdfleet.jobs.preview.text import clean, fmt_value
 from sdfleet.schemas import layout
-from sdfleet.schemas.rows import (STATUS_DUPLICATE, STATUS_FAILED, STATUS_FILTERED, STATUS_OK, STATUS_REJECTED,
-                                  STATUS_SKIPPED, STATUSES)
+from sdfleet.schemas.rows import (
+    STATUS_DUPLICATE,
+    STATUS_FAILED,
+    STATUS_FILTERED,
+    STATUS_OK,
+    STATUS_REJECTED,
+    STATUS_SKIPPED,
+    STATUSES,
+)
 
 TEMPLATE = "gallery.html.j2"
 BASE_STATUSES = (STATUS_OK, STATUS_FILTERED, STATUS_FAILED)  # always a filter, in this order
@@ -40,14 +47,23 @@ def page_statuses(reader: OutputReader) -> list[str]:
     totals = reader.survey().totals()
     return [s for s in STATUSES if s in BASE_STATUSES or totals.get(s)]
 
-EMBED_AS_IS_BYTES = 48 * 1024  # images this small go in exact; above, a JPEG thumbnail is far smaller
+
+EMBED_AS_IS_BYTES = (
+    48 * 1024
+)  # images this small go in exact; above, a JPEG thumbnail is far smaller
 THUMB_PX = 256  # thumbnails stay sharp when the detail view enlarges them to 384 px
 CARD_PX = 160  # a card's image box (CSS `.card img`); smaller images are enlarged with crisp pixels
 SAFE_INT = 2**53  # JSON.parse rounds integers beyond this
 
 
-def html_gallery(reader: OutputReader, out_name: str = layout.GALLERY_PAGE, show_filtered: bool = False, *,
-                 limit: int = 500, out_path: str | None = None) -> str:
+def html_gallery(
+    reader: OutputReader,
+    out_name: str = layout.GALLERY_PAGE,
+    show_filtered: bool = False,
+    *,
+    limit: int = 500,
+    out_path: str | None = None,
+) -> str:
     """Write a static, self-contained gallery page into the output and return its path or URI.
 
     The page shows the first `limit` rows of each status in key order: thumbnails of ok images,
@@ -76,7 +92,9 @@ def html_gallery(reader: OutputReader, out_name: str = layout.GALLERY_PAGE, show
     return reader.storage.path(out_name) if reader.storage.local else reader.storage.url(out_name)
 
 
-def gallery_link(reader: OutputReader, out_name: str = layout.GALLERY_PAGE, expiration: int = 3600) -> str:
+def gallery_link(
+    reader: OutputReader, out_name: str = layout.GALLERY_PAGE, expiration: int = 3600
+) -> str:
     """An address a browser can open: file:// locally, a presigned HTTPS URL on S3 (see html_gallery)."""
     storage = reader.storage
     if storage.local:
@@ -108,23 +126,32 @@ def _render_page(reader: OutputReader, rows: list[dict[str, Any]], show_filtered
     statuses = page_statuses(reader)
     shown = {s: sum(1 for r in rows if r["status"] == s) for s in statuses}
     totals = reader.survey().totals()  # what the committed shards hold: the page may show fewer
-    return _environment().get_template(TEMPLATE).render(
-        title=f"{reader.name}: preview",
-        heading=reader.name,
-        where=reader.storage.url(),
-        summary=_spec_summary(reader.job["spec"]),
-        note="filtered images shown (from quarantine/)" if show_filtered else "filtered images hidden",
-        filters=[{"status": s, "shown": shown[s], "total": totals[s]} for s in statuses],
-        sort_columns=[c for c in SORT_COLUMNS if any(r.get(c) is not None for r in rows)],
-        cards=[_card(r, images.get(r["key"]), show_filtered) for r in rows],
-        rows=[{k: _jsonable(v) for k, v in r.items() if not k.startswith("_")} for r in rows],
+    return (
+        _environment()
+        .get_template(TEMPLATE)
+        .render(
+            title=f"{reader.name}: preview",
+            heading=reader.name,
+            where=reader.storage.url(),
+            summary=_spec_summary(reader.job["spec"]),
+            note="filtered images shown (from quarantine/)"
+            if show_filtered
+            else "filtered images hidden",
+            filters=[{"status": s, "shown": shown[s], "total": totals[s]} for s in statuses],
+            sort_columns=[c for c in SORT_COLUMNS if any(r.get(c) is not None for r in rows)],
+            cards=[_card(r, images.get(r["key"]), show_filtered) for r in rows],
+            rows=[{k: _jsonable(v) for k, v in r.items() if not k.startswith("_")} for r in rows],
+        )
     )
 
 
 @functools.cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("sdfleet.jobs.preview", "."), autoescape=True,
-                             undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("sdfleet.jobs.preview", "."),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
     # tojson sorts keys by default; the detail table lists a row's columns in the Parquet's order.
     env.policies["json.dumps_kwargs"] = {"ensure_ascii": False, "allow_nan": False}
     return env
@@ -134,27 +161,42 @@ def _spec_summary(spec: dict[str, Any]) -> list[str]:
     """The model and the sweep, one short item each."""
     sweep = spec["sweep"]
     summary = [f"model {fmt_value(spec['model']['source'], 80)}"]
-    summary += [f"{k}: {', '.join(fmt_value(v) for v in vals)}" for k, vals in sweep["axes"].items()]
+    summary += [
+        f"{k}: {', '.join(fmt_value(v) for v in vals)}" for k, vals in sweep["axes"].items()
+    ]
     summary.append(f"seeds: {fmt_value(sweep['seeds'])}")
     return summary
 
 
-def _card(row: dict[str, Any], image: tuple[str, bytes] | None, show_filtered: bool) -> dict[str, Any]:
+def _card(
+    row: dict[str, Any], image: tuple[str, bytes] | None, show_filtered: bool
+) -> dict[str, Any]:
     """One card's values, as plain text: the template escapes them."""
     status = row["status"]
     width, height = int(row.get("width") or 0), int(row.get("height") or 0)
-    card = {"key": row["key"], "status": status, "flagged": bool(row.get("safety_flagged")),
-            "score": nsfw_label(row).strip() or "nsfw -", "prompt": clean(row.get("prompt") or ""),
-            "image": None}
+    card = {
+        "key": row["key"],
+        "status": status,
+        "flagged": bool(row.get("safety_flagged")),
+        "score": nsfw_label(row).strip() or "nsfw -",
+        "prompt": clean(row.get("prompt") or ""),
+        "image": None,
+    }
     if image is not None:
-        card.update(image=_thumbnail_data_uri(*image, width, height), pixelated=max(width, height) < CARD_PX)
+        card.update(
+            image=_thumbnail_data_uri(*image, width, height), pixelated=max(width, height) < CARD_PX
+        )
     else:
-        card["why"] = {STATUS_FILTERED: "filtered" + ("" if show_filtered else " (hidden)"),
-                       STATUS_FAILED: "failed",
-                       STATUS_REJECTED: f"rejected: {row.get('rejected_by') or '?'}",
-                       STATUS_DUPLICATE: f"duplicate of {row.get('duplicate_of') or '?'}",
-                       STATUS_SKIPPED: "skipped (not needed)"}.get(status, "image missing")
-        card["detail"] = clean((row.get("error") if status == STATUS_FAILED else card["score"]) or "")
+        card["why"] = {
+            STATUS_FILTERED: "filtered" + ("" if show_filtered else " (hidden)"),
+            STATUS_FAILED: "failed",
+            STATUS_REJECTED: f"rejected: {row.get('rejected_by') or '?'}",
+            STATUS_DUPLICATE: f"duplicate of {row.get('duplicate_of') or '?'}",
+            STATUS_SKIPPED: "skipped (not needed)",
+        }.get(status, "image missing")
+        card["detail"] = clean(
+            (row.get("error") if status == STATUS_FAILED else card["score"]) or ""
+        )
     return card
 
 

@@ -9,8 +9,18 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from sdfleet.jobs.output import OutputReader
-from sdfleet.jobs.preview.draw import BACKGROUND, INK, MUTED, ORANGE, PLACEHOLDER, RED, decode, nsfw_label, \
-    scale_factor, scale_image
+from sdfleet.jobs.preview.draw import (
+    BACKGROUND,
+    INK,
+    MUTED,
+    ORANGE,
+    PLACEHOLDER,
+    RED,
+    decode,
+    nsfw_label,
+    scale_factor,
+    scale_image,
+)
 from sdfleet.jobs.preview.files import encode_png, png_or_written
 from sdfleet.jobs.preview.text import Font, fmt_value, font, line_height, text_width, truncate, wrap
 from sdfleet.schemas.rows import STATUS_FILTERED
@@ -45,10 +55,14 @@ class _Arrangement:
 
     def origin(self, index: int) -> tuple[int, int]:
         r, c = divmod(index, self.cols)
-        return MARGIN + c * (self.tile_w + MARGIN), self.title_h + MARGIN + r * (self.cell_h + MARGIN)
+        return MARGIN + c * (self.tile_w + MARGIN), self.title_h + MARGIN + r * (
+            self.cell_h + MARGIN
+        )
 
 
-def select_sample(reader: OutputReader, limit: int, show_filtered: bool = False) -> list[dict[str, Any]]:
+def select_sample(
+    reader: OutputReader, limit: int, show_filtered: bool = False
+) -> list[dict[str, Any]]:
     """A deterministic sample of rows that have an image, in key order: first the first image of each
     prompt (so the sheet shows as many prompts as it can), then the following images in key order.
 
@@ -61,7 +75,7 @@ def select_sample(reader: OutputReader, limit: int, show_filtered: bool = False)
     candidates: list[dict[str, Any]] = []
     prompts: set[Any] = set()
     budget = max(20 * limit, 10_000)
-    for shard in reader.shards[:max(4 * limit, 64)]:
+    for shard in reader.shards[: max(4 * limit, 64)]:
         for row in reader.rows(shard):
             if reader.has_image(row, show_filtered):
                 candidates.append(row)
@@ -81,9 +95,18 @@ def select_sample(reader: OutputReader, limit: int, show_filtered: bool = False)
     return sorted(chosen.values(), key=lambda r: r["key"])
 
 
-def contact_sheet(reader: OutputReader, out_path: str | None = None, limit: int = 64, show_filtered: bool = False,
-                  *, min_tile: int = 160, max_tile: int = 256, title: bool = True, caption_lines: int = 2,
-                  font_size: int = 12) -> bytes | str:
+def contact_sheet(
+    reader: OutputReader,
+    out_path: str | None = None,
+    limit: int = 64,
+    show_filtered: bool = False,
+    *,
+    min_tile: int = 160,
+    max_tile: int = 256,
+    title: bool = True,
+    caption_lines: int = 2,
+    font_size: int = 12,
+) -> bytes | str:
     """A PNG contact sheet of up to `limit` images (see `select_sample` for which), tiles in key order,
     left to right, each with its key and the start of its prompt underneath.
 
@@ -100,36 +123,61 @@ def contact_sheet(reader: OutputReader, out_path: str | None = None, limit: int 
     title_h = line_height(large) + TITLE_GAP if title else 0
     layout = _arrange(tiles, min_tile, caption_h, title_h)
     heading = _heading(reader, len(tiles), show_filtered)
-    empty_note = "no images to show" + ("" if show_filtered else " (filtered images are hidden; --show-filtered "
-                                                                 "shows quarantined ones)")
+    empty_note = "no images to show" + (
+        ""
+        if show_filtered
+        else " (filtered images are hidden; --show-filtered shows quarantined ones)"
+    )
     if tiles:
         width = 2 * MARGIN + layout.cols * layout.tile_w + (layout.cols - 1) * MARGIN
         width = max(width, math.ceil(text_width(large, heading)) + 2 * MARGIN if title else 0)
         height = title_h + 2 * MARGIN + layout.rows * layout.cell_h + (layout.rows - 1) * MARGIN
     else:
-        width = math.ceil(max(text_width(large, heading) if title else 0, text_width(small, empty_note))) + 2 * MARGIN
+        width = (
+            math.ceil(
+                max(text_width(large, heading) if title else 0, text_width(small, empty_note))
+            )
+            + 2 * MARGIN
+        )
         height = title_h + 2 * MARGIN + line_height(small) * 2
 
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.text((MARGIN, MARGIN), truncate(heading, large, width - 2 * MARGIN), font=large, fill=INK)
+        draw.text(
+            (MARGIN, MARGIN), truncate(heading, large, width - 2 * MARGIN), font=large, fill=INK
+        )
     if not tiles:
         draw.text((MARGIN, title_h + MARGIN), empty_note, font=small, fill=MUTED)
-    meta_tiles = [_draw_tile(sheet, draw, tile, layout.origin(i), layout, small, caption_lines, point_columns)
-                  for i, tile in enumerate(tiles)]
-    png = encode_png(sheet, {"kind": "contact_sheet", "show_filtered": show_filtered, "tiles": meta_tiles})
+    meta_tiles = [
+        _draw_tile(sheet, draw, tile, layout.origin(i), layout, small, caption_lines, point_columns)
+        for i, tile in enumerate(tiles)
+    ]
+    png = encode_png(
+        sheet, {"kind": "contact_sheet", "show_filtered": show_filtered, "tiles": meta_tiles}
+    )
     return png_or_written(reader.storage, png, out_path)
 
 
 def small_contact_sheet(reader: OutputReader, limit: int = 16) -> bytes:
     """A small PNG sheet (tiles of 96-128 px, one caption line, no title) for the dataset card.
     Never shows filtered images."""
-    return contact_sheet(reader, None, limit=limit, show_filtered=False, min_tile=96, max_tile=128,
-                         title=False, caption_lines=1, font_size=11)
+    return contact_sheet(
+        reader,
+        None,
+        limit=limit,
+        show_filtered=False,
+        min_tile=96,
+        max_tile=128,
+        title=False,
+        caption_lines=1,
+        font_size=11,
+    )
 
 
-def _load_tiles(reader: OutputReader, rows: list[dict[str, Any]], min_tile: int, max_tile: int) -> list[_Tile]:
+def _load_tiles(
+    reader: OutputReader, rows: list[dict[str, Any]], min_tile: int, max_tile: int
+) -> list[_Tile]:
     images = reader.images(rows)
     tiles = []
     for r in rows:
@@ -146,25 +194,44 @@ def _arrange(tiles: list[_Tile], min_tile: int, caption_h: int, title_h: int) ->
     tile_w = max([min_tile] + [t.image.width for t in tiles if t.image])
     img_h = max([min_tile] + [t.image.height for t in tiles if t.image]) if tiles else 0
     cols = max(1, math.ceil(math.sqrt(len(tiles))))
-    return _Arrangement(count=len(tiles), cols=cols, tile_w=tile_w, img_h=img_h,
-                        cell_h=img_h + CAPTION_GAP + caption_h, title_h=title_h)
+    return _Arrangement(
+        count=len(tiles),
+        cols=cols,
+        tile_w=tile_w,
+        img_h=img_h,
+        cell_h=img_h + CAPTION_GAP + caption_h,
+        title_h=title_h,
+    )
 
 
 def _heading(reader: OutputReader, shown: int, show_filtered: bool) -> str:
     totals = reader.survey().totals()
-    heading = (f"{reader.name}: {shown} shown · {totals['ok']} ok, {totals['filtered']} filtered, "
-               f"{totals['failed']} failed")
+    heading = (
+        f"{reader.name}: {shown} shown · {totals['ok']} ok, {totals['filtered']} filtered, "
+        f"{totals['failed']} failed"
+    )
     return heading + (" · filtered shown" if show_filtered else "")
 
 
-def _draw_tile(sheet: Image.Image, draw: ImageDraw.ImageDraw, tile: _Tile, origin: tuple[int, int],
-               layout: _Arrangement, f: Font, caption_lines: int, point_columns: list[str]) -> dict[str, Any]:
+def _draw_tile(
+    sheet: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    tile: _Tile,
+    origin: tuple[int, int],
+    layout: _Arrangement,
+    f: Font,
+    caption_lines: int,
+    point_columns: list[str],
+) -> dict[str, Any]:
     """One tile: the image centred in its cell (or a placeholder), a frame if it is marked, the
     caption under it. Returns the tile's entry for the PNG's layout metadata."""
     x0, y0 = origin
     row = tile.row
     if tile.image is not None:
-        ix, iy = x0 + (layout.tile_w - tile.image.width) // 2, y0 + (layout.img_h - tile.image.height) // 2
+        ix, iy = (
+            x0 + (layout.tile_w - tile.image.width) // 2,
+            y0 + (layout.img_h - tile.image.height) // 2,
+        )
         sheet.paste(tile.image, (ix, iy))
         box = [ix, iy, ix + tile.image.width, iy + tile.image.height]
     else:

@@ -77,7 +77,9 @@ def wrap(text: str, f: Font, width: float, max_lines: int, hard: bool = False) -
 def _split_word(word: str, f: Font, width: float) -> list[str]:
     pieces = []
     while word and text_width(f, word) > width:
-        n = max(1, max(i for i in range(1, len(word) + 1) if i == 1 or text_width(f, word[:i]) <= width))
+        n = max(
+            1, max(i for i in range(1, len(word) + 1) if i == 1 or text_width(f, word[:i]) <= width)
+        )
         pieces.append(word[:n])
         word = word[n:]
     return pieces + ([word] if word else [])

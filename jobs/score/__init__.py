@@ -89,24 +89,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `sdfleet score` arguments (wire with `add_arguments(sub.add_parser("score", ...))`)."""
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("output", help="sdfleet output folder or s3:// prefix to score (scores are written into it), "
-                                  "or the job's spec file (then its output.uri and storage_options)")
-    p.add_argument("--clip-model", required=True, metavar="SRC",
-                   help="CLIP checkpoint (transformers CLIPModel + CLIPProcessor, safetensors): local folder, "
-                        "s3:// folder or hub id, e.g. a mirror of openai/clip-vit-large-patch14")
-    p.add_argument("--reference", metavar="DIR",
-                   help="folder (local or s3://) of reference images for FID, e.g. COCO val2017")
-    p.add_argument("--fid-weights", metavar="FILE",
-                   help="FID InceptionV3 weights as .safetensors (local or s3://), converted once from "
-                        "pt_inception-2015-12-05-6726825d.pth (see above)")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="NAME",
-                   help=f"base name of the files written: {', '.join(layout.score_files('NAME').values())} "
-                        f"(default: {DEFAULT_OUT})")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward (default 32)")
+    p.add_argument(
+        "output",
+        help="sdfleet output folder or s3:// prefix to score (scores are written into it), "
+        "or the job's spec file (then its output.uri and storage_options)",
+    )
+    p.add_argument(
+        "--clip-model",
+        required=True,
+        metavar="SRC",
+        help="CLIP checkpoint (transformers CLIPModel + CLIPProcessor, safetensors): local folder, "
+        "s3:// folder or hub id, e.g. a mirror of openai/clip-vit-large-patch14",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="folder (local or s3://) of reference images for FID, e.g. COCO val2017",
+    )
+    p.add_argument(
+        "--fid-weights",
+        metavar="FILE",
+        help="FID InceptionV3 weights as .safetensors (local or s3://), converted once from "
+        "pt_inception-2015-12-05-6726825d.pth (see above)",
+    )
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="NAME",
+        help=f"base name of the files written: {', '.join(layout.score_files('NAME').values())} "
+        f"(default: {DEFAULT_OUT})",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, metavar="N", help="images per forward (default 32)"
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--fid-size", type=int, default=DEFAULT_FID_SIZE, metavar="PX",
-                   help=f"images are centre-cropped and resized to PX before the feature extractor "
-                        f"(default {DEFAULT_FID_SIZE})")
+    p.add_argument(
+        "--fid-size",
+        type=int,
+        default=DEFAULT_FID_SIZE,
+        metavar="PX",
+        help=f"images are centre-cropped and resized to PX before the feature extractor "
+        f"(default {DEFAULT_FID_SIZE})",
+    )
     p.add_argument("--note", help="text added to the summary and the plot")
 
 
@@ -114,11 +138,22 @@ def command(args: argparse.Namespace) -> int:
     """`sdfleet score`: score, then print a line per sweep point and the files written."""
     from sdfleet.jobs.score.run import run_score
 
-    summary = run_score(args.output, args.clip_model, args.reference, out=args.out, batch_size=args.batch_size,
-                        device=args.device, fid_weights=args.fid_weights, fid_size=args.fid_size, note=args.note,
-                        storage_options=args.storage_options)
-    print(f"scored        {summary['images_scored']} images in {summary['shards_scored']} shards"
-          f"{'' if summary['dataset_complete'] else ' (dataset incomplete)'}")
+    summary = run_score(
+        args.output,
+        args.clip_model,
+        args.reference,
+        out=args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        fid_weights=args.fid_weights,
+        fid_size=args.fid_size,
+        note=args.note,
+        storage_options=args.storage_options,
+    )
+    print(
+        f"scored        {summary['images_scored']} images in {summary['shards_scored']} shards"
+        f"{'' if summary['dataset_complete'] else ' (dataset incomplete)'}"
+    )
     for p in summary["points"]:
         where = ", ".join(f"{c}={format_value(p[c])}" for c in summary["group_by"])
         fid = "n/a" if p["fid"] is None else f"{p['fid']:.4g}"

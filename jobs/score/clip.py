@@ -21,9 +21,12 @@ class ClipScorer(ClipModel):
 
     def __init__(self, source: str, device: str, storage_options: dict[str, Any] | None = None):
         super().__init__(source, device, storage_options, what="--clip-model")
-        self.info = {"source": source, "params": sum(p.numel() for p in self.model.parameters()),
-                     "untrained": looks_untrained(self.model, (torch.nn.LayerNorm,)),
-                     "sha256": weights_sha256(self.local) if Path(self.local).exists() else None}
+        self.info = {
+            "source": source,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "untrained": looks_untrained(self.model, (torch.nn.LayerNorm,)),
+            "sha256": weights_sha256(self.local) if Path(self.local).exists() else None,
+        }
 
     def scores(self, pixel_values: list[torch.Tensor], texts: list[str]) -> list[float]:
         """CLIPScore per (image, text) pair, as the job's curation computes it (`actors.curation`).
@@ -32,4 +35,9 @@ class ClipScorer(ClipModel):
         the end token (as diffusers does when it encodes them); torchmetrics slices the ids instead.
         The two agree on every prompt that fits, e.g. all COCO captions.
         """
-        return clip_score(self.image_embeds(pixel_values), self.text_embeds(texts)).float().cpu().tolist()
+        return (
+            clip_score(self.image_embeds(pixel_values), self.text_embeds(texts))
+            .float()
+            .cpu()
+            .tolist()
+        )

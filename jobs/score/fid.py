@@ -70,11 +70,17 @@ class SweepFID:
         """Feed every image of the reference folder, decoded on `pool`, into the reference statistics."""
         names = list_reference_images(storage)
         if len(names) < 2:
-            raise ScoreError(f"--reference {storage.url()}: found {len(names)} images "
-                             f"(*.{'|'.join(layout.MIME_TYPES)}); FID needs at least 2")
+            raise ScoreError(
+                f"--reference {storage.url()}: found {len(names)} images "
+                f"(*.{'|'.join(layout.MIME_TYPES)}); FID needs at least 2"
+            )
         for i in range(0, len(names), self.batch_size):
-            arrays = list(pool.map(lambda name: fid_image(storage.read_bytes(name), size),
-                                   names[i:i + self.batch_size]))
+            arrays = list(
+                pool.map(
+                    lambda name: fid_image(storage.read_bytes(name), size),
+                    names[i : i + self.batch_size],
+                )
+            )
             self._update(self.reference, arrays, real=True)
         self.reference_images = len(names)
         log.info("reference: %d images from %s", len(names), storage.url())
@@ -100,8 +106,12 @@ class SweepFID:
         self._update(self.metrics[point], arrays, real=False)
 
     def _new_metric(self) -> FrechetInceptionDistance:
-        return FrechetInceptionDistance(feature=self.extractor, reset_real_features=False).to(self.device)
+        return FrechetInceptionDistance(feature=self.extractor, reset_real_features=False).to(
+            self.device
+        )
 
-    def _update(self, metric: FrechetInceptionDistance, arrays: list[np.ndarray], real: bool) -> None:
+    def _update(
+        self, metric: FrechetInceptionDistance, arrays: list[np.ndarray], real: bool
+    ) -> None:
         with torch.no_grad():
             metric.update(torch.from_numpy(np.stack(arrays)).to(self.device), real=real)

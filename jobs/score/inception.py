@@ -76,64 +76,115 @@ class Mixed(nn.Module):
 
 # The five block kinds, named as torchvision names them.
 
+
 class InceptionA(Mixed):
     def __init__(self, cin, pool_features):
-        super().__init__({
-            "branch1x1": (cin, 64, 1),
-            "branch5x5_1": (cin, 48, 1), "branch5x5_2": (48, 64, 5, 1, 2),
-            "branch3x3dbl_1": (cin, 64, 1), "branch3x3dbl_2": (64, 96, 3, 1, 1), "branch3x3dbl_3": (96, 96, 3, 1, 1),
-            "branch_pool": (cin, pool_features, 1),
-        }, [(None, ["branch1x1"], None), (None, ["branch5x5_1", "branch5x5_2"], None),
-            (None, ["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"], None),
-            (avg_pool, ["branch_pool"], None)])
+        super().__init__(
+            {
+                "branch1x1": (cin, 64, 1),
+                "branch5x5_1": (cin, 48, 1),
+                "branch5x5_2": (48, 64, 5, 1, 2),
+                "branch3x3dbl_1": (cin, 64, 1),
+                "branch3x3dbl_2": (64, 96, 3, 1, 1),
+                "branch3x3dbl_3": (96, 96, 3, 1, 1),
+                "branch_pool": (cin, pool_features, 1),
+            },
+            [
+                (None, ["branch1x1"], None),
+                (None, ["branch5x5_1", "branch5x5_2"], None),
+                (None, ["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"], None),
+                (avg_pool, ["branch_pool"], None),
+            ],
+        )
 
 
 class InceptionB(Mixed):
     def __init__(self, cin):
-        super().__init__({
-            "branch3x3": (cin, 384, 3, 2),
-            "branch3x3dbl_1": (cin, 64, 1), "branch3x3dbl_2": (64, 96, 3, 1, 1), "branch3x3dbl_3": (96, 96, 3, 2),
-        }, [(None, ["branch3x3"], None), (None, ["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"], None),
-            (max_pool_down, [], None)])
+        super().__init__(
+            {
+                "branch3x3": (cin, 384, 3, 2),
+                "branch3x3dbl_1": (cin, 64, 1),
+                "branch3x3dbl_2": (64, 96, 3, 1, 1),
+                "branch3x3dbl_3": (96, 96, 3, 2),
+            },
+            [
+                (None, ["branch3x3"], None),
+                (None, ["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"], None),
+                (max_pool_down, [], None),
+            ],
+        )
 
 
 class InceptionC(Mixed):
     def __init__(self, cin, c7):
         row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))
-        super().__init__({
-            "branch1x1": (cin, 192, 1),
-            "branch7x7_1": (cin, c7, 1), "branch7x7_2": (c7, c7, *row), "branch7x7_3": (c7, 192, *col),
-            "branch7x7dbl_1": (cin, c7, 1), "branch7x7dbl_2": (c7, c7, *col), "branch7x7dbl_3": (c7, c7, *row),
-            "branch7x7dbl_4": (c7, c7, *col), "branch7x7dbl_5": (c7, 192, *row),
-            "branch_pool": (cin, 192, 1),
-        }, [(None, ["branch1x1"], None), (None, ["branch7x7_1", "branch7x7_2", "branch7x7_3"], None),
-            (None, [f"branch7x7dbl_{i}" for i in range(1, 6)], None), (avg_pool, ["branch_pool"], None)])
+        super().__init__(
+            {
+                "branch1x1": (cin, 192, 1),
+                "branch7x7_1": (cin, c7, 1),
+                "branch7x7_2": (c7, c7, *row),
+                "branch7x7_3": (c7, 192, *col),
+                "branch7x7dbl_1": (cin, c7, 1),
+                "branch7x7dbl_2": (c7, c7, *col),
+                "branch7x7dbl_3": (c7, c7, *row),
+                "branch7x7dbl_4": (c7, c7, *col),
+                "branch7x7dbl_5": (c7, 192, *row),
+                "branch_pool": (cin, 192, 1),
+            },
+            [
+                (None, ["branch1x1"], None),
+                (None, ["branch7x7_1", "branch7x7_2", "branch7x7_3"], None),
+                (None, [f"branch7x7dbl_{i}" for i in range(1, 6)], None),
+                (avg_pool, ["branch_pool"], None),
+            ],
+        )
 
 
 class InceptionD(Mixed):
     def __init__(self, cin):
-        super().__init__({
-            "branch3x3_1": (cin, 192, 1), "branch3x3_2": (192, 320, 3, 2),
-            "branch7x7x3_1": (cin, 192, 1), "branch7x7x3_2": (192, 192, (1, 7), 1, (0, 3)),
-            "branch7x7x3_3": (192, 192, (7, 1), 1, (3, 0)), "branch7x7x3_4": (192, 192, 3, 2),
-        }, [(None, ["branch3x3_1", "branch3x3_2"], None),
-            (None, ["branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3", "branch7x7x3_4"], None),
-            (max_pool_down, [], None)])
+        super().__init__(
+            {
+                "branch3x3_1": (cin, 192, 1),
+                "branch3x3_2": (192, 320, 3, 2),
+                "branch7x7x3_1": (cin, 192, 1),
+                "branch7x7x3_2": (192, 192, (1, 7), 1, (0, 3)),
+                "branch7x7x3_3": (192, 192, (7, 1), 1, (3, 0)),
+                "branch7x7x3_4": (192, 192, 3, 2),
+            },
+            [
+                (None, ["branch3x3_1", "branch3x3_2"], None),
+                (None, ["branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3", "branch7x7x3_4"], None),
+                (max_pool_down, [], None),
+            ],
+        )
 
 
 class InceptionE(Mixed):
     def __init__(self, cin, pool):
         # The FID graph's last block pools with max where the paper (and torchvision) use average.
-        super().__init__({
-            "branch1x1": (cin, 320, 1),
-            "branch3x3_1": (cin, 384, 1), "branch3x3_2a": (384, 384, (1, 3), 1, (0, 1)),
-            "branch3x3_2b": (384, 384, (3, 1), 1, (1, 0)),
-            "branch3x3dbl_1": (cin, 448, 1), "branch3x3dbl_2": (448, 384, 3, 1, 1),
-            "branch3x3dbl_3a": (384, 384, (1, 3), 1, (0, 1)), "branch3x3dbl_3b": (384, 384, (3, 1), 1, (1, 0)),
-            "branch_pool": (cin, 192, 1),
-        }, [(None, ["branch1x1"], None), (None, ["branch3x3_1"], ["branch3x3_2a", "branch3x3_2b"]),
-            (None, ["branch3x3dbl_1", "branch3x3dbl_2"], ["branch3x3dbl_3a", "branch3x3dbl_3b"]),
-            (pool, ["branch_pool"], None)])
+        super().__init__(
+            {
+                "branch1x1": (cin, 320, 1),
+                "branch3x3_1": (cin, 384, 1),
+                "branch3x3_2a": (384, 384, (1, 3), 1, (0, 1)),
+                "branch3x3_2b": (384, 384, (3, 1), 1, (1, 0)),
+                "branch3x3dbl_1": (cin, 448, 1),
+                "branch3x3dbl_2": (448, 384, 3, 1, 1),
+                "branch3x3dbl_3a": (384, 384, (1, 3), 1, (0, 1)),
+                "branch3x3dbl_3b": (384, 384, (3, 1), 1, (1, 0)),
+                "branch_pool": (cin, 192, 1),
+            },
+            [
+                (None, ["branch1x1"], None),
+                (None, ["branch3x3_1"], ["branch3x3_2a", "branch3x3_2b"]),
+                (
+                    None,
+                    ["branch3x3dbl_1", "branch3x3dbl_2"],
+                    ["branch3x3dbl_3a", "branch3x3dbl_3b"],
+                ),
+                (pool, ["branch_pool"], None),
+            ],
+        )
 
 
 class FeatureExtractor(nn.Module):
@@ -151,8 +202,13 @@ class FeatureExtractor(nn.Module):
             raise TypeError(f"expected uint8 images, got {x.dtype}")
         x = x.float()
         if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                              align_corners=False, antialias=True)
+            x = F.interpolate(
+                x,
+                size=(self.input_size, self.input_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
         return self.features((x - 128) / 128)
 
     def train(self, mode: bool = True):  # batch norm stays in inference mode, always
@@ -212,11 +268,14 @@ class TinyFeatureExtractor(FeatureExtractor):
         return torch.flatten(F.adaptive_avg_pool2d(self.conv2(self.conv1(x)), 1), 1)
 
 
-ARCHITECTURES: dict[str, type[FeatureExtractor]] = {cls.arch: cls for cls in (InceptionV3FID, TinyFeatureExtractor)}
+ARCHITECTURES: dict[str, type[FeatureExtractor]] = {
+    cls.arch: cls for cls in (InceptionV3FID, TinyFeatureExtractor)
+}
 
 
-def load_feature_extractor(weights: str, device: str = "cpu",
-                           storage_options: dict[str, Any] | None = None) -> FeatureExtractor:
+def load_feature_extractor(
+    weights: str, device: str = "cpu", storage_options: dict[str, Any] | None = None
+) -> FeatureExtractor:
     """The FID feature extractor with its weights from a safetensors file (local path or s3://).
 
     The architecture is InceptionV3FID unless the file's safetensors metadata names another
@@ -226,21 +285,26 @@ def load_feature_extractor(weights: str, device: str = "cpu",
     """
     path = Path(local_copy(weights, storage_options))
     if path.suffix != ".safetensors":
-        raise ScoreError(f"--fid-weights {weights}: expected a .safetensors file (sdfleet never unpickles weights); "
-                         "see `sdfleet score --help` for converting the official .pth once")
+        raise ScoreError(
+            f"--fid-weights {weights}: expected a .safetensors file (sdfleet never unpickles weights); "
+            "see `sdfleet score --help` for converting the official .pth once"
+        )
     if not path.is_file():
         raise ScoreError(f"--fid-weights {weights}: no such file")
     with safe_open(str(path), framework="pt") as f:
         arch = (f.metadata() or {}).get(ARCH_METADATA_KEY, InceptionV3FID.arch)
     if arch not in ARCHITECTURES:
-        raise ScoreError(f"--fid-weights {weights}: unknown feature extractor architecture {arch!r}; "
-                         f"known: {', '.join(ARCHITECTURES)}")
+        raise ScoreError(
+            f"--fid-weights {weights}: unknown feature extractor architecture {arch!r}; "
+            f"known: {', '.join(ARCHITECTURES)}"
+        )
     net = ARCHITECTURES[arch]()
     missing, unexpected = net.load_state_dict(load_file(str(path)), strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ScoreError(
             f"--fid-weights {weights} does not fit the {arch} network: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
     net.requires_grad_(False)
     return net.eval().to(device)

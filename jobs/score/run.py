@@ -72,20 +72,44 @@ def run_score(
     if batch_size < 1:
         raise ScoreError(f"--batch-size {batch_size}: must be >= 1")
     if bool(reference) != bool(fid_weights):
-        raise ScoreError("FID needs both --reference (the real images) and --fid-weights (the InceptionV3 "
-                         "weights as .safetensors); give both, or neither to compute CLIP scores only")
-    run = ScoreRun(OutputReader.open(output, storage_options), clip_model, reference, fid_weights, name=name,
-                   batch_size=batch_size, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                   fid_size=fid_size, note=note, storage_options=storage_options, workers=workers)
+        raise ScoreError(
+            "FID needs both --reference (the real images) and --fid-weights (the InceptionV3 "
+            "weights as .safetensors); give both, or neither to compute CLIP scores only"
+        )
+    run = ScoreRun(
+        OutputReader.open(output, storage_options),
+        clip_model,
+        reference,
+        fid_weights,
+        name=name,
+        batch_size=batch_size,
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        fid_size=fid_size,
+        note=note,
+        storage_options=storage_options,
+        workers=workers,
+    )
     return run.run()
 
 
 class ScoreRun:
     """The steps of `run_score`, each a method; the state they share is all set here."""
 
-    def __init__(self, reader: OutputReader, clip_model: str, reference: str | None, fid_weights: str | None, *,
-                 name: str, batch_size: int, device: str, fid_size: int, note: str | None,
-                 storage_options: dict[str, Any] | None, workers: int):
+    def __init__(
+        self,
+        reader: OutputReader,
+        clip_model: str,
+        reference: str | None,
+        fid_weights: str | None,
+        *,
+        name: str,
+        batch_size: int,
+        device: str,
+        fid_size: int,
+        note: str | None,
+        storage_options: dict[str, Any] | None,
+        workers: int,
+    ):
         self.started = time.time()
         self.reader = reader
         self.job = reader.job  # NotAnOutput here, before any model loads
@@ -113,12 +137,17 @@ class ScoreRun:
     def run(self) -> dict[str, Any]:
         survey = self.reader.survey()
         if not survey.complete:
-            log.warning("%s is not complete: scoring the %d committed shards only", self.reader.storage.url(),
-                        len(survey.committed))
+            log.warning(
+                "%s is not complete: scoring the %d committed shards only",
+                self.reader.storage.url(),
+                len(survey.committed),
+            )
         self.load_models()
         with self.pool:
             if self.fid:
-                self.fid.read_reference(Storage(self.reference, self.storage_options), self.fid_size, self.pool)
+                self.fid.read_reference(
+                    Storage(self.reference, self.storage_options), self.fid_size, self.pool
+                )
             self.score_shards()
         points = self.points()
         summary = self.summary(survey, points)
@@ -131,8 +160,11 @@ class ScoreRun:
         self.clip = ClipScorer(self.clip_source, self.device, self.storage_options)
         if self.reference:
             extractor = load_feature_extractor(self.fid_weights, self.device, self.storage_options)
-            self.fid_info.update(arch=extractor.arch, num_features=extractor.num_features,
-                                 sha256=weights_sha256(local_copy(self.fid_weights, self.storage_options)))
+            self.fid_info.update(
+                arch=extractor.arch,
+                num_features=extractor.num_features,
+                sha256=weights_sha256(local_copy(self.fid_weights, self.storage_options)),
+            )
             self.fid = SweepFID(extractor, self.device, self.batch_size)
         self.model_notes = model_notes(self.clip.info, self.fid.extractor if self.fid else None)
 
@@ -161,12 +193,19 @@ class ScoreRun:
             found += 1
             yield rows[key], data
         if found < len(rows):
-            log.warning("%s: %d ok rows have no image in %s", shard, len(rows) - found, layout.tar_file(shard))
+            log.warning(
+                "%s: %d ok rows have no image in %s",
+                shard,
+                len(rows) - found,
+                layout.tar_file(shard),
+            )
             self.missing_images += len(rows) - found
 
     def score_batch(self, batch: list[tuple[dict[str, Any], bytes]]) -> None:
         decoded = list(self.pool.map(self.decode, [data for _, data in batch]))
-        scores = self.clip.scores([pixels for pixels, _ in decoded], [row["prompt"] or "" for row, _ in batch])
+        scores = self.clip.scores(
+            [pixels for pixels, _ in decoded], [row["prompt"] or "" for row, _ in batch]
+        )
         for (row, _), (_, array), score in zip(batch, decoded, scores):
             record = {c: row[c] for c in ID_COLUMNS}
             record.update({c: row.get(c) for c in self.group_cols})
@@ -196,8 +235,12 @@ class ScoreRun:
         for key in sorted(clip_scores, key=sweep_order):
             values = np.asarray(clip_scores[key], dtype=np.float64)
             point = dict(zip(self.group_cols, key))
-            point.update(n=int(values.size), clip_score_mean=float(values.mean()),
-                         clip_score_std=float(values.std()), fid=None)
+            point.update(
+                n=int(values.size),
+                clip_score_mean=float(values.mean()),
+                clip_score_std=float(values.std()),
+                fid=None,
+            )
             if self.fid and values.size < 2:
                 point["fid_error"] = "fewer than 2 images"
             elif self.fid:
@@ -217,11 +260,15 @@ class ScoreRun:
         if self.missing_images:
             notes.append(f"{self.missing_images} ok rows had no image in their tar")
         if not survey.complete:
-            notes.append(f"dataset incomplete: scored the {len(survey.committed)} committed shards of "
-                         f"{survey.num_shards}")
+            notes.append(
+                f"dataset incomplete: scored the {len(survey.committed)} committed shards of "
+                f"{survey.num_shards}"
+            )
         if flagged:
-            notes.append(f"{flagged} scored images were flagged by the safety detector (with action blackout they "
-                         "are black images, which FID counts)")
+            notes.append(
+                f"{flagged} scored images were flagged by the safety detector (with action blackout they "
+                "are black images, which FID counts)"
+            )
         return notes
 
     def summary(self, survey: Survey, points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -239,16 +286,24 @@ class ScoreRun:
             "group_by": self.group_cols,
             "sweep_axes": self.job["spec"]["sweep"]["axes"],
             "clip_model": self.clip.info,
-            "fid": {**self.fid_info, "computed": bool(self.fid), "reference": self.reference,
-                    "reference_images": self.fid.reference_images if self.fid else 0,
-                    "implementation": "torchmetrics.image.fid.FrechetInceptionDistance"},
+            "fid": {
+                **self.fid_info,
+                "computed": bool(self.fid),
+                "reference": self.reference,
+                "reference_images": self.fid.reference_images if self.fid else 0,
+                "implementation": "torchmetrics.image.fid.FrechetInceptionDistance",
+            },
             "clip_score_definition": "max(100 * cos(image_embeds, text_embeds), 0), as torchmetrics CLIPScore",
             "device": self.device,
             "figures_meaningful": not self.model_notes,
             "note": notes[0] if notes else None,
             "notes": notes,
             "points": points,
-            "files": {"scores": self.files["scores"], "summary": self.files["summary"], "plot": None},
+            "files": {
+                "scores": self.files["scores"],
+                "summary": self.files["summary"],
+                "plot": None,
+            },
             "seconds": None,
         }
 
@@ -258,10 +313,14 @@ class ScoreRun:
         """NAME.parquet, the plot when there is an FID to plot, and NAME_summary.json last."""
         storage = self.reader.storage
         buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(self.results, schema=scores_schema(self.group_cols)), buf)
+        pq.write_table(
+            pa.Table.from_pylist(self.results, schema=scores_schema(self.group_cols)), buf
+        )
         storage.write_bytes(self.files["scores"], buf.getvalue())
         if self.fid and any(p["fid"] is not None for p in points):
-            storage.write_bytes(self.files["plot"], plot_fid_vs_clip(points, self.group_cols, summary))
+            storage.write_bytes(
+                self.files["plot"], plot_fid_vs_clip(points, self.group_cols, summary)
+            )
             summary["files"]["plot"] = self.files["plot"]
         summary["seconds"] = round(time.time() - self.started, 2)
         storage.write_json(self.files["summary"], summary)
@@ -276,8 +335,13 @@ def sweep_order(point: tuple) -> tuple:
 def scores_schema(group_cols: list[str]) -> pa.Schema:
     """NAME.parquet: the id columns, the sweep columns typed as in the dataset, clip_score, safety_flagged."""
     types = {f.name: f.type for f in OUTPUT_FIELDS}
-    fields = [pa.field("key", pa.string()), pa.field("shard_id", pa.int64()), pa.field("sample_id", pa.string()),
-              pa.field("prompt_id", pa.string()), pa.field("seed", pa.int64())]
+    fields = [
+        pa.field("key", pa.string()),
+        pa.field("shard_id", pa.int64()),
+        pa.field("sample_id", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("seed", pa.int64()),
+    ]
     fields += [pa.field(c, types.get(c, pa.string())) for c in group_cols]
     fields += [pa.field("clip_score", pa.float64()), pa.field("safety_flagged", pa.bool_())]
     return pa.schema(fields)

@@ -18,10 +18,14 @@ def looks_untrained(model: nn.Module, norm_types: tuple[type[nn.Module], ...]) -
     if not norms:
         return False
     for m in norms:
-        running_mean = getattr(m, "running_mean", None)  # batch norm's statistics; layer norm has none
+        running_mean = getattr(
+            m, "running_mean", None
+        )  # batch norm's statistics; layer norm has none
         if running_mean is not None and (running_mean.any() or (m.running_var != 1).any()):
             return False
-        if getattr(m, "weight", None) is not None and ((m.weight != 1).any() or (m.bias is not None and m.bias.any())):
+        if getattr(m, "weight", None) is not None and (
+            (m.weight != 1).any() or (m.bias is not None and m.bias.any())
+        ):
             return False
     return True
 
@@ -36,7 +40,11 @@ def model_notes(clip_info: dict[str, Any], extractor: FeatureExtractor | None) -
     if extractor is None:
         return notes
     if not isinstance(extractor, InceptionV3FID):
-        notes.append(f"FID feature extractor is the test network {extractor.arch!r}, not InceptionV3")
+        notes.append(
+            f"FID feature extractor is the test network {extractor.arch!r}, not InceptionV3"
+        )
     elif looks_untrained(extractor, (nn.BatchNorm2d,)):
-        notes.append("FID InceptionV3 weights look untrained (batch-norm statistics at initial values)")
+        notes.append(
+            "FID InceptionV3 weights look untrained (batch-norm statistics at initial values)"
+        )
     return notes
