@@ -25,7 +25,7 @@ _SUCCESS (empty). Any other file is digested raw, so a new kind of output shows 
 Rows and tars record the model's absolute path (model_source), so two runs compare only when made
 in the same work folder: keep the default --work (or pass the same one to both).
 
-    python tests/output_identity.py --out digests.json [--work DIR] [--keep]
+    python tests/output_identity.py --out digests.json [--work DIR] [--jobs a,b] [--no-run]
     python tests/output_identity.py --compare BASELINE.json NEW.json    # exit 1 on any difference
 
 tests/output_identity_baseline.json holds the digests of 43ef8ac's behaviour (made at a853229, its
@@ -48,10 +48,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# Row columns that differ between two runs of the same code: where and when a sample ran.
-# (schemas.rows.RUN_COLUMNS at 43ef8ac; spelled out here so a refactor of that tuple cannot hide
-# a difference.)
-RUN_COLUMNS = ("device", "worker_node", "worker_id", "gpu_id", "gen_seconds", "created_at")
+# Row columns that differed between two runs of the same code: which worker made a sample, when,
+# and how long it took. schemas.rows.RUN_COLUMNS at 43ef8ac also names device and gpu_id, but they
+# held the same values in both runs on this machine ("cpu", null), so they are compared. Spelled
+# out here so that a refactor of that tuple cannot hide a difference.
+RUN_COLUMNS = ("worker_node", "worker_id", "gen_seconds", "created_at")
 # Card lines that differ between two runs of the same code: none on a CPU machine (two runs gave
 # identical cards; "GPU-hours" reads 0.0000 without a GPU). On a GPU, the GPU-hours line would
 # need masking: re.compile(r"^\| GPU-hours \|.*$", re.MULTILINE).
@@ -341,14 +342,21 @@ def model_file_digest(path: Path) -> str:
     return sha256(json.dumps(header, sort_keys=True).encode() + data[8 + size :])
 
 
-def make_digests(work: Path, only: list[str] | None) -> dict:
-    fresh_work(work)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="sdf-oi-", dir="/tmp"))  # short: Ray's socket paths
+def make_digests(work: Path, only: list[str] | None, run: bool = True) -> dict:
     start = time.monotonic()
-    try:
-        outputs = run_jobs(work, environment(ray_tmp), only)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if run:
+        fresh_work(work)
+        ray_tmp = Path(tempfile.mkdtemp(prefix="sdf-oi-", dir="/tmp"))  # short: Ray's socket paths
+        try:
+            outputs = run_jobs(work, environment(ray_tmp), only)
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    else:
+        outputs = {
+            "demo": work / "output",
+            **{name: work / name / "out" for name in job_specs(work)},
+        }
+        outputs = {name: out for name, out in outputs.items() if not only or name in only}
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"],
         check=False,
@@ -441,6 +449,9 @@ def main() -> int:
     parser.add_argument("--out", help="write the digests of a fresh run here")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"(default {DEFAULT_WORK})")
     parser.add_argument("--jobs", help="comma-separated subset of the jobs (default: all)")
+    parser.add_argument(
+        "--no-run", action="store_true", help="digest the outputs already in --work; run nothing"
+    )
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two digest files")
     args = parser.parse_args()
     if args.compare:
@@ -448,7 +459,7 @@ def main() -> int:
     if not args.out:
         parser.error("give --out FILE or --compare A B")
     only = args.jobs.split(",") if args.jobs else None
-    digests = make_digests(args.work.absolute(), only)
+    digests = make_digests(args.work.absolute(), only, run=not args.no_run)
     Path(args.out).write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.out} ({digests['meta']['seconds']} s)", file=sys.stderr)
     return 0
