@@ -5,6 +5,7 @@ The commit of one shard by racing writers is tests/test_commit.py's."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -23,7 +24,7 @@ from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.run import job_record
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError
-from sdfleet.schemas.layout import FailedShard, ShardAttemptError, ShardStats
+from sdfleet.schemas.layout import FailedShard, JobTotals, ShardAttemptError, ShardStats
 from sdfleet.schemas.rows import output_schema
 from sdfleet.schemas.samples import sample_key
 from sdfleet.schemas.spec import parse_spec
@@ -215,7 +216,8 @@ def test_survey_totals_add_up_the_committed_shards_only(output):
         shard_stats("00002", "another job", 2, gpu_seconds=100.0),
     )
     totals = output.survey().totals()
-    assert totals == {
+    assert isinstance(totals, JobTotals)
+    assert dataclasses.asdict(totals) == {
         "samples": 4,
         "ok": 2,
         "filtered": 1,
