@@ -240,6 +240,23 @@ def test_survey_totals_add_up_the_committed_shards_only(output):
     }
 
 
+def test_status_prints_the_typed_totals_and_curations_counts(output, capsys):
+    from sdfleet.jobs.cli import main
+    from sdfleet.jobs.output import curation_counts
+
+    job, storage = output.job, output.storage
+    put_record(
+        storage,
+        layout.stats_file("00000"),
+        shard_stats("00000", job["fingerprint"], 4, ok=1, failed=1, rejected=1, skipped=1),
+    )
+    totals = output.survey().totals()
+    assert totals.count("ok") == 1 and totals.count("duplicate") == 0
+    assert curation_counts(totals) == ", 1 rejected, 1 skipped"
+    main(["status", str(storage.url())])
+    assert "with rows: 1 ok, 0 filtered, 1 failed, 1 rejected, 1 skipped" in capsys.readouterr().out
+
+
 def test_survey_is_complete_only_when_the_committed_samples_are_the_planned_ones(output):
     job, storage = output.job, output.storage
     for shard, samples in SAMPLES_PER_SHARD.items():
