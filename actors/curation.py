@@ -22,6 +22,7 @@ import numpy as np
 from sdfleet.actors.storage import local_copy, weights_sha256
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.rows import STATUS_DUPLICATE, STATUS_FILTERED, STATUS_OK, STATUS_REJECTED
+from sdfleet.schemas.weights import is_safetensors
 
 log = logging.getLogger("sdfleet")
 
@@ -130,7 +131,7 @@ class Head:
         import torch
         from safetensors import safe_open
 
-        if not str(path).endswith(".safetensors"):
+        if not is_safetensors(str(path)):
             raise ModelLoadError(
                 f"{what} {path} is not a .safetensors file; sdfleet loads heads from safetensors "
                 "only: convert the original once, in a trusted environment (see the README)"

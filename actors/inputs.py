@@ -18,22 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdfleet.actors.storage import Storage, check_inside, is_remote
+from sdfleet.actors.storage import Storage, check_inside
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError
+from sdfleet.schemas.locations import input_folder, is_remote
 from sdfleet.schemas.samples import InputImage
-
-_GLOB_CHARS = "*?["
-
-
-def input_folder(uri: str) -> str:
-    """The input's folder, which relative image URIs are read from: input.uri itself when it is a
-    folder or prefix, the folder of a file, the fixed part of a glob."""
-    uri = uri.rstrip("/")
-    cut = min((uri.index(c) for c in _GLOB_CHARS if c in uri), default=None)
-    if cut is not None:
-        return uri[:cut].rsplit("/", 1)[0]
-    return uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
 
 
 @dataclass

@@ -59,7 +59,7 @@ _known_secrets: set[str] = set()
 
 def remember_secrets(options: dict[str, Any]) -> None:
     """Mask these storage_options' secret values wherever they appear, whatever their key's name."""
-    from sdfleet.schemas.spec import redact
+    from sdfleet.schemas.fingerprint import redact
 
     for key, value in options.items():
         if isinstance(value, dict):

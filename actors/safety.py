@@ -1,7 +1,9 @@
 """Safety detectors: loaded once per actor, they score every generated image in batches.
 
-Each detector returns, per image, an `nsfw_score` in [0, 1] and its per-class scores. What the job
-does with a flagged image (score >= safety.threshold) is the action's business, in the generator.
+Each detector returns, per image, an `nsfw_score` in [0, 1] and its per-class scores, the score by
+its row's formula in `sdfleet.schemas.detectors` (which also holds each one's classes and default
+unsafe classes). What the job does with a flagged image (score >= safety.threshold) is the action's
+business, in the generator.
 
 - nsfw-detector: GantMan's Keras models (MobileNetV2 224 or InceptionV3 299), loaded with the
   package's own `predict.load_model` and run as its `classify_nd` runs them (one call per batch,
@@ -30,12 +32,11 @@ import numpy as np
 
 from sdfleet.actors.logs import native_start_up_quiet
 from sdfleet.actors.storage import local_copy, weights_sha256
+from sdfleet.schemas.detectors import DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError, UserError
 from sdfleet.schemas.spec import SafetySpec
 
 log = logging.getLogger("sdfleet")
-
-NSFW_DETECTOR_CLASSES = ("drawings", "hentai", "neutral", "porn", "sexy")
 
 
 def import_tensorflow():
@@ -68,7 +69,7 @@ class SafetyScore:
 
 
 class Detector:
-    name: str
+    name: str  # its row in sdfleet.schemas.detectors
     model_sha256: str | None
     unsafe_classes: list[str] | None
     # A detector that reads curation's CLIP image embeddings (`score_embeddings`) instead of pixels.
@@ -77,6 +78,10 @@ class Detector:
     def score(self, images: list[np.ndarray]) -> list[SafetyScore]:
         raise NotImplementedError
 
+    def scored(self, scores: dict[str, float]) -> SafetyScore:
+        """One image's per-class scores with the nsfw_score its table row's formula makes of them."""
+        return SafetyScore(DETECTORS[self.name].nsfw_score(scores, self.unsafe_classes), scores)
+
 
 def load_detector(
     spec: SafetySpec, device: str, cpu_threads: int | None = None, curator=None
@@ -84,7 +89,7 @@ def load_detector(
     """cpu_threads: this worker's share of the node's CPUs, for a detector that runs on the CPU
     (nsfw-detector); None: torch's thread count. curator: the worker's `Curator`, whose CLIP
     embedding laion-clip-nsfw reads."""
-    if spec.detector == "none":
+    if spec.detector == NO_DETECTOR:
         return None
     spec.check_runnable()
     path = local_copy(spec.model, spec.storage_options)
@@ -96,19 +101,13 @@ def load_detector(
             f"not the pinned safety.model_sha256 {spec.model_sha256}; check where the weights "
             "came from, or update the pin"
         )
-    if spec.detector == "laion-clip-nsfw":
+    row = DETECTORS[spec.detector]
+    cls = DETECTOR_CLASSES[row.cls]
+    if row.needs_clip_model:
         if curator is None:
-            raise SpecError(
-                "safety.detector=laion-clip-nsfw reads the CLIP image embedding curation computes: set "
-                "curation.clip_model"
-            )
-        detector = LaionClipNsfw(path, spec.resolved_unsafe_classes(), device, curator.clip)
+            raise SpecError(needs_clip_model_error(spec.detector))
+        detector = cls(path, spec.resolved_unsafe_classes(), device, curator.clip)
     else:
-        cls = {
-            "nsfw-detector": NsfwDetector,
-            "clip-checker": ClipChecker,
-            "hf-classifier": HfClassifier,
-        }[spec.detector]
         detector = cls(path, spec.resolved_unsafe_classes(), device, cpu_threads)
     detector.model_sha256 = sha256
     log.info(
@@ -252,7 +251,7 @@ class NsfwDetector(Detector):
         self.model = predict.load_model(path)
         self.size = tuple(self.model.input_shape[1:3])  # (224, 224) or (299, 299)
         self.unsafe_classes = unsafe
-        _check_classes(self.name, unsafe, NSFW_DETECTOR_CLASSES)
+        _check_classes(self.name, unsafe, DETECTORS[self.name].classes)
 
     def score(self, images: list[np.ndarray]) -> list[SafetyScore]:
         from PIL import Image
@@ -264,12 +263,11 @@ class NsfwDetector(Detector):
                 for im in images
             ]
         )
-        # classify_nd's math (its class order is NSFW_DETECTOR_CLASSES), through predict_on_batch:
+        # classify_nd's math (its class order is the table row's), through predict_on_batch:
         # predict() builds a tf.data pipeline per call, 15% more CPU per image for the same numbers.
         preds = self.model.predict_on_batch(batch.astype(np.float32) / 255.0)
-        probs = [{c: float(v) for c, v in zip(NSFW_DETECTOR_CLASSES, row)} for row in preds]
-        unsafe = self.unsafe_classes or []
-        return [SafetyScore(min(1.0, sum(p[c] for c in unsafe)), p) for p in probs]
+        classes = DETECTORS[self.name].classes
+        return [self.scored({c: float(v) for c, v in zip(classes, row)}) for row in preds]
 
 
 class ClipChecker(Detector):
@@ -309,12 +307,10 @@ class ClipChecker(Detector):
                 .float()
                 .cpu()
             )
-        out = []
-        for row in concept.numpy():
-            scores = {name: float(v) for name, v in zip(self.concepts, row)}
-            counted = [scores[k] for k in (self.unsafe_classes or self.concepts)]
-            out.append(SafetyScore(float(np.clip(0.5 + max(counted), 0.0, 1.0)), scores))
-        return out
+        return [
+            self.scored({name: float(v) for name, v in zip(self.concepts, row)})
+            for row in concept.numpy()
+        ]
 
 
 class HfClassifier(Detector):
@@ -343,19 +339,14 @@ class HfClassifier(Detector):
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
             probs = self.model(**inputs).logits.float().softmax(-1).cpu().numpy()
-        out = []
-        for row in probs:
-            scores = {label: float(p) for label, p in zip(self.labels, row)}
-            out.append(
-                SafetyScore(min(1.0, sum(scores[c] for c in self.unsafe_classes or [])), scores)
-            )
-        return out
+        return [
+            self.scored({label: float(p) for label, p in zip(self.labels, row)}) for row in probs
+        ]
 
 
 class LaionClipNsfw(Detector):
     name = "laion-clip-nsfw"
     reads_embeddings = True
-    classes = ("unsafe", "safe")
 
     def __init__(self, path: str, unsafe: list[str] | None, device: str, clip):
         from sdfleet.actors.curation import Head
@@ -363,7 +354,7 @@ class LaionClipNsfw(Detector):
         self.clip = clip
         self.head = Head(path, "nsfw", device, clip.embedding_size, "safety.model")
         self.unsafe_classes = unsafe
-        _check_classes(self.name, unsafe, self.classes)
+        _check_classes(self.name, unsafe, DETECTORS[self.name].classes)
 
     def score(self, images: list[np.ndarray]) -> list[SafetyScore]:
         """Embeds the images itself: for callers without curation's embeddings (benches)."""
@@ -381,10 +372,10 @@ class LaionClipNsfw(Detector):
             .cpu()
             .tolist()
         )
-        out = []
-        for p in punsafe:
-            scores = {"unsafe": p, "safe": 1.0 - p}
-            out.append(
-                SafetyScore(min(1.0, sum(scores[c] for c in self.unsafe_classes or [])), scores)
-            )
-        return out
+        return [self.scored({"unsafe": p, "safe": 1.0 - p}) for p in punsafe]
+
+
+# The classes the detector table (sdfleet.schemas.detectors) names, by name.
+DETECTOR_CLASSES = {
+    cls.__name__: cls for cls in (NsfwDetector, ClipChecker, HfClassifier, LaionClipNsfw)
+}

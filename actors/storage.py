@@ -23,6 +23,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from sdfleet.schemas.errors import StorageDenied, StorageError, StorageNotFound, first_line
+from sdfleet.schemas.locations import is_remote
 
 if TYPE_CHECKING:  # pydantic, which the engine's users on a bare GPU machine may lack, loads lazily
     from sdfleet.schemas.layout import StagedFile
@@ -42,10 +43,6 @@ TAIL_BYTES = 256 << 10
 # and jitter. Ten attempts ride out a minute-long S3 brown-out; 403 and 404 are never retried, so a
 # wrong bucket or missing permission fails at once.
 S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
 
 
 def storage_error(

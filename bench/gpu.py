@@ -44,11 +44,6 @@ except ImportError:
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def tflop_per_image(steps: int, size: int) -> float:
-    pixels = size * size / 512**2
-    return 1.609 * steps * pixels + 2.51 * pixels + 0.09  # UNet with CFG, VAE decode, text encoder
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
@@ -76,6 +71,7 @@ def main() -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.families import SD2
     from sdfleet.schemas.samples import GenerationParams
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -226,7 +222,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 timings[label] = (batch / (time.perf_counter() - t0), images, warm)
             (p_ips, p_img, _), (e_ips, e_img, e_warm) = timings["plain"], timings["engine"]
-            flops = tflop_per_image(n_steps, size)
+            flops = SD2.tflop_per_image(size, size, n_steps, guidance_scale=7.5)
             mfu = lambda ips: f"{100 * ips * flops / peak:8.1f}%" if peak else "     n/a"
             diff = int(np.abs(p_img.astype(int) - e_img.astype(int)).max())
             print(

@@ -271,8 +271,8 @@ def _status(output: str, storage_options: dict, verify: bool = False) -> int:
         f"of {s.num_shards}"
     )
     print(
-        f"samples      {s.committed_samples}/{s.num_samples} with rows: {t['ok']} ok, {t['filtered']} filtered, "
-        f"{t['failed']} failed{curation_counts(t)}"
+        f"samples      {s.committed_samples}/{s.num_samples} with rows: {t.ok} ok, {t.filtered} filtered, "
+        f"{t.failed} failed{curation_counts(t)}"
     )
     for name, failed in sorted(s.quarantined.items()):
         print(f"  quarantined {name}: {failed.last_error_line()}")

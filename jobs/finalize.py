@@ -12,7 +12,9 @@ from typing import Any
 
 from sdfleet.jobs.output import OutputReader, Survey
 from sdfleet.schemas import layout
+from sdfleet.schemas.detectors import NO_DETECTOR
 from sdfleet.schemas.errors import UserError
+from sdfleet.schemas.layout import JobTotals
 
 log = logging.getLogger("sdfleet")
 
@@ -78,19 +80,19 @@ class Finalizer:
             {
                 **job,
                 "results": {
-                    "samples": t["samples"],
-                    "ok": t["ok"],
-                    "filtered": t["filtered"],
-                    "failed": t["failed"],
-                    **{k: t[k] for k in ("rejected", "duplicate", "skipped") if t[k]},
+                    "samples": t.samples,
+                    "ok": t.ok,
+                    "filtered": t.filtered,
+                    "failed": t.failed,
+                    **{k: t.count(k) for k in ("rejected", "duplicate", "skipped") if t.count(k)},
                     "safety": {
                         "detector": job["spec"]["safety"]["detector"],
-                        "model_sha256": t["safety_model_sha256"],
-                        "flagged": t["flagged"],
-                        "flagged_by_class": t["flagged_by_class"],
+                        "model_sha256": t.safety_model_sha256,
+                        "flagged": t.flagged,
+                        "flagged_by_class": t.flagged_by_class,
                         "action": job["spec"]["safety"]["action"],
                     },
-                    "gpu_seconds": t["gpu_seconds"],
+                    "gpu_seconds": t.gpu_seconds,
                 },
             },
         )
@@ -99,7 +101,7 @@ class Finalizer:
             {layout.tar_file(n): st.images_in_tar for n, st in sorted(s.committed.items())},
         )
         sheet = None
-        if t["images_in_tar"]:
+        if t.images_in_tar:
             from sdfleet.jobs.preview import small_contact_sheet
 
             sheet = layout.CARD_SHEET
@@ -112,7 +114,6 @@ class Finalizer:
 def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> str:
     spec = job["spec"]
     t = s.totals()
-    gpu_hours = t["gpu_seconds"] / 3600
     ext = layout.IMAGE_EXTENSIONS[spec["output"]["image_format"]]
     axes = spec["sweep"]["axes"]
     seeds = spec["sweep"]["seeds"]
@@ -122,12 +123,12 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         return "/".join(str(v) for v in axes[key]) if key in axes else str(gen[key])
 
     sf = spec["safety"]
-    if sf["detector"] == "none":
+    if sf["detector"] == NO_DETECTOR:
         safety_text = "none (no detector ran; safety columns are null)"
     else:
-        per_class = ", ".join(f"{k} {v}" for k, v in t["flagged_by_class"].items()) or "none"
+        per_class = ", ".join(f"{k} {v}" for k, v in t.flagged_by_class.items()) or "none"
         safety_text = (
-            f"`{sf['detector']}` (weights sha256 {', '.join(h[:12] for h in t['safety_model_sha256'])}), "
+            f"`{sf['detector']}` (weights sha256 {', '.join(h[:12] for h in t.safety_model_sha256)}), "
             f"threshold {sf['threshold']}, action `{sf['action']}`; flagged per class: {per_class}"
         )
     base = spec["sweep"]["base_seed"]
@@ -135,19 +136,7 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         seeds if isinstance(seeds, list) else f"{seeds} per prompt, derived from base_seed {base}"
     )
     lines = [
-        "---",
-        "# Hugging Face dataset card header: the Hub reads the WebDataset tars, not the Parquet metadata.",
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        "  - split: train",
-        '    path: "*.tar"',
-        "task_categories:",
-        "- text-to-image",
-        "tags:",
-        "- synthetic",
-        "- sdfleet",
-        "---",
+        *CARD_HEADER,
         "",
         f"# {spec['name']}",
         "",
@@ -155,33 +144,11 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         f"{' @ ' + spec['model']['revision'] if spec['model']['revision'] else ''}.",
         "",
         *([f"![A sample of the images]({sheet})", ""] if sheet else []),
-        "## Contents",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| samples planned | {s.num_samples} |",
-        f"| images (status ok) | {t['ok']} |",
-        f"| flagged by safety | {t['flagged']} (action `{spec['safety']['action']}`) |",
-        f"| filtered (not in the tars) | {t['filtered']} |",
-        f"| kept aside in `quarantine/` | {t['quarantined_images']} |",
-        f"| failed | {t['failed']} |",
-        *[
-            f"| {what} | {t[k]} |"
-            for k, what in (
-                ("rejected", "rejected by a curation gate (not in the tars)"),
-                ("duplicate", "near-duplicates of a kept image (not in the tars)"),
-                ("skipped", "candidate slots not needed (not generated)"),
-            )
-            if t[k]
-        ],
-        f"| shards | {s.num_shards} |",
-        f"| GPU-hours | {gpu_hours:.4f} ({t['gpu_seconds']:.1f} GPU-seconds) |",
-        f"| images per GPU-hour | {t['images_per_gpu_hour'] if t['images_per_gpu_hour'] is not None else 'n/a (CPU)'} |",
-        "",
+        *_contents_section(spec, s, t),
         *_curation_section(spec, t),
         "## Generation",
         "",
-        f"- scheduler: `{spec['model']['scheduler'] or 'checkpoint default'}`, dtype {', '.join(t['dtypes']) or spec['model']['dtype']}",
+        f"- scheduler: `{spec['model']['scheduler'] or 'checkpoint default'}`, dtype {', '.join(t.dtypes) or spec['model']['dtype']}",
         f"- steps {swept('num_inference_steps')}, guidance {swept('guidance_scale')}, "
         f"{swept('width')}x{swept('height')}",
         f"- seeds: {seed_text}",
@@ -201,7 +168,56 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _curation_section(spec: dict[str, Any], t: dict[str, Any]) -> list[str]:
+# Hugging Face dataset card header: the Hub reads the WebDataset tars, not the Parquet metadata.
+CARD_HEADER = (
+    "---",
+    "# Hugging Face dataset card header: the Hub reads the WebDataset tars, not the Parquet metadata.",
+    "configs:",
+    "- config_name: default",
+    "  data_files:",
+    "  - split: train",
+    '    path: "*.tar"',
+    "task_categories:",
+    "- text-to-image",
+    "tags:",
+    "- synthetic",
+    "- sdfleet",
+    "---",
+)
+
+
+def _contents_section(spec: dict[str, Any], s: Survey, t: JobTotals) -> list[str]:
+    """What the dataset holds, by status, and what it took."""
+    gpu_hours = t.gpu_seconds / 3600
+    per_hour = t.images_per_gpu_hour if t.images_per_gpu_hour is not None else "n/a (CPU)"
+    return [
+        "## Contents",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| samples planned | {s.num_samples} |",
+        f"| images (status ok) | {t.ok} |",
+        f"| flagged by safety | {t.flagged} (action `{spec['safety']['action']}`) |",
+        f"| filtered (not in the tars) | {t.filtered} |",
+        f"| kept aside in `quarantine/` | {t.quarantined_images} |",
+        f"| failed | {t.failed} |",
+        *[
+            f"| {what} | {t.count(k)} |"
+            for k, what in (
+                ("rejected", "rejected by a curation gate (not in the tars)"),
+                ("duplicate", "near-duplicates of a kept image (not in the tars)"),
+                ("skipped", "candidate slots not needed (not generated)"),
+            )
+            if t.count(k)
+        ],
+        f"| shards | {s.num_shards} |",
+        f"| GPU-hours | {gpu_hours:.4f} ({t.gpu_seconds:.1f} GPU-seconds) |",
+        f"| images per GPU-hour | {per_hour} |",
+        "",
+    ]
+
+
+def _curation_section(spec: dict[str, Any], t: JobTotals) -> list[str]:
     """How often each gate passed, and per sweep point how many candidates it took to keep the images."""
     cur = spec.get("curation") or {}
     if not cur.get("clip_model"):
@@ -215,16 +231,14 @@ def _curation_section(spec: dict[str, Any], t: dict[str, Any]) -> list[str]:
     }
     if gates:
         lines += [
-            f"Gates on the {t['gated']} images that passed safety (an image may fail more than one):",
+            f"Gates on the {t.gated} images that passed safety (an image may fail more than one):",
             "",
             "| gate | bound | failed | pass rate |",
             "|---|---|---|---|",
         ]
         for gate, bound in gates.items():
-            failed = t["gate_failures"].get(gate, 0)
-            lines.append(
-                f"| `{gate}` | {bound} | {failed} | {_rate(t['gated'] - failed, t['gated'])} |"
-            )
+            failed = t.gate_failures.get(gate, 0)
+            lines.append(f"| `{gate}` | {bound} | {failed} | {_rate(t.gated - failed, t.gated)} |")
         lines.append("")
     lines += [
         "Per sweep point: the images kept of the candidates generated"
@@ -237,7 +251,7 @@ def _curation_section(spec: dict[str, Any], t: dict[str, Any]) -> list[str]:
         "| sweep point | generated | kept | acceptance |" + (" prompts short of k |" if k else ""),
         "|---|---|---|---|" + ("---|" if k else ""),
     ]
-    for label, p in t["by_sweep_point"].items():
+    for label, p in t.by_sweep_point.items():
         lines.append(
             f"| {label} | {p['generated']} | {p['ok']} | {_rate(p['ok'], p['generated'])} |"
             + (f" {p.get('short', 0)} of {p.get('prompts', 0)} |" if k else "")

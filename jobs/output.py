@@ -24,11 +24,20 @@ from pydantic import ValidationError
 from sdfleet.actors.storage import Storage, json_bytes
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError, UserError, first_line
-from sdfleet.schemas.layout import FailedShard, ShardStats
-from sdfleet.schemas.rows import STATUS_FILTERED, STATUS_OK
+from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats
+from sdfleet.schemas.rows import (
+    STATUS_DUPLICATE,
+    STATUS_FILTERED,
+    STATUS_OK,
+    STATUS_REJECTED,
+    STATUS_SKIPPED,
+)
 from sdfleet.schemas.samples import shard_name
 
 log = logging.getLogger("sdfleet")
+
+# The statuses curation adds, as `curation_counts` lists them.
+CURATION_STATUSES = (STATUS_REJECTED, STATUS_DUPLICATE, STATUS_SKIPPED)
 
 # Records read per batch of concurrent GETs: bounds the bytes held at once (100k Parquet footers
 # at once peaked at 1.8 GB).
@@ -69,53 +78,14 @@ class Survey:
             not self.pending and not self.quarantined and self.committed_samples == self.num_samples
         )
 
-    def totals(self) -> dict[str, Any]:
+    def totals(self) -> JobTotals:
         """Counts and times summed over the committed shards, for status, the card and budgets."""
-        shards = list(self.committed.values())
-        keys = (
-            "samples",
-            "ok",
-            "filtered",
-            "failed",
-            "rejected",
-            "duplicate",
-            "skipped",
-            "images_in_tar",
-            "quarantined_images",
-            "flagged",
-            "gpu_seconds",
-            "gen_seconds",
-        )
-        out: dict[str, Any] = {k: round(sum(getattr(s, k) for s in shards), 3) for k in keys}
-        out["flagged_by_class"] = _add_up(s.flagged_by_class for s in shards)
-        out["gated"] = sum(s.gated for s in shards)
-        out["gate_failures"] = _add_up(s.gate_failures for s in shards)
-        points: dict[str, dict[str, int]] = {}
-        for s in shards:
-            for label, counts in s.by_sweep_point.items():
-                points[label] = _add_up([points.get(label, {}), counts])
-        out["by_sweep_point"] = dict(sorted(points.items()))
-        out["images_per_gpu_hour"] = (
-            round(out["ok"] / out["gpu_seconds"] * 3600, 1) if out["gpu_seconds"] else None
-        )
-        out["dtypes"] = sorted({s.dtype for s in shards})
-        out["safety_model_sha256"] = sorted(
-            {s.safety_model_sha256 for s in shards if s.safety_model_sha256}
-        )
-        return out
+        return JobTotals.add_up(self.committed.values())
 
 
-def _add_up(counts) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in counts:
-        for k, n in c.items():
-            out[k] = out.get(k, 0) + n
-    return dict(sorted(out.items()))
-
-
-def curation_counts(totals: dict) -> str:
+def curation_counts(totals: JobTotals) -> str:
     """', 3 rejected, 1 duplicate, 8 skipped' where curation made any, else ''."""
-    counts = [f"{totals[k]} {k}" for k in ("rejected", "duplicate", "skipped") if totals.get(k)]
+    counts = [f"{n} {status}" for status in CURATION_STATUSES if (n := totals.count(status))]
     return "".join(", " + c for c in counts)
 
 

@@ -11,16 +11,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.actors.storage import Storage
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import InputError, SpecError, StorageError
+from sdfleet.schemas.families import DEFAULT_FAMILY
+from sdfleet.schemas.locations import is_glob, is_remote
 from sdfleet.schemas.plan import InputFile, Plan
 from sdfleet.schemas.rows import SOURCE_COLUMNS, TEXT_TYPES, output_schema
 from sdfleet.schemas.samples import sweep_points
 from sdfleet.schemas.spec import JobSpec
 from sdfleet.schemas.tasks import TASKS
 
-_GLOB_CHARS = set("*?[")
 # Ids hashed at a time: the byte-wise temporaries stay a few MB whatever the input's size.
 ID_BATCH_ROWS = 65536
 
@@ -75,21 +76,21 @@ def _mix64(x: "np.ndarray") -> "np.ndarray":
 
 
 def estimate(plan: Plan) -> dict[str, Any]:
-    """FLOPs, GPU-hours and cost from the architecture's FLOPs and a sustained throughput: for every
+    """FLOPs, GPU-hours and cost from the family's FLOPs and a sustained throughput: for every
     planned sample, and with best-of-N (curation.images_per_prompt) the `_min` of each too, the
     cost if each prompt's first k candidates pass; the truth lies between."""
+    family = DEFAULT_FAMILY
     tflop = 0.0
     gen = plan.spec.generation
     for point in plan.points:
-        steps = point.get("num_inference_steps", gen.num_inference_steps)
-        # Sizes the driver has not resolved (the image tasks': their inputs decide) count as 512².
-        pixels = (
-            (point.get("width", gen.width) or 512)
-            * (point.get("height", gen.height) or 512)
-            / 512**2
+        # Sizes the driver has not resolved (the image tasks': their inputs decide) count at the
+        # family's fallback size.
+        tflop += family.tflop_per_image(
+            point.get("width", gen.width) or family.fallback_size,
+            point.get("height", gen.height) or family.fallback_size,
+            point.get("num_inference_steps", gen.num_inference_steps),
+            point.get("guidance_scale", gen.guidance_scale),
         )
-        cfg = 1.0 if point.get("guidance_scale", gen.guidance_scale) > 1 else 0.5
-        tflop += _UNET_TFLOP_CFG * cfg * steps * pixels + _VAE_TFLOP * pixels + _TEXT_TFLOP
     tflop *= plan.num_rows
     res = plan.spec.resources
     sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops)
@@ -112,10 +113,6 @@ def estimate(plan: Plan) -> dict[str, Any]:
     }
 
 
-# SD2-base at 512² (counted on meta tensors; see FACTS.md). Cost scales with latent pixels.
-_UNET_TFLOP_CFG = 1.609  # one UNet forward with CFG (batch 2)
-_VAE_TFLOP = 2.51  # one VAE decode
-_TEXT_TFLOP = 0.09
 _THROUGHPUT_TABLE = Path(__file__).with_name("gpu_throughput.yaml")
 
 
@@ -180,7 +177,7 @@ class Planner:
         from sdfleet.jobs.output import OutputReader
 
         uri = self.spec.input.uri
-        if _GLOB_CHARS & set(uri) or uri.endswith(".parquet"):
+        if is_glob(uri) or uri.endswith(".parquet"):
             return None
         storage = Storage(uri, self.storage_options)
         with storage.errors(layout.JOB_FILE, "check"):
@@ -289,10 +286,6 @@ class Planner:
                 f"input file {uri} {'does not exist' if isinstance(e, FileNotFoundError) else 'cannot be read'}"
                 f": {e}"
             ) from None
-        except FileNotFoundError:
-            raise InputError(f"input file {uri} does not exist") from None
-        except PermissionError as e:
-            raise InputError(f"input file {uri} cannot be read (permission denied): {e}") from None
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"input file {uri} is not a readable Parquet file: {e}") from None
         if meta.num_rows == 0:
@@ -359,7 +352,7 @@ def list_parquet(uri: str, storage_options: dict[str, Any] | None = None) -> lis
     fs, root = storage.fs, storage.root
     protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
     with storage.errors("", "list"):
-        if _GLOB_CHARS & set(uri):
+        if is_glob(uri):
             found = sorted(fs.glob(root))
         elif fs.isdir(root):
             found = sorted(p for p in fs.find(root) if p.endswith(".parquet"))

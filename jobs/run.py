@@ -26,7 +26,8 @@ from sdfleet.jobs.plan import Planner
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import EXIT_INCOMPLETE, EXIT_OK, SpecError
 from sdfleet.schemas.plan import Plan
-from sdfleet.schemas.spec import JobSpec, diff_fingerprint_fields
+from sdfleet.schemas.fingerprint import diff_fingerprint_fields
+from sdfleet.schemas.spec import JobSpec
 
 log = logging.getLogger("sdfleet")
 
@@ -238,7 +239,7 @@ class JobRunner:
             progress=self.progress,
             embedded=embedded,
             done_samples=before.committed_samples,
-            spent_gpu_seconds=before.totals()["gpu_seconds"],
+            spent_gpu_seconds=before.totals().gpu_seconds,
             worker=self.worker,
         )
         with _signals_raise():
@@ -274,11 +275,11 @@ class JobRunner:
             )
             return EXIT_INCOMPLETE
         print(
-            f"dataset complete: {t['ok']} images, {t['filtered']} filtered, {t['failed']} failed"
+            f"dataset complete: {t.ok} images, {t.filtered} filtered, {t.failed} failed"
             f"{curation_counts(t)} "
             f"in {s.num_shards} shards at {self.storage.url()}"
         )
-        if not t["images_in_tar"]:
+        if not t.images_in_tar:
             print(
                 "warning: the dataset holds no image (every sample was filtered or failed): its tars are "
                 "empty, and readers such as webdataset refuse empty tars unless told (empty_check=False)"

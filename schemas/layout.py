@@ -26,6 +26,8 @@ the finalizer) import the names from here; none spells a file name itself.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
@@ -226,6 +228,85 @@ class ShardStats(_Record):
     parquet_sha256: str
     writer_id: str | None = None
     files: dict[str, StagedFile] = {}
+
+
+# ShardStats' counts and times that add up over shards, in the order the totals list them.
+SUMMED = (
+    "samples",
+    "ok",
+    "filtered",
+    "failed",
+    "rejected",
+    "duplicate",
+    "skipped",
+    "images_in_tar",
+    "quarantined_images",
+    "flagged",
+    "gpu_seconds",
+    "gen_seconds",
+)
+
+
+@dataclass(frozen=True)
+class JobTotals:
+    """Counts and times summed over a job's committed shards: for status, the card and budgets.
+    Each count of a status is named as the status is (`count(status)`)."""
+
+    samples: int
+    ok: int
+    filtered: int
+    failed: int
+    rejected: int
+    duplicate: int
+    skipped: int
+    images_in_tar: int
+    quarantined_images: int
+    flagged: int
+    gpu_seconds: float
+    gen_seconds: float
+    flagged_by_class: dict[str, int]
+    gated: int  # images that reached curation's gates
+    gate_failures: dict[str, int]
+    by_sweep_point: dict[str, dict[str, int]]  # label -> generated, ok (and short, prompts)
+    images_per_gpu_hour: float | None
+    dtypes: list[str]
+    safety_model_sha256: list[str]
+
+    @classmethod
+    def add_up(cls, shards: Iterable[ShardStats]) -> JobTotals:
+        shards = list(shards)
+        summed = {k: round(sum(getattr(s, k) for s in shards), 3) for k in SUMMED}
+        points: dict[str, dict[str, int]] = {}
+        for s in shards:
+            for label, counts in s.by_sweep_point.items():
+                points[label] = _add_up([points.get(label, {}), counts])
+        gpu_seconds = summed["gpu_seconds"]
+        return cls(
+            **summed,
+            flagged_by_class=_add_up(s.flagged_by_class for s in shards),
+            gated=sum(s.gated for s in shards),
+            gate_failures=_add_up(s.gate_failures for s in shards),
+            by_sweep_point=dict(sorted(points.items())),
+            images_per_gpu_hour=(
+                round(summed["ok"] / gpu_seconds * 3600, 1) if gpu_seconds else None
+            ),
+            dtypes=sorted({s.dtype for s in shards}),
+            safety_model_sha256=sorted(
+                {s.safety_model_sha256 for s in shards if s.safety_model_sha256}
+            ),
+        )
+
+    def count(self, status: str) -> int:
+        """The rows with this status (a `sdfleet.schemas.rows` STATUS_*); skipped included."""
+        return getattr(self, status)
+
+
+def _add_up(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, n in c.items():
+            out[k] = out.get(k, 0) + n
+    return dict(sorted(out.items()))
 
 
 class ShardAttemptError(_Record):

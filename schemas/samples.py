@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sdfleet.schemas.tasks import TASKS
+from sdfleet.schemas.tasks import TASK_PARAMETERS, TASKS
 
 if TYPE_CHECKING:  # the engine imports this module on machines without pydantic (bench/gpu)
     from sdfleet.schemas.spec import JobSpec
@@ -20,6 +20,24 @@ if TYPE_CHECKING:  # the engine imports this module on machines without pydantic
 # Keys are f"{shard:05d}{offset:04d}" (img2dataset's convention); the shard field widens past 99,999.
 SHARD_DIGITS = 5
 OFFSET_DIGITS = 4
+
+# A sweep point's coordinates: the generation parameters a sweep varies (the seed through
+# sweep.seeds, the others through sweep.axes), in the one order every listing of them uses (the
+# spec's sweepable keys, the preview grid's axes). A point's identity is its values of these;
+# which point comes first is the plan's order (`sweep_points`), never this one.
+SWEEP_COORDINATES = (
+    "guidance_scale",
+    "num_inference_steps",
+    "seed",
+    "scheduler",
+    "width",
+    "height",
+    "negative_prompt",
+    *TASK_PARAMETERS,
+)
+# What samples that go through the pipeline in one call share: every coordinate but the ones that
+# may differ per sample within a call (the seed, the negative prompt), and the input image's size.
+BATCH_COORDINATES = tuple(c for c in SWEEP_COORDINATES if c not in ("seed", "negative_prompt"))
 
 
 def sweep_points(spec: JobSpec) -> list[dict[str, Any]]:
@@ -87,17 +105,9 @@ class GenerationParams:
     mask: InputImage | None = None
 
     def batch_key(self) -> tuple:
-        # Samples that share these can go through the pipeline in one call.
-        return (
-            self.num_inference_steps,
-            self.guidance_scale,
-            self.width,
-            self.height,
-            self.scheduler,
-            self.strength,
-            self.noise_level,
-            self.image.size if self.image else None,
-        )
+        """Samples that share it can go through the pipeline in one call."""
+        size = self.image.size if self.image else None
+        return (*(getattr(self, c) for c in BATCH_COORDINATES), size)
 
 
 @dataclass(frozen=True)

@@ -5,32 +5,26 @@ No torch, ray or tensorflow here: the CLI and `sdfleet plan` import this module 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.families import DEFAULT_FAMILY
+from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields, redact
+from sdfleet.schemas.loading import apply_override, format_validation_error, resolve_relative_paths
+from sdfleet.schemas.samples import SWEEP_COORDINATES
+from sdfleet.schemas.schedulers import check_scheduler_name
 from sdfleet.schemas.tasks import TASK_NAMES, TASK_PARAMETERS, TASKS, TEXT_TO_IMAGE
 
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo such as `guidence_scale` must not silently use the default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def check_scheduler_name(v: str | None) -> str | None:
-    # Only the shape is checked here (no diffusers import); the driver checks the class exists.
-    if v is not None and not re.fullmatch(r"[A-Z][A-Za-z0-9]*Scheduler[A-Za-z0-9]*", str(v)):
-        raise ValueError(
-            f"{v!r} is not a diffusers scheduler class name "
-            "(e.g. EulerDiscreteScheduler, DDIMScheduler); use null for the checkpoint's own"
-        )
-    return v
 
 
 class ModelSpec(_Section):
@@ -72,15 +66,6 @@ class InputSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
-def _check_multiple_of_8(name: str, v: int) -> int:
-    # The VAE downsamples by 8: other sizes fail deep inside the UNet with a shape error.
-    if v % 8:
-        raise ValueError(
-            f"{name}={v} is not divisible by 8; use e.g. {v - v % 8 or 8} or {v - v % 8 + 8}"
-        )
-    return v
-
-
 class GenerationSpec(_Section):
     num_inference_steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0.0)
@@ -100,19 +85,12 @@ class GenerationSpec(_Section):
     @field_validator("width", "height")
     @classmethod
     def _size(cls, v: int | None, info) -> int | None:
-        return v if v is None else _check_multiple_of_8(info.field_name, v)
+        return v if v is None else DEFAULT_FAMILY.check_size(info.field_name, v)
 
 
-# Keys a sweep axis may vary. Each is a per-sample generation parameter recorded in its own column.
-SWEEPABLE = (
-    "guidance_scale",
-    "num_inference_steps",
-    "width",
-    "height",
-    "negative_prompt",
-    "scheduler",
-    *TASK_PARAMETERS,
-)
+# Keys a sweep axis may vary: a sweep point's coordinates but the seed (sweep.seeds varies it).
+# Each is a per-sample generation parameter recorded in its own column.
+SWEEPABLE = tuple(k for k in SWEEP_COORDINATES if k != "seed")
 
 
 class SweepSpec(_Section):
@@ -190,22 +168,8 @@ class OutputSpec(_Section):
     allow_non_exclusive_commits: bool = False
 
 
-# The classes whose probabilities add up to `nsfw_score` when `safety.unsafe_classes` is not set.
-# nsfw-detector's classes are drawings, hentai, neutral, porn, sexy; an HF NSFW classifier's labels
-# are usually normal/nsfw; the CLIP checker flags on any of its concepts.
-DEFAULT_UNSAFE_CLASSES = {
-    "nsfw-detector": ["porn", "hentai", "sexy"],
-    "hf-classifier": ["nsfw"],
-    "clip-checker": None,  # every concept
-    "laion-clip-nsfw": ["unsafe"],  # its classes are unsafe (punsafe) and safe
-    "none": None,
-}
-
-
 class SafetySpec(_Section):
-    detector: Literal[
-        "nsfw-detector", "clip-checker", "hf-classifier", "laion-clip-nsfw", "none"
-    ] = "nsfw-detector"
+    detector: Literal[DETECTOR_NAMES] = "nsfw-detector"  # sdfleet.schemas.detectors
     # Detector weights: a local path, an s3:// copy (cached per node), or for clip-checker and
     # hf-classifier a hub id. nsfw-detector takes a Keras .h5 file or SavedModel folder;
     # laion-clip-nsfw the LAION NSFW head as safetensors, reading curation.clip_model's embedding.
@@ -228,22 +192,16 @@ class SafetySpec(_Section):
         return v
 
     def resolved_unsafe_classes(self) -> list[str] | None:
-        return (
-            self.unsafe_classes
-            if self.unsafe_classes is not None
-            else DEFAULT_UNSAFE_CLASSES[self.detector]
-        )
+        if self.unsafe_classes is not None:
+            return self.unsafe_classes
+        return DETECTORS[self.detector].default_unsafe_classes()
 
     def check_runnable(self) -> None:
         """Called before a job starts (not at parse time, so `sdfleet plan` works on any spec)."""
-        if self.detector != "none" and not self.model:
-            weights = {
-                "nsfw-detector": "path or s3:// URI of its weights (a Keras .h5 file or SavedModel folder)",
-                "laion-clip-nsfw": "path or s3:// URI of its head (a .safetensors file)",
-            }
+        if self.detector != NO_DETECTOR and not self.model:
             raise SpecError(
                 f"safety.detector={self.detector!r} needs safety.model: the "
-                f"{weights.get(self.detector, 'path, s3:// URI or hub id of its weights')}; "
+                f"{DETECTORS[self.detector].weights}; "
                 "or set safety.detector: none to skip safety scoring"
             )
 
@@ -458,11 +416,8 @@ class JobSpec(_Section):
                     f"generation.{key} is for model.task {takers}; model.task={name} has no {key}"
                 )
         cur = self.curation
-        if self.safety.detector == "laion-clip-nsfw" and not cur.clip_model:
-            raise ValueError(
-                "safety.detector=laion-clip-nsfw reads the CLIP image embedding curation computes: set "
-                "curation.clip_model to the CLIP checkpoint its head was trained on (ViT-L/14 for LAION's)"
-            )
+        if DETECTORS[self.safety.detector].needs_clip_model and not cur.clip_model:
+            raise ValueError(needs_clip_model_error(self.safety.detector))
         if cur.best_of_n:
             if self.sweep.seeds != 1:
                 raise ValueError(
@@ -489,17 +444,10 @@ class JobSpec(_Section):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Every key that changes what is written, flattened to dotted names."""
-        data = self.model_dump(mode="json")
-        flat = _flatten(data)
-        return {
-            k: v
-            for k, v in flat.items()
-            if not _is_operational(k) and _ADDED_KEYS.get(k, flat) != v
-        }
+        return fingerprint_fields(self.model_dump(mode="json"))
 
     def fingerprint(self, input_files: list[dict[str, Any]] | None = None) -> str:
-        payload = {"spec": self.fingerprint_fields(), "input_files": input_files or []}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+        return fingerprint(self.fingerprint_fields(), input_files)
 
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with credentials masked: safe for logs, _job.json and the dataset card."""
@@ -513,106 +461,7 @@ class JobSpec(_Section):
         return [getattr(self, section).storage_options for section in STORAGE_SECTIONS]
 
 
-# Keys that change how a job runs but not what it writes. Everything else is in the fingerprint,
-# so that a resume can never mix shards made under different settings.
-_OPERATIONAL_PREFIXES = (
-    "name",
-    "resources.",
-    "output.uri",
-    "input.uri",  # the listed files and their sizes are fingerprinted instead
-    "input.storage_options",
-    "output.storage_options",
-    "output.allow_non_exclusive_commits",
-    "model.storage_options",
-    "safety.storage_options",
-    "safety.model_sha256",  # a guard on the weights; their hash is recorded per row either way
-    "curation.storage_options",
-    "engine.compile_cache",  # where compiled graphs are kept, not how images are made
-)
-
-
-# Keys added after outputs were made, with the default that reproduces those outputs: left out of
-# the fingerprint at that default, so a job made before them still resumes after an upgrade.
-_ADDED_KEYS = {
-    "model.task": TEXT_TO_IMAGE,
-    "input.image_column": None,
-    "input.mask_column": None,
-    "generation.strength": None,
-    "generation.noise_level": None,
-    "engine.vae_tiling": False,
-    **{
-        f"curation.{k}": None
-        for k in (
-            "clip_model",
-            "aesthetic_model",
-            "nsfw_model",
-            "min_clip_score",
-            "min_aesthetic",
-            "max_punsafe",
-            "images_per_prompt",
-            "max_candidates",
-            "dedup_threshold",
-        )
-    },
-    "curation.save_embeddings": False,
-}
-
-
-def _is_operational(key: str) -> bool:
-    return any(key == p or key.startswith(p) for p in _OPERATIONAL_PREFIXES)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict) and v and name.count(".") < 1:
-            out.update(_flatten(v, name + "."))
-        else:
-            out[name] = v
-    return out
-
-
-_SECRET = re.compile(r"(secret|token|password|passwd|credential|session|key)", re.I)
-_NOT_SECRET = {"endpoint_url", "anon", "region_name", "profile", "use_ssl", "requester_pays"}
-
-
-def redact(options: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif k not in _NOT_SECRET and _SECRET.search(k):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
-
-
-def diff_fingerprint_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [k for k in keys if old.get(k, "<unset>") != new.get(k, "<unset>")]
-
-
 # ---------------------------------------------------------------- loading
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` to a raw spec dict; the value is parsed as YAML (safe_load)."""
-    if "=" not in assignment:
-        raise SpecError(f"--set {assignment!r} has no '='; write it as --set section.key=value")
-    dotted, raw = assignment.split("=", 1)
-    parts = [p for p in dotted.strip().split(".") if p]
-    if not parts:
-        raise SpecError(f"--set {assignment!r} names no key; write it as --set section.key=value")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    node = data
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise SpecError(f"--set {dotted}: {p!r} holds {child!r}, not a section")
-        node = child
-    node[parts[-1]] = value
 
 
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:
@@ -638,52 +487,3 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         apply_override(data, assignment)
     spec = parse_spec(data, str(path))
     return resolve_relative_paths(spec, path.absolute().parent)
-
-
-def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
-    """Relative local paths in a spec file are relative to the file's folder, not to where the
-    command runs (docker compose's rule), and are kept absolute: errors show where they point and
-    the rows' model_source regenerates from anywhere. input.uri and output.uri are paths whenever
-    they are not URIs; model.source and safety.model may also be hub ids, so they count as paths
-    only if written as one (./, ../) or if they name something that exists."""
-
-    def resolved(value: str | None, maybe_hub_id: bool) -> str | None:
-        if value is None or "://" in value or Path(value).expanduser().is_absolute():
-            return value
-        candidate = base / value
-        if maybe_hub_id and not (value.startswith(("./", "../")) or candidate.exists()):
-            return value
-        return str(candidate.resolve())
-
-    updates = {
-        "input": spec.input.model_copy(update={"uri": resolved(spec.input.uri, False)}),
-        "output": spec.output.model_copy(update={"uri": resolved(spec.output.uri, False)}),
-        "model": spec.model.model_copy(update={"source": resolved(spec.model.source, True)}),
-        "safety": spec.safety.model_copy(update={"model": resolved(spec.safety.model, True)}),
-        "curation": spec.curation.model_copy(
-            update={
-                "clip_model": resolved(spec.curation.clip_model, True),
-                "aesthetic_model": resolved(spec.curation.aesthetic_model, False),
-                "nsfw_model": resolved(spec.curation.nsfw_model, False),
-            }
-        ),
-    }
-    return spec.model_copy(update=updates)
-
-
-def format_validation_error(e: ValidationError, data: dict[str, Any], source: str) -> str:
-    lines = [f"{source}: invalid job spec"]
-    for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(
-                f"  {key}: unknown key (check the spelling; `sdfleet` accepts only documented keys)"
-            )
-        elif err["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
-        elif not key:  # a check across sections names its keys itself
-            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}={err.get('input')!r}: {msg}")
-    return "\n".join(lines)

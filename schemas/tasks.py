@@ -1,6 +1,7 @@
-"""What each `model.task` is: its diffusers pipeline class, what its checkpoint looks like, and
-what each sample needs and may vary. The one owner of the task concept: the spec validates
-against it, the planner checks checkpoints with it, the engine calls pipelines by it.
+"""What each `model.task` is: what its checkpoint looks like, and what each sample needs and may
+vary. The one owner of the task concept: the spec validates against it, the planner checks
+checkpoints with it, the engine calls pipelines by it. Which diffusers class runs a task is the
+model family's (`sdfleet.schemas.families`).
 
 No torch or diffusers here: `sdfleet plan` checks a checkpoint from its JSON configs alone.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Task:
-    pipeline: str  # the diffusers class an SD2 checkpoint is loaded as for this task
+    name: str
     # The diffusers auto class that picks the pipeline for other families too (SDXL's img2img for
     # its refiner, say); None: the task exists for SD2 only and loads `pipeline` itself.
     auto_pipeline: str | None
@@ -30,6 +31,13 @@ class Task:
     scale: int = 1
 
     @property
+    def pipeline(self) -> str:
+        """The diffusers class the default family (SD2) loads for this task."""
+        from sdfleet.schemas.families import DEFAULT_FAMILY
+
+        return DEFAULT_FAMILY.pipeline(self.name)
+
+    @property
     def parameters(self) -> tuple[str, ...]:
         """The task parameters (generation.* keys, sweepable) it takes."""
         return tuple(k for k in TASK_PARAMETERS if getattr(self, k) is not None)
@@ -38,35 +46,36 @@ class Task:
 TEXT_TO_IMAGE = "text-to-image"
 
 TASKS: dict[str, Task] = {
-    TEXT_TO_IMAGE: Task("StableDiffusionPipeline", "AutoPipelineForText2Image", 4),
-    "image-to-image": Task(
-        "StableDiffusionImg2ImgPipeline", "AutoPipelineForImage2Image", 4, image=True, strength=0.8
-    ),
-    "inpaint": Task(
-        "StableDiffusionInpaintPipeline",
-        "AutoPipelineForInpainting",
-        9,
-        image=True,
-        mask=True,
-        strength=1.0,
-    ),
-    "depth-to-image": Task(
-        "StableDiffusionDepth2ImgPipeline",
-        None,
-        5,
-        needs_component="depth_estimator",
-        image=True,
-        strength=0.8,
-    ),
-    "upscale": Task(
-        "StableDiffusionUpscalePipeline",
-        None,
-        7,
-        needs_component="low_res_scheduler",
-        image=True,
-        noise_level=20,
-        scale=4,
-    ),
+    task.name: task
+    for task in (
+        Task(TEXT_TO_IMAGE, "AutoPipelineForText2Image", 4),
+        Task("image-to-image", "AutoPipelineForImage2Image", 4, image=True, strength=0.8),
+        Task(
+            "inpaint",
+            "AutoPipelineForInpainting",
+            9,
+            image=True,
+            mask=True,
+            strength=1.0,
+        ),
+        Task(
+            "depth-to-image",
+            None,
+            5,
+            needs_component="depth_estimator",
+            image=True,
+            strength=0.8,
+        ),
+        Task(
+            "upscale",
+            None,
+            7,
+            needs_component="low_res_scheduler",
+            image=True,
+            noise_level=20,
+            scale=4,
+        ),
+    )
 }
 
 TASK_NAMES = tuple(TASKS)

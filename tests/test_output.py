@@ -5,6 +5,7 @@ The commit of one shard by racing writers is tests/test_commit.py's."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -23,7 +24,7 @@ from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.run import job_record
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError
-from sdfleet.schemas.layout import FailedShard, ShardAttemptError, ShardStats
+from sdfleet.schemas.layout import FailedShard, JobTotals, ShardAttemptError, ShardStats
 from sdfleet.schemas.rows import output_schema
 from sdfleet.schemas.samples import sample_key
 from sdfleet.schemas.spec import parse_spec
@@ -215,7 +216,8 @@ def test_survey_totals_add_up_the_committed_shards_only(output):
         shard_stats("00002", "another job", 2, gpu_seconds=100.0),
     )
     totals = output.survey().totals()
-    assert totals == {
+    assert isinstance(totals, JobTotals)
+    assert dataclasses.asdict(totals) == {
         "samples": 4,
         "ok": 2,
         "filtered": 1,
@@ -236,6 +238,23 @@ def test_survey_totals_add_up_the_committed_shards_only(output):
         "dtypes": ["float16", "float32"],
         "safety_model_sha256": ["a" * 64, "b" * 64],
     }
+
+
+def test_status_prints_the_typed_totals_and_curations_counts(output, capsys):
+    from sdfleet.jobs.cli import main
+    from sdfleet.jobs.output import curation_counts
+
+    job, storage = output.job, output.storage
+    put_record(
+        storage,
+        layout.stats_file("00000"),
+        shard_stats("00000", job["fingerprint"], 4, ok=1, failed=1, rejected=1, skipped=1),
+    )
+    totals = output.survey().totals()
+    assert totals.count("ok") == 1 and totals.count("duplicate") == 0
+    assert curation_counts(totals) == ", 1 rejected, 1 skipped"
+    main(["status", str(storage.url())])
+    assert "with rows: 1 ok, 0 filtered, 1 failed, 1 rejected, 1 skipped" in capsys.readouterr().out
 
 
 def test_survey_is_complete_only_when_the_committed_samples_are_the_planned_ones(output):

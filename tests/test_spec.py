@@ -1,13 +1,8 @@
 import pytest
 
-from sdfleet.schemas.spec import (
-    JobSpec,
-    SpecError,
-    apply_override,
-    diff_fingerprint_fields,
-    load_spec,
-    parse_spec,
-)
+from sdfleet.schemas.fingerprint import diff_fingerprint_fields
+from sdfleet.schemas.loading import apply_override
+from sdfleet.schemas.spec import JobSpec, SpecError, load_spec, parse_spec
 
 BASE = {"input": {"uri": "s3://b/prompts/"}, "output": {"uri": "s3://b/out/"}}
 

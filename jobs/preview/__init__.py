@@ -24,7 +24,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sdfleet.actors.storage import is_remote
 from sdfleet.jobs.output import OutputReader
 from sdfleet.jobs.preview.draw import PLACEHOLDER, RED, scale_factor
 from sdfleet.jobs.preview.errors import PreviewError
@@ -35,6 +34,7 @@ from sdfleet.jobs.preview.sheet import contact_sheet, select_sample, small_conta
 from sdfleet.jobs.preview.text import font, wrap
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import EXIT_OK
+from sdfleet.schemas.locations import is_remote
 
 __all__ = [
     "PLACEHOLDER",

@@ -13,7 +13,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.actors.storage import Storage
+from sdfleet.schemas.locations import is_remote
 
 META_KEY = "sdfleet-preview"
 

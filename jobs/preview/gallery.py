@@ -45,7 +45,7 @@ SORT_COLUMNS = ("clip_score", "aesthetic_score", "punsafe", "nsfw_score")
 def page_statuses(reader: OutputReader) -> list[str]:
     """The page's filters: the base statuses, and curation's where the output has any."""
     totals = reader.survey().totals()
-    return [s for s in STATUSES if s in BASE_STATUSES or totals.get(s)]
+    return [s for s in STATUSES if s in BASE_STATUSES or totals.count(s)]
 
 
 EMBED_AS_IS_BYTES = (
@@ -137,7 +137,7 @@ def _render_page(reader: OutputReader, rows: list[dict[str, Any]], show_filtered
             note="filtered images shown (from quarantine/)"
             if show_filtered
             else "filtered images hidden",
-            filters=[{"status": s, "shown": shown[s], "total": totals[s]} for s in statuses],
+            filters=[{"status": s, "shown": shown[s], "total": totals.count(s)} for s in statuses],
             sort_columns=[c for c in SORT_COLUMNS if any(r.get(c) is not None for r in rows)],
             cards=[_card(r, images.get(r["key"]), show_filtered) for r in rows],
             rows=[{k: _jsonable(v) for k, v in r.items() if not k.startswith("_")} for r in rows],

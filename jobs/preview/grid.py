@@ -24,42 +24,14 @@ from sdfleet.jobs.preview.draw import (
 from sdfleet.jobs.preview.errors import PreviewError
 from sdfleet.jobs.preview.files import encode_png, png_or_written
 from sdfleet.jobs.preview.text import Font, fmt_value, font, line_height, text_width, wrap
-from sdfleet.schemas.rows import STATUS_FAILED, STATUS_FILTERED, STATUS_OK
+from sdfleet.schemas.rows import OUTPUT_COLUMNS, STATUS_FAILED, STATUS_FILTERED, STATUS_OK
+from sdfleet.schemas.samples import SWEEP_COORDINATES
 
-# The columns a sweep can vary, in the order they are offered when an axis is wrong.
-AXIS_COLUMNS = (
-    "guidance_scale",
-    "num_inference_steps",
-    "seed",
-    "scheduler",
-    "width",
-    "height",
-    "negative_prompt",
-)
-# Columns that differ per sample by construction (or describe the result, not the input): never an axis.
-NOT_AXES = frozenset(
-    {
-        "key",
-        "sample_id",
-        "shard_id",
-        "status",
-        "error",
-        "image_sha256",
-        "nsfw_score",
-        "nsfw_scores",
-        "safety_flagged",
-        "prompt",
-        "prompt_id",
-        "prompt_tokens",
-        "prompt_truncated",
-        "device",
-        "worker_node",
-        "worker_id",
-        "gpu_id",
-        "gen_seconds",
-        "created_at",
-    }
-)
+# The columns a sweep varies (a sweep point's coordinates), in the order they are offered when an
+# axis is wrong; besides them, the input's passthrough columns may be axes.
+AXIS_COLUMNS = SWEEP_COORDINATES
+# Every other output column describes the result or how it was made: never an axis.
+NOT_AXES = frozenset(OUTPUT_COLUMNS) - frozenset(AXIS_COLUMNS)
 
 MARGIN = 16
 GAP = 6  # between cells: thin, so neighbouring images compare at a glance
@@ -336,7 +308,8 @@ def _fixed_parameters(plot: _Plot) -> list[str]:
     first, axes = plot.first, (plot.x, plot.y)
     fixed = [f"prompt_id={fmt_value(plot.prompt_id)}"]
     for c in AXIS_COLUMNS:
-        if c in first and c not in axes:
+        # A coordinate null in every row is not one this job has (a task parameter elsewhere).
+        if c in first and c not in axes and _distinct(plot.rows, c) != [None]:
             fixed.append(
                 f"{c}={fmt_value(first.get(c))}" + (" (held; it varies)" if c in plot.held else "")
             )

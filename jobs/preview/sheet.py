@@ -207,8 +207,8 @@ def _arrange(tiles: list[_Tile], min_tile: int, caption_h: int, title_h: int) ->
 def _heading(reader: OutputReader, shown: int, show_filtered: bool) -> str:
     totals = reader.survey().totals()
     heading = (
-        f"{reader.name}: {shown} shown · {totals['ok']} ok, {totals['filtered']} filtered, "
-        f"{totals['failed']} failed"
+        f"{reader.name}: {shown} shown · {totals.ok} ok, {totals.filtered} filtered, "
+        f"{totals.failed} failed"
     )
     return heading + (" · filtered shown" if show_filtered else "")
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from sdfleet.actors.storage import local_copy
 from sdfleet.jobs.score import ScoreError
+from sdfleet.schemas.weights import is_safetensors
 
 # safetensors metadata key naming the feature extractor's architecture; absent -> the FID InceptionV3.
 ARCH_METADATA_KEY = "sdfleet_feature_extractor"
@@ -284,7 +285,7 @@ def load_feature_extractor(
     and nothing else may be.
     """
     path = Path(local_copy(weights, storage_options))
-    if path.suffix != ".safetensors":
+    if not is_safetensors(path.name):
         raise ScoreError(
             f"--fid-weights {weights}: expected a .safetensors file (sdfleet never unpickles weights); "
             "see `sdfleet score --help` for converting the official .pth once"
