@@ -183,7 +183,7 @@ def make_output(folder: Path, shards: int, template: Path) -> Path:
     import pyarrow.parquet as pq
 
     from sdfleet.jobs.plan import Planner
-    from sdfleet.jobs.run import job_record
+    from sdfleet.jobs.sink import job_record
     from sdfleet.schemas import layout
     from sdfleet.schemas.layout import ShardStats
     from sdfleet.schemas.spec import parse_spec
@@ -279,7 +279,7 @@ elif what == "survey":
     survey = OutputReader.open(sys.argv[1]).survey()
     code = 0 if len(survey.committed) == survey.num_shards else 1
 else:
-    from sdfleet.jobs.finalize import Finalizer
+    from sdfleet.jobs.sink import Finalizer
     from sdfleet.jobs.output import OutputReader
     code = 0 if Finalizer(OutputReader.open(sys.argv[1])).finalize() else 1
 print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "code": code,

@@ -181,9 +181,10 @@ def _dispatch(args) -> int:
 
 def _plan(spec) -> int:
     from sdfleet.jobs.plan import estimate
-    from sdfleet.jobs.run import JobRunner
+    from sdfleet.jobs.preflight import Preflight
 
-    plan, verdict = JobRunner(spec).check()
+    checked = Preflight(spec).check()
+    plan, verdict = checked.plan, checked.verdict
     est = estimate(plan)
     axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())
     seeds = spec.sweep.num_seeds() * spec.curation.candidates

@@ -6,6 +6,9 @@ call fails goes back to the queue until it has failed `max_attempts` times; a te
 shard starts. Each actor holds two shards and runs both calls at once: one generating, the other
 reading its prompts before, or writing its output after, its turn on the GPU (see
 `sdfleet.actors.generator`).
+
+The pool (`sdfleet.jobs.pool.ActorPool`) keeps the books and speaks Ray; the dispatcher sees only
+its `PoolEvent`s, so this policy runs, and is tested, without Ray (tests/test_dispatch.py).
 """
 
 from __future__ import annotations
@@ -13,24 +16,34 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from sdfleet.actors.generator import Preempted
-from sdfleet.actors.storage import Storage
-from sdfleet.jobs.pool import ActorPool, Finished, Slot
-from sdfleet.schemas import layout
-from sdfleet.schemas.errors import UserError, first_line
+from sdfleet.jobs.pool import (
+    DIED,
+    DONE,
+    FAILED,
+    PREEMPTED,
+    START_FAILED,
+    STARTED,
+    PoolEvent,
+    Slot,
+)
+from sdfleet.schemas.errors import UserError
 from sdfleet.schemas.layout import FailedShard, ShardAttemptError, ShardStats
 from sdfleet.schemas.plan import Plan
+
+if TYPE_CHECKING:
+    from sdfleet.jobs.pool import ActorPool
+    from sdfleet.jobs.sink import OutputSink
 
 log = logging.getLogger("sdfleet")
 
 # How often the loop wakes without a result, to check shard timeouts and refresh the display.
 POLL_S = 1.0
 # The reason a preempted worker's shards are requeued with; such a failure is never counted.
-PREEMPTED = "worker preempted"
+PREEMPTED_REASON = "worker preempted"
 
 
 @dataclass
@@ -57,22 +70,22 @@ class Dispatcher:
     def __init__(
         self,
         plan: Plan,
-        storage: Storage,
+        sink: OutputSink,
+        pool: ActorPool,
         shard_ids: list[int],
         *,
         progress: bool = True,
-        embedded: bool = False,
         done_samples: int = 0,
         spent_gpu_seconds: float = 0.0,
-        worker: type | None = None,
     ):
-        """shard_ids: the shards to make; done_samples and spent_gpu_seconds: what earlier runs of
-        this job already made and spent (for the progress bar and the budget); worker: the actor
-        class (default ShardGenerator)."""
+        """sink: where committed and quarantined shards are reported; pool: the workers (the
+        dispatcher shuts it down when done); shard_ids: the shards to make; done_samples and
+        spent_gpu_seconds: what earlier runs of this job already made and spent (for the progress
+        bar and the budget)."""
         self.plan = plan
         self.resources = plan.spec.resources
-        self.storage = storage
-        self.embedded = embedded
+        self.sink = sink
+        self.pool = pool
         self.queue = deque(ShardTask(s) for s in shard_ids)
         self.result = DispatchResult()
         self.spent_gpu_seconds = spent_gpu_seconds
@@ -80,27 +93,26 @@ class Dispatcher:
         self.any_ready = False
         self.progress = progress
         self.done_samples = done_samples
-        self.worker = worker
 
     def run(self) -> DispatchResult:
         """Make every queued shard, or quarantine it, or stop at the budget."""
-        pool = ActorPool(self.plan, self.embedded, self.worker)
+        pool = self.pool
         bar = self._progress_bar()
         try:
             # The pull loop: size the pool, feed ready actors, collect results, enforce timeouts.
             while self._open_queue() or pool.busy:
-                pool.resize(self._desired(pool))
+                pool.resize(self._desired())
                 pool.feed(self._next_task)
-                for finished in pool.wait(POLL_S):
-                    self._collect(pool, finished, bar)
+                for event in pool.wait(POLL_S):
+                    self._collect(event, bar)
                 limit = self.resources.shard_timeout_s
                 for slot in pool.timed_out(limit):
                     log.warning(
                         "shard %s ran past shard_timeout_s=%s; killing its worker",
-                        self.plan.shard_name(slot.tasks[0][1].shard_id),
+                        self.plan.shard_name(slot.running.shard_id),
                         limit,
                     )
-                    self._lose_actor(pool, slot, f"timed out after {limit}s")
+                    self._lose_actor(slot, f"timed out after {limit}s")
                 pool.report_waiting()
                 bar.set_postfix(
                     workers=f"{pool.ready} running, {len(pool.slots) - pool.ready} pending",
@@ -135,60 +147,55 @@ class Dispatcher:
     def _next_task(self) -> ShardTask | None:
         return self.queue.popleft() if self._open_queue() else None
 
-    def _desired(self, pool: ActorPool) -> int:
+    def _desired(self) -> int:
         """Toward min(max_workers, shards not yet done), never below min_workers while work remains."""
-        remaining = self._open_queue() + pool.busy
+        remaining = self._open_queue() + self.pool.busy
         return 0 if remaining == 0 else max(self.resources.min_workers, remaining)
 
     # ---------------------------------------------------------------- results
 
-    def _collect(self, pool: ActorPool, finished: Finished, bar) -> None:
-        import ray
-
-        e = finished.error
-        if finished.task is None:  # an actor's start-up
-            if e is None:
-                self.any_ready, self.start_failures = True, 0
-            else:
-                self._start_failed(pool, finished.slot, e)
-        elif isinstance(e, ray.exceptions.RayActorError):
-            self._lose_actor(pool, finished.slot, f"worker died: {first_line(e)}")
-        elif isinstance(getattr(e, "cause", None), Preempted):
-            # A termination notice (spot reclaim, pod eviction) is not the shard's fault.
-            self._lose_actor(pool, finished.slot, f"{PREEMPTED}: {e.cause}", preempted=True)
-        elif e is not None:
-            pool.release(finished)
-            self._fail(finished.task, _task_error(e))
-        else:
-            stats: ShardStats = finished.value
-            self.result.committed[finished.task.shard_id] = stats
+    def _collect(self, event: PoolEvent, bar) -> None:
+        if event.kind == STARTED:
+            self.any_ready, self.start_failures = True, 0
+        elif event.kind == START_FAILED:
+            self._start_failed(event)
+        elif event.kind == DIED:
+            self._lose_actor(event.slot, f"worker died: {event.summary}")
+        elif event.kind == PREEMPTED:
+            self._lose_actor(event.slot, f"{PREEMPTED_REASON}: {event.summary}", preempted=True)
+        elif event.kind == FAILED:
+            self.pool.release(event)
+            self._fail(event.task, event.error)
+        elif event.kind == DONE:
+            stats: ShardStats = event.stats
+            self.result.committed[event.task.shard_id] = stats
             self.spent_gpu_seconds += stats.gpu_seconds
+            self.sink.shard_written(stats)
             bar.update(stats.samples)
+        else:
+            raise AssertionError(f"unknown pool event {event.kind}")
 
-    def _start_failed(self, pool: ActorPool, slot: Slot, e: BaseException) -> None:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, UserError):
+    def _start_failed(self, event: PoolEvent) -> None:
+        if event.refusal is not None:
             # A bad model, weights refused, an output it may not write: the next worker would
             # find the same, so the job stops now instead of after max_attempts workers.
-            raise WorkerStartError(str(cause)) from None
+            raise WorkerStartError(str(event.refusal)) from None
         self.start_failures += 1
-        message = _task_error(e)
+        message = event.error
         log.error(
             "a worker failed to start: %s",
-            message.strip().splitlines()[-1] if message.strip() else e,
+            message.strip().splitlines()[-1] if message.strip() else message,
         )
         if not self.any_ready and self.start_failures >= self.resources.max_attempts:
             raise WorkerStartError(
                 f"no worker could start after {self.start_failures} tries; last error:\n{message}"
             )
-        self._lose_actor(pool, slot, f"worker failed to start: {first_line(e)}")
+        self._lose_actor(event.slot, f"worker failed to start: {event.summary}")
 
-    def _lose_actor(
-        self, pool: ActorPool, slot: Slot, reason: str, preempted: bool = False
-    ) -> None:
+    def _lose_actor(self, slot: Slot, reason: str, preempted: bool = False) -> None:
         """The slot's actor is gone or hung: its running shard fails (uncounted if preempted), its
         queued one goes back uncounted."""
-        held = pool.remove(slot)
+        held = self.pool.remove(slot)
         for i, task in enumerate(held):
             self._fail(task, reason, counted=i == 0 and not preempted)
         if self.queue:
@@ -214,7 +221,7 @@ class Dispatcher:
             errors=task.errors,
             fingerprint=self.plan.fingerprint,
         )
-        self.storage.write_json(layout.failed_file(name), record.model_dump(mode="json"))
+        self.sink.shard_failed(name, record)
         log.error(
             "shard %s quarantined after %d attempts: %s",
             name,
@@ -235,10 +242,3 @@ class Dispatcher:
             mininterval=1.0 if sys.stdout.isatty() else 10.0,
             dynamic_ncols=True,
         )
-
-
-def _task_error(e: BaseException) -> str:
-    cause = getattr(e, "cause", None)
-    if cause is not None:
-        return "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
-    return str(e)

@@ -1,114 +1,17 @@
-"""The files that declare a dataset complete: sizes.json, the dataset card and, last, _SUCCESS.
+"""The dataset card (README.md) of a complete output: what it holds, how it was made, its layout.
 
-They are written only when every planned sample has exactly one row (`OutputReader.survey` says
-which shards are committed; the Parquet footers are counted again here before anything is written).
+`sdfleet.jobs.sink.Finalizer` writes it with the other files that declare a dataset complete.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
-from sdfleet.jobs.output import OutputReader, Survey
+from sdfleet.jobs.output import Survey
 from sdfleet.schemas import layout
 from sdfleet.schemas.detectors import NO_DETECTOR
-from sdfleet.schemas.errors import UserError
 from sdfleet.schemas.layout import JobTotals
-
-log = logging.getLogger("sdfleet")
-
-
-class IncompleteOutput(UserError):
-    """Committed shards that do not add up to the plan, or whose files are not the ones their stats
-    describe: an output changed by something other than sdfleet."""
-
-
-class Finalizer:
-    def __init__(self, reader: OutputReader):
-        self.reader = reader
-        self.storage = reader.storage
-
-    def _check_files(self) -> None:
-        problems = self.reader.verify()
-        if problems:
-            details = "; ".join(
-                f"shard {name}: {', '.join(found)}" for name, found in sorted(problems.items())
-            )
-            raise IncompleteOutput(
-                f"{self.storage.url()}: committed shards whose files differ from their stats "
-                f"({details}); no _SUCCESS written. Remove those shards' stats files and rerun "
-                "to make them again"
-            )
-
-    def _check_rows(self, s: Survey) -> None:
-        rows = self.reader.parquet_rows(sorted(s.committed))
-        for name, stats in s.committed.items():
-            n = rows[name]
-            if n != stats.samples:
-                raise IncompleteOutput(
-                    f"{self.storage.url(layout.parquet_file(name))} has {n} rows but its "
-                    f"stats say {stats.samples}"
-                )
-
-    def _discard_leftovers(self, s: Survey) -> None:
-        """Staged files no commit refers to: writers that lost a commit or died before one."""
-        referenced = {
-            f.upload_id or f.temp for st in s.committed.values() for f in st.files.values()
-        }
-        discarded = self.storage.discard_leftovers(referenced)
-        if discarded:
-            log.info("discarded %d staged file(s) that no commit refers to", discarded)
-
-    def finalize(self) -> bool:
-        """Write sizes.json, README.md and _SUCCESS if the dataset is complete. Returns completeness."""
-        s = self.reader.survey(refresh=True)
-        if not s.complete:
-            return False
-        # 1. Every committed file is its commit's (a commit whose writer died before publishing is
-        #    published now), and the Parquet footers hold one row per planned sample (the survey has
-        #    checked that the stats add up to the plan).
-        self._check_files()
-        self._check_rows(s)
-        self._discard_leftovers(s)
-        # 2. The results join the job record (its spec and fingerprint stay as they were), then
-        #    sizes.json, the dataset card, and the marker last.
-        job = self.reader.job
-        t = s.totals()
-        self.storage.write_json(
-            layout.JOB_FILE,
-            {
-                **job,
-                "results": {
-                    "samples": t.samples,
-                    "ok": t.ok,
-                    "filtered": t.filtered,
-                    "failed": t.failed,
-                    **{k: t.count(k) for k in ("rejected", "duplicate", "skipped") if t.count(k)},
-                    "safety": {
-                        "detector": job["spec"]["safety"]["detector"],
-                        "model_sha256": t.safety_model_sha256,
-                        "flagged": t.flagged,
-                        "flagged_by_class": t.flagged_by_class,
-                        "action": job["spec"]["safety"]["action"],
-                    },
-                    "gpu_seconds": t.gpu_seconds,
-                },
-            },
-        )
-        self.storage.write_json(
-            layout.SIZES_FILE,
-            {layout.tar_file(n): st.images_in_tar for n, st in sorted(s.committed.items())},
-        )
-        sheet = None
-        if t.images_in_tar:
-            from sdfleet.jobs.preview import small_contact_sheet
-
-            sheet = layout.CARD_SHEET
-            self.storage.write_bytes(sheet, small_contact_sheet(self.reader))
-        self.storage.write_bytes(layout.CARD_FILE, dataset_card(job, s, sheet).encode())
-        self.storage.write_bytes(layout.SUCCESS_FILE, b"")
-        return True
 
 
 def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> str:

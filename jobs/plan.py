@@ -5,6 +5,7 @@ The plan's data types live in `sdfleet.schemas.plan`, so that workers type again
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ class Planner:
             else None,
         )
         if self.spec.input.id_column and source is None:
-            plan.duplicate_rows = self._duplicate_ids(plan)
+            plan = dataclasses.replace(plan, duplicate_rows=self._duplicate_ids(plan))
         return plan
 
     def _source_output(self) -> dict[str, int] | None:

@@ -5,6 +5,9 @@ business (`sdfleet.jobs.dispatch`), not the pool's.
 The pool knows its slots (an actor and the shards it holds), which actors have loaded their
 models (only those get shards), how long each actor's oldest shard has run (timeouts), and what to
 ask the autoscaler for. Cf. Ray Data's `_ActorPool` and datatrove's timeout manager.
+
+Ray stays in here: what comes back from the actors reaches the dispatcher as a `PoolEvent` of one
+of six kinds (`EVENT_KINDS`), never as a Ray object or exception.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdfleet.schemas.errors import UserError, first_line
 from sdfleet.schemas.plan import Plan
 
 log = logging.getLogger("sdfleet")
@@ -109,6 +114,11 @@ class Slot:
             self.head_since = time.monotonic()
         self.tasks.append((ref, task))
 
+    @property
+    def running(self) -> Any:
+        """The task of its oldest shard: the one generating (or the first to have)."""
+        return self.tasks[0][1]
+
     def pop(self, ref: Any) -> None:
         for i, (r, _) in enumerate(self.tasks):
             if r == ref:
@@ -120,15 +130,32 @@ class Slot:
                 return
 
 
-@dataclass
-class Finished:
-    """A call that came back: an actor's start-up (task None) or one of its shards."""
+# What the pool reports, per call that came back: an actor's start-up, then one of its shards.
+STARTED = "started"  # the actor loaded its models and takes shards
+START_FAILED = "start_failed"  # the actor could not start (it is still the pool's to remove)
+DIED = "died"  # the actor is gone, with the shards it held
+PREEMPTED = "preempted"  # the actor got a termination notice (spot reclaim, pod eviction)
+FAILED = "failed"  # the shard's call raised; the actor lives on
+DONE = "done"  # the shard is committed
+EVENT_KINDS = (STARTED, START_FAILED, DIED, PREEMPTED, FAILED, DONE)
 
+
+@dataclass
+class PoolEvent:
+    """A call that came back, in the dispatcher's terms."""
+
+    kind: str  # one of EVENT_KINDS
     slot: Slot
-    task: Any = None
-    value: Any = None  # the shard's stats
-    error: BaseException | None = None  # a Ray error: the actor died, or the call raised
-    ref: Any = None
+    task: Any = None  # the shard's task; None for a start-up
+    stats: Any = None  # DONE: the shard's ShardStats
+    # START_FAILED and FAILED: the error in full (the worker's traceback where there is one).
+    error: str = ""
+    # START_FAILED and DIED: the error's first line; PREEMPTED: the notice.
+    summary: str = ""
+    # START_FAILED: the UserError the worker refused to start with (bad model, output not writable):
+    # every other worker would meet it too.
+    refusal: UserError | None = None
+    ref: Any = None  # the call, for `release`
 
 
 @dataclass
@@ -230,7 +257,7 @@ class ActorPool:
             slot.add(ref, task)
             self.refs[ref] = (slot, task)
 
-    def wait(self, timeout: float) -> Iterator[Finished]:
+    def wait(self, timeout: float) -> Iterator[PoolEvent]:
         """The calls that came back within `timeout` seconds (at most one start-up or shard)."""
         import ray
 
@@ -242,14 +269,7 @@ class ActorPool:
         for ref in done:
             starting = self.starting.pop(ref, None)
             if starting is not None:
-                try:
-                    ray.get(ref)
-                    starting.ready = True
-                    self.ready += 1
-                    self.hungry.append(starting)
-                    yield Finished(starting)
-                except ray.exceptions.RayError as e:
-                    yield Finished(starting, error=e)
+                yield self._started(starting)
                 continue
             if ref not in self.refs:
                 continue  # its actor was already removed
@@ -258,18 +278,34 @@ class ActorPool:
                 value = ray.get(ref)
             except ray.exceptions.RayError as e:
                 # The slot keeps the task: whether it goes with the actor or alone is the caller's call.
-                yield Finished(slot, task, error=e, ref=ref)
+                yield _failure(slot, task, ref, e)
                 continue
             self._pop(slot, ref)
-            yield Finished(slot, task, value=value, ref=ref)
+            yield PoolEvent(DONE, slot, task, stats=value, ref=ref)
+
+    def _started(self, slot: Slot) -> PoolEvent:
+        import ray
+
+        try:
+            ray.get(slot.ready_ref)
+        except ray.exceptions.RayError as e:
+            cause = getattr(e, "cause", None)
+            refusal = cause if isinstance(cause, UserError) else None
+            return PoolEvent(
+                START_FAILED, slot, error=_error_text(e), summary=first_line(e), refusal=refusal
+            )
+        slot.ready = True
+        self.ready += 1
+        self.hungry.append(slot)
+        return PoolEvent(STARTED, slot)
 
     def _pop(self, slot: Slot, ref: Any) -> None:
         slot.pop(ref)
         self.hungry.append(slot)
 
-    def release(self, finished: Finished) -> None:
+    def release(self, event: PoolEvent) -> None:
         """Drop a failed call's shard from its slot; the actor lives on."""
-        self._pop(finished.slot, finished.ref)
+        self._pop(event.slot, event.ref)
 
     def timed_out(self, limit_s: float) -> list[Slot]:
         """Slots whose oldest shard has run longer than `limit_s`, looked for once per TIMEOUT_SCAN_S."""
@@ -352,3 +388,25 @@ def choose_worker_kind(plan: Plan, embedded: bool) -> WorkerKind:
     capacity = max(1, min(res.max_workers, cpus // 2 or 1))
     log.info("no GPUs for this job: running up to %d CPU worker(s)", capacity)
     return WorkerKind({"num_cpus": 1}, capacity, res.cpu_threads or max(1, cpus // capacity), 0.0)
+
+
+def _failure(slot: Slot, task: Any, ref: Any, e: BaseException) -> PoolEvent:
+    """A shard's call that raised: its actor died, was preempted, or the call itself failed."""
+    import ray
+    from sdfleet.actors.generator import Preempted
+
+    if isinstance(e, ray.exceptions.RayActorError):
+        return PoolEvent(DIED, slot, task, summary=first_line(e), ref=ref)
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, Preempted):
+        # A termination notice is not the shard's fault.
+        return PoolEvent(PREEMPTED, slot, task, summary=str(cause), ref=ref)
+    return PoolEvent(FAILED, slot, task, error=_error_text(e), ref=ref)
+
+
+def _error_text(e: BaseException) -> str:
+    """The worker's own traceback where Ray carries one (the cause of a task error), else the message."""
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        return "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+    return str(e)

@@ -29,8 +29,10 @@ class InputFile:
         return self.uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """Frozen: made once by planning (`sdfleet.jobs.preflight`), then only read."""
+
     spec: JobSpec
     files: list[InputFile]
     points: list[dict[str, Any]]
@@ -49,7 +51,7 @@ class Plan:
             for f in self.files:
                 offsets.append(total)
                 total += f.rows
-            self.row_offsets = offsets
+            object.__setattr__(self, "row_offsets", offsets)  # frozen: __init__'s own way
 
     @property
     def num_rows(self) -> int:

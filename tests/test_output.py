@@ -18,10 +18,10 @@ from PIL import Image
 from helpers import write_prompts
 from sdfleet.actors.storage import Storage
 from sdfleet.actors.writer import ShardWriter
-from sdfleet.jobs.finalize import Finalizer, IncompleteOutput, dataset_card
+from sdfleet.jobs.finalize import dataset_card
 from sdfleet.jobs.output import NotAnOutput, OutputReader, Survey
 from sdfleet.jobs.plan import Planner
-from sdfleet.jobs.run import job_record
+from sdfleet.jobs.sink import Finalizer, IncompleteOutput, job_record
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError
 from sdfleet.schemas.layout import FailedShard, JobTotals, ShardAttemptError, ShardStats
@@ -572,7 +572,7 @@ def test_of_two_drivers_with_different_specs_starting_at_once_exactly_one_claims
 ):
     import threading
 
-    from sdfleet.jobs.run import JobRunner
+    from sdfleet.jobs.sink import OutputSink
     from sdfleet.schemas.errors import SpecError
 
     write_prompts(tmp_path / "in" / "p.parquet", ["a quiet harbour", "a loud harbour"])
@@ -581,26 +581,25 @@ def test_of_two_drivers_with_different_specs_starting_at_once_exactly_one_claims
         if where == "s3"
         else str(tmp_path / "out")
     )
-    runners = [
-        JobRunner(
-            parse_spec(
-                {
-                    "input": {"uri": str(tmp_path / "in")},
-                    "output": {"uri": out},
-                    "generation": {"guidance_scale": g},
-                    "safety": {"detector": "none"},
-                }
-            )
+    specs = [
+        parse_spec(
+            {
+                "input": {"uri": str(tmp_path / "in")},
+                "output": {"uri": out},
+                "generation": {"guidance_scale": g},
+                "safety": {"detector": "none"},
+            }
         )
         for g in (3.0, 7.5)
     ]
-    plans = [Planner(r.spec).plan() for r in runners]
+    plans = [Planner(spec).plan() for spec in specs]
+    sinks = [OutputSink(Storage(s.output.uri, s.output.storage_options)) for s in specs]
     start, outcomes = threading.Barrier(2), [None, None]
 
     def claim(i: int) -> None:
         start.wait()
         try:
-            runners[i]._claim_output(plans[i], runners[i]._judge_output(plans[i]))
+            sinks[i].claim(plans[i], sinks[i].judge(plans[i]))
             outcomes[i] = plans[i].fingerprint
         except SpecError as e:
             outcomes[i] = e
@@ -618,7 +617,7 @@ def test_of_two_drivers_with_different_specs_starting_at_once_exactly_one_claims
 
 
 def test_an_output_with_files_but_no_job_record_is_refused_naming_them(tmp_path, tiny_model):
-    from sdfleet.jobs.run import JobRunner
+    from sdfleet.jobs.preflight import Preflight
     from sdfleet.schemas.errors import SpecError
 
     write_prompts(tmp_path / "in" / "p.parquet", ["a quiet harbour"])
@@ -633,5 +632,5 @@ def test_an_output_with_files_but_no_job_record_is_refused_naming_them(tmp_path,
         }
     )
     with pytest.raises(SpecError, match=r"holds 1 file\(s\) but no _job.json \(e.g. 00000.tar\)"):
-        JobRunner(spec).check()
+        Preflight(spec).check()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.tar"]  # nothing written

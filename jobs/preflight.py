@@ -1,0 +1,149 @@
+"""Pre-flight: everything `run` checks before any worker starts, writing nothing.
+
+`sdfleet plan` runs it alone; `sdfleet run` runs it first and is handed its result: a finished,
+immutable plan (the checkpoint's native size filled in) and the verdict on the output. Nothing after
+it changes the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.jobs.plan import Planner
+from sdfleet.jobs.sink import OutputSink, Verdict
+from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.plan import Plan
+from sdfleet.schemas.spec import JobSpec
+from sdfleet.schemas.tasks import TASKS
+
+log = logging.getLogger("sdfleet")
+
+# Text-to-image size for a checkpoint whose configs give none: SD2-base's.
+FALLBACK_SIZE = 512
+
+
+@dataclass(frozen=True)
+class CheckedPlan:
+    """What pre-flight hands `run`: the plan to make, and what to do with the output."""
+
+    plan: Plan
+    verdict: Verdict
+
+
+class Preflight:
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+
+    def check(self) -> CheckedPlan:
+        """The input (by planning it), the model, the detector and curation's models, and the
+        output; in that order, so the first problem a user meets is the first one a run meets."""
+        # 1. Plan: lists the input and reads Parquet footers; bad input is refused here.
+        self._check_input_and_output_apart()
+        planned = Planner(self.spec).plan()
+        log.info(
+            "planned %d samples in %d shards from %d input file(s)",
+            planned.num_samples,
+            planned.num_shards,
+            len(planned.files),
+        )
+        # 2. The model (does it fit the task?) and the detector, before any GPU is asked for.
+        checkpoint = self._check_model()
+        self._check_detector()
+        self._check_curation_models()
+        # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
+        #    the estimate and every row name the size that is made.
+        plan = dataclasses.replace(planned, spec=self._with_checkpoint_size(checkpoint))
+        # 4. The output: empty, this job's, or a job that committed nothing.
+        storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
+        return CheckedPlan(plan, OutputSink(storage).judge(plan))
+
+    def _check_input_and_output_apart(self) -> None:
+        """An output inside the input folder would be read back as prompts (every *.parquet below
+        it), and an input inside the output would be taken for stray files."""
+
+        def folder(uri: str) -> str:
+            uri = uri.removeprefix("file://")
+            static = uri.split("*")[0].split("?")[0].split("[")[0]
+            return (static.rsplit("/", 1)[0] if static != uri else uri).rstrip("/")
+
+        inp, out = folder(self.spec.input.uri), folder(self.spec.output.uri)
+        if inp == out or inp.startswith(out + "/") or out.startswith(inp + "/"):
+            raise SpecError(
+                f"input.uri {self.spec.input.uri} and output.uri {self.spec.output.uri} overlap: a run "
+                "would read its own Parquet files as prompts. Give them separate folders"
+            )
+
+    def _check_model(self):
+        """The checkpoint: where it is, what it is, whether it does the task and has the schedulers
+        the spec names. Returns what was read of it."""
+        from sdfleet.actors.engine import (
+            check_model_source,
+            check_scheduler_names,
+            check_task,
+            read_checkpoint,
+        )
+
+        names = {self.spec.model.scheduler, *self.spec.sweep.axes.get("scheduler", [])} - {None}
+        check_model_source(self.spec.model)
+        checkpoint = read_checkpoint(self.spec.model)
+        check_task(self.spec.model.task, checkpoint)
+        check_scheduler_names(sorted(names))
+        return checkpoint
+
+    def _check_detector(self) -> None:
+        safety = self.spec.safety
+        safety.check_runnable()
+        if safety.detector == "laion-clip-nsfw" and not safety.model.endswith(".safetensors"):
+            raise SpecError(
+                f"safety.model={safety.model} is not a .safetensors file; laion-clip-nsfw loads its head "
+                "from safetensors only: convert the original once (see the README's Curation section)"
+            )
+        if (
+            safety.model
+            and not is_remote(safety.model)
+            and safety.model.startswith((".", "/", "~"))
+            and not Path(safety.model).expanduser().exists()
+        ):
+            raise SpecError(
+                f"safety.model {safety.model} does not exist; give the detector's weights"
+            )
+
+    def _check_curation_models(self) -> None:
+        """What the driver can see of curation.*'s models: heads are safetensors files, and local paths exist."""
+        cur = self.spec.curation
+        for key in ("clip_model", "aesthetic_model", "nsfw_model"):
+            value = getattr(cur, key)
+            if value is None:
+                continue
+            if key != "clip_model" and not value.endswith(".safetensors"):
+                raise SpecError(
+                    f"curation.{key}={value} is not a .safetensors file; sdfleet loads heads from "
+                    "safetensors only: convert the original once (see the README's Curation section)"
+                )
+            if (
+                not is_remote(value)
+                and value.startswith((".", "/", "~"))
+                and not Path(value).expanduser().exists()
+            ):
+                raise SpecError(f"curation.{key} {value} does not exist")
+
+    def _with_checkpoint_size(self, checkpoint) -> JobSpec:
+        """Text-to-image without a width or height makes the checkpoint's native size (512-base:
+        512, 768-v: 768); the image tasks' sizes come from their inputs."""
+        gen = self.spec.generation
+        if TASKS[self.spec.model.task].image or (gen.width is not None and gen.height is not None):
+            return self.spec
+        size = checkpoint.default_size or FALLBACK_SIZE
+        if not checkpoint.default_size:
+            log.warning(
+                "model.source %s names no native size; making %dx%d (set generation.width and height)",
+                checkpoint.source,
+                size,
+                size,
+            )
+        resolved = gen.model_copy(update={"width": gen.width or size, "height": gen.height or size})
+        return self.spec.model_copy(update={"generation": resolved})

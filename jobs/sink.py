@@ -1,0 +1,431 @@
+"""The output's lifecycle, written by one owner: the control files the driver keeps beside the data.
+
+`OutputSink` has one hook per event, in the shape of Ray Data's `Datasink` (on_write_start, write,
+on_write_failed, on_write_complete):
+
+    judge           what the output holds: empty, this job's, or a job that committed nothing
+                    (reads only; planning's last check, see `sdfleet.jobs.preflight`)
+    start           claim it (`_job.json`, exclusively for a new output), probe that the store
+                    refuses a second exclusive create, and hold the lease (`_driver.json`)
+    shard_written   a worker committed a shard (the commit itself, `{shard}_stats.json` and the
+                    files it names, is the worker's: `sdfleet.actors.writer.ShardCommit`)
+    shard_failed    a shard ran out of attempts: `{shard}_failed.json`
+    complete        every planned sample has its row: the results in `_job.json`, sizes.json, the
+                    dataset card and, last, _SUCCESS (`Finalizer`)
+
+`_index/` is not here: it is a cache of the stats files that any reader (`sdfleet status` too)
+writes beside them (`sdfleet.jobs.output.OutputReader.survey`), not a step of the job.
+File names come from `sdfleet.schemas.layout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from sdfleet.actors.storage import Storage
+from sdfleet.jobs.finalize import dataset_card
+from sdfleet.jobs.output import OutputReader, Survey
+from sdfleet.schemas import layout
+from sdfleet.schemas.errors import SpecError, UserError
+from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats
+from sdfleet.schemas.plan import Plan
+from sdfleet.schemas.fingerprint import diff_fingerprint_fields
+
+log = logging.getLogger("sdfleet")
+
+# The driver refreshes its lease on the output this often; one silent for LEASE_STALE_S is taken
+# for dead (a SIGKILLed driver releases nothing), so its job may be replaced if it committed nothing.
+LEASE_REFRESH_S = 30.0
+LEASE_STALE_S = 180.0
+
+_VERSIONED = (
+    "sdfleet",
+    "torch",
+    "diffusers",
+    "transformers",
+    "ray",
+    "pyarrow",
+    "fsspec",
+    "s3fs",
+    "pillow",
+)
+
+
+def job_record(plan: Plan) -> dict[str, Any]:
+    """The contents of `_job.json`: enough to resume, audit and reproduce the job."""
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "spec": plan.spec.redacted(),
+        "fingerprint": plan.fingerprint,
+        "fingerprint_fields": plan.spec.fingerprint_fields(),
+        "input_files": plan.input_manifest(),
+        "num_samples": plan.num_samples,
+        "num_shards": plan.num_shards,
+        "samples_per_shard": plan.samples_per_shard,
+        "sweep_points": len(plan.points),
+        "key_width": plan.key_width,
+        "versions": {"python": platform.python_version(), **versions},
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What `run` would do with its output: start a new job there, resume this job (N shards
+    committed), or replace a job that committed no shard (a first run that never got going)."""
+
+    action: str  # "start" | "resume" | "replace"
+    url: str
+    committed: int = 0
+    num_shards: int = 0
+    replaced: dict[str, Any] | None = None  # the job record a "replace" writes over
+    # Its keys that differ, with old and new values.
+    changed: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.action == "start":
+            return f"start a new job in {self.url}"
+        if self.action == "resume":
+            return f"resume: {self.committed} of {self.num_shards} shards committed in {self.url}"
+        return (
+            f"replace the job recorded in {self.url} (fingerprint {self.replaced['fingerprint']}), which "
+            f"committed no shard; {'; '.join(self.changed) or 'its input files differ'}"
+        )
+
+
+class DriverLease:
+    """`_driver.json`: which driver runs the output's job, refreshed while it runs and released when
+    it ends. A job that committed no shard may be replaced by a changed spec only once its driver
+    is gone: released, or silent for LEASE_STALE_S (killed)."""
+
+    def __init__(self, storage: Storage, job: dict[str, Any]):
+        self.storage = storage
+        self.job = job
+        self.stop = threading.Event()
+
+    def active(self) -> str | None:
+        """Who holds the lease ("host pid N since T"), or None when nobody does."""
+        try:
+            lease = self.storage.read_json(layout.DRIVER_FILE)
+        except FileNotFoundError:
+            claimed = dt.datetime.fromisoformat(
+                self.job.get("created_at", "1970-01-01T00:00:00+00:00")
+            )
+            fresh = (dt.datetime.now(dt.UTC) - claimed).total_seconds() < LEASE_STALE_S
+            return "the driver that claimed it just now" if fresh else None
+        if lease.get("released") or lease.get("fingerprint") != self.job.get("fingerprint"):
+            return None
+        if time.time() - lease.get("updated_ts", 0) > LEASE_STALE_S:
+            return None
+        return f"{lease.get('host')} pid {lease.get('pid')} since {lease.get('started_at')}"
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        record = {
+            "fingerprint": self.job["fingerprint"],
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "released": False,
+        }
+        self._write(record)
+        refresher = threading.Thread(target=self._refresh, args=(record,), daemon=True)
+        refresher.start()
+        try:
+            yield
+        finally:
+            self.stop.set()
+            refresher.join(timeout=5)
+            try:
+                self._write({**record, "released": True})
+            except Exception as e:  # noqa: BLE001 -- the lease then goes stale, which is as good
+                log.warning("could not release %s: %s", self.storage.url(layout.DRIVER_FILE), e)
+
+    def _refresh(self, record: dict[str, Any]) -> None:
+        while not self.stop.wait(LEASE_REFRESH_S):
+            try:
+                self._write(record)
+            except Exception as e:  # noqa: BLE001 -- a missed refresh is retried at the next one
+                log.warning("could not refresh %s: %s", self.storage.url(layout.DRIVER_FILE), e)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.storage.write_json(layout.DRIVER_FILE, {**record, "updated_ts": round(time.time(), 3)})
+
+
+class OutputSink:
+    """One job's output, from its claim to _SUCCESS (see the module's docstring for the hooks)."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        # The finalizer's survey takes the committed records from memory, not 100k GETs (S3).
+        self.reader = OutputReader(storage)
+
+    # ------------------------------------------------------------------ before: the verdict
+
+    def judge(self, plan: Plan) -> Verdict:
+        """Empty (start), this job's (resume), or a job that committed nothing and whose driver is
+        gone (replace); anything else is refused. Writes nothing."""
+        if not self.storage.exists(layout.JOB_FILE):
+            self._check_unclaimed_output_is_empty()
+            return Verdict("start", self.storage.url(), num_shards=plan.num_shards)
+        existing = self.storage.read_json(layout.JOB_FILE)
+        committed = len(self.storage.list(layout.STATS_GLOB))
+        if existing.get("fingerprint") == plan.fingerprint:
+            return Verdict("resume", self.storage.url(), committed, plan.num_shards)
+        changed = _differences(existing, job_record(plan))
+        if committed:
+            raise SpecError(
+                f"{self.storage.url()} holds a different job with {committed} committed shard(s) (fingerprint "
+                f"{existing.get('fingerprint')}, this spec {plan.fingerprint}); what differs: "
+                f"{'; '.join(changed) or 'unknown'}. Write to a new output.uri, or restore the original spec to resume"
+            )
+        active = DriverLease(self.storage, existing).active()
+        if active:
+            raise SpecError(
+                f"{self.storage.url()} is being written by another driver ({active}) running a different "
+                f"job ({'; '.join(changed) or 'other input files'}); wait for it, or write to a new output.uri. "
+                f"If that driver was killed, its claim lapses {LEASE_STALE_S:.0f} s after its last refresh"
+            )
+        return Verdict(
+            "replace", self.storage.url(), 0, plan.num_shards, replaced=existing, changed=changed
+        )
+
+    def _check_unclaimed_output_is_empty(self) -> None:
+        """An output without a job record must hold nothing: stray *.tar files there would be read
+        as part of the dataset by every `*.tar` reader and by the card."""
+        found = self.storage.listing()
+        if layout.JOB_FILE in found:
+            return  # another driver claimed it meanwhile; the claim decides
+        strays = sorted(n for n in found if not layout.is_transient(n))
+        if strays:
+            raise SpecError(
+                f"output.uri {self.storage.url()} holds {len(strays)} file(s) but no {layout.JOB_FILE} "
+                f"(e.g. {', '.join(strays[:5])}): it is not an sdfleet output. Give an empty or new "
+                "output.uri, or remove those files"
+            )
+
+    # ------------------------------------------------------------------ start
+
+    @contextlib.contextmanager
+    def start(self, plan: Plan, verdict: Verdict) -> Iterator[None]:
+        """Claim the output as `verdict` says, and hold its lease while the block runs."""
+        self.claim(plan, verdict)
+        with DriverLease(self.storage, {"fingerprint": plan.fingerprint}).held():
+            yield
+
+    def claim(self, plan: Plan, verdict: Verdict) -> None:
+        """Create `_job.json` exclusively for a new job (of two drivers starting different jobs on one
+        new output, exactly one claims it), or replace a job that committed nothing, or resume."""
+        record = job_record(plan)
+        record["exclusive_create"] = self._probe_exclusive_create(
+            plan.spec.output.allow_non_exclusive_commits
+        )
+        if verdict.action == "start":
+            try:
+                self.storage.write_json(layout.JOB_FILE, record, exclusive=True)
+                return
+            except (
+                FileExistsError
+            ):  # another driver claimed it this moment: it runs the job, or we resume
+                verdict = self.judge(plan)
+                if verdict.action != "resume":
+                    raise SpecError(
+                        f"{self.storage.url()} was claimed a moment ago by another driver running a "
+                        f"different job ({'; '.join(verdict.changed)}); write to a new output.uri"
+                    ) from None
+        if verdict.action == "replace":
+            self._replace(record, verdict)
+
+    def _replace(self, record: dict[str, Any], verdict: Verdict) -> None:
+        """Write this job's record over one that committed nothing, keeping the replaced ones' history."""
+        old = verdict.replaced
+        record["history"] = [
+            {
+                "fingerprint": old.get("fingerprint"),
+                "created_at": old.get("created_at"),
+                "replaced_at": record["created_at"],
+                "changed": verdict.changed,
+            },
+            *old.get("history", []),
+        ]
+        self.storage.write_json(layout.JOB_FILE, record)
+        print(
+            f"sdfleet: {self.storage.url()} held job {old.get('fingerprint')}, which committed no shard; "
+            f"it now holds this one ({'; '.join(verdict.changed) or 'other input files'})"
+        )
+
+    def _probe_exclusive_create(self, allow_non_exclusive: bool) -> bool:
+        """Create one probe object twice: the second create must fail. Commits rely on it."""
+        probe = f"{layout.PROBE_PREFIX}exclusive-create-{uuid.uuid4().hex}"
+        self.storage.write_bytes(probe, b"first", exclusive=True)
+        try:
+            self.storage.write_bytes(probe, b"second", exclusive=True)
+            honoured = False
+        except FileExistsError:
+            honoured = True
+        finally:
+            self.storage.delete(probe)
+        if not honoured and not allow_non_exclusive:
+            raise SpecError(
+                f"{self.storage.url()} created an object that already existed (it ignores S3's If-None-Match: *), "
+                "and sdfleet's commits rely on that refusal: two workers could both commit one shard. Use a "
+                "store that honours conditional writes, or set output.allow_non_exclusive_commits: true to go "
+                "on without that guarantee"
+            )
+        if not honoured:
+            log.warning(
+                "%s ignores conditional writes; going on as output.allow_non_exclusive_commits says: "
+                "two workers finishing one shard could both commit it",
+                self.storage.url(),
+            )
+        return honoured
+
+    # ------------------------------------------------------------------ shards
+
+    def shard_written(self, stats: ShardStats) -> None:
+        """A worker committed a shard: keep its record for the surveys to come."""
+        self.reader.remember([stats])
+
+    def shard_failed(self, name: str, record: FailedShard) -> None:
+        """A shard out of attempts: its errors, for the user and for `status`."""
+        self.storage.write_json(layout.failed_file(name), record.model_dump(mode="json"))
+
+    # ------------------------------------------------------------------ complete
+
+    def complete(self) -> bool:
+        """Declare the dataset complete if it is (see `Finalizer`). Returns completeness."""
+        return Finalizer(self.reader).finalize()
+
+
+class IncompleteOutput(UserError):
+    """Committed shards that do not add up to the plan, or whose files are not the ones their stats
+    describe: an output changed by something other than sdfleet."""
+
+
+class Finalizer:
+    """The files that declare a dataset complete: sizes.json, the dataset card and, last, _SUCCESS.
+
+    They are written only when every planned sample has exactly one row (`OutputReader.survey`
+    says which shards are committed; the Parquet footers are counted again here before anything
+    is written)."""
+
+    def __init__(self, reader: OutputReader):
+        self.reader = reader
+        self.storage = reader.storage
+
+    def finalize(self) -> bool:
+        """Write sizes.json, README.md and _SUCCESS if the dataset is complete. Returns completeness."""
+        s = self.reader.survey(refresh=True)
+        if not s.complete:
+            return False
+        # 1. Every committed file is its commit's (a commit whose writer died before publishing is
+        #    published now), and the Parquet footers hold one row per planned sample (the survey has
+        #    checked that the stats add up to the plan).
+        self._check_files()
+        self._check_rows(s)
+        self._discard_leftovers(s)
+        # 2. The results join the job record (its spec and fingerprint stay as they were), then
+        #    sizes.json, the dataset card, and the marker last.
+        job, t = self.reader.job, s.totals()
+        self._record_results(job, t)
+        self.storage.write_json(
+            layout.SIZES_FILE,
+            {layout.tar_file(n): st.images_in_tar for n, st in sorted(s.committed.items())},
+        )
+        self._write_card(job, s, with_sheet=bool(t.images_in_tar))
+        self.storage.write_bytes(layout.SUCCESS_FILE, b"")
+        return True
+
+    def _check_files(self) -> None:
+        problems = self.reader.verify()
+        if problems:
+            details = "; ".join(
+                f"shard {name}: {', '.join(found)}" for name, found in sorted(problems.items())
+            )
+            raise IncompleteOutput(
+                f"{self.storage.url()}: committed shards whose files differ from their stats "
+                f"({details}); no _SUCCESS written. Remove those shards' stats files and rerun "
+                "to make them again"
+            )
+
+    def _check_rows(self, s: Survey) -> None:
+        rows = self.reader.parquet_rows(sorted(s.committed))
+        for name, stats in s.committed.items():
+            n = rows[name]
+            if n != stats.samples:
+                raise IncompleteOutput(
+                    f"{self.storage.url(layout.parquet_file(name))} has {n} rows but its "
+                    f"stats say {stats.samples}"
+                )
+
+    def _discard_leftovers(self, s: Survey) -> None:
+        """Staged files no commit refers to: writers that lost a commit or died before one."""
+        referenced = {
+            f.upload_id or f.temp for st in s.committed.values() for f in st.files.values()
+        }
+        discarded = self.storage.discard_leftovers(referenced)
+        if discarded:
+            log.info("discarded %d staged file(s) that no commit refers to", discarded)
+
+    def _record_results(self, job: dict[str, Any], t: JobTotals) -> None:
+        self.storage.write_json(
+            layout.JOB_FILE,
+            {
+                **job,
+                "results": {
+                    "samples": t.samples,
+                    "ok": t.ok,
+                    "filtered": t.filtered,
+                    "failed": t.failed,
+                    **{k: t.count(k) for k in ("rejected", "duplicate", "skipped") if t.count(k)},
+                    "safety": {
+                        "detector": job["spec"]["safety"]["detector"],
+                        "model_sha256": t.safety_model_sha256,
+                        "flagged": t.flagged,
+                        "flagged_by_class": t.flagged_by_class,
+                        "action": job["spec"]["safety"]["action"],
+                    },
+                    "gpu_seconds": t.gpu_seconds,
+                },
+            },
+        )
+
+    def _write_card(self, job: dict[str, Any], s: Survey, with_sheet: bool) -> None:
+        """README.md, with a small contact sheet of the images when the tars hold any."""
+        sheet = None
+        if with_sheet:
+            from sdfleet.jobs.preview import small_contact_sheet
+
+            sheet = layout.CARD_SHEET
+            self.storage.write_bytes(sheet, small_contact_sheet(self.reader))
+        self.storage.write_bytes(layout.CARD_FILE, dataset_card(job, s, sheet).encode())
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for each fingerprinted key that differs between two job records."""
+    before, after = old.get("fingerprint_fields", {}), new["fingerprint_fields"]
+    out = [
+        f"{k}: {json.dumps(before.get(k, '<unset>'))} -> {json.dumps(after.get(k, '<unset>'))}"
+        for k in diff_fingerprint_fields(before, after)
+    ]
+    if old.get("input_files") != new["input_files"]:
+        out.append("input files (names, sizes or row counts)")
+    return out
