@@ -286,7 +286,7 @@ class JobRunner:
         return EXIT_OK
 
     def _check_model_and_detector(self):
-        from sdfleet.actors.engine import (
+        from sdfleet.jobs.checkpoint import (
             check_model_source,
             check_scheduler_names,
             check_task,
