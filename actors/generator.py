@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sdfleet.actors.curation import CurationScores, Curator, tally
-from sdfleet.actors.engine import GENERATOR_DEVICE, Engine, SampleFailed
+from sdfleet.actors.batching import SampleFailed
+from sdfleet.actors.engine import GENERATOR_DEVICE, Engine
 from sdfleet.actors.inputs import InputImageReader, read_row_inputs, read_source_inputs
 from sdfleet.actors.logs import configure_logging, remember_secrets
 from sdfleet.actors.safety import SafetyScore, load_detector

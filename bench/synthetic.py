@@ -1,14 +1,16 @@
 """Stand-ins for what this machine lacks, shared by bench/pipeline.py and bench/scale.py.
 
-- `SyntheticEngine`: the real engine's interface and batching (it subclasses `Engine` and keeps its
-  `generate`), without a pipeline. Each pipeline call takes batch/rate seconds, sleeping for what
-  is left after making its images (a CUDA call releases the GIL the same way), and returns real
-  photographs: crops of the sample photos scikit-image ships, resized to the sample's size, so
-  detectors and encoders see photo-like content. rate None: images at once (a null engine).
+- `SyntheticEngine`: the real engine's interface and batching (it composes the engine's
+  `BatchSizer` and `TokenCounter`), without a pipeline. Each pipeline call takes batch/rate
+  seconds, sleeping for what is left after making its images (a CUDA call releases the GIL the
+  same way), and returns real photographs: crops of the sample photos scikit-image ships, resized
+  to the sample's size, so detectors and encoders see photo-like content. rate None: images at
+  once (a null engine).
 - `synthetic_worker(rate)`: `ShardGenerator` with that engine, for `JobRunner(worker=...)`. Every
   pipeline call appends the actor's own CPU time to a log, so a bench can tell the worker's CPU
   per image in steady state.
-- `S3Server`: moto's S3 server in a process of its own (its CPU is not the worker's or the driver's).
+- `S3Server`: moto's S3 server in a process of its own (its CPU is not the worker's or the
+  driver's).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from sdfleet.actors.engine import Engine
+from sdfleet.actors.batching import BatchSizer
+from sdfleet.actors.engine import TokenCounter
 from sdfleet.actors.generator import ShardGenerator
-from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
+from sdfleet.schemas.tasks import TEXT_TO_IMAGE
 
 # Colour photographs inside scikit-image's wheel (no download), of different content and detail.
 PHOTOS = (
@@ -63,8 +65,10 @@ def photographs(width: int, height: int) -> list[np.ndarray]:
     return out
 
 
-class SyntheticEngine(Engine):
-    """`Engine` with its pipeline replaced by a clock: see the module's docstring."""
+class SyntheticEngine:
+    """The engine's interface and batching with its pipeline replaced by a clock: see the module's
+    docstring. It composes what the engine batches and counts tokens with (BatchSizer,
+    TokenCounter) around its own `call`."""
 
     rate: float | None = None  # images/s of the stand-in GPU; None: at once
     cpu_log: str | None = None  # folder for the per-process CPU log
@@ -74,24 +78,39 @@ class SyntheticEngine(Engine):
     ):
         from sdfleet.jobs.tiny import clip_tokenizer
 
-        # What runs on the pipeline's device beside it (curation's CLIP and heads) runs on the CPU here.
+        # What runs on the pipeline's device beside it (curation's CLIP and heads) runs on the CPU
+        # here.
         self.device = "cpu"
         self.dtype = model.dtype
-        self.model = model
-        self.options = options
         self.applied = []
-        self.batch_size = 8 if batch_size == "auto" else int(batch_size)
-        self.task_name = getattr(model, "task", TEXT_TO_IMAGE)
-        self.task = TASKS[self.task_name]
         self.default_size = 512
-        self._fit_per_input_size = False  # no GPU memory to measure
         self.default_scheduler = model.scheduler or "EulerDiscreteScheduler"
+        # No GPU memory to measure: "auto" is the engine's CPU batch size.
+        task_name = getattr(model, "task", TEXT_TO_IMAGE)
+        self.sizer = BatchSizer(self.call, task_name, on_gpu=False, batch_size=batch_size)
         # The tokenizer's cost (each shard counts its prompts' tokens) is the real one.
-        self.pipe = SimpleNamespace(tokenizer=clip_tokenizer())
+        self.tokens = TokenCounter(clip_tokenizer())
         self._photos: dict[tuple[int, int], list[np.ndarray]] = {}
         self._made = 0
 
-    def _call(self, batch) -> list[np.ndarray]:
+    @property
+    def batch_size(self) -> int:
+        return self.sizer.size
+
+    def generate(self, params, batch_size=None):
+        return self.sizer.generate(params, batch_size)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.tokens.max_tokens
+
+    def count_tokens(self, prompts) -> dict[str, int]:
+        return self.tokens.count(prompts)
+
+    def scheduler_name(self, params) -> str:
+        return params.scheduler or self.default_scheduler
+
+    def call(self, batch) -> list[np.ndarray]:
         first = batch[0]
         started = time.time()
         done_at = time.perf_counter() + (len(batch) / self.rate if self.rate else 0.0)

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.jobs.checkpoint import (
+    check_model_source,
+    check_scheduler_names,
+    check_task,
+    read_checkpoint,
+)
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.errors import SpecError
@@ -80,13 +86,6 @@ class Preflight:
     def _check_model(self):
         """The checkpoint: where it is, what it is, whether it does the task and has the schedulers
         the spec names. Returns what was read of it."""
-        from sdfleet.actors.engine import (
-            check_model_source,
-            check_scheduler_names,
-            check_task,
-            read_checkpoint,
-        )
-
         names = {self.spec.model.scheduler, *self.spec.sweep.axes.get("scheduler", [])} - {None}
         check_model_source(self.spec.model)
         checkpoint = read_checkpoint(self.spec.model)

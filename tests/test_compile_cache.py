@@ -11,6 +11,7 @@ import pytest
 
 from sdfleet.actors.compile_cache import CompileCache
 from sdfleet.actors.engine import Engine
+from sdfleet.actors.speed_ups import CompiledWarmUp
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.spec import EngineSpec, ModelSpec
 
@@ -94,7 +95,7 @@ def test_the_key_changes_with_every_shape_batch_and_option_that_changes_the_grap
     def shape(width=64, guidance=7.5):
         return GenerationParams("", "", 0, 2, guidance, width, 64, None)
 
-    key = eager_engine._compile_cache_key
+    key = CompiledWarmUp(eager_engine).cache_key
     base = key([shape()])
     assert key([shape()]) == base  # stable
     assert key([shape(width=128)]) != base  # another size

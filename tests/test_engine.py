@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdfleet.actors.engine import Engine, check_model_source, dtype_keyword
+from sdfleet.actors.engine import Engine, dtype_keyword
+from sdfleet.jobs.checkpoint import check_model_source
 from sdfleet.schemas.errors import ModelLoadError
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.spec import ModelSpec
@@ -219,7 +220,7 @@ def test_speed_ups_are_in_the_fingerprint():
 
 
 def test_batch_that_fits_is_linear_in_the_measured_peaks():
-    from sdfleet.actors.engine import batch_that_fits
+    from sdfleet.actors.batching import batch_that_fits
 
     gib = 2**30
     # 3 GiB at batch 1, 4 GiB at batch 2: 1 GiB per image on top of 2 GiB.
@@ -303,8 +304,10 @@ def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(
         raise RuntimeError("InductorError: no working C compiler found (injected)")
 
     monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    import sdfleet.actors.engine as engine_module
+
     monkeypatch.setattr(
-        Engine, "_wants_compile", lambda self, options: options.compile != "off"
+        engine_module, "wants_compile", lambda options, device: options.compile != "off"
     )  # as on CUDA
     # Graphs compiled by an earlier test in this process would be reused without calling the compiler.
     torch._dynamo.reset()
@@ -372,14 +375,14 @@ def test_an_input_too_large_for_the_gpu_fails_alone(tiny_model):
     batch 1 still raises: no row of that shape can be made)."""
     from PIL import Image
 
-    from sdfleet.actors.engine import SampleFailed
+    from sdfleet.actors.batching import SampleFailed
     from sdfleet.schemas.samples import InputImage
 
     class SmallGpu(Engine):
-        def _call(self, batch):
+        def call(self, batch):
             if any(p.image is not None and p.image.size[0] > 32 for p in batch):
                 raise torch.OutOfMemoryError("injected")
-            return super()._call(batch)
+            return super().call(batch)
 
     engine = SmallGpu(
         ModelSpec(source=str(tiny_model), task="image-to-image", dtype="float32"), batch_size=4

@@ -1,0 +1,221 @@
+"""The engine's lossless speed-ups (`engine.*`): those that need no warm-up, applied once after
+loading, and torch.compile with the warm-up that compiles every shape of a job's sweep before the
+first shard, loading what an earlier worker compiled from the compile cache
+(sdfleet.actors.compile_cache) or saving it there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from sdfleet.actors.compile_cache import OFF, CompileCache, cache_key
+from sdfleet.schemas.errors import ModelLoadError
+from sdfleet.schemas.samples import GenerationParams
+
+if TYPE_CHECKING:
+    from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.spec import EngineSpec
+
+log = logging.getLogger("sdfleet")
+
+# No CUDA graphs: batch shapes change between sweep points and at a shard's last batch. Those
+# partial batches are served by one graph with a dynamic batch dimension, which the warm-up makes
+# (torch compiles a dynamic graph at the second batch size it sees).
+COMPILE_MODE = "max-autotune-no-cudagraphs"
+
+
+def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
+    """The speed-ups that need no warm-up (compile comes after the batch size is measured); the
+    names of those applied."""
+    applied = []
+    modules = [
+        m for m in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)) if m is not None
+    ]
+    if options.channels_last:
+        for m in modules:
+            m.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if options.fuse_qkv and hasattr(pipe, "fuse_qkv_projections"):
+        pipe.fuse_qkv_projections()
+        applied.append("fuse_qkv")
+    if options.uint8_on_device:
+        applied.append("uint8_on_device")
+    if getattr(options, "vae_tiling", False):
+        # Decodes in overlapping tiles: a 2048² upscale fits in far less memory, but the
+        # blended seams change pixels, so it is opt-in and recorded per row.
+        pipe.vae.enable_tiling()
+        applied.append("vae_tiling")
+    return applied
+
+
+def wants_compile(options: EngineSpec, device: str) -> bool:
+    return options.compile == "on" or (options.compile == "auto" and device.startswith("cuda"))
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmUp:
+    """What the compile warm-up took (None: compile failed and `auto` went on eager), and whether
+    engine.compile_cache spared it ("hit"), will keep it for later workers ("miss"), or was not
+    asked ("off")."""
+
+    seconds: float | None
+    cache: str
+
+
+class CompiledWarmUp:
+    """torch.compile on one engine's UNet and VAE decoder, then every shape of the sweep run once,
+    so that no shard compiles. Reads the engine's pipeline, device, dtype, options and batch size
+    as they are when it runs."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def run(self, params: Sequence[GenerationParams]) -> WarmUp:
+        """Compile and warm up every shape, loading what an earlier worker compiled for the same
+        graphs from `engine.compile_cache` (then nothing is compiled) or saving it there.
+
+        With compile `auto`, a compiler that fails (no C compiler in the image, a GPU the
+        compiler does not support) leaves the engine eager instead of failing every worker."""
+        engine = self.engine
+        t0 = time.perf_counter()
+        # 1. Artifacts an earlier worker saved for these graphs, if the spec keeps any.
+        location = getattr(engine.options, "compile_cache", OFF)
+        cache, status = None, OFF
+        if location != OFF:
+            cache = CompileCache(location)
+            status = "hit" if cache.load(self.cache_key(params)) else "miss"
+        # 2. Compile, then warm up until every shape ran, halving the batch on out-of-memory.
+        eager = engine.pipe.unet, engine.pipe.vae.decode
+        self._compile()
+        seconds = None
+        while True:
+            try:
+                self.warm_up(params)
+                seconds = time.perf_counter() - t0
+                log.info(
+                    "compile warm-up took %.1fs (engine.compile_cache %s: %s)",
+                    seconds,
+                    location,
+                    status,
+                )
+                # 3. The key of what was compiled: an OOM above may have halved the batch.
+                if cache is not None and status == "miss":
+                    cache.save(self.cache_key(params))
+                return WarmUp(seconds, status)
+            except torch.OutOfMemoryError:
+                # Compiled kernels and autotuning take memory that the eager probe did not see.
+                if not engine.sizer.halve():
+                    raise
+                log.warning(
+                    "out of GPU memory while compiling; going on with batch %d", engine.batch_size
+                )
+            except (
+                Exception
+            ) as e:  # torch raises many kinds (BackendCompilerFailed, InductorError, ...)
+                self._fall_back(e, eager)
+                return WarmUp(seconds, status)
+
+    def _compile(self) -> None:
+        pipe = self.engine.pipe
+        pipe.unet = torch.compile(pipe.unet, mode=COMPILE_MODE)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=COMPILE_MODE)
+        self.engine.applied.append("compile")
+
+    def _fall_back(self, error: Exception, eager: tuple) -> None:
+        """compile `on`: raise the compiler's own error; `auto`: go on with the eager modules."""
+        root = error
+        for _ in range(8):  # the compiler's own error, under torch's wrappers
+            inner = root.__cause__ or getattr(root, "inner_exception", None)
+            if inner is None or inner is root:
+                break
+            root = inner
+        reason = f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0]}"
+        if self.engine.options.compile == "on":
+            raise ModelLoadError(
+                f"engine.compile=on: torch.compile failed: {reason}. "
+                "Set engine.compile: auto (falls back to eager) or off"
+            ) from error
+        log.warning("torch.compile failed (%s); engine.compile=auto goes on without it", reason)
+        self.engine.pipe.unet, self.engine.pipe.vae.decode = eager
+        self.engine.applied.remove("compile")
+
+    def shapes(
+        self, params: Sequence[GenerationParams]
+    ) -> tuple[dict[tuple, GenerationParams], list[int]]:
+        """The (width, height, CFG on/off) shapes of the sweep, and the batch sizes each is run at:
+        the full batch, a partial batch and batch 1 (which torch always specializes)."""
+        # The image tasks' shapes come from their input images, unknown until a shard is read.
+        shapes = (
+            {}
+            if self.engine.task.image
+            else {(p.width, p.height, p.guidance_scale > 1): p for p in params}
+        )
+        size = self.engine.batch_size
+        return shapes, sorted({size, max(1, size // 2), 1}, reverse=True)
+
+    def warm_up(self, params: Sequence[GenerationParams]) -> None:
+        """Run every shape of the sweep at each warm-up batch size, two steps each, so shards
+        never compile."""
+        shapes, sizes = self.shapes(params)
+        # Each shape costs up to three graphs per compiled function; torch's default limit is 8.
+        torch._dynamo.config.cache_size_limit = max(
+            torch._dynamo.config.cache_size_limit, 4 * len(shapes) + 4
+        )
+        t0 = time.perf_counter()
+        for p in shapes.values():
+            probe = dataclasses.replace(
+                p, prompt="warm-up", negative_prompt="", num_inference_steps=2, seed=0
+            )
+            for size in sizes:
+                self.engine.call([probe] * size)
+        if shapes:
+            log.info(
+                "compiled %d shape(s) x batch %s in %.0fs",
+                len(shapes),
+                sizes,
+                time.perf_counter() - t0,
+            )
+
+    def cache_key(self, params: Sequence[GenerationParams]) -> str:
+        """A key of everything that changes the compiled graphs (see
+        sdfleet.actors.compile_cache)."""
+        import diffusers  # loaded with the pipeline already; kept off this module's import
+
+        engine = self.engine
+        if engine.device.startswith("cuda"):
+            device = {
+                "name": torch.cuda.get_device_name(engine.device),
+                "capability": torch.cuda.get_device_capability(engine.device),
+                "cuda": torch.version.cuda,
+            }
+        else:  # Inductor's CPU code is built for the host's vector instructions
+            device = {
+                "name": platform.machine(),
+                "capability": torch.backends.cpu.get_cpu_capability(),
+            }
+        shapes, sizes = self.shapes(params)
+        return cache_key(
+            {
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "python": platform.python_version(),
+                "device": device,
+                "dtype": engine.dtype,
+                "unet": dict(engine.pipe.unet.config),
+                "vae": dict(engine.pipe.vae.config),
+                "options": {
+                    "channels_last": engine.options.channels_last,
+                    "fuse_qkv": engine.options.fuse_qkv,
+                    "mode": COMPILE_MODE,
+                },
+                "shapes": sorted(shapes),
+                "batch_sizes": sizes,
+            }
+        )
