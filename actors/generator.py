@@ -54,12 +54,14 @@ POST_BATCH = 16
 
 
 class Preempted(RuntimeError):
-    """The worker got a termination notice (SIGTERM); its shard is abandoned and goes back uncounted."""
+    """The worker got a termination notice (SIGTERM): its shard is abandoned and goes back
+    uncounted."""
 
 
 @dataclass
 class ShardInput:
-    """A shard's samples as read: every planned one, and those to generate with their prompts' tokens."""
+    """A shard's samples as read: every planned one, and those to generate with their prompts'
+    token counts."""
 
     samples: list[Sample]
     todo: list[Sample]
@@ -68,12 +70,30 @@ class ShardInput:
 
 
 @dataclass
+class Scores:
+    """A post batch's scores per image (None where no model scores), and the seconds by stage."""
+
+    curation: list[CurationScores | None]
+    safety: list[SafetyScore | None]
+    seconds: dict[str, float]
+
+
+@dataclass
+class Encoded:
+    """One image's bytes, their sha256, and the seconds each took."""
+
+    data: bytes
+    sha256: str
+    seconds: dict[str, float]
+
+
+@dataclass
 class PostBatch:
     """One post batch, scored and judged: its outcomes, the scoring time by stage, and the encoding
-    of each image to keep (key -> future of (bytes, sha256, seconds per stage))."""
+    of each image to keep (key -> future of its `Encoded`)."""
 
-    outcomes: dict[str, Outcome] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, Outcome]
+    seconds: dict[str, float]
     encoding: dict[str, Future] = field(default_factory=dict)
 
 
@@ -82,9 +102,8 @@ class Wave:
     """What the pipeline made of some samples, handed on while it makes more."""
 
     posts: list[Future] = field(default_factory=list)  # a PostBatch each, in generation order
-    failed: dict[str, str] = field(
-        default_factory=dict
-    )  # key -> why the pipeline could not make it
+    # Key -> why the pipeline could not make it (an input too large for the GPU even alone).
+    failed: dict[str, str] = field(default_factory=dict)
     gen_seconds: float = 0.0  # in the pipeline
     paused_seconds: float = 0.0  # another shard had the pipeline while this one waited on scores
 
@@ -96,7 +115,8 @@ class Wave:
 
 
 class ShardGenerator:
-    """One per GPU. Loads the pipeline and the detector once; `run(shard_id)` makes and commits a shard."""
+    """One per GPU. Loads the pipeline and the detector once; `run(shard_id)` makes and commits a
+    shard."""
 
     # What makes the images. bench/pipeline.py and bench/scale.py swap in engines with the same
     # interface that sleep at a GPU's rate or return at once, to measure everything around them.
@@ -208,8 +228,11 @@ class ShardGenerator:
         made.stage_seconds["read"] += shard.seconds
         # 4. Judge what was not made; every planned sample then has its outcome.
         outcomes = [self._outcome(s, made) for s in shard.samples]
-        # 5. Record one row per planned sample, and spool the tar and the Parquet to local disk.
-        rows, spooled = self._record(name, shard, outcomes, made)
+        # 5. Record one row per planned sample, and spool the shard's files to local disk.
+        t0 = time.perf_counter()
+        rows = self._rows(shard, outcomes)
+        spooled = self._spool(name, rows, made)
+        made.stage_seconds["write"] += time.perf_counter() - t0
         # 6. Stage, commit and publish the files with the stats file.
         try:
             stats = shard_stats(
@@ -237,9 +260,8 @@ class ShardGenerator:
         t0 = time.perf_counter()
         samples = read_shard_samples(self.plan, shard_id)
         todo = [s for s in samples if s.params is not None]
-        for (
-            s
-        ) in todo:  # a plan made without the driver's checks (a bench, a notebook) leaves it unset
+        # A plan made without the driver's checks (a bench, a notebook) leaves the size unset.
+        for s in todo:
             if s.params.width is None and s.params.image is None:
                 s.params.width = s.params.height = self.engine.default_size
         tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
@@ -253,16 +275,16 @@ class ShardGenerator:
         error = made.failed.get(s.key, s.error)
         return Outcome.judged(self.judge, Evidence(made=False, error=error))
 
-    def _record(
-        self, name: str, shard: ShardInput, outcomes: list[Outcome], made: Generated
-    ) -> tuple[list[dict[str, Any]], Spooled]:
-        t0 = time.perf_counter()
+    def _rows(self, shard: ShardInput, outcomes: list[Outcome]) -> list[dict[str, Any]]:
         created_at = dt.datetime.now(dt.timezone.utc)
         provenance = self._provenance()
-        rows = [
+        return [
             build_row(s, o, created_at, shard.tokens, provenance)
             for s, o in zip(shard.samples, outcomes)
         ]
+
+    def _spool(self, name: str, rows: list[dict[str, Any]], made: Generated) -> Spooled:
+        """The shard's tar and Parquet (and quarantine and embeddings files) on local disk."""
         embeddings = None
         if self.spec.curation.save_embeddings:
             embeddings = {
@@ -270,7 +292,7 @@ class ShardGenerator:
                 for k, o in made.outcomes.items()
                 if o.evidence.curation is not None
             }
-        spooled = self.writer.spool(
+        return self.writer.spool(
             name,
             rows,
             made.tar_images,
@@ -279,8 +301,6 @@ class ShardGenerator:
             embeddings,
             self.curator.clip.embedding_size if self.curator else 0,
         )
-        made.stage_seconds["write"] += time.perf_counter() - t0
-        return rows, spooled
 
     def _provenance(self) -> Provenance:
         return Provenance(
@@ -318,10 +338,10 @@ class ShardGenerator:
             outcomes.update(batch.outcomes)
             stage_seconds.update(batch.seconds)
             for key, job in batch.encoding.items():
-                image, digest, seconds = job.result()
-                stage_seconds.update(seconds)
+                encoded: Encoded = job.result()
+                stage_seconds.update(encoded.seconds)
                 if outcomes[key].verdict.keeps_image:  # not a duplicate found after encoding began
-                    outcomes[key].image, outcomes[key].image_sha256 = image, digest
+                    outcomes[key].image, outcomes[key].image_sha256 = encoded.data, encoded.sha256
         return Generated(
             outcomes,
             wave.failed,
@@ -377,14 +397,14 @@ class ShardGenerator:
         """Score and judge generated images (seconds: the pipeline's time per image), and hand the
         images to keep to the encoder pool."""
         out = self.spec.output
-        batch = PostBatch()
-        curated, scores = self._score(samples, arrays, batch.seconds)
-        for sample, array, score, curation, per_image in zip(
-            samples, arrays, scores, curated, seconds
+        scores = self._score(samples, arrays)
+        batch = PostBatch({}, scores.seconds)
+        for sample, array, safety, curation, per_image in zip(
+            samples, arrays, scores.safety, scores.curation, seconds
         ):
             o = Outcome.judged(
                 self.judge,
-                Evidence(safety=score, curation=curation),
+                Evidence(safety=safety, curation=curation),
                 gen_seconds=per_image,
                 size=(array.shape[1], array.shape[0]),
             )
@@ -397,28 +417,28 @@ class ShardGenerator:
             batch.outcomes[sample.key] = o
         return batch
 
-    def _score(
-        self, samples: list[Sample], arrays: list, timing: dict[str, float]
-    ) -> tuple[list[CurationScores | None], list[SafetyScore | None]]:
-        """Curation's and the detector's scores per image, their seconds added to `timing`."""
+    def _score(self, samples: list[Sample], arrays: list) -> Scores:
+        """Curation's and the detector's scores per image."""
+        seconds = {}
         curated = [None] * len(arrays)
         if self.curator is not None:  # before a blackout, so the scores are of what was generated
             t0 = time.perf_counter()
             curated = self.curator.score(arrays, [s.params.prompt for s in samples])
-            timing["curate"] = time.perf_counter() - t0
+            seconds["curate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.detector is None:
-            scores = [None] * len(arrays)
+            safety = [None] * len(arrays)
         elif self.detector.reads_embeddings:  # the embedding curation just made, not a second one
-            scores = self.detector.score_embeddings(np.stack([c.embedding for c in curated]))
+            safety = self.detector.score_embeddings(np.stack([c.embedding for c in curated]))
         else:
-            scores = self.detector.score(arrays)
-        timing["score"] = time.perf_counter() - t0
-        return curated, scores
+            safety = self.detector.score(arrays)
+        seconds["score"] = time.perf_counter() - t0
+        return Scores(curated, safety, seconds)
 
 
 def _node_cpu_threads(gpus_per_worker: float) -> int | None:
-    """CPU threads for torch in a GPU actor: the node's CPUs shared among the GPU actors it can hold.
+    """CPU threads for torch in a GPU actor: the node's CPUs shared among the GPU actors it can
+    hold.
 
     Fixed per node type, so CPU-side results never depend on how many actors happen to run.
     """
@@ -436,15 +456,12 @@ def _node_cpu_threads(gpus_per_worker: float) -> int | None:
     return max(1, int(cpus // max(1, per_node)))
 
 
-def _encode(
-    array: np.ndarray, image_format: str, quality: int
-) -> tuple[bytes, str, dict[str, float]]:
-    """One image's bytes, their sha256, and the seconds each took."""
+def _encode(array: np.ndarray, image_format: str, quality: int) -> Encoded:
     t0 = time.perf_counter()
     data = encode_image(array, image_format, quality)
     t1 = time.perf_counter()
     digest = hashlib.sha256(data).hexdigest()
-    return data, digest, {"encode": t1 - t0, "hash": time.perf_counter() - t1}
+    return Encoded(data, digest, {"encode": t1 - t0, "hash": time.perf_counter() - t1})
 
 
 def _worker_identity() -> dict[str, Any]:

@@ -44,7 +44,8 @@ class GpuTurns:
 
     @contextmanager
     def pause(self, ticket: int):
-        """Inside `ticket`'s turn: let another shard have the pipeline for the block, then take it back."""
+        """Inside `ticket`'s turn: let another shard have the pipeline for the block, then take it
+        back."""
         with self._cond:
             self._holder = None
             self._cond.notify_all()
@@ -57,7 +58,8 @@ class GpuTurns:
                 self._holder = ticket
 
     def release(self, ticket: int) -> None:
-        """`ticket` is done with the pipeline (idempotent); the next ticket in line gets the turn."""
+        """`ticket` is done with the pipeline (idempotent): the next ticket in line gets the
+        turn."""
         with self._cond:
             self._pass(ticket)
             if self._holder == ticket:
