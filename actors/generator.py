@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -33,6 +32,7 @@ from sdfleet.actors.gpu_turns import GpuTurns
 from sdfleet.actors.judge import Evidence, Judge, Outcome
 from sdfleet.actors.logs import configure_logging, remember_secrets
 from sdfleet.actors.metrics import Metrics
+from sdfleet.actors.placement import node_cpu_threads, worker_identity
 from sdfleet.actors.reader import read_shard_samples
 from sdfleet.actors.records import Clock, Generated, Provenance, build_row, shard_stats
 from sdfleet.actors.safety import SafetyScore, load_detector
@@ -128,7 +128,7 @@ class ShardGenerator:
             remember_secrets(options)
         self.plan = plan
         self.spec = plan.spec
-        self.worker = _worker_identity()
+        self.worker = worker_identity()
         self.preempted = False
         if threading.current_thread() is threading.main_thread():
             # Spot reclaims and pod evictions send SIGTERM first: stop taking shards and abandon the
@@ -165,7 +165,7 @@ class ShardGenerator:
 
     def _load_models(self, cpu_threads: int | None) -> None:
         if cpu_threads is None:
-            cpu_threads = _node_cpu_threads(self.spec.resources.gpus_per_worker)
+            cpu_threads = node_cpu_threads(self.spec.resources.gpus_per_worker)
         # One set of parameters per sweep point: the shapes to size the batch for and to compile.
         shapes = [resolve_params(self.spec, "", None, "", point) for point in self.plan.points]
         self.engine = self.engine_class(
@@ -436,54 +436,9 @@ class ShardGenerator:
         return Scores(curated, safety, seconds)
 
 
-def _node_cpu_threads(gpus_per_worker: float) -> int | None:
-    """CPU threads for torch in a GPU actor: the node's CPUs shared among the GPU actors it can
-    hold.
-
-    Fixed per node type, so CPU-side results never depend on how many actors happen to run.
-    """
-    try:
-        import ray
-
-        if not ray.is_initialized():
-            return None
-        node_id = ray.get_runtime_context().get_node_id()
-        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-    except (ImportError, StopIteration):
-        return None
-    cpus, gpus = node["Resources"].get("CPU", 1), node["Resources"].get("GPU", 0)
-    per_node = gpus / gpus_per_worker if gpus and gpus_per_worker else 1
-    return max(1, int(cpus // max(1, per_node)))
-
-
 def _encode(array: np.ndarray, image_format: str, quality: int) -> Encoded:
     t0 = time.perf_counter()
     data = encode_image(array, image_format, quality)
     t1 = time.perf_counter()
     digest = hashlib.sha256(data).hexdigest()
     return Encoded(data, digest, {"encode": t1 - t0, "hash": time.perf_counter() - t1})
-
-
-def _worker_identity() -> dict[str, Any]:
-    """Node, actor and GPU as Ray sees them; the host name and pid outside Ray."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ctx = ray.get_runtime_context()
-            gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-            actor = ctx.get_actor_id()
-            return {
-                "node": ctx.get_node_id(),
-                "actor": actor or f"{socket.gethostname()}:{os.getpid()}",
-                "gpu_ids": gpu_ids,
-                "gpu_id": ",".join(gpu_ids) or None,
-            }
-    except ImportError:
-        pass
-    return {
-        "node": socket.gethostname(),
-        "actor": f"pid:{os.getpid()}",
-        "gpu_ids": [],
-        "gpu_id": None,
-    }
