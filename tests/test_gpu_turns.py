@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from helpers import wait_for
-from sdfleet.actors.generator import GpuTurns
+from sdfleet.actors.gpu_turns import GpuTurns
 
 
 def in_thread(target) -> threading.Thread:

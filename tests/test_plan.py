@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from sdfleet.actors.generator import read_shard_samples
+from sdfleet.actors.reader import read_shard_samples
 from helpers import run_cli, write_prompts
 from sdfleet.jobs.plan import Planner, estimate, list_parquet
 from sdfleet.schemas.errors import InputError

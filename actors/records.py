@@ -1,0 +1,241 @@
+"""What a shard records: one row per planned sample and the shard's stats, built from its judged
+outcomes and what made them. Builders only: no model and no I/O."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sdfleet.actors.curation import tally
+from sdfleet.actors.engine import GENERATOR_DEVICE
+from sdfleet.actors.judge import Outcome
+from sdfleet.schemas import layout
+from sdfleet.schemas.layout import ShardStats
+from sdfleet.schemas.rows import (
+    STATUS_DUPLICATE,
+    STATUS_FAILED,
+    STATUS_FILTERED,
+    STATUS_OK,
+    STATUS_REJECTED,
+    STATUS_SKIPPED,
+)
+from sdfleet.schemas.samples import GenerationParams, Sample, sample_id
+
+if TYPE_CHECKING:
+    from sdfleet.schemas.spec import JobSpec
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Clock:
+    """When a shard's work began, as a wall-clock string, epoch seconds and a monotonic counter."""
+
+    started_at: str = field(default_factory=now)
+    started_ts: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Generated:
+    """What one shard's turn on the pipeline made."""
+
+    outcomes: dict[str, Outcome]  # of the images made, judged
+    failed: dict[str, str]  # key -> why the pipeline could not make it
+    gen_seconds: float  # in the pipeline
+    turn_seconds: float  # holding the pipeline
+    started_ts: float
+    finished_ts: float
+    stage_seconds: Counter  # post-processing time by stage (score, encode, hash)
+
+    @functools.cached_property
+    def tar_images(self) -> dict[str, bytes]:
+        """Encoded images for the main tar: ok ones (blacked out if so acted on)."""
+        return {
+            k: o.image
+            for k, o in self.outcomes.items()
+            if o.image is not None and not o.verdict.quarantined
+        }
+
+    @functools.cached_property
+    def quarantined_images(self) -> dict[str, bytes]:
+        return {k: o.image for k, o in self.outcomes.items() if o.verdict.quarantined}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a worker makes its shards, as its rows and stats record it."""
+
+    spec: JobSpec
+    fingerprint: str  # the plan's
+    worker: dict[str, Any]  # node, actor, gpu_ids, gpu_id
+    dtype: str
+    device: str
+    batch_size: int
+    speed_ups: list[str]
+    max_tokens: int
+    scheduler_name: Callable[[GenerationParams], str]  # the scheduler a sample runs with
+    safety_model_sha256: str | None  # None without a detector
+    unsafe_classes: list[str] | None
+    curation_models_sha256: dict[str, str] | None  # None without curation
+
+
+def build_row(
+    s: Sample, o: Outcome, created_at: dt.datetime, tokens: dict[str, int], made: Provenance
+) -> dict[str, Any]:
+    """The sample's row; its key order is the tar's JSON's too."""
+    spec, verdict = made.spec, o.verdict
+    row: dict[str, Any] = {
+        "key": s.key,
+        "shard_id": s.shard_id,
+        "prompt_id": s.prompt_id,
+        "prompt": s.prompt,
+        "status": verdict.status,
+        "error": verdict.error,
+        "generator_device": GENERATOR_DEVICE,
+        "model_source": spec.model.source,
+        "model_revision": spec.model.revision,
+        "dtype": made.dtype,
+        "image_format": spec.output.image_format,
+        "image_sha256": o.image_sha256,
+        "device": made.device,
+        "worker_node": made.worker["node"],
+        "worker_id": made.worker["actor"],
+        "gpu_id": made.worker["gpu_id"],
+        "gen_seconds": o.gen_seconds,
+        "created_at": created_at,
+        **s.origin,
+        **s.passthrough,
+    }
+    if o.evidence.curation is not None:
+        scores = o.evidence.curation
+        row.update(
+            clip_score=scores.clip_score,
+            aesthetic_score=scores.aesthetic_score,
+            punsafe=scores.punsafe,
+            rejected_by=verdict.rejected_by,
+            duplicate_of=verdict.duplicate_of,
+        )
+    if s.candidate is not None:
+        row["candidate"] = s.candidate
+    if o.evidence.safety is not None:
+        # Without a detector every safety column stays null rather than a misleading 0.
+        row.update(
+            nsfw_score=o.evidence.safety.nsfw_score,
+            nsfw_scores=[{"label": k, "score": v} for k, v in o.evidence.safety.scores.items()],
+            safety_detector=spec.safety.detector,
+            safety_model_sha256=made.safety_model_sha256,
+            safety_threshold=spec.safety.threshold,
+            safety_action=spec.safety.action,
+            safety_flagged=verdict.flagged,
+        )
+    row.update(task=spec.model.task, vae_tiling=spec.engine.vae_tiling)
+    _add_parameters(row, s, o, made)
+    if s.params is not None:
+        n_tokens = tokens.get(s.params.prompt)
+        row.update(
+            prompt_tokens=n_tokens,
+            prompt_truncated=None if n_tokens is None else n_tokens > made.max_tokens,
+            sample_id=sample_id(spec.model.source, spec.model.revision, s.params, row["scheduler"]),
+            prompt=s.params.prompt,
+        )
+    return row
+
+
+def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance) -> None:
+    """What the sample was made with; a failed row too says what it was planned with, so it can
+    be placed in a sweep."""
+    planned = s.params or s.planned
+    if planned is None:
+        return
+    width, height = o.size if o.size else (planned.width, planned.height)
+    row.update(
+        seed=planned.seed,
+        scheduler=made.scheduler_name(planned),
+        num_inference_steps=planned.num_inference_steps,
+        guidance_scale=planned.guidance_scale,
+        width=width,
+        height=height,
+        negative_prompt=planned.negative_prompt,
+        strength=planned.strength,
+        noise_level=planned.noise_level,
+    )
+    for name, given in (("input_image", planned.image), ("mask_image", planned.mask)):
+        if given is not None:
+            row.update({f"{name}_sha256": given.sha256, f"{name}_uri": given.uri})
+
+
+def shard_stats(
+    name: str,
+    shard_id: int,
+    attempt: int,
+    clock: Clock,
+    rows: list[dict[str, Any]],
+    generated: Generated,
+    sha256: dict[str, str],
+    made: Provenance,
+) -> ShardStats:
+    """The shard's stats file, from its rows and what its turn made (sha256: of its files)."""
+    counts = Counter(r["status"] for r in rows)
+    flagged_by_class = Counter(
+        o.evidence.safety.top_class(made.unsafe_classes)
+        for o in generated.outcomes.values()
+        if o.verdict.flagged
+    )
+    # The GPU time this shard used is its turn: its reads and uploads overlap other shards' turns.
+    gpu_seconds = generated.turn_seconds * len(made.worker["gpu_ids"])
+    images = len(generated.tar_images)
+    curation = made.spec.curation
+    return ShardStats(
+        shard=name,
+        shard_id=shard_id,
+        fingerprint=made.fingerprint,
+        samples=len(rows),
+        ok=counts[STATUS_OK],
+        filtered=counts[STATUS_FILTERED],
+        failed=counts[STATUS_FAILED],
+        rejected=counts[STATUS_REJECTED],
+        duplicate=counts[STATUS_DUPLICATE],
+        skipped=counts[STATUS_SKIPPED],
+        images_in_tar=images,
+        quarantined_images=len(generated.quarantined_images),
+        flagged=sum(flagged_by_class.values()),
+        flagged_by_class=dict(sorted(flagged_by_class.items())),
+        safety_detector=made.spec.safety.detector,
+        safety_model_sha256=made.safety_model_sha256,
+        attempt=attempt,
+        batch_size=made.batch_size,
+        engine_speed_ups=list(made.speed_ups),
+        dtype=made.dtype,
+        device=made.device,
+        worker_node=made.worker["node"],
+        worker_id=made.worker["actor"],
+        gpu_id=made.worker["gpu_id"],
+        gen_seconds=round(generated.gen_seconds, 4),
+        gpu_seconds=round(gpu_seconds, 4),
+        images_per_gpu_hour=round(images / gpu_seconds * 3600, 1) if gpu_seconds else None,
+        # The writer sets the finish (and so the wall time) when the files are on storage.
+        wall_seconds=round(time.perf_counter() - clock.t0, 4),
+        started_at=clock.started_at,
+        finished_at=now(),
+        started_ts=round(clock.started_ts, 3),
+        generate_started_ts=round(generated.started_ts, 3),
+        generate_finished_ts=round(generated.finished_ts, 3),
+        finished_ts=round(time.time(), 3),
+        tar_sha256=sha256[layout.tar_file(name)],
+        parquet_sha256=sha256[layout.parquet_file(name)],
+        stage_seconds={k: round(v, 4) for k, v in sorted(generated.stage_seconds.items())},
+        curation_models_sha256=made.curation_models_sha256 or {},
+        **(
+            tally(rows, list(made.spec.sweep.axes), curation.images_per_prompt)
+            if made.curation_models_sha256 is not None
+            else {}
+        ),
+    )
