@@ -27,6 +27,7 @@ from sdfleet.actors.batching import CPU_AUTO_BATCH, BatchSizer, SampleFailed
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.actors.storage import local_copy
 from sdfleet.schemas.errors import ModelLoadError, first_line
+from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
@@ -68,6 +69,8 @@ class Engine:
                 )
                 self.dtype = "float32"
         self.model = model
+        # The family the driver checked the checkpoint against (the only one so far).
+        self.family = DEFAULT_FAMILY
         self.task_name = getattr(model, "task", TEXT_TO_IMAGE)
         self.task = TASKS[self.task_name]
 
@@ -76,8 +79,8 @@ class Engine:
         self.pipe = self._load(model)
         sample = getattr(getattr(self.pipe, "unet", None), "config", {}).get("sample_size")
         scale = getattr(self.pipe, "vae_scale_factor", 8)
-        self.default_size = sample * scale if isinstance(sample, int) else None
-        self.tokens = TokenCounter(getattr(self.pipe, "tokenizer", None))
+        self.default_size = self.family.native_size(sample, scale)
+        self.tokens = TokenCounter(getattr(self.pipe, "tokenizer", None), self.family.max_tokens)
 
         # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
         self._base_scheduler_config = self.pipe.scheduler.config
@@ -258,13 +261,16 @@ class TokenCounter:
     Pipelines without a single CLIP tokenizer report nothing.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, family_max_tokens: int = DEFAULT_FAMILY.max_tokens):
+        """family_max_tokens: what the family's text encoder reads, for a tokenizer that does not
+        say."""
         self.tokenizer = tokenizer
+        self.family_max_tokens = family_max_tokens
         self._counting = None
 
     @property
     def max_tokens(self) -> int:
-        return getattr(self.tokenizer, "model_max_length", 77)
+        return getattr(self.tokenizer, "model_max_length", self.family_max_tokens)
 
     def count(self, prompts: Sequence[str]) -> dict[str, int]:
         if self.tokenizer is None or not prompts:

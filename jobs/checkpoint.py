@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sdfleet.actors.storage import Storage, is_remote
 from sdfleet.schemas.errors import ModelLoadError, first_line
+from sdfleet.schemas.families import DEFAULT_FAMILY, vae_scale_factor
 from sdfleet.schemas.spec import ModelSpec
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
@@ -108,7 +109,7 @@ class Checkpoint:
     @property
     def default_size(self) -> int | None:
         """The size it was trained at (512-base: 64 * 8, 768-v: 96 * 8), or None where unknown."""
-        return self.sample_size * self.vae_scale_factor if self.sample_size else None
+        return DEFAULT_FAMILY.native_size(self.sample_size, self.vae_scale_factor)
 
     def describe(self) -> str:
         unet = (
@@ -155,14 +156,13 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
     unet = config("unet/config.json") if "unet" in index else {}
     vae = config("vae/config.json") if "vae" in index else {}
     scheduler = config("scheduler/scheduler_config.json") if "scheduler" in index else {}
-    blocks = len(vae.get("block_out_channels", [0, 0, 0, 0]))
     return Checkpoint(
         source=source,
         class_name=index.get("_class_name"),
         components=frozenset(k for k in index if not k.startswith("_")),
         unet_in_channels=unet.get("in_channels"),
         sample_size=unet.get("sample_size"),
-        vae_scale_factor=2 ** (blocks - 1),
+        vae_scale_factor=vae_scale_factor(vae),
         prediction_type=scheduler.get("prediction_type"),
     )
 

@@ -22,14 +22,12 @@ from sdfleet.jobs.checkpoint import (
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.spec import JobSpec
 from sdfleet.schemas.tasks import TASKS
 
 log = logging.getLogger("sdfleet")
-
-# Text-to-image size for a checkpoint whose configs give none: SD2-base's.
-FALLBACK_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ class Preflight:
         gen = self.spec.generation
         if TASKS[self.spec.model.task].image or (gen.width is not None and gen.height is not None):
             return self.spec
-        size = checkpoint.default_size or FALLBACK_SIZE
+        size = checkpoint.default_size or DEFAULT_FAMILY.fallback_size
         if not checkpoint.default_size:
             log.warning(
                 "model.source %s names no native size; making %dx%d (set generation.width and height)",
