@@ -130,7 +130,9 @@ class Engine:
         path = local_copy(model.source, model.storage_options)
         t0 = time.perf_counter()
         try:
-            pipeline_class = getattr(diffusers, self.task.auto_pipeline or self.task.pipeline)
+            pipeline_class = getattr(
+                diffusers, self.task.auto_pipeline or self.family.pipeline(self.task_name)
+            )
             pipe = pipeline_class.from_pretrained(
                 path,
                 revision=model.revision,

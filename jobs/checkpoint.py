@@ -191,8 +191,9 @@ def check_task(task_name: str, checkpoint: Checkpoint) -> None:
     needs = f"a {task.unet_in_channels}-channel UNet" + (
         f" and a {task.needs_component}" if task.needs_component else ""
     )
+    pipeline = DEFAULT_FAMILY.pipeline(task_name)
     raise ModelLoadError(
-        f"model.task={task_name} loads {task.pipeline}, which needs {needs}; model.source "
+        f"model.task={task_name} loads {pipeline}, which needs {needs}; model.source "
         f"{checkpoint.source} is {checkpoint.describe()}{advice}"
     )
 
