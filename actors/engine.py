@@ -29,6 +29,7 @@ from sdfleet.actors.storage import local_copy
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.samples import GenerationParams
+from sdfleet.schemas.schedulers import unknown_scheduler
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
 if TYPE_CHECKING:  # duck-typed at run time, so bench/gpu runs where pydantic is not installed
@@ -188,10 +189,7 @@ class Engine:
 
             cls = getattr(diffusers, name, None)
             if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-                raise ModelLoadError(
-                    f"scheduler {name!r} is not a diffusers scheduler class; "
-                    "e.g. EulerDiscreteScheduler"
-                )
+                raise ModelLoadError(unknown_scheduler(name))
             self._schedulers[name] = cls.from_config(
                 self._base_scheduler_config, **self.model.scheduler_config
             )

@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from sdfleet.actors.storage import Storage, is_remote
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY, vae_scale_factor
+from sdfleet.schemas.schedulers import defined_schedulers, unknown_scheduler
 from sdfleet.schemas.spec import ModelSpec
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
@@ -203,14 +203,8 @@ def check_scheduler_names(names: Sequence[str]) -> None:
     not by importing it: diffusers loads torch, which `sdfleet plan` must not."""
     found = importlib.util.find_spec("diffusers")
     folder = Path(found.origin).parent / "schedulers" if found and found.origin else None
-    defined = {
-        m.group(1)
-        for f in (folder.rglob("scheduling_*.py") if folder else ())
-        for m in re.finditer(r"^class (\w+Scheduler\w*)\(", f.read_text(), re.M)
-    }
+    sources = (f.read_text() for f in (folder.rglob("scheduling_*.py") if folder else ()))
+    defined = defined_schedulers(sources)
     for name in names:
         if name not in defined:
-            raise ModelLoadError(
-                f"scheduler {name!r} is not a diffusers scheduler class; "
-                "e.g. EulerDiscreteScheduler"
-            )
+            raise ModelLoadError(unknown_scheduler(name))

@@ -24,6 +24,7 @@ from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.plan import Plan
+from sdfleet.schemas.schedulers import scheduler_names
 from sdfleet.schemas.spec import JobSpec
 from sdfleet.schemas.tasks import TASKS
 
@@ -84,11 +85,13 @@ class Preflight:
     def _check_model(self):
         """The checkpoint: where it is, what it is, whether it does the task and has the schedulers
         the spec names. Returns what was read of it."""
-        names = {self.spec.model.scheduler, *self.spec.sweep.axes.get("scheduler", [])} - {None}
+        names = scheduler_names(
+            self.spec.model.scheduler, self.spec.sweep.axes.get("scheduler", [])
+        )
         check_model_source(self.spec.model)
         checkpoint = read_checkpoint(self.spec.model)
         check_task(self.spec.model.task, checkpoint)
-        check_scheduler_names(sorted(names))
+        check_scheduler_names(names)
         return checkpoint
 
     def _check_detector(self) -> None:
