@@ -17,8 +17,8 @@ from sdfleet.schemas.families import DEFAULT_FAMILY, vae_scale_factor
 from sdfleet.schemas.schedulers import defined_schedulers, unknown_scheduler
 from sdfleet.schemas.spec import ModelSpec
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
+from sdfleet.schemas.weights import is_safetensors, pickles_only
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
 # How long the driver waits for the Hugging Face hub before saying it cannot reach it.
 HUB_TIMEOUT_S = 10.0
 
@@ -49,8 +49,8 @@ def _check_local_pipeline(folder: Path) -> None:
     # Every component with weights must have them as safetensors: one pickle-only component would
     # fail only inside the workers.
     for component in sorted(p for p in folder.iterdir() if p.is_dir()):
-        pickles = [p.name for p in component.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-        if pickles and not any(component.rglob("*.safetensors")):
+        pickles = pickles_only(p.name for p in component.rglob("*"))
+        if pickles:
             raise ModelLoadError(
                 f"model.source {folder} holds only pickle weights for {component.name} "
                 f"({pickles[0]}); sdfleet loads safetensors only. Convert it with "
@@ -86,7 +86,7 @@ def _check_hub_pipeline(repo: str, revision: str | None) -> None:
             f"{advice}, or set HF_HUB_OFFLINE=1 to use the local cache"
         ) from None
     names = [s.rfilename for s in info.siblings or []]
-    if names and not any(n.endswith(".safetensors") for n in names):
+    if names and not any(is_safetensors(n) for n in names):
         raise ModelLoadError(
             f"model.source {repo} has no safetensors weights on the hub; sdfleet loads "
             f"safetensors only: {advice} holding a converted copy"

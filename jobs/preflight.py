@@ -21,12 +21,14 @@ from sdfleet.jobs.checkpoint import (
 )
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
+from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
 from sdfleet.schemas.spec import JobSpec
 from sdfleet.schemas.tasks import TASKS
+from sdfleet.schemas.weights import is_safetensors
 
 log = logging.getLogger("sdfleet")
 
@@ -78,8 +80,8 @@ class Preflight:
         inp, out = folder(self.spec.input.uri), folder(self.spec.output.uri)
         if inp == out or inp.startswith(out + "/") or out.startswith(inp + "/"):
             raise SpecError(
-                f"input.uri {self.spec.input.uri} and output.uri {self.spec.output.uri} overlap: a run "
-                "would read its own Parquet files as prompts. Give them separate folders"
+                f"input.uri {self.spec.input.uri} and output.uri {self.spec.output.uri} overlap: a "
+                "run would read its own Parquet files as prompts. Give them separate folders"
             )
 
     def _check_model(self):
@@ -97,10 +99,11 @@ class Preflight:
     def _check_detector(self) -> None:
         safety = self.spec.safety
         safety.check_runnable()
-        if safety.detector == "laion-clip-nsfw" and not safety.model.endswith(".safetensors"):
+        if DETECTORS[safety.detector].safetensors_file and not is_safetensors(safety.model):
             raise SpecError(
-                f"safety.model={safety.model} is not a .safetensors file; laion-clip-nsfw loads its head "
-                "from safetensors only: convert the original once (see the README's Curation section)"
+                f"safety.model={safety.model} is not a .safetensors file; {safety.detector} loads "
+                "its head from safetensors only: convert the original once (see the README's "
+                "Curation section)"
             )
         if (
             safety.model
@@ -113,16 +116,18 @@ class Preflight:
             )
 
     def _check_curation_models(self) -> None:
-        """What the driver can see of curation.*'s models: heads are safetensors files, and local paths exist."""
+        """What the driver can see of curation.*'s models: heads are safetensors files, and local
+        paths exist."""
         cur = self.spec.curation
         for key in ("clip_model", "aesthetic_model", "nsfw_model"):
             value = getattr(cur, key)
             if value is None:
                 continue
-            if key != "clip_model" and not value.endswith(".safetensors"):
+            if key != "clip_model" and not is_safetensors(value):
                 raise SpecError(
                     f"curation.{key}={value} is not a .safetensors file; sdfleet loads heads from "
-                    "safetensors only: convert the original once (see the README's Curation section)"
+                    "safetensors only: convert the original once (see the README's Curation "
+                    "section)"
                 )
             if (
                 not is_remote(value)
@@ -140,7 +145,8 @@ class Preflight:
         size = checkpoint.default_size or DEFAULT_FAMILY.fallback_size
         if not checkpoint.default_size:
             log.warning(
-                "model.source %s names no native size; making %dx%d (set generation.width and height)",
+                "model.source %s names no native size; making %dx%d "
+                "(set generation.width and height)",
                 checkpoint.source,
                 size,
                 size,
