@@ -11,9 +11,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.actors.storage import Storage
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY, vae_scale_factor
+from sdfleet.schemas.locations import kind_of
 from sdfleet.schemas.schedulers import defined_schedulers, unknown_scheduler
 from sdfleet.schemas.spec import ModelSpec
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
@@ -27,14 +28,15 @@ def check_model_source(model: ModelSpec) -> None:
     """What the driver can check of the model before any worker starts: the folder and its weight
     formats (safetensors only, per component), or that a hub id can be had at all."""
     source = model.source
-    if is_remote(source):
+    kind = kind_of(source)
+    if kind == "remote":
         if not Storage(source, model.storage_options).exists("model_index.json"):
             raise ModelLoadError(
                 f"model.source {source} has no model_index.json; point it at a diffusers folder"
             )
-    elif Path(source).expanduser().exists():
+    elif kind == "local":
         _check_local_pipeline(Path(source).expanduser())
-    elif source.startswith((".", "/", "~")):
+    elif kind == "missing":
         raise ModelLoadError(f"model.source {source} does not exist")
     else:
         _check_hub_pipeline(source, model.revision)
@@ -124,14 +126,15 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
     """Read model_index.json and the UNet's and VAE's configs from a local folder, an s3:// mirror
     or the hub (its cache when offline), without loading a weight."""
     source = model.source
+    kind = kind_of(source)
 
     def config(name: str) -> dict:
         try:
-            if is_remote(source):
+            if kind == "remote":
                 storage = Storage(source, model.storage_options)
                 return storage.read_json(name) if storage.exists(name) else {}
-            local = Path(source).expanduser()
-            if local.exists():
+            if kind == "local":
+                local = Path(source).expanduser()
                 return json.loads((local / name).read_text()) if (local / name).is_file() else {}
             import huggingface_hub
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.actors.storage import Storage
 from sdfleet.jobs.checkpoint import (
     check_model_source,
     check_scheduler_names,
@@ -24,6 +23,7 @@ from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.families import DEFAULT_FAMILY
+from sdfleet.schemas.locations import kind_of
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
 from sdfleet.schemas.spec import JobSpec
@@ -105,12 +105,7 @@ class Preflight:
                 "its head from safetensors only: convert the original once (see the README's "
                 "Curation section)"
             )
-        if (
-            safety.model
-            and not is_remote(safety.model)
-            and safety.model.startswith((".", "/", "~"))
-            and not Path(safety.model).expanduser().exists()
-        ):
+        if safety.model and kind_of(safety.model) == "missing":
             raise SpecError(
                 f"safety.model {safety.model} does not exist; give the detector's weights"
             )
@@ -129,11 +124,7 @@ class Preflight:
                     "safetensors only: convert the original once (see the README's Curation "
                     "section)"
                 )
-            if (
-                not is_remote(value)
-                and value.startswith((".", "/", "~"))
-                and not Path(value).expanduser().exists()
-            ):
+            if kind_of(value) == "missing":
                 raise SpecError(f"curation.{key} {value} does not exist")
 
     def _with_checkpoint_size(self, checkpoint) -> JobSpec:
