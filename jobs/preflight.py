@@ -23,7 +23,7 @@ from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.families import DEFAULT_FAMILY
-from sdfleet.schemas.locations import kind_of
+from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
 from sdfleet.schemas.spec import JobSpec
@@ -73,9 +73,9 @@ class Preflight:
         it), and an input inside the output would be taken for stray files."""
 
         def folder(uri: str) -> str:
+            # A glob stands for its fixed part's folder; a file or folder URI is kept whole.
             uri = uri.removeprefix("file://")
-            static = uri.split("*")[0].split("?")[0].split("[")[0]
-            return (static.rsplit("/", 1)[0] if static != uri else uri).rstrip("/")
+            return (fixed_part(uri).rsplit("/", 1)[0] if is_glob(uri) else uri).rstrip("/")
 
         inp, out = folder(self.spec.input.uri), folder(self.spec.output.uri)
         if inp == out or inp.startswith(out + "/") or out.startswith(inp + "/"):
