@@ -78,10 +78,12 @@ class Engine:
         # 2. The pipeline, and the size text-to-image makes when the spec gives none: the
         #    checkpoint's own.
         self.pipe = self._load(model)
-        sample = getattr(getattr(self.pipe, "unet", None), "config", {}).get("sample_size")
-        scale = getattr(self.pipe, "vae_scale_factor", 8)
-        self.default_size = self.family.native_size(sample, scale)
-        self.tokens = TokenCounter(getattr(self.pipe, "tokenizer", None), self.family.max_tokens)
+        family = self.family
+        denoiser = getattr(self.pipe, family.denoiser, None)
+        sample = getattr(denoiser, "config", {}).get("sample_size")
+        self.default_size = family.native_size(sample, getattr(self.pipe, "vae_scale_factor", 8))
+        tokenizer = getattr(self.pipe, family.text_encoders[0].tokenizer, None)
+        self.tokens = TokenCounter(tokenizer, family.max_tokens)
 
         # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
         self._base_scheduler_config = self.pipe.scheduler.config
