@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.samples import GenerationParams, InputImage
 from sdfleet.schemas.tasks import TASKS
 
@@ -160,7 +161,7 @@ class BatchSizer:
         if self.task.image:
             from PIL import Image
 
-            side = (default_size or 512) // self.task.scale
+            side = (default_size or DEFAULT_FAMILY.fallback_size) // self.task.scale
             gray = InputImage(Image.new("RGB", (side, side), (128, 128, 128)), sha256="probe")
             white = InputImage(Image.new("L", (side, side), 255), sha256="probe")
             probe = dataclasses.replace(probe, image=gray, mask=white if self.task.mask else None)

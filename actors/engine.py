@@ -27,7 +27,9 @@ from sdfleet.actors.batching import CPU_AUTO_BATCH, BatchSizer, SampleFailed
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.actors.storage import local_copy
 from sdfleet.schemas.errors import ModelLoadError, first_line
+from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.samples import GenerationParams
+from sdfleet.schemas.schedulers import unknown_scheduler
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
 if TYPE_CHECKING:  # duck-typed at run time, so bench/gpu runs where pydantic is not installed
@@ -68,16 +70,20 @@ class Engine:
                 )
                 self.dtype = "float32"
         self.model = model
+        # The family the driver checked the checkpoint against (the only one so far).
+        self.family = DEFAULT_FAMILY
         self.task_name = getattr(model, "task", TEXT_TO_IMAGE)
         self.task = TASKS[self.task_name]
 
         # 2. The pipeline, and the size text-to-image makes when the spec gives none: the
         #    checkpoint's own.
         self.pipe = self._load(model)
-        sample = getattr(getattr(self.pipe, "unet", None), "config", {}).get("sample_size")
-        scale = getattr(self.pipe, "vae_scale_factor", 8)
-        self.default_size = sample * scale if isinstance(sample, int) else None
-        self.tokens = TokenCounter(getattr(self.pipe, "tokenizer", None))
+        family = self.family
+        denoiser = getattr(self.pipe, family.denoiser, None)
+        sample = getattr(denoiser, "config", {}).get("sample_size")
+        self.default_size = family.native_size(sample, getattr(self.pipe, "vae_scale_factor", 8))
+        tokenizer = getattr(self.pipe, family.text_encoders[0].tokenizer, None)
+        self.tokens = TokenCounter(tokenizer, family.max_tokens)
 
         # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
         self._base_scheduler_config = self.pipe.scheduler.config
@@ -127,7 +133,9 @@ class Engine:
         path = local_copy(model.source, model.storage_options)
         t0 = time.perf_counter()
         try:
-            pipeline_class = getattr(diffusers, self.task.auto_pipeline or self.task.pipeline)
+            pipeline_class = getattr(
+                diffusers, self.task.auto_pipeline or self.family.pipeline(self.task_name)
+            )
             pipe = pipeline_class.from_pretrained(
                 path,
                 revision=model.revision,
@@ -183,10 +191,7 @@ class Engine:
 
             cls = getattr(diffusers, name, None)
             if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-                raise ModelLoadError(
-                    f"scheduler {name!r} is not a diffusers scheduler class; "
-                    "e.g. EulerDiscreteScheduler"
-                )
+                raise ModelLoadError(unknown_scheduler(name))
             self._schedulers[name] = cls.from_config(
                 self._base_scheduler_config, **self.model.scheduler_config
             )
@@ -258,13 +263,16 @@ class TokenCounter:
     Pipelines without a single CLIP tokenizer report nothing.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, family_max_tokens: int = DEFAULT_FAMILY.max_tokens):
+        """family_max_tokens: what the family's text encoder reads, for a tokenizer that does not
+        say."""
         self.tokenizer = tokenizer
+        self.family_max_tokens = family_max_tokens
         self._counting = None
 
     @property
     def max_tokens(self) -> int:
-        return getattr(self.tokenizer, "model_max_length", 77)
+        return getattr(self.tokenizer, "model_max_length", self.family_max_tokens)
 
     def count(self, prompts: Sequence[str]) -> dict[str, int]:
         if self.tokenizer is None or not prompts:

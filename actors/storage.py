@@ -23,7 +23,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from sdfleet.schemas.errors import StorageDenied, StorageError, StorageNotFound, first_line
-from sdfleet.schemas.locations import is_remote
+from sdfleet.schemas.locations import is_remote, kind_of
 
 if TYPE_CHECKING:  # pydantic, which the engine's users on a bare GPU machine may lack, loads lazily
     from sdfleet.schemas.layout import StagedFile
@@ -554,10 +554,10 @@ def local_copy(source: str, storage_options: dict[str, Any] | None = None) -> st
     """Where to load a model or weights file from on this node: an `s3://` (or other remote) source
     is copied once into the node cache (`cached_copy`); a local path has `~` expanded; anything
     else (a hub id) is returned as given, for `from_pretrained` to resolve."""
-    if is_remote(source):
+    kind = kind_of(source)
+    if kind == "remote":
         return str(cached_copy(source, storage_options))
-    expanded = Path(source).expanduser()
-    return str(expanded) if expanded.exists() else source
+    return str(Path(source).expanduser()) if kind == "local" else source
 
 
 def weights_sha256(path: str | Path) -> str:

@@ -8,16 +8,18 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.actors.storage import Storage
 from sdfleet.schemas.errors import ModelLoadError, first_line
+from sdfleet.schemas.families import DEFAULT_FAMILY, vae_scale_factor
+from sdfleet.schemas.locations import kind_of
+from sdfleet.schemas.schedulers import defined_schedulers, unknown_scheduler
 from sdfleet.schemas.spec import ModelSpec
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
+from sdfleet.schemas.weights import is_safetensors, pickles_only
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth", ".pkl")
 # How long the driver waits for the Hugging Face hub before saying it cannot reach it.
 HUB_TIMEOUT_S = 10.0
 
@@ -26,14 +28,15 @@ def check_model_source(model: ModelSpec) -> None:
     """What the driver can check of the model before any worker starts: the folder and its weight
     formats (safetensors only, per component), or that a hub id can be had at all."""
     source = model.source
-    if is_remote(source):
+    kind = kind_of(source)
+    if kind == "remote":
         if not Storage(source, model.storage_options).exists("model_index.json"):
             raise ModelLoadError(
                 f"model.source {source} has no model_index.json; point it at a diffusers folder"
             )
-    elif Path(source).expanduser().exists():
+    elif kind == "local":
         _check_local_pipeline(Path(source).expanduser())
-    elif source.startswith((".", "/", "~")):
+    elif kind == "missing":
         raise ModelLoadError(f"model.source {source} does not exist")
     else:
         _check_hub_pipeline(source, model.revision)
@@ -48,8 +51,8 @@ def _check_local_pipeline(folder: Path) -> None:
     # Every component with weights must have them as safetensors: one pickle-only component would
     # fail only inside the workers.
     for component in sorted(p for p in folder.iterdir() if p.is_dir()):
-        pickles = [p.name for p in component.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-        if pickles and not any(component.rglob("*.safetensors")):
+        pickles = pickles_only(p.name for p in component.rglob("*"))
+        if pickles:
             raise ModelLoadError(
                 f"model.source {folder} holds only pickle weights for {component.name} "
                 f"({pickles[0]}); sdfleet loads safetensors only. Convert it with "
@@ -85,7 +88,7 @@ def _check_hub_pipeline(repo: str, revision: str | None) -> None:
             f"{advice}, or set HF_HUB_OFFLINE=1 to use the local cache"
         ) from None
     names = [s.rfilename for s in info.siblings or []]
-    if names and not any(n.endswith(".safetensors") for n in names):
+    if names and not any(is_safetensors(n) for n in names):
         raise ModelLoadError(
             f"model.source {repo} has no safetensors weights on the hub; sdfleet loads "
             f"safetensors only: {advice} holding a converted copy"
@@ -108,7 +111,7 @@ class Checkpoint:
     @property
     def default_size(self) -> int | None:
         """The size it was trained at (512-base: 64 * 8, 768-v: 96 * 8), or None where unknown."""
-        return self.sample_size * self.vae_scale_factor if self.sample_size else None
+        return DEFAULT_FAMILY.native_size(self.sample_size, self.vae_scale_factor)
 
     def describe(self) -> str:
         unet = (
@@ -123,14 +126,15 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
     """Read model_index.json and the UNet's and VAE's configs from a local folder, an s3:// mirror
     or the hub (its cache when offline), without loading a weight."""
     source = model.source
+    kind = kind_of(source)
 
     def config(name: str) -> dict:
         try:
-            if is_remote(source):
+            if kind == "remote":
                 storage = Storage(source, model.storage_options)
                 return storage.read_json(name) if storage.exists(name) else {}
-            local = Path(source).expanduser()
-            if local.exists():
+            if kind == "local":
+                local = Path(source).expanduser()
                 return json.loads((local / name).read_text()) if (local / name).is_file() else {}
             import huggingface_hub
 
@@ -155,14 +159,13 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
     unet = config("unet/config.json") if "unet" in index else {}
     vae = config("vae/config.json") if "vae" in index else {}
     scheduler = config("scheduler/scheduler_config.json") if "scheduler" in index else {}
-    blocks = len(vae.get("block_out_channels", [0, 0, 0, 0]))
     return Checkpoint(
         source=source,
         class_name=index.get("_class_name"),
         components=frozenset(k for k in index if not k.startswith("_")),
         unet_in_channels=unet.get("in_channels"),
         sample_size=unet.get("sample_size"),
-        vae_scale_factor=2 ** (blocks - 1),
+        vae_scale_factor=vae_scale_factor(vae),
         prediction_type=scheduler.get("prediction_type"),
     )
 
@@ -191,8 +194,9 @@ def check_task(task_name: str, checkpoint: Checkpoint) -> None:
     needs = f"a {task.unet_in_channels}-channel UNet" + (
         f" and a {task.needs_component}" if task.needs_component else ""
     )
+    pipeline = DEFAULT_FAMILY.pipeline(task_name)
     raise ModelLoadError(
-        f"model.task={task_name} loads {task.pipeline}, which needs {needs}; model.source "
+        f"model.task={task_name} loads {pipeline}, which needs {needs}; model.source "
         f"{checkpoint.source} is {checkpoint.describe()}{advice}"
     )
 
@@ -202,14 +206,8 @@ def check_scheduler_names(names: Sequence[str]) -> None:
     not by importing it: diffusers loads torch, which `sdfleet plan` must not."""
     found = importlib.util.find_spec("diffusers")
     folder = Path(found.origin).parent / "schedulers" if found and found.origin else None
-    defined = {
-        m.group(1)
-        for f in (folder.rglob("scheduling_*.py") if folder else ())
-        for m in re.finditer(r"^class (\w+Scheduler\w*)\(", f.read_text(), re.M)
-    }
+    sources = (f.read_text() for f in (folder.rglob("scheduling_*.py") if folder else ()))
+    defined = defined_schedulers(sources)
     for name in names:
         if name not in defined:
-            raise ModelLoadError(
-                f"scheduler {name!r} is not a diffusers scheduler class; "
-                "e.g. EulerDiscreteScheduler"
-            )
+            raise ModelLoadError(unknown_scheduler(name))

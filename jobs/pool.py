@@ -26,6 +26,7 @@ from typing import Any
 
 from sdfleet.schemas.errors import UserError, first_line
 from sdfleet.schemas.plan import Plan
+from sdfleet.schemas.resources import cpu_threads_per_worker
 
 log = logging.getLogger("sdfleet")
 
@@ -387,7 +388,9 @@ def choose_worker_kind(plan: Plan, embedded: bool) -> WorkerKind:
     # one an uninterrupted run would have made.
     capacity = max(1, min(res.max_workers, cpus // 2 or 1))
     log.info("no GPUs for this job: running up to %d CPU worker(s)", capacity)
-    return WorkerKind({"num_cpus": 1}, capacity, res.cpu_threads or max(1, cpus // capacity), 0.0)
+    return WorkerKind(
+        {"num_cpus": 1}, capacity, res.cpu_threads or cpu_threads_per_worker(cpus, capacity), 0.0
+    )
 
 
 def _failure(slot: Slot, task: Any, ref: Any, e: BaseException) -> PoolEvent:

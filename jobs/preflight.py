@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-from sdfleet.actors.storage import Storage, is_remote
+from sdfleet.actors.storage import Storage
 from sdfleet.jobs.checkpoint import (
     check_model_source,
     check_scheduler_names,
@@ -21,15 +20,17 @@ from sdfleet.jobs.checkpoint import (
 )
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
+from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.families import DEFAULT_FAMILY
+from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
+from sdfleet.schemas.schedulers import scheduler_names
 from sdfleet.schemas.spec import JobSpec
 from sdfleet.schemas.tasks import TASKS
+from sdfleet.schemas.weights import is_safetensors
 
 log = logging.getLogger("sdfleet")
-
-# Text-to-image size for a checkpoint whose configs give none: SD2-base's.
-FALLBACK_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -72,62 +73,58 @@ class Preflight:
         it), and an input inside the output would be taken for stray files."""
 
         def folder(uri: str) -> str:
+            # A glob stands for its fixed part's folder; a file or folder URI is kept whole.
             uri = uri.removeprefix("file://")
-            static = uri.split("*")[0].split("?")[0].split("[")[0]
-            return (static.rsplit("/", 1)[0] if static != uri else uri).rstrip("/")
+            return (fixed_part(uri).rsplit("/", 1)[0] if is_glob(uri) else uri).rstrip("/")
 
         inp, out = folder(self.spec.input.uri), folder(self.spec.output.uri)
         if inp == out or inp.startswith(out + "/") or out.startswith(inp + "/"):
             raise SpecError(
-                f"input.uri {self.spec.input.uri} and output.uri {self.spec.output.uri} overlap: a run "
-                "would read its own Parquet files as prompts. Give them separate folders"
+                f"input.uri {self.spec.input.uri} and output.uri {self.spec.output.uri} overlap: a "
+                "run would read its own Parquet files as prompts. Give them separate folders"
             )
 
     def _check_model(self):
         """The checkpoint: where it is, what it is, whether it does the task and has the schedulers
         the spec names. Returns what was read of it."""
-        names = {self.spec.model.scheduler, *self.spec.sweep.axes.get("scheduler", [])} - {None}
+        names = scheduler_names(
+            self.spec.model.scheduler, self.spec.sweep.axes.get("scheduler", [])
+        )
         check_model_source(self.spec.model)
         checkpoint = read_checkpoint(self.spec.model)
         check_task(self.spec.model.task, checkpoint)
-        check_scheduler_names(sorted(names))
+        check_scheduler_names(names)
         return checkpoint
 
     def _check_detector(self) -> None:
         safety = self.spec.safety
         safety.check_runnable()
-        if safety.detector == "laion-clip-nsfw" and not safety.model.endswith(".safetensors"):
+        if DETECTORS[safety.detector].safetensors_file and not is_safetensors(safety.model):
             raise SpecError(
-                f"safety.model={safety.model} is not a .safetensors file; laion-clip-nsfw loads its head "
-                "from safetensors only: convert the original once (see the README's Curation section)"
+                f"safety.model={safety.model} is not a .safetensors file; {safety.detector} loads "
+                "its head from safetensors only: convert the original once (see the README's "
+                "Curation section)"
             )
-        if (
-            safety.model
-            and not is_remote(safety.model)
-            and safety.model.startswith((".", "/", "~"))
-            and not Path(safety.model).expanduser().exists()
-        ):
+        if safety.model and kind_of(safety.model) == "missing":
             raise SpecError(
                 f"safety.model {safety.model} does not exist; give the detector's weights"
             )
 
     def _check_curation_models(self) -> None:
-        """What the driver can see of curation.*'s models: heads are safetensors files, and local paths exist."""
+        """What the driver can see of curation.*'s models: heads are safetensors files, and local
+        paths exist."""
         cur = self.spec.curation
         for key in ("clip_model", "aesthetic_model", "nsfw_model"):
             value = getattr(cur, key)
             if value is None:
                 continue
-            if key != "clip_model" and not value.endswith(".safetensors"):
+            if key != "clip_model" and not is_safetensors(value):
                 raise SpecError(
                     f"curation.{key}={value} is not a .safetensors file; sdfleet loads heads from "
-                    "safetensors only: convert the original once (see the README's Curation section)"
+                    "safetensors only: convert the original once (see the README's Curation "
+                    "section)"
                 )
-            if (
-                not is_remote(value)
-                and value.startswith((".", "/", "~"))
-                and not Path(value).expanduser().exists()
-            ):
+            if kind_of(value) == "missing":
                 raise SpecError(f"curation.{key} {value} does not exist")
 
     def _with_checkpoint_size(self, checkpoint) -> JobSpec:
@@ -136,10 +133,11 @@ class Preflight:
         gen = self.spec.generation
         if TASKS[self.spec.model.task].image or (gen.width is not None and gen.height is not None):
             return self.spec
-        size = checkpoint.default_size or FALLBACK_SIZE
+        size = checkpoint.default_size or DEFAULT_FAMILY.fallback_size
         if not checkpoint.default_size:
             log.warning(
-                "model.source %s names no native size; making %dx%d (set generation.width and height)",
+                "model.source %s names no native size; making %dx%d "
+                "(set generation.width and height)",
                 checkpoint.source,
                 size,
                 size,

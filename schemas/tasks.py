@@ -15,7 +15,7 @@ from dataclasses import dataclass
 class Task:
     name: str
     # The diffusers auto class that picks the pipeline for other families too (SDXL's img2img for
-    # its refiner, say); None: the task exists for SD2 only and loads `pipeline` itself.
+    # its refiner, say); None: the task exists for SD2 only and loads the family's own pipeline.
     auto_pipeline: str | None
     # The UNet's input channels: 4 latent channels plus the task's conditioning. It is what tells
     # an inpainting or depth checkpoint from a text-to-image one (the SD2 model card's five).
@@ -29,13 +29,6 @@ class Task:
     noise_level: int | None = None
     # Output pixels per input pixel along each side (the x4 upscaler: 4).
     scale: int = 1
-
-    @property
-    def pipeline(self) -> str:
-        """The diffusers class the default family (SD2) loads for this task."""
-        from sdfleet.schemas.families import DEFAULT_FAMILY
-
-        return DEFAULT_FAMILY.pipeline(self.name)
 
     @property
     def parameters(self) -> tuple[str, ...]:
