@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sdfleet.actors.storage import local_copy, weights_sha256
+from sdfleet.actors.model_cache import local_copy, weights_sha256
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.rows import STATUS_DUPLICATE, STATUS_FILTERED, STATUS_OK, STATUS_REJECTED
 from sdfleet.schemas.weights import is_safetensors

@@ -25,7 +25,7 @@ import torch
 
 from sdfleet.actors.batching import CPU_AUTO_BATCH, BatchSizer, SampleFailed
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
-from sdfleet.actors.storage import local_copy
+from sdfleet.actors.model_cache import local_copy
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.samples import GenerationParams

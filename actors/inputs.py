@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdfleet.actors.storage import Storage, check_inside
+from sdfleet.actors.storage import Storage
+from sdfleet.schemas.locations import check_inside
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError
 from sdfleet.schemas.locations import input_folder, is_remote

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sdfleet.actors.logs import native_start_up_quiet
-from sdfleet.actors.storage import local_copy, weights_sha256
+from sdfleet.actors.model_cache import local_copy, weights_sha256
 from sdfleet.schemas.detectors import DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError, UserError
 from sdfleet.schemas.spec import SafetySpec

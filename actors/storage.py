@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import tempfile
 import uuid
 from pathlib import Path
 from collections.abc import Iterator
@@ -22,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from sdfleet.schemas.errors import StorageDenied, StorageError, StorageNotFound, first_line
-from sdfleet.schemas.locations import is_remote, kind_of
+from sdfleet.actors.storage_errors import check_endpoint_reachable, endpoint_of, storage_error
+from sdfleet.schemas.errors import StorageError
+from sdfleet.schemas.locations import is_remote
 
 if TYPE_CHECKING:  # pydantic, which the engine's users on a bare GPU machine may lack, loads lazily
     from sdfleet.schemas.layout import StagedFile
@@ -43,92 +42,6 @@ TAIL_BYTES = 256 << 10
 # and jitter. Ten attempts ride out a minute-long S3 brown-out; 403 and 404 are never retried, so a
 # wrong bucket or missing permission fails at once.
 S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
-
-
-def storage_error(
-    e: BaseException, what: str, options: dict[str, Any] | None = None
-) -> StorageError | None:
-    """`what` ("cannot read s3://b/k") with the cause and what to do, for the storage failures a
-    user can fix; None for anything else. Looks through the exception's chain, since s3fs and
-    pyarrow wrap botocore's errors."""
-    chain, seen = [], e
-    while seen is not None and len(chain) < 10:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    names = {type(x).__name__ for x in chain}
-    text = " ".join(str(x) for x in chain)
-    endpoint = _endpoint(options or {})
-    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
-        return StorageError(
-            f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or AWS_PROFILE, or an instance role), or give key/secret in the spec's "
-            "storage_options; for a public bucket set storage_options: {anon: true}"
-        )
-    if names & {
-        "EndpointConnectionError",
-        "ConnectTimeoutError",
-        "ClientConnectorError",
-        "ConnectionRefusedError",
-    }:
-        return StorageError(
-            f"{what}: cannot connect to the S3 endpoint {endpoint or '(AWS default)'}. "
-            f"{ENDPOINT_ADVICE}"
-        )
-    if "NoSuchBucket" in names or "bucket does not exist" in text:
-        return StorageNotFound(
-            f"{what}: the bucket does not exist{f' at {endpoint}' if endpoint else ''}. "
-            "Check the bucket name (and the endpoint), or create the bucket"
-        )
-    if isinstance(e, PermissionError) or names & {
-        "AccessDenied",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-    }:
-        return StorageDenied(
-            f"{what}: access denied ({first_line(e)}); check the credentials and the "
-            "bucket policy, or storage_options"
-        )
-    if isinstance(e, FileNotFoundError):
-        return StorageNotFound(f"{what}: not found ({first_line(e)})")
-    return None
-
-
-# How long a connection to a configured S3 endpoint may take before it is reported unreachable.
-# botocore retries a refused connection 10 times with backoff (about a minute of silence); a dead
-# MinIO or a wrong port should be named at once.
-ENDPOINT_CONNECT_TIMEOUT_S = 5.0
-ENDPOINT_ADVICE = (
-    "Check AWS_ENDPOINT_URL or storage_options.endpoint_url, and that the endpoint is up"
-)
-_reachable: set[str] = set()
-
-
-def _endpoint(options: dict[str, Any]) -> str | None:
-    return (
-        options.get("client_kwargs", {}).get("endpoint_url")
-        or options.get("endpoint_url")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
-
-
-def check_endpoint_reachable(uri: str, endpoint: str | None) -> None:
-    """A StorageError naming `uri` and the endpoint when nothing answers at a configured S3 endpoint
-    (AWS's own endpoints are not probed). Checked once per endpoint and process."""
-    if not endpoint or endpoint in _reachable:
-        return
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(endpoint)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=ENDPOINT_CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise StorageError(
-            f"cannot reach {uri}: cannot connect to the S3 endpoint {endpoint} ({e.strerror or e}). "
-            f"{ENDPOINT_ADVICE}"
-        ) from None
-    _reachable.add(endpoint)
 
 
 def _no_such_upload(e: BaseException) -> bool:
@@ -172,7 +85,7 @@ class Storage:
         options = dict(storage_options or {})
         if self.uri.startswith(("s3://", "s3a://")):
             options.setdefault("config_kwargs", {}).setdefault("retries", S3_RETRIES)
-            check_endpoint_reachable(self.uri, _endpoint(options))
+            check_endpoint_reachable(self.uri, endpoint_of(options))
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
@@ -545,104 +458,3 @@ class Storage:
                 kwargs.update(
                     KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"]
                 )
-
-
-# ---------------------------------------------------------------- model cache
-
-
-def local_copy(source: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Where to load a model or weights file from on this node: an `s3://` (or other remote) source
-    is copied once into the node cache (`cached_copy`); a local path has `~` expanded; anything
-    else (a hub id) is returned as given, for `from_pretrained` to resolve."""
-    kind = kind_of(source)
-    if kind == "remote":
-        return str(cached_copy(source, storage_options))
-    return str(Path(source).expanduser()) if kind == "local" else source
-
-
-def weights_sha256(path: str | Path) -> str:
-    """The hash of a weights file, or of every file in a weights folder (names and contents)."""
-    path = Path(path)
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".sdfleet"))
-    )
-    outer = hashlib.sha256()
-    for f in files:
-        outer.update(f"{f.relative_to(path) if f != path else f.name}\0{file_sha256(f)}\n".encode())
-    return outer.hexdigest()
-
-
-def cached_copy(
-    uri: str, storage_options: dict[str, Any] | None = None, cache_root: str | None = None
-) -> Path:
-    """Copy a remote folder or file (e.g. an s3:// model mirror) once per node into a local cache.
-
-    A file lock makes concurrent actors on one node share one copy; a manifest of sizes written
-    last marks the copy complete and is checked on every reuse. Returns the local folder, or the
-    local file for a single-file source.
-    """
-    from filelock import FileLock
-
-    root = Path(cache_root or os.environ.get("SDFLEET_CACHE", Path.home() / ".cache" / "sdfleet"))
-    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    dest = root / "models" / digest
-    manifest_path = dest / ".sdfleet-manifest.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    src = Storage(uri, storage_options)
-    with FileLock(str(dest) + ".lock"):
-        if manifest_path.exists():
-            manifest = json.loads(manifest_path.read_text())
-            if _manifest_matches(dest, manifest["files"]):
-                return dest / manifest["single_file"] if manifest.get("single_file") else dest
-        # 1. List the source: every file below a folder, or the one file.
-        if src.fs.isfile(src.root):
-            single = src.root.rsplit("/", 1)[-1]
-            listing = {single: (src.root, int(src.fs.size(src.root)))}
-        else:
-            single = None
-            found = src.fs.find(src.root, detail=True)
-            listing = {p[len(src.root) + 1 :]: (p, int(info["size"])) for p, info in found.items()}
-        if not listing:
-            raise FileNotFoundError(f"{uri} is empty or does not exist")
-        # 2. Copy into a private temp folder, check sizes, then move it into place in one rename.
-        #    Object keys are the bucket owner's to choose: one that would land outside the copy
-        #    (a `..` segment, an absolute path) could drop a .pth into site-packages. Refuse it.
-        for rel in listing:
-            check_inside(dest, rel, f"{uri}: object key {rel!r}")
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{digest}-"))
-        for rel, (remote_path, _) in sorted(listing.items()):
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            src.fs.get_file(remote_path, str(tmp / rel))
-        sizes = {rel: size for rel, (_, size) in listing.items()}
-        if not _manifest_matches(tmp, sizes):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(f"copy of {uri} is incomplete: sizes differ from the source")
-        (tmp / manifest_path.name).write_text(
-            json.dumps({"source": uri, "files": sizes, "single_file": single})
-        )
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-        log.info("copied %s (%d files) to %s", uri, len(sizes), dest)
-        return dest / single if single else dest
-
-
-def check_inside(folder: Path, relative: str, what: str) -> Path:
-    """`folder / relative`, if that stays inside `folder` (no `..`, no absolute path, no symlink out);
-    else a StorageError naming `what`. For names that come from data: object keys, ids."""
-    parts = relative.replace("\\", "/").split("/")
-    target = (folder / relative).resolve()
-    if relative.startswith("/") or ".." in parts or not target.is_relative_to(folder.resolve()):
-        raise StorageError(
-            f"{what} points outside {folder}; refusing to write it. Whoever can write to that "
-            "bucket is trying to reach the worker's file system: check the bucket"
-        )
-    return target
-
-
-def _manifest_matches(folder: Path, files: dict[str, int]) -> bool:
-    return all(
-        (folder / rel).is_file() and (folder / rel).stat().st_size == size
-        for rel, size in files.items()
-    )

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 def _refuse(e: Exception, verbose: bool) -> int:
     """The one error policy: a failure the user can fix is one line (the value or URI and what to
     do) and exit 1, with the traceback only under -v. Anything else is a bug and keeps its traceback."""
-    from sdfleet.actors.storage import storage_error
+    from sdfleet.actors.storage_errors import storage_error
 
     error = e if isinstance(e, UserError) else storage_error(e, "storage")
     if error is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from sdfleet.schemas.errors import StorageError
+
 # How a local path is written, as no hub id can begin (hub ids begin with a letter or digit).
 PATH_PREFIXES = (".", "/", "~")
 GLOB_CHARS = "*?["
@@ -53,3 +55,16 @@ def input_folder(uri: str) -> str:
     if is_glob(uri):
         return fixed_part(uri).rsplit("/", 1)[0]
     return uri.rsplit("/", 1)[0] if uri.endswith(".parquet") else uri
+
+
+def check_inside(folder: Path, relative: str, what: str) -> Path:
+    """`folder / relative`, if that stays inside `folder` (no `..`, no absolute path, no symlink out);
+    else a StorageError naming `what`. For names that come from data: object keys, ids."""
+    parts = relative.replace("\\", "/").split("/")
+    target = (folder / relative).resolve()
+    if relative.startswith("/") or ".." in parts or not target.is_relative_to(folder.resolve()):
+        raise StorageError(
+            f"{what} points outside {folder}; refusing to write it. Whoever can write to that "
+            "bucket is trying to reach the worker's file system: check the bucket"
+        )
+    return target

@@ -16,7 +16,7 @@ from PIL import Image
 from helpers import run_cli, write_prompts
 from sdfleet.actors.generator import ShardGenerator
 from sdfleet.actors.safety import UnsafeModelError, load_detector
-from sdfleet.actors.storage import weights_sha256
+from sdfleet.actors.model_cache import weights_sha256
 from sdfleet.jobs.plan import Planner
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.spec import SafetySpec, parse_spec

@@ -3,7 +3,8 @@ import threading
 
 import pytest
 
-from sdfleet.actors.storage import Storage, cached_copy
+from sdfleet.actors.model_cache import cached_copy
+from sdfleet.actors.storage import Storage
 from sdfleet.schemas.errors import StorageError
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from sdfleet.actors.curation import ClipModel, clip_score
-from sdfleet.actors.storage import weights_sha256
+from sdfleet.actors.model_cache import weights_sha256
 from sdfleet.jobs.score.sanity import looks_untrained
 
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from sdfleet.actors.storage import local_copy
+from sdfleet.actors.model_cache import local_copy
 from sdfleet.jobs.score import ScoreError
 from sdfleet.schemas.weights import is_safetensors
 

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from sdfleet.actors.storage import Storage, local_copy, weights_sha256
+from sdfleet.actors.model_cache import local_copy, weights_sha256
+from sdfleet.actors.storage import Storage
 from sdfleet.jobs.output import OutputReader, Survey
 from sdfleet.jobs.score import DEFAULT_FID_SIZE, DEFAULT_OUT, LOUD_NOTE, ScoreError
 from sdfleet.jobs.score.clip import ClipScorer

@@ -1,0 +1,97 @@
+"""What a storage failure means for the user: the one translation of s3fs, botocore and OS errors
+into a StorageError that names the URI, the cause and what to do, and the early probe of a
+configured S3 endpoint, so a dead endpoint is named at once instead of after botocore's retries."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from sdfleet.schemas.errors import StorageDenied, StorageError, StorageNotFound, first_line
+
+
+def storage_error(
+    e: BaseException, what: str, options: dict[str, Any] | None = None
+) -> StorageError | None:
+    """`what` ("cannot read s3://b/k") with the cause and what to do, for the storage failures a
+    user can fix; None for anything else. Looks through the exception's chain, since s3fs and
+    pyarrow wrap botocore's errors."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {type(x).__name__ for x in chain}
+    text = " ".join(str(x) for x in chain)
+    endpoint = endpoint_of(options or {})
+    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+        return StorageError(
+            f"{what}: no AWS credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, or an instance role), or give key/secret in the spec's "
+            "storage_options; for a public bucket set storage_options: {anon: true}"
+        )
+    if names & {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ClientConnectorError",
+        "ConnectionRefusedError",
+    }:
+        return StorageError(
+            f"{what}: cannot connect to the S3 endpoint {endpoint or '(AWS default)'}. "
+            f"{ENDPOINT_ADVICE}"
+        )
+    if "NoSuchBucket" in names or "bucket does not exist" in text:
+        return StorageNotFound(
+            f"{what}: the bucket does not exist{f' at {endpoint}' if endpoint else ''}. "
+            "Check the bucket name (and the endpoint), or create the bucket"
+        )
+    if isinstance(e, PermissionError) or names & {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+    }:
+        return StorageDenied(
+            f"{what}: access denied ({first_line(e)}); check the credentials and the "
+            "bucket policy, or storage_options"
+        )
+    if isinstance(e, FileNotFoundError):
+        return StorageNotFound(f"{what}: not found ({first_line(e)})")
+    return None
+
+
+# How long a connection to a configured S3 endpoint may take before it is reported unreachable.
+# botocore retries a refused connection 10 times with backoff (about a minute of silence); a dead
+# MinIO or a wrong port should be named at once.
+ENDPOINT_CONNECT_TIMEOUT_S = 5.0
+ENDPOINT_ADVICE = (
+    "Check AWS_ENDPOINT_URL or storage_options.endpoint_url, and that the endpoint is up"
+)
+_reachable: set[str] = set()
+
+
+def endpoint_of(options: dict[str, Any]) -> str | None:
+    return (
+        options.get("client_kwargs", {}).get("endpoint_url")
+        or options.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
+def check_endpoint_reachable(uri: str, endpoint: str | None) -> None:
+    """A StorageError naming `uri` and the endpoint when nothing answers at a configured S3 endpoint
+    (AWS's own endpoints are not probed). Checked once per endpoint and process."""
+    if not endpoint or endpoint in _reachable:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=ENDPOINT_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise StorageError(
+            f"cannot reach {uri}: cannot connect to the S3 endpoint {endpoint} ({e.strerror or e}). "
+            f"{ENDPOINT_ADVICE}"
+        ) from None
+    _reachable.add(endpoint)
