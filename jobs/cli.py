@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
-        "tiny-models", help="write the tiny random-weight pipeline and safety detectors"
+        "tiny-models",
+        help="write the tiny random-weight pipelines (SD2, SDXL) and safety detectors",
     )
     p.add_argument("dir", help="folder to write into")
     return parser
