@@ -63,3 +63,44 @@ def test_tiny_sdxl_generates_with_plain_diffusers(tiny_sdxl):
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert refined.size == (64, 64)
+
+
+def _plan(tmp_path, source, generation: dict):
+    import yaml
+    from helpers import run_cli, write_prompts
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"])
+    spec = {
+        "input": {"uri": str(tmp_path / "in")},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"source": str(source)},
+        "safety": {"detector": "none"},
+        "generation": generation,
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_plan_prints_sdxl_flops_per_image_from_the_table(tmp_path, tiny_sdxl):
+    """The checkpoint's model_index.json names StableDiffusionXLPipeline: the estimate is SDXL's
+    row, at the spec's size, and at the checkpoint's native size (tiny: 8 x 8 = 64) without one."""
+    from sdfleet.schemas.families import SDXL
+
+    sized = _plan(
+        tmp_path / "a", tiny_sdxl["base"], {"width": 1024, "height": 1024, "guidance_scale": 5.0}
+    )
+    assert "family        sdxl (StableDiffusionXLPipeline)" in sized
+    figure = SDXL.tflop_per_image(1024, 1024, 50, 5.0)
+    assert f"per image     {figure:.4g} TFLOP" in sized and f"{figure:.4g}" == "686.8"
+    native = _plan(tmp_path / "b", tiny_sdxl["base"], {"num_inference_steps": 2})
+    assert f"per image     {SDXL.tflop_per_image(64, 64, 2, 7.5):.4g} TFLOP" in native
+
+
+def test_plan_of_an_sd2_checkpoint_names_sd2(tmp_path, tiny_model):
+    from sdfleet.schemas.families import SD2
+
+    out = _plan(tmp_path, tiny_model, {"width": 512, "height": 512})
+    assert "family        sd2 (StableDiffusionPipeline)" in out
+    assert f"per image     {SD2.tflop_per_image(512, 512, 50, 7.5):.4g} TFLOP" in out
