@@ -22,6 +22,7 @@ from sdfleet.jobs.checkpoint import (
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.families import family_of
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.spec import JobSpec
 from sdfleet.schemas.tasks import TASKS
@@ -89,6 +90,9 @@ class Preflight:
         names = {self.spec.model.scheduler, *self.spec.sweep.axes.get("scheduler", [])} - {None}
         check_model_source(self.spec.model)
         checkpoint = read_checkpoint(self.spec.model)
+        family = family_of(checkpoint.class_name)
+        if family is not None:  # an unknown class is left to check_task
+            family.check_task(self.spec.model.task, checkpoint.source)
         check_task(self.spec.model.task, checkpoint)
         check_scheduler_names(sorted(names))
         return checkpoint

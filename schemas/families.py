@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sdfleet.schemas.errors import SpecError
+
 
 @dataclass(frozen=True)
 class TextEncoder:
@@ -74,6 +76,15 @@ class Family:
 
     def pipeline(self, task: str) -> str:
         return self.pipelines[task]
+
+    def check_task(self, task: str, source: str) -> None:
+        """The family has a pipeline for the task; else a SpecError naming the family and the key
+        (the checkpoint's channel count alone would not say why: SDXL has no depth model)."""
+        if task not in self.pipelines:
+            raise SpecError(
+                f"model.task={task}: model.source {source} is an {self.name} checkpoint, and "
+                f"{self.name} has no pipeline for {task}; it runs {', '.join(self.pipelines)}"
+            )
 
     @property
     def max_tokens(self) -> int:

@@ -123,3 +123,12 @@ def test_sdxl_flops_per_image():
     )
     refiner = SDXL.refiner_flops
     assert (refiner.denoiser_tflop, refiner.text_tflop) == (7.2860, 0.1957)
+
+
+def test_a_task_without_a_pipeline_is_refused_naming_the_family():
+    from sdfleet.schemas.errors import SpecError
+
+    SDXL.check_task("inpaint", "x")
+    SD2.check_task("upscale", "x")
+    with pytest.raises(SpecError, match=r"model.task=upscale: .* sdxl has no pipeline for upscale"):
+        SDXL.check_task("upscale", "x")

@@ -104,3 +104,25 @@ def test_plan_of_an_sd2_checkpoint_names_sd2(tmp_path, tiny_model):
     out = _plan(tmp_path, tiny_model, {"width": 512, "height": 512})
     assert "family        sd2 (StableDiffusionPipeline)" in out
     assert f"per image     {SD2.tflop_per_image(512, 512, 50, 7.5):.4g} TFLOP" in out
+
+
+def test_plan_refuses_a_task_sdxl_has_no_pipeline_for(tmp_path, tiny_sdxl):
+    import yaml
+    from helpers import run_cli, write_prompts
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"], image=[b"png", b"png"])
+    spec = {
+        "input": {"uri": str(tmp_path / "in"), "image_column": "image"},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"source": str(tiny_sdxl["base"]), "task": "depth-to-image"},
+        "safety": {"detector": "none"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert (
+        "model.task=depth-to-image: model.source" in out.stderr
+        and "is an sdxl checkpoint, and sdxl has no pipeline for depth-to-image; it runs "
+        "text-to-image, image-to-image, inpaint"
+        in out.stderr
+    )
