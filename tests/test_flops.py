@@ -20,7 +20,7 @@ def test_a_count_matches_a_rounded_figure_and_nothing_further():
     assert not matches(6.7612, 6.9) and not matches(0.8043, 0.81)
 
 
-@pytest.mark.slow  # ~35 s on 2 cores: four full-size UNets on the meta device
+@pytest.mark.slow  # 12-35 s on the shared 2 cores: three full-size models on the meta device
 def test_the_family_table_states_what_the_full_size_models_count():
     out = subprocess.run(
         [sys.executable, "bench/flops.py", "--check"],
