@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
-        "tiny-models", help="write the tiny random-weight pipeline and safety detectors"
+        "tiny-models",
+        help="write the tiny random-weight pipelines (SD2, SDXL) and safety detectors",
     )
     p.add_argument("dir", help="folder to write into")
     return parser
@@ -180,12 +181,17 @@ def _dispatch(args) -> int:
 
 
 def _plan(spec) -> int:
+    from sdfleet.jobs.checkpoint import read_checkpoint
     from sdfleet.jobs.plan import estimate
     from sdfleet.jobs.preflight import Preflight
+    from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
 
     checked = Preflight(spec).check()
     plan, verdict = checked.plan, checked.verdict
-    est = estimate(plan)
+    # The checkpoint's family, by the pipeline class its model_index.json names (JSON only).
+    pipeline_class = read_checkpoint(spec.model).class_name
+    family = family_of(pipeline_class)
+    est = estimate(plan, family or DEFAULT_FAMILY)
     axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())
     seeds = spec.sweep.num_seeds() * spec.curation.candidates
     print(f"job           {spec.name}")
@@ -195,6 +201,11 @@ def _plan(spec) -> int:
     )
     print(f"samples       {plan.num_samples}")
     print(f"shards        {plan.num_shards} of up to {plan.samples_per_shard} samples")
+    print(
+        f"family        {est['family']} ({pipeline_class})"
+        if family
+        else f"family        unknown ({pipeline_class}): estimated as {est['family']}"
+    )
     cur = spec.curation
     # With best-of-N a prompt generates k to m of its m candidate slots: every figure is a range.
     k, m = (cur.images_per_prompt, cur.candidates) if cur.best_of_n else (None, None)
@@ -212,10 +223,15 @@ def _plan(spec) -> int:
         f"compute       {span(est['tflop_min'], est['tflop'], '{:,.0f}')} TFLOP"
         + (f" ({k} … {m} candidates per prompt)" if k else "")
     )
+    print(
+        f"per image     {span(est['tflop_per_image_min'], est['tflop_per_image_max'], '{:.4g}')} "
+        "TFLOP (denoiser steps, VAE decode, text encoders)"
+    )
     if TASKS[spec.model.task].image:
+        fallback = (family or DEFAULT_FAMILY).fallback_size
         print(
             f"task          {spec.model.task}: each image's size comes from its input, so the compute and "
-            "GPU-hours here count SD2-base at 512² per image"
+            f"GPU-hours here count {est['family']} at {fallback}² per image"
         )
     print(
         f"estimate      {span(est['gpu_hours_min'], est['gpu_hours'], '{:,.2f}')} GPU-hours at "

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from sdfleet.actors.storage import Storage
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import InputError, SpecError, StorageError
-from sdfleet.schemas.families import DEFAULT_FAMILY
+from sdfleet.schemas.families import DEFAULT_FAMILY, Family
 from sdfleet.schemas.locations import is_glob, is_remote
 from sdfleet.schemas.plan import InputFile, Plan
 from sdfleet.schemas.rows import SOURCE_COLUMNS, TEXT_TYPES, output_schema
@@ -76,22 +76,26 @@ def _mix64(x: "np.ndarray") -> "np.ndarray":
     return x ^ (x >> np.uint64(31))
 
 
-def estimate(plan: Plan) -> dict[str, Any]:
-    """FLOPs, GPU-hours and cost from the family's FLOPs and a sustained throughput: for every
-    planned sample, and with best-of-N (curation.images_per_prompt) the `_min` of each too, the
-    cost if each prompt's first k candidates pass; the truth lies between."""
-    family = DEFAULT_FAMILY
-    tflop = 0.0
+def estimate(plan: Plan, family: Family = DEFAULT_FAMILY) -> dict[str, Any]:
+    """FLOPs, GPU-hours and cost from the family's FLOPs (the checkpoint's family; SD2 where
+    unknown) and a sustained throughput: for every planned sample, and with best-of-N
+    (curation.images_per_prompt) the `_min` of each too, the cost if each prompt's first k
+    candidates pass; the truth lies between."""
     gen = plan.spec.generation
-    for point in plan.points:
-        # Sizes the driver has not resolved (the image tasks': their inputs decide) count at the
-        # family's fallback size.
-        tflop += family.tflop_per_image(
+    # Sizes the driver has not resolved (the image tasks': their inputs decide) count at the
+    # family's fallback size.
+    per_image = [
+        family.tflop_per_image(
             point.get("width", gen.width) or family.fallback_size,
             point.get("height", gen.height) or family.fallback_size,
             point.get("num_inference_steps", gen.num_inference_steps),
             point.get("guidance_scale", gen.guidance_scale),
         )
+        for point in plan.points
+    ]
+    tflop = 0.0  # added in order, not with sum(): Python 3.12's sum() rounds differently
+    for figure in per_image:
+        tflop += figure
     tflop *= plan.num_rows
     res = plan.spec.resources
     sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops)
@@ -111,6 +115,10 @@ def estimate(plan: Plan) -> dict[str, Any]:
         "cost_usd_min": None if cost is None else cost * fewest,
         "throughput_source": source,
         "images_per_gpu_hour": plan.num_samples / gpu_hours if gpu_hours else None,
+        "family": family.name,
+        # One image's FLOPs, over the sweep's points (equal where nothing swept changes them).
+        "tflop_per_image_min": min(per_image),
+        "tflop_per_image_max": max(per_image),
     }
 
 

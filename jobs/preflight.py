@@ -22,7 +22,7 @@ from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import SpecError
-from sdfleet.schemas.families import DEFAULT_FAMILY
+from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
@@ -92,6 +92,9 @@ class Preflight:
         )
         check_model_source(self.spec.model)
         checkpoint = read_checkpoint(self.spec.model)
+        family = family_of(checkpoint.class_name)
+        if family is not None:  # an unknown class is left to check_task
+            family.check_task(self.spec.model.task, checkpoint.source)
         check_task(self.spec.model.task, checkpoint)
         check_scheduler_names(names)
         return checkpoint

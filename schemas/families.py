@@ -2,8 +2,9 @@
 native size and FLOPs. The one owner of the family concept: the planner estimates cost from it,
 the driver and the engine size images by it, bench/gpu reports MFU against it.
 
-A family is a row, not a branch: SDXL, SD3.5 and FLUX.1 are rows added to `FAMILIES` (with their
-pipeline classes in `pipelines`), and nothing that reads a row asks which family it is.
+A family is a row, not a branch: SD2 and SDXL are rows of `FAMILIES` (SD3.5 and FLUX.1 will be
+too, with their pipeline classes in `pipelines`), and nothing that reads a row asks which family
+it is.
 
 No torch, diffusers or pydantic here: `sdfleet plan` and bench/gpu (torch and diffusers only)
 both import it.
@@ -14,12 +15,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sdfleet.schemas.errors import SpecError
+
 
 @dataclass(frozen=True)
 class TextEncoder:
     component: str  # the checkpoint's component (model_index.json key) holding the encoder
     tokenizer: str  # ... and the one holding its tokenizer
     max_tokens: int  # tokens it reads, start and end tokens included; the rest is truncated
+    # Its pooled, projected embedding conditions the denoiser besides its hidden states (SDXL's
+    # text_encoder_2, a CLIPTextModelWithProjection); else its hidden states alone do.
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,26 @@ class Family:
     # The size made, probed and estimated where the checkpoint names none of its own.
     fallback_size: int
     flops: Flops
+    # The denoiser is also conditioned on the image's sizes and crop (SDXL's micro-conditioning:
+    # original_size, crops_coords_top_left, target_size, and their negative twins).
+    size_conditioning: bool = False
+    # The pipeline decodes in float32 where the VAE's config says force_upcast (SDXL's VAE
+    # overflows in float16; an fp16-fixed VAE says false), so a float16 job decodes in float32.
+    vae_upcast: bool = False
+    # The family's refiner checkpoint, which continues the base's denoising (SDXL's); None: none.
+    refiner_flops: Flops | None = None
 
     def pipeline(self, task: str) -> str:
         return self.pipelines[task]
+
+    def check_task(self, task: str, source: str) -> None:
+        """The family has a pipeline for the task; else a SpecError naming the family and the key
+        (the checkpoint's channel count alone would not say why: SDXL has no depth model)."""
+        if task not in self.pipelines:
+            raise SpecError(
+                f"model.task={task}: model.source {source} is an {self.name} checkpoint, and "
+                f"{self.name} has no pipeline for {task}; it runs {', '.join(self.pipelines)}"
+            )
 
     @property
     def max_tokens(self) -> int:
@@ -75,6 +98,18 @@ class Family:
         return self.flops.tflop_per_image(
             width, height, steps, self.denoiser_passes(guidance_scale)
         )
+
+    def size_conditioning_defaults(self, width: int, height: int) -> dict[str, tuple[int, int]]:
+        """The micro-conditioning diffusers passes where the call names none: the image's own
+        size as original and target size, (height, width) as diffusers orders them, and no crop.
+        The negative twins default to the same values. Empty for a family without it."""
+        if not self.size_conditioning:
+            return {}
+        return {
+            "original_size": (height, width),
+            "crops_coords_top_left": (0, 0),
+            "target_size": (height, width),
+        }
 
     def native_size(self, sample_size: object, vae_scale: int) -> int | None:
         """The size a checkpoint was trained at: its denoiser's sample_size (latent pixels) times
@@ -122,7 +157,44 @@ SD2 = Family(
     flops=Flops(pixels=512 * 512, denoiser_tflop=0.8045, vae_decode_tflop=2.51, text_tflop=0.09),
 )
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD2,)}
+# SDXL 1.0 (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0). Checked in diffusers
+# 0.42.1's pipeline_stable_diffusion_xl.py: the native size is unet.config.sample_size (128) x the
+# VAE's scale (8) = 1024; original_size and target_size default to (height, width) and
+# crops_coords_top_left to (0, 0); the VAE decodes after `vae.to(torch.float32)` when it is
+# float16 and `vae.config.force_upcast` (AutoencoderKL's default, and SDXL's VAE config) is true.
+# There is no depth or upscale class. bench/flops.py counts the FLOPs (`--check` compares).
+SDXL = Family(
+    name="sdxl",
+    pipelines={
+        "text-to-image": "StableDiffusionXLPipeline",
+        "image-to-image": "StableDiffusionXLImg2ImgPipeline",  # and the refiner's checkpoint
+        "inpaint": "StableDiffusionXLInpaintPipeline",
+    },
+    text_encoders=(
+        TextEncoder("text_encoder", "tokenizer", CLIP_TOKENS),  # CLIP ViT-L
+        TextEncoder("text_encoder_2", "tokenizer_2", CLIP_TOKENS, pooled=True),  # OpenCLIP bigG
+    ),
+    negative_prompt=True,
+    cfg=True,
+    dtype="float16",
+    latent_grid=8,
+    denoiser="unet",
+    fallback_size=1024,
+    # SDXL-base at 1024x1024: one UNet forward 6.7612 TFLOP (CFG's two: 13.52), one VAE decode
+    # (in float32: same FLOPs) 10.47, both text encoders at batch 2 0.2223.
+    flops=Flops(
+        pixels=1024 * 1024, denoiser_tflop=6.7612, vae_decode_tflop=10.4704, text_tflop=0.2223
+    ),
+    size_conditioning=True,
+    vae_upcast=True,
+    # The refiner at 1024x1024: one UNet forward 7.2860, its VAE decode (the same VAE) 10.4704,
+    # text_encoder_2 alone at batch 2 0.1957.
+    refiner_flops=Flops(
+        pixels=1024 * 1024, denoiser_tflop=7.2860, vae_decode_tflop=10.4704, text_tflop=0.1957
+    ),
+)
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD2, SDXL)}
 
 # A checkpoint's model_index.json `_class_name` -> its family.
 _BY_PIPELINE = {cls: family for family in FAMILIES.values() for cls in family.pipelines.values()}
@@ -133,6 +205,6 @@ def family_of(pipeline_class: str | None) -> Family | None:
     return _BY_PIPELINE.get(pipeline_class or "")
 
 
-# The family a spec is checked and estimated against before its checkpoint is read (the only one
-# so far; with more rows, the planner reads the checkpoint's with `family_of`).
+# The family a spec is checked and estimated against before its checkpoint is read (where it is
+# read, `family_of` names the checkpoint's own).
 DEFAULT_FAMILY = SD2

@@ -11,6 +11,7 @@ from sdfleet.schemas.families import (
     DEFAULT_FAMILY,
     FAMILIES,
     SD2,
+    SDXL,
     family_of,
     vae_scale_factor,
 )
@@ -24,7 +25,7 @@ def test_sd2_has_a_pipeline_class_for_every_task_and_is_found_by_each():
     for cls in SD2.pipelines.values():
         assert family_of(cls) is SD2
     assert family_of("FluxPipeline") is None and family_of(None) is None
-    assert DEFAULT_FAMILY is SD2 and FAMILIES == {"sd2": SD2}
+    assert DEFAULT_FAMILY is SD2 and FAMILIES["sd2"] is SD2
 
 
 def test_every_pipeline_class_belongs_to_one_family():
@@ -69,3 +70,65 @@ def test_sizes_must_be_on_the_latent_grid():
         SD2.check_size("width", 100)
     with pytest.raises(ValueError, match=r"height=4 is not divisible by 8; use e.g. 8 or 8"):
         SD2.check_size("height", 4)
+
+
+def test_sdxl_row():
+    """SDXL 1.0: three task classes, two CLIPs of 77 tokens (the second pooled), CFG, float16 with
+    the VAE decoding in float32, size micro-conditioning, native 128 x 8 = 1024."""
+    assert FAMILIES["sd2"] is SD2 and FAMILIES["sdxl"] is SDXL
+    assert SDXL.pipeline("text-to-image") == "StableDiffusionXLPipeline"
+    assert SDXL.pipeline("image-to-image") == "StableDiffusionXLImg2ImgPipeline"
+    assert SDXL.pipeline("inpaint") == "StableDiffusionXLInpaintPipeline"
+    assert set(SDXL.pipelines) < set(TASK_NAMES) and "upscale" not in SDXL.pipelines
+    for cls in SDXL.pipelines.values():
+        assert family_of(cls) is SDXL
+    first, second = SDXL.text_encoders
+    assert (first.component, first.tokenizer, first.max_tokens, first.pooled) == (
+        "text_encoder",
+        "tokenizer",
+        77,
+        False,
+    )
+    assert (second.component, second.tokenizer, second.max_tokens, second.pooled) == (
+        "text_encoder_2",
+        "tokenizer_2",
+        77,
+        True,
+    )
+    assert SDXL.negative_prompt and SDXL.cfg and SDXL.dtype == "float16" and SDXL.vae_upcast
+    assert SDXL.latent_grid == 8 and SDXL.fallback_size == 1024
+    assert SDXL.native_size(128, 8) == 1024
+    assert SDXL.size_conditioning_defaults(1024, 768) == {
+        "original_size": (768, 1024),
+        "crops_coords_top_left": (0, 0),
+        "target_size": (768, 1024),
+    }
+    with pytest.raises(ValueError, match="width=1020 is not divisible by 8"):
+        SDXL.check_size("width", 1020)
+
+
+def test_sd2_keeps_its_habits_under_the_new_fields():
+    assert not SD2.size_conditioning and SD2.size_conditioning_defaults(512, 512) == {}
+    assert not SD2.vae_upcast and SD2.refiner_flops is None
+    assert not any(encoder.pooled for encoder in SD2.text_encoders)
+
+
+def test_sdxl_flops_per_image():
+    """bench/flops.py's counts at 1024²: UNet 6.7612 per forward, VAE decode 10.4704, both text
+    encoders 0.2223; the refiner's UNet 7.2860 and text_encoder_2 0.1957."""
+    cfg_50 = 6.7612 * 2 * 50 + 10.4704 + 0.2223
+    assert SDXL.tflop_per_image(1024, 1024, 50, 5.0) == pytest.approx(cfg_50)
+    assert SDXL.tflop_per_image(512, 512, 50, 1.0) == pytest.approx(
+        (6.7612 * 50 + 10.4704) / 4 + 0.2223
+    )
+    refiner = SDXL.refiner_flops
+    assert (refiner.denoiser_tflop, refiner.text_tflop) == (7.2860, 0.1957)
+
+
+def test_a_task_without_a_pipeline_is_refused_naming_the_family():
+    from sdfleet.schemas.errors import SpecError
+
+    SDXL.check_task("inpaint", "x")
+    SD2.check_task("upscale", "x")
+    with pytest.raises(SpecError, match=r"model.task=upscale: .* sdxl has no pipeline for upscale"):
+        SDXL.check_task("upscale", "x")

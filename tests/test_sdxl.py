@@ -1,0 +1,128 @@
+"""SDXL, step 2 of 6: the tiny base and refiner load with plain diffusers and generate on the CPU,
+and `sdfleet plan` estimates an SDXL checkpoint with the family table's figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from sdfleet.jobs.tiny_sdxl import write_tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    return {v: write_tiny_sdxl(folder / f"tiny-sdxl-{v}", v) for v in ("base", "refiner")}
+
+
+def test_tiny_sdxl_is_shaped_as_sdxl(tiny_sdxl):
+    from sdfleet.schemas.families import SDXL, family_of
+
+    base = json.loads((tiny_sdxl["base"] / "model_index.json").read_text())
+    refiner = json.loads((tiny_sdxl["refiner"] / "model_index.json").read_text())
+    assert family_of(base["_class_name"]) is family_of(refiner["_class_name"]) is SDXL
+    assert base["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert base["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert refiner["text_encoder"] == [None, None] and refiner["requires_aesthetics_score"]
+    unet = json.loads((tiny_sdxl["base"] / "unet" / "config.json").read_text())
+    assert unet["addition_embed_type"] == "text_time"
+    assert (tiny_sdxl["base"] / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    vae = json.loads((tiny_sdxl["base"] / "vae" / "config.json").read_text())
+    assert vae["force_upcast"] and vae["scaling_factor"] == 0.13025
+
+
+def test_tiny_sdxl_generates_with_plain_diffusers(tiny_sdxl):
+    """The base alone, then base -> refiner handing latents over at 0.5, as diffusers documents
+    the ensemble of expert denoisers."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl["base"], use_safetensors=True)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny_sdxl["refiner"], use_safetensors=True
+    )
+    assert base.tokenizer.model_max_length == base.tokenizer_2.model_max_length == 77
+    prompt = "a cat on the mat"
+    kwargs = {"num_inference_steps": 2, "width": 64, "height": 64}
+    image = base(prompt, generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
+    latents = base(
+        prompt,
+        generator=torch.Generator().manual_seed(0),
+        denoising_end=0.5,
+        output_type="latent",
+        **kwargs,
+    ).images
+    refined = refiner(
+        prompt,
+        image=latents,
+        num_inference_steps=2,
+        denoising_start=0.5,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert refined.size == (64, 64)
+
+
+def _plan(tmp_path, source, generation: dict):
+    import yaml
+    from helpers import run_cli, write_prompts
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"])
+    spec = {
+        "input": {"uri": str(tmp_path / "in")},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"source": str(source)},
+        "safety": {"detector": "none"},
+        "generation": generation,
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_plan_prints_sdxl_flops_per_image_from_the_table(tmp_path, tiny_sdxl):
+    """The checkpoint's model_index.json names StableDiffusionXLPipeline: the estimate is SDXL's
+    row, at the spec's size, and at the checkpoint's native size (tiny: 8 x 8 = 64) without one."""
+    from sdfleet.schemas.families import SDXL
+
+    sized = _plan(
+        tmp_path / "a", tiny_sdxl["base"], {"width": 1024, "height": 1024, "guidance_scale": 5.0}
+    )
+    assert "family        sdxl (StableDiffusionXLPipeline)" in sized
+    figure = SDXL.tflop_per_image(1024, 1024, 50, 5.0)
+    assert f"per image     {figure:.4g} TFLOP" in sized and f"{figure:.4g}" == "686.8"
+    native = _plan(tmp_path / "b", tiny_sdxl["base"], {"num_inference_steps": 2})
+    assert f"per image     {SDXL.tflop_per_image(64, 64, 2, 7.5):.4g} TFLOP" in native
+
+
+def test_plan_of_an_sd2_checkpoint_names_sd2(tmp_path, tiny_model):
+    from sdfleet.schemas.families import SD2
+
+    out = _plan(tmp_path, tiny_model, {"width": 512, "height": 512})
+    assert "family        sd2 (StableDiffusionPipeline)" in out
+    assert f"per image     {SD2.tflop_per_image(512, 512, 50, 7.5):.4g} TFLOP" in out
+
+
+def test_plan_refuses_a_task_sdxl_has_no_pipeline_for(tmp_path, tiny_sdxl):
+    import yaml
+    from helpers import run_cli, write_prompts
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"], image=[b"png", b"png"])
+    spec = {
+        "input": {"uri": str(tmp_path / "in"), "image_column": "image"},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"source": str(tiny_sdxl["base"]), "task": "depth-to-image"},
+        "safety": {"detector": "none"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert (
+        "model.task=depth-to-image: model.source" in out.stderr
+        and "is an sdxl checkpoint, and sdxl has no pipeline for depth-to-image; it runs "
+        "text-to-image, image-to-image, inpaint"
+        in out.stderr
+    )
