@@ -16,7 +16,6 @@ import yaml
 
 from helpers import CLUSTER_YAML, KUBERAY, bucket_with_prompts, free_port, one
 
-
 # Ray 2.60 turns token auth on once ~/.ray/auth_token exists (any embedded ray.init writes it);
 # clients connecting by address then fail unless both sides agree. Tests run both sides here.
 os.environ["RAY_AUTH_MODE"] = "disabled"

@@ -187,10 +187,13 @@ def same_dataset(a: str, b: str) -> None:
     assert sa.list("*.tar") == sb.list("*.tar")
     for name in sa.list("*.tar"):
         assert sa.read_bytes(name) == sb.read_bytes(name), name
-    strip = lambda rows: sorted(
-        ({k: v for k, v in r.items() if k not in RUN_COLUMNS} for r in rows),  # noqa: E731
-        key=lambda r: r["key"],
-    )
+
+    def strip(rows):
+        return sorted(
+            ({k: v for k, v in r.items() if k not in RUN_COLUMNS} for r in rows),
+            key=lambda r: r["key"],
+        )
+
     assert strip(rows_of(a)) == strip(rows_of(b))
 
 

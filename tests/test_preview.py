@@ -538,7 +538,8 @@ def test_filtered_images_are_shown_only_when_asked(quarantined):
     reader = reader_of(quarantined)
     held = rows_of(quarantined, "quarantine")
     assert len(held) == 18 and {r["status"] for r in held} == {"filtered"}
-    assert not any(k.endswith(".png") for k in tarfile.open(quarantined / "00000.tar").getnames())
+    with tarfile.open(quarantined / "00000.tar") as tar:
+        assert not any(k.endswith(".png") for k in tar.getnames())
 
     hidden = preview.contact_sheet(reader, limit=16)
     assert preview.read_preview_meta(hidden)["tiles"] == []
@@ -551,7 +552,7 @@ def test_filtered_images_are_shown_only_when_asked(quarantined):
         assert np.array_equal(
             crop(sheet, t["box"]), enlarged(tar_image(quarantined, t["key"], "quarantine"))
         )
-        x0, y0, x1, y1 = t["box"]
+        x0, y0, x1, _ = t["box"]
         assert (sheet[y0 - 2, x0:x1] == preview.RED).all()  # the red frame marks it
 
     png = preview.xy_grid(reader, "guidance_scale", "seed")
