@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -684,6 +683,13 @@ def test_gallery_shows_thumbnails_in_chromium_and_its_hash_opens_that_sample(dat
     assert '<div id="detail">' in dom  # no longer hidden
 
 
+# The document has loaded and no image it asked for is still pending (loaded or broken both count).
+SETTLED = (
+    "return document.readyState === 'complete' && Array.from(document.images)"
+    ".every(i => i.complete || i.loading === 'lazy')"
+)
+
+
 class WebDriver:
     """Just enough of the W3C WebDriver protocol, over HTTP to Debian's chromedriver (no selenium)."""
 
@@ -696,17 +702,11 @@ class WebDriver:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self._call("GET", "/status")["ready"]:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError("chromedriver did not start")
-            time.sleep(0.2)
+        try:
+            wait_for(self._ready, 30, "chromedriver to start", poll=0.2)
+        except AssertionError:
+            self.proc.kill()
+            raise RuntimeError("chromedriver did not start") from None
         caps = {
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -717,6 +717,12 @@ class WebDriver:
         self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})[
             "sessionId"
         ]
+
+    def _ready(self) -> bool:
+        try:
+            return self._call("GET", "/status")["ready"]
+        except OSError:  # not listening yet
+            return False
 
     def _call(self, method: str, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
@@ -750,6 +756,12 @@ class WebDriver:
 
     def js(self, script: str):
         return self("POST", "/execute/sync", {"script": script, "args": []})
+
+    def wait_until_settled(self, timeout: float = 30) -> None:
+        """Until the page has loaded and every image it asked for has loaded or failed. An image's
+        error event fires in the same task that marks it complete, so once this holds, the onerror
+        of any injected `<img src=x>` has run (lazy thumbnails are not asked for until in view)."""
+        wait_for(lambda: self.js(SETTLED), timeout, "the page and its images to finish loading")
 
     def cdp(self, command: str, params: dict) -> None:
         """A Chrome DevTools command, through chromedriver's own endpoint."""
@@ -948,10 +960,8 @@ def test_gallery_runs_no_hostile_markup_in_chromium_and_shows_it_verbatim(tmp_pa
         # The hook is in place before any script of the page runs, so an injected one would record itself.
         driver.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": "window.__pwned = [];"})
         driver.get(page.as_uri())
-        wait_for(
-            lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load"
-        )
-        time.sleep(1)  # an injected <img src=x> fails to load and fires onerror asynchronously
+        # An injected <img src=x> fails to load and fires onerror asynchronously: wait for that.
+        driver.wait_until_settled()
         assert driver.js(pwned) == []
         assert driver.js("return document.querySelectorAll('img').length") == 1
         assert driver.js("return document.querySelectorAll('script').length") == 2
@@ -983,30 +993,26 @@ def test_gallery_runs_no_hostile_markup_in_chromium_and_shows_it_verbatim(tmp_pa
             )
             for column in HOSTILE_COLUMNS:
                 assert table[column] == row[column], column
-            time.sleep(0.5)
+            driver.wait_until_settled()
             assert driver.js(pwned) == []
             driver.click("#close")
 
         # #KEY with the hostile key opens that row too (a fresh load, so the hook runs again).
         driver.get("about:blank")
         driver.get(f"{page.as_uri()}#{urllib.parse.quote(hostile('key'), safe='')}")
-        wait_for(
-            lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load"
-        )
+        driver.wait_until_settled()
         assert (
             driver.js("return document.getElementById('detail-key').textContent")
             == f"{hostile('key')} (failed)"
         )
-        time.sleep(0.5)
+        driver.wait_until_settled()
         assert driver.js(pwned) == []
 
         # The hook does catch live markup: the same string put in as HTML records itself.
         driver.js(
             f"document.getElementById('grid').insertAdjacentHTML('beforeend', {json.dumps(hostile('control'))})"
         )
-        deadline = time.monotonic() + 10
-        while not driver.js(pwned) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: driver.js(pwned), 10, "the live control markup to record itself")
         assert driver.js(pwned) == ["control"]
     finally:
         driver.close()
