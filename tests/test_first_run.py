@@ -9,9 +9,8 @@ import shutil
 import time
 
 import pytest
-import yaml
 
-from helpers import REPO, run_cli, write_prompts
+from helpers import TINY_GENERATION, run_cli, spec_dict, write_prompts, write_spec
 from sdfleet.schemas import layout
 
 pytestmark = pytest.mark.slow
@@ -19,18 +18,15 @@ pytestmark = pytest.mark.slow
 
 def write_job(folder, **sections) -> str:
     """A job spec in `folder`, with paths relative to it; `sections` update its sections."""
-    spec = {
-        "name": "first-run",
-        "input": {"uri": "prompts"},
-        "output": {"uri": "out", "image_format": "png", "samples_per_shard": 2},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 2},
-    }
-    for section, values in sections.items():
-        spec.setdefault(section, {}).update(values)
-    (folder / "job.yaml").write_text(yaml.safe_dump(spec))
-    return str(folder / "job.yaml")
+    spec = spec_dict(
+        name="first-run",
+        input={"uri": "prompts"},
+        output={"uri": "out", "image_format": "png", "samples_per_shard": 2},
+        generation=TINY_GENERATION,
+        safety={"detector": "none"},
+        resources={"batch_size": 2},
+    )
+    return str(write_spec(folder, spec, "job.yaml", **sections))
 
 
 @pytest.fixture

@@ -27,10 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
-from helpers import REPO, free_port, run_cli, wait_for, write_prompts
+from helpers import REPO, free_port, job_dict, run_cli, wait_for, write_prompts, write_spec
 from sdfleet.jobs import preview
 from sdfleet.jobs.output import OutputReader
 from sdfleet.jobs.preview import PreviewError
@@ -64,17 +63,19 @@ needs_chromedriver = pytest.mark.skipif(
 
 def make_dataset(root: Path, tiny_model: Path, safety: dict) -> Path:
     write_prompts(root / "prompts" / "p.parquet", PROMPTS)
-    spec = {
-        "name": "preview-test",
-        "model": {"source": str(tiny_model), "scheduler": "EulerDiscreteScheduler"},
-        "input": {"uri": str(root / "prompts")},
-        "generation": {"num_inference_steps": 2, "width": SIZE, "height": SIZE},
-        "sweep": {"seeds": SEEDS, "axes": {"guidance_scale": GUIDANCE}},
-        "output": {"uri": str(root / "out"), "image_format": "png", "samples_per_shard": 10},
-        "safety": safety,
-        "resources": {"batch_size": 9, "max_workers": 1},
-    }
-    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    spec = job_dict(
+        tiny_model,
+        root / "prompts",
+        root / "out",
+        name="preview-test",
+        model={"scheduler": "EulerDiscreteScheduler"},
+        generation={"num_inference_steps": 2, "width": SIZE, "height": SIZE},
+        sweep={"seeds": SEEDS, "axes": {"guidance_scale": GUIDANCE}},
+        output={"image_format": "png", "samples_per_shard": 10},
+        safety=safety,
+        resources={"batch_size": 9, "max_workers": 1},
+    )
+    write_spec(root, spec, "job.yaml")
     done = run_cli("run", str(root / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "out"

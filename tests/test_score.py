@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import REPO, run_cli, write_prompts
+from helpers import REPO, TINY_GENERATION, job_dict, run_cli, write_prompts, write_spec
 
 EXAMPLE = REPO / "jobs" / "examples" / "sd2_model_card_eval.yaml"
 PROMPTS = [
@@ -55,19 +55,17 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, tiny_model):
     """A real dataset: 5 prompts x 2 seeds x 2 guidance scales through `sdfleet run` on a local Ray."""
-    import yaml
-
     tmp = tmp_path_factory.mktemp("score-job")
     write_prompts(tmp / "in" / "p.parquet", PROMPTS)
-    spec = {
-        "model": {"source": str(tiny_model)},
-        "input": {"uri": str(tmp / "in")},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "sweep": {"seeds": 2, "axes": {"guidance_scale": SCALES}},
-        "output": {"uri": str(tmp / "out"), "image_format": "png", "samples_per_shard": 12},
-        "safety": {"detector": "none"},
-    }
-    (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
+    spec = job_dict(
+        tiny_model,
+        tmp / "in",
+        tmp / "out",
+        generation=TINY_GENERATION,
+        sweep={"seeds": 2, "axes": {"guidance_scale": SCALES}},
+        output={"image_format": "png", "samples_per_shard": 12},
+    )
+    write_spec(tmp, spec, "job.yaml")
     out = run_cli("run", str(tmp / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp / "out"

@@ -13,10 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image, ImageOps
 
-from helpers import run_cli, write_spec
+from helpers import job_dict, run_cli, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -61,16 +60,17 @@ def run_job(tmp_path, s3, address, model, task, table, extra_files=(), **section
     for name, data in dict(extra_files).items():
         s3.pipe(f"{prefix}/{name}", data)
     out = f"{s3.bucket}/out-{uuid.uuid4().hex[:6]}"
-    spec = {
-        "name": f"task-{task}",
-        "model": {"source": str(model), "task": task, "scheduler": "EulerDiscreteScheduler"},
-        "input": {"uri": f"s3://{prefix}/"},
-        "generation": {"num_inference_steps": 3},
-        "sweep": {"seeds": 2},
-        "output": {"uri": f"s3://{out}", "image_format": "png", "samples_per_shard": 4},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 2, "max_workers": 2},
-    }
+    spec = job_dict(
+        model,
+        f"s3://{prefix}/",
+        f"s3://{out}",
+        name=f"task-{task}",
+        model={"task": task, "scheduler": "EulerDiscreteScheduler"},
+        generation={"num_inference_steps": 3},
+        sweep={"seeds": 2},
+        output={"image_format": "png", "samples_per_shard": 4},
+        resources={"batch_size": 2, "max_workers": 2},
+    )
     done = run_cli(
         "run", str(write_spec(tmp_path, spec, **sections)), "--address", address, "--no-progress"
     )
@@ -373,17 +373,12 @@ def test_a_checkpoint_that_does_not_fit_the_task_is_refused_before_any_worker(
         ),
     ]
     for task, model, needs, found in cases:
-        spec = {
-            "model": {"source": str(model), "task": task},
-            "input": {"uri": str(tmp_path / "in")},
-            "output": {"uri": str(tmp_path / "out")},
-            "safety": {"detector": "none"},
-        }
+        spec = job_dict(model, tmp_path / "in", tmp_path / "out", model={"task": task})
         if task != "text-to-image":
             spec["input"]["image_column"] = "image"
         if task == "inpaint":
             spec["input"]["mask_column"] = "mask"
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        write_spec(tmp_path, spec, "job.yaml")
         out = run_cli("plan", str(tmp_path / "job.yaml"))
         assert out.returncode == 1, (task, out.stdout)
         assert needs in out.stderr and found in out.stderr, out.stderr
@@ -552,13 +547,10 @@ def test_an_unfinished_output_is_not_an_input(tmp_path, family, s3):
         b'{"fingerprint": "x", "num_shards": 2, "num_samples": 4, '
         b'"key_width": 5, "spec": {"name": "stage1"}}',
     )
-    spec = {
-        "model": {"source": str(family["upscale"]), "task": "upscale"},
-        "input": {"uri": f"s3://{s3.bucket}/src"},
-        "output": {"uri": str(tmp_path / "out")},
-        "safety": {"detector": "none"},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    spec = job_dict(
+        family["upscale"], f"s3://{s3.bucket}/src", tmp_path / "out", model={"task": "upscale"}
+    )
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert (
         out.returncode == 1
@@ -568,7 +560,7 @@ def test_an_unfinished_output_is_not_an_input(tmp_path, family, s3):
     spec["input"] = {"uri": str(tmp_path / "in")}
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["x"]}), tmp_path / "in" / "p.parquet")
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 1 and "model.task=upscale needs input.image_column" in out.stderr, (
         out.stderr
@@ -583,13 +575,7 @@ def test_a_checkpoint_whose_configs_do_not_parse_is_refused_by_the_driver(tmp_pa
     (broken / "unet" / "config.json").write_text("{ this is not json")
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["x"]}), tmp_path / "in" / "p.parquet")
-    spec = {
-        "model": {"source": str(broken)},
-        "input": {"uri": str(tmp_path / "in")},
-        "output": {"uri": str(tmp_path / "out")},
-        "safety": {"detector": "none"},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    write_spec(tmp_path, job_dict(broken, tmp_path / "in", tmp_path / "out"), "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert (
         out.returncode == 1
