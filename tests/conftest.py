@@ -30,6 +30,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
+def pytest_collection_modifyitems(items):
+    """A test on the shared Ray cluster is slow (`make test-fast` skips it), whatever its file says."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from sdfleet.jobs.tiny import write_tiny_pipeline

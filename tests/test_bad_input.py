@@ -12,9 +12,8 @@ import pytest
 
 from helpers import TINY_GENERATION, job_dict, rows_of, run_cli, write_spec
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_bad_rows_are_recorded_and_the_job_goes_on(tmp_path, tiny_model, ray_cluster):
     import pyarrow as pa
 

@@ -14,8 +14,6 @@ from PIL import Image
 
 from helpers import TINY_GENERATION, job_dict, rows_of, run_cli, write_prompts, write_spec
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
@@ -49,6 +47,7 @@ def numpy_head(path, embeds: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x)) if meta["output"] == "sigmoid" else x
 
 
+@pytest.mark.slow
 def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(
     tmp_path, tiny_model, scorers, ray_cluster
 ):
@@ -291,6 +290,7 @@ def expected_statuses(ref, ids, k, m, min_clip, dedup):
     return want
 
 
+@pytest.mark.slow
 def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(
     tmp_path, tiny_model, scorers, ray_cluster
 ):
@@ -392,6 +392,7 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(
     assert 'value="duplicate"' in page and "rejected: min_clip_score" in page
 
 
+@pytest.mark.slow
 def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(
     tmp_path, tiny_model, scorers, ray_cluster
 ):
@@ -454,6 +455,7 @@ def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(
         ).read_bytes()
 
 
+@pytest.mark.slow
 def test_laion_clip_nsfw_as_the_safety_detector_reads_curations_embedding(
     tmp_path, tiny_model, scorers, ray_cluster
 ):

@@ -17,7 +17,6 @@ from PIL import Image, ImageOps
 
 from helpers import job_dict, run_cli, write_spec
 
-pytestmark = pytest.mark.slow
 
 # Real photographs from scikit-image's package, cut to the tiny models' sizes.
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -149,6 +148,7 @@ def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------- 768-v
 
 
+@pytest.mark.slow
 def test_768_v_makes_its_own_size_and_keeps_v_prediction(tmp_path, family, s3, ray_cluster):
     """No width or height in the spec: the checkpoint's size (96 for the tiny 768-style model);
     Euler from the checkpoint's config keeps prediction_type=v_prediction."""
@@ -214,6 +214,7 @@ TASK_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(TASK_CASES))
 def test_image_task_rows_regenerate_with_plain_diffusers(task, tmp_path, family, s3, ray_cluster):
     variant, pipeline_class, side, uris, axes = TASK_CASES[task]
@@ -261,6 +262,7 @@ def bomb() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_bad_input_images_fail_their_rows_and_the_job_goes_on(tmp_path, family, s3, ray_cluster):
     good = png(photo("astronaut", 64))
     other = f"sdfleet-other-{uuid.uuid4().hex[:8]}"
@@ -441,6 +443,7 @@ def test_local_uris_stay_inside_the_input_folder(tmp_path):
 # --------------------------------------------------------- an earlier output as the input: two jobs
 
 
+@pytest.mark.slow
 def test_two_stage_example_upscales_the_first_jobs_ok_images(tmp_path, family, s3, ray_cluster):
     """jobs/examples' pair at tiny size: 32² text-to-image, then the x4 upscaler over its ok images;
     the second job's rows point at the first's keys, and rerunning it generates nothing."""
