@@ -154,6 +154,32 @@ def test_fid_of_the_reference_against_itself_is_zero(scorers, reference):
     assert float(fid.compute()) > 0.01
 
 
+def test_clip_scorer_and_the_plot_work_outside_a_job(scorers):
+    """The fast tier's look at score's CLIP scorer and plot (the tests that score a job are slow)."""
+    from sdfleet.jobs.score.clip import ClipScorer
+    from sdfleet.jobs.score.plot import plot_fid_vs_clip
+
+    scorer = ClipScorer(scorers["clip"], "cpu")
+    assert scorer.info["source"] == scorers["clip"] and scorer.info["params"] > 0
+    images = [Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (30, 220)]
+    scores = scorer.scores([scorer.pixel_values(im) for im in images], ["a cat", "a dog"])
+    assert len(scores) == 2 and all(math.isfinite(s) and 0.0 <= s <= 100.0 for s in scores)
+    summary = {
+        "job_name": "plot-check",
+        "clip_model": {"source": scorers["clip"]},
+        "fid": {"reference_images": 6},
+        "notes": ["tiny models: the figures mean nothing"],
+        "figures_meaningful": False,
+    }
+    points = [
+        {"guidance_scale": g, "clip_score_mean": c, "fid": f}
+        for g, c, f in ((1.5, 20.0, 90.0), (7.5, 25.0, 80.0))
+    ]
+    png = plot_fid_vs_clip(points, ["guidance_scale"], summary)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(png)).info["Description"] == summary["notes"][0]
+
+
 def test_real_inception_loads_published_parameter_names_and_flags_random_weights(tmp_path):
     """The real network: 2048 features from uint8 images of any size; weights only from safetensors,
     every parameter required; untouched batch-norm statistics are recognised as an untrained net."""
