@@ -17,7 +17,6 @@ from PIL import Image, ImageOps
 
 from helpers import job_dict, run_cli, write_spec
 
-
 # Real photographs from scikit-image's package, cut to the tiny models' sizes.
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
