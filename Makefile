@@ -1,5 +1,8 @@
 # The two commands a new user needs: `make demo` and `make test`.
 # Both create .venv on first use and install everything, torch first.
+# `make test` lints first (`make lint`), then runs every test; CI runs it (.ci/run).
+# `make test-fast` lints, then runs the tests not marked `slow` (no Ray, cluster, browser or
+# docker): every module, in minutes.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sdfleet-installed
@@ -7,7 +10,7 @@ STAMP  := $(VENV)/.sdfleet-installed
 # on machines where only the CPU wheel is wanted (and the CUDA one is what PyPI serves on GPU boxes).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test clean-venv
+.PHONY: install demo lint test test-fast clean-venv
 
 install: $(STAMP)
 
@@ -24,8 +27,20 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/sdfleet demo
 
-test: install
-	$(PY) -m pytest -q
+# ruff's lint rules and formatter, and the import contracts (schemas <- actors <- jobs, schemas
+# free of heavy frameworks); all configured in pyproject.toml. lint-imports reads the installed
+# package, so it runs from the repo root.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-logo
+
+# PYTEST_ARGS passes more to pytest, e.g. `make test-fast PYTEST_ARGS="-x --durations=20"`.
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -13,8 +13,8 @@ import logging
 import os
 import shutil
 import uuid
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import fsspec

@@ -228,9 +228,7 @@ class ShardCommit:
                     **self.stats.stage_seconds,
                     "upload": round(time.perf_counter() - t0, 4),
                 },
-                "finished_at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(
-                    timespec="seconds"
-                ),
+                "finished_at": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"),
                 "wall_seconds": round(now - self.stats.started_ts, 4),
             }
         )

@@ -41,8 +41,8 @@ def main() -> None:
     import pyarrow.parquet as pq
     import yaml
 
-    from sdfleet.jobs.tiny import write_tiny_nsfw_model
     from sd2_base import build_pipeline
+    from sdfleet.jobs.tiny import write_tiny_nsfw_model
 
     work = Path(args.work or tempfile.mkdtemp(prefix="sdfleet-overhead-"))
     model = work / f"sd2-w{args.width}"

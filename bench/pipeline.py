@@ -31,6 +31,7 @@ candidate generated (kept, rejected or filtered) against the stand-in GPU's rate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -83,7 +84,7 @@ def measure_stages(
     encoded = {}
     for fmt in ("jpeg", "png"):
         out[f"encode_{fmt}"] = cpu(
-            lambda: encoded.__setitem__(fmt, [encode_image(im, fmt, 95) for im in photos])
+            lambda fmt=fmt: encoded.__setitem__(fmt, [encode_image(im, fmt, 95) for im in photos])
         )
         out[f"encode_{fmt}"] /= len(photos)
     jpegs = (encoded["jpeg"] * 40)[:96]
@@ -91,7 +92,7 @@ def measure_stages(
     # A 96-image JPEG shard: rows, tar and Parquet on local disk, then staged and published on S3.
     storage = Storage(f"s3://{bucket}/stages")
     writer = ShardWriter(storage, "jpeg")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     rows = [
         {  # an ok row as the worker writes it: every column filled
             "key": f"00000{i:04d}",
@@ -195,10 +196,8 @@ class CpuSampler:
             others = {}
             for pid in self._descendants():
                 if pid != self.moto_pid:
-                    try:
+                    with contextlib.suppress(OSError):  # the process ended meanwhile
                         others[pid] = process_cpu_seconds(pid)
-                    except OSError:
-                        pass
             self.samples.append(
                 (
                     time.time(),

@@ -62,7 +62,7 @@ SCHEDULER = dict(
 
 
 def _scaled(channels, width: float, multiple: int = 32):
-    return tuple(max(multiple, int(round(c * width / multiple)) * multiple) for c in channels)
+    return tuple(max(multiple, round(c * width / multiple) * multiple) for c in channels)
 
 
 def build_pipeline(path: str | Path, width: float = 1.0, text_layers: int | None = None) -> Path:
@@ -82,7 +82,7 @@ def build_pipeline(path: str | Path, width: float = 1.0, text_layers: int | None
     )  # a local CLIP BPE; only the embedding table differs from SD2's (FLOPs are the same)
     hidden = max(64, int(TEXT["hidden_size"] * width) // 64 * 64)
     torch.manual_seed(0)
-    heads = tuple(max(1, int(round(h * width))) for h in UNET["attention_head_dim"])
+    heads = tuple(max(1, round(h * width)) for h in UNET["attention_head_dim"])
     unet = UNet2DConditionModel(
         **{
             **UNET,

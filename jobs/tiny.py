@@ -8,6 +8,7 @@ so those code paths run offline and fast on CPU.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import warnings
@@ -65,8 +66,8 @@ def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathl
     Seeding before each component keeps the weights byte-identical across runs,
     so cached fixtures and checksums stay valid.
     """
-    import torch
     import diffusers
+    import torch
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -428,7 +429,7 @@ def _write_head(path, widths: list[int], metadata: dict[str, str], normalization
 
     torch.manual_seed(seed)
     tensors = {}
-    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         layer = torch.nn.Linear(n_in, n_out)
         tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = (
             layer.weight.detach(),

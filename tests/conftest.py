@@ -16,7 +16,6 @@ import yaml
 
 from helpers import CLUSTER_YAML, KUBERAY, bucket_with_prompts, free_port, one
 
-
 # Ray 2.60 turns token auth on once ~/.ray/auth_token exists (any embedded ray.init writes it);
 # clients connecting by address then fail unless both sides agree. Tests run both sides here.
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -29,6 +28,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # moto logs every HTTP request at INFO; failures are easier to read without them.
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+def pytest_collection_modifyitems(items):
+    """A test on the shared Ray cluster is slow (`make test-fast` skips it), whatever its file says."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -91,6 +91,45 @@ def write_prompts(path, prompts, ids=None, row_group_size=2, storage=None, **ext
             pq.write_table(table, f, row_group_size=row_group_size)
 
 
+# ---------------------------------------------------------------------------------- job specs
+
+# The tiny model's usual job: 2 steps at 64 x 64.
+TINY_GENERATION = {"num_inference_steps": 2, "width": 64, "height": 64}
+
+
+def spec_dict(base: dict | None = None, /, **sections) -> dict:
+    """A job spec as its YAML file holds it: a copy of `base` with `sections` merged in. A dict
+    updates that section (adding it if new); anything else, such as `name`, replaces it. Neither
+    `base` nor the dicts passed in are changed."""
+    spec = {k: dict(v) if isinstance(v, dict) else v for k, v in (base or {}).items()}
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            spec.setdefault(section, {}).update(values)
+        else:
+            spec[section] = values
+    return spec
+
+
+def job_dict(source, input_uri, output_uri, /, **sections) -> dict:
+    """The spec most tests start from: the model's source, the input and output URIs, no safety
+    detector; `sections` (model=... too) merged in as spec_dict merges them."""
+    base = {
+        "model": {"source": str(source)},
+        "input": {"uri": str(input_uri)},
+        "output": {"uri": str(output_uri)},
+        "safety": {"detector": "none"},
+    }
+    return spec_dict(base, **sections)
+
+
+def write_spec(folder, spec: dict, file: str | None = None, /, **sections) -> Path:
+    """`spec` with `sections` merged in (spec_dict), written as YAML to `folder`/`file` (a new name
+    if None)."""
+    path = Path(folder) / (file or f"job-{uuid.uuid4().hex[:6]}.yaml")
+    path.write_text(yaml.safe_dump(spec_dict(spec, **sections)))
+    return path
+
+
 # The fault tests' job: 12 prompts x 2 seeds = 24 samples in 8 shards of 3.
 N_PROMPTS = 12
 
@@ -114,26 +153,18 @@ def bucket_with_prompts(prefix: str):
 def job_spec(tmp_path, tiny_model, bucket, out: str, steps: int = 2, **sections) -> Path:
     """The fault tests' job spec on `bucket_with_prompts`' table, written to a new file; `sections`
     update the spec's sections (e.g. resources={"max_attempts": 2})."""
-    spec = {
-        "name": "faults",
-        "model": {"source": str(tiny_model), "scheduler": "EulerDiscreteScheduler"},
-        "input": {"uri": f"s3://{bucket.bucket}/prompts/"},
-        "generation": {"num_inference_steps": steps, "width": 64, "height": 64},
-        "sweep": {"seeds": 2},
-        "output": {"uri": out, "image_format": "png", "samples_per_shard": 3},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 3, "max_attempts": 3},
-    }
+    spec = job_dict(
+        tiny_model,
+        f"s3://{bucket.bucket}/prompts/",
+        out,
+        name="faults",
+        model={"scheduler": "EulerDiscreteScheduler"},
+        generation={"num_inference_steps": steps, "width": 64, "height": 64},
+        sweep={"seeds": 2},
+        output={"image_format": "png", "samples_per_shard": 3},
+        resources={"batch_size": 3, "max_attempts": 3},
+    )
     return write_spec(tmp_path, spec, **sections)
-
-
-def write_spec(tmp_path, spec: dict, **sections) -> Path:
-    """`spec` with `sections` merged into its sections, written to a new YAML file."""
-    for section, values in sections.items():
-        spec.setdefault(section, {}).update(values)
-    path = tmp_path / f"job-{uuid.uuid4().hex[:6]}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 # ------------------------------------------------------------------------- a finished output
@@ -187,10 +218,13 @@ def same_dataset(a: str, b: str) -> None:
     assert sa.list("*.tar") == sb.list("*.tar")
     for name in sa.list("*.tar"):
         assert sa.read_bytes(name) == sb.read_bytes(name), name
-    strip = lambda rows: sorted(
-        ({k: v for k, v in r.items() if k not in RUN_COLUMNS} for r in rows),  # noqa: E731
-        key=lambda r: r["key"],
-    )
+
+    def strip(rows):
+        return sorted(
+            ({k: v for k, v in r.items() if k not in RUN_COLUMNS} for r in rows),
+            key=lambda r: r["key"],
+        )
+
     assert strip(rows_of(a)) == strip(rows_of(b))
 
 

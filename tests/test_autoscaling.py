@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from clusters import Sampler, make_temp_dir, proc_name, start_head
-from helpers import free_port, rows_of, run_cli, wait_for, write_prompts
+from helpers import free_port, job_dict, rows_of, run_cli, wait_for, write_prompts, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -74,19 +74,19 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(tmp_path, tiny_model, autosc
         [f"a lighthouse at dusk, variation {i}" for i in range(N_PROMPTS)],
     )
     out = tmp_path / "out"
-    spec = {
-        "name": "autoscaling",
-        "model": {"source": str(tiny_model), "scheduler": "EulerDiscreteScheduler"},
-        "input": {"uri": str(tmp_path / "in")},
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        out,
+        name="autoscaling",
+        model={"scheduler": "EulerDiscreteScheduler"},
         # Slow enough per shard that the second node's worker is up before the first drains the queue.
-        "generation": {"num_inference_steps": 30, "width": 64, "height": 64},
-        "sweep": {"seeds": SEEDS},
-        "output": {"uri": str(out), "image_format": "png", "samples_per_shard": PER_SHARD},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 3, "max_workers": 2},
-    }
-    spec_path = head.temp_dir / "job.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
+        generation={"num_inference_steps": 30, "width": 64, "height": 64},
+        sweep={"seeds": SEEDS},
+        output={"image_format": "png", "samples_per_shard": PER_SHARD},
+        resources={"batch_size": 3, "max_workers": 2},
+    )
+    spec_path = write_spec(head.temp_dir, spec, "job.yaml")
 
     seen: set[str] = set()
     most = [0]

@@ -9,13 +9,11 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from helpers import rows_of, run_cli
-
-pytestmark = pytest.mark.slow
+from helpers import TINY_GENERATION, job_dict, rows_of, run_cli, write_spec
 
 
+@pytest.mark.slow
 def test_bad_rows_are_recorded_and_the_job_goes_on(tmp_path, tiny_model, ray_cluster):
     import pyarrow as pa
 
@@ -37,14 +35,14 @@ def test_bad_rows_are_recorded_and_the_job_goes_on(tmp_path, tiny_model, ray_clu
         pa.table({"prompt_id": ids, "prompt": pa.array(prompts, pa.binary())}),
         tmp_path / "in" / "p.parquet",
     )
-    spec = {
-        "model": {"source": str(tiny_model)},
-        "input": {"uri": str(tmp_path / "in")},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 4},
-        "safety": {"detector": "none"},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        generation=TINY_GENERATION,
+        output={"samples_per_shard": 4},
+    )
+    write_spec(tmp_path, spec, "job.yaml")
     done = run_cli(
         "run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress"
     )
@@ -108,12 +106,7 @@ def test_bad_input_is_refused_before_any_worker_starts(case, message, tmp_path, 
     import pyarrow as pa
 
     (tmp_path / "in").mkdir()
-    spec = {
-        "model": {"source": str(tiny_model)},
-        "input": {"uri": str(tmp_path / "in")},
-        "output": {"uri": str(tmp_path / "out")},
-        "safety": {"detector": "none"},
-    }
+    spec = job_dict(tiny_model, tmp_path / "in", tmp_path / "out")
     table = pa.table({"prompt_id": ["a"], "prompt": ["fine"]})
     if case == "missing-column":
         spec["input"]["prompt_column"] = "text"
@@ -132,7 +125,7 @@ def test_bad_input_is_refused_before_any_worker_starts(case, message, tmp_path, 
     pq.write_table(table, tmp_path / "in" / "p.parquet")
     if case == "unreadable":
         (tmp_path / "in" / "p.parquet").write_bytes(b"PAR1 not really")
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    write_spec(tmp_path, spec, "job.yaml")
     done = run_cli("run", str(tmp_path / "job.yaml"), env={"RAY_ADDRESS": ""})
     assert done.returncode == 1, done.stderr[-2000:]
     assert message in done.stderr

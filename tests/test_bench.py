@@ -18,6 +18,7 @@ def bench(*args: str, timeout: float = 600) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_on_the_tiny_pipeline_and_matches_plain_diffusers():
     out = bench("bench/gpu.py", "--tiny")
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+[\d.]+", line)]

@@ -9,9 +9,8 @@ import subprocess
 import time
 
 import pytest
-import yaml
 
-from helpers import free_port, run_cli, write_prompts
+from helpers import free_port, run_cli, spec_dict, write_prompts, write_spec
 
 # No credentials anywhere botocore looks (conftest keeps it off the instance-metadata address).
 NO_CREDENTIALS = {
@@ -25,17 +24,10 @@ NO_CREDENTIALS = {
 
 
 def spec_file(tmp_path, input_uri: str) -> str:
-    path = tmp_path / "job.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "input": {"uri": input_uri},
-                "output": {"uri": str(tmp_path / "out")},
-                "safety": {"detector": "none"},
-            }
-        )
+    spec = spec_dict(
+        input={"uri": input_uri}, output={"uri": str(tmp_path / "out")}, safety={"detector": "none"}
     )
-    return str(path)
+    return str(write_spec(tmp_path, spec, "job.yaml"))
 
 
 def one_line_error(done: subprocess.CompletedProcess) -> str:

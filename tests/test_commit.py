@@ -184,6 +184,7 @@ FINE = [1] * STEPS  # stage tar, stage Parquet, commit, publish/discard tar, pub
 STAGE_AS_ONE = [len(FILES), 1, 1, 1]  # stage both, commit, publish/discard tar, then Parquet
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "where, turns, expected",
     [
@@ -202,6 +203,7 @@ def test_two_writers_every_interleaving_and_every_crash(
     assert outcomes["no commit"] and outcomes["writer-0"] and outcomes["writer-1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_three_writers_every_interleaving_and_every_crash(where, request, tmp_path, spools):
     """All three stage first; then each commits and publishes (or discards) both files, or dies

@@ -12,9 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import rows_of, run_cli, write_prompts
-
-pytestmark = pytest.mark.slow
+from helpers import TINY_GENERATION, job_dict, rows_of, run_cli, write_prompts, write_spec
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +47,7 @@ def numpy_head(path, embeds: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x)) if meta["output"] == "sigmoid" else x
 
 
+@pytest.mark.slow
 def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(
     tmp_path, tiny_model, scorers, ray_cluster
 ):
@@ -65,22 +64,22 @@ def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(
         "a city at night, rain",
     ]
     write_prompts(tmp_path / "in" / "p.parquet", prompts)
-    spec = {
-        "model": {"source": str(tiny_model)},
-        "input": {"uri": str(tmp_path / "in")},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "sweep": {"seeds": 2},
-        "output": {"uri": str(tmp_path / "out"), "image_format": "png", "samples_per_shard": 4},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 2},
-        "curation": {
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        generation=TINY_GENERATION,
+        sweep={"seeds": 2},
+        output={"image_format": "png", "samples_per_shard": 4},
+        resources={"batch_size": 2},
+        curation={
             "clip_model": str(scorers["clip"]),
             "aesthetic_model": str(scorers["aesthetic"]),
             "nsfw_model": str(scorers["nsfw"]),
             "save_embeddings": True,
         },
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    )
+    write_spec(tmp_path, spec, "job.yaml")
     done = run_cli(
         "run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress"
     )
@@ -215,14 +214,8 @@ def test_plan_refuses_a_pickled_head_and_a_missing_clip_model(tmp_path, tiny_mod
             f"curation.clip_model {tmp_path / 'no-clip'} does not exist",
         ),
     ]:
-        spec = {
-            "model": {"source": str(tiny_model)},
-            "input": {"uri": str(tmp_path / "in")},
-            "output": {"uri": str(tmp_path / "out")},
-            "safety": {"detector": "none"},
-            "curation": curation,
-        }
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        spec = job_dict(tiny_model, tmp_path / "in", tmp_path / "out", curation=curation)
+        write_spec(tmp_path, spec, "job.yaml")
         out = run_cli("plan", str(tmp_path / "job.yaml"))
         assert out.returncode == 1 and message in out.stderr, out.stderr
 
@@ -297,6 +290,7 @@ def expected_statuses(ref, ids, k, m, min_clip, dedup):
     return want
 
 
+@pytest.mark.slow
 def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(
     tmp_path, tiny_model, scorers, ray_cluster
 ):
@@ -332,22 +326,22 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(
     want = expected_statuses(ref, ids, k, m, min_clip, dedup)
 
     write_prompts(tmp_path / "in" / "p.parquet", prompts, ids)
-    spec = {
-        "model": {"source": str(tiny_model)},
-        "input": {"uri": str(tmp_path / "in")},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "output": {"uri": str(tmp_path / "out"), "image_format": "png", "samples_per_shard": 12},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 2},
-        "curation": {
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        generation=TINY_GENERATION,
+        output={"image_format": "png", "samples_per_shard": 12},
+        resources={"batch_size": 2},
+        curation={
             "clip_model": str(scorers["clip"]),
             "min_clip_score": min_clip,
             "dedup_threshold": dedup,
             "images_per_prompt": k,
             "max_candidates": m,
         },
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    )
+    write_spec(tmp_path, spec, "job.yaml")
     done = run_cli(
         "run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress"
     )
@@ -398,6 +392,7 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(
     assert 'value="duplicate"' in page and "rejected: min_clip_score" in page
 
 
+@pytest.mark.slow
 def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(
     tmp_path, tiny_model, scorers, ray_cluster
 ):
@@ -419,31 +414,22 @@ def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(
     write_prompts(tmp_path / "in" / "p.parquet", prompts, ids)
 
     def spec(out):
-        path = tmp_path / f"{out}.yaml"
-        path.write_text(
-            yaml.safe_dump(
-                {
-                    "model": {"source": str(tiny_model)},
-                    "input": {"uri": str(tmp_path / "in")},
-                    "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-                    "output": {
-                        "uri": str(tmp_path / out),
-                        "image_format": "png",
-                        "samples_per_shard": m,
-                    },
-                    "safety": {"detector": "none"},
-                    "resources": {"batch_size": 2},
-                    "curation": {
-                        "clip_model": str(scorers["clip"]),
-                        "min_clip_score": min_clip,
-                        "images_per_prompt": k,
-                        "max_candidates": m,
-                        "save_embeddings": True,
-                    },
-                }
-            )
+        spec = job_dict(
+            tiny_model,
+            tmp_path / "in",
+            tmp_path / out,
+            generation=TINY_GENERATION,
+            output={"image_format": "png", "samples_per_shard": m},
+            resources={"batch_size": 2},
+            curation={
+                "clip_model": str(scorers["clip"]),
+                "min_clip_score": min_clip,
+                "images_per_prompt": k,
+                "max_candidates": m,
+                "save_embeddings": True,
+            },
         )
-        return str(path)
+        return str(write_spec(tmp_path, spec, f"{out}.yaml"))
 
     done = run_cli("run", spec("uninterrupted"), "--address", ray_cluster.address, "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -469,6 +455,7 @@ def test_best_of_n_after_a_driver_sigkill_reruns_into_the_same_bytes(
         ).read_bytes()
 
 
+@pytest.mark.slow
 def test_laion_clip_nsfw_as_the_safety_detector_reads_curations_embedding(
     tmp_path, tiny_model, scorers, ray_cluster
 ):
@@ -489,22 +476,23 @@ def test_laion_clip_nsfw_as_the_safety_detector_reads_curations_embedding(
     threshold, gap = between(list(punsafe.values()), 0.3, 0.7)
     assert gap > 1e-4
     write_prompts(tmp_path / "in" / "p.parquet", prompts, ids)
-    spec = {
-        "model": {"source": str(tiny_model)},
-        "input": {"uri": str(tmp_path / "in")},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "sweep": {"seeds": 2},
-        "output": {"uri": str(tmp_path / "out"), "image_format": "png", "samples_per_shard": 4},
-        "safety": {
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        generation=TINY_GENERATION,
+        sweep={"seeds": 2},
+        output={"image_format": "png", "samples_per_shard": 4},
+        safety={
             "detector": "laion-clip-nsfw",
             "model": str(scorers["nsfw"]),
             "threshold": threshold,
             "action": "drop",
         },
-        "resources": {"batch_size": 2},
-        "curation": {"clip_model": str(scorers["clip"]), "nsfw_model": str(scorers["nsfw"])},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        resources={"batch_size": 2},
+        curation={"clip_model": str(scorers["clip"]), "nsfw_model": str(scorers["nsfw"])},
+    )
+    write_spec(tmp_path, spec, "job.yaml")
     done = run_cli(
         "run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress"
     )
@@ -543,17 +531,17 @@ def test_laion_clip_nsfw_needs_the_clip_model_and_a_safetensors_head(tmp_path, t
             }
         )
     write_prompts(tmp_path / "in" / "p.parquet", ["a"])
-    spec = {
-        "model": {"source": str(tiny_model)},
-        "input": {"uri": str(tmp_path / "in")},
-        "output": {"uri": str(tmp_path / "out")},
-        "curation": {"clip_model": str(scorers["clip"])},
-        "safety": {
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        curation={"clip_model": str(scorers["clip"])},
+        safety={
             "detector": "laion-clip-nsfw",
             "model": str(tmp_path / "clip_autokeras_nsfw_b32.zip"),
         },
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    )
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert (
         out.returncode == 1 and "laion-clip-nsfw loads its head from safetensors only" in out.stderr

@@ -6,9 +6,20 @@ import pytest
 
 from helpers import run_cli
 
-pytestmark = pytest.mark.slow
+
+def test_the_demo_spec_plans_its_prompts_into_40_samples(tmp_path):
+    """The fast tier's look at the demo: its prompt table and spec, planned without running."""
+    from sdfleet.jobs.demo import DEMO_PROMPTS, demo_spec, write_demo_prompts
+    from sdfleet.jobs.plan import Planner
+    from sdfleet.schemas.spec import parse_spec
+
+    write_demo_prompts(tmp_path / "prompts")
+    plan = Planner(parse_spec(demo_spec(tmp_path))).plan()
+    assert len(DEMO_PROMPTS) == 10 and [f.rows for f in plan.files] == [5, 5]
+    assert plan.num_samples == 40 and plan.num_shards == 4  # 10 prompts x 2 seeds x 2 scales
 
 
+@pytest.mark.slow
 def test_demo_makes_a_complete_dataset(tmp_path):
     out = run_cli("demo", str(tmp_path / "demo"), env={"RAY_ADDRESS": ""})
     assert out.returncode == 0, out.stderr[-3000:]

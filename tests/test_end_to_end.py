@@ -8,10 +8,9 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
-from helpers import run_cli, write_prompts
+from helpers import job_dict, run_cli, write_prompts, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -56,21 +55,19 @@ def job(tmp_path_factory, tiny_model, ray_cluster, s3_endpoint):
     s3.put(str(tiny_model), f"{bucket}/models/tiny-sd2", recursive=True)
 
     tmp = tmp_path_factory.mktemp("e2e")
-    spec = {
-        "name": "e2e",
-        "model": {
-            "source": f"s3://{bucket}/models/tiny-sd2",
-            "scheduler": "EulerDiscreteScheduler",
-        },
-        "input": {"uri": f"s3://{bucket}/prompts/", "passthrough_columns": ["topic"]},
-        "generation": {"num_inference_steps": 3, "width": 64, "height": 64},
-        "sweep": {"seeds": 2, "axes": {"guidance_scale": [3.0, 7.5]}},
-        "output": {"uri": f"s3://{bucket}/out/run1", "image_format": "png", "samples_per_shard": 6},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 3, "max_workers": 4},
-    }
-    spec_path = tmp / "job.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
+    spec = job_dict(
+        f"s3://{bucket}/models/tiny-sd2",
+        f"s3://{bucket}/prompts/",
+        f"s3://{bucket}/out/run1",
+        name="e2e",
+        model={"scheduler": "EulerDiscreteScheduler"},
+        input={"passthrough_columns": ["topic"]},
+        generation={"num_inference_steps": 3, "width": 64, "height": 64},
+        sweep={"seeds": 2, "axes": {"guidance_scale": [3.0, 7.5]}},
+        output={"image_format": "png", "samples_per_shard": 6},
+        resources={"batch_size": 3, "max_workers": 4},
+    )
+    spec_path = write_spec(tmp, spec, "job.yaml")
     env = {}
     first = run_cli(
         "run", str(spec_path), "--address", ray_cluster.address, "--no-progress", env=env

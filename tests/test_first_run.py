@@ -9,28 +9,22 @@ import shutil
 import time
 
 import pytest
-import yaml
 
-from helpers import REPO, run_cli, write_prompts
+from helpers import TINY_GENERATION, run_cli, spec_dict, write_prompts, write_spec
 from sdfleet.schemas import layout
-
-pytestmark = pytest.mark.slow
 
 
 def write_job(folder, **sections) -> str:
     """A job spec in `folder`, with paths relative to it; `sections` update its sections."""
-    spec = {
-        "name": "first-run",
-        "input": {"uri": "prompts"},
-        "output": {"uri": "out", "image_format": "png", "samples_per_shard": 2},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 2},
-    }
-    for section, values in sections.items():
-        spec.setdefault(section, {}).update(values)
-    (folder / "job.yaml").write_text(yaml.safe_dump(spec))
-    return str(folder / "job.yaml")
+    spec = spec_dict(
+        name="first-run",
+        input={"uri": "prompts"},
+        output={"uri": "out", "image_format": "png", "samples_per_shard": 2},
+        generation=TINY_GENERATION,
+        safety={"detector": "none"},
+        resources={"batch_size": 2},
+    )
+    return str(write_spec(folder, spec, "job.yaml", **sections))
 
 
 @pytest.fixture
@@ -43,6 +37,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("sdfleet: error:")]
 
 
+@pytest.mark.slow
 def test_a_model_that_does_not_load_fails_once_fast_and_leaves_the_output_to_a_fixed_spec(
     project, tiny_model
 ):
@@ -118,6 +113,7 @@ def test_input_and_output_that_overlap_are_refused(project):
     assert "overlap" in line and str(project / "prompts" / "out") in line
 
 
+@pytest.mark.slow
 def test_plan_refuses_what_run_refuses_and_says_what_run_would_do(project, tiny_model):
     shutil.copytree(tiny_model, project / "models" / "tiny")
     no_weights = write_job(
@@ -142,6 +138,7 @@ def test_plan_refuses_what_run_refuses_and_says_what_run_would_do(project, tiny_
         assert "generation.guidance_scale: 7.5 -> 3.0" in line
 
 
+@pytest.mark.slow
 def test_status_preview_and_score_reach_an_output_through_the_specs_storage_options(
     project, tiny_model, s3, s3_endpoint
 ):
@@ -171,6 +168,7 @@ def test_status_preview_and_score_reach_an_output_through_the_specs_storage_opti
     assert by_uri.returncode == 1 and len(error_lines(by_uri.stderr)) == 1
 
 
+@pytest.mark.slow
 def test_a_default_run_is_quiet_and_reports_on_stdout(project, tiny_model):
     shutil.copytree(tiny_model, project / "models" / "tiny")
     done = run_cli(
@@ -205,6 +203,7 @@ def test_a_default_run_is_quiet_and_reports_on_stdout(project, tiny_model):
     assert noise == []
 
 
+@pytest.mark.slow
 def test_the_smaller_surprises(project, tiny_model):
     done = run_cli("plan", write_job(project, output={"image_format": "jpg"}))
     assert done.returncode == 1 and "did you mean 'jpeg'" in done.stderr

@@ -15,10 +15,9 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from clusters import make_temp_dir, start_head
-from helpers import check_sdfleet_command, cron_pod_spec, wait_for
+from helpers import check_sdfleet_command, cron_pod_spec, job_dict, wait_for, write_spec
 
 CRON_FIELDS = [
     (0, 59, {}),
@@ -148,16 +147,8 @@ def test_cronjob_script_submits_follows_and_reports(cronjob, token_ray_head, tmp
     pq.write_table(pa.table({"prompt_id": ["a", "b", "c"], "prompt": ["x", "y", "z"]}), prompts)
     specs = tmp_path / "specs"
     specs.mkdir()
-    (specs / "job.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "name": "cron-check",
-                "input": {"uri": str(prompts)},
-                "output": {"uri": str(tmp_path / "out")},
-                "model": {"source": str(tiny_model)},
-                "safety": {"detector": "none"},
-            }
-        )
+    write_spec(
+        specs, job_dict(tiny_model, prompts, tmp_path / "out", name="cron-check"), "job.yaml"
     )
     (specs / "..data").mkdir()  # as in a ConfigMap volume: not shipped
     env = {

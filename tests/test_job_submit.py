@@ -14,10 +14,9 @@ import urllib.request
 import uuid
 
 import pytest
-import yaml
 
 from clusters import VENV_BIN, Sampler, make_temp_dir, start_head
-from helpers import REPO, rows_of, wait_for, write_prompts
+from helpers import REPO, TINY_GENERATION, job_dict, rows_of, wait_for, write_prompts, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -115,18 +114,19 @@ def test_ray_job_submit_runs_a_job_to_completion(tmp_path, tiny_model, s3_endpoi
         row_group_size=3,
     )
     out = f"s3://{bucket}/dataset"
-    spec = {
-        "name": "job-submit",
-        "model": {"source": str(tiny_model), "scheduler": "EulerDiscreteScheduler"},
-        "input": {"uri": f"s3://{bucket}/prompts/"},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "sweep": {"seeds": SEEDS},
-        "output": {"uri": out, "image_format": "png", "samples_per_shard": PER_SHARD},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 3},
-    }
-    spec_path = tmp_path / "job.yaml"  # same machine: the driver reads it where it is
-    spec_path.write_text(yaml.safe_dump(spec))
+    spec = job_dict(
+        tiny_model,
+        f"s3://{bucket}/prompts/",
+        out,
+        name="job-submit",
+        model={"scheduler": "EulerDiscreteScheduler"},
+        generation=TINY_GENERATION,
+        sweep={"seeds": SEEDS},
+        output={"image_format": "png", "samples_per_shard": PER_SHARD},
+        resources={"batch_size": 3},
+    )
+    # Same machine: the driver reads the spec where it is.
+    spec_path = write_spec(tmp_path, spec, "job.yaml")
 
     wait_for(lambda: jobs_api_up(head), 60, "the dashboard's job API")
     job_id = f"sdfleet-{uuid.uuid4().hex[:8]}"

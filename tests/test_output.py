@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import write_prompts
+from helpers import job_dict, write_prompts
 from sdfleet.actors.storage import Storage
 from sdfleet.actors.writer import ShardWriter
 from sdfleet.jobs.finalize import dataset_card
@@ -623,14 +623,7 @@ def test_an_output_with_files_but_no_job_record_is_refused_naming_them(tmp_path,
     write_prompts(tmp_path / "in" / "p.parquet", ["a quiet harbour"])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "00000.tar").write_bytes(b"someone else's shard")
-    spec = parse_spec(
-        {
-            "input": {"uri": str(tmp_path / "in")},
-            "output": {"uri": str(tmp_path / "out")},
-            "model": {"source": str(tiny_model)},
-            "safety": {"detector": "none"},
-        }
-    )
+    spec = parse_spec(job_dict(tiny_model, tmp_path / "in", tmp_path / "out"))
     with pytest.raises(SpecError, match=r"holds 1 file\(s\) but no _job.json \(e.g. 00000.tar\)"):
         Preflight(spec).check()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.tar"]  # nothing written

@@ -2,10 +2,9 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
+from helpers import job_dict, run_cli, spec_dict, write_prompts, write_spec
 from sdfleet.actors.reader import read_shard_samples
-from helpers import run_cli, write_prompts
 from sdfleet.jobs.plan import Planner, estimate, list_parquet
 from sdfleet.schemas.errors import InputError
 from sdfleet.schemas.samples import derive_seed, key_width, sample_key, sweep_points
@@ -34,9 +33,7 @@ def spec_for(tmp_path, **over):
         "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 5},
         "sweep": {"seeds": 2, "axes": {"guidance_scale": [3.0, 7.5]}},
     }
-    for k, v in over.items():
-        data.setdefault(k, {}).update(v)
-    return parse_spec(data)
+    return parse_spec(spec_dict(data, **over))
 
 
 def test_plan_counts_shards_and_boundaries(tmp_path):
@@ -194,11 +191,14 @@ def test_null_and_blank_prompts_become_failed_samples(tmp_path):
 
 def test_cli_plan_prints_without_starting_anything(tmp_path, tiny_model):
     make_input(tmp_path)
-    (tmp_path / "job.yaml").write_text(
-        f"input: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}, samples_per_shard: 5}}\n"
-        f"model: {{source: {tiny_model}}}\nsafety: {{detector: none}}\n"
-        "sweep: {seeds: 2, axes: {guidance_scale: [3.0, 7.5]}}\n"
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        output={"samples_per_shard": 5},
+        sweep={"seeds": 2, "axes": {"guidance_scale": [3.0, 7.5]}},
     )
+    write_spec(tmp_path, spec, "job.yaml")
     code = (
         "import sys; from sdfleet.jobs.cli import main; rc = main(['plan', sys.argv[1]]); "
         "heavy = [m for m in ('ray', 'torch', 'diffusers') if m in sys.modules]; "
@@ -215,9 +215,8 @@ def test_cli_plan_prints_without_starting_anything(tmp_path, tiny_model):
 
 
 def test_cli_refuses_bad_spec_with_exit_1(tmp_path):
-    (tmp_path / "job.yaml").write_text(
-        "input: {uri: x}\noutput: {uri: y}\ngeneration: {width: 513}\n"
-    )
+    spec = spec_dict(input={"uri": "x"}, output={"uri": "y"}, generation={"width": 513})
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 1
     assert "generation.width=513" in out.stderr and "not divisible by 8" in out.stderr
@@ -248,11 +247,13 @@ def test_plan_estimates_gpu_hours_and_cost(tmp_path):
 
 def test_cli_plan_prints_cost(tmp_path, tiny_model):
     make_input(tmp_path)
-    (tmp_path / "job.yaml").write_text(
-        f"input: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n"
-        f"model: {{source: {tiny_model}}}\nsafety: {{detector: none}}\n"
-        "resources: {gpu_hour_usd: 4.0, budget_usd: 100}\n"
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        resources={"gpu_hour_usd": 4.0, "budget_usd": 100},
     )
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 0, out.stderr
     assert "at $4.0/GPU-hour (budget $100.00)" in out.stdout and "TFLOP/s sustained" in out.stdout
@@ -279,20 +280,17 @@ def test_best_of_n_plans_every_candidate_slot_and_prices_a_range(tmp_path, tiny_
         "cost_usd_min"
     ] == pytest.approx(est["cost_usd"] / 4)
 
-    (tmp_path / "job.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "input": {"uri": str(tmp_path / "in")},
-                "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 16},
-                "model": {"source": str(tiny_model)},
-                "safety": {"detector": "none"},
-                "generation": {"num_inference_steps": 50, "width": 512, "height": 512},
-                "sweep": {"axes": {"guidance_scale": [3.0, 7.5]}},
-                "curation": curation,
-                "resources": {"gpu_hour_usd": 2.0, "budget_usd": round(est["cost_usd"] / 2, 4)},
-            }
-        )
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        output={"samples_per_shard": 16},
+        generation={"num_inference_steps": 50, "width": 512, "height": 512},
+        sweep={"axes": {"guidance_scale": [3.0, 7.5]}},
+        curation=curation,
+        resources={"gpu_hour_usd": 2.0, "budget_usd": round(est["cost_usd"] / 2, 4)},
     )
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 0, out.stderr
     assert "16 points per prompt (8 candidate seed(s) x guidance_scale[2])" in out.stdout

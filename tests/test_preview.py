@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,10 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
-from helpers import REPO, free_port, run_cli, wait_for, write_prompts
+from helpers import REPO, free_port, job_dict, run_cli, wait_for, write_prompts, write_spec
 from sdfleet.jobs import preview
 from sdfleet.jobs.output import OutputReader
 from sdfleet.jobs.preview import PreviewError
@@ -65,17 +63,19 @@ needs_chromedriver = pytest.mark.skipif(
 
 def make_dataset(root: Path, tiny_model: Path, safety: dict) -> Path:
     write_prompts(root / "prompts" / "p.parquet", PROMPTS)
-    spec = {
-        "name": "preview-test",
-        "model": {"source": str(tiny_model), "scheduler": "EulerDiscreteScheduler"},
-        "input": {"uri": str(root / "prompts")},
-        "generation": {"num_inference_steps": 2, "width": SIZE, "height": SIZE},
-        "sweep": {"seeds": SEEDS, "axes": {"guidance_scale": GUIDANCE}},
-        "output": {"uri": str(root / "out"), "image_format": "png", "samples_per_shard": 10},
-        "safety": safety,
-        "resources": {"batch_size": 9, "max_workers": 1},
-    }
-    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    spec = job_dict(
+        tiny_model,
+        root / "prompts",
+        root / "out",
+        name="preview-test",
+        model={"scheduler": "EulerDiscreteScheduler"},
+        generation={"num_inference_steps": 2, "width": SIZE, "height": SIZE},
+        sweep={"seeds": SEEDS, "axes": {"guidance_scale": GUIDANCE}},
+        output={"image_format": "png", "samples_per_shard": 10},
+        safety=safety,
+        resources={"batch_size": 9, "max_workers": 1},
+    )
+    write_spec(root, spec, "job.yaml")
     done = run_cli("run", str(root / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "out"
@@ -538,7 +538,8 @@ def test_filtered_images_are_shown_only_when_asked(quarantined):
     reader = reader_of(quarantined)
     held = rows_of(quarantined, "quarantine")
     assert len(held) == 18 and {r["status"] for r in held} == {"filtered"}
-    assert not any(k.endswith(".png") for k in tarfile.open(quarantined / "00000.tar").getnames())
+    with tarfile.open(quarantined / "00000.tar") as tar:
+        assert not any(k.endswith(".png") for k in tar.getnames())
 
     hidden = preview.contact_sheet(reader, limit=16)
     assert preview.read_preview_meta(hidden)["tiles"] == []
@@ -551,7 +552,7 @@ def test_filtered_images_are_shown_only_when_asked(quarantined):
         assert np.array_equal(
             crop(sheet, t["box"]), enlarged(tar_image(quarantined, t["key"], "quarantine"))
         )
-        x0, y0, x1, y1 = t["box"]
+        x0, y0, x1, _ = t["box"]
         assert (sheet[y0 - 2, x0:x1] == preview.RED).all()  # the red frame marks it
 
     png = preview.xy_grid(reader, "guidance_scale", "seed")
@@ -683,6 +684,13 @@ def test_gallery_shows_thumbnails_in_chromium_and_its_hash_opens_that_sample(dat
     assert '<div id="detail">' in dom  # no longer hidden
 
 
+# The document has loaded and no image it asked for is still pending (loaded or broken both count).
+SETTLED = (
+    "return document.readyState === 'complete' && Array.from(document.images)"
+    ".every(i => i.complete || i.loading === 'lazy')"
+)
+
+
 class WebDriver:
     """Just enough of the W3C WebDriver protocol, over HTTP to Debian's chromedriver (no selenium)."""
 
@@ -695,17 +703,11 @@ class WebDriver:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self._call("GET", "/status")["ready"]:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError("chromedriver did not start")
-            time.sleep(0.2)
+        try:
+            wait_for(self._ready, 30, "chromedriver to start", poll=0.2)
+        except AssertionError:
+            self.proc.kill()
+            raise RuntimeError("chromedriver did not start") from None
         caps = {
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -716,6 +718,12 @@ class WebDriver:
         self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})[
             "sessionId"
         ]
+
+    def _ready(self) -> bool:
+        try:
+            return self._call("GET", "/status")["ready"]
+        except OSError:  # not listening yet
+            return False
 
     def _call(self, method: str, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
@@ -749,6 +757,12 @@ class WebDriver:
 
     def js(self, script: str):
         return self("POST", "/execute/sync", {"script": script, "args": []})
+
+    def wait_until_settled(self, timeout: float = 30) -> None:
+        """Until the page has loaded and every image it asked for has loaded or failed. An image's
+        error event fires in the same task that marks it complete, so once this holds, the onerror
+        of any injected `<img src=x>` has run (lazy thumbnails are not asked for until in view)."""
+        wait_for(lambda: self.js(SETTLED), timeout, "the page and its images to finish loading")
 
     def cdp(self, command: str, params: dict) -> None:
         """A Chrome DevTools command, through chromedriver's own endpoint."""
@@ -947,10 +961,8 @@ def test_gallery_runs_no_hostile_markup_in_chromium_and_shows_it_verbatim(tmp_pa
         # The hook is in place before any script of the page runs, so an injected one would record itself.
         driver.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": "window.__pwned = [];"})
         driver.get(page.as_uri())
-        wait_for(
-            lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load"
-        )
-        time.sleep(1)  # an injected <img src=x> fails to load and fires onerror asynchronously
+        # An injected <img src=x> fails to load and fires onerror asynchronously: wait for that.
+        driver.wait_until_settled()
         assert driver.js(pwned) == []
         assert driver.js("return document.querySelectorAll('img').length") == 1
         assert driver.js("return document.querySelectorAll('script').length") == 2
@@ -982,30 +994,26 @@ def test_gallery_runs_no_hostile_markup_in_chromium_and_shows_it_verbatim(tmp_pa
             )
             for column in HOSTILE_COLUMNS:
                 assert table[column] == row[column], column
-            time.sleep(0.5)
+            driver.wait_until_settled()
             assert driver.js(pwned) == []
             driver.click("#close")
 
         # #KEY with the hostile key opens that row too (a fresh load, so the hook runs again).
         driver.get("about:blank")
         driver.get(f"{page.as_uri()}#{urllib.parse.quote(hostile('key'), safe='')}")
-        wait_for(
-            lambda: driver.js("return document.readyState") == "complete", 30, "the gallery to load"
-        )
+        driver.wait_until_settled()
         assert (
             driver.js("return document.getElementById('detail-key').textContent")
             == f"{hostile('key')} (failed)"
         )
-        time.sleep(0.5)
+        driver.wait_until_settled()
         assert driver.js(pwned) == []
 
         # The hook does catch live markup: the same string put in as HTML records itself.
         driver.js(
             f"document.getElementById('grid').insertAdjacentHTML('beforeend', {json.dumps(hostile('control'))})"
         )
-        deadline = time.monotonic() + 10
-        while not driver.js(pwned) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: driver.js(pwned), 10, "the live control markup to record itself")
         assert driver.js(pwned) == ["control"]
     finally:
         driver.close()

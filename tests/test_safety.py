@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import run_cli, write_prompts
+from helpers import TINY_GENERATION, job_dict, run_cli, spec_dict, write_prompts, write_spec
 from sdfleet.actors.generator import ShardGenerator
 from sdfleet.actors.safety import UnsafeModelError, load_detector
 from sdfleet.actors.model_cache import weights_sha256
@@ -241,15 +241,17 @@ def generate_shard(tmp_path, tiny_model, safety: dict, name: str):
     if not (tmp_path / "in" / "p.parquet").exists():
         write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
     spec = parse_spec(
-        {
-            "model": {"source": str(tiny_model), "scheduler": "EulerDiscreteScheduler"},
-            "input": {"uri": str(tmp_path / "in")},
-            "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-            "sweep": {"seeds": 2},
-            "output": {"uri": str(tmp_path / name), "image_format": "png", "samples_per_shard": 10},
-            "safety": safety,
-            "resources": {"batch_size": 4},
-        }
+        job_dict(
+            tiny_model,
+            tmp_path / "in",
+            tmp_path / name,
+            model={"scheduler": "EulerDiscreteScheduler"},
+            generation=TINY_GENERATION,
+            sweep={"seeds": 2},
+            output={"image_format": "png", "samples_per_shard": 10},
+            safety=safety,
+            resources={"batch_size": 4},
+        )
     )
     stats = ShardGenerator(Planner(spec).plan(), cpu_threads=2).run(0).model_dump()
     out = tmp_path / name
@@ -367,23 +369,22 @@ def test_action_score_flags_but_keeps_every_image(tiny_detectors, tiny_model, no
 @pytest.mark.slow
 def test_cli_job_records_safety_provenance(tiny_detectors, tiny_model, tmp_path):
     """Through the CLI and Ray: _job.json, the dataset card and sizes.json carry the safety results."""
-    import yaml
-
     write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
-    spec = {
-        "model": {"source": str(tiny_model)},
-        "input": {"uri": str(tmp_path / "in")},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "sweep": {"seeds": 2},
-        "output": {"uri": str(tmp_path / "out"), "samples_per_shard": 4},
-        "safety": {
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        generation=TINY_GENERATION,
+        sweep={"seeds": 2},
+        output={"samples_per_shard": 4},
+        safety={
             "detector": "nsfw-detector",
             "model": tiny_detectors["nsfw-detector", "everything"],
             "action": "quarantine",
             "threshold": 0.9,
         },
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    )
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("run", str(tmp_path / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     job = json.loads((tmp_path / "out" / "_job.json").read_text())
@@ -407,9 +408,12 @@ def test_cli_job_records_safety_provenance(tiny_detectors, tiny_model, tmp_path)
 
 def test_missing_detector_weights_refuse_the_job_before_any_gpu(tmp_path, tiny_model):
     write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
-    (tmp_path / "job.yaml").write_text(
-        f"model: {{source: {tiny_model}}}\ninput: {{uri: {tmp_path / 'in'}}}\noutput: {{uri: {tmp_path / 'out'}}}\n"
+    spec = spec_dict(  # no safety section: the default detector, without its weights
+        model={"source": str(tiny_model)},
+        input={"uri": str(tmp_path / "in")},
+        output={"uri": str(tmp_path / "out")},
     )
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("run", str(tmp_path / "job.yaml"), env={"RAY_ADDRESS": ""})
     assert out.returncode == 1
     assert "safety.detector='nsfw-detector' needs safety.model" in out.stderr

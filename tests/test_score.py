@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import REPO, run_cli, write_prompts
+from helpers import REPO, TINY_GENERATION, job_dict, run_cli, write_prompts, write_spec
 
 EXAMPLE = REPO / "jobs" / "examples" / "sd2_model_card_eval.yaml"
 PROMPTS = [
@@ -55,19 +55,17 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, tiny_model):
     """A real dataset: 5 prompts x 2 seeds x 2 guidance scales through `sdfleet run` on a local Ray."""
-    import yaml
-
     tmp = tmp_path_factory.mktemp("score-job")
     write_prompts(tmp / "in" / "p.parquet", PROMPTS)
-    spec = {
-        "model": {"source": str(tiny_model)},
-        "input": {"uri": str(tmp / "in")},
-        "generation": {"num_inference_steps": 2, "width": 64, "height": 64},
-        "sweep": {"seeds": 2, "axes": {"guidance_scale": SCALES}},
-        "output": {"uri": str(tmp / "out"), "image_format": "png", "samples_per_shard": 12},
-        "safety": {"detector": "none"},
-    }
-    (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
+    spec = job_dict(
+        tiny_model,
+        tmp / "in",
+        tmp / "out",
+        generation=TINY_GENERATION,
+        sweep={"seeds": 2, "axes": {"guidance_scale": SCALES}},
+        output={"image_format": "png", "samples_per_shard": 12},
+    )
+    write_spec(tmp, spec, "job.yaml")
     out = run_cli("run", str(tmp / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp / "out"
@@ -154,6 +152,32 @@ def test_fid_of_the_reference_against_itself_is_zero(scorers, reference):
     fid.update(images, real=True)
     fid.update(images // 3, real=False)  # the same pictures, much darker, are further away
     assert float(fid.compute()) > 0.01
+
+
+def test_clip_scorer_and_the_plot_work_outside_a_job(scorers):
+    """The fast tier's look at score's CLIP scorer and plot (the tests that score a job are slow)."""
+    from sdfleet.jobs.score.clip import ClipScorer
+    from sdfleet.jobs.score.plot import plot_fid_vs_clip
+
+    scorer = ClipScorer(scorers["clip"], "cpu")
+    assert scorer.info["source"] == scorers["clip"] and scorer.info["params"] > 0
+    images = [Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (30, 220)]
+    scores = scorer.scores([scorer.pixel_values(im) for im in images], ["a cat", "a dog"])
+    assert len(scores) == 2 and all(math.isfinite(s) and 0.0 <= s <= 100.0 for s in scores)
+    summary = {
+        "job_name": "plot-check",
+        "clip_model": {"source": scorers["clip"]},
+        "fid": {"reference_images": 6},
+        "notes": ["tiny models: the figures mean nothing"],
+        "figures_meaningful": False,
+    }
+    points = [
+        {"guidance_scale": g, "clip_score_mean": c, "fid": f}
+        for g, c, f in ((1.5, 20.0, 90.0), (7.5, 25.0, 80.0))
+    ]
+    png = plot_fid_vs_clip(points, ["guidance_scale"], summary)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(png)).info["Description"] == summary["notes"][0]
 
 
 def test_real_inception_loads_published_parameter_names_and_flags_random_weights(tmp_path):

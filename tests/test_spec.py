@@ -1,5 +1,6 @@
 import pytest
 
+from helpers import spec_dict
 from sdfleet.schemas.fingerprint import diff_fingerprint_fields
 from sdfleet.schemas.loading import apply_override
 from sdfleet.schemas.spec import JobSpec, SpecError, load_spec, parse_spec
@@ -8,10 +9,7 @@ BASE = {"input": {"uri": "s3://b/prompts/"}, "output": {"uri": "s3://b/out/"}}
 
 
 def spec_with(**sections) -> dict:
-    data = {k: dict(v) for k, v in BASE.items()}
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return data
+    return spec_dict(BASE, **sections)
 
 
 def error_of(data) -> str:

@@ -13,12 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image, ImageOps
 
-from helpers import run_cli, write_spec
-
-pytestmark = pytest.mark.slow
+from helpers import job_dict, run_cli, write_spec
 
 # Real photographs from scikit-image's package, cut to the tiny models' sizes.
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -61,16 +58,17 @@ def run_job(tmp_path, s3, address, model, task, table, extra_files=(), **section
     for name, data in dict(extra_files).items():
         s3.pipe(f"{prefix}/{name}", data)
     out = f"{s3.bucket}/out-{uuid.uuid4().hex[:6]}"
-    spec = {
-        "name": f"task-{task}",
-        "model": {"source": str(model), "task": task, "scheduler": "EulerDiscreteScheduler"},
-        "input": {"uri": f"s3://{prefix}/"},
-        "generation": {"num_inference_steps": 3},
-        "sweep": {"seeds": 2},
-        "output": {"uri": f"s3://{out}", "image_format": "png", "samples_per_shard": 4},
-        "safety": {"detector": "none"},
-        "resources": {"batch_size": 2, "max_workers": 2},
-    }
+    spec = job_dict(
+        model,
+        f"s3://{prefix}/",
+        f"s3://{out}",
+        name=f"task-{task}",
+        model={"task": task, "scheduler": "EulerDiscreteScheduler"},
+        generation={"num_inference_steps": 3},
+        sweep={"seeds": 2},
+        output={"image_format": "png", "samples_per_shard": 4},
+        resources={"batch_size": 2, "max_workers": 2},
+    )
     done = run_cli(
         "run", str(write_spec(tmp_path, spec, **sections)), "--address", address, "--no-progress"
     )
@@ -149,6 +147,7 @@ def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------- 768-v
 
 
+@pytest.mark.slow
 def test_768_v_makes_its_own_size_and_keeps_v_prediction(tmp_path, family, s3, ray_cluster):
     """No width or height in the spec: the checkpoint's size (96 for the tiny 768-style model);
     Euler from the checkpoint's config keeps prediction_type=v_prediction."""
@@ -214,6 +213,7 @@ TASK_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(TASK_CASES))
 def test_image_task_rows_regenerate_with_plain_diffusers(task, tmp_path, family, s3, ray_cluster):
     variant, pipeline_class, side, uris, axes = TASK_CASES[task]
@@ -261,6 +261,7 @@ def bomb() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_bad_input_images_fail_their_rows_and_the_job_goes_on(tmp_path, family, s3, ray_cluster):
     good = png(photo("astronaut", 64))
     other = f"sdfleet-other-{uuid.uuid4().hex[:8]}"
@@ -373,17 +374,12 @@ def test_a_checkpoint_that_does_not_fit_the_task_is_refused_before_any_worker(
         ),
     ]
     for task, model, needs, found in cases:
-        spec = {
-            "model": {"source": str(model), "task": task},
-            "input": {"uri": str(tmp_path / "in")},
-            "output": {"uri": str(tmp_path / "out")},
-            "safety": {"detector": "none"},
-        }
+        spec = job_dict(model, tmp_path / "in", tmp_path / "out", model={"task": task})
         if task != "text-to-image":
             spec["input"]["image_column"] = "image"
         if task == "inpaint":
             spec["input"]["mask_column"] = "mask"
-        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        write_spec(tmp_path, spec, "job.yaml")
         out = run_cli("plan", str(tmp_path / "job.yaml"))
         assert out.returncode == 1, (task, out.stdout)
         assert needs in out.stderr and found in out.stderr, out.stderr
@@ -446,6 +442,7 @@ def test_local_uris_stay_inside_the_input_folder(tmp_path):
 # --------------------------------------------------------- an earlier output as the input: two jobs
 
 
+@pytest.mark.slow
 def test_two_stage_example_upscales_the_first_jobs_ok_images(tmp_path, family, s3, ray_cluster):
     """jobs/examples' pair at tiny size: 32² text-to-image, then the x4 upscaler over its ok images;
     the second job's rows point at the first's keys, and rerunning it generates nothing."""
@@ -552,13 +549,10 @@ def test_an_unfinished_output_is_not_an_input(tmp_path, family, s3):
         b'{"fingerprint": "x", "num_shards": 2, "num_samples": 4, '
         b'"key_width": 5, "spec": {"name": "stage1"}}',
     )
-    spec = {
-        "model": {"source": str(family["upscale"]), "task": "upscale"},
-        "input": {"uri": f"s3://{s3.bucket}/src"},
-        "output": {"uri": str(tmp_path / "out")},
-        "safety": {"detector": "none"},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    spec = job_dict(
+        family["upscale"], f"s3://{s3.bucket}/src", tmp_path / "out", model={"task": "upscale"}
+    )
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert (
         out.returncode == 1
@@ -568,7 +562,7 @@ def test_an_unfinished_output_is_not_an_input(tmp_path, family, s3):
     spec["input"] = {"uri": str(tmp_path / "in")}
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["x"]}), tmp_path / "in" / "p.parquet")
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 1 and "model.task=upscale needs input.image_column" in out.stderr, (
         out.stderr
@@ -583,13 +577,7 @@ def test_a_checkpoint_whose_configs_do_not_parse_is_refused_by_the_driver(tmp_pa
     (broken / "unet" / "config.json").write_text("{ this is not json")
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["x"]}), tmp_path / "in" / "p.parquet")
-    spec = {
-        "model": {"source": str(broken)},
-        "input": {"uri": str(tmp_path / "in")},
-        "output": {"uri": str(tmp_path / "out")},
-        "safety": {"detector": "none"},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    write_spec(tmp_path, job_dict(broken, tmp_path / "in", tmp_path / "out"), "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert (
         out.returncode == 1
