@@ -139,7 +139,7 @@ class Head:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not iterable
         except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
             raise ModelLoadError(
                 f"{what} {path} is not a readable safetensors file: {first_line(e)}"

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from sdfleet.actors.batching import CPU_AUTO_BATCH, BatchSizer, SampleFailed
-from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.actors.model_cache import local_copy
+from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.samples import GenerationParams
@@ -124,7 +124,6 @@ class Engine:
         # transformers warns at import about optional vision backends the pipeline never uses.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import diffusers
-
         import transformers
 
         diffusers.utils.logging.disable_progress_bar()
@@ -142,7 +141,7 @@ class Engine:
                 use_safetensors=True,
                 **{dtype_keyword(diffusers.__version__): getattr(torch, self.dtype)},
             )
-        except Exception as e:  # noqa: BLE001 -- a checkpoint that does not load never will on a retry
+        except Exception as e:
             raise ModelLoadError(
                 f"cannot load model.source {model.source}: {type(e).__name__}: {first_line(e)}"
             ) from e

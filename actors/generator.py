@@ -277,7 +277,7 @@ class ShardGenerator:
         return Outcome.judged(self.judge, Evidence(made=False, error=error))
 
     def _rows(self, shard: ShardInput, outcomes: list[Outcome]) -> list[dict[str, Any]]:
-        created_at = dt.datetime.now(dt.timezone.utc)
+        created_at = dt.datetime.now(dt.UTC)
         provenance = self._provenance()
         return [
             build_row(s, o, created_at, shard.tokens, provenance)

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from sdfleet.actors.storage import Storage
-from sdfleet.schemas.locations import check_inside
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError
-from sdfleet.schemas.locations import input_folder, is_remote
+from sdfleet.schemas.locations import check_inside, input_folder, is_remote
 from sdfleet.schemas.samples import InputImage
 
 

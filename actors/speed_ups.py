@@ -116,9 +116,8 @@ class CompiledWarmUp:
                 log.warning(
                     "out of GPU memory while compiling; going on with batch %d", engine.batch_size
                 )
-            except (
-                Exception
-            ) as e:  # torch raises many kinds (BackendCompilerFailed, InductorError, ...)
+            # torch raises many kinds here (BackendCompilerFailed, InductorError, ...)
+            except Exception as e:  # noqa: BLE001 -- any compile failure falls back to eager
                 self._fall_back(e, eager)
                 return WarmUp(seconds, status)
 

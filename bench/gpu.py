@@ -193,7 +193,7 @@ def main() -> None:
                 for p, s in zip(prompts, seeds)
             ]
 
-            def run_plain():
+            def run_plain(seeds=seeds, prompts=prompts, n_steps=n_steps):
                 gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
                 out = plain(
                     prompts,
@@ -206,7 +206,7 @@ def main() -> None:
                 ).images
                 return (out * 255).round().astype(np.uint8)
 
-            def run_engine():
+            def run_engine(params=params, batch=batch):
                 return np.stack(next(iter(engine.generate(params, batch)))[1])
 
             timings = {}
@@ -223,7 +223,10 @@ def main() -> None:
                 timings[label] = (batch / (time.perf_counter() - t0), images, warm)
             (p_ips, p_img, _), (e_ips, e_img, e_warm) = timings["plain"], timings["engine"]
             flops = SD2.tflop_per_image(size, size, n_steps, guidance_scale=7.5)
-            mfu = lambda ips: f"{100 * ips * flops / peak:8.1f}%" if peak else "     n/a"
+
+            def mfu(ips, flops=flops):
+                return f"{100 * ips * flops / peak:8.1f}%" if peak else "     n/a"
+
             diff = int(np.abs(p_img.astype(int) - e_img.astype(int)).max())
             print(
                 f"{n_steps:5d} {batch:5d} {p_ips:11.3f} {e_ips:13.3f} {e_ips / p_ips:6.2f} {mfu(p_ips):>9} "

@@ -146,7 +146,7 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
                 )
             except huggingface_hub.errors.EntryNotFoundError:
                 return {}
-            except Exception as e:  # noqa: BLE001 -- the hub's network errors are not OSErrors
+            except Exception as e:
                 raise OSError(
                     f"the hub did not give it: {type(e).__name__}: {first_line(e)}"
                 ) from e

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         return _dispatch(args)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- every error becomes one line (a traceback with -v)
         from sdfleet.jobs.run import Interrupted
 
         if isinstance(e, Interrupted):

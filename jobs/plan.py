@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,11 +23,14 @@ from sdfleet.schemas.samples import sweep_points
 from sdfleet.schemas.spec import JobSpec
 from sdfleet.schemas.tasks import TASKS
 
+if TYPE_CHECKING:  # numpy loads where ids are hashed, not on the CLI's import path
+    import numpy as np
+
 # Ids hashed at a time: the byte-wise temporaries stay a few MB whatever the input's size.
 ID_BATCH_ROWS = 65536
 
 
-def id_hashes(ids: pa.Array, first_row: int) -> "np.ndarray":
+def id_hashes(ids: pa.Array, first_row: int) -> np.ndarray:
     """A 64-bit hash of each string, vectorized: each byte times a fixed 64-bit weight for its
     position, summed per string (mod 2^64), with the length, then mixed. A null id gets a value
     from its row instead, so nulls never repeat each other. Collisions are possible, if rare:
@@ -65,7 +68,7 @@ def id_hashes(ids: pa.Array, first_row: int) -> "np.ndarray":
     return _mix64(h)
 
 
-def _mix64(x: "np.ndarray") -> "np.ndarray":
+def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer: every input bit moves every output bit (uint64 arithmetic wraps)."""
     import numpy as np
 

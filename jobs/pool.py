@@ -396,6 +396,7 @@ def choose_worker_kind(plan: Plan, embedded: bool) -> WorkerKind:
 def _failure(slot: Slot, task: Any, ref: Any, e: BaseException) -> PoolEvent:
     """A shard's call that raised: its actor died, was preempted, or the call itself failed."""
     import ray
+
     from sdfleet.actors.generator import Preempted
 
     if isinstance(e, ray.exceptions.RayActorError):

@@ -40,9 +40,9 @@ from sdfleet.jobs.finalize import dataset_card
 from sdfleet.jobs.output import OutputReader, Survey
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import SpecError, UserError
+from sdfleet.schemas.fingerprint import diff_fingerprint_fields
 from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats
 from sdfleet.schemas.plan import Plan
-from sdfleet.schemas.fingerprint import diff_fingerprint_fields
 
 log = logging.getLogger("sdfleet")
 

@@ -66,27 +66,37 @@ def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathl
     Seeding before each component keeps the weights byte-identical across runs,
     so cached fixtures and checksums stay valid.
     """
-    import diffusers
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        PNDMScheduler,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     if variant not in TINY_SD2_VARIANTS:
         raise ValueError(f"variant {variant!r} is not one of {', '.join(TINY_SD2_VARIANTS)}")
     tokenizer = clip_tokenizer()
     hidden = 32
+    # 1. The components, each from seed 0.
+    unet = _tiny_sd2_unet(variant, hidden)
+    vae = _tiny_sd2_vae(variant)
+    text_encoder = _tiny_sd2_text_encoder(tokenizer, hidden)
+    parts = dict(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_tiny_sd2_scheduler(variant),
+    )
+    # 2. The variant's pipeline class around them, saved as safetensors.
+    pipe = _tiny_sd2_pipeline(variant, parts)
+    out = pathlib.Path(path)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _tiny_sd2_unet(variant: str, hidden: int):
+    import torch
+    from diffusers import UNet2DConditionModel
+
     # UNet input channels: 4 latent channels, plus the masked image's latents and the mask (inpaint),
     # the depth map (depth), or the low-resolution RGB image (upscale).
     in_channels = {"inpaint": 9, "depth": 5, "upscale": 7}.get(variant, 4)
-
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size={"768-v": 12, "upscale": 16}.get(variant, 8),
         in_channels=in_channels,
         out_channels=4,
@@ -102,11 +112,16 @@ def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathl
         num_class_embeds=1000 if variant == "upscale" else None,
     )
 
+
+def _tiny_sd2_vae(variant: str):
+    import torch
+    from diffusers import AutoencoderKL
+
     torch.manual_seed(0)
     # Four blocks -> three downsamples -> scale factor 8, as in SD, so 64x64 images map to the
     # UNet's 8x8 latents; the x4 upscaler's VAE has three (scale factor 4) and its own scaling.
     blocks = 3 if variant == "upscale" else 4
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=(8, 8, 16, 16)[:blocks],
         down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks,
@@ -119,8 +134,13 @@ def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathl
         scaling_factor=0.08333 if variant == "upscale" else 0.18215,
     )
 
+
+def _tiny_sd2_text_encoder(tokenizer, hidden: int):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
+    return CLIPTextModel(
         CLIPTextConfig(
             hidden_size=hidden,
             intermediate_size=37,
@@ -136,6 +156,10 @@ def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathl
         )
     )
 
+
+def _tiny_sd2_scheduler(variant: str):
+    from diffusers import DDIMScheduler, PNDMScheduler
+
     # SD2-base's shipped scheduler config (its model card swaps in Euler at
     # run time; the repo itself holds PNDM/PLMS). Built via from_config because
     # SD's config carries clip_sample, which PNDM's constructor does not accept.
@@ -150,43 +174,40 @@ def write_tiny_pipeline(path: str | os.PathLike, variant: str = "base") -> pathl
         clip_sample=False,
     )
     if variant in ("768-v", "upscale"):
-        scheduler = DDIMScheduler.from_config({**schedule, "prediction_type": "v_prediction"})
-    else:
-        scheduler = PNDMScheduler.from_config(
-            {**schedule, "prediction_type": "epsilon", "skip_prk_steps": True}
-        )
-
-    parts = dict(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+        return DDIMScheduler.from_config({**schedule, "prediction_type": "v_prediction"})
+    return PNDMScheduler.from_config(
+        {**schedule, "prediction_type": "epsilon", "skip_prk_steps": True}
     )
+
+
+def _tiny_sd2_pipeline(variant: str, parts: dict):
+    import diffusers
+    from diffusers import DDPMScheduler
+
     if variant in ("base", "768-v", "inpaint"):
         cls = {"inpaint": diffusers.StableDiffusionInpaintPipeline}.get(
             variant, diffusers.StableDiffusionPipeline
         )
-        pipe = cls(
+        return cls(
             **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
-    elif variant == "depth":
-        pipe = diffusers.StableDiffusionDepth2ImgPipeline(**parts, **_tiny_depth_estimator())
-    else:
-        # The upscaler noises its low-resolution input with a DDPM schedule, up to max_noise_level.
-        low_res = DDPMScheduler(
-            num_train_timesteps=1000,
-            beta_schedule="scaled_linear",
-            beta_start=0.0001,
-            beta_end=0.02,
-        )
-        pipe = diffusers.StableDiffusionUpscalePipeline(
-            **parts,
-            low_res_scheduler=low_res,
-            safety_checker=None,
-            feature_extractor=None,
-            watermarker=None,
-            max_noise_level=350,
-        )
-    out = pathlib.Path(path)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    if variant == "depth":
+        return diffusers.StableDiffusionDepth2ImgPipeline(**parts, **_tiny_depth_estimator())
+    # The upscaler noises its low-resolution input with a DDPM schedule, up to max_noise_level.
+    low_res = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+    )
+    return diffusers.StableDiffusionUpscalePipeline(
+        **parts,
+        low_res_scheduler=low_res,
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        max_noise_level=350,
+    )
 
 
 def _tiny_depth_estimator() -> dict:

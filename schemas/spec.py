@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -94,7 +94,7 @@ SWEEPABLE = tuple(k for k in SWEEP_COORDINATES if k != "seed")
 
 
 class SweepSpec(_Section):
-    seeds: Union[int, list[int]] = 1
+    seeds: int | list[int] = 1
     base_seed: int = 0
     axes: dict[str, list[Any]] = Field(default_factory=dict)
 

@@ -17,6 +17,7 @@ worker node's processes alone can be killed, as when its machine dies.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -149,10 +150,8 @@ def _alive(pid: int) -> bool:
 
 def _signal(pids, sig: int) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def make_temp_dir(prefix: str = "sdf-ray-") -> Path:
@@ -357,10 +356,8 @@ def start_head(
 
 
 def _stop_quietly(head: Head) -> None:
-    try:
+    with contextlib.suppress(Exception):
         head.stop()
-    except Exception:
-        pass
 
 
 class Sampler(threading.Thread):

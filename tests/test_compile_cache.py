@@ -9,13 +9,12 @@ import sys
 
 import pytest
 
+from helpers import REPO
 from sdfleet.actors.compile_cache import CompileCache
 from sdfleet.actors.engine import Engine
 from sdfleet.actors.speed_ups import CompiledWarmUp
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.spec import EngineSpec, ModelSpec
-
-from helpers import REPO
 
 OFF = dict(channels_last=False, fuse_qkv=False, uint8_on_device=False)
 

@@ -53,7 +53,6 @@ def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(
 ):
     import faiss
     import pyarrow.parquet as pq
-
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
@@ -118,7 +117,7 @@ def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(
     )
     np.testing.assert_allclose(got["punsafe"], numpy_head(scorers["nsfw"], embeds), atol=1e-4)
     assert len(set(got["clip_score"].round(3))) == 8  # a score per image, not one per shard
-    assert 0 <= got["punsafe"].min() and got["punsafe"].max() <= 1
+    assert got["punsafe"].min() >= 0 and got["punsafe"].max() <= 1
 
     stats = yaml.safe_load((tmp_path / "out" / "00000_stats.json").read_text())
     assert set(stats["curation_models_sha256"]) == {"clip_model", "aesthetic_model", "nsfw_model"}
@@ -187,7 +186,7 @@ def test_a_head_without_its_clip_model_is_a_spec_error():
     from sdfleet.schemas.errors import SpecError
     from sdfleet.schemas.spec import parse_spec
 
-    with pytest.raises(SpecError, match="curation.aesthetic_model reads CLIP image embeddings"):
+    with pytest.raises(SpecError, match=r"curation.aesthetic_model reads CLIP image embeddings"):
         parse_spec(
             {
                 "input": {"uri": "x"},
@@ -354,7 +353,7 @@ def test_best_of_n_keeps_the_first_k_passing_candidates_in_seed_order(
     assert set(want.values()) == {"ok", "rejected", "duplicate", "skipped"}, want
     # Some prompt needed a later round: a slot past the first k kept.
     assert any(want[pid, s] == "ok" for pid in ids for s in range(k, m))
-    for (pid, slot), r in got.items():
+    for (pid, _slot), r in got.items():
         if r["status"] == "rejected":
             assert r["rejected_by"] == "min_clip_score" and r["clip_score"] < min_clip
         if r["status"] == "duplicate":
@@ -521,7 +520,7 @@ def test_laion_clip_nsfw_needs_the_clip_model_and_a_safetensors_head(tmp_path, t
     from sdfleet.schemas.spec import parse_spec
 
     with pytest.raises(
-        SpecError, match="safety.detector=laion-clip-nsfw reads the CLIP image embedding"
+        SpecError, match=r"safety.detector=laion-clip-nsfw reads the CLIP image embedding"
     ):
         parse_spec(
             {

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
+
 from sdfleet.actors.storage import Storage
 from sdfleet.jobs.dispatch import Dispatcher, WorkerStartError
 from sdfleet.jobs.pool import (

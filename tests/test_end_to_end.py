@@ -154,8 +154,8 @@ def test_tars_open_with_webdataset_and_match_the_parquet(job, tmp_path):
 
 
 def test_images_match_plain_diffusers(job, tiny_model):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     s3, out = job["s3"], f"{job['bucket']}/out/run1"
     rows = read_rows(s3, out)
@@ -268,7 +268,7 @@ def test_openclip_pandas_and_datasets_read_the_output(job, tmp_path):
     s3, out = job["s3"], f"{job['bucket']}/out/run1"
     s3.get(f"{out}/", str(tmp_path), recursive=True)
     tars = sorted(glob.glob(str(tmp_path / "*.tar")))
-    sizes = json.load(open(tmp_path / "sizes.json"))
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
     assert (
         sum(int(sizes[os.path.basename(t)]) for t in tars) == SAMPLES
     )  # open_clip's get_dataset_size

@@ -166,9 +166,9 @@ def test_pickle_only_checkpoint_is_refused(tiny_model, tmp_path):
     for f in folder.rglob("*.safetensors"):
         f.with_suffix(".bin").write_bytes(b"pickle would run code here")
         f.unlink()
-    with pytest.raises(ModelLoadError, match="only pickle weights.*safetensors only"):
+    with pytest.raises(ModelLoadError, match=r"only pickle weights.*safetensors only"):
         check_model_source(ModelSpec(source=str(folder)))
-    with pytest.raises(ModelLoadError, match="cannot load model.source"):
+    with pytest.raises(ModelLoadError, match=r"cannot load model.source"):
         Engine(ModelSpec(source=str(folder)))
 
 
@@ -176,7 +176,7 @@ def test_missing_local_model_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         check_model_source(ModelSpec(source=str(tmp_path / "nowhere")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="without model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"without model_index.json"):
         check_model_source(ModelSpec(source=str(tmp_path / "empty")))
 
 
@@ -325,7 +325,7 @@ def test_a_failing_compiler_leaves_compile_auto_eager_and_fails_compile_on(
     ref = plain_diffusers(tiny_model, p, EulerDiscreteScheduler)
     assert np.abs(run(engine, [p])[0].astype(int) - ref.astype(int)).max() <= 2
     with pytest.raises(
-        ModelLoadError, match="engine.compile=on: torch.compile failed: .*no working C compiler"
+        ModelLoadError, match=r"engine.compile=on: torch.compile failed: .*no working C compiler"
     ):
         Engine(
             model,

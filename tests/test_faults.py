@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -616,7 +617,7 @@ def test_slow_uploads_overlap_the_next_shards_generation(
         assert len({s["worker_id"] for s in stats}) == 1
         # The second shard read its prompts while the first one was generating ...
         assert stats[1]["started_ts"] < stats[0]["generate_finished_ts"]
-        for before, after in zip(stats, stats[1:]):
+        for before, after in itertools.pairwise(stats):
             # ... every shard had the pipeline to itself ...
             assert after["generate_started_ts"] >= before["generate_finished_ts"]
             # ... and started generating before the shard ahead of it had finished uploading.

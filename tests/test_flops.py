@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "bench"))

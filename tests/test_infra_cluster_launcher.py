@@ -144,7 +144,6 @@ def test_autoscaler_launches_only_the_chosen_gpu_type(cluster_yaml):
         _default_utilization_scorer,
         get_nodes_for,
     )
-
     from ray.autoscaler._private.util import prepare_config
 
     prepared = prepare_config(copy.deepcopy(cluster_yaml))
@@ -187,7 +186,7 @@ def test_cluster_yaml_containers_get_sdfleet_a_model_cache_the_specs_and_an_inst
     mounted = {remote: REPO / local for remote, local in cluster_yaml["file_mounts"].items()}
     assert mounted["/home/ray/specs"] == AWS_SPEC.parent
     # Worker profiles: the head's autoscaler passes them to new instances.
-    for name, t in gpu_node_types(cluster_yaml).items():
+    for _name, t in gpu_node_types(cluster_yaml).items():
         assert t["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
 
 

@@ -26,9 +26,14 @@ CRON_FIELDS = [
     (
         1,
         12,
-        {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
+        {
+            m: i + 1
+            for i, m in enumerate(
+                ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+            )
+        },
     ),
-    (0, 7, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}),
+    (0, 7, {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])}),
 ]
 
 

@@ -105,9 +105,9 @@ def test_installed_package_imports_and_its_command_runs(installed, tmp_path):
 
 def test_ray_ships_the_package_under_its_own_name(tmp_path):
     """What the driver hands Ray's py_modules is a folder named `sdfleet` that imports on its own."""
-    from sdfleet.jobs.pool import staged_package
-
     import shutil
+
+    from sdfleet.jobs.pool import staged_package
 
     stage = staged_package()
     try:

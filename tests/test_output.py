@@ -270,12 +270,12 @@ def test_survey_is_complete_only_when_the_committed_samples_are_the_planned_ones
 
 def test_survey_names_a_record_it_cannot_read(output):
     output.storage.write_json(layout.stats_file("00001"), {"samples": 2})
-    with pytest.raises(StorageError, match="00001_stats.json is not a valid ShardStats record"):
+    with pytest.raises(StorageError, match=r"00001_stats.json is not a valid ShardStats record"):
         output.survey()
 
 
 def test_a_folder_without_a_job_record_is_not_an_output(tmp_path):
-    with pytest.raises(NotAnOutput, match="_job.json"):
+    with pytest.raises(NotAnOutput, match=r"_job.json"):
         OutputReader(Storage(str(tmp_path))).survey()
 
 
@@ -325,7 +325,7 @@ def test_finalizer_refuses_a_parquet_whose_footer_disagrees_with_its_stats(outpu
     for shard in SAMPLES_PER_SHARD:
         write_shard(output, shard, parquet_rows=1 if shard == "00001" else None)
     assert pq.read_metadata(output.storage.path("00001.parquet")).num_rows == 1
-    with pytest.raises(IncompleteOutput, match="00001.parquet has 1 rows but its stats say 2"):
+    with pytest.raises(IncompleteOutput, match=r"00001.parquet has 1 rows but its stats say 2"):
         Finalizer(output).finalize()
     assert not any(completion_files(output.storage).values())
 

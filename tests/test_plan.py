@@ -239,9 +239,9 @@ def test_plan_estimates_gpu_hours_and_cost(tmp_path):
     assert over["sustained_tflops"] == 160.0 and over["cost_usd"] is None
     from sdfleet.schemas.spec import SpecError
 
-    with pytest.raises(SpecError, match="resources.gpu_type='b200' is not in gpu_throughput.yaml"):
+    with pytest.raises(SpecError, match=r"resources.gpu_type='b200' is not in gpu_throughput.yaml"):
         estimate(Planner(spec_for(tmp_path, resources={"gpu_type": "b200"})).plan())
-    with pytest.raises(SpecError, match="budget_usd=5.0 needs resources.gpu_hour_usd"):
+    with pytest.raises(SpecError, match=r"budget_usd=5.0 needs resources.gpu_hour_usd"):
         spec_for(tmp_path, resources={"budget_usd": 5})
 
 

@@ -15,8 +15,8 @@ from PIL import Image
 
 from helpers import TINY_GENERATION, job_dict, run_cli, spec_dict, write_prompts, write_spec
 from sdfleet.actors.generator import ShardGenerator
-from sdfleet.actors.safety import UnsafeModelError, load_detector
 from sdfleet.actors.model_cache import weights_sha256
+from sdfleet.actors.safety import UnsafeModelError, load_detector
 from sdfleet.jobs.plan import Planner
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.spec import SafetySpec, parse_spec
@@ -110,7 +110,7 @@ def test_nsfw_detector_scores_are_the_packages_own(tiny_detectors):
 
 def test_bad_safety_settings_are_named(tiny_detectors):
     with pytest.raises(
-        ValueError, match="safety.unsafe_classes has 'nude'.*drawings, hentai, neutral, porn, sexy"
+        ValueError, match=r"safety.unsafe_classes has 'nude'.*drawings, hentai, neutral, porn, sexy"
     ):
         load_detector(
             SafetySpec(
@@ -120,9 +120,9 @@ def test_bad_safety_settings_are_named(tiny_detectors):
             ),
             "cpu",
         )
-    with pytest.raises(SpecError, match="safety.detector='clip-checker' needs safety.model"):
+    with pytest.raises(SpecError, match=r"safety.detector='clip-checker' needs safety.model"):
         SafetySpec(detector="clip-checker").check_runnable()
-    with pytest.raises(SpecError, match="safety.unsafe_classes"):
+    with pytest.raises(SpecError, match=r"safety.unsafe_classes"):
         parse_spec(
             {"input": {"uri": "x"}, "output": {"uri": "y"}, "safety": {"unsafe_classes": []}}
         )
@@ -331,7 +331,7 @@ def test_quarantine_moves_every_flagged_image_aside(tiny_detectors, tiny_model, 
 
 
 def test_blackout_writes_black_images(tiny_detectors, tiny_model, tmp_path):
-    stats, rows, images = generate_shard(
+    _stats, rows, images = generate_shard(
         tmp_path,
         tiny_model,
         {

@@ -217,7 +217,7 @@ def test_real_inception_loads_published_parameter_names_and_flags_random_weights
     save_file(tiny, str(tmp_path / "other.safetensors"))
     with pytest.raises(
         ValueError,
-        match="does not fit the inception-v3-fid network.*Conv2d_1a_3x3.*conv1.conv.weight",
+        match=r"does not fit the inception-v3-fid network.*Conv2d_1a_3x3.*conv1.conv.weight",
     ):
         load_feature_extractor(str(tmp_path / "other.safetensors"))
     (tmp_path / "weights.pth").write_bytes(b"not read")
@@ -266,7 +266,7 @@ def test_score_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
     from sdfleet.jobs.cli import main
     from sdfleet.jobs.score import ScoreError, run_score
 
-    with pytest.raises(ScoreError, match="needs both --reference .* and --fid-weights"):
+    with pytest.raises(ScoreError, match=r"needs both --reference .* and --fid-weights"):
         run_score(str(tmp_path), "no-such-clip", str(tmp_path), device="cpu")
     with pytest.raises(ScoreError, match="--out"):
         run_score(str(tmp_path), "no-such-clip", None, out="../elsewhere", device="cpu")

@@ -67,6 +67,7 @@ def test_tiny_sdxl_generates_with_plain_diffusers(tiny_sdxl):
 
 def _plan(tmp_path, source, generation: dict):
     import yaml
+
     from helpers import run_cli, write_prompts
 
     write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"])
@@ -108,6 +109,7 @@ def test_plan_of_an_sd2_checkpoint_names_sd2(tmp_path, tiny_model):
 
 def test_plan_refuses_a_task_sdxl_has_no_pipeline_for(tmp_path, tiny_sdxl):
     import yaml
+
     from helpers import run_cli, write_prompts
 
     write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"], image=[b"png", b"png"])

@@ -108,7 +108,7 @@ def test_override_errors_name_the_assignment():
         apply_override({}, "generation.guidance_scale")
     with pytest.raises(SpecError, match="not a section"):
         apply_override({"name": "x"}, "name.sub=1")
-    with pytest.raises(SpecError, match="generation.guidance_scale='high'"):
+    with pytest.raises(SpecError, match=r"generation.guidance_scale='high'"):
         data = spec_with()
         apply_override(data, "generation.guidance_scale=high")
         parse_spec(data)
