@@ -41,7 +41,7 @@ from sdfleet.actors.selection import BestOfN
 from sdfleet.actors.storage import Storage
 from sdfleet.actors.writer import ShardWriter, Spooled, encode_image, publish_committed
 from sdfleet.schemas import layout
-from sdfleet.schemas.errors import UserError
+from sdfleet.schemas.errors import Preempted, UserError
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.samples import Sample, resolve_params
@@ -52,11 +52,6 @@ log = logging.getLogger("sdfleet")
 # predict() builds an input pipeline per call) and holds the GIL for part of it; 16 images amortize
 # that while still overlapping the next pipeline batch. Measured with bench/overhead.py.
 POST_BATCH = 16
-
-
-class Preempted(RuntimeError):
-    """The worker got a termination notice (SIGTERM): its shard is abandoned and goes back
-    uncounted."""
 
 
 @dataclass

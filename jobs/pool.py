@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdfleet.schemas.errors import UserError, first_line
+from sdfleet.schemas.errors import Preempted, UserError, first_line
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.resources import cpu_threads_per_worker
 
@@ -396,8 +396,6 @@ def choose_worker_kind(plan: Plan, embedded: bool) -> WorkerKind:
 def _failure(slot: Slot, task: Any, ref: Any, e: BaseException) -> PoolEvent:
     """A shard's call that raised: its actor died, was preempted, or the call itself failed."""
     import ray
-
-    from sdfleet.actors.generator import Preempted
 
     if isinstance(e, ray.exceptions.RayActorError):
         return PoolEvent(DIED, slot, task, summary=first_line(e), ref=ref)

@@ -45,3 +45,8 @@ class StorageNotFound(StorageError, FileNotFoundError):
 
 class StorageDenied(StorageError, PermissionError):
     """The credentials in use may not do this to that URI."""
+
+
+class Preempted(RuntimeError):
+    """The worker got a termination notice (SIGTERM): its shard is abandoned and goes back
+    uncounted. Not a user's error: the worker raises it and the driver's pool recognises it."""
