@@ -63,7 +63,12 @@ class Preflight:
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
         #    the estimate and every row name the size that is made.
-        plan = dataclasses.replace(planned, spec=self._with_checkpoint_size(checkpoint))
+        family = family_of(checkpoint.class_name)
+        plan = dataclasses.replace(
+            planned,
+            spec=self._with_checkpoint_size(checkpoint),
+            family=family.name if family else None,
+        )
         # 4. The output: empty, this job's, or a job that committed nothing.
         storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
         return CheckedPlan(plan, OutputSink(storage).judge(plan))
