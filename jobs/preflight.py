@@ -21,7 +21,7 @@ from sdfleet.jobs.checkpoint import (
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
-from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.errors import InputError, SpecError
 from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
@@ -69,6 +69,10 @@ class Preflight:
             spec=self._with_checkpoint_size(checkpoint),
             family=family.name if family else None,
         )
+        try:  # the family's own columns may clash with a passthrough column planning accepted
+            plan.output_schema()
+        except ValueError as e:
+            raise InputError(str(e)) from None
         # 4. The output: empty, this job's, or a job that committed nothing.
         storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
         return CheckedPlan(plan, OutputSink(storage).judge(plan))

@@ -202,3 +202,23 @@ def test_sdxl_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sdxl, s3, ray_
     row = three_ok(rows)[0]
     wrong = regenerate(pipe, row, original_size=(96, 128), negative_original_size=(96, 128))
     assert np.abs(images[row["key"]].astype(int) - wrong.astype(int)).max() > 2
+
+
+def test_a_passthrough_column_named_as_an_sdxl_column_is_refused(tmp_path, tiny_sdxl):
+    """Planning checks passthrough columns against the common columns; pre-flight, once it knows
+    the checkpoint's family, against the family's own too."""
+    import yaml
+
+    from helpers import run_cli, write_prompts
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"], original_size=["x", "y"])
+    spec = {
+        "input": {"uri": str(tmp_path / "in"), "passthrough_columns": ["original_size"]},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"source": str(tiny_sdxl["base"])},
+        "safety": {"detector": "none"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "passthrough column 'original_size' clashes with an output column" in out.stderr
