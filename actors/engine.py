@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,7 +28,7 @@ from sdfleet.actors.batching import CPU_AUTO_BATCH, BatchSizer, SampleFailed
 from sdfleet.actors.model_cache import local_copy
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError, first_line
-from sdfleet.schemas.families import DEFAULT_FAMILY
+from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.schedulers import unknown_scheduler
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
@@ -70,7 +71,7 @@ class Engine:
                 )
                 self.dtype = "float32"
         self.model = model
-        # The family the driver checked the checkpoint against (the only one so far).
+        # The family whose pipeline class loads the checkpoint; once loaded, the checkpoint's own.
         self.family = DEFAULT_FAMILY
         self.task_name = getattr(model, "task", TEXT_TO_IMAGE)
         self.task = TASKS[self.task_name]
@@ -78,12 +79,15 @@ class Engine:
         # 2. The pipeline, and the size text-to-image makes when the spec gives none: the
         #    checkpoint's own.
         self.pipe = self._load(model)
-        family = self.family
+        self.family = family = family_of(type(self.pipe).__name__) or DEFAULT_FAMILY
         denoiser = getattr(self.pipe, family.denoiser, None)
         sample = getattr(denoiser, "config", {}).get("sample_size")
         self.default_size = family.native_size(sample, getattr(self.pipe, "vae_scale_factor", 8))
-        tokenizer = getattr(self.pipe, family.text_encoders[0].tokenizer, None)
-        self.tokens = TokenCounter(tokenizer, family.max_tokens)
+        # One counter per text encoder: each truncates the prompt at its own tokenizer's limit.
+        self.tokens = [
+            TokenCounter(getattr(self.pipe, encoder.tokenizer, None), encoder.max_tokens)
+            for encoder in family.text_encoders
+        ]
 
         # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
         self._base_scheduler_config = self.pipe.scheduler.config
@@ -230,6 +234,8 @@ class Engine:
             inputs["image"] = [p.image.pixels for p in batch]
         else:
             inputs.update(width=first.width, height=first.height)
+            # Explicit, as the rows record it (empty for a family without micro-conditioning).
+            inputs.update(self.size_conditioning(first))
         if task.mask:
             inputs["mask_image"] = [p.mask.pixels for p in batch]
         for key in task.parameters:
@@ -246,13 +252,42 @@ class Engine:
 
     @property
     def max_tokens(self) -> int:
-        return self.tokens.max_tokens
+        """What the first text encoder reads."""
+        return self.tokens[0].max_tokens
 
-    def count_tokens(self, prompts: Sequence[str]) -> dict[str, int]:
-        return self.tokens.count(prompts)
+    def count_tokens(self, prompts: Sequence[str]) -> dict[str, PromptTokens]:
+        """Each prompt's tokens as each of the family's text encoders sees them; a prompt that no
+        tokenizer counts is left out."""
+        counted = [counter.count(prompts) for counter in self.tokens]
+        limits = tuple(counter.max_tokens for counter in self.tokens)
+        return {
+            p: PromptTokens(tuple(c.get(p) for c in counted), limits)
+            for p in prompts
+            if any(p in c for c in counted)
+        }
+
+    def size_conditioning(self, params: GenerationParams) -> dict[str, tuple[int, int]]:
+        """The micro-conditioning `call` passes for a text-to-image sample; empty for an image
+        task (diffusers then conditions on the input's size) or a family without it."""
+        if self.task.image or params.width is None:
+            return {}
+        return self.family.size_conditioning_inputs(params.width, params.height)
 
     def scheduler_name(self, params: GenerationParams) -> str:
         return params.scheduler or self.default_scheduler
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """One prompt's tokens per text encoder of the family (None: its tokenizer did not count),
+    and what each encoder reads before it truncates."""
+
+    counts: tuple[int | None, ...]
+    limits: tuple[int, ...]
+
+    def truncated(self, encoder: int) -> bool | None:
+        n = self.counts[encoder]
+        return None if n is None else n > self.limits[encoder]
 
 
 class TokenCounter:

@@ -312,6 +312,8 @@ class ShardGenerator:
             safety_model_sha256=self.detector.model_sha256 if self.detector else None,
             unsafe_classes=self.detector.unsafe_classes if self.detector else None,
             curation_models_sha256=self.curator.models_sha256 if self.curator else None,
+            # bench/synthetic.py's stand-in engine has no micro-conditioning.
+            size_conditioning=getattr(self.engine, "size_conditioning", None),
         )
 
     def _generate(self, todo: list[Sample], ticket: int) -> Generated:

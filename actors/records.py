@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sdfleet.actors.curation import tally
-from sdfleet.actors.engine import GENERATOR_DEVICE
+from sdfleet.actors.engine import GENERATOR_DEVICE, PromptTokens
 from sdfleet.actors.judge import Outcome
 from sdfleet.schemas import layout
 from sdfleet.schemas.layout import ShardStats
@@ -23,6 +23,7 @@ from sdfleet.schemas.rows import (
     STATUS_OK,
     STATUS_REJECTED,
     STATUS_SKIPPED,
+    token_columns,
 )
 from sdfleet.schemas.samples import GenerationParams, Sample, sample_id
 
@@ -85,10 +86,16 @@ class Provenance:
     safety_model_sha256: str | None  # None without a detector
     unsafe_classes: list[str] | None
     curation_models_sha256: dict[str, str] | None  # None without curation
+    # The micro-conditioning a text-to-image sample ran with (the engine's); None: none.
+    size_conditioning: Callable[[GenerationParams], dict[str, tuple[int, int]]] | None = None
 
 
 def build_row(
-    s: Sample, o: Outcome, created_at: dt.datetime, tokens: dict[str, int], made: Provenance
+    s: Sample,
+    o: Outcome,
+    created_at: dt.datetime,
+    tokens: dict[str, PromptTokens | int],
+    made: Provenance,
 ) -> dict[str, Any]:
     """The sample's row; its key order is the tar's JSON's too."""
     spec, verdict = made.spec, o.verdict
@@ -139,14 +146,22 @@ def build_row(
     row.update(task=spec.model.task, vae_tiling=spec.engine.vae_tiling)
     _add_parameters(row, s, o, made)
     if s.params is not None:
-        n_tokens = tokens.get(s.params.prompt)
+        _add_tokens(row, tokens.get(s.params.prompt), made)
         row.update(
-            prompt_tokens=n_tokens,
-            prompt_truncated=None if n_tokens is None else n_tokens > made.max_tokens,
             sample_id=sample_id(spec.model.source, spec.model.revision, s.params, row["scheduler"]),
             prompt=s.params.prompt,
         )
     return row
+
+
+def _add_tokens(row: dict[str, Any], counted: PromptTokens | int | None, made: Provenance) -> None:
+    """prompt_tokens and prompt_truncated, and the same for each further text encoder (SDXL's
+    prompt_tokens_2); an engine with one tokenizer may count in plain ints."""
+    if counted is None or isinstance(counted, int):
+        counted = PromptTokens((counted,), (made.max_tokens,))
+    for encoder, n_tokens in enumerate(counted.counts):
+        tokens, truncated = token_columns(encoder)
+        row.update({tokens: n_tokens, truncated: counted.truncated(encoder)})
 
 
 def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance) -> None:
@@ -170,6 +185,8 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
     for name, given in (("input_image", planned.image), ("mask_image", planned.mask)):
         if given is not None:
             row.update({f"{name}_sha256": given.sha256, f"{name}_uri": given.uri})
+    if made.size_conditioning is not None and s.params is not None:
+        row.update({k: list(v) for k, v in made.size_conditioning(s.params).items()})
 
 
 def shard_stats(

@@ -21,7 +21,7 @@ from sdfleet.jobs.checkpoint import (
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
-from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.errors import InputError, SpecError
 from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
@@ -63,7 +63,16 @@ class Preflight:
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
         #    the estimate and every row name the size that is made.
-        plan = dataclasses.replace(planned, spec=self._with_checkpoint_size(checkpoint))
+        family = family_of(checkpoint.class_name)
+        plan = dataclasses.replace(
+            planned,
+            spec=self._with_checkpoint_size(checkpoint),
+            family=family.name if family else None,
+        )
+        try:  # the family's own columns may clash with a passthrough column planning accepted
+            plan.output_schema()
+        except ValueError as e:
+            raise InputError(str(e)) from None
         # 4. The output: empty, this job's, or a job that committed nothing.
         storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
         return CheckedPlan(plan, OutputSink(storage).judge(plan))

@@ -111,6 +111,12 @@ class Family:
             "target_size": (height, width),
         }
 
+    def size_conditioning_inputs(self, width: int, height: int) -> dict[str, tuple[int, int]]:
+        """The micro-conditioning a call passes, negative twins included, so that its rows can
+        record what the denoiser was conditioned on; empty for a family without it."""
+        defaults = self.size_conditioning_defaults(width, height)
+        return {**defaults, **{f"negative_{name}": value for name, value in defaults.items()}}
+
     def native_size(self, sample_size: object, vae_scale: int) -> int | None:
         """The size a checkpoint was trained at: its denoiser's sample_size (latent pixels) times
         the VAE's scale (512-base: 64 x 8, 768-v: 96 x 8); None where its config names none."""

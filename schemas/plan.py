@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from sdfleet.schemas.families import FAMILIES
 from sdfleet.schemas.rows import output_schema
 from sdfleet.schemas.samples import key_width, shard_name
 from sdfleet.schemas.spec import JobSpec
@@ -44,6 +45,9 @@ class Plan:
     # Parquet files, each file's `rows` counts its ok rows only, and those rows' images (from the
     # shard's tar) are the inputs, each row keyed by its source key.
     source_output: str | None = None
+    # The checkpoint's family (its model_index.json class's), named by pre-flight so that the
+    # schema every worker writes has the family's own columns; None: not read (SD2's columns).
+    family: str | None = None
 
     def __post_init__(self):
         if not self.row_offsets:
@@ -88,7 +92,7 @@ class Plan:
         return shard_name(shard_id, self.key_width)
 
     def output_schema(self) -> pa.Schema:
-        return output_schema(self.passthrough_schema)
+        return output_schema(self.passthrough_schema, FAMILIES.get(self.family or ""))
 
     def input_manifest(self) -> list[dict[str, Any]]:
         return [{"uri": f.uri, "size": f.size, "rows": f.rows} for f in self.files]

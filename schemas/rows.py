@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from sdfleet.schemas.families import Family
+
 STATUS_OK = "ok"
 STATUS_FILTERED = "filtered"
 STATUS_FAILED = "failed"
@@ -109,11 +111,48 @@ SOURCE_COLUMNS = ("key", "status", "image_sha256", "image_format")
 RUN_COLUMNS = ("device", "worker_node", "worker_id", "gpu_id", "gen_seconds", "created_at")
 
 
-def output_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
-    """The output schema, with the input's passthrough columns appended under their own types."""
-    fields = list(OUTPUT_FIELDS)
+# SDXL's micro-conditioning as the call passed it, (height, width) or (top, left) as diffusers
+# orders them: the size_conditioning_inputs keys of a family that has it.
+SIZE_CONDITIONING_COLUMNS = (
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+)
+
+
+def token_columns(encoder: int) -> tuple[str, str]:
+    """The token count and truncation columns of the family's text encoder `encoder` (0: the
+    first, whose columns every family has; 1: prompt_tokens_2, as diffusers names tokenizer_2)."""
+    suffix = f"_{encoder + 1}" if encoder else ""
+    return f"prompt_tokens{suffix}", f"prompt_truncated{suffix}"
+
+
+def family_fields(family: Family | None) -> list[pa.Field]:
+    """The columns a family adds to OUTPUT_FIELDS: one token count and truncation flag per text
+    encoder after the first, and its micro-conditioning; none for SD2 (or an unknown family), so
+    an SD2 job's schema stays as it was."""
+    if family is None:
+        return []
+    fields = []
+    for encoder in range(1, len(family.text_encoders)):
+        tokens, truncated = token_columns(encoder)
+        fields += [pa.field(tokens, pa.int64()), pa.field(truncated, pa.bool_())]
+    if family.size_conditioning:
+        fields += [pa.field(name, pa.list_(pa.int64())) for name in SIZE_CONDITIONING_COLUMNS]
+    return fields
+
+
+def output_schema(passthrough: pa.Schema | None = None, family: Family | None = None) -> pa.Schema:
+    """The output schema: the family's own columns after the common ones (family: the
+    checkpoint's, where it is known), then the input's passthrough columns under their own
+    types."""
+    fields = list(OUTPUT_FIELDS) + family_fields(family)
     if passthrough is not None:
-        clash = [f.name for f in passthrough if f.name in OUTPUT_COLUMNS]
+        names = {f.name for f in fields}
+        clash = [f.name for f in passthrough if f.name in names]
         if clash:
             raise ValueError(
                 f"passthrough column {clash[0]!r} clashes with an output column; rename it in the input"

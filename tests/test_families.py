@@ -132,3 +132,18 @@ def test_a_task_without_a_pipeline_is_refused_naming_the_family():
     SD2.check_task("upscale", "x")
     with pytest.raises(SpecError, match=r"model.task=upscale: .* sdxl has no pipeline for upscale"):
         SDXL.check_task("upscale", "x")
+
+
+def test_a_family_adds_its_own_output_columns_and_sd2_none():
+    """SD2's output schema is the one it always was; SDXL's adds the second encoder's token count
+    and truncation flag and the six micro-conditioning inputs the call passes."""
+    from sdfleet.schemas.rows import SIZE_CONDITIONING_COLUMNS, family_fields, output_schema
+
+    assert family_fields(SD2) == [] and output_schema(None, SD2).equals(output_schema())
+    assert SD2.size_conditioning_inputs(512, 512) == {}
+    names = [f.name for f in family_fields(SDXL)]
+    assert names == ["prompt_tokens_2", "prompt_truncated_2", *SIZE_CONDITIONING_COLUMNS]
+    assert set(SDXL.size_conditioning_inputs(64, 48)) == set(SIZE_CONDITIONING_COLUMNS)
+    assert SDXL.size_conditioning_inputs(64, 48)["negative_original_size"] == (48, 64)
+    schema = output_schema(None, SDXL)
+    assert schema.names[: len(output_schema().names)] == output_schema().names

@@ -1,12 +1,20 @@
 """SDXL, step 2 of 6: the tiny base and refiner load with plain diffusers and generate on the CPU,
-and `sdfleet plan` estimates an SDXL checkpoint with the family table's figures."""
+`sdfleet plan` estimates an SDXL checkpoint with the family table's figures, and an SDXL base job
+through `sdfleet run` (Ray, the local S3 server) records what regeneration needs: its rows
+regenerate with the plain StableDiffusionXLPipeline, as README.md's SDXL recipe does."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
+
+from test_tasks import assert_close, run_job, three_ok
+
+# Longer than CLIP's 77 tokens for both tokenizers (the tiny ones split words into letters).
+LONG = "a very long prompt about a lighthouse on a cliff over a stormy sea at dusk " * 3
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +136,89 @@ def test_plan_refuses_a_task_sdxl_has_no_pipeline_for(tmp_path, tiny_sdxl):
         "text-to-image, image-to-image, inpaint"
         in out.stderr
     )
+
+
+# ------------------------------------------------------------------ rows regenerate (base)
+
+
+def regenerate(pipe, row, **override) -> np.ndarray:
+    """README.md's SDXL recipe: the row's image from plain diffusers and the row's values."""
+    import diffusers
+    import torch
+
+    from sdfleet.schemas.rows import SIZE_CONDITIONING_COLUMNS
+
+    pipe.scheduler = getattr(diffusers, row["scheduler"]).from_config(pipe.scheduler.config)
+    conditioning = {name: tuple(row[name]) for name in SIZE_CONDITIONING_COLUMNS}
+    image = pipe(
+        row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        width=row["width"],
+        height=row["height"],
+        generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"]),
+        output_type="np",
+        **{**conditioning, **override},
+    ).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+@pytest.mark.slow
+def test_sdxl_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sdxl, s3, ray_cluster):
+    """A non-square size, so (height, width) order shows; a prompt over 77 tokens, so both
+    encoders' truncation shows."""
+    import diffusers
+
+    table = pa.table(
+        {"prompt_id": ["a", "b"], "prompt": ["a red fox in snow", LONG]},
+    )
+    rows, images, _ = run_job(
+        tmp_path,
+        s3,
+        ray_cluster.address,
+        tiny_sdxl["base"],
+        "text-to-image",
+        table,
+        generation={"width": 64, "height": 48, "guidance_scale": 5.0},
+    )
+    # 1. What the rows record: both encoders' counts, and the micro-conditioning as passed.
+    for row in rows.values():
+        assert (row["width"], row["height"]) == (64, 48)
+        for name in ("original_size", "target_size", "negative_original_size"):
+            assert row[name] == [48, 64], name
+        assert row["crops_coords_top_left"] == row["negative_crops_coords_top_left"] == [0, 0]
+        assert row["prompt_tokens_2"] == row["prompt_tokens"]
+        long = row["prompt"] == LONG
+        assert row["prompt_truncated"] is long and row["prompt_truncated_2"] is long
+    # 2. Three rows from plain diffusers.
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        tiny_sdxl["base"], use_safetensors=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for row in three_ok(rows):
+        assert_close(images[row["key"]], regenerate(pipe, row))
+    # 3. The recorded micro-conditioning matters: another original size is another image.
+    row = three_ok(rows)[0]
+    wrong = regenerate(pipe, row, original_size=(96, 128), negative_original_size=(96, 128))
+    assert np.abs(images[row["key"]].astype(int) - wrong.astype(int)).max() > 2
+
+
+def test_a_passthrough_column_named_as_an_sdxl_column_is_refused(tmp_path, tiny_sdxl):
+    """Planning checks passthrough columns against the common columns; pre-flight, once it knows
+    the checkpoint's family, against the family's own too."""
+    import yaml
+
+    from helpers import run_cli, write_prompts
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"], original_size=["x", "y"])
+    spec = {
+        "input": {"uri": str(tmp_path / "in"), "passthrough_columns": ["original_size"]},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"source": str(tiny_sdxl["base"])},
+        "safety": {"detector": "none"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "passthrough column 'original_size' clashes with an output column" in out.stderr
