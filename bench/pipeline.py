@@ -317,7 +317,9 @@ def run_job(
     entries = [json.loads(line) for line in log_file.read_text().splitlines()]
     inside = [
         e for e in entries if first.generate_finished_ts <= e["ts"] <= last.generate_finished_ts
-    ] or entries
+    ]
+    if len(inside) < 2:  # a window with one call (a tiny run on a loaded machine) has no length
+        inside = entries
     made = (
         inside[-1]["images"] - inside[0]["images"]
     )  # every image the GPU made: kept, rejected or filtered
