@@ -181,15 +181,14 @@ def _dispatch(args) -> int:
 
 
 def _plan(spec) -> int:
-    from sdfleet.jobs.checkpoint import read_checkpoint
     from sdfleet.jobs.plan import estimate
     from sdfleet.jobs.preflight import Preflight
     from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
 
     checked = Preflight(spec).check()
     plan, verdict = checked.plan, checked.verdict
-    # The checkpoint's family, by the pipeline class its model_index.json names (JSON only).
-    pipeline_class = read_checkpoint(spec.model).class_name
+    # The checkpoint's family, by the pipeline class pre-flight read from its model_index.json.
+    pipeline_class = checked.pipeline_class
     family = family_of(pipeline_class)
     est = estimate(plan, family or DEFAULT_FAMILY)
     axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())

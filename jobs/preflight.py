@@ -39,6 +39,8 @@ class CheckedPlan:
 
     plan: Plan
     verdict: Verdict
+    # The pipeline class the checkpoint's model_index.json names, as read once here (None: none).
+    pipeline_class: str | None = None
 
 
 class Preflight:
@@ -75,7 +77,7 @@ class Preflight:
             raise InputError(str(e)) from None
         # 4. The output: empty, this job's, or a job that committed nothing.
         storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
-        return CheckedPlan(plan, OutputSink(storage).judge(plan))
+        return CheckedPlan(plan, OutputSink(storage).judge(plan), checkpoint.class_name)
 
     def _check_input_and_output_apart(self) -> None:
         """An output inside the input folder would be read back as prompts (every *.parquet below
