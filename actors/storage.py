@@ -385,6 +385,23 @@ class Storage:
         if problem:
             raise StorageError(f"cannot publish {self.url(name)}: {problem}")
 
+    def is_staged(self, name: str, staged: StagedFile) -> bool:
+        """Whether a staged file can still be published: its upload is neither completed nor
+        aborted (or expired by a bucket's lifecycle rule), its hidden file still there."""
+        with self.errors(name, "check"):
+            if self.local:
+                return Path(self.path(name)).with_name(staged.temp).exists()
+            bucket, key, _ = self.fs.split_path(self.path(name))
+            try:
+                self.fs.call_s3(
+                    "list_parts", Bucket=bucket, Key=key, UploadId=staged.upload_id, MaxParts=1
+                )
+                return True
+            except Exception as e:
+                if _no_such_upload(e):
+                    return False
+                raise
+
     def discard(self, name: str, staged: StagedFile) -> None:
         """Throw away a staged file that lost the commit; what is visible as `name` is untouched."""
         with self.errors(name, "discard"):

@@ -295,8 +295,8 @@ class OutputReader:
                 try:
                     publish_committed(self.storage, stats)
                     found = []
-                except StorageError as e:
-                    found = [str(e)]
+                except OSError as e:  # StorageError, and a store's own (a 500): one line, named
+                    found = [first_line(e)]
             if deep and not found:
                 found = committed_file_problems(self.storage, stats, deep=True)
             if found:

@@ -36,6 +36,7 @@ from importlib import metadata
 from typing import Any
 
 from sdfleet.actors.storage import Storage
+from sdfleet.actors.writer import withdraw_command
 from sdfleet.jobs.finalize import dataset_card
 from sdfleet.jobs.output import OutputReader, Survey
 from sdfleet.schemas import layout
@@ -362,8 +363,8 @@ class Finalizer:
             )
             raise IncompleteOutput(
                 f"{self.storage.url()}: committed shards whose files differ from their stats "
-                f"({details}); no _SUCCESS written. Remove those shards' stats files and rerun "
-                "to make them again"
+                f"({details}); no _SUCCESS written. Run `{withdraw_command(self.storage, sorted(problems))}`"
+                ", then rerun to make them again"
             )
 
     def _check_rows(self, s: Survey) -> None:

@@ -381,6 +381,101 @@ def test_transient_s3_errors_are_retried(
         proxy.close()
 
 
+def test_a_lost_answer_to_a_stats_commit_is_resolved_and_the_run_completes(
+    tmp_path, tiny_model, bucket, ray_cluster, s3_endpoint
+):
+    """The first conditional PUT of a stats file reaches S3 and its answer is lost (the proxy closes
+    the connection unanswered); the client's retry gets 412. The writer reads the stats, finds its
+    own id and publishes: the run completes with every shard committed at its first attempt."""
+    proxy = S3Proxy(
+        s3_endpoint,
+        [
+            Rule(
+                path=r"/ambiguous/\d+_stats\.json$",
+                action="drop_response",
+                methods=("PUT",),
+                header="If-None-Match",
+                times=1,
+            )
+        ],
+    )
+    try:
+        out = f"s3://{bucket.bucket}/ambiguous"
+        done = run_cli(
+            "run",
+            str(job_spec(tmp_path, tiny_model, bucket, out)),
+            "--address",
+            ray_cluster.address,
+            "--no-progress",
+            env={"AWS_ENDPOINT_URL": proxy.url},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert proxy.rules[0].fired == 1
+    finally:
+        proxy.close()
+    assert_exactly_once(out)
+    assert [output_storage(out).read_json(n)["attempt"] for n in committed(out)] == [1] * 8
+    status = run_cli("status", out, "--verify")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "as committed (sha256 checked)" in status.stdout
+
+
+# Loaded at start-up by every Python process of the run (the driver, the embedded Ray's workers)
+# through PYTHONPATH: the first `link` that makes a stats file succeeds and then answers EEXIST,
+# as a retransmitted NFS LINK whose first reply was lost does. The seam is os.link itself.
+LINK_THEN_EEXIST = """
+import errno
+import os
+
+_marker = os.environ.get("SDFLEET_TEST_LINK_EEXIST")
+if _marker:
+    _real_link = os.link
+
+    def _link_then_eexist(src, dst, *args, **kwargs):
+        _real_link(src, dst, *args, **kwargs)
+        if not str(dst).endswith("_stats.json"):
+            return
+        try:  # once per run, across processes
+            fd = os.open(_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, str(dst).encode())
+        os.close(fd)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+
+    os.link = _link_then_eexist
+"""
+
+
+def test_a_local_link_answered_eexist_after_success_is_resolved_and_the_run_completes(
+    tmp_path, tiny_model, bucket
+):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(LINK_THEN_EEXIST)
+    marker = tmp_path / "link-fault-fired"
+    out = str(tmp_path / "out")
+    done = run_cli(
+        "run",
+        str(job_spec(tmp_path, tiny_model, bucket, out)),
+        "--no-progress",
+        env={
+            "RAY_ADDRESS": "",
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(inject), os.environ.get("PYTHONPATH")])
+            ),
+            "SDFLEET_TEST_LINK_EEXIST": str(marker),
+        },
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.read_text().endswith("_stats.json")  # the fault fired, in a worker
+    assert_exactly_once(out)
+    assert [output_storage(out).read_json(n)["attempt"] for n in committed(out)] == [1] * 8
+    status = run_cli("status", out, "--verify")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "as committed (sha256 checked)" in status.stdout
+
+
 def test_persistent_403_and_404_fail_fast_naming_the_uri(tmp_path, tiny_model, bucket, s3_endpoint):
     proxy = S3Proxy(s3_endpoint, [Rule(path=r"/denied/", action="403")])
     try:
