@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from sdfleet.actors.storage import Storage
+from sdfleet.actors.record_versions import ChangedMeanwhile, read_versioned, replace_if_unchanged
+from sdfleet.actors.storage import Storage, json_bytes
 from sdfleet.actors.writer import withdraw_command
 from sdfleet.jobs.finalize import dataset_card
-from sdfleet.jobs.output import OutputReader, Survey
+from sdfleet.jobs.output import OutputReader, Survey, missing_job_keys
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import SpecError, UserError
 from sdfleet.schemas.fingerprint import diff_fingerprint_fields
@@ -98,6 +99,7 @@ class Verdict:
     committed: int = 0
     num_shards: int = 0
     replaced: dict[str, Any] | None = None  # the job record a "replace" writes over
+    replaced_version: str | None = None  # ... at the version it was read: replaced only at that one
     # Its keys that differ, with old and new values.
     changed: list[str] = field(default_factory=list)
 
@@ -184,10 +186,12 @@ class OutputSink:
     def judge(self, plan: Plan) -> Verdict:
         """Empty (start), this job's (resume), or a job that committed nothing and whose driver is
         gone (replace); anything else is refused. Writes nothing."""
-        if not self.storage.exists(layout.JOB_FILE):
+        try:
+            data, version = read_versioned(self.storage, layout.JOB_FILE)
+        except FileNotFoundError:
             self._check_unclaimed_output_is_empty()
             return Verdict("start", self.storage.url(), num_shards=plan.num_shards)
-        existing = self.storage.read_json(layout.JOB_FILE)
+        existing = self._job_record(data)
         committed = len(self.storage.list(layout.STATS_GLOB))
         if existing.get("fingerprint") == plan.fingerprint:
             return Verdict("resume", self.storage.url(), committed, plan.num_shards)
@@ -206,8 +210,26 @@ class OutputSink:
                 f"If that driver was killed, its claim lapses {LEASE_STALE_S:.0f} s after its last refresh"
             )
         return Verdict(
-            "replace", self.storage.url(), 0, plan.num_shards, replaced=existing, changed=changed
+            "replace",
+            self.storage.url(),
+            0,
+            plan.num_shards,
+            replaced=existing,
+            replaced_version=version,
+            changed=changed,
         )
+
+    def _job_record(self, data: bytes) -> dict[str, Any]:
+        """The output's `_job.json`, if sdfleet wrote it; one it did not is a foreign file like any
+        other, never replaced."""
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = None
+        if missing_job_keys(record):
+            found = sorted(n for n in self.storage.listing() if not layout.is_transient(n))
+            self._refuse_foreign(found, f"no {layout.JOB_FILE} that sdfleet wrote")
+        return record
 
     def _check_unclaimed_output_is_empty(self) -> None:
         """An output without a job record must hold nothing: stray *.tar files there would be read
@@ -217,11 +239,14 @@ class OutputSink:
             return  # another driver claimed it meanwhile; the claim decides
         strays = sorted(n for n in found if not layout.is_transient(n))
         if strays:
-            raise SpecError(
-                f"output.uri {self.storage.url()} holds {len(strays)} file(s) but no {layout.JOB_FILE} "
-                f"(e.g. {', '.join(strays[:5])}): it is not an sdfleet output. Give an empty or new "
-                "output.uri, or remove those files"
-            )
+            self._refuse_foreign(strays, f"no {layout.JOB_FILE}")
+
+    def _refuse_foreign(self, strays: list[str], lacking: str) -> None:
+        raise SpecError(
+            f"output.uri {self.storage.url()} holds {len(strays)} file(s) but {lacking} "
+            f"(e.g. {', '.join(strays[:5])}): it is not an sdfleet output. Give an empty or new "
+            "output.uri, or remove those files"
+        )
 
     # ------------------------------------------------------------------ start
 
@@ -267,7 +292,16 @@ class OutputSink:
             },
             *old.get("history", []),
         ]
-        self.storage.write_json(layout.JOB_FILE, record)
+        try:
+            replace_if_unchanged(
+                self.storage, layout.JOB_FILE, json_bytes(record), verdict.replaced_version
+            )
+        except ChangedMeanwhile:
+            raise SpecError(
+                f"{self.storage.url(layout.JOB_FILE)} was replaced by another driver while this one "
+                f"was replacing job {old.get('fingerprint')} there; this driver wrote nothing. Wait "
+                "for that driver, or write to a new output.uri"
+            ) from None
         print(
             f"sdfleet: {self.storage.url()} held job {old.get('fingerprint')}, which committed no shard; "
             f"it now holds this one ({'; '.join(verdict.changed) or 'other input files'})"

@@ -476,6 +476,72 @@ def test_a_local_link_answered_eexist_after_success_is_resolved_and_the_run_comp
     assert "as committed (sha256 checked)" in status.stdout
 
 
+def test_two_drivers_racing_to_replace_one_job_record_one_wins_the_other_exits_1(
+    tmp_path, tiny_model, bucket, ray_cluster, s3_endpoint
+):
+    """An output holds a job that committed nothing and whose driver is gone. Driver A judges it
+    replaceable and sends its new record; the proxy holds that PUT while driver B, with another
+    spec, judges, replaces the record and runs its job. Then A's PUT goes on, conditional on the
+    version A read: refused, A exits 1 naming the record, and the record is B's whole."""
+    import threading
+
+    out = f"s3://{bucket.bucket}/race"
+    old = {
+        "spec": {"name": "old"},
+        "fingerprint": "0" * 32,
+        "fingerprint_fields": {},
+        "input_files": [],
+        "num_shards": 1,
+        "num_samples": 1,
+        "key_width": 5,
+        "created_at": "2026-01-01T00:00:00+00:00",
+    }
+    output_storage(out).write_json("_job.json", old)
+    held = threading.Event()
+    proxy = S3Proxy(
+        s3_endpoint,
+        [
+            Rule(
+                path=r"/race/_job\.json$",
+                action="hang",
+                methods=("PUT",),
+                header="If-Match",
+                times=1,
+                hold=held,
+                hang_s=120,
+            )
+        ],
+    )
+    env = {"AWS_ENDPOINT_URL": proxy.url}
+    args = ("--address", ray_cluster.address, "--no-progress")
+    try:
+        spec_a = job_spec(tmp_path, tiny_model, bucket, out, generation={"guidance_scale": 3.0})
+        driver_a = start_cli("run", str(spec_a), *args, env=env)
+        wait_for(lambda: proxy.rules[0].fired == 1, 120, "driver A's replace to reach the proxy")
+        spec_b = job_spec(tmp_path, tiny_model, bucket, out)
+        driver_b = start_cli("run", str(spec_b), *args, env=env)
+        wait_for(
+            lambda: output_storage(out).read_json("_job.json")["fingerprint"] != old["fingerprint"],
+            120,
+            "driver B's record",
+        )
+        held.set()
+        _, a_err = driver_a.communicate(timeout=120)
+        b_out, b_err = driver_b.communicate(timeout=300)
+    finally:
+        held.set()
+        proxy.close()
+    assert driver_a.returncode == 1, a_err[-3000:]
+    [line] = [x for x in a_err.splitlines() if x.startswith("sdfleet: error:")]
+    assert f"{out}/_job.json was replaced by another driver" in line and "Traceback" not in a_err
+    assert driver_b.returncode == 0, b_err[-3000:]
+    assert f"held job {old['fingerprint']}, which committed no shard" in b_out
+    job = output_storage(out).read_json("_job.json")
+    assert [h["fingerprint"] for h in job["history"]] == [old["fingerprint"]]
+    assert job["spec"]["generation"]["guidance_scale"] != 3.0  # B's spec, not A's
+    assert_exactly_once(out)
+
+
 def test_persistent_403_and_404_fail_fast_naming_the_uri(tmp_path, tiny_model, bucket, s3_endpoint):
     proxy = S3Proxy(s3_endpoint, [Rule(path=r"/denied/", action="403")])
     try:
