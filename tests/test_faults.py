@@ -542,6 +542,36 @@ def test_two_drivers_racing_to_replace_one_job_record_one_wins_the_other_exits_1
     assert_exactly_once(out)
 
 
+def test_a_local_output_on_a_multi_node_cluster_is_refused_before_any_worker_starts(
+    tmp_path, tiny_model, bucket
+):
+    head = start_head(
+        "--num-cpus=1",
+        "--num-gpus=0",
+        "--object-store-memory=100000000",
+        "--include-dashboard=false",
+        temp_dir=make_temp_dir("sdf-ln-"),
+    )
+    try:
+        head.add_worker("--num-cpus=1", "--num-gpus=1", "--object-store-memory=100000000")
+        out = tmp_path / "out"
+        done = run_cli(
+            "run",
+            str(job_spec(tmp_path, tiny_model, bucket, str(out))),
+            "--address",
+            head.address,
+            "--no-progress",
+        )
+        assert done.returncode == 1, done.stderr[-3000:]
+        [line] = [x for x in done.stderr.splitlines() if x.startswith("sdfleet: error:")]
+        assert f"output.uri {out} is a local path, and the Ray cluster has 2 nodes" in line
+        assert "s3://" in line and "output.shared_filesystem: true" in line
+        assert actor_pids(head) == []  # no worker was started
+        assert not list(out.glob("*_stats.json")) and not list(out.glob("_probe-worker-*"))
+    finally:
+        head.stop()
+
+
 def test_persistent_403_and_404_fail_fast_naming_the_uri(tmp_path, tiny_model, bucket, s3_endpoint):
     proxy = S3Proxy(s3_endpoint, [Rule(path=r"/denied/", action="403")])
     try:
