@@ -545,6 +545,8 @@ def test_two_drivers_racing_to_replace_one_job_record_one_wins_the_other_exits_1
 def test_a_local_output_on_a_multi_node_cluster_is_refused_before_any_worker_starts(
     tmp_path, tiny_model, bucket
 ):
+    """First a lone head without GPUs (its GPU workers could only run on nodes an autoscaler adds),
+    then the same with a GPU node joined: each time exit 1 naming output.uri, no worker started."""
     head = start_head(
         "--num-cpus=1",
         "--num-gpus=0",
@@ -552,24 +554,40 @@ def test_a_local_output_on_a_multi_node_cluster_is_refused_before_any_worker_sta
         "--include-dashboard=false",
         temp_dir=make_temp_dir("sdf-ln-"),
     )
-    try:
-        head.add_worker("--num-cpus=1", "--num-gpus=1", "--object-store-memory=100000000")
-        out = tmp_path / "out"
-        done = run_cli(
-            "run",
-            str(job_spec(tmp_path, tiny_model, bucket, str(out))),
-            "--address",
-            head.address,
-            "--no-progress",
-        )
+    out = tmp_path / "out"
+    spec = str(job_spec(tmp_path, tiny_model, bucket, str(out)))
+
+    def refused() -> str:
+        done = run_cli("run", spec, "--address", head.address, "--no-progress")
         assert done.returncode == 1, done.stderr[-3000:]
         [line] = [x for x in done.stderr.splitlines() if x.startswith("sdfleet: error:")]
-        assert f"output.uri {out} is a local path, and the Ray cluster has 2 nodes" in line
+        assert f"output.uri {out} is a local path, and " in line
         assert "s3://" in line and "output.shared_filesystem: true" in line
         assert actor_pids(head) == []  # no worker was started
         assert not list(out.glob("*_stats.json")) and not list(out.glob("_probe-worker-*"))
+        return line
+
+    try:
+        assert "the driver's node has no GPU" in refused()
+        head.add_worker("--num-cpus=1", "--num-gpus=1", "--object-store-memory=100000000")
+        assert "the Ray cluster has 2 nodes" in refused()
     finally:
         head.stop()
+
+
+def test_a_worker_on_another_node_than_the_drivers_is_refused_for_a_local_output(tmp_path):
+    """The check behind a cluster that grows after the start: a worker that started elsewhere."""
+    from sdfleet.jobs.output_reach import worker_node_refusal
+    from sdfleet.schemas.spec import OutputSpec
+
+    local = OutputSpec(uri=str(tmp_path / "out"))
+    refusal = worker_node_refusal(local, "node-b", "node-a")
+    assert f"output.uri {tmp_path / 'out'} is a local path" in str(refusal)
+    assert "node node-b, not the driver's (node-a)" in str(refusal)
+    assert worker_node_refusal(local, "node-a", "node-a") is None
+    shared = OutputSpec(uri=str(tmp_path / "out"), shared_filesystem=True)
+    assert worker_node_refusal(shared, "node-b", "node-a") is None
+    assert worker_node_refusal(OutputSpec(uri="s3://b/out"), "node-b", "node-a") is None
 
 
 def test_persistent_403_and_404_fail_fast_naming_the_uri(tmp_path, tiny_model, bucket, s3_endpoint):
