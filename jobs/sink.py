@@ -41,7 +41,7 @@ from sdfleet.actors.writer import withdraw_command
 from sdfleet.jobs.finalize import dataset_card
 from sdfleet.jobs.output import OutputReader, Survey, missing_job_keys
 from sdfleet.schemas import layout
-from sdfleet.schemas.errors import SpecError, UserError
+from sdfleet.schemas.errors import SpecError, UserError, first_line
 from sdfleet.schemas.fingerprint import diff_fingerprint_fields
 from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats
 from sdfleet.schemas.plan import Plan
@@ -346,8 +346,19 @@ class OutputSink:
     # ------------------------------------------------------------------ complete
 
     def complete(self) -> bool:
-        """Declare the dataset complete if it is (see `Finalizer`). Returns completeness."""
-        return Finalizer(self.reader).finalize()
+        """Declare the dataset complete if it is (see `Finalizer`). Returns completeness. A store's
+        own error (one sdfleet has no words for, such as a 500 after every retry) ends it in one
+        line too: every step before `_SUCCESS` is safe to repeat."""
+        try:
+            return Finalizer(self.reader).finalize()
+        except UserError:
+            raise
+        except OSError as e:
+            raise IncompleteOutput(
+                f"{self.storage.url()}: the dataset could not be declared complete "
+                f"({first_line(e)}); no {layout.SUCCESS_FILE} written. Rerun the same command to "
+                "finish it"
+            ) from e
 
 
 class IncompleteOutput(UserError):
