@@ -45,8 +45,14 @@ S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
 
 
 def _no_such_upload(e: BaseException) -> bool:
-    """An upload already completed or aborted (s3fs passes botocore's NoSuchUpload through as text)."""
-    return "NoSuchUpload" in f"{type(e).__name__} {e}"
+    """An upload already completed or aborted. s3fs passes botocore's NoSuchUpload on as a
+    FileNotFoundError with its message only, the NoSuchUpload as its cause."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if "NoSuchUpload" in f"{type(seen).__name__} {seen}":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def multipart_etag(part_etags: list[str]) -> str:

@@ -316,11 +316,16 @@ class UnpublishableCommit(StorageError):
     or expired uploads): its commit can never be rolled forward, only withdrawn."""
 
     def __init__(self, storage: Storage, stats: ShardStats, problem: str):
+        # What is wrong, for lists that name the command once for all their shards (status, the
+        # finalizer); the message adds the command for this one shard.
+        self.short = (
+            f"{problem}, and the staged file its commit names is gone (aborted or expired), so it "
+            "can never be published"
+        )
         super().__init__(
             f"shard {stats.shard} is committed ({storage.url(layout.stats_file(stats.shard))}) but "
-            f"{problem}, and the staged file its commit names is gone (aborted or expired), so it "
-            f"can never be published; run `{withdraw_command(storage, [stats.shard])}`, then "
-            "rerun to make the shard again"
+            f"{self.short}; run `{withdraw_command(storage, [stats.shard])}`, then rerun to make "
+            "the shard again"
         )
 
 

@@ -284,7 +284,11 @@ class OutputReader:
         all is well. A commit whose writer died before publishing its files is published first
         (that is how such a crash is rolled forward). Checks sizes from the survey's listing of
         the output; deep=True also reads every file and compares its sha256."""
-        from sdfleet.actors.writer import committed_file_problems, publish_committed
+        from sdfleet.actors.writer import (
+            UnpublishableCommit,
+            committed_file_problems,
+            publish_committed,
+        )
 
         survey = self.survey()
         listing = survey.listing
@@ -299,6 +303,8 @@ class OutputReader:
                 try:
                     publish_committed(self.storage, stats)
                     found = []
+                except UnpublishableCommit as e:
+                    found = [e.short]
                 except OSError as e:  # StorageError, and a store's own (a 500): one line, named
                     found = [first_line(e)]
             if deep and not found:

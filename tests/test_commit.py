@@ -427,7 +427,7 @@ def test_a_commit_whose_staged_files_are_gone_says_how_to_clear_it(tmp_path, spo
             storage, ShardStats.model_validate(storage.read_json(layout.stats_file(SHARD)))
         )
     [problem] = OutputReader(storage).verify()[SHARD]
-    assert command in problem
+    assert problem.startswith(storage.url(SHARD)) and " is missing, and the staged file" in problem
     status = run_cli("status", str(out))
     assert status.returncode == 2 and command in status.stdout and "Traceback" not in status.stderr
     done = run_cli("withdraw", str(out), SHARD)

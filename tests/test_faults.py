@@ -420,6 +420,37 @@ def test_a_lost_answer_to_a_stats_commit_is_resolved_and_the_run_completes(
     assert "as committed (sha256 checked)" in status.stdout
 
 
+def test_a_commit_that_can_no_longer_be_published_is_named_with_the_command_that_clears_it(
+    tmp_path, tiny_model, bucket, ray_cluster
+):
+    """A committed shard's tar is gone and so is the upload its commit names (what an upload
+    aborted by a wedged writer, or expired by a lifecycle rule, leaves). The rerun cannot roll it
+    forward: it says so in one line naming `sdfleet withdraw`, which takes back that commit (and
+    refuses a good one); the next rerun remakes the shard and the dataset is whole."""
+    out = f"s3://{bucket.bucket}/gone"
+    spec = str(job_spec(tmp_path, tiny_model, bucket, out))
+    args = ("--address", ray_cluster.address, "--no-progress")
+    assert run_cli("run", spec, *args).returncode == 0
+    storage = output_storage(out)
+    storage.delete("00003.tar")
+    storage.delete("_SUCCESS")
+    command = f"sdfleet withdraw {out} 00003"
+    again = run_cli("run", spec, *args)
+    assert again.returncode == 1, again.stderr[-3000:]
+    [line] = [x for x in again.stderr.splitlines() if x.startswith("sdfleet: error:")]
+    assert f"{out}/00003.tar is missing" in line and f"`{command}`" in line
+    assert "Traceback" not in again.stderr
+    good = run_cli("withdraw", out, "00002")
+    assert good.returncode == 1 and "a good commit is never withdrawn" in good.stderr
+    withdrawn = run_cli("withdraw", out, "00003")
+    assert withdrawn.returncode == 0, withdrawn.stderr
+    last = run_cli("run", spec, *args)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert_exactly_once(out)
+    status = run_cli("status", out, "--verify")
+    assert status.returncode == 0 and "as committed (sha256 checked)" in status.stdout
+
+
 # Loaded at start-up by every Python process of the run (the driver, the embedded Ray's workers)
 # through PYTHONPATH: the first `link` that makes a stats file succeeds and then answers EEXIST,
 # as a retransmitted NFS LINK whose first reply was lost does. The seam is os.link itself.
