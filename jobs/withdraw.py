@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from sdfleet.actors.writer import committed_file_problems
 from sdfleet.jobs.output import OutputReader
+from sdfleet.jobs.sink import DriverLease
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import SpecError
 
@@ -20,7 +21,13 @@ def withdraw(reader: OutputReader, shards: list[str]) -> list[str]:
     """Withdraw these shards' commits, after checking that each is beyond repair. Returns one line
     per shard saying what was wrong with it."""
     storage = reader.storage
-    # 1. Roll forward whatever can be; what is left wrong is beyond repair.
+    # 1. Not while a driver runs the job: its workers may be committing these shards right now.
+    active = DriverLease(storage, reader.job).active()
+    if active:
+        raise SpecError(
+            f"{storage.url()} is being written by a driver ({active}); withdraw once it has ended"
+        )
+    # 2. Roll forward whatever can be; what is left wrong is beyond repair.
     survey = reader.survey(refresh=True)
     problems = reader.verify()
     for shard in shards:
@@ -37,10 +44,10 @@ def withdraw(reader: OutputReader, shards: list[str]) -> list[str]:
                     "a good commit is never withdrawn"
                 )
             problems[shard] = found
-    # 2. The dataset is no longer complete: its marker goes first.
+    # 3. The dataset is no longer complete: its marker goes first.
     if storage.exists(layout.SUCCESS_FILE):
         storage.delete(layout.SUCCESS_FILE)
-    # 3. The commits, then whatever they still had staged.
+    # 4. The commits, then whatever they still had staged.
     lines = []
     for shard in shards:
         stats = survey.committed[shard]
