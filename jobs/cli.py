@@ -224,7 +224,12 @@ def _plan(spec) -> int:
     )
     print(
         f"per image     {span(est['tflop_per_image_min'], est['tflop_per_image_max'], '{:.4g}')} "
-        "TFLOP (denoiser steps, VAE decode, text encoders)"
+        + (
+            "TFLOP (base to denoising_end, refiner from denoising_start, both checkpoints' text "
+            "encoders, one VAE decode)"
+            if spec.model.refiner
+            else "TFLOP (denoiser steps, VAE decode, text encoders)"
+        )
     )
     if TASKS[spec.model.task].image:
         fallback = (family or DEFAULT_FAMILY).fallback_size

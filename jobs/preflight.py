@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sdfleet.actors.storage import Storage
 from sdfleet.jobs.checkpoint import (
     check_model_source,
+    check_refiner,
     check_scheduler_names,
     check_task,
     read_checkpoint,
@@ -107,6 +108,7 @@ class Preflight:
         if family is not None:  # an unknown class is left to check_task
             family.check_task(self.spec.model.task, checkpoint.source)
         check_task(self.spec.model.task, checkpoint)
+        check_refiner(self.spec.model, checkpoint)
         check_scheduler_names(names)
         return checkpoint
 
