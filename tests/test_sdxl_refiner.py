@@ -7,11 +7,15 @@ StableDiffusionXLPipeline + StableDiffusionXLImg2ImgPipeline, as README.md's rec
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 
 from helpers import job_dict, run_cli, write_prompts
+from test_sdxl import regenerate as regenerate_base
 from test_sdxl import tiny_sdxl  # noqa: F401 -- its module fixture, shared (F811 below)
+from test_tasks import assert_close, run_job, three_ok
 
 
 def _spec(tmp_path, source, refiner: dict | None = None, **sections) -> dict:
@@ -143,3 +147,103 @@ def test_plan_refuses_a_refiner_with_pickle_weights(tmp_path, tiny_sdxl):
     out = _plan(tmp_path, _spec(tmp_path, tiny_sdxl["base"], {"source": str(pickled)}))
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"model.refiner.source {pickled} holds only pickle weights for unet" in out.stderr
+
+
+# ------------------------------------------------------------------- rows regenerate (refined)
+
+
+def regenerate(base, refiner, row) -> np.ndarray:
+    """README.md's base + refiner recipe: the row's image from plain diffusers and the row's
+    values alone, the base's latents handed to the refiner as diffusers documents it."""
+    import diffusers
+    import torch
+
+    from sdfleet.schemas.rows import SIZE_CONDITIONING_COLUMNS
+
+    for pipe in (base, refiner):
+        pipe.scheduler = getattr(diffusers, row["scheduler"]).from_config(pipe.scheduler.config)
+    conditioning = {name: tuple(row[name]) for name in SIZE_CONDITIONING_COLUMNS}
+    latents = base(
+        row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        width=row["width"],
+        height=row["height"],
+        generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"]),
+        denoising_end=row["denoising_end"],
+        output_type="latent",
+        **conditioning,
+    ).images
+    image = refiner(
+        row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        image=latents,
+        denoising_start=row["refiner_denoising_start"],
+        num_inference_steps=row["refiner_num_inference_steps"],
+        guidance_scale=row["refiner_guidance_scale"],
+        aesthetic_score=row["refiner_aesthetic_score"],
+        negative_aesthetic_score=row["refiner_negative_aesthetic_score"],
+        generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"]),
+        output_type="np",
+        **conditioning,
+    ).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+def test_only_a_refiner_job_has_the_refiner_columns():
+    from sdfleet.schemas.families import SDXL
+    from sdfleet.schemas.rows import REFINER_FIELDS, output_schema
+
+    plain, refined = output_schema(family=SDXL), output_schema(family=SDXL, refiner=True)
+    assert refined.names == plain.names + [f.name for f in REFINER_FIELDS]
+    assert not any(f.name.startswith("refiner_") or f.name == "denoising_end" for f in plain)
+
+
+@pytest.mark.slow
+def test_base_refiner_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sdxl, s3, ray_cluster):
+    """The refiner's own steps and guidance, a handover at 0.7, a non-square size: three rows
+    regenerate from their values with StableDiffusionXLPipeline + StableDiffusionXLImg2ImgPipeline,
+    and the refiner's part shows (the base alone makes another image)."""
+    import diffusers
+
+    table = pa.table({"prompt_id": ["a", "b"], "prompt": ["a red fox in snow", "a lighthouse"]})
+    refiner = {
+        "source": str(tiny_sdxl["refiner"]),
+        "denoising_start": 0.7,
+        "num_inference_steps": 4,
+        "guidance_scale": 3.0,
+    }
+    rows, images, _ = run_job(
+        tmp_path,
+        s3,
+        ray_cluster.address,
+        tiny_sdxl["base"],
+        "text-to-image",
+        table,
+        model={"refiner": refiner},
+        generation={"width": 64, "height": 48, "guidance_scale": 5.0},
+    )
+    # 1. What the rows record: the refiner's source and what its pipeline ran with.
+    for row in rows.values():
+        assert row["refiner_source"] == refiner["source"] and row["refiner_revision"] is None
+        assert row["denoising_end"] == row["refiner_denoising_start"] == 0.7
+        assert (row["refiner_num_inference_steps"], row["refiner_guidance_scale"]) == (4, 3.0)
+        # StableDiffusionXLImg2ImgPipeline's defaults, the tiny refiner requiring them.
+        assert (row["refiner_aesthetic_score"], row["refiner_negative_aesthetic_score"]) == (6, 2.5)
+        assert (row["num_inference_steps"], row["guidance_scale"]) == (3, 5.0)
+    # 2. Three rows from plain diffusers.
+    base = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        tiny_sdxl["base"], use_safetensors=True
+    )
+    refined = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny_sdxl["refiner"], use_safetensors=True
+    )
+    for pipe in (base, refined):
+        pipe.set_progress_bar_config(disable=True)
+    for row in three_ok(rows):
+        assert_close(images[row["key"]], regenerate(base, refined, row))
+    # 3. The refiner made a difference: the base alone is another image.
+    row = three_ok(rows)[0]
+    alone = regenerate_base(base, row)
+    assert np.abs(images[row["key"]].astype(int) - alone.astype(int)).max() > 2
