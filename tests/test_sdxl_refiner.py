@@ -247,3 +247,18 @@ def test_base_refiner_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sdxl, 
     row = three_ok(rows)[0]
     alone = regenerate_base(base, row)
     assert np.abs(images[row["key"]].astype(int) - alone.astype(int)).max() > 2
+
+
+def test_every_example_spec_parses():
+    """jobs/examples' specs are valid as written (the base + refiner one with its values)."""
+    from pathlib import Path
+
+    from sdfleet.schemas.spec import load_spec
+
+    examples = Path(__file__).resolve().parents[1] / "jobs" / "examples"
+    specs = {path.name: load_spec(path) for path in sorted(examples.glob("*.yaml"))}
+    refined = specs["sdxl_base_refiner_1024.yaml"]
+    assert refined.model.source == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert refined.model.refiner.source == "stabilityai/stable-diffusion-xl-refiner-1.0"
+    assert refined.model.refiner.denoising_start == 0.8
+    assert (refined.generation.width, refined.generation.height) == (1024, 1024)
