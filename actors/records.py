@@ -18,6 +18,7 @@ from sdfleet.actors.refiner import RefinerCall
 from sdfleet.schemas import layout
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import (
+    REFINER_FIELDS,
     STATUS_DUPLICATE,
     STATUS_FAILED,
     STATUS_FILTERED,
@@ -151,7 +152,13 @@ def build_row(
     if s.params is not None:
         _add_tokens(row, tokens.get(s.params.prompt), made)
         row.update(
-            sample_id=sample_id(spec.model.source, spec.model.revision, s.params, row["scheduler"]),
+            sample_id=sample_id(
+                spec.model.source,
+                spec.model.revision,
+                s.params,
+                row["scheduler"],
+                {f.name: row[f.name] for f in REFINER_FIELDS} if made.refiner else None,
+            ),
             prompt=s.params.prompt,
         )
     return row

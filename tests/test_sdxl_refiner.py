@@ -87,6 +87,21 @@ def test_every_refiner_key_is_in_the_fingerprint():
     assert len(prints) == 7
 
 
+def test_a_refined_sample_has_its_own_sample_id():
+    """sample_id names everything that determines the pixels: the refiner's values too, and a
+    sample without a refiner keeps the id it had before refiners."""
+    from sdfleet.schemas.samples import GenerationParams, sample_id
+
+    params = GenerationParams("a fox", "", 1, 30, 5.0, 1024, 1024, None)
+    plain = sample_id("base", None, params, "EulerDiscreteScheduler")
+    assert sample_id("base", None, params, "EulerDiscreteScheduler", None) == plain
+    ids = {
+        sample_id("base", None, params, "EulerDiscreteScheduler", {"denoising_end": end})
+        for end in (0.7, 0.8)
+    }
+    assert len(ids | {plain}) == 3
+
+
 # ------------------------------------------------------------------- checks before any worker
 
 
