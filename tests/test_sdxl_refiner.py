@@ -129,6 +129,10 @@ def test_plan_counts_base_and_refiner_flops(tmp_path, tiny_sdxl):
         + ref.vae_decode_tflop
     )
     assert f"per image     {figure:.4g} TFLOP (base to denoising_end" in out.stdout
+    assert (
+        f"refiner       {tiny_sdxl['refiner']} (StableDiffusionXLImg2ImgPipeline) from "
+        "denoising_start 0.8" in out.stdout
+    )
     assert f"{figure:.4g}" != f"{SDXL.tflop_per_image(1024, 1024, 50, 5):.4g}"
 
 
