@@ -219,6 +219,26 @@ def test_only_a_refiner_job_has_the_refiner_columns():
     assert not any(f.name.startswith("refiner_") or f.name == "denoising_end" for f in plain)
 
 
+def test_a_memory_probe_runs_both_denoisers(tiny_sdxl):
+    """batch_size auto measures calls of base + refiner, long enough that each runs a denoiser
+    forward (one step would leave the refiner, or the base, none at a handover of 0.8)."""
+    from sdfleet.actors.batching import memory_probe
+    from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.samples import GenerationParams
+    from sdfleet.schemas.spec import ModelSpec
+
+    model = ModelSpec(source=str(tiny_sdxl["base"]), refiner={"source": str(tiny_sdxl["refiner"])})
+    engine = Engine(model, batch_size=1)
+    assert engine.sizer.probe_steps == engine.refiner.probe_steps > 1
+    forwards = {"base": 0, "refiner": 0}
+    for name, pipe in (("base", engine.pipe), ("refiner", engine.refiner.pipe)):
+        pipe.unet.register_forward_hook(lambda *_, n=name: forwards.update({n: forwards[n] + 1}))
+    sample = GenerationParams("a fox", "", 1, 30, 1.0, 64, 64, None)
+    (image,) = engine.call([memory_probe(sample, engine.sizer.probe_steps)])
+    assert image.shape == (64, 64, 3)
+    assert forwards["base"] >= 1 and forwards["refiner"] >= 1, forwards
+
+
 @pytest.mark.slow
 def test_base_refiner_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sdxl, s3, ray_cluster):
     """The refiner's own steps and guidance, a handover at 0.7, a non-square size: three rows
