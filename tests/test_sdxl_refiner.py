@@ -52,6 +52,20 @@ def test_refiner_keys_and_defaults():
             )
 
 
+def test_a_relative_refiner_folder_is_relative_to_the_spec_file(tmp_path):
+    from sdfleet.schemas.spec import load_spec
+
+    (tmp_path / "models" / "refiner").mkdir(parents=True)
+    spec = {
+        "input": {"uri": "in"},
+        "output": {"uri": "out"},
+        "model": {"refiner": {"source": "./models/refiner"}},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    loaded = load_spec(tmp_path / "job.yaml")
+    assert loaded.model.refiner.source == str((tmp_path / "models" / "refiner").resolve())
+
+
 def test_a_refiner_on_an_image_task_is_a_spec_error(tmp_path, tiny_sdxl):
     spec = _spec(tmp_path, tiny_sdxl["base"], {"source": str(tiny_sdxl["refiner"])})
     spec["model"]["task"] = "image-to-image"
