@@ -102,11 +102,24 @@ class Engine:
             options = EngineSpec()
         self.options = options
         self.applied = apply_speed_ups(self.pipe, options)
+        # ... and model.refiner's pipeline beside the base, in the same dtype, with the same ones.
+        self.refiner = None
+        if getattr(model, "refiner", None) is not None:
+            from sdfleet.actors.refiner import Refiner  # it imports this module
 
-        # 5. The batch size, measured in eager mode (compiling a probe shape would be wasted).
+            self.refiner = Refiner(model, family, self.device, self.dtype, options)
+
+        # 5. The batch size, measured in eager mode (compiling a probe shape would be wasted);
+        #    each measured call runs the refiner too.
         on_gpu = self.device.startswith("cuda")
         self.sizer = BatchSizer(
-            self.call, self.task_name, on_gpu, batch_size, warm_up, self.default_size
+            self.call,
+            self.task_name,
+            on_gpu,
+            batch_size,
+            warm_up,
+            self.default_size,
+            probe_steps=self.refiner.probe_steps if self.refiner else 1,
         )
 
         # 6. torch.compile last, then its warm-up: every shape the job's sweep needs, once per
@@ -190,13 +203,8 @@ class Engine:
 
     def _scheduler(self, name: str):
         if name not in self._schedulers:
-            import diffusers  # loaded with the pipeline already; kept off this module's import
-
-            cls = getattr(diffusers, name, None)
-            if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-                raise ModelLoadError(unknown_scheduler(name))
-            self._schedulers[name] = cls.from_config(
-                self._base_scheduler_config, **self.model.scheduler_config
+            self._schedulers[name] = scheduler_of(
+                name, self._base_scheduler_config, self.model.scheduler_config
             )
         return self._schedulers[name]
 
@@ -216,7 +224,8 @@ class Engine:
         """One pipeline call on samples that share GenerationParams.batch_key(): uint8 HxWx3
         images."""
         first = batch[0]
-        self.pipe.scheduler = self._scheduler(first.scheduler or self.default_scheduler)
+        scheduler = first.scheduler or self.default_scheduler
+        self.pipe.scheduler = self._scheduler(scheduler)
         generators = [torch.Generator(GENERATOR_DEVICE).manual_seed(p.seed) for p in batch]
         on_device = self.options.uint8_on_device
         # 1. What every task takes, then the task's own inputs: the size (text-to-image), or the
@@ -240,9 +249,12 @@ class Engine:
             inputs["mask_image"] = [p.mask.pixels for p in batch]
         for key in task.parameters:
             inputs[key] = getattr(first, key)
-        # 2. The pipeline, then the images as uint8.
+        # 2. The pipeline (with model.refiner: base, then refiner), then the images as uint8.
         with torch.inference_mode():
-            out = self.pipe(**inputs)
+            if self.refiner is None:
+                out = self.pipe(**inputs)
+            else:
+                out = self.refiner.refine(self.pipe, inputs, batch, scheduler)
             # The same float32 rounding as diffusers' numpy_to_pil, so plain diffusers reproduces
             # every pixel; on the device it moves a quarter of the bytes to the host.
             if on_device:
@@ -320,6 +332,17 @@ class TokenCounter:
             list(prompts), truncation=False, padding=False, verbose=False
         ).input_ids
         return {p: len(i) for p, i in zip(prompts, ids)}
+
+
+def scheduler_of(name: str, config, overrides: dict):
+    """The diffusers scheduler class `name`, built from a checkpoint's scheduler config with the
+    spec's overrides (model.scheduler_config)."""
+    import diffusers  # loaded with the pipeline already; kept off this module's import
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ModelLoadError(unknown_scheduler(name))
+    return cls.from_config(config, **overrides)
 
 
 def dtype_keyword(diffusers_version: str) -> str:

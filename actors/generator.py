@@ -314,6 +314,7 @@ class ShardGenerator:
             curation_models_sha256=self.curator.models_sha256 if self.curator else None,
             # bench/synthetic.py's stand-in engine has no micro-conditioning.
             size_conditioning=getattr(self.engine, "size_conditioning", None),
+            refiner=getattr(getattr(self.engine, "refiner", None), "call_for", None),
         )
 
     def _generate(self, todo: list[Sample], ticket: int) -> Generated:

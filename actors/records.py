@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 from sdfleet.actors.curation import tally
 from sdfleet.actors.engine import GENERATOR_DEVICE, PromptTokens
 from sdfleet.actors.judge import Outcome
+from sdfleet.actors.refiner import RefinerCall
 from sdfleet.schemas import layout
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import (
+    REFINER_FIELDS,
     STATUS_DUPLICATE,
     STATUS_FAILED,
     STATUS_FILTERED,
@@ -88,6 +90,8 @@ class Provenance:
     curation_models_sha256: dict[str, str] | None  # None without curation
     # The micro-conditioning a text-to-image sample ran with (the engine's); None: none.
     size_conditioning: Callable[[GenerationParams], dict[str, tuple[int, int]]] | None = None
+    # What model.refiner runs a sample with (the engine's); None: no refiner.
+    refiner: Callable[[GenerationParams], RefinerCall] | None = None
 
 
 def build_row(
@@ -148,7 +152,13 @@ def build_row(
     if s.params is not None:
         _add_tokens(row, tokens.get(s.params.prompt), made)
         row.update(
-            sample_id=sample_id(spec.model.source, spec.model.revision, s.params, row["scheduler"]),
+            sample_id=sample_id(
+                spec.model.source,
+                spec.model.revision,
+                s.params,
+                row["scheduler"],
+                {f.name: row[f.name] for f in REFINER_FIELDS} if made.refiner else None,
+            ),
             prompt=s.params.prompt,
         )
     return row
@@ -187,6 +197,22 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
             row.update({f"{name}_sha256": given.sha256, f"{name}_uri": given.uri})
     if made.size_conditioning is not None and s.params is not None:
         row.update({k: list(v) for k, v in made.size_conditioning(s.params).items()})
+    if made.refiner is not None:
+        _add_refiner(row, made.spec, made.refiner(planned))
+
+
+def _add_refiner(row: dict[str, Any], spec: JobSpec, call: RefinerCall) -> None:
+    """model.refiner's columns (schemas.rows.REFINER_FIELDS): what the refiner pipeline ran."""
+    row.update(
+        refiner_source=spec.model.refiner.source,
+        refiner_revision=spec.model.refiner.revision,
+        denoising_end=call.denoising_start,
+        refiner_denoising_start=call.denoising_start,
+        refiner_num_inference_steps=call.num_inference_steps,
+        refiner_guidance_scale=call.guidance_scale,
+        refiner_aesthetic_score=call.aesthetic_score,
+        refiner_negative_aesthetic_score=call.negative_aesthetic_score,
+    )
 
 
 def shard_stats(

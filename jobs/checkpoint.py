@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sdfleet.actors.storage import Storage
-from sdfleet.schemas.errors import ModelLoadError, first_line
-from sdfleet.schemas.families import DEFAULT_FAMILY, vae_scale_factor
+from sdfleet.schemas.errors import ModelLoadError, SpecError, first_line
+from sdfleet.schemas.families import DEFAULT_FAMILY, family_of, vae_scale_factor
 from sdfleet.schemas.locations import kind_of
 from sdfleet.schemas.schedulers import defined_schedulers, unknown_scheduler
 from sdfleet.schemas.spec import ModelSpec
@@ -24,28 +24,53 @@ from sdfleet.schemas.weights import is_safetensors, pickles_only
 HUB_TIMEOUT_S = 10.0
 
 
-def check_model_source(model: ModelSpec) -> None:
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint the spec names: the key naming it (for messages), where it is, its revision,
+    and the options to read it with."""
+
+    key: str
+    source: str
+    revision: str | None
+    storage_options: dict
+
+    @classmethod
+    def of(cls, model: ModelSpec | CheckpointRef) -> CheckpointRef:
+        """model.source's checkpoint (a ref is itself)."""
+        if isinstance(model, CheckpointRef):
+            return model
+        return cls("model.source", model.source, model.revision, model.storage_options)
+
+    @classmethod
+    def refiner_of(cls, model: ModelSpec) -> CheckpointRef:
+        """model.refiner's checkpoint, read with model.storage_options as the base is."""
+        refiner = model.refiner
+        return cls("model.refiner.source", refiner.source, refiner.revision, model.storage_options)
+
+
+def check_model_source(model: ModelSpec | CheckpointRef) -> None:
     """What the driver can check of the model before any worker starts: the folder and its weight
     formats (safetensors only, per component), or that a hub id can be had at all."""
-    source = model.source
+    ref = CheckpointRef.of(model)
+    source, key = ref.source, ref.key
     kind = kind_of(source)
     if kind == "remote":
-        if not Storage(source, model.storage_options).exists("model_index.json"):
+        if not Storage(source, ref.storage_options).exists("model_index.json"):
             raise ModelLoadError(
-                f"model.source {source} has no model_index.json; point it at a diffusers folder"
+                f"{key} {source} has no model_index.json; point it at a diffusers folder"
             )
     elif kind == "local":
-        _check_local_pipeline(Path(source).expanduser())
+        _check_local_pipeline(Path(source).expanduser(), key)
     elif kind == "missing":
-        raise ModelLoadError(f"model.source {source} does not exist")
+        raise ModelLoadError(f"{key} {source} does not exist")
     else:
-        _check_hub_pipeline(source, model.revision)
+        _check_hub_pipeline(source, ref.revision, key)
 
 
-def _check_local_pipeline(folder: Path) -> None:
+def _check_local_pipeline(folder: Path, key: str) -> None:
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(
-            f"model.source {folder} is a local path without model_index.json; point it at a "
+            f"{key} {folder} is a local path without model_index.json; point it at a "
             "diffusers pipeline folder (save_pretrained output)"
         )
     # Every component with weights must have them as safetensors: one pickle-only component would
@@ -54,23 +79,23 @@ def _check_local_pipeline(folder: Path) -> None:
         pickles = pickles_only(p.name for p in component.rglob("*"))
         if pickles:
             raise ModelLoadError(
-                f"model.source {folder} holds only pickle weights for {component.name} "
+                f"{key} {folder} holds only pickle weights for {component.name} "
                 f"({pickles[0]}); sdfleet loads safetensors only. Convert it with "
                 "`pipe.save_pretrained(dir, safe_serialization=True)` in a trusted environment"
             )
 
 
-def _check_hub_pipeline(repo: str, revision: str | None) -> None:
+def _check_hub_pipeline(repo: str, revision: str | None, key: str) -> None:
     """A hub id: in the local cache when offline, else on a hub that answers, with safetensors."""
     import huggingface_hub
     from huggingface_hub import constants as hub_constants
 
-    advice = "point model.source at a local folder or an s3:// mirror"
+    advice = f"point {key} at a local folder or an s3:// mirror"
     if hub_constants.HF_HUB_OFFLINE:
         cached = huggingface_hub.try_to_load_from_cache(repo, "model_index.json", revision=revision)
         if not isinstance(cached, str):
             raise ModelLoadError(
-                f"model.source {repo} is a hub id, HF_HUB_OFFLINE is set and the local Hugging "
+                f"{key} {repo} is a hub id, HF_HUB_OFFLINE is set and the local Hugging "
                 f"Face cache does not hold it: {advice}"
             )
         return
@@ -80,7 +105,7 @@ def _check_hub_pipeline(repo: str, revision: str | None) -> None:
         kind = type(e).__name__
         if "NotFound" in kind or "Gated" in kind:
             raise ModelLoadError(
-                f"model.source {repo}: the hub has no such model you may read ({kind}); {advice}, "
+                f"{key} {repo}: the hub has no such model you may read ({kind}); {advice}, "
                 "or log in with a token that may read it"
             ) from None
         raise ModelLoadError(
@@ -90,7 +115,7 @@ def _check_hub_pipeline(repo: str, revision: str | None) -> None:
     names = [s.rfilename for s in info.siblings or []]
     if names and not any(is_safetensors(n) for n in names):
         raise ModelLoadError(
-            f"model.source {repo} has no safetensors weights on the hub; sdfleet loads "
+            f"{key} {repo} has no safetensors weights on the hub; sdfleet loads "
             f"safetensors only: {advice} holding a converted copy"
         )
 
@@ -122,16 +147,17 @@ class Checkpoint:
         return f"a {self.class_name or 'diffusers pipeline'}{unet}"
 
 
-def read_checkpoint(model: ModelSpec) -> Checkpoint:
+def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
     """Read model_index.json and the UNet's and VAE's configs from a local folder, an s3:// mirror
     or the hub (its cache when offline), without loading a weight."""
-    source = model.source
+    ref = CheckpointRef.of(model)
+    source = ref.source
     kind = kind_of(source)
 
     def config(name: str) -> dict:
         try:
             if kind == "remote":
-                storage = Storage(source, model.storage_options)
+                storage = Storage(source, ref.storage_options)
                 return storage.read_json(name) if storage.exists(name) else {}
             if kind == "local":
                 local = Path(source).expanduser()
@@ -141,7 +167,7 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
             try:
                 return json.loads(
                     Path(
-                        huggingface_hub.hf_hub_download(source, name, revision=model.revision)
+                        huggingface_hub.hf_hub_download(source, name, revision=ref.revision)
                     ).read_text()
                 )
             except huggingface_hub.errors.EntryNotFoundError:
@@ -152,7 +178,7 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
                 ) from e
         except (OSError, ValueError) as e:  # ValueError: not JSON
             raise ModelLoadError(
-                f"cannot read {name} of model.source {source}: {type(e).__name__}: {first_line(e)}"
+                f"cannot read {name} of {ref.key} {source}: {type(e).__name__}: {first_line(e)}"
             ) from None
 
     index = config("model_index.json")
@@ -211,3 +237,34 @@ def check_scheduler_names(names: Sequence[str]) -> None:
     for name in names:
         if name not in defined:
             raise ModelLoadError(unknown_scheduler(name))
+
+
+def check_refiner(model: ModelSpec, base: Checkpoint) -> Checkpoint | None:
+    """model.refiner's checkpoint, checked as the base's is (safetensors only, model_index.json),
+    and one the base's family can hand its latents to: that family's refiner class. Returns what
+    was read of it; None without a refiner."""
+    if model.refiner is None:
+        return None
+    ref = CheckpointRef.refiner_of(model)
+    check_model_source(ref)
+    refiner = read_checkpoint(ref)
+    family, theirs = family_of(base.class_name), family_of(refiner.class_name)
+    named = f"{ref.key} {ref.source} ({refiner.class_name})"
+    if family is None or family.refiner_pipeline is None:
+        what = f"an {family.name} checkpoint" if family else f"a {base.class_name}"
+        raise SpecError(
+            f"{named}: model.source {base.source} is {what}, and "
+            f"{family.name if family else 'its family'} has no refiner; remove model.refiner"
+        )
+    if theirs is not family:
+        raise SpecError(
+            f"{named} is {'an ' + theirs.name if theirs else 'not an ' + family.name} checkpoint, "
+            f"but model.source {base.source} is {family.name}: give an {family.name} refiner "
+            f"({family.refiner_pipeline})"
+        )
+    if refiner.class_name != family.refiner_pipeline:
+        raise SpecError(
+            f"{named} is not an {family.name} refiner: {family.name}'s refiner checkpoints are "
+            f"{family.refiner_pipeline}s (e.g. stabilityai/stable-diffusion-xl-refiner-1.0)"
+        )
+    return refiner

@@ -205,6 +205,12 @@ def _plan(spec) -> int:
         if family
         else f"family        unknown ({pipeline_class}): estimated as {est['family']}"
     )
+    if spec.model.refiner:
+        refiner = spec.model.refiner
+        print(
+            f"refiner       {refiner.source} ({checked.refiner_class}) from denoising_start "
+            f"{refiner.denoising_start}"
+        )
     cur = spec.curation
     # With best-of-N a prompt generates k to m of its m candidate slots: every figure is a range.
     k, m = (cur.images_per_prompt, cur.candidates) if cur.best_of_n else (None, None)
@@ -224,7 +230,12 @@ def _plan(spec) -> int:
     )
     print(
         f"per image     {span(est['tflop_per_image_min'], est['tflop_per_image_max'], '{:.4g}')} "
-        "TFLOP (denoiser steps, VAE decode, text encoders)"
+        + (
+            "TFLOP (base to denoising_end, refiner from denoising_start, both checkpoints' text "
+            "encoders, one VAE decode)"
+            if spec.model.refiner
+            else "TFLOP (denoiser steps, VAE decode, text encoders)"
+        )
     )
     if TASKS[spec.model.task].image:
         fallback = (family or DEFAULT_FAMILY).fallback_size

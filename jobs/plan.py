@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 from sdfleet.actors.storage import Storage
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import InputError, SpecError, StorageError
-from sdfleet.schemas.families import DEFAULT_FAMILY, Family
+from sdfleet.schemas.families import DEFAULT_FAMILY, Family, Handover
 from sdfleet.schemas.locations import is_glob, is_remote
 from sdfleet.schemas.plan import InputFile, Plan
+from sdfleet.schemas.refiner import RefinerSpec
 from sdfleet.schemas.rows import SOURCE_COLUMNS, TEXT_TYPES, output_schema
 from sdfleet.schemas.samples import sweep_points
 from sdfleet.schemas.spec import JobSpec
@@ -88,7 +89,9 @@ def estimate(plan: Plan, family: Family = DEFAULT_FAMILY) -> dict[str, Any]:
     # Sizes the driver has not resolved (the image tasks': their inputs decide) count at the
     # family's fallback size.
     per_image = [
-        family.tflop_per_image(
+        _tflop_per_image(
+            family,
+            plan.spec.model.refiner,
             point.get("width", gen.width) or family.fallback_size,
             point.get("height", gen.height) or family.fallback_size,
             point.get("num_inference_steps", gen.num_inference_steps),
@@ -123,6 +126,23 @@ def estimate(plan: Plan, family: Family = DEFAULT_FAMILY) -> dict[str, Any]:
         "tflop_per_image_min": min(per_image),
         "tflop_per_image_max": max(per_image),
     }
+
+
+def _tflop_per_image(
+    family: Family,
+    refiner: RefinerSpec | None,
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float,
+) -> float:
+    """One image's FLOPs: the family's, or with model.refiner its base + refiner figure."""
+    if refiner is None:
+        return family.tflop_per_image(width, height, steps, guidance_scale)
+    handover = Handover(
+        refiner.denoising_start, refiner.steps(steps), refiner.guidance(guidance_scale)
+    )
+    return family.tflop_per_refined_image(width, height, steps, guidance_scale, handover)
 
 
 _THROUGHPUT_TABLE = Path(__file__).with_name("gpu_throughput.yaml")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sdfleet.actors.storage import Storage
 from sdfleet.jobs.checkpoint import (
     check_model_source,
+    check_refiner,
     check_scheduler_names,
     check_task,
     read_checkpoint,
@@ -41,6 +42,8 @@ class CheckedPlan:
     verdict: Verdict
     # The pipeline class the checkpoint's model_index.json names, as read once here (None: none).
     pipeline_class: str | None = None
+    # ... and model.refiner's checkpoint's (None: no refiner).
+    refiner_class: str | None = None
 
 
 class Preflight:
@@ -60,7 +63,7 @@ class Preflight:
             len(planned.files),
         )
         # 2. The model (does it fit the task?) and the detector, before any GPU is asked for.
-        checkpoint = self._check_model()
+        checkpoint, refiner = self._check_model()
         self._check_detector()
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
@@ -77,7 +80,12 @@ class Preflight:
             raise InputError(str(e)) from None
         # 4. The output: empty, this job's, or a job that committed nothing.
         storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
-        return CheckedPlan(plan, OutputSink(storage).judge(plan), checkpoint.class_name)
+        return CheckedPlan(
+            plan,
+            OutputSink(storage).judge(plan),
+            checkpoint.class_name,
+            refiner.class_name if refiner else None,
+        )
 
     def _check_input_and_output_apart(self) -> None:
         """An output inside the input folder would be read back as prompts (every *.parquet below
@@ -97,7 +105,8 @@ class Preflight:
 
     def _check_model(self):
         """The checkpoint: where it is, what it is, whether it does the task and has the schedulers
-        the spec names. Returns what was read of it."""
+        the spec names; and model.refiner's. Returns what was read of both (refiner: None
+        without one)."""
         names = scheduler_names(
             self.spec.model.scheduler, self.spec.sweep.axes.get("scheduler", [])
         )
@@ -107,8 +116,9 @@ class Preflight:
         if family is not None:  # an unknown class is left to check_task
             family.check_task(self.spec.model.task, checkpoint.source)
         check_task(self.spec.model.task, checkpoint)
+        refiner = check_refiner(self.spec.model, checkpoint)
         check_scheduler_names(names)
-        return checkpoint
+        return checkpoint, refiner
 
     def _check_detector(self) -> None:
         safety = self.spec.safety

@@ -49,6 +49,23 @@ class Flops:
 
 
 @dataclass(frozen=True)
+class Handover:
+    """Base + refiner: the share of the schedule the base runs (its denoising_end, the refiner's
+    denoising_start), and the refiner's own steps and guidance."""
+
+    denoising_start: float
+    refiner_steps: int
+    guidance_scale: float
+
+    def forwards(self, base_steps: int) -> tuple[int, int]:
+        """The denoiser steps each side runs: diffusers cuts each evenly spaced schedule at the
+        handover, so the base runs about `denoising_start` of its steps and the refiner the rest
+        of its own (within one step: the cut falls between the schedule's timesteps)."""
+        kept = round(self.refiner_steps * self.denoising_start)
+        return round(base_steps * self.denoising_start), self.refiner_steps - kept
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     # The diffusers class model_index.json names for each task's checkpoint (`family_of` reads it).
@@ -71,7 +88,9 @@ class Family:
     # The pipeline decodes in float32 where the VAE's config says force_upcast (SDXL's VAE
     # overflows in float16; an fp16-fixed VAE says false), so a float16 job decodes in float32.
     vae_upcast: bool = False
-    # The family's refiner checkpoint, which continues the base's denoising (SDXL's); None: none.
+    # The family's refiner checkpoint, which continues the base's denoising (SDXL's): its
+    # model_index.json class and its FLOPs; None: the family has none.
+    refiner_pipeline: str | None = None
     refiner_flops: Flops | None = None
 
     def pipeline(self, task: str) -> str:
@@ -97,6 +116,30 @@ class Family:
     def tflop_per_image(self, width: int, height: int, steps: int, guidance_scale: float) -> float:
         return self.flops.tflop_per_image(
             width, height, steps, self.denoiser_passes(guidance_scale)
+        )
+
+    def tflop_per_refined_image(
+        self, width: int, height: int, steps: int, guidance_scale: float, refiner: Handover
+    ) -> float:
+        """Base + refiner: the base's denoiser forwards up to the handover and the refiner's from
+        it (each with its own CFG passes), both checkpoints' text encoders, and one VAE decode
+        (the refiner's: the base hands latents over undecoded)."""
+        if self.refiner_flops is None:
+            raise SpecError(f"model.refiner: {self.name} has no refiner")
+        base, refined = self.flops, self.refiner_flops
+        base_steps, refiner_steps = refiner.forwards(steps)
+        return (
+            base.denoiser_tflop
+            * self.denoiser_passes(guidance_scale)
+            * base_steps
+            * (width * height / base.pixels)
+            + refined.denoiser_tflop
+            * self.denoiser_passes(refiner.guidance_scale)
+            * refiner_steps
+            * (width * height / refined.pixels)
+            + base.text_tflop
+            + refined.text_tflop
+            + refined.vae_decode_tflop * (width * height / refined.pixels)
         )
 
     def size_conditioning_defaults(self, width: int, height: int) -> dict[str, tuple[int, int]]:
@@ -195,6 +238,7 @@ SDXL = Family(
     vae_upcast=True,
     # The refiner at 1024x1024: one UNet forward 7.2860, its VAE decode (the same VAE) 10.4704,
     # text_encoder_2 alone at batch 2 0.1957.
+    refiner_pipeline="StableDiffusionXLImg2ImgPipeline",
     refiner_flops=Flops(
         pixels=1024 * 1024, denoiser_tflop=7.2860, vae_decode_tflop=10.4704, text_tflop=0.1957
     ),

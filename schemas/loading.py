@@ -54,7 +54,15 @@ def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
     updates = {
         "input": spec.input.model_copy(update={"uri": resolved(spec.input.uri, False)}),
         "output": spec.output.model_copy(update={"uri": resolved(spec.output.uri, False)}),
-        "model": spec.model.model_copy(update={"source": resolved(spec.model.source, True)}),
+        "model": spec.model.model_copy(
+            update={
+                "source": resolved(spec.model.source, True),
+                "refiner": spec.model.refiner
+                and spec.model.refiner.model_copy(
+                    update={"source": resolved(spec.model.refiner.source, True)}
+                ),
+            }
+        ),
         "safety": spec.safety.model_copy(update={"model": resolved(spec.safety.model, True)}),
         "curation": spec.curation.model_copy(
             update={

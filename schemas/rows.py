@@ -145,11 +145,29 @@ def family_fields(family: Family | None) -> list[pa.Field]:
     return fields
 
 
-def output_schema(passthrough: pa.Schema | None = None, family: Family | None = None) -> pa.Schema:
+# model.refiner's columns, only in a job with a refiner: what the refiner pipeline ran with (the
+# base's denoising_end is the refiner's denoising_start; the aesthetic scores condition a refiner
+# whose config says requires_aesthetics_score, null otherwise). Never `aesthetic_score`: that is
+# curation's column.
+REFINER_FIELDS = [
+    pa.field("refiner_source", pa.string()),
+    pa.field("refiner_revision", pa.string()),
+    pa.field("denoising_end", pa.float64()),
+    pa.field("refiner_denoising_start", pa.float64()),
+    pa.field("refiner_num_inference_steps", pa.int64()),
+    pa.field("refiner_guidance_scale", pa.float64()),
+    pa.field("refiner_aesthetic_score", pa.float64()),
+    pa.field("refiner_negative_aesthetic_score", pa.float64()),
+]
+
+
+def output_schema(
+    passthrough: pa.Schema | None = None, family: Family | None = None, refiner: bool = False
+) -> pa.Schema:
     """The output schema: the family's own columns after the common ones (family: the
-    checkpoint's, where it is known), then the input's passthrough columns under their own
-    types."""
-    fields = list(OUTPUT_FIELDS) + family_fields(family)
+    checkpoint's, where it is known), the refiner's with model.refiner, then the input's
+    passthrough columns under their own types."""
+    fields = list(OUTPUT_FIELDS) + family_fields(family) + (REFINER_FIELDS if refiner else [])
     if passthrough is not None:
         names = {f.name for f in fields}
         clash = [f.name for f in passthrough if f.name in names]

@@ -171,9 +171,14 @@ def _first_set(*values):
 
 
 def sample_id(
-    model_source: str, model_revision: str | None, params: GenerationParams, scheduler: str
+    model_source: str,
+    model_revision: str | None,
+    params: GenerationParams,
+    scheduler: str,
+    refiner: dict[str, Any] | None = None,
 ) -> str:
-    """The identity of one image across jobs: everything that determines its pixels."""
+    """The identity of one image across jobs: everything that determines its pixels. refiner:
+    a base + refiner sample's refiner columns (schemas.rows.REFINER_FIELDS)."""
     payload = {
         "model_source": model_source,
         "model_revision": model_revision,
@@ -195,4 +200,5 @@ def sample_id(
         "mask_image_sha256": params.mask.sha256 if params.mask else None,
     }
     payload.update({k: v for k, v in extra.items() if v is not None})
+    payload.update(refiner or {})  # none without a refiner: ids made before it stay
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

@@ -17,6 +17,7 @@ from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields, redact
 from sdfleet.schemas.loading import apply_override, format_validation_error, resolve_relative_paths
+from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
 from sdfleet.schemas.schedulers import check_scheduler_name
 from sdfleet.schemas.tasks import TASK_NAMES, TASK_PARAMETERS, TASKS, TEXT_TO_IMAGE
@@ -37,6 +38,12 @@ class ModelSpec(_Section):
     scheduler: str | None = "EulerDiscreteScheduler"
     scheduler_config: dict[str, Any] = Field(default_factory=dict)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    refiner: RefinerSpec | None = None  # sdfleet.schemas.refiner
+
+    @model_validator(mode="after")
+    def _refiner_fits_the_task(self):
+        check_refiner_task(self.task, self.refiner)
+        return self
 
     @field_validator("source")
     @classmethod
