@@ -314,6 +314,8 @@ class ShardGenerator:
             curation_models_sha256=self.curator.models_sha256 if self.curator else None,
             # bench/synthetic.py's stand-in engine has no micro-conditioning.
             size_conditioning=getattr(self.engine, "size_conditioning", None),
+            aesthetic_conditioning=getattr(self.engine, "aesthetic_conditioning", {}),
+            vae_decode_dtype=getattr(self.engine, "vae_decode_dtype", None),
         )
 
     def _generate(self, todo: list[Sample], ticket: int) -> Generated:

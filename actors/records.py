@@ -23,6 +23,9 @@ from sdfleet.schemas.rows import (
     STATUS_OK,
     STATUS_REJECTED,
     STATUS_SKIPPED,
+    VAE_COLUMNS,
+    VAE_DECODE_DTYPE,
+    conditioning_column,
     token_columns,
 )
 from sdfleet.schemas.samples import GenerationParams, Sample, sample_id
@@ -88,6 +91,10 @@ class Provenance:
     curation_models_sha256: dict[str, str] | None  # None without curation
     # The micro-conditioning a text-to-image sample ran with (the engine's); None: none.
     size_conditioning: Callable[[GenerationParams], dict[str, tuple[int, int]]] | None = None
+    # The aesthetic-score conditioning every call passes, by diffusers' keyword (the engine's).
+    aesthetic_conditioning: dict[str, float] = field(default_factory=dict)
+    # The dtype the latents were decoded in (the engine's); None: a family that never upcasts.
+    vae_decode_dtype: str | None = None
 
 
 def build_row(
@@ -144,14 +151,30 @@ def build_row(
             safety_flagged=verdict.flagged,
         )
     row.update(task=spec.model.task, vae_tiling=spec.engine.vae_tiling)
+    components = _add_components(row, spec, made)
     _add_parameters(row, s, o, made)
     if s.params is not None:
         _add_tokens(row, tokens.get(s.params.prompt), made)
         row.update(
-            sample_id=sample_id(spec.model.source, spec.model.revision, s.params, row["scheduler"]),
+            sample_id=sample_id(
+                spec.model.source, spec.model.revision, s.params, row["scheduler"], components
+            ),
             prompt=s.params.prompt,
         )
     return row
+
+
+def _add_components(row: dict[str, Any], spec: JobSpec, made: Provenance) -> dict[str, Any]:
+    """model.vae's columns where the job sets it (no key otherwise, so other jobs' rows and tars
+    stay as they were), and the decode's dtype where the family may upcast it. Returns the
+    components' columns, which are part of the sample's identity."""
+    components = {}
+    if spec.model.vae is not None:
+        components = dict(zip(VAE_COLUMNS, (spec.model.vae, spec.model.vae_revision), strict=True))
+        row.update(components)
+    if made.vae_decode_dtype is not None:
+        row[VAE_DECODE_DTYPE] = made.vae_decode_dtype
+    return components
 
 
 def _add_tokens(row: dict[str, Any], counted: PromptTokens | int | None, made: Provenance) -> None:
@@ -187,6 +210,8 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
             row.update({f"{name}_sha256": given.sha256, f"{name}_uri": given.uri})
     if made.size_conditioning is not None and s.params is not None:
         row.update({k: list(v) for k, v in made.size_conditioning(s.params).items()})
+    if s.params is not None:
+        row.update({conditioning_column(k): v for k, v in made.aesthetic_conditioning.items()})
 
 
 def shard_stats(

@@ -16,6 +16,7 @@ from sdfleet.jobs.checkpoint import (
     check_model_source,
     check_scheduler_names,
     check_task,
+    check_vae,
     read_checkpoint,
 )
 from sdfleet.jobs.plan import Planner
@@ -107,6 +108,7 @@ class Preflight:
         if family is not None:  # an unknown class is left to check_task
             family.check_task(self.spec.model.task, checkpoint.source)
         check_task(self.spec.model.task, checkpoint)
+        check_vae(self.spec.model, checkpoint)
         check_scheduler_names(names)
         return checkpoint
 

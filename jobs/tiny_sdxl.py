@@ -46,10 +46,11 @@ def _unet(cross_attention_dim: int, time_ids: int):
     )
 
 
-def _vae():
+def _vae(force_upcast: bool = True):
     from diffusers import AutoencoderKL
 
-    # Four blocks -> scale factor 8, as SDXL's; force_upcast as SDXL's VAE config says.
+    # Four blocks -> scale factor 8, as SDXL's; force_upcast as SDXL's VAE config says (an
+    # fp16-fixed VAE says false: it decodes in float16 without overflowing).
     return AutoencoderKL(
         block_out_channels=(8, 8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -59,7 +60,7 @@ def _vae():
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=0.13025,
-        force_upcast=True,
+        force_upcast=force_upcast,
     )
 
 
@@ -136,4 +137,19 @@ def write_tiny_sdxl(path: str | os.PathLike, variant: str = "base") -> pathlib.P
         pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
     out = pathlib.Path(path)
     pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+TINY_SDXL_VAE = "tiny-sdxl-vae-fp16-fix"
+
+
+def write_tiny_sdxl_vae(path: str | os.PathLike) -> pathlib.Path:
+    """Write a tiny stand-in for an fp16-fixed SDXL VAE (madebyollin/sdxl-vae-fp16-fix's layout:
+    an AutoencoderKL folder, config.json and safetensors): the tiny SDXL's VAE shape with other
+    weights, so that an image decoded by it differs, and `force_upcast: false`, as the fix says."""
+    import torch
+
+    torch.manual_seed(7)
+    out = pathlib.Path(path)
+    _vae(force_upcast=False).save_pretrained(out, safe_serialization=True)
     return out

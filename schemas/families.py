@@ -73,6 +73,9 @@ class Family:
     vae_upcast: bool = False
     # The family's refiner checkpoint, which continues the base's denoising (SDXL's); None: none.
     refiner_flops: Flops | None = None
+    # The aesthetic score and its negative a checkpoint of the family that says
+    # requires_aesthetics_score is conditioned on (diffusers' defaults); None: no such checkpoint.
+    aesthetic_score: tuple[float, float] | None = None
 
     def pipeline(self, task: str) -> str:
         return self.pipelines[task]
@@ -116,6 +119,14 @@ class Family:
         record what the denoiser was conditioned on; empty for a family without it."""
         defaults = self.size_conditioning_defaults(width, height)
         return {**defaults, **{f"negative_{name}": value for name, value in defaults.items()}}
+
+    def aesthetic_inputs(self) -> dict[str, float]:
+        """The aesthetic-score conditioning a call passes to a checkpoint that says
+        requires_aesthetics_score (SDXL's refiner), by diffusers' keyword; empty for a family
+        without such checkpoints."""
+        if self.aesthetic_score is None:
+            return {}
+        return dict(zip(("aesthetic_score", "negative_aesthetic_score"), self.aesthetic_score))
 
     def native_size(self, sample_size: object, vae_scale: int) -> int | None:
         """The size a checkpoint was trained at: its denoiser's sample_size (latent pixels) times
@@ -198,6 +209,8 @@ SDXL = Family(
     refiner_flops=Flops(
         pixels=1024 * 1024, denoiser_tflop=7.2860, vae_decode_tflop=10.4704, text_tflop=0.1957
     ),
+    # StableDiffusionXLImg2ImgPipeline's and ...InpaintPipeline's defaults for the refiner.
+    aesthetic_score=(6.0, 2.5),
 )
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD2, SDXL)}

@@ -49,6 +49,8 @@ _OPERATIONAL_PREFIXES = (
 # the fingerprint at that default, so a job made before them still resumes after an upgrade.
 _ADDED_KEYS = {
     "model.task": TEXT_TO_IMAGE,
+    "model.vae": None,
+    "model.vae_revision": None,
     "input.image_column": None,
     "input.mask_column": None,
     "generation.strength": None,

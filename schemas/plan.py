@@ -92,7 +92,11 @@ class Plan:
         return shard_name(shard_id, self.key_width)
 
     def output_schema(self) -> pa.Schema:
-        return output_schema(self.passthrough_schema, FAMILIES.get(self.family or ""))
+        return output_schema(
+            self.passthrough_schema,
+            FAMILIES.get(self.family or ""),
+            vae=self.spec.model.vae is not None,
+        )
 
     def input_manifest(self) -> list[dict[str, Any]]:
         return [{"uri": f.uri, "size": f.size, "rows": f.rows} for f in self.files]

@@ -171,9 +171,15 @@ def _first_set(*values):
 
 
 def sample_id(
-    model_source: str, model_revision: str | None, params: GenerationParams, scheduler: str
+    model_source: str,
+    model_revision: str | None,
+    params: GenerationParams,
+    scheduler: str,
+    components: dict[str, str | None] | None = None,
 ) -> str:
-    """The identity of one image across jobs: everything that determines its pixels."""
+    """The identity of one image across jobs: everything that determines its pixels.
+    components: what replaced the checkpoint's own (vae_source, vae_revision), set values only,
+    so that a job without overrides keeps the ids it had."""
     payload = {
         "model_source": model_source,
         "model_revision": model_revision,
@@ -195,4 +201,5 @@ def sample_id(
         "mask_image_sha256": params.mask.sha256 if params.mask else None,
     }
     payload.update({k: v for k, v in extra.items() if v is not None})
+    payload.update({k: v for k, v in (components or {}).items() if v is not None})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

@@ -37,13 +37,19 @@ class ModelSpec(_Section):
     scheduler: str | None = "EulerDiscreteScheduler"
     scheduler_config: dict[str, Any] = Field(default_factory=dict)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # A VAE in place of the checkpoint's own (an AutoencoderKL folder: config.json and safetensors
+    # weights), e.g. an fp16-fixed SDXL VAE: a hub id, a local folder or an s3:// folder (read
+    # with model.storage_options); null: the checkpoint's.
+    vae: str | None = None
+    vae_revision: str | None = None
 
-    @field_validator("source")
+    @field_validator("source", "vae")
     @classmethod
-    def _source_not_empty(cls, v: str) -> str:
-        if not v.strip():
+    def _source_not_empty(cls, v: str | None, info) -> str | None:
+        if v is not None and not v.strip():
             raise ValueError(
-                "model.source is empty; give a hub id, a local folder or an s3:// folder"
+                f"model.{info.field_name} is empty; give a hub id, a local folder or an s3:// "
+                "folder"
             )
         return v
 

@@ -137,12 +137,24 @@ def test_a_task_without_a_pipeline_is_refused_naming_the_family():
 def test_a_family_adds_its_own_output_columns_and_sd2_none():
     """SD2's output schema is the one it always was; SDXL's adds the second encoder's token count
     and truncation flag and the six micro-conditioning inputs the call passes."""
-    from sdfleet.schemas.rows import SIZE_CONDITIONING_COLUMNS, family_fields, output_schema
+    from sdfleet.schemas.rows import (
+        SIZE_CONDITIONING_COLUMNS,
+        VAE_DECODE_DTYPE,
+        family_fields,
+        output_schema,
+    )
 
     assert family_fields(SD2) == [] and output_schema(None, SD2).equals(output_schema())
     assert SD2.size_conditioning_inputs(512, 512) == {}
     names = [f.name for f in family_fields(SDXL)]
-    assert names == ["prompt_tokens_2", "prompt_truncated_2", *SIZE_CONDITIONING_COLUMNS]
+    assert names == [
+        "prompt_tokens_2",
+        "prompt_truncated_2",
+        *SIZE_CONDITIONING_COLUMNS,
+        "conditioning_aesthetic_score",
+        "conditioning_negative_aesthetic_score",
+        VAE_DECODE_DTYPE,
+    ]
     assert set(SDXL.size_conditioning_inputs(64, 48)) == set(SIZE_CONDITIONING_COLUMNS)
     assert SDXL.size_conditioning_inputs(64, 48)["negative_original_size"] == (48, 64)
     schema = output_schema(None, SDXL)

@@ -1,0 +1,115 @@
+"""SDXL's image tasks and spec errors: an SDXL checkpoint with `model.task: image-to-image` loads
+StableDiffusionXLImg2ImgPipeline (the refiner's own class, and the base's as an image task), and
+its rows record what regeneration needs: the micro-conditioning as diffusers derives it from the
+input image's size, and the aesthetic score a checkpoint that `requires_aesthetics_score` is
+conditioned on. Sizes off the latent grid are refused before any worker starts, naming the
+family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from test_tasks import assert_close, decoded, input_bytes, photo, png, run_job, three_ok
+
+# Off the 8-pixel grid on purpose: diffusers floors each side to it (72 x 48 here).
+INPUT_SIZE = (75, 50)
+
+
+def regenerate_image_task(pipe, row, image) -> np.ndarray:
+    """An SDXL image task's row from plain diffusers: the recorded micro-conditioning and, where
+    the row has one, the aesthetic score it was conditioned on."""
+    import diffusers
+    import torch
+
+    from sdfleet.schemas.families import SDXL
+    from sdfleet.schemas.rows import SIZE_CONDITIONING_COLUMNS, conditioning_column
+
+    pipe.scheduler = getattr(diffusers, row["scheduler"]).from_config(pipe.scheduler.config)
+    conditioning = {name: tuple(row[name]) for name in SIZE_CONDITIONING_COLUMNS}
+    aesthetic = {
+        keyword: row[conditioning_column(keyword)]
+        for keyword in SDXL.aesthetic_inputs()
+        if row[conditioning_column(keyword)] is not None
+    }
+    out = pipe(
+        row["prompt"],
+        negative_prompt=row["negative_prompt"],
+        image=image,
+        strength=row["strength"],
+        num_inference_steps=row["num_inference_steps"],
+        guidance_scale=row["guidance_scale"],
+        generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"]),
+        output_type="np",
+        **conditioning,
+        **aesthetic,
+    ).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["refiner", "base"])
+def test_sdxl_image_to_image_rows_regenerate(variant, tmp_path, tiny_sdxl, s3, ray_cluster):
+    import diffusers
+
+    images_in = [png(photo(name, 80).resize(INPUT_SIZE)) for name in ("astronaut", "coffee")]
+    table = pa.table(
+        {
+            "prompt_id": ["a", "b"],
+            "prompt": ["an oil painting", "a cup of coffee, studio light"],
+            "image": pa.array(images_in, pa.binary()),
+        }
+    )
+    rows, images, _ = run_job(
+        tmp_path,
+        s3,
+        ray_cluster.address,
+        tiny_sdxl[variant],
+        "image-to-image",
+        table,
+        input={"image_column": "image"},
+        generation={"strength": 0.6, "guidance_scale": 5.0},
+    )
+    # 1. The size diffusers makes, and the micro-conditioning it derives from it, recorded.
+    refiner = variant == "refiner"
+    for row in rows.values():
+        assert row["status"] == "ok" and (row["width"], row["height"]) == (72, 48)
+        for name in ("original_size", "target_size", "negative_original_size"):
+            assert row[name] == [48, 72], name
+        assert row["crops_coords_top_left"] == [0, 0] and row["strength"] == 0.6
+        aesthetic = (
+            row["conditioning_aesthetic_score"],
+            row["conditioning_negative_aesthetic_score"],
+        )
+        assert aesthetic == ((6.0, 2.5) if refiner else (None, None))
+        # The refiner has text_encoder_2 alone: only its tokenizer counts.
+        assert row["prompt_tokens_2"] > 0
+        assert (row["prompt_tokens"] is None) is refiner
+    # 2. Three rows from the plain img2img pipeline.
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny_sdxl[variant], use_safetensors=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for row in three_ok(rows):
+        image = decoded(input_bytes(s3, table, row, "input_image"), "RGB")
+        assert_close(images[row["key"]], regenerate_image_task(pipe, row, image))
+    if refiner:  # the recorded aesthetic score matters
+        row = three_ok(rows)[0]
+        image = decoded(input_bytes(s3, table, row, "input_image"), "RGB")
+        wrong = regenerate_image_task(pipe, {**row, "conditioning_aesthetic_score": 1.0}, image)
+        assert np.abs(images[row["key"]].astype(int) - wrong.astype(int)).max() > 2
+
+
+def test_the_engine_loads_the_sdxl_class_for_an_image_task(tiny_sdxl):
+    """The Engine, as a worker builds it: the base as an image-to-image checkpoint is an
+    StableDiffusionXLImg2ImgPipeline, and the refiner (already one) gets its aesthetic score."""
+    from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.families import SDXL
+    from sdfleet.schemas.spec import ModelSpec
+
+    for variant, aesthetic in (("base", {}), ("refiner", SDXL.aesthetic_inputs())):
+        model = ModelSpec(source=str(tiny_sdxl[variant]), task="image-to-image")
+        engine = Engine(model, device="cpu", batch_size=1)
+        assert type(engine.pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
+        assert engine.family is SDXL and engine.aesthetic_conditioning == aesthetic
