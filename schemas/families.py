@@ -134,14 +134,15 @@ class Family:
         return sample_size * vae_scale if isinstance(sample_size, int) and sample_size else None
 
     def check_size(self, name: str, value: int) -> int:
-        """A width or height on the latent grid; else a ValueError that suggests the nearest ones
-        (other sizes fail deep inside the denoiser with a shape error)."""
+        """A width or height on the family's latent grid; else a ValueError that names the family
+        and suggests the nearest sizes (other sizes fail deep inside the denoiser with a shape
+        error)."""
         grid = self.latent_grid
         if value % grid:
             lower = value - value % grid
             raise ValueError(
-                f"{name}={value} is not divisible by {grid}; use e.g. {lower or grid} or "
-                f"{lower + grid}"
+                f"{name}={value} is not divisible by {grid}, the latent grid of {self.name} "
+                f"checkpoints; use e.g. {lower or grid} or {lower + grid}"
             )
         return value
 

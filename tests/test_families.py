@@ -66,9 +66,13 @@ def test_native_size_is_sample_size_times_the_vae_scale():
 
 def test_sizes_must_be_on_the_latent_grid():
     assert SD2.check_size("width", 512) == 512
-    with pytest.raises(ValueError, match=r"width=100 is not divisible by 8; use e.g. 96 or 104"):
+    with pytest.raises(
+        ValueError,
+        match=r"width=100 is not divisible by 8, the latent grid of sd2 checkpoints; "
+        r"use e.g. 96 or 104",
+    ):
         SD2.check_size("width", 100)
-    with pytest.raises(ValueError, match=r"height=4 is not divisible by 8; use e.g. 8 or 8"):
+    with pytest.raises(ValueError, match=r"height=4 is not divisible by 8, .* use e.g. 8 or 8"):
         SD2.check_size("height", 4)
 
 
@@ -103,7 +107,9 @@ def test_sdxl_row():
         "crops_coords_top_left": (0, 0),
         "target_size": (768, 1024),
     }
-    with pytest.raises(ValueError, match="width=1020 is not divisible by 8"):
+    with pytest.raises(
+        ValueError, match="width=1020 is not divisible by 8, the latent grid of sdxl"
+    ):
         SDXL.check_size("width", 1020)
 
 

@@ -113,3 +113,33 @@ def test_the_engine_loads_the_sdxl_class_for_an_image_task(tiny_sdxl):
         engine = Engine(model, device="cpu", batch_size=1)
         assert type(engine.pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
         assert engine.family is SDXL and engine.aesthetic_conditioning == aesthetic
+
+
+def _plan(tmp_path, source, **sections):
+    import yaml
+
+    from helpers import run_cli, spec_dict, write_prompts
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"])
+    base = {
+        "input": {"uri": str(tmp_path / "in")},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"source": str(source)},
+        "safety": {"detector": "none"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_dict(base, **sections)))
+    return run_cli("plan", str(tmp_path / "job.yaml"))
+
+
+def test_a_size_off_the_grid_is_refused_naming_the_family(tmp_path, tiny_sdxl, tiny_model):
+    """Exit 1 before any worker starts: the key, the value, the checkpoint's family, the nearest
+    sizes; a swept size too."""
+    out = _plan(tmp_path / "a", tiny_sdxl["base"], generation={"width": 1001, "height": 1024})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert (
+        "generation.width=1001 is not divisible by 8, the latent grid of sdxl checkpoints; use "
+        "e.g. 1000 or 1008" in out.stderr
+    )
+    out = _plan(tmp_path / "b", tiny_model, sweep={"axes": {"height": [512, 500]}})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "sweep.axes.height=500 is not divisible by 8, the latent grid of sd2" in out.stderr
