@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from test_tasks import assert_close, decoded, input_bytes, photo, png, run_job, three_ok
 
@@ -17,9 +18,10 @@ from test_tasks import assert_close, decoded, input_bytes, photo, png, run_job, 
 INPUT_SIZE = (75, 50)
 
 
-def regenerate_image_task(pipe, row, image) -> np.ndarray:
+def regenerate_image_task(pipe, row, image, **extra) -> np.ndarray:
     """An SDXL image task's row from plain diffusers: the recorded micro-conditioning and, where
-    the row has one, the aesthetic score it was conditioned on."""
+    the row has one, the aesthetic score it was conditioned on (extra: the inpaint pipeline's
+    mask, width and height)."""
     import diffusers
     import torch
 
@@ -44,6 +46,7 @@ def regenerate_image_task(pipe, row, image) -> np.ndarray:
         output_type="np",
         **conditioning,
         **aesthetic,
+        **extra,
     ).images[0]
     return (out * 255).round().astype(np.uint8)
 
@@ -143,3 +146,73 @@ def test_a_size_off_the_grid_is_refused_naming_the_family(tmp_path, tiny_sdxl, t
     out = _plan(tmp_path / "b", tiny_model, sweep={"axes": {"height": [512, 500]}})
     assert out.returncode == 1, out.stdout + out.stderr
     assert "sweep.axes.height=500 is not divisible by 8, the latent grid of sd2" in out.stderr
+
+
+@pytest.mark.slow
+def test_the_sdedit_example_pair_refines_the_base_jobs_images(tmp_path, tiny_sdxl, s3, ray_cluster):
+    """jobs/examples' SDXL pair at tiny size: the base at its native 64², then the refiner as an
+    image-to-image job over the first job's ok images at strength 0.3; one row regenerates with
+    the plain img2img pipeline from the first job's image."""
+    import io
+    import tarfile
+
+    import diffusers
+    import pyarrow.parquet as pq
+
+    from helpers import REPO, run_cli
+
+    examples = REPO / "jobs" / "examples"
+    table = pa.table({"prompt_id": ["p0", "p1"], "prompt": ["a lighthouse", "a red fox"]})
+    with s3.open(f"{s3.bucket}/prompts/p.parquet", "wb") as f:
+        pq.write_table(table, f)
+    out1, out2 = f"s3://{s3.bucket}/sdedit/base", f"s3://{s3.bucket}/sdedit/refined"
+    tiny = [
+        "generation.num_inference_steps=4",
+        "safety.detector=none",
+        "output.samples_per_shard=2",
+        "resources.batch_size=2",
+        "resources.max_workers=2",
+    ]
+    sets = lambda *pairs: [a for p in (*pairs, *tiny) for a in ("--set", p)]  # noqa: E731
+    for example, source, uris in (
+        ("sdxl_base_1024.yaml", tiny_sdxl["base"], (f"s3://{s3.bucket}/prompts/", out1)),
+        ("sdxl_refiner_sdedit_1024.yaml", tiny_sdxl["refiner"], (out1, out2)),
+    ):
+        done = run_cli(
+            "run",
+            str(examples / example),
+            "--address",
+            ray_cluster.address,
+            "--no-progress",
+            *sets(f"model.source={source}", f"input.uri={uris[0]}", f"output.uri={uris[1]}"),
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def rows_at(uri):
+        found = {}
+        for name in sorted(s3.glob(f"{uri.removeprefix('s3://')}/*.parquet")):
+            with s3.open(name, "rb") as f:
+                found.update({r["key"]: r for r in pq.read_table(f).to_pylist()})
+        return found
+
+    def tar_file(uri, key, ext):
+        blob = s3.cat_file(f"{uri.removeprefix('s3://')}/{key[:5]}.tar")
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            return tar.extractfile(f"{key}.{ext}").read()
+
+    base, refined = rows_at(out1), rows_at(out2)
+    assert len(base) == 4 and {r["width"] for r in base.values()} == {64}
+    assert len(refined) == 4 and {r["source_key"] for r in refined.values()} == set(base)
+    for r in refined.values():
+        assert r["task"] == "image-to-image" and r["strength"] == 0.3
+        assert r["source_output"] == out1 and r["original_size"] == [64, 64]
+        assert r["conditioning_aesthetic_score"] == 6.0
+        assert r["input_image_sha256"] == base[r["source_key"]]["image_sha256"]
+    row = next(iter(refined.values()))
+    image = Image.open(io.BytesIO(tar_file(out1, row["source_key"], "png"))).convert("RGB")
+    ours = np.asarray(Image.open(io.BytesIO(tar_file(out2, row["key"], "png"))))
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny_sdxl["refiner"], use_safetensors=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert_close(ours, regenerate_image_task(pipe, row, image))
