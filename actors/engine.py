@@ -14,6 +14,7 @@ starts is sdfleet.jobs.checkpoint's, so the driver never imports this module.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import time
@@ -243,6 +244,7 @@ class Engine:
         )
         if task.image:
             inputs["image"] = [p.image.pixels for p in batch]
+            inputs.update(self.image_task_size(first))
         else:
             inputs.update(width=first.width, height=first.height)
         # Explicit, as the rows record it (empty for a family without micro-conditioning).
@@ -282,13 +284,29 @@ class Engine:
         input size as diffusers reads it (each side floored to the latent grid, the size it
         makes); empty for a family without it."""
         if self.task.image and params.image is not None:
-            grid = self.family.latent_grid
-            width, height = (side - side % grid for side in params.image.size)
+            width, height = self.input_size(params)
         elif params.width is None:
             return {}
         else:
             width, height = params.width, params.height
         return self.family.size_conditioning_inputs(width, height)
+
+    def input_size(self, params: GenerationParams) -> tuple[int, int]:
+        """An image task's (width, height) as diffusers reads its input: each side floored to the
+        latent grid."""
+        grid = self.family.latent_grid
+        width, height = (side - side % grid for side in params.image.size)
+        return width, height
+
+    def image_task_size(self, params: GenerationParams) -> dict[str, int]:
+        """width and height for an image task whose pipeline would otherwise make its native size
+        rather than the input's (SDXL's inpaint pipeline), in a family whose micro-conditioning
+        records the input's size; empty otherwise (SD2's calls stay as they were)."""
+        takes_size = "width" in inspect.signature(self.pipe.__call__).parameters
+        if not (self.family.size_conditioning and takes_size):
+            return {}
+        width, height = self.input_size(params)
+        return {"width": width, "height": height}
 
     def scheduler_name(self, params: GenerationParams) -> str:
         return params.scheduler or self.default_scheduler

@@ -104,6 +104,51 @@ def test_sdxl_image_to_image_rows_regenerate(variant, tmp_path, tiny_sdxl, s3, r
         assert np.abs(images[row["key"]].astype(int) - wrong.astype(int)).max() > 2
 
 
+@pytest.mark.slow
+def test_sdxl_inpaint_rows_regenerate(tmp_path, tiny_sdxl, s3, ray_cluster):
+    """An SDXL inpainting checkpoint makes the input's size (its pipeline would make its native
+    size unless told), conditioned on it; plain StableDiffusionXLInpaintPipeline regenerates."""
+    import diffusers
+
+    mask = Image.new("L", INPUT_SIZE, 0)
+    mask.paste(255, (0, 0, INPUT_SIZE[0] // 2, INPUT_SIZE[1]))
+    table = pa.table(
+        {
+            "prompt_id": ["a", "b"],
+            "prompt": ["an oil painting", "a cup of coffee, studio light"],
+            "image": pa.array(
+                [png(photo(name, 80).resize(INPUT_SIZE)) for name in ("astronaut", "coffee")],
+                pa.binary(),
+            ),
+            "mask": pa.array([png(mask)] * 2, pa.binary()),
+        }
+    )
+    rows, images, _ = run_job(
+        tmp_path,
+        s3,
+        ray_cluster.address,
+        tiny_sdxl["inpaint"],
+        "inpaint",
+        table,
+        input={"image_column": "image", "mask_column": "mask"},
+        generation={"strength": 0.9, "guidance_scale": 5.0},
+    )
+    for row in rows.values():
+        assert row["status"] == "ok" and (row["width"], row["height"]) == (72, 48)
+        assert row["original_size"] == row["target_size"] == [48, 72]
+    pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(
+        tiny_sdxl["inpaint"], use_safetensors=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for row in three_ok(rows):
+        image = decoded(input_bytes(s3, table, row, "input_image"), "RGB")
+        mask_image = decoded(input_bytes(s3, table, row, "mask_image"), "L")
+        ours = regenerate_image_task(
+            pipe, row, image, mask_image=mask_image, width=row["width"], height=row["height"]
+        )
+        assert_close(images[row["key"]], ours)
+
+
 def test_the_engine_loads_the_sdxl_class_for_an_image_task(tiny_sdxl):
     """The Engine, as a worker builds it: the base as an image-to-image checkpoint is an
     StableDiffusionXLImg2ImgPipeline, and the refiner (already one) gets its aesthetic score."""
