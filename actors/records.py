@@ -89,7 +89,8 @@ class Provenance:
     safety_model_sha256: str | None  # None without a detector
     unsafe_classes: list[str] | None
     curation_models_sha256: dict[str, str] | None  # None without curation
-    # The micro-conditioning a text-to-image sample ran with (the engine's); None: none.
+    # The micro-conditioning a sample ran with (the engine's: from its size, or its input's).
+    # None: none.
     size_conditioning: Callable[[GenerationParams], dict[str, tuple[int, int]]] | None = None
     # The aesthetic-score conditioning every call passes, by diffusers' keyword (the engine's).
     aesthetic_conditioning: dict[str, float] = field(default_factory=dict)
