@@ -315,6 +315,8 @@ class ShardGenerator:
             # bench/synthetic.py's stand-in engine has no micro-conditioning.
             size_conditioning=getattr(self.engine, "size_conditioning", None),
             refiner=getattr(getattr(self.engine, "refiner", None), "call_for", None),
+            aesthetic_conditioning=getattr(self.engine, "aesthetic_conditioning", {}),
+            vae_decode_dtype=getattr(self.engine, "vae_decode_dtype", None),
         )
 
     def _generate(self, todo: list[Sample], ticket: int) -> Generated:

@@ -25,6 +25,9 @@ from sdfleet.schemas.rows import (
     STATUS_OK,
     STATUS_REJECTED,
     STATUS_SKIPPED,
+    VAE_COLUMNS,
+    VAE_DECODE_DTYPE,
+    conditioning_column,
     token_columns,
 )
 from sdfleet.schemas.samples import GenerationParams, Sample, sample_id
@@ -88,10 +91,15 @@ class Provenance:
     safety_model_sha256: str | None  # None without a detector
     unsafe_classes: list[str] | None
     curation_models_sha256: dict[str, str] | None  # None without curation
-    # The micro-conditioning a text-to-image sample ran with (the engine's); None: none.
+    # The micro-conditioning a sample ran with (the engine's: from its size, or its input's).
+    # None: none.
     size_conditioning: Callable[[GenerationParams], dict[str, tuple[int, int]]] | None = None
     # What model.refiner runs a sample with (the engine's); None: no refiner.
     refiner: Callable[[GenerationParams], RefinerCall] | None = None
+    # The aesthetic-score conditioning every call passes, by diffusers' keyword (the engine's).
+    aesthetic_conditioning: dict[str, float] = field(default_factory=dict)
+    # The dtype the latents were decoded in (the engine's); None: a family that never upcasts.
+    vae_decode_dtype: str | None = None
 
 
 def build_row(
@@ -148,6 +156,7 @@ def build_row(
             safety_flagged=verdict.flagged,
         )
     row.update(task=spec.model.task, vae_tiling=spec.engine.vae_tiling)
+    components = _add_components(row, spec, made)
     _add_parameters(row, s, o, made)
     if s.params is not None:
         _add_tokens(row, tokens.get(s.params.prompt), made)
@@ -158,10 +167,24 @@ def build_row(
                 s.params,
                 row["scheduler"],
                 {f.name: row[f.name] for f in REFINER_FIELDS} if made.refiner else None,
+                components,
             ),
             prompt=s.params.prompt,
         )
     return row
+
+
+def _add_components(row: dict[str, Any], spec: JobSpec, made: Provenance) -> dict[str, Any]:
+    """model.vae's columns where the job sets it (no key otherwise, so other jobs' rows and tars
+    stay as they were), and the decode's dtype where the family may upcast it. Returns the
+    components' columns, which are part of the sample's identity."""
+    components = {}
+    if spec.model.vae is not None:
+        components = dict(zip(VAE_COLUMNS, (spec.model.vae, spec.model.vae_revision), strict=True))
+        row.update(components)
+    if made.vae_decode_dtype is not None:
+        row[VAE_DECODE_DTYPE] = made.vae_decode_dtype
+    return components
 
 
 def _add_tokens(row: dict[str, Any], counted: PromptTokens | int | None, made: Provenance) -> None:
@@ -197,6 +220,8 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
             row.update({f"{name}_sha256": given.sha256, f"{name}_uri": given.uri})
     if made.size_conditioning is not None and s.params is not None:
         row.update({k: list(v) for k, v in made.size_conditioning(s.params).items()})
+    if s.params is not None:
+        row.update({conditioning_column(k): v for k, v in made.aesthetic_conditioning.items()})
     if made.refiner is not None:
         _add_refiner(row, made.spec, made.refiner(planned))
 

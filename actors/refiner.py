@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdfleet.actors.engine import GENERATOR_DEVICE, dtype_keyword, scheduler_of
+from sdfleet.actors.components import dtype_keyword
+from sdfleet.actors.engine import GENERATOR_DEVICE, scheduler_of
 from sdfleet.actors.model_cache import local_copy
 from sdfleet.actors.speed_ups import apply_speed_ups
 from sdfleet.schemas.errors import ModelLoadError, first_line
@@ -49,8 +50,15 @@ class Refiner:
     class (built from the refiner's own scheduler config) and the same speed-ups."""
 
     def __init__(
-        self, model: ModelSpec, family: Family, device: str, dtype: str, options: EngineSpec
+        self,
+        model: ModelSpec,
+        family: Family,
+        device: str,
+        dtype: str,
+        options: EngineSpec,
+        shared: dict[str, Any] | None = None,
     ):
+        """shared: the base's components the refiner takes in place of its own (model.vae's)."""
         self.spec = model.refiner
         self.scheduler_overrides = model.scheduler_config
         # 1. The family's refiner class, loaded as the base is: safetensors only.
@@ -59,7 +67,9 @@ class Refiner:
                 f"model.refiner.source {self.spec.source}: model.source {model.source} is an "
                 f"{family.name} checkpoint, and {family.name} has no refiner; remove model.refiner"
             )
-        self.pipe = self._load(family.refiner_pipeline, model.storage_options, device, dtype)
+        self.pipe = self._load(
+            family.refiner_pipeline, model.storage_options, device, dtype, shared or {}
+        )
         self._scheduler_config = self.pipe.scheduler.config
         self._schedulers: dict[str, Any] = {}
         # 2. The aesthetic scores the pipeline conditions on where the call names none, passed
@@ -68,7 +78,7 @@ class Refiner:
         # 3. The engine's lossless speed-ups, on the refiner's UNet and VAE too.
         self.applied = apply_speed_ups(self.pipe, options)
 
-    def _load(self, class_name: str, storage_options: dict, device: str, dtype: str):
+    def _load(self, class_name: str, storage_options: dict, device: str, dtype: str, shared: dict):
         import diffusers
 
         t0 = time.perf_counter()
@@ -79,6 +89,7 @@ class Refiner:
                 revision=self.spec.revision,
                 use_safetensors=True,
                 **{dtype_keyword(diffusers.__version__): getattr(torch, dtype)},
+                **shared,
             )
         except Exception as e:
             raise ModelLoadError(

@@ -127,9 +127,12 @@ class CompiledWarmUp:
         return [self.engine.pipe] + ([refiner.pipe] if refiner is not None else [])
 
     def _compile(self) -> None:
+        compiled_vaes = set()  # model.vae is one module shared by the base and the refiner
         for pipe in self._pipes():
             pipe.unet = torch.compile(pipe.unet, mode=COMPILE_MODE)
-            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=COMPILE_MODE)
+            if id(pipe.vae) not in compiled_vaes:
+                compiled_vaes.add(id(pipe.vae))
+                pipe.vae.decode = torch.compile(pipe.vae.decode, mode=COMPILE_MODE)
         self.engine.applied.append("compile")
 
     def _fall_back(self, error: Exception, eager: list[tuple]) -> None:

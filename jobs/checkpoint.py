@@ -132,6 +132,7 @@ class Checkpoint:
     sample_size: int | None  # the UNet's latent size
     vae_scale_factor: int
     prediction_type: str | None
+    vae_latent_channels: int | None = None  # None: no VAE config read
 
     @property
     def default_size(self) -> int | None:
@@ -147,39 +148,48 @@ class Checkpoint:
         return f"a {self.class_name or 'diffusers pipeline'}{unet}"
 
 
+def read_config(
+    source: str,
+    name: str,
+    storage_options: dict,
+    revision: str | None = None,
+    key: str = "model.source",
+) -> dict:
+    """One JSON config of a local folder, an s3:// mirror or a hub repo (its cache when
+    offline), without loading a weight; {} where there is no such file. key: the spec key that
+    named the source, for the error."""
+    kind = kind_of(source)
+    try:
+        if kind == "remote":
+            storage = Storage(source, storage_options)
+            return storage.read_json(name) if storage.exists(name) else {}
+        if kind in ("local", "missing"):
+            local = Path(source).expanduser()
+            return json.loads((local / name).read_text()) if (local / name).is_file() else {}
+        import huggingface_hub
+
+        try:
+            return json.loads(
+                Path(huggingface_hub.hf_hub_download(source, name, revision=revision)).read_text()
+            )
+        except huggingface_hub.errors.EntryNotFoundError:
+            return {}
+        except Exception as e:
+            raise OSError(f"the hub did not give it: {type(e).__name__}: {first_line(e)}") from e
+    except (OSError, ValueError) as e:  # ValueError: not JSON
+        raise ModelLoadError(
+            f"cannot read {name} of {key} {source}: {type(e).__name__}: {first_line(e)}"
+        ) from None
+
+
 def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
     """Read model_index.json and the UNet's and VAE's configs from a local folder, an s3:// mirror
     or the hub (its cache when offline), without loading a weight."""
     ref = CheckpointRef.of(model)
     source = ref.source
-    kind = kind_of(source)
 
     def config(name: str) -> dict:
-        try:
-            if kind == "remote":
-                storage = Storage(source, ref.storage_options)
-                return storage.read_json(name) if storage.exists(name) else {}
-            if kind == "local":
-                local = Path(source).expanduser()
-                return json.loads((local / name).read_text()) if (local / name).is_file() else {}
-            import huggingface_hub
-
-            try:
-                return json.loads(
-                    Path(
-                        huggingface_hub.hf_hub_download(source, name, revision=ref.revision)
-                    ).read_text()
-                )
-            except huggingface_hub.errors.EntryNotFoundError:
-                return {}
-            except Exception as e:
-                raise OSError(
-                    f"the hub did not give it: {type(e).__name__}: {first_line(e)}"
-                ) from e
-        except (OSError, ValueError) as e:  # ValueError: not JSON
-            raise ModelLoadError(
-                f"cannot read {name} of {ref.key} {source}: {type(e).__name__}: {first_line(e)}"
-            ) from None
+        return read_config(source, name, ref.storage_options, ref.revision, key=ref.key)
 
     index = config("model_index.json")
     unet = config("unet/config.json") if "unet" in index else {}
@@ -193,6 +203,7 @@ def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
         sample_size=unet.get("sample_size"),
         vae_scale_factor=vae_scale_factor(vae),
         prediction_type=scheduler.get("prediction_type"),
+        vae_latent_channels=vae.get("latent_channels") if vae else None,
     )
 
 
@@ -268,3 +279,69 @@ def check_refiner(model: ModelSpec, base: Checkpoint) -> Checkpoint | None:
             f"{family.refiner_pipeline}s (e.g. stabilityai/stable-diffusion-xl-refiner-1.0)"
         )
     return refiner
+
+
+VAE_CLASS = "AutoencoderKL"
+
+
+def check_vae(model: ModelSpec, checkpoint: Checkpoint) -> None:
+    """model.vae, where set: it exists, holds an AutoencoderKL config and safetensors weights, and
+    makes latents of the checkpoint's channel count (another VAE's would fail in every worker's
+    first decode). Read from its config.json and file names, never by loading a weight."""
+    source = model.vae
+    if source is None:
+        return
+    if kind_of(source) == "missing":
+        raise ModelLoadError(
+            f"model.vae {source} does not exist; give an AutoencoderKL folder (config.json and "
+            "safetensors weights), a hub id or an s3:// folder"
+        )
+    config = read_config(
+        source, "config.json", model.storage_options, model.vae_revision, key="model.vae"
+    )
+    if config.get("_class_name") != VAE_CLASS:
+        found = f"a {config['_class_name']}" if config.get("_class_name") else "no config.json"
+        raise ModelLoadError(
+            f"model.vae {source} holds {found}, not an {VAE_CLASS} config; point it at the VAE's "
+            "own folder (e.g. a checkpoint's vae/ folder, or vae.save_pretrained output)"
+        )
+    names = _file_names(source, model.storage_options, model.vae_revision)
+    if not any(is_safetensors(n) for n in names):
+        pickles = pickles_only(names)
+        held = f"only pickle weights ({pickles[0]})" if pickles else "no weights"
+        raise ModelLoadError(
+            f"model.vae {source} holds {held}; sdfleet loads safetensors only: save it with "
+            "`vae.save_pretrained(dir, safe_serialization=True)` in a trusted environment"
+        )
+    channels = config.get("latent_channels", 4)  # AutoencoderKL's default
+    if checkpoint.vae_latent_channels is not None and channels != checkpoint.vae_latent_channels:
+        raise ModelLoadError(
+            f"model.vae {source} makes {channels}-channel latents, and model.source "
+            f"{checkpoint.source}'s denoiser works on {checkpoint.vae_latent_channels}; give a VAE "
+            "of the checkpoint's family"
+        )
+
+
+def _file_names(source: str, storage_options: dict, revision: str | None) -> list[str]:
+    """The files of a model folder, by name relative to it: on disk, on S3 or on the hub (only
+    the safetensors weights' name, from the local cache, when offline)."""
+    kind = kind_of(source)
+    if kind == "local":
+        folder = Path(source).expanduser()
+        return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    if kind == "remote":
+        return list(Storage(source, storage_options).listing())
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+
+    if hub_constants.HF_HUB_OFFLINE:
+        name = "diffusion_pytorch_model.safetensors"
+        cached = huggingface_hub.try_to_load_from_cache(source, name, revision=revision)
+        return [name] if isinstance(cached, str) else []
+    try:
+        info = huggingface_hub.model_info(source, revision=revision, timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 -- the config was read, so this is rare: one line
+        raise ModelLoadError(
+            f"cannot list model.vae {source} on the hub: {type(e).__name__}: {first_line(e)[:120]}"
+        ) from None
+    return [s.rfilename for s in info.siblings or []]

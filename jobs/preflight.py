@@ -17,13 +17,14 @@ from sdfleet.jobs.checkpoint import (
     check_refiner,
     check_scheduler_names,
     check_task,
+    check_vae,
     read_checkpoint,
 )
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import InputError, SpecError
-from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
+from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
@@ -64,6 +65,7 @@ class Preflight:
         )
         # 2. The model (does it fit the task?) and the detector, before any GPU is asked for.
         checkpoint, refiner = self._check_model()
+        self._check_sizes(family_of(checkpoint.class_name) or DEFAULT_FAMILY)
         self._check_detector()
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
@@ -117,8 +119,23 @@ class Preflight:
             family.check_task(self.spec.model.task, checkpoint.source)
         check_task(self.spec.model.task, checkpoint)
         refiner = check_refiner(self.spec.model, checkpoint)
+        check_vae(self.spec.model, checkpoint)
         check_scheduler_names(names)
         return checkpoint, refiner
+
+    def _check_sizes(self, family: Family) -> None:
+        """generation.width and height, and their sweep values, on the latent grid of the
+        checkpoint's family; else one line naming the family, the key and the nearest sizes."""
+        gen, axes = self.spec.generation, self.spec.sweep.axes
+        for key in ("width", "height"):
+            given = [(f"generation.{key}", getattr(gen, key))]
+            given += [(f"sweep.axes.{key}", value) for value in axes.get(key, [])]
+            for name, value in given:
+                if isinstance(value, int):
+                    try:
+                        family.check_size(name, value)
+                    except ValueError as e:
+                        raise SpecError(str(e)) from None
 
     def _check_detector(self) -> None:
         safety = self.spec.safety

@@ -92,6 +92,9 @@ class Family:
     # model_index.json class and its FLOPs; None: the family has none.
     refiner_pipeline: str | None = None
     refiner_flops: Flops | None = None
+    # The aesthetic score and its negative a checkpoint of the family that says
+    # requires_aesthetics_score is conditioned on (diffusers' defaults); None: no such checkpoint.
+    aesthetic_score: tuple[float, float] | None = None
 
     def pipeline(self, task: str) -> str:
         return self.pipelines[task]
@@ -160,20 +163,29 @@ class Family:
         defaults = self.size_conditioning_defaults(width, height)
         return {**defaults, **{f"negative_{name}": value for name, value in defaults.items()}}
 
+    def aesthetic_inputs(self) -> dict[str, float]:
+        """The aesthetic-score conditioning a call passes to a checkpoint that says
+        requires_aesthetics_score (SDXL's refiner), by diffusers' keyword; empty for a family
+        without such checkpoints."""
+        if self.aesthetic_score is None:
+            return {}
+        return dict(zip(("aesthetic_score", "negative_aesthetic_score"), self.aesthetic_score))
+
     def native_size(self, sample_size: object, vae_scale: int) -> int | None:
         """The size a checkpoint was trained at: its denoiser's sample_size (latent pixels) times
         the VAE's scale (512-base: 64 x 8, 768-v: 96 x 8); None where its config names none."""
         return sample_size * vae_scale if isinstance(sample_size, int) and sample_size else None
 
     def check_size(self, name: str, value: int) -> int:
-        """A width or height on the latent grid; else a ValueError that suggests the nearest ones
-        (other sizes fail deep inside the denoiser with a shape error)."""
+        """A width or height on the family's latent grid; else a ValueError that names the family
+        and suggests the nearest sizes (other sizes fail deep inside the denoiser with a shape
+        error)."""
         grid = self.latent_grid
         if value % grid:
             lower = value - value % grid
             raise ValueError(
-                f"{name}={value} is not divisible by {grid}; use e.g. {lower or grid} or "
-                f"{lower + grid}"
+                f"{name}={value} is not divisible by {grid}, the latent grid of {self.name} "
+                f"checkpoints; use e.g. {lower or grid} or {lower + grid}"
             )
         return value
 
@@ -242,6 +254,8 @@ SDXL = Family(
     refiner_flops=Flops(
         pixels=1024 * 1024, denoiser_tflop=7.2860, vae_decode_tflop=10.4704, text_tflop=0.1957
     ),
+    # StableDiffusionXLImg2ImgPipeline's and ...InpaintPipeline's defaults for the refiner.
+    aesthetic_score=(6.0, 2.5),
 )
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD2, SDXL)}

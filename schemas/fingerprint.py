@@ -50,6 +50,8 @@ _OPERATIONAL_PREFIXES = (
 _ADDED_KEYS = {
     "model.task": TEXT_TO_IMAGE,
     "model.refiner": None,
+    "model.vae": None,
+    "model.vae_revision": None,
     "input.image_column": None,
     "input.mask_column": None,
     "generation.strength": None,

@@ -96,6 +96,7 @@ class Plan:
             self.passthrough_schema,
             FAMILIES.get(self.family or ""),
             refiner=self.spec.model.refiner is not None,
+            vae=self.spec.model.vae is not None,
         )
 
     def input_manifest(self) -> list[dict[str, Any]]:

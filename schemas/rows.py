@@ -123,6 +123,22 @@ SIZE_CONDITIONING_COLUMNS = (
 )
 
 
+def conditioning_column(keyword: str) -> str:
+    """The column of a family's aesthetic-score conditioning (`Family.aesthetic_inputs`, SDXL's
+    refiner) as the call passed it: `conditioning_` + diffusers' keyword. Not the keyword itself:
+    `aesthetic_score` is curation's LAION aesthetic predictor's score of the image."""
+    return f"conditioning_{keyword}"
+
+
+# The dtype the latents were decoded in, for a family whose pipeline upcasts a float16 decode
+# where the VAE's config says force_upcast (SDXL): a float16 row's pixels went through a float32
+# decode with SDXL's own VAE, and a float16 one with an fp16-fixed VAE.
+VAE_DECODE_DTYPE = "vae_decode_dtype"
+
+# model.vae and model.vae_revision as the job ran them; only in a job that sets model.vae.
+VAE_COLUMNS = ("vae_source", "vae_revision")
+
+
 def token_columns(encoder: int) -> tuple[str, str]:
     """The token count and truncation columns of the family's text encoder `encoder` (0: the
     first, whose columns every family has; 1: prompt_tokens_2, as diffusers names tokenizer_2)."""
@@ -142,6 +158,12 @@ def family_fields(family: Family | None) -> list[pa.Field]:
         fields += [pa.field(tokens, pa.int64()), pa.field(truncated, pa.bool_())]
     if family.size_conditioning:
         fields += [pa.field(name, pa.list_(pa.int64())) for name in SIZE_CONDITIONING_COLUMNS]
+    fields += [
+        pa.field(conditioning_column(keyword), pa.float64())
+        for keyword in family.aesthetic_inputs()
+    ]
+    if family.vae_upcast:
+        fields.append(pa.field(VAE_DECODE_DTYPE, pa.string()))
     return fields
 
 
@@ -162,12 +184,17 @@ REFINER_FIELDS = [
 
 
 def output_schema(
-    passthrough: pa.Schema | None = None, family: Family | None = None, refiner: bool = False
+    passthrough: pa.Schema | None = None,
+    family: Family | None = None,
+    refiner: bool = False,
+    vae: bool = False,
 ) -> pa.Schema:
     """The output schema: the family's own columns after the common ones (family: the
-    checkpoint's, where it is known), the refiner's with model.refiner, then the input's
-    passthrough columns under their own types."""
+    checkpoint's, where it is known), the refiner's with model.refiner, model.vae's where the job
+    sets it, then the input's passthrough columns under their own types."""
     fields = list(OUTPUT_FIELDS) + family_fields(family) + (REFINER_FIELDS if refiner else [])
+    if vae:
+        fields += [pa.field(name, pa.string()) for name in VAE_COLUMNS]
     if passthrough is not None:
         names = {f.name for f in fields}
         clash = [f.name for f in passthrough if f.name in names]

@@ -3,7 +3,6 @@ the driver refuses before any worker starts, `sdfleet plan`'s FLOPs for both mod
 through `sdfleet run` (Ray, the local S3 server) whose rows regenerate with plain
 StableDiffusionXLPipeline + StableDiffusionXLImg2ImgPipeline, as README.md's recipe does."""
 
-# ruff: noqa: F811 -- the tests take the imported tiny_sdxl fixture by name
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import yaml
 
 from helpers import job_dict, run_cli, write_prompts
 from test_sdxl import regenerate as regenerate_base
-from test_sdxl import tiny_sdxl  # noqa: F401 -- its module fixture, shared (F811 below)
 from test_tasks import assert_close, run_job, three_ok
 
 
