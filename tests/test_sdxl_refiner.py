@@ -3,7 +3,6 @@ the driver refuses before any worker starts, `sdfleet plan`'s FLOPs for both mod
 through `sdfleet run` (Ray, the local S3 server) whose rows regenerate with plain
 StableDiffusionXLPipeline + StableDiffusionXLImg2ImgPipeline, as README.md's recipe does."""
 
-
 from __future__ import annotations
 
 import numpy as np
