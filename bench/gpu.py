@@ -183,6 +183,86 @@ def second_engine(args, folder: Path, compile_cache: str, size: int, steps: int,
     return r
 
 
+@dataclass(frozen=True)
+class Contenders:
+    """Plain diffusers and the engine, loaded, and what a row of the table needs besides."""
+
+    plain: object  # the family's diffusers pipeline
+    engine: object  # sdfleet.actors.engine.Engine
+    plain_bytes: int  # the plain pipeline's weights on the GPU, left out of the engine's peak
+    family: object  # its row of sdfleet.schemas.families.FAMILIES: the FLOPs per image
+    size: int
+    cuda: bool
+    peak_tflops: float | None  # the device's dense fp16 peak; None: MFU not reported
+
+
+def measure(c: Contenders, n_steps: int, batch: int) -> dict:
+    """One row of the table: plain diffusers, then the engine, on the same prompts and seeds;
+    printed, and returned for the JSON line."""
+    import torch
+
+    from sdfleet.schemas.samples import GenerationParams
+
+    prompts = [f"a photograph of landscape number {i}, detailed" for i in range(batch)]
+    seeds = list(range(1000, 1000 + batch))
+    params = [
+        GenerationParams(p, "", s, n_steps, 7.5, c.size, c.size, None)
+        for p, s in zip(prompts, seeds)
+    ]
+
+    def run_plain():
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        out = c.plain(
+            [p.prompt for p in params],
+            # The engine passes the rows' negative prompt (""), so plain does too: SDXL's
+            # force_zeros_for_empty_prompt zeroes the negative embedding only where none is
+            # given (SD2 encodes "" either way).
+            negative_prompt=[p.negative_prompt for p in params],
+            num_inference_steps=n_steps,
+            guidance_scale=7.5,
+            width=c.size,
+            height=c.size,
+            generator=gens,
+            output_type="np",
+        ).images
+        return (out * 255).round().astype(np.uint8)
+
+    def run_engine():
+        return np.stack(next(iter(c.engine.generate(params, batch)))[1])
+
+    p = timed(run_plain, batch, c.cuda)
+    e = timed(run_engine, batch, c.cuda, others=c.plain_bytes)
+    flops = c.family.tflop_per_image(c.size, c.size, n_steps, guidance_scale=7.5)
+    mfu_plain, mfu_engine = (
+        (ips * flops / c.peak_tflops if c.peak_tflops else None)
+        for ips in (p.images_per_s, e.images_per_s)
+    )
+
+    def percent(mfu):
+        return f"{100 * mfu:8.1f}%" if mfu is not None else "     n/a"
+
+    diff = int(np.abs(p.images.astype(int) - e.images.astype(int)).max())
+    ratio = e.images_per_s / p.images_per_s
+    memory = f"{e.peak_gib:8.1f}" if e.peak_gib is not None else "     n/a"
+    print(
+        f"{n_steps:5d} {batch:5d} {p.images_per_s:11.3f} {e.images_per_s:13.3f} {ratio:6.2f} "
+        f"{percent(mfu_plain):>9} {percent(mfu_engine):>11} {diff:8d} {e.warm_up_s:9.1f} "
+        f"{memory:>8}",
+        flush=True,
+    )
+    return {
+        "steps": n_steps,
+        "batch": batch,
+        "plain_images_per_s": round(p.images_per_s, 4),
+        "sdfleet_images_per_s": round(e.images_per_s, 4),
+        "ratio": round(ratio, 4),
+        "mfu_plain": round(mfu_plain, 4) if mfu_plain is not None else None,
+        "mfu_sdfleet": round(mfu_engine, 4) if mfu_engine is not None else None,
+        "max_diff": diff,
+        "sdfleet_peak_gib": round(e.peak_gib, 2) if e.peak_gib is not None else None,
+    }
+
+
 def main() -> None:
     args = parse_args()
     bench_family = BENCH_FAMILIES[args.family]
@@ -285,69 +365,12 @@ def main() -> None:
         second = second_engine(args, folder, compile_cache, size, steps[0], engine.batch_size)
 
     # 4. Each steps x batch: plain diffusers, then the engine, on the same prompts and seeds.
-    rows = []
     print(
         f"{'steps':>5} {'batch':>5} {'plain img/s':>11} {'sdfleet img/s':>13} {'ratio':>6} {'MFU plain':>9} "
         f"{'MFU sdfleet':>11} {'max diff':>8} {'warm-up s':>9} {'peak GiB':>8}"
     )
-    for n_steps in steps:
-        for batch in batches:
-            prompts = [f"a photograph of landscape number {i}, detailed" for i in range(batch)]
-            seeds = list(range(1000, 1000 + batch))
-            params = [
-                GenerationParams(p, "", s, n_steps, 7.5, size, size, None)
-                for p, s in zip(prompts, seeds)
-            ]
-
-            def run_plain(seeds=seeds, params=params, n_steps=n_steps):
-                gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-                out = plain(
-                    [p.prompt for p in params],
-                    # The engine passes the rows' negative prompt (""), so plain does too: SDXL's
-                    # force_zeros_for_empty_prompt zeroes the negative embedding only where none
-                    # is given (SD2 encodes "" either way).
-                    negative_prompt=[p.negative_prompt for p in params],
-                    num_inference_steps=n_steps,
-                    guidance_scale=7.5,
-                    width=size,
-                    height=size,
-                    generator=gens,
-                    output_type="np",
-                ).images
-                return (out * 255).round().astype(np.uint8)
-
-            def run_engine(params=params, batch=batch):
-                return np.stack(next(iter(engine.generate(params, batch)))[1])
-
-            p = timed(run_plain, batch, cuda)
-            e = timed(run_engine, batch, cuda, others=plain_bytes)
-            flops = family.tflop_per_image(size, size, n_steps, guidance_scale=7.5)
-
-            def mfu(ips, flops=flops):
-                return f"{100 * ips * flops / peak:8.1f}%" if peak else "     n/a"
-
-            diff = int(np.abs(p.images.astype(int) - e.images.astype(int)).max())
-            ratio = e.images_per_s / p.images_per_s
-            memory = f"{e.peak_gib:8.1f}" if e.peak_gib is not None else "     n/a"
-            print(
-                f"{n_steps:5d} {batch:5d} {p.images_per_s:11.3f} {e.images_per_s:13.3f} {ratio:6.2f} "
-                f"{mfu(p.images_per_s):>9} {mfu(e.images_per_s):>11} {diff:8d} {e.warm_up_s:9.1f} "
-                f"{memory:>8}",
-                flush=True,
-            )
-            rows.append(
-                {
-                    "steps": n_steps,
-                    "batch": batch,
-                    "plain_images_per_s": round(p.images_per_s, 4),
-                    "sdfleet_images_per_s": round(e.images_per_s, 4),
-                    "ratio": round(ratio, 4),
-                    "mfu_plain": round(p.images_per_s * flops / peak, 4) if peak else None,
-                    "mfu_sdfleet": round(e.images_per_s * flops / peak, 4) if peak else None,
-                    "max_diff": diff,
-                    "sdfleet_peak_gib": round(e.peak_gib, 2) if e.peak_gib is not None else None,
-                }
-            )
+    bench = Contenders(plain, engine, plain_bytes, family, size, cuda, peak)
+    rows = [measure(bench, n_steps, batch) for n_steps in steps for batch in batches]
     print(
         json.dumps(
             {
