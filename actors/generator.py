@@ -33,6 +33,7 @@ from sdfleet.actors.gpu_turns import GpuTurns
 from sdfleet.actors.judge import Evidence, Judge, Outcome
 from sdfleet.actors.logs import configure_logging, remember_secrets
 from sdfleet.actors.metrics import Metrics
+from sdfleet.actors.model_content import pin_model
 from sdfleet.actors.placement import node_cpu_threads, worker_identity
 from sdfleet.actors.reader import read_shard_samples
 from sdfleet.actors.records import Clock, Generated, Provenance, build_row, shard_stats
@@ -41,6 +42,7 @@ from sdfleet.actors.selection import BestOfN
 from sdfleet.actors.storage import Storage
 from sdfleet.actors.writer import ShardWriter, Spooled, encode_image, publish_committed
 from sdfleet.schemas import layout
+from sdfleet.schemas.content import MAIN_MODEL
 from sdfleet.schemas.errors import Preempted, UserError
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.plan import Plan
@@ -164,8 +166,12 @@ class ShardGenerator:
             cpu_threads = node_cpu_threads(self.spec.resources.gpus_per_worker)
         # One set of parameters per sweep point: the shapes to size the batch for and to compile.
         shapes = [resolve_params(self.spec, "", None, "", point) for point in self.plan.points]
+        # The checkpoint the driver resolved: a hub id's commit, a mirror copied at its hash.
+        model = self.spec.model
+        if self.plan.content is not None:
+            model = pin_model(model, self.plan.content.models.get(MAIN_MODEL))
         self.engine = self.engine_class(
-            self.spec.model,
+            model,
             cpu_threads=cpu_threads,
             options=self.spec.engine,
             batch_size=self.spec.resources.batch_size,
@@ -314,6 +320,7 @@ class ShardGenerator:
             curation_models_sha256=self.curator.models_sha256 if self.curator else None,
             # bench/synthetic.py's stand-in engine has no micro-conditioning.
             size_conditioning=getattr(self.engine, "size_conditioning", None),
+            model_hash=self.plan.content.main_model_digest() if self.plan.content else None,
         )
 
     def _generate(self, todo: list[Sample], ticket: int) -> Generated:

@@ -88,6 +88,7 @@ class Provenance:
     curation_models_sha256: dict[str, str] | None  # None without curation
     # The micro-conditioning a text-to-image sample ran with (the engine's); None: none.
     size_conditioning: Callable[[GenerationParams], dict[str, tuple[int, int]]] | None = None
+    model_hash: str | None = None  # model.source by content, as the driver resolved it
 
 
 def build_row(
@@ -109,6 +110,7 @@ def build_row(
         "generator_device": GENERATOR_DEVICE,
         "model_source": spec.model.source,
         "model_revision": spec.model.revision,
+        "model_hash": made.model_hash,
         "dtype": made.dtype,
         "image_format": spec.output.image_format,
         "image_sha256": o.image_sha256,
