@@ -45,6 +45,28 @@ class Clock:
 
 
 @dataclass
+class AttemptSpend:
+    """What one attempt at a shard held the pipeline for, committed or not: the budget counts it
+    (`sdfleet.jobs.dispatch`). Filled in as the attempt goes, so a failure still says it."""
+
+    turn_seconds: float = 0.0
+    committed: bool = False  # this attempt's files are the shard's (it did not lose a race)
+
+    def gpu_seconds(self, gpus: int) -> float:
+        return round(self.turn_seconds * gpus, 4)
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What a worker's attempt at a shard returns: the shard's stats in effect (its own, or those
+    of a writer that committed first) and the GPU-seconds this attempt used."""
+
+    stats: ShardStats
+    gpu_seconds: float
+    committed: bool
+
+
+@dataclass
 class Generated:
     """What one shard's turn on the pipeline made."""
 

@@ -42,7 +42,7 @@ from sdfleet.schemas import layout
 from sdfleet.schemas.content import content_changes
 from sdfleet.schemas.errors import SpecError, UserError
 from sdfleet.schemas.fingerprint import diff_fingerprint_fields
-from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats
+from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats, UncommittedSpend
 from sdfleet.schemas.plan import Plan
 
 log = logging.getLogger("sdfleet")
@@ -312,6 +312,11 @@ class OutputSink:
     def shard_written(self, stats: ShardStats) -> None:
         """A worker committed a shard: keep its record for the surveys to come."""
         self.reader.remember([stats])
+
+    def attempts_spent(self, record: UncommittedSpend) -> None:
+        """Attempts that committed nothing have used GPUs: their total, for the budget of the
+        runs to come and for `status`."""
+        self.storage.write_json(layout.SPENT_FILE, record.model_dump(mode="json"))
 
     def shard_failed(self, name: str, record: FailedShard) -> None:
         """A shard out of attempts: its errors, for the user and for `status`."""
