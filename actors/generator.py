@@ -217,9 +217,9 @@ class ShardGenerator:
 
     def run(self, shard_id: int, attempt: int = 1) -> ShardStats:
         """Make and commit a shard; the stats in effect."""
-        return self.attempt(shard_id, attempt).stats
+        return self.run_attempt(shard_id, attempt).stats
 
-    def attempt(self, shard_id: int, attempt: int = 1) -> AttemptResult:
+    def run_attempt(self, shard_id: int, attempt: int = 1) -> AttemptResult:
         """`run`, saying too what this attempt used of the GPU, committed or not. An attempt that
         fails says it on its exception (`gpu_seconds`), which reaches the driver with it."""
         if self.start_error is not None:

@@ -258,7 +258,7 @@ class ActorPool:
             task = next_task()
             if task is None:
                 return
-            ref = slot.actor.attempt.remote(task.shard_id, task.attempts + 1)
+            ref = slot.actor.run_attempt.remote(task.shard_id, task.attempts + 1)
             slot.add(ref, task)
             self.refs[ref] = (slot, task)
 
@@ -422,7 +422,7 @@ def _failure(slot: Slot, task: Any, ref: Any, e: BaseException) -> PoolEvent:
     if isinstance(cause, Preempted):
         # A termination notice is not the shard's fault.
         return PoolEvent(PREEMPTED, slot, task, summary=str(cause), ref=ref)
-    spent = getattr(cause, "gpu_seconds", None)  # set by ShardGenerator.attempt
+    spent = getattr(cause, "gpu_seconds", None)  # set by ShardGenerator.run_attempt
     return PoolEvent(FAILED, slot, task, error=_error_text(e), ref=ref, gpu_seconds=spent)
 
 

@@ -13,9 +13,9 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# The spec key of the main checkpoint in JobContent.models; further checkpoints (a refiner, a VAE
-# override) are keyed by their own spec keys.
-MAIN_MODEL = "model"
+# JobContent.models is keyed by the spec key that names each checkpoint's location: the main one's
+# is model.source; further checkpoints (a refiner, a VAE override) are keyed by their own keys.
+MAIN_MODEL = "model.source"
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def content_changes(before: dict[str, Any] | None, now: dict[str, Any] | None) -
         if was is None or now is None or was.digest != now.digest:
             source = (now or was).source
             out.append(
-                f"{key}.source {source} changed content "
+                f"{key} {source} changed content "
                 f"({was.describe() if was else '<none>'} -> {now.describe() if now else '<none>'})"
             )
     return out

@@ -148,6 +148,31 @@ def test_the_files_rows_point_at_are_fingerprinted(tmp_path):
     assert referenced_images_digest(plan)[0] != digest
 
 
+def test_input_files_on_s3_are_known_by_their_etag(s3, tmp_path):
+    """An equal-size rewrite on S3 changes the file's identity, and the changes name the file."""
+    from sdfleet.jobs.plan import Planner
+    from sdfleet.schemas.content import JobContent, content_changes
+    from sdfleet.schemas.spec import parse_spec
+
+    local = tmp_path / "p.parquet"
+    uri = f"s3://{s3.bucket}/in/p.parquet"
+    spec = parse_spec(job_dict("unused/model", uri, f"s3://{s3.bucket}/out"))
+
+    def identity(prompts) -> str:
+        _prompts(local, prompts)
+        s3.put(str(local), uri)
+        [f] = Planner(spec).plan().files
+        return f.content
+
+    before = identity(["a bowl of ramen"])
+    after = identity(["a bowl of rAmen"])
+    assert before.startswith("etag:") and after.startswith("etag:") and before != after
+    was, now = JobContent({uri: before}), JobContent({uri: after})
+    [change] = content_changes(was.to_json(), now.to_json())
+    assert change.startswith(f"input file {uri} changed content")
+    assert content_changes(was.to_json(), was.to_json()) == []
+
+
 def _prompts(path, prompts) -> None:
     """Uncompressed, so an equal-length edit keeps the file's size."""
     table = pa.table({"prompt_id": [f"p{i}" for i in range(len(prompts))], "prompt": prompts})
@@ -211,7 +236,7 @@ def test_a_resume_that_would_mix_content_is_refused(tiny_model, ray_cluster, s3,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = rows_of(str(out))
     assert sorted(r["prompt"] for r in rows) == sorted(prompts)
-    assert {r["model_hash"] for r in rows} == {job["content"]["models"]["model"]["digest"]}
+    assert {r["model_hash"] for r in rows} == {job["content"]["models"]["model.source"]["digest"]}
 
 
 def test_a_job_recorded_without_content_resumes_as_it_was(tiny_model, tmp_path):
