@@ -39,6 +39,7 @@ from sdfleet.schemas.samples import sweep_points
 from sdfleet.schemas.spec import parse_spec
 
 HANG = "hang"  # a call that never comes back (until its worker is killed)
+LOST = "lost"  # a call that generated, then found the shard committed by another writer
 GPU_SECONDS = 0.5  # what each fake shard spends
 
 
@@ -113,10 +114,18 @@ class FakePool:
                 self.hung.add(ref)
                 continue
             del self.refs[ref]
-            if kind == DONE:
+            if kind in (DONE, LOST):
                 slot.pop(ref)
                 stats = SimpleNamespace(shard_id=task.shard_id, samples=2, gpu_seconds=GPU_SECONDS)
-                yield PoolEvent(DONE, slot, task, stats=stats, ref=ref)
+                yield PoolEvent(
+                    DONE,
+                    slot,
+                    task,
+                    stats=stats,
+                    ref=ref,
+                    gpu_seconds=GPU_SECONDS,
+                    committed_here=kind == DONE,
+                )
             elif kind == FAILED:
                 error = f"Traceback (most recent call last):\nRuntimeError: shard {task.shard_id} broke\n"
                 yield PoolEvent(FAILED, slot, task, error=error, ref=ref, gpu_seconds=GPU_SECONDS)
@@ -466,6 +475,17 @@ def test_a_worker_killed_for_a_timeout_counts_what_its_shard_held(tmp_path):
     result = dispatcher.run()
     assert result.budget_stopped and not result.quarantined
     assert len(pool.killed) == 2  # 0.5 each: the second kill reached the cap
+
+
+def test_an_attempt_that_lost_the_commit_race_spent_too(tmp_path):
+    """Its shard is committed (by the winner), but its own GPU-seconds are in no stats file."""
+    pool = FakePool(shard=lambda shard_id, attempt, call: LOST if shard_id == 1 else DONE)
+    dispatcher, _, plan = dispatch(tmp_path, pool, shards=3)
+    result = dispatcher.run()
+    assert sorted(result.committed) == [0, 1, 2]
+    assert dispatcher.spent_gpu_seconds == 3 * GPU_SECONDS
+    spent = UncommittedSpend.model_validate_json((tmp_path / "out" / layout.SPENT_FILE).read_text())
+    assert (spent.gpu_seconds, spent.attempts) == (GPU_SECONDS, 1)
 
 
 def test_failed_attempts_of_earlier_runs_count_too(tmp_path):
