@@ -485,7 +485,9 @@ def test_an_attempt_that_lost_the_commit_race_spent_too(tmp_path):
     assert sorted(result.committed) == [0, 1, 2]
     assert dispatcher.spent_gpu_seconds == 3 * GPU_SECONDS
     spent = UncommittedSpend.model_validate_json((tmp_path / "out" / layout.SPENT_FILE).read_text())
-    assert (spent.gpu_seconds, spent.attempts) == (GPU_SECONDS, 1)
+    assert spent == UncommittedSpend(
+        fingerprint=plan.fingerprint, gpu_seconds=GPU_SECONDS, attempts=1
+    )
 
 
 def test_failed_attempts_of_earlier_runs_count_too(tmp_path):
