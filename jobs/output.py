@@ -146,6 +146,9 @@ class OutputReader:
             found = UncommittedSpend.model_validate(self.storage.read_json(layout.SPENT_FILE))
         except FileNotFoundError:
             return empty
+        except (ValueError, ValidationError) as e:  # not JSON, or not ours: said, not fatal
+            log.warning("ignoring %s: %s", self.storage.url(layout.SPENT_FILE), first_line(e))
+            return empty
         return found if found.fingerprint == empty.fingerprint else empty
 
     def survey(self, refresh: bool = False) -> Survey:
