@@ -50,6 +50,28 @@ class Clock:
 
 
 @dataclass
+class AttemptSpend:
+    """What one attempt at a shard held the pipeline for, committed or not: the budget counts it
+    (`sdfleet.jobs.dispatch`). Filled in as the attempt goes, so a failure still says it."""
+
+    turn_seconds: float = 0.0
+    committed: bool = False  # this attempt's files are the shard's (it did not lose a race)
+
+    def gpu_seconds(self, gpus: int) -> float:
+        return round(self.turn_seconds * gpus, 4)
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What a worker's attempt at a shard returns: the shard's stats in effect (its own, or those
+    of a writer that committed first) and the GPU-seconds this attempt used."""
+
+    stats: ShardStats
+    gpu_seconds: float
+    committed: bool
+
+
+@dataclass
 class Generated:
     """What one shard's turn on the pipeline made."""
 
@@ -100,6 +122,7 @@ class Provenance:
     aesthetic_conditioning: dict[str, float] = field(default_factory=dict)
     # The dtype the latents were decoded in (the engine's); None: a family that never upcasts.
     vae_decode_dtype: str | None = None
+    model_hash: str | None = None  # model.source by content, as the driver resolved it
 
 
 def build_row(
@@ -121,6 +144,7 @@ def build_row(
         "generator_device": GENERATOR_DEVICE,
         "model_source": spec.model.source,
         "model_revision": spec.model.revision,
+        "model_hash": made.model_hash,
         "dtype": made.dtype,
         "image_format": spec.output.image_format,
         "image_sha256": o.image_sha256,

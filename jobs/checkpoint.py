@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdfleet.actors.model_content import HUB_TIMEOUT_S
 from sdfleet.actors.storage import Storage
 from sdfleet.schemas.errors import ModelLoadError, SpecError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY, family_of, vae_scale_factor
@@ -19,9 +20,6 @@ from sdfleet.schemas.schedulers import defined_schedulers, unknown_scheduler
 from sdfleet.schemas.spec import ModelSpec
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 from sdfleet.schemas.weights import is_safetensors, pickles_only
-
-# How long the driver waits for the Hugging Face hub before saying it cannot reach it.
-HUB_TIMEOUT_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -303,6 +303,7 @@ def _status(output: str, storage_options: dict, verify: bool = False) -> int:
     )
     for name, failed in sorted(s.quarantined.items()):
         print(f"  quarantined {name}: {failed.last_error_line()}")
+    _print_spend(reader.job, t.gpu_seconds, reader.uncommitted_spend())
     problems = reader.verify(deep=verify)
     print(
         f"files        {'differ from their commits in ' + str(len(problems)) + ' shard(s)' if problems else 'as committed'}"
@@ -313,6 +314,21 @@ def _status(output: str, storage_options: dict, verify: bool = False) -> int:
     complete = s.complete and not problems and reader.storage.exists(layout.SUCCESS_FILE)
     print(f"complete     {'yes' if complete else 'no'}")
     return EXIT_OK if complete else EXIT_INCOMPLETE
+
+
+def _print_spend(job: dict, committed_s: float, uncommitted) -> None:
+    """GPU time spent by every attempt vs in committed shards, in dollars where priced."""
+    spent_s = committed_s + uncommitted.gpu_seconds
+    price = job["spec"].get("resources", {}).get("gpu_hour_usd")
+
+    def amount(seconds: float) -> str:
+        return f"{seconds:.1f} GPU-s" + (f" (${seconds / 3600 * price:,.2f})" if price else "")
+
+    print(
+        f"gpu time     {amount(spent_s)} spent, {amount(committed_s)} in committed shards; "
+        f"{amount(uncommitted.gpu_seconds)} in {uncommitted.attempts} attempt(s) that committed "
+        "nothing"
+    )
 
 
 if __name__ == "__main__":

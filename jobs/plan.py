@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdfleet.actors.storage import Storage
+from sdfleet.jobs.content import input_file_identity
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import InputError, SpecError, StorageError
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, Handover
@@ -184,7 +185,7 @@ class Planner:
         for uri in uris:
             f, schema = self._read_footer(uri)
             if source is not None:  # only the shard's ok rows are planned
-                f = InputFile(uri=f.uri, size=f.size, rows=source[uri], row_groups=[source[uri]])
+                f = dataclasses.replace(f, rows=source[uri], row_groups=[source[uri]])
             files.append(f)
             passthrough = self._check_columns(uri, schema, passthrough, source is not None)
         # 3. Expand the sweep, and find repeated prompt ids (they would repeat keys' seeds and ids);
@@ -311,6 +312,7 @@ class Planner:
                 with storage.fs.open(storage.root, "rb") as fh:
                     meta = pq.ParquetFile(fh).metadata
                     schema = meta.schema.to_arrow_schema()
+                    content = input_file_identity(storage, fh, size)
         except StorageError as e:
             if not isinstance(e, (FileNotFoundError, PermissionError)):
                 raise  # credentials or endpoint: the message already says what to set
@@ -323,7 +325,7 @@ class Planner:
         if meta.num_rows == 0:
             raise InputError(f"input file {uri} has no rows; remove it from the input or fill it")
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        return InputFile(uri=uri, size=size, rows=meta.num_rows, row_groups=groups), schema
+        return InputFile(uri, size, meta.num_rows, groups, content), schema
 
     def _check_columns(
         self, uri: str, schema: pa.Schema, passthrough: pa.Schema | None, source: bool = False

@@ -20,6 +20,7 @@ from sdfleet.jobs.checkpoint import (
     check_vae,
     read_checkpoint,
 )
+from sdfleet.jobs.content import resolve_content
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
@@ -69,24 +70,31 @@ class Preflight:
         self._check_detector()
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
-        #    the estimate and every row name the size that is made.
+        #    the estimate and every row name the size that is made; and what the input, the files
+        #    its rows point at and the checkpoint are by content, resolved once, here.
         family = family_of(checkpoint.class_name)
         plan = dataclasses.replace(
             planned,
             spec=self._with_checkpoint_size(checkpoint),
             family=family.name if family else None,
         )
+        plan = dataclasses.replace(plan, content=resolve_content(plan))
         try:  # the family's own columns may clash with a passthrough column planning accepted
             plan.output_schema()
         except ValueError as e:
             raise InputError(str(e)) from None
         # 4. The output: empty, this job's, or a job that committed nothing.
         storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
+        verdict = OutputSink(storage).judge(plan)
+        if verdict.without_content:
+            log.warning(
+                "%s was begun by an sdfleet that did not record content: resuming it as it was, "
+                "without checking that its input and model are unchanged",
+                verdict.url,
+            )
+            plan = dataclasses.replace(plan, content=None)
         return CheckedPlan(
-            plan,
-            OutputSink(storage).judge(plan),
-            checkpoint.class_name,
-            refiner.class_name if refiner else None,
+            plan, verdict, checkpoint.class_name, refiner.class_name if refiner else None
         )
 
     def _check_input_and_output_apart(self) -> None:

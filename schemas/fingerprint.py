@@ -22,8 +22,16 @@ def fingerprint_fields(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def fingerprint(fields: dict[str, Any], input_files: list[dict[str, Any]] | None = None) -> str:
-    payload = {"spec": fields, "input_files": input_files or []}
+def fingerprint(
+    fields: dict[str, Any],
+    input_files: list[dict[str, Any]] | None = None,
+    content: dict[str, Any] | None = None,
+) -> str:
+    """content: `sdfleet.schemas.content.JobContent` as JSON; None leaves it out, giving the
+    fingerprint jobs recorded before content had."""
+    payload: dict[str, Any] = {"spec": fields, "input_files": input_files or []}
+    if content is not None:
+        payload["content"] = content
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -47,6 +47,9 @@ OUTPUT_FIELDS = [
     pa.field("generator_device", pa.string()),
     pa.field("model_source", pa.string()),
     pa.field("model_revision", pa.string()),
+    # What model.source was by content as the driver resolved it (sdfleet.schemas.content): the
+    # hub commit, or a hash of an s3:// mirror's listing or a local folder's files.
+    pa.field("model_hash", pa.string()),
     pa.field("scheduler", pa.string()),
     pa.field("num_inference_steps", pa.int64()),
     pa.field("guidance_scale", pa.float64()),
@@ -108,7 +111,16 @@ SOURCE_COLUMNS = ("key", "status", "image_sha256", "image_format")
 
 # Columns that describe the run rather than the image. They stay in the Parquet for provenance but
 # are kept out of the tar's {key}.json, so a retried or resumed shard writes byte-identical tars.
-RUN_COLUMNS = ("device", "worker_node", "worker_id", "gpu_id", "gen_seconds", "created_at")
+# model_hash is one: a local folder's moves with its files' mtimes, whose pixels do not.
+RUN_COLUMNS = (
+    "model_hash",
+    "device",
+    "worker_node",
+    "worker_id",
+    "gpu_id",
+    "gen_seconds",
+    "created_at",
+)
 
 
 # SDXL's micro-conditioning as the call passed it, (height, width) or (top, left) as diffusers

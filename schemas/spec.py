@@ -454,8 +454,12 @@ class JobSpec(_Section):
         """Every key that changes what is written, flattened to dotted names."""
         return fingerprint_fields(self.model_dump(mode="json"))
 
-    def fingerprint(self, input_files: list[dict[str, Any]] | None = None) -> str:
-        return fingerprint(self.fingerprint_fields(), input_files)
+    def fingerprint(
+        self,
+        input_files: list[dict[str, Any]] | None = None,
+        content: dict[str, Any] | None = None,
+    ) -> str:
+        return fingerprint(self.fingerprint_fields(), input_files, content)
 
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with credentials masked: safe for logs, _job.json and the dataset card."""
