@@ -63,11 +63,15 @@ class BatchSizer:
         batch_size: int | str,
         sweep: Sequence[GenerationParams] = (),
         default_size: int | None = None,
+        probe_steps: int = 1,
     ):
         """batch_size: images per call, or "auto" to fill the GPU's memory at the sweep's most
         demanding point (`sweep`: one GenerationParams per sweep point). default_size: the
-        checkpoint's native size, at which an image task's unknown inputs are probed."""
+        checkpoint's native size, at which an image task's unknown inputs are probed.
+        probe_steps: the steps of a memory probe (model.refiner: enough that the base and the
+        refiner each run a denoiser forward)."""
         self.call = call
+        self.probe_steps = probe_steps
         self.task_name = task_name
         self.task = TASKS[task_name]
         self.on_gpu = on_gpu
@@ -147,7 +151,7 @@ class BatchSizer:
         if not self._per_input_size or p.image is None:
             return self.size
         if p.image.size not in self._by_input_size:
-            self._by_input_size[p.image.size] = self._fit(memory_probe(p))
+            self._by_input_size[p.image.size] = self._fit(memory_probe(p, self.probe_steps))
         return self._by_input_size[p.image.size]
 
     def _sweep_probe(
@@ -157,7 +161,7 @@ class BatchSizer:
         not known yet: they are probed at the checkpoint's native size (the upscaler: its native
         input, 4x larger out), and a larger input that runs out of memory halves the batch then."""
         largest = max(sweep, key=lambda p: ((p.width or 0) * (p.height or 0), p.guidance_scale > 1))
-        probe = memory_probe(largest)
+        probe = memory_probe(largest, self.probe_steps)
         if self.task.image:
             from PIL import Image
 
@@ -201,10 +205,10 @@ def sweep_groups(params: Sequence[GenerationParams]) -> list[list[int]]:
     return list(groups.values())
 
 
-def memory_probe(p: GenerationParams) -> GenerationParams:
-    """`p` one step long, as the memory measurement runs it."""
+def memory_probe(p: GenerationParams, steps: int = 1) -> GenerationParams:
+    """`p` `steps` long (one, unless a refiner needs more), as the memory measurement runs it."""
     return dataclasses.replace(
-        p, prompt="memory probe", negative_prompt="", num_inference_steps=1, seed=0
+        p, prompt="memory probe", negative_prompt="", num_inference_steps=steps, seed=0
     )
 
 

@@ -14,6 +14,7 @@ starts is sdfleet.jobs.checkpoint's, so the driver never imports this module.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from sdfleet.actors.batching import CPU_AUTO_BATCH, BatchSizer, SampleFailed
+from sdfleet.actors.components import component_overrides, dtype_keyword, vae_decode_dtype
 from sdfleet.actors.model_cache import local_copy
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError, first_line
@@ -83,6 +85,14 @@ class Engine:
         denoiser = getattr(self.pipe, family.denoiser, None)
         sample = getattr(denoiser, "config", {}).get("sample_size")
         self.default_size = family.native_size(sample, getattr(self.pipe, "vae_scale_factor", 8))
+        # A checkpoint conditioned on an aesthetic score (SDXL's refiner) gets diffusers' defaults,
+        # passed explicitly as its rows record them.
+        wants_aesthetics = self.pipe.config.get("requires_aesthetics_score", False)
+        self.aesthetic_conditioning = family.aesthetic_inputs() if wants_aesthetics else {}
+        # What the rows say the latents were decoded in (SDXL's VAE upcasts a float16 decode).
+        self.vae_decode_dtype = vae_decode_dtype(
+            family, getattr(self.pipe, "vae", None), self.dtype
+        )
         # One counter per text encoder: each truncates the prompt at its own tokenizer's limit.
         self.tokens = [
             TokenCounter(getattr(self.pipe, encoder.tokenizer, None), encoder.max_tokens)
@@ -102,11 +112,26 @@ class Engine:
             options = EngineSpec()
         self.options = options
         self.applied = apply_speed_ups(self.pipe, options)
+        # ... and model.refiner's pipeline beside the base, in the same dtype, with the same ones.
+        self.refiner = None
+        if getattr(model, "refiner", None) is not None:
+            from sdfleet.actors.refiner import Refiner  # it imports this module
 
-        # 5. The batch size, measured in eager mode (compiling a probe shape would be wasted).
+            # model.vae decodes the refiner's latents too: the refiner is the one that decodes.
+            shared = {"vae": self.pipe.vae} if getattr(model, "vae", None) else {}
+            self.refiner = Refiner(model, family, self.device, self.dtype, options, shared)
+
+        # 5. The batch size, measured in eager mode (compiling a probe shape would be wasted);
+        #    each measured call runs the refiner too.
         on_gpu = self.device.startswith("cuda")
         self.sizer = BatchSizer(
-            self.call, self.task_name, on_gpu, batch_size, warm_up, self.default_size
+            self.call,
+            self.task_name,
+            on_gpu,
+            batch_size,
+            warm_up,
+            self.default_size,
+            probe_steps=self.refiner.probe_steps if self.refiner else 1,
         )
 
         # 6. torch.compile last, then its warm-up: every shape the job's sweep needs, once per
@@ -135,6 +160,7 @@ class Engine:
 
         path = local_copy(model.source, model.storage_options)
         t0 = time.perf_counter()
+        components = component_overrides(model, self.dtype)  # model.vae
         try:
             pipeline_class = getattr(
                 diffusers, self.task.auto_pipeline or self.family.pipeline(self.task_name)
@@ -144,6 +170,7 @@ class Engine:
                 revision=model.revision,
                 use_safetensors=True,
                 **{dtype_keyword(diffusers.__version__): getattr(torch, self.dtype)},
+                **components,
             )
         except Exception as e:
             raise ModelLoadError(
@@ -190,13 +217,8 @@ class Engine:
 
     def _scheduler(self, name: str):
         if name not in self._schedulers:
-            import diffusers  # loaded with the pipeline already; kept off this module's import
-
-            cls = getattr(diffusers, name, None)
-            if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-                raise ModelLoadError(unknown_scheduler(name))
-            self._schedulers[name] = cls.from_config(
-                self._base_scheduler_config, **self.model.scheduler_config
+            self._schedulers[name] = scheduler_of(
+                name, self._base_scheduler_config, self.model.scheduler_config
             )
         return self._schedulers[name]
 
@@ -216,7 +238,8 @@ class Engine:
         """One pipeline call on samples that share GenerationParams.batch_key(): uint8 HxWx3
         images."""
         first = batch[0]
-        self.pipe.scheduler = self._scheduler(first.scheduler or self.default_scheduler)
+        scheduler = first.scheduler or self.default_scheduler
+        self.pipe.scheduler = self._scheduler(scheduler)
         generators = [torch.Generator(GENERATOR_DEVICE).manual_seed(p.seed) for p in batch]
         on_device = self.options.uint8_on_device
         # 1. What every task takes, then the task's own inputs: the size (text-to-image), or the
@@ -232,17 +255,21 @@ class Engine:
         )
         if task.image:
             inputs["image"] = [p.image.pixels for p in batch]
+            inputs.update(self.image_task_size(first))
         else:
             inputs.update(width=first.width, height=first.height)
-            # Explicit, as the rows record it (empty for a family without micro-conditioning).
-            inputs.update(self.size_conditioning(first))
+        # Explicit, as the rows record it (empty for a family without micro-conditioning).
+        inputs.update(self.size_conditioning(first), **self.aesthetic_conditioning)
         if task.mask:
             inputs["mask_image"] = [p.mask.pixels for p in batch]
         for key in task.parameters:
             inputs[key] = getattr(first, key)
-        # 2. The pipeline, then the images as uint8.
+        # 2. The pipeline (with model.refiner: base, then refiner), then the images as uint8.
         with torch.inference_mode():
-            out = self.pipe(**inputs)
+            if self.refiner is None:
+                out = self.pipe(**inputs)
+            else:
+                out = self.refiner.refine(self.pipe, inputs, batch, scheduler)
             # The same float32 rounding as diffusers' numpy_to_pil, so plain diffusers reproduces
             # every pixel; on the device it moves a quarter of the bytes to the host.
             if on_device:
@@ -267,11 +294,33 @@ class Engine:
         }
 
     def size_conditioning(self, params: GenerationParams) -> dict[str, tuple[int, int]]:
-        """The micro-conditioning `call` passes for a text-to-image sample; empty for an image
-        task (diffusers then conditions on the input's size) or a family without it."""
-        if self.task.image or params.width is None:
+        """The micro-conditioning `call` passes: a text-to-image sample's size, or an image task's
+        input size as diffusers reads it (each side floored to the latent grid, the size it
+        makes); empty for a family without it."""
+        if self.task.image and params.image is not None:
+            width, height = self.input_size(params)
+        elif params.width is None:
             return {}
-        return self.family.size_conditioning_inputs(params.width, params.height)
+        else:
+            width, height = params.width, params.height
+        return self.family.size_conditioning_inputs(width, height)
+
+    def input_size(self, params: GenerationParams) -> tuple[int, int]:
+        """An image task's (width, height) as diffusers reads its input: each side floored to the
+        latent grid."""
+        grid = self.family.latent_grid
+        width, height = (side - side % grid for side in params.image.size)
+        return width, height
+
+    def image_task_size(self, params: GenerationParams) -> dict[str, int]:
+        """width and height for an image task whose pipeline would otherwise make its native size
+        rather than the input's (SDXL's inpaint pipeline), in a family whose micro-conditioning
+        records the input's size; empty otherwise (SD2's calls stay as they were)."""
+        takes_size = "width" in inspect.signature(self.pipe.__call__).parameters
+        if not (self.family.size_conditioning and takes_size):
+            return {}
+        width, height = self.input_size(params)
+        return {"width": width, "height": height}
 
     def scheduler_name(self, params: GenerationParams) -> str:
         return params.scheduler or self.default_scheduler
@@ -322,9 +371,12 @@ class TokenCounter:
         return {p: len(i) for p, i in zip(prompts, ids)}
 
 
-def dtype_keyword(diffusers_version: str) -> str:
-    """The from_pretrained keyword for the dtype: `dtype` from diffusers 0.40 (the older name then
-    warns), `torch_dtype` before (which would ignore `dtype` and load float32)."""
-    from packaging.version import Version
+def scheduler_of(name: str, config, overrides: dict):
+    """The diffusers scheduler class `name`, built from a checkpoint's scheduler config with the
+    spec's overrides (model.scheduler_config)."""
+    import diffusers  # loaded with the pipeline already; kept off this module's import
 
-    return "dtype" if Version(diffusers_version) >= Version("0.40") else "torch_dtype"
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ModelLoadError(unknown_scheduler(name))
+    return cls.from_config(config, **overrides)

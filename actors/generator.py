@@ -33,9 +33,18 @@ from sdfleet.actors.gpu_turns import GpuTurns
 from sdfleet.actors.judge import Evidence, Judge, Outcome
 from sdfleet.actors.logs import configure_logging, remember_secrets
 from sdfleet.actors.metrics import Metrics
+from sdfleet.actors.model_content import pin_models
 from sdfleet.actors.placement import node_cpu_threads, worker_identity
 from sdfleet.actors.reader import read_shard_samples
-from sdfleet.actors.records import Clock, Generated, Provenance, build_row, shard_stats
+from sdfleet.actors.records import (
+    AttemptResult,
+    AttemptSpend,
+    Clock,
+    Generated,
+    Provenance,
+    build_row,
+    shard_stats,
+)
 from sdfleet.actors.safety import SafetyScore, load_detector
 from sdfleet.actors.selection import BestOfN
 from sdfleet.actors.storage import Storage
@@ -171,8 +180,10 @@ class ShardGenerator:
             cpu_threads = node_cpu_threads(self.spec.resources.gpus_per_worker)
         # One set of parameters per sweep point: the shapes to size the batch for and to compile.
         shapes = [resolve_params(self.spec, "", None, "", point) for point in self.plan.points]
+        # The checkpoints the driver resolved: a hub id's commit, a mirror copied at its hash.
+        model = pin_models(self.spec.model, self.plan.content)
         self.engine = self.engine_class(
-            self.spec.model,
+            model,
             cpu_threads=cpu_threads,
             options=self.spec.engine,
             batch_size=self.spec.resources.batch_size,
@@ -209,15 +220,27 @@ class ShardGenerator:
         return {**self.worker, "device": self.engine.device}
 
     def run(self, shard_id: int, attempt: int = 1) -> ShardStats:
+        """Make and commit a shard; the stats in effect."""
+        return self.run_attempt(shard_id, attempt).stats
+
+    def run_attempt(self, shard_id: int, attempt: int = 1) -> AttemptResult:
+        """`run`, saying too what this attempt used of the GPU, committed or not. An attempt that
+        fails says it on its exception (`gpu_seconds`), which reaches the driver with it."""
         if self.start_error is not None:
             raise self.start_error
+        spend = AttemptSpend()
+        gpus = len(self.worker["gpu_ids"])
         ticket = self.turns.take()
         try:
-            return self._run(shard_id, attempt, ticket)
+            stats = self._run(shard_id, attempt, ticket, spend)
+        except Exception as e:
+            e.gpu_seconds = spend.gpu_seconds(gpus)  # read by the driver's budget
+            raise
         finally:
             self.turns.release(ticket)
+        return AttemptResult(stats, spend.gpu_seconds(gpus), spend.committed)
 
-    def _run(self, shard_id: int, attempt: int, ticket: int) -> ShardStats:
+    def _run(self, shard_id: int, attempt: int, ticket: int, spend: AttemptSpend) -> ShardStats:
         clock = Clock()
         name = self.plan.shard_name(shard_id)
         # 1. A shard committed meanwhile (by a worker presumed dead, say) is not made twice.
@@ -227,7 +250,7 @@ class ShardGenerator:
         # 2. Read this shard's rows into samples, while the shard before it may still hold the GPU.
         shard = self._read(shard_id)
         # 3. Generate once it is this shard's turn; scoring, judging and encoding run beside it.
-        made = self._generate(shard.todo, ticket)
+        made = self._generate(shard.todo, ticket, spend)
         made.stage_seconds["read"] += shard.seconds
         # 4. Judge what was not made; every planned sample then has its outcome.
         outcomes = [self._outcome(s, made) for s in shard.samples]
@@ -244,6 +267,10 @@ class ShardGenerator:
             committed = self.writer.commit(name, spooled, stats)
         finally:
             spooled.close()
+        spend.committed = (committed.worker_id, committed.started_ts) == (
+            stats.worker_id,
+            stats.started_ts,
+        )
         self.metrics.record(committed)
         return committed
 
@@ -322,19 +349,26 @@ class ShardGenerator:
             curation_models_sha256=self.curator.models_sha256 if self.curator else None,
             # bench/synthetic.py's stand-in engine has no micro-conditioning.
             size_conditioning=getattr(self.engine, "size_conditioning", None),
+            refiner=getattr(getattr(self.engine, "refiner", None), "call_for", None),
+            aesthetic_conditioning=getattr(self.engine, "aesthetic_conditioning", {}),
+            vae_decode_dtype=getattr(self.engine, "vae_decode_dtype", None),
+            model_hash=self.plan.content.main_model_digest() if self.plan.content else None,
         )
 
-    def _generate(self, todo: list[Sample], ticket: int) -> Generated:
+    def _generate(self, todo: list[Sample], ticket: int, spend: AttemptSpend) -> Generated:
         """Generate `todo` during this shard's turn on the pipeline: all of it, or with best-of-N
         curation in rounds (`_best_of_n`). Scoring and judging run on the post thread, encoding on
         the encoder pool, while the pipeline makes the next batch."""
         with self.turns.turn(ticket, self._check_preempted):
             turn_start, started_ts = time.perf_counter(), time.time()
-            if self.spec.curation.best_of_n:
-                wave = self._best_of_n(todo, ticket)
-            else:
-                wave = self._wave(todo)
-            turn_seconds = time.perf_counter() - turn_start - wave.paused_seconds
+            try:
+                if self.spec.curation.best_of_n:
+                    wave = self._best_of_n(todo, ticket)
+                else:
+                    wave = self._wave(todo)
+            finally:  # a turn that fails has used the GPU too
+                spend.turn_seconds = time.perf_counter() - turn_start
+            turn_seconds = spend.turn_seconds = spend.turn_seconds - wave.paused_seconds
             finished_ts = time.time()
         # The next shard has the GPU now; the rest of this one runs beside it.
         outcomes: dict[str, Outcome] = {}

@@ -54,7 +54,7 @@ class InputImageReader:
         # 1. Resolve each value to inline bytes or a name inside the input's folder.
         cells, names = [], {}
         for v in values:
-            cell = self._resolve(v, what)
+            cell = self.resolve(v, what)
             cells.append(cell)
             if cell.data is None and cell.error is None:
                 names.setdefault(cell.name, []).append(cell)
@@ -84,7 +84,9 @@ class InputImageReader:
             out.append(decoded[digest, cell.uri])
         return out
 
-    def _resolve(self, value: Any, what: str) -> Cell:
+    def resolve(self, value: Any, what: str) -> Cell:
+        """Inline bytes, or the name inside the input's folder that a URI cell points at (not read
+        here), or why it is neither."""
         if value is None:
             return Cell(error=f"{what} is null")
         if isinstance(value, (bytes, bytearray, memoryview)):

@@ -14,15 +14,20 @@ from typing import TYPE_CHECKING, Any
 from sdfleet.actors.curation import tally
 from sdfleet.actors.engine import GENERATOR_DEVICE, PromptTokens
 from sdfleet.actors.judge import Outcome
+from sdfleet.actors.refiner import RefinerCall
 from sdfleet.schemas import layout
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import (
+    REFINER_FIELDS,
     STATUS_DUPLICATE,
     STATUS_FAILED,
     STATUS_FILTERED,
     STATUS_OK,
     STATUS_REJECTED,
     STATUS_SKIPPED,
+    VAE_COLUMNS,
+    VAE_DECODE_DTYPE,
+    conditioning_column,
     token_columns,
 )
 from sdfleet.schemas.samples import GenerationParams, Sample, sample_id
@@ -42,6 +47,28 @@ class Clock:
     started_at: str = field(default_factory=now)
     started_ts: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class AttemptSpend:
+    """What one attempt at a shard held the pipeline for, committed or not: the budget counts it
+    (`sdfleet.jobs.dispatch`). Filled in as the attempt goes, so a failure still says it."""
+
+    turn_seconds: float = 0.0
+    committed: bool = False  # this attempt's files are the shard's (it did not lose a race)
+
+    def gpu_seconds(self, gpus: int) -> float:
+        return round(self.turn_seconds * gpus, 4)
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What a worker's attempt at a shard returns: the shard's stats in effect (its own, or those
+    of a writer that committed first) and the GPU-seconds this attempt used."""
+
+    stats: ShardStats
+    gpu_seconds: float
+    committed: bool
 
 
 @dataclass
@@ -86,8 +113,16 @@ class Provenance:
     safety_model_sha256: str | None  # None without a detector
     unsafe_classes: list[str] | None
     curation_models_sha256: dict[str, str] | None  # None without curation
-    # The micro-conditioning a text-to-image sample ran with (the engine's); None: none.
+    # The micro-conditioning a sample ran with (the engine's: from its size, or its input's).
+    # None: none.
     size_conditioning: Callable[[GenerationParams], dict[str, tuple[int, int]]] | None = None
+    # What model.refiner runs a sample with (the engine's); None: no refiner.
+    refiner: Callable[[GenerationParams], RefinerCall] | None = None
+    # The aesthetic-score conditioning every call passes, by diffusers' keyword (the engine's).
+    aesthetic_conditioning: dict[str, float] = field(default_factory=dict)
+    # The dtype the latents were decoded in (the engine's); None: a family that never upcasts.
+    vae_decode_dtype: str | None = None
+    model_hash: str | None = None  # model.source by content, as the driver resolved it
 
 
 def build_row(
@@ -109,6 +144,7 @@ def build_row(
         "generator_device": GENERATOR_DEVICE,
         "model_source": spec.model.source,
         "model_revision": spec.model.revision,
+        "model_hash": made.model_hash,
         "dtype": made.dtype,
         "image_format": spec.output.image_format,
         "image_sha256": o.image_sha256,
@@ -144,14 +180,35 @@ def build_row(
             safety_flagged=verdict.flagged,
         )
     row.update(task=spec.model.task, vae_tiling=spec.engine.vae_tiling)
+    components = _add_components(row, spec, made)
     _add_parameters(row, s, o, made)
     if s.params is not None:
         _add_tokens(row, tokens.get(s.params.prompt), made)
         row.update(
-            sample_id=sample_id(spec.model.source, spec.model.revision, s.params, row["scheduler"]),
+            sample_id=sample_id(
+                spec.model.source,
+                spec.model.revision,
+                s.params,
+                row["scheduler"],
+                {f.name: row[f.name] for f in REFINER_FIELDS} if made.refiner else None,
+                components,
+            ),
             prompt=s.params.prompt,
         )
     return row
+
+
+def _add_components(row: dict[str, Any], spec: JobSpec, made: Provenance) -> dict[str, Any]:
+    """model.vae's columns where the job sets it (no key otherwise, so other jobs' rows and tars
+    stay as they were), and the decode's dtype where the family may upcast it. Returns the
+    components' columns, which are part of the sample's identity."""
+    components = {}
+    if spec.model.vae is not None:
+        components = dict(zip(VAE_COLUMNS, (spec.model.vae, spec.model.vae_revision), strict=True))
+        row.update(components)
+    if made.vae_decode_dtype is not None:
+        row[VAE_DECODE_DTYPE] = made.vae_decode_dtype
+    return components
 
 
 def _add_tokens(row: dict[str, Any], counted: PromptTokens | int | None, made: Provenance) -> None:
@@ -187,6 +244,24 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
             row.update({f"{name}_sha256": given.sha256, f"{name}_uri": given.uri})
     if made.size_conditioning is not None and s.params is not None:
         row.update({k: list(v) for k, v in made.size_conditioning(s.params).items()})
+    if s.params is not None:
+        row.update({conditioning_column(k): v for k, v in made.aesthetic_conditioning.items()})
+    if made.refiner is not None:
+        _add_refiner(row, made.spec, made.refiner(planned))
+
+
+def _add_refiner(row: dict[str, Any], spec: JobSpec, call: RefinerCall) -> None:
+    """model.refiner's columns (schemas.rows.REFINER_FIELDS): what the refiner pipeline ran."""
+    row.update(
+        refiner_source=spec.model.refiner.source,
+        refiner_revision=spec.model.refiner.revision,
+        denoising_end=call.denoising_start,
+        refiner_denoising_start=call.denoising_start,
+        refiner_num_inference_steps=call.num_inference_steps,
+        refiner_guidance_scale=call.guidance_scale,
+        refiner_aesthetic_score=call.aesthetic_score,
+        refiner_negative_aesthetic_score=call.negative_aesthetic_score,
+    )
 
 
 def shard_stats(

@@ -92,7 +92,7 @@ class CompiledWarmUp:
             cache = CompileCache(location)
             status = "hit" if cache.load(self.cache_key(params)) else "miss"
         # 2. Compile, then warm up until every shape ran, halving the batch on out-of-memory.
-        eager = engine.pipe.unet, engine.pipe.vae.decode
+        eager = [(pipe, pipe.unet, pipe.vae.decode) for pipe in self._pipes()]
         self._compile()
         seconds = None
         while True:
@@ -121,13 +121,21 @@ class CompiledWarmUp:
                 self._fall_back(e, eager)
                 return WarmUp(seconds, status)
 
+    def _pipes(self) -> list:
+        """The engine's pipelines: the base, and model.refiner's (which decodes, in its place)."""
+        refiner = getattr(self.engine, "refiner", None)
+        return [self.engine.pipe] + ([refiner.pipe] if refiner is not None else [])
+
     def _compile(self) -> None:
-        pipe = self.engine.pipe
-        pipe.unet = torch.compile(pipe.unet, mode=COMPILE_MODE)
-        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=COMPILE_MODE)
+        compiled_vaes = set()  # model.vae is one module shared by the base and the refiner
+        for pipe in self._pipes():
+            pipe.unet = torch.compile(pipe.unet, mode=COMPILE_MODE)
+            if id(pipe.vae) not in compiled_vaes:
+                compiled_vaes.add(id(pipe.vae))
+                pipe.vae.decode = torch.compile(pipe.vae.decode, mode=COMPILE_MODE)
         self.engine.applied.append("compile")
 
-    def _fall_back(self, error: Exception, eager: tuple) -> None:
+    def _fall_back(self, error: Exception, eager: list[tuple]) -> None:
         """compile `on`: raise the compiler's own error; `auto`: go on with the eager modules."""
         root = error
         for _ in range(8):  # the compiler's own error, under torch's wrappers
@@ -142,7 +150,8 @@ class CompiledWarmUp:
                 "Set engine.compile: auto (falls back to eager) or off"
             ) from error
         log.warning("torch.compile failed (%s); engine.compile=auto goes on without it", reason)
-        self.engine.pipe.unet, self.engine.pipe.vae.decode = eager
+        for pipe, unet, decode in eager:
+            pipe.unet, pipe.vae.decode = unet, decode
         self.engine.applied.remove("compile")
 
     def shapes(
@@ -216,5 +225,11 @@ class CompiledWarmUp:
                 },
                 "shapes": sorted(shapes),
                 "batch_sizes": sizes,
+                # model.refiner's graphs too; no key without one, so earlier keys stay.
+                **(
+                    {"refiner_unet": dict(engine.refiner.pipe.unet.config)}
+                    if getattr(engine, "refiner", None) is not None
+                    else {}
+                ),
             }
         )

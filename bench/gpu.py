@@ -1,17 +1,22 @@
-"""sdfleet's engine vs plain diffusers on one GPU: SD2-base architecture, random weights, fp16.
+"""sdfleet's engine vs plain diffusers on one GPU: a family's full-size architecture, random
+weights, fp16.
 
-    python3 bench/gpu.py                 # full size, 512x512, 50 and 25 steps, batch 1/8/16/32/auto
+    python3 bench/gpu.py                 # SD2-base, 512x512, 50 and 25 steps, batch 1/8/16/32/auto
+    python3 bench/gpu.py --family sdxl   # SDXL-base, 1024x1024, 50 and 25 steps, batch 1/4/8/auto
     python3 bench/gpu.py --tiny          # the tiny pipeline on the CPU: checks the script end to end
+    python3 bench/gpu.py --tiny --family sdxl
 
 Needs torch, transformers and diffusers only (no pydantic, ray or tensorflow), so on a GPU machine
 that has torch and transformers it runs with just the diffusers wheel carried. The engine is built
 as a worker builds it: batch size "auto" measured on the GPU, then torch.compile's warm-up of the
 shapes it will see (its time is printed; with compile on, a second engine in a fresh process then
 loads the compiled graphs from engine.compile_cache, as an autoscaled worker would, and its
-warm-up is printed too). For each steps x batch it times plain
-`StableDiffusionPipeline.__call__` and `actors.engine.Engine.generate` on the same prompts and
-seeds (after one untimed call each), and prints images/s, the ratio, MFU against the FLOPs of one
-image (83 TFLOP at 50 steps, 512x512 with CFG) and the largest pixel difference between the two.
+warm-up is printed too). For each steps x batch it times the family's plain diffusers pipeline
+(`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) and `actors.engine.Engine.generate` on
+the same prompts and seeds (after one untimed call each), and prints images/s, the ratio, MFU
+against the FLOPs of one image in schemas/families.py (SD2: 83 TFLOP at 50 steps, 512x512 with
+CFG; SDXL: 686.8 at 50 steps, 1024x1024), the largest pixel difference between the two and the engine's
+peak GPU memory (the plain pipeline's weights, resident meanwhile, left out).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,8 +51,54 @@ except ImportError:
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def main() -> None:
+def build_sd2(folder: Path) -> None:
+    from sd2_base import build_pipeline
+
+    build_pipeline(folder)
+
+
+def build_sdxl(folder: Path) -> None:
+    from sdxl_base import build_pipeline
+
+    build_pipeline(folder)
+
+
+def tiny_sd2(folder: Path) -> None:
+    from sdfleet.jobs.tiny import write_tiny_pipeline
+
+    write_tiny_pipeline(folder)
+
+
+def tiny_sdxl(folder: Path) -> None:
+    from sdfleet.jobs.tiny_sdxl import write_tiny_sdxl
+
+    write_tiny_sdxl(folder)
+
+
+@dataclass(frozen=True)
+class BenchFamily:
+    """How the bench builds one family's models. The rest is the family's row in
+    schemas/families.py: the plain pipeline class, the native size and the FLOPs per image."""
+
+    name: str
+    build: Callable[[Path], None]  # the full-size architecture with random weights
+    tiny: Callable[[Path], None]  # the tiny pipeline the CPU run measures
+    batches: tuple[str, ...]  # the full-size batch sizes measured by default
+
+
+BENCH_FAMILIES = {
+    family.name: family
+    for family in (
+        BenchFamily("sd2", build_sd2, tiny_sd2, ("1", "8", "16", "32", "auto")),
+        # 1024x1024 holds four times SD2's latent pixels per image: smaller batches fill the GPU.
+        BenchFamily("sdxl", build_sdxl, tiny_sdxl, ("1", "4", "8", "auto")),
+    )
+}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--family", default="sd2", choices=sorted(BENCH_FAMILIES))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, nargs="+")
     parser.add_argument(
@@ -62,24 +115,177 @@ def main() -> None:
         action="store_true",
         help="build the engine, print its warm-up as JSON and stop (the second engine's process)",
     )
-    args = parser.parse_args()
-    steps = args.steps or ([2] if args.tiny else [50, 25])
-    batches = args.batches or (["1", "2"] if args.tiny else ["1", "8", "16", "32", "auto"])
-    size = args.size or (64 if args.tiny else 512)
+    return parser.parse_args()
 
+
+@dataclass
+class Timing:
+    images_per_s: float
+    images: np.ndarray  # uint8, batch x H x W x 3
+    warm_up_s: float  # the untimed first call
+    # The GPU memory allocated at the timed call's peak, less `others` (None on the CPU).
+    peak_gib: float | None
+
+
+def timed(fn: Callable[[], np.ndarray], batch: int, cuda: bool, others: int = 0) -> Timing:
+    """One untimed call (compile, autotune, allocator), then the timed one. others: bytes that
+    the other pipeline holds on the GPU meanwhile, left out of the peak."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from sdfleet.actors.engine import Engine
-    from sdfleet.schemas.families import SD2
+    t0 = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    images = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - others) / 2**30 if cuda else None
+    return Timing(batch / seconds, images, warm, peak)
+
+
+def second_engine(args, folder: Path, compile_cache: str, size: int, steps: int, batch: int):
+    """What an autoscaled worker pays: a fresh process, an empty Inductor cache, this cache. Its
+    figures as a dict, or None where it failed (the reason is printed)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--engine-only",
+        "--family",
+        args.family,
+        "--model",
+        str(folder),
+        "--compile-cache",
+        compile_cache,
+        "--compile",
+        args.compile,
+        "--size",
+        str(size),
+        "--steps",
+        str(steps),
+        "--batches",
+        str(batch),
+    ]  # the same batch, so the same graphs and key
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if second.returncode != 0:
+        print(f"second engine failed: {second.stderr[-2000:]}", flush=True)
+        return None
+    r = json.loads(second.stdout.strip().splitlines()[-1])
+    print(
+        f"second engine (fresh process, compile cache {r['compile_cache']}): ready in {r['ready_s']:.0f}s, "
+        f"compile warm-up {r['warm_up_s'] or 0:.0f}s",
+        flush=True,
+    )
+    return r
+
+
+@dataclass(frozen=True)
+class Contenders:
+    """Plain diffusers and the engine, loaded, and what a row of the table needs besides."""
+
+    plain: object  # the family's diffusers pipeline
+    engine: object  # sdfleet.actors.engine.Engine
+    plain_bytes: int  # the plain pipeline's weights on the GPU, left out of the engine's peak
+    family: object  # its row of sdfleet.schemas.families.FAMILIES: the FLOPs per image
+    size: int
+    cuda: bool
+    peak_tflops: float | None  # the device's dense fp16 peak; None: MFU not reported
+
+
+def measure(c: Contenders, n_steps: int, batch: int) -> dict:
+    """One row of the table: plain diffusers, then the engine, on the same prompts and seeds;
+    printed, and returned for the JSON line."""
+    import torch
+
     from sdfleet.schemas.samples import GenerationParams
 
+    prompts = [f"a photograph of landscape number {i}, detailed" for i in range(batch)]
+    seeds = list(range(1000, 1000 + batch))
+    params = [
+        GenerationParams(p, "", s, n_steps, 7.5, c.size, c.size, None)
+        for p, s in zip(prompts, seeds)
+    ]
+
+    def run_plain():
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        out = c.plain(
+            [p.prompt for p in params],
+            # The engine passes the rows' negative prompt (""), so plain does too: SDXL's
+            # force_zeros_for_empty_prompt zeroes the negative embedding only where none is
+            # given (SD2 encodes "" either way).
+            negative_prompt=[p.negative_prompt for p in params],
+            num_inference_steps=n_steps,
+            guidance_scale=7.5,
+            width=c.size,
+            height=c.size,
+            generator=gens,
+            output_type="np",
+        ).images
+        return (out * 255).round().astype(np.uint8)
+
+    def run_engine():
+        return np.stack(next(iter(c.engine.generate(params, batch)))[1])
+
+    p = timed(run_plain, batch, c.cuda)
+    e = timed(run_engine, batch, c.cuda, others=c.plain_bytes)
+    flops = c.family.tflop_per_image(c.size, c.size, n_steps, guidance_scale=7.5)
+    mfu_plain, mfu_engine = (
+        (ips * flops / c.peak_tflops if c.peak_tflops else None)
+        for ips in (p.images_per_s, e.images_per_s)
+    )
+
+    def percent(mfu):
+        return f"{100 * mfu:8.1f}%" if mfu is not None else "     n/a"
+
+    diff = int(np.abs(p.images.astype(int) - e.images.astype(int)).max())
+    ratio = e.images_per_s / p.images_per_s
+    memory = f"{e.peak_gib:8.1f}" if e.peak_gib is not None else "     n/a"
+    print(
+        f"{n_steps:5d} {batch:5d} {p.images_per_s:11.3f} {e.images_per_s:13.3f} {ratio:6.2f} "
+        f"{percent(mfu_plain):>9} {percent(mfu_engine):>11} {diff:8d} {e.warm_up_s:9.1f} "
+        f"{memory:>8}",
+        flush=True,
+    )
+    return {
+        "steps": n_steps,
+        "batch": batch,
+        "plain_images_per_s": round(p.images_per_s, 4),
+        "sdfleet_images_per_s": round(e.images_per_s, 4),
+        "ratio": round(ratio, 4),
+        "mfu_plain": round(mfu_plain, 4) if mfu_plain is not None else None,
+        "mfu_sdfleet": round(mfu_engine, 4) if mfu_engine is not None else None,
+        "max_diff": diff,
+        "sdfleet_peak_gib": round(e.peak_gib, 2) if e.peak_gib is not None else None,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    bench_family = BENCH_FAMILIES[args.family]
+    steps = args.steps or ([2] if args.tiny else [50, 25])
+    batches = args.batches or (["1", "2"] if args.tiny else list(bench_family.batches))
+
+    import diffusers
+    import torch
+
+    from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.families import FAMILIES
+    from sdfleet.schemas.samples import GenerationParams
+    from sdfleet.schemas.tasks import TEXT_TO_IMAGE
+
+    family = FAMILIES[args.family]
+    size = args.size or (64 if args.tiny else family.fallback_size)
     cuda = torch.cuda.is_available() and not args.tiny
     device, dtype = ("cuda", "float16") if cuda else ("cpu", "float32")
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peak = next((v for k, v in PEAKS.items() if k in name), None)
 
-    # 1. The model: SD2-base's architecture with random weights (same FLOPs), or the tiny one.
+    # 1. The model: the family's full-size architecture with random weights (same FLOPs), or its
+    #    tiny one.
     folder = (
         Path(args.model)
         if args.model
@@ -87,24 +293,25 @@ def main() -> None:
     )
     if not args.model:
         t0 = time.perf_counter()
-        if args.tiny:
-            from sdfleet.jobs.tiny import write_tiny_pipeline
-
-            write_tiny_pipeline(folder)
-        else:
-            from sd2_base import build_pipeline
-
-            build_pipeline(folder)
+        (bench_family.tiny if args.tiny else bench_family.build)(folder)
         print(f"built {folder} in {time.perf_counter() - t0:.0f}s", flush=True)
 
-    # 2. Plain diffusers, as a user would call it.
+    # 2. Plain diffusers, as a user would call it: the family's own pipeline class.
     if not args.engine_only:
-        plain = StableDiffusionPipeline.from_pretrained(
+        plain_class = getattr(diffusers, family.pipeline(TEXT_TO_IMAGE))
+        plain = plain_class.from_pretrained(
             folder, dtype=getattr(torch, dtype), use_safetensors=True
         )
-        plain.scheduler = EulerDiscreteScheduler.from_config(plain.scheduler.config)
+        plain.scheduler = diffusers.EulerDiscreteScheduler.from_config(plain.scheduler.config)
         plain = plain.to(device)
         plain.set_progress_bar_config(disable=True)
+        # Left out of the engine's peak memory: a worker holds the engine's pipeline alone.
+        plain_bytes = sum(
+            p.numel() * p.element_size()
+            for part in plain.components.values()
+            if isinstance(part, torch.nn.Module)
+            for p in part.parameters()
+        )
 
     # 3. The sdfleet engine as a worker builds it: speed-ups, batch size, compile warm-up
     #    (duck-typed options: no pydantic needed).
@@ -141,118 +348,38 @@ def main() -> None:
             )
         )
         return
+    if engine.family is not family:
+        sys.exit(f"the engine loaded {folder} as {engine.family.name}, not {family.name}")
     batches = sorted({engine.batch_size if b == "auto" else int(b) for b in batches})
 
-    print(f"device: {name}; {dtype}; {size}x{size}; engine speed-ups: {', '.join(engine.applied)}")
+    print(
+        f"device: {name}; {type(engine.pipe).__name__}; {dtype}; {size}x{size}; "
+        f"engine speed-ups: {', '.join(engine.applied)}"
+    )
     print(
         f"engine ready in {ready:.0f}s (load, batch size {requested} -> {engine.batch_size}, compile warm-up "
         f"{engine.warm_up_seconds or 0:.0f}s, compile cache {engine.compile_cache or 'not used'})"
     )
-    second_engine = None
+    second = None
     if engine.compile_cache == "miss":
-        # What an autoscaled worker pays: a fresh process, an empty Inductor cache, this cache.
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
-        cmd = [
-            sys.executable,
-            __file__,
-            "--engine-only",
-            "--model",
-            str(folder),
-            "--compile-cache",
-            compile_cache,
-            "--compile",
-            args.compile,
-            "--size",
-            str(size),
-            "--steps",
-            str(steps[0]),
-            "--batches",
-            str(engine.batch_size),
-        ]  # the same batch, so the same graphs and key
-        second = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if second.returncode == 0:
-            r = second_engine = json.loads(second.stdout.strip().splitlines()[-1])
-            print(
-                f"second engine (fresh process, compile cache {r['compile_cache']}): ready in {r['ready_s']:.0f}s, "
-                f"compile warm-up {r['warm_up_s'] or 0:.0f}s",
-                flush=True,
-            )
-        else:
-            print(f"second engine failed: {second.stderr[-2000:]}", flush=True)
-    rows = []
+        second = second_engine(args, folder, compile_cache, size, steps[0], engine.batch_size)
+
+    # 4. Each steps x batch: plain diffusers, then the engine, on the same prompts and seeds.
     print(
         f"{'steps':>5} {'batch':>5} {'plain img/s':>11} {'sdfleet img/s':>13} {'ratio':>6} {'MFU plain':>9} "
-        f"{'MFU sdfleet':>11} {'max diff':>8} {'warm-up s':>9}"
+        f"{'MFU sdfleet':>11} {'max diff':>8} {'warm-up s':>9} {'peak GiB':>8}"
     )
-    for n_steps in steps:
-        for batch in batches:
-            prompts = [f"a photograph of landscape number {i}, detailed" for i in range(batch)]
-            seeds = list(range(1000, 1000 + batch))
-            params = [
-                GenerationParams(p, "", s, n_steps, 7.5, size, size, None)
-                for p, s in zip(prompts, seeds)
-            ]
-
-            def run_plain(seeds=seeds, prompts=prompts, n_steps=n_steps):
-                gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-                out = plain(
-                    prompts,
-                    num_inference_steps=n_steps,
-                    guidance_scale=7.5,
-                    width=size,
-                    height=size,
-                    generator=gens,
-                    output_type="np",
-                ).images
-                return (out * 255).round().astype(np.uint8)
-
-            def run_engine(params=params, batch=batch):
-                return np.stack(next(iter(engine.generate(params, batch)))[1])
-
-            timings = {}
-            for label, fn in (("plain", run_plain), ("engine", run_engine)):
-                t0 = time.perf_counter()
-                fn()  # warm-up (compile, autotune, allocator)
-                warm = time.perf_counter() - t0
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                images = fn()
-                if cuda:
-                    torch.cuda.synchronize()
-                timings[label] = (batch / (time.perf_counter() - t0), images, warm)
-            (p_ips, p_img, _), (e_ips, e_img, e_warm) = timings["plain"], timings["engine"]
-            flops = SD2.tflop_per_image(size, size, n_steps, guidance_scale=7.5)
-
-            def mfu(ips, flops=flops):
-                return f"{100 * ips * flops / peak:8.1f}%" if peak else "     n/a"
-
-            diff = int(np.abs(p_img.astype(int) - e_img.astype(int)).max())
-            print(
-                f"{n_steps:5d} {batch:5d} {p_ips:11.3f} {e_ips:13.3f} {e_ips / p_ips:6.2f} {mfu(p_ips):>9} "
-                f"{mfu(e_ips):>11} {diff:8d} {e_warm:9.1f}",
-                flush=True,
-            )
-            rows.append(
-                {
-                    "steps": n_steps,
-                    "batch": batch,
-                    "plain_images_per_s": round(p_ips, 4),
-                    "sdfleet_images_per_s": round(e_ips, 4),
-                    "ratio": round(e_ips / p_ips, 4),
-                    "mfu_plain": round(p_ips * flops / peak, 4) if peak else None,
-                    "mfu_sdfleet": round(e_ips * flops / peak, 4) if peak else None,
-                    "max_diff": diff,
-                }
-            )
+    bench = Contenders(plain, engine, plain_bytes, family, size, cuda, peak)
+    rows = [measure(bench, n_steps, batch) for n_steps in steps for batch in batches]
     print(
         json.dumps(
             {
                 "device": name,
+                "family": family.name,
                 "engine_ready_s": round(ready, 1),
                 "warm_up_s": engine.warm_up_seconds,
                 "compile_cache": engine.compile_cache,
-                "second_engine": second_engine,
+                "second_engine": second,
                 "batch_size": engine.batch_size,
                 "rows": rows,
             }

@@ -11,41 +11,64 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from sdfleet.actors.model_content import HUB_TIMEOUT_S
 from sdfleet.actors.storage import Storage
-from sdfleet.schemas.errors import ModelLoadError, first_line
-from sdfleet.schemas.families import DEFAULT_FAMILY, vae_scale_factor
+from sdfleet.schemas.errors import ModelLoadError, SpecError, first_line
+from sdfleet.schemas.families import DEFAULT_FAMILY, family_of, vae_scale_factor
 from sdfleet.schemas.locations import kind_of
 from sdfleet.schemas.schedulers import defined_schedulers, unknown_scheduler
 from sdfleet.schemas.spec import ModelSpec
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 from sdfleet.schemas.weights import is_safetensors, pickles_only
 
-# How long the driver waits for the Hugging Face hub before saying it cannot reach it.
-HUB_TIMEOUT_S = 10.0
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint the spec names: the key naming it (for messages), where it is, its revision,
+    and the options to read it with."""
+
+    key: str
+    source: str
+    revision: str | None
+    storage_options: dict
+
+    @classmethod
+    def of(cls, model: ModelSpec | CheckpointRef) -> CheckpointRef:
+        """model.source's checkpoint (a ref is itself)."""
+        if isinstance(model, CheckpointRef):
+            return model
+        return cls("model.source", model.source, model.revision, model.storage_options)
+
+    @classmethod
+    def refiner_of(cls, model: ModelSpec) -> CheckpointRef:
+        """model.refiner's checkpoint, read with model.storage_options as the base is."""
+        refiner = model.refiner
+        return cls("model.refiner.source", refiner.source, refiner.revision, model.storage_options)
 
 
-def check_model_source(model: ModelSpec) -> None:
+def check_model_source(model: ModelSpec | CheckpointRef) -> None:
     """What the driver can check of the model before any worker starts: the folder and its weight
     formats (safetensors only, per component), or that a hub id can be had at all."""
-    source = model.source
+    ref = CheckpointRef.of(model)
+    source, key = ref.source, ref.key
     kind = kind_of(source)
     if kind == "remote":
-        if not Storage(source, model.storage_options).exists("model_index.json"):
+        if not Storage(source, ref.storage_options).exists("model_index.json"):
             raise ModelLoadError(
-                f"model.source {source} has no model_index.json; point it at a diffusers folder"
+                f"{key} {source} has no model_index.json; point it at a diffusers folder"
             )
     elif kind == "local":
-        _check_local_pipeline(Path(source).expanduser())
+        _check_local_pipeline(Path(source).expanduser(), key)
     elif kind == "missing":
-        raise ModelLoadError(f"model.source {source} does not exist")
+        raise ModelLoadError(f"{key} {source} does not exist")
     else:
-        _check_hub_pipeline(source, model.revision)
+        _check_hub_pipeline(source, ref.revision, key)
 
 
-def _check_local_pipeline(folder: Path) -> None:
+def _check_local_pipeline(folder: Path, key: str) -> None:
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(
-            f"model.source {folder} is a local path without model_index.json; point it at a "
+            f"{key} {folder} is a local path without model_index.json; point it at a "
             "diffusers pipeline folder (save_pretrained output)"
         )
     # Every component with weights must have them as safetensors: one pickle-only component would
@@ -54,23 +77,23 @@ def _check_local_pipeline(folder: Path) -> None:
         pickles = pickles_only(p.name for p in component.rglob("*"))
         if pickles:
             raise ModelLoadError(
-                f"model.source {folder} holds only pickle weights for {component.name} "
+                f"{key} {folder} holds only pickle weights for {component.name} "
                 f"({pickles[0]}); sdfleet loads safetensors only. Convert it with "
                 "`pipe.save_pretrained(dir, safe_serialization=True)` in a trusted environment"
             )
 
 
-def _check_hub_pipeline(repo: str, revision: str | None) -> None:
+def _check_hub_pipeline(repo: str, revision: str | None, key: str) -> None:
     """A hub id: in the local cache when offline, else on a hub that answers, with safetensors."""
     import huggingface_hub
     from huggingface_hub import constants as hub_constants
 
-    advice = "point model.source at a local folder or an s3:// mirror"
+    advice = f"point {key} at a local folder or an s3:// mirror"
     if hub_constants.HF_HUB_OFFLINE:
         cached = huggingface_hub.try_to_load_from_cache(repo, "model_index.json", revision=revision)
         if not isinstance(cached, str):
             raise ModelLoadError(
-                f"model.source {repo} is a hub id, HF_HUB_OFFLINE is set and the local Hugging "
+                f"{key} {repo} is a hub id, HF_HUB_OFFLINE is set and the local Hugging "
                 f"Face cache does not hold it: {advice}"
             )
         return
@@ -80,7 +103,7 @@ def _check_hub_pipeline(repo: str, revision: str | None) -> None:
         kind = type(e).__name__
         if "NotFound" in kind or "Gated" in kind:
             raise ModelLoadError(
-                f"model.source {repo}: the hub has no such model you may read ({kind}); {advice}, "
+                f"{key} {repo}: the hub has no such model you may read ({kind}); {advice}, "
                 "or log in with a token that may read it"
             ) from None
         raise ModelLoadError(
@@ -90,7 +113,7 @@ def _check_hub_pipeline(repo: str, revision: str | None) -> None:
     names = [s.rfilename for s in info.siblings or []]
     if names and not any(is_safetensors(n) for n in names):
         raise ModelLoadError(
-            f"model.source {repo} has no safetensors weights on the hub; sdfleet loads "
+            f"{key} {repo} has no safetensors weights on the hub; sdfleet loads "
             f"safetensors only: {advice} holding a converted copy"
         )
 
@@ -107,6 +130,7 @@ class Checkpoint:
     sample_size: int | None  # the UNet's latent size
     vae_scale_factor: int
     prediction_type: str | None
+    vae_latent_channels: int | None = None  # None: no VAE config read
 
     @property
     def default_size(self) -> int | None:
@@ -122,38 +146,48 @@ class Checkpoint:
         return f"a {self.class_name or 'diffusers pipeline'}{unet}"
 
 
-def read_checkpoint(model: ModelSpec) -> Checkpoint:
+def read_config(
+    source: str,
+    name: str,
+    storage_options: dict,
+    revision: str | None = None,
+    key: str = "model.source",
+) -> dict:
+    """One JSON config of a local folder, an s3:// mirror or a hub repo (its cache when
+    offline), without loading a weight; {} where there is no such file. key: the spec key that
+    named the source, for the error."""
+    kind = kind_of(source)
+    try:
+        if kind == "remote":
+            storage = Storage(source, storage_options)
+            return storage.read_json(name) if storage.exists(name) else {}
+        if kind in ("local", "missing"):
+            local = Path(source).expanduser()
+            return json.loads((local / name).read_text()) if (local / name).is_file() else {}
+        import huggingface_hub
+
+        try:
+            return json.loads(
+                Path(huggingface_hub.hf_hub_download(source, name, revision=revision)).read_text()
+            )
+        except huggingface_hub.errors.EntryNotFoundError:
+            return {}
+        except Exception as e:
+            raise OSError(f"the hub did not give it: {type(e).__name__}: {first_line(e)}") from e
+    except (OSError, ValueError) as e:  # ValueError: not JSON
+        raise ModelLoadError(
+            f"cannot read {name} of {key} {source}: {type(e).__name__}: {first_line(e)}"
+        ) from None
+
+
+def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
     """Read model_index.json and the UNet's and VAE's configs from a local folder, an s3:// mirror
     or the hub (its cache when offline), without loading a weight."""
-    source = model.source
-    kind = kind_of(source)
+    ref = CheckpointRef.of(model)
+    source = ref.source
 
     def config(name: str) -> dict:
-        try:
-            if kind == "remote":
-                storage = Storage(source, model.storage_options)
-                return storage.read_json(name) if storage.exists(name) else {}
-            if kind == "local":
-                local = Path(source).expanduser()
-                return json.loads((local / name).read_text()) if (local / name).is_file() else {}
-            import huggingface_hub
-
-            try:
-                return json.loads(
-                    Path(
-                        huggingface_hub.hf_hub_download(source, name, revision=model.revision)
-                    ).read_text()
-                )
-            except huggingface_hub.errors.EntryNotFoundError:
-                return {}
-            except Exception as e:
-                raise OSError(
-                    f"the hub did not give it: {type(e).__name__}: {first_line(e)}"
-                ) from e
-        except (OSError, ValueError) as e:  # ValueError: not JSON
-            raise ModelLoadError(
-                f"cannot read {name} of model.source {source}: {type(e).__name__}: {first_line(e)}"
-            ) from None
+        return read_config(source, name, ref.storage_options, ref.revision, key=ref.key)
 
     index = config("model_index.json")
     unet = config("unet/config.json") if "unet" in index else {}
@@ -167,6 +201,7 @@ def read_checkpoint(model: ModelSpec) -> Checkpoint:
         sample_size=unet.get("sample_size"),
         vae_scale_factor=vae_scale_factor(vae),
         prediction_type=scheduler.get("prediction_type"),
+        vae_latent_channels=vae.get("latent_channels") if vae else None,
     )
 
 
@@ -211,3 +246,100 @@ def check_scheduler_names(names: Sequence[str]) -> None:
     for name in names:
         if name not in defined:
             raise ModelLoadError(unknown_scheduler(name))
+
+
+def check_refiner(model: ModelSpec, base: Checkpoint) -> Checkpoint | None:
+    """model.refiner's checkpoint, checked as the base's is (safetensors only, model_index.json),
+    and one the base's family can hand its latents to: that family's refiner class. Returns what
+    was read of it; None without a refiner."""
+    if model.refiner is None:
+        return None
+    ref = CheckpointRef.refiner_of(model)
+    check_model_source(ref)
+    refiner = read_checkpoint(ref)
+    family, theirs = family_of(base.class_name), family_of(refiner.class_name)
+    named = f"{ref.key} {ref.source} ({refiner.class_name})"
+    if family is None or family.refiner_pipeline is None:
+        what = f"an {family.name} checkpoint" if family else f"a {base.class_name}"
+        raise SpecError(
+            f"{named}: model.source {base.source} is {what}, and "
+            f"{family.name if family else 'its family'} has no refiner; remove model.refiner"
+        )
+    if theirs is not family:
+        raise SpecError(
+            f"{named} is {'an ' + theirs.name if theirs else 'not an ' + family.name} checkpoint, "
+            f"but model.source {base.source} is {family.name}: give an {family.name} refiner "
+            f"({family.refiner_pipeline})"
+        )
+    if refiner.class_name != family.refiner_pipeline:
+        raise SpecError(
+            f"{named} is not an {family.name} refiner: {family.name}'s refiner checkpoints are "
+            f"{family.refiner_pipeline}s (e.g. stabilityai/stable-diffusion-xl-refiner-1.0)"
+        )
+    return refiner
+
+
+VAE_CLASS = "AutoencoderKL"
+
+
+def check_vae(model: ModelSpec, checkpoint: Checkpoint) -> None:
+    """model.vae, where set: it exists, holds an AutoencoderKL config and safetensors weights, and
+    makes latents of the checkpoint's channel count (another VAE's would fail in every worker's
+    first decode). Read from its config.json and file names, never by loading a weight."""
+    source = model.vae
+    if source is None:
+        return
+    if kind_of(source) == "missing":
+        raise ModelLoadError(
+            f"model.vae {source} does not exist; give an AutoencoderKL folder (config.json and "
+            "safetensors weights), a hub id or an s3:// folder"
+        )
+    config = read_config(
+        source, "config.json", model.storage_options, model.vae_revision, key="model.vae"
+    )
+    if config.get("_class_name") != VAE_CLASS:
+        found = f"a {config['_class_name']}" if config.get("_class_name") else "no config.json"
+        raise ModelLoadError(
+            f"model.vae {source} holds {found}, not an {VAE_CLASS} config; point it at the VAE's "
+            "own folder (e.g. a checkpoint's vae/ folder, or vae.save_pretrained output)"
+        )
+    names = _file_names(source, model.storage_options, model.vae_revision)
+    if not any(is_safetensors(n) for n in names):
+        pickles = pickles_only(names)
+        held = f"only pickle weights ({pickles[0]})" if pickles else "no weights"
+        raise ModelLoadError(
+            f"model.vae {source} holds {held}; sdfleet loads safetensors only: save it with "
+            "`vae.save_pretrained(dir, safe_serialization=True)` in a trusted environment"
+        )
+    channels = config.get("latent_channels", 4)  # AutoencoderKL's default
+    if checkpoint.vae_latent_channels is not None and channels != checkpoint.vae_latent_channels:
+        raise ModelLoadError(
+            f"model.vae {source} makes {channels}-channel latents, and model.source "
+            f"{checkpoint.source}'s denoiser works on {checkpoint.vae_latent_channels}; give a VAE "
+            "of the checkpoint's family"
+        )
+
+
+def _file_names(source: str, storage_options: dict, revision: str | None) -> list[str]:
+    """The files of a model folder, by name relative to it: on disk, on S3 or on the hub (only
+    the safetensors weights' name, from the local cache, when offline)."""
+    kind = kind_of(source)
+    if kind == "local":
+        folder = Path(source).expanduser()
+        return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    if kind == "remote":
+        return list(Storage(source, storage_options).listing())
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+
+    if hub_constants.HF_HUB_OFFLINE:
+        name = "diffusion_pytorch_model.safetensors"
+        cached = huggingface_hub.try_to_load_from_cache(source, name, revision=revision)
+        return [name] if isinstance(cached, str) else []
+    try:
+        info = huggingface_hub.model_info(source, revision=revision, timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 -- the config was read, so this is rare: one line
+        raise ModelLoadError(
+            f"cannot list model.vae {source} on the hub: {type(e).__name__}: {first_line(e)[:120]}"
+        ) from None
+    return [s.rfilename for s in info.siblings or []]

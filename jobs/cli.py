@@ -221,6 +221,12 @@ def _plan(spec) -> int:
         if family
         else f"family        unknown ({pipeline_class}): estimated as {est['family']}"
     )
+    if spec.model.refiner:
+        refiner = spec.model.refiner
+        print(
+            f"refiner       {refiner.source} ({checked.refiner_class}) from denoising_start "
+            f"{refiner.denoising_start}"
+        )
     cur = spec.curation
     # With best-of-N a prompt generates k to m of its m candidate slots: every figure is a range.
     k, m = (cur.images_per_prompt, cur.candidates) if cur.best_of_n else (None, None)
@@ -240,7 +246,12 @@ def _plan(spec) -> int:
     )
     print(
         f"per image     {span(est['tflop_per_image_min'], est['tflop_per_image_max'], '{:.4g}')} "
-        "TFLOP (denoiser steps, VAE decode, text encoders)"
+        + (
+            "TFLOP (base to denoising_end, refiner from denoising_start, both checkpoints' text "
+            "encoders, one VAE decode)"
+            if spec.model.refiner
+            else "TFLOP (denoiser steps, VAE decode, text encoders)"
+        )
     )
     if TASKS[spec.model.task].image:
         fallback = (family or DEFAULT_FAMILY).fallback_size
@@ -308,6 +319,7 @@ def _status(output: str, storage_options: dict, verify: bool = False) -> int:
     )
     for name, failed in sorted(s.quarantined.items()):
         print(f"  quarantined {name}: {failed.last_error_line()}")
+    _print_spend(reader.job, t.gpu_seconds, reader.uncommitted_spend())
     problems = reader.verify(deep=verify)
     print(
         f"files        {'differ from their commits in ' + str(len(problems)) + ' shard(s)' if problems else 'as committed'}"
@@ -324,6 +336,21 @@ def _status(output: str, storage_options: dict, verify: bool = False) -> int:
     complete = s.complete and not problems and reader.storage.exists(layout.SUCCESS_FILE)
     print(f"complete     {'yes' if complete else 'no'}")
     return EXIT_OK if complete else EXIT_INCOMPLETE
+
+
+def _print_spend(job: dict, committed_s: float, uncommitted) -> None:
+    """GPU time spent by every attempt vs in committed shards, in dollars where priced."""
+    spent_s = committed_s + uncommitted.gpu_seconds
+    price = job["spec"].get("resources", {}).get("gpu_hour_usd")
+
+    def amount(seconds: float) -> str:
+        return f"{seconds:.1f} GPU-s" + (f" (${seconds / 3600 * price:,.2f})" if price else "")
+
+    print(
+        f"gpu time     {amount(spent_s)} spent, {amount(committed_s)} in committed shards; "
+        f"{amount(uncommitted.gpu_seconds)} in {uncommitted.attempts} attempt(s) that committed "
+        "nothing"
+    )
 
 
 if __name__ == "__main__":

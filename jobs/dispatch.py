@@ -31,7 +31,7 @@ from sdfleet.jobs.pool import (
     Slot,
 )
 from sdfleet.schemas.errors import UserError
-from sdfleet.schemas.layout import FailedShard, ShardAttemptError, ShardStats
+from sdfleet.schemas.layout import FailedShard, ShardAttemptError, ShardStats, UncommittedSpend
 from sdfleet.schemas.plan import Plan
 
 if TYPE_CHECKING:
@@ -77,18 +77,22 @@ class Dispatcher:
         progress: bool = True,
         done_samples: int = 0,
         spent_gpu_seconds: float = 0.0,
+        uncommitted: UncommittedSpend | None = None,
     ):
         """sink: where committed and quarantined shards are reported; pool: the workers (the
         dispatcher shuts it down when done); shard_ids: the shards to make; done_samples and
-        spent_gpu_seconds: what earlier runs of this job already made and spent (for the progress
-        bar and the budget)."""
+        spent_gpu_seconds: what earlier runs of this job already made and spent in committed
+        shards (for the progress bar and the budget); uncommitted: what their attempts that
+        committed nothing spent (`_spent.json`), which the budget counts too."""
         self.plan = plan
         self.resources = plan.spec.resources
         self.sink = sink
         self.pool = pool
         self.queue = deque(ShardTask(s) for s in shard_ids)
         self.result = DispatchResult()
-        self.spent_gpu_seconds = spent_gpu_seconds
+        self.uncommitted = uncommitted or UncommittedSpend(fingerprint=plan.fingerprint)
+        # Every attempt's GPU-seconds, committed or not: the budget's measure.
+        self.spent_gpu_seconds = spent_gpu_seconds + self.uncommitted.gpu_seconds
         self.start_failures = 0  # consecutive actors that failed to start
         self.any_ready = False
         self.progress = progress
@@ -165,15 +169,35 @@ class Dispatcher:
             self._lose_actor(event.slot, f"{PREEMPTED_REASON}: {event.summary}", preempted=True)
         elif event.kind == FAILED:
             self.pool.release(event)
+            self._spend(event.gpu_seconds or 0.0, committed=False)
             self._fail(event.task, event.error)
         elif event.kind == DONE:
             stats: ShardStats = event.stats
             self.result.committed[event.task.shard_id] = stats
-            self.spent_gpu_seconds += stats.gpu_seconds
+            spent = stats.gpu_seconds if event.gpu_seconds is None else event.gpu_seconds
+            self._spend(spent, committed=event.committed_here)  # a lost race spent too
             self.sink.shard_written(stats)
             bar.update(stats.samples)
         else:
             raise AssertionError(f"unknown pool event {event.kind}")
+
+    def _spend(self, gpu_seconds: float, committed: bool) -> None:
+        """An attempt's GPU-seconds: all count toward the budget; those of an attempt whose files
+        are not the committed ones are kept in `_spent.json`, as no stats file holds them."""
+        self.spent_gpu_seconds += gpu_seconds
+        if committed or gpu_seconds <= 0:
+            return
+        spend = self.uncommitted
+        self.uncommitted = spend.model_copy(
+            update={
+                "gpu_seconds": round(spend.gpu_seconds + gpu_seconds, 4),
+                "attempts": spend.attempts + 1,
+            }
+        )
+        try:
+            self.sink.attempts_spent(self.uncommitted)
+        except Exception as e:  # noqa: BLE001 -- the next attempt's write carries the total
+            log.warning("could not record the GPU-seconds of failed attempts: %s", e)
 
     def _start_failed(self, event: PoolEvent) -> None:
         if event.refusal is not None:
@@ -194,7 +218,8 @@ class Dispatcher:
 
     def _lose_actor(self, slot: Slot, reason: str, preempted: bool = False) -> None:
         """The slot's actor is gone or hung: its running shard fails (uncounted if preempted), its
-        queued one goes back uncounted."""
+        queued one goes back uncounted. What its running shard held the GPU for is spent."""
+        self._spend(self.pool.held_gpu_seconds(slot), committed=False)
         held = self.pool.remove(slot)
         for i, task in enumerate(held):
             self._fail(task, reason, counted=i == 0 and not preempted)

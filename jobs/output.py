@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from sdfleet.actors.storage import Storage, json_bytes
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError, UserError, first_line
-from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats
+from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats, UncommittedSpend
 from sdfleet.schemas.rows import (
     STATUS_DUPLICATE,
     STATUS_FILTERED,
@@ -141,6 +141,19 @@ class OutputReader:
         return str(
             self.job["spec"].get("name") or self.storage.url().rstrip("/").rsplit("/", 1)[-1]
         )
+
+    def uncommitted_spend(self) -> UncommittedSpend:
+        """What this job's attempts that committed nothing used of the GPUs (`_spent.json`); none
+        where the file is absent or belongs to another job."""
+        empty = UncommittedSpend(fingerprint=self.job["fingerprint"])
+        try:
+            found = UncommittedSpend.model_validate(self.storage.read_json(layout.SPENT_FILE))
+        except FileNotFoundError:
+            return empty
+        except (ValueError, ValidationError) as e:  # not JSON, or not ours: said, not fatal
+            log.warning("ignoring %s: %s", self.storage.url(layout.SPENT_FILE), first_line(e))
+            return empty
+        return found if found.fingerprint == empty.fingerprint else empty
 
     def survey(self, refresh: bool = False) -> Survey:
         """Classify every planned shard from the records alone, never the data.

@@ -13,11 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdfleet.actors.storage import Storage
+from sdfleet.jobs.content import input_file_identity
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import InputError, SpecError, StorageError
-from sdfleet.schemas.families import DEFAULT_FAMILY, Family
+from sdfleet.schemas.families import DEFAULT_FAMILY, Family, Handover
 from sdfleet.schemas.locations import is_glob, is_remote
 from sdfleet.schemas.plan import InputFile, Plan
+from sdfleet.schemas.refiner import RefinerSpec
 from sdfleet.schemas.rows import SOURCE_COLUMNS, TEXT_TYPES, output_schema
 from sdfleet.schemas.samples import sweep_points
 from sdfleet.schemas.spec import JobSpec
@@ -88,7 +90,9 @@ def estimate(plan: Plan, family: Family = DEFAULT_FAMILY) -> dict[str, Any]:
     # Sizes the driver has not resolved (the image tasks': their inputs decide) count at the
     # family's fallback size.
     per_image = [
-        family.tflop_per_image(
+        _tflop_per_image(
+            family,
+            plan.spec.model.refiner,
             point.get("width", gen.width) or family.fallback_size,
             point.get("height", gen.height) or family.fallback_size,
             point.get("num_inference_steps", gen.num_inference_steps),
@@ -123,6 +127,23 @@ def estimate(plan: Plan, family: Family = DEFAULT_FAMILY) -> dict[str, Any]:
         "tflop_per_image_min": min(per_image),
         "tflop_per_image_max": max(per_image),
     }
+
+
+def _tflop_per_image(
+    family: Family,
+    refiner: RefinerSpec | None,
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float,
+) -> float:
+    """One image's FLOPs: the family's, or with model.refiner its base + refiner figure."""
+    if refiner is None:
+        return family.tflop_per_image(width, height, steps, guidance_scale)
+    handover = Handover(
+        refiner.denoising_start, refiner.steps(steps), refiner.guidance(guidance_scale)
+    )
+    return family.tflop_per_refined_image(width, height, steps, guidance_scale, handover)
 
 
 _THROUGHPUT_TABLE = Path(__file__).with_name("gpu_throughput.yaml")
@@ -164,7 +185,7 @@ class Planner:
         for uri in uris:
             f, schema = self._read_footer(uri)
             if source is not None:  # only the shard's ok rows are planned
-                f = InputFile(uri=f.uri, size=f.size, rows=source[uri], row_groups=[source[uri]])
+                f = dataclasses.replace(f, rows=source[uri], row_groups=[source[uri]])
             files.append(f)
             passthrough = self._check_columns(uri, schema, passthrough, source is not None)
         # 3. Expand the sweep, and find repeated prompt ids (they would repeat keys' seeds and ids);
@@ -291,6 +312,7 @@ class Planner:
                 with storage.fs.open(storage.root, "rb") as fh:
                     meta = pq.ParquetFile(fh).metadata
                     schema = meta.schema.to_arrow_schema()
+                    content = input_file_identity(storage, fh, size)
         except StorageError as e:
             if not isinstance(e, (FileNotFoundError, PermissionError)):
                 raise  # credentials or endpoint: the message already says what to set
@@ -303,7 +325,7 @@ class Planner:
         if meta.num_rows == 0:
             raise InputError(f"input file {uri} has no rows; remove it from the input or fill it")
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        return InputFile(uri=uri, size=size, rows=meta.num_rows, row_groups=groups), schema
+        return InputFile(uri, size, meta.num_rows, groups, content), schema
 
     def _check_columns(
         self, uri: str, schema: pa.Schema, passthrough: pa.Schema | None, source: bool = False

@@ -150,6 +150,10 @@ class PoolEvent:
     slot: Slot
     task: Any = None  # the shard's task; None for a start-up
     stats: Any = None  # DONE: the shard's ShardStats
+    # DONE and FAILED: the GPU-seconds the attempt used, as its worker said (None: it did not say);
+    # DONE: whether its files are the committed ones (False: it lost the race to another writer).
+    gpu_seconds: float | None = None
+    committed_here: bool = True
     # START_FAILED and FAILED: the error in full (the worker's traceback where there is one).
     error: str = ""
     # START_FAILED and DIED: the error's first line; PREEMPTED: the notice.
@@ -259,7 +263,7 @@ class ActorPool:
             task = next_task()
             if task is None:
                 return
-            ref = slot.actor.run.remote(task.shard_id, task.attempts + 1)
+            ref = slot.actor.run_attempt.remote(task.shard_id, task.attempts + 1)
             slot.add(ref, task)
             self.refs[ref] = (slot, task)
 
@@ -287,7 +291,15 @@ class ActorPool:
                 yield _failure(slot, task, ref, e)
                 continue
             self._pop(slot, ref)
-            yield PoolEvent(DONE, slot, task, stats=value, ref=ref)
+            yield PoolEvent(
+                DONE,
+                slot,
+                task,
+                stats=value.stats,
+                ref=ref,
+                gpu_seconds=value.gpu_seconds,
+                committed_here=value.committed,
+            )
 
     def _started(self, slot: Slot) -> PoolEvent:
         import ray
@@ -325,6 +337,13 @@ class ActorPool:
             return []
         self.timeouts_scanned = now
         return [s for s in self.slots if s.tasks and now - s.head_since > limit_s]
+
+    def held_gpu_seconds(self, slot: Slot) -> float:
+        """What the slot's oldest shard has held its actor's GPUs for: the spend of an attempt
+        whose worker cannot say (it died, hung or was preempted)."""
+        if not slot.tasks:
+            return 0.0
+        return (time.monotonic() - slot.head_since) * self.kind.gpus_per_actor
 
     def remove(self, slot: Slot) -> list[Any]:
         """Kill the slot's actor and drop it; return the tasks it held, oldest (running) first.
@@ -413,7 +432,8 @@ def _failure(slot: Slot, task: Any, ref: Any, e: BaseException) -> PoolEvent:
     if isinstance(cause, Preempted):
         # A termination notice is not the shard's fault.
         return PoolEvent(PREEMPTED, slot, task, summary=str(cause), ref=ref)
-    return PoolEvent(FAILED, slot, task, error=_error_text(e), ref=ref)
+    spent = getattr(cause, "gpu_seconds", None)  # set by ShardGenerator.run_attempt
+    return PoolEvent(FAILED, slot, task, error=_error_text(e), ref=ref, gpu_seconds=spent)
 
 
 def _error_text(e: BaseException) -> str:

@@ -14,15 +14,18 @@ from dataclasses import dataclass
 from sdfleet.actors.storage import Storage
 from sdfleet.jobs.checkpoint import (
     check_model_source,
+    check_refiner,
     check_scheduler_names,
     check_task,
+    check_vae,
     read_checkpoint,
 )
+from sdfleet.jobs.content import resolve_content
 from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import InputError, SpecError
-from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
+from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
@@ -41,6 +44,8 @@ class CheckedPlan:
     verdict: Verdict
     # The pipeline class the checkpoint's model_index.json names, as read once here (None: none).
     pipeline_class: str | None = None
+    # ... and model.refiner's checkpoint's (None: no refiner).
+    refiner_class: str | None = None
 
 
 class Preflight:
@@ -60,24 +65,37 @@ class Preflight:
             len(planned.files),
         )
         # 2. The model (does it fit the task?) and the detector, before any GPU is asked for.
-        checkpoint = self._check_model()
+        checkpoint, refiner = self._check_model()
+        self._check_sizes(family_of(checkpoint.class_name) or DEFAULT_FAMILY)
         self._check_detector()
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
-        #    the estimate and every row name the size that is made.
+        #    the estimate and every row name the size that is made; and what the input, the files
+        #    its rows point at and the checkpoint are by content, resolved once, here.
         family = family_of(checkpoint.class_name)
         plan = dataclasses.replace(
             planned,
             spec=self._with_checkpoint_size(checkpoint),
             family=family.name if family else None,
         )
+        plan = dataclasses.replace(plan, content=resolve_content(plan))
         try:  # the family's own columns may clash with a passthrough column planning accepted
             plan.output_schema()
         except ValueError as e:
             raise InputError(str(e)) from None
         # 4. The output: empty, this job's, or a job that committed nothing.
         storage = Storage(self.spec.output.uri, self.spec.output.storage_options)
-        return CheckedPlan(plan, OutputSink(storage).judge(plan), checkpoint.class_name)
+        verdict = OutputSink(storage).judge(plan)
+        if verdict.without_content:
+            log.warning(
+                "%s was begun by an sdfleet that did not record content: resuming it as it was, "
+                "without checking that its input and model are unchanged",
+                verdict.url,
+            )
+            plan = dataclasses.replace(plan, content=None)
+        return CheckedPlan(
+            plan, verdict, checkpoint.class_name, refiner.class_name if refiner else None
+        )
 
     def _check_input_and_output_apart(self) -> None:
         """An output inside the input folder would be read back as prompts (every *.parquet below
@@ -97,7 +115,8 @@ class Preflight:
 
     def _check_model(self):
         """The checkpoint: where it is, what it is, whether it does the task and has the schedulers
-        the spec names. Returns what was read of it."""
+        the spec names; and model.refiner's. Returns what was read of both (refiner: None
+        without one)."""
         names = scheduler_names(
             self.spec.model.scheduler, self.spec.sweep.axes.get("scheduler", [])
         )
@@ -107,8 +126,24 @@ class Preflight:
         if family is not None:  # an unknown class is left to check_task
             family.check_task(self.spec.model.task, checkpoint.source)
         check_task(self.spec.model.task, checkpoint)
+        refiner = check_refiner(self.spec.model, checkpoint)
+        check_vae(self.spec.model, checkpoint)
         check_scheduler_names(names)
-        return checkpoint
+        return checkpoint, refiner
+
+    def _check_sizes(self, family: Family) -> None:
+        """generation.width and height, and their sweep values, on the latent grid of the
+        checkpoint's family; else one line naming the family, the key and the nearest sizes."""
+        gen, axes = self.spec.generation, self.spec.sweep.axes
+        for key in ("width", "height"):
+            given = [(f"generation.{key}", getattr(gen, key))]
+            given += [(f"sweep.axes.{key}", value) for value in axes.get(key, [])]
+            for name, value in given:
+                if isinstance(value, int):
+                    try:
+                        family.check_size(name, value)
+                    except ValueError as e:
+                        raise SpecError(str(e)) from None
 
     def _check_detector(self) -> None:
         safety = self.spec.safety

@@ -88,6 +88,7 @@ class JobRunner:
             progress=self.progress,
             done_samples=before.committed_samples,
             spent_gpu_seconds=before.totals().gpu_seconds,
+            uncommitted=sink.reader.uncommitted_spend(),
         )
         with _signals_raise():
             try:
@@ -105,8 +106,9 @@ class JobRunner:
             res = plan.spec.resources
             print(
                 f"sdfleet: stopped at the budget: resources.budget_usd=${res.budget_usd:,.2f} at "
-                f"${res.gpu_hour_usd}/GPU-hour is spent. Committed shards are kept; rerun with a "
-                f"higher budget (--set resources.budget_usd=...) to go on.",
+                f"${res.gpu_hour_usd}/GPU-hour is spent (every attempt counts, committed or not). "
+                f"Committed shards are kept; rerun with a higher budget "
+                f"(--set resources.budget_usd=...) to go on.",
                 file=sys.stderr,
             )
 

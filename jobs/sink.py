@@ -41,9 +41,10 @@ from sdfleet.actors.writer import withdraw_command
 from sdfleet.jobs.finalize import dataset_card
 from sdfleet.jobs.output import OutputReader, Survey, missing_job_keys
 from sdfleet.schemas import layout
+from sdfleet.schemas.content import content_changes
 from sdfleet.schemas.errors import SpecError, UserError, first_line
 from sdfleet.schemas.fingerprint import diff_fingerprint_fields
-from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats
+from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats, UncommittedSpend
 from sdfleet.schemas.plan import Plan
 
 log = logging.getLogger("sdfleet")
@@ -79,6 +80,7 @@ def job_record(plan: Plan) -> dict[str, Any]:
         "fingerprint": plan.fingerprint,
         "fingerprint_fields": plan.spec.fingerprint_fields(),
         "input_files": plan.input_manifest(),
+        "content": plan.content.to_json() if plan.content is not None else None,
         "num_samples": plan.num_samples,
         "num_shards": plan.num_shards,
         "samples_per_shard": plan.samples_per_shard,
@@ -102,6 +104,8 @@ class Verdict:
     replaced_version: str | None = None  # ... at the version it was read: replaced only at that one
     # Its keys that differ, with old and new values.
     changed: list[str] = field(default_factory=list)
+    # A resume of a job recorded before sdfleet recorded content: its fingerprint has none.
+    without_content: bool = False
 
     def describe(self) -> str:
         if self.action == "start":
@@ -195,12 +199,17 @@ class OutputSink:
         committed = len(self.storage.list(layout.STATS_GLOB))
         if existing.get("fingerprint") == plan.fingerprint:
             return Verdict("resume", self.storage.url(), committed, plan.num_shards)
+        if existing.get("content") is None and (
+            existing.get("fingerprint") == plan.fingerprint_without_content
+        ):
+            url = self.storage.url()
+            return Verdict("resume", url, committed, plan.num_shards, without_content=True)
         changed = _differences(existing, job_record(plan))
         if committed:
             raise SpecError(
                 f"{self.storage.url()} holds a different job with {committed} committed shard(s) (fingerprint "
                 f"{existing.get('fingerprint')}, this spec {plan.fingerprint}); what differs: "
-                f"{'; '.join(changed) or 'unknown'}. Write to a new output.uri, or restore the original spec to resume"
+                f"{'; '.join(changed) or 'unknown'}. Write to a new output.uri, or restore what changed to resume"
             )
         active = DriverLease(self.storage, existing).active()
         if active:
@@ -339,6 +348,11 @@ class OutputSink:
         """A worker committed a shard: keep its record for the surveys to come."""
         self.reader.remember([stats])
 
+    def attempts_spent(self, record: UncommittedSpend) -> None:
+        """Attempts that committed nothing have used GPUs: their total, for the budget of the
+        runs to come and for `status`."""
+        self.storage.write_json(layout.SPENT_FILE, record.model_dump(mode="json"))
+
     def shard_failed(self, name: str, record: FailedShard) -> None:
         """A shard out of attempts: its errors, for the user and for `status`."""
         self.storage.write_json(layout.failed_file(name), record.model_dump(mode="json"))
@@ -474,4 +488,4 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
     if old.get("input_files") != new["input_files"]:
         out.append("input files (names, sizes or row counts)")
-    return out
+    return out + content_changes(old.get("content"), new["content"])

@@ -20,15 +20,17 @@ TIME_EMBED = 8  # per size, crop or aesthetic id (SDXL: 256)
 # Ids in the added embedding: base original size, crop, target size (2 each); the refiner's
 # target size gives way to one aesthetic score.
 BASE_TIME_IDS, REFINER_TIME_IDS = 6, 5
-TINY_SDXL_VARIANTS = ("base", "refiner")
+# The inpainting checkpoint (diffusers/stable-diffusion-xl-1.0-inpainting-0.1's shape): the base
+# with a 9-channel UNet (latents, mask, masked-image latents).
+TINY_SDXL_VARIANTS = ("base", "refiner", "inpaint")
 
 
-def _unet(cross_attention_dim: int, time_ids: int):
+def _unet(cross_attention_dim: int, time_ids: int, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=8,  # 8 latent pixels x 8 = 64-pixel images
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
@@ -46,10 +48,11 @@ def _unet(cross_attention_dim: int, time_ids: int):
     )
 
 
-def _vae():
+def _vae(force_upcast: bool = True):
     from diffusers import AutoencoderKL
 
-    # Four blocks -> scale factor 8, as SDXL's; force_upcast as SDXL's VAE config says.
+    # Four blocks -> scale factor 8, as SDXL's; force_upcast as SDXL's VAE config says (an
+    # fp16-fixed VAE says false: it decodes in float16 without overflowing).
     return AutoencoderKL(
         block_out_channels=(8, 8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -59,7 +62,7 @@ def _vae():
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=0.13025,
-        force_upcast=True,
+        force_upcast=force_upcast,
     )
 
 
@@ -99,10 +102,14 @@ def _scheduler():
 
 
 def write_tiny_sdxl(path: str | os.PathLike, variant: str = "base") -> pathlib.Path:
-    """Write a tiny SDXL base or refiner to `path` (safetensors) and return it. Seeded before
-    each component, so the weights are the same on every run."""
+    """Write a tiny SDXL base, refiner or inpainting checkpoint to `path` (safetensors) and return
+    it. Seeded before each component, so the weights are the same on every run."""
     import torch
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     if variant not in TINY_SDXL_VARIANTS:
         raise ValueError(f"variant {variant!r} is not one of {', '.join(TINY_SDXL_VARIANTS)}")
@@ -115,7 +122,11 @@ def write_tiny_sdxl(path: str | os.PathLike, variant: str = "base") -> pathlib.P
     text_encoder_2 = _text_encoder(tokenizer, projection=True)
     # 2. The UNet reads both encoders' hidden states, concatenated (the refiner's: the second's).
     torch.manual_seed(0)
-    unet = _unet(HIDDEN if refiner else 2 * HIDDEN, REFINER_TIME_IDS if refiner else BASE_TIME_IDS)
+    unet = _unet(
+        HIDDEN if refiner else 2 * HIDDEN,
+        REFINER_TIME_IDS if refiner else BASE_TIME_IDS,
+        in_channels=9 if variant == "inpaint" else 4,
+    )
     torch.manual_seed(0)
     parts = {
         "vae": _vae(),
@@ -132,8 +143,27 @@ def write_tiny_sdxl(path: str | os.PathLike, variant: str = "base") -> pathlib.P
         pipe = StableDiffusionXLImg2ImgPipeline(
             **parts, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
         )
+    elif variant == "inpaint":
+        pipe = StableDiffusionXLInpaintPipeline(
+            **parts, requires_aesthetics_score=False, force_zeros_for_empty_prompt=True
+        )
     else:
         pipe = StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
     out = pathlib.Path(path)
     pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+TINY_SDXL_VAE = "tiny-sdxl-vae-fp16-fix"
+
+
+def write_tiny_sdxl_vae(path: str | os.PathLike) -> pathlib.Path:
+    """Write a tiny stand-in for an fp16-fixed SDXL VAE (madebyollin/sdxl-vae-fp16-fix's layout:
+    an AutoencoderKL folder, config.json and safetensors): the tiny SDXL's VAE shape with other
+    weights, so that an image decoded by it differs, and `force_upcast: false`, as the fix says."""
+    import torch
+
+    torch.manual_seed(7)
+    out = pathlib.Path(path)
+    _vae(force_upcast=False).save_pretrained(out, safe_serialization=True)
     return out

@@ -49,6 +49,23 @@ class Flops:
 
 
 @dataclass(frozen=True)
+class Handover:
+    """Base + refiner: the share of the schedule the base runs (its denoising_end, the refiner's
+    denoising_start), and the refiner's own steps and guidance."""
+
+    denoising_start: float
+    refiner_steps: int
+    guidance_scale: float
+
+    def forwards(self, base_steps: int) -> tuple[int, int]:
+        """The denoiser steps each side runs: diffusers cuts each evenly spaced schedule at the
+        handover, so the base runs about `denoising_start` of its steps and the refiner the rest
+        of its own (within one step: the cut falls between the schedule's timesteps)."""
+        kept = round(self.refiner_steps * self.denoising_start)
+        return round(base_steps * self.denoising_start), self.refiner_steps - kept
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     # The diffusers class model_index.json names for each task's checkpoint (`family_of` reads it).
@@ -71,8 +88,13 @@ class Family:
     # The pipeline decodes in float32 where the VAE's config says force_upcast (SDXL's VAE
     # overflows in float16; an fp16-fixed VAE says false), so a float16 job decodes in float32.
     vae_upcast: bool = False
-    # The family's refiner checkpoint, which continues the base's denoising (SDXL's); None: none.
+    # The family's refiner checkpoint, which continues the base's denoising (SDXL's): its
+    # model_index.json class and its FLOPs; None: the family has none.
+    refiner_pipeline: str | None = None
     refiner_flops: Flops | None = None
+    # The aesthetic score and its negative a checkpoint of the family that says
+    # requires_aesthetics_score is conditioned on (diffusers' defaults); None: no such checkpoint.
+    aesthetic_score: tuple[float, float] | None = None
 
     def pipeline(self, task: str) -> str:
         return self.pipelines[task]
@@ -99,6 +121,30 @@ class Family:
             width, height, steps, self.denoiser_passes(guidance_scale)
         )
 
+    def tflop_per_refined_image(
+        self, width: int, height: int, steps: int, guidance_scale: float, refiner: Handover
+    ) -> float:
+        """Base + refiner: the base's denoiser forwards up to the handover and the refiner's from
+        it (each with its own CFG passes), both checkpoints' text encoders, and one VAE decode
+        (the refiner's: the base hands latents over undecoded)."""
+        if self.refiner_flops is None:
+            raise SpecError(f"model.refiner: {self.name} has no refiner")
+        base, refined = self.flops, self.refiner_flops
+        base_steps, refiner_steps = refiner.forwards(steps)
+        return (
+            base.denoiser_tflop
+            * self.denoiser_passes(guidance_scale)
+            * base_steps
+            * (width * height / base.pixels)
+            + refined.denoiser_tflop
+            * self.denoiser_passes(refiner.guidance_scale)
+            * refiner_steps
+            * (width * height / refined.pixels)
+            + base.text_tflop
+            + refined.text_tflop
+            + refined.vae_decode_tflop * (width * height / refined.pixels)
+        )
+
     def size_conditioning_defaults(self, width: int, height: int) -> dict[str, tuple[int, int]]:
         """The micro-conditioning diffusers passes where the call names none: the image's own
         size as original and target size, (height, width) as diffusers orders them, and no crop.
@@ -117,20 +163,29 @@ class Family:
         defaults = self.size_conditioning_defaults(width, height)
         return {**defaults, **{f"negative_{name}": value for name, value in defaults.items()}}
 
+    def aesthetic_inputs(self) -> dict[str, float]:
+        """The aesthetic-score conditioning a call passes to a checkpoint that says
+        requires_aesthetics_score (SDXL's refiner), by diffusers' keyword; empty for a family
+        without such checkpoints."""
+        if self.aesthetic_score is None:
+            return {}
+        return dict(zip(("aesthetic_score", "negative_aesthetic_score"), self.aesthetic_score))
+
     def native_size(self, sample_size: object, vae_scale: int) -> int | None:
         """The size a checkpoint was trained at: its denoiser's sample_size (latent pixels) times
         the VAE's scale (512-base: 64 x 8, 768-v: 96 x 8); None where its config names none."""
         return sample_size * vae_scale if isinstance(sample_size, int) and sample_size else None
 
     def check_size(self, name: str, value: int) -> int:
-        """A width or height on the latent grid; else a ValueError that suggests the nearest ones
-        (other sizes fail deep inside the denoiser with a shape error)."""
+        """A width or height on the family's latent grid; else a ValueError that names the family
+        and suggests the nearest sizes (other sizes fail deep inside the denoiser with a shape
+        error)."""
         grid = self.latent_grid
         if value % grid:
             lower = value - value % grid
             raise ValueError(
-                f"{name}={value} is not divisible by {grid}; use e.g. {lower or grid} or "
-                f"{lower + grid}"
+                f"{name}={value} is not divisible by {grid}, the latent grid of {self.name} "
+                f"checkpoints; use e.g. {lower or grid} or {lower + grid}"
             )
         return value
 
@@ -195,9 +250,12 @@ SDXL = Family(
     vae_upcast=True,
     # The refiner at 1024x1024: one UNet forward 7.2860, its VAE decode (the same VAE) 10.4704,
     # text_encoder_2 alone at batch 2 0.1957.
+    refiner_pipeline="StableDiffusionXLImg2ImgPipeline",
     refiner_flops=Flops(
         pixels=1024 * 1024, denoiser_tflop=7.2860, vae_decode_tflop=10.4704, text_tflop=0.1957
     ),
+    # StableDiffusionXLImg2ImgPipeline's and ...InpaintPipeline's defaults for the refiner.
+    aesthetic_score=(6.0, 2.5),
 )
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD2, SDXL)}

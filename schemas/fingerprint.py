@@ -22,8 +22,16 @@ def fingerprint_fields(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def fingerprint(fields: dict[str, Any], input_files: list[dict[str, Any]] | None = None) -> str:
-    payload = {"spec": fields, "input_files": input_files or []}
+def fingerprint(
+    fields: dict[str, Any],
+    input_files: list[dict[str, Any]] | None = None,
+    content: dict[str, Any] | None = None,
+) -> str:
+    """content: `sdfleet.schemas.content.JobContent` as JSON; None leaves it out, giving the
+    fingerprint jobs recorded before content had."""
+    payload: dict[str, Any] = {"spec": fields, "input_files": input_files or []}
+    if content is not None:
+        payload["content"] = content
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -50,6 +58,9 @@ _OPERATIONAL_PREFIXES = (
 # the fingerprint at that default, so a job made before them still resumes after an upgrade.
 _ADDED_KEYS = {
     "model.task": TEXT_TO_IMAGE,
+    "model.refiner": None,
+    "model.vae": None,
+    "model.vae_revision": None,
     "input.image_column": None,
     "input.mask_column": None,
     "generation.strength": None,

@@ -6,6 +6,7 @@ the finalizer) import the names from here; none spells a file name itself.
     OUTPUT/
       _job.json                the job record: resolved spec, fingerprint, input files, versions
       _driver.json             the lease of the driver running the job (host, pid, last refresh)
+      _spent.json              `UncommittedSpend`: GPU-seconds of attempts that committed nothing
       {shard}.tar              {key}.{ext} image, {key}.txt prompt, {key}.json row
       {shard}.parquet          one row per planned sample
       {shard}_stats.json       `ShardStats`; written LAST: its presence = the shard is committed
@@ -35,6 +36,9 @@ JOB_FILE = "_job.json"
 # Which driver runs the job now: refreshed while it runs, released when it ends.
 DRIVER_FILE = "_driver.json"
 SUCCESS_FILE = "_SUCCESS"
+# The GPU-seconds of attempts that committed nothing (failed, lost a race, timed out, died), which
+# the budget counts beside the committed shards' own; written only once there are any.
+SPENT_FILE = "_spent.json"
 SIZES_FILE = "sizes.json"
 CARD_FILE = "README.md"
 QUARANTINE_DIR = "quarantine"
@@ -307,6 +311,15 @@ def _add_up(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
         for k, n in c.items():
             out[k] = out.get(k, 0) + n
     return dict(sorted(out.items()))
+
+
+class UncommittedSpend(_Record):
+    """`_spent.json`: what a job's attempts that committed nothing used of the GPUs, over all its
+    runs; the committed shards' own GPU-seconds are in their stats files."""
+
+    fingerprint: str
+    gpu_seconds: float = 0.0
+    attempts: int = 0
 
 
 class ShardAttemptError(_Record):

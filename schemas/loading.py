@@ -39,7 +39,7 @@ def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
     """Relative local paths in a spec file are relative to the file's folder, not to where the
     command runs (docker compose's rule), and are kept absolute: errors show where they point and
     the rows' model_source regenerates from anywhere. input.uri and output.uri are paths whenever
-    they are not URIs; model.source and safety.model may also be hub ids, so they count as paths
+    they are not URIs; model.source, model.vae and safety.model may also be hub ids, so they count as paths
     only if written as one (./, ../, ~; `locations.written_as_path`) or if they name something
     that exists."""
 
@@ -54,7 +54,16 @@ def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
     updates = {
         "input": spec.input.model_copy(update={"uri": resolved(spec.input.uri, False)}),
         "output": spec.output.model_copy(update={"uri": resolved(spec.output.uri, False)}),
-        "model": spec.model.model_copy(update={"source": resolved(spec.model.source, True)}),
+        "model": spec.model.model_copy(
+            update={
+                "source": resolved(spec.model.source, True),
+                "refiner": spec.model.refiner
+                and spec.model.refiner.model_copy(
+                    update={"source": resolved(spec.model.refiner.source, True)}
+                ),
+                "vae": resolved(spec.model.vae, True),
+            }
+        ),
         "safety": spec.safety.model_copy(update={"model": resolved(spec.safety.model, True)}),
         "curation": spec.curation.model_copy(
             update={

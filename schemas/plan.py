@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from sdfleet.schemas.content import JobContent
 from sdfleet.schemas.families import FAMILIES
 from sdfleet.schemas.rows import output_schema
 from sdfleet.schemas.samples import key_width, shard_name
@@ -24,6 +25,7 @@ class InputFile:
     size: int
     rows: int
     row_groups: list[int]  # rows in each row group, to read only the groups a shard touches
+    content: str = ""  # its content identity (sdfleet.jobs.content.input_file_identity)
 
     @property
     def stem(self) -> str:
@@ -48,6 +50,10 @@ class Plan:
     # The checkpoint's family (its model_index.json class's), named by pre-flight so that the
     # schema every worker writes has the family's own columns; None: not read (SD2's columns).
     family: str | None = None
+    # What the input files, the files rows point at and the checkpoint are, by content, as the
+    # driver resolved them (`sdfleet.jobs.content`); None: not resolved (a plan made without the
+    # driver's checks, or a job recorded before sdfleet recorded content, resumed as it was).
+    content: JobContent | None = None
 
     def __post_init__(self):
         if not self.row_offsets:
@@ -92,11 +98,23 @@ class Plan:
         return shard_name(shard_id, self.key_width)
 
     def output_schema(self) -> pa.Schema:
-        return output_schema(self.passthrough_schema, FAMILIES.get(self.family or ""))
+        return output_schema(
+            self.passthrough_schema,
+            FAMILIES.get(self.family or ""),
+            refiner=self.spec.model.refiner is not None,
+            vae=self.spec.model.vae is not None,
+        )
 
     def input_manifest(self) -> list[dict[str, Any]]:
         return [{"uri": f.uri, "size": f.size, "rows": f.rows} for f in self.files]
 
     @property
     def fingerprint(self) -> str:
+        """The spec's fingerprinted keys, the input files and, once resolved, their content."""
+        content = self.content.to_json() if self.content is not None else None
+        return self.spec.fingerprint(self.input_manifest(), content)
+
+    @property
+    def fingerprint_without_content(self) -> str:
+        """The fingerprint as sdfleet made it before it recorded content, for resuming such jobs."""
         return self.spec.fingerprint(self.input_manifest())

@@ -47,6 +47,9 @@ OUTPUT_FIELDS = [
     pa.field("generator_device", pa.string()),
     pa.field("model_source", pa.string()),
     pa.field("model_revision", pa.string()),
+    # What model.source was by content as the driver resolved it (sdfleet.schemas.content): the
+    # hub commit, or a hash of an s3:// mirror's listing or a local folder's files.
+    pa.field("model_hash", pa.string()),
     pa.field("scheduler", pa.string()),
     pa.field("num_inference_steps", pa.int64()),
     pa.field("guidance_scale", pa.float64()),
@@ -108,7 +111,16 @@ SOURCE_COLUMNS = ("key", "status", "image_sha256", "image_format")
 
 # Columns that describe the run rather than the image. They stay in the Parquet for provenance but
 # are kept out of the tar's {key}.json, so a retried or resumed shard writes byte-identical tars.
-RUN_COLUMNS = ("device", "worker_node", "worker_id", "gpu_id", "gen_seconds", "created_at")
+# model_hash is one: a local folder's moves with its files' mtimes, whose pixels do not.
+RUN_COLUMNS = (
+    "model_hash",
+    "device",
+    "worker_node",
+    "worker_id",
+    "gpu_id",
+    "gen_seconds",
+    "created_at",
+)
 
 
 # SDXL's micro-conditioning as the call passed it, (height, width) or (top, left) as diffusers
@@ -121,6 +133,22 @@ SIZE_CONDITIONING_COLUMNS = (
     "negative_crops_coords_top_left",
     "negative_target_size",
 )
+
+
+def conditioning_column(keyword: str) -> str:
+    """The column of a family's aesthetic-score conditioning (`Family.aesthetic_inputs`, SDXL's
+    refiner) as the call passed it: `conditioning_` + diffusers' keyword. Not the keyword itself:
+    `aesthetic_score` is curation's LAION aesthetic predictor's score of the image."""
+    return f"conditioning_{keyword}"
+
+
+# The dtype the latents were decoded in, for a family whose pipeline upcasts a float16 decode
+# where the VAE's config says force_upcast (SDXL): a float16 row's pixels went through a float32
+# decode with SDXL's own VAE, and a float16 one with an fp16-fixed VAE.
+VAE_DECODE_DTYPE = "vae_decode_dtype"
+
+# model.vae and model.vae_revision as the job ran them; only in a job that sets model.vae.
+VAE_COLUMNS = ("vae_source", "vae_revision")
 
 
 def token_columns(encoder: int) -> tuple[str, str]:
@@ -142,14 +170,43 @@ def family_fields(family: Family | None) -> list[pa.Field]:
         fields += [pa.field(tokens, pa.int64()), pa.field(truncated, pa.bool_())]
     if family.size_conditioning:
         fields += [pa.field(name, pa.list_(pa.int64())) for name in SIZE_CONDITIONING_COLUMNS]
+    fields += [
+        pa.field(conditioning_column(keyword), pa.float64())
+        for keyword in family.aesthetic_inputs()
+    ]
+    if family.vae_upcast:
+        fields.append(pa.field(VAE_DECODE_DTYPE, pa.string()))
     return fields
 
 
-def output_schema(passthrough: pa.Schema | None = None, family: Family | None = None) -> pa.Schema:
+# model.refiner's columns, only in a job with a refiner: what the refiner pipeline ran with (the
+# base's denoising_end is the refiner's denoising_start; the aesthetic scores condition a refiner
+# whose config says requires_aesthetics_score, null otherwise). Never `aesthetic_score`: that is
+# curation's column.
+REFINER_FIELDS = [
+    pa.field("refiner_source", pa.string()),
+    pa.field("refiner_revision", pa.string()),
+    pa.field("denoising_end", pa.float64()),
+    pa.field("refiner_denoising_start", pa.float64()),
+    pa.field("refiner_num_inference_steps", pa.int64()),
+    pa.field("refiner_guidance_scale", pa.float64()),
+    pa.field("refiner_aesthetic_score", pa.float64()),
+    pa.field("refiner_negative_aesthetic_score", pa.float64()),
+]
+
+
+def output_schema(
+    passthrough: pa.Schema | None = None,
+    family: Family | None = None,
+    refiner: bool = False,
+    vae: bool = False,
+) -> pa.Schema:
     """The output schema: the family's own columns after the common ones (family: the
-    checkpoint's, where it is known), then the input's passthrough columns under their own
-    types."""
-    fields = list(OUTPUT_FIELDS) + family_fields(family)
+    checkpoint's, where it is known), the refiner's with model.refiner, model.vae's where the job
+    sets it, then the input's passthrough columns under their own types."""
+    fields = list(OUTPUT_FIELDS) + family_fields(family) + (REFINER_FIELDS if refiner else [])
+    if vae:
+        fields += [pa.field(name, pa.string()) for name in VAE_COLUMNS]
     if passthrough is not None:
         names = {f.name for f in fields}
         clash = [f.name for f in passthrough if f.name in names]

@@ -171,9 +171,17 @@ def _first_set(*values):
 
 
 def sample_id(
-    model_source: str, model_revision: str | None, params: GenerationParams, scheduler: str
+    model_source: str,
+    model_revision: str | None,
+    params: GenerationParams,
+    scheduler: str,
+    refiner: dict[str, Any] | None = None,
+    components: dict[str, str | None] | None = None,
 ) -> str:
-    """The identity of one image across jobs: everything that determines its pixels."""
+    """The identity of one image across jobs: everything that determines its pixels. refiner:
+    a base + refiner sample's refiner columns (schemas.rows.REFINER_FIELDS). components: what
+    replaced the checkpoint's own (vae_source, vae_revision), set values only. Both add nothing
+    when unset, so a job without them keeps the ids it had."""
     payload = {
         "model_source": model_source,
         "model_revision": model_revision,
@@ -195,4 +203,6 @@ def sample_id(
         "mask_image_sha256": params.mask.sha256 if params.mask else None,
     }
     payload.update({k: v for k, v in extra.items() if v is not None})
+    payload.update(refiner or {})
+    payload.update({k: v for k, v in (components or {}).items() if v is not None})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError
-from sdfleet.schemas.families import DEFAULT_FAMILY
 from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields, redact
 from sdfleet.schemas.loading import apply_override, format_validation_error, resolve_relative_paths
+from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
 from sdfleet.schemas.schedulers import check_scheduler_name
 from sdfleet.schemas.tasks import TASK_NAMES, TASK_PARAMETERS, TASKS, TEXT_TO_IMAGE
@@ -37,13 +37,25 @@ class ModelSpec(_Section):
     scheduler: str | None = "EulerDiscreteScheduler"
     scheduler_config: dict[str, Any] = Field(default_factory=dict)
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # A VAE in place of the checkpoint's own (an AutoencoderKL folder: config.json and safetensors
+    # weights), e.g. an fp16-fixed SDXL VAE: a hub id, a local folder or an s3:// folder (read
+    # with model.storage_options); null: the checkpoint's.
+    vae: str | None = None
+    vae_revision: str | None = None
+    refiner: RefinerSpec | None = None  # sdfleet.schemas.refiner
 
-    @field_validator("source")
+    @model_validator(mode="after")
+    def _refiner_fits_the_task(self):
+        check_refiner_task(self.task, self.refiner)
+        return self
+
+    @field_validator("source", "vae")
     @classmethod
-    def _source_not_empty(cls, v: str) -> str:
-        if not v.strip():
+    def _source_not_empty(cls, v: str | None, info) -> str | None:
+        if v is not None and not v.strip():
             raise ValueError(
-                "model.source is empty; give a hub id, a local folder or an s3:// folder"
+                f"model.{info.field_name} is empty; give a hub id, a local folder or an s3:// "
+                "folder"
             )
         return v
 
@@ -71,7 +83,8 @@ class GenerationSpec(_Section):
     guidance_scale: float = Field(7.5, ge=0.0)
     # null: text-to-image makes the checkpoint's own size (its UNet's sample size times the VAE's
     # scale factor: 512 for 512-base, 768 for 768-v); the image tasks make the input image's size
-    # (times 4 for the upscaler), so these are for text-to-image only.
+    # (times 4 for the upscaler), so these are for text-to-image only. Whether a size is on the
+    # latent grid depends on the checkpoint's family: pre-flight checks it once it is read.
     width: int | None = Field(None, ge=8, le=8192)
     height: int | None = Field(None, ge=8, le=8192)
     negative_prompt: str = ""
@@ -81,11 +94,6 @@ class GenerationSpec(_Section):
     # The noise the x4 upscaler adds to its low-resolution input (0 to the checkpoint's
     # max_noise_level, 350 for x4-upscaling); null: diffusers' default of 20.
     noise_level: int | None = Field(None, ge=0, le=1000)
-
-    @field_validator("width", "height")
-    @classmethod
-    def _size(cls, v: int | None, info) -> int | None:
-        return v if v is None else DEFAULT_FAMILY.check_size(info.field_name, v)
 
 
 # Keys a sweep axis may vary: a sweep point's coordinates but the seed (sweep.seeds varies it).
@@ -449,8 +457,12 @@ class JobSpec(_Section):
         """Every key that changes what is written, flattened to dotted names."""
         return fingerprint_fields(self.model_dump(mode="json"))
 
-    def fingerprint(self, input_files: list[dict[str, Any]] | None = None) -> str:
-        return fingerprint(self.fingerprint_fields(), input_files)
+    def fingerprint(
+        self,
+        input_files: list[dict[str, Any]] | None = None,
+        content: dict[str, Any] | None = None,
+    ) -> str:
+        return fingerprint(self.fingerprint_fields(), input_files, content)
 
     def redacted(self) -> dict[str, Any]:
         """The spec as a dict with credentials masked: safe for logs, _job.json and the dataset card."""

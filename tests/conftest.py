@@ -45,6 +45,15 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> dict[str, Path]:
+    """The tiny SDXL base and refiner (`sdfleet tiny-models`' `tiny-sdxl-*`), by variant."""
+    from sdfleet.jobs.tiny_sdxl import TINY_SDXL_VARIANTS, write_tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    return {v: write_tiny_sdxl(folder / f"tiny-sdxl-{v}", v) for v in TINY_SDXL_VARIANTS}
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on loopback. Credentials are dummies; the endpoint comes from the environment."""
     from moto.server import ThreadedMotoServer

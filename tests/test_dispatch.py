@@ -33,12 +33,13 @@ from sdfleet.jobs.pool import (
 from sdfleet.jobs.sink import OutputSink
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import ModelLoadError
-from sdfleet.schemas.layout import FailedShard
+from sdfleet.schemas.layout import FailedShard, UncommittedSpend
 from sdfleet.schemas.plan import InputFile, Plan
 from sdfleet.schemas.samples import sweep_points
 from sdfleet.schemas.spec import parse_spec
 
 HANG = "hang"  # a call that never comes back (until its worker is killed)
+LOST = "lost"  # a call that generated, then found the shard committed by another writer
 GPU_SECONDS = 0.5  # what each fake shard spends
 
 
@@ -113,13 +114,21 @@ class FakePool:
                 self.hung.add(ref)
                 continue
             del self.refs[ref]
-            if kind == DONE:
+            if kind in (DONE, LOST):
                 slot.pop(ref)
                 stats = SimpleNamespace(shard_id=task.shard_id, samples=2, gpu_seconds=GPU_SECONDS)
-                yield PoolEvent(DONE, slot, task, stats=stats, ref=ref)
+                yield PoolEvent(
+                    DONE,
+                    slot,
+                    task,
+                    stats=stats,
+                    ref=ref,
+                    gpu_seconds=GPU_SECONDS,
+                    committed_here=kind == DONE,
+                )
             elif kind == FAILED:
                 error = f"Traceback (most recent call last):\nRuntimeError: shard {task.shard_id} broke\n"
-                yield PoolEvent(FAILED, slot, task, error=error, ref=ref)
+                yield PoolEvent(FAILED, slot, task, error=error, ref=ref, gpu_seconds=GPU_SECONDS)
             elif kind == DIED:
                 yield PoolEvent(DIED, slot, task, summary="The actor died unexpectedly", ref=ref)
             else:
@@ -145,6 +154,10 @@ class FakePool:
     def timed_out(self, limit_s: float) -> list[Slot]:
         """The fake clock: a hung call has run past any limit."""
         return [s for s in self.slots if s.tasks and s.tasks[0][0] in self.hung]
+
+    def held_gpu_seconds(self, slot: Slot) -> float:
+        """A killed or dead worker's running shard held the GPU for as long as a shard takes."""
+        return GPU_SECONDS if slot.tasks else 0.0
 
     def release(self, event: PoolEvent) -> None:
         self.released += 1
@@ -203,13 +216,21 @@ def make_plan(tmp_path, shards: int, **resources) -> Plan:
     return Plan(spec, files, sweep_points(spec), pa.schema([]))
 
 
-def dispatch(tmp_path, pool: FakePool, shards: int = 4, spent: float = 0.0, **resources):
+def dispatch(
+    tmp_path, pool: FakePool, shards: int = 4, spent: float = 0.0, uncommitted=None, **resources
+):
     plan = make_plan(tmp_path, shards, **resources)
     sink = RecordingSink(Storage(str(tmp_path / "out")))
     if pool.capacity is None:
         pool.capacity = plan.spec.resources.max_workers
     dispatcher = Dispatcher(
-        plan, sink, pool, list(range(shards)), progress=False, spent_gpu_seconds=spent
+        plan,
+        sink,
+        pool,
+        list(range(shards)),
+        progress=False,
+        spent_gpu_seconds=spent,
+        uncommitted=uncommitted,
     )
     return dispatcher, sink, plan
 
@@ -249,8 +270,10 @@ def test_a_failing_shard_is_retried_up_to_max_attempts_then_quarantined(tmp_path
     assert [e.attempt for e in record.errors] == [1, 2, 3]
     assert all(e.error.endswith("RuntimeError: shard 1 broke\n") for e in record.errors)
     assert record.last_error_line() == "RuntimeError: shard 1 broke"
-    assert [p.name for p in (tmp_path / "out").iterdir()] == [
-        layout.failed_file(plan.shard_name(1))
+    # Its record, and the GPU-seconds its failed attempts used (for the budget).
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        layout.failed_file(plan.shard_name(1)),
+        layout.SPENT_FILE,
     ]
 
 
@@ -425,6 +448,56 @@ def test_a_budget_spent_by_earlier_runs_starts_nothing(tmp_path):
     result = dispatcher.run()
     assert result.budget_stopped and not result.committed
     assert pool.actors_started == 0 and pool.shut_down
+
+
+def test_failed_attempts_count_toward_the_budget_and_are_recorded(tmp_path):
+    """Shards that fail after generating, $1 per GPU-second, $1 of budget: attempts stop once two
+    failed ones ($1.00) are spent, not after 6 shards x 3 attempts; `_spent.json` keeps them."""
+    pool = FakePool(shard=lambda shard_id, attempt, call: FAILED)
+    dispatcher, _, plan = dispatch(
+        tmp_path, pool, shards=6, max_workers=1, budget_usd=1.0, gpu_hour_usd=3600.0
+    )
+    result = dispatcher.run()
+    assert result.budget_stopped and not result.committed and not result.quarantined
+    # Two calls in the worker's hands when the budget ran out: both finished, neither retried.
+    assert pool.calls == [(0, 1), (1, 1), (0, 2)]
+    spent = UncommittedSpend.model_validate_json((tmp_path / "out" / layout.SPENT_FILE).read_text())
+    assert spent == UncommittedSpend(
+        fingerprint=plan.fingerprint, gpu_seconds=3 * GPU_SECONDS, attempts=3
+    )
+
+
+def test_a_worker_killed_for_a_timeout_counts_what_its_shard_held(tmp_path):
+    pool = FakePool(shard=lambda shard_id, attempt, call: HANG)
+    dispatcher, _, _ = dispatch(
+        tmp_path, pool, shards=4, max_workers=1, budget_usd=1.0, gpu_hour_usd=3600.0
+    )
+    result = dispatcher.run()
+    assert result.budget_stopped and not result.quarantined
+    assert len(pool.killed) == 2  # 0.5 each: the second kill reached the cap
+
+
+def test_an_attempt_that_lost_the_commit_race_spent_too(tmp_path):
+    """Its shard is committed (by the winner), but its own GPU-seconds are in no stats file."""
+    pool = FakePool(shard=lambda shard_id, attempt, call: LOST if shard_id == 1 else DONE)
+    dispatcher, _, plan = dispatch(tmp_path, pool, shards=3)
+    result = dispatcher.run()
+    assert sorted(result.committed) == [0, 1, 2]
+    assert dispatcher.spent_gpu_seconds == 3 * GPU_SECONDS
+    spent = UncommittedSpend.model_validate_json((tmp_path / "out" / layout.SPENT_FILE).read_text())
+    assert spent == UncommittedSpend(
+        fingerprint=plan.fingerprint, gpu_seconds=GPU_SECONDS, attempts=1
+    )
+
+
+def test_failed_attempts_of_earlier_runs_count_too(tmp_path):
+    earlier = UncommittedSpend(fingerprint="f", gpu_seconds=5.0, attempts=4)
+    pool = FakePool()
+    dispatcher, _, _ = dispatch(
+        tmp_path, pool, shards=3, uncommitted=earlier, budget_usd=1.0, gpu_hour_usd=3600.0
+    )
+    result = dispatcher.run()
+    assert result.budget_stopped and pool.actors_started == 0
 
 
 # ------------------------------------------------------------------------------------ Ray stays out

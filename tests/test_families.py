@@ -66,9 +66,13 @@ def test_native_size_is_sample_size_times_the_vae_scale():
 
 def test_sizes_must_be_on_the_latent_grid():
     assert SD2.check_size("width", 512) == 512
-    with pytest.raises(ValueError, match=r"width=100 is not divisible by 8; use e.g. 96 or 104"):
+    with pytest.raises(
+        ValueError,
+        match=r"width=100 is not divisible by 8, the latent grid of sd2 checkpoints; "
+        r"use e.g. 96 or 104",
+    ):
         SD2.check_size("width", 100)
-    with pytest.raises(ValueError, match=r"height=4 is not divisible by 8; use e.g. 8 or 8"):
+    with pytest.raises(ValueError, match=r"height=4 is not divisible by 8, .* use e.g. 8 or 8"):
         SD2.check_size("height", 4)
 
 
@@ -103,7 +107,9 @@ def test_sdxl_row():
         "crops_coords_top_left": (0, 0),
         "target_size": (768, 1024),
     }
-    with pytest.raises(ValueError, match="width=1020 is not divisible by 8"):
+    with pytest.raises(
+        ValueError, match="width=1020 is not divisible by 8, the latent grid of sdxl"
+    ):
         SDXL.check_size("width", 1020)
 
 
@@ -137,12 +143,24 @@ def test_a_task_without_a_pipeline_is_refused_naming_the_family():
 def test_a_family_adds_its_own_output_columns_and_sd2_none():
     """SD2's output schema is the one it always was; SDXL's adds the second encoder's token count
     and truncation flag and the six micro-conditioning inputs the call passes."""
-    from sdfleet.schemas.rows import SIZE_CONDITIONING_COLUMNS, family_fields, output_schema
+    from sdfleet.schemas.rows import (
+        SIZE_CONDITIONING_COLUMNS,
+        VAE_DECODE_DTYPE,
+        family_fields,
+        output_schema,
+    )
 
     assert family_fields(SD2) == [] and output_schema(None, SD2).equals(output_schema())
     assert SD2.size_conditioning_inputs(512, 512) == {}
     names = [f.name for f in family_fields(SDXL)]
-    assert names == ["prompt_tokens_2", "prompt_truncated_2", *SIZE_CONDITIONING_COLUMNS]
+    assert names == [
+        "prompt_tokens_2",
+        "prompt_truncated_2",
+        *SIZE_CONDITIONING_COLUMNS,
+        "conditioning_aesthetic_score",
+        "conditioning_negative_aesthetic_score",
+        VAE_DECODE_DTYPE,
+    ]
     assert set(SDXL.size_conditioning_inputs(64, 48)) == set(SIZE_CONDITIONING_COLUMNS)
     assert SDXL.size_conditioning_inputs(64, 48)["negative_original_size"] == (48, 64)
     schema = output_schema(None, SDXL)

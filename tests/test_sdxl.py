@@ -17,14 +17,6 @@ from test_tasks import assert_close, run_job, three_ok
 LONG = "a very long prompt about a lighthouse on a cliff over a stormy sea at dusk " * 3
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from sdfleet.jobs.tiny_sdxl import write_tiny_sdxl
-
-    folder = tmp_path_factory.mktemp("sdxl")
-    return {v: write_tiny_sdxl(folder / f"tiny-sdxl-{v}", v) for v in ("base", "refiner")}
-
-
 def test_tiny_sdxl_is_shaped_as_sdxl(tiny_sdxl):
     from sdfleet.schemas.families import SDXL, family_of
 

@@ -49,9 +49,10 @@ def family(tmp_path_factory):
     return {v: write_tiny_pipeline(root / v, v) for v in TINY_SD2_VARIANTS}
 
 
-def run_job(tmp_path, s3, address, model, task, table, extra_files=(), **sections):
+def run_job(tmp_path, s3, address, source, task, table, extra_files=(), /, **sections):
     """Write `table` (and `extra_files`: key -> bytes, beside it) to the bucket, run the job, and
-    return (its rows by key, its images by key, the input's bytes by name)."""
+    return (its rows by key, its images by key, the input's bytes by name). `sections` (model=...
+    too) are merged into the spec."""
     prefix = f"{s3.bucket}/in-{uuid.uuid4().hex[:6]}"
     with s3.open(f"{prefix}/rows.parquet", "wb") as f:
         pq.write_table(table, f, row_group_size=2)
@@ -59,7 +60,7 @@ def run_job(tmp_path, s3, address, model, task, table, extra_files=(), **section
         s3.pipe(f"{prefix}/{name}", data)
     out = f"{s3.bucket}/out-{uuid.uuid4().hex[:6]}"
     spec = job_dict(
-        model,
+        source,
         f"s3://{prefix}/",
         f"s3://{out}",
         name=f"task-{task}",

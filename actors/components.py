@@ -1,0 +1,74 @@
+"""Components loaded apart from a checkpoint and handed to its pipeline's from_pretrained in place
+of its own: `model.vae` (an fp16-fixed SDXL VAE, say). Loaded once per actor, with safetensors
+only, in the job's dtype; an `s3://` folder through the node's model cache, as the checkpoint is.
+
+A second pipeline in the same actor (a refiner) passes the same loaded VAE, so both decode alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from sdfleet.actors.model_cache import local_copy
+from sdfleet.schemas.errors import ModelLoadError, first_line
+
+if TYPE_CHECKING:
+    from sdfleet.schemas.families import Family
+    from sdfleet.schemas.spec import ModelSpec
+
+log = logging.getLogger("sdfleet")
+
+
+def dtype_keyword(diffusers_version: str) -> str:
+    """The from_pretrained keyword for the dtype: `dtype` from diffusers 0.40 (the older name then
+    warns), `torch_dtype` before (which would ignore `dtype` and load float32)."""
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers_version) >= Version("0.40") else "torch_dtype"
+
+
+def load_vae(model: ModelSpec, dtype: str) -> Any | None:
+    """model.vae as an AutoencoderKL in `dtype` (a torch dtype's name), on the CPU; None where the
+    spec names none (the checkpoint's own VAE is used)."""
+    source = getattr(model, "vae", None)
+    if source is None:
+        return None
+    import diffusers
+    import torch
+
+    t0 = time.perf_counter()
+    try:
+        path = local_copy(source, model.storage_options)
+        vae = diffusers.AutoencoderKL.from_pretrained(
+            path,
+            revision=model.vae_revision,
+            use_safetensors=True,
+            **{dtype_keyword(diffusers.__version__): getattr(torch, dtype)},
+        )
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot load model.vae {source} as an AutoencoderKL: {type(e).__name__}: "
+            f"{first_line(e)}"
+        ) from e
+    log.info("loaded model.vae %s (%s) in %.1fs", source, dtype, time.perf_counter() - t0)
+    return vae
+
+
+def component_overrides(model: ModelSpec, dtype: str) -> dict[str, Any]:
+    """The from_pretrained keywords that put the spec's components in place of the checkpoint's
+    own: {"vae": ...} with model.vae, else nothing."""
+    vae = load_vae(model, dtype)
+    return {"vae": vae} if vae is not None else {}
+
+
+def vae_decode_dtype(family: Family, vae: Any, dtype: str) -> str | None:
+    """The dtype the pipeline decodes latents in: float32 where the family's pipeline upcasts a
+    float16 VAE whose config says force_upcast (SDXL's own VAE), else the job's dtype (an
+    fp16-fixed VAE says force_upcast: false and decodes in float16). None for a family whose
+    pipeline never upcasts (SD2: the decode is always in the job's dtype)."""
+    if not family.vae_upcast:
+        return None
+    force_upcast = bool(getattr(getattr(vae, "config", None), "force_upcast", False))
+    return "float32" if dtype == "float16" and force_upcast else dtype
