@@ -48,7 +48,14 @@ from sdfleet.actors.records import (
 from sdfleet.actors.safety import SafetyScore, load_detector
 from sdfleet.actors.selection import BestOfN
 from sdfleet.actors.storage import Storage
-from sdfleet.actors.writer import ShardWriter, Spooled, encode_image, publish_committed
+from sdfleet.actors.writer import (
+    ForeignCommit,
+    ShardWriter,
+    Spooled,
+    encode_image,
+    publish_committed,
+    read_stats,
+)
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import Preempted, UserError
 from sdfleet.schemas.layout import ShardStats
@@ -269,11 +276,12 @@ class ShardGenerator:
 
     def _committed(self, name: str) -> ShardStats | None:
         """The stats of this job's shard `name` if it is already committed."""
-        if not self.storage.exists(layout.stats_file(name)):
+        stats_name = layout.stats_file(name)
+        if not self.storage.exists(stats_name):
             return None
-        committed = ShardStats.model_validate(self.storage.read_json(layout.stats_file(name)))
-        if committed.fingerprint != self.plan.fingerprint:
-            return None
+        committed = read_stats(self.storage, stats_name)
+        if committed.fingerprint != self.plan.fingerprint:  # refused before any GPU time is spent
+            raise ForeignCommit(self.storage, stats_name, committed, self.plan.fingerprint)
         log.info("shard %s is already committed; skipping", name)
         publish_committed(self.storage, committed)  # in case its writer died before publishing
         return committed

@@ -45,8 +45,14 @@ S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
 
 
 def _no_such_upload(e: BaseException) -> bool:
-    """An upload already completed or aborted (s3fs passes botocore's NoSuchUpload through as text)."""
-    return "NoSuchUpload" in f"{type(e).__name__} {e}"
+    """An upload already completed or aborted. s3fs passes botocore's NoSuchUpload on as a
+    FileNotFoundError with its message only, the NoSuchUpload as its cause."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if "NoSuchUpload" in f"{type(seen).__name__} {seen}":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def multipart_etag(part_etags: list[str]) -> str:
@@ -384,6 +390,23 @@ class Storage:
         problem = self.published_problem(name, staged)
         if problem:
             raise StorageError(f"cannot publish {self.url(name)}: {problem}")
+
+    def is_staged(self, name: str, staged: StagedFile) -> bool:
+        """Whether a staged file can still be published: its upload is neither completed nor
+        aborted (or expired by a bucket's lifecycle rule), its hidden file still there."""
+        with self.errors(name, "check"):
+            if self.local:
+                return Path(self.path(name)).with_name(staged.temp).exists()
+            bucket, key, _ = self.fs.split_path(self.path(name))
+            try:
+                self.fs.call_s3(
+                    "list_parts", Bucket=bucket, Key=key, UploadId=staged.upload_id, MaxParts=1
+                )
+                return True
+            except Exception as e:
+                if _no_such_upload(e):
+                    return False
+                raise
 
     def discard(self, name: str, staged: StagedFile) -> None:
         """Throw away a staged file that lost the commit; what is visible as `name` is untouched."""

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from sdfleet.actors.storage import Storage, file_sha256
 from sdfleet.schemas import layout
-from sdfleet.schemas.errors import StorageError
+from sdfleet.schemas.errors import StorageError, first_line
 from sdfleet.schemas.layout import ShardStats, StagedFile
 from sdfleet.schemas.rows import RUN_COLUMNS
 
@@ -201,6 +201,7 @@ class ShardCommit:
         self.writer_id = uuid.uuid4().hex
         self.staged: dict[str, StagedFile] = {}
         self.won: bool | None = None
+        self.winner: ShardStats | None = None  # the stats of the writer that beat this one
         self.result: ShardStats | None = None
 
     def steps(self) -> Iterator[str]:
@@ -232,13 +233,7 @@ class ShardCommit:
                 "wall_seconds": round(now - self.stats.started_ts, 4),
             }
         )
-        try:
-            self.storage.write_json(
-                layout.stats_file(self.name), record.model_dump(mode="json"), exclusive=True
-            )
-            self.won = True
-        except FileExistsError:
-            self.won = False
+        self.won = self._create_stats(record)
         yield "commit"
         # 3. Publish (the winner), or discard and make sure the winner's files are published.
         if self.won:
@@ -257,6 +252,29 @@ class ShardCommit:
                 self.result = self._adopt_winner()
             yield f"discard {final}"
 
+    def _create_stats(self, record: ShardStats) -> bool:
+        """Create the stats file exclusively; whether this writer won. A refusal is not proof of a
+        lost race: a create whose answer was lost and that the client sent again is refused by
+        itself (S3's 412 after a dropped response, EEXIST from a retransmitted NFS link). So the
+        stats file decides: this writer's id means it won, another writer's of this job means it
+        lost, and another job's is an error naming the file."""
+        stats_name = layout.stats_file(self.name)
+        try:
+            self.storage.write_json(stats_name, record.model_dump(mode="json"), exclusive=True)
+            return True
+        except FileExistsError:
+            pass
+        found = read_stats(self.storage, stats_name)
+        if found.fingerprint != record.fingerprint:
+            for final, staged in self.staged.items():
+                self.storage.discard(final, staged)
+            raise ForeignCommit(self.storage, stats_name, found, record.fingerprint)
+        if found.writer_id == self.writer_id:
+            log.info("shard %s: the commit was refused as a repeat of its own; it won", self.name)
+            return True
+        self.winner = found
+        return False
+
     def _withdraw(self) -> None:
         """A commit whose files cannot be made visible (say, a folder where the tar must go) is
         taken back, so the shard is not done and its retry can make it again. Best effort: if even
@@ -272,7 +290,7 @@ class ShardCommit:
             log.warning("shard %s: could not withdraw its commit either: %s", self.name, e)
 
     def _adopt_winner(self) -> ShardStats:
-        winner = ShardStats.model_validate(self.storage.read_json(layout.stats_file(self.name)))
+        winner = self.winner
         publish_committed(self.storage, winner)
         log.warning(
             "shard %s was already committed by %s; discarded this attempt's files",
@@ -282,11 +300,65 @@ class ShardCommit:
         return winner
 
 
+class ForeignCommit(StorageError):
+    """A shard's stats file written by another job (another fingerprint) in this job's output."""
+
+    def __init__(self, storage: Storage, stats_name: str, found: ShardStats, fingerprint: str):
+        super().__init__(
+            f"{storage.url(stats_name)} commits shard {found.shard} for another job (fingerprint "
+            f"{found.fingerprint}; this job's is {fingerprint}): it is not this job's output. "
+            "Remove that file, or write to a new output.uri"
+        )
+
+
+class UnpublishableCommit(StorageError):
+    """A committed shard whose files are not all visible and whose staged files are gone (aborted
+    or expired uploads): its commit can never be rolled forward, only withdrawn."""
+
+    def __init__(self, storage: Storage, stats: ShardStats, problem: str):
+        # What is wrong, for lists that name the command once for all their shards (status, the
+        # finalizer); the message adds the command for this one shard.
+        self.short = (
+            f"{problem}, and the staged file its commit names is gone (aborted or expired), so it "
+            "can never be published"
+        )
+        super().__init__(
+            f"shard {stats.shard} is committed ({storage.url(layout.stats_file(stats.shard))}) but "
+            f"{self.short}; run `{withdraw_command(storage, [stats.shard])}`, then rerun to make "
+            "the shard again"
+        )
+
+
+def withdraw_command(storage: Storage, shards: list[str]) -> str:
+    """The one command that clears unpublishable commits (`sdfleet withdraw`)."""
+    return f"sdfleet withdraw {storage.url()} {' '.join(shards)}"
+
+
+def read_stats(storage: Storage, name: str) -> ShardStats:
+    """A stats file, parsed; a StorageError naming it if it is not one."""
+    try:
+        return ShardStats.model_validate_json(storage.read_bytes(name))
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise StorageError(
+            f"{storage.url(name)} is not a valid shard stats record ({first_line(e)})"
+        ) from None
+
+
 def publish_committed(storage: Storage, stats: ShardStats) -> None:
     """Make a committed shard's files visible, as its stats record them (idempotent), and check
-    that what is visible is what the commit names. A commit made before this protocol records no
-    files: there is nothing to publish."""
+    that what is visible is what the commit names. A file already visible costs one look, not a
+    second completion of its upload. A file neither visible nor still staged raises
+    UnpublishableCommit, which says how to clear it. A commit made before this protocol records
+    no files: there is nothing to publish."""
     for final, staged in stats.files.items():
+        if storage.published_problem(final, staged) is None:
+            continue
+        if not storage.is_staged(final, staged):
+            # Another reader may have published it between the two looks.
+            problem = storage.published_problem(final, staged)
+            if problem is None:
+                continue
+            raise UnpublishableCommit(storage, stats, problem)
         storage.publish(final, staged)
 
 

@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read every committed file and compare its sha256 with its commit (sizes are always checked)",
     )
 
+    p = sub.add_parser(
+        "withdraw",
+        help="take back the commits of shards whose files are missing or changed and can no "
+        "longer be published (status names them), so a rerun makes them again; refuses good shards",
+    )
+    p.add_argument("output", help=OUTPUT_HELP)
+    p.add_argument("shards", nargs="+", metavar="SHARD", help="shard names, e.g. 00003")
+
     p = sub.add_parser("demo", help="tiny models, sample prompts, local Ray, a local dataset")
     p.add_argument(
         "dir", nargs="?", default="sdfleet-demo", help="working folder (default: ./sdfleet-demo)"
@@ -155,10 +163,18 @@ def _dispatch(args) -> int:
         from sdfleet.jobs.run import JobRunner
 
         return JobRunner(_load(args), address=args.address, progress=not args.no_progress).run()
-    if args.command in ("status", "preview", "score"):
+    if args.command in ("status", "preview", "score", "withdraw"):
         args.output, args.storage_options = _output_location(args.output)
     if args.command == "status":
         return _status(args.output, args.storage_options, args.verify)
+    if args.command == "withdraw":
+        from sdfleet.jobs.output import OutputReader
+        from sdfleet.jobs.withdraw import withdraw
+
+        for line in withdraw(OutputReader.open(args.output, args.storage_options), args.shards):
+            print(line)
+        print("rerun the job to make them again")
+        return EXIT_OK
     if args.command == "demo":
         from sdfleet.jobs.demo import run_demo
 
@@ -311,6 +327,12 @@ def _status(output: str, storage_options: dict, verify: bool = False) -> int:
     )
     for name, found in sorted(problems.items()):
         print(f"  shard {name}: {'; '.join(found)}")
+    if problems:
+        from sdfleet.actors.writer import withdraw_command
+
+        print(
+            f"  to make them again: {withdraw_command(reader.storage, sorted(problems))}, then rerun"
+        )
     complete = s.complete and not problems and reader.storage.exists(layout.SUCCESS_FILE)
     print(f"complete     {'yes' if complete else 'no'}")
     return EXIT_OK if complete else EXIT_INCOMPLETE

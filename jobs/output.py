@@ -51,6 +51,14 @@ INDEX_SCHEMA = pa.schema([("name", pa.string()), ("tag", pa.string()), ("content
 _JOB_KEYS = ("spec", "fingerprint", "num_shards", "num_samples", "key_width")
 
 
+def missing_job_keys(record: Any) -> list[str]:
+    """The keys every sdfleet job record holds that `record` lacks (all of them if it is not even
+    a JSON object): empty for a job record."""
+    return (
+        [k for k in _JOB_KEYS if k not in record] if isinstance(record, dict) else list(_JOB_KEYS)
+    )
+
+
 class NotAnOutput(UserError, FileNotFoundError):
     """The URI holds no job record: not an sdfleet output, or a job that never started."""
 
@@ -119,11 +127,7 @@ class OutputReader:
                     f"{self.storage.url()} has no {layout.JOB_FILE}: it is not an sdfleet output "
                     "(or its job never started)"
                 ) from None
-            missing = (
-                [k for k in _JOB_KEYS if k not in self._job]
-                if isinstance(self._job, dict)
-                else _JOB_KEYS
-            )
+            missing = missing_job_keys(self._job)
             if missing:
                 self._job = None
                 raise NotAnOutput(
@@ -293,7 +297,11 @@ class OutputReader:
         all is well. A commit whose writer died before publishing its files is published first
         (that is how such a crash is rolled forward). Checks sizes from the survey's listing of
         the output; deep=True also reads every file and compares its sha256."""
-        from sdfleet.actors.writer import committed_file_problems, publish_committed
+        from sdfleet.actors.writer import (
+            UnpublishableCommit,
+            committed_file_problems,
+            publish_committed,
+        )
 
         survey = self.survey()
         listing = survey.listing
@@ -308,8 +316,10 @@ class OutputReader:
                 try:
                     publish_committed(self.storage, stats)
                     found = []
-                except StorageError as e:
-                    found = [str(e)]
+                except UnpublishableCommit as e:
+                    found = [e.short]
+                except OSError as e:  # StorageError, and a store's own (a 500): one line, named
+                    found = [first_line(e)]
             if deep and not found:
                 found = committed_file_problems(self.storage, stats, deep=True)
             if found:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdfleet.jobs.output_reach import check_output_reaches_every_node, worker_node_refusal
 from sdfleet.schemas.errors import Preempted, UserError, first_line
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.resources import cpu_threads_per_worker
@@ -185,6 +186,10 @@ class ActorPool:
             embedded  # an embedded Ray has no autoscaler: what it has now is all there is
         )
         self.kind = choose_worker_kind(plan, embedded)
+        # Refused here, before any actor is asked for: where the workers' local output would go.
+        check_output_reaches_every_node(plan.spec.output, gpu_workers=self.kind.gpus_per_actor > 0)
+        self.output = plan.spec.output
+        self.driver_node = ray.get_runtime_context().get_node_id()
         # The driver, not Ray, counts attempts: Ray's own restarts would retry a deterministic crash forever.
         self.actor_cls = ray.remote(
             max_restarts=0,
@@ -300,12 +305,17 @@ class ActorPool:
         import ray
 
         try:
-            ray.get(slot.ready_ref)
+            worker = ray.get(slot.ready_ref)
         except ray.exceptions.RayError as e:
             cause = getattr(e, "cause", None)
             refusal = cause if isinstance(cause, UserError) else None
             return PoolEvent(
                 START_FAILED, slot, error=_error_text(e), summary=first_line(e), refusal=refusal
+            )
+        refusal = worker_node_refusal(self.output, worker.get("node"), self.driver_node)
+        if refusal is not None:  # before it gets a shard
+            return PoolEvent(
+                START_FAILED, slot, error=str(refusal), summary=first_line(refusal), refusal=refusal
             )
         slot.ready = True
         self.ready += 1

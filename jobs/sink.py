@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from sdfleet.actors.storage import Storage
+from sdfleet.actors.record_versions import ChangedMeanwhile, read_versioned, replace_if_unchanged
+from sdfleet.actors.storage import Storage, json_bytes
+from sdfleet.actors.writer import withdraw_command
 from sdfleet.jobs.finalize import dataset_card
-from sdfleet.jobs.output import OutputReader, Survey
+from sdfleet.jobs.output import OutputReader, Survey, missing_job_keys
 from sdfleet.schemas import layout
 from sdfleet.schemas.content import content_changes
-from sdfleet.schemas.errors import SpecError, UserError
+from sdfleet.schemas.errors import SpecError, UserError, first_line
 from sdfleet.schemas.fingerprint import diff_fingerprint_fields
 from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats, UncommittedSpend
 from sdfleet.schemas.plan import Plan
@@ -99,6 +101,7 @@ class Verdict:
     committed: int = 0
     num_shards: int = 0
     replaced: dict[str, Any] | None = None  # the job record a "replace" writes over
+    replaced_version: str | None = None  # ... at the version it was read: replaced only at that one
     # Its keys that differ, with old and new values.
     changed: list[str] = field(default_factory=list)
     # A resume of a job recorded before sdfleet recorded content: its fingerprint has none.
@@ -187,10 +190,12 @@ class OutputSink:
     def judge(self, plan: Plan) -> Verdict:
         """Empty (start), this job's (resume), or a job that committed nothing and whose driver is
         gone (replace); anything else is refused. Writes nothing."""
-        if not self.storage.exists(layout.JOB_FILE):
+        try:
+            data, version = read_versioned(self.storage, layout.JOB_FILE)
+        except FileNotFoundError:
             self._check_unclaimed_output_is_empty()
             return Verdict("start", self.storage.url(), num_shards=plan.num_shards)
-        existing = self.storage.read_json(layout.JOB_FILE)
+        existing = self._job_record(data)
         committed = len(self.storage.list(layout.STATS_GLOB))
         if existing.get("fingerprint") == plan.fingerprint:
             return Verdict("resume", self.storage.url(), committed, plan.num_shards)
@@ -214,8 +219,26 @@ class OutputSink:
                 f"If that driver was killed, its claim lapses {LEASE_STALE_S:.0f} s after its last refresh"
             )
         return Verdict(
-            "replace", self.storage.url(), 0, plan.num_shards, replaced=existing, changed=changed
+            "replace",
+            self.storage.url(),
+            0,
+            plan.num_shards,
+            replaced=existing,
+            replaced_version=version,
+            changed=changed,
         )
+
+    def _job_record(self, data: bytes) -> dict[str, Any]:
+        """The output's `_job.json`, if sdfleet wrote it; one it did not is a foreign file like any
+        other, never replaced."""
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = None
+        if missing_job_keys(record):
+            found = sorted(n for n in self.storage.listing() if not layout.is_transient(n))
+            self._refuse_foreign(found, f"no {layout.JOB_FILE} that sdfleet wrote")
+        return record
 
     def _check_unclaimed_output_is_empty(self) -> None:
         """An output without a job record must hold nothing: stray *.tar files there would be read
@@ -225,11 +248,14 @@ class OutputSink:
             return  # another driver claimed it meanwhile; the claim decides
         strays = sorted(n for n in found if not layout.is_transient(n))
         if strays:
-            raise SpecError(
-                f"output.uri {self.storage.url()} holds {len(strays)} file(s) but no {layout.JOB_FILE} "
-                f"(e.g. {', '.join(strays[:5])}): it is not an sdfleet output. Give an empty or new "
-                "output.uri, or remove those files"
-            )
+            self._refuse_foreign(strays, f"no {layout.JOB_FILE}")
+
+    def _refuse_foreign(self, strays: list[str], lacking: str) -> None:
+        raise SpecError(
+            f"output.uri {self.storage.url()} holds {len(strays)} file(s) but {lacking} "
+            f"(e.g. {', '.join(strays[:5])}): it is not an sdfleet output. Give an empty or new "
+            "output.uri, or remove those files"
+        )
 
     # ------------------------------------------------------------------ start
 
@@ -275,7 +301,16 @@ class OutputSink:
             },
             *old.get("history", []),
         ]
-        self.storage.write_json(layout.JOB_FILE, record)
+        try:
+            replace_if_unchanged(
+                self.storage, layout.JOB_FILE, json_bytes(record), verdict.replaced_version
+            )
+        except ChangedMeanwhile:
+            raise SpecError(
+                f"{self.storage.url(layout.JOB_FILE)} was replaced by another driver while this one "
+                f"was replacing job {old.get('fingerprint')} there; this driver wrote nothing. Wait "
+                "for that driver, or write to a new output.uri"
+            ) from None
         print(
             f"sdfleet: {self.storage.url()} held job {old.get('fingerprint')}, which committed no shard; "
             f"it now holds this one ({'; '.join(verdict.changed) or 'other input files'})"
@@ -325,8 +360,19 @@ class OutputSink:
     # ------------------------------------------------------------------ complete
 
     def complete(self) -> bool:
-        """Declare the dataset complete if it is (see `Finalizer`). Returns completeness."""
-        return Finalizer(self.reader).finalize()
+        """Declare the dataset complete if it is (see `Finalizer`). Returns completeness. A store's
+        own error (one sdfleet has no words for, such as a 500 after every retry) ends it in one
+        line too: every step before `_SUCCESS` is safe to repeat."""
+        try:
+            return Finalizer(self.reader).finalize()
+        except UserError:
+            raise
+        except OSError as e:
+            raise IncompleteOutput(
+                f"{self.storage.url()}: the dataset could not be declared complete "
+                f"({first_line(e)}); no {layout.SUCCESS_FILE} written. Rerun the same command to "
+                "finish it"
+            ) from e
 
 
 class IncompleteOutput(UserError):
@@ -376,8 +422,8 @@ class Finalizer:
             )
             raise IncompleteOutput(
                 f"{self.storage.url()}: committed shards whose files differ from their stats "
-                f"({details}); no _SUCCESS written. Remove those shards' stats files and rerun "
-                "to make them again"
+                f"({details}); no _SUCCESS written. Run `{withdraw_command(self.storage, sorted(problems))}`"
+                ", then rerun to make them again"
             )
 
     def _check_rows(self, s: Survey) -> None:

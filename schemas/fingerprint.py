@@ -45,6 +45,7 @@ _OPERATIONAL_PREFIXES = (
     "input.storage_options",
     "output.storage_options",
     "output.allow_non_exclusive_commits",
+    "output.shared_filesystem",
     "model.storage_options",
     "safety.storage_options",
     "safety.model_sha256",  # a guard on the weights; their hash is recorded per row either way

@@ -174,6 +174,9 @@ class OutputSpec(_Section):
     # Commits rely on the store refusing to create an object twice (S3 If-None-Match: *). A store
     # that ignores it is refused unless this says to go on without that guarantee; recorded in _job.json.
     allow_non_exclusive_commits: bool = False
+    # A local uri on a multi-node cluster is refused unless this says every node mounts it at the
+    # same path (NFS, Lustre, EFS): a shared mount cannot be told from a node's own disk by its path.
+    shared_filesystem: bool = False
 
 
 class SafetySpec(_Section):

@@ -1,8 +1,9 @@
 """A fault-injecting HTTP proxy in front of the local S3 server (moto), for the fault tests.
 
 The product talks real S3 HTTP to it (through AWS_ENDPOINT_URL); the proxy forwards every request
-to moto unchanged unless a rule says to answer 503, 403, to hang first, or to drop the conditional
-headers. Only loopback is used.
+to moto unchanged unless a rule says to answer 503, 403, to hang first, to drop the conditional
+headers, or to forward the request and then drop its answer (closing the connection unanswered,
+as a reset or a read timeout does after the store has acted). Only loopback is used.
 """
 
 from __future__ import annotations
@@ -22,22 +23,30 @@ _ERROR = "<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Messa
 class Rule:
     """Requests whose method is in `methods` and whose path matches `path` get `action`.
 
-    action: "503" (SlowDown), "403" (AccessDenied), "hang" (sleep `hang_s`, then forward) or
-    "unconditional" (forward without If-None-Match / If-Match, as a store that ignores them would).
+    action: "503" (SlowDown), "403" (AccessDenied), "hang" (sleep `hang_s`, then forward),
+    "unconditional" (forward without If-None-Match / If-Match, as a store that ignores them would)
+    or "drop_response" (forward, then close the connection without answering: the store has acted,
+    the client cannot know it).
+    header: match only requests that carry this header (e.g. "If-None-Match": conditional PUTs).
+    hold: with "hang", forward as soon as this event is set (or after `hang_s`), not before.
     every: act on every n-th matching request; times: act at most this many times (None: always).
     """
 
     path: str
     action: str
     methods: tuple[str, ...] = ("GET", "PUT", "POST", "HEAD", "DELETE")
+    header: str | None = None
     every: int = 1
     times: int | None = None
     hang_s: float = 60.0
+    hold: threading.Event | None = None
     seen: int = 0
     fired: int = 0
 
-    def fires(self, method: str, path: str) -> bool:
+    def fires(self, method: str, path: str, headers=None) -> bool:
         if method not in self.methods or not re.search(self.path, path):
+            return False
+        if self.header is not None and (headers is None or headers.get(self.header) is None):
             return False
         self.seen += 1
         if self.seen % self.every or (self.times is not None and self.fired >= self.times):
@@ -65,7 +74,10 @@ class S3Proxy:
             def _handle(self):
                 body = self._read_body()
                 with proxy._lock:
-                    rule = next((r for r in proxy.rules if r.fires(self.command, self.path)), None)
+                    rule = next(
+                        (r for r in proxy.rules if r.fires(self.command, self.path, self.headers)),
+                        None,
+                    )
                 if rule is not None and rule.action in ("503", "403"):
                     code = "SlowDown" if rule.action == "503" else "AccessDenied"
                     self._reply(
@@ -73,7 +85,10 @@ class S3Proxy:
                     )
                     return
                 if rule is not None and rule.action == "hang":
-                    time.sleep(rule.hang_s)
+                    if rule.hold is not None:
+                        rule.hold.wait(rule.hang_s)
+                    else:
+                        time.sleep(rule.hang_s)
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=120)
                 dropped = {"transfer-encoding"}
                 if rule is not None and rule.action == "unconditional":
@@ -84,6 +99,10 @@ class S3Proxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                if rule is not None and rule.action == "drop_response":
+                    conn.close()
+                    self.close_connection = True  # the client sees the connection close, unanswered
+                    return
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):

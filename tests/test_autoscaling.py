@@ -83,7 +83,9 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(tmp_path, tiny_model, autosc
         # Slow enough per shard that the second node's worker is up before the first drains the queue.
         generation={"num_inference_steps": 30, "width": 64, "height": 64},
         sweep={"seeds": SEEDS},
-        output={"image_format": "png", "samples_per_shard": PER_SHARD},
+        # The fake nodes are raylets on this machine: they all see tmp_path, as every node of a
+        # real cluster sees an NFS mount. Undeclared, a local output here is refused.
+        output={"image_format": "png", "samples_per_shard": PER_SHARD, "shared_filesystem": True},
         resources={"batch_size": 3, "max_workers": 2},
     )
     spec_path = write_spec(head.temp_dir, spec, "job.yaml")

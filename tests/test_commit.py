@@ -319,3 +319,140 @@ def test_status_finds_a_committed_file_that_was_changed_and_verify_finds_same_si
     assert run_cli("status", str(tmp_path / "out")).returncode == 2
     [problem] = OutputReader(storage).verify()[SHARD]
     assert "has 9 bytes; its commit says" in problem
+
+
+# ------------------------------------------------------------------ ambiguous outcomes
+
+
+def test_a_commit_whose_answer_was_lost_on_s3_is_won_by_reading_the_stats(s3, s3_endpoint, spools):
+    """The stats file's conditional PUT reaches S3, its answer is lost (the proxy closes the
+    connection unanswered), the client sends it again and gets 412: the writer reads the stats,
+    finds its own id, and publishes its files instead of discarding them."""
+    from s3proxy import Rule, S3Proxy
+
+    proxy = S3Proxy(
+        s3_endpoint,
+        [
+            Rule(
+                path=r"/lost/\d+_stats\.json$",
+                action="drop_response",
+                methods=("PUT",),
+                header="If-None-Match",
+                times=1,
+            )
+        ],
+    )
+    try:
+        storage = Storage(f"s3://{s3.bucket}/lost", {"endpoint_url": proxy.url})
+        result = ShardWriter(storage, "png").commit(SHARD, spools[0], stats_for(0, spools[0]))
+        assert proxy.rules[0].fired == 1
+    finally:
+        proxy.close()
+    direct = Storage(f"s3://{s3.bucket}/lost")
+    assert sorted(direct.list("00000.*")) == sorted(FILES)  # published by the writer itself
+    assert (
+        result.worker_id == "writer-0" and committed_file_problems(direct, result, deep=True) == []
+    )
+    assert check_end_state(direct) == "writer-0"
+
+
+def test_a_local_link_answered_eexist_after_it_succeeded_is_won(tmp_path, spools, monkeypatch):
+    """The local twin: `link` makes the stats file and then answers EEXIST (an NFS retransmit of a
+    link that had succeeded). The seam is os.link itself, for stats files only."""
+    import errno
+    import os
+
+    real_link, fired = os.link, []
+
+    def link_then_eexist(src, dst, *args, **kwargs):
+        real_link(src, dst, *args, **kwargs)
+        if str(dst).endswith("_stats.json") and not fired:
+            fired.append(dst)
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+
+    monkeypatch.setattr(os, "link", link_then_eexist)
+    storage = Storage(str(tmp_path / "out"))
+    result = ShardWriter(storage, "png").commit(SHARD, spools[0], stats_for(0, spools[0]))
+    assert fired and result.worker_id == "writer-0"
+    assert sorted(storage.list("00000*")) == sorted([*FILES, layout.stats_file(SHARD)])
+    assert list((tmp_path / "out").glob(".*")) == []  # nothing left staged
+    assert check_end_state(storage) == "writer-0"
+
+
+def test_a_stats_file_of_another_job_is_an_error_naming_it(new_storage, spools):
+    from sdfleet.actors.writer import ForeignCommit
+
+    storage = new_storage()
+    other = stats_for(1, spools[1]).model_copy(update={"fingerprint": "e" * 32})
+    storage.write_json(layout.stats_file(SHARD), other.model_dump(mode="json"))
+    with pytest.raises(ForeignCommit) as refused:
+        ShardWriter(storage, "png").commit(SHARD, spools[0], stats_for(0, spools[0]))
+    assert storage.url(layout.stats_file(SHARD)) in str(refused.value)
+    assert "e" * 32 in str(refused.value) and "f" * 32 in str(refused.value)
+    assert storage.list("00000.*") == []  # neither published nor adopted
+
+
+def test_a_commit_whose_staged_files_are_gone_says_how_to_clear_it(tmp_path, spools):
+    """A writer died between its commit and its publish, and its staged files went (a bucket's
+    lifecycle rule aborts old uploads): no reader can roll it forward. Each says so in one line
+    naming `sdfleet withdraw`, which takes the commit back (and refuses a good shard); the shard
+    is then pending again."""
+    from helpers import run_cli
+    from sdfleet.actors.writer import UnpublishableCommit
+    from sdfleet.jobs.output import OutputReader
+
+    out = tmp_path / "out"
+    storage = Storage(str(out))
+    storage.write_json(
+        layout.JOB_FILE,
+        {
+            "spec": {"name": "t"},
+            "fingerprint": "f" * 32,
+            "num_shards": 1,
+            "num_samples": 3,
+            "key_width": 5,
+        },
+    )
+    good = run_cli("withdraw", str(out), SHARD)
+    assert good.returncode == 1 and "not committed" in good.stderr
+    attempt = ShardCommit(storage, SHARD, spools[0], stats_for(0, spools[0]))
+    steps = attempt.steps()
+    for _ in range(len(FILES) + 1):  # staged and committed; then the writer died
+        next(steps)
+    for final, staged in attempt.staged.items():
+        storage.discard(final, staged)
+    command = f"sdfleet withdraw {storage.url()} {SHARD}"
+    with pytest.raises(UnpublishableCommit, match=command):
+        publish_committed(
+            storage, ShardStats.model_validate(storage.read_json(layout.stats_file(SHARD)))
+        )
+    [problem] = OutputReader(storage).verify()[SHARD]
+    assert problem.startswith(storage.url(SHARD)) and " is missing, and the staged file" in problem
+    status = run_cli("status", str(out))
+    assert status.returncode == 2 and command in status.stdout and "Traceback" not in status.stderr
+    done = run_cli("withdraw", str(out), SHARD)
+    assert done.returncode == 0, done.stderr
+    assert f"withdrew shard {SHARD}" in done.stdout
+    assert not storage.exists(layout.stats_file(SHARD))
+    assert OutputReader(storage).survey().pending == [SHARD]
+
+
+def test_withdraw_refuses_a_good_shard(tmp_path, spools):
+    from helpers import run_cli
+
+    out = tmp_path / "out"
+    storage = Storage(str(out))
+    storage.write_json(
+        layout.JOB_FILE,
+        {
+            "spec": {"name": "t"},
+            "fingerprint": "f" * 32,
+            "num_shards": 1,
+            "num_samples": 3,
+            "key_width": 5,
+        },
+    )
+    ShardWriter(storage, "png").commit(SHARD, spools[0], stats_for(0, spools[0]))
+    refused = run_cli("withdraw", str(out), SHARD)
+    assert refused.returncode == 1 and "a good commit is never withdrawn" in refused.stderr
+    assert storage.exists(layout.stats_file(SHARD))

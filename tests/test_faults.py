@@ -381,6 +381,246 @@ def test_transient_s3_errors_are_retried(
         proxy.close()
 
 
+def test_a_lost_answer_to_a_stats_commit_is_resolved_and_the_run_completes(
+    tmp_path, tiny_model, bucket, ray_cluster, s3_endpoint
+):
+    """The first conditional PUT of a stats file reaches S3 and its answer is lost (the proxy closes
+    the connection unanswered); the client's retry gets 412. The writer reads the stats, finds its
+    own id and publishes: the run completes with every shard committed at its first attempt."""
+    proxy = S3Proxy(
+        s3_endpoint,
+        [
+            Rule(
+                path=r"/ambiguous/\d+_stats\.json$",
+                action="drop_response",
+                methods=("PUT",),
+                header="If-None-Match",
+                times=1,
+            )
+        ],
+    )
+    try:
+        out = f"s3://{bucket.bucket}/ambiguous"
+        done = run_cli(
+            "run",
+            str(job_spec(tmp_path, tiny_model, bucket, out)),
+            "--address",
+            ray_cluster.address,
+            "--no-progress",
+            env={"AWS_ENDPOINT_URL": proxy.url},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert proxy.rules[0].fired == 1
+    finally:
+        proxy.close()
+    assert_exactly_once(out)
+    assert [output_storage(out).read_json(n)["attempt"] for n in committed(out)] == [1] * 8
+    status = run_cli("status", out, "--verify")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "as committed (sha256 checked)" in status.stdout
+
+
+def test_a_commit_that_can_no_longer_be_published_is_named_with_the_command_that_clears_it(
+    tmp_path, tiny_model, bucket, ray_cluster
+):
+    """A committed shard's tar is gone and so is the upload its commit names (what an upload
+    aborted by a wedged writer, or expired by a lifecycle rule, leaves). The rerun cannot roll it
+    forward: it says so in one line naming `sdfleet withdraw`, which takes back that commit (and
+    refuses a good one); the next rerun remakes the shard and the dataset is whole."""
+    out = f"s3://{bucket.bucket}/gone"
+    spec = str(job_spec(tmp_path, tiny_model, bucket, out))
+    args = ("--address", ray_cluster.address, "--no-progress")
+    assert run_cli("run", spec, *args).returncode == 0
+    storage = output_storage(out)
+    storage.delete("00003.tar")
+    storage.delete("_SUCCESS")
+    command = f"sdfleet withdraw {out} 00003"
+    again = run_cli("run", spec, *args)
+    assert again.returncode == 1, again.stderr[-3000:]
+    [line] = [x for x in again.stderr.splitlines() if x.startswith("sdfleet: error:")]
+    assert f"{out}/00003.tar is missing" in line and f"`{command}`" in line
+    assert "Traceback" not in again.stderr
+    good = run_cli("withdraw", out, "00002")
+    assert good.returncode == 1 and "a good commit is never withdrawn" in good.stderr
+    withdrawn = run_cli("withdraw", out, "00003")
+    assert withdrawn.returncode == 0, withdrawn.stderr
+    last = run_cli("run", spec, *args)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert_exactly_once(out)
+    status = run_cli("status", out, "--verify")
+    assert status.returncode == 0 and "as committed (sha256 checked)" in status.stdout
+
+
+# Loaded at start-up by every Python process of the run (the driver, the embedded Ray's workers)
+# through PYTHONPATH: the first `link` that makes a stats file succeeds and then answers EEXIST,
+# as a retransmitted NFS LINK whose first reply was lost does. The seam is os.link itself.
+LINK_THEN_EEXIST = """
+import errno
+import os
+
+_marker = os.environ.get("SDFLEET_TEST_LINK_EEXIST")
+if _marker:
+    _real_link = os.link
+
+    def _link_then_eexist(src, dst, *args, **kwargs):
+        _real_link(src, dst, *args, **kwargs)
+        if not str(dst).endswith("_stats.json"):
+            return
+        try:  # once per run, across processes
+            fd = os.open(_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, str(dst).encode())
+        os.close(fd)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+
+    os.link = _link_then_eexist
+"""
+
+
+def test_a_local_link_answered_eexist_after_success_is_resolved_and_the_run_completes(
+    tmp_path, tiny_model, bucket
+):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(LINK_THEN_EEXIST)
+    marker = tmp_path / "link-fault-fired"
+    out = str(tmp_path / "out")
+    done = run_cli(
+        "run",
+        str(job_spec(tmp_path, tiny_model, bucket, out)),
+        "--no-progress",
+        env={
+            "RAY_ADDRESS": "",
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(inject), os.environ.get("PYTHONPATH")])
+            ),
+            "SDFLEET_TEST_LINK_EEXIST": str(marker),
+        },
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.read_text().endswith("_stats.json")  # the fault fired, in a worker
+    assert_exactly_once(out)
+    assert [output_storage(out).read_json(n)["attempt"] for n in committed(out)] == [1] * 8
+    status = run_cli("status", out, "--verify")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "as committed (sha256 checked)" in status.stdout
+
+
+def test_two_drivers_racing_to_replace_one_job_record_one_wins_the_other_exits_1(
+    tmp_path, tiny_model, bucket, ray_cluster, s3_endpoint
+):
+    """An output holds a job that committed nothing and whose driver is gone. Driver A judges it
+    replaceable and sends its new record; the proxy holds that PUT while driver B, with another
+    spec, judges, replaces the record and runs its job. Then A's PUT goes on, conditional on the
+    version A read: refused, A exits 1 naming the record, and the record is B's whole."""
+    import threading
+
+    out = f"s3://{bucket.bucket}/race"
+    old = {
+        "spec": {"name": "old"},
+        "fingerprint": "0" * 32,
+        "fingerprint_fields": {},
+        "input_files": [],
+        "num_shards": 1,
+        "num_samples": 1,
+        "key_width": 5,
+        "created_at": "2026-01-01T00:00:00+00:00",
+    }
+    output_storage(out).write_json("_job.json", old)
+    held = threading.Event()
+    proxy = S3Proxy(
+        s3_endpoint,
+        [
+            Rule(
+                path=r"/race/_job\.json$",
+                action="hang",
+                methods=("PUT",),
+                header="If-Match",
+                times=1,
+                hold=held,
+                hang_s=120,
+            )
+        ],
+    )
+    env = {"AWS_ENDPOINT_URL": proxy.url}
+    args = ("--address", ray_cluster.address, "--no-progress")
+    try:
+        spec_a = job_spec(tmp_path, tiny_model, bucket, out, generation={"guidance_scale": 3.0})
+        driver_a = start_cli("run", str(spec_a), *args, env=env)
+        wait_for(lambda: proxy.rules[0].fired == 1, 120, "driver A's replace to reach the proxy")
+        spec_b = job_spec(tmp_path, tiny_model, bucket, out)
+        driver_b = start_cli("run", str(spec_b), *args, env=env)
+        wait_for(
+            lambda: output_storage(out).read_json("_job.json")["fingerprint"] != old["fingerprint"],
+            120,
+            "driver B's record",
+        )
+        held.set()
+        _, a_err = driver_a.communicate(timeout=120)
+        b_out, b_err = driver_b.communicate(timeout=300)
+    finally:
+        held.set()
+        proxy.close()
+    assert driver_a.returncode == 1, a_err[-3000:]
+    [line] = [x for x in a_err.splitlines() if x.startswith("sdfleet: error:")]
+    assert f"{out}/_job.json was replaced by another driver" in line and "Traceback" not in a_err
+    assert driver_b.returncode == 0, b_err[-3000:]
+    assert f"held job {old['fingerprint']}, which committed no shard" in b_out
+    job = output_storage(out).read_json("_job.json")
+    assert [h["fingerprint"] for h in job["history"]] == [old["fingerprint"]]
+    assert job["spec"]["generation"]["guidance_scale"] != 3.0  # B's spec, not A's
+    assert_exactly_once(out)
+
+
+def test_a_local_output_on_a_multi_node_cluster_is_refused_before_any_worker_starts(
+    tmp_path, tiny_model, bucket
+):
+    """First a lone head without GPUs (its GPU workers could only run on nodes an autoscaler adds),
+    then the same with a GPU node joined: each time exit 1 naming output.uri, no worker started."""
+    head = start_head(
+        "--num-cpus=1",
+        "--num-gpus=0",
+        "--object-store-memory=100000000",
+        "--include-dashboard=false",
+        temp_dir=make_temp_dir("sdf-ln-"),
+    )
+    out = tmp_path / "out"
+    spec = str(job_spec(tmp_path, tiny_model, bucket, str(out)))
+
+    def refused() -> str:
+        done = run_cli("run", spec, "--address", head.address, "--no-progress")
+        assert done.returncode == 1, done.stderr[-3000:]
+        [line] = [x for x in done.stderr.splitlines() if x.startswith("sdfleet: error:")]
+        assert f"output.uri {out} is a local path, and " in line
+        assert "s3://" in line and "output.shared_filesystem: true" in line
+        assert actor_pids(head) == []  # no worker was started
+        assert not list(out.glob("*_stats.json")) and not list(out.glob("_probe-worker-*"))
+        return line
+
+    try:
+        assert "the driver's node has no GPU" in refused()
+        head.add_worker("--num-cpus=1", "--num-gpus=1", "--object-store-memory=100000000")
+        assert "the Ray cluster has 2 nodes" in refused()
+    finally:
+        head.stop()
+
+
+def test_a_worker_on_another_node_than_the_drivers_is_refused_for_a_local_output(tmp_path):
+    """The check behind a cluster that grows after the start: a worker that started elsewhere."""
+    from sdfleet.jobs.output_reach import worker_node_refusal
+    from sdfleet.schemas.spec import OutputSpec
+
+    local = OutputSpec(uri=str(tmp_path / "out"))
+    refusal = worker_node_refusal(local, "node-b", "node-a")
+    assert f"output.uri {tmp_path / 'out'} is a local path" in str(refusal)
+    assert "node node-b, not the driver's (node-a)" in str(refusal)
+    assert worker_node_refusal(local, "node-a", "node-a") is None
+    shared = OutputSpec(uri=str(tmp_path / "out"), shared_filesystem=True)
+    assert worker_node_refusal(shared, "node-b", "node-a") is None
+    assert worker_node_refusal(OutputSpec(uri="s3://b/out"), "node-b", "node-a") is None
+
+
 def test_persistent_403_and_404_fail_fast_naming_the_uri(tmp_path, tiny_model, bucket, s3_endpoint):
     proxy = S3Proxy(s3_endpoint, [Rule(path=r"/denied/", action="403")])
     try:

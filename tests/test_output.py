@@ -627,3 +627,82 @@ def test_an_output_with_files_but_no_job_record_is_refused_naming_them(tmp_path,
     with pytest.raises(SpecError, match=r"holds 1 file\(s\) but no _job.json \(e.g. 00000.tar\)"):
         Preflight(spec).check()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.tar"]  # nothing written
+
+
+OLD_JOB = {  # a job that committed nothing, claimed long ago by a driver that is gone
+    "spec": {"name": "old"},
+    "fingerprint": "0" * 32,
+    "fingerprint_fields": {},
+    "input_files": [],
+    "num_shards": 1,
+    "num_samples": 1,
+    "key_width": 5,
+    "created_at": "2026-01-01T00:00:00+00:00",
+}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_two_drivers_replacing_one_job_record_exactly_one_does(where, tmp_path, request):
+    """Both judge the old record replaceable, then both replace it: the second's replace is
+    conditional on the version it read, so it is refused naming the record, and the record is the
+    first's whole (its history names the old job once)."""
+    from sdfleet.jobs.sink import OutputSink
+    from sdfleet.schemas.errors import SpecError
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a quiet harbour", "a loud harbour"])
+    out = (
+        f"s3://{request.getfixturevalue('s3').bucket}/replaced"
+        if where == "s3"
+        else str(tmp_path / "out")
+    )
+    Storage(out).write_json(layout.JOB_FILE, OLD_JOB)
+    specs = [
+        parse_spec(
+            {
+                "input": {"uri": str(tmp_path / "in")},
+                "output": {"uri": out},
+                "generation": {"guidance_scale": g},
+                "safety": {"detector": "none"},
+            }
+        )
+        for g in (3.0, 7.5)
+    ]
+    plans = [Planner(spec).plan() for spec in specs]
+    sinks = [OutputSink(Storage(out)) for _ in specs]
+    verdicts = [sink.judge(plan) for sink, plan in zip(sinks, plans)]
+    assert [v.action for v in verdicts] == ["replace", "replace"]
+    sinks[0].claim(plans[0], verdicts[0])
+    with pytest.raises(SpecError) as refused:
+        sinks[1].claim(plans[1], verdicts[1])
+    assert f"{Storage(out).url(layout.JOB_FILE)} was replaced by another driver" in str(
+        refused.value
+    )
+    job = Storage(out).read_json(layout.JOB_FILE)
+    assert job["fingerprint"] == plans[0].fingerprint
+    assert [h["fingerprint"] for h in job["history"]] == [OLD_JOB["fingerprint"]]
+    if where == "local":
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [layout.JOB_FILE]
+
+
+def test_a_foreign_job_record_is_refused_like_any_foreign_file(tmp_path):
+    from sdfleet.jobs.sink import OutputSink
+    from sdfleet.schemas.errors import SpecError
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a quiet harbour"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / layout.JOB_FILE).write_text('{"job": "someone else\'s"}')
+    spec = parse_spec(
+        {
+            "input": {"uri": str(tmp_path / "in")},
+            "output": {"uri": str(out)},
+            "safety": {"detector": "none"},
+        }
+    )
+    with pytest.raises(
+        SpecError,
+        match=r"holds 1 file\(s\) but no _job.json that sdfleet wrote \(e.g. _job.json\): it is not "
+        r"an sdfleet output",
+    ):
+        OutputSink(Storage(str(out))).judge(Planner(spec).plan())
+    assert (out / layout.JOB_FILE).read_text() == '{"job": "someone else\'s"}'
