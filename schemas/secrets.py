@@ -39,6 +39,11 @@ CREDENTIAL_FIELD = (
     r"|security[_-]?token|client[_-]?secret|api[_-]?key|secret|token|password|passwd"
     r"|credential|signature|(?:sse|server[_-]?side[_-]?encryption)[_-]?customer[_-]?key)"
 )
+# The fields whose values last (a secret key for hours, a token until it expires) and so are worth
+# masking wherever they show up again; a signature or a continuation token is new every request.
+_LASTING = re.compile(
+    r"(?i)secret|session[_-]?token|security[_-]?token|password|passwd|customer[_-]?key"
+)
 _VALUE = r"""[^\s"'\\,}&;<>]+"""
 _TEXT_RULES = [
     # <SecretAccessKey>...</SecretAccessKey> (STS, and any XML body), a namespace prefix allowed.
@@ -64,13 +69,14 @@ def redact(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def mask_credentials(text: str, found: set[str] | None = None) -> str:
-    """`text` with the value of every credential field masked. Values worth remembering (long
-    enough to be a credential) are added to `found`, so a caller can mask them in any other form
-    they appear in later (a traceback, an exception message)."""
+    """`text` with the value of every credential field masked. The values of lasting credentials
+    (secret keys, session tokens, passwords) are added to `found`, so a caller can mask them in
+    any other form they appear in later (a traceback, an exception message)."""
 
     def replace(match: re.Match) -> str:
         value = match.group(2)
-        if found is not None and len(value) >= MIN_REMEMBERED and value != MASK:
+        lasting = _LASTING.search(match.group(1))
+        if found is not None and lasting and len(value) >= MIN_REMEMBERED and value != MASK:
             found.add(value)
         return match.group(1) + MASK
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import pytest
 
@@ -38,6 +39,24 @@ FORMS = {
     "profile file": f"aws_secret_access_key = {SECRET}\naws_session_token = {TOKEN}",
     "basic auth": f"Authorization: Basic {SECRET}",
 }
+
+
+@pytest.fixture
+def logging_restored(monkeypatch):
+    """configure_logging changes this process' logging (pytest's handlers included): undo it."""
+    root = logging.getLogger()
+    formatters = [(h, h.formatter) for h in root.handlers]
+    names = ("botocore", "botocore.parsers", "botocore.endpoint", "botocore.auth", "s3fs")
+    levels = {n: logging.getLogger(n).level for n in (None, *names)}
+    factory = logging.getLogRecordFactory()
+    for key in ("TF_CPP_MIN_LOG_LEVEL", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # restored afterwards
+    yield
+    logging.setLogRecordFactory(factory)
+    for handler, formatter in formatters:
+        handler.setFormatter(formatter)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -78,7 +97,7 @@ def test_redact_masks_storage_options_by_key():
     }
 
 
-def test_every_logger_is_masked_even_with_its_own_handler():
+def test_every_logger_is_masked_even_with_its_own_handler(logging_restored):
     """A logger that does not propagate to the root (as Ray's do) writes masked records too, and
     a traceback's text is masked."""
     configure_logging(1)
@@ -95,9 +114,10 @@ def test_every_logger_is_masked_even_with_its_own_handler():
     written = stream.getvalue()
     assert "Response body" in written and "RuntimeError" in written
     assert SECRET not in written and TOKEN not in written
+    own.handlers.clear()
 
 
-def test_botocore_wire_records_need_vv():
+def test_botocore_wire_records_need_vv(logging_restored):
     configure_logging(1)
     assert not logging.getLogger("botocore.parsers").isEnabledFor(logging.DEBUG)
     assert logging.getLogger("botocore.credentials").isEnabledFor(logging.DEBUG)
@@ -111,3 +131,13 @@ def test_the_driver_streams_mask_forwarded_worker_lines():
     sink = io.StringIO()
     MaskingStream(sink).write(f"(ShardGenerator pid=12) SecretAccessKey: {SECRET}\n")
     assert SECRET not in sink.getvalue() and "(ShardGenerator pid=12)" in sink.getvalue()
+
+
+def test_only_lasting_credentials_are_remembered():
+    """A signature or a continuation token is new every request: remembering them would grow the
+    set of values to mask for as long as a job runs."""
+    found: set[str] = set()
+    mask_credentials(FORMS["header dict repr"] + FORMS["sts xml body"], found)
+    assert TOKEN in found and SECRET in found
+    mask_credentials("NextContinuationToken: 1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J", found)
+    assert "1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J" not in found
