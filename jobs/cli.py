@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v",
         "--verbose",
-        action="store_true",
-        help="debug logs from sdfleet and its libraries, and tracebacks with errors",
+        action="count",
+        default=0,
+        help="debug logs from sdfleet and its libraries, and tracebacks with errors; -vv adds "
+        "botocore's requests and response bodies (credentials masked in both)",
     )
     parser.add_argument(
         "--version", action="version", version=f"sdfleet {metadata.version('sdfleet')}"
@@ -109,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sdfleet.actors.logs import configure_logging
+    from sdfleet.actors.logs import configure_logging, mask_streams
 
     configure_logging(args.verbose)
+    mask_streams()
     try:
         return _dispatch(args)
     except Exception as e:  # noqa: BLE001 -- every error becomes one line (a traceback with -v)
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
 
-def _refuse(e: Exception, verbose: bool) -> int:
+def _refuse(e: Exception, verbose: int) -> int:
     """The one error policy: a failure the user can fix is one line (the value or URI and what to
     do) and exit 1, with the traceback only under -v. Anything else is a bug and keeps its traceback."""
     from sdfleet.actors.storage_errors import storage_error

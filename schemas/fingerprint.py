@@ -1,5 +1,5 @@
-"""A job's fingerprint, and the spec as it may be shown: which keys change what a job writes
-(and so its fingerprint, which a resume must match), and which option values are secrets.
+"""A job's fingerprint: which keys change what a job writes (and so its fingerprint, which a
+resume must match). Which option values are secrets is schemas/secrets.py's.
 
 No pydantic here: it works on the spec's JSON form (`JobSpec.model_dump(mode="json")`).
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Any
 
 from sdfleet.schemas.tasks import TEXT_TO_IMAGE
@@ -96,22 +95,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, name + "."))
         else:
             out[name] = v
-    return out
-
-
-_SECRET = re.compile(r"(secret|token|password|passwd|credential|session|key)", re.I)
-_NOT_SECRET = {"endpoint_url", "anon", "region_name", "profile", "use_ssl", "requester_pays"}
-
-
-def redact(options: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif k not in _NOT_SECRET and _SECRET.search(k):
-            out[k] = "***"
-        else:
-            out[k] = v
     return out
 
 

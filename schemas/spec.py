@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError
-from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields, redact
+from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields
 from sdfleet.schemas.loading import apply_override, format_validation_error, resolve_relative_paths
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
 from sdfleet.schemas.schedulers import check_scheduler_name
+from sdfleet.schemas.secrets import redact
 from sdfleet.schemas.tasks import TASK_NAMES, TASK_PARAMETERS, TASKS, TEXT_TO_IMAGE
 
 

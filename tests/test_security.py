@@ -35,7 +35,7 @@ def test_credentials_never_reach_logs_or_outputs(tmp_path, tiny_model, bucket, r
 
 @pytest.mark.slow
 def test_temporary_credentials_never_reach_verbose_logs_or_outputs(tmp_path, tiny_model, bucket):
-    """Session credentials (as instance roles and IRSA give) through `sdfleet -v`: botocore's DEBUG
+    """Session credentials (as instance roles and IRSA give) through `sdfleet -vv`: botocore's wire
     records hold the canonical request with the token and the signed headers; all are masked."""
     key, secret, token = (
         "ASIA" + uuid.uuid4().hex[:16].upper(),
@@ -45,7 +45,7 @@ def test_temporary_credentials_never_reach_verbose_logs_or_outputs(tmp_path, tin
     out = f"s3://{bucket.bucket}/temporary"
     spec = job_spec(tmp_path, tiny_model, bucket, out)
     done = run_cli(
-        "-v",
+        "-vv",
         "run",
         str(spec),
         "--no-progress",
