@@ -17,6 +17,7 @@ from sdfleet.jobs.content import input_file_identity
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import InputError, SpecError, StorageError
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, Handover
+from sdfleet.schemas.json_values import passthrough_refusal
 from sdfleet.schemas.locations import is_glob, is_remote
 from sdfleet.schemas.plan import InputFile, Plan
 from sdfleet.schemas.refiner import RefinerSpec
@@ -369,6 +370,9 @@ class Planner:
             if column not in names:
                 raise InputError(f"input file {uri} has no passthrough column {column!r}")
         this = pa.schema([schema.field(c) for c in inp.passthrough_columns])
+        refused = next(filter(None, map(passthrough_refusal, this)), None)
+        if refused:
+            raise InputError(f"input file {uri}: {refused}")
         if passthrough is not None and not this.equals(passthrough):
             raise InputError(
                 f"input file {uri}: passthrough column types {this} differ from earlier files' {passthrough}"
