@@ -9,6 +9,7 @@ Decimal, bytes, pandas' Timestamp and Timedelta for nanosecond units, ...)."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import math
 from collections.abc import Callable
@@ -218,6 +219,30 @@ def refusal(dtype: pa.DataType) -> str | None:
         else []
     )
     return next((why for why in map(refusal, children) if why), None)
+
+
+# pyarrow gives a row's dates and timestamps as Python's date and datetime, which hold the years 1 to
+# 9999 (nanosecond timestamps as pandas' Timestamp, whose range fits any int64): a value outside them
+# fails its whole shard on reading, so planning refuses a column whose Parquet footer shows one.
+# Timestamps keep a day's margin at either end, for a zone's offset.
+PYTHON_DAYS = (
+    (dt.date.min - dt.date(1970, 1, 1)).days + 1,
+    (dt.date.max - dt.date(1970, 1, 1)).days - 1,
+)
+PER_DAY = {"milliseconds": 86_400_000, "microseconds": 86_400_000_000}
+
+
+def outside_python(logical_type: dict, low: int, high: int) -> bool:
+    """Whether a Parquet column's stored minimum or maximum (its statistics' raw values) is a date
+    or timestamp Python cannot hold; `logical_type`: the column's Parquet logical type as JSON."""
+    if logical_type.get("Type") == "Date":
+        first, last = PYTHON_DAYS[0] - 1, PYTHON_DAYS[1] + 1
+    elif logical_type.get("Type") == "Timestamp" and logical_type.get("timeUnit") in PER_DAY:
+        per_day = PER_DAY[logical_type["timeUnit"]]
+        first, last = PYTHON_DAYS[0] * per_day, (PYTHON_DAYS[1] + 1) * per_day - 1
+    else:
+        return False
+    return low < first or high > last
 
 
 def passthrough_refusal(field: pa.Field) -> str | None:

@@ -13,7 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import job_dict, run_cli, write_prompts, write_spec
+from sdfleet.jobs.plan import Planner
+from sdfleet.schemas.errors import InputError
 from sdfleet.schemas.json_values import REFUSED, RULES, passthrough_refusal, refusal, row_json
+from sdfleet.schemas.spec import parse_spec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -185,3 +188,33 @@ def test_plan_and_run_refuse_a_column_without_an_encoding_before_any_worker(tmp_
         assert len(lines) == 1 and "passthrough column 'at' has type time64[ns]" in lines[0]
         assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
         assert "ray" not in out.stdout.lower() + out.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    ("array", "refused"),
+    [
+        (pa.array([dt.date(9999, 12, 31), dt.date(1, 1, 1)]), False),
+        (pa.array([2_932_897], pa.date32()), True),  # 10000-01-01
+        (pa.array([dt.datetime(9999, 12, 30, 23, 59)], pa.timestamp("ms", tz="UTC")), False),
+        (pa.array([253_402_300_800], pa.timestamp("s")), True),  # 10000-01-01T00:00Z
+        (pa.array([[-62_135_596_800_000_001]], pa.list_(pa.timestamp("us"))), True),  # year 0
+        (pa.array([2**62], pa.timestamp("ns")), False),  # pandas' Timestamp holds any
+    ],
+    ids=str,
+)
+def test_plan_refuses_dates_python_cannot_hold_from_the_footer(tmp_path, array, refused):
+    """pyarrow cannot give such a value to a row (OverflowError): the shard would fail on reading."""
+    value, _ = through_parquet(array) if not refused else (None, None)
+    write_prompts(tmp_path / "in" / "p.parquet", ["a red cube"] * len(array), when=array)
+    spec = parse_spec(
+        job_dict(
+            "unused", tmp_path / "in", tmp_path / "out", input={"passthrough_columns": ["when"]}
+        )
+    )
+    if not refused:
+        assert Planner(spec).plan().num_samples == len(array) and value is not None
+        return
+    with pytest.raises(
+        InputError, match=r"passthrough column 'when' holds a \w+ outside the years"
+    ):
+        Planner(spec).plan()
