@@ -257,8 +257,8 @@ def passthrough_refusal(field: pa.Field) -> str | None:
 
 
 def json_value(value: Any, dtype: pa.DataType | None) -> Any:
-    """`value` as the JSON holds it, by its Arrow type's rule (dtype None: a key outside the
-    schema, by its Python type: lists, dicts and floats as the rules say, the rest as it is)."""
+    """`value` as the JSON holds it, by its Arrow type's rule (dtype None: a value outside a
+    schema, by the Arrow type pyarrow infers from its Python type)."""
     if value is None:
         return None
     if dtype is None:
@@ -266,7 +266,11 @@ def json_value(value: Any, dtype: pa.DataType | None) -> Any:
             return [json_value(item, None) for item in value]
         if isinstance(value, dict):
             return {k: json_value(item, None) for k, item in value.items()}
-        return finite(value)
+        if isinstance(value, (str, int, float)):  # bool is an int
+            return finite(value)
+        dtype = pa.scalar(value).type  # Decimal, date, time, timedelta, bytes...: as Arrow infers
+        if hasattr(value, "asm8"):  # pandas' Timestamp and Timedelta hold nanoseconds
+            dtype = pa.duration("ns") if T.is_duration(dtype) else pa.timestamp("ns", dtype.tz)
     rule = rule_for(dtype)
     if rule is None:  # planning refuses these; a row never holds one
         raise TypeError(f"no JSON encoding for Arrow type {dtype}")

@@ -15,7 +15,14 @@ import pytest
 from helpers import job_dict, run_cli, write_prompts, write_spec
 from sdfleet.jobs.plan import Planner
 from sdfleet.schemas.errors import InputError
-from sdfleet.schemas.json_values import REFUSED, RULES, passthrough_refusal, refusal, row_json
+from sdfleet.schemas.json_values import (
+    REFUSED,
+    RULES,
+    json_value,
+    passthrough_refusal,
+    refusal,
+    row_json,
+)
 from sdfleet.schemas.spec import parse_spec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -218,3 +225,19 @@ def test_plan_refuses_dates_python_cannot_hold_from_the_footer(tmp_path, array, 
         InputError, match=r"passthrough column 'when' holds a \w+ outside the years"
     ):
         Planner(spec).plan()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (decimal.Decimal("19.90"), "19.90"),
+        (dt.time(1, 2, 3, 1), "01:02:03.000001"),
+        (dt.timedelta(seconds=-1.5), "-PT1.500000S"),
+        (b"\x00", "AA=="),
+        ([float("inf"), {"d": dt.date(2020, 1, 1)}], [None, {"d": "2020-01-01"}]),
+    ],
+    ids=repr,
+)
+def test_a_value_outside_a_schema_is_encoded_by_the_type_arrow_infers(value, expected):
+    """The preview gallery's rows (and any key a row has outside its schema) go this way."""
+    assert json.loads(json.dumps(json_value(value, None), allow_nan=False)) == expected
