@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import logging
 import tarfile
 import tempfile
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 from sdfleet.actors.storage import Storage, file_sha256
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError, first_line
+from sdfleet.schemas.json_values import row_json
 from sdfleet.schemas.layout import ShardStats, StagedFile
 from sdfleet.schemas.rows import RUN_COLUMNS
 
@@ -110,9 +110,9 @@ class ShardWriter:
         files: dict[str, Path] = {}
         if quarantine:
             held = [r for r in rows if r["key"] in quarantine]
-            files[layout.quarantine_tar(name)] = self._tar(root / "q.tar", held, quarantine)
+            files[layout.quarantine_tar(name)] = self._tar(root / "q.tar", held, quarantine, schema)
             files[layout.quarantine_parquet(name)] = _parquet(root / "q.parquet", held, schema)
-        files[layout.tar_file(name)] = self._tar(root / "shard.tar", rows, images)
+        files[layout.tar_file(name)] = self._tar(root / "shard.tar", rows, images, schema)
         files[layout.parquet_file(name)] = _parquet(root / "shard.parquet", rows, schema)
         if embeddings is not None:
             in_tar = [r for r in rows if r["key"] in images]
@@ -142,8 +142,11 @@ class ShardWriter:
             pass
         return attempt.result
 
-    def _tar(self, path: Path, rows: list[dict[str, Any]], images: dict[str, bytes]) -> Path:
-        # The image, caption and row of each sample that has an image, in key order.
+    def _tar(
+        self, path: Path, rows: list[dict[str, Any]], images: dict[str, bytes], schema: pa.Schema
+    ) -> Path:
+        # The image, caption and row of each sample that has an image, in key order; the row's
+        # values in JSON by their Arrow types (sdfleet.schemas.json_values).
         with tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for row in rows:
                 data = images.get(row["key"])
@@ -153,11 +156,7 @@ class ShardWriter:
                 meta = {k: v for k, v in row.items() if k not in RUN_COLUMNS}
                 _tar_member(tar, layout.image_member(key, self.image_format), data)
                 _tar_member(tar, f"{key}.txt", (row["prompt"] or "").encode())
-                _tar_member(
-                    tar,
-                    f"{key}.json",
-                    json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
-                )
+                _tar_member(tar, f"{key}.json", row_json(meta, schema))
         return path
 
 

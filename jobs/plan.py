@@ -6,6 +6,7 @@ The plan's data types live in `sdfleet.schemas.plan`, so that workers type again
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from sdfleet.jobs.content import input_file_identity
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import InputError, SpecError, StorageError
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, Handover
+from sdfleet.schemas.json_values import outside_python, passthrough_refusal
 from sdfleet.schemas.locations import is_glob, is_remote
 from sdfleet.schemas.plan import InputFile, Plan
 from sdfleet.schemas.refiner import RefinerSpec
@@ -324,8 +326,29 @@ class Planner:
             raise InputError(f"input file {uri} is not a readable Parquet file: {e}") from None
         if meta.num_rows == 0:
             raise InputError(f"input file {uri} has no rows; remove it from the input or fill it")
+        self._check_dates_in_range(uri, meta)
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         return InputFile(uri, size, meta.num_rows, groups, content), schema
+
+    def _check_dates_in_range(self, uri: str, meta: pq.FileMetaData) -> None:
+        """A passthrough date or timestamp (at any depth) that Python cannot hold would fail its
+        shard on reading: refused here, from the footer's statistics."""
+        for j in range(meta.num_columns):
+            column = meta.schema.column(j)
+            root = column.path.split(".", 1)[0]
+            if root not in self.spec.input.passthrough_columns:
+                continue
+            logical = json.loads(column.logical_type.to_json())
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(j).statistics
+                if stats is None or not stats.has_min_max:
+                    continue
+                if outside_python(logical, stats.min_raw, stats.max_raw):
+                    raise InputError(
+                        f"input file {uri}: passthrough column {root!r} holds a {logical['Type'].lower()} "
+                        "outside the years 1 to 9999, which sdfleet cannot read into a row; fix or "
+                        "null those values, or drop it from input.passthrough_columns"
+                    )
 
     def _check_columns(
         self, uri: str, schema: pa.Schema, passthrough: pa.Schema | None, source: bool = False
@@ -369,6 +392,9 @@ class Planner:
             if column not in names:
                 raise InputError(f"input file {uri} has no passthrough column {column!r}")
         this = pa.schema([schema.field(c) for c in inp.passthrough_columns])
+        refused = next(filter(None, map(passthrough_refusal, this)), None)
+        if refused:
+            raise InputError(f"input file {uri}: {refused}")
         if passthrough is not None and not this.equals(passthrough):
             raise InputError(
                 f"input file {uri}: passthrough column types {this} differ from earlier files' {passthrough}"

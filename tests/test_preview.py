@@ -352,6 +352,24 @@ def test_gallery_escapes_prompt_text_and_keeps_seeds_exact(tmp_path):
     assert page.count("<img ") == 1 and "data:image/jpeg;base64," in page
 
 
+def test_gallery_writes_passthrough_decimals_times_and_durations_as_the_tars_do(tmp_path):
+    import datetime as dt
+    import decimal
+
+    extra = {
+        "price": decimal.Decimal("-1.20"),
+        "tod": dt.time(12, 30),
+        "wait": dt.timedelta(minutes=1),
+        "ratio": float("nan"),
+    }
+    out = synthetic_output(tmp_path / "out", [extra])
+    page = Path(preview.html_gallery(reader_of(out))).read_text()
+    blob = page.split('<script id="rows" type="application/json">', 1)[1].split("</script>", 1)[0]
+    (row,) = json.loads(blob, parse_constant=lambda token: pytest.fail(f"{token} in the JSON"))
+    assert row["price"] == "-1.20" and row["tod"] == "12:30:00.000000"
+    assert row["wait"] == "PT60.000000S" and row["ratio"] is None
+
+
 # ------------------------------------------------------------------------------------ contact sheet
 
 

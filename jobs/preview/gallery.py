@@ -24,6 +24,7 @@ from sdfleet.jobs.preview.draw import decode, nsfw_label
 from sdfleet.jobs.preview.files import write_output
 from sdfleet.jobs.preview.text import clean, fmt_value
 from sdfleet.schemas import layout
+from sdfleet.schemas.json_values import json_value
 from sdfleet.schemas.rows import (
     STATUS_DUPLICATE,
     STATUS_FAILED,
@@ -228,4 +229,4 @@ def _jsonable(value: Any) -> Any:
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    return value
+    return json_value(value, None)  # decimals, times, durations: as the tars' JSON holds them
