@@ -35,7 +35,7 @@ from sdfleet.actors.keras_models import (
 )
 from sdfleet.actors.model_cache import local_copy, weights_sha256
 from sdfleet.schemas.detectors import DETECTORS, NO_DETECTOR, needs_clip_model_error
-from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.errors import SpecError, UserError
 from sdfleet.schemas.spec import SafetySpec
 
 log = logging.getLogger("sdfleet")
@@ -89,12 +89,16 @@ def load_detector(
         )
     row = DETECTORS[spec.detector]
     cls = DETECTOR_CLASSES[row.cls]
-    if row.needs_clip_model:
-        if curator is None:
-            raise SpecError(needs_clip_model_error(spec.detector))
-        detector = cls(path, spec.resolved_unsafe_classes(), device, curator.clip)
-    else:
-        detector = cls(path, spec.resolved_unsafe_classes(), device, cpu_threads)
+    if row.needs_clip_model and curator is None:
+        raise SpecError(needs_clip_model_error(spec.detector))
+    try:
+        extra = curator.clip if row.needs_clip_model else cpu_threads
+        detector = cls(path, spec.resolved_unsafe_classes(), device, extra)
+    except UserError as e:
+        if path == spec.model:
+            raise
+        # Its refusal names the node's copy; the user knows the weights by what the spec says.
+        raise type(e)(str(e).replace(path, spec.model)) from e
     detector.model_sha256 = sha256
     log.info(
         "safety: %s from %s (sha256 %s)",
