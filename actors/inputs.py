@@ -2,9 +2,10 @@
 
 A cell holds encoded image bytes, or a URI: a path relative to the input's folder, or an
 absolute URI inside it. Whoever wrote the Parquet may be hostile, so a URI that leaves the
-input's folder (`..`, another bucket, an absolute path elsewhere) is refused, and so is an image
-over Pillow's pixel limit (a decompression bomb). Every refusal is one row's error; the shard
-goes on. Decoding is explicit (EXIF orientation applied, then RGB, or L for a mask), so the same
+input's folder (`..`, another bucket, an absolute path elsewhere) or holds a control character (a
+NUL byte) is refused, and so is an image over Pillow's pixel limit (a decompression bomb) or in a
+format outside INPUT_IMAGE_FORMATS. Every refusal, and any exception a decoder raises, is one
+row's error; the shard goes on. Decoding is explicit (EXIF orientation applied, then RGB, or L for a mask), so the same
 bytes always give the same input pixels.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,15 @@ from sdfleet.schemas import layout
 from sdfleet.schemas.errors import StorageError
 from sdfleet.schemas.locations import check_inside, input_folder, is_remote
 from sdfleet.schemas.samples import InputImage
+
+# The formats (Pillow's names) an input image may be in, checked by Pillow before any decoder runs.
+# They are the formats sdfleet writes (so an earlier output reads back) and what image datasets
+# hold. Every other decoder Pillow carries is surface a hostile Parquet could reach: EPS runs
+# Ghostscript, TIFF is libtiff with its many compressions, and none of them is needed for a
+# prompt's input. JPEG's opener also returns cameras' multi-picture JPEGs (MPO): the first
+# picture is decoded, as any viewer shows it.
+INPUT_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+ALLOWED_FORMATS_TEXT = "JPEG, PNG or WebP"
 
 
 @dataclass
@@ -96,7 +107,13 @@ class InputImageReader:
             return Cell(
                 error=f"{what} is {value!r}: give encoded image bytes or a URI inside {self.folder}"
             )
-        return self._inside(value.strip(), what)
+        uri = value.strip()
+        control = next((c for c in uri if unicodedata.category(c) == "Cc"), None)
+        if control is not None:  # a NUL byte ends a C path; no store names a file with one
+            return Cell(
+                error=f"{what} URI {uri!r} holds the control character {control!r}; refusing it"
+            )
+        return self._inside(uri, what)
 
     def _inside(self, uri: str, what: str) -> Cell:
         """A URI or relative path, kept only if it names a file inside the input's folder."""
@@ -142,7 +159,8 @@ def _relative_key(uri: str, folder: str) -> str:
 
 
 def decode(data: bytes, what: str, uri: str | None, digest: str, mask: bool) -> InputImage | str:
-    """Decoded pixels, or why not: not an image, over Pillow's pixel limit, truncated."""
+    """Decoded pixels, or why not: a format outside INPUT_IMAGE_FORMATS, not an image, over
+    Pillow's pixel limit, truncated, or anything else its decoder raised."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     where = f" {uri}" if uri else ""
@@ -150,7 +168,7 @@ def decode(data: bytes, what: str, uri: str | None, digest: str, mask: bool) -> 
         with warnings.catch_warnings():
             # Pillow only warns between its limit and twice it; both are refused here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=INPUT_IMAGE_FORMATS)
             image = ImageOps.exif_transpose(image)
             image = image.convert("L" if mask else "RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -159,12 +177,43 @@ def decode(data: bytes, what: str, uri: str | None, digest: str, mask: bool) -> 
             f"{Image.MAX_IMAGE_PIXELS:,} pixels"
         )
     except UnidentifiedImageError:
-        return f"{what}{where} is not an image Pillow can decode ({len(data)} bytes starting {data[:8]!r})"
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+        return _unidentified(data, what, where)
+    except Exception as e:  # noqa: BLE001 -- truncated, corrupt: any decoder error is the row's
         return f"{what}{where} cannot be decoded: {type(e).__name__}: {e}"
     if min(image.size) < 8:
         return f"{what}{where} is {image.size[0]}x{image.size[1]}; the pipeline needs at least 8x8 pixels"
     return InputImage(image, digest, uri)
+
+
+def _unidentified(data: bytes, what: str, where: str) -> str:
+    """Why Pillow found no allowed format in `data`: the format its first bytes look like, or
+    those bytes."""
+    looks_like = _looks_like(data[:16])
+    if looks_like is not None and looks_like not in INPUT_IMAGE_FORMATS:
+        return (
+            f"{what}{where} looks like {looks_like} ({len(data)} bytes); sdfleet decodes only "
+            f"{ALLOWED_FORMATS_TEXT} images: convert it to one of them"
+        )
+    return (
+        f"{what}{where} is not a {ALLOWED_FORMATS_TEXT} image Pillow can decode ({len(data)} bytes "
+        f"starting {data[:8]!r})"
+    )
+
+
+def _looks_like(head: bytes) -> str | None:
+    """The first Pillow format whose signature check accepts `head`: only the plugins' byte
+    comparisons run (the ones Image.open runs before choosing a decoder), never a decoder."""
+    from PIL import Image
+
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(head):
+                return name
+        except Exception:  # noqa: BLE001 -- only a hint for the message; no name is fine
+            continue
+    return None
 
 
 def read_row_inputs(

@@ -21,38 +21,24 @@ business, in the generator.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sdfleet.actors.logs import native_start_up_quiet
+from sdfleet.actors.keras_models import (
+    UnsafeModelError,
+    check_keras_model,
+    import_tensorflow,
+    keras_load_error,
+)
 from sdfleet.actors.model_cache import local_copy, weights_sha256
 from sdfleet.schemas.detectors import DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError, UserError
 from sdfleet.schemas.spec import SafetySpec
 
 log = logging.getLogger("sdfleet")
-
-
-def import_tensorflow():
-    """TensorFlow with tf-keras (nsfw-detector 1.1.1 needs Keras 2, chosen before TensorFlow loads),
-    kept off the GPU (it maps almost all GPU memory at start, which torch needs), without its native
-    start-up lines."""
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    with native_start_up_quiet():
-        import tensorflow as tf
-
-        tf.config.set_visible_devices([], "GPU")
-    return tf
-
-
-class UnsafeModelError(UserError):
-    """Detector weights that would run code when they load, or that are not the pinned file."""
 
 
 @dataclass
@@ -103,12 +89,16 @@ def load_detector(
         )
     row = DETECTORS[spec.detector]
     cls = DETECTOR_CLASSES[row.cls]
-    if row.needs_clip_model:
-        if curator is None:
-            raise SpecError(needs_clip_model_error(spec.detector))
-        detector = cls(path, spec.resolved_unsafe_classes(), device, curator.clip)
-    else:
-        detector = cls(path, spec.resolved_unsafe_classes(), device, cpu_threads)
+    if row.needs_clip_model and curator is None:
+        raise SpecError(needs_clip_model_error(spec.detector))
+    try:
+        extra = curator.clip if row.needs_clip_model else cpu_threads
+        detector = cls(path, spec.resolved_unsafe_classes(), device, extra)
+    except UserError as e:
+        if path == spec.model:
+            raise
+        # Its refusal names the node's copy; the user knows the weights by what the spec says.
+        raise type(e)(str(e).replace(path, spec.model)) from e
     detector.model_sha256 = sha256
     log.info(
         "safety: %s from %s (sha256 %s)",
@@ -117,97 +107,6 @@ def load_detector(
         (detector.model_sha256 or "?")[:12],
     )
     return detector
-
-
-# Keras model containers: their configs hold further layers, which are checked too.
-KERAS_CONTAINERS = ("Functional", "Sequential", "Model")
-
-
-def check_keras_model(path: str | Path) -> None:
-    """Refuse a Keras model (.h5 file or SavedModel folder) that would run code while it loads.
-
-    tf-keras' legacy loaders ignore `safe_mode`: a Lambda layer's marshalled bytecode, or a function
-    it names (`os.system`), runs inside `load_model` (CVE-2025-9905). So the model's config is read
-    here without building anything (h5py for .h5; the SavedModel's keras_metadata.pb) and every
-    class it names, nested models included, must be one of Keras' own, and none a Lambda layer.
-    ProtectAI's modelscan checks only the top-level layers of an .h5 and no class names, so a
-    Lambda in a nested model passes it; modelaudit pulls in telemetry and pins numpy.
-    """
-    path = Path(path)
-    for where, class_name in _named_classes(_keras_configs(path)):
-        if class_name == "Lambda":
-            raise UnsafeModelError(
-                f"safety.model {path}: {where} is a Lambda layer, whose code would run when the model loads; "
-                "sdfleet refuses such models. Use the detector's published weights, or re-save the model "
-                "without Lambda layers"
-            )
-        if class_name not in _keras_builtin_classes():
-            raise UnsafeModelError(
-                f"safety.model {path}: {where} is of class {class_name!r}, which is not one of Keras' built-in "
-                "classes; custom classes run their own code when the model loads, so sdfleet refuses them"
-            )
-
-
-def _keras_configs(path: Path) -> list[dict]:
-    """The model configs a .h5 file or a SavedModel folder holds, as JSON, read without building layers."""
-    if path.is_dir():
-        from tf_keras.protobuf import saved_metadata_pb2
-
-        metadata = path / "keras_metadata.pb"
-        if not metadata.is_file():
-            raise UnsafeModelError(
-                f"safety.model {path}: a SavedModel folder without keras_metadata.pb; sdfleet "
-                "cannot inspect it before loading, so it refuses it"
-            )
-        saved = saved_metadata_pb2.SavedMetadata()
-        saved.ParseFromString(metadata.read_bytes())
-        return [json.loads(node.metadata) for node in saved.nodes if node.metadata]
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        raw = f.attrs.get("model_config")
-    if raw is None:
-        raise UnsafeModelError(
-            f"safety.model {path}: no model_config in the file; sdfleet loads whole Keras "
-            "models (.h5 saved with model.save) only"
-        )
-    return [json.loads(raw.decode() if isinstance(raw, bytes) else raw)]
-
-
-def _named_classes(node, path: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    """('layer a/b/c', class name) for every `class_name` in a Keras config, depth first."""
-    found = []
-    if isinstance(node, dict):
-        if isinstance(node.get("class_name"), str):
-            config = node.get("config") if isinstance(node.get("config"), dict) else {}
-            path = (*path, str(config.get("name") or node.get("name") or node["class_name"]))
-            found.append((f"layer {'/'.join(path)!r}", node["class_name"]))
-        for key, value in node.items():
-            if key != "class_name":
-                found += _named_classes(value, path)
-    elif isinstance(node, list):
-        for value in node:
-            found += _named_classes(value, path)
-    return found
-
-
-@functools.cache
-def _keras_builtin_classes() -> frozenset[str]:
-    """The class names Keras itself can deserialize: its layers, initializers, regularizers,
-    constraints and model containers."""
-    import tf_keras
-
-    # Shapes, tuples and tensor specs are data in a config (the last two appear in SavedModel metadata).
-    names = set(KERAS_CONTAINERS) | {"__tuple__", "TensorShape", "TypeSpec"}
-    for module in (
-        tf_keras.layers,
-        tf_keras.initializers,
-        tf_keras.regularizers,
-        tf_keras.constraints,
-        tf_keras.mixed_precision,
-    ):
-        names.update(n for n, v in vars(module).items() if isinstance(v, type))
-    return frozenset(names)
 
 
 def _check_classes(detector: str, unsafe: list[str] | None, known) -> None:
@@ -248,7 +147,10 @@ class NsfwDetector(Detector):
         if not Path(path).exists():
             raise FileNotFoundError(f"safety.model {path} does not exist")
         check_keras_model(path)
-        self.model = predict.load_model(path)
+        try:
+            self.model = predict.load_model(path)
+        except Exception as e:  # a config or weights Keras cannot read: one line, not a traceback
+            raise keras_load_error(path, e) from e
         self.size = tuple(self.model.input_shape[1:3])  # (224, 224) or (299, 299)
         self.unsafe_classes = unsafe
         _check_classes(self.name, unsafe, DETECTORS[self.name].classes)

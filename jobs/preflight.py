@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+from sdfleet.actors.keras_models import check_keras_builds, check_keras_model, import_tensorflow
 from sdfleet.actors.storage import Storage
 from sdfleet.jobs.checkpoint import (
     check_model_source,
@@ -158,6 +159,9 @@ class Preflight:
             raise SpecError(
                 f"safety.model {safety.model} does not exist; give the detector's weights"
             )
+        keras = DETECTORS[safety.detector].keras_model
+        if keras and safety.model and kind_of(safety.model) == "local":
+            _check_keras_file(safety.model)
 
     def _check_curation_models(self) -> None:
         """What the driver can see of curation.*'s models: heads are safetensors files, and local
@@ -193,3 +197,16 @@ class Preflight:
             )
         resolved = gen.model_copy(update={"width": gen.width or size, "height": gen.height or size})
         return self.spec.model_copy(update={"generation": resolved})
+
+
+def _check_keras_file(path: str) -> None:
+    """A local Keras detector file, as its workers will check and build it: refused here if it would
+    run code or its layer config does not deserialize, before any worker starts. A driver without
+    tf-keras leaves both to the workers (each refuses such a file in one line)."""
+    try:
+        import_tensorflow()
+    except ImportError as e:
+        log.debug("safety.model %s is checked by the workers only: %s", path, e)
+        return
+    check_keras_model(path)
+    check_keras_builds(path)

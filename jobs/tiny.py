@@ -245,7 +245,7 @@ def write_tiny_nsfw_model(path: str | os.PathLike, flag: str = "nothing") -> pat
     """A Keras .h5 in nsfw-detector's contract: 224x224x3 in [0, 1] -> softmax over its 5 classes."""
     import numpy as np
 
-    from sdfleet.actors.safety import import_tensorflow
+    from sdfleet.actors.keras_models import import_tensorflow
 
     tf = import_tensorflow()
     keras = tf.keras

@@ -42,6 +42,8 @@ class Detector:
     # It reads the CLIP image embedding curation computes, so curation.clip_model must be set.
     needs_clip_model: bool
     nsfw_score: Callable[[Mapping[str, float], Sequence[str] | None], float]
+    # Its weights are a Keras model (.h5 file or SavedModel folder): checked on the driver too.
+    keras_model: bool = False
 
     def default_unsafe_classes(self) -> list[str] | None:
         return None if self.unsafe_classes is None else list(self.unsafe_classes)
@@ -62,6 +64,7 @@ DETECTORS: dict[str, Detector] = {
             safetensors_file=False,
             needs_clip_model=False,
             nsfw_score=summed_score,
+            keras_model=True,
         ),
         # diffusers' StableDiffusionSafetyChecker (the SD 1.x checker): flags on any concept.
         Detector(

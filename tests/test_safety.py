@@ -418,3 +418,86 @@ def test_missing_detector_weights_refuse_the_job_before_any_gpu(tmp_path, tiny_m
     assert out.returncode == 1
     assert "safety.detector='nsfw-detector' needs safety.model" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------ a detector file that does not load
+
+
+def broken_layer_config(good: str, path) -> str:
+    """A copy of a valid tiny nsfw-detector .h5 (as `sdfleet tiny-models` writes it) whose head
+    layer's config carries an argument Dense does not take: Keras' loader raises TypeError."""
+    import shutil
+
+    import h5py
+
+    shutil.copy(good, path)
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        (head,) = [la for la in config["config"]["layers"] if la["class_name"] == "Dense"]
+        head["config"]["not_a_dense_argument"] = 1
+        f.attrs["model_config"] = json.dumps(config).encode()
+    return str(path)
+
+
+BROKEN_LINE = (
+    "safety.model {}: layer 'predictions' (class 'Dense') does not deserialize under tf-keras "
+    "(TypeError: ('Keyword argument not understood:', 'not_a_dense_argument'))"
+)
+
+
+def assert_one_line_refusal(out, path) -> None:
+    assert out.returncode == 1, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("sdfleet: error:")]
+    assert len(errors) == 1 and BROKEN_LINE.format(path) in errors[0], out.stderr[-3000:]
+    for trace in ("Traceback", "Fatal Python error", "Aborted"):
+        assert trace not in out.stderr, out.stderr[-3000:]
+
+
+def test_a_detector_h5_whose_layers_do_not_deserialize_is_refused_before_any_worker(
+    tiny_detectors, tiny_model, tmp_path
+):
+    path = broken_layer_config(tiny_detectors["nsfw-detector", "nothing"], tmp_path / "bad.h5")
+    write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        safety={"detector": "nsfw-detector", "model": path},
+    )
+    write_spec(tmp_path, spec, "job.yaml")
+    for command in ("plan", "run"):
+        out = run_cli(command, str(tmp_path / "job.yaml"), env={"RAY_ADDRESS": ""})
+        assert_one_line_refusal(out, path)
+        assert "Ray" not in out.stderr  # no worker was started
+    assert not (tmp_path / "out").exists()
+    # The worker's own load says the same line (a copy the driver could not check first).
+    with pytest.raises(Exception, match="does not deserialize under tf-keras") as raised:
+        load_detector(SafetySpec(detector="nsfw-detector", model=path), "cpu")
+    assert BROKEN_LINE.format(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_a_remote_detector_h5_that_does_not_load_stops_the_job_in_one_line(
+    tiny_detectors, tiny_model, tmp_path, s3, ray_cluster
+):
+    """On s3 the driver cannot build it; the first worker refuses it and the job stops, exit 1."""
+    local = broken_layer_config(tiny_detectors["nsfw-detector", "nothing"], tmp_path / "bad.h5")
+    s3.put(local, f"{s3.bucket}/detector/bad.h5")
+    write_prompts(tmp_path / "in" / "p.parquet", PROMPTS)
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        f"s3://{s3.bucket}/out",
+        generation=TINY_GENERATION,
+        safety={"detector": "nsfw-detector", "model": f"s3://{s3.bucket}/detector/bad.h5"},
+    )
+    write_spec(tmp_path, spec, "job.yaml")
+    out = run_cli(
+        "run", str(tmp_path / "job.yaml"), "--address", ray_cluster.address, "--no-progress"
+    )
+    assert out.returncode == 1, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("sdfleet: error:")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert BROKEN_LINE.format(f"s3://{s3.bucket}/detector/bad.h5") in errors[0], errors[0]
+    for trace in ("Traceback", "Fatal Python error"):
+        assert trace not in out.stderr, out.stderr[-3000:]

@@ -28,9 +28,20 @@ def photo(name: str, side: int) -> Image.Image:
 
 
 def png(image: Image.Image) -> bytes:
+    return encoded(image, "PNG")
+
+
+def encoded(image: Image.Image, format: str, **options) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format=format, **options)
     return buf.getvalue()
+
+
+def tiff_with_bad_bytes(image: Image.Image) -> bytes:
+    """A TIFF of the photo whose strip data and tags past the header are overwritten."""
+    data = bytearray(encoded(image, "TIFF"))
+    data[16:-16] = bytes((i * 37) % 251 for i in range(len(data) - 32))
+    return bytes(data)
 
 
 def mask_for(i: int, side: int) -> Image.Image:
@@ -273,9 +284,19 @@ def test_bad_input_images_fail_their_rows_and_the_job_goes_on(tmp_path, family, 
         "not-an-image.png": b"GIF89a but not really",
         "truncated.png": good[: len(good) // 2],
         "bomb.png": bomb(),
+        "good.jpg": encoded(photo("coffee", 64), "JPEG"),
+        "good.webp": encoded(photo("chelsea", 64), "WEBP"),
+        # Formats outside the allowlist: EPS would run Ghostscript, TIFF is libtiff.
+        "photo.eps": encoded(photo("rocket", 64), "EPS"),
+        "photo.tiff": tiff_with_bad_bytes(photo("rocket", 64)),
     }
     cases = {  # prompt id: (image URI, mask)
         "good": ("good.png", png(mask_for(0, 64))),
+        "good-jpeg": ("good.jpg", png(mask_for(1, 64))),
+        "good-webp": ("good.webp", png(mask_for(2, 64))),
+        "eps": ("photo.eps", png(mask_for(0, 64))),
+        "tiff-bad-bytes": ("photo.tiff", png(mask_for(0, 64))),
+        "nul-byte": ("good.png\x00.txt", png(mask_for(0, 64))),
         "not-an-image": ("not-an-image.png", png(mask_for(0, 64))),
         "truncated": ("truncated.png", png(mask_for(0, 64))),
         "bomb": ("bomb.png", png(mask_for(0, 64))),
@@ -309,15 +330,18 @@ def test_bad_input_images_fail_their_rows_and_the_job_goes_on(tmp_path, family, 
         sweep={"seeds": 1},
     )
     by_id = {r["prompt_id"]: r for r in rows.values()}
+    assert set(by_id) == set(cases)
     for prompt_id in ("good", "dot-dot-inside"):  # a `..` that stays inside is the same file
-        assert by_id[prompt_id]["status"] == "ok" and by_id[prompt_id]["key"] in images
         assert by_id[prompt_id]["input_image_uri"] == f"s3://{prefix}/good.png"
     expected = {
-        "not-an-image": "not an image Pillow can decode",
+        "eps": "photo.eps looks like EPS",
+        "tiff-bad-bytes": "photo.tiff looks like TIFF",
+        "nul-byte": "holds the control character '\\x00'",
+        "not-an-image": "looks like GIF",
         "truncated": "cannot be decoded",
         "bomb": "decompression bomb",
         "mask-size": "mask is 32x32 but its input image is 64x64",
-        "not-a-mask": "mask is not an image Pillow can decode",
+        "not-a-mask": "mask is not a JPEG, PNG or WebP image Pillow can decode",
         "absolute-path": "outside the input's folder",
         "missing": f"input image s3://{prefix}/nowhere/missing.png does not exist",
         "dot-dot": "outside the input's folder",
@@ -328,6 +352,8 @@ def test_bad_input_images_fail_their_rows_and_the_job_goes_on(tmp_path, family, 
         row = by_id[prompt_id]
         assert row["status"] == "failed" and reason in row["error"], (prompt_id, row["error"])
         assert row["key"] not in images
+    for prompt_id in set(cases) - set(expected):  # every other row of the same shards is made
+        assert by_id[prompt_id]["status"] == "ok" and by_id[prompt_id]["key"] in images
     # The failed rows still say what they were planned with.
     assert by_id["bomb"]["seed"] is not None and by_id["bomb"]["task"] == "inpaint"
 
@@ -409,6 +435,40 @@ def test_exif_orientation_is_applied_and_modes_are_explicit(tmp_path):
     assert rotated.sha256 == hashlib.sha256(buf.getvalue()).hexdigest()
     (mask,) = reader.read([png(wide)], "mask", mask=True)
     assert mask.pixels.mode == "L"
+
+
+def test_only_jpeg_png_and_webp_are_decoded(tmp_path):
+    """The allowlist is Pillow's, checked before any decoder: EPS (Ghostscript) and TIFF (libtiff)
+    are refused by their signature, however good their bytes; a camera's multi-picture JPEG is a
+    JPEG. A URI with a control character is refused before anything is read."""
+    from sdfleet.actors.inputs import InputImageReader
+
+    image = photo("astronaut", 32)
+    allowed = {
+        "JPEG": encoded(image, "JPEG"),
+        "PNG": png(image),
+        "WEBP": encoded(image, "WEBP"),
+        "MPO": encoded(image, "MPO", save_all=True, append_images=[image.rotate(90)]),
+    }
+    refused = {
+        "EPS": encoded(image, "EPS"),
+        "TIFF": encoded(image, "TIFF"),
+        "GIF": encoded(image, "GIF"),
+        "BMP": encoded(image, "BMP"),
+    }
+    reader = InputImageReader(str(tmp_path))
+    found = reader.read([*allowed.values(), *refused.values()], "input image")
+    for fmt, image_or_reason in zip(allowed, found):
+        assert not isinstance(image_or_reason, str), (fmt, image_or_reason)
+        assert image_or_reason.size == (32, 32)
+    for fmt, reason in zip(refused, found[len(allowed) :]):
+        assert reason.startswith(f"input image looks like {fmt} ("), reason
+        assert "sdfleet decodes only JPEG, PNG or WebP images" in reason
+    (tmp_path / "a.png").write_bytes(png(image))
+    nul, escape, padded = reader.read(["a.png\x00.eps", "a\x1b[2J.png", " a.png\n"], "mask")
+    assert nul == "mask URI 'a.png\\x00.eps' holds the control character '\\x00'; refusing it"
+    assert "holds the control character '\\x1b'" in escape
+    assert padded.uri == f"{tmp_path}/a.png"  # whitespace around a URI is not part of it
 
 
 def test_local_uris_stay_inside_the_input_folder(tmp_path):
