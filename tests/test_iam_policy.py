@@ -1,0 +1,110 @@
+"""The IAM policy in infra/iam/ is exactly what sdfleet needs: a job run through a proxy that plays
+S3's authorizer with that policy completes, and with any one action taken out of it the run fails
+with one line naming that action.
+
+The proxy (tests/s3proxy.py with tests/iam_policy.py) maps each S3 request to the IAM actions AWS
+checks and answers 403 AccessDenied to anything the policy does not allow, including a missing
+object asked for without s3:ListBucket on its prefix, as S3 does.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from helpers import REPO, job_dict, run_cli, write_prompts, write_spec
+from iam_policy import Policy
+from s3proxy import S3Proxy
+
+pytestmark = pytest.mark.slow
+
+POLICY = REPO / "infra" / "iam" / "sdfleet-s3-policy.json"
+# The compile cache's statements are checked by test_compile_cache_grants: a job runs without them.
+COMPILE_CACHE = ("ReadWriteCompileCache", "ListCompileCache")
+
+
+@pytest.fixture(scope="module")
+def placed(s3_endpoint, tiny_model):
+    """A bucket laid out as infra/README.md describes: prompts/, models/ (the tiny model's mirror)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    bucket = f"iam-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(bucket)
+    write_prompts(
+        f"{bucket}/prompts/p.parquet",
+        [f"a lighthouse, variation {i}" for i in range(4)],
+        storage=fs,
+    )
+    fs.put(str(tiny_model), f"{bucket}/models/tiny-sd2", recursive=True)
+    fs.bucket = bucket
+    return fs
+
+
+def leave_an_upload(fs, out_key: str) -> str:
+    """An uncompleted multipart upload under the output, as a writer that died before its commit
+    leaves one: the finalizer must list and abort it (s3:ListBucketMultipartUploads,
+    s3:AbortMultipartUpload), a path a clean run never takes otherwise."""
+    upload = fs.call_s3("create_multipart_upload", Bucket=fs.bucket, Key=f"{out_key}/00000.tar")
+    return upload["UploadId"]
+
+
+def run_job(tmp_path, fs, policy: Policy, ray_cluster) -> tuple[object, S3Proxy, str]:
+    out_key = f"datasets/{uuid.uuid4().hex[:8]}"
+    leave_an_upload(fs, out_key)
+    spec = job_dict(
+        f"s3://{fs.bucket}/models/tiny-sd2",
+        f"s3://{fs.bucket}/prompts/",
+        f"s3://{fs.bucket}/{out_key}",
+        name="iam",
+        model={"scheduler": "EulerDiscreteScheduler"},
+        generation={"num_inference_steps": 1, "width": 64, "height": 64},
+        output={"samples_per_shard": 2},
+        resources={"batch_size": 2, "max_attempts": 1},
+    )
+    proxy = S3Proxy(fs.s3.meta.endpoint_url, policy=policy)
+    try:
+        done = run_cli(
+            "run",
+            str(write_spec(tmp_path, spec)),
+            "--address",
+            ray_cluster.address,
+            "--no-progress",
+            env={"AWS_ENDPOINT_URL": proxy.url, "AWS_EC2_METADATA_DISABLED": "true"},
+            timeout=240,
+        )
+    finally:
+        proxy.close()
+    return done, proxy, out_key
+
+
+def test_the_policy_file_is_enough_for_a_whole_job(tmp_path, placed, ray_cluster):
+    policy = Policy.load(POLICY, placed.bucket)
+    done, proxy, out_key = run_job(tmp_path, placed, policy, ray_cluster)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [c for c in proxy.checks if not c.allowed] == []
+    asked = {c.action for c in proxy.checks}
+    # The finalizer found and aborted the dead writer's upload, through the proxy.
+    assert {"s3:ListBucketMultipartUploads", "s3:AbortMultipartUpload"} <= asked
+    uploads = placed.call_s3("list_multipart_uploads", Bucket=placed.bucket, Prefix=out_key)
+    assert uploads.get("Uploads", []) == []
+
+
+JOB_GRANTS = [g for g in Policy.load(POLICY, "b").grants() if g[0] not in COMPILE_CACHE]
+
+
+@pytest.mark.parametrize("sid,action", JOB_GRANTS, ids=[f"{s}-{a}" for s, a in JOB_GRANTS])
+def test_without_any_one_action_the_run_fails_naming_it(tmp_path, placed, ray_cluster, sid, action):
+    policy = Policy.load(POLICY, placed.bucket).without(sid, action)
+    done, proxy, _ = run_job(tmp_path, placed, policy, ray_cluster)
+    assert done.returncode != 0, done.stderr[-3000:]
+    denied = [c for c in proxy.checks if not c.allowed]
+    # Only the removed action was ever denied ...
+    assert denied and {c.action for c in denied} == {action}, denied
+    # ... and the run says so in one line.
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("sdfleet: ")]
+    assert errors and action in errors[-1] and "infra/iam/sdfleet-s3-policy.json" in errors[-1], (
+        done.stderr[-3000:]
+    )
