@@ -108,3 +108,53 @@ def test_without_any_one_action_the_run_fails_naming_it(tmp_path, placed, ray_cl
     assert errors and action in errors[-1] and "infra/iam/sdfleet-s3-policy.json" in errors[-1], (
         done.stderr[-3000:]
     )
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Something torch.compile made in this process, for CompileCache.save to save."""
+    import torch
+
+    torch.compile(lambda x: x * 2 + 1)(torch.ones(4))
+    assert torch.compiler.save_cache_artifacts() is not None
+
+
+def compile_cache_through(policy: Policy, placed, monkeypatch, caplog) -> tuple[dict, S3Proxy]:
+    """What a worker's compile cache does on S3 (save, load, a miss) through the policy proxy: the
+    outcomes, and the proxy's record. A denial only costs a compile, so it is a warning, not an exit."""
+    import s3fs
+
+    from sdfleet.actors.compile_cache import CompileCache
+
+    proxy = S3Proxy(placed.s3.meta.endpoint_url, policy=policy)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    s3fs.S3FileSystem.clear_instance_cache()  # a fresh client, on the proxy
+    caplog.clear()
+    try:
+        cache = CompileCache(f"s3://{placed.bucket}/compile-cache")
+        key = uuid.uuid4().hex
+        outcome = {"saved": cache.save(key), "loaded": cache.load(key), "miss": cache.load("none")}
+    finally:
+        proxy.close()
+        s3fs.S3FileSystem.clear_instance_cache()
+    outcome["warnings"] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    return outcome, proxy
+
+
+def test_compile_cache_grants(placed, compiled, monkeypatch, caplog):
+    """The compile cache's statements: with them a worker saves, loads, and misses quietly; without
+    any one of their actions it logs one warning naming that action (and compiles instead)."""
+    policy = Policy.load(POLICY, placed.bucket)
+    outcome, proxy = compile_cache_through(policy, placed, monkeypatch, caplog)
+    assert outcome == {"saved": True, "loaded": True, "miss": False, "warnings": []}
+    assert [c for c in proxy.checks if not c.allowed] == []
+    grants = [g for g in policy.grants() if g[0] in COMPILE_CACHE]
+    assert len(grants) == 3
+    for sid, action in grants:
+        outcome, proxy = compile_cache_through(
+            policy.without(sid, action), placed, monkeypatch, caplog
+        )
+        assert {c.action for c in proxy.checks if not c.allowed} == {action}, (sid, action)
+        named = [w for w in outcome["warnings"] if "S3 denied" in w and action in w]
+        assert named, (sid, action, outcome)
+        assert "infra/iam/sdfleet-s3-policy.json" in named[0]
