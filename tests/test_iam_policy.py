@@ -4,11 +4,13 @@ with one line naming that action.
 
 The proxy (tests/s3proxy.py with tests/iam_policy.py) maps each S3 request to the IAM actions AWS
 checks and answers 403 AccessDenied to anything the policy does not allow, including a missing
-object asked for without s3:ListBucket on its prefix, as S3 does.
+object asked for without s3:ListBucket on its prefix, as S3 does. The job tests use the shared
+Ray cluster (slow, as conftest marks them); the README check is fast.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -16,8 +18,6 @@ import pytest
 from helpers import REPO, job_dict, run_cli, write_prompts, write_spec
 from iam_policy import Policy
 from s3proxy import S3Proxy
-
-pytestmark = pytest.mark.slow
 
 POLICY = REPO / "infra" / "iam" / "sdfleet-s3-policy.json"
 # The compile cache's statements are checked by test_compile_cache_grants: a job runs without them.
@@ -141,6 +141,7 @@ def compile_cache_through(policy: Policy, placed, monkeypatch, caplog) -> tuple[
     return outcome, proxy
 
 
+@pytest.mark.slow  # torch.compile on the CPU
 def test_compile_cache_grants(placed, compiled, monkeypatch, caplog):
     """The compile cache's statements: with them a worker saves, loads, and misses quietly; without
     any one of their actions it logs one warning naming that action (and compiles instead)."""
@@ -158,3 +159,11 @@ def test_compile_cache_grants(placed, compiled, monkeypatch, caplog):
         named = [w for w in outcome["warnings"] if "S3 denied" in w and action in w]
         assert named, (sid, action, outcome)
         assert "infra/iam/sdfleet-s3-policy.json" in named[0]
+
+
+def test_the_readme_shows_the_policy_file_itself():
+    """infra/README.md's policy is the file, byte for byte, not a copy that can drift."""
+    text = (REPO / "infra" / "README.md").read_text()
+    shown = re.findall(r"```json\n(.*?)```", text, re.S)
+    assert shown == [POLICY.read_text()]
+    assert "infra/iam/sdfleet-s3-policy.json" in (REPO / "README.md").read_text()
