@@ -87,8 +87,10 @@ IAM_ACTIONS = {
 
 
 def iam_action_denied(chain: list[BaseException], what: str) -> str | None:
-    """ "S3 denied <action> on <uri>: grant it ..." for an AccessDenied of a known S3 operation
-    (botocore's ClientError carries the operation's name), or None."""
+    """The line for an AccessDenied of a known S3 operation ("S3 denied <action> on <uri>: grant
+    it ..."; botocore's ClientError carries the operation's name), or None: a refused key or
+    signature (InvalidAccessKeyId, SignatureDoesNotMatch) is the credentials' doing, not the
+    policy's."""
     error = next((x for x in chain if getattr(x, "operation_name", None) in IAM_ACTIONS), None)
     if error is None or _error_code(error) not in ("AccessDenied", "403"):
         return None

@@ -98,7 +98,9 @@ def actions_of(
 
 
 def hides_missing(method: str, path: str) -> Request | None:
-    """The s3:ListBucket check behind a 404 of GetObject/HeadObject: without it S3 answers 403."""
+    """The s3:ListBucket check behind a 404 of GetObject/HeadObject: without it S3 answers 403.
+    The key stands for `s3:prefix` here, so a ListBucket limited to a prefix covers the missing
+    objects below it (AWS documents the 403, not how a prefix condition weighs in)."""
     bucket, key, _ = _split(path)
     if method not in ("GET", "HEAD") or not key:
         return None

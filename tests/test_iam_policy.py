@@ -167,3 +167,57 @@ def test_the_readme_shows_the_policy_file_itself():
     shown = re.findall(r"```json\n(.*?)```", text, re.S)
     assert shown == [POLICY.read_text()]
     assert "infra/iam/sdfleet-s3-policy.json" in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "method,path,headers,body,expected",
+    [
+        ("GET", "/b?list-type=2&prefix=datasets/x/", {}, None, [("s3:ListBucket", "datasets/x/")]),
+        ("GET", "/b?uploads&prefix=datasets/", {}, None, [("s3:ListBucketMultipartUploads", "")]),
+        ("HEAD", "/b/datasets/x/_job.json", {}, None, [("s3:GetObject", "datasets/x/_job.json")]),
+        ("PUT", "/b/datasets/x/a", {"If-None-Match": "*"}, b"", [("s3:PutObject", "datasets/x/a")]),
+        ("POST", "/b/datasets/x/a.tar?uploads", {}, None, [("s3:PutObject", "datasets/x/a.tar")]),
+        ("PUT", "/b/k?partNumber=1&uploadId=u", {}, b"", [("s3:PutObject", "k")]),
+        ("POST", "/b/k?uploadId=u", {}, b"", [("s3:PutObject", "k")]),
+        ("DELETE", "/b/k?uploadId=u", {}, None, [("s3:AbortMultipartUpload", "k")]),
+        ("DELETE", "/b/k", {}, None, [("s3:DeleteObject", "k")]),
+        ("GET", "/b/k?uploadId=u", {}, None, [("s3:ListMultipartUploadParts", "k")]),
+        (
+            "POST",
+            "/b?delete",
+            {},
+            b"<Delete><Object><Key>k1</Key></Object><Object><Key>k2</Key></Object></Delete>",
+            [("s3:DeleteObject", "k1"), ("s3:DeleteObject", "k2")],
+        ),
+        ("GET", "/b/k?tagging", {}, None, [("unmapped:GET object?tagging", "k")]),
+    ],
+)
+def test_each_s3_request_maps_to_the_iam_action_s3_checks(method, path, headers, body, expected):
+    from iam_policy import actions_of
+
+    found = [
+        (action, context.get("s3:prefix", resource.removeprefix("arn:aws:s3:::b").lstrip("/")))
+        for action, resource, context in actions_of(method, path, headers, body)
+    ]
+    assert found == expected
+
+
+def test_a_denied_s3_call_names_its_iam_action_and_the_policy_file():
+    from botocore.exceptions import ClientError
+
+    from sdfleet.actors.storage_errors import storage_error
+
+    def denied(operation: str, code: str = "AccessDenied") -> str:
+        cause = ClientError({"Error": {"Code": code, "Message": "Access Denied"}}, operation)
+        error = PermissionError("Access Denied")
+        error.__cause__ = cause
+        return str(storage_error(error, "cannot clean up s3://b/datasets/x"))
+
+    assert denied("ListMultipartUploads") == (
+        "S3 denied s3:ListBucketMultipartUploads on s3://b/datasets/x: grant it "
+        "(see infra/iam/sdfleet-s3-policy.json)"
+    )
+    assert denied("HeadObject").startswith("S3 denied s3:GetObject on s3://b/datasets/x: grant")
+    assert "s3:ListBucket" in denied("HeadObject")  # S3's 403 for a missing object
+    # Credentials S3 does not accept are not a policy's doing.
+    assert "S3 denied" not in denied("PutObject", "InvalidAccessKeyId")
