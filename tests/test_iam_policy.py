@@ -108,6 +108,7 @@ def test_without_any_one_action_the_run_fails_naming_it(tmp_path, placed, ray_cl
     assert errors and action in errors[-1] and "infra/iam/sdfleet-s3-policy.json" in errors[-1], (
         done.stderr[-3000:]
     )
+    print(f"\n[without {sid} {action}] exit {done.returncode}: {errors[-1]}")
 
 
 @pytest.fixture(scope="module")
