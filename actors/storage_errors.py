@@ -5,6 +5,7 @@ configured S3 endpoint, so a dead endpoint is named at once instead of after bot
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Any
 
@@ -45,6 +46,9 @@ def storage_error(
             f"{what}: the bucket does not exist{f' at {endpoint}' if endpoint else ''}. "
             "Check the bucket name (and the endpoint), or create the bucket"
         )
+    denied = iam_action_denied(chain, what)
+    if denied is not None and not names & {"InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+        return StorageDenied(denied)
     if isinstance(e, PermissionError) or names & {
         "AccessDenied",
         "InvalidAccessKeyId",
@@ -57,6 +61,52 @@ def storage_error(
     if isinstance(e, FileNotFoundError):
         return StorageNotFound(f"{what}: not found ({first_line(e)})")
     return None
+
+
+# The policy that grants what sdfleet calls (the repository's file, shown in infra/README.md).
+POLICY_FILE = "infra/iam/sdfleet-s3-policy.json"
+
+# The IAM action S3 checks for each S3 operation sdfleet (through s3fs and botocore) calls.
+IAM_ACTIONS = {
+    "GetObject": "s3:GetObject",
+    "HeadObject": "s3:GetObject",
+    "ListObjectsV2": "s3:ListBucket",
+    "ListObjects": "s3:ListBucket",
+    "HeadBucket": "s3:ListBucket",
+    "PutObject": "s3:PutObject",
+    "CreateMultipartUpload": "s3:PutObject",
+    "UploadPart": "s3:PutObject",
+    "CompleteMultipartUpload": "s3:PutObject",
+    "CopyObject": "s3:PutObject",
+    "DeleteObject": "s3:DeleteObject",
+    "DeleteObjects": "s3:DeleteObject",
+    "AbortMultipartUpload": "s3:AbortMultipartUpload",
+    "ListMultipartUploads": "s3:ListBucketMultipartUploads",
+    "ListParts": "s3:ListMultipartUploadParts",
+}
+
+
+def iam_action_denied(chain: list[BaseException], what: str) -> str | None:
+    """The line for an AccessDenied of a known S3 operation ("S3 denied <action> on <uri>: grant
+    it ..."; botocore's ClientError carries the operation's name), or None: a refused key or
+    signature (InvalidAccessKeyId, SignatureDoesNotMatch) is the credentials' doing, not the
+    policy's."""
+    error = next((x for x in chain if getattr(x, "operation_name", None) in IAM_ACTIONS), None)
+    if error is None or _error_code(error) not in ("AccessDenied", "403"):
+        return None
+    # `what` is "cannot <verb> <uri>" (storage.Storage.errors); the verb may be two words.
+    found = re.search(r"[a-z][a-z0-9+.-]*://\S*", what)
+    uri = found.group(0) if found else what
+    action = IAM_ACTIONS[error.operation_name]
+    message = f"S3 denied {action} on {uri}: grant it (see {POLICY_FILE})"
+    if action == "s3:GetObject":
+        # S3 answers a missing object 403, not 404, to a role without s3:ListBucket on its prefix.
+        message += "; without s3:ListBucket on its prefix, a missing object is denied too"
+    return message
+
+
+def _error_code(error: BaseException) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
 
 
 # How long a connection to a configured S3 endpoint may take before it is reported unreachable.

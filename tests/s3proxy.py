@@ -4,6 +4,10 @@ The product talks real S3 HTTP to it (through AWS_ENDPOINT_URL); the proxy forwa
 to moto unchanged unless a rule says to answer 503, 403, to hang first, to drop the conditional
 headers, or to forward the request and then drop its answer (closing the connection unanswered,
 as a reset or a read timeout does after the store has acted). Only loopback is used.
+
+With a `policy` (an IAM policy document, `iam_policy.Policy`), the proxy also plays S3's
+authorizer: each request is mapped to the IAM action(s) S3 would check (`iam_policy.actions_of`)
+and answered 403 AccessDenied unless the policy allows every one; `checks` records what was asked.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+from iam_policy import Check, Policy, actions_of, hides_missing
 
 _ERROR = "<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected</Message></Error>"
 
@@ -59,6 +65,8 @@ class Rule:
 class S3Proxy:
     upstream: str
     rules: list[Rule] = field(default_factory=list)
+    policy: Policy | None = None
+    checks: list[Check] = field(default_factory=list)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -78,6 +86,9 @@ class S3Proxy:
                         (r for r in proxy.rules if r.fires(self.command, self.path, self.headers)),
                         None,
                     )
+                if proxy.policy is not None and not self._authorized(body):
+                    self._reply(403, _ERROR.format(code="AccessDenied").encode(), "application/xml")
+                    return
                 if rule is not None and rule.action in ("503", "403"):
                     code = "SlowDown" if rule.action == "503" else "AccessDenied"
                     self._reply(
@@ -103,6 +114,11 @@ class S3Proxy:
                     conn.close()
                     self.close_connection = True  # the client sees the connection close, unanswered
                     return
+                if resp.status == 404 and proxy.policy is not None and not self._may_list():
+                    # S3 answers a missing object 403, not 404, to whoever may not list the bucket.
+                    conn.close()
+                    self._reply(403, _ERROR.format(code="AccessDenied").encode(), "application/xml")
+                    return
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -118,6 +134,35 @@ class S3Proxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _authorized(self, body: bytes | None) -> bool:
+                checks = [
+                    Check(
+                        self.command,
+                        self.path,
+                        action,
+                        resource,
+                        context,
+                        proxy.policy.allows(action, resource, context),
+                    )
+                    for action, resource, context in actions_of(
+                        self.command, self.path, dict(self.headers.items()), body
+                    )
+                ]
+                with proxy._lock:
+                    proxy.checks.extend(checks)
+                return all(c.allowed for c in checks)
+
+            def _may_list(self) -> bool:
+                check = hides_missing(self.command, self.path)
+                if check is None:
+                    return True
+                allowed = proxy.policy.allows(*check)
+                with proxy._lock:
+                    proxy.checks.append(
+                        Check(self.command, self.path, *check, allowed, implied=True)
+                    )
+                return allowed
 
             def _read_body(self) -> bytes | None:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

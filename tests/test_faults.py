@@ -632,7 +632,7 @@ def test_persistent_403_and_404_fail_fast_naming_the_uri(tmp_path, tiny_model, b
             env={"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""},
         )
         assert done.returncode == 1
-        assert f"{out}/_job.json" in done.stderr and "access denied" in done.stderr
+        assert f"S3 denied s3:GetObject on {out}/_job.json: grant it" in done.stderr
         assert time.monotonic() - t0 < 60
     finally:
         proxy.close()
@@ -705,8 +705,8 @@ def test_a_worker_that_cannot_write_the_output_fails_the_job_at_once(
         assert done.returncode == 1, done.stderr[-3000:]
         [line] = [line for line in done.stderr.splitlines() if line.startswith("sdfleet: error:")]
         assert (
-            f"cannot write {out}/_probe-worker-" in line
-            and "access denied" in line
+            f"S3 denied s3:PutObject on {out}/_probe-worker-" in line
+            and "sdfleet-s3-policy.json" in line
             and "on node" in line
         )
         assert proxy.rules[0].fired == 1  # no worker was tried again
