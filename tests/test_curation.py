@@ -157,7 +157,7 @@ def test_heads_are_safetensors_of_the_right_kind_and_width(tmp_path, scorers):
     from sdfleet.actors.curation import Curator
     from sdfleet.jobs.tiny import write_tiny_aesthetic_head
     from sdfleet.schemas.errors import ModelLoadError
-    from sdfleet.schemas.spec import CurationSpec
+    from sdfleet.schemas.curation_spec import CurationSpec
 
     wide = write_tiny_aesthetic_head(tmp_path / "wide.safetensors", embedding_size=768)
     pickle = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
