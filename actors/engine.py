@@ -30,7 +30,7 @@ from sdfleet.actors.components import component_overrides, dtype_keyword, vae_de
 from sdfleet.actors.model_cache import local_copy
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError, first_line
-from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
+from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.schedulers import unknown_scheduler
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
@@ -60,18 +60,7 @@ class Engine:
         warm_up: one GenerationParams per sweep point; with torch.compile on, every shape they
         need is compiled here, once, instead of in the middle of the first shards."""
         # 1. Device and dtype. fp16 kernels are slow or missing on CPUs: fall back to float32 there.
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = model.dtype
-        if self.device == "cpu":
-            if cpu_threads:
-                torch.set_num_threads(cpu_threads)
-            if self.dtype != "float32":
-                log.info(
-                    "no GPU visible: running %s on the CPU in float32 instead of %s",
-                    model.source,
-                    self.dtype,
-                )
-                self.dtype = "float32"
+        self.device, self.dtype = self._device_and_dtype(model, device, cpu_threads)
         self.model = model
         # The family whose pipeline class loads the checkpoint; once loaded, the checkpoint's own.
         self.family = DEFAULT_FAMILY
@@ -82,22 +71,7 @@ class Engine:
         #    checkpoint's own.
         self.pipe = self._load(model)
         self.family = family = family_of(type(self.pipe).__name__) or DEFAULT_FAMILY
-        denoiser = getattr(self.pipe, family.denoiser, None)
-        sample = getattr(denoiser, "config", {}).get("sample_size")
-        self.default_size = family.native_size(sample, getattr(self.pipe, "vae_scale_factor", 8))
-        # A checkpoint conditioned on an aesthetic score (SDXL's refiner) gets diffusers' defaults,
-        # passed explicitly as its rows record them.
-        wants_aesthetics = self.pipe.config.get("requires_aesthetics_score", False)
-        self.aesthetic_conditioning = family.aesthetic_inputs() if wants_aesthetics else {}
-        # What the rows say the latents were decoded in (SDXL's VAE upcasts a float16 decode).
-        self.vae_decode_dtype = vae_decode_dtype(
-            family, getattr(self.pipe, "vae", None), self.dtype
-        )
-        # One counter per text encoder: each truncates the prompt at its own tokenizer's limit.
-        self.tokens = [
-            TokenCounter(getattr(self.pipe, encoder.tokenizer, None), encoder.max_tokens)
-            for encoder in family.text_encoders
-        ]
+        self._read_the_checkpoint(family)
 
         # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
         self._base_scheduler_config = self.pipe.scheduler.config
@@ -146,6 +120,43 @@ class Engine:
             ", ".join(self.applied) or "none",
             self.batch_size,
         )
+
+    @staticmethod
+    def _device_and_dtype(
+        model: ModelSpec, device: str | None, cpu_threads: int | None
+    ) -> tuple[str, str]:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device != "cpu":
+            return device, model.dtype
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        if model.dtype != "float32":
+            log.info(
+                "no GPU visible: running %s on the CPU in float32 instead of %s",
+                model.source,
+                model.dtype,
+            )
+        return device, "float32"
+
+    def _read_the_checkpoint(self, family: Family) -> None:
+        """What the loaded checkpoint says of itself: its native size, its conditioning, the
+        dtype its VAE decodes in, and its tokenizers."""
+        denoiser = getattr(self.pipe, family.denoiser, None)
+        sample = getattr(denoiser, "config", {}).get("sample_size")
+        self.default_size = family.native_size(sample, getattr(self.pipe, "vae_scale_factor", 8))
+        # A checkpoint conditioned on an aesthetic score (SDXL's refiner) gets diffusers' defaults,
+        # passed explicitly as its rows record them.
+        wants_aesthetics = self.pipe.config.get("requires_aesthetics_score", False)
+        self.aesthetic_conditioning = family.aesthetic_inputs() if wants_aesthetics else {}
+        # What the rows say the latents were decoded in (SDXL's VAE upcasts a float16 decode).
+        self.vae_decode_dtype = vae_decode_dtype(
+            family, getattr(self.pipe, "vae", None), self.dtype
+        )
+        # One counter per text encoder: each truncates the prompt at its own tokenizer's limit.
+        self.tokens = [
+            TokenCounter(getattr(self.pipe, encoder.tokenizer, None), encoder.max_tokens)
+            for encoder in family.text_encoders
+        ]
 
     def _load(self, model: ModelSpec):
         """The task's pipeline on the device, loaded with safetensors only: pickle checkpoints can

@@ -240,6 +240,21 @@ def _plan(spec) -> int:
             f"{plan.num_rows * per_prompt * k} images kept at most ({k} per prompt and point)"
         )
 
+    _print_estimate(spec, est, family, k, m)
+    if plan.duplicate_rows:
+        print(
+            f"warning       {len(plan.duplicate_rows)} row(s) repeat an earlier prompt id; they will be recorded failed"
+        )
+    print(f"fingerprint   {plan.fingerprint}")
+    print(f"run would     {verdict.describe()}")
+    return EXIT_OK
+
+
+def _print_estimate(spec, est: dict, family, k: int | None, m: int | None) -> None:
+    """`plan`'s compute, per-image, GPU-hour and cost lines; with best-of-N (k of m candidates
+    per prompt) each figure is a range."""
+    from sdfleet.schemas.families import DEFAULT_FAMILY
+
     def span(low, high, fmt):
         return fmt.format(high) if low == high else f"{fmt.format(low)} … {fmt.format(high)}"
 
@@ -280,13 +295,6 @@ def _plan(spec) -> int:
             )
     else:
         print("cost          set resources.gpu_hour_usd for a cost estimate")
-    if plan.duplicate_rows:
-        print(
-            f"warning       {len(plan.duplicate_rows)} row(s) repeat an earlier prompt id; they will be recorded failed"
-        )
-    print(f"fingerprint   {plan.fingerprint}")
-    print(f"run would     {verdict.describe()}")
-    return EXIT_OK
 
 
 def _output_location(argument: str) -> tuple[str, dict]:

@@ -170,3 +170,34 @@ def test_the_engine_imports_without_ray_pydantic_or_tensorflow():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert done.stdout.strip() == "[]", done.stderr
+
+
+# When a feature lands its concept gets a home of its own instead of growing the hottest file;
+# these limits make that rule one a change can fail.
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def oversized(path: Path) -> list[str]:
+    """What in one module is over the limits: the module, and each function or method."""
+    source = path.read_text()
+    found = []
+    if len(source.splitlines()) > MAX_MODULE_LINES:
+        found.append(f"{path.name}: {len(source.splitlines())} lines")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES:
+                found.append(f"{path.name}: {node.name} {lines} lines")
+    return found
+
+
+def test_no_module_or_function_is_oversized():
+    found = [item for _, path in product_modules() for item in oversized(path)]
+    assert not found, f"over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function"
+
+
+def test_the_size_check_catches_a_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def long():\n{body}")
+    assert oversized(tmp_path / "long.py") == [f"long.py: long {MAX_FUNCTION_LINES + 1} lines"]
