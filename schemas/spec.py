@@ -16,6 +16,7 @@ from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, ne
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields
 from sdfleet.schemas.loading import apply_override, format_validation_error, resolve_relative_paths
+from sdfleet.schemas.passthrough import PassthroughColumns
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
 from sdfleet.schemas.schedulers import check_scheduler_name
@@ -71,7 +72,7 @@ class InputSpec(_Section):
     prompt_column: str = "prompt"
     id_column: str | None = "prompt_id"
     negative_prompt_column: str | None = None
-    passthrough_columns: list[str] = Field(default_factory=list)
+    passthrough_columns: PassthroughColumns = Field(default_factory=list)  # schemas.passthrough
     # Input images for the image tasks: encoded image bytes, or a URI (s3://..., or a path relative
     # to the input's folder) that must stay inside the input's folder. Masks: white = repaint.
     image_column: str | None = None
