@@ -501,6 +501,6 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     for assignment in overrides:
-        apply_override(data, assignment)
+        apply_override(data, assignment, JobSpec)
     spec = parse_spec(data, str(path))
     return resolve_relative_paths(spec, path.absolute().parent)
