@@ -374,7 +374,7 @@ def curation_spec(work: Path, size: int) -> dict:
 
     from sdfleet.actors.curation import Curator
     from sdfleet.jobs.tiny import write_tiny_aesthetic_head, write_tiny_clip, write_tiny_nsfw_head
-    from sdfleet.schemas.spec import CurationSpec
+    from sdfleet.schemas.curation_spec import CurationSpec
     from synthetic import photographs
 
     models = {

@@ -7,15 +7,13 @@ No torch here: the spec (and so `sdfleet plan`) imports it.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from sdfleet.schemas.section import Section
 from sdfleet.schemas.tasks import TEXT_TO_IMAGE
 
 
-class RefinerSpec(BaseModel):
-    # Unknown keys are errors, as in every spec section.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class RefinerSpec(Section):
     # A hub id, a local folder or an s3:// folder, read with model.storage_options and loaded in
     # model.dtype, as the base is.
     source: str

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from sdfleet.schemas.curation_spec import CurationSpec
 from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields
@@ -21,15 +22,11 @@ from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
 from sdfleet.schemas.schedulers import check_scheduler_name
 from sdfleet.schemas.secrets import redact
+from sdfleet.schemas.section import Section
 from sdfleet.schemas.tasks import TASK_NAMES, TASK_PARAMETERS, TASKS, TEXT_TO_IMAGE
 
 
-class _Section(BaseModel):
-    # Unknown keys are errors: a typo such as `guidence_scale` must not silently use the default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSpec(_Section):
+class ModelSpec(Section):
     source: str = "stabilityai/stable-diffusion-2-base"
     revision: str | None = None
     # What the checkpoint does with each row (sdfleet.schemas.tasks): text-to-image, or one of the
@@ -67,7 +64,7 @@ class ModelSpec(_Section):
         return check_scheduler_name(v)
 
 
-class InputSpec(_Section):
+class InputSpec(Section):
     uri: str
     prompt_column: str = "prompt"
     id_column: str | None = "prompt_id"
@@ -80,7 +77,7 @@ class InputSpec(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
-class GenerationSpec(_Section):
+class GenerationSpec(Section):
     num_inference_steps: int = Field(50, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0.0)
     # null: text-to-image makes the checkpoint's own size (its UNet's sample size times the VAE's
@@ -103,7 +100,7 @@ class GenerationSpec(_Section):
 SWEEPABLE = tuple(k for k in SWEEP_COORDINATES if k != "seed")
 
 
-class SweepSpec(_Section):
+class SweepSpec(Section):
     seeds: int | list[int] = 1
     base_seed: int = 0
     axes: dict[str, list[Any]] = Field(default_factory=dict)
@@ -155,7 +152,7 @@ class SweepSpec(_Section):
         return self.seeds if isinstance(self.seeds, int) else len(self.seeds)
 
 
-class OutputSpec(_Section):
+class OutputSpec(Section):
     uri: str
     image_format: Literal["jpeg", "png", "webp"] = "jpeg"
 
@@ -181,7 +178,7 @@ class OutputSpec(_Section):
     shared_filesystem: bool = False
 
 
-class SafetySpec(_Section):
+class SafetySpec(Section):
     detector: Literal[DETECTOR_NAMES] = "nsfw-detector"  # sdfleet.schemas.detectors
     # Detector weights: a local path, an s3:// copy (cached per node), or for clip-checker and
     # hf-classifier a hub id. nsfw-detector takes a Keras .h5 file or SavedModel folder;
@@ -219,7 +216,7 @@ class SafetySpec(_Section):
             )
 
 
-class ResourcesSpec(_Section):
+class ResourcesSpec(Section):
     # Images per pipeline call. "auto": on a GPU, the largest batch that fits its memory (measured
     # when the worker starts, at most 64); without a GPU, 8.
     batch_size: int | Literal["auto"] = "auto"
@@ -267,7 +264,7 @@ class ResourcesSpec(_Section):
         return self
 
 
-class EngineSpec(_Section):
+class EngineSpec(Section):
     """How the engine runs the pipeline. All but vae_tiling are lossless speed-ups: outputs stay
     within fp16 tolerance of plain diffusers.
 
@@ -302,96 +299,11 @@ class EngineSpec(_Section):
         return v
 
 
-class CurationSpec(_Section):
-    """Scores computed in the job from one CLIP image embedding per image (sdfleet.actors.curation)."""
-
-    # A transformers CLIP checkpoint (local, s3:// or hub id; safetensors): clip_score per row, and the
-    # embedding the heads read. null: no curation scores.
-    clip_model: str | None = None
-    # The LAION aesthetic predictor's head (aesthetic_score) and the LAION CLIP-based NSFW
-    # classifier's head (punsafe), each a safetensors file converted once from the original.
-    aesthetic_model: str | None = None
-    nsfw_model: str | None = None
-    # Gates: an image under a minimum or over the maximum is `rejected` (not in the tars), with the
-    # gates it failed in `rejected_by`. The model card's LAION filter: max_punsafe 0.1, min_aesthetic 4.5.
-    min_clip_score: float | None = None
-    min_aesthetic: float | None = None
-    max_punsafe: float | None = Field(None, ge=0.0, le=1.0)
-    # Best-of-N: each prompt (per sweep point) owns max_candidates seeds (candidate slots); the
-    # worker generates images_per_prompt of them first, then more only for prompts short of that
-    # many passing, until they have them or every slot is tried. null: every slot is generated.
-    images_per_prompt: int | None = Field(None, ge=1)
-    max_candidates: int | None = Field(None, ge=1, le=10_000)
-    # An image whose embedding has at least this cosine with an image already accepted for the same
-    # prompt (and sweep point) is a `duplicate` of it.
-    dedup_threshold: float | None = Field(None, gt=0.0, le=1.0)
-    # Write each shard's image embeddings and their keys beside its tar (schemas.layout names the
-    # files), committed with it: an index for retrieval or dedup is built from them after the job.
-    save_embeddings: bool = False
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _scorers_for_what_reads_them(self):
-        for key in ("aesthetic_model", "nsfw_model"):
-            if getattr(self, key) and not self.clip_model:
-                raise ValueError(
-                    f"curation.{key} reads CLIP image embeddings: set curation.clip_model to the "
-                    "CLIP checkpoint the head was trained on (ViT-L/14 for LAION's)"
-                )
-        for gate, scorer in CURATION_GATES.items():
-            if getattr(self, gate) is not None and not getattr(self, scorer):
-                raise ValueError(
-                    f"curation.{gate} needs curation.{scorer}, the model whose score it gates"
-                )
-        if self.dedup_threshold is not None and not self.clip_model:
-            raise ValueError(
-                "curation.dedup_threshold compares CLIP image embeddings: set curation.clip_model"
-            )
-        if self.save_embeddings and not self.clip_model:
-            raise ValueError(
-                "curation.save_embeddings writes CLIP image embeddings: set curation.clip_model"
-            )
-        if self.max_candidates is not None and self.images_per_prompt is None:
-            raise ValueError(
-                f"curation.max_candidates={self.max_candidates} needs curation.images_per_prompt, "
-                "the number of images to keep per prompt"
-            )
-        if self.images_per_prompt is not None and self.candidates < self.images_per_prompt:
-            raise ValueError(
-                f"curation.max_candidates={self.max_candidates} is under curation.images_per_prompt="
-                f"{self.images_per_prompt}: a prompt could never have that many images"
-            )
-        return self
-
-    @property
-    def best_of_n(self) -> bool:
-        return self.images_per_prompt is not None
-
-    @property
-    def candidates(self) -> int:
-        """Candidate slots per prompt and sweep point (1 without best-of-N)."""
-        if not self.best_of_n:
-            return 1
-        return self.max_candidates or self.images_per_prompt
-
-    @property
-    def gates(self) -> dict[str, float]:
-        return {g: getattr(self, g) for g in CURATION_GATES if getattr(self, g) is not None}
-
-
-# Each gate and the model whose score it reads.
-CURATION_GATES = {
-    "min_clip_score": "clip_model",
-    "min_aesthetic": "aesthetic_model",
-    "max_punsafe": "nsfw_model",
-}
-
-
 # The sections that reach storage, each with its own storage_options.
 STORAGE_SECTIONS = ("model", "input", "output", "safety", "curation")
 
 
-class JobSpec(_Section):
+class JobSpec(Section):
     name: str = "sdfleet-job"
     model: ModelSpec = Field(default_factory=ModelSpec)
     input: InputSpec

@@ -156,8 +156,8 @@ def test_job_rows_carry_the_scores_and_writes_the_embeddings_an_index_reads(
 def test_heads_are_safetensors_of_the_right_kind_and_width(tmp_path, scorers):
     from sdfleet.actors.curation import Curator
     from sdfleet.jobs.tiny import write_tiny_aesthetic_head
+    from sdfleet.schemas.curation_spec import CurationSpec
     from sdfleet.schemas.errors import ModelLoadError
-    from sdfleet.schemas.spec import CurationSpec
 
     wide = write_tiny_aesthetic_head(tmp_path / "wide.safetensors", embedding_size=768)
     pickle = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
