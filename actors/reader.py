@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from sdfleet.actors.inputs import InputImageReader, read_row_inputs, read_source_inputs
 from sdfleet.actors.storage import Storage
+from sdfleet.schemas.passthrough import renames
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.rows import SOURCE_COLUMNS, STATUS_OK
 from sdfleet.schemas.samples import Sample, resolve_params, sample_key
@@ -26,6 +27,7 @@ class PromptRow(NamedTuple):
     stem: str
     offset: int
     values: dict[str, Any]
+    passthrough: dict[str, Any]  # the passthrough columns' values, by input column
 
 
 def read_shard_samples(plan: Plan, shard_id: int) -> list[Sample]:
@@ -47,7 +49,7 @@ def _columns(plan: Plan) -> list[str]:
     else:  # an earlier output's rows: keyed by their keys, their images in the shards' tars
         extra = (inp.negative_prompt_column, *SOURCE_COLUMNS)
     columns = [inp.prompt_column] + [c for c in extra if c]
-    return columns + [c for c in inp.passthrough_columns if c not in columns]
+    return columns + [c for c in renames(inp.passthrough_columns) if c not in columns]
 
 
 def _read_rows(plan: Plan, first_row: int, last_row: int) -> dict[int, PromptRow]:
@@ -65,8 +67,12 @@ def _read_rows(plan: Plan, first_row: int, last_row: int) -> dict[int, PromptRow
             c: _as_bytes(table.column(c)) if c in text else table.column(c).to_pylist()
             for c in columns
         }
+        # A passthrough column that is also a text column keeps its own type (not bytes).
+        kept = {c: table.column(c).to_pylist() for c in renames(inp.passthrough_columns)}
         for i in range(hi - lo + 1):
-            rows[lo + i] = PromptRow(f.stem, offset, {c: values[c][i] for c in columns})
+            row = {c: values[c][i] for c in columns}
+            passthrough = {c: v[i] for c, v in kept.items()}
+            rows[lo + i] = PromptRow(f.stem, offset, row, passthrough)
     return rows
 
 
@@ -94,7 +100,10 @@ def _read_inputs(plan: Plan, rows: dict[int, PromptRow]) -> dict[int, Any]:
     """Global row -> its (input image, mask), or why it has none usable."""
     inp = plan.spec.input
     if plan.source_output is not None:
-        return read_source_inputs(Storage(plan.source_output, inp.storage_options), rows)
+        return read_source_inputs(
+            Storage(plan.source_output, inp.storage_options),
+            {r: (v.stem, v.offset, v.values) for r, v in rows.items()},
+        )
     if not inp.image_column:
         return {}
     reader = InputImageReader(inp.uri, inp.storage_options)
@@ -114,12 +123,12 @@ def _sample(
     start, _ = plan.shard_range(shard_id)
     n_points = len(plan.points)
     row = s // n_points
-    stem, offset, values = rows[row]
+    stem, offset, values, kept = rows[row]
     point = plan.points[s % n_points]
     key = sample_key(shard_id, s - start, plan.key_width)
     raw_id = values["key"] if source else values[inp.id_column] if inp.id_column else None
     prompt_id = f"{stem}:{row - offset}" if raw_id is None else str(raw_id)
-    passthrough = {c: values[c] for c in inp.passthrough_columns}
+    passthrough = {t: kept[s] for s, t in renames(inp.passthrough_columns).items()}
     prompt, error = _decode(values[inp.prompt_column], "prompt")
     negative, negative_error = (None, None)
     if inp.negative_prompt_column:

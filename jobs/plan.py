@@ -20,6 +20,7 @@ from sdfleet.schemas.errors import InputError, SpecError, StorageError
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, Handover
 from sdfleet.schemas.json_values import outside_python, passthrough_refusal
 from sdfleet.schemas.locations import is_glob, is_remote
+from sdfleet.schemas.passthrough import PassthroughClash, clash_message, renames
 from sdfleet.schemas.plan import InputFile, Plan
 from sdfleet.schemas.refiner import RefinerSpec
 from sdfleet.schemas.rows import SOURCE_COLUMNS, TEXT_TYPES, output_schema
@@ -336,7 +337,7 @@ class Planner:
         for j in range(meta.num_columns):
             column = meta.schema.column(j)
             root = column.path.split(".", 1)[0]
-            if root not in self.spec.input.passthrough_columns:
+            if root not in renames(self.spec.input.passthrough_columns):
                 continue
             logical = json.loads(column.logical_type.to_json())
             for g in range(meta.num_row_groups):
@@ -388,21 +389,23 @@ class Planner:
             need(inp.image_column, "image", string=True)
         if inp.mask_column is not None:
             need(inp.mask_column, "mask", string=True)
-        for column in inp.passthrough_columns:
+        columns = renames(inp.passthrough_columns)
+        for column in columns:
             if column not in names:
                 raise InputError(f"input file {uri} has no passthrough column {column!r}")
-        this = pa.schema([schema.field(c) for c in inp.passthrough_columns])
-        refused = next(filter(None, map(passthrough_refusal, this)), None)
+        refused = next(filter(None, (passthrough_refusal(schema.field(c)) for c in columns)), None)
         if refused:
             raise InputError(f"input file {uri}: {refused}")
+        # Under their output names: what the rows hold.
+        this = pa.schema([schema.field(s).with_name(t) for s, t in columns.items()])
         if passthrough is not None and not this.equals(passthrough):
             raise InputError(
                 f"input file {uri}: passthrough column types {this} differ from earlier files' {passthrough}"
             )
         try:
             output_schema(this)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        except PassthroughClash as e:
+            raise InputError(clash_message(inp.passthrough_columns, e)) from None
         return this
 
 

@@ -10,12 +10,17 @@ import hashlib
 import json
 from typing import Any
 
+from sdfleet.schemas.passthrough import ordered_for_fingerprint
 from sdfleet.schemas.tasks import TEXT_TO_IMAGE
 
 
 def fingerprint_fields(data: dict[str, Any]) -> dict[str, Any]:
     """Every key of a spec's JSON form that changes what is written, flattened to dotted names."""
     flat = _flatten(data)
+    if "input.passthrough_columns" in flat:
+        flat["input.passthrough_columns"] = ordered_for_fingerprint(
+            flat["input.passthrough_columns"]
+        )
     return {
         k: v for k, v in flat.items() if not _is_operational(k) and _ADDED_KEYS.get(k, flat) != v
     }

@@ -19,6 +19,7 @@ the finalizer) import the names from here; none spells a file name itself.
       sizes.json               {"00000.tar": images in it, ...}; only when complete
       README.md                the dataset card; only when complete
       preview/                 previews: contact_sheet.png, xy_*.png, index.html, the card's sheet
+      _scores/                 `sdfleet score`: {name}.parquet, {name}_summary.json, the FID plot
       _index/stats-*.parquet   a cache of the stats files' contents, each entry valid only while its
                                file's listing tag is the one recorded (status reads it, not 100k files)
       _SUCCESS                 written last of all, only when every planned sample has its row
@@ -141,12 +142,20 @@ def xy_grid_file(x: str, y: str, prompt_id: str | None = None) -> str:
     return f"{PREVIEW_DIR}/xy_{x}_{y}{suffix}.png"
 
 
-def score_files(name: str) -> dict[str, str]:
-    """The files `sdfleet score --out NAME` writes into the output, by role."""
+# `sdfleet score`'s folder: the top level holds only the dataset's own files, so that a glob of
+# OUTPUT/*.parquet reads exactly its rows; the underscore keeps pyarrow's and Spark's dataset
+# discovery out of it, as it does for _index/.
+SCORES_DIR = "_scores"
+
+
+def score_files(name: str, folder: str = SCORES_DIR) -> dict[str, str]:
+    """The files `sdfleet score --out NAME` writes into the output, by role. folder="": where
+    sdfleet wrote them before they had a folder, the output's top level."""
+    where = f"{folder}/" if folder else ""
     return {
-        "scores": f"{name}.parquet",
-        "summary": f"{name}_summary.json",
-        "plot": f"{name}_fid_vs_clip.png",
+        "scores": f"{where}{name}.parquet",
+        "summary": f"{where}{name}_summary.json",
+        "plot": f"{where}{name}_fid_vs_clip.png",
     }
 
 

@@ -4,11 +4,14 @@ errors said per key. `sdfleet.schemas.spec.load_spec` runs them in that order.
 
 from __future__ import annotations
 
+import datetime as dt
+import types
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.locations import written_as_path
@@ -17,8 +20,14 @@ if TYPE_CHECKING:
     from sdfleet.schemas.spec import JobSpec
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b.c=value`` to a raw spec dict; the value is parsed as YAML (safe_load)."""
+def apply_override(
+    data: dict[str, Any], assignment: str, model: type[BaseModel] | None = None
+) -> None:
+    """Apply one ``a.b.c=value`` to a raw spec dict. The value is parsed as YAML (safe_load), as
+    the spec file's values are, except that a key that takes text keeps the text as written where
+    YAML would make it something that key does not take (`yes`, `on`, `null`, `1.0`, a date):
+    `--set generation.negative_prompt=yes` is the string "yes", `engine.compile=off` is "off".
+    model: the spec's class, whose field types say which keys take text."""
     if "=" not in assignment:
         raise SpecError(f"--set {assignment!r} has no '='; write it as --set section.key=value")
     dotted, raw = assignment.split("=", 1)
@@ -26,6 +35,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if not parts:
         raise SpecError(f"--set {assignment!r} names no key; write it as --set section.key=value")
     value = yaml.safe_load(raw) if raw.strip() else ""
+    if model is not None and _takes_text_not(_field_type(model, parts), value):
+        value = raw.strip()
     node = data
     for p in parts[:-1]:
         child = node.setdefault(p, {})
@@ -33,6 +44,46 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             raise SpecError(f"--set {dotted}: {p!r} holds {child!r}, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _field_type(model: type[BaseModel], parts: list[str]) -> Any:
+    """The declared type of the key at `parts` (None: not a declared field, e.g. a key inside
+    storage_options, which pydantic then judges as it is)."""
+    annotation: Any = model
+    for p in parts:
+        section = next((t for t in _members(annotation) if _is_model(t)), None)
+        if section is None or p not in section.model_fields:
+            return None
+        annotation = section.model_fields[p].annotation
+    return annotation
+
+
+def _takes_text_not(annotation: Any, value: Any) -> bool:
+    """Whether the key takes text (str, or a Literal of strings) but not this parsed scalar."""
+    if annotation is None or isinstance(value, (str, list, dict)):
+        return False
+    accepted: set[type] = set()
+    for t in _members(annotation):
+        if typing.get_origin(t) is Literal:
+            accepted.update(type(v) for v in typing.get_args(t))
+        elif isinstance(t, type):
+            accepted.add(t)
+    if str not in accepted:
+        return False
+    if float in accepted and type(value) is int:
+        return False  # a float key takes an integer as it is written
+    return type(value) not in accepted
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """A union's members (X | None, Optional[X], Union[...]); anything else alone."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
 
 
 def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
@@ -90,5 +141,20 @@ def format_validation_error(e: ValidationError, data: dict[str, Any], source: st
             lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
+            if _unquoted_text(err):
+                msg += (
+                    f"; YAML read the unquoted value as {err['input']!r}: quote it in the spec file"
+                )
             lines.append(f"  {key}={err.get('input')!r}: {msg}")
     return "\n".join(lines)
+
+
+def _unquoted_text(err: dict[str, Any]) -> bool:
+    """Whether a key that takes text was given what YAML makes of unquoted yes, off, null, 1.0 or
+    a date (a Literal key only of the words YAML takes for true, false and null)."""
+    value = err.get("input")
+    if err["type"] == "literal_error":
+        return value is None or isinstance(value, bool)
+    return err["type"] == "string_type" and (
+        value is None or isinstance(value, (bool, int, float, dt.date))
+    )

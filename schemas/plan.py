@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from sdfleet.schemas.content import JobContent
 from sdfleet.schemas.families import FAMILIES
+from sdfleet.schemas.passthrough import PassthroughClash, clash_message
 from sdfleet.schemas.rows import output_schema
 from sdfleet.schemas.samples import key_width, shard_name
 from sdfleet.schemas.spec import JobSpec
@@ -39,7 +40,7 @@ class Plan:
     spec: JobSpec
     files: list[InputFile]
     points: list[dict[str, Any]]
-    passthrough_schema: pa.Schema
+    passthrough_schema: pa.Schema  # under their output names (input.passthrough_columns')
     row_offsets: list[int] = field(default_factory=list)  # global index of each file's first row
     # Rows whose prompt id appeared earlier in the input: global row -> global row of the first.
     duplicate_rows: dict[int, int] = field(default_factory=dict)
@@ -98,12 +99,16 @@ class Plan:
         return shard_name(shard_id, self.key_width)
 
     def output_schema(self) -> pa.Schema:
-        return output_schema(
-            self.passthrough_schema,
-            FAMILIES.get(self.family or ""),
-            refiner=self.spec.model.refiner is not None,
-            vae=self.spec.model.vae is not None,
-        )
+        """ValueError: a passthrough column clashes with the family's own (said in full)."""
+        try:
+            return output_schema(
+                self.passthrough_schema,
+                FAMILIES.get(self.family or ""),
+                refiner=self.spec.model.refiner is not None,
+                vae=self.spec.model.vae is not None,
+            )
+        except PassthroughClash as e:
+            raise ValueError(clash_message(self.spec.input.passthrough_columns, e)) from None
 
     def input_manifest(self) -> list[dict[str, Any]]:
         return [{"uri": f.uri, "size": f.size, "rows": f.rows} for f in self.files]

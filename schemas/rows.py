@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from sdfleet.schemas.families import Family
+from sdfleet.schemas.passthrough import PassthroughClash
 
 STATUS_OK = "ok"
 STATUS_FILTERED = "filtered"
@@ -203,7 +204,8 @@ def output_schema(
 ) -> pa.Schema:
     """The output schema: the family's own columns after the common ones (family: the
     checkpoint's, where it is known), the refiner's with model.refiner, model.vae's where the job
-    sets it, then the input's passthrough columns under their own types."""
+    sets it, then the input's passthrough columns under their output names and their own types
+    (PassthroughClash: one is named as a column before it)."""
     fields = list(OUTPUT_FIELDS) + family_fields(family) + (REFINER_FIELDS if refiner else [])
     if vae:
         fields += [pa.field(name, pa.string()) for name in VAE_COLUMNS]
@@ -211,8 +213,6 @@ def output_schema(
         names = {f.name for f in fields}
         clash = [f.name for f in passthrough if f.name in names]
         if clash:
-            raise ValueError(
-                f"passthrough column {clash[0]!r} clashes with an output column; rename it in the input"
-            )
+            raise PassthroughClash(clash[0])
         fields.extend(passthrough)
     return pa.schema(fields)

@@ -17,6 +17,7 @@ from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, ne
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields
 from sdfleet.schemas.loading import apply_override, format_validation_error, resolve_relative_paths
+from sdfleet.schemas.passthrough import PassthroughColumns
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
 from sdfleet.schemas.schedulers import check_scheduler_name
@@ -68,7 +69,7 @@ class InputSpec(Section):
     prompt_column: str = "prompt"
     id_column: str | None = "prompt_id"
     negative_prompt_column: str | None = None
-    passthrough_columns: list[str] = Field(default_factory=list)
+    passthrough_columns: PassthroughColumns = Field(default_factory=list)  # schemas.passthrough
     # Input images for the image tasks: encoded image bytes, or a URI (s3://..., or a path relative
     # to the input's folder) that must stay inside the input's folder. Masks: white = repaint.
     image_column: str | None = None
@@ -412,6 +413,6 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     for assignment in overrides:
-        apply_override(data, assignment)
+        apply_override(data, assignment, JobSpec)
     spec = parse_spec(data, str(path))
     return resolve_relative_paths(spec, path.absolute().parent)

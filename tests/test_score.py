@@ -8,6 +8,7 @@ InceptionV3 is checked for shape and weight-file compatibility with random weigh
 import io
 import json
 import math
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -95,7 +96,7 @@ def test_score_writes_clip_scores_fid_per_guidance_scale_and_a_labelled_plot(
 
     ok = [r for r in read_rows(dataset) if r["status"] == "ok"]
     assert len(ok) == len(PROMPTS) * 2 * len(SCALES)
-    scores = pq.read_table(dataset / "scores.parquet").to_pylist()
+    scores = pq.read_table(dataset / "_scores" / "scores.parquet").to_pylist()
     assert sorted(r["key"] for r in scores) == sorted(r["key"] for r in ok)
     by_key = {r["key"]: r for r in ok}
     for s in scores:
@@ -111,7 +112,7 @@ def test_score_writes_clip_scores_fid_per_guidance_scale_and_a_labelled_plot(
         len({round(s["clip_score"], 4) for s in scores}) > 1
     )  # the tiny CLIP does tell images apart
 
-    on_disk = json.loads((dataset / "scores_summary.json").read_text())
+    on_disk = json.loads((dataset / "_scores" / "scores_summary.json").read_text())
     assert on_disk["points"] == summary["points"] and on_disk["group_by"] == ["guidance_scale"]
     assert [p["guidance_scale"] for p in summary["points"]] == SCALES
     for p in summary["points"]:
@@ -126,7 +127,7 @@ def test_score_writes_clip_scores_fid_per_guidance_scale_and_a_labelled_plot(
     assert summary["figures_meaningful"] is False
     assert summary["note"].startswith(LOUD_NOTE) and "CLIP model is tiny" in summary["note"]
     assert "not InceptionV3" in summary["note"]
-    plot = Image.open(dataset / "scores_fid_vs_clip.png")
+    plot = Image.open(dataset / "_scores" / "scores_fid_vs_clip.png")
     plot.load()
     assert plot.format == "PNG" and plot.size[0] > 400 and plot.size[1] > 300
     assert LOUD_NOTE in plot.info["Description"]
@@ -299,9 +300,8 @@ def test_score_reads_and_writes_s3(dataset, scorers, reference, s3, tmp_path, mo
     monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
     root = f"{s3.bucket}"
     s3.put(str(dataset) + "/", f"{root}/out/", recursive=True)
-    for name in ("scores.parquet", "scores_summary.json", "scores_fid_vs_clip.png"):
-        if s3.exists(f"{root}/out/{name}"):
-            s3.rm(f"{root}/out/{name}")
+    if s3.exists(f"{root}/out/_scores"):
+        s3.rm(f"{root}/out/_scores", recursive=True)
     s3.put(str(reference) + "/", f"{root}/ref/", recursive=True)
     s3.put(scorers["clip"] + "/", f"{root}/models/clip/", recursive=True)
     s3.put(scorers["inception"], f"{root}/models/inception.safetensors")
@@ -321,14 +321,20 @@ def test_score_reads_and_writes_s3(dataset, scorers, reference, s3, tmp_path, mo
     assert (
         all(math.isfinite(p["fid"]) for p in summary["points"]) and "moto run" in summary["notes"]
     )
-    rows = pq.read_table(io.BytesIO(s3.cat_file(f"{root}/out/eval.parquet"))).to_pylist()
+    rows = pq.read_table(io.BytesIO(s3.cat_file(f"{root}/out/_scores/eval.parquet"))).to_pylist()
     assert len(rows) == summary["images_scored"] == len(PROMPTS) * 2 * len(SCALES)
-    assert json.loads(s3.cat_file(f"{root}/out/eval_summary.json"))["points"] == summary["points"]
-    assert Image.open(io.BytesIO(s3.cat_file(f"{root}/out/eval_fid_vs_clip.png"))).format == "PNG"
+    assert (
+        json.loads(s3.cat_file(f"{root}/out/_scores/eval_summary.json"))["points"]
+        == summary["points"]
+    )
+    assert (
+        Image.open(io.BytesIO(s3.cat_file(f"{root}/out/_scores/eval_fid_vs_clip.png"))).format
+        == "PNG"
+    )
     # The same inputs give the same scores wherever they are stored.
     local = (
-        pq.read_table(dataset / "scores.parquet").to_pylist()
-        if (dataset / "scores.parquet").exists()
+        pq.read_table(dataset / "_scores" / "scores.parquet").to_pylist()
+        if (dataset / "_scores" / "scores.parquet").exists()
         else None
     )
     if local is not None:
@@ -385,3 +391,79 @@ def test_example_spec_plans_the_model_card_protocol(tmp_path, tiny_model):
     )
     assert out.returncode == 0, out.stderr
     assert "samples       80000" in out.stdout and "cost          $" in out.stdout
+
+
+# ----------------------------------------------------------- the output's top level (issue 33)
+
+
+def readme_block(after: str) -> str:
+    """The first ```python block after the line `after` in README.md: what a user copies."""
+    text = (REPO / "README.md").read_text()
+    return text[text.index(after) :].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def write_top_level_scores(folder, name: str = "scores") -> None:
+    """What `sdfleet score` wrote before it had a folder: NAME.parquet (key, clip_score) and its
+    summary beside the shards."""
+    pq.write_table(pa.table({"key": ["x"], "clip_score": [20.0]}), folder / f"{name}.parquet")
+    (folder / f"{name}_summary.json").write_text("{}")
+
+
+def test_top_level_scores_are_retired_but_never_a_shard(tmp_path):
+    from sdfleet.actors.storage import Storage
+    from sdfleet.jobs.score.run import retire_top_level_scores
+
+    write_top_level_scores(tmp_path)
+    write_prompts(tmp_path / "00000.parquet", ["a"], status=["ok"], clip_score=[1.0])
+    (tmp_path / "00000_summary.json").write_text("{}")
+    storage = Storage(str(tmp_path))
+    retire_top_level_scores(storage, "scores")
+    retire_top_level_scores(storage, "00000")  # `--out 00000`: the shard's name, left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.parquet", "00000_summary.json"]
+
+
+@pytest.mark.slow
+def test_readme_row_reader_reads_exactly_the_rows_of_a_scored_and_previewed_output(
+    dataset, scorers, tmp_path
+):
+    """README's reader snippet, run as a user runs it (cwd holds OUTPUT), on an output scored by
+    an earlier sdfleet (scores at the top level), then scored again and previewed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from sdfleet.jobs.preview import run_preview
+    from sdfleet.jobs.score import run_score
+
+    out = tmp_path / "OUTPUT"
+    shutil.copytree(dataset, out)
+    shutil.rmtree(out / "_scores", ignore_errors=True)
+    write_top_level_scores(out)
+    run_score(str(out), scorers["clip"], None, batch_size=8, device="cpu")
+    run_preview(str(out))
+    run_preview(str(out), html=True)
+    assert (out / "_scores" / "scores.parquet").exists() and (out / "preview").is_dir()
+    assert not (out / "scores.parquet").exists() and not (out / "scores_summary.json").exists()
+
+    snippet = readme_block("Read it with any WebDataset reader:")
+    assert 'glob.glob("OUTPUT/*.parquet")' in snippet
+    report = (
+        "\nimport json\n"
+        "print(json.dumps({'keys': sorted(rows['key']), 'statuses': sorted(set(rows['status'])),"
+        " 'wds': sum(1 for _ in ds), 'hf': len(hf)}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", snippet + report],
+        cwd=tmp_path,
+        env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    shards = read_rows(out)
+    assert got["keys"] == sorted(r["key"] for r in shards)
+    assert len(got["keys"]) == len(PROMPTS) * 2 * len(SCALES)
+    assert got["statuses"] == ["ok"]
+    assert got["wds"] == got["hf"] == len(shards)

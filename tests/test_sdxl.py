@@ -213,4 +213,7 @@ def test_a_passthrough_column_named_as_an_sdxl_column_is_refused(tmp_path, tiny_
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "passthrough column 'original_size' clashes with an output column" in out.stderr
+    assert (
+        "input column 'original_size' clashes with sdfleet's output column original_size: rename "
+        "it, input.passthrough_columns: {original_size: source_original_size}"
+    ) in out.stderr

@@ -102,6 +102,66 @@ def test_overrides_replace_yaml_values_with_parsed_yaml(tmp_path):
     assert spec.name == "my job"
 
 
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        # A key that takes text keeps what was written where YAML would make something else of it
+        ("generation.negative_prompt=yes", "generation.negative_prompt", "yes"),
+        ("generation.negative_prompt=no", "generation.negative_prompt", "no"),
+        ("generation.negative_prompt=null", "generation.negative_prompt", "null"),
+        ("generation.negative_prompt=3.5", "generation.negative_prompt", "3.5"),
+        ("engine.compile=off", "engine.compile", "off"),
+        ("engine.compile=on", "engine.compile", "on"),
+        ("model.revision=1234", "model.revision", "1234"),
+        ("name=2024-05-01", "name", "2024-05-01"),
+        ("model.refiner.source=123", "model.refiner.source", "123"),
+        # ... and takes quotes off as YAML does
+        ("generation.negative_prompt='yes'", "generation.negative_prompt", "yes"),
+        # ... and what the key takes besides text stays what YAML makes of it
+        ("model.revision=null", "model.revision", None),
+        ("resources.batch_size=8", "resources.batch_size", 8),
+        ("resources.batch_size=auto", "resources.batch_size", "auto"),
+        ("engine.channels_last=no", "engine.channels_last", False),
+        ("generation.guidance_scale=7", "generation.guidance_scale", 7.0),
+    ],
+)
+def test_set_keeps_a_text_key_text(tmp_path, override, key, value):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: {uri: in/}\noutput: {uri: out/}\n")
+    spec = load_spec(path, [override])
+    section, *rest = key.split(".")
+    got = getattr(spec, section)
+    for part in rest:
+        got = getattr(got, part)
+    assert got == value and type(got) is type(value)
+
+
+def test_set_leaves_keys_inside_a_free_mapping_as_yaml_makes_them():
+    data = spec_with()
+    apply_override(data, "input.storage_options.anon=true")
+    apply_override(data, "model.scheduler_config.timestep_spacing=trailing")
+    assert parse_spec(data).input.storage_options == {"anon": True}
+
+
+@pytest.mark.parametrize(
+    "section, said",
+    [
+        ({"generation": {"negative_prompt": True}}, "generation.negative_prompt=True"),
+        ({"engine": {"compile": False}}, "engine.compile=False"),
+        ({"name": 2024}, "name=2024"),
+    ],
+)
+def test_an_unquoted_word_for_a_text_key_in_the_file_says_to_quote_it(section, said):
+    line = error_of(spec_with(**section)).splitlines()[1]
+    assert line.startswith(f"  {said}: ") and line.endswith(": quote it in the spec file"), line
+    assert "YAML read the unquoted value as" in line
+
+
+def test_a_literal_key_given_a_number_is_not_told_to_quote_it():
+    line = error_of(spec_with(output={"image_format": 1})).splitlines()[1]
+    assert "quote" not in line
+
+
 def test_override_errors_name_the_assignment():
     with pytest.raises(SpecError, match="no '='"):
         apply_override({}, "generation.guidance_scale")

@@ -36,7 +36,8 @@ resized with PIL bicubic to ``--fid-size`` (default 299, Inception's input, so t
 resizes nothing). FID depends on such choices and on the number of images; compare figures made
 with the same settings only.
 
-Written into OUTPUT (through Storage, so ``s3://`` works), with NAME = ``--out`` (default ``scores``):
+Written into OUTPUT/_scores/ (through Storage, so ``s3://`` works; its own folder, so that the
+output's top level holds only the dataset's files), with NAME = ``--out`` (default ``scores``):
 
 - ``NAME.parquet``: one row per scored image: key, shard_id, sample_id, prompt_id, seed, guidance_scale,
   the other sweep columns, clip_score, safety_flagged.
@@ -47,6 +48,10 @@ Written into OUTPUT (through Storage, so ``s3://`` works), with NAME = ``--out``
 Figures from tiny or untrained models mean nothing, so a loud note goes into the summary and onto the
 plot when the CLIP model or the feature extractor is tiny (by parameter count or architecture) or
 untrained (normalisation layers still at their initial values), and ``--note`` adds any text of yours.
+
+An output scored by an sdfleet that wrote these files at its top level has them moved: once the new
+ones are written, the top-level NAME.parquet (a scores file, never a shard's) and its companions are
+removed.
 
 Only shards committed under the job's fingerprint are scored; an incomplete dataset is scored as far
 as it goes and says so (``dataset_complete: false``).

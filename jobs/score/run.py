@@ -48,7 +48,8 @@ def run_score(
     storage_options: dict[str, Any] | None = None,
     workers: int = 4,
 ) -> dict[str, Any]:
-    """Score an sdfleet output; write NAME.parquet, NAME_summary.json, NAME_fid_vs_clip.png into it.
+    """Score an sdfleet output; write NAME.parquet, NAME_summary.json, NAME_fid_vs_clip.png into
+    its _scores/ folder (layout.score_files).
 
     Args:
         output: the sdfleet output folder (local or s3://) holding `_job.json`, tars and Parquet.
@@ -57,7 +58,7 @@ def run_score(
             hub or its cache is reachable). torchmetrics' CLIPScore default is openai/clip-vit-large-patch14.
         reference: folder (local or s3://) of reference images for FID, e.g. COCO val2017; every
             *.png|jpg|jpeg|webp directly in it. None skips FID.
-        out: base name of the files written into `output` (default "scores").
+        out: base name of the files written into `output`'s _scores/ (default "scores").
         batch_size: images per CLIP / Inception forward.
         device: "cuda" or "cpu" (default: cuda when available).
         fid_weights: the FID InceptionV3 weights as .safetensors (local or s3://); None skips FID.
@@ -118,6 +119,7 @@ class ScoreRun:
         self.clip_source = clip_model
         self.reference = reference
         self.fid_weights = fid_weights
+        self.name = name
         self.files = layout.score_files(name)
         self.batch_size = batch_size
         self.device = device
@@ -327,6 +329,29 @@ class ScoreRun:
         summary["seconds"] = round(time.time() - self.started, 2)
         storage.write_json(self.files["summary"], summary)
         log.info("wrote %s", ", ".join(storage.url(f) for f in summary["files"].values() if f))
+        retire_top_level_scores(storage, self.name)
+
+
+def retire_top_level_scores(storage: Storage, name: str) -> None:
+    """An earlier sdfleet wrote NAME.parquet and its companions at the output's top level, where
+    the dataset's row readers (OUTPUT/*.parquet) took the scores for rows. Once this scoring's
+    files are in _scores/, those are removed; only a Parquet file that is a scores file (a
+    clip_score, no status) and its companions, never a shard's."""
+    old = layout.score_files(name, folder="")
+    if not storage.exists(old["scores"]):
+        return
+    columns = pq.read_schema(io.BytesIO(storage.read_bytes(old["scores"]))).names
+    if "clip_score" not in columns or "status" in columns:
+        return
+    for f in old.values():
+        if storage.exists(f):
+            storage.delete(f)
+    log.warning(
+        "removed %s and its summary and plot, written at the output's top level by an earlier "
+        "sdfleet: this scoring's files are in %s/",
+        storage.url(old["scores"]),
+        layout.SCORES_DIR,
+    )
 
 
 def sweep_order(point: tuple) -> tuple:
