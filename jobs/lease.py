@@ -3,7 +3,8 @@
 A driver holds the lease while it runs the output's job: written (conditionally, so that of two
 drivers starting at once exactly one holds it) before any worker starts, refreshed every
 LEASE_REFRESH_S, and released when it ends. A lease that is released, or silent for LEASE_STALE_S
-(a SIGKILLed driver releases nothing), is nobody's. While it is somebody's, a second `sdfleet run`
+(a SIGKILLed driver releases nothing), is nobody's, and so is one whose driver ran on this host
+in a process that is gone. While it is somebody's, a second `sdfleet run`
 on the output is refused (`DriverRunning`, exit 3) instead of redoing the running driver's work,
 a job that committed nothing is not replaced, and no shard is withdrawn; `status` and `plan`
 name the holder.
@@ -141,4 +142,20 @@ def _parse(data: bytes) -> dict[str, Any]:
 
 
 def _live(lease: dict[str, Any]) -> bool:
-    return not lease.get("released") and time.time() - lease.get("updated_ts", 0) <= LEASE_STALE_S
+    """Unreleased, refreshed within LEASE_STALE_S, and not a driver on this very host whose process
+    is gone (a SIGKILLed driver's rerun goes on at once instead of waiting for the lease to lapse)."""
+    if lease.get("released") or time.time() - lease.get("updated_ts", 0) > LEASE_STALE_S:
+        return False
+    return lease.get("host") != socket.gethostname() or _process_exists(lease.get("pid"))
+
+
+def _process_exists(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True

@@ -73,6 +73,22 @@ def test_a_killed_driver_s_lease_lapses_and_is_taken_over(output):
         assert output.read_json(layout.DRIVER_FILE)["pid"] == os.getpid()
 
 
+def test_a_lease_of_a_gone_process_on_this_host_is_nobody_s(output):
+    """A driver SIGKILLed on this host: its rerun goes on at once, not after LEASE_STALE_S. On
+    another host the process cannot be looked at, so only the lease's age counts."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # exited and reaped: its pid names no process
+    fresh = {"fingerprint": "f" * 32, "started_at": "2026-12-07T00:00:00+00:00", "pid": gone.pid}
+    output.write_json(
+        layout.DRIVER_FILE, {**fresh, "host": socket.gethostname(), "updated_ts": time.time()}
+    )
+    assert DriverLease(output, fresh).running() is None
+    output.write_json(layout.DRIVER_FILE, {**fresh, "host": "elsewhere", "updated_ts": time.time()})
+    assert DriverLease(output, fresh).running() == (
+        f"host elsewhere, pid {gone.pid}, since {fresh['started_at']}"
+    )
+
+
 # ------------------------------------------------------------------------------ through the CLI
 
 
