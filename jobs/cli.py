@@ -7,7 +7,14 @@ import gc
 import logging
 import sys
 
-from sdfleet.schemas.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_REFUSED, UserError
+from sdfleet.schemas.errors import (
+    EXIT_BUSY,
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_REFUSED,
+    DriverRunning,
+    UserError,
+)
 from sdfleet.schemas.spec import load_spec
 from sdfleet.schemas.tasks import TASKS
 
@@ -30,6 +37,7 @@ EXIT_CODES = """exit codes:
   0    done: the dataset is complete (or the command did what it was asked)
   1    refused: a bad spec, input, model, detector or storage; the one line on stderr says what to fix
   2    incomplete: shards failed max_attempts times, or the budget ran out; rerun the same command
+  3    busy: another driver is running this output's job (the line names its host, pid and start)
   130  interrupted by Ctrl-C (143 by SIGTERM); rerun the same command to resume"""
 
 OUTPUT_HELP = "output folder or s3:// prefix, or the job's spec file (then its output.uri and storage_options)"
@@ -145,8 +153,9 @@ def _refuse(e: Exception, verbose: int) -> int:
     if verbose:
         log.error("traceback of the error below", exc_info=e)
     print(f"sdfleet: error: {error}", file=sys.stderr)
+    code = EXIT_BUSY if isinstance(error, DriverRunning) else EXIT_REFUSED
     del e, error  # the failed call's frames hold Arrow objects: let main's gc.collect free them
-    return EXIT_REFUSED
+    return code
 
 
 def _load(args):
@@ -246,6 +255,8 @@ def _plan(spec) -> int:
             f"warning       {len(plan.duplicate_rows)} row(s) repeat an earlier prompt id; they will be recorded failed"
         )
     print(f"fingerprint   {plan.fingerprint}")
+    if verdict.driver:
+        print(f"driver        running: {verdict.driver}")
     print(f"run would     {verdict.describe()}")
     return EXIT_OK
 
@@ -312,6 +323,7 @@ def _output_location(argument: str) -> tuple[str, dict]:
 
 
 def _status(output: str, storage_options: dict, verify: bool = False) -> int:
+    from sdfleet.jobs.lease import DriverLease
     from sdfleet.jobs.output import OutputReader, curation_counts
     from sdfleet.schemas import layout
 
@@ -320,6 +332,8 @@ def _status(output: str, storage_options: dict, verify: bool = False) -> int:
     t = s.totals()
     print(f"output       {reader.storage.url()}")
     print(f"job          {reader.name} (fingerprint {reader.job['fingerprint']})")
+    driver = DriverLease(reader.storage, reader.job).running()
+    print(f"driver       {'running: ' + driver if driver else 'none running'}")
     print(
         f"shards       {len(s.committed)} committed, {len(s.pending)} pending, {len(s.quarantined)} quarantined "
         f"of {s.num_shards}"

@@ -15,6 +15,7 @@ import sys
 import threading
 
 from sdfleet.actors.storage import Storage
+from sdfleet.jobs.lease import running_refusal
 from sdfleet.jobs.output import OutputReader, Survey, curation_counts
 from sdfleet.jobs.preflight import Preflight
 from sdfleet.jobs.sink import OutputSink
@@ -55,6 +56,8 @@ class JobRunner:
         checked = Preflight(self.spec).check()
         plan = checked.plan
         sink = OutputSink(Storage(plan.spec.output.uri, plan.spec.output.storage_options))
+        if checked.verdict.driver:  # one live driver per output: this run would redo its work
+            raise running_refusal(checked.verdict.url, checked.verdict.driver)
         # 2. Claim the output (exclusively, for a new one), or resume it; hold its lease while running.
         with sink.start(plan, checked.verdict):
             # 3. Dispatch every shard that is not committed yet.

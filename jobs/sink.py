@@ -24,11 +24,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import platform
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +35,7 @@ from sdfleet.actors.record_versions import ChangedMeanwhile, read_versioned, rep
 from sdfleet.actors.storage import Storage, json_bytes
 from sdfleet.actors.writer import withdraw_command
 from sdfleet.jobs.finalize import dataset_card
+from sdfleet.jobs.lease import LEASE_STALE_S, DriverLease
 from sdfleet.jobs.output import OutputReader, Survey, missing_job_keys
 from sdfleet.schemas import layout
 from sdfleet.schemas.content import content_changes
@@ -48,11 +45,6 @@ from sdfleet.schemas.layout import FailedShard, JobTotals, ShardStats, Uncommitt
 from sdfleet.schemas.plan import Plan
 
 log = logging.getLogger("sdfleet")
-
-# The driver refreshes its lease on the output this often; one silent for LEASE_STALE_S is taken
-# for dead (a SIGKILLed driver releases nothing), so its job may be replaced if it committed nothing.
-LEASE_REFRESH_S = 30.0
-LEASE_STALE_S = 180.0
 
 _VERSIONED = (
     "sdfleet",
@@ -106,75 +98,20 @@ class Verdict:
     changed: list[str] = field(default_factory=list)
     # A resume of a job recorded before sdfleet recorded content: its fingerprint has none.
     without_content: bool = False
+    # The live driver already running this job ("host H, pid P, since T"): `run` is refused.
+    driver: str | None = None
 
     def describe(self) -> str:
         if self.action == "start":
             return f"start a new job in {self.url}"
+        if self.action == "resume" and self.driver:
+            return f"nothing: a running driver holds {self.url} ({self.driver}); run is refused"
         if self.action == "resume":
             return f"resume: {self.committed} of {self.num_shards} shards committed in {self.url}"
         return (
             f"replace the job recorded in {self.url} (fingerprint {self.replaced['fingerprint']}), which "
             f"committed no shard; {'; '.join(self.changed) or 'its input files differ'}"
         )
-
-
-class DriverLease:
-    """`_driver.json`: which driver runs the output's job, refreshed while it runs and released when
-    it ends. A job that committed no shard may be replaced by a changed spec only once its driver
-    is gone: released, or silent for LEASE_STALE_S (killed)."""
-
-    def __init__(self, storage: Storage, job: dict[str, Any]):
-        self.storage = storage
-        self.job = job
-        self.stop = threading.Event()
-
-    def active(self) -> str | None:
-        """Who holds the lease ("host pid N since T"), or None when nobody does."""
-        try:
-            lease = self.storage.read_json(layout.DRIVER_FILE)
-        except FileNotFoundError:
-            claimed = dt.datetime.fromisoformat(
-                self.job.get("created_at", "1970-01-01T00:00:00+00:00")
-            )
-            fresh = (dt.datetime.now(dt.UTC) - claimed).total_seconds() < LEASE_STALE_S
-            return "the driver that claimed it just now" if fresh else None
-        if lease.get("released") or lease.get("fingerprint") != self.job.get("fingerprint"):
-            return None
-        if time.time() - lease.get("updated_ts", 0) > LEASE_STALE_S:
-            return None
-        return f"{lease.get('host')} pid {lease.get('pid')} since {lease.get('started_at')}"
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        record = {
-            "fingerprint": self.job["fingerprint"],
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "released": False,
-        }
-        self._write(record)
-        refresher = threading.Thread(target=self._refresh, args=(record,), daemon=True)
-        refresher.start()
-        try:
-            yield
-        finally:
-            self.stop.set()
-            refresher.join(timeout=5)
-            try:
-                self._write({**record, "released": True})
-            except Exception as e:  # noqa: BLE001 -- the lease then goes stale, which is as good
-                log.warning("could not release %s: %s", self.storage.url(layout.DRIVER_FILE), e)
-
-    def _refresh(self, record: dict[str, Any]) -> None:
-        while not self.stop.wait(LEASE_REFRESH_S):
-            try:
-                self._write(record)
-            except Exception as e:  # noqa: BLE001 -- a missed refresh is retried at the next one
-                log.warning("could not refresh %s: %s", self.storage.url(layout.DRIVER_FILE), e)
-
-    def _write(self, record: dict[str, Any]) -> None:
-        self.storage.write_json(layout.DRIVER_FILE, {**record, "updated_ts": round(time.time(), 3)})
 
 
 class OutputSink:
@@ -197,13 +134,15 @@ class OutputSink:
             return Verdict("start", self.storage.url(), num_shards=plan.num_shards)
         existing = self._job_record(data)
         committed = len(self.storage.list(layout.STATS_GLOB))
-        if existing.get("fingerprint") == plan.fingerprint:
-            return Verdict("resume", self.storage.url(), committed, plan.num_shards)
-        if existing.get("content") is None and (
-            existing.get("fingerprint") == plan.fingerprint_without_content
+        same = existing.get("fingerprint") == plan.fingerprint
+        if same or (
+            existing.get("content") is None
+            and existing.get("fingerprint") == plan.fingerprint_without_content
         ):
-            url = self.storage.url()
-            return Verdict("resume", url, committed, plan.num_shards, without_content=True)
+            url, driver = self.storage.url(), DriverLease(self.storage, existing).running()
+            return Verdict(
+                "resume", url, committed, plan.num_shards, without_content=not same, driver=driver
+            )
         changed = _differences(existing, job_record(plan))
         if committed:
             raise SpecError(
@@ -402,6 +341,7 @@ class Finalizer:
         self._check_files()
         self._check_rows(s)
         self._discard_leftovers(s)
+        self._discard_stale_records()
         # 2. The results join the job record (its spec and fingerprint stay as they were), then
         #    sizes.json, the dataset card, and the marker last.
         job, t = self.reader.job, s.totals()
@@ -444,6 +384,20 @@ class Finalizer:
         discarded = self.storage.discard_leftovers(referenced)
         if discarded:
             log.info("discarded %d staged file(s) that no commit refers to", discarded)
+
+    def _discard_stale_records(self) -> None:
+        """Records that no longer describe this dataset: every shard is committed now, so each
+        `{shard}_failed.json` is an earlier run's (of this job, or of a job it replaced), and a
+        `_spent.json` another job wrote is that job's."""
+        stale = self.storage.list(layout.FAILED_GLOB)
+        if self.storage.exists(layout.SPENT_FILE):
+            spent = self.reader.uncommitted_spend()
+            if not spent.attempts and not spent.gpu_seconds:  # absent, or another job's
+                stale.append(layout.SPENT_FILE)
+        for name in stale:
+            self.storage.delete(name)
+        if stale:
+            log.info("removed %d record(s) of earlier runs: %s", len(stale), ", ".join(stale))
 
     def _record_results(self, job: dict[str, Any], t: JobTotals) -> None:
         self.storage.write_json(

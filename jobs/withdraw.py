@@ -11,8 +11,8 @@ command never takes back a good shard, which is what makes it the safe way out.
 from __future__ import annotations
 
 from sdfleet.actors.writer import committed_file_problems
+from sdfleet.jobs.lease import DriverLease
 from sdfleet.jobs.output import OutputReader
-from sdfleet.jobs.sink import DriverLease
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import SpecError
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 EXIT_OK = 0  # the dataset is complete (or the command did what it was asked)
 EXIT_REFUSED = 1  # bad spec, input, storage or model: refused before any GPU is asked for
 EXIT_INCOMPLETE = 2  # the job ended with shards quarantined or not started (budget); rerun to go on
+EXIT_BUSY = 3  # another driver is running this output's job right now: nothing done, nothing to fix
 
 
 def first_line(e: BaseException) -> str:
@@ -21,6 +22,11 @@ def first_line(e: BaseException) -> str:
 
 class UserError(Exception):
     """A failure the user can fix. The message names the value and what to do."""
+
+
+class DriverRunning(UserError):
+    """The output's job is being run by a live driver (its lease is fresh): a second driver is
+    refused before any worker starts, with EXIT_BUSY, since there is nothing to fix."""
 
 
 class SpecError(UserError, ValueError):
