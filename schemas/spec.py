@@ -16,7 +16,12 @@ from sdfleet.schemas.curation_spec import CurationSpec
 from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields
-from sdfleet.schemas.loading import apply_override, format_validation_error, resolve_relative_paths
+from sdfleet.schemas.loading import (
+    apply_override,
+    format_validation_error,
+    override_key,
+    resolve_relative_paths,
+)
 from sdfleet.schemas.passthrough import PassthroughColumns
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
@@ -415,4 +420,5 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     for assignment in overrides:
         apply_override(data, assignment, JobSpec)
     spec = parse_spec(data, str(path))
-    return resolve_relative_paths(spec, path.absolute().parent)
+    keys = tuple(override_key(a) for a in overrides)
+    return resolve_relative_paths(spec, path.absolute().parent, command_line_keys=keys)
