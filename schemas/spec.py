@@ -28,7 +28,13 @@ from sdfleet.schemas.samples import SWEEP_COORDINATES
 from sdfleet.schemas.schedulers import check_scheduler_name
 from sdfleet.schemas.secrets import redact
 from sdfleet.schemas.section import Section
-from sdfleet.schemas.tasks import TASK_NAMES, TASK_PARAMETERS, TASKS, TEXT_TO_IMAGE
+from sdfleet.schemas.tasks import (
+    MASKS_NOT_FROM_AN_OUTPUT,
+    TASK_NAMES,
+    TASK_PARAMETERS,
+    TASKS,
+    TEXT_TO_IMAGE,
+)
 
 
 class ModelSpec(Section):
@@ -333,7 +339,8 @@ class JobSpec(Section):
             )
         if task.mask and not inp.mask_column:
             raise ValueError(
-                f"model.task={name} needs input.mask_column: the column of masks (white = repaint)"
+                f"model.task={name} needs input.mask_column: the column of masks (white = "
+                f"repaint) beside input.image_column in the input Parquet ({MASKS_NOT_FROM_AN_OUTPUT})"
             )
         if not task.mask and inp.mask_column:
             raise ValueError(
