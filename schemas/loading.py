@@ -107,13 +107,8 @@ def resolve_relative_paths(
     here = working_dir or Path.cwd()
 
     def resolved(key: str, value: str | None, maybe_hub_id: bool) -> str | None:
-        if value is None or "://" in value or Path(value).expanduser().is_absolute():
-            return value
         from_command_line = any(key == k or key.startswith(k + ".") for k in command_line_keys)
-        candidate = (here if from_command_line else base) / value
-        if maybe_hub_id and not (written_as_path(value) or candidate.exists()):
-            return value
-        return str(candidate.resolve())
+        return absolute_local_path(value, here if from_command_line else base, maybe_hub_id)
 
     model, refiner, cur = spec.model, spec.model.refiner, spec.curation
     updates = {
@@ -145,6 +140,18 @@ def resolve_relative_paths(
         ),
     }
     return spec.model_copy(update=updates)
+
+
+def absolute_local_path(value: str | None, base: Path, maybe_hub_id: bool = False) -> str | None:
+    """`value` made absolute against `base` if it is a relative local path; a URI, an absolute
+    path and None as they are. maybe_hub_id: the value may also be a hub id, so it counts as a
+    path only if written as one (./, ../, ~; `locations.written_as_path`) or if it exists."""
+    if value is None or "://" in value or Path(value).expanduser().is_absolute():
+        return value
+    candidate = base / value
+    if maybe_hub_id and not (written_as_path(value) or candidate.exists()):
+        return value
+    return str(candidate.resolve())
 
 
 # Every spec key that may name a local path (what `resolve_relative_paths` resolves), in the order
