@@ -211,6 +211,7 @@ class Dispatcher:
             "a worker failed to start: %s",
             message.strip().splitlines()[-1] if message.strip() else message,
         )
+        log.debug("the worker's traceback:\n%s", message.strip())
         if not self.any_ready and self.start_failures >= self.resources.max_attempts:
             raise WorkerStartError(
                 f"no worker could start after {self.start_failures} tries; last error:\n{message}"

@@ -401,7 +401,7 @@ def test_workers_that_never_start_stop_the_job_after_max_attempts(tmp_path):
     assert pool.actors_started == 3 and not pool.calls and pool.shut_down
 
 
-def test_start_failures_after_a_worker_started_replace_the_worker(tmp_path):
+def test_start_failures_after_a_worker_started_replace_the_worker(tmp_path, caplog):
     """Once any worker has started, a failing start-up is that node's problem: the job goes on."""
     pool = FakePool(
         start=lambda n: STARTED if n in (0, 4) else RuntimeError("node lost"), capacity=1
@@ -409,8 +409,16 @@ def test_start_failures_after_a_worker_started_replace_the_worker(tmp_path):
     dispatcher, _, _ = dispatch(tmp_path, pool, shards=2, max_attempts=2)
     # Actor 0 starts and dies with both shards; actors 1-3 fail to start; actor 4 does the work.
     pool.script = lambda s, attempt, call: DIED if attempt == 1 and s == 0 else DONE
-    result = dispatcher.run()
+    with caplog.at_level("DEBUG", logger="sdfleet"):
+        result = dispatcher.run()
     assert sorted(result.committed) == [0, 1] and pool.actors_started == 5
+    # Each failed start-up: one error line, and under -v (DEBUG) the worker's traceback.
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors.count("a worker failed to start: RuntimeError('node lost')") == 3
+    tracebacks = [
+        r.getMessage() for r in caplog.records if "the worker's traceback" in r.getMessage()
+    ]
+    assert len(tracebacks) == 3 and all("Traceback" in t for t in tracebacks)
 
 
 # ------------------------------------------------------------------------------------ timeouts
