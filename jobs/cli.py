@@ -15,6 +15,7 @@ from sdfleet.schemas.errors import (
     DriverRunning,
     UserError,
 )
+from sdfleet.schemas.loading import resolved_locations
 from sdfleet.schemas.spec import load_spec
 from sdfleet.schemas.tasks import TASKS
 
@@ -228,6 +229,9 @@ def _plan(spec) -> int:
     )
     print(f"samples       {plan.num_samples}")
     print(f"shards        {plan.num_shards} of up to {plan.samples_per_shard} samples")
+    # Where every path resolved (spec-file values against its folder, --set against the cwd).
+    for key, value in resolved_locations(spec).items():
+        print(f"{'location':14}{key:25}{value}")
     print(
         f"family        {est['family']} ({pipeline_class})"
         if family

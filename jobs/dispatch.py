@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sdfleet.actors.logs import mask
 from sdfleet.jobs.pool import (
     DIED,
     DONE,
@@ -170,7 +171,7 @@ class Dispatcher:
         elif event.kind == FAILED:
             self.pool.release(event)
             self._spend(event.gpu_seconds or 0.0, committed=False)
-            self._fail(event.task, event.error)
+            self._attempt_failed(event)
         elif event.kind == DONE:
             stats: ShardStats = event.stats
             self.result.committed[event.task.shard_id] = stats
@@ -210,6 +211,7 @@ class Dispatcher:
             "a worker failed to start: %s",
             message.strip().splitlines()[-1] if message.strip() else message,
         )
+        log.debug("the worker's traceback:\n%s", message.strip())
         if not self.any_ready and self.start_failures >= self.resources.max_attempts:
             raise WorkerStartError(
                 f"no worker could start after {self.start_failures} tries; last error:\n{message}"
@@ -229,11 +231,21 @@ class Dispatcher:
                 "%s; shards %s go back to the queue; starting a replacement worker", reason, names
             )
 
+    def _attempt_failed(self, event: PoolEvent) -> None:
+        """A shard's call raised in its worker: one line always, the worker's traceback under -v."""
+        name = self.plan.shard_name(event.task.shard_id)
+        lines = event.error.strip().splitlines() or ["?"]
+        log.warning("shard %s attempt %d failed: %s", name, event.task.attempts + 1, lines[-1])
+        log.debug("shard %s: the worker's traceback:\n%s", name, event.error.strip())
+        self._fail(event.task, event.error)
+
     def _fail(self, task: ShardTask, error: str, counted: bool = True) -> None:
         if counted:
             task.attempts += 1
+            # `_failed.json` keeps the worker's traceback, with its credentials masked by the rule
+            # every log record is masked by.
             task.errors.append(
-                ShardAttemptError(attempt=task.attempts, error=error, at=time.time())
+                ShardAttemptError(attempt=task.attempts, error=mask(error), at=time.time())
             )
         if task.attempts < self.resources.max_attempts:
             self.queue.appendleft(task)

@@ -26,7 +26,7 @@ from sdfleet.schemas.refiner import RefinerSpec
 from sdfleet.schemas.rows import SOURCE_COLUMNS, TEXT_TYPES, output_schema
 from sdfleet.schemas.samples import sweep_points
 from sdfleet.schemas.spec import JobSpec
-from sdfleet.schemas.tasks import TASKS
+from sdfleet.schemas.tasks import MASKS_NOT_FROM_AN_OUTPUT, TASKS
 
 if TYPE_CHECKING:  # numpy loads where ids are hashed, not on the CLI's import path
     import numpy as np
@@ -176,8 +176,11 @@ class Planner:
     def plan(self) -> Plan:
         # 1. List the input files, in a stable order: Parquet files, or an earlier sdfleet
         #    output's committed shards (its ok rows, whose images are the inputs).
-        source = self._source_output()
-        self._check_image_inputs(source)
+        #    What the task takes is checked first: an output that is not complete yet need not be
+        #    waited for if the task could not read it anyway.
+        is_output = self._input_is_an_output()
+        self._check_image_inputs(is_output)
+        source = self._source_output() if is_output else None
         uris = (
             list_parquet(self.spec.input.uri, self.storage_options)
             if source is None
@@ -206,19 +209,23 @@ class Planner:
             plan = dataclasses.replace(plan, duplicate_rows=self._duplicate_ids(plan))
         return plan
 
-    def _source_output(self) -> dict[str, int] | None:
-        """When input.uri is an earlier sdfleet output (it has _job.json): its committed shards'
-        Parquet URIs -> their ok rows, for shards with any. The output must be complete, so that
-        every run of this job sees the same inputs."""
+    def _input_is_an_output(self) -> bool:
+        """Whether input.uri is an earlier sdfleet output (a folder or prefix with _job.json)."""
+        uri = self.spec.input.uri
+        if is_glob(uri) or uri.endswith(".parquet"):
+            return False
+        storage = Storage(uri, self.storage_options)
+        with storage.errors(layout.JOB_FILE, "check"):
+            return storage.exists(layout.JOB_FILE)
+
+    def _source_output(self) -> dict[str, int]:
+        """input.uri, an earlier sdfleet output: its committed shards' Parquet URIs -> their ok
+        rows, for shards with any. The output must be complete, so that every run of this job sees
+        the same inputs."""
         from sdfleet.jobs.output import OutputReader
 
         uri = self.spec.input.uri
-        if is_glob(uri) or uri.endswith(".parquet"):
-            return None
         storage = Storage(uri, self.storage_options)
-        with storage.errors(layout.JOB_FILE, "check"):
-            if not storage.exists(layout.JOB_FILE):
-                return None
         survey = OutputReader(storage).survey()
         if not (survey.complete and storage.exists(layout.SUCCESS_FILE)):
             raise InputError(
@@ -237,23 +244,23 @@ class Planner:
             )
         return shards
 
-    def _check_image_inputs(self, source: dict[str, int] | None) -> None:
+    def _check_image_inputs(self, is_output: bool) -> None:
         inp, name = self.spec.input, self.spec.model.task
         task = TASKS[name]
-        if source is not None:
+        if is_output:
             if not task.image:
                 raise SpecError(
                     f"input.uri {inp.uri} is an sdfleet output, whose images are inputs; model.task="
                     f"{name} takes none: set model.task (e.g. upscale or image-to-image)"
                 )
-            if inp.image_column or task.mask:
+            if task.mask:
+                raise SpecError(
+                    f"input.uri {inp.uri}: model.task={name}: {MASKS_NOT_FROM_AN_OUTPUT}"
+                )
+            if inp.image_column:
                 raise SpecError(
                     f"input.uri {inp.uri} is an sdfleet output: its images are the inputs, so "
-                    + (
-                        "input.image_column must not be set"
-                        if inp.image_column
-                        else f"model.task={name} would need masks, which an output does not hold"
-                    )
+                    "input.image_column must not be set"
                 )
         elif task.image and not inp.image_column:
             raise SpecError(

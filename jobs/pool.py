@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -310,7 +311,11 @@ class ActorPool:
             cause = getattr(e, "cause", None)
             refusal = cause if isinstance(cause, UserError) else None
             return PoolEvent(
-                START_FAILED, slot, error=_error_text(e), summary=first_line(e), refusal=refusal
+                START_FAILED,
+                slot,
+                error=worker_error_text(e),
+                summary=first_line(e),
+                refusal=refusal,
             )
         refusal = worker_node_refusal(self.output, worker.get("node"), self.driver_node)
         if refusal is not None:  # before it gets a shard
@@ -433,12 +438,22 @@ def _failure(slot: Slot, task: Any, ref: Any, e: BaseException) -> PoolEvent:
         # A termination notice is not the shard's fault.
         return PoolEvent(PREEMPTED, slot, task, summary=str(cause), ref=ref)
     spent = getattr(cause, "gpu_seconds", None)  # set by ShardGenerator.run_attempt
-    return PoolEvent(FAILED, slot, task, error=_error_text(e), ref=ref, gpu_seconds=spent)
+    return PoolEvent(FAILED, slot, task, error=worker_error_text(e), ref=ref, gpu_seconds=spent)
 
 
-def _error_text(e: BaseException) -> str:
-    """The worker's own traceback where Ray carries one (the cause of a task error), else the message."""
+# Ray colours the worker's traceback for a terminal; `_failed.json` and the logs hold plain text.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def worker_error_text(e: BaseException) -> str:
+    """The worker's own traceback where Ray carries one, ending with the error's own line, else the
+    message. A task error's cause crosses processes without its traceback (exceptions pickle
+    without one): the worker's traceback is the text Ray formatted there, which its str holds."""
     cause = getattr(e, "cause", None)
-    if cause is not None:
-        return "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
-    return str(e)
+    if cause is None:
+        return str(e)
+    last = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+    text = _ANSI_ESCAPE.sub("", str(e)).strip()
+    if not text.endswith(last):
+        text = f"{text}\n{last}" if text else last
+    return text

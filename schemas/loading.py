@@ -31,7 +31,7 @@ def apply_override(
     if "=" not in assignment:
         raise SpecError(f"--set {assignment!r} has no '='; write it as --set section.key=value")
     dotted, raw = assignment.split("=", 1)
-    parts = [p for p in dotted.strip().split(".") if p]
+    parts = [p for p in override_key(assignment).split(".") if p]
     if not parts:
         raise SpecError(f"--set {assignment!r} names no key; write it as --set section.key=value")
     value = yaml.safe_load(raw) if raw.strip() else ""
@@ -86,45 +86,105 @@ def _is_model(t: Any) -> bool:
     return isinstance(t, type) and issubclass(t, BaseModel)
 
 
-def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
-    """Relative local paths in a spec file are relative to the file's folder, not to where the
-    command runs (docker compose's rule), and are kept absolute: errors show where they point and
-    the rows' model_source regenerates from anywhere. input.uri and output.uri are paths whenever
-    they are not URIs; model.source, model.vae and safety.model may also be hub ids, so they count as paths
-    only if written as one (./, ../, ~; `locations.written_as_path`) or if they name something
-    that exists."""
+def resolve_relative_paths(
+    spec: JobSpec,
+    base: Path,
+    command_line_keys: tuple[str, ...] = (),
+    working_dir: Path | None = None,
+) -> JobSpec:
+    """The one rule for relative local paths: a value in the spec file is relative to the file's
+    folder, not to where the command runs (docker compose's rule), so a spec means the same from
+    wherever it is run; a value written on the command line (`--set key=value`, as every flag's
+    path, e.g. `score --clip-model`) is relative to the working directory, as a shell user expects
+    of anything typed there. Both are kept absolute: errors and `plan` show where they point and
+    the rows' model_source regenerates from anywhere.
 
-    def resolved(value: str | None, maybe_hub_id: bool) -> str | None:
-        if value is None or "://" in value or Path(value).expanduser().is_absolute():
-            return value
-        candidate = base / value
-        if maybe_hub_id and not (written_as_path(value) or candidate.exists()):
-            return value
-        return str(candidate.resolve())
+    command_line_keys: the dotted keys `--set` assigned (a key under an assigned section counts);
+    working_dir: their base (default: the current directory). input.uri and output.uri are paths
+    whenever they are not URIs; model.source, model.vae and safety.model may also be hub ids, so
+    they count as paths only if written as one (./, ../, ~; `locations.written_as_path`) or if
+    they name something that exists."""
+    here = working_dir or Path.cwd()
 
+    def resolved(key: str, value: str | None, maybe_hub_id: bool) -> str | None:
+        from_command_line = any(key == k or key.startswith(k + ".") for k in command_line_keys)
+        return absolute_local_path(value, here if from_command_line else base, maybe_hub_id)
+
+    model, refiner, cur = spec.model, spec.model.refiner, spec.curation
     updates = {
-        "input": spec.input.model_copy(update={"uri": resolved(spec.input.uri, False)}),
-        "output": spec.output.model_copy(update={"uri": resolved(spec.output.uri, False)}),
-        "model": spec.model.model_copy(
+        "input": spec.input.model_copy(
+            update={"uri": resolved("input.uri", spec.input.uri, False)}
+        ),
+        "output": spec.output.model_copy(
+            update={"uri": resolved("output.uri", spec.output.uri, False)}
+        ),
+        "model": model.model_copy(
             update={
-                "source": resolved(spec.model.source, True),
-                "refiner": spec.model.refiner
-                and spec.model.refiner.model_copy(
-                    update={"source": resolved(spec.model.refiner.source, True)}
+                "source": resolved("model.source", model.source, True),
+                "refiner": refiner
+                and refiner.model_copy(
+                    update={"source": resolved("model.refiner.source", refiner.source, True)}
                 ),
-                "vae": resolved(spec.model.vae, True),
+                "vae": resolved("model.vae", model.vae, True),
             }
         ),
-        "safety": spec.safety.model_copy(update={"model": resolved(spec.safety.model, True)}),
-        "curation": spec.curation.model_copy(
+        "safety": spec.safety.model_copy(
+            update={"model": resolved("safety.model", spec.safety.model, True)}
+        ),
+        "curation": cur.model_copy(
             update={
-                "clip_model": resolved(spec.curation.clip_model, True),
-                "aesthetic_model": resolved(spec.curation.aesthetic_model, False),
-                "nsfw_model": resolved(spec.curation.nsfw_model, False),
+                "clip_model": resolved("curation.clip_model", cur.clip_model, True),
+                "aesthetic_model": resolved("curation.aesthetic_model", cur.aesthetic_model, False),
+                "nsfw_model": resolved("curation.nsfw_model", cur.nsfw_model, False),
             }
         ),
     }
     return spec.model_copy(update=updates)
+
+
+def absolute_local_path(value: str | None, base: Path, maybe_hub_id: bool = False) -> str | None:
+    """`value` made absolute against `base` if it is a relative local path; a URI, an absolute
+    path and None as they are. maybe_hub_id: the value may also be a hub id, so it counts as a
+    path only if written as one (./, ../, ~; `locations.written_as_path`) or if it exists."""
+    if value is None or "://" in value or Path(value).expanduser().is_absolute():
+        return value
+    candidate = base / value
+    if maybe_hub_id and not (written_as_path(value) or candidate.exists()):
+        return value
+    return str(candidate.resolve())
+
+
+# Every spec key that may name a local path (what `resolve_relative_paths` resolves), in the order
+# `plan` shows them.
+PATH_KEYS = (
+    "input.uri",
+    "output.uri",
+    "model.source",
+    "model.refiner.source",
+    "model.vae",
+    "safety.model",
+    "curation.clip_model",
+    "curation.aesthetic_model",
+    "curation.nsfw_model",
+)
+
+
+def resolved_locations(spec: JobSpec) -> dict[str, str]:
+    """Each set PATH_KEYS value as the loaded spec holds it: absolute for a local path, else the URI
+    or hub id as written (for `plan` to show the user where things resolved)."""
+    out = {}
+    for key in PATH_KEYS:
+        value: Any = spec
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, str) and value:
+            out[key] = value
+    return out
+
+
+def override_key(assignment: str) -> str:
+    """The dotted key a `--set key=value` assigns (as `apply_override` reads it)."""
+    return ".".join(p for p in assignment.split("=", 1)[0].strip().split(".") if p)
 
 
 def format_validation_error(e: ValidationError, data: dict[str, Any], source: str) -> str:

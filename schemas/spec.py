@@ -16,14 +16,25 @@ from sdfleet.schemas.curation_spec import CurationSpec
 from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields
-from sdfleet.schemas.loading import apply_override, format_validation_error, resolve_relative_paths
+from sdfleet.schemas.loading import (
+    apply_override,
+    format_validation_error,
+    override_key,
+    resolve_relative_paths,
+)
 from sdfleet.schemas.passthrough import PassthroughColumns
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
 from sdfleet.schemas.schedulers import check_scheduler_name
 from sdfleet.schemas.secrets import redact
 from sdfleet.schemas.section import Section
-from sdfleet.schemas.tasks import TASK_NAMES, TASK_PARAMETERS, TASKS, TEXT_TO_IMAGE
+from sdfleet.schemas.tasks import (
+    MASKS_NOT_FROM_AN_OUTPUT,
+    TASK_NAMES,
+    TASK_PARAMETERS,
+    TASKS,
+    TEXT_TO_IMAGE,
+)
 
 
 class ModelSpec(Section):
@@ -328,7 +339,8 @@ class JobSpec(Section):
             )
         if task.mask and not inp.mask_column:
             raise ValueError(
-                f"model.task={name} needs input.mask_column: the column of masks (white = repaint)"
+                f"model.task={name} needs input.mask_column: the column of masks (white = "
+                f"repaint) beside input.image_column in the input Parquet ({MASKS_NOT_FROM_AN_OUTPUT})"
             )
         if not task.mask and inp.mask_column:
             raise ValueError(
@@ -415,4 +427,5 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     for assignment in overrides:
         apply_override(data, assignment, JobSpec)
     spec = parse_spec(data, str(path))
-    return resolve_relative_paths(spec, path.absolute().parent)
+    keys = tuple(override_key(a) for a in overrides)
+    return resolve_relative_paths(spec, path.absolute().parent, command_line_keys=keys)

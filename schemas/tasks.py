@@ -74,3 +74,13 @@ TASKS: dict[str, Task] = {
 TASK_NAMES = tuple(TASKS)
 # The task parameters any task has; each is a generation.* key and may be swept.
 TASK_PARAMETERS = ("strength", "noise_level")
+
+# The one answer to "can inpaint read an earlier output?": no. An output holds images and rows but
+# no masks, and a mask column beside a table the user does not write could not be matched to its
+# rows; the masks and their images come from one Parquet table the user writes. Said by the spec's
+# check (no input.mask_column) and the planner's (input.uri is an output) alike.
+MASKS_NOT_FROM_AN_OUTPUT = (
+    "an sdfleet output holds no masks, so inpaint cannot take one as input.uri: write a Parquet "
+    "table with each image (its bytes, e.g. read from the output's tars) and its mask, and set "
+    "input.uri to it with input.image_column and input.mask_column"
+)

@@ -52,9 +52,17 @@ class FakePool:
     actors it holds at most (ActorPool's is resources.max_workers, the default here)."""
 
     def __init__(
-        self, shard=lambda shard_id, attempt, call: DONE, start=lambda n: STARTED, capacity=None
+        self,
+        shard=lambda shard_id, attempt, call: DONE,
+        start=lambda n: STARTED,
+        capacity=None,
+        error=lambda shard_id: (
+            f"Traceback (most recent call last):\nRuntimeError: shard {shard_id} broke\n"
+        ),
     ):
+        """error(shard_id): the text a FAILED call's worker error carries."""
         self.script, self.start_script, self.capacity = shard, start, capacity
+        self.error = error
         self.slots: list[Slot] = []
         self.ready = 0
         self.starting: deque[Slot] = deque()
@@ -127,7 +135,7 @@ class FakePool:
                     committed_here=kind == DONE,
                 )
             elif kind == FAILED:
-                error = f"Traceback (most recent call last):\nRuntimeError: shard {task.shard_id} broke\n"
+                error = self.error(task.shard_id)
                 yield PoolEvent(FAILED, slot, task, error=error, ref=ref, gpu_seconds=GPU_SECONDS)
             elif kind == DIED:
                 yield PoolEvent(DIED, slot, task, summary="The actor died unexpectedly", ref=ref)
@@ -277,6 +285,51 @@ def test_a_failing_shard_is_retried_up_to_max_attempts_then_quarantined(tmp_path
     ]
 
 
+def test_failed_json_keeps_the_workers_traceback_with_credentials_masked(tmp_path, caplog):
+    secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
+    traceback_text = (
+        'Traceback (most recent call last):\n  File "generator.py", line 9, in _spool\n'
+        "    writer.write(rows)\n"
+        f"OSError: could not write s3://b/out/00001.tar?aws_secret_access_key={secret}\n"
+    )
+    pool = FakePool(
+        shard=lambda s, a, c: FAILED if s == 1 else DONE, error=lambda s: traceback_text
+    )
+    dispatcher, _, plan = dispatch(tmp_path, pool, max_attempts=2)
+    with caplog.at_level("DEBUG", logger="sdfleet"):
+        dispatcher.run()
+    record = failed_record(tmp_path, plan, 1)
+    for attempt in record.errors:
+        assert 'File "generator.py", line 9, in _spool' in attempt.error  # the whole traceback
+        assert secret not in attempt.error and "aws_secret_access_key=***" in attempt.error
+    # Each failed attempt is one warning line; the traceback is a debug record (shown with -v).
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "shard 00001 attempt 1 failed: OSError: could not write" in "\n".join(warnings)
+    debug = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
+    assert "in _spool" in debug
+
+
+def test_the_workers_traceback_crosses_from_a_ray_task_error_as_plain_text():
+    from ray.exceptions import RayTaskError
+
+    from sdfleet.jobs.pool import worker_error_text
+
+    try:
+        raise IsADirectoryError(21, "Is a directory", "/out/00002.tar")
+    except IsADirectoryError as cause:
+        import traceback
+
+        remote = traceback.format_exc()
+        # As the driver gets it: the cause unpickled (no traceback), Ray's text beside it.
+        error = RayTaskError(
+            "run_attempt", remote, cause.with_traceback(None)
+        ).as_instanceof_cause()
+    text = worker_error_text(error)
+    assert "test_the_workers_traceback_crosses" in text  # the frame the worker raised in
+    assert text.splitlines()[-1] == "IsADirectoryError: [Errno 21] Is a directory: '/out/00002.tar'"
+    assert "\x1b[" not in text
+
+
 def test_a_failed_call_keeps_its_worker(tmp_path):
     pool = FakePool(shard=lambda s, attempt, call: FAILED if attempt == 1 else DONE)
     dispatcher, _, _ = dispatch(tmp_path, pool, shards=2, max_workers=1)
@@ -348,7 +401,7 @@ def test_workers_that_never_start_stop_the_job_after_max_attempts(tmp_path):
     assert pool.actors_started == 3 and not pool.calls and pool.shut_down
 
 
-def test_start_failures_after_a_worker_started_replace_the_worker(tmp_path):
+def test_start_failures_after_a_worker_started_replace_the_worker(tmp_path, caplog):
     """Once any worker has started, a failing start-up is that node's problem: the job goes on."""
     pool = FakePool(
         start=lambda n: STARTED if n in (0, 4) else RuntimeError("node lost"), capacity=1
@@ -356,8 +409,16 @@ def test_start_failures_after_a_worker_started_replace_the_worker(tmp_path):
     dispatcher, _, _ = dispatch(tmp_path, pool, shards=2, max_attempts=2)
     # Actor 0 starts and dies with both shards; actors 1-3 fail to start; actor 4 does the work.
     pool.script = lambda s, attempt, call: DIED if attempt == 1 and s == 0 else DONE
-    result = dispatcher.run()
+    with caplog.at_level("DEBUG", logger="sdfleet"):
+        result = dispatcher.run()
     assert sorted(result.committed) == [0, 1] and pool.actors_started == 5
+    # Each failed start-up: one error line, and under -v (DEBUG) the worker's traceback.
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors.count("a worker failed to start: RuntimeError('node lost')") == 3
+    tracebacks = [
+        r.getMessage() for r in caplog.records if "the worker's traceback" in r.getMessage()
+    ]
+    assert len(tracebacks) == 3 and all("Traceback" in t for t in tracebacks)
 
 
 # ------------------------------------------------------------------------------------ timeouts

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import re
 import signal
 import tarfile
 import time
@@ -177,15 +178,26 @@ def test_budget_cap_stops_cleanly_and_a_higher_cap_completes(tiny_model, ray_clu
 
 
 def test_poison_shard_is_quarantined_and_the_rest_finish(tmp_path, tiny_model, bucket, ray_cluster):
-    out = tmp_path / "poison"
+    # A credential planted in the error's text (the output's path holds one): masked everywhere.
+    secret = "hunter2hunter2"
+    out = tmp_path / f"password={secret}" / "poison"
     (out / "00002.tar").mkdir(parents=True)  # every attempt to write shard 2's tar fails
     spec = job_spec(tmp_path, tiny_model, bucket, str(out), resources={"max_attempts": 2})
-    done = run_cli("run", str(spec), "--address", ray_cluster.address, "--no-progress")
+    done = run_cli("-v", "run", str(spec), "--address", ray_cluster.address, "--no-progress")
     assert done.returncode == 2
     assert "00002" in done.stderr and "IsADirectoryError" in done.stderr
+    # -v: the worker's traceback, its own frames included, for each failed attempt.
+    assert "shard 00002 attempt 1 failed: IsADirectoryError" in done.stderr
+    worker_frame = re.compile(r'File "[^"]*/actors/\w+\.py", line \d+')
+    assert "the worker's traceback" in done.stderr and worker_frame.search(done.stderr)
     failed = json.loads((out / "00002_failed.json").read_text())
     assert failed["attempts"] == 2 and len(failed["errors"]) == 2
-    assert all("IsADirectoryError" in e["error"] for e in failed["errors"])
+    for attempt in failed["errors"]:
+        error = attempt["error"]
+        assert "ShardGenerator.run_attempt" in error and worker_frame.search(error), error
+        assert error.strip().splitlines()[-1].startswith("IsADirectoryError")
+        assert "password=***" in error
+    assert secret not in done.stderr and secret not in (out / "00002_failed.json").read_text()
     assert len(committed(str(out))) == 7 and not (out / "00002_stats.json").exists()
     # Incomplete: neither the marker nor sizes.json, so no reader takes it for a dataset.
     assert not (out / "_SUCCESS").exists() and not (out / "sizes.json").exists()

@@ -106,6 +106,40 @@ def test_relative_paths_are_the_spec_folders_from_any_working_directory(
     )  # shown absolute
 
 
+def test_command_line_paths_are_the_working_directorys_and_plan_shows_where_all_resolved(
+    project, tiny_model, tmp_path_factory
+):
+    """The one rule: spec-file values against the spec's folder, `--set` values (like every flag)
+    against the working directory; `plan` prints each location absolute."""
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    shutil.copytree(tiny_model, elsewhere / "models" / "tiny")
+    spec = write_job(project)  # input.uri: prompts, output.uri: out (the spec's folder's)
+    done = subprocess.run(
+        [sys.executable, "-m", "sdfleet.jobs.cli", "plan", spec]
+        + ["--set", "output.uri=out/x", "--set", "model.source=./models/tiny"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    locations = {
+        line.split()[1]: line.split()[2]
+        for line in done.stdout.splitlines()
+        if line.startswith("location ")
+    }
+    assert locations == {
+        "input.uri": str(project / "prompts"),  # from the spec file: its folder
+        "output.uri": str(elsewhere / "out" / "x"),  # from --set: the working directory
+        "model.source": str(elsewhere / "models" / "tiny"),
+    }
+    assert f"run would     start a new job in {elsewhere / 'out' / 'x'}" in done.stdout
+    assert not (project / "out").exists()
+
+
 def test_input_and_output_that_overlap_are_refused(project):
     done = run_cli("plan", write_job(project, output={"uri": "prompts/out"}))
     assert done.returncode == 1

@@ -423,6 +423,24 @@ def test_top_level_scores_are_retired_but_never_a_shard(tmp_path):
 
 
 @pytest.mark.slow
+def test_score_flags_are_the_working_directorys_and_recorded_absolute(
+    dataset, scorers, tmp_path, monkeypatch
+):
+    """The one path rule (README, Relative paths): a flag's path is the working directory's."""
+    import shutil
+
+    from sdfleet.jobs.cli import main
+
+    shutil.copytree(dataset, tmp_path / "OUTPUT")
+    shutil.copytree(scorers["clip"], tmp_path / "models" / "clip")
+    monkeypatch.chdir(tmp_path)
+    argv = ["score", "OUTPUT", "--clip-model", "models/clip", "--device", "cpu"]
+    assert main([*argv, "--batch-size", "8"]) == 0
+    summary = json.loads((tmp_path / "OUTPUT" / "_scores" / "scores_summary.json").read_text())
+    assert summary["clip_model"]["source"] == str(tmp_path / "models" / "clip")
+
+
+@pytest.mark.slow
 def test_readme_row_reader_reads_exactly_the_rows_of_a_scored_and_previewed_output(
     dataset, scorers, tmp_path
 ):

@@ -257,3 +257,27 @@ def test_jobspec_round_trips_through_json():
     spec = parse_spec(spec_with(sweep={"seeds": [3, 1], "axes": {"guidance_scale": [3, 7.5]}}))
     again = JobSpec.model_validate_json(spec.model_dump_json())
     assert again == spec and again.fingerprint() == spec.fingerprint()
+
+
+def test_spec_file_paths_are_its_folders_and_set_paths_the_working_directorys(
+    tmp_path, monkeypatch
+):
+    import yaml
+
+    from sdfleet.schemas.loading import resolved_locations
+
+    jobs, cwd = tmp_path / "jobs", tmp_path / "cwd"
+    jobs.mkdir()
+    cwd.mkdir()
+    data = {"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"source": "./m"}}
+    path = jobs / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(cwd)
+    spec = load_spec(path, ["output.uri=out/x", "model={source: ./base, vae: ./vae}"])
+    assert resolved_locations(spec) == {
+        "input.uri": str(jobs / "in"),  # the spec file's
+        "output.uri": str(cwd / "out" / "x"),  # --set: the working directory's
+        "model.source": str(cwd / "base"),  # a key under a section --set whole counts too
+        "model.vae": str(cwd / "vae"),
+    }
+    assert load_spec(path).model.source == str(jobs / "m")

@@ -630,6 +630,31 @@ def test_an_unfinished_output_is_not_an_input(tmp_path, family, s3):
     )
 
 
+def test_inpaint_from_an_earlier_output_gets_one_answer_with_or_without_a_mask_column(
+    tmp_path, family
+):
+    """An output holds no masks: `plan` says so, in the same words, whether the spec names a mask
+    column or not, and before waiting for the output to be complete."""
+    from sdfleet.schemas import layout
+    from sdfleet.schemas.tasks import MASKS_NOT_FROM_AN_OUTPUT
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / layout.JOB_FILE).write_text(
+        '{"fingerprint": "x", "num_shards": 2, "num_samples": 4, "key_width": 5, '
+        '"spec": {"name": "stage1"}}'
+    )
+    for input_section in ({}, {"mask_column": "mask"}):
+        spec = job_dict(family["inpaint"], str(source), tmp_path / "out", model={"task": "inpaint"})
+        spec["input"].update(input_section)
+        write_spec(tmp_path, spec, "job.yaml")
+        out = run_cli("plan", str(tmp_path / "job.yaml"))
+        assert out.returncode == 1 and out.stderr.count("sdfleet: error") == 1, out.stderr
+        error = out.stderr[out.stderr.index("sdfleet: error") :]  # a spec error lists its keys
+        assert error.count(MASKS_NOT_FROM_AN_OUTPUT) == 1, error
+        assert "not complete" not in error and "must not be set" not in error
+
+
 def test_a_checkpoint_whose_configs_do_not_parse_is_refused_by_the_driver(tmp_path, tiny_model):
     import shutil
 

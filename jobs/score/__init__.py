@@ -60,10 +60,12 @@ as it goes and says so (``dataset_complete: false``).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from sdfleet.schemas import layout
 from sdfleet.schemas.errors import EXIT_OK, SpecError
+from sdfleet.schemas.loading import absolute_local_path
 
 
 class ScoreError(SpecError):
@@ -143,14 +145,17 @@ def command(args: argparse.Namespace) -> int:
     """`sdfleet score`: score, then print a line per sweep point and the files written."""
     from sdfleet.jobs.score.run import run_score
 
+    # The one path rule: what is typed on the command line is the working directory's, and
+    # recorded absolute (the summary names the CLIP model it scored with).
+    here = Path.cwd()
     summary = run_score(
         args.output,
-        args.clip_model,
-        args.reference,
+        absolute_local_path(args.clip_model, here, maybe_hub_id=True),
+        absolute_local_path(args.reference, here),
         out=args.out,
         batch_size=args.batch_size,
         device=args.device,
-        fid_weights=args.fid_weights,
+        fid_weights=absolute_local_path(args.fid_weights, here),
         fid_size=args.fid_size,
         note=args.note,
         storage_options=args.storage_options,
