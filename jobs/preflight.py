@@ -12,6 +12,12 @@ import logging
 from dataclasses import dataclass
 
 from sdfleet.actors.keras_models import check_keras_builds, check_keras_model, import_tensorflow
+from sdfleet.actors.model_files import (
+    check_head_file,
+    check_keras_file_format,
+    check_transformers_folder,
+    clip_embedding_size,
+)
 from sdfleet.actors.storage import Storage
 from sdfleet.jobs.checkpoint import (
     check_model_source,
@@ -20,6 +26,7 @@ from sdfleet.jobs.checkpoint import (
     check_task,
     check_vae,
     read_checkpoint,
+    read_config,
 )
 from sdfleet.jobs.content import resolve_content
 from sdfleet.jobs.plan import Planner
@@ -159,9 +166,41 @@ class Preflight:
             raise SpecError(
                 f"safety.model {safety.model} does not exist; give the detector's weights"
             )
-        keras = DETECTORS[safety.detector].keras_model
-        if keras and safety.model and kind_of(safety.model) == "local":
-            _check_keras_file(safety.model)
+        if safety.model and kind_of(safety.model) == "local":
+            self._check_detector_file(safety.detector, safety.model)
+
+    def _check_detector_file(self, detector: str, path: str) -> None:
+        """A local detector's weights, in the format its class loads (read from headers only);
+        laion-clip-nsfw's head as wide as curation.clip_model's embeddings."""
+        if detector == "nsfw-detector":
+            check_keras_file_format(path)
+            _check_keras_file(path)
+        elif detector == "clip-checker":
+            check_transformers_folder(
+                path,
+                "safety.model",
+                ("StableDiffusionSafetyChecker",),
+                "diffusers' StableDiffusionSafetyChecker (the SD 1.x safety_checker folder)",
+            )
+        elif detector == "hf-classifier":
+            check_transformers_folder(
+                path,
+                "safety.model",
+                ("ForImageClassification",),
+                "a transformers image classifier (a *ForImageClassification folder)",
+            )
+        elif detector == "laion-clip-nsfw":
+            check_head_file(path, "nsfw", "safety.model", self._clip_embedding_size())
+
+    def _clip_embedding_size(self) -> int | None:
+        """curation.clip_model's embedding width, read from its config.json where it is a local or
+        s3:// folder (None: a hub id, left to the workers)."""
+        cur = self.spec.curation
+        if cur.clip_model is None or kind_of(cur.clip_model) not in ("local", "remote"):
+            return None
+        key = "curation.clip_model"
+        config = read_config(cur.clip_model, "config.json", cur.storage_options, key=key)
+        return clip_embedding_size(config, cur.clip_model, key)
 
     def _check_curation_models(self) -> None:
         """What the driver can see of curation.*'s models: heads are safetensors files, and local
@@ -179,6 +218,13 @@ class Preflight:
                 )
             if kind_of(value) == "missing":
                 raise SpecError(f"curation.{key} {value} does not exist")
+        # What the local files are, from their headers: a CLIP folder, heads of their kind and
+        # as wide as its embeddings.
+        size = self._clip_embedding_size()
+        for key, kind in (("aesthetic_model", "aesthetic"), ("nsfw_model", "nsfw")):
+            value = getattr(cur, key)
+            if value is not None and kind_of(value) == "local":
+                check_head_file(value, kind, f"curation.{key}", size)
 
     def _with_checkpoint_size(self, checkpoint) -> JobSpec:
         """Text-to-image without a width or height makes the checkpoint's native size (512-base:
