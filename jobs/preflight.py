@@ -19,6 +19,7 @@ from sdfleet.actors.model_files import (
     clip_embedding_size,
 )
 from sdfleet.actors.storage import Storage
+from sdfleet.actors.storage_errors import check_first_contact
 from sdfleet.jobs.checkpoint import (
     check_model_source,
     check_refiner,
@@ -63,8 +64,14 @@ class Preflight:
     def check(self) -> CheckedPlan:
         """The input (by planning it), the model, the detector and curation's models, and the
         output; in that order, so the first problem a user meets is the first one a run meets."""
-        # 1. Plan: lists the input and reads Parquet footers; bad input is refused here.
+        # 1. Plan: lists the input and reads Parquet footers; bad input is refused here. First one
+        #    bounded request to each S3 location, so a wrong endpoint is named in seconds.
         self._check_input_and_output_apart()
+        for key, section in (("input.uri", self.spec.input), ("output.uri", self.spec.output)):
+            uri = section.uri
+            check_first_contact(
+                fixed_part(uri) if is_glob(uri) else uri, key, section.storage_options
+            )
         planned = Planner(self.spec).plan()
         log.info(
             "planned %d samples in %d shards from %d input file(s)",
