@@ -122,15 +122,11 @@ def check_keras_file_format(path: str | Path, what: str = "safety.model") -> Non
         )
 
 
-def check_transformers_folder(
-    path: str | Path, what: str, architectures: tuple[str, ...], expected: str
+def check_transformers_config(
+    config: dict | None, source: str, what: str, architectures: tuple[str, ...], expected: str
 ) -> None:
-    """A transformers model folder whose config.json names an architecture ending in one of
-    `architectures` (or, without architectures, a model_type among them lower-cased)."""
-    path = Path(path)
-    config = read_config(path) if path.is_dir() else None
+    """A transformers model's config.json (None or {}: the folder has none) names an architecture
+    ending in one of `architectures`."""
     names = (config or {}).get("architectures") or []
-    if config is not None and any(n.endswith(architectures) for n in names):
-        return
-    what_it_is = _describe(config) if path.is_dir() else "it is a file, not a folder"
-    raise ModelLoadError(f"{what} {path} is not {expected} ({what_it_is})")
+    if not any(n.endswith(architectures) for n in names):
+        raise ModelLoadError(f"{what} {source} is not {expected} ({_describe(config or None)})")

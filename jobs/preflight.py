@@ -15,7 +15,7 @@ from sdfleet.actors.keras_models import check_keras_builds, check_keras_model, i
 from sdfleet.actors.model_files import (
     check_head_file,
     check_keras_file_format,
-    check_transformers_folder,
+    check_transformers_config,
     clip_embedding_size,
 )
 from sdfleet.actors.storage import Storage
@@ -173,29 +173,32 @@ class Preflight:
             raise SpecError(
                 f"safety.model {safety.model} does not exist; give the detector's weights"
             )
-        if safety.model and kind_of(safety.model) == "local":
-            self._check_detector_file(safety.detector, safety.model)
+        if safety.model and kind_of(safety.model) in ("local", "remote"):
+            self._check_detector_file(safety.detector, safety.model, kind_of(safety.model))
 
-    def _check_detector_file(self, detector: str, path: str) -> None:
-        """A local detector's weights, in the format its class loads (read from headers only);
-        laion-clip-nsfw's head as wide as curation.clip_model's embeddings."""
-        if detector == "nsfw-detector":
-            check_keras_file_format(path)
-            _check_keras_file(path)
-        elif detector == "clip-checker":
-            check_transformers_folder(
-                path,
-                "safety.model",
+    def _check_detector_file(self, detector: str, path: str, kind: str) -> None:
+        """A detector's weights, in the format its class loads (read from headers only; a remote
+        folder's config.json, a remote file is left to the workers); laion-clip-nsfw's head as wide
+        as curation.clip_model's embeddings."""
+        folders = {
+            "clip-checker": (
                 ("StableDiffusionSafetyChecker",),
                 "diffusers' StableDiffusionSafetyChecker (the SD 1.x safety_checker folder)",
-            )
-        elif detector == "hf-classifier":
-            check_transformers_folder(
-                path,
-                "safety.model",
+            ),
+            "hf-classifier": (
                 ("ForImageClassification",),
                 "a transformers image classifier (a *ForImageClassification folder)",
-            )
+            ),
+        }
+        if detector in folders:
+            options = self.spec.safety.storage_options
+            config = read_config(path, "config.json", options, key="safety.model")
+            check_transformers_config(config, path, "safety.model", *folders[detector])
+        elif kind != "local":
+            return
+        elif detector == "nsfw-detector":
+            check_keras_file_format(path)
+            _check_keras_file(path)
         elif detector == "laion-clip-nsfw":
             check_head_file(path, "nsfw", "safety.model", self._clip_embedding_size())
 

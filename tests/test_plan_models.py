@@ -107,3 +107,17 @@ def test_plan_accepts_the_tiny_models_of_each_kind(tmp_path, tiny_model, models)
     ]:
         done = plan(tmp_path, tiny_model, **sections)
         assert done.returncode == 0, (sections, done.stderr[-3000:])
+
+
+def test_plan_reads_an_s3_detector_folders_config(tmp_path, tiny_model, models, s3):
+    """A detector folder on S3 is checked from its config.json too: a CLIP model uploaded as the
+    clip-checker is refused, the real checker passes."""
+    for name in ("clip", "clip-checker"):
+        s3.put(str(models[name]), f"{s3.bucket}/{name}", recursive=True)
+    for folder, code in (("clip", 1), ("clip-checker", 0)):
+        uri = f"s3://{s3.bucket}/{folder}"
+        done = plan(tmp_path, tiny_model, safety={"detector": "clip-checker", "model": uri})
+        assert done.returncode == code, done.stderr[-3000:]
+        if code:
+            line = one_line(done)
+            assert f"safety.model {uri} is not diffusers' StableDiffusionSafetyChecker" in line
