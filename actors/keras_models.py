@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from sdfleet.actors.logs import native_start_up_quiet
+from sdfleet.actors.model_files import check_keras_file_format
 from sdfleet.schemas.errors import ModelLoadError, UserError
 
 
@@ -80,6 +81,7 @@ def _keras_configs(path: Path) -> list[dict]:
         return [json.loads(node.metadata) for node in saved.nodes if node.metadata]
     import h5py
 
+    check_keras_file_format(path)  # h5py aborts the process on some files that are not HDF5
     with h5py.File(path, "r") as f:
         raw = f.attrs.get("model_config")
     if raw is None:

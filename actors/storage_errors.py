@@ -145,3 +145,57 @@ def check_endpoint_reachable(uri: str, endpoint: str | None) -> None:
             f"{ENDPOINT_ADVICE}"
         ) from None
     _reachable.add(endpoint)
+
+
+# The driver's first request to each s3:// location the spec names (`plan` and `run`, before
+# planning): one attempt with short timeouts, so a wrong endpoint that accepts connections but never
+# answers, or no route to AWS, is named in seconds with the URI the user wrote. The workers keep
+# storage.S3_RETRIES and botocore's timeouts.
+FIRST_CONTACT_CONFIG = {
+    "connect_timeout": 5,
+    "read_timeout": 5,
+    "retries": {"total_max_attempts": 1, "mode": "standard"},
+}
+# Failures that mean nothing answered in time (botocore's, aiohttp's, the OS's).
+_NO_ANSWER = {
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ConnectionClosedError",
+    "ServerTimeoutError",
+    "TimeoutError",
+    "FSTimeoutError",
+}
+
+
+def check_first_contact(uri: str, key: str, options: dict[str, Any] | None = None) -> None:
+    """One bounded request to an s3:// `uri` (spec key `key`): a StorageError naming them when the
+    endpoint cannot be reached or does not answer. Anything else (no credentials, no bucket, denied,
+    not found) is left to the request that needs the answer, which names it as before."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return
+    import fsspec
+
+    options = dict(options or {})
+    endpoint = endpoint_of(options)
+    check_endpoint_reachable(uri, endpoint)
+    options["config_kwargs"] = {**options.get("config_kwargs", {}), **FIRST_CONTACT_CONFIG}
+    fs, path = fsspec.core.url_to_fs(uri, skip_instance_cache=True, **options)
+    fs.retries = 1  # s3fs retries timeouts itself too; this filesystem is the probe's own
+    bucket, key_prefix, _ = fs.split_path(path)
+    try:  # one request: the listing a plan makes first
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key_prefix, MaxKeys=1)
+    except Exception as e:  # noqa: BLE001 -- only the unreachable endpoint is this check's to name
+        chain, seen = [], e
+        while seen is not None and len(chain) < 10:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        names = {type(x).__name__ for x in chain}
+        where = endpoint or "(AWS default: AWS_ENDPOINT_URL is not set)"
+        if names & _NO_ANSWER:
+            raise StorageError(
+                f"cannot read {key} {uri}: the S3 endpoint {where} did not answer within "
+                f"{FIRST_CONTACT_CONFIG['read_timeout']} s. {ENDPOINT_ADVICE}"
+            ) from None
+        error = storage_error(e, f"cannot read {key} {uri}", options)
+        if error is not None and "cannot connect to the S3 endpoint" in str(error):
+            raise error from None

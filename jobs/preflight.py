@@ -12,7 +12,14 @@ import logging
 from dataclasses import dataclass
 
 from sdfleet.actors.keras_models import check_keras_builds, check_keras_model, import_tensorflow
+from sdfleet.actors.model_files import (
+    check_head_file,
+    check_keras_file_format,
+    check_transformers_config,
+    clip_embedding_size,
+)
 from sdfleet.actors.storage import Storage
+from sdfleet.actors.storage_errors import check_first_contact
 from sdfleet.jobs.checkpoint import (
     check_model_source,
     check_refiner,
@@ -20,6 +27,7 @@ from sdfleet.jobs.checkpoint import (
     check_task,
     check_vae,
     read_checkpoint,
+    read_config,
 )
 from sdfleet.jobs.content import resolve_content
 from sdfleet.jobs.plan import Planner
@@ -56,8 +64,14 @@ class Preflight:
     def check(self) -> CheckedPlan:
         """The input (by planning it), the model, the detector and curation's models, and the
         output; in that order, so the first problem a user meets is the first one a run meets."""
-        # 1. Plan: lists the input and reads Parquet footers; bad input is refused here.
+        # 1. Plan: lists the input and reads Parquet footers; bad input is refused here. First one
+        #    bounded request to each S3 location, so a wrong endpoint is named in seconds.
         self._check_input_and_output_apart()
+        for key, section in (("input.uri", self.spec.input), ("output.uri", self.spec.output)):
+            uri = section.uri
+            check_first_contact(
+                fixed_part(uri) if is_glob(uri) else uri, key, section.storage_options
+            )
         planned = Planner(self.spec).plan()
         log.info(
             "planned %d samples in %d shards from %d input file(s)",
@@ -159,9 +173,44 @@ class Preflight:
             raise SpecError(
                 f"safety.model {safety.model} does not exist; give the detector's weights"
             )
-        keras = DETECTORS[safety.detector].keras_model
-        if keras and safety.model and kind_of(safety.model) == "local":
-            _check_keras_file(safety.model)
+        if safety.model and kind_of(safety.model) in ("local", "remote"):
+            self._check_detector_file(safety.detector, safety.model, kind_of(safety.model))
+
+    def _check_detector_file(self, detector: str, path: str, kind: str) -> None:
+        """A detector's weights, in the format its class loads (read from headers only; a remote
+        folder's config.json, a remote file is left to the workers); laion-clip-nsfw's head as wide
+        as curation.clip_model's embeddings."""
+        folders = {
+            "clip-checker": (
+                ("StableDiffusionSafetyChecker",),
+                "diffusers' StableDiffusionSafetyChecker (the SD 1.x safety_checker folder)",
+            ),
+            "hf-classifier": (
+                ("ForImageClassification",),
+                "a transformers image classifier (a *ForImageClassification folder)",
+            ),
+        }
+        if detector in folders:
+            options = self.spec.safety.storage_options
+            config = read_config(path, "config.json", options, key="safety.model")
+            check_transformers_config(config, path, "safety.model", *folders[detector])
+        elif kind != "local":
+            return
+        elif detector == "nsfw-detector":
+            check_keras_file_format(path)
+            _check_keras_file(path)
+        elif detector == "laion-clip-nsfw":
+            check_head_file(path, "nsfw", "safety.model", self._clip_embedding_size())
+
+    def _clip_embedding_size(self) -> int | None:
+        """curation.clip_model's embedding width, read from its config.json where it is a local or
+        s3:// folder (None: a hub id, left to the workers)."""
+        cur = self.spec.curation
+        if cur.clip_model is None or kind_of(cur.clip_model) not in ("local", "remote"):
+            return None
+        key = "curation.clip_model"
+        config = read_config(cur.clip_model, "config.json", cur.storage_options, key=key)
+        return clip_embedding_size(config, cur.clip_model, key)
 
     def _check_curation_models(self) -> None:
         """What the driver can see of curation.*'s models: heads are safetensors files, and local
@@ -179,6 +228,13 @@ class Preflight:
                 )
             if kind_of(value) == "missing":
                 raise SpecError(f"curation.{key} {value} does not exist")
+        # What the local files are, from their headers: a CLIP folder, heads of their kind and
+        # as wide as its embeddings.
+        size = self._clip_embedding_size()
+        for key, kind in (("aesthetic_model", "aesthetic"), ("nsfw_model", "nsfw")):
+            value = getattr(cur, key)
+            if value is not None and kind_of(value) == "local":
+                check_head_file(value, kind, f"curation.{key}", size)
 
     def _with_checkpoint_size(self, checkpoint) -> JobSpec:
         """Text-to-image without a width or height makes the checkpoint's native size (512-base:

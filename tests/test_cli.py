@@ -74,6 +74,75 @@ def test_plan_against_an_unreachable_endpoint_names_the_endpoint(tmp_path, promp
     assert time.monotonic() - t0 < 15  # not after botocore's minute of retries
 
 
+@pytest.fixture
+def silent_endpoint():
+    """A loopback S3 endpoint that accepts connections and never answers (a wrong port that some
+    other server holds, a hung proxy): its URL."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+# Credentials for a local server, and nothing that could reach beyond loopback.
+LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def test_plan_against_an_endpoint_that_never_answers_names_the_input_in_seconds(
+    tmp_path, silent_endpoint
+):
+    uri = "s3://prompts/v1/"
+    t0 = time.monotonic()
+    line = one_line_error(
+        run_cli(
+            "plan",
+            spec_file(tmp_path, uri),
+            env={**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL": silent_endpoint},
+        )
+    )
+    assert time.monotonic() - t0 < 15  # not botocore's minute of read timeouts and retries
+    assert f"input.uri {uri}" in line and f"S3 endpoint {silent_endpoint} did not answer" in line
+    assert "_job.json" not in line
+
+
+def test_plan_with_an_output_behind_a_closed_port_names_the_output(tmp_path):
+    write_prompts(tmp_path / "in" / "p.parquet", ["a red bicycle"])
+    dead = f"http://127.0.0.1:{free_port()}"
+    spec = spec_dict(
+        input={"uri": str(tmp_path / "in")},
+        output={"uri": "s3://results/v1", "storage_options": {"endpoint_url": dead}},
+        safety={"detector": "none"},
+    )
+    t0 = time.monotonic()
+    line = one_line_error(
+        run_cli("plan", str(write_spec(tmp_path, spec, "job.yaml")), env=LOCAL_CREDENTIALS)
+    )
+    assert time.monotonic() - t0 < 15
+    assert "s3://results/v1" in line and f"cannot connect to the S3 endpoint {dead}" in line
+
+
 def test_status_of_a_folder_that_is_not_an_output(tmp_path):
     line = one_line_error(run_cli("status", str(tmp_path)))
     assert str(tmp_path) in line and "not an sdfleet output" in line
