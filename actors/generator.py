@@ -52,6 +52,7 @@ from sdfleet.actors.writer import (
     ForeignCommit,
     ShardWriter,
     Spooled,
+    as_stored,
     encode_image,
     publish_committed,
     read_stats,
@@ -463,7 +464,9 @@ class ShardGenerator:
         curated = [None] * len(arrays)
         if self.curator is not None:  # before a blackout, so the scores are of what was generated
             t0 = time.perf_counter()
-            curated = self.curator.score(arrays, [s.params.prompt for s in samples])
+            out = self.spec.output
+            stored = as_stored(arrays, out.image_format, out.quality)
+            curated = self.curator.score(stored, [s.params.prompt for s in samples])
             seconds["curate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.detector is None:

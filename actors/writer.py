@@ -64,6 +64,20 @@ def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def as_stored(images: list[np.ndarray], image_format: str, quality: int) -> list[np.ndarray]:
+    """The images as a reader of the tar decodes them: JPEG and WebP round-tripped through their
+    encoder (deterministic, so the tar later gets these very bytes); PNG, lossless, as they are.
+    Curation scores them, so `sdfleet score` on the output reproduces the rows' scores."""
+    from PIL import Image
+
+    if image_format == "png":
+        return images
+    return [
+        np.asarray(Image.open(io.BytesIO(encode_image(a, image_format, quality))).convert("RGB"))
+        for a in images
+    ]
+
+
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     # Fixed metadata, so the same images give the same tar bytes on every retry and resume.
     info = tarfile.TarInfo(name)
@@ -100,7 +114,8 @@ class ShardWriter:
         embeddings: dict[str, np.ndarray] | None = None,
         embedding_size: int = 0,
     ) -> Spooled:
-        """Write the shard's files to local disk: {name}.tar, {name}.parquet (every planned sample),
+        """Write the shard's files to local disk: {name}.tar (only if it holds an image),
+        {name}.parquet (every planned sample),
         for images flagged under action `quarantine` quarantine/{name}.tar and .parquet, outside
         the dataset that readers of sizes.json see, and with `embeddings` (key -> the image's
         embedding) the embeddings of the tar's images with their keys, in tar order. Nothing
@@ -112,10 +127,14 @@ class ShardWriter:
             held = [r for r in rows if r["key"] in quarantine]
             files[layout.quarantine_tar(name)] = self._tar(root / "q.tar", held, quarantine, schema)
             files[layout.quarantine_parquet(name)] = _parquet(root / "q.parquet", held, schema)
-        files[layout.tar_file(name)] = self._tar(root / "shard.tar", rows, images, schema)
+        in_tar = [r for r in rows if r["key"] in images]
+        if in_tar:
+            # A shard whose images were all rejected, filtered or failed has no tar: an empty one
+            # breaks readers that infer the columns from the first tar (Hugging Face datasets'
+            # webdataset loader). Its Parquet still holds every row, and sizes.json lists only tars.
+            files[layout.tar_file(name)] = self._tar(root / "shard.tar", rows, images, schema)
         files[layout.parquet_file(name)] = _parquet(root / "shard.parquet", rows, schema)
         if embeddings is not None:
-            in_tar = [r for r in rows if r["key"] in images]
             files[layout.embeddings_file(name)] = _embeddings(
                 root / "emb.npy", in_tar, embeddings, embedding_size
             )
