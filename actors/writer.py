@@ -21,6 +21,7 @@ where its tar must go) withdraws its commit, so the shard's retry can make it ag
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import logging
 import tarfile
@@ -64,18 +65,30 @@ def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def as_stored(images: list[np.ndarray], image_format: str, quality: int) -> list[np.ndarray]:
-    """The images as a reader of the tar decodes them: JPEG and WebP round-tripped through their
-    encoder (deterministic, so the tar later gets these very bytes); PNG, lossless, as they are.
-    Curation scores them, so `sdfleet score` on the output reproduces the rows' scores."""
+@dataclass
+class Encoded:
+    """One image's bytes, their sha256, and the seconds each took."""
+
+    data: bytes
+    sha256: str
+    seconds: dict[str, float]
+
+
+def encode_timed(array: np.ndarray, image_format: str, quality: int) -> Encoded:
+    """encode_image, with the bytes' sha256 and the seconds each step took."""
+    t0 = time.perf_counter()
+    data = encode_image(array, image_format, quality)
+    t1 = time.perf_counter()
+    digest = hashlib.sha256(data).hexdigest()
+    return Encoded(data, digest, {"encode": t1 - t0, "hash": time.perf_counter() - t1})
+
+
+def decoded_rgb(data: bytes) -> np.ndarray:
+    """An encoded image as a reader of the tar decodes it: RGB pixels."""
     from PIL import Image
 
-    if image_format == "png":
-        return images
-    return [
-        np.asarray(Image.open(io.BytesIO(encode_image(a, image_format, quality))).convert("RGB"))
-        for a in images
-    ]
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

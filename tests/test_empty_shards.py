@@ -5,6 +5,8 @@ in-job scores are of the image as stored, so `sdfleet score` reproduces them."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from helpers import TINY_GENERATION, job_dict, rows_of, run_cli, write_prompts, write_spec
 from test_score import readme_block
@@ -156,3 +159,52 @@ def test_a_gate_that_empties_shards_leaves_no_empty_tar_and_every_reader_opens_t
         "read": len(ok_keys),
         "num_samples": len(ok_keys),
     }
+
+
+@pytest.mark.parametrize("image_format", ["jpeg", "webp"])
+def test_in_job_clip_scores_are_of_the_image_as_stored(tmp_path, tiny_model, image_format):
+    """One shard through the real worker, without Ray: each row's clip_score is CLIPScore of the
+    image decoded from the tar (transformers' full CLIPModel forward, computed here)."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    from sdfleet.actors.generator import ShardGenerator
+    from sdfleet.jobs.plan import Planner
+    from sdfleet.jobs.tiny import write_tiny_clip
+    from sdfleet.schemas.spec import parse_spec
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    write_prompts(tmp_path / "in" / "p.parquet", PROMPTS[:3], ["a", "b", "c"])
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        tmp_path / "out",
+        generation=TINY_GENERATION,
+        sweep={"seeds": 2},
+        output={"image_format": image_format, "quality": 50, "samples_per_shard": 6},
+        curation={"clip_model": str(clip)},
+    )
+    ShardGenerator(Planner(parse_spec(spec)).plan(), cpu_threads=2).run(0)
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()}
+    model = CLIPModel.from_pretrained(clip, use_safetensors=True).eval()
+    processor = CLIPProcessor.from_pretrained(clip)
+    ext = "jpg" if image_format == "jpeg" else "webp"
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        stored = {
+            m.name[: -len(ext) - 1]: tar.extractfile(m).read()
+            for m in tar.getmembers()
+            if m.name.endswith(f".{ext}")
+        }
+    assert sorted(stored) == sorted(rows)
+    for key, data in stored.items():
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        with torch.no_grad():
+            o = model(
+                **processor(
+                    text=[rows[key]["prompt"]], images=[image], return_tensors="pt", padding=True
+                )
+            )
+        want = float((100 * (o.image_embeds * o.text_embeds).sum()).clamp(min=0))
+        assert abs(rows[key]["clip_score"] - want) < 1e-4, (key, rows[key]["clip_score"], want)
+        # The tar holds the bytes the row's hash names: scoring reused them, not a second encode.
+        assert hashlib.sha256(data).hexdigest() == rows[key]["image_sha256"]
