@@ -22,9 +22,6 @@ from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.tasks import TASKS, Task
 
-# The family figures' own VAE factor (SD2's and SDXL's): output pixels per latent pixel per side.
-FAMILY_LATENT_SCALE = 8
-
 
 @dataclass(frozen=True)
 class MeasuredInputs:
@@ -69,6 +66,6 @@ def image_tflop(family: Family, task: Task, params: GenerationParams) -> float:
     if params.strength is not None:
         steps = min(int(steps * params.strength), steps)
     denoised = None
-    if task.latent_scale != FAMILY_LATENT_SCALE:
-        denoised = width * height * (FAMILY_LATENT_SCALE // task.latent_scale) ** 2
+    if task.latent_scale != family.latent_grid:  # the family's figures are at its own VAE factor
+        denoised = width * height * (family.latent_grid // task.latent_scale) ** 2
     return family.tflop_per_image(width, height, steps, params.guidance_scale, denoised)
