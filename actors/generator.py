@@ -12,7 +12,6 @@ nor for uploads.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
 import signal
@@ -49,10 +48,12 @@ from sdfleet.actors.safety import SafetyScore, load_detector
 from sdfleet.actors.selection import BestOfN
 from sdfleet.actors.storage import Storage
 from sdfleet.actors.writer import (
+    Encoded,
     ForeignCommit,
     ShardWriter,
     Spooled,
-    encode_image,
+    decoded_rgb,
+    encode_timed,
     publish_committed,
     read_stats,
 )
@@ -88,15 +89,8 @@ class Scores:
     curation: list[CurationScores | None]
     safety: list[SafetyScore | None]
     seconds: dict[str, float]
-
-
-@dataclass
-class Encoded:
-    """One image's bytes, their sha256, and the seconds each took."""
-
-    data: bytes
-    sha256: str
-    seconds: dict[str, float]
+    # The bytes curation scored (JPEG, WebP), reused for the tar where the image is kept as made.
+    encoded: list[Encoded | None]
 
 
 @dataclass
@@ -439,8 +433,8 @@ class ShardGenerator:
         out = self.spec.output
         scores = self._score(samples, arrays)
         batch = PostBatch({}, scores.seconds)
-        for sample, array, safety, curation, per_image in zip(
-            samples, arrays, scores.safety, scores.curation, seconds
+        for sample, array, safety, curation, per_image, encoded in zip(
+            samples, arrays, scores.safety, scores.curation, seconds, scores.encoded
         ):
             o = Outcome.judged(
                 self.judge,
@@ -450,9 +444,12 @@ class ShardGenerator:
             )
             if o.verdict.blackout:
                 array = np.zeros_like(array)
-            if o.verdict.keeps_image:
+            if o.verdict.keeps_image and encoded is not None and not o.verdict.blackout:
+                batch.encoding[sample.key] = Future()
+                batch.encoding[sample.key].set_result(encoded)
+            elif o.verdict.keeps_image:
                 batch.encoding[sample.key] = self.encoders.submit(
-                    _encode, array, out.image_format, out.quality
+                    encode_timed, array, out.image_format, out.quality
                 )
             batch.outcomes[sample.key] = o
         return batch
@@ -460,10 +457,11 @@ class ShardGenerator:
     def _score(self, samples: list[Sample], arrays: list) -> Scores:
         """Curation's and the detector's scores per image."""
         seconds = {}
-        curated = [None] * len(arrays)
+        curated, encoded = [None] * len(arrays), [None] * len(arrays)
         if self.curator is not None:  # before a blackout, so the scores are of what was generated
+            stored, encoded = self._as_stored(arrays)
             t0 = time.perf_counter()
-            curated = self.curator.score(arrays, [s.params.prompt for s in samples])
+            curated = self.curator.score(stored, [s.params.prompt for s in samples])
             seconds["curate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.detector is None:
@@ -473,12 +471,19 @@ class ShardGenerator:
         else:
             safety = self.detector.score(arrays)
         seconds["score"] = time.perf_counter() - t0
-        return Scores(curated, safety, seconds)
+        return Scores(curated, safety, seconds, encoded)
 
-
-def _encode(array: np.ndarray, image_format: str, quality: int) -> Encoded:
-    t0 = time.perf_counter()
-    data = encode_image(array, image_format, quality)
-    t1 = time.perf_counter()
-    digest = hashlib.sha256(data).hexdigest()
-    return Encoded(data, digest, {"encode": t1 - t0, "hash": time.perf_counter() - t1})
+    def _as_stored(self, arrays: list) -> tuple[list, list[Encoded | None]]:
+        """The images as a reader of the tar decodes them, for curation to score (so `sdfleet
+        score` on the output gives the rows' scores): JPEG and WebP encoded on the encoder pool
+        (deterministic: the tar gets these very bytes) and decoded again; PNG, lossless, as made."""
+        out = self.spec.output
+        if out.image_format == "png":
+            return arrays, [None] * len(arrays)
+        encoded = [
+            job.result()
+            for job in [
+                self.encoders.submit(encode_timed, a, out.image_format, out.quality) for a in arrays
+            ]
+        ]
+        return [decoded_rgb(e.data) for e in encoded], encoded

@@ -321,7 +321,7 @@ def shard_stats(
         generate_started_ts=round(generated.started_ts, 3),
         generate_finished_ts=round(generated.finished_ts, 3),
         finished_ts=round(time.time(), 3),
-        tar_sha256=sha256[layout.tar_file(name)],
+        tar_sha256=sha256.get(layout.tar_file(name)),
         parquet_sha256=sha256[layout.parquet_file(name)],
         stage_seconds={k: round(v, 4) for k, v in sorted(generated.stage_seconds.items())},
         curation_models_sha256=made.curation_models_sha256 or {},

@@ -21,6 +21,7 @@ where its tar must go) withdraws its commit, so the shard's retry can make it ag
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import logging
 import tarfile
@@ -64,6 +65,32 @@ def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+@dataclass
+class Encoded:
+    """One image's bytes, their sha256, and the seconds each took."""
+
+    data: bytes
+    sha256: str
+    seconds: dict[str, float]
+
+
+def encode_timed(array: np.ndarray, image_format: str, quality: int) -> Encoded:
+    """encode_image, with the bytes' sha256 and the seconds each step took."""
+    t0 = time.perf_counter()
+    data = encode_image(array, image_format, quality)
+    t1 = time.perf_counter()
+    digest = hashlib.sha256(data).hexdigest()
+    return Encoded(data, digest, {"encode": t1 - t0, "hash": time.perf_counter() - t1})
+
+
+def decoded_rgb(data: bytes) -> np.ndarray:
+    """An encoded image as a reader of the tar decodes it: RGB pixels."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     # Fixed metadata, so the same images give the same tar bytes on every retry and resume.
     info = tarfile.TarInfo(name)
@@ -100,7 +127,8 @@ class ShardWriter:
         embeddings: dict[str, np.ndarray] | None = None,
         embedding_size: int = 0,
     ) -> Spooled:
-        """Write the shard's files to local disk: {name}.tar, {name}.parquet (every planned sample),
+        """Write the shard's files to local disk: {name}.tar (only if it holds an image),
+        {name}.parquet (every planned sample),
         for images flagged under action `quarantine` quarantine/{name}.tar and .parquet, outside
         the dataset that readers of sizes.json see, and with `embeddings` (key -> the image's
         embedding) the embeddings of the tar's images with their keys, in tar order. Nothing
@@ -112,10 +140,14 @@ class ShardWriter:
             held = [r for r in rows if r["key"] in quarantine]
             files[layout.quarantine_tar(name)] = self._tar(root / "q.tar", held, quarantine, schema)
             files[layout.quarantine_parquet(name)] = _parquet(root / "q.parquet", held, schema)
-        files[layout.tar_file(name)] = self._tar(root / "shard.tar", rows, images, schema)
+        in_tar = [r for r in rows if r["key"] in images]
+        if in_tar:
+            # A shard whose images were all rejected, filtered or failed has no tar: an empty one
+            # breaks readers that infer the columns from the first tar (Hugging Face datasets'
+            # webdataset loader). Its Parquet still holds every row, and sizes.json lists only tars.
+            files[layout.tar_file(name)] = self._tar(root / "shard.tar", rows, images, schema)
         files[layout.parquet_file(name)] = _parquet(root / "shard.parquet", rows, schema)
         if embeddings is not None:
-            in_tar = [r for r in rows if r["key"] in images]
             files[layout.embeddings_file(name)] = _embeddings(
                 root / "emb.npy", in_tar, embeddings, embedding_size
             )

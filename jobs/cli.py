@@ -210,6 +210,7 @@ def _dispatch(args) -> int:
 
 
 def _plan(spec) -> int:
+    from sdfleet.jobs.image_flops import measure_inputs
     from sdfleet.jobs.plan import estimate
     from sdfleet.jobs.preflight import Preflight
     from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
@@ -219,7 +220,8 @@ def _plan(spec) -> int:
     # The checkpoint's family, by the pipeline class pre-flight read from its model_index.json.
     pipeline_class = checked.pipeline_class
     family = family_of(pipeline_class)
-    est = estimate(plan, family or DEFAULT_FAMILY)
+    measured = measure_inputs(plan, family or DEFAULT_FAMILY)
+    est = estimate(plan, family or DEFAULT_FAMILY, measured)
     axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())
     seeds = spec.sweep.num_seeds() * spec.curation.candidates
     print(f"job           {spec.name}")
@@ -253,7 +255,7 @@ def _plan(spec) -> int:
             f"{plan.num_rows * per_prompt * k} images kept at most ({k} per prompt and point)"
         )
 
-    _print_estimate(spec, est, family, k, m)
+    _print_estimate(spec, est, family, k, m, measured)
     if plan.duplicate_rows:
         print(
             f"warning       {len(plan.duplicate_rows)} row(s) repeat an earlier prompt id; they will be recorded failed"
@@ -265,7 +267,7 @@ def _plan(spec) -> int:
     return EXIT_OK
 
 
-def _print_estimate(spec, est: dict, family, k: int | None, m: int | None) -> None:
+def _print_estimate(spec, est: dict, family, k: int | None, m: int | None, measured=None) -> None:
     """`plan`'s compute, per-image, GPU-hour and cost lines; with best-of-N (k of m candidates
     per prompt) each figure is a range."""
     from sdfleet.schemas.families import DEFAULT_FAMILY
@@ -286,7 +288,13 @@ def _print_estimate(spec, est: dict, family, k: int | None, m: int | None) -> No
             else "TFLOP (denoiser steps, VAE decode, text encoders)"
         )
     )
-    if TASKS[spec.model.task].image:
+    if measured is not None:
+        print(
+            f"task          {spec.model.task}: each image counted at its input's size (x"
+            f"{TASKS[spec.model.task].scale}), from the first shard's {len(measured.input_sizes)} "
+            f"inputs: {measured.sizes_text()}"
+        )
+    elif TASKS[spec.model.task].image:
         fallback = (family or DEFAULT_FAMILY).fallback_size
         print(
             f"task          {spec.model.task}: each image's size comes from its input, so the compute and "

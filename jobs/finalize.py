@@ -63,6 +63,7 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         "## Layout",
         "",
         f"- `NNNNN.tar`: WebDataset shards with `{{key}}.{ext}`, `{{key}}.txt` (prompt), `{{key}}.json` (row)",
+        *_tarless_line(s),
         "- `NNNNN.parquet`: one row per planned sample (ok, filtered, failed, and with curation rejected, "
         "duplicate, skipped), with seeds and parameters",
         "- `sizes.json`: images per tar; `_job.json`: the resolved spec and package versions",
@@ -70,6 +71,18 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         "Every row carries the seed and parameters needed to regenerate its image with plain diffusers.",
     ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _tarless_line(s: Survey) -> list[str]:
+    """Shards that kept no image have no tar (never an empty one); said only when there are some."""
+    tarless = sorted(n for n, st in s.committed.items() if not st.images_in_tar)
+    if not tarless:
+        return []
+    return [
+        f"- {len(tarless)} of {s.num_shards} shards kept no image and have no tar "
+        f"({', '.join(tarless[:5])}{', ...' if len(tarless) > 5 else ''}); their rows are in their "
+        "Parquet files, and `sizes.json` names only the tars there are"
+    ]
 
 
 def _refined_by(refiner: dict[str, Any] | None) -> str:

@@ -31,6 +31,8 @@ from sdfleet.schemas.tasks import MASKS_NOT_FROM_AN_OUTPUT, TASKS
 if TYPE_CHECKING:  # numpy loads where ids are hashed, not on the CLI's import path
     import numpy as np
 
+    from sdfleet.jobs.image_flops import MeasuredInputs
+
 # Ids hashed at a time: the byte-wise temporaries stay a few MB whatever the input's size.
 ID_BATCH_ROWS = 65536
 
@@ -84,15 +86,32 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def estimate(plan: Plan, family: Family = DEFAULT_FAMILY) -> dict[str, Any]:
+def estimate(
+    plan: Plan, family: Family = DEFAULT_FAMILY, measured: MeasuredInputs | None = None
+) -> dict[str, Any]:
     """FLOPs, GPU-hours and cost from the family's FLOPs (the checkpoint's family; SD2 where
     unknown) and a sustained throughput: for every planned sample, and with best-of-N
     (curation.images_per_prompt) the `_min` of each too, the cost if each prompt's first k
-    candidates pass; the truth lies between."""
+    candidates pass; the truth lies between. measured: an image task's first shard counted at
+    its inputs' sizes (`sdfleet.jobs.image_flops`), whose mean stands for every sample."""
+    if measured is not None:
+        per_image = measured.tflop_per_image
+        tflop = sum(per_image) / len(per_image) * plan.num_samples
+    else:
+        per_image = _per_point(plan, family)
+        tflop = 0.0  # added in order, not with sum(): Python 3.12's sum() rounds differently
+        for figure in per_image:
+            tflop += figure
+        tflop *= plan.num_rows
+    return _totals(plan, family, per_image, tflop)
+
+
+def _per_point(plan: Plan, family: Family) -> list[float]:
+    """One image's FLOPs at each sweep point."""
     gen = plan.spec.generation
-    # Sizes the driver has not resolved (the image tasks': their inputs decide) count at the
-    # family's fallback size.
-    per_image = [
+    # Sizes the driver has not resolved (the image tasks' without a measure of their inputs)
+    # count at the family's fallback size.
+    return [
         _tflop_per_image(
             family,
             plan.spec.model.refiner,
@@ -103,10 +122,10 @@ def estimate(plan: Plan, family: Family = DEFAULT_FAMILY) -> dict[str, Any]:
         )
         for point in plan.points
     ]
-    tflop = 0.0  # added in order, not with sum(): Python 3.12's sum() rounds differently
-    for figure in per_image:
-        tflop += figure
-    tflop *= plan.num_rows
+
+
+def _totals(plan: Plan, family: Family, per_image: list[float], tflop: float) -> dict[str, Any]:
+    """GPU-hours and cost of `tflop` for the whole plan, and the per-image range."""
     res = plan.spec.resources
     sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops)
     gpu_hours = tflop / sustained / 3600

@@ -131,8 +131,8 @@ class JobRunner:
         )
         if not t.images_in_tar:
             print(
-                "warning: the dataset holds no image (every sample was filtered or failed): its tars are "
-                "empty, and readers such as webdataset refuse empty tars unless told (empty_check=False)"
+                "warning: the dataset holds no image (every sample was filtered, rejected or failed): "
+                "it has no tar, only each shard's rows in its Parquet file"
             )
         return EXIT_OK
 

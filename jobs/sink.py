@@ -348,7 +348,11 @@ class Finalizer:
         self._record_results(job, t)
         self.storage.write_json(
             layout.SIZES_FILE,
-            {layout.tar_file(n): st.images_in_tar for n, st in sorted(s.committed.items())},
+            {
+                layout.tar_file(n): st.images_in_tar
+                for n, st in sorted(s.committed.items())
+                if st.images_in_tar
+            },
         )
         self._write_card(job, s, with_sheet=bool(t.images_in_tar))
         self.storage.write_bytes(layout.SUCCESS_FILE, b"")

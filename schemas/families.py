@@ -38,11 +38,16 @@ class Flops:
     vae_decode_tflop: float
     text_tflop: float
 
-    def tflop_per_image(self, width: int, height: int, steps: int, passes: int) -> float:
-        """passes: denoiser forwards per step (2 with classifier-free guidance, else 1)."""
+    def tflop_per_image(
+        self, width: int, height: int, steps: int, passes: int, denoised_pixels: int | None = None
+    ) -> float:
+        """passes: denoiser forwards per step (2 with classifier-free guidance, else 1).
+        denoised_pixels: the output pixels whose latent the denoiser runs on, where that is not
+        the image's own (the x4 upscaler denoises a latent of its input's size)."""
         scale = width * height / self.pixels
+        denoised = scale if denoised_pixels is None else denoised_pixels / self.pixels
         return (
-            self.denoiser_tflop * passes * steps * scale
+            self.denoiser_tflop * passes * steps * denoised
             + self.vae_decode_tflop * scale
             + self.text_tflop
         )
@@ -116,9 +121,16 @@ class Family:
     def denoiser_passes(self, guidance_scale: float) -> int:
         return 2 if self.cfg and guidance_scale > 1 else 1
 
-    def tflop_per_image(self, width: int, height: int, steps: int, guidance_scale: float) -> float:
+    def tflop_per_image(
+        self,
+        width: int,
+        height: int,
+        steps: int,
+        guidance_scale: float,
+        denoised_pixels: int | None = None,
+    ) -> float:
         return self.flops.tflop_per_image(
-            width, height, steps, self.denoiser_passes(guidance_scale)
+            width, height, steps, self.denoiser_passes(guidance_scale), denoised_pixels
         )
 
     def tflop_per_refined_image(

@@ -7,7 +7,8 @@ the finalizer) import the names from here; none spells a file name itself.
       _job.json                the job record: resolved spec, fingerprint, input files, versions
       _driver.json             the lease of the driver running the job (host, pid, last refresh)
       _spent.json              `UncommittedSpend`: GPU-seconds of attempts that committed nothing
-      {shard}.tar              {key}.{ext} image, {key}.txt prompt, {key}.json row
+      {shard}.tar              {key}.{ext} image, {key}.txt prompt, {key}.json row; none for a
+                               shard that kept no image (never an empty tar)
       {shard}.parquet          one row per planned sample
       {shard}_stats.json       `ShardStats`; written LAST: its presence = the shard is committed
       {shard}_failed.json      `FailedShard`; only for a quarantined shard
@@ -16,7 +17,7 @@ the finalizer) import the names from here; none spells a file name itself.
       img_emb/img_emb_{shard}.npy  curation.save_embeddings: the CLIP image embedding of each image
       metadata/metadata_{shard}.parquet  in the tar (float16, L2-normalized), and their keys in the
                                same order: the layout clip-retrieval writes and autofaiss reads
-      sizes.json               {"00000.tar": images in it, ...}; only when complete
+      sizes.json               {"00000.tar": images in it, ...} for every tar; only when complete
       README.md                the dataset card; only when complete
       preview/                 previews: contact_sheet.png, xy_*.png, index.html, the card's sheet
       _scores/                 `sdfleet score`: {name}.parquet, {name}_summary.json, the FID plot
@@ -236,8 +237,9 @@ class ShardStats(_Record):
     finished_ts: float
     # What it commits: the writer, and each file it staged by final name (tar, Parquet and, under
     # safety.action=quarantine, the quarantine files). Empty for shards committed before sdfleet
-    # staged files, which have only the two hashes.
-    tar_sha256: str
+    # staged files, which have only the two hashes. No tar_sha256: the shard kept no image, so it
+    # has no tar.
+    tar_sha256: str | None
     parquet_sha256: str
     writer_id: str | None = None
     files: dict[str, StagedFile] = {}

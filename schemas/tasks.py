@@ -29,6 +29,9 @@ class Task:
     noise_level: int | None = None
     # Output pixels per input pixel along each side (the x4 upscaler: 4).
     scale: int = 1
+    # Output pixels per latent pixel along each side: the VAE's factor, 8 but for the x4
+    # upscaler's, whose denoiser runs on a latent of its input's size.
+    latent_scale: int = 8
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -67,6 +70,7 @@ TASKS: dict[str, Task] = {
             image=True,
             noise_level=20,
             scale=4,
+            latent_scale=4,
         ),
     )
 }
