@@ -264,8 +264,12 @@ def test_cli_plan_prints_cost(tmp_path, tiny_model):
 def test_best_of_n_plans_every_candidate_slot_and_prices_a_range(tmp_path, tiny_model):
     """k of m candidates per prompt: the plan has m slots per prompt, and its compute, GPU-hours and
     cost run from every prompt's first k passing to all m tried."""
+    from sdfleet.jobs.tiny import write_tiny_clip
+
     make_input(tmp_path)
-    curation = {"clip_model": str(tmp_path), "images_per_prompt": 2, "max_candidates": 8}
+    # A real (tiny) CLIP folder: plan checks that curation.clip_model is one.
+    clip = write_tiny_clip(tmp_path / "clip")
+    curation = {"clip_model": str(clip), "images_per_prompt": 2, "max_candidates": 8}
     spec = spec_for(
         tmp_path,
         generation={"num_inference_steps": 50, "width": 512, "height": 512},
