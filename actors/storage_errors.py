@@ -182,8 +182,11 @@ def check_first_contact(uri: str, key: str, options: dict[str, Any] | None = Non
     fs, path = fsspec.core.url_to_fs(uri, skip_instance_cache=True, **options)
     fs.retries = 1  # s3fs retries timeouts itself too; this filesystem is the probe's own
     bucket, key_prefix, _ = fs.split_path(path)
+    # Below the URI as a folder: the prefix a least-privilege policy grants listing on
+    # (`prompts/*`, infra/iam), whether the URI names a folder or a file.
+    prefix = key_prefix.rstrip("/") + "/" if key_prefix else ""
     try:  # one request: the listing a plan makes first
-        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key_prefix, MaxKeys=1)
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except Exception as e:  # noqa: BLE001 -- only the unreachable endpoint is this check's to name
         chain, seen = [], e
         while seen is not None and len(chain) < 10:
