@@ -68,3 +68,11 @@ def check_inside(folder: Path, relative: str, what: str) -> Path:
             "bucket is trying to reach the worker's file system: check the bucket"
         )
     return target
+
+
+def check_model_location(key: str, value: str | None) -> str | None:
+    """A spec key naming a model's location (model.source, model.vae, model.refiner.source):
+    set or null, never empty."""
+    if value is not None and not value.strip():
+        raise ValueError(f"{key} is empty; give a hub id, a local folder or an s3:// folder")
+    return value

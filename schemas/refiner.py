@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from sdfleet.schemas.locations import check_model_location
 from sdfleet.schemas.section import Section
 from sdfleet.schemas.tasks import TEXT_TO_IMAGE
 
@@ -27,11 +28,7 @@ class RefinerSpec(Section):
     @field_validator("source")
     @classmethod
     def _source_not_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError(
-                "model.refiner.source is empty; give a hub id, a local folder or an s3:// folder"
-            )
-        return v
+        return check_model_location("model.refiner.source", v)
 
     def steps(self, sample_steps: int) -> int:
         return self.num_inference_steps or sample_steps

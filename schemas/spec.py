@@ -22,6 +22,7 @@ from sdfleet.schemas.loading import (
     override_key,
     resolve_relative_paths,
 )
+from sdfleet.schemas.locations import check_model_location
 from sdfleet.schemas.passthrough import PassthroughColumns
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
@@ -62,12 +63,7 @@ class ModelSpec(Section):
     @field_validator("source", "vae")
     @classmethod
     def _source_not_empty(cls, v: str | None, info) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError(
-                f"model.{info.field_name} is empty; give a hub id, a local folder or an s3:// "
-                "folder"
-            )
-        return v
+        return check_model_location(f"model.{info.field_name}", v)
 
     @field_validator("scheduler")
     @classmethod
