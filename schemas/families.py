@@ -26,6 +26,10 @@ class TextEncoder:
     # Its pooled, projected embedding conditions the denoiser besides its hidden states (SDXL's
     # text_encoder_2, a CLIPTextModelWithProjection); else its hidden states alone do.
     pooled: bool = False
+    # A T5 encoder (SD3.5's text_encoder_3, FLUX.1's text_encoder_2): it reads the job's
+    # generation.max_sequence_length tokens (its variant's default where the spec names none), at
+    # most max_tokens; a CLIP encoder always reads max_tokens.
+    sequence: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,24 @@ class Handover:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A kind of checkpoint within a family that differs in cost or limits (SD3.5 Medium and
+    Large; FLUX.1 dev and schnell), told apart by its denoiser's config.json: `match` holds the
+    config values that identify it (e.g. {"num_layers": 24}). Families add the fields their
+    variants differ in."""
+
+    name: str
+    match: Mapping[str, object]
+    flops: Flops
+    # The T5 tokens read where generation.max_sequence_length is not set, and the most it may be.
+    max_sequence_length: int | None = None
+    max_sequence_limit: int | None = None
+
+    def matches(self, denoiser_config: Mapping) -> bool:
+        return all(denoiser_config.get(key) == value for key, value in self.match.items())
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     # The diffusers class model_index.json names for each task's checkpoint (`family_of` reads it).
@@ -100,6 +122,14 @@ class Family:
     # The aesthetic score and its negative a checkpoint of the family that says
     # requires_aesthetics_score is conditioned on (diffusers' defaults); None: no such checkpoint.
     aesthetic_score: tuple[float, float] | None = None
+    # Checkpoint kinds that differ in cost or limits (`Variant`); empty: every checkpoint of the
+    # family is alike and `flops` is its cost.
+    variants: tuple[Variant, ...] = ()
+
+    def variant(self, denoiser_config: Mapping) -> Variant | None:
+        """The variant whose denoiser config this is; None: the family has none, or the config
+        matches none of them (a fine-tune of another size: the family's own `flops` stand)."""
+        return next((v for v in self.variants if v.matches(denoiser_config)), None)
 
     def pipeline(self, task: str) -> str:
         return self.pipelines[task]

@@ -165,3 +165,18 @@ def test_a_family_adds_its_own_output_columns_and_sd2_none():
     assert SDXL.size_conditioning_inputs(64, 48)["negative_original_size"] == (48, 64)
     schema = output_schema(None, SDXL)
     assert schema.names[: len(output_schema().names)] == output_schema().names
+
+
+def test_a_variant_is_picked_by_its_denoisers_config():
+    from dataclasses import replace
+
+    from sdfleet.schemas.families import SD2, Flops, Variant
+
+    small = Flops(pixels=64, denoiser_tflop=1.0, vae_decode_tflop=0.0, text_tflop=0.0)
+    medium = Variant("medium", {"num_layers": 24}, small)
+    large = Variant("large", {"num_layers": 38}, replace(small, denoiser_tflop=2.0))
+    family = replace(SD2, variants=(medium, large))
+    assert family.variant({"num_layers": 38, "other": 1}) is large
+    assert family.variant({"num_layers": 24}) is medium
+    assert family.variant({"num_layers": 12}) is None
+    assert SD2.variant({"num_layers": 24}) is None
