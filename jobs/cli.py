@@ -210,7 +210,7 @@ def _dispatch(args) -> int:
 
 
 def _plan(spec) -> int:
-    from sdfleet.jobs.image_flops import measure_inputs
+    from sdfleet.jobs.image_flops import costed_family, measure_inputs
     from sdfleet.jobs.plan import estimate
     from sdfleet.jobs.preflight import Preflight
     from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
@@ -220,6 +220,8 @@ def _plan(spec) -> int:
     # The checkpoint's family, by the pipeline class pre-flight read from its model_index.json.
     pipeline_class = checked.pipeline_class
     family = family_of(pipeline_class)
+    if family is not None:  # costed as the checkpoint's variant (SD3.5 Large, FLUX.1-schnell)
+        family = costed_family(spec.model, family)
     measured = measure_inputs(plan, family or DEFAULT_FAMILY)
     est = estimate(plan, family or DEFAULT_FAMILY, measured)
     axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())

@@ -17,9 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sdfleet.actors.reader import read_shard_samples
+from sdfleet.jobs.checkpoint import CheckpointRef, read_config
 from sdfleet.schemas.families import Family
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.samples import GenerationParams
+from sdfleet.schemas.spec import ModelSpec
 from sdfleet.schemas.tasks import TASKS, Task
 
 
@@ -39,6 +41,18 @@ class MeasuredInputs:
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv))
         shown = ", ".join(f"{w}x{h} ({n})" for (w, h), n in ranked[:most])
         return shown + (f", {len(ranked) - most} more sizes" if len(ranked) > most else "")
+
+
+def costed_family(model: ModelSpec, family: Family) -> Family:
+    """The family costed as model.source's variant (SD3.5 Medium or Large, FLUX.1 dev or
+    schnell), told by its denoiser's config.json; the family itself where it has no variants."""
+    if not family.variants:
+        return family
+    ref = CheckpointRef.of(model)
+    config = read_config(
+        ref.source, f"{family.denoiser}/config.json", ref.storage_options, ref.revision, ref.key
+    )
+    return family.costed(config)
 
 
 def measure_inputs(plan: Plan, family: Family) -> MeasuredInputs | None:
@@ -68,4 +82,17 @@ def image_tflop(family: Family, task: Task, params: GenerationParams) -> float:
     denoised = None
     if task.latent_scale != family.latent_grid:  # the family's figures are at its own VAE factor
         denoised = width * height * (family.latent_grid // task.latent_scale) ** 2
-    return family.tflop_per_image(width, height, steps, params.guidance_scale, denoised)
+    return family.tflop_per_image(
+        width, height, steps, params.guidance_scale, denoised, **sequence_inputs(params)
+    )
+
+
+def sequence_inputs(values: object) -> dict:
+    """The T5 length and true-CFG scale a transformer family's cost depends on, from a sample's
+    params or a spec's generation section (None and 1.0: the figures' own length, no true CFG).
+    Read by name: they are the T5 families' keys (generation.max_sequence_length and FLUX.1's
+    generation.true_cfg_scale), absent from where no such family's keys are."""
+    return {
+        "sequence_length": getattr(values, "max_sequence_length", None),
+        "true_cfg_scale": getattr(values, "true_cfg_scale", None) or 1.0,
+    }

@@ -108,6 +108,8 @@ def estimate(
 
 def _per_point(plan: Plan, family: Family) -> list[float]:
     """One image's FLOPs at each sweep point."""
+    from sdfleet.jobs.image_flops import sequence_inputs
+
     gen = plan.spec.generation
     # Sizes the driver has not resolved (the image tasks' without a measure of their inputs)
     # count at the family's fallback size.
@@ -119,6 +121,7 @@ def _per_point(plan: Plan, family: Family) -> list[float]:
             point.get("height", gen.height) or family.fallback_size,
             point.get("num_inference_steps", gen.num_inference_steps),
             point.get("guidance_scale", gen.guidance_scale),
+            sequence_inputs(gen),
         )
         for point in plan.points
     ]
@@ -158,10 +161,12 @@ def _tflop_per_image(
     height: int,
     steps: int,
     guidance_scale: float,
+    sequence: dict,
 ) -> float:
-    """One image's FLOPs: the family's, or with model.refiner its base + refiner figure."""
+    """One image's FLOPs: the family's (sequence: its T5 length and true-CFG scale), or with
+    model.refiner its base + refiner figure."""
     if refiner is None:
-        return family.tflop_per_image(width, height, steps, guidance_scale)
+        return family.tflop_per_image(width, height, steps, guidance_scale, **sequence)
     handover = Handover(
         refiner.denoising_start, refiner.steps(steps), refiner.guidance(guidance_scale)
     )

@@ -1,0 +1,130 @@
+"""`sdfleet plan`'s cost for the transformer families: the variant's FLOPs, picked by the
+checkpoint's denoiser config, one transformer pass per step without CFG and two with it.
+
+The SD3.5 and FLUX.1 rows land from other branches; these tests cost families built here from the
+SDXL row with the repo's variant counts (schemas/family_flops.py), as those rows state them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import spec_dict
+from sdfleet.jobs.image_flops import costed_family, sequence_inputs
+from sdfleet.jobs.plan import Planner, estimate
+from sdfleet.schemas import family_flops
+from sdfleet.schemas.families import SDXL, Variant
+from sdfleet.schemas.spec import parse_spec
+from test_plan import make_input
+
+SD3_LIKE = replace(
+    SDXL,
+    name="sd3",
+    denoiser="transformer",
+    latent_grid=16,
+    size_conditioning=False,
+    refiner_pipeline=None,
+    refiner_flops=None,
+    aesthetic_score=None,
+    flops=family_flops.SD35_MEDIUM_FLOPS,
+    variants=(
+        Variant("sd3.5-medium", {"num_layers": 24}, family_flops.SD35_MEDIUM_FLOPS, 256, 512),
+        Variant("sd3.5-large", {"num_layers": 38}, family_flops.SD35_LARGE_FLOPS, 256, 512),
+    ),
+)
+FLUX_LIKE = replace(
+    SD3_LIKE,
+    name="flux",
+    cfg=False,  # guidance-distilled: guidance_scale is an input, not a second pass
+    flops=family_flops.FLUX1_DEV_FLOPS,
+    variants=(
+        Variant("flux1-dev", {"guidance_embeds": True}, family_flops.FLUX1_DEV_FLOPS, 512, 512),
+        Variant(
+            "flux1-schnell", {"guidance_embeds": False}, family_flops.FLUX1_SCHNELL_FLOPS, 256, 256
+        ),
+    ),
+)
+
+
+def stated(flops, steps: int, passes: int) -> float:
+    """One image at 1024^2 from the stated figures: each pass's transformer forward per step,
+    one VAE decode, each pass's prompt through the text encoders."""
+    return (
+        flops.denoiser_tflop * passes * steps + flops.vae_decode_tflop + flops.text_tflop * passes
+    )
+
+
+def checkpoint(tmp_path, denoiser_config: dict):
+    folder = tmp_path / "ckpt"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "X", "transformer": []}))
+    (folder / "transformer" / "config.json").write_text(json.dumps(denoiser_config))
+    return folder
+
+
+def plan_for(tmp_path, source, **generation):
+    make_input(tmp_path)
+    spec = parse_spec(
+        spec_dict(
+            model={"source": str(source)},
+            input={"uri": str(tmp_path / "in")},
+            output={"uri": str(tmp_path / "out")},
+            generation={"width": 1024, "height": 1024, **generation},
+        )
+    )
+    return spec, Planner(spec).plan()
+
+
+@pytest.mark.parametrize(
+    "family, config, flops, steps, guidance, passes",
+    [
+        (SD3_LIKE, {"num_layers": 24}, family_flops.SD35_MEDIUM_FLOPS, 40, 4.5, 2),
+        (SD3_LIKE, {"num_layers": 38}, family_flops.SD35_LARGE_FLOPS, 28, 3.5, 2),
+        (SD3_LIKE, {"num_layers": 38}, family_flops.SD35_LARGE_FLOPS, 28, 1.0, 1),
+        (FLUX_LIKE, {"guidance_embeds": True}, family_flops.FLUX1_DEV_FLOPS, 50, 3.5, 1),
+        (FLUX_LIKE, {"guidance_embeds": False}, family_flops.FLUX1_SCHNELL_FLOPS, 4, 0.0, 1),
+    ],
+)
+def test_plans_cost_per_image_is_the_checkpoint_variants_count(
+    tmp_path, family, config, flops, steps, guidance, passes
+):
+    source = checkpoint(tmp_path, {"_class_name": "T", "other": 1, **config})
+    spec, plan = plan_for(tmp_path, source, num_inference_steps=steps, guidance_scale=guidance)
+    costed = costed_family(spec.model, family)
+    assert costed.flops is flops and costed.name == family.name
+    est = estimate(plan, costed)
+    assert est["tflop_per_image_max"] == pytest.approx(stated(flops, steps, passes), rel=1e-4)
+    assert est["tflop"] == pytest.approx(est["tflop_per_image_max"] * plan.num_samples)
+
+
+def test_a_checkpoint_of_no_known_variant_is_costed_by_the_familys_own_figures(tmp_path):
+    source = checkpoint(tmp_path, {"num_layers": 12})
+    spec, _ = plan_for(tmp_path, source)
+    assert costed_family(spec.model, SD3_LIKE) is SD3_LIKE
+    assert costed_family(spec.model, SDXL) is SDXL  # no variants: no config read
+
+
+def test_true_cfg_doubles_a_distilled_familys_passes_and_the_t5_length_counts():
+    dev = family_flops.FLUX1_DEV_FLOPS
+    plain = FLUX_LIKE.tflop_per_image(1024, 1024, 50, 3.5)
+    assert plain == pytest.approx(stated(dev, 50, 1), rel=1e-4)
+    assert FLUX_LIKE.denoiser_passes(3.5) == 1 and FLUX_LIKE.denoiser_passes(3.5, 4.0) == 2
+    # A negative prompt through true_cfg_scale > 1: a second pass per step, and its own prompt.
+    doubled = FLUX_LIKE.tflop_per_image(
+        1024,
+        1024,
+        50,
+        3.5,
+        **sequence_inputs(SimpleNamespace(true_cfg_scale=4.0, max_sequence_length=None)),
+    )
+    assert doubled == pytest.approx(stated(dev, 50, 2), rel=1e-4)
+    shorter = FLUX_LIKE.tflop_per_image(
+        1024, 1024, 50, 3.5, **sequence_inputs(SimpleNamespace(max_sequence_length=256))
+    )
+    assert shorter == pytest.approx(dev.tflop_per_image(1024, 1024, 50, 1, sequence_length=256))
+    assert shorter < plain
+    # A spec section without the T5 keys costs at the figures' own length, without true CFG.
+    assert sequence_inputs(SimpleNamespace()) == {"sequence_length": None, "true_cfg_scale": 1.0}
