@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -130,7 +129,9 @@ def _per_point(plan: Plan, family: Family) -> list[float]:
 def _totals(plan: Plan, family: Family, per_image: list[float], tflop: float) -> dict[str, Any]:
     """GPU-hours and cost of `tflop` for the whole plan, and the per-image range."""
     res = plan.spec.resources
-    sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops)
+    from sdfleet.jobs.throughput import sustained_tflops
+
+    sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops, plan.spec.model.dtype)
     gpu_hours = tflop / sustained / 3600
     cost = gpu_hours * res.gpu_hour_usd if res.gpu_hour_usd is not None else None
     cur = plan.spec.curation
@@ -171,23 +172,6 @@ def _tflop_per_image(
         refiner.denoising_start, refiner.steps(steps), refiner.guidance(guidance_scale)
     )
     return family.tflop_per_refined_image(width, height, steps, guidance_scale, handover)
-
-
-_THROUGHPUT_TABLE = Path(__file__).with_name("gpu_throughput.yaml")
-
-
-def sustained_tflops(gpu_type: str, override: float | None) -> tuple[float, str]:
-    if override is not None:
-        return override, "resources.throughput_tflops"
-    import yaml
-
-    table = yaml.safe_load(_THROUGHPUT_TABLE.read_text())
-    if gpu_type not in table:
-        raise SpecError(
-            f"resources.gpu_type={gpu_type!r} is not in {_THROUGHPUT_TABLE.name} "
-            f"({', '.join(table)}); add it there or set resources.throughput_tflops"
-        )
-    return float(table[gpu_type]["sustained_tflops"]), f"{_THROUGHPUT_TABLE.name}: {gpu_type}"
 
 
 class Planner:

@@ -128,3 +128,50 @@ def test_true_cfg_doubles_a_distilled_familys_passes_and_the_t5_length_counts():
     assert shorter < plain
     # A spec section without the T5 keys costs at the figures' own length, without true CFG.
     assert sequence_inputs(SimpleNamespace()) == {"sequence_length": None, "true_cfg_scale": 1.0}
+
+
+def test_the_throughput_table_says_the_basis_of_every_figure_for_each_dtype():
+    import yaml
+
+    from sdfleet.jobs.throughput import _THROUGHPUT_TABLE
+
+    table = yaml.safe_load(_THROUGHPUT_TABLE.read_text())
+    for gpu, row in table.items():
+        assert "float16" in row, gpu
+        for dtype in ("float16", "bfloat16"):
+            figure = row.get(dtype)
+            if figure is None:
+                continue
+            assert figure["basis"] in ("measured", "estimate"), (gpu, dtype)
+            assert figure["basis"] == "estimate" or figure.get("run"), (gpu, dtype)
+            assert 0 < figure["sustained_tflops"] < row["peak_tflops"], (gpu, dtype)
+    assert all("bfloat16" in row for gpu, row in table.items() if gpu != "t4")
+
+
+def test_plan_picks_the_jobs_dtype_figure_and_says_what_it_is():
+    from sdfleet.jobs.throughput import sustained_tflops
+    from sdfleet.schemas.errors import SpecError
+
+    bf16, source = sustained_tflops("h100", None, "bfloat16")
+    fp16, fp16_source = sustained_tflops("h100", None, "float16")
+    assert bf16 != fp16 and source == "gpu_throughput.yaml: h100 bfloat16, estimate"
+    assert fp16_source == "gpu_throughput.yaml: h100 float16, estimate"
+    assert sustained_tflops("h100", None, "float32") == (
+        fp16,
+        "gpu_throughput.yaml: h100 float16, estimate, used for float32",
+    )
+    assert sustained_tflops("t4", 9.0, "bfloat16") == (9.0, "resources.throughput_tflops")
+    with pytest.raises(SpecError, match=r"model.dtype=bfloat16: .*gpu_type=t4; pick .*h100"):
+        sustained_tflops("t4", None, "bfloat16")
+
+
+def test_a_bf16_jobs_estimate_uses_the_bf16_figure(tmp_path):
+    source = checkpoint(tmp_path, {"guidance_embeds": True})
+    spec, plan = plan_for(tmp_path, source, num_inference_steps=28, guidance_scale=3.5)
+    plan = replace(
+        plan,
+        spec=spec.model_copy(update={"model": spec.model.model_copy(update={"dtype": "bfloat16"})}),
+    )
+    est = estimate(plan, costed_family(spec.model, FLUX_LIKE))
+    assert est["throughput_source"] == "gpu_throughput.yaml: h100 bfloat16, estimate"
+    assert est["gpu_hours"] == pytest.approx(est["tflop"] / est["sustained_tflops"] / 3600)
