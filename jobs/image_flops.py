@@ -22,7 +22,7 @@ from sdfleet.schemas.families import Family
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.spec import ModelSpec
-from sdfleet.schemas.tasks import TASKS, Task
+from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE, Task
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,12 @@ def image_tflop(family: Family, task: Task, params: GenerationParams) -> float:
     steps = params.num_inference_steps
     if params.strength is not None:
         steps = min(int(steps * params.strength), steps)
+    # Every family's figures are counted at the VAE's factor, text-to-image's latent_scale (8; a
+    # transformer family's latent_grid is that times its patch, so it will not do here).
+    vae_factor = TASKS[TEXT_TO_IMAGE].latent_scale
     denoised = None
-    if task.latent_scale != family.latent_grid:  # the family's figures are at its own VAE factor
-        denoised = width * height * (family.latent_grid // task.latent_scale) ** 2
+    if task.latent_scale != vae_factor:
+        denoised = width * height * (vae_factor // task.latent_scale) ** 2
     return family.tflop_per_image(
         width, height, steps, params.guidance_scale, denoised, **sequence_inputs(params)
     )

@@ -175,3 +175,18 @@ def test_a_bf16_jobs_estimate_uses_the_bf16_figure(tmp_path):
     est = estimate(plan, costed_family(spec.model, FLUX_LIKE))
     assert est["throughput_source"] == "gpu_throughput.yaml: h100 bfloat16, estimate"
     assert est["gpu_hours"] == pytest.approx(est["tflop"] / est["sustained_tflops"] / 3600)
+
+
+def test_an_image_tasks_image_is_costed_at_its_inputs_size_on_a_16px_grid_family():
+    """image-to-image on a transformer family: strength x steps transformer steps at the input's
+    own size (its latent_grid of 16 is the VAE's 8 times the patch, not a latent scale)."""
+    from sdfleet.jobs.image_flops import image_tflop
+    from sdfleet.schemas.samples import GenerationParams, InputImage
+    from sdfleet.schemas.tasks import TASKS
+
+    large = SD3_LIKE.costed({"num_layers": 38})
+    image = InputImage(SimpleNamespace(size=(1024, 768)), "0" * 64)
+    params = GenerationParams("p", "", 0, 28, 3.5, None, None, None, strength=0.5, image=image)
+    assert image_tflop(large, TASKS["image-to-image"], params) == pytest.approx(
+        family_flops.SD35_LARGE_FLOPS.tflop_per_image(1024, 768, 14, 2)
+    )
