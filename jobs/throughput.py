@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sdfleet.schemas.errors import SpecError
 
-_THROUGHPUT_TABLE = Path(__file__).with_name("gpu_throughput.yaml")
+THROUGHPUT_TABLE = Path(__file__).with_name("gpu_throughput.yaml")
 
 
 def sustained_tflops(
@@ -19,16 +19,16 @@ def sustained_tflops(
         return override, "resources.throughput_tflops"
     import yaml
 
-    table = yaml.safe_load(_THROUGHPUT_TABLE.read_text())
+    table = yaml.safe_load(THROUGHPUT_TABLE.read_text())
     if gpu_type not in table:
         raise SpecError(
-            f"resources.gpu_type={gpu_type!r} is not in {_THROUGHPUT_TABLE.name} "
+            f"resources.gpu_type={gpu_type!r} is not in {THROUGHPUT_TABLE.name} "
             f"({', '.join(table)}); add it there or set resources.throughput_tflops"
         )
     row = table[gpu_type]
     if dtype == "bfloat16" and dtype not in row:
         raise SpecError(
-            f"model.dtype=bfloat16: {_THROUGHPUT_TABLE.name} has no bfloat16 figure for "
+            f"model.dtype=bfloat16: {THROUGHPUT_TABLE.name} has no bfloat16 figure for "
             f"resources.gpu_type={gpu_type}; pick a GPU type it has one for "
             f"({', '.join(g for g in table if 'bfloat16' in table[g])}) or set "
             "resources.throughput_tflops"
@@ -37,5 +37,5 @@ def sustained_tflops(
     figure = row[used]
     note = "" if used == dtype else f", used for {dtype}"
     return float(figure["sustained_tflops"]), (
-        f"{_THROUGHPUT_TABLE.name}: {gpu_type} {used}, {figure['basis']}{note}"
+        f"{THROUGHPUT_TABLE.name}: {gpu_type} {used}, {figure['basis']}{note}"
     )

@@ -133,9 +133,9 @@ def test_true_cfg_doubles_a_distilled_familys_passes_and_the_t5_length_counts():
 def test_the_throughput_table_says_the_basis_of_every_figure_for_each_dtype():
     import yaml
 
-    from sdfleet.jobs.throughput import _THROUGHPUT_TABLE
+    from sdfleet.jobs.throughput import THROUGHPUT_TABLE
 
-    table = yaml.safe_load(_THROUGHPUT_TABLE.read_text())
+    table = yaml.safe_load(THROUGHPUT_TABLE.read_text())
     for gpu, row in table.items():
         assert "float16" in row, gpu
         for dtype in ("float16", "bfloat16"):
