@@ -7,12 +7,14 @@ SDXL row with the repo's variant counts (schemas/family_flops.py), as those rows
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from helpers import spec_dict
+from helpers import job_dict, run_cli, spec_dict, write_spec
 from sdfleet.jobs.image_flops import costed_family, sequence_inputs
 from sdfleet.jobs.plan import Planner, estimate
 from sdfleet.schemas import family_flops
@@ -190,3 +192,57 @@ def test_an_image_tasks_image_is_costed_at_its_inputs_size_on_a_16px_grid_family
     assert image_tflop(large, TASKS["image-to-image"], params) == pytest.approx(
         family_flops.SD35_LARGE_FLOPS.tflop_per_image(1024, 768, 14, 2)
     )
+
+
+def _has_row(name: str) -> bool:
+    from sdfleet.schemas.families import FAMILIES
+
+    return name in FAMILIES
+
+
+def plan_cli_per_image(tmp_path, tiny: Path, config: dict, **generation) -> str:
+    """`sdfleet plan`'s per-image line for a copy of a tiny checkpoint whose transformer config
+    says it is a full-size variant (plan reads configs, never weights)."""
+    source = tmp_path / "ckpt"
+    shutil.copytree(tiny, source)
+    path = source / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    make_input(tmp_path)
+    spec = job_dict(
+        source,
+        tmp_path / "in",
+        tmp_path / "out",
+        model={"dtype": "bfloat16"},
+        generation={"width": 1024, "height": 1024, **generation},
+    )
+    write_spec(tmp_path, spec, "job.yaml")
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 0, out.stderr
+    return next(line for line in out.stdout.splitlines() if line.startswith("per image"))
+
+
+@pytest.mark.skipif(not _has_row("sd3"), reason="the SD3.5 row lands from the sd3 branch")
+def test_sdfleet_plan_shows_sd35_larges_counted_flops_per_image(tmp_path, request):
+    tiny = request.getfixturevalue("tiny_sd3")
+    line = plan_cli_per_image(
+        tmp_path, tiny, {"num_layers": 38}, num_inference_steps=28, guidance_scale=3.5
+    )
+    counted = family_flops.SD35_LARGE_FLOPS.tflop_per_image(1024, 1024, 28, 2)
+    assert line.split()[2] == f"{counted:.4g}"
+
+
+@pytest.mark.skipif(not _has_row("flux"), reason="the FLUX.1 row lands from the flux branch")
+@pytest.mark.parametrize(
+    "variant, flops, steps",
+    [("dev", family_flops.FLUX1_DEV_FLOPS, 28), ("schnell", family_flops.FLUX1_SCHNELL_FLOPS, 4)],
+)
+def test_sdfleet_plan_shows_flux1s_counted_flops_per_image(
+    tmp_path, request, variant, flops, steps
+):
+    tiny = request.getfixturevalue("tiny_flux")[variant]
+    config = {"guidance_embeds": variant == "dev"}
+    guidance = 3.5 if variant == "dev" else 0.0
+    line = plan_cli_per_image(
+        tmp_path, tiny, config, num_inference_steps=steps, guidance_scale=guidance
+    )
+    assert line.split()[2] == f"{flops.tflop_per_image(1024, 1024, steps, 1):.4g}"
