@@ -21,7 +21,7 @@ from sdfleet.jobs.checkpoint import CheckpointRef, read_config
 from sdfleet.schemas.families import Family
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.samples import GenerationParams
-from sdfleet.schemas.spec import ModelSpec
+from sdfleet.schemas.spec import JobSpec, ModelSpec
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE, Task
 
 
@@ -65,15 +65,16 @@ def measure_inputs(plan: Plan, family: Family) -> MeasuredInputs | None:
     made = [s.params for s in samples if s.params is not None and s.params.image is not None]
     if not made:
         return None
+    sequence = sequence_inputs(plan.spec)
     return MeasuredInputs(
-        [image_tflop(family, task, p) for p in made],
+        [image_tflop(family, task, p, sequence) for p in made],
         [p.image.size for p in made],
         len(samples),
     )
 
 
-def image_tflop(family: Family, task: Task, params: GenerationParams) -> float:
-    """One image task sample's FLOPs at its input's size."""
+def image_tflop(family: Family, task: Task, params: GenerationParams, sequence: dict) -> float:
+    """One image task sample's FLOPs at its input's size (sequence: `sequence_inputs`)."""
     in_w, in_h = params.image.size
     width, height = in_w * task.scale, in_h * task.scale
     steps = params.num_inference_steps
@@ -85,17 +86,18 @@ def image_tflop(family: Family, task: Task, params: GenerationParams) -> float:
     denoised = None
     if task.latent_scale != vae_factor:
         denoised = width * height * (vae_factor // task.latent_scale) ** 2
-    return family.tflop_per_image(
-        width, height, steps, params.guidance_scale, denoised, **sequence_inputs(params)
-    )
+    return family.tflop_per_image(width, height, steps, params.guidance_scale, denoised, **sequence)
 
 
-def sequence_inputs(values: object) -> dict:
-    """The T5 length and true-CFG scale a transformer family's cost depends on, from a sample's
-    params or a spec's generation section (None and 1.0: the figures' own length, no true CFG).
-    Read by name: they are the T5 families' keys (generation.max_sequence_length and FLUX.1's
-    generation.true_cfg_scale), absent from where no such family's keys are."""
+def sequence_inputs(spec: JobSpec) -> dict:
+    """What a transformer family's cost depends on beyond size, steps and guidance, from the
+    spec: the T5 length (None: the figures' own), the true-CFG scale (FLUX.1; 1: none) and
+    whether T5 runs (SD3.5's model.drop_t5). Read by name: they are the T5 families' keys
+    (generation.max_sequence_length, generation.true_cfg_scale, model.drop_t5), each absent
+    until its family's branch adds it."""
+    gen = spec.generation
     return {
-        "sequence_length": getattr(values, "max_sequence_length", None),
-        "true_cfg_scale": getattr(values, "true_cfg_scale", None) or 1.0,
+        "sequence_length": getattr(gen, "max_sequence_length", None),
+        "true_cfg_scale": getattr(gen, "true_cfg_scale", None) or 1.0,
+        "sequence_encoder": not getattr(spec.model, "drop_t5", False),
     }

@@ -144,11 +144,13 @@ class Family:
         *,
         sequence_length: int | None = None,
         true_cfg_scale: float = 1.0,
+        sequence_encoder: bool = True,
     ) -> float:
-        """sequence_length: generation.max_sequence_length (None: the figures' own)."""
+        """sequence_length: generation.max_sequence_length (None: the figures' own);
+        sequence_encoder: False where the job drops T5 (model.drop_t5)."""
         passes = self.denoiser_passes(guidance_scale, true_cfg_scale)
         return self.flops.tflop_per_image(
-            width, height, steps, passes, denoised_pixels, sequence_length
+            width, height, steps, passes, denoised_pixels, sequence_length, sequence_encoder
         )
 
     def costed(self, denoiser_config: Mapping) -> Family:

@@ -60,9 +60,12 @@ class TokenFlops:
     def vae_decode_tflop(self, pixels: int) -> float:
         return self.vae_decode.tflop(pixels // self.pixels_per_latent)
 
-    def text_tflop(self, sequence_length: int) -> float:
-        """One prompt's encoders (each denoiser pass has its own prompt: CFG's negative one)."""
-        return self.clip_tflop + self.sequence_encoder.tflop(0, sequence_length)
+    def text_tflop(self, sequence_length: int, sequence_encoder: bool = True) -> float:
+        """One prompt's encoders (each denoiser pass has its own prompt: CFG's negative one).
+        sequence_encoder: False where the job drops T5 (SD3.5's model.drop_t5: the denoiser still
+        reads sequence_length tokens, zeros)."""
+        t5 = self.sequence_encoder.tflop(0, sequence_length) if sequence_encoder else 0.0
+        return self.clip_tflop + t5
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,16 @@ class Flops:
         passes: int,
         denoised_pixels: int | None = None,
         sequence_length: int | None = None,
+        sequence_encoder: bool = True,
     ) -> float:
         """passes: denoiser forwards per step (2 with classifier-free guidance, else 1).
         denoised_pixels: the output pixels whose latent the denoiser runs on, where that is not
         the image's own (the x4 upscaler denoises a latent of its input's size).
-        sequence_length: the T5 tokens read (None: the length the figures are stated at)."""
+        sequence_length: the T5 tokens read (None: the length the figures are stated at);
+        sequence_encoder: False where the job drops T5."""
         if self.tokens is not None:
             return self._tflop_by_tokens(
-                width * height, steps, passes, denoised_pixels, sequence_length
+                width * height, steps, passes, denoised_pixels, sequence_length, sequence_encoder
             )
         scale = width * height / self.pixels
         denoised = scale if denoised_pixels is None else denoised_pixels / self.pixels
@@ -110,6 +115,7 @@ class Flops:
         passes: int,
         denoised_pixels: int | None,
         sequence_length: int | None,
+        sequence_encoder: bool,
     ) -> float:
         tokens = self.tokens
         length = tokens.sequence_length if sequence_length is None else sequence_length
@@ -117,7 +123,7 @@ class Flops:
         return (
             tokens.denoiser_tflop(denoised, length) * passes * steps
             + tokens.vae_decode_tflop(pixels)
-            + tokens.text_tflop(length) * passes
+            + tokens.text_tflop(length, sequence_encoder) * passes
         )
 
     def stated_by_tokens(self) -> list[str]:

@@ -120,16 +120,38 @@ def test_true_cfg_doubles_a_distilled_familys_passes_and_the_t5_length_counts():
         1024,
         50,
         3.5,
-        **sequence_inputs(SimpleNamespace(true_cfg_scale=4.0, max_sequence_length=None)),
+        **sequence_inputs(spec_with(true_cfg_scale=4.0, max_sequence_length=None)),
     )
     assert doubled == pytest.approx(stated(dev, 50, 2), rel=1e-4)
     shorter = FLUX_LIKE.tflop_per_image(
-        1024, 1024, 50, 3.5, **sequence_inputs(SimpleNamespace(max_sequence_length=256))
+        1024, 1024, 50, 3.5, **sequence_inputs(spec_with(max_sequence_length=256))
     )
     assert shorter == pytest.approx(dev.tflop_per_image(1024, 1024, 50, 1, sequence_length=256))
     assert shorter < plain
     # A spec section without the T5 keys costs at the figures' own length, without true CFG.
-    assert sequence_inputs(SimpleNamespace()) == {"sequence_length": None, "true_cfg_scale": 1.0}
+    assert sequence_inputs(spec_with()) == {
+        "sequence_length": None,
+        "true_cfg_scale": 1.0,
+        "sequence_encoder": True,
+    }
+
+
+def spec_with(drop_t5: bool | None = None, **generation):
+    """A spec's generation and model sections with the T5 families' keys given (as their
+    branches add them)."""
+    model = SimpleNamespace() if drop_t5 is None else SimpleNamespace(drop_t5=drop_t5)
+    return SimpleNamespace(generation=SimpleNamespace(**generation), model=model)
+
+
+def test_dropping_t5_saves_its_encoder_but_not_the_denoisers_text_tokens():
+    """SD3.5 without T5 (model.drop_t5) pads zeros for T5's tokens: the transformer's sequence
+    is as long, only the encoder's cost goes."""
+    medium = family_flops.SD35_MEDIUM_FLOPS
+    kept = SD3_LIKE.tflop_per_image(1024, 1024, 40, 4.5, **sequence_inputs(spec_with(False)))
+    dropped = SD3_LIKE.tflop_per_image(1024, 1024, 40, 4.5, **sequence_inputs(spec_with(True)))
+    t5 = medium.tokens.sequence_encoder.tflop(0, 256)
+    assert kept == pytest.approx(stated(medium, 40, 2), rel=1e-4)
+    assert kept - dropped == pytest.approx(2 * t5) and t5 > 2
 
 
 def test_the_throughput_table_says_the_basis_of_every_figure_for_each_dtype():
@@ -189,7 +211,7 @@ def test_an_image_tasks_image_is_costed_at_its_inputs_size_on_a_16px_grid_family
     large = SD3_LIKE.costed({"num_layers": 38})
     image = InputImage(SimpleNamespace(size=(1024, 768)), "0" * 64)
     params = GenerationParams("p", "", 0, 28, 3.5, None, None, None, strength=0.5, image=image)
-    assert image_tflop(large, TASKS["image-to-image"], params) == pytest.approx(
+    assert image_tflop(large, TASKS["image-to-image"], params, {}) == pytest.approx(
         family_flops.SD35_LARGE_FLOPS.tflop_per_image(1024, 768, 14, 2)
     )
 
