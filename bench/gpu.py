@@ -190,6 +190,12 @@ def parse_args() -> argparse.Namespace:
         "--compile-cache", help="engine.compile_cache for both engines (default: a new folder)"
     )
     parser.add_argument(
+        "--no-second-engine",
+        action="store_true",
+        help="skip the second engine's fresh-process warm-up (a third copy of the pipeline on the "
+        "GPU: FLUX.1's does not fit an 80 GB H100 beside the other two)",
+    )
+    parser.add_argument(
         "--engine-only",
         action="store_true",
         help="build the engine, print its warm-up as JSON and stop (the second engine's process)",
@@ -454,7 +460,7 @@ def main() -> None:
         f"{engine.warm_up_seconds or 0:.0f}s, compile cache {engine.compile_cache or 'not used'})"
     )
     second = None
-    if engine.compile_cache == "miss":
+    if engine.compile_cache == "miss" and not args.no_second_engine:
         second = second_engine(args, folder, compile_cache, size, steps[0], engine.batch_size)
 
     # 4. Each steps x batch: plain diffusers, then the engine, on the same prompts and seeds.
