@@ -74,7 +74,7 @@ def models(family: str, variant: str, clip_tokenizer, t5_tokenizer) -> dict:
         return {
             "transformer": SD3Transformer2DModel(**config),
             "vae": AutoencoderKL(**SD3_VAE),
-            "text_encoder": CLIPTextModelWithProjection(clip(dict(CLIP_L, projection_dim=768))),
+            "text_encoder": CLIPTextModelWithProjection(clip(CLIP_L)),
             "text_encoder_2": CLIPTextModelWithProjection(clip(CLIP_BIG_G)),
             "text_encoder_3": t5,
             "tokenizer": clip_tokenizer,

@@ -119,7 +119,7 @@ class DitModel:
         return 2 if self.kind == "sd3" and self.guidance > 1 else 1
 
 
-SD3_CLIP = ((dict(CLIP_L, projection_dim=768), True), (CLIP_BIG_G, True))
+SD3_CLIP = ((CLIP_L, True), (CLIP_BIG_G, True))  # both with their projections
 DIT_MODELS = (
     DitModel(
         "sd3.5-medium",

@@ -262,3 +262,52 @@ def test_gpu_bench_runs_the_tiny_flux_and_matches_plain_diffusers(variant):
     for r in figures["rows"]:
         assert r["plain_images_per_s"] > 0 and r["sdfleet_images_per_s"] > 0
         assert r["max_diff"] <= 2  # the engine's pixels vs plain FluxPipeline's
+
+
+@pytest.mark.parametrize("family, variant", [("sd3", "large"), ("flux", "schnell")])
+def test_the_full_size_builder_writes_a_pipeline_diffusers_loads_and_runs(
+    tmp_path, monkeypatch, family, variant
+):
+    """bench/dit_base.py's assembly (components, tokenizers, scheduler), with its configs shrunk:
+    the GPU run builds the same at full size."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO / "bench"))
+    import diffusers
+
+    import dit_base
+
+    # SD3.5 joins its two CLIPs' 32 channels each (pooled: their projections) and pads them to
+    # T5's width; FLUX.1 reads CLIP's pooled 32 and T5's states.
+    width = 64 if family == "sd3" else 32
+    small = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16}
+    small.update(joint_attention_dim=width, pooled_projection_dim=width)
+    if family == "flux":
+        small.update(num_single_layers=1, axes_dims_rope=[4, 6, 6])
+    else:
+        small.update(caption_projection_dim=32, pos_embed_max_size=16)
+    key = (family, variant)
+    monkeypatch.setitem(dit_base.TRANSFORMERS, key, dict(dit_base.TRANSFORMERS[key], **small))
+    clip = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1}
+    clip.update(num_attention_heads=2)
+    monkeypatch.setattr(dit_base, "CLIP_L", dict(dit_base.CLIP_L, **clip, projection_dim=32))
+    monkeypatch.setattr(
+        dit_base, "CLIP_BIG_G", dict(dit_base.CLIP_BIG_G, **clip, projection_dim=32)
+    )
+    t5 = {"d_model": width, "d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 1}
+    monkeypatch.setattr(dit_base, "T5_XXL", dict(dit_base.T5_XXL, **t5))
+    vae = {"block_out_channels": (8, 8, 8, 8), "norm_num_groups": 4}
+    monkeypatch.setattr(dit_base, "SD3_VAE", dict(dit_base.SD3_VAE, **vae))
+    monkeypatch.setattr(dit_base, "FLUX_VAE", dict(dit_base.FLUX_VAE, **vae))
+
+    folder = dit_base.build_pipeline(tmp_path / "model", family, variant)
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    from safetensors import safe_open
+
+    for part in ("transformer", "text_encoder_2"):  # written in bf16, as diffusers' docs run it
+        with safe_open(next((folder / part).glob("*.safetensors")), "pt") as weights:
+            assert weights.get_tensor(next(iter(weights.keys()))).dtype == torch.bfloat16
+    pipe = cls.from_pretrained(folder, torch_dtype=torch.float32)  # the CPU's
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.transformer.config.num_layers == 1
+    out = pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="np")
+    assert out.images.shape == (1, 32, 32, 3)
