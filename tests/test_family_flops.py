@@ -131,3 +131,14 @@ def test_t5s_sequence_length_costs_in_the_encoder_and_in_the_denoisers_sequence(
 def test_a_token_cost_is_its_polynomial():
     cost = TokenCost(constant=1, image=2, text=3, joint_pairs=4, image_pairs=5)
     assert cost.tflop(10, 5) == 1 + 20 + 15 + 4 * 225 + 5 * 100
+
+
+def test_every_variant_in_the_family_table_states_a_counted_figure_at_its_default_t5_length():
+    """The SD3.5 and FLUX.1 rows' variants cost what was counted, at the T5 length a job that
+    names none reads (else plan would cost 256 tokens where the call reads 512)."""
+    from sdfleet.schemas.families import FAMILIES
+
+    for family in FAMILIES.values():
+        for variant in family.variants:
+            assert any(variant.flops is flops for flops in VARIANTS.values()), variant.name
+            assert variant.flops.tokens.sequence_length == variant.max_sequence_length, variant.name
