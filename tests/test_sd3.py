@@ -51,3 +51,61 @@ def test_medium_and_large_by_the_transformer_depth():
     assert SD35_LARGE.flops.denoiser_tflop > SD35_MEDIUM.flops.denoiser_tflop
     # Families without T5 have no sequence to limit.
     assert FAMILIES["sdxl"].sequence_limits(None) is None
+
+
+# ------------------------------------------------------------------ the tiny SD3 pipeline
+
+
+def test_tiny_sd3_is_shaped_as_sd3(tiny_sd3):
+    import json
+
+    index = json.loads((tiny_sd3 / "model_index.json").read_text())
+    assert family_of(index["_class_name"]) is SD3
+    assert (
+        index["text_encoder"]
+        == index["text_encoder_2"]
+        == [
+            "transformers",
+            "CLIPTextModelWithProjection",
+        ]
+    )
+    assert index["text_encoder_3"] == ["transformers", "T5EncoderModel"]
+    assert index["tokenizer_3"][1].startswith("T5Tokenizer")  # transformers 5: one T5 class
+    transformer = json.loads((tiny_sd3 / "transformer" / "config.json").read_text())
+    assert transformer["patch_size"] == 2 and SD3.variant(transformer) is None
+    assert (tiny_sd3 / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    vae = json.loads((tiny_sd3 / "vae" / "config.json").read_text())
+    assert vae["latent_channels"] == 16 and vae["shift_factor"] == 0.0609
+    scheduler = json.loads((tiny_sd3 / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert scheduler["shift"] == 3.0
+
+
+def test_tiny_sd3_generates_with_plain_diffusers(tiny_sd3):
+    """T5's sequence length and dropping T5 each change the image; image-to-image loads the same
+    folder."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.tokenizer.model_max_length == pipe.tokenizer_2.model_max_length == 77
+
+    def make(p, **kwargs):
+        generator = torch.Generator().manual_seed(0)
+        kwargs = {"num_inference_steps": 2, "output_type": "np", **kwargs}
+        return p("a cat on the mat", generator=generator, **kwargs).images[0]
+
+    image = make(pipe, max_sequence_length=16)
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    assert np.abs(image - make(pipe, max_sequence_length=32)).max() > 0.01
+    dropped = StableDiffusion3Pipeline.from_pretrained(
+        tiny_sd3, text_encoder_3=None, tokenizer_3=None, use_safetensors=True
+    )
+    dropped.set_progress_bar_config(disable=True)
+    assert np.abs(image - make(dropped, max_sequence_length=16)).max() > 0.01
+    img2img = StableDiffusion3Img2ImgPipeline.from_pretrained(tiny_sd3, use_safetensors=True)
+    img2img.set_progress_bar_config(disable=True)
+    made = make(img2img, image=torch.from_numpy(image).permute(2, 0, 1)[None], strength=0.8)
+    assert made.shape == (64, 64, 3)
