@@ -136,8 +136,9 @@ class Family:
     # The prefix of the scheduler classes its denoiser works with (a flow-matching family:
     # "FlowMatch"); None: any. Where the spec names none of them, the checkpoint's own runs.
     scheduler_prefix: str | None = None
-    # The denoiser takes skip-layer guidance (diffusers' skip_guidance_layers) in text-to-image.
-    skip_layer_guidance: bool = False
+    # Skip-layer guidance in text-to-image (diffusers' skip_guidance_layers): the pipeline's
+    # defaults for its scale, start and stop, by keyword; None: the family has none.
+    skip_layer_guidance: Mapping[str, float] | None = None
 
     def variant(self, denoiser_config: Mapping) -> Variant | None:
         """The variant whose denoiser config this is; None: the family has none, or the config

@@ -84,7 +84,7 @@ SD3 = Family(
     variants=(SD35_MEDIUM, SD35_LARGE),
     max_sequence_length=T5_DEFAULT_TOKENS,
     scheduler_prefix="FlowMatch",
-    skip_layer_guidance=True,
+    skip_layer_guidance=SKIP_LAYER_GUIDANCE_DEFAULTS,
 )
 
 register(SD3)

@@ -109,3 +109,134 @@ def test_tiny_sd3_generates_with_plain_diffusers(tiny_sd3):
     img2img.set_progress_bar_config(disable=True)
     made = make(img2img, image=torch.from_numpy(image).permute(2, 0, 1)[None], strength=0.8)
     assert made.shape == (64, 64, 3)
+
+
+# ------------------------------------------------------------------ spec keys and their errors
+
+
+def _spec(tmp_path, source, model=None, **generation) -> str:
+    import yaml
+
+    from helpers import write_prompts
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"])
+    spec = {
+        "input": {"uri": str(tmp_path / "in")},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"source": str(source), **(model or {})},
+        "safety": {"detector": "none"},
+        "generation": generation,
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    return str(tmp_path / "job.yaml")
+
+
+def _refused(command: str, spec: str) -> str:
+    from helpers import run_cli
+
+    out = run_cli(command, spec)
+    assert out.returncode == 1, out.stdout + out.stderr
+    return out.stderr
+
+
+def _large(tmp_path, tiny_sd3):
+    """The tiny SD3 with its transformer's config saying 38 layers, as SD3.5 Large's does: the
+    driver reads configs only, so it is refused as Large would be."""
+    import json
+    import shutil
+
+    large = shutil.copytree(tiny_sd3, tmp_path / "tiny-sd3-large")
+    config = large / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_layers": 38}))
+    return large
+
+
+def test_plan_resolves_the_family_defaults_into_the_spec(tmp_path, tiny_sd3):
+    """No scheduler, size or sequence length in the spec: the checkpoint's FlowMatch scheduler,
+    its native 64 px and T5's 256 tokens are what plan shows and the fingerprint holds."""
+    import yaml
+
+    from helpers import run_cli
+
+    out = run_cli("plan", _spec(tmp_path, tiny_sd3))
+    assert out.returncode == 0, out.stderr
+    assert "family        sd3 (StableDiffusion3Pipeline)" in out.stdout
+    from sdfleet.jobs.preflight import Preflight
+    from sdfleet.schemas.spec import load_spec
+
+    spec = Preflight(load_spec(tmp_path / "job.yaml")).check().plan.spec
+    assert spec.model.scheduler == "FlowMatchEulerDiscreteScheduler"
+    assert spec.generation.max_sequence_length == 256 and spec.generation.width == 64
+    assert spec.generation.skip_guidance_layers is None
+    fields = spec.fingerprint_fields()
+    assert fields["generation.max_sequence_length"] == 256
+    assert "model.drop_t5" not in fields  # at its default, as jobs made before it had it
+    # Skip-layer guidance with its layers alone gets the pipeline's scale, start and stop.
+    yaml_spec = yaml.safe_load((tmp_path / "job.yaml").read_text())
+    yaml_spec["generation"] = {"skip_guidance_layers": [1], "guidance_scale": 4.0}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(yaml_spec))
+    gen = Preflight(load_spec(tmp_path / "job.yaml")).check().plan.spec.generation
+    assert gen.skip_guidance_layers == [1] and gen.skip_layer_guidance_scale == 2.8
+    assert (gen.skip_layer_guidance_start, gen.skip_layer_guidance_stop) == (0.01, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("model", "generation", "message"),
+    [
+        (
+            {},
+            {"max_sequence_length": 600},
+            "generation.max_sequence_length=600: the T5 encoder of an sd3 checkpoint reads at "
+            "most 512 tokens; use 512 or less (default 256)",
+        ),
+        (
+            {},
+            {"width": 72, "height": 64},
+            "generation.width=72 is not divisible by 16, the latent grid of sd3 checkpoints; use "
+            "e.g. 64 or 80",
+        ),
+        (
+            {"scheduler": "EulerDiscreteScheduler"},
+            {},
+            "model.scheduler=EulerDiscreteScheduler: sd3 checkpoints are denoised by FlowMatch* "
+            "schedulers only",
+        ),
+        (
+            {},
+            {"skip_guidance_layers": [2]},
+            "generation.skip_guidance_layers=[2]: model.source {source}'s transformer has 2 "
+            "layers (0 to 1); layer 2 is not one of them",
+        ),
+        (
+            {},
+            {"skip_guidance_layers": [1], "guidance_scale": 1.0},
+            "skip-layer guidance runs only with classifier-free guidance",
+        ),
+    ],
+)
+def test_sd3_spec_errors_name_the_family_and_key(tmp_path, tiny_sd3, model, generation, message):
+    err = _refused("plan", _spec(tmp_path, tiny_sd3, model, **generation))
+    assert message.format(source=tiny_sd3) in err, err
+
+
+def test_skip_layer_guidance_on_large_is_refused_before_any_worker(tmp_path, tiny_sd3):
+    spec = _spec(tmp_path, _large(tmp_path, tiny_sd3), skip_guidance_layers=[7, 8, 9])
+    err = _refused("run", spec)
+    assert "is an sd3.5-large (sd3) checkpoint, which has no skip-layer guidance" in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_keys_of_sd3_on_other_families_are_refused(tmp_path, tiny_model, tiny_sdxl):
+    err = _refused("plan", _spec(tmp_path / "a", tiny_sdxl["base"], {"drop_t5": True}))
+    assert "model.drop_t5: model.source" in err and "is an sdxl checkpoint, which has no T5" in err
+    err = _refused("plan", _spec(tmp_path / "b", tiny_model, max_sequence_length=128))
+    assert "generation.max_sequence_length=128: an sd2 checkpoint has no T5 encoder" in err, err
+    err = _refused("run", _spec(tmp_path / "c", tiny_sdxl["base"], skip_guidance_layers=[1]))
+    assert "is an sdxl checkpoint, which has no skip-layer guidance" in err, err
+
+
+def test_skip_layer_guidance_keys_are_checked_as_the_spec_is_read(tmp_path, tiny_sd3):
+    err = _refused("plan", _spec(tmp_path / "a", tiny_sd3, skip_layer_guidance_scale=3.0))
+    assert "generation.skip_layer_guidance_scale is for skip-layer guidance" in err, err
+    err = _refused("plan", _spec(tmp_path / "b", tiny_sd3, skip_guidance_layers=[]))
+    assert "generation.skip_guidance_layers=[]: give distinct transformer layer indices" in err
