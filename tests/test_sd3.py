@@ -240,3 +240,102 @@ def test_skip_layer_guidance_keys_are_checked_as_the_spec_is_read(tmp_path, tiny
     assert "generation.skip_layer_guidance_scale is for skip-layer guidance" in err, err
     err = _refused("plan", _spec(tmp_path / "b", tiny_sd3, skip_guidance_layers=[]))
     assert "generation.skip_guidance_layers=[]: give distinct transformer layer indices" in err
+
+
+# ------------------------------------------------------------------ rows regenerate (Ray, S3)
+
+# Longer than CLIP's 77 tokens and than the job's T5 sequence (the tiny tokenizers split words).
+LONG = "a very long prompt about a lighthouse on a cliff over a stormy sea at dusk " * 3
+T5_TOKENS = 24
+
+
+def regenerate(folder, row, **override):
+    """README.md's SD3.5 recipe: the row's image from plain StableDiffusion3Pipeline and the row's
+    values (T5 left out where the row says drop_t5; skip-layer guidance where it has layers)."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    from sdfleet.schemas.family_inputs import SKIP_LAYER_GUIDANCE_KEYS
+
+    dropped = {"text_encoder_3": None, "tokenizer_3": None} if row["drop_t5"] else {}
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(
+        folder, use_safetensors=True, **dropped
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, row["scheduler"]).from_config(
+        pipe.scheduler.config, shift=row["scheduler_shift"]
+    )
+    guidance = {}
+    if row["skip_guidance_layers"] is not None:
+        keys = ("skip_guidance_layers", *SKIP_LAYER_GUIDANCE_KEYS)
+        guidance = {key: row[key] for key in keys}
+    inputs = {
+        "negative_prompt": row["negative_prompt"],
+        "num_inference_steps": row["num_inference_steps"],
+        "guidance_scale": row["guidance_scale"],
+        "width": row["width"],
+        "height": row["height"],
+        "max_sequence_length": row["max_sequence_length"],
+        "generator": torch.Generator(row["generator_device"]).manual_seed(row["seed"]),
+        **guidance,
+    }
+    image = pipe(row["prompt"], output_type="np", **{**inputs, **override}).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop_t5", [False, True], ids=["t5", "drop_t5"])
+def test_sd3_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sd3, s3, ray_cluster, drop_t5):
+    """A non-square size on the 16-px grid; a prompt over CLIP's 77 tokens and the job's T5
+    sequence, so each encoder's truncation shows; skip-layer guidance over the whole schedule, so
+    it acts in three steps."""
+    import numpy as np
+    import pyarrow as pa
+
+    from test_tasks import assert_close, run_job, three_ok
+
+    table = pa.table({"prompt_id": ["a", "b"], "prompt": ["a red fox in snow", LONG]})
+    rows, images, _ = run_job(
+        tmp_path,
+        s3,
+        ray_cluster.address,
+        tiny_sd3,
+        "text-to-image",
+        table,
+        model={
+            "scheduler": "FlowMatchEulerDiscreteScheduler",
+            "dtype": "float32",
+            "drop_t5": drop_t5,
+        },
+        generation={
+            "width": 64,
+            "height": 48,
+            "guidance_scale": 5.0,
+            "max_sequence_length": T5_TOKENS,
+            "skip_guidance_layers": [1],
+            "skip_layer_guidance_start": 0.0,
+            "skip_layer_guidance_stop": 1.0,
+        },
+    )
+    # 1. What the rows record: each encoder's count (T5's against the call's sequence length, none
+    #    where T5 was dropped), the call's sequence length, skip-layer guidance, the shift.
+    for row in rows.values():
+        assert (row["width"], row["height"]) == (64, 48) and row["drop_t5"] is drop_t5
+        assert row["max_sequence_length"] == T5_TOKENS and row["scheduler_shift"] == 3.0
+        assert row["skip_guidance_layers"] == [1] and row["skip_layer_guidance_scale"] == 2.8
+        long = row["prompt"] == LONG
+        assert row["prompt_truncated"] is long and row["prompt_truncated_2"] is long
+        if drop_t5:
+            assert row["prompt_tokens_3"] is None and row["prompt_truncated_3"] is None
+        else:
+            assert row["prompt_truncated_3"] is long
+            assert (row["prompt_tokens_3"] > T5_TOKENS) is long
+    # 2. Three rows from plain diffusers.
+    for row in three_ok(rows):
+        assert_close(images[row["key"]], regenerate(tiny_sd3, row))
+    # 3. The recorded T5 length matters: another one is another image (with T5; without it, the
+    #    zeros in its place are as long).
+    row = three_ok(rows)[0]
+    wrong = regenerate(tiny_sd3, row, max_sequence_length=T5_TOKENS * 2)
+    assert np.abs(images[row["key"]].astype(int) - wrong.astype(int)).max() > 2
