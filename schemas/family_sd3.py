@@ -22,9 +22,11 @@ guidance on layers 7, 8 and 9 (diffusers' docstring repeats it, with scale 2.8, 
 stop 0.2, its defaults).
 
 dtype: bfloat16, as diffusers' SD3.5 docs and Stability's cards load it (the weights were published
-in it). float16 is not safe for the T5: T5 v1.1 XXL's feed-forward activations exceed float16's
-range and the encoder returns inf/NaN, so a float16 SD3 job either keeps T5 in bfloat16/float32 or
-drops it (model.drop_t5).
+in it). T5 v1.1 XXL's activations overflow float16's range; transformers 5.25's T5 (checked in
+modeling_t5.py) copes by keeping the feed-forward output projection `wo` in float32
+(`_keep_in_fp32_modules`) and clamping infinite float16 activations to the largest finite value.
+So a float16 SD3 job runs without NaNs, but its T5 embeddings are clamped where bfloat16's are
+not; model.drop_t5 leaves T5 out altogether.
 """
 
 from __future__ import annotations

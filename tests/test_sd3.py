@@ -339,3 +339,28 @@ def test_sd3_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sd3, s3, ray_cl
     row = three_ok(rows)[0]
     wrong = regenerate(tiny_sd3, row, max_sequence_length=T5_TOKENS * 2)
     assert np.abs(images[row["key"]].astype(int) - wrong.astype(int)).max() > 2
+
+
+def test_the_sd35_medium_example_fits_medium_and_not_large():
+    """jobs/examples/sd35_medium_1024.yaml as written, checked against SD3.5 Medium's and Large's
+    transformer configs (num_layers 24 and 38), as pre-flight checks them."""
+    from pathlib import Path
+
+    from sdfleet.schemas.errors import SpecError
+    from sdfleet.schemas.family_inputs import call_inputs, check_family_keys
+    from sdfleet.schemas.spec import load_spec
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "sd35_medium_1024.yaml"
+    spec = load_spec(path)
+    assert spec.model.dtype == SD3.dtype and spec.generation.skip_guidance_layers == [7, 8, 9]
+    medium = {"num_layers": 24, "sample_size": 128}
+    check_family_keys(spec, SD3, medium, spec.model.source)
+    assert call_inputs(SD3, medium, spec.generation) == {
+        "max_sequence_length": 256,
+        "skip_guidance_layers": [7, 8, 9],
+        "skip_layer_guidance_scale": 2.8,
+        "skip_layer_guidance_start": 0.01,
+        "skip_layer_guidance_stop": 0.2,
+    }
+    with pytest.raises(SpecError, match=r"sd3\.5-large \(sd3\) checkpoint, which has no skip"):
+        check_family_keys(spec, SD3, {"num_layers": 38}, spec.model.source)
