@@ -364,3 +364,35 @@ def test_the_sd35_medium_example_fits_medium_and_not_large():
     }
     with pytest.raises(SpecError, match=r"sd3\.5-large \(sd3\) checkpoint, which has no skip"):
         check_family_keys(spec, SD3, {"num_layers": 38}, spec.model.source)
+
+
+def test_sd3_image_to_image_plans_and_refuses_skip_layer_guidance(tmp_path, tiny_sd3):
+    """The plain SD3 checkpoint runs image-to-image (no UNet channels to tell tasks apart: the
+    family's pipelines say), and skip-layer guidance is text-to-image's only."""
+    import io
+
+    import yaml
+    from PIL import Image
+
+    from helpers import run_cli, write_prompts
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "gray").save(buffer, format="PNG")
+    png = buffer.getvalue()
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"], image=[png, png])
+    spec = {
+        "input": {"uri": str(tmp_path / "in"), "image_column": "image"},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"source": str(tiny_sd3), "task": "image-to-image"},
+        "safety": {"detector": "none"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 0, out.stderr
+    spec["generation"] = {"skip_guidance_layers": [1]}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    err = _refused("plan", str(tmp_path / "job.yaml"))
+    assert (
+        "generation.skip_guidance_layers=[1]: sd3's image-to-image pipeline "
+        "(StableDiffusion3Img2ImgPipeline) has no skip-layer guidance" in err
+    ), err
