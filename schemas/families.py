@@ -139,6 +139,10 @@ class Family:
     # Skip-layer guidance in text-to-image (diffusers' skip_guidance_layers): the pipeline's
     # defaults for its scale, start and stop, by keyword; None: the family has none.
     skip_layer_guidance: Mapping[str, float] | None = None
+    # An image task's pipeline makes the checkpoint's native size unless told the input's (SDXL's
+    # inpaint; SD3's image-to-image and inpaint would resize every input to 1024²): the engine
+    # passes the input's size, floored to the latent grid, as width and height where it takes them.
+    input_size_keywords: bool = False
 
     def variant(self, denoiser_config: Mapping) -> Variant | None:
         """The variant whose denoiser config this is; None: the family has none, or the config
@@ -324,6 +328,7 @@ SDXL = Family(
     ),
     size_conditioning=True,
     vae_upcast=True,
+    input_size_keywords=True,
     # The refiner at 1024x1024: one UNet forward 7.2860, its VAE decode (the same VAE) 10.4704,
     # text_encoder_2 alone at batch 2 0.1957.
     refiner_pipeline="StableDiffusionXLImg2ImgPipeline",

@@ -87,6 +87,7 @@ SD3 = Family(
     max_sequence_length=T5_DEFAULT_TOKENS,
     scheduler_prefix="FlowMatch",
     skip_layer_guidance=SKIP_LAYER_GUIDANCE_DEFAULTS,
+    input_size_keywords=True,
 )
 
 register(SD3)

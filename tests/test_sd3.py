@@ -396,3 +396,43 @@ def test_sd3_image_to_image_plans_and_refuses_skip_layer_guidance(tmp_path, tiny
         "generation.skip_guidance_layers=[1]: sd3's image-to-image pipeline "
         "(StableDiffusion3Img2ImgPipeline) has no skip-layer guidance" in err
     ), err
+
+
+def test_the_engine_makes_an_sd3_image_task_at_its_inputs_size(tiny_sd3):
+    """SD3's image-to-image pipeline makes its native size unless told the input's: the engine
+    passes the input's size on the 16-px grid (an 88x56 input makes 80x48, not the tiny's 64²),
+    and the image is plain diffusers' with those keywords."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.samples import GenerationParams, InputImage
+    from sdfleet.schemas.spec import GenerationSpec, ModelSpec
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 88, 3), np.uint8))
+    model = ModelSpec(source=str(tiny_sd3), task="image-to-image", scheduler=None, dtype="float32")
+    engine = Engine(model, batch_size=1, generation=GenerationSpec(max_sequence_length=16))
+    assert type(engine.pipe).__name__ == "StableDiffusion3Img2ImgPipeline"
+    params = GenerationParams("a cat", "", 5, 3, 5.0, None, None, None, strength=0.8)
+    params.image = InputImage(photo, "sha")
+    (_, (image,), _), *_ = list(engine.generate([params]))
+    assert image.shape == (48, 80, 3)
+    plain = StableDiffusion3Img2ImgPipeline.from_pretrained(tiny_sd3, use_safetensors=True)
+    plain.set_progress_bar_config(disable=True)
+    ref = plain(
+        "a cat",
+        negative_prompt="",
+        image=photo,
+        strength=0.8,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        width=80,
+        height=48,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(5),
+        output_type="np",
+    ).images[0]
+    ref = (ref * 255).round().astype(np.uint8)
+    assert np.abs(image.astype(int) - ref.astype(int)).max() <= 2
