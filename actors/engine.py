@@ -31,12 +31,13 @@ from sdfleet.actors.model_cache import local_copy
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
+from sdfleet.schemas.family_inputs import MAX_SEQUENCE_LENGTH, call_inputs, record
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.schedulers import unknown_scheduler
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
 if TYPE_CHECKING:  # duck-typed at run time, so bench/gpu runs where pydantic is not installed
-    from sdfleet.schemas.spec import EngineSpec, ModelSpec
+    from sdfleet.schemas.spec import EngineSpec, GenerationSpec, ModelSpec
 
 log = logging.getLogger("sdfleet")
 
@@ -55,10 +56,13 @@ class Engine:
         options: EngineSpec | None = None,
         batch_size: int | str = CPU_AUTO_BATCH,
         warm_up: Sequence[GenerationParams] = (),
+        generation: GenerationSpec | None = None,
     ):
         """batch_size: images per pipeline call, or "auto" to fill the GPU's memory.
         warm_up: one GenerationParams per sweep point; with torch.compile on, every shape they
-        need is compiled here, once, instead of in the middle of the first shards."""
+        need is compiled here, once, instead of in the middle of the first shards.
+        generation: the job's generation.*, for the family's own call inputs (T5's sequence
+        length, skip-layer guidance); None: the family's defaults."""
         # 1. Device and dtype. fp16 kernels are slow or missing on CPUs: fall back to float32 there.
         self.device, self.dtype = self._device_and_dtype(model, device, cpu_threads)
         self.model = model
@@ -71,13 +75,15 @@ class Engine:
         #    checkpoint's own.
         self.pipe = self._load(model)
         self.family = family = family_of(type(self.pipe).__name__) or DEFAULT_FAMILY
-        self._read_the_checkpoint(family)
+        self._read_the_checkpoint(family, generation)
 
-        # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
+        # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides; what the
+        #    rows record of the family's own inputs (a flow-matching scheduler's shift among them).
         self._base_scheduler_config = self.pipe.scheduler.config
         self.default_scheduler = model.scheduler or type(self.pipe.scheduler).__name__
         self._schedulers = {}
         self.pipe.scheduler = self._scheduler(self.default_scheduler)
+        self.family_record = self._family_record(model)
 
         # 4. Lossless speed-ups (engine.*), before the first call so compiled graphs see them.
         if options is None:
@@ -138,11 +144,14 @@ class Engine:
             )
         return device, "float32"
 
-    def _read_the_checkpoint(self, family: Family) -> None:
+    def _read_the_checkpoint(self, family: Family, generation: GenerationSpec | None) -> None:
         """What the loaded checkpoint says of itself: its native size, its conditioning, the
-        dtype its VAE decodes in, and its tokenizers."""
+        dtype its VAE decodes in, the family's own call inputs, and its tokenizers."""
         denoiser = getattr(self.pipe, family.denoiser, None)
-        sample = getattr(denoiser, "config", {}).get("sample_size")
+        config = getattr(denoiser, "config", {})
+        sample = config.get("sample_size")
+        # The family's keywords every call passes (empty for SD2 and SDXL).
+        self.call_inputs = call_inputs(family, config, generation)
         self.default_size = family.native_size(sample, getattr(self.pipe, "vae_scale_factor", 8))
         # A checkpoint conditioned on an aesthetic score (SDXL's refiner) gets diffusers' defaults,
         # passed explicitly as its rows record them.
@@ -152,11 +161,22 @@ class Engine:
         self.vae_decode_dtype = vae_decode_dtype(
             family, getattr(self.pipe, "vae", None), self.dtype
         )
-        # One counter per text encoder: each truncates the prompt at its own tokenizer's limit.
+        # One counter per text encoder: each truncates the prompt at its own tokenizer's limit,
+        # T5 at the call's sequence length.
+        sequence = self.call_inputs.get(MAX_SEQUENCE_LENGTH)
         self.tokens = [
-            TokenCounter(getattr(self.pipe, encoder.tokenizer, None), encoder.max_tokens)
+            TokenCounter(
+                getattr(self.pipe, encoder.tokenizer, None),
+                encoder.max_tokens,
+                sequence if encoder.sequence else None,
+            )
             for encoder in family.text_encoders
         ]
+
+    def _family_record(self, model: ModelSpec) -> dict:
+        """What the rows record of the family's own inputs (empty for SD2 and SDXL)."""
+        shift = self.pipe.scheduler.config.get("shift")  # the scheduler's as it runs
+        return record(self.family, self.call_inputs, getattr(model, "drop_t5", False), shift)
 
     def _load(self, model: ModelSpec):
         """The task's pipeline on the device, loaded with safetensors only: pickle checkpoints can
@@ -275,6 +295,7 @@ class Engine:
             inputs["mask_image"] = [p.mask.pixels for p in batch]
         for key in task.parameters:
             inputs[key] = getattr(first, key)
+        inputs.update(self.call_inputs)  # the family's own (T5's sequence length, ...)
         # 2. The pipeline (with model.refiner: base, then refiner), then the images as uint8.
         with torch.inference_mode():
             if self.refiner is None:
@@ -325,10 +346,10 @@ class Engine:
 
     def image_task_size(self, params: GenerationParams) -> dict[str, int]:
         """width and height for an image task whose pipeline would otherwise make its native size
-        rather than the input's (SDXL's inpaint pipeline), in a family whose micro-conditioning
-        records the input's size; empty otherwise (SD2's calls stay as they were)."""
+        rather than the input's (SDXL's inpaint pipeline, SD3's image-to-image and inpaint), in a
+        family that says so; empty otherwise (SD2's calls stay as they were)."""
         takes_size = "width" in inspect.signature(self.pipe.__call__).parameters
-        if not (self.family.size_conditioning and takes_size):
+        if not (self.family.input_size_keywords and takes_size):
             return {}
         width, height = self.input_size(params)
         return {"width": width, "height": height}
@@ -357,15 +378,23 @@ class TokenCounter:
     Pipelines without a single CLIP tokenizer report nothing.
     """
 
-    def __init__(self, tokenizer, family_max_tokens: int = DEFAULT_FAMILY.max_tokens):
+    def __init__(
+        self,
+        tokenizer,
+        family_max_tokens: int = DEFAULT_FAMILY.max_tokens,
+        limit: int | None = None,
+    ):
         """family_max_tokens: what the family's text encoder reads, for a tokenizer that does not
-        say."""
+        say. limit: what the call lets it read (T5: max_sequence_length), where that decides."""
         self.tokenizer = tokenizer
         self.family_max_tokens = family_max_tokens
+        self.limit = limit
         self._counting = None
 
     @property
     def max_tokens(self) -> int:
+        if self.limit is not None:
+            return self.limit
         return getattr(self.tokenizer, "model_max_length", self.family_max_tokens)
 
     def count(self, prompts: Sequence[str]) -> dict[str, int]:

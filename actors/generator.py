@@ -182,6 +182,7 @@ class ShardGenerator:
             options=self.spec.engine,
             batch_size=self.spec.resources.batch_size,
             warm_up=shapes,
+            generation=self.spec.generation,
         )
         # On the post thread beside the detector, on the pipeline's device; first, as a detector may
         # read its embeddings.
@@ -346,6 +347,7 @@ class ShardGenerator:
             refiner=getattr(getattr(self.engine, "refiner", None), "call_for", None),
             aesthetic_conditioning=getattr(self.engine, "aesthetic_conditioning", {}),
             vae_decode_dtype=getattr(self.engine, "vae_decode_dtype", None),
+            family_record=getattr(self.engine, "family_record", {}),
             model_hash=self.plan.content.main_model_digest() if self.plan.content else None,
         )
 

@@ -123,6 +123,9 @@ class Provenance:
     # The dtype the latents were decoded in (the engine's); None: a family that never upcasts.
     vae_decode_dtype: str | None = None
     model_hash: str | None = None  # model.source by content, as the driver resolved it
+    # The family's own inputs as every call ran them, by column (the engine's: SD3's T5 sequence
+    # length, drop_t5, skip-layer guidance, the scheduler's shift); empty for SD2 and SDXL.
+    family_record: dict[str, Any] = field(default_factory=dict)
 
 
 def build_row(
@@ -192,6 +195,7 @@ def build_row(
                 row["scheduler"],
                 {f.name: row[f.name] for f in REFINER_FIELDS} if made.refiner else None,
                 components,
+                made.family_record,
             ),
             prompt=s.params.prompt,
         )
@@ -248,6 +252,7 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
         row.update({conditioning_column(k): v for k, v in made.aesthetic_conditioning.items()})
     if made.refiner is not None:
         _add_refiner(row, made.spec, made.refiner(planned))
+    row.update(made.family_record)
 
 
 def _add_refiner(row: dict[str, Any], spec: JobSpec, call: RefinerCall) -> None:

@@ -74,7 +74,14 @@ class SyntheticEngine:
     cpu_log: str | None = None  # folder for the per-process CPU log
 
     def __init__(
-        self, model, device=None, cpu_threads=None, options=None, batch_size=8, warm_up=()
+        self,
+        model,
+        device=None,
+        cpu_threads=None,
+        options=None,
+        batch_size=8,
+        warm_up=(),
+        generation=None,
     ):
         from sdfleet.jobs.tiny import clip_tokenizer
 

@@ -127,10 +127,14 @@ class Checkpoint:
     class_name: str | None  # model_index.json's _class_name
     components: frozenset[str]
     unet_in_channels: int | None  # None: no UNet (a transformer-based family)
-    sample_size: int | None  # the UNet's latent size
+    sample_size: int | None  # the denoiser's latent size (the UNet's, SD3's transformer's)
     vae_scale_factor: int
     prediction_type: str | None
     vae_latent_channels: int | None = None  # None: no VAE config read
+    # The family's denoiser's config.json (the UNet's, or SD3's transformer's): which variant it
+    # is, and its depth; {} where none was read.
+    denoiser_config: dict = dataclasses.field(default_factory=dict)
+    scheduler_class: str | None = None  # scheduler_config.json's _class_name
 
     @property
     def default_size(self) -> int | None:
@@ -191,6 +195,10 @@ def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
 
     index = config("model_index.json")
     unet = config("unet/config.json") if "unet" in index else {}
+    # The family's denoiser: the UNet, or a transformer-based family's transformer.
+    family = family_of(index.get("_class_name"))
+    name = family.denoiser if family is not None else "unet"
+    denoiser = unet if name == "unet" else config(f"{name}/config.json") if name in index else {}
     vae = config("vae/config.json") if "vae" in index else {}
     scheduler = config("scheduler/scheduler_config.json") if "scheduler" in index else {}
     return Checkpoint(
@@ -198,10 +206,12 @@ def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
         class_name=index.get("_class_name"),
         components=frozenset(k for k in index if not k.startswith("_")),
         unet_in_channels=unet.get("in_channels"),
-        sample_size=unet.get("sample_size"),
+        sample_size=denoiser.get("sample_size"),
         vae_scale_factor=vae_scale_factor(vae),
         prediction_type=scheduler.get("prediction_type"),
         vae_latent_channels=vae.get("latent_channels") if vae else None,
+        denoiser_config=denoiser,
+        scheduler_class=scheduler.get("_class_name"),
     )
 
 
@@ -209,10 +219,14 @@ def check_task(task_name: str, checkpoint: Checkpoint) -> None:
     """The checkpoint is one the task can run: its UNet takes the task's conditioning channels and
     it has the task's extra component. Else the error names both, before any GPU starts."""
     task = TASKS[task_name]
+    # Without a UNet (SD3's transformer), the family's pipelines say what it runs: each takes the
+    # plain checkpoint (SD3's inpaint pipeline blends the mask in the latents).
+    family = family_of(checkpoint.class_name)
+    runs = family.pipelines if family is not None and family.denoiser != "unet" else {TEXT_TO_IMAGE}
     fits = (
         checkpoint.unet_in_channels == task.unet_in_channels
         if checkpoint.unet_in_channels is not None
-        else task_name == TEXT_TO_IMAGE
+        else task_name in runs
     )
     if task.needs_component and task.needs_component not in checkpoint.components:
         fits = False

@@ -35,6 +35,7 @@ from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import InputError, SpecError
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
+from sdfleet.schemas.family_inputs import call_inputs, check_family_keys, unset_scheduler
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
@@ -87,12 +88,14 @@ class Preflight:
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
         #    the estimate and every row name the size that is made; and what the input, the files
         #    its rows point at and the checkpoint are by content, resolved once, here.
+        #    The family's own keys (T5's sequence length, model.drop_t5, skip-layer guidance, its
+        #    kind of scheduler) are checked against the checkpoint and resolved the same way.
         family = family_of(checkpoint.class_name)
-        plan = dataclasses.replace(
-            planned,
-            spec=self._with_checkpoint_size(checkpoint),
-            family=family.name if family else None,
-        )
+        spec = self._with_checkpoint_size(checkpoint)
+        if family is not None:
+            spec = with_family_defaults(spec, family, checkpoint)
+            check_family_keys(spec, family, checkpoint.denoiser_config, checkpoint.source)
+        plan = dataclasses.replace(planned, spec=spec, family=family.name if family else None)
         plan = dataclasses.replace(plan, content=resolve_content(plan))
         try:  # the family's own columns may clash with a passthrough column planning accepted
             plan.output_schema()
@@ -253,6 +256,19 @@ class Preflight:
             )
         resolved = gen.model_copy(update={"width": gen.width or size, "height": gen.height or size})
         return self.spec.model_copy(update={"generation": resolved})
+
+
+def with_family_defaults(spec: JobSpec, family: Family, checkpoint) -> JobSpec:
+    """The family's own call inputs as the job runs them (the checkpoint's variant's T5 sequence
+    length, skip-layer guidance's defaults), and for a family that runs its own kind of scheduler
+    only, the checkpoint's scheduler where the spec names none: so the fingerprint and every row
+    name what is made."""
+    model, gen = spec.model, spec.generation
+    if unset_scheduler(spec, family) and checkpoint.scheduler_class:
+        model = model.model_copy(update={"scheduler": checkpoint.scheduler_class})
+    inputs = call_inputs(family, checkpoint.denoiser_config, gen)
+    gen = gen.model_copy(update=inputs)
+    return spec.model_copy(update={"model": model, "generation": gen})
 
 
 def _check_keras_file(path: str) -> None:

@@ -34,6 +34,8 @@ class TextEncoder:
     # generation.max_sequence_length tokens (its variant's default where the spec names none), at
     # most max_tokens; a CLIP encoder always reads max_tokens.
     sequence: bool = False
+    # model.drop_t5 may leave it out (SD3.5's T5: the pipeline passes zeros in its place).
+    droppable: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class Variant:
     # The T5 tokens read where generation.max_sequence_length is not set, and the most it may be.
     max_sequence_length: int | None = None
     max_sequence_limit: int | None = None
+    # Skip-layer guidance (diffusers' skip_guidance_layers): the denoiser layers the checkpoint's
+    # makers recommend skipping (SD3.5 Medium: 7, 8, 9); empty: the variant has none, and a job
+    # that asks for it is refused.
+    skip_guidance_layers: tuple[int, ...] = ()
 
     def matches(self, denoiser_config: Mapping) -> bool:
         return all(denoiser_config.get(key) == value for key, value in self.match.items())
@@ -104,6 +110,18 @@ class Family:
     # Checkpoint kinds that differ in cost or limits (`Variant`); empty: every checkpoint of the
     # family is alike and `flops` is its cost.
     variants: tuple[Variant, ...] = ()
+    # The T5 tokens read where the checkpoint matches no variant and the spec names none.
+    max_sequence_length: int | None = None
+    # The prefix of the scheduler classes its denoiser works with (a flow-matching family:
+    # "FlowMatch"); None: any. Where the spec names none of them, the checkpoint's own runs.
+    scheduler_prefix: str | None = None
+    # Skip-layer guidance in text-to-image (diffusers' skip_guidance_layers): the pipeline's
+    # defaults for its scale, start and stop, by keyword; None: the family has none.
+    skip_layer_guidance: Mapping[str, float] | None = None
+    # An image task's pipeline makes the checkpoint's native size unless told the input's (SDXL's
+    # inpaint; SD3's image-to-image and inpaint would resize every input to 1024²): the engine
+    # passes the input's size, floored to the latent grid, as width and height where it takes them.
+    input_size_keywords: bool = False
 
     def variant(self, denoiser_config: Mapping) -> Variant | None:
         """The variant whose denoiser config this is; None: the family has none, or the config
@@ -121,6 +139,26 @@ class Family:
                 f"model.task={task}: model.source {source} is an {self.name} checkpoint, and "
                 f"{self.name} has no pipeline for {task}; it runs {', '.join(self.pipelines)}"
             )
+
+    @property
+    def sequence_encoder(self) -> TextEncoder | None:
+        """The text encoder that reads generation.max_sequence_length tokens (T5); None: none."""
+        return next((e for e in self.text_encoders if e.sequence), None)
+
+    @property
+    def droppable_encoder(self) -> TextEncoder | None:
+        """The text encoder model.drop_t5 leaves out; None: the family has none to drop."""
+        return next((e for e in self.text_encoders if e.droppable), None)
+
+    def sequence_limits(self, variant: Variant | None) -> tuple[int, int] | None:
+        """(the T5 tokens read by default, the most it may read) for a checkpoint of this variant
+        (None: one that matches none); None for a family without a sequence encoder."""
+        encoder = self.sequence_encoder
+        if encoder is None:
+            return None
+        default = (variant and variant.max_sequence_length) or self.max_sequence_length
+        limit = (variant and variant.max_sequence_limit) or encoder.max_tokens
+        return min(default or limit, limit), limit
 
     @property
     def max_tokens(self) -> int:
@@ -286,6 +324,7 @@ SDXL = Family(
     ),
     size_conditioning=True,
     vae_upcast=True,
+    input_size_keywords=True,
     # The refiner at 1024x1024: one UNet forward 7.2860, its VAE decode (the same VAE) 10.4704,
     # text_encoder_2 alone at batch 2 0.1957.
     refiner_pipeline="StableDiffusionXLImg2ImgPipeline",
@@ -296,10 +335,19 @@ SDXL = Family(
     aesthetic_score=(6.0, 2.5),
 )
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD2, SDXL)}
-
+FAMILIES: dict[str, Family] = {}
 # A checkpoint's model_index.json `_class_name` -> its family.
-_BY_PIPELINE = {cls: family for family in FAMILIES.values() for cls in family.pipelines.values()}
+_BY_PIPELINE: dict[str, Family] = {}
+
+
+def register(family: Family) -> None:
+    """Add a family's row to FAMILIES, and its pipeline classes to `family_of`."""
+    FAMILIES[family.name] = family
+    _BY_PIPELINE.update({cls: family for cls in family.pipelines.values()})
+
+
+for _family in (SD2, SDXL):
+    register(_family)
 
 
 def family_of(pipeline_class: str | None) -> Family | None:
@@ -310,3 +358,8 @@ def family_of(pipeline_class: str | None) -> Family | None:
 # The family a spec is checked and estimated against before its checkpoint is read (where it is
 # read, `family_of` names the checkpoint's own).
 DEFAULT_FAMILY = SD2
+
+
+# Rows kept in their own modules register themselves on import; imported here, so that FAMILIES
+# holds them whichever module is imported first.
+import sdfleet.schemas.family_sd3  # noqa: E402, F401

@@ -70,6 +70,12 @@ _ADDED_KEYS = {
     "generation.strength": None,
     "generation.noise_level": None,
     "engine.vae_tiling": False,
+    "model.drop_t5": False,
+    "generation.max_sequence_length": None,
+    "generation.skip_guidance_layers": None,
+    "generation.skip_layer_guidance_scale": None,
+    "generation.skip_layer_guidance_start": None,
+    "generation.skip_layer_guidance_stop": None,
     **{
         f"curation.{k}": None
         for k in (

@@ -5,6 +5,13 @@ from __future__ import annotations
 import pyarrow as pa
 
 from sdfleet.schemas.families import Family
+from sdfleet.schemas.family_inputs import (
+    DROP_T5,
+    MAX_SEQUENCE_LENGTH,
+    SCHEDULER_SHIFT,
+    SKIP_GUIDANCE_LAYERS,
+    SKIP_LAYER_GUIDANCE_KEYS,
+)
 from sdfleet.schemas.passthrough import PassthroughClash
 
 STATUS_OK = "ok"
@@ -177,6 +184,24 @@ def family_fields(family: Family | None) -> list[pa.Field]:
     ]
     if family.vae_upcast:
         fields.append(pa.field(VAE_DECODE_DTYPE, pa.string()))
+    return fields + _family_input_fields(family)
+
+
+def _family_input_fields(family: Family) -> list[pa.Field]:
+    """The columns of a family's own inputs (`family_inputs.record`, in its order): T5's
+    sequence length as the call passed it (prompt_tokens_N counts T5's tokens against it),
+    whether model.drop_t5 left T5 out, skip-layer guidance (null where the job has none), and
+    the flow-matching scheduler's shift as it ran."""
+    fields = []
+    if family.sequence_encoder is not None:
+        fields.append(pa.field(MAX_SEQUENCE_LENGTH, pa.int64()))
+    if family.droppable_encoder is not None:
+        fields.append(pa.field(DROP_T5, pa.bool_()))
+    if family.skip_layer_guidance:
+        fields.append(pa.field(SKIP_GUIDANCE_LAYERS, pa.list_(pa.int64())))
+        fields += [pa.field(key, pa.float64()) for key in SKIP_LAYER_GUIDANCE_KEYS]
+    if family.scheduler_prefix is not None:
+        fields.append(pa.field(SCHEDULER_SHIFT, pa.float64()))
     return fields
 
 

@@ -177,11 +177,14 @@ def sample_id(
     scheduler: str,
     refiner: dict[str, Any] | None = None,
     components: dict[str, str | None] | None = None,
+    family: dict[str, Any] | None = None,
 ) -> str:
     """The identity of one image across jobs: everything that determines its pixels. refiner:
     a base + refiner sample's refiner columns (schemas.rows.REFINER_FIELDS). components: what
-    replaced the checkpoint's own (vae_source, vae_revision), set values only. Both add nothing
-    when unset, so a job without them keeps the ids it had."""
+    replaced the checkpoint's own (vae_source, vae_revision), set values only. family: the
+    family's own inputs as its rows record them (SD3's T5 sequence length, drop_t5, skip-layer
+    guidance, scheduler shift), set values only. Each adds nothing when unset, so a job without
+    them keeps the ids it had."""
     payload = {
         "model_source": model_source,
         "model_revision": model_revision,
@@ -205,4 +208,5 @@ def sample_id(
     payload.update({k: v for k, v in extra.items() if v is not None})
     payload.update(refiner or {})
     payload.update({k: v for k, v in (components or {}).items() if v is not None})
+    payload.update({k: v for k, v in (family or {}).items() if v is not None})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
