@@ -194,7 +194,9 @@ class Family:
     def costed(self, denoiser_config: Mapping) -> Family:
         """The family costed as this checkpoint's variant: its `flops` the variant's (SD3.5
         Large's, FLUX.1-schnell's), or the family's own where no variant matches."""
-        variant = self.variant(denoiser_config)
+        return self.costed_as(self.variant(denoiser_config))
+
+    def costed_as(self, variant: Variant | None) -> Family:
         return self if variant is None else dataclasses.replace(self, flops=variant.flops)
 
     def tflop_per_refined_image(

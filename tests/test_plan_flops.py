@@ -224,7 +224,8 @@ def _has_row(name: str) -> bool:
 
 def plan_cli_per_image(tmp_path, tiny: Path, config: dict, **generation) -> str:
     """`sdfleet plan`'s per-image line for a copy of a tiny checkpoint whose transformer config
-    says it is a full-size variant (plan reads configs, never weights)."""
+    says it is a full-size variant (plan reads configs, never weights); its family line names
+    the variant."""
     source = tmp_path / "ckpt"
     shutil.copytree(tiny, source)
     path = source / "transformer" / "config.json"
@@ -240,6 +241,12 @@ def plan_cli_per_image(tmp_path, tiny: Path, config: dict, **generation) -> str:
     write_spec(tmp_path, spec, "job.yaml")
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 0, out.stderr
+    from sdfleet.schemas.families import family_of
+
+    index = json.loads((source / "model_index.json").read_text())
+    variant = family_of(index["_class_name"]).variant(json.loads(path.read_text()))
+    family_line = next(line for line in out.stdout.splitlines() if line.startswith("family"))
+    assert f", {variant.name} by its transformer config)" in family_line, family_line
     return next(line for line in out.stdout.splitlines() if line.startswith("per image"))
 
 
