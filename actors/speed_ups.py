@@ -31,6 +31,23 @@ log = logging.getLogger("sdfleet")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 
+def qkv_fusable(pipe):
+    """What fuses Q, K and V into one matmul: SD2's and SDXL's pipeline (its UNet and VAE), or
+    else a transformer with diffusers' generic fusion, whose attention computes the same from the
+    fused weights (FLUX.1's: flux-fast's fused QKV); None: nothing can. Not SD3.5's: diffusers
+    0.42's SD3 transformer overrides it with a fused joint processor that skips SD3.5's q/k
+    normalization (other pixels) and cannot run Medium's image-only attention."""
+    from diffusers.models.attention import AttentionMixin
+
+    if hasattr(pipe, "fuse_qkv_projections"):
+        return pipe
+    transformer = getattr(pipe, "transformer", None)
+    generic = AttentionMixin.fuse_qkv_projections
+    return (
+        transformer if getattr(type(transformer), "fuse_qkv_projections", None) is generic else None
+    )
+
+
 def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
     """The speed-ups that need no warm-up (compile comes after the batch size is measured); the
     names of those applied."""
@@ -42,8 +59,9 @@ def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
         for m in modules:
             m.to(memory_format=torch.channels_last)
         applied.append("channels_last")
-    if options.fuse_qkv and hasattr(pipe, "fuse_qkv_projections"):
-        pipe.fuse_qkv_projections()
+    fusable = qkv_fusable(pipe)
+    if options.fuse_qkv and fusable is not None:
+        fusable.fuse_qkv_projections()
         applied.append("fuse_qkv")
     if options.uint8_on_device:
         applied.append("uint8_on_device")

@@ -8,6 +8,11 @@ have no FLOP formula on every device).
 
     python bench/flops.py            # the table, TFLOP
     python bench/flops.py --check    # ... and exit 1 where a count differs from the family table
+    python bench/flops.py --write    # ... and write the transformers' to schemas/family_flops.py
+
+The transformer families (SD3.5, FLUX.1) are bench/flops_dit.py's: their parts are polynomials in
+their token counts, solved from counts at several sizes and checked at another; below, the UNet
+families'.
 
 What is counted, as the table states it (`Flops`):
 - denoiser: one UNet forward for ONE image (batch 1) at the family's counting size; CFG runs two.
@@ -101,6 +106,7 @@ CLIP_BIG_G = {
     "vocab_size": 49408,
 }
 SD2_TEXT_FULL = dict(SD2_TEXT, vocab_size=49408)
+REPO = Path(__file__).resolve().parents[1]
 
 TOKENS = 77
 TEXT_BATCH = 2  # the prompt and the negative prompt
@@ -239,8 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="exit 1 where a count differs from the table"
     )
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="write the transformer families' counts to schemas/family_flops.py",
+    )
     args = parser.parse_args(argv)
+    # Here, not at the top: flops_dit reads this module's configs.
+    from flops_dit import DIT_MODELS, count_dit, dit_mismatches, write_module
+
     counts = [count(model) for model in MODELS]
+    shared: dict = {}
+    dit = [count_dit(model, shared) for model in DIT_MODELS]
+    if args.write:
+        write_module(dit, REPO / "schemas" / "family_flops.py")
     print(
         f"{'model':14} {'size':>5} {'unet x1':>9} {'unet CFG':>9} {'vae dec':>9} {'text':>8}"
         "   (TFLOP per image)"
@@ -250,10 +268,35 @@ def main(argv: list[str] | None = None) -> int:
             f"{c.model.name:14} {c.model.size:>5} {c.unet:9.4f} {2 * c.unet:9.4f} "
             f"{c.vae_decode:9.4f} {c.text:8.4f}"
         )
+    print_dit(dit)
     wrong = [line for c in counts for line in mismatches(c)]
+    wrong += [line for c in dit for line in dit_mismatches(c)]
     for line in wrong:
         print("MISMATCH", line)
     return 1 if args.check and wrong else 0
+
+
+def print_dit(counts: list) -> None:
+    """The transformer families: per forward and per image at the native size, default steps,
+    guidance and T5 length, and the check of each polynomial at a size it was not fitted at."""
+    print(
+        f"\n{'model':14} {'size':>5} {'T5':>4} {'dit x1':>9} {'vae dec':>9} {'text x1':>8} "
+        f"{'steps':>5} {'passes':>6} {'image':>9} {'params':>7}   (TFLOP; params: B)"
+    )
+    for c in counts:
+        m, s = c.model, c.stated()
+        print(
+            f"{m.name:14} {m.size:>5} {m.sequence_length:>4} {s.denoiser_tflop:9.4f} "
+            f"{s.vae_decode_tflop:9.4f} {s.text_tflop:8.4f} {m.steps:>5} {m.passes:>6} "
+            f"{c.per_image():9.2f} {c.parameters / 1e9:7.3f}"
+        )
+    from flops_dit import CHECK_GRID
+
+    for c in counts:
+        print(
+            f"{c.model.name}: at {CHECK_GRID}x{CHECK_GRID} tokens the formula gives "
+            f"{c.check_formula():.4f} TFLOP, counted {c.check_counted:.4f}"
+        )
 
 
 def mismatches(c: Count) -> list[str]:

@@ -210,7 +210,7 @@ def _dispatch(args) -> int:
 
 
 def _plan(spec) -> int:
-    from sdfleet.jobs.image_flops import measure_inputs
+    from sdfleet.jobs.image_flops import checkpoint_variant, measure_inputs
     from sdfleet.jobs.plan import estimate
     from sdfleet.jobs.preflight import Preflight
     from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
@@ -220,6 +220,10 @@ def _plan(spec) -> int:
     # The checkpoint's family, by the pipeline class pre-flight read from its model_index.json.
     pipeline_class = checked.pipeline_class
     family = family_of(pipeline_class)
+    # Costed as the checkpoint's variant (SD3.5 Large, FLUX.1-schnell) where it has one.
+    variant = checkpoint_variant(spec.model, family) if family is not None else None
+    if family is not None:
+        family = family.costed_as(variant)
     measured = measure_inputs(plan, family or DEFAULT_FAMILY)
     est = estimate(plan, family or DEFAULT_FAMILY, measured)
     axes = " x ".join(f"{k}[{len(v)}]" for k, v in spec.sweep.axes.items())
@@ -235,7 +239,8 @@ def _plan(spec) -> int:
     for key, value in resolved_locations(spec).items():
         print(f"{'location':14}{key:25}{value}")
     print(
-        f"family        {est['family']} ({pipeline_class})"
+        f"family        {est['family']} ({pipeline_class}"
+        + (f", {variant.name} by its {family.denoiser} config)" if variant else ")")
         if family
         else f"family        unknown ({pipeline_class}): estimated as {est['family']}"
     )

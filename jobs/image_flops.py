@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sdfleet.actors.reader import read_shard_samples
-from sdfleet.schemas.families import Family
+from sdfleet.jobs.checkpoint import CheckpointRef, read_config
+from sdfleet.schemas.families import Family, Variant
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.samples import GenerationParams
-from sdfleet.schemas.tasks import TASKS, Task
+from sdfleet.schemas.spec import JobSpec, ModelSpec
+from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE, Task
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,23 @@ class MeasuredInputs:
         return shown + (f", {len(ranked) - most} more sizes" if len(ranked) > most else "")
 
 
+def checkpoint_variant(model: ModelSpec, family: Family) -> Variant | None:
+    """model.source's variant (SD3.5 Medium or Large, FLUX.1 dev or schnell), told by its
+    denoiser's config.json; None where the family has none or the config matches none."""
+    if not family.variants:
+        return None
+    ref = CheckpointRef.of(model)
+    config = read_config(
+        ref.source, f"{family.denoiser}/config.json", ref.storage_options, ref.revision, ref.key
+    )
+    return family.variant(config)
+
+
+def costed_family(model: ModelSpec, family: Family) -> Family:
+    """The family costed as model.source's variant; the family itself where there is none."""
+    return family.costed_as(checkpoint_variant(model, family))
+
+
 def measure_inputs(plan: Plan, family: Family) -> MeasuredInputs | None:
     """The first shard's samples counted at their inputs' sizes; None when the task reads no
     input image or no sample of that shard has one (then the family's fallback size stands)."""
@@ -51,21 +70,39 @@ def measure_inputs(plan: Plan, family: Family) -> MeasuredInputs | None:
     made = [s.params for s in samples if s.params is not None and s.params.image is not None]
     if not made:
         return None
+    sequence = sequence_inputs(plan.spec)
     return MeasuredInputs(
-        [image_tflop(family, task, p) for p in made],
+        [image_tflop(family, task, p, sequence) for p in made],
         [p.image.size for p in made],
         len(samples),
     )
 
 
-def image_tflop(family: Family, task: Task, params: GenerationParams) -> float:
-    """One image task sample's FLOPs at its input's size."""
+def image_tflop(family: Family, task: Task, params: GenerationParams, sequence: dict) -> float:
+    """One image task sample's FLOPs at its input's size (sequence: `sequence_inputs`)."""
     in_w, in_h = params.image.size
     width, height = in_w * task.scale, in_h * task.scale
     steps = params.num_inference_steps
     if params.strength is not None:
         steps = min(int(steps * params.strength), steps)
+    # Every family's figures are counted at the VAE's factor, text-to-image's latent_scale (8; a
+    # transformer family's latent_grid is that times its patch, so it will not do here).
+    vae_factor = TASKS[TEXT_TO_IMAGE].latent_scale
     denoised = None
-    if task.latent_scale != family.latent_grid:  # the family's figures are at its own VAE factor
-        denoised = width * height * (family.latent_grid // task.latent_scale) ** 2
-    return family.tflop_per_image(width, height, steps, params.guidance_scale, denoised)
+    if task.latent_scale != vae_factor:
+        denoised = width * height * (vae_factor // task.latent_scale) ** 2
+    return family.tflop_per_image(width, height, steps, params.guidance_scale, denoised, **sequence)
+
+
+def sequence_inputs(spec: JobSpec) -> dict:
+    """What a transformer family's cost depends on beyond size, steps and guidance, from the
+    spec: the T5 length (None: the figures' own), the true-CFG scale (FLUX.1; 1: none) and
+    whether T5 runs (SD3.5's model.drop_t5). Read by name: they are the T5 families' keys
+    (generation.max_sequence_length, generation.true_cfg_scale, model.drop_t5), each absent
+    until its family's branch adds it."""
+    gen = spec.generation
+    return {
+        "sequence_length": getattr(gen, "max_sequence_length", None),
+        "true_cfg_scale": getattr(gen, "true_cfg_scale", None) or 1.0,
+        "sequence_encoder": not getattr(spec.model, "drop_t5", False),
+    }

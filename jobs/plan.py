@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -108,6 +107,8 @@ def estimate(
 
 def _per_point(plan: Plan, family: Family) -> list[float]:
     """One image's FLOPs at each sweep point."""
+    from sdfleet.jobs.image_flops import sequence_inputs
+
     gen = plan.spec.generation
     # Sizes the driver has not resolved (the image tasks' without a measure of their inputs)
     # count at the family's fallback size.
@@ -119,6 +120,7 @@ def _per_point(plan: Plan, family: Family) -> list[float]:
             point.get("height", gen.height) or family.fallback_size,
             point.get("num_inference_steps", gen.num_inference_steps),
             point.get("guidance_scale", gen.guidance_scale),
+            sequence_inputs(plan.spec),
         )
         for point in plan.points
     ]
@@ -127,7 +129,9 @@ def _per_point(plan: Plan, family: Family) -> list[float]:
 def _totals(plan: Plan, family: Family, per_image: list[float], tflop: float) -> dict[str, Any]:
     """GPU-hours and cost of `tflop` for the whole plan, and the per-image range."""
     res = plan.spec.resources
-    sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops)
+    from sdfleet.jobs.throughput import sustained_tflops
+
+    sustained, source = sustained_tflops(res.gpu_type, res.throughput_tflops, plan.spec.model.dtype)
     gpu_hours = tflop / sustained / 3600
     cost = gpu_hours * res.gpu_hour_usd if res.gpu_hour_usd is not None else None
     cur = plan.spec.curation
@@ -158,31 +162,16 @@ def _tflop_per_image(
     height: int,
     steps: int,
     guidance_scale: float,
+    sequence: dict,
 ) -> float:
-    """One image's FLOPs: the family's, or with model.refiner its base + refiner figure."""
+    """One image's FLOPs: the family's (sequence: its T5 length and true-CFG scale), or with
+    model.refiner its base + refiner figure."""
     if refiner is None:
-        return family.tflop_per_image(width, height, steps, guidance_scale)
+        return family.tflop_per_image(width, height, steps, guidance_scale, **sequence)
     handover = Handover(
         refiner.denoising_start, refiner.steps(steps), refiner.guidance(guidance_scale)
     )
     return family.tflop_per_refined_image(width, height, steps, guidance_scale, handover)
-
-
-_THROUGHPUT_TABLE = Path(__file__).with_name("gpu_throughput.yaml")
-
-
-def sustained_tflops(gpu_type: str, override: float | None) -> tuple[float, str]:
-    if override is not None:
-        return override, "resources.throughput_tflops"
-    import yaml
-
-    table = yaml.safe_load(_THROUGHPUT_TABLE.read_text())
-    if gpu_type not in table:
-        raise SpecError(
-            f"resources.gpu_type={gpu_type!r} is not in {_THROUGHPUT_TABLE.name} "
-            f"({', '.join(table)}); add it there or set resources.throughput_tflops"
-        )
-    return float(table[gpu_type]["sustained_tflops"]), f"{_THROUGHPUT_TABLE.name}: {gpu_type}"
 
 
 class Planner:

@@ -12,10 +12,14 @@ both import it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sdfleet.schemas.errors import SpecError
+
+# Re-exported: the family table states its costs in these (their home is schemas/flops.py).
+from sdfleet.schemas.flops import Flops, TokenCost, TokenFlops  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -32,31 +36,6 @@ class TextEncoder:
     sequence: bool = False
     # model.drop_t5 may leave it out (SD3.5's T5: the pipeline passes zeros in its place).
     droppable: bool = False
-
-
-@dataclass(frozen=True)
-class Flops:
-    """FLOPs of one image, counted on meta tensors at `pixels` output pixels; each part scales
-    with latent pixels (the text encoder's does not)."""
-
-    pixels: int  # the output size the figures were counted at (width x height)
-    denoiser_tflop: float  # one denoiser forward for one image (CFG runs two)
-    vae_decode_tflop: float
-    text_tflop: float
-
-    def tflop_per_image(
-        self, width: int, height: int, steps: int, passes: int, denoised_pixels: int | None = None
-    ) -> float:
-        """passes: denoiser forwards per step (2 with classifier-free guidance, else 1).
-        denoised_pixels: the output pixels whose latent the denoiser runs on, where that is not
-        the image's own (the x4 upscaler denoises a latent of its input's size)."""
-        scale = width * height / self.pixels
-        denoised = scale if denoised_pixels is None else denoised_pixels / self.pixels
-        return (
-            self.denoiser_tflop * passes * steps * denoised
-            + self.vae_decode_tflop * scale
-            + self.text_tflop
-        )
 
 
 @dataclass(frozen=True)
@@ -186,8 +165,12 @@ class Family:
         """The prompt tokens the first text encoder reads (SD2: CLIP's 77)."""
         return self.text_encoders[0].max_tokens
 
-    def denoiser_passes(self, guidance_scale: float) -> int:
-        return 2 if self.cfg and guidance_scale > 1 else 1
+    def denoiser_passes(self, guidance_scale: float, true_cfg_scale: float = 1.0) -> int:
+        """2 with classifier-free guidance (guidance_scale > 1 where the family has CFG; a
+        guidance-distilled family's true_cfg_scale > 1), else 1. FLUX.1's pipeline runs true CFG
+        only for a row with a negative prompt: with true_cfg_scale > 1 every row counts two, the
+        most it may cost."""
+        return 2 if (self.cfg and guidance_scale > 1) or true_cfg_scale > 1 else 1
 
     def tflop_per_image(
         self,
@@ -196,10 +179,25 @@ class Family:
         steps: int,
         guidance_scale: float,
         denoised_pixels: int | None = None,
+        *,
+        sequence_length: int | None = None,
+        true_cfg_scale: float = 1.0,
+        sequence_encoder: bool = True,
     ) -> float:
+        """sequence_length: generation.max_sequence_length (None: the figures' own);
+        sequence_encoder: False where the job drops T5 (model.drop_t5)."""
+        passes = self.denoiser_passes(guidance_scale, true_cfg_scale)
         return self.flops.tflop_per_image(
-            width, height, steps, self.denoiser_passes(guidance_scale), denoised_pixels
+            width, height, steps, passes, denoised_pixels, sequence_length, sequence_encoder
         )
+
+    def costed(self, denoiser_config: Mapping) -> Family:
+        """The family costed as this checkpoint's variant: its `flops` the variant's (SD3.5
+        Large's, FLUX.1-schnell's), or the family's own where no variant matches."""
+        return self.costed_as(self.variant(denoiser_config))
+
+    def costed_as(self, variant: Variant | None) -> Family:
+        return self if variant is None else dataclasses.replace(self, flops=variant.flops)
 
     def tflop_per_refined_image(
         self, width: int, height: int, steps: int, guidance_scale: float, refiner: Handover

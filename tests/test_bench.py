@@ -181,3 +181,133 @@ def test_scale_bench_runs_every_measurement_at_a_small_size():
         "plan_100m_peak_gb",
         "status_100k_s",
     }
+
+
+# Published sizes (model cards; diffusers' docs): SD3.5 Medium 2.5B and Large 8.1B parameters,
+# each with its stored position-embedding table; FLUX.1 12B (diffusers counts 11.9B); T5-XXL's
+# encoder 4.76B; CLIP ViT-L's text tower with projection 123.65M, OpenCLIP bigG's 694.66M (the
+# SDXL test's two, 817,720,320 less ViT-L's 123,060,480 without projection).
+DIT_SIZES = {
+    ("sd3", "medium"): 2_243_171_520,
+    ("sd3", "large"): 8_056_627_520,
+    ("flux", "dev"): 11_901_408_320,
+    ("flux", "schnell"): 11_891_178_560,  # no guidance embedder
+}
+
+
+@pytest.mark.parametrize("family, variant", list(DIT_SIZES))
+def test_the_sd3_and_flux_bench_models_have_the_published_parameter_counts(family, variant):
+    """bench/dit_base.py assembles bench/flops_dit.py's configs into the published architectures,
+    built on the meta device."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO / "bench"))
+    import dit_base
+    from sdfleet.jobs.tiny import clip_tokenizer
+    from sdfleet.jobs.tiny_t5 import t5_tokenizer
+
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
+    with torch.device("meta"):
+        models = dit_base.models(family, variant, clip, t5)
+
+    def parameters(name: str, vocabulary: int = 0, tokenizer=None) -> int:
+        """Its parameters, with the published vocabulary's embedding in place of the local one."""
+        model = models[name]
+        extra = (vocabulary - len(tokenizer)) * model.config.hidden_size if vocabulary else 0
+        return sum(p.numel() for p in model.parameters()) + extra
+
+    transformer = parameters("transformer")
+    assert transformer == DIT_SIZES[(family, variant)]
+    t5_name = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    assert parameters(t5_name, 32128, t5) == pytest.approx(4.76e9, rel=1e-3)
+    assert parameters("vae") == pytest.approx(83.8e6, rel=1e-3)
+    if family == "sd3":
+        # The model cards count the position-embedding table the checkpoint stores (a buffer).
+        table = models["transformer"].pos_embed.pos_embed.numel()
+        published = {"medium": 2.5e9, "large": 8.1e9}[variant]
+        assert transformer + table == pytest.approx(published, rel=0.02)
+        assert parameters("text_encoder", 49408, clip) == 123_650_304
+        assert parameters("text_encoder_2", 49408, clip) == 694_659_840
+    else:
+        assert transformer == pytest.approx(11.9e9, rel=1e-3)
+        assert parameters("text_encoder", 49408, clip) == 123_060_480  # no projection: pooled
+
+
+def _family_row(name: str) -> bool:
+    from sdfleet.schemas.families import FAMILIES
+
+    return name in FAMILIES
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _family_row("sd3"), reason="the SD3.5 row lands from the sd3 branch")
+def test_gpu_bench_runs_the_tiny_sd3_and_matches_plain_diffusers():
+    out = gpu_bench("--tiny", "--family", "sd3")
+    assert "device: CPU; StableDiffusion3Pipeline medium; float32; 64x64" in out
+    figures = last_json(out)
+    assert figures["family"] == "sd3" and figures["variant"] == "medium"
+    assert [(r["steps"], r["batch"]) for r in figures["rows"]] == [(2, 1), (2, 2)]
+    for r in figures["rows"]:
+        assert r["plain_images_per_s"] > 0 and r["sdfleet_images_per_s"] > 0
+        assert r["max_diff"] <= 2  # the engine's pixels vs plain StableDiffusion3Pipeline's
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _family_row("flux"), reason="the FLUX.1 row lands from the flux branch")
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_gpu_bench_runs_the_tiny_flux_and_matches_plain_diffusers(variant):
+    out = gpu_bench("--tiny", "--family", "flux", "--variant", variant)
+    assert f"device: CPU; FluxPipeline {variant}; float32; 64x64" in out
+    figures = last_json(out)
+    assert figures["family"] == "flux" and figures["variant"] == variant
+    for r in figures["rows"]:
+        assert r["plain_images_per_s"] > 0 and r["sdfleet_images_per_s"] > 0
+        assert r["max_diff"] <= 2  # the engine's pixels vs plain FluxPipeline's
+
+
+@pytest.mark.parametrize("family, variant", [("sd3", "large"), ("flux", "schnell")])
+def test_the_full_size_builder_writes_a_pipeline_diffusers_loads_and_runs(
+    tmp_path, monkeypatch, family, variant
+):
+    """bench/dit_base.py's assembly (components, tokenizers, scheduler), with its configs shrunk:
+    the GPU run builds the same at full size."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO / "bench"))
+    import diffusers
+
+    import dit_base
+
+    # SD3.5 joins its two CLIPs' 32 channels each (pooled: their projections) and pads them to
+    # T5's width; FLUX.1 reads CLIP's pooled 32 and T5's states.
+    width = 64 if family == "sd3" else 32
+    small = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16}
+    small.update(joint_attention_dim=width, pooled_projection_dim=width)
+    if family == "flux":
+        small.update(num_single_layers=1, axes_dims_rope=[4, 6, 6])
+    else:
+        small.update(caption_projection_dim=32, pos_embed_max_size=16)
+    key = (family, variant)
+    monkeypatch.setitem(dit_base.TRANSFORMERS, key, dict(dit_base.TRANSFORMERS[key], **small))
+    clip = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1}
+    clip.update(num_attention_heads=2)
+    monkeypatch.setattr(dit_base, "CLIP_L", dict(dit_base.CLIP_L, **clip, projection_dim=32))
+    monkeypatch.setattr(
+        dit_base, "CLIP_BIG_G", dict(dit_base.CLIP_BIG_G, **clip, projection_dim=32)
+    )
+    t5 = {"d_model": width, "d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 1}
+    monkeypatch.setattr(dit_base, "T5_XXL", dict(dit_base.T5_XXL, **t5))
+    vae = {"block_out_channels": (8, 8, 8, 8), "norm_num_groups": 4}
+    monkeypatch.setattr(dit_base, "SD3_VAE", dict(dit_base.SD3_VAE, **vae))
+    monkeypatch.setattr(dit_base, "FLUX_VAE", dict(dit_base.FLUX_VAE, **vae))
+
+    folder = dit_base.build_pipeline(tmp_path / "model", family, variant)
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    from safetensors import safe_open
+
+    for part in ("transformer", "text_encoder_2"):  # written in bf16, as diffusers' docs run it
+        with safe_open(next((folder / part).glob("*.safetensors")), "pt") as weights:
+            assert weights.get_tensor(next(iter(weights.keys()))).dtype == torch.bfloat16
+    pipe = cls.from_pretrained(folder, torch_dtype=torch.float32)  # the CPU's
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.transformer.config.num_layers == 1
+    out = pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="np")
+    assert out.images.shape == (1, 32, 32, 3)
