@@ -13,7 +13,7 @@ both import it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sdfleet.schemas.errors import SpecError
 
@@ -87,6 +87,13 @@ class Variant:
     # The T5 tokens read where generation.max_sequence_length is not set, and the most it may be.
     max_sequence_length: int | None = None
     max_sequence_limit: int | None = None
+    # False: the checkpoint takes no guidance at all (FLUX.1-schnell, timestep-distilled: its
+    # transformer has no guidance embedding, and the pipeline ignores guidance_scale).
+    guidance: bool = True
+    # What a job that sets no generation.num_inference_steps or guidance_scale runs with (the
+    # model card's); None: the spec's own default.
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
 
     def matches(self, denoiser_config: Mapping) -> bool:
         return all(denoiser_config.get(key) == value for key, value in self.match.items())
@@ -125,6 +132,29 @@ class Family:
     # Checkpoint kinds that differ in cost or limits (`Variant`); empty: every checkpoint of the
     # family is alike and `flops` is its cost.
     variants: tuple[Variant, ...] = ()
+    # The denoiser's latent size where its config names none (FluxPipeline's default_sample_size:
+    # its transformer's config has no sample_size); None: the config's alone.
+    default_sample_size: int | None = None
+    # The pipeline takes true_cfg_scale: with it > 1 and a negative prompt, a guidance-distilled
+    # family runs a second, negative transformer pass per step (FLUX.1).
+    true_cfg: bool = False
+    # model.dtype values the family cannot run, each with why (FLUX.1's activations overflow
+    # float16).
+    refused_dtypes: Mapping[str, str] = field(default_factory=dict)
+    # A job that names no model.scheduler runs the checkpoint's own (a flow-matching family: the
+    # spec's default EulerDiscreteScheduler is a noise-prediction scheduler), and a scheduler it
+    # names must be one of this prefix; None: the spec's default stands.
+    scheduler_prefix: str | None = None
+    # The pipeline shifts its flow-matching schedule by the image's token count: it computes `mu`
+    # from the scheduler's config (base/max_image_seq_len, base/max_shift) per call, and a
+    # scheduler with use_dynamic_shifting reads it (FLUX.1).
+    dynamic_shift: bool = False
+
+    @property
+    def sequence_encoder(self) -> TextEncoder | None:
+        """The T5 encoder that reads generation.max_sequence_length tokens; None: the family has
+        none."""
+        return next((e for e in self.text_encoders if e.sequence), None)
 
     def variant(self, denoiser_config: Mapping) -> Variant | None:
         """The variant whose denoiser config this is; None: the family has none, or the config
@@ -215,8 +245,11 @@ class Family:
 
     def native_size(self, sample_size: object, vae_scale: int) -> int | None:
         """The size a checkpoint was trained at: its denoiser's sample_size (latent pixels) times
-        the VAE's scale (512-base: 64 x 8, 768-v: 96 x 8); None where its config names none."""
-        return sample_size * vae_scale if isinstance(sample_size, int) and sample_size else None
+        the VAE's scale (512-base: 64 x 8, 768-v: 96 x 8; FLUX.1: its pipeline's 128 x 8); None where
+        neither its config nor the family names one."""
+        if not (isinstance(sample_size, int) and sample_size):
+            sample_size = self.default_sample_size
+        return sample_size * vae_scale if sample_size else None
 
     def check_size(self, name: str, value: int) -> int:
         """A width or height on the family's latent grid; else a ValueError that names the family
@@ -300,7 +333,11 @@ SDXL = Family(
     aesthetic_score=(6.0, 2.5),
 )
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD2, SDXL)}
+# The T5 families' rows live in modules of their own, which build on this one's classes: import
+# them from here (this module first), never their module first, or the import runs in a circle.
+from sdfleet.schemas.family_flux import FLUX  # noqa: E402
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD2, SDXL, FLUX)}
 
 # A checkpoint's model_index.json `_class_name` -> its family.
 _BY_PIPELINE = {cls: family for family in FAMILIES.values() for cls in family.pipelines.values()}

@@ -24,7 +24,7 @@ def test_sd2_has_a_pipeline_class_for_every_task_and_is_found_by_each():
     assert SD2.pipeline("upscale") == "StableDiffusionUpscalePipeline"
     for cls in SD2.pipelines.values():
         assert family_of(cls) is SD2
-    assert family_of("FluxPipeline") is None and family_of(None) is None
+    assert family_of("KandinskyV22Pipeline") is None and family_of(None) is None
     assert DEFAULT_FAMILY is SD2 and FAMILIES["sd2"] is SD2
 
 
