@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from sdfleet.actors.model_cache import local_copy
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
+from sdfleet.schemas.family_spec import sequence_length
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.schedulers import unknown_scheduler
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
@@ -152,6 +153,8 @@ class Engine:
         self.vae_decode_dtype = vae_decode_dtype(
             family, getattr(self.pipe, "vae", None), self.dtype
         )
+        # The checkpoint's kind within its family (FLUX.1 dev or schnell): its T5 token default.
+        self.variant = family.variant(dict(getattr(denoiser, "config", {})))
         # One counter per text encoder: each truncates the prompt at its own tokenizer's limit.
         self.tokens = [
             TokenCounter(getattr(self.pipe, encoder.tokenizer, None), encoder.max_tokens)
@@ -269,8 +272,10 @@ class Engine:
             inputs.update(self.image_task_size(first))
         else:
             inputs.update(width=first.width, height=first.height)
-        # Explicit, as the rows record it (empty for a family without micro-conditioning).
+        # Explicit, as the rows record it (empty for a family without micro-conditioning, or
+        # without T5 tokens and true CFG).
         inputs.update(self.size_conditioning(first), **self.aesthetic_conditioning)
+        inputs.update(self.family_inputs(first))
         if task.mask:
             inputs["mask_image"] = [p.mask.pixels for p in batch]
         for key in task.parameters:
@@ -293,11 +298,18 @@ class Engine:
         """What the first text encoder reads."""
         return self.tokens[0].max_tokens
 
-    def count_tokens(self, prompts: Sequence[str]) -> dict[str, PromptTokens]:
+    def count_tokens(
+        self, prompts: Sequence[str], max_sequence_length: int | None = None
+    ) -> dict[str, PromptTokens]:
         """Each prompt's tokens as each of the family's text encoders sees them; a prompt that no
-        tokenizer counts is left out."""
+        tokenizer counts is left out. max_sequence_length: the job's, which a T5 encoder reads
+        (None: its checkpoint kind's default)."""
         counted = [counter.count(prompts) for counter in self.tokens]
-        limits = tuple(counter.max_tokens for counter in self.tokens)
+        t5_tokens = sequence_length(self.family, self.variant, max_sequence_length)
+        limits = tuple(
+            t5_tokens if encoder.sequence else counter.max_tokens
+            for encoder, counter in zip(self.family.text_encoders, self.tokens)
+        )
         return {
             p: PromptTokens(tuple(c.get(p) for c in counted), limits)
             for p in prompts
@@ -335,6 +347,40 @@ class Engine:
 
     def scheduler_name(self, params: GenerationParams) -> str:
         return params.scheduler or self.default_scheduler
+
+    def family_inputs(self, params: GenerationParams) -> dict[str, Any]:
+        """The keywords of the family's own that `call` passes, by diffusers' names, which the rows
+        record as columns: the T5 tokens read (a family with a T5 encoder) and true_cfg_scale
+        (FLUX.1); empty for SD2 and SDXL."""
+        inputs: dict[str, Any] = {}
+        t5_tokens = sequence_length(self.family, self.variant, params.max_sequence_length)
+        if t5_tokens is not None:
+            inputs["max_sequence_length"] = t5_tokens
+        if self.family.true_cfg:
+            inputs["true_cfg_scale"] = params.true_cfg_scale
+        return inputs
+
+    def scheduler_shift(self, params: GenerationParams) -> float | None:
+        """The `mu` the family's pipeline computes for this sample's call from its image token
+        count (FLUX.1: width/16 x height/16) and the scheduler's config, where that scheduler
+        shifts by it (use_dynamic_shifting); None otherwise."""
+        config = self._scheduler(self.scheduler_name(params)).config
+        if not (self.family.dynamic_shift and config.get("use_dynamic_shifting")):
+            return None
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        has_input = self.task.image and params.image is not None
+        width, height = self.input_size(params) if has_input else (params.width, params.height)
+        if width is None or height is None:  # a failed image-task row: no input was read
+            return None
+        patch = self.pipe.vae_scale_factor * 2  # the VAE's factor, then 2x2 packing
+        return calculate_shift(
+            (height // patch) * (width // patch),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
 
 
 @dataclass(frozen=True)

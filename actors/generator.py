@@ -289,7 +289,8 @@ class ShardGenerator:
         for s in todo:
             if s.params.width is None and s.params.image is None:
                 s.params.width = s.params.height = self.engine.default_size
-        tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
+        prompts = sorted({s.prompt for s in todo})
+        tokens = self.engine.count_tokens(prompts, self.spec.generation.max_sequence_length)
         return ShardInput(samples, todo, tokens, time.perf_counter() - t0)
 
     def _outcome(self, s: Sample, made: Generated) -> Outcome:
@@ -347,7 +348,15 @@ class ShardGenerator:
             aesthetic_conditioning=getattr(self.engine, "aesthetic_conditioning", {}),
             vae_decode_dtype=getattr(self.engine, "vae_decode_dtype", None),
             model_hash=self.plan.content.main_model_digest() if self.plan.content else None,
+            # Empty for SD2 and SDXL; bench/synthetic.py's stand-in engine has none.
+            family_inputs=getattr(self.engine, "family_inputs", None),
+            scheduler_shift=self._scheduler_shift(),
         )
+
+    def _scheduler_shift(self):
+        """The engine's schedule shift per sample, for a family whose rows record it."""
+        shifts = getattr(getattr(self.engine, "family", None), "dynamic_shift", False)
+        return self.engine.scheduler_shift if shifts else None
 
     def _generate(self, todo: list[Sample], ticket: int, spend: AttemptSpend) -> Generated:
         """Generate `todo` during this shard's turn on the pipeline: all of it, or with best-of-N

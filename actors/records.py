@@ -19,6 +19,7 @@ from sdfleet.schemas import layout
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import (
     REFINER_FIELDS,
+    SCHEDULER_MU,
     STATUS_DUPLICATE,
     STATUS_FAILED,
     STATUS_FILTERED,
@@ -123,6 +124,10 @@ class Provenance:
     # The dtype the latents were decoded in (the engine's); None: a family that never upcasts.
     vae_decode_dtype: str | None = None
     model_hash: str | None = None  # model.source by content, as the driver resolved it
+    # The family's own keywords a sample's call passed (the engine's: T5 tokens, true CFG), and
+    # the `mu` it shifted its schedule by (None: a family that does not shift).
+    family_inputs: Callable[[GenerationParams], dict[str, Any]] | None = None
+    scheduler_shift: Callable[[GenerationParams], float | None] | None = None
 
 
 def build_row(
@@ -246,6 +251,10 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
         row.update({k: list(v) for k, v in made.size_conditioning(s.params).items()})
     if s.params is not None:
         row.update({conditioning_column(k): v for k, v in made.aesthetic_conditioning.items()})
+    if made.family_inputs is not None:
+        row.update(made.family_inputs(planned))  # by diffusers' keywords, the columns' names
+    if made.scheduler_shift is not None:
+        row[SCHEDULER_MU] = made.scheduler_shift(planned)
     if made.refiner is not None:
         _add_refiner(row, made.spec, made.refiner(planned))
 

@@ -104,7 +104,7 @@ class SyntheticEngine:
     def max_tokens(self) -> int:
         return self.tokens.max_tokens
 
-    def count_tokens(self, prompts) -> dict[str, int]:
+    def count_tokens(self, prompts, max_sequence_length=None) -> dict[str, int]:
         return self.tokens.count(prompts)
 
     def scheduler_name(self, params) -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sdfleet.actors.model_content import HUB_TIMEOUT_S
 from sdfleet.actors.storage import Storage
 from sdfleet.schemas.errors import ModelLoadError, SpecError, first_line
-from sdfleet.schemas.families import DEFAULT_FAMILY, family_of, vae_scale_factor
+from sdfleet.schemas.families import DEFAULT_FAMILY, Family, Variant, family_of, vae_scale_factor
 from sdfleet.schemas.locations import kind_of
 from sdfleet.schemas.schedulers import defined_schedulers, unknown_scheduler
 from sdfleet.schemas.spec import ModelSpec
@@ -131,11 +131,24 @@ class Checkpoint:
     vae_scale_factor: int
     prediction_type: str | None
     vae_latent_channels: int | None = None  # None: no VAE config read
+    # The denoiser's config.json (the UNet's; a transformer family's transformer's): what tells
+    # the family's checkpoint kinds apart (`Family.variant`).
+    denoiser_config: Mapping = dataclasses.field(default_factory=dict)
+
+    @property
+    def family(self) -> Family:
+        """Its family by model_index.json's class; SD2 where unknown."""
+        return family_of(self.class_name) or DEFAULT_FAMILY
+
+    @property
+    def variant(self) -> Variant | None:
+        return self.family.variant(self.denoiser_config)
 
     @property
     def default_size(self) -> int | None:
-        """The size it was trained at (512-base: 64 * 8, 768-v: 96 * 8), or None where unknown."""
-        return DEFAULT_FAMILY.native_size(self.sample_size, self.vae_scale_factor)
+        """The size it was trained at (512-base: 64 * 8, 768-v: 96 * 8, FLUX.1: 128 * 8), or None
+        where unknown."""
+        return self.family.native_size(self.sample_size, self.vae_scale_factor)
 
     def describe(self) -> str:
         unet = (
@@ -190,7 +203,9 @@ def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
         return read_config(source, name, ref.storage_options, ref.revision, key=ref.key)
 
     index = config("model_index.json")
-    unet = config("unet/config.json") if "unet" in index else {}
+    denoiser_name = (family_of(index.get("_class_name")) or DEFAULT_FAMILY).denoiser
+    denoiser = config(f"{denoiser_name}/config.json") if denoiser_name in index else {}
+    unet = denoiser if denoiser_name == "unet" else {}
     vae = config("vae/config.json") if "vae" in index else {}
     scheduler = config("scheduler/scheduler_config.json") if "scheduler" in index else {}
     return Checkpoint(
@@ -198,10 +213,11 @@ def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
         class_name=index.get("_class_name"),
         components=frozenset(k for k in index if not k.startswith("_")),
         unet_in_channels=unet.get("in_channels"),
-        sample_size=unet.get("sample_size"),
+        sample_size=denoiser.get("sample_size"),
         vae_scale_factor=vae_scale_factor(vae),
         prediction_type=scheduler.get("prediction_type"),
         vae_latent_channels=vae.get("latent_channels") if vae else None,
+        denoiser_config=denoiser,
     )
 
 

@@ -34,7 +34,8 @@ from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import InputError, SpecError
-from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
+from sdfleet.schemas.families import Family, family_of
+from sdfleet.schemas.family_spec import check_family_spec, with_family_defaults
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
@@ -81,16 +82,19 @@ class Preflight:
         )
         # 2. The model (does it fit the task?) and the detector, before any GPU is asked for.
         checkpoint, refiner = self._check_model()
-        self._check_sizes(family_of(checkpoint.class_name) or DEFAULT_FAMILY)
+        self._check_sizes(checkpoint.family)
+        check_family_spec(self.spec, checkpoint.family, checkpoint.variant)
         self._check_detector()
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
-        #    the estimate and every row name the size that is made; and what the input, the files
-        #    its rows point at and the checkpoint are by content, resolved once, here.
+        #    the estimate and every row name the size that is made (and the family's own defaults:
+        #    FLUX.1's steps, guidance, T5 tokens); and what the input, the files its rows point at
+        #    and the checkpoint are by content, resolved once, here.
         family = family_of(checkpoint.class_name)
+        spec = self._with_checkpoint_size(checkpoint)
         plan = dataclasses.replace(
             planned,
-            spec=self._with_checkpoint_size(checkpoint),
+            spec=with_family_defaults(spec, checkpoint.family, checkpoint.variant),
             family=family.name if family else None,
         )
         plan = dataclasses.replace(plan, content=resolve_content(plan))
@@ -242,7 +246,7 @@ class Preflight:
         gen = self.spec.generation
         if TASKS[self.spec.model.task].image or (gen.width is not None and gen.height is not None):
             return self.spec
-        size = checkpoint.default_size or DEFAULT_FAMILY.fallback_size
+        size = checkpoint.default_size or checkpoint.family.fallback_size
         if not checkpoint.default_size:
             log.warning(
                 "model.source %s names no native size; making %dx%d "

@@ -69,6 +69,8 @@ _ADDED_KEYS = {
     "input.mask_column": None,
     "generation.strength": None,
     "generation.noise_level": None,
+    "generation.max_sequence_length": None,
+    "generation.true_cfg_scale": 1.0,
     "engine.vae_tiling": False,
     **{
         f"curation.{k}": None

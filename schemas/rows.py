@@ -148,6 +148,15 @@ def conditioning_column(keyword: str) -> str:
 # decode with SDXL's own VAE, and a float16 one with an fp16-fixed VAE.
 VAE_DECODE_DTYPE = "vae_decode_dtype"
 
+# A T5 family's call (`Family.sequence_encoder`): the T5 tokens it read. A guidance-distilled
+# family's (`Family.true_cfg`): its true CFG scale (1: none; guidance_scale is then the distilled
+# guidance embedding, or nothing where the checkpoint has none). A dynamically shifting family's
+# (`Family.dynamic_shift`): the `mu` its call computed from the image's token count and the
+# scheduler's config, null where the scheduler does not shift by it (FLUX.1-schnell's).
+MAX_SEQUENCE_LENGTH = "max_sequence_length"
+TRUE_CFG_SCALE = "true_cfg_scale"
+SCHEDULER_MU = "scheduler_mu"
+
 # model.vae and model.vae_revision as the job ran them; only in a job that sets model.vae.
 VAE_COLUMNS = ("vae_source", "vae_revision")
 
@@ -177,6 +186,12 @@ def family_fields(family: Family | None) -> list[pa.Field]:
     ]
     if family.vae_upcast:
         fields.append(pa.field(VAE_DECODE_DTYPE, pa.string()))
+    if family.sequence_encoder is not None:
+        fields.append(pa.field(MAX_SEQUENCE_LENGTH, pa.int64()))
+    if family.true_cfg:
+        fields.append(pa.field(TRUE_CFG_SCALE, pa.float64()))
+    if family.dynamic_shift:
+        fields.append(pa.field(SCHEDULER_MU, pa.float64()))
     return fields
 
 

@@ -103,6 +103,10 @@ class GenerationParams:
     noise_level: int | None = None
     image: InputImage | None = None
     mask: InputImage | None = None
+    # The job's T5 tokens (None: the checkpoint kind's default, or no T5 encoder) and true CFG
+    # scale (1: none), the same for every sample of a job.
+    max_sequence_length: int | None = None
+    true_cfg_scale: float = 1.0
 
     def batch_key(self) -> tuple:
         """Samples that share it can go through the pipeline in one call."""
@@ -163,6 +167,8 @@ def resolve_params(
         # record what made the image, not what was written.
         strength=_first_set(point.get("strength"), gen.strength, task.strength),
         noise_level=_first_set(point.get("noise_level"), gen.noise_level, task.noise_level),
+        max_sequence_length=gen.max_sequence_length,
+        true_cfg_scale=gen.true_cfg_scale,
     )
 
 
@@ -201,6 +207,9 @@ def sample_id(
         "noise_level": params.noise_level,
         "input_image_sha256": params.image.sha256 if params.image else None,
         "mask_image_sha256": params.mask.sha256 if params.mask else None,
+        # A T5 family's tokens and true CFG (FLUX.1): absent from other families' ids.
+        "max_sequence_length": params.max_sequence_length,
+        "true_cfg_scale": params.true_cfg_scale if params.true_cfg_scale != 1.0 else None,
     }
     payload.update({k: v for k, v in extra.items() if v is not None})
     payload.update(refiner or {})

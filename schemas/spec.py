@@ -100,6 +100,12 @@ class GenerationSpec(Section):
     # The noise the x4 upscaler adds to its low-resolution input (0 to the checkpoint's
     # max_noise_level, 350 for x4-upscaling); null: diffusers' default of 20.
     noise_level: int | None = Field(None, ge=0, le=1000)
+    # The T5 tokens a family with a T5 encoder reads (SD3.5, FLUX.1); null: its checkpoint kind's
+    # default. Over the checkpoint's limit is refused before any worker starts.
+    max_sequence_length: int | None = Field(None, ge=1)
+    # True classifier-free guidance on a guidance-distilled family (FLUX.1): above 1, with a
+    # negative prompt, a second (negative) transformer pass per step; 1: none.
+    true_cfg_scale: float = Field(1.0, ge=1.0)
 
 
 # Keys a sweep axis may vary: a sweep point's coordinates but the seed (sweep.seeds varies it).

@@ -1,0 +1,270 @@
+"""FLUX.1, step 6 of 6: the tiny dev- and schnell-shaped checkpoints load with plain diffusers,
+pre-flight refuses what a guidance-distilled bfloat16 family cannot run (naming the family and
+the key) and fills in its checkpoint kind's defaults, and FLUX jobs through `sdfleet run` (Ray,
+the local S3 server) record what regeneration needs: their rows regenerate with the plain
+FluxPipeline, as README.md's FLUX.1 recipe does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from helpers import job_dict, run_cli, write_prompts
+from test_tasks import assert_close, run_job, three_ok
+
+# Longer than CLIP's 77 tokens and than the T5 tokens the jobs read (the tiny tokenizers split
+# words finely).
+LONG = "a very long prompt about a lighthouse on a cliff over a stormy sea at dusk " * 3
+TINY = {"width": 64, "height": 48, "num_inference_steps": 3, "max_sequence_length": 24}
+
+
+def test_tiny_flux_is_shaped_as_flux(tiny_flux):
+    from sdfleet.schemas.families import FLUX, family_of
+
+    for variant, embeds in (("dev", True), ("schnell", False)):
+        index = json.loads((tiny_flux[variant] / "model_index.json").read_text())
+        assert family_of(index["_class_name"]) is FLUX
+        assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+        config = json.loads((tiny_flux[variant] / "transformer" / "config.json").read_text())
+        assert config["guidance_embeds"] is embeds
+        assert FLUX.variant(config).name == f"FLUX.1-{variant}"
+        vae = json.loads((tiny_flux[variant] / "vae" / "config.json").read_text())
+        assert vae["shift_factor"] and not vae["use_quant_conv"]
+        assert (tiny_flux[variant] / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+
+
+# ------------------------------------------------------------------ pre-flight: refused, filled
+
+
+def _plan(tmp_path, source, prompts=("a cat", "a dog"), **sections):
+    write_prompts(tmp_path / "in" / "p.parquet", list(prompts))
+    spec = job_dict(source, tmp_path / "in", tmp_path / "out", **sections)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    return run_cli("plan", str(tmp_path / "job.yaml"))
+
+
+REFUSED = [
+    (
+        "dev",
+        {"generation": {"negative_prompt": "blurry"}},
+        "generation.negative_prompt='blurry': a flux (FLUX.1-dev) checkpoint is guidance-distilled"
+        " (no unconditional pass), so a negative prompt does nothing unless "
+        "generation.true_cfg_scale > 1",
+    ),
+    (
+        "dev",
+        {"sweep": {"axes": {"negative_prompt": ["", "blurry"]}}},
+        "sweep.axes.negative_prompt: a flux (FLUX.1-dev) checkpoint is guidance-distilled",
+    ),
+    (
+        "schnell",
+        {"generation": {"guidance_scale": 3.5}},
+        "generation.guidance_scale=3.5: a flux (FLUX.1-schnell) checkpoint takes no guidance",
+    ),
+    (
+        "schnell",
+        {"sweep": {"axes": {"guidance_scale": [1.0, 3.5]}}},
+        "sweep.axes.guidance_scale=[1.0, 3.5]: a flux (FLUX.1-schnell) checkpoint takes no "
+        "guidance",
+    ),
+    (
+        "dev",
+        {"model": {"dtype": "float16"}},
+        "model.dtype=float16: model.source is a flux (FLUX.1-dev) checkpoint: FLUX.1's "
+        "activations overflow float16",
+    ),
+    (
+        "dev",
+        {"generation": {"width": 40, "height": 64}},
+        "generation.width=40 is not divisible by 16, the latent grid of flux checkpoints; use "
+        "e.g. 32 or 48",
+    ),
+    (
+        "schnell",
+        {"generation": {"max_sequence_length": 300}},
+        "generation.max_sequence_length=300: a flux (FLUX.1-schnell) checkpoint's T5 encoder "
+        "reads at most 256 tokens; use 256 or less",
+    ),
+    (
+        "dev",
+        {"generation": {"max_sequence_length": 513}},
+        "generation.max_sequence_length=513: a flux (FLUX.1-dev) checkpoint's T5 encoder reads "
+        "at most 512 tokens",
+    ),
+    (
+        "dev",
+        {"model": {"scheduler": "EulerDiscreteScheduler"}},
+        "model.scheduler=EulerDiscreteScheduler: a flux (FLUX.1-dev) checkpoint is a "
+        "flow-matching model and runs FlowMatch* schedulers only",
+    ),
+]
+
+
+@pytest.mark.parametrize(("variant", "sections", "message"), REFUSED)
+def test_plan_refuses_what_flux_cannot_run_naming_the_family_and_key(
+    tmp_path, tiny_flux, variant, sections, message
+):
+    out = _plan(tmp_path, tiny_flux[variant], **sections)
+    assert out.returncode == 1, out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("sdfleet: error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {"generation": {"max_sequence_length": 77}},
+            "generation.max_sequence_length=77: sd2 has no T5 encoder to read it",
+        ),
+        (
+            {"generation": {"true_cfg_scale": 4.0}},
+            "generation.true_cfg_scale=4.0: sd2 has classifier-free guidance of its own",
+        ),
+    ],
+)
+def test_plan_refuses_flux_keys_on_an_sd2_checkpoint(tmp_path, tiny_model, sections, message):
+    out = _plan(tmp_path, tiny_model, **sections)
+    assert out.returncode == 1 and message in out.stderr, out.stdout + out.stderr
+
+
+def _checked(tmp_path, source, **sections):
+    from sdfleet.jobs.preflight import Preflight
+    from sdfleet.schemas.spec import load_spec
+
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"])
+    spec = job_dict(source, tmp_path / "in", tmp_path / "out", **sections)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    return Preflight(load_spec(tmp_path / "job.yaml")).check().plan
+
+
+def test_preflight_fills_in_each_checkpoint_kinds_defaults(tmp_path, tiny_flux):
+    """What the spec leaves out, the checkpoint kind's model card gives: dev 28 steps at guidance
+    3.5 and 512 T5 tokens, schnell 4 steps without guidance and 256; bfloat16 and the
+    checkpoint's own flow-matching scheduler for both; FluxPipeline's 1024 px."""
+    dev = _checked(tmp_path / "dev", tiny_flux["dev"]).spec
+    schnell = _checked(tmp_path / "schnell", tiny_flux["schnell"]).spec
+    for spec, steps, guidance, tokens in ((dev, 28, 3.5, 512), (schnell, 4, 0.0, 256)):
+        gen = spec.generation
+        assert (gen.num_inference_steps, gen.guidance_scale) == (steps, guidance)
+        assert (gen.max_sequence_length, gen.width, gen.height) == (tokens, 1024, 1024)
+        assert (spec.model.dtype, spec.model.scheduler) == ("bfloat16", None)
+    # What the spec says stands.
+    given = {"num_inference_steps": 6, "guidance_scale": 5.0, "max_sequence_length": 64}
+    spec = _checked(tmp_path / "given", tiny_flux["dev"], generation=given).spec
+    assert {k: getattr(spec.generation, k) for k in given} == given
+
+
+def test_an_sd2_spec_is_left_as_it_was(tmp_path, tiny_model):
+    from sdfleet.schemas.spec import load_spec
+
+    plan = _checked(tmp_path, tiny_model, generation={"width": 64, "height": 64})
+    written = load_spec(tmp_path / "job.yaml")
+    assert plan.spec == written
+
+
+# ------------------------------------------------------------------ rows regenerate
+
+
+def regenerate(pipe, row, **override) -> np.ndarray:
+    """README.md's FLUX.1 recipe: the row's image from plain diffusers and the row's values."""
+    import torch
+
+    kwargs = dict(
+        negative_prompt=row["negative_prompt"],
+        true_cfg_scale=row["true_cfg_scale"],
+        guidance_scale=row["guidance_scale"],
+        num_inference_steps=row["num_inference_steps"],
+        max_sequence_length=row["max_sequence_length"],
+        width=row["width"],
+        height=row["height"],
+        generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"]),
+        output_type="np",
+    )
+    image = pipe(row["prompt"], **{**kwargs, **override}).images[0]
+    return (image * 255).round().astype(np.uint8)
+
+
+def _flux_job(tmp_path, s3, address, source, table, **generation):
+    # The checkpoint's own scheduler: run_job's Euler is a noise-prediction scheduler.
+    return run_job(
+        tmp_path,
+        s3,
+        address,
+        source,
+        "text-to-image",
+        table,
+        model={"scheduler": None},
+        generation={**TINY, **generation},
+    )
+
+
+def _pipe(source):
+    import diffusers
+
+    pipe = diffusers.FluxPipeline.from_pretrained(source, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.slow
+def test_flux_rows_regenerate_with_plain_diffusers(tmp_path, tiny_flux, s3, ray_cluster):
+    """Dev-shaped (guidance embedded, dynamic shift), schnell-shaped (neither), and dev with true
+    CFG and negative prompts: three rows of each from plain FluxPipeline. A prompt over the T5
+    tokens read and CLIP's 77, so both truncations show."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    table = pa.table({"prompt_id": ["a", "b"], "prompt": ["a red fox in snow", LONG]})
+    with_negatives = pa.table(
+        {
+            "prompt_id": ["a", "b"],
+            "prompt": ["a red fox in snow", "a cup of coffee"],
+            "negative_prompt": ["blurry, low quality", "text, watermark"],
+        }
+    )
+    jobs = {
+        "dev": _flux_job(tmp_path / "d", s3, ray_cluster.address, tiny_flux["dev"], table),
+        "schnell": _flux_job(tmp_path / "s", s3, ray_cluster.address, tiny_flux["schnell"], table),
+        "true-cfg": run_job(
+            tmp_path / "t",
+            s3,
+            ray_cluster.address,
+            tiny_flux["dev"],
+            "text-to-image",
+            with_negatives,
+            model={"scheduler": None},
+            input={"negative_prompt_column": "negative_prompt"},
+            generation={**TINY, "true_cfg_scale": 3.0},
+        ),
+    }
+    pipes = {v: _pipe(tiny_flux[v]) for v in ("dev", "schnell")}
+    for name, (rows, images, _) in jobs.items():
+        pipe = pipes["schnell" if name == "schnell" else "dev"]
+        for row in rows.values():
+            # 1. What the rows record: the call's values and both encoders' counts.
+            assert (row["width"], row["height"], row["max_sequence_length"]) == (64, 48, 24)
+            assert row["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+            assert row["guidance_scale"] == (0.0 if name == "schnell" else 3.5)
+            assert row["true_cfg_scale"] == (3.0 if name == "true-cfg" else 1.0)
+            long = row["prompt"] == LONG
+            assert row["prompt_truncated"] is long and row["prompt_truncated_2"] is long
+            assert (row["prompt_tokens_2"] > 24) is long
+            # Dev's schedule shifts by the image's tokens (64/16 x 48/16 = 12); schnell's not.
+            shift = None if name == "schnell" else calculate_shift(12, 256, 4096, 0.5, 1.15)
+            assert row["scheduler_mu"] == shift
+        # 2. Three rows from plain diffusers.
+        for row in three_ok(rows):
+            assert_close(images[row["key"]], regenerate(pipe, row))
+    # 3. The recorded values matter: without true CFG, or another embedding, another image.
+    rows, images, _ = jobs["true-cfg"]
+    row = three_ok(rows)[0]
+    plain = regenerate(pipes["dev"], row, negative_prompt=None)
+    assert np.abs(images[row["key"]].astype(int) - plain.astype(int)).max() > 2
+    rows, images, _ = jobs["dev"]
+    row = three_ok(rows)[0]
+    other = regenerate(pipes["dev"], row, guidance_scale=8.0)
+    assert np.abs(images[row["key"]].astype(int) - other.astype(int)).max() > 2
