@@ -191,6 +191,7 @@ def regenerate(pipe, row, **override) -> np.ndarray:
 
 def _flux_job(tmp_path, s3, address, source, table, **generation):
     # The checkpoint's own scheduler: run_job's Euler is a noise-prediction scheduler.
+    tmp_path.mkdir()
     return run_job(
         tmp_path,
         s3,
@@ -230,7 +231,7 @@ def test_flux_rows_regenerate_with_plain_diffusers(tmp_path, tiny_flux, s3, ray_
         "dev": _flux_job(tmp_path / "d", s3, ray_cluster.address, tiny_flux["dev"], table),
         "schnell": _flux_job(tmp_path / "s", s3, ray_cluster.address, tiny_flux["schnell"], table),
         "true-cfg": run_job(
-            tmp_path / "t",
+            tmp_path,
             s3,
             ray_cluster.address,
             tiny_flux["dev"],
