@@ -269,3 +269,24 @@ def test_flux_rows_regenerate_with_plain_diffusers(tmp_path, tiny_flux, s3, ray_
     row = three_ok(rows)[0]
     other = regenerate(pipes["dev"], row, guidance_scale=8.0)
     assert np.abs(images[row["key"]].astype(int) - other.astype(int)).max() > 2
+
+
+def test_the_example_specs_pass_their_checkpoint_kinds_checks():
+    """jobs/examples' FLUX.1 specs, checked as pre-flight checks them against the published
+    transformer configs (guidance_embeds true for dev, false for schnell)."""
+    from pathlib import Path
+
+    from sdfleet.schemas.families import FLUX
+    from sdfleet.schemas.family_spec import check_family_spec, with_family_defaults
+    from sdfleet.schemas.spec import load_spec
+
+    examples = Path(__file__).resolve().parents[1] / "jobs" / "examples"
+    for name, embeds, tokens, steps in (("dev", True, 512, 28), ("schnell", False, 256, 4)):
+        spec = load_spec(examples / f"flux1_{name}_1024.yaml")
+        variant = FLUX.variant({"guidance_embeds": embeds})
+        check_family_spec(spec, FLUX, variant)
+        resolved = with_family_defaults(spec, FLUX, variant)
+        assert (resolved.model.dtype, resolved.model.scheduler) == ("bfloat16", None)
+        gen = resolved.generation
+        assert (gen.max_sequence_length, gen.num_inference_steps) == (tokens, steps)
+        assert gen.guidance_scale == (3.5 if embeds else 0.0)
