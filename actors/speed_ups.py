@@ -55,6 +55,11 @@ def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
     return applied
 
 
+def denoiser_of(pipe) -> str:
+    """The pipeline's denoiser component: its UNet, or a transformer family's transformer."""
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
 def wants_compile(options: EngineSpec, device: str) -> bool:
     return options.compile == "on" or (options.compile == "auto" and device.startswith("cuda"))
 
@@ -92,7 +97,9 @@ class CompiledWarmUp:
             cache = CompileCache(location)
             status = "hit" if cache.load(self.cache_key(params)) else "miss"
         # 2. Compile, then warm up until every shape ran, halving the batch on out-of-memory.
-        eager = [(pipe, pipe.unet, pipe.vae.decode) for pipe in self._pipes()]
+        eager = [
+            (pipe, getattr(pipe, denoiser_of(pipe)), pipe.vae.decode) for pipe in self._pipes()
+        ]
         self._compile()
         seconds = None
         while True:
@@ -129,7 +136,8 @@ class CompiledWarmUp:
     def _compile(self) -> None:
         compiled_vaes = set()  # model.vae is one module shared by the base and the refiner
         for pipe in self._pipes():
-            pipe.unet = torch.compile(pipe.unet, mode=COMPILE_MODE)
+            name = denoiser_of(pipe)
+            setattr(pipe, name, torch.compile(getattr(pipe, name), mode=COMPILE_MODE))
             if id(pipe.vae) not in compiled_vaes:
                 compiled_vaes.add(id(pipe.vae))
                 pipe.vae.decode = torch.compile(pipe.vae.decode, mode=COMPILE_MODE)
@@ -150,8 +158,9 @@ class CompiledWarmUp:
                 "Set engine.compile: auto (falls back to eager) or off"
             ) from error
         log.warning("torch.compile failed (%s); engine.compile=auto goes on without it", reason)
-        for pipe, unet, decode in eager:
-            pipe.unet, pipe.vae.decode = unet, decode
+        for pipe, denoiser, decode in eager:
+            setattr(pipe, denoiser_of(pipe), denoiser)
+            pipe.vae.decode = decode
         self.engine.applied.remove("compile")
 
     def shapes(
@@ -216,7 +225,10 @@ class CompiledWarmUp:
                 "python": platform.python_version(),
                 "device": device,
                 "dtype": engine.dtype,
-                "unet": dict(engine.pipe.unet.config),
+                # "unet" for a UNet family, so that the keys made before others stay.
+                denoiser_of(engine.pipe): dict(
+                    getattr(engine.pipe, denoiser_of(engine.pipe)).config
+                ),
                 "vae": dict(engine.pipe.vae.config),
                 "options": {
                     "channels_last": engine.options.channels_last,
