@@ -337,10 +337,10 @@ class Engine:
 
     def image_task_size(self, params: GenerationParams) -> dict[str, int]:
         """width and height for an image task whose pipeline would otherwise make its native size
-        rather than the input's (SDXL's inpaint pipeline), in a family whose micro-conditioning
-        records the input's size; empty otherwise (SD2's calls stay as they were)."""
+        rather than the input's (SDXL's inpaint pipeline, FLUX.1's); empty otherwise (SD2's calls
+        stay as they were)."""
         takes_size = "width" in inspect.signature(self.pipe.__call__).parameters
-        if not (self.family.size_conditioning and takes_size):
+        if not (self.family.image_task_size and takes_size):
             return {}
         width, height = self.input_size(params)
         return {"width": width, "height": height}

@@ -225,11 +225,14 @@ def check_task(task_name: str, checkpoint: Checkpoint) -> None:
     """The checkpoint is one the task can run: its UNet takes the task's conditioning channels and
     it has the task's extra component. Else the error names both, before any GPU starts."""
     task = TASKS[task_name]
-    fits = (
-        checkpoint.unet_in_channels == task.unet_in_channels
-        if checkpoint.unet_in_channels is not None
-        else task_name == TEXT_TO_IMAGE
-    )
+    if checkpoint.unet_in_channels is not None:
+        fits = checkpoint.unet_in_channels == task.unet_in_channels
+    elif family_of(checkpoint.class_name) is not None:
+        # A transformer family (FLUX.1): the base checkpoint runs each task its family has a
+        # class for (`Family.check_task` refused the others, naming them).
+        fits = task_name in checkpoint.family.pipelines
+    else:
+        fits = task_name == TEXT_TO_IMAGE
     if task.needs_component and task.needs_component not in checkpoint.components:
         fits = False
     if fits:

@@ -119,6 +119,9 @@ class Family:
     # The denoiser is also conditioned on the image's sizes and crop (SDXL's micro-conditioning:
     # original_size, crops_coords_top_left, target_size, and their negative twins).
     size_conditioning: bool = False
+    # The family's image-task pipelines make its native size unless told the input's `width` and
+    # `height` (SDXL's inpaint, FLUX.1's img2img and inpaint), which the engine then passes.
+    image_task_size: bool = False
     # The pipeline decodes in float32 where the VAE's config says force_upcast (SDXL's VAE
     # overflows in float16; an fp16-fixed VAE says false), so a float16 job decodes in float32.
     vae_upcast: bool = False
@@ -322,6 +325,7 @@ SDXL = Family(
         pixels=1024 * 1024, denoiser_tflop=6.7612, vae_decode_tflop=10.4704, text_tflop=0.2223
     ),
     size_conditioning=True,
+    image_task_size=True,
     vae_upcast=True,
     # The refiner at 1024x1024: one UNet forward 7.2860, its VAE decode (the same VAE) 10.4704,
     # text_encoder_2 alone at batch 2 0.1957.

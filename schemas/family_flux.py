@@ -71,6 +71,7 @@ FLUX = Family(
     flops=FLUX1_DEV_FLOPS,
     variants=(FLUX1_DEV, FLUX1_SCHNELL),
     default_sample_size=128,
+    image_task_size=True,
     true_cfg=True,
     refused_dtypes={
         "float16": "FLUX.1's activations overflow float16 (inf/NaN, black images); use "

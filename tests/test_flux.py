@@ -290,3 +290,80 @@ def test_the_example_specs_pass_their_checkpoint_kinds_checks():
         gen = resolved.generation
         assert (gen.max_sequence_length, gen.num_inference_steps) == (tokens, steps)
         assert gen.guidance_scale == (3.5 if embeds else 0.0)
+
+
+# ------------------------------------------------------------------ image tasks
+
+
+@pytest.mark.parametrize("task", ["image-to-image", "inpaint"])
+def test_flux_image_tasks_match_plain_diffusers(tiny_flux, task):
+    """The Engine, as a worker builds it: the base checkpoint as FluxImg2ImgPipeline or
+    FluxInpaintPipeline, told the input's size floored to the 16-px grid (the pipelines would
+    make 1024² otherwise), and its schedule shifted by that size's tokens."""
+    import diffusers
+    import torch
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from PIL import Image
+
+    from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.samples import GenerationParams, InputImage
+    from sdfleet.schemas.spec import ModelSpec
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (50, 75, 3), dtype=np.uint8))  # 75 x 50
+    mask = Image.fromarray(np.where(rng.random((50, 75)) > 0.5, 255, 0).astype(np.uint8))
+    params = GenerationParams(
+        prompt="an oil painting",
+        negative_prompt="",
+        seed=7,
+        num_inference_steps=3,
+        guidance_scale=3.5,
+        width=None,
+        height=None,
+        scheduler=None,
+        strength=0.6,
+        image=InputImage(image, "0" * 64),
+        mask=InputImage(mask, "1" * 64) if task == "inpaint" else None,
+        max_sequence_length=24,
+    )
+    model = ModelSpec(source=str(tiny_flux["dev"]), task=task, scheduler=None, dtype="float32")
+    engine = Engine(model, device="cpu", batch_size=1)
+    classes = {"image-to-image": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
+    assert type(engine.pipe).__name__ == classes[task]
+    [ours] = engine.call([params])
+    assert ours.shape == (48, 64, 3)
+    assert engine.scheduler_shift(params) == calculate_shift(12, 256, 4096, 0.5, 1.15)
+    pipe = getattr(diffusers, classes[task]).from_pretrained(
+        tiny_flux["dev"], use_safetensors=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"mask_image": mask} if task == "inpaint" else {}
+    ref = pipe(
+        "an oil painting",
+        image=image,
+        strength=0.6,
+        guidance_scale=3.5,
+        num_inference_steps=3,
+        max_sequence_length=24,
+        width=64,
+        height=48,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np",
+        **extra,
+    ).images[0]
+    assert_close(ours, (ref * 255).round().astype(np.uint8))
+
+
+def test_plan_accepts_flux_image_to_image(tmp_path, tiny_flux):
+    write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"], image=[b"png", b"png"])
+    spec = job_dict(
+        tiny_flux["dev"],
+        tmp_path / "in",
+        tmp_path / "out",
+        model={"task": "image-to-image"},
+        input={"image_column": "image"},
+    )
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    out = run_cli("plan", str(tmp_path / "job.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "family        flux (FluxPipeline)" in out.stdout
