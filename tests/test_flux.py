@@ -333,9 +333,7 @@ def test_flux_image_tasks_match_plain_diffusers(tiny_flux, task):
     [ours] = engine.call([params])
     assert ours.shape == (48, 64, 3)
     assert engine.scheduler_shift(params) == calculate_shift(12, 256, 4096, 0.5, 1.15)
-    pipe = getattr(diffusers, classes[task]).from_pretrained(
-        tiny_flux["dev"], use_safetensors=True
-    )
+    pipe = getattr(diffusers, classes[task]).from_pretrained(tiny_flux["dev"], use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     extra = {"mask_image": mask} if task == "inpaint" else {}
     ref = pipe(
