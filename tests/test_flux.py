@@ -6,6 +6,7 @@ FluxPipeline, as README.md's FLUX.1 recipe does."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -365,3 +366,49 @@ def test_plan_accepts_flux_image_to_image(tmp_path, tiny_flux):
     out = run_cli("plan", str(tmp_path / "job.yaml"))
     assert out.returncode == 0, out.stderr
     assert "family        flux (FluxPipeline)" in out.stdout
+
+
+def test_flux_keys_are_in_a_samples_identity_only_where_set():
+    """A FLUX sample's id changes with its T5 tokens and true CFG; an SD2 sample (neither set)
+    keeps the id and the spec fingerprint it had before the keys existed."""
+    from sdfleet.schemas.fingerprint import fingerprint_fields
+    from sdfleet.schemas.samples import GenerationParams, sample_id
+    from sdfleet.schemas.spec import JobSpec
+
+    def params(**flux):
+        return GenerationParams("a cat", "", 1, 28, 3.5, 1024, 1024, None, **flux)
+
+    sd2 = params()
+    ids = {
+        sample_id("m", None, p, "FlowMatchEulerDiscreteScheduler")
+        for p in (
+            sd2,
+            params(max_sequence_length=512),
+            params(max_sequence_length=256),
+            params(max_sequence_length=512, true_cfg_scale=3.0),
+        )
+    }
+    assert len(ids) == 4
+    # The payload a text-to-image id hashed before the T5 families (schemas/samples.py).
+    before = {
+        "model_source": "m",
+        "model_revision": None,
+        "prompt": "a cat",
+        "negative_prompt": "",
+        "seed": 1,
+        "scheduler": "X",
+        "num_inference_steps": 28,
+        "guidance_scale": 3.5,
+        "width": 1024,
+        "height": 1024,
+    }
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:32]
+    assert sample_id("m", None, sd2, "X") == digest
+    spec = JobSpec.model_validate({"input": {"uri": "in"}, "output": {"uri": "out"}})
+    fields = fingerprint_fields(spec.model_dump(mode="json"))
+    assert "generation.max_sequence_length" not in fields
+    assert "generation.true_cfg_scale" not in fields
+    flux = spec.model_copy(
+        update={"generation": spec.generation.model_copy(update={"max_sequence_length": 512})}
+    )
+    assert fingerprint_fields(flux.model_dump(mode="json"))["generation.max_sequence_length"] == 512
