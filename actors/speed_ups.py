@@ -42,8 +42,11 @@ def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
         for m in modules:
             m.to(memory_format=torch.channels_last)
         applied.append("channels_last")
-    if options.fuse_qkv and hasattr(pipe, "fuse_qkv_projections"):
-        pipe.fuse_qkv_projections()
+    # The SD pipelines fuse their UNet's (and VAE's) attention; FLUX's pipeline has no such
+    # method, its transformer has.
+    fusing = pipe if hasattr(pipe, "fuse_qkv_projections") else getattr(pipe, "transformer", None)
+    if options.fuse_qkv and hasattr(fusing, "fuse_qkv_projections"):
+        fusing.fuse_qkv_projections()
         applied.append("fuse_qkv")
     if options.uint8_on_device:
         applied.append("uint8_on_device")

@@ -331,6 +331,7 @@ def test_flux_image_tasks_match_plain_diffusers(tiny_flux, task):
     engine = Engine(model, device="cpu", batch_size=1)
     classes = {"image-to-image": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
     assert type(engine.pipe).__name__ == classes[task]
+    assert "fuse_qkv" in engine.applied  # on the transformer: the pipeline has no such method
     [ours] = engine.call([params])
     assert ours.shape == (48, 64, 3)
     assert engine.scheduler_shift(params) == calculate_shift(12, 256, 4096, 0.5, 1.15)
