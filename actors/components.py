@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdfleet.actors.model_cache import local_copy
 from sdfleet.schemas.errors import ModelLoadError, first_line
+from sdfleet.schemas.families import FAMILIES
 
 if TYPE_CHECKING:
     from sdfleet.schemas.families import Family
@@ -58,9 +59,17 @@ def load_vae(model: ModelSpec, dtype: str) -> Any | None:
 
 def component_overrides(model: ModelSpec, dtype: str) -> dict[str, Any]:
     """The from_pretrained keywords that put the spec's components in place of the checkpoint's
-    own: {"vae": ...} with model.vae, else nothing."""
+    own: {"vae": ...} with model.vae; with model.drop_t5 the droppable encoder and its tokenizer
+    as None (SD3's text_encoder_3, tokenizer_3: pre-flight allows it for SD3 checkpoints only);
+    else nothing."""
     vae = load_vae(model, dtype)
-    return {"vae": vae} if vae is not None else {}
+    overrides: dict[str, Any] = {"vae": vae} if vae is not None else {}
+    if getattr(model, "drop_t5", False):
+        for family in FAMILIES.values():
+            encoder = family.droppable_encoder
+            if encoder is not None:
+                overrides.update({encoder.component: None, encoder.tokenizer: None})
+    return overrides
 
 
 def vae_decode_dtype(family: Family, vae: Any, dtype: str) -> str | None:

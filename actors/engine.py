@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,13 +31,13 @@ from sdfleet.actors.model_cache import local_copy
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
-from sdfleet.schemas.family_spec import sequence_length
+from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, call_inputs, record
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.schedulers import unknown_scheduler
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
 
 if TYPE_CHECKING:  # duck-typed at run time, so bench/gpu runs where pydantic is not installed
-    from sdfleet.schemas.spec import EngineSpec, ModelSpec
+    from sdfleet.schemas.spec import EngineSpec, GenerationSpec, ModelSpec
 
 log = logging.getLogger("sdfleet")
 
@@ -56,10 +56,13 @@ class Engine:
         options: EngineSpec | None = None,
         batch_size: int | str = CPU_AUTO_BATCH,
         warm_up: Sequence[GenerationParams] = (),
+        generation: GenerationSpec | None = None,
     ):
         """batch_size: images per pipeline call, or "auto" to fill the GPU's memory.
         warm_up: one GenerationParams per sweep point; with torch.compile on, every shape they
-        need is compiled here, once, instead of in the middle of the first shards."""
+        need is compiled here, once, instead of in the middle of the first shards.
+        generation: the job's generation.*, for the family's own call inputs (T5's sequence
+        length, skip-layer guidance, true CFG); None: the family's defaults."""
         # 1. Device and dtype. fp16 kernels are slow or missing on CPUs: fall back to float32 there.
         self.device, self.dtype = self._device_and_dtype(model, device, cpu_threads)
         self.model = model
@@ -72,13 +75,15 @@ class Engine:
         #    checkpoint's own.
         self.pipe = self._load(model)
         self.family = family = family_of(type(self.pipe).__name__) or DEFAULT_FAMILY
-        self._read_the_checkpoint(family)
+        self._read_the_checkpoint(family, generation)
 
-        # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides.
+        # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides; what the
+        #    rows record of the family's own inputs (a flow-matching scheduler's shift among them).
         self._base_scheduler_config = self.pipe.scheduler.config
         self.default_scheduler = model.scheduler or type(self.pipe.scheduler).__name__
         self._schedulers = {}
         self.pipe.scheduler = self._scheduler(self.default_scheduler)
+        self.family_record = self._family_record(model)
 
         # 4. Lossless speed-ups (engine.*), before the first call so compiled graphs see them.
         if options is None:
@@ -86,7 +91,7 @@ class Engine:
 
             options = EngineSpec()
         self.options = options
-        self.applied = apply_speed_ups(self.pipe, options)
+        self.applied = apply_speed_ups(self.pipe, options, family.fuse_transformer_qkv)
         # ... and model.refiner's pipeline beside the base, in the same dtype, with the same ones.
         self.refiner = None
         if getattr(model, "refiner", None) is not None:
@@ -139,11 +144,14 @@ class Engine:
             )
         return device, "float32"
 
-    def _read_the_checkpoint(self, family: Family) -> None:
+    def _read_the_checkpoint(self, family: Family, generation: GenerationSpec | None) -> None:
         """What the loaded checkpoint says of itself: its native size, its conditioning, the
-        dtype its VAE decodes in, and its tokenizers."""
+        dtype its VAE decodes in, the family's own call inputs, and its tokenizers."""
         denoiser = getattr(self.pipe, family.denoiser, None)
-        sample = getattr(denoiser, "config", {}).get("sample_size")
+        config = getattr(denoiser, "config", {})
+        sample = config.get("sample_size")
+        # The family's keywords every call passes (empty for SD2 and SDXL).
+        self.call_inputs = call_inputs(family, config, generation)
         self.default_size = family.native_size(sample, getattr(self.pipe, "vae_scale_factor", 8))
         # A checkpoint conditioned on an aesthetic score (SDXL's refiner) gets diffusers' defaults,
         # passed explicitly as its rows record them.
@@ -153,13 +161,24 @@ class Engine:
         self.vae_decode_dtype = vae_decode_dtype(
             family, getattr(self.pipe, "vae", None), self.dtype
         )
-        # The checkpoint's kind within its family (FLUX.1 dev or schnell): its T5 token default.
-        self.variant = family.variant(dict(getattr(denoiser, "config", {})))
-        # One counter per text encoder: each truncates the prompt at its own tokenizer's limit.
+        # One counter per text encoder: each truncates the prompt at its own tokenizer's limit,
+        # T5 at the call's sequence length.
+        sequence = self.call_inputs.get(MAX_SEQUENCE_LENGTH)
         self.tokens = [
-            TokenCounter(getattr(self.pipe, encoder.tokenizer, None), encoder.max_tokens)
+            TokenCounter(
+                getattr(self.pipe, encoder.tokenizer, None),
+                encoder.max_tokens,
+                sequence if encoder.sequence else None,
+            )
             for encoder in family.text_encoders
         ]
+
+    def _family_record(self, model: ModelSpec) -> dict:
+        """What the rows record of the family's own inputs (empty for SD2 and SDXL)."""
+        # The scheduler's static shift as it runs; one that shifts by the image reads `mu` instead.
+        config = self.pipe.scheduler.config
+        shift = None if config.get("use_dynamic_shifting") else config.get("shift")
+        return record(self.family, self.call_inputs, getattr(model, "drop_t5", False), shift)
 
     def _load(self, model: ModelSpec):
         """The task's pipeline on the device, loaded with safetensors only: pickle checkpoints can
@@ -272,14 +291,13 @@ class Engine:
             inputs.update(self.image_task_size(first))
         else:
             inputs.update(width=first.width, height=first.height)
-        # Explicit, as the rows record it (empty for a family without micro-conditioning, or
-        # without T5 tokens and true CFG).
+        # Explicit, as the rows record it (empty for a family without micro-conditioning).
         inputs.update(self.size_conditioning(first), **self.aesthetic_conditioning)
-        inputs.update(self.family_inputs(first))
         if task.mask:
             inputs["mask_image"] = [p.mask.pixels for p in batch]
         for key in task.parameters:
             inputs[key] = getattr(first, key)
+        inputs.update(self.call_inputs)  # the family's own (T5's sequence length, ...)
         # 2. The pipeline (with model.refiner: base, then refiner), then the images as uint8.
         with torch.inference_mode():
             if self.refiner is None:
@@ -298,18 +316,11 @@ class Engine:
         """What the first text encoder reads."""
         return self.tokens[0].max_tokens
 
-    def count_tokens(
-        self, prompts: Sequence[str], max_sequence_length: int | None = None
-    ) -> dict[str, PromptTokens]:
-        """Each prompt's tokens as each of the family's text encoders sees them; a prompt that no
-        tokenizer counts is left out. max_sequence_length: the job's, which a T5 encoder reads
-        (None: its checkpoint kind's default)."""
+    def count_tokens(self, prompts: Sequence[str]) -> dict[str, PromptTokens]:
+        """Each prompt's tokens as each of the family's text encoders sees them (T5 against the
+        job's sequence length); a prompt that no tokenizer counts is left out."""
         counted = [counter.count(prompts) for counter in self.tokens]
-        t5_tokens = sequence_length(self.family, self.variant, max_sequence_length)
-        limits = tuple(
-            t5_tokens if encoder.sequence else counter.max_tokens
-            for encoder, counter in zip(self.family.text_encoders, self.tokens)
-        )
+        limits = tuple(counter.max_tokens for counter in self.tokens)
         return {
             p: PromptTokens(tuple(c.get(p) for c in counted), limits)
             for p in prompts
@@ -337,10 +348,10 @@ class Engine:
 
     def image_task_size(self, params: GenerationParams) -> dict[str, int]:
         """width and height for an image task whose pipeline would otherwise make its native size
-        rather than the input's (SDXL's inpaint pipeline, FLUX.1's); empty otherwise (SD2's calls
-        stay as they were)."""
+        rather than the input's (SDXL's inpaint pipeline, SD3's image-to-image and inpaint), in a
+        family that says so; empty otherwise (SD2's calls stay as they were)."""
         takes_size = "width" in inspect.signature(self.pipe.__call__).parameters
-        if not (self.family.image_task_size and takes_size):
+        if not (self.family.input_size_keywords and takes_size):
             return {}
         width, height = self.input_size(params)
         return {"width": width, "height": height}
@@ -348,19 +359,7 @@ class Engine:
     def scheduler_name(self, params: GenerationParams) -> str:
         return params.scheduler or self.default_scheduler
 
-    def family_inputs(self, params: GenerationParams) -> dict[str, Any]:
-        """The keywords of the family's own that `call` passes, by diffusers' names, which the rows
-        record as columns: the T5 tokens read (a family with a T5 encoder) and true_cfg_scale
-        (FLUX.1); empty for SD2 and SDXL."""
-        inputs: dict[str, Any] = {}
-        t5_tokens = sequence_length(self.family, self.variant, params.max_sequence_length)
-        if t5_tokens is not None:
-            inputs["max_sequence_length"] = t5_tokens
-        if self.family.true_cfg:
-            inputs["true_cfg_scale"] = params.true_cfg_scale
-        return inputs
-
-    def scheduler_shift(self, params: GenerationParams) -> float | None:
+    def scheduler_mu(self, params: GenerationParams) -> float | None:
         """The `mu` the family's pipeline computes for this sample's call from its image token
         count (FLUX.1: width/16 x height/16) and the scheduler's config, where that scheduler
         shifts by it (use_dynamic_shifting); None otherwise."""
@@ -403,15 +402,23 @@ class TokenCounter:
     Pipelines without a single CLIP tokenizer report nothing.
     """
 
-    def __init__(self, tokenizer, family_max_tokens: int = DEFAULT_FAMILY.max_tokens):
+    def __init__(
+        self,
+        tokenizer,
+        family_max_tokens: int = DEFAULT_FAMILY.max_tokens,
+        limit: int | None = None,
+    ):
         """family_max_tokens: what the family's text encoder reads, for a tokenizer that does not
-        say."""
+        say. limit: what the call lets it read (T5: max_sequence_length), where that decides."""
         self.tokenizer = tokenizer
         self.family_max_tokens = family_max_tokens
+        self.limit = limit
         self._counting = None
 
     @property
     def max_tokens(self) -> int:
+        if self.limit is not None:
+            return self.limit
         return getattr(self.tokenizer, "model_max_length", self.family_max_tokens)
 
     def count(self, prompts: Sequence[str]) -> dict[str, int]:

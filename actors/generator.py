@@ -182,6 +182,7 @@ class ShardGenerator:
             options=self.spec.engine,
             batch_size=self.spec.resources.batch_size,
             warm_up=shapes,
+            generation=self.spec.generation,
         )
         # On the post thread beside the detector, on the pipeline's device; first, as a detector may
         # read its embeddings.
@@ -289,8 +290,7 @@ class ShardGenerator:
         for s in todo:
             if s.params.width is None and s.params.image is None:
                 s.params.width = s.params.height = self.engine.default_size
-        prompts = sorted({s.prompt for s in todo})
-        tokens = self.engine.count_tokens(prompts, self.spec.generation.max_sequence_length)
+        tokens = self.engine.count_tokens(sorted({s.prompt for s in todo}))
         return ShardInput(samples, todo, tokens, time.perf_counter() - t0)
 
     def _outcome(self, s: Sample, made: Generated) -> Outcome:
@@ -347,16 +347,16 @@ class ShardGenerator:
             refiner=getattr(getattr(self.engine, "refiner", None), "call_for", None),
             aesthetic_conditioning=getattr(self.engine, "aesthetic_conditioning", {}),
             vae_decode_dtype=getattr(self.engine, "vae_decode_dtype", None),
+            family_record=getattr(self.engine, "family_record", {}),
             model_hash=self.plan.content.main_model_digest() if self.plan.content else None,
-            # Empty for SD2 and SDXL; bench/synthetic.py's stand-in engine has none.
-            family_inputs=getattr(self.engine, "family_inputs", None),
-            scheduler_shift=self._scheduler_shift(),
+            scheduler_mu=self._scheduler_mu(),
         )
 
-    def _scheduler_shift(self):
-        """The engine's schedule shift per sample, for a family whose rows record it."""
+    def _scheduler_mu(self):
+        """The engine's schedule shift per sample, for a family that shifts by the image (FLUX.1);
+        bench/synthetic.py's stand-in engine has none."""
         shifts = getattr(getattr(self.engine, "family", None), "dynamic_shift", False)
-        return self.engine.scheduler_shift if shifts else None
+        return self.engine.scheduler_mu if shifts else None
 
     def _generate(self, todo: list[Sample], ticket: int, spend: AttemptSpend) -> Generated:
         """Generate `todo` during this shard's turn on the pipeline: all of it, or with best-of-N

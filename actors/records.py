@@ -16,10 +16,10 @@ from sdfleet.actors.engine import GENERATOR_DEVICE, PromptTokens
 from sdfleet.actors.judge import Outcome
 from sdfleet.actors.refiner import RefinerCall
 from sdfleet.schemas import layout
+from sdfleet.schemas.family_spec import SCHEDULER_MU
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import (
     REFINER_FIELDS,
-    SCHEDULER_MU,
     STATUS_DUPLICATE,
     STATUS_FAILED,
     STATUS_FILTERED,
@@ -124,10 +124,12 @@ class Provenance:
     # The dtype the latents were decoded in (the engine's); None: a family that never upcasts.
     vae_decode_dtype: str | None = None
     model_hash: str | None = None  # model.source by content, as the driver resolved it
-    # The family's own keywords a sample's call passed (the engine's: T5 tokens, true CFG), and
-    # the `mu` it shifted its schedule by (None: a family that does not shift).
-    family_inputs: Callable[[GenerationParams], dict[str, Any]] | None = None
-    scheduler_shift: Callable[[GenerationParams], float | None] | None = None
+    # The family's own inputs as every call of the job ran them, by column (the engine's: T5's
+    # sequence length, drop_t5, skip-layer guidance, true CFG, the scheduler's static shift);
+    # empty for SD2 and SDXL. And the `mu` a sample's call shifted its schedule by, where the
+    # family shifts by the image (None: one that does not).
+    family_record: dict[str, Any] = field(default_factory=dict)
+    scheduler_mu: Callable[[GenerationParams], float | None] | None = None
 
 
 def build_row(
@@ -197,6 +199,7 @@ def build_row(
                 row["scheduler"],
                 {f.name: row[f.name] for f in REFINER_FIELDS} if made.refiner else None,
                 components,
+                made.family_record,
             ),
             prompt=s.params.prompt,
         )
@@ -251,10 +254,9 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
         row.update({k: list(v) for k, v in made.size_conditioning(s.params).items()})
     if s.params is not None:
         row.update({conditioning_column(k): v for k, v in made.aesthetic_conditioning.items()})
-    if made.family_inputs is not None:
-        row.update(made.family_inputs(planned))  # by diffusers' keywords, the columns' names
-    if made.scheduler_shift is not None:
-        row[SCHEDULER_MU] = made.scheduler_shift(planned)
+    row.update(made.family_record)
+    if made.scheduler_mu is not None:
+        row[SCHEDULER_MU] = made.scheduler_mu(planned)
     if made.refiner is not None:
         _add_refiner(row, made.spec, made.refiner(planned))
 

@@ -31,9 +31,10 @@ log = logging.getLogger("sdfleet")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 
-def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
+def apply_speed_ups(pipe, options: EngineSpec, fuse_transformer: bool = False) -> list[str]:
     """The speed-ups that need no warm-up (compile comes after the batch size is measured); the
-    names of those applied."""
+    names of those applied. fuse_transformer: the family's transformer fuses its attention
+    losslessly (`Family.fuse_transformer_qkv`)."""
     applied = []
     modules = [
         m for m in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)) if m is not None
@@ -44,7 +45,9 @@ def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
         applied.append("channels_last")
     # The SD pipelines fuse their UNet's (and VAE's) attention; FLUX's pipeline has no such
     # method, its transformer has.
-    fusing = pipe if hasattr(pipe, "fuse_qkv_projections") else getattr(pipe, "transformer", None)
+    fusing = pipe if hasattr(pipe, "fuse_qkv_projections") else None
+    if fusing is None and fuse_transformer:
+        fusing = getattr(pipe, "transformer", None)
     if options.fuse_qkv and hasattr(fusing, "fuse_qkv_projections"):
         fusing.fuse_qkv_projections()
         applied.append("fuse_qkv")

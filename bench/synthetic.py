@@ -74,7 +74,14 @@ class SyntheticEngine:
     cpu_log: str | None = None  # folder for the per-process CPU log
 
     def __init__(
-        self, model, device=None, cpu_threads=None, options=None, batch_size=8, warm_up=()
+        self,
+        model,
+        device=None,
+        cpu_threads=None,
+        options=None,
+        batch_size=8,
+        warm_up=(),
+        generation=None,
     ):
         from sdfleet.jobs.tiny import clip_tokenizer
 
@@ -104,7 +111,7 @@ class SyntheticEngine:
     def max_tokens(self) -> int:
         return self.tokens.max_tokens
 
-    def count_tokens(self, prompts, max_sequence_length=None) -> dict[str, int]:
+    def count_tokens(self, prompts) -> dict[str, int]:
         return self.tokens.count(prompts)
 
     def scheduler_name(self, params) -> str:

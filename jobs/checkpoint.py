@@ -127,13 +127,14 @@ class Checkpoint:
     class_name: str | None  # model_index.json's _class_name
     components: frozenset[str]
     unet_in_channels: int | None  # None: no UNet (a transformer-based family)
-    sample_size: int | None  # the UNet's latent size
+    sample_size: int | None  # the denoiser's latent size (the UNet's, SD3's transformer's)
     vae_scale_factor: int
     prediction_type: str | None
     vae_latent_channels: int | None = None  # None: no VAE config read
     # The denoiser's config.json (the UNet's; a transformer family's transformer's): what tells
-    # the family's checkpoint kinds apart (`Family.variant`).
+    # the family's checkpoint kinds apart (`Family.variant`), and its depth; {} where none was read.
     denoiser_config: Mapping = dataclasses.field(default_factory=dict)
+    scheduler_class: str | None = None  # scheduler_config.json's _class_name
 
     @property
     def family(self) -> Family:
@@ -218,6 +219,7 @@ def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
         prediction_type=scheduler.get("prediction_type"),
         vae_latent_channels=vae.get("latent_channels") if vae else None,
         denoiser_config=denoiser,
+        scheduler_class=scheduler.get("_class_name"),
     )
 
 
@@ -227,9 +229,10 @@ def check_task(task_name: str, checkpoint: Checkpoint) -> None:
     task = TASKS[task_name]
     if checkpoint.unet_in_channels is not None:
         fits = checkpoint.unet_in_channels == task.unet_in_channels
-    elif family_of(checkpoint.class_name) is not None:
-        # A transformer family (FLUX.1): the base checkpoint runs each task its family has a
-        # class for (`Family.check_task` refused the others, naming them).
+    elif checkpoint.family.denoiser != "unet":
+        # A transformer family (SD3.5, FLUX.1): the base checkpoint runs each task its family has
+        # a class for (SD3's and FLUX's inpaint pipelines blend the mask in the latents;
+        # `Family.check_task` refused the others, naming them).
         fits = task_name in checkpoint.family.pipelines
     else:
         fits = task_name == TEXT_TO_IMAGE

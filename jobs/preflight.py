@@ -83,20 +83,24 @@ class Preflight:
         # 2. The model (does it fit the task?) and the detector, before any GPU is asked for.
         checkpoint, refiner = self._check_model()
         self._check_sizes(checkpoint.family)
-        check_family_spec(self.spec, checkpoint.family, checkpoint.variant)
+        check_family_spec(
+            self.spec, checkpoint.family, checkpoint.denoiser_config, checkpoint.source
+        )
         self._check_detector()
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
-        #    the estimate and every row name the size that is made (and the family's own defaults:
-        #    FLUX.1's steps, guidance, T5 tokens); and what the input, the files its rows point at
-        #    and the checkpoint are by content, resolved once, here.
+        #    the estimate and every row name the size that is made, and the family's own defaults
+        #    (`with_family_defaults`: its dtype and scheduler, its checkpoint kind's steps,
+        #    guidance and T5 tokens, skip-layer guidance's); and what the input, the files its rows
+        #    point at and the checkpoint are by content, resolved once, here.
         family = family_of(checkpoint.class_name)
-        spec = self._with_checkpoint_size(checkpoint)
-        plan = dataclasses.replace(
-            planned,
-            spec=with_family_defaults(spec, checkpoint.family, checkpoint.variant),
-            family=family.name if family else None,
+        spec = with_family_defaults(
+            self._with_checkpoint_size(checkpoint),
+            checkpoint.family,
+            checkpoint.denoiser_config,
+            checkpoint.scheduler_class,
         )
+        plan = dataclasses.replace(planned, spec=spec, family=family.name if family else None)
         plan = dataclasses.replace(plan, content=resolve_content(plan))
         try:  # the family's own columns may clash with a passthrough column planning accepted
             plan.output_schema()

@@ -30,6 +30,8 @@ class TextEncoder:
     # generation.max_sequence_length tokens (its variant's default where the spec names none), at
     # most max_tokens; a CLIP encoder always reads max_tokens.
     sequence: bool = False
+    # model.drop_t5 may leave it out (SD3.5's T5: the pipeline passes zeros in its place).
+    droppable: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ class Variant:
     # model card's); None: the spec's own default.
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    # Skip-layer guidance (diffusers' skip_guidance_layers): the denoiser layers the checkpoint's
+    # makers recommend skipping (SD3.5 Medium: 7, 8, 9); empty: the variant has none, and a job
+    # that asks for it is refused.
+    skip_guidance_layers: tuple[int, ...] = ()
 
     def matches(self, denoiser_config: Mapping) -> bool:
         return all(denoiser_config.get(key) == value for key, value in self.match.items())
@@ -135,29 +141,37 @@ class Family:
     # Checkpoint kinds that differ in cost or limits (`Variant`); empty: every checkpoint of the
     # family is alike and `flops` is its cost.
     variants: tuple[Variant, ...] = ()
+    # The T5 tokens read where the checkpoint matches no variant and the spec names none (None:
+    # the encoder's limit).
+    max_sequence_length: int | None = None
     # The denoiser's latent size where its config names none (FluxPipeline's default_sample_size:
     # its transformer's config has no sample_size); None: the config's alone.
     default_sample_size: int | None = None
+    # A flow-matching family: the prefix of the scheduler classes its denoiser works with
+    # ("FlowMatch"); a scheduler the job names must be one, and a job that names none runs the
+    # checkpoint's own (the spec's default EulerDiscreteScheduler predicts noise). None: any.
+    scheduler_prefix: str | None = None
+    # The pipeline shifts its flow-matching schedule by the image's token count: it computes `mu`
+    # from the scheduler's config (base/max_image_seq_len, base/max_shift) per call, and a
+    # scheduler with use_dynamic_shifting reads it (FLUX.1).
+    dynamic_shift: bool = False
+    # Skip-layer guidance in text-to-image (diffusers' skip_guidance_layers): the pipeline's
+    # defaults for its scale, start and stop, by keyword; None: the family has none.
+    skip_layer_guidance: Mapping[str, float] | None = None
     # The pipeline takes true_cfg_scale: with it > 1 and a negative prompt, a guidance-distilled
     # family runs a second, negative transformer pass per step (FLUX.1).
     true_cfg: bool = False
     # model.dtype values the family cannot run, each with why (FLUX.1's activations overflow
     # float16).
     refused_dtypes: Mapping[str, str] = field(default_factory=dict)
-    # A job that names no model.scheduler runs the checkpoint's own (a flow-matching family: the
-    # spec's default EulerDiscreteScheduler is a noise-prediction scheduler), and a scheduler it
-    # names must be one of this prefix; None: the spec's default stands.
-    scheduler_prefix: str | None = None
-    # The pipeline shifts its flow-matching schedule by the image's token count: it computes `mu`
-    # from the scheduler's config (base/max_image_seq_len, base/max_shift) per call, and a
-    # scheduler with use_dynamic_shifting reads it (FLUX.1).
-    dynamic_shift: bool = False
-
-    @property
-    def sequence_encoder(self) -> TextEncoder | None:
-        """The T5 encoder that reads generation.max_sequence_length tokens; None: the family has
-        none."""
-        return next((e for e in self.text_encoders if e.sequence), None)
+    # An image task's pipeline makes the checkpoint's native size unless told the input's (SDXL's
+    # inpaint; SD3's and FLUX.1's image-to-image and inpaint would make 1024²): the engine passes
+    # the input's size, floored to the latent grid, as width and height where it takes them.
+    input_size_keywords: bool = False
+    # engine.fuse_qkv fuses the transformer's attention, where its pipeline has no fusing method
+    # of its own (FLUX.1; lossless). Not SD3.5's: in diffusers 0.42.1 the fused joint processor
+    # also lands on Medium's dual-attention blocks, whose second attention has no text input.
+    fuse_transformer_qkv: bool = False
 
     def variant(self, denoiser_config: Mapping) -> Variant | None:
         """The variant whose denoiser config this is; None: the family has none, or the config
@@ -172,9 +186,46 @@ class Family:
         (the checkpoint's channel count alone would not say why: SDXL has no depth model)."""
         if task not in self.pipelines:
             raise SpecError(
-                f"model.task={task}: model.source {source} is an {self.name} checkpoint, and "
+                f"model.task={task}: model.source {source} is {self.kind()}, and "
                 f"{self.name} has no pipeline for {task}; it runs {', '.join(self.pipelines)}"
             )
+
+    def kind(self, variant: Variant | None = None) -> str:
+        """The checkpoint kind as errors name it: 'an sd3 checkpoint', 'a flux (FLUX.1-dev)
+        checkpoint'."""
+        name = f"{self.name} ({variant.name})" if variant else self.name
+        # "sd..." is read letter by letter: an ess-dee.
+        article = "an" if name.startswith(("sd", "a", "e", "i", "o", "u")) else "a"
+        return f"{article} {name} checkpoint"
+
+    @property
+    def sequence_encoder(self) -> TextEncoder | None:
+        """The text encoder that reads generation.max_sequence_length tokens (T5); None: none."""
+        return next((e for e in self.text_encoders if e.sequence), None)
+
+    @property
+    def droppable_encoder(self) -> TextEncoder | None:
+        """The text encoder model.drop_t5 leaves out; None: the family has none to drop."""
+        return next((e for e in self.text_encoders if e.droppable), None)
+
+    def sequence_limits(self, variant: Variant | None) -> tuple[int, int] | None:
+        """(the T5 tokens read by default, the most it may read) for a checkpoint of this variant
+        (None: one that matches none), never over the encoder's max_tokens; None for a family
+        without a sequence encoder."""
+        encoder = self.sequence_encoder
+        if encoder is None:
+            return None
+        default = (variant and variant.max_sequence_length) or self.max_sequence_length
+        limit = min(
+            (variant and variant.max_sequence_limit) or encoder.max_tokens, encoder.max_tokens
+        )
+        return min(default or limit, limit), limit
+
+    def sequence_length(self, variant: Variant | None, requested: int | None) -> int | None:
+        """The T5 tokens a call reads: the spec's, else the checkpoint kind's default; None for a
+        family without a sequence encoder."""
+        limits = self.sequence_limits(variant)
+        return None if limits is None else requested or limits[0]
 
     @property
     def max_tokens(self) -> int:
@@ -325,8 +376,8 @@ SDXL = Family(
         pixels=1024 * 1024, denoiser_tflop=6.7612, vae_decode_tflop=10.4704, text_tflop=0.2223
     ),
     size_conditioning=True,
-    image_task_size=True,
     vae_upcast=True,
+    input_size_keywords=True,
     # The refiner at 1024x1024: one UNet forward 7.2860, its VAE decode (the same VAE) 10.4704,
     # text_encoder_2 alone at batch 2 0.1957.
     refiner_pipeline="StableDiffusionXLImg2ImgPipeline",
@@ -337,14 +388,19 @@ SDXL = Family(
     aesthetic_score=(6.0, 2.5),
 )
 
-# The T5 families' rows live in modules of their own, which build on this one's classes: import
-# them from here (this module first), never their module first, or the import runs in a circle.
-from sdfleet.schemas.family_flux import FLUX  # noqa: E402
-
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD2, SDXL, FLUX)}
-
+FAMILIES: dict[str, Family] = {}
 # A checkpoint's model_index.json `_class_name` -> its family.
-_BY_PIPELINE = {cls: family for family in FAMILIES.values() for cls in family.pipelines.values()}
+_BY_PIPELINE: dict[str, Family] = {}
+
+
+def register(family: Family) -> None:
+    """Add a family's row to FAMILIES, and its pipeline classes to `family_of`."""
+    FAMILIES[family.name] = family
+    _BY_PIPELINE.update({cls: family for cls in family.pipelines.values()})
+
+
+for _family in (SD2, SDXL):
+    register(_family)
 
 
 def family_of(pipeline_class: str | None) -> Family | None:
@@ -355,3 +411,9 @@ def family_of(pipeline_class: str | None) -> Family | None:
 # The family a spec is checked and estimated against before its checkpoint is read (where it is
 # read, `family_of` names the checkpoint's own).
 DEFAULT_FAMILY = SD2
+
+
+# Rows kept in their own modules (the T5 families) build on this module's classes and register
+# themselves on import; imported here, last, so that FAMILIES holds them whichever module is
+# imported first (sdfleet.schemas imports this one before any other).
+from sdfleet.schemas import family_flux, family_sd3  # noqa: E402, F401

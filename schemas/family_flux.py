@@ -26,7 +26,7 @@ and the diffusers docs load; in float16 the transformer's activations overflow (
 
 from __future__ import annotations
 
-from sdfleet.schemas.families import CLIP_TOKENS, Family, TextEncoder, Variant
+from sdfleet.schemas.families import CLIP_TOKENS, Family, TextEncoder, Variant, register
 from sdfleet.schemas.family_flops import FLUX1_DEV_FLOPS, FLUX1_SCHNELL_FLOPS
 
 T5_TOKENS = 512  # what FluxPipeline lets max_sequence_length be at most
@@ -71,7 +71,8 @@ FLUX = Family(
     flops=FLUX1_DEV_FLOPS,
     variants=(FLUX1_DEV, FLUX1_SCHNELL),
     default_sample_size=128,
-    image_task_size=True,
+    input_size_keywords=True,
+    fuse_transformer_qkv=True,
     true_cfg=True,
     refused_dtypes={
         "float16": "FLUX.1's activations overflow float16 (inf/NaN, black images); use "
@@ -80,3 +81,5 @@ FLUX = Family(
     scheduler_prefix="FlowMatch",
     dynamic_shift=True,
 )
+
+register(FLUX)

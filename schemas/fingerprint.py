@@ -69,9 +69,14 @@ _ADDED_KEYS = {
     "input.mask_column": None,
     "generation.strength": None,
     "generation.noise_level": None,
+    "engine.vae_tiling": False,
+    "model.drop_t5": False,
     "generation.max_sequence_length": None,
     "generation.true_cfg_scale": 1.0,
-    "engine.vae_tiling": False,
+    "generation.skip_guidance_layers": None,
+    "generation.skip_layer_guidance_scale": None,
+    "generation.skip_layer_guidance_start": None,
+    "generation.skip_layer_guidance_stop": None,
     **{
         f"curation.{k}": None
         for k in (

@@ -5,6 +5,15 @@ from __future__ import annotations
 import pyarrow as pa
 
 from sdfleet.schemas.families import Family
+from sdfleet.schemas.family_spec import (
+    DROP_T5,
+    MAX_SEQUENCE_LENGTH,
+    SCHEDULER_MU,
+    SCHEDULER_SHIFT,
+    SKIP_GUIDANCE_LAYERS,
+    SKIP_LAYER_GUIDANCE_KEYS,
+    TRUE_CFG_SCALE,
+)
 from sdfleet.schemas.passthrough import PassthroughClash
 
 STATUS_OK = "ok"
@@ -148,15 +157,6 @@ def conditioning_column(keyword: str) -> str:
 # decode with SDXL's own VAE, and a float16 one with an fp16-fixed VAE.
 VAE_DECODE_DTYPE = "vae_decode_dtype"
 
-# A T5 family's call (`Family.sequence_encoder`): the T5 tokens it read. A guidance-distilled
-# family's (`Family.true_cfg`): its true CFG scale (1: none; guidance_scale is then the distilled
-# guidance embedding, or nothing where the checkpoint has none). A dynamically shifting family's
-# (`Family.dynamic_shift`): the `mu` its call computed from the image's token count and the
-# scheduler's config, null where the scheduler does not shift by it (FLUX.1-schnell's).
-MAX_SEQUENCE_LENGTH = "max_sequence_length"
-TRUE_CFG_SCALE = "true_cfg_scale"
-SCHEDULER_MU = "scheduler_mu"
-
 # model.vae and model.vae_revision as the job ran them; only in a job that sets model.vae.
 VAE_COLUMNS = ("vae_source", "vae_revision")
 
@@ -186,10 +186,28 @@ def family_fields(family: Family | None) -> list[pa.Field]:
     ]
     if family.vae_upcast:
         fields.append(pa.field(VAE_DECODE_DTYPE, pa.string()))
+    return fields + _family_input_fields(family)
+
+
+def _family_input_fields(family: Family) -> list[pa.Field]:
+    """The columns of a family's own inputs (`family_spec.record`, in its order): T5's
+    sequence length as the call passed it (prompt_tokens_N counts T5's tokens against it),
+    whether model.drop_t5 left T5 out, skip-layer guidance (null where the job has none), true
+    CFG's scale (1: none), the flow-matching scheduler's static shift as it ran (null where it
+    shifts by the image instead), and the `mu` a dynamically shifting family's call computed
+    from the image's token count (null where its scheduler does not shift by it)."""
+    fields = []
     if family.sequence_encoder is not None:
         fields.append(pa.field(MAX_SEQUENCE_LENGTH, pa.int64()))
+    if family.droppable_encoder is not None:
+        fields.append(pa.field(DROP_T5, pa.bool_()))
+    if family.skip_layer_guidance:
+        fields.append(pa.field(SKIP_GUIDANCE_LAYERS, pa.list_(pa.int64())))
+        fields += [pa.field(key, pa.float64()) for key in SKIP_LAYER_GUIDANCE_KEYS]
     if family.true_cfg:
         fields.append(pa.field(TRUE_CFG_SCALE, pa.float64()))
+    if family.scheduler_prefix is not None:
+        fields.append(pa.field(SCHEDULER_SHIFT, pa.float64()))
     if family.dynamic_shift:
         fields.append(pa.field(SCHEDULER_MU, pa.float64()))
     return fields

@@ -103,10 +103,6 @@ class GenerationParams:
     noise_level: int | None = None
     image: InputImage | None = None
     mask: InputImage | None = None
-    # The job's T5 tokens (None: the checkpoint kind's default, or no T5 encoder) and true CFG
-    # scale (1: none), the same for every sample of a job.
-    max_sequence_length: int | None = None
-    true_cfg_scale: float = 1.0
 
     def batch_key(self) -> tuple:
         """Samples that share it can go through the pipeline in one call."""
@@ -167,8 +163,6 @@ def resolve_params(
         # record what made the image, not what was written.
         strength=_first_set(point.get("strength"), gen.strength, task.strength),
         noise_level=_first_set(point.get("noise_level"), gen.noise_level, task.noise_level),
-        max_sequence_length=gen.max_sequence_length,
-        true_cfg_scale=gen.true_cfg_scale,
     )
 
 
@@ -183,11 +177,14 @@ def sample_id(
     scheduler: str,
     refiner: dict[str, Any] | None = None,
     components: dict[str, str | None] | None = None,
+    family: dict[str, Any] | None = None,
 ) -> str:
     """The identity of one image across jobs: everything that determines its pixels. refiner:
     a base + refiner sample's refiner columns (schemas.rows.REFINER_FIELDS). components: what
-    replaced the checkpoint's own (vae_source, vae_revision), set values only. Both add nothing
-    when unset, so a job without them keeps the ids it had."""
+    replaced the checkpoint's own (vae_source, vae_revision), set values only. family: the
+    family's own inputs as its rows record them (`family_spec.record`: T5's sequence length,
+    drop_t5, skip-layer guidance, true CFG, the scheduler's shift), set values only. Each adds nothing when unset, so a job without
+    them keeps the ids it had."""
     payload = {
         "model_source": model_source,
         "model_revision": model_revision,
@@ -207,11 +204,9 @@ def sample_id(
         "noise_level": params.noise_level,
         "input_image_sha256": params.image.sha256 if params.image else None,
         "mask_image_sha256": params.mask.sha256 if params.mask else None,
-        # A T5 family's tokens and true CFG (FLUX.1): absent from other families' ids.
-        "max_sequence_length": params.max_sequence_length,
-        "true_cfg_scale": params.true_cfg_scale if params.true_cfg_scale != 1.0 else None,
     }
     payload.update({k: v for k, v in extra.items() if v is not None})
     payload.update(refiner or {})
     payload.update({k: v for k, v in (components or {}).items() if v is not None})
+    payload.update({k: v for k, v in (family or {}).items() if v is not None})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from sdfleet.schemas.curation_spec import CurationSpec
 from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.family_spec import SKIP_LAYER_GUIDANCE_KEYS
 from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields
 from sdfleet.schemas.loading import (
     apply_override,
@@ -54,6 +55,10 @@ class ModelSpec(Section):
     vae: str | None = None
     vae_revision: str | None = None
     refiner: RefinerSpec | None = None  # sdfleet.schemas.refiner
+    # Load an SD3.5 checkpoint without its T5 encoder (text_encoder_3=None, tokenizer_3=None): the
+    # pipeline passes zeros in T5's place, which saves its memory and time at a price in prompt
+    # adherence. Only SD3 checkpoints have a T5 to drop (pre-flight checks).
+    drop_t5: bool = False
 
     @model_validator(mode="after")
     def _refiner_fits_the_task(self):
@@ -100,12 +105,46 @@ class GenerationSpec(Section):
     # The noise the x4 upscaler adds to its low-resolution input (0 to the checkpoint's
     # max_noise_level, 350 for x4-upscaling); null: diffusers' default of 20.
     noise_level: int | None = Field(None, ge=0, le=1000)
-    # The T5 tokens a family with a T5 encoder reads (SD3.5, FLUX.1); null: its checkpoint kind's
-    # default. Over the checkpoint's limit is refused before any worker starts.
+    # The T5 tokens a T5 family's encoder reads (SD3.5, FLUX.1); null: the checkpoint's variant's
+    # default. Over the variant's limit is refused before any worker starts.
     max_sequence_length: int | None = Field(None, ge=1)
     # True classifier-free guidance on a guidance-distilled family (FLUX.1): above 1, with a
     # negative prompt, a second (negative) transformer pass per step; 1: none.
     true_cfg_scale: float = Field(1.0, ge=1.0)
+    # Skip-layer guidance (SD3.5 Medium, text-to-image, with guidance_scale > 1), as
+    # StableDiffusion3Pipeline names it: the transformer layers skipped in an extra pass (Stability
+    # recommends [7, 8, 9] for Medium), its scale and the share of the steps it runs between
+    # start and stop; null: none, or with layers set the pipeline's defaults (2.8, 0.01, 0.2).
+    skip_guidance_layers: list[int] | None = None
+    skip_layer_guidance_scale: float | None = Field(None, ge=0.0)
+    skip_layer_guidance_start: float | None = Field(None, ge=0.0, le=1.0)
+    skip_layer_guidance_stop: float | None = Field(None, ge=0.0, le=1.0)
+
+    @field_validator("skip_guidance_layers")
+    @classmethod
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0 or len(set(v)) != len(v)):
+            raise ValueError(
+                f"generation.skip_guidance_layers={v}: give distinct transformer layer indices "
+                "(>= 0), e.g. [7, 8, 9]; null for no skip-layer guidance"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _guidance_needs_layers(self):
+        given = [k for k in SKIP_LAYER_GUIDANCE_KEYS if getattr(self, k) is not None]
+        if given and self.skip_guidance_layers is None:
+            raise ValueError(
+                f"generation.{given[0]} is for skip-layer guidance: set "
+                "generation.skip_guidance_layers too (e.g. [7, 8, 9]), or remove it"
+            )
+        start, stop = self.skip_layer_guidance_start, self.skip_layer_guidance_stop
+        if start is not None and stop is not None and start >= stop:
+            raise ValueError(
+                f"generation.skip_layer_guidance_start={start} is not before "
+                f"skip_layer_guidance_stop={stop}: skip-layer guidance would never run"
+            )
+        return self
 
 
 # Keys a sweep axis may vary: a sweep point's coordinates but the seed (sweep.seeds varies it).

@@ -54,6 +54,14 @@ def tiny_sdxl(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """The tiny SD3.5 pipeline (`sdfleet tiny-models`' `tiny-sd3`)."""
+    from sdfleet.jobs.tiny_sd3 import write_tiny_sd3
+
+    return write_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> dict[str, Path]:
     """The tiny FLUX.1 dev- and schnell-shaped checkpoints (`sdfleet tiny-models`' `tiny-flux-*`),
     by variant."""

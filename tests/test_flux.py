@@ -20,11 +20,13 @@ from test_tasks import assert_close, run_job, three_ok
 # Longer than CLIP's 77 tokens and than the T5 tokens the jobs read (the tiny tokenizers split
 # words finely).
 LONG = "a very long prompt about a lighthouse on a cliff over a stormy sea at dusk " * 3
+FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
 TINY = {"width": 64, "height": 48, "num_inference_steps": 3, "max_sequence_length": 24}
 
 
 def test_tiny_flux_is_shaped_as_flux(tiny_flux):
-    from sdfleet.schemas.families import FLUX, family_of
+    from sdfleet.schemas.families import family_of
+    from sdfleet.schemas.family_flux import FLUX
 
     for variant, embeds in (("dev", True), ("schnell", False)):
         index = json.loads((tiny_flux[variant] / "model_index.json").read_text())
@@ -120,11 +122,12 @@ def test_plan_refuses_what_flux_cannot_run_naming_the_family_and_key(
     [
         (
             {"generation": {"max_sequence_length": 77}},
-            "generation.max_sequence_length=77: sd2 has no T5 encoder to read it",
+            "generation.max_sequence_length=77: an sd2 checkpoint has no T5 encoder to read it",
         ),
         (
             {"generation": {"true_cfg_scale": 4.0}},
-            "generation.true_cfg_scale=4.0: sd2 has classifier-free guidance of its own",
+            "generation.true_cfg_scale=4.0: an sd2 checkpoint has classifier-free guidance of its "
+            "own",
         ),
     ],
 )
@@ -146,14 +149,15 @@ def _checked(tmp_path, source, **sections):
 def test_preflight_fills_in_each_checkpoint_kinds_defaults(tmp_path, tiny_flux):
     """What the spec leaves out, the checkpoint kind's model card gives: dev 28 steps at guidance
     3.5 and 512 T5 tokens, schnell 4 steps without guidance and 256; bfloat16 and the
-    checkpoint's own flow-matching scheduler for both; FluxPipeline's 1024 px."""
+    checkpoint's own flow-matching scheduler (its class written in) for both; FluxPipeline's
+    1024 px."""
     dev = _checked(tmp_path / "dev", tiny_flux["dev"]).spec
     schnell = _checked(tmp_path / "schnell", tiny_flux["schnell"]).spec
     for spec, steps, guidance, tokens in ((dev, 28, 3.5, 512), (schnell, 4, 0.0, 256)):
         gen = spec.generation
         assert (gen.num_inference_steps, gen.guidance_scale) == (steps, guidance)
         assert (gen.max_sequence_length, gen.width, gen.height) == (tokens, 1024, 1024)
-        assert (spec.model.dtype, spec.model.scheduler) == ("bfloat16", None)
+        assert (spec.model.dtype, spec.model.scheduler) == ("bfloat16", FLOW_MATCH)
     # What the spec says stands.
     given = {"num_inference_steps": 6, "guidance_scale": 5.0, "max_sequence_length": 64}
     spec = _checked(tmp_path / "given", tiny_flux["dev"], generation=given).spec
@@ -277,16 +281,17 @@ def test_the_example_specs_pass_their_checkpoint_kinds_checks():
     transformer configs (guidance_embeds true for dev, false for schnell)."""
     from pathlib import Path
 
-    from sdfleet.schemas.families import FLUX
+    from sdfleet.schemas.family_flux import FLUX
     from sdfleet.schemas.family_spec import check_family_spec, with_family_defaults
     from sdfleet.schemas.spec import load_spec
 
     examples = Path(__file__).resolve().parents[1] / "jobs" / "examples"
     for name, embeds, tokens, steps in (("dev", True, 512, 28), ("schnell", False, 256, 4)):
         spec = load_spec(examples / f"flux1_{name}_1024.yaml")
-        variant = FLUX.variant({"guidance_embeds": embeds})
-        check_family_spec(spec, FLUX, variant)
-        resolved = with_family_defaults(spec, FLUX, variant)
+        config = {"guidance_embeds": embeds}
+        check_family_spec(spec, FLUX, config, spec.model.source)
+        # No scheduler config read: the engine runs the loaded checkpoint's own.
+        resolved = with_family_defaults(spec, FLUX, config)
         assert (resolved.model.dtype, resolved.model.scheduler) == ("bfloat16", None)
         gen = resolved.generation
         assert (gen.max_sequence_length, gen.num_inference_steps) == (tokens, steps)
@@ -308,7 +313,7 @@ def test_flux_image_tasks_match_plain_diffusers(tiny_flux, task):
 
     from sdfleet.actors.engine import Engine
     from sdfleet.schemas.samples import GenerationParams, InputImage
-    from sdfleet.schemas.spec import ModelSpec
+    from sdfleet.schemas.spec import GenerationSpec, ModelSpec
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (50, 75, 3), dtype=np.uint8))  # 75 x 50
@@ -325,16 +330,16 @@ def test_flux_image_tasks_match_plain_diffusers(tiny_flux, task):
         strength=0.6,
         image=InputImage(image, "0" * 64),
         mask=InputImage(mask, "1" * 64) if task == "inpaint" else None,
-        max_sequence_length=24,
     )
     model = ModelSpec(source=str(tiny_flux["dev"]), task=task, scheduler=None, dtype="float32")
-    engine = Engine(model, device="cpu", batch_size=1)
+    generation = GenerationSpec(max_sequence_length=24)
+    engine = Engine(model, device="cpu", batch_size=1, generation=generation)
     classes = {"image-to-image": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
     assert type(engine.pipe).__name__ == classes[task]
     assert "fuse_qkv" in engine.applied  # on the transformer: the pipeline has no such method
     [ours] = engine.call([params])
     assert ours.shape == (48, 64, 3)
-    assert engine.scheduler_shift(params) == calculate_shift(12, 256, 4096, 0.5, 1.15)
+    assert engine.scheduler_mu(params) == calculate_shift(12, 256, 4096, 0.5, 1.15)
     pipe = getattr(diffusers, classes[task]).from_pretrained(tiny_flux["dev"], use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     extra = {"mask_image": mask} if task == "inpaint" else {}
@@ -370,23 +375,29 @@ def test_plan_accepts_flux_image_to_image(tmp_path, tiny_flux):
 
 
 def test_flux_keys_are_in_a_samples_identity_only_where_set():
-    """A FLUX sample's id changes with its T5 tokens and true CFG; an SD2 sample (neither set)
-    keeps the id and the spec fingerprint it had before the keys existed."""
+    """A FLUX sample's id changes with its T5 tokens and true CFG (its rows' family columns, as
+    the engine records them); an SD2 sample (no such columns) keeps the id and the spec
+    fingerprint it had before the keys existed."""
+    from sdfleet.schemas.families import SD2
+    from sdfleet.schemas.family_flux import FLUX
+    from sdfleet.schemas.family_spec import call_inputs, record
     from sdfleet.schemas.fingerprint import fingerprint_fields
     from sdfleet.schemas.samples import GenerationParams, sample_id
-    from sdfleet.schemas.spec import JobSpec
+    from sdfleet.schemas.spec import GenerationSpec, JobSpec
 
-    def params(**flux):
-        return GenerationParams("a cat", "", 1, 28, 3.5, 1024, 1024, None, **flux)
+    def columns(family, **gen):
+        inputs = call_inputs(family, {"guidance_embeds": True}, GenerationSpec(**gen))
+        return record(family, inputs, drop_t5=False, scheduler_shift=None)
 
-    sd2 = params()
+    sd2 = GenerationParams("a cat", "", 1, 28, 3.5, 1024, 1024, None)
+    assert columns(SD2) == {}
     ids = {
-        sample_id("m", None, p, "FlowMatchEulerDiscreteScheduler")
-        for p in (
-            sd2,
-            params(max_sequence_length=512),
-            params(max_sequence_length=256),
-            params(max_sequence_length=512, true_cfg_scale=3.0),
+        sample_id("m", None, sd2, "FlowMatchEulerDiscreteScheduler", family=family)
+        for family in (
+            columns(SD2),
+            columns(FLUX),  # dev's default 512 tokens, no true CFG
+            columns(FLUX, max_sequence_length=256),
+            columns(FLUX, max_sequence_length=512, true_cfg_scale=3.0),
         )
     }
     assert len(ids) == 4
@@ -404,7 +415,7 @@ def test_flux_keys_are_in_a_samples_identity_only_where_set():
         "height": 1024,
     }
     digest = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:32]
-    assert sample_id("m", None, sd2, "X") == digest
+    assert sample_id("m", None, sd2, "X", family=columns(SD2)) == digest
     spec = JobSpec.model_validate({"input": {"uri": "in"}, "output": {"uri": "out"}})
     fields = fingerprint_fields(spec.model_dump(mode="json"))
     assert "generation.max_sequence_length" not in fields
