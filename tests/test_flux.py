@@ -424,3 +424,31 @@ def test_flux_keys_are_in_a_samples_identity_only_where_set():
         update={"generation": spec.generation.model_copy(update={"max_sequence_length": 512})}
     )
     assert fingerprint_fields(flux.model_dump(mode="json"))["generation.max_sequence_length"] == 512
+
+
+def test_flux_rows_name_the_static_shift_or_mu_whichever_the_scheduler_runs(tiny_flux):
+    """FLUX rows carry both flow-matching columns, as the engine fills them: dev's scheduler
+    shifts by the image (scheduler_mu; its static shift 3.0 unused, so null), schnell's by its
+    static shift 1.0 (scheduler_mu null); and the job's T5 length and true CFG."""
+    from sdfleet.actors.engine import Engine
+    from sdfleet.schemas.family_flux import FLUX
+    from sdfleet.schemas.rows import family_fields
+    from sdfleet.schemas.samples import GenerationParams
+    from sdfleet.schemas.spec import GenerationSpec, ModelSpec
+
+    names = [f.name for f in family_fields(FLUX)]
+    assert {"max_sequence_length", "true_cfg_scale", "scheduler_shift", "scheduler_mu"} <= set(
+        names
+    )
+    assert "drop_t5" not in names and "skip_guidance_layers" not in names
+    params = GenerationParams("a cat", "", 1, 3, 0.0, 64, 48, None)
+    generation = GenerationSpec(max_sequence_length=24, true_cfg_scale=2.0)
+    for variant, shift, shifts_by_image in (("dev", None, True), ("schnell", 1.0, False)):
+        model = ModelSpec(source=str(tiny_flux[variant]), scheduler=None, dtype="float32")
+        engine = Engine(model, device="cpu", batch_size=1, generation=generation)
+        assert engine.family_record == {
+            "max_sequence_length": 24,
+            "true_cfg_scale": 2.0,
+            "scheduler_shift": shift,
+        }
+        assert (engine.scheduler_mu(params) is not None) is shifts_by_image
