@@ -31,7 +31,7 @@ from sdfleet.actors.model_cache import local_copy
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
-from sdfleet.schemas.family_inputs import MAX_SEQUENCE_LENGTH, call_inputs, record
+from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, call_inputs, record
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.schedulers import unknown_scheduler
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
@@ -62,7 +62,7 @@ class Engine:
         warm_up: one GenerationParams per sweep point; with torch.compile on, every shape they
         need is compiled here, once, instead of in the middle of the first shards.
         generation: the job's generation.*, for the family's own call inputs (T5's sequence
-        length, skip-layer guidance); None: the family's defaults."""
+        length, skip-layer guidance, true CFG); None: the family's defaults."""
         # 1. Device and dtype. fp16 kernels are slow or missing on CPUs: fall back to float32 there.
         self.device, self.dtype = self._device_and_dtype(model, device, cpu_threads)
         self.model = model
@@ -91,7 +91,7 @@ class Engine:
 
             options = EngineSpec()
         self.options = options
-        self.applied = apply_speed_ups(self.pipe, options)
+        self.applied = apply_speed_ups(self.pipe, options, family.fuse_transformer_qkv)
         # ... and model.refiner's pipeline beside the base, in the same dtype, with the same ones.
         self.refiner = None
         if getattr(model, "refiner", None) is not None:
@@ -175,7 +175,9 @@ class Engine:
 
     def _family_record(self, model: ModelSpec) -> dict:
         """What the rows record of the family's own inputs (empty for SD2 and SDXL)."""
-        shift = self.pipe.scheduler.config.get("shift")  # the scheduler's as it runs
+        # The scheduler's static shift as it runs; one that shifts by the image reads `mu` instead.
+        config = self.pipe.scheduler.config
+        shift = None if config.get("use_dynamic_shifting") else config.get("shift")
         return record(self.family, self.call_inputs, getattr(model, "drop_t5", False), shift)
 
     def _load(self, model: ModelSpec):
@@ -315,8 +317,8 @@ class Engine:
         return self.tokens[0].max_tokens
 
     def count_tokens(self, prompts: Sequence[str]) -> dict[str, PromptTokens]:
-        """Each prompt's tokens as each of the family's text encoders sees them; a prompt that no
-        tokenizer counts is left out."""
+        """Each prompt's tokens as each of the family's text encoders sees them (T5 against the
+        job's sequence length); a prompt that no tokenizer counts is left out."""
         counted = [counter.count(prompts) for counter in self.tokens]
         limits = tuple(counter.max_tokens for counter in self.tokens)
         return {
@@ -356,6 +358,28 @@ class Engine:
 
     def scheduler_name(self, params: GenerationParams) -> str:
         return params.scheduler or self.default_scheduler
+
+    def scheduler_mu(self, params: GenerationParams) -> float | None:
+        """The `mu` the family's pipeline computes for this sample's call from its image token
+        count (FLUX.1: width/16 x height/16) and the scheduler's config, where that scheduler
+        shifts by it (use_dynamic_shifting); None otherwise."""
+        config = self._scheduler(self.scheduler_name(params)).config
+        if not (self.family.dynamic_shift and config.get("use_dynamic_shifting")):
+            return None
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        has_input = self.task.image and params.image is not None
+        width, height = self.input_size(params) if has_input else (params.width, params.height)
+        if width is None or height is None:  # a failed image-task row: no input was read
+            return None
+        patch = self.pipe.vae_scale_factor * 2  # the VAE's factor, then 2x2 packing
+        return calculate_shift(
+            (height // patch) * (width // patch),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
 
 
 @dataclass(frozen=True)

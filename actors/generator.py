@@ -349,7 +349,14 @@ class ShardGenerator:
             vae_decode_dtype=getattr(self.engine, "vae_decode_dtype", None),
             family_record=getattr(self.engine, "family_record", {}),
             model_hash=self.plan.content.main_model_digest() if self.plan.content else None,
+            scheduler_mu=self._scheduler_mu(),
         )
+
+    def _scheduler_mu(self):
+        """The engine's schedule shift per sample, for a family that shifts by the image (FLUX.1);
+        bench/synthetic.py's stand-in engine has none."""
+        shifts = getattr(getattr(self.engine, "family", None), "dynamic_shift", False)
+        return self.engine.scheduler_mu if shifts else None
 
     def _generate(self, todo: list[Sample], ticket: int, spend: AttemptSpend) -> Generated:
         """Generate `todo` during this shard's turn on the pipeline: all of it, or with best-of-N

@@ -16,6 +16,7 @@ from sdfleet.actors.engine import GENERATOR_DEVICE, PromptTokens
 from sdfleet.actors.judge import Outcome
 from sdfleet.actors.refiner import RefinerCall
 from sdfleet.schemas import layout
+from sdfleet.schemas.family_spec import SCHEDULER_MU
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import (
     REFINER_FIELDS,
@@ -123,9 +124,12 @@ class Provenance:
     # The dtype the latents were decoded in (the engine's); None: a family that never upcasts.
     vae_decode_dtype: str | None = None
     model_hash: str | None = None  # model.source by content, as the driver resolved it
-    # The family's own inputs as every call ran them, by column (the engine's: SD3's T5 sequence
-    # length, drop_t5, skip-layer guidance, the scheduler's shift); empty for SD2 and SDXL.
+    # The family's own inputs as every call of the job ran them, by column (the engine's: T5's
+    # sequence length, drop_t5, skip-layer guidance, true CFG, the scheduler's static shift);
+    # empty for SD2 and SDXL. And the `mu` a sample's call shifted its schedule by, where the
+    # family shifts by the image (None: one that does not).
     family_record: dict[str, Any] = field(default_factory=dict)
+    scheduler_mu: Callable[[GenerationParams], float | None] | None = None
 
 
 def build_row(
@@ -250,9 +254,11 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
         row.update({k: list(v) for k, v in made.size_conditioning(s.params).items()})
     if s.params is not None:
         row.update({conditioning_column(k): v for k, v in made.aesthetic_conditioning.items()})
+    row.update(made.family_record)
+    if made.scheduler_mu is not None:
+        row[SCHEDULER_MU] = made.scheduler_mu(planned)
     if made.refiner is not None:
         _add_refiner(row, made.spec, made.refiner(planned))
-    row.update(made.family_record)
 
 
 def _add_refiner(row: dict[str, Any], spec: JobSpec, call: RefinerCall) -> None:

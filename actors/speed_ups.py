@@ -31,26 +31,24 @@ log = logging.getLogger("sdfleet")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 
-def qkv_fusable(pipe):
+def qkv_fusable(pipe, fuse_transformer: bool):
     """What fuses Q, K and V into one matmul: SD2's and SDXL's pipeline (its UNet and VAE), or
-    else a transformer with diffusers' generic fusion, whose attention computes the same from the
-    fused weights (FLUX.1's: flux-fast's fused QKV); None: nothing can. Not SD3.5's: diffusers
-    0.42's SD3 transformer overrides it with a fused joint processor that skips SD3.5's q/k
-    normalization (other pixels) and cannot run Medium's image-only attention."""
-    from diffusers.models.attention import AttentionMixin
-
+    the transformer of a family whose row says diffusers' fusion of it is lossless
+    (`Family.fuse_transformer_qkv`: FLUX.1's, flux-fast's fused QKV); None: nothing. Not SD3.5's:
+    diffusers 0.42's SD3 transformer overrides it with a fused joint processor that skips SD3.5's
+    q/k normalization (other pixels) and cannot run Medium's image-only attention."""
     if hasattr(pipe, "fuse_qkv_projections"):
         return pipe
     transformer = getattr(pipe, "transformer", None)
-    generic = AttentionMixin.fuse_qkv_projections
     return (
-        transformer if getattr(type(transformer), "fuse_qkv_projections", None) is generic else None
+        transformer if fuse_transformer and hasattr(transformer, "fuse_qkv_projections") else None
     )
 
 
-def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
+def apply_speed_ups(pipe, options: EngineSpec, fuse_transformer: bool = False) -> list[str]:
     """The speed-ups that need no warm-up (compile comes after the batch size is measured); the
-    names of those applied."""
+    names of those applied. fuse_transformer: the family's transformer fuses its attention
+    losslessly (`Family.fuse_transformer_qkv`)."""
     applied = []
     modules = [
         m for m in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)) if m is not None
@@ -59,7 +57,7 @@ def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
         for m in modules:
             m.to(memory_format=torch.channels_last)
         applied.append("channels_last")
-    fusable = qkv_fusable(pipe)
+    fusable = qkv_fusable(pipe, fuse_transformer)
     if options.fuse_qkv and fusable is not None:
         fusable.fuse_qkv_projections()
         applied.append("fuse_qkv")
@@ -71,6 +69,11 @@ def apply_speed_ups(pipe, options: EngineSpec) -> list[str]:
         pipe.vae.enable_tiling()
         applied.append("vae_tiling")
     return applied
+
+
+def denoiser_of(pipe) -> str:
+    """The pipeline's denoiser component: its UNet, or a transformer family's transformer."""
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
 
 
 def wants_compile(options: EngineSpec, device: str) -> bool:
@@ -110,7 +113,9 @@ class CompiledWarmUp:
             cache = CompileCache(location)
             status = "hit" if cache.load(self.cache_key(params)) else "miss"
         # 2. Compile, then warm up until every shape ran, halving the batch on out-of-memory.
-        eager = [(pipe, pipe.unet, pipe.vae.decode) for pipe in self._pipes()]
+        eager = [
+            (pipe, getattr(pipe, denoiser_of(pipe)), pipe.vae.decode) for pipe in self._pipes()
+        ]
         self._compile()
         seconds = None
         while True:
@@ -147,7 +152,8 @@ class CompiledWarmUp:
     def _compile(self) -> None:
         compiled_vaes = set()  # model.vae is one module shared by the base and the refiner
         for pipe in self._pipes():
-            pipe.unet = torch.compile(pipe.unet, mode=COMPILE_MODE)
+            name = denoiser_of(pipe)
+            setattr(pipe, name, torch.compile(getattr(pipe, name), mode=COMPILE_MODE))
             if id(pipe.vae) not in compiled_vaes:
                 compiled_vaes.add(id(pipe.vae))
                 pipe.vae.decode = torch.compile(pipe.vae.decode, mode=COMPILE_MODE)
@@ -168,8 +174,9 @@ class CompiledWarmUp:
                 "Set engine.compile: auto (falls back to eager) or off"
             ) from error
         log.warning("torch.compile failed (%s); engine.compile=auto goes on without it", reason)
-        for pipe, unet, decode in eager:
-            pipe.unet, pipe.vae.decode = unet, decode
+        for pipe, denoiser, decode in eager:
+            setattr(pipe, denoiser_of(pipe), denoiser)
+            pipe.vae.decode = decode
         self.engine.applied.remove("compile")
 
     def shapes(
@@ -234,7 +241,10 @@ class CompiledWarmUp:
                 "python": platform.python_version(),
                 "device": device,
                 "dtype": engine.dtype,
-                "unet": dict(engine.pipe.unet.config),
+                # "unet" for a UNet family, so that the keys made before others stay.
+                denoiser_of(engine.pipe): dict(
+                    getattr(engine.pipe, denoiser_of(engine.pipe)).config
+                ),
                 "vae": dict(engine.pipe.vae.config),
                 "options": {
                     "channels_last": engine.options.channels_last,

@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sdfleet.actors.model_content import HUB_TIMEOUT_S
 from sdfleet.actors.storage import Storage
 from sdfleet.schemas.errors import ModelLoadError, SpecError, first_line
-from sdfleet.schemas.families import DEFAULT_FAMILY, family_of, vae_scale_factor
+from sdfleet.schemas.families import DEFAULT_FAMILY, Family, Variant, family_of, vae_scale_factor
 from sdfleet.schemas.locations import kind_of
 from sdfleet.schemas.schedulers import defined_schedulers, unknown_scheduler
 from sdfleet.schemas.spec import ModelSpec
@@ -131,15 +131,25 @@ class Checkpoint:
     vae_scale_factor: int
     prediction_type: str | None
     vae_latent_channels: int | None = None  # None: no VAE config read
-    # The family's denoiser's config.json (the UNet's, or SD3's transformer's): which variant it
-    # is, and its depth; {} where none was read.
-    denoiser_config: dict = dataclasses.field(default_factory=dict)
+    # The denoiser's config.json (the UNet's; a transformer family's transformer's): what tells
+    # the family's checkpoint kinds apart (`Family.variant`), and its depth; {} where none was read.
+    denoiser_config: Mapping = dataclasses.field(default_factory=dict)
     scheduler_class: str | None = None  # scheduler_config.json's _class_name
 
     @property
+    def family(self) -> Family:
+        """Its family by model_index.json's class; SD2 where unknown."""
+        return family_of(self.class_name) or DEFAULT_FAMILY
+
+    @property
+    def variant(self) -> Variant | None:
+        return self.family.variant(self.denoiser_config)
+
+    @property
     def default_size(self) -> int | None:
-        """The size it was trained at (512-base: 64 * 8, 768-v: 96 * 8), or None where unknown."""
-        return DEFAULT_FAMILY.native_size(self.sample_size, self.vae_scale_factor)
+        """The size it was trained at (512-base: 64 * 8, 768-v: 96 * 8, FLUX.1: 128 * 8), or None
+        where unknown."""
+        return self.family.native_size(self.sample_size, self.vae_scale_factor)
 
     def describe(self) -> str:
         unet = (
@@ -194,11 +204,9 @@ def read_checkpoint(model: ModelSpec | CheckpointRef) -> Checkpoint:
         return read_config(source, name, ref.storage_options, ref.revision, key=ref.key)
 
     index = config("model_index.json")
-    unet = config("unet/config.json") if "unet" in index else {}
-    # The family's denoiser: the UNet, or a transformer-based family's transformer.
-    family = family_of(index.get("_class_name"))
-    name = family.denoiser if family is not None else "unet"
-    denoiser = unet if name == "unet" else config(f"{name}/config.json") if name in index else {}
+    denoiser_name = (family_of(index.get("_class_name")) or DEFAULT_FAMILY).denoiser
+    denoiser = config(f"{denoiser_name}/config.json") if denoiser_name in index else {}
+    unet = denoiser if denoiser_name == "unet" else {}
     vae = config("vae/config.json") if "vae" in index else {}
     scheduler = config("scheduler/scheduler_config.json") if "scheduler" in index else {}
     return Checkpoint(
@@ -219,15 +227,15 @@ def check_task(task_name: str, checkpoint: Checkpoint) -> None:
     """The checkpoint is one the task can run: its UNet takes the task's conditioning channels and
     it has the task's extra component. Else the error names both, before any GPU starts."""
     task = TASKS[task_name]
-    # Without a UNet (SD3's transformer), the family's pipelines say what it runs: each takes the
-    # plain checkpoint (SD3's inpaint pipeline blends the mask in the latents).
-    family = family_of(checkpoint.class_name)
-    runs = family.pipelines if family is not None and family.denoiser != "unet" else {TEXT_TO_IMAGE}
-    fits = (
-        checkpoint.unet_in_channels == task.unet_in_channels
-        if checkpoint.unet_in_channels is not None
-        else task_name in runs
-    )
+    if checkpoint.unet_in_channels is not None:
+        fits = checkpoint.unet_in_channels == task.unet_in_channels
+    elif checkpoint.family.denoiser != "unet":
+        # A transformer family (SD3.5, FLUX.1): the base checkpoint runs each task its family has
+        # a class for (SD3's and FLUX's inpaint pipelines blend the mask in the latents;
+        # `Family.check_task` refused the others, naming them).
+        fits = task_name in checkpoint.family.pipelines
+    else:
+        fits = task_name == TEXT_TO_IMAGE
     if task.needs_component and task.needs_component not in checkpoint.components:
         fits = False
     if fits:

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "tiny-models",
-        help="write the tiny random-weight pipelines (SD2, SDXL, SD3.5) and safety detectors",
+        help="write the tiny random-weight pipelines (SD2, SDXL, SD3.5, FLUX.1) and safety "
+        "detectors",
     )
     p.add_argument("dir", help="folder to write into")
     return parser

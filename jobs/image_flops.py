@@ -97,12 +97,10 @@ def image_tflop(family: Family, task: Task, params: GenerationParams, sequence: 
 def sequence_inputs(spec: JobSpec) -> dict:
     """What a transformer family's cost depends on beyond size, steps and guidance, from the
     spec: the T5 length (None: the figures' own), the true-CFG scale (FLUX.1; 1: none) and
-    whether T5 runs (SD3.5's model.drop_t5). Read by name: they are the T5 families' keys
-    (generation.max_sequence_length, generation.true_cfg_scale, model.drop_t5), each absent
-    until its family's branch adds it."""
+    whether T5 runs (SD3.5's model.drop_t5)."""
     gen = spec.generation
     return {
-        "sequence_length": getattr(gen, "max_sequence_length", None),
-        "true_cfg_scale": getattr(gen, "true_cfg_scale", None) or 1.0,
-        "sequence_encoder": not getattr(spec.model, "drop_t5", False),
+        "sequence_length": gen.max_sequence_length,
+        "true_cfg_scale": gen.true_cfg_scale or 1.0,
+        "sequence_encoder": not spec.model.drop_t5,
     }

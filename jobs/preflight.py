@@ -34,8 +34,8 @@ from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import InputError, SpecError
-from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
-from sdfleet.schemas.family_inputs import call_inputs, check_family_keys, unset_scheduler
+from sdfleet.schemas.families import Family, family_of
+from sdfleet.schemas.family_spec import check_family_spec, with_family_defaults
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
@@ -82,19 +82,24 @@ class Preflight:
         )
         # 2. The model (does it fit the task?) and the detector, before any GPU is asked for.
         checkpoint, refiner = self._check_model()
-        self._check_sizes(family_of(checkpoint.class_name) or DEFAULT_FAMILY)
+        self._check_sizes(checkpoint.family)
+        check_family_spec(
+            self.spec, checkpoint.family, checkpoint.denoiser_config, checkpoint.source
+        )
         self._check_detector()
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
-        #    the estimate and every row name the size that is made; and what the input, the files
-        #    its rows point at and the checkpoint are by content, resolved once, here.
-        #    The family's own keys (T5's sequence length, model.drop_t5, skip-layer guidance, its
-        #    kind of scheduler) are checked against the checkpoint and resolved the same way.
+        #    the estimate and every row name the size that is made, and the family's own defaults
+        #    (`with_family_defaults`: its dtype and scheduler, its checkpoint kind's steps,
+        #    guidance and T5 tokens, skip-layer guidance's); and what the input, the files its rows
+        #    point at and the checkpoint are by content, resolved once, here.
         family = family_of(checkpoint.class_name)
-        spec = self._with_checkpoint_size(checkpoint)
-        if family is not None:
-            spec = with_family_defaults(spec, family, checkpoint)
-            check_family_keys(spec, family, checkpoint.denoiser_config, checkpoint.source)
+        spec = with_family_defaults(
+            self._with_checkpoint_size(checkpoint),
+            checkpoint.family,
+            checkpoint.denoiser_config,
+            checkpoint.scheduler_class,
+        )
         plan = dataclasses.replace(planned, spec=spec, family=family.name if family else None)
         plan = dataclasses.replace(plan, content=resolve_content(plan))
         try:  # the family's own columns may clash with a passthrough column planning accepted
@@ -245,7 +250,7 @@ class Preflight:
         gen = self.spec.generation
         if TASKS[self.spec.model.task].image or (gen.width is not None and gen.height is not None):
             return self.spec
-        size = checkpoint.default_size or DEFAULT_FAMILY.fallback_size
+        size = checkpoint.default_size or checkpoint.family.fallback_size
         if not checkpoint.default_size:
             log.warning(
                 "model.source %s names no native size; making %dx%d "
@@ -256,19 +261,6 @@ class Preflight:
             )
         resolved = gen.model_copy(update={"width": gen.width or size, "height": gen.height or size})
         return self.spec.model_copy(update={"generation": resolved})
-
-
-def with_family_defaults(spec: JobSpec, family: Family, checkpoint) -> JobSpec:
-    """The family's own call inputs as the job runs them (the checkpoint's variant's T5 sequence
-    length, skip-layer guidance's defaults), and for a family that runs its own kind of scheduler
-    only, the checkpoint's scheduler where the spec names none: so the fingerprint and every row
-    name what is made."""
-    model, gen = spec.model, spec.generation
-    if unset_scheduler(spec, family) and checkpoint.scheduler_class:
-        model = model.model_copy(update={"scheduler": checkpoint.scheduler_class})
-    inputs = call_inputs(family, checkpoint.denoiser_config, gen)
-    gen = gen.model_copy(update=inputs)
-    return spec.model_copy(update={"model": model, "generation": gen})
 
 
 def _check_keras_file(path: str) -> None:

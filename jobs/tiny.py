@@ -337,8 +337,9 @@ def write_tiny_hf_classifier(path: str | os.PathLike, flag: str = "nothing") -> 
 
 def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
     """Everything `sdfleet tiny-models` writes: the pipelines (SD2's variants, SDXL's base and
-    refiner, SD3.5's), an fp16-fixed SDXL VAE (for model.vae) and one tiny model per detector and
-    scorer."""
+    refiner, SD3.5's, FLUX.1 dev- and schnell-shaped), an fp16-fixed SDXL VAE (for model.vae)
+    and one tiny model per detector and scorer."""
+    from sdfleet.jobs.tiny_flux import TINY_FLUX_VARIANTS, write_tiny_flux
     from sdfleet.jobs.tiny_sd3 import write_tiny_sd3
     from sdfleet.jobs.tiny_sdxl import (
         TINY_SDXL_VAE,
@@ -357,6 +358,7 @@ def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
         **{f"sdxl {v}": write_tiny_sdxl(folder / f"tiny-sdxl-{v}", v) for v in TINY_SDXL_VARIANTS},
         "sdxl vae (fp16 fix)": write_tiny_sdxl_vae(folder / TINY_SDXL_VAE),
         "sd3": write_tiny_sd3(folder / "tiny-sd3"),
+        **{f"flux {v}": write_tiny_flux(folder / f"tiny-flux-{v}", v) for v in TINY_FLUX_VARIANTS},
         "nsfw-detector": write_tiny_nsfw_model(folder / "tiny-nsfw.h5"),
         "clip-checker": write_tiny_clip_checker(folder / "tiny-clip-checker"),
         "hf-classifier": write_tiny_hf_classifier(folder / "tiny-hf-classifier"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sdfleet.schemas.errors import SpecError
 
@@ -68,6 +68,13 @@ class Variant:
     # The T5 tokens read where generation.max_sequence_length is not set, and the most it may be.
     max_sequence_length: int | None = None
     max_sequence_limit: int | None = None
+    # False: the checkpoint takes no guidance at all (FLUX.1-schnell, timestep-distilled: its
+    # transformer has no guidance embedding, and the pipeline ignores guidance_scale).
+    guidance: bool = True
+    # What a job that sets no generation.num_inference_steps or guidance_scale runs with (the
+    # model card's); None: the spec's own default.
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     # Skip-layer guidance (diffusers' skip_guidance_layers): the denoiser layers the checkpoint's
     # makers recommend skipping (SD3.5 Medium: 7, 8, 9); empty: the variant has none, and a job
     # that asks for it is refused.
@@ -97,6 +104,9 @@ class Family:
     # The denoiser is also conditioned on the image's sizes and crop (SDXL's micro-conditioning:
     # original_size, crops_coords_top_left, target_size, and their negative twins).
     size_conditioning: bool = False
+    # The family's image-task pipelines make its native size unless told the input's `width` and
+    # `height` (SDXL's inpaint, FLUX.1's img2img and inpaint), which the engine then passes.
+    image_task_size: bool = False
     # The pipeline decodes in float32 where the VAE's config says force_upcast (SDXL's VAE
     # overflows in float16; an fp16-fixed VAE says false), so a float16 job decodes in float32.
     vae_upcast: bool = False
@@ -110,18 +120,37 @@ class Family:
     # Checkpoint kinds that differ in cost or limits (`Variant`); empty: every checkpoint of the
     # family is alike and `flops` is its cost.
     variants: tuple[Variant, ...] = ()
-    # The T5 tokens read where the checkpoint matches no variant and the spec names none.
+    # The T5 tokens read where the checkpoint matches no variant and the spec names none (None:
+    # the encoder's limit).
     max_sequence_length: int | None = None
-    # The prefix of the scheduler classes its denoiser works with (a flow-matching family:
-    # "FlowMatch"); None: any. Where the spec names none of them, the checkpoint's own runs.
+    # The denoiser's latent size where its config names none (FluxPipeline's default_sample_size:
+    # its transformer's config has no sample_size); None: the config's alone.
+    default_sample_size: int | None = None
+    # A flow-matching family: the prefix of the scheduler classes its denoiser works with
+    # ("FlowMatch"); a scheduler the job names must be one, and a job that names none runs the
+    # checkpoint's own (the spec's default EulerDiscreteScheduler predicts noise). None: any.
     scheduler_prefix: str | None = None
+    # The pipeline shifts its flow-matching schedule by the image's token count: it computes `mu`
+    # from the scheduler's config (base/max_image_seq_len, base/max_shift) per call, and a
+    # scheduler with use_dynamic_shifting reads it (FLUX.1).
+    dynamic_shift: bool = False
     # Skip-layer guidance in text-to-image (diffusers' skip_guidance_layers): the pipeline's
     # defaults for its scale, start and stop, by keyword; None: the family has none.
     skip_layer_guidance: Mapping[str, float] | None = None
+    # The pipeline takes true_cfg_scale: with it > 1 and a negative prompt, a guidance-distilled
+    # family runs a second, negative transformer pass per step (FLUX.1).
+    true_cfg: bool = False
+    # model.dtype values the family cannot run, each with why (FLUX.1's activations overflow
+    # float16).
+    refused_dtypes: Mapping[str, str] = field(default_factory=dict)
     # An image task's pipeline makes the checkpoint's native size unless told the input's (SDXL's
-    # inpaint; SD3's image-to-image and inpaint would resize every input to 1024²): the engine
-    # passes the input's size, floored to the latent grid, as width and height where it takes them.
+    # inpaint; SD3's and FLUX.1's image-to-image and inpaint would make 1024²): the engine passes
+    # the input's size, floored to the latent grid, as width and height where it takes them.
     input_size_keywords: bool = False
+    # engine.fuse_qkv fuses the transformer's attention, where its pipeline has no fusing method
+    # of its own (FLUX.1; lossless). Not SD3.5's: in diffusers 0.42.1 the fused joint processor
+    # also lands on Medium's dual-attention blocks, whose second attention has no text input.
+    fuse_transformer_qkv: bool = False
 
     def variant(self, denoiser_config: Mapping) -> Variant | None:
         """The variant whose denoiser config this is; None: the family has none, or the config
@@ -136,9 +165,17 @@ class Family:
         (the checkpoint's channel count alone would not say why: SDXL has no depth model)."""
         if task not in self.pipelines:
             raise SpecError(
-                f"model.task={task}: model.source {source} is an {self.name} checkpoint, and "
+                f"model.task={task}: model.source {source} is {self.kind()}, and "
                 f"{self.name} has no pipeline for {task}; it runs {', '.join(self.pipelines)}"
             )
+
+    def kind(self, variant: Variant | None = None) -> str:
+        """The checkpoint kind as errors name it: 'an sd3 checkpoint', 'a flux (FLUX.1-dev)
+        checkpoint'."""
+        name = f"{self.name} ({variant.name})" if variant else self.name
+        # "sd..." is read letter by letter: an ess-dee.
+        article = "an" if name.startswith(("sd", "a", "e", "i", "o", "u")) else "a"
+        return f"{article} {name} checkpoint"
 
     @property
     def sequence_encoder(self) -> TextEncoder | None:
@@ -152,13 +189,22 @@ class Family:
 
     def sequence_limits(self, variant: Variant | None) -> tuple[int, int] | None:
         """(the T5 tokens read by default, the most it may read) for a checkpoint of this variant
-        (None: one that matches none); None for a family without a sequence encoder."""
+        (None: one that matches none), never over the encoder's max_tokens; None for a family
+        without a sequence encoder."""
         encoder = self.sequence_encoder
         if encoder is None:
             return None
         default = (variant and variant.max_sequence_length) or self.max_sequence_length
-        limit = (variant and variant.max_sequence_limit) or encoder.max_tokens
+        limit = min(
+            (variant and variant.max_sequence_limit) or encoder.max_tokens, encoder.max_tokens
+        )
         return min(default or limit, limit), limit
+
+    def sequence_length(self, variant: Variant | None, requested: int | None) -> int | None:
+        """The T5 tokens a call reads: the spec's, else the checkpoint kind's default; None for a
+        family without a sequence encoder."""
+        limits = self.sequence_limits(variant)
+        return None if limits is None else requested or limits[0]
 
     @property
     def max_tokens(self) -> int:
@@ -251,8 +297,11 @@ class Family:
 
     def native_size(self, sample_size: object, vae_scale: int) -> int | None:
         """The size a checkpoint was trained at: its denoiser's sample_size (latent pixels) times
-        the VAE's scale (512-base: 64 x 8, 768-v: 96 x 8); None where its config names none."""
-        return sample_size * vae_scale if isinstance(sample_size, int) and sample_size else None
+        the VAE's scale (512-base: 64 x 8, 768-v: 96 x 8; FLUX.1: its pipeline's 128 x 8); None where
+        neither its config nor the family names one."""
+        if not (isinstance(sample_size, int) and sample_size):
+            sample_size = self.default_sample_size
+        return sample_size * vae_scale if sample_size else None
 
     def check_size(self, name: str, value: int) -> int:
         """A width or height on the family's latent grid; else a ValueError that names the family
@@ -362,6 +411,7 @@ def family_of(pipeline_class: str | None) -> Family | None:
 DEFAULT_FAMILY = SD2
 
 
-# Rows kept in their own modules register themselves on import; imported here, so that FAMILIES
-# holds them whichever module is imported first.
-import sdfleet.schemas.family_sd3  # noqa: E402, F401
+# Rows kept in their own modules (the T5 families) build on this module's classes and register
+# themselves on import; imported here, last, so that FAMILIES holds them whichever module is
+# imported first (sdfleet.schemas imports this one before any other).
+from sdfleet.schemas import family_flux, family_sd3  # noqa: E402, F401

@@ -72,6 +72,7 @@ _ADDED_KEYS = {
     "engine.vae_tiling": False,
     "model.drop_t5": False,
     "generation.max_sequence_length": None,
+    "generation.true_cfg_scale": 1.0,
     "generation.skip_guidance_layers": None,
     "generation.skip_layer_guidance_scale": None,
     "generation.skip_layer_guidance_start": None,

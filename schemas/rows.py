@@ -5,12 +5,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 from sdfleet.schemas.families import Family
-from sdfleet.schemas.family_inputs import (
+from sdfleet.schemas.family_spec import (
     DROP_T5,
     MAX_SEQUENCE_LENGTH,
+    SCHEDULER_MU,
     SCHEDULER_SHIFT,
     SKIP_GUIDANCE_LAYERS,
     SKIP_LAYER_GUIDANCE_KEYS,
+    TRUE_CFG_SCALE,
 )
 from sdfleet.schemas.passthrough import PassthroughClash
 
@@ -188,10 +190,12 @@ def family_fields(family: Family | None) -> list[pa.Field]:
 
 
 def _family_input_fields(family: Family) -> list[pa.Field]:
-    """The columns of a family's own inputs (`family_inputs.record`, in its order): T5's
+    """The columns of a family's own inputs (`family_spec.record`, in its order): T5's
     sequence length as the call passed it (prompt_tokens_N counts T5's tokens against it),
-    whether model.drop_t5 left T5 out, skip-layer guidance (null where the job has none), and
-    the flow-matching scheduler's shift as it ran."""
+    whether model.drop_t5 left T5 out, skip-layer guidance (null where the job has none), true
+    CFG's scale (1: none), the flow-matching scheduler's static shift as it ran (null where it
+    shifts by the image instead), and the `mu` a dynamically shifting family's call computed
+    from the image's token count (null where its scheduler does not shift by it)."""
     fields = []
     if family.sequence_encoder is not None:
         fields.append(pa.field(MAX_SEQUENCE_LENGTH, pa.int64()))
@@ -200,8 +204,12 @@ def _family_input_fields(family: Family) -> list[pa.Field]:
     if family.skip_layer_guidance:
         fields.append(pa.field(SKIP_GUIDANCE_LAYERS, pa.list_(pa.int64())))
         fields += [pa.field(key, pa.float64()) for key in SKIP_LAYER_GUIDANCE_KEYS]
+    if family.true_cfg:
+        fields.append(pa.field(TRUE_CFG_SCALE, pa.float64()))
     if family.scheduler_prefix is not None:
         fields.append(pa.field(SCHEDULER_SHIFT, pa.float64()))
+    if family.dynamic_shift:
+        fields.append(pa.field(SCHEDULER_MU, pa.float64()))
     return fields
 
 

@@ -182,8 +182,8 @@ def sample_id(
     """The identity of one image across jobs: everything that determines its pixels. refiner:
     a base + refiner sample's refiner columns (schemas.rows.REFINER_FIELDS). components: what
     replaced the checkpoint's own (vae_source, vae_revision), set values only. family: the
-    family's own inputs as its rows record them (SD3's T5 sequence length, drop_t5, skip-layer
-    guidance, scheduler shift), set values only. Each adds nothing when unset, so a job without
+    family's own inputs as its rows record them (`family_spec.record`: T5's sequence length,
+    drop_t5, skip-layer guidance, true CFG, the scheduler's shift), set values only. Each adds nothing when unset, so a job without
     them keeps the ids it had."""
     payload = {
         "model_source": model_source,

@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from sdfleet.schemas.curation_spec import CurationSpec
 from sdfleet.schemas.detectors import DETECTOR_NAMES, DETECTORS, NO_DETECTOR, needs_clip_model_error
 from sdfleet.schemas.errors import SpecError
-from sdfleet.schemas.family_inputs import SKIP_LAYER_GUIDANCE_KEYS
+from sdfleet.schemas.family_spec import SKIP_LAYER_GUIDANCE_KEYS
 from sdfleet.schemas.fingerprint import fingerprint, fingerprint_fields
 from sdfleet.schemas.loading import (
     apply_override,
@@ -108,6 +108,9 @@ class GenerationSpec(Section):
     # The T5 tokens a T5 family's encoder reads (SD3.5, FLUX.1); null: the checkpoint's variant's
     # default. Over the variant's limit is refused before any worker starts.
     max_sequence_length: int | None = Field(None, ge=1)
+    # True classifier-free guidance on a guidance-distilled family (FLUX.1): above 1, with a
+    # negative prompt, a second (negative) transformer pass per step; 1: none.
+    true_cfg_scale: float = Field(1.0, ge=1.0)
     # Skip-layer guidance (SD3.5 Medium, text-to-image, with guidance_scale > 1), as
     # StableDiffusion3Pipeline names it: the transformer layers skipped in an extra pass (Stability
     # recommends [7, 8, 9] for Medium), its scale and the share of the steps it runs between

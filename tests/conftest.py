@@ -62,6 +62,16 @@ def tiny_sd3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> dict[str, Path]:
+    """The tiny FLUX.1 dev- and schnell-shaped checkpoints (`sdfleet tiny-models`' `tiny-flux-*`),
+    by variant."""
+    from sdfleet.jobs.tiny_flux import TINY_FLUX_VARIANTS, write_tiny_flux
+
+    folder = tmp_path_factory.mktemp("flux")
+    return {v: write_tiny_flux(folder / f"tiny-flux-{v}", v) for v in TINY_FLUX_VARIANTS}
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on loopback. Credentials are dummies; the endpoint comes from the environment."""
     from moto.server import ThreadedMotoServer

@@ -24,7 +24,7 @@ def test_sd2_has_a_pipeline_class_for_every_task_and_is_found_by_each():
     assert SD2.pipeline("upscale") == "StableDiffusionUpscalePipeline"
     for cls in SD2.pipelines.values():
         assert family_of(cls) is SD2
-    assert family_of("FluxPipeline") is None and family_of(None) is None
+    assert family_of("KandinskyV22Pipeline") is None and family_of(None) is None
     assert DEFAULT_FAMILY is SD2 and FAMILIES["sd2"] is SD2
 
 
@@ -180,3 +180,20 @@ def test_a_variant_is_picked_by_its_denoisers_config():
     assert family.variant({"num_layers": 24}) is medium
     assert family.variant({"num_layers": 12}) is None
     assert SD2.variant({"num_layers": 24}) is None
+
+
+@pytest.mark.parametrize("module", ["family_flux", "family_sd3", "family_flops", "family_spec"])
+def test_a_family_module_imported_first_finds_every_row(module):
+    """The T5 families' rows live in modules of their own that build on families.py and register
+    themselves: whichever is imported first in a fresh interpreter, FAMILIES holds them all."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sdfleet.schemas.{module}\n"
+        "from sdfleet.schemas.families import FAMILIES, family_of\n"
+        "print(sorted(FAMILIES), family_of('FluxPipeline').name,"
+        " family_of('StableDiffusion3Pipeline').name)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["['flux',", "'sd2',", "'sd3',", "'sdxl']", "flux", "sd3"]

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from sdfleet.actors.speed_ups import apply_speed_ups, qkv_fusable
+from sdfleet.schemas.family_flux import FLUX
+from sdfleet.schemas.family_sd3 import SD3
 
 OPTIONS = SimpleNamespace(channels_last=False, fuse_qkv=True, uint8_on_device=False)
 
@@ -78,7 +80,7 @@ def test_flux1s_qkv_is_fused_and_computes_the_same():
     run = flux_call(model)
     with torch.no_grad():
         before = run()
-        assert apply_speed_ups(pipe, OPTIONS) == ["fuse_qkv"]
+        assert apply_speed_ups(pipe, OPTIONS, FLUX.fuse_transformer_qkv) == ["fuse_qkv"]
         after = run()
     assert torch.allclose(before, after, atol=1e-5)
     fused = [m for m in model.modules() if getattr(m, "fused_projections", False)]
@@ -92,7 +94,8 @@ def test_sd35_is_left_unfused_where_diffusers_fusion_would_change_it(dual):
     run = sd3_call(model)
     with torch.no_grad():
         before = run()
-        assert qkv_fusable(pipe) is None and apply_speed_ups(pipe, OPTIONS) == []
+        assert qkv_fusable(pipe, SD3.fuse_transformer_qkv) is None
+        assert apply_speed_ups(pipe, OPTIONS, SD3.fuse_transformer_qkv) == []
         assert torch.equal(run(), before)
     # What it leaves: diffusers' own SD3 fusion, which gives other outputs (the q/k norm skipped)
     # or none (Medium's image-only attention has no text for the joint processor).
@@ -109,4 +112,8 @@ def test_sd35_is_left_unfused_where_diffusers_fusion_would_change_it(dual):
 def test_a_unet_pipeline_fuses_as_before():
     fused = []
     pipe = SimpleNamespace(fuse_qkv_projections=lambda: fused.append(True), transformer=None)
-    assert qkv_fusable(pipe) is pipe and apply_speed_ups(pipe, OPTIONS) == ["fuse_qkv"] and fused
+    assert (
+        qkv_fusable(pipe, False) is pipe
+        and apply_speed_ups(pipe, OPTIONS) == ["fuse_qkv"]
+        and fused
+    )

@@ -136,11 +136,13 @@ def test_true_cfg_doubles_a_distilled_familys_passes_and_the_t5_length_counts():
     }
 
 
-def spec_with(drop_t5: bool | None = None, **generation):
-    """A spec's generation and model sections with the T5 families' keys given (as their
-    branches add them)."""
-    model = SimpleNamespace() if drop_t5 is None else SimpleNamespace(drop_t5=drop_t5)
-    return SimpleNamespace(generation=SimpleNamespace(**generation), model=model)
+def spec_with(drop_t5: bool = False, **generation):
+    """A job spec's model and generation sections with the T5 families' keys given."""
+    from sdfleet.schemas.spec import GenerationSpec, ModelSpec
+
+    return SimpleNamespace(
+        model=ModelSpec(drop_t5=drop_t5), generation=GenerationSpec(**generation)
+    )
 
 
 def test_dropping_t5_saves_its_encoder_but_not_the_denoisers_text_tokens():
@@ -216,12 +218,6 @@ def test_an_image_tasks_image_is_costed_at_its_inputs_size_on_a_16px_grid_family
     )
 
 
-def _has_row(name: str) -> bool:
-    from sdfleet.schemas.families import FAMILIES
-
-    return name in FAMILIES
-
-
 def plan_cli_per_image(tmp_path, tiny: Path, config: dict, **generation) -> str:
     """`sdfleet plan`'s per-image line for a copy of a tiny checkpoint whose transformer config
     says it is a full-size variant (plan reads configs, never weights); its family line names
@@ -250,7 +246,6 @@ def plan_cli_per_image(tmp_path, tiny: Path, config: dict, **generation) -> str:
     return next(line for line in out.stdout.splitlines() if line.startswith("per image"))
 
 
-@pytest.mark.skipif(not _has_row("sd3"), reason="the SD3.5 row lands from the sd3 branch")
 def test_sdfleet_plan_shows_sd35_larges_counted_flops_per_image(tmp_path, request):
     tiny = request.getfixturevalue("tiny_sd3")
     line = plan_cli_per_image(
@@ -260,7 +255,6 @@ def test_sdfleet_plan_shows_sd35_larges_counted_flops_per_image(tmp_path, reques
     assert line.split()[2] == f"{counted:.4g}"
 
 
-@pytest.mark.skipif(not _has_row("flux"), reason="the FLUX.1 row lands from the flux branch")
 @pytest.mark.parametrize(
     "variant, flops, steps",
     [("dev", family_flops.FLUX1_DEV_FLOPS, 28), ("schnell", family_flops.FLUX1_SCHNELL_FLOPS, 4)],

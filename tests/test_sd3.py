@@ -186,8 +186,8 @@ def test_plan_resolves_the_family_defaults_into_the_spec(tmp_path, tiny_sd3):
         (
             {},
             {"max_sequence_length": 600},
-            "generation.max_sequence_length=600: the T5 encoder of an sd3 checkpoint reads at "
-            "most 512 tokens; use 512 or less (default 256)",
+            "generation.max_sequence_length=600: an sd3 checkpoint's T5 encoder reads at most "
+            "512 tokens; use 512 or less (default 256)",
         ),
         (
             {},
@@ -198,8 +198,8 @@ def test_plan_resolves_the_family_defaults_into_the_spec(tmp_path, tiny_sd3):
         (
             {"scheduler": "EulerDiscreteScheduler"},
             {},
-            "model.scheduler=EulerDiscreteScheduler: sd3 checkpoints are denoised by FlowMatch* "
-            "schedulers only",
+            "model.scheduler=EulerDiscreteScheduler: an sd3 checkpoint is a flow-matching model "
+            "and runs FlowMatch* schedulers only",
         ),
         (
             {},
@@ -222,7 +222,7 @@ def test_sd3_spec_errors_name_the_family_and_key(tmp_path, tiny_sd3, model, gene
 def test_skip_layer_guidance_on_large_is_refused_before_any_worker(tmp_path, tiny_sd3):
     spec = _spec(tmp_path, _large(tmp_path, tiny_sd3), skip_guidance_layers=[7, 8, 9])
     err = _refused("run", spec)
-    assert "is an sd3.5-large (sd3) checkpoint, which has no skip-layer guidance" in err, err
+    assert "is an sd3 (sd3.5-large) checkpoint, which has no skip-layer guidance" in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -256,7 +256,7 @@ def regenerate(folder, row, **override):
     import numpy as np
     import torch
 
-    from sdfleet.schemas.family_inputs import SKIP_LAYER_GUIDANCE_KEYS
+    from sdfleet.schemas.family_spec import SKIP_LAYER_GUIDANCE_KEYS
 
     dropped = {"text_encoder_3": None, "tokenizer_3": None} if row["drop_t5"] else {}
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(
@@ -347,14 +347,14 @@ def test_the_sd35_medium_example_fits_medium_and_not_large():
     from pathlib import Path
 
     from sdfleet.schemas.errors import SpecError
-    from sdfleet.schemas.family_inputs import call_inputs, check_family_keys
+    from sdfleet.schemas.family_spec import call_inputs, check_family_spec
     from sdfleet.schemas.spec import load_spec
 
     path = Path(__file__).resolve().parents[1] / "jobs" / "examples" / "sd35_medium_1024.yaml"
     spec = load_spec(path)
     assert spec.model.dtype == SD3.dtype and spec.generation.skip_guidance_layers == [7, 8, 9]
     medium = {"num_layers": 24, "sample_size": 128}
-    check_family_keys(spec, SD3, medium, spec.model.source)
+    check_family_spec(spec, SD3, medium, spec.model.source)
     assert call_inputs(SD3, medium, spec.generation) == {
         "max_sequence_length": 256,
         "skip_guidance_layers": [7, 8, 9],
@@ -362,8 +362,8 @@ def test_the_sd35_medium_example_fits_medium_and_not_large():
         "skip_layer_guidance_start": 0.01,
         "skip_layer_guidance_stop": 0.2,
     }
-    with pytest.raises(SpecError, match=r"sd3\.5-large \(sd3\) checkpoint, which has no skip"):
-        check_family_keys(spec, SD3, {"num_layers": 38}, spec.model.source)
+    with pytest.raises(SpecError, match=r"an sd3 \(sd3\.5-large\) checkpoint, which has no skip"):
+        check_family_spec(spec, SD3, {"num_layers": 38}, spec.model.source)
 
 
 def test_sd3_image_to_image_plans_and_refuses_skip_layer_guidance(tmp_path, tiny_sd3):

@@ -1,0 +1,125 @@
+"""Tiny, random-weight FLUX.1 pipelines written to disk, as `jobs/tiny_sdxl.py` does for SDXL: the
+real `from_pretrained` path (safetensors, configs, both tokenizers) offline and fast.
+
+Each keeps what tells a FLUX.1 checkpoint apart and shrinks the rest: CLIP (pooled only) and a T5
+encoder (`jobs/tiny_t5.py`) whose hidden states are the transformer's text tokens, a transformer
+of one double and one single block over 2x2-packed latents with rotary position axes, a VAE with
+a `shift_factor` (FLUX.1's latents are shifted, then scaled), and a flow-matching scheduler. The
+dev-shaped checkpoint embeds guidance (`guidance_embeds: true`) and shifts its schedule by the
+image's token count (`use_dynamic_shifting`), as black-forest-labs/FLUX.1-dev's configs say; the
+schnell-shaped one has neither, as FLUX.1-schnell's say.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from sdfleet.jobs.tiny import clip_tokenizer
+from sdfleet.jobs.tiny_t5 import T5_HIDDEN, t5_encoder, t5_tokenizer
+
+CLIP_HIDDEN = 32  # the CLIP encoder's width, and its pooled embedding's
+TINY_FLUX_VARIANTS = ("dev", "schnell")
+
+
+def _transformer(guidance_embeds: bool):
+    from diffusers import FluxTransformer2DModel
+
+    # in_channels: the VAE's 4 latent channels x the 2x2 packing; the rotary axes' dims sum to
+    # the attention head's (16), as FLUX.1's (16, 56, 56) sum to its 128.
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_HIDDEN,
+        pooled_projection_dim=CLIP_HIDDEN,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    # Four blocks -> scale factor 8, as FLUX.1's, so sizes sit on its 16-pixel grid; FLUX.1's
+    # VAE has no quant convolutions and shifts its latents (its config: 0.1159, 0.3611).
+    return AutoencoderKL(
+        block_out_channels=(4, 4, 4, 4),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def _clip(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        hidden_size=CLIP_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=CLIP_HIDDEN,
+        hidden_act="gelu",
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def _scheduler(dynamic: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # FLUX.1-dev's scheduler_config.json: shift 3.0 and dynamic shifting between 256 and 4096
+    # image tokens (mu from 0.5 to 1.15); FLUX.1-schnell's: shift 1.0, no dynamic shifting.
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0 if dynamic else 1.0,
+        use_dynamic_shifting=dynamic,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def write_tiny_flux(path: str | os.PathLike, variant: str = "dev") -> pathlib.Path:
+    """Write a tiny FLUX.1-dev- or -schnell-shaped checkpoint to `path` (safetensors) and return
+    it. Seeded before each component, so the weights are the same on every run."""
+    import torch
+    from diffusers import FluxPipeline
+
+    if variant not in TINY_FLUX_VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {', '.join(TINY_FLUX_VARIANTS)}")
+    dev = variant == "dev"
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = _clip(tokenizer)
+    text_encoder_2 = t5_encoder(seed=1)
+    torch.manual_seed(2)
+    transformer = _transformer(guidance_embeds=dev)
+    torch.manual_seed(3)
+    pipe = FluxPipeline(
+        scheduler=_scheduler(dynamic=dev),
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    )
+    out = pathlib.Path(path)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
