@@ -1,0 +1,126 @@
+"""Ctrl-C and SIGTERM at any moment of `sdfleet run`: one line saying how far the job got, exit
+130 / 143, and the same command resumes into the dataset an uninterrupted run makes.
+
+Real parts only: the CLI as a subprocess, the session's Ray cluster, the local S3 server (behind
+the fault proxy where a moment must be held still), the tiny SD2 pipeline.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from helpers import (
+    assert_exactly_once,
+    bucket_with_prompts,
+    job_spec,
+    output_storage,
+    run_cli,
+    same_dataset,
+    start_cli,
+    wait_for,
+)
+from s3proxy import Rule, S3Proxy
+
+# Seeded: the same moments every run. At least 20 interrupts, each SIGINT or SIGTERM.
+SEED = 33
+INTERRUPTS = 20
+# The interpreter's own start, before any of sdfleet's code runs, cannot handle a signal: the
+# earliest moment tried is past it (the CLI installs its handlers before loading anything heavy).
+EARLIEST_S = 0.5
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def interrupted_line(stderr: str, sig: int) -> str:
+    """The one line an interrupt prints, which must also be stderr's last; no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("sdfleet: interrupted")]
+    assert len(ours) == 1, stderr[-3000:]
+    assert lines[-1] == ours[0], stderr[-3000:]
+    assert "Traceback" not in stderr and "SystemError" not in stderr, stderr[-3000:]
+    assert ours[0].startswith(f"sdfleet: interrupted ({sig.name}) ")
+    assert ours[0].endswith("; rerun the same command to resume")
+    return ours[0]
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_while_planning_waits_on_s3_stops_in_one_line(
+    sig, tmp_path, tiny_model, s3_endpoint
+):
+    """The moment is held still: every request for the prompts hangs at the proxy until the
+    signal has done its work. Nothing is written to the output."""
+    fs = bucket_with_prompts("planning")
+    held = threading.Event()
+    rule = Rule(path=r"prompts", action="hang", hold=held, hang_s=120)
+    proxy = S3Proxy(s3_endpoint, [rule])
+    try:
+        out = f"s3://{fs.bucket}/out"
+        proc = start_cli(
+            "run",
+            str(job_spec(tmp_path, tiny_model, fs, out)),
+            "--no-progress",
+            env={"AWS_ENDPOINT_URL": proxy.url, "RAY_ADDRESS": ""},
+        )
+        wait_for(lambda: rule.fired, 60, "the driver to ask for its prompts")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        held.set()
+        proxy.close()
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    line = interrupted_line(stderr, sig)
+    assert "before the job started; nothing was written" in line
+    assert not output_storage(out).list("*")
+
+
+@pytest.mark.slow
+def test_interrupts_at_random_moments_stop_cleanly_and_the_reruns_finish_the_same_dataset(
+    tmp_path, tiny_model, ray_cluster, s3_endpoint
+):
+    """One uninterrupted reference run, then chains on outputs of their own: run, signal after a
+    seeded random delay (anywhere from start-up to finalize), rerun the same command, signal again,
+    ... until a run finishes before its signal; then the next chain starts on a new output. Every
+    interrupt ends in exit 128 + signal and its one line; every finished chain holds exactly the
+    reference's rows and tars, each shard committed once, and no rerun is refused as busy."""
+    fs = bucket_with_prompts("interrupts")
+    address = ray_cluster.address
+
+    def start(spec):
+        return start_cli("run", str(spec), "--address", address, "--no-progress")
+
+    reference = f"s3://{fs.bucket}/reference"
+    began = time.monotonic()
+    done = run_cli(
+        "run", str(job_spec(tmp_path, tiny_model, fs, reference)), "--address", address,
+        "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole_run_s = time.monotonic() - began
+
+    rng = random.Random(SEED)
+    lines: list[str] = []
+    chains = 0
+    while len(lines) < INTERRUPTS:
+        chains += 1
+        out = f"s3://{fs.bucket}/chain-{chains}"
+        spec = job_spec(tmp_path, tiny_model, fs, out)
+        while True:
+            sig = rng.choice(SIGNALS)
+            proc = start(spec)
+            time.sleep(rng.uniform(EARLIEST_S, whole_run_s))
+            if proc.poll() is None:
+                proc.send_signal(sig)
+            stdout, stderr = proc.communicate(timeout=180)
+            if proc.returncode == 0:  # it finished before the signal landed (or while it exited)
+                assert "dataset complete" in stdout and "interrupted" not in stderr, stderr
+                break
+            assert proc.returncode == 128 + sig, stderr[-3000:]
+            lines.append(interrupted_line(stderr, sig))
+        assert_exactly_once(out)
+        same_dataset(reference, out)
+    # The moments spread over the job: some before its first commit or part-way, not all at its end.
+    assert any(" of 8 shards committed" in line and " 8 of 8 " not in line for line in lines), lines
