@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             if not (WATCH.pending or isinstance(e, KeyboardInterrupt)):
                 raise
             log.debug("raised while stopping", exc_info=e)
+            if "ray" in sys.modules:  # no import of Ray (seconds) to leave a Ray never joined
+                from sdfleet.jobs.pool import disconnect_ray
+
+                disconnect_ray()
             print(f"sdfleet: {WATCH.line()}", file=sys.stderr)
             return WATCH.exit_code
         finally:
