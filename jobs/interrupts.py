@@ -82,7 +82,7 @@ class Interrupts:
     def handling(self, whole_process: bool = False) -> Iterator[Interrupts]:
         """Install for the block. After it, the handlers before it come back; or, for the whole
         process (the `sdfleet` command itself), signals that come while the process exits (Ray's
-        shutdown at exit takes a moment) change nothing: the command's outcome is decided."""
+        shutdown at exit takes a moment) are ignored: the command's outcome is decided."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -93,7 +93,9 @@ class Interrupts:
             yield self
         finally:
             for s, h in previous.items():
-                signal.signal(s, _outcome_decided if whole_process else h)
+                # Ignored, not a Python handler: the interpreter's finalization puts those back to
+                # the default (a signal there killed a finished job's process), not SIG_IGN.
+                signal.signal(s, signal.SIG_IGN if whole_process else h)
             self.installed = False
 
     def _handle(self, signum: int, frame) -> None:
@@ -136,10 +138,6 @@ class Interrupts:
             finally:
                 if self.installed:
                     self.install()
-
-
-def _outcome_decided(signum: int, frame) -> None:
-    """A signal after the command's work, while the process exits: nothing is left to stop."""
 
 
 def _ray_sigterm(e: BaseException | None) -> bool:
