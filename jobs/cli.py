@@ -118,29 +118,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The command. Ctrl-C and SIGTERM, whenever they come, end it in one line saying how far the
     job got and exit 128 + the signal (`sdfleet.jobs.interrupts`); exit 1 stays a refusal."""
-    from sdfleet.jobs.interrupts import WATCH
+    from sdfleet.jobs.interrupts import WATCH, Interrupt
 
-    with WATCH.handling(whole_process=argv is None):
+    with WATCH.handling(whole_process=argv is None, leave=_leave_ray):
         try:
-            return _main(argv)
+            try:
+                return _main(argv)
+            finally:
+                # From here on a signal changes nothing (one that comes before this line is
+                # still the interrupt below).
+                WATCH.decided()
+                # Free Arrow objects while the interpreter is whole: left to its teardown (in a
+                # traceback cycle, or a plan's schema), Arrow's threads can abort the process
+                # ("terminate called without an active exception") after the work is done,
+                # seen once under `ray job submit`.
+                gc.collect()
         except BaseException as e:
             # An error raised while a signal is pending is the stop's doing (Ray's calls, a
             # library cut half-way), not a refusal or a bug: it ends as the interrupt it is.
             if not (WATCH.pending or isinstance(e, KeyboardInterrupt)):
                 raise
-            log.debug("raised while stopping", exc_info=e)
-            if "ray" in sys.modules:  # no import of Ray (seconds) to leave a Ray never joined
-                from sdfleet.jobs.pool import disconnect_ray
-
-                disconnect_ray()
+            if not isinstance(e, Interrupt):
+                log.debug("raised while stopping", exc_info=e)
+            _leave_ray()  # its workers' forwarded log lines stop: the line below is the last
             print(f"sdfleet: {WATCH.line()}", file=sys.stderr)
             return WATCH.exit_code
-        finally:
-            # Free Arrow objects while the interpreter is whole: left to its teardown (in a
-            # traceback cycle, or a plan's schema), Arrow's threads can abort the process
-            # ("terminate called without an active exception") after the work is done, seen once
-            # under `ray job submit`.
-            gc.collect()
+
+
+def _leave_ray() -> None:
+    if "ray" in sys.modules:  # no import of Ray (seconds) to leave a Ray never joined
+        from sdfleet.jobs.pool import disconnect_ray
+
+        disconnect_ray()
 
 
 def _main(argv: list[str] | None) -> int:

@@ -13,7 +13,9 @@ However the stop surfaces (an `Interrupt`, or any error raised on the way out wh
 pending), the CLI prints `line()`, one line saying how far the job got, and exits 128 + the signal
 (130 for SIGINT, 143 for SIGTERM). A second signal while the first one's stop runs ends the process
 at once: the user insists, and a rerun copes with whatever that leaves (the lease of a process that
-is gone is nobody's).
+is gone is nobody's). Once the command's outcome is decided, signals change nothing: the process
+leaves Ray and exits with that outcome, signals ignored (Ray's shutdown and the interpreter's own
+finalization would otherwise put the default, killing, action back).
 """
 
 from __future__ import annotations
@@ -79,10 +81,13 @@ class Interrupts:
         self.installed = True
 
     @contextlib.contextmanager
-    def handling(self, whole_process: bool = False) -> Iterator[Interrupts]:
-        """Install for the block. After it, the handlers before it come back; or, for the whole
-        process (the `sdfleet` command itself), signals that come while the process exits (Ray's
-        shutdown at exit takes a moment) are ignored: the command's outcome is decided."""
+    def handling(
+        self, whole_process: bool = False, leave: Callable[[], None] = lambda: None
+    ) -> Iterator[Interrupts]:
+        """Install for the block; after it, the handlers before it come back. For the whole
+        process (the `sdfleet` command itself) signals are ignored from the block's end on: the
+        command's outcome is decided, and what is left is the process's exit. `leave` (leaving
+        Ray) runs then, ignored signals and all."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -92,11 +97,17 @@ class Interrupts:
         try:
             yield self
         finally:
-            for s, h in previous.items():
-                # Ignored, not a Python handler: the interpreter's finalization puts those back to
-                # the default (a signal there killed a finished job's process), not SIG_IGN.
-                signal.signal(s, signal.SIG_IGN if whole_process else h)
             self.installed = False
+            if whole_process:
+                _ignore()
+                leave()
+                # Again: Ray's shutdown puts SIGTERM back to the default (a SIGTERM then killed a
+                # finished run's process), and so would the interpreter's finalization a Python
+                # handler; an ignored signal it leaves alone.
+                _ignore()
+            else:
+                for s, h in previous.items():
+                    signal.signal(s, h)
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
@@ -118,6 +129,10 @@ class Interrupts:
             self.deferring -= 1
         self.check()
 
+    def decided(self) -> None:
+        """The command's outcome is decided: signals from now on are recorded, never raised."""
+        self.deferring += 1
+
     def check(self) -> None:
         """Raise `Interrupt` if a signal came (where the handler could not raise it)."""
         if self.signum is not None and not self.deferring:
@@ -138,6 +153,11 @@ class Interrupts:
             finally:
                 if self.installed:
                     self.install()
+
+
+def _ignore() -> None:
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _ray_sigterm(e: BaseException | None) -> bool:

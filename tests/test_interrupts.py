@@ -75,6 +75,10 @@ def test_a_deferred_signal_is_raised_when_its_block_ends_and_ray_inits_sigterm_e
         with pytest.raises(Interrupt):  # where raising is safe, at once
             signal_self(signal.SIGTERM)
             raise AssertionError("not reached")
+        stop.reset()
+        stop.decided()  # the command's outcome is decided: a signal now changes nothing
+        signal_self(signal.SIGINT)
+        assert stop.pending
     assert signal.getsignal(signal.SIGTERM) == before
 
 
