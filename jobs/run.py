@@ -12,7 +12,7 @@ import contextlib
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sdfleet.actors.storage import Storage
 from sdfleet.jobs.interrupts import WATCH
@@ -25,6 +25,9 @@ from sdfleet.schemas.errors import EXIT_INCOMPLETE, EXIT_OK
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.spec import JobSpec
 
+if TYPE_CHECKING:
+    from sdfleet.jobs.dispatch import Dispatcher
+
 log = logging.getLogger("sdfleet")
 
 
@@ -35,7 +38,7 @@ class Progress:
 
     num_shards: int
     committed_before: int
-    dispatcher: Any = None
+    dispatcher: Dispatcher | None = None
     complete: bool = False
 
     def describe(self) -> str:
