@@ -15,9 +15,6 @@ from sdfleet.schemas.errors import (
     DriverRunning,
     UserError,
 )
-from sdfleet.schemas.loading import resolved_locations
-from sdfleet.schemas.spec import load_spec
-from sdfleet.schemas.tasks import TASKS
 
 log = logging.getLogger("sdfleet")
 
@@ -120,6 +117,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command. Ctrl-C and SIGTERM, whenever they come, end it in one line saying how far the
+    job got and exit 128 + the signal (`sdfleet.jobs.interrupts`); exit 1 stays a refusal."""
+    from sdfleet.jobs.interrupts import WATCH, Interrupt
+
+    with WATCH.handling(whole_process=argv is None, leave=_leave_ray):
+        try:
+            try:
+                return _main(argv)
+            finally:
+                # From here on a signal changes nothing (one that comes before this line is
+                # still the interrupt below).
+                WATCH.decided()
+                # Free Arrow objects while the interpreter is whole: left to its teardown (in a
+                # traceback cycle, or a plan's schema), Arrow's threads can abort the process
+                # ("terminate called without an active exception") after the work is done,
+                # seen once under `ray job submit`.
+                gc.collect()
+        except BaseException as e:
+            # An error raised while a signal is pending is the stop's doing (Ray's calls, a
+            # library cut half-way), not a refusal or a bug: it ends as the interrupt it is.
+            if not (WATCH.pending or isinstance(e, KeyboardInterrupt)):
+                raise
+            if not isinstance(e, Interrupt):
+                log.debug("raised while stopping", exc_info=e)
+            _leave_ray()  # its workers' forwarded log lines stop: the line below is the last
+            print(f"sdfleet: {WATCH.line()}", file=sys.stderr)
+            return WATCH.exit_code
+
+
+def _leave_ray() -> None:
+    if "ray" in sys.modules:  # no import of Ray (seconds) to leave a Ray never joined
+        from sdfleet.jobs.pool import disconnect_ray
+
+        disconnect_ray()
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from sdfleet.actors.logs import configure_logging, mask_streams
 
@@ -128,20 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except Exception as e:  # noqa: BLE001 -- every error becomes one line (a traceback with -v)
-        from sdfleet.jobs.run import Interrupted
-
-        if isinstance(e, Interrupted):
-            print(f"sdfleet: {e}", file=sys.stderr)
-            return e.exit_code
         return _refuse(e, args.verbose)
-    except KeyboardInterrupt:  # before the job runs (or after): nothing to say about shards
-        print("sdfleet: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    finally:
-        # Free Arrow objects while the interpreter is whole: left to its teardown (in a traceback
-        # cycle, or a plan's schema), Arrow's threads can abort the process ("terminate called
-        # without an active exception") after the work is done, seen once under `ray job submit`.
-        gc.collect()
 
 
 def _refuse(e: Exception, verbose: int) -> int:
@@ -163,6 +184,7 @@ def _refuse(e: Exception, verbose: int) -> int:
 def _load(args):
     """The spec, with its storage_options' secrets masked in every log record from now on."""
     from sdfleet.actors.logs import remember_secrets
+    from sdfleet.schemas.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     for options in spec.storage_options():
@@ -215,6 +237,7 @@ def _plan(spec) -> int:
     from sdfleet.jobs.plan import estimate
     from sdfleet.jobs.preflight import Preflight
     from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
+    from sdfleet.schemas.loading import resolved_locations
 
     checked = Preflight(spec).check()
     plan, verdict = checked.plan, checked.verdict
@@ -277,6 +300,7 @@ def _print_estimate(spec, est: dict, family, k: int | None, m: int | None, measu
     """`plan`'s compute, per-image, GPU-hour and cost lines; with best-of-N (k of m candidates
     per prompt) each figure is a range."""
     from sdfleet.schemas.families import DEFAULT_FAMILY
+    from sdfleet.schemas.tasks import TASKS
 
     def span(low, high, fmt):
         return fmt.format(high) if low == high else f"{fmt.format(low)} … {fmt.format(high)}"
@@ -333,6 +357,7 @@ def _output_location(argument: str) -> tuple[str, dict]:
 
     if argument.endswith((".yaml", ".yml")) and Path(argument).is_file():
         from sdfleet.actors.logs import remember_secrets
+        from sdfleet.schemas.spec import load_spec
 
         spec = load_spec(argument)
         remember_secrets(spec.output.storage_options)

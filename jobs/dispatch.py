@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -79,12 +80,15 @@ class Dispatcher:
         done_samples: int = 0,
         spent_gpu_seconds: float = 0.0,
         uncommitted: UncommittedSpend | None = None,
+        stopping: Callable[[], bool] = lambda: False,
     ):
         """sink: where committed and quarantined shards are reported; pool: the workers (the
         dispatcher shuts it down when done); shard_ids: the shards to make; done_samples and
         spent_gpu_seconds: what earlier runs of this job already made and spent in committed
         shards (for the progress bar and the budget); uncommitted: what their attempts that
-        committed nothing spent (`_spent.json`), which the budget counts too."""
+        committed nothing spent (`_spent.json`), which the budget counts too; stopping: asked at
+        every poll, true once the driver was told to stop (Ctrl-C, SIGTERM): the loop ends there,
+        its shards uncommitted and every actor released."""
         self.plan = plan
         self.resources = plan.spec.resources
         self.sink = sink
@@ -98,6 +102,7 @@ class Dispatcher:
         self.any_ready = False
         self.progress = progress
         self.done_samples = done_samples
+        self.stopping = stopping
 
     def run(self) -> DispatchResult:
         """Make every queued shard, or quarantine it, or stop at the budget."""
@@ -105,7 +110,7 @@ class Dispatcher:
         bar = self._progress_bar()
         try:
             # The pull loop: size the pool, feed ready actors, collect results, enforce timeouts.
-            while self._open_queue() or pool.busy:
+            while (self._open_queue() or pool.busy) and not self.stopping():
                 pool.resize(self._desired())
                 pool.feed(self._next_task)
                 for event in pool.wait(POLL_S):

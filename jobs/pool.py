@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -75,6 +76,18 @@ def connect_ray(address: str | None) -> bool:
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     log.info("started an embedded local Ray")
     return True
+
+
+def disconnect_ray() -> None:
+    """Leave Ray, if this process joined it: its workers' log lines, which Ray forwards to the
+    driver's stderr as they come, stop here (so a line printed after them is the last one)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        ray.shutdown()
+    except Exception as e:  # noqa: BLE001 -- leaving is a courtesy; the process ends anyway
+        log.debug("ray.shutdown failed: %s", e)
 
 
 def staged_package() -> Path:

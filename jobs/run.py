@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import sys
-import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sdfleet.actors.storage import Storage
+from sdfleet.jobs.interrupts import WATCH
 from sdfleet.jobs.lease import running_refusal
-from sdfleet.jobs.output import OutputReader, Survey, curation_counts
+from sdfleet.jobs.output import Survey, curation_counts
 from sdfleet.jobs.preflight import Preflight
 from sdfleet.jobs.sink import OutputSink
 from sdfleet.schemas import layout
@@ -24,15 +25,27 @@ from sdfleet.schemas.errors import EXIT_INCOMPLETE, EXIT_OK
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.spec import JobSpec
 
+if TYPE_CHECKING:
+    from sdfleet.jobs.dispatch import Dispatcher
+
 log = logging.getLogger("sdfleet")
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM on the driver: the message says how far the job got; exit 128 + signal."""
+@dataclass
+class Progress:
+    """How far this run got, for the line an interrupt prints: shards committed before it, and
+    those its dispatcher has heard of since."""
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
+    num_shards: int
+    committed_before: int
+    dispatcher: Dispatcher | None = None
+    complete: bool = False
+
+    def describe(self) -> str:
+        since = len(self.dispatcher.result.committed) if self.dispatcher is not None else 0
+        committed = min(self.committed_before + since, self.num_shards)
+        whole = " (the dataset is complete)" if self.complete else ""
+        return f"after {committed} of {self.num_shards} shards committed{whole}"
 
 
 class JobRunner:
@@ -51,6 +64,7 @@ class JobRunner:
         self.progress = progress
 
     def run(self) -> int:
+        stop = WATCH  # Ctrl-C and SIGTERM: where they may raise, and how far the line says we got
         # 1. Pre-flight: plan, check the model, the detector and the output; nothing is written.
         #    Its plan is final: nothing below changes it.
         checked = Preflight(self.spec).check()
@@ -58,10 +72,20 @@ class JobRunner:
         sink = OutputSink(Storage(plan.spec.output.uri, plan.spec.output.storage_options))
         if checked.verdict.driver:  # one live driver per output: this run would redo its work
             raise running_refusal(checked.verdict.url, checked.verdict.driver)
-        # 2. Claim the output (exclusively, for a new one), or resume it; hold its lease while running.
-        with sink.start(plan, checked.verdict):
+        stop.progress = lambda: (
+            f"before the job started, {checked.verdict.committed} of {plan.num_shards} shards "
+            "committed"
+        )
+        stop.check()  # a signal a library swallowed while it raised
+        with contextlib.ExitStack() as held:
+            # 2. Claim the output (exclusively, for a new one), or resume it; hold its lease while
+            #    running. Not cut half-way by a signal: the lease is released on the way out.
+            with stop.deferred():
+                held.enter_context(sink.start(plan, checked.verdict))
             # 3. Dispatch every shard that is not committed yet.
             before = sink.reader.survey()
+            done = Progress(plan.num_shards, len(before.committed))
+            stop.progress = done.describe
             pending = [int(n) for n in before.pending + list(before.quarantined)]
             if pending:
                 if before.committed:
@@ -70,39 +94,41 @@ class JobRunner:
                         len(before.committed),
                         len(pending),
                     )
-                self._dispatch(plan, sink, pending, before)
+                self._dispatch(plan, sink, pending, before, done)
             else:
                 log.info("all %d shards already committed; nothing to generate", plan.num_shards)
-            # 4. Complete: sizes.json, the card and _SUCCESS, only if every planned sample has its row.
-            complete = sink.complete()
-            return self._report_outcome(complete, sink)
+            # 4. Complete: sizes.json, the card and _SUCCESS, only if every planned sample has its
+            #    row; written whole, a signal meanwhile stops the job after it.
+            with stop.deferred():
+                done.complete = sink.complete()
+            return self._report_outcome(done.complete, sink)
 
-    def _dispatch(self, plan: Plan, sink: OutputSink, pending: list[int], before: Survey) -> None:
-        """Make the pending shards; the sink hears of each one committed or quarantined."""
+    def _dispatch(
+        self, plan: Plan, sink: OutputSink, pending: list[int], before: Survey, done: Progress
+    ) -> None:
+        """Make the pending shards; the sink hears of each one committed or quarantined. Ray's
+        calls run with signals deferred: the dispatcher stops at its next poll and releases every
+        actor, and the signal is raised after."""
         from sdfleet.jobs.dispatch import Dispatcher
         from sdfleet.jobs.pool import ActorPool, connect_ray
 
-        embedded = connect_ray(self.address)
-        dispatcher = Dispatcher(
-            plan,
-            sink,
-            ActorPool(plan, embedded, self.worker),
-            pending,
-            progress=self.progress,
-            done_samples=before.committed_samples,
-            spent_gpu_seconds=before.totals().gpu_seconds,
-            uncommitted=sink.reader.uncommitted_spend(),
-        )
-        with _signals_raise():
-            try:
-                result = dispatcher.run()
-            except _Signalled as e:
-                done = len(OutputReader(sink.storage).survey().committed)
-                raise Interrupted(
-                    f"interrupted ({signal.Signals(e.signum).name}) after {done} of {plan.num_shards} "
-                    "shards committed; rerun the same command to resume",
-                    e.signum,
-                ) from None
+        stop = WATCH
+        with stop.ray_init():
+            embedded = connect_ray(self.address)
+        with stop.deferred():
+            dispatcher = Dispatcher(
+                plan,
+                sink,
+                ActorPool(plan, embedded, self.worker),
+                pending,
+                progress=self.progress,
+                done_samples=before.committed_samples,
+                spent_gpu_seconds=before.totals().gpu_seconds,
+                uncommitted=sink.reader.uncommitted_spend(),
+                stopping=lambda: stop.pending,
+            )
+            done.dispatcher = dispatcher
+            result = dispatcher.run()
         if result.quarantined:
             self._report_quarantined(plan, result.quarantined)
         if result.budget_stopped:
@@ -145,31 +171,3 @@ class JobRunner:
             last = task.errors[-1].error.strip().splitlines() if task.errors else ["?"]
             name = plan.shard_name(shard_id)
             print(f"  {name}: {last[-1]}  (see {layout.failed_file(name)})", file=sys.stderr)
-
-
-class _Signalled(BaseException):
-    """SIGTERM (or SIGINT) while dispatching; a BaseException so no `except Exception` swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_raise():
-    """SIGINT and SIGTERM raise _Signalled in the main thread while the block runs; the dispatcher's
-    own cleanup (releasing every actor) then runs on the way out. Outside the main thread (as in a
-    test calling run() from a thread) signals stay as they are."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Signalled(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

@@ -262,6 +262,18 @@ def test_every_shard_is_made_once_and_the_pool_is_shut_down(tmp_path):
     assert not list((tmp_path / "out").glob(layout.FAILED_GLOB))
 
 
+def test_a_stop_ends_the_loop_at_its_next_poll_and_releases_every_actor(tmp_path):
+    """Ctrl-C or SIGTERM on the driver (`stopping` turns true): no further shard is handed out,
+    what the actors hold stays uncommitted (the rerun makes it), and every actor is released."""
+    pool = FakePool(shard=lambda s, attempt, call: HANG if s >= 2 else DONE)
+    dispatcher, sink, _ = dispatch(tmp_path, pool, shards=8, max_workers=1)
+    dispatcher.stopping = lambda: sink.written == [0, 1]
+    result = dispatcher.run()
+    assert sorted(result.committed) == [0, 1] and not result.quarantined
+    assert max(s for s, _ in pool.calls) <= 3  # only what the one actor held; 4-7 never
+    assert pool.shut_down and not pool.slots and not list((tmp_path / "out").glob("*"))
+
+
 # ------------------------------------------------------------------------------------ retries
 
 
