@@ -98,7 +98,7 @@ def build_pipeline(path: str | Path, family: str, variant: str) -> Path:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
-    from sdfleet.jobs.tiny import clip_tokenizer
+    from sdfleet.jobs.tiny_clip import clip_tokenizer
     from sdfleet.jobs.tiny_t5 import t5_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

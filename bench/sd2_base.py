@@ -75,7 +75,7 @@ def build_pipeline(path: str | Path, width: float = 1.0, text_layers: int | None
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdfleet.jobs.tiny import clip_tokenizer
+    from sdfleet.jobs.tiny_clip import clip_tokenizer
 
     tokenizer = (
         clip_tokenizer()

@@ -46,7 +46,7 @@ def build_pipeline(path: str | Path) -> Path:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from sdfleet.jobs.tiny import clip_tokenizer
+    from sdfleet.jobs.tiny_clip import clip_tokenizer
 
     pipe = StableDiffusionXLPipeline(
         **models(clip_tokenizer()),

@@ -83,7 +83,7 @@ class SyntheticEngine:
         warm_up=(),
         generation=None,
     ):
-        from sdfleet.jobs.tiny import clip_tokenizer
+        from sdfleet.jobs.tiny_clip import clip_tokenizer
 
         # What runs on the pipeline's device beside it (curation's CLIP and heads) runs on the CPU
         # here.

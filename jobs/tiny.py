@@ -13,45 +13,8 @@ import os
 import pathlib
 import warnings
 
-_MAX_LEN = 77
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-# Enough merges that common words are not all single bytes; quality is irrelevant.
-_MERGES = ["t h", "th e</w>", "a n", "i n", "o n", "e r", "a t", "r e", "c a", "ca t</w>"]
-
-
-def _byte_symbols() -> list[str]:
-    # GPT-2's bytes_to_unicode: every byte maps to a printable symbol, so no
-    # input character can fall outside the vocabulary.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def clip_tokenizer():
-    """A CLIP BPE tokenizer made locally (no hub): byte-level symbols and a few merges, 77 tokens."""
-    from transformers import CLIPTokenizer
-
-    base = _byte_symbols()
-    # CLIP's BPE marks word ends with "</w>"; without the "</w>" variants of
-    # every byte, any word-final character not covered by a merge is unknown.
-    tokens = base + [s + "</w>" for s in base] + [m.replace(" ", "") for m in _MERGES]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + [_BOS, _EOS]))}
-    # transformers 5 builds the `tokenizers` backend from in-memory vocab and
-    # merges; the old vocab_file=/merges_file= kwargs are silently ignored and
-    # leave a 3-token vocabulary behind.
-    return CLIPTokenizer(
-        vocab=vocab,
-        merges=[tuple(m.split(" ")) for m in _MERGES],
-        pad_token=_EOS,
-        model_max_length=_MAX_LEN,
-    )
-
+from sdfleet.jobs.tiny_clip import clip_text_encoder, clip_tokenizer
+from sdfleet.schemas.families import CLIP_TOKENS
 
 # The SD2 family from the model card, scaled down: each variant keeps what tells its checkpoint
 # apart (the UNet's conditioning channels, the VAE's scale factor, the prediction type, the extra
@@ -137,24 +100,9 @@ def _tiny_sd2_vae(variant: str):
 
 def _tiny_sd2_text_encoder(tokenizer, hidden: int):
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    return CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=hidden,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            projection_dim=hidden,
-            hidden_act="gelu",
-            vocab_size=len(tokenizer),
-            max_position_embeddings=_MAX_LEN,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    return clip_text_encoder(tokenizer, hidden)
 
 
 def _tiny_sd2_scheduler(variant: str):
@@ -388,7 +336,7 @@ def write_tiny_clip(path: str | os.PathLike) -> pathlib.Path:
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "vocab_size": len(tokenizer),
-            "max_position_embeddings": _MAX_LEN,
+            "max_position_embeddings": CLIP_TOKENS,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from sdfleet.jobs.tiny import clip_tokenizer
+from sdfleet.jobs.tiny_clip import clip_text_encoder, clip_tokenizer
 from sdfleet.jobs.tiny_t5 import T5_HIDDEN, t5_encoder, t5_tokenizer
 
 CLIP_HIDDEN = 32  # the CLIP encoder's width, and its pooled embedding's
@@ -60,25 +60,6 @@ def _vae():
     )
 
 
-def _clip(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        hidden_size=CLIP_HIDDEN,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        projection_dim=CLIP_HIDDEN,
-        hidden_act="gelu",
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
-
-
 def _scheduler(dynamic: bool):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -106,7 +87,7 @@ def write_tiny_flux(path: str | os.PathLike, variant: str = "dev") -> pathlib.Pa
     dev = variant == "dev"
     tokenizer = clip_tokenizer()
     torch.manual_seed(0)
-    text_encoder = _clip(tokenizer)
+    text_encoder = clip_text_encoder(tokenizer, CLIP_HIDDEN)
     text_encoder_2 = t5_encoder(seed=1)
     torch.manual_seed(2)
     transformer = _transformer(guidance_embeds=dev)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from sdfleet.jobs.tiny import clip_tokenizer
+from sdfleet.jobs.tiny_clip import clip_text_encoder, clip_tokenizer
 from sdfleet.jobs.tiny_t5 import T5_HIDDEN, t5_encoder, t5_tokenizer
 
 # Each CLIP's width: the two side by side fill T5's (SD3.5: 768 + 1280 = 2048, padded to 4096).
@@ -65,25 +65,6 @@ def _vae():
     )
 
 
-def _clip(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        hidden_size=CLIP_HIDDEN,
-        intermediate_size=37,
-        num_hidden_layers=2,  # SD3 reads the penultimate layer's hidden states
-        num_attention_heads=2,
-        projection_dim=CLIP_HIDDEN,
-        hidden_act="gelu",
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModelWithProjection(config).eval()
-
-
 def write_tiny_sd3(path: str | os.PathLike) -> pathlib.Path:
     """Write the tiny SD3 pipeline to `path` (safetensors) and return it. Seeded before each
     component, so the weights are the same on every run."""
@@ -94,9 +75,9 @@ def write_tiny_sd3(path: str | os.PathLike) -> pathlib.Path:
     #    locally made CLIP tokenizer says model_max_length=77), then T5.
     tokenizer = clip_tokenizer()
     torch.manual_seed(0)
-    text_encoder = _clip(tokenizer)
+    text_encoder = clip_text_encoder(tokenizer, CLIP_HIDDEN, projection=True)
     torch.manual_seed(1)
-    text_encoder_2 = _clip(tokenizer)
+    text_encoder_2 = clip_text_encoder(tokenizer, CLIP_HIDDEN, projection=True)
     text_encoder_3 = t5_encoder(seed=2)
     # 2. The MMDiT and the VAE, then the pipeline as stabilityai's model_index.json lists it.
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from sdfleet.jobs.tiny import clip_tokenizer
+from sdfleet.jobs.tiny_clip import clip_text_encoder, clip_tokenizer
 
 HIDDEN = 32  # each text encoder's width, and its pooled projection's
 TIME_EMBED = 8  # per size, crop or aesthetic id (SDXL: 256)
@@ -66,25 +66,6 @@ def _vae(force_upcast: bool = True):
     )
 
 
-def _text_encoder(tokenizer, projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        projection_dim=HIDDEN,
-        hidden_act="gelu",
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
 def _scheduler():
     from diffusers import EulerDiscreteScheduler
 
@@ -117,9 +98,9 @@ def write_tiny_sdxl(path: str | os.PathLike, variant: str = "base") -> pathlib.P
     # 1. The text encoders: CLIP ViT-L's place (base only) and OpenCLIP bigG's, pooled.
     tokenizer = clip_tokenizer()
     torch.manual_seed(0)
-    text_encoder = None if refiner else _text_encoder(tokenizer, projection=False)
+    text_encoder = None if refiner else clip_text_encoder(tokenizer, HIDDEN)
     torch.manual_seed(1)
-    text_encoder_2 = _text_encoder(tokenizer, projection=True)
+    text_encoder_2 = clip_text_encoder(tokenizer, HIDDEN, projection=True)
     # 2. The UNet reads both encoders' hidden states, concatenated (the refiner's: the second's).
     torch.manual_seed(0)
     unet = _unet(

@@ -68,7 +68,7 @@ def test_the_sdxl_bench_model_has_sdxl_base_parameter_counts():
     torch = pytest.importorskip("torch")
     sys.path.insert(0, str(REPO / "bench"))
     import sdxl_base
-    from sdfleet.jobs.tiny import clip_tokenizer
+    from sdfleet.jobs.tiny_clip import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     with torch.device("meta"):
@@ -202,7 +202,7 @@ def test_the_sd3_and_flux_bench_models_have_the_published_parameter_counts(famil
     torch = pytest.importorskip("torch")
     sys.path.insert(0, str(REPO / "bench"))
     import dit_base
-    from sdfleet.jobs.tiny import clip_tokenizer
+    from sdfleet.jobs.tiny_clip import clip_tokenizer
     from sdfleet.jobs.tiny_t5 import t5_tokenizer
 
     clip, t5 = clip_tokenizer(), t5_tokenizer()
