@@ -214,8 +214,8 @@ class Family:
     def denoiser_passes(self, guidance_scale: float, true_cfg_scale: float = 1.0) -> int:
         """2 with classifier-free guidance (guidance_scale > 1 where the family has CFG; a
         guidance-distilled family's true_cfg_scale > 1), else 1. FLUX.1's pipeline runs true CFG
-        only for a row with a negative prompt: with true_cfg_scale > 1 every row counts two, the
-        most it may cost."""
+        for a row given a negative prompt, and the engine gives every row one (the empty prompt
+        where it has none), so with true_cfg_scale > 1 every row runs two."""
         return 2 if (self.cfg and guidance_scale > 1) or true_cfg_scale > 1 else 1
 
     def tflop_per_image(
