@@ -398,29 +398,39 @@ def test_sd3_image_to_image_plans_and_refuses_skip_layer_guidance(tmp_path, tiny
     ), err
 
 
-def test_the_engine_makes_an_sd3_image_task_at_its_inputs_size(tiny_sd3):
-    """SD3's image-to-image pipeline makes its native size unless told the input's: the engine
-    passes the input's size on the 16-px grid (an 88x56 input makes 80x48, not the tiny's 64²),
-    and the image is plain diffusers' with those keywords."""
+@pytest.mark.parametrize("task", ["image-to-image", "inpaint"])
+def test_the_engine_makes_an_sd3_image_task_at_its_inputs_size(tiny_sd3, task):
+    """SD3's image-to-image and inpaint pipelines (on the plain checkpoint: no 9-channel variant)
+    make their native size unless told the input's: the engine passes the input's size on the
+    16-px grid (an 88x56 input makes 80x48, not the tiny's 64²), and the image is plain
+    diffusers' with those keywords."""
+    import diffusers
     import numpy as np
     import torch
-    from diffusers import StableDiffusion3Img2ImgPipeline
     from PIL import Image
 
     from sdfleet.actors.engine import Engine
     from sdfleet.schemas.samples import GenerationParams, InputImage
     from sdfleet.schemas.spec import GenerationSpec, ModelSpec
 
-    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 88, 3), np.uint8))
-    model = ModelSpec(source=str(tiny_sd3), task="image-to-image", scheduler=None, dtype="float32")
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (56, 88, 3), np.uint8))
+    mask = Image.fromarray(np.where(rng.random((56, 88)) > 0.5, 255, 0).astype(np.uint8))
+    model = ModelSpec(source=str(tiny_sd3), task=task, scheduler=None, dtype="float32")
     engine = Engine(model, batch_size=1, generation=GenerationSpec(max_sequence_length=16))
-    assert type(engine.pipe).__name__ == "StableDiffusion3Img2ImgPipeline"
+    classes = {
+        "image-to-image": "StableDiffusion3Img2ImgPipeline",
+        "inpaint": "StableDiffusion3InpaintPipeline",
+    }
+    assert type(engine.pipe).__name__ == classes[task]
     params = GenerationParams("a cat", "", 5, 3, 5.0, None, None, None, strength=0.8)
     params.image = InputImage(photo, "sha")
+    params.mask = InputImage(mask, "mask") if task == "inpaint" else None
     (_, (image,), _), *_ = list(engine.generate([params]))
     assert image.shape == (48, 80, 3)
-    plain = StableDiffusion3Img2ImgPipeline.from_pretrained(tiny_sd3, use_safetensors=True)
+    plain = getattr(diffusers, classes[task]).from_pretrained(tiny_sd3, use_safetensors=True)
     plain.set_progress_bar_config(disable=True)
+    extra = {"mask_image": mask} if task == "inpaint" else {}
     ref = plain(
         "a cat",
         negative_prompt="",
@@ -433,6 +443,7 @@ def test_the_engine_makes_an_sd3_image_task_at_its_inputs_size(tiny_sd3):
         max_sequence_length=16,
         generator=torch.Generator().manual_seed(5),
         output_type="np",
+        **extra,
     ).images[0]
     ref = (ref * 255).round().astype(np.uint8)
     assert np.abs(image.astype(int) - ref.astype(int)).max() <= 2
