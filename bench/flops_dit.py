@@ -389,11 +389,25 @@ def dit_mismatches(c: DitCount) -> list[str]:
     return wrong
 
 
+# Token costs that are the same part in every variant (SD3.5's and FLUX.1's 16-channel VAE, T5-XXL),
+# named once in the module when every count agrees.
+SHARED_PARTS = {"vae_decode": "VAE_DECODE", "sequence_encoder": "T5_XXL_ENCODER"}
+
+
 def render(counts: list[DitCount]) -> str:
     """schemas/family_flops.py's constants, as `bench/flops.py --write` writes them."""
-    lines = []
+    shared = {}
+    for part, name in SHARED_PARTS.items():
+        values = {repr(getattr(c.tokens, part)) for c in counts}
+        if len(values) == 1:
+            shared[part] = name
+    lines = [f"{name} = {getattr(counts[0].tokens, part)!r}" for part, name in shared.items()]
+    lines += [""] if shared else []
     for c in counts:
         m, s, t = c.model, c.stated(), c.tokens
+        parts = {
+            p: shared.get(p) or repr(getattr(t, p)) for p in ("vae_decode", "sequence_encoder")
+        }
         lines += [
             f"# {m.name}: {c.parameters / 1e9:.3f}B transformer parameters. At {m.size}x{m.size}"
             f" and T5 {m.sequence_length} tokens:",
@@ -406,8 +420,8 @@ def render(counts: list[DitCount]) -> str:
             f"    text_tflop={s.text_tflop},",
             "    tokens=TokenFlops(",
             f"        denoiser={t.denoiser!r},",
-            f"        vae_decode={t.vae_decode!r},",
-            f"        sequence_encoder={t.sequence_encoder!r},",
+            f"        vae_decode={parts['vae_decode']},",
+            f"        sequence_encoder={parts['sequence_encoder']},",
             f"        clip_tflop={t.clip_tflop!r},",
             f"        clip_tokens={t.clip_tokens},",
             f"        sequence_length={t.sequence_length},",

@@ -9,6 +9,13 @@ recounts and exits 1 where this file differs. The family rows' variants state th
 
 from sdfleet.schemas.flops import Flops, TokenCost, TokenFlops
 
+VAE_DECODE = TokenCost(
+    constant=0.0, image=0.000605618176, text=0.0, joint_pairs=0.0, image_pairs=2.048e-09
+)
+T5_XXL_ENCODER = TokenCost(
+    constant=0.0, image=0.0, text=0.009261023232, joint_pairs=3.93216e-07, image_pairs=0.0
+)
+
 # sd3.5-medium: 2.243B transformer parameters. At 1024x1024 and T5 256 tokens:
 # 11.2496 TFLOP per transformer forward, 915.5 per image at 40 steps x 2 pass(es).
 SD35_MEDIUM_FLOPS = Flops(
@@ -24,12 +31,8 @@ SD35_MEDIUM_FLOPS = Flops(
             joint_pairs=1.47456e-07,
             image_pairs=7.9872e-08,
         ),
-        vae_decode=TokenCost(
-            constant=0.0, image=0.000605618176, text=0.0, joint_pairs=0.0, image_pairs=2.048e-09
-        ),
-        sequence_encoder=TokenCost(
-            constant=0.0, image=0.0, text=0.009261023232, joint_pairs=3.93216e-07, image_pairs=0.0
-        ),
+        vae_decode=VAE_DECODE,
+        sequence_encoder=T5_XXL_ENCODER,
         clip_tflop=0.111162789888,
         clip_tokens=77,
         sequence_length=256,
@@ -51,12 +54,8 @@ SD35_LARGE_FLOPS = Flops(
             joint_pairs=3.69664e-07,
             image_pairs=0.0,
         ),
-        vae_decode=TokenCost(
-            constant=0.0, image=0.000605618176, text=0.0, joint_pairs=0.0, image_pairs=2.048e-09
-        ),
-        sequence_encoder=TokenCost(
-            constant=0.0, image=0.0, text=0.009261023232, joint_pairs=3.93216e-07, image_pairs=0.0
-        ),
+        vae_decode=VAE_DECODE,
+        sequence_encoder=T5_XXL_ENCODER,
         clip_tflop=0.111162789888,
         clip_tokens=77,
         sequence_length=256,
@@ -78,12 +77,8 @@ FLUX1_DEV_FLOPS = Flops(
             joint_pairs=7.00416e-07,
             image_pairs=0.0,
         ),
-        vae_decode=TokenCost(
-            constant=0.0, image=0.000605618176, text=0.0, joint_pairs=0.0, image_pairs=2.048e-09
-        ),
-        sequence_encoder=TokenCost(
-            constant=0.0, image=0.0, text=0.009261023232, joint_pairs=3.93216e-07, image_pairs=0.0
-        ),
+        vae_decode=VAE_DECODE,
+        sequence_encoder=T5_XXL_ENCODER,
         clip_tflop=0.01329850368,
         clip_tokens=0,
         sequence_length=512,
@@ -105,12 +100,8 @@ FLUX1_SCHNELL_FLOPS = Flops(
             joint_pairs=7.00416e-07,
             image_pairs=0.0,
         ),
-        vae_decode=TokenCost(
-            constant=0.0, image=0.000605618176, text=0.0, joint_pairs=0.0, image_pairs=2.048e-09
-        ),
-        sequence_encoder=TokenCost(
-            constant=0.0, image=0.0, text=0.009261023232, joint_pairs=3.93216e-07, image_pairs=0.0
-        ),
+        vae_decode=VAE_DECODE,
+        sequence_encoder=T5_XXL_ENCODER,
         clip_tflop=0.01329850368,
         clip_tokens=0,
         sequence_length=256,

@@ -15,9 +15,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from flops_dit import (
     DIT_MODELS,
+    DitCount,
     build_transformer,
     fit_transformer,
     fit_vae,
+    render,
     solve,
     transformer_flops,
 )
@@ -142,3 +144,16 @@ def test_every_variant_in_the_family_table_states_a_counted_figure_at_its_defaul
         for variant in family.variants:
             assert any(variant.flops is flops for flops in VARIANTS.values()), variant.name
             assert variant.flops.tokens.sequence_length == variant.max_sequence_length, variant.name
+
+
+def test_the_written_table_states_the_counts_it_was_given():
+    """`bench/flops.py --write`'s module, run, gives back each variant's Flops, with the parts
+    every variant shares (the VAE, T5-XXL) named once."""
+    counts = [DitCount(m, getattr(family_flops, m.constant).tokens, 0.0, 10**9) for m in DIT_MODELS]
+    module = render(counts)
+    assert module.count("VAE_DECODE = TokenCost(") == 1
+    assert module.count("T5_XXL_ENCODER = TokenCost(") == 1
+    written = {}
+    exec("from sdfleet.schemas.flops import Flops, TokenCost, TokenFlops\n" + module, written)
+    for m in DIT_MODELS:
+        assert written[m.constant] == getattr(family_flops, m.constant), m.name
