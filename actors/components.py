@@ -30,31 +30,56 @@ def dtype_keyword(diffusers_version: str) -> str:
     return "dtype" if Version(diffusers_version) >= Version("0.40") else "torch_dtype"
 
 
-def load_vae(model: ModelSpec, dtype: str) -> Any | None:
-    """model.vae as an AutoencoderKL in `dtype` (a torch dtype's name), on the CPU; None where the
-    spec names none (the checkpoint's own VAE is used)."""
-    source = getattr(model, "vae", None)
-    if source is None:
-        return None
+def load_pretrained(
+    cls, key: str, source: str, revision: str | None, storage_options: dict, dtype: str, **parts
+) -> Any:
+    """`cls.from_pretrained` of `source` (a hub id, a local folder, or an s3:// mirror through the
+    node's model cache) in `dtype` (a torch dtype's name), on the CPU, with safetensors only:
+    pickle checkpoints can run code on load. `parts`: components passed in place of its own. A
+    failure to load is a ModelLoadError naming the spec key that named the source."""
     import diffusers
     import torch
 
     t0 = time.perf_counter()
+    path = local_copy(source, storage_options)
     try:
-        path = local_copy(source, model.storage_options)
-        vae = diffusers.AutoencoderKL.from_pretrained(
+        loaded = cls.from_pretrained(
             path,
-            revision=model.vae_revision,
+            revision=revision,
             use_safetensors=True,
             **{dtype_keyword(diffusers.__version__): getattr(torch, dtype)},
+            **parts,
         )
     except Exception as e:
         raise ModelLoadError(
-            f"cannot load model.vae {source} as an AutoencoderKL: {type(e).__name__}: "
-            f"{first_line(e)}"
+            f"cannot load {key} {source} as a {cls.__name__}: {type(e).__name__}: {first_line(e)}"
         ) from e
-    log.info("loaded model.vae %s (%s) in %.1fs", source, dtype, time.perf_counter() - t0)
-    return vae
+    log.info(
+        "loaded %s %s as %s (%s) in %.1fs",
+        key,
+        source,
+        type(loaded).__name__,
+        dtype,
+        time.perf_counter() - t0,
+    )
+    return loaded
+
+
+def load_vae(model: ModelSpec, dtype: str) -> Any | None:
+    """model.vae as an AutoencoderKL in `dtype`; None where the spec names none (the checkpoint's
+    own VAE is used)."""
+    if model.vae is None:
+        return None
+    import diffusers
+
+    return load_pretrained(
+        diffusers.AutoencoderKL,
+        "model.vae",
+        model.vae,
+        model.vae_revision,
+        model.storage_options,
+        dtype,
+    )
 
 
 def component_overrides(model: ModelSpec, dtype: str) -> dict[str, Any]:
@@ -64,7 +89,7 @@ def component_overrides(model: ModelSpec, dtype: str) -> dict[str, Any]:
     else nothing."""
     vae = load_vae(model, dtype)
     overrides: dict[str, Any] = {"vae": vae} if vae is not None else {}
-    if getattr(model, "drop_t5", False):
+    if model.drop_t5:
         for family in FAMILIES.values():
             encoder = family.droppable_encoder
             if encoder is not None:

@@ -17,7 +17,6 @@ import copy
 import inspect
 import logging
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,10 +25,9 @@ import numpy as np
 import torch
 
 from sdfleet.actors.batching import CPU_AUTO_BATCH, BatchSizer, SampleFailed
-from sdfleet.actors.components import component_overrides, dtype_keyword, vae_decode_dtype
-from sdfleet.actors.model_cache import local_copy
+from sdfleet.actors.components import component_overrides, load_pretrained, vae_decode_dtype
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
-from sdfleet.schemas.errors import ModelLoadError, first_line
+from sdfleet.schemas.errors import ModelLoadError
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
 from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, call_inputs, record
 from sdfleet.schemas.samples import GenerationParams
@@ -191,24 +189,15 @@ class Engine:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
-        path = local_copy(model.source, model.storage_options)
-        t0 = time.perf_counter()
-        components = component_overrides(model, self.dtype)  # model.vae
-        try:
-            pipeline_class = getattr(
-                diffusers, self.task.auto_pipeline or self.family.pipeline(self.task_name)
-            )
-            pipe = pipeline_class.from_pretrained(
-                path,
-                revision=model.revision,
-                use_safetensors=True,
-                **{dtype_keyword(diffusers.__version__): getattr(torch, self.dtype)},
-                **components,
-            )
-        except Exception as e:
-            raise ModelLoadError(
-                f"cannot load model.source {model.source}: {type(e).__name__}: {first_line(e)}"
-            ) from e
+        pipe = load_pretrained(
+            getattr(diffusers, self.task.auto_pipeline or self.family.pipeline(self.task_name)),
+            "model.source",
+            model.source,
+            model.revision,
+            model.storage_options,
+            self.dtype,
+            **component_overrides(model, self.dtype),  # model.vae, model.drop_t5
+        )
         # Record what was loaded, not what was asked for: the rows' dtype column must say how the
         # pixels were made, and an argument the installed diffusers ignores would load float32.
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
@@ -228,14 +217,6 @@ class Engine:
             pipe.safety_checker = None
         pipe.set_progress_bar_config(disable=True)
         pipe = pipe.to(self.device)
-        log.info(
-            "loaded %s as %s on %s (%s) in %.1fs",
-            model.source,
-            type(pipe).__name__,
-            self.device,
-            self.dtype,
-            time.perf_counter() - t0,
-        )
         return pipe
 
     @property

@@ -12,17 +12,15 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdfleet.actors.components import dtype_keyword
+from sdfleet.actors.components import load_pretrained
 from sdfleet.actors.engine import GENERATOR_DEVICE, scheduler_of
-from sdfleet.actors.model_cache import local_copy
 from sdfleet.actors.speed_ups import apply_speed_ups
-from sdfleet.schemas.errors import ModelLoadError, first_line
+from sdfleet.schemas.errors import ModelLoadError
 from sdfleet.schemas.families import Family
 from sdfleet.schemas.rows import SIZE_CONDITIONING_COLUMNS
 from sdfleet.schemas.samples import GenerationParams
@@ -81,32 +79,17 @@ class Refiner:
     def _load(self, class_name: str, storage_options: dict, device: str, dtype: str, shared: dict):
         import diffusers
 
-        t0 = time.perf_counter()
-        path = local_copy(self.spec.source, storage_options)
-        try:
-            pipe = getattr(diffusers, class_name).from_pretrained(
-                path,
-                revision=self.spec.revision,
-                use_safetensors=True,
-                **{dtype_keyword(diffusers.__version__): getattr(torch, dtype)},
-                **shared,
-            )
-        except Exception as e:
-            raise ModelLoadError(
-                f"cannot load model.refiner.source {self.spec.source}: {type(e).__name__}: "
-                f"{first_line(e)}"
-            ) from e
-        pipe.set_progress_bar_config(disable=True)
-        pipe = pipe.to(device)
-        log.info(
-            "loaded refiner %s as %s on %s (%s) in %.1fs",
+        pipe = load_pretrained(
+            getattr(diffusers, class_name),
+            "model.refiner.source",
             self.spec.source,
-            class_name,
-            device,
+            self.spec.revision,
+            storage_options,
             dtype,
-            time.perf_counter() - t0,
+            **shared,
         )
-        return pipe
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
 
     def _aesthetic_scores(self) -> dict[str, float]:
         if not self.pipe.config.get("requires_aesthetics_score", False):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdfleet.actors.engine import Engine, dtype_keyword
+from sdfleet.actors.components import dtype_keyword
+from sdfleet.actors.engine import Engine
 from sdfleet.jobs.checkpoint import check_model_source
 from sdfleet.schemas.errors import ModelLoadError
 from sdfleet.schemas.samples import GenerationParams
@@ -76,10 +77,10 @@ def test_the_dtype_keyword_is_the_one_the_installed_diffusers_reads():
 def test_the_dtype_recorded_is_the_one_the_denoiser_was_loaded_in(tiny_model, monkeypatch, caplog):
     """Were the dtype keyword ignored (an older diffusers), the pipeline would load in torch's
     default dtype: the engine then records that, not the dtype it asked for, and says so."""
-    import sdfleet.actors.engine as engine_module
+    import sdfleet.actors.components as components_module
 
     monkeypatch.setattr(
-        engine_module, "dtype_keyword", lambda version: "a_keyword_diffusers_ignores"
+        components_module, "dtype_keyword", lambda version: "a_keyword_diffusers_ignores"
     )
     torch.set_default_dtype(torch.float64)
     try:
