@@ -17,9 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sdfleet.schemas.errors import SpecError
-
-# Re-exported: the family table states its costs in these (their home is schemas/flops.py).
-from sdfleet.schemas.flops import Flops, TokenCost, TokenFlops  # noqa: F401
+from sdfleet.schemas.flops import Flops
 
 
 @dataclass(frozen=True)

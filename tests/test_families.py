@@ -170,7 +170,8 @@ def test_a_family_adds_its_own_output_columns_and_sd2_none():
 def test_a_variant_is_picked_by_its_denoisers_config():
     from dataclasses import replace
 
-    from sdfleet.schemas.families import SD2, Flops, Variant
+    from sdfleet.schemas.families import SD2, Variant
+    from sdfleet.schemas.flops import Flops
 
     small = Flops(pixels=64, denoiser_tflop=1.0, vae_decode_tflop=0.0, text_tflop=0.0)
     medium = Variant("medium", {"num_layers": 24}, small)
