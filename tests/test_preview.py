@@ -1047,7 +1047,7 @@ def test_xy_grid_on_a_t5_familys_swept_keys(tmp_path):
             "true_cfg_scale": scale,
             "seed": seed,
             "prompt_tokens_2": 100,
-            "prompt_truncated_2": 100 > length,
+            "prompt_truncated_2": length < 100,
             "scheduler_mu": 0.6,
         }
         for length in (77, 256)
