@@ -184,3 +184,23 @@ def test_plan_costs_each_point_at_its_t5_length_and_true_cfg_passes(tmp_path, ti
     assert long > short
     one_lo, one_hi, _ = per_image("both", max_sequence_length=[77, 512], true_cfg_scale=[1.0, 4.0])
     assert (one_lo, one_hi) == (short, hi)
+
+
+def test_compile_warm_up_runs_each_swept_t5_length():
+    """With torch.compile a T5 length is its own denoiser shape (the text tokens it attends to):
+    warm-up makes one per length; a family without T5 keeps its three-entry shapes."""
+    from types import SimpleNamespace
+
+    from sdfleet.actors.speed_ups import CompiledWarmUp
+    from sdfleet.schemas.samples import GenerationParams
+
+    engine = SimpleNamespace(task=SimpleNamespace(image=False), batch_size=2)
+    t5 = [
+        GenerationParams("p", "", 0, 28, 3.5, 64, 64, None, max_sequence_length=n, true_cfg_scale=c)
+        for n in (77, 512)
+        for c in (1.0, 4.0)
+    ]
+    shapes, sizes = CompiledWarmUp(engine).shapes(t5)
+    assert sorted(shapes) == [(64, 64, True, 77), (64, 64, True, 512)] and sizes == [2, 1]
+    sd2 = GenerationParams("p", "", 0, 28, 7.5, 64, 64, None, true_cfg_scale=1.0)
+    assert list(CompiledWarmUp(engine).shapes([sd2])[0]) == [(64, 64, True)]
