@@ -46,6 +46,11 @@ REFUSED = [
         "at most 512 tokens",
     ),
     (
+        "sd3",
+        _axes(max_sequence_length=[256, 600]),
+        "sweep.axes.max_sequence_length=600: an sd3",
+    ),
+    (
         "sd2",
         _axes(max_sequence_length=[77, 256]),
         "sweep.axes.max_sequence_length=[77, 256]: an sd2 checkpoint has no T5 encoder to read "
