@@ -160,7 +160,7 @@ class BatchSizer:
         """The sweep point that needs the most memory, one step long. The image tasks' inputs are
         not known yet: they are probed at the checkpoint's native size (the upscaler: its native
         input, 4x larger out), and a larger input that runs out of memory halves the batch then."""
-        largest = max(sweep, key=lambda p: ((p.width or 0) * (p.height or 0), p.guidance_scale > 1))
+        largest = max(sweep, key=_memory_rank)
         probe = memory_probe(largest, self.probe_steps)
         if self.task.image:
             from PIL import Image
@@ -203,6 +203,12 @@ def sweep_groups(params: Sequence[GenerationParams]) -> list[list[int]]:
     for i, p in enumerate(params):
         groups.setdefault(p.batch_key(), []).append(i)
     return list(groups.values())
+
+
+def _memory_rank(p: GenerationParams) -> tuple:
+    """What makes a sweep point's batch larger in memory: its pixels, CFG's doubled batch, and a
+    T5 family's text tokens (the longest swept max_sequence_length)."""
+    return ((p.width or 0) * (p.height or 0), p.guidance_scale > 1, p.max_sequence_length or 0)
 
 
 def memory_probe(p: GenerationParams, steps: int = 1) -> GenerationParams:

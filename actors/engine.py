@@ -14,6 +14,7 @@ starts is sdfleet.jobs.checkpoint's, so the driver never imports this module.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import os
@@ -29,7 +30,7 @@ from sdfleet.actors.components import component_overrides, load_pretrained, vae_
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
-from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, call_inputs, record
+from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, call_inputs, per_sample, record
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.schedulers import unknown_scheduler
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE
@@ -278,7 +279,8 @@ class Engine:
             inputs["mask_image"] = [p.mask.pixels for p in batch]
         for key in task.parameters:
             inputs[key] = getattr(first, key)
-        inputs.update(self.call_inputs)  # the family's own (T5's sequence length, ...)
+        # The family's own (T5's sequence length, ...), at the batch's swept values.
+        inputs.update(per_sample(self.call_inputs, first))
         # 2. The pipeline (with model.refiner: base, then refiner), then the images as uint8.
         with torch.inference_mode():
             if self.refiner is None:
@@ -302,8 +304,9 @@ class Engine:
         job's sequence length); a prompt that no tokenizer counts is left out."""
         counted = [counter.count(prompts) for counter in self.tokens]
         limits = tuple(counter.max_tokens for counter in self.tokens)
+        sequence = next((i for i, c in enumerate(self.tokens) if c.limit is not None), None)
         return {
-            p: PromptTokens(tuple(c.get(p) for c in counted), limits)
+            p: PromptTokens(tuple(c.get(p) for c in counted), limits, sequence)
             for p in prompts
             if any(p in c for c in counted)
         }
@@ -370,10 +373,20 @@ class PromptTokens:
 
     counts: tuple[int | None, ...]
     limits: tuple[int, ...]
+    # The encoder whose limit is the call's max_sequence_length (T5); None: none.
+    sequence: int | None = None
 
     def truncated(self, encoder: int) -> bool | None:
         n = self.counts[encoder]
         return None if n is None else n > self.limits[encoder]
+
+    def at_length(self, length: int | None) -> PromptTokens:
+        """The same counts against a sample's own T5 length (a swept max_sequence_length)."""
+        if self.sequence is None or length is None:
+            return self
+        limits = list(self.limits)
+        limits[self.sequence] = length
+        return dataclasses.replace(self, limits=tuple(limits))
 
 
 class TokenCounter:

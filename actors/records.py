@@ -16,7 +16,7 @@ from sdfleet.actors.engine import GENERATOR_DEVICE, PromptTokens
 from sdfleet.actors.judge import Outcome
 from sdfleet.actors.refiner import RefinerCall
 from sdfleet.schemas import layout
-from sdfleet.schemas.family_spec import SCHEDULER_MU
+from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, SCHEDULER_MU, per_sample
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import (
     REFINER_FIELDS,
@@ -199,7 +199,7 @@ def build_row(
                 row["scheduler"],
                 {f.name: row[f.name] for f in REFINER_FIELDS} if made.refiner else None,
                 components,
-                made.family_record,
+                per_sample(made.family_record, s.params),
             ),
             prompt=s.params.prompt,
         )
@@ -224,6 +224,8 @@ def _add_tokens(row: dict[str, Any], counted: PromptTokens | int | None, made: P
     prompt_tokens_2); an engine with one tokenizer may count in plain ints."""
     if counted is None or isinstance(counted, int):
         counted = PromptTokens((counted,), (made.max_tokens,))
+    # T5's truncation against the length this sample's call read (a swept max_sequence_length).
+    counted = counted.at_length(row.get(MAX_SEQUENCE_LENGTH))
     for encoder, n_tokens in enumerate(counted.counts):
         tokens, truncated = token_columns(encoder)
         row.update({tokens: n_tokens, truncated: counted.truncated(encoder)})
@@ -254,7 +256,7 @@ def _add_parameters(row: dict[str, Any], s: Sample, o: Outcome, made: Provenance
         row.update({k: list(v) for k, v in made.size_conditioning(s.params).items()})
     if s.params is not None:
         row.update({conditioning_column(k): v for k, v in made.aesthetic_conditioning.items()})
-    row.update(made.family_record)
+    row.update(per_sample(made.family_record, planned))
     if made.scheduler_mu is not None:
         row[SCHEDULER_MU] = made.scheduler_mu(planned)
     if made.refiner is not None:

@@ -182,14 +182,11 @@ class CompiledWarmUp:
     def shapes(
         self, params: Sequence[GenerationParams]
     ) -> tuple[dict[tuple, GenerationParams], list[int]]:
-        """The (width, height, CFG on/off) shapes of the sweep, and the batch sizes each is run at:
-        the full batch, a partial batch and batch 1 (which torch always specializes)."""
+        """The (width, height, CFG on/off, and a T5 family's text length) shapes of the sweep, and
+        the batch sizes each is run at: the full batch, a partial batch and batch 1 (which torch
+        always specializes)."""
         # The image tasks' shapes come from their input images, unknown until a shard is read.
-        shapes = (
-            {}
-            if self.engine.task.image
-            else {(p.width, p.height, p.guidance_scale > 1): p for p in params}
-        )
+        shapes = {} if self.engine.task.image else {_shape(p): p for p in params}
         size = self.engine.batch_size
         return shapes, sorted({size, max(1, size // 2), 1}, reverse=True)
 
@@ -261,3 +258,12 @@ class CompiledWarmUp:
                 ),
             }
         )
+
+
+def _shape(params: GenerationParams) -> tuple:
+    """What a compiled denoiser specializes on for this sample: its size, whether CFG doubles its
+    batch, and for a T5 family the text tokens it attends to (a swept max_sequence_length);
+    without T5 no fourth entry, so the keys made before the T5 families stay."""
+    shape = (params.width, params.height, params.guidance_scale > 1)
+    length = params.max_sequence_length
+    return shape if length is None else (*shape, length)

@@ -14,11 +14,14 @@ The first shard's mean stands for every shard's: the estimate says how many inpu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sdfleet.actors.reader import read_shard_samples
 from sdfleet.jobs.checkpoint import CheckpointRef, read_config
 from sdfleet.schemas.families import Family, Variant
+from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, SAMPLE_KEYS, TRUE_CFG_SCALE
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.spec import JobSpec, ModelSpec
@@ -70,9 +73,8 @@ def measure_inputs(plan: Plan, family: Family) -> MeasuredInputs | None:
     made = [s.params for s in samples if s.params is not None and s.params.image is not None]
     if not made:
         return None
-    sequence = sequence_inputs(plan.spec)
     return MeasuredInputs(
-        [image_tflop(family, task, p, sequence) for p in made],
+        [image_tflop(family, task, p, sequence_inputs(plan.spec, _swept(p))) for p in made],
         [p.image.size for p in made],
         len(samples),
     )
@@ -94,13 +96,19 @@ def image_tflop(family: Family, task: Task, params: GenerationParams, sequence: 
     return family.tflop_per_image(width, height, steps, params.guidance_scale, denoised, **sequence)
 
 
-def sequence_inputs(spec: JobSpec) -> dict:
-    """What a transformer family's cost depends on beyond size, steps and guidance, from the
-    spec: the T5 length (None: the figures' own), the true-CFG scale (FLUX.1; 1: none) and
-    whether T5 runs (SD3.5's model.drop_t5)."""
-    gen = spec.generation
+def _swept(params: GenerationParams) -> dict[str, Any]:
+    """A sample's values of the family keys a sweep may vary, where it has them."""
+    values = {key: getattr(params, key) for key in SAMPLE_KEYS}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def sequence_inputs(spec: JobSpec, point: Mapping[str, Any] | None = None) -> dict:
+    """What a transformer family's cost depends on beyond size, steps and guidance, at one sweep
+    point (a swept value, else the spec's): the T5 length (None: the figures' own), the true-CFG
+    scale (FLUX.1; 1: none) and whether T5 runs (SD3.5's model.drop_t5)."""
+    gen, point = spec.generation, point or {}
     return {
-        "sequence_length": gen.max_sequence_length,
-        "true_cfg_scale": gen.true_cfg_scale or 1.0,
+        "sequence_length": point.get(MAX_SEQUENCE_LENGTH, gen.max_sequence_length),
+        "true_cfg_scale": point.get(TRUE_CFG_SCALE, gen.true_cfg_scale) or 1.0,
         "sequence_encoder": not spec.model.drop_t5,
     }

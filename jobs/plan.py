@@ -120,7 +120,7 @@ def _per_point(plan: Plan, family: Family) -> list[float]:
             point.get("height", gen.height) or family.fallback_size,
             point.get("num_inference_steps", gen.num_inference_steps),
             point.get("guidance_scale", gen.guidance_scale),
-            sequence_inputs(plan.spec),
+            sequence_inputs(plan.spec, point),
         )
         for point in plan.points
     ]

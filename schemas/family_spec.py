@@ -44,6 +44,9 @@ DROP_T5 = "drop_t5"
 # token count and the scheduler's config (FLUX.1-dev's; null where the scheduler does not read it).
 SCHEDULER_SHIFT = "scheduler_shift"
 SCHEDULER_MU = "scheduler_mu"
+# The family keys a sweep may vary per sample (sweep.axes): each is at once a call keyword, a
+# GenerationParams field and a row column, so one name serves all three.
+SAMPLE_KEYS = (MAX_SEQUENCE_LENGTH, TRUE_CFG_SCALE)
 
 
 # ------------------------------------------------------------------ calls and rows
@@ -68,6 +71,18 @@ def call_inputs(family: Family, denoiser_config: Mapping, gen: GenerationSpec | 
     if family.true_cfg:
         inputs[TRUE_CFG_SCALE] = gen.true_cfg_scale if gen is not None else 1.0
     return inputs
+
+
+def per_sample(values: Mapping, params: Any) -> dict:
+    """`values` (the job's `call_inputs`, or its `record`) with the sample's own value of each key
+    a sweep may vary (SAMPLE_KEYS), where the family has the key and the sample (GenerationParams)
+    sets it: what that sample's call passes, and what its row records."""
+    out = dict(values)
+    for key in SAMPLE_KEYS:
+        given = getattr(params, key, None)
+        if key in out and given is not None:
+            out[key] = given
+    return out
 
 
 def record(family: Family, inputs: Mapping, drop_t5: bool, scheduler_shift: float | None) -> dict:
@@ -140,7 +155,7 @@ def check_family_spec(spec: JobSpec, family: Family, denoiser_config: Mapping, s
             f"model.drop_t5: model.source {source} is {kind}, which has no T5 encoder to drop "
             "(SD3.5 checkpoints have one); remove model.drop_t5"
         )
-    _check_sequence_length(spec.generation, family, denoiser_config)
+    _check_sequence_length(spec, family, denoiser_config)
     _check_skip_layer_guidance(spec, family, denoiser_config, source)
     _check_guidance(spec, family, denoiser_config)
 
@@ -166,22 +181,39 @@ def _check_dtype_and_scheduler(spec: JobSpec, family: Family, kind: str) -> None
             )
 
 
-def _check_sequence_length(gen: GenerationSpec, family: Family, denoiser_config: Mapping) -> None:
-    given = gen.max_sequence_length
-    if given is None:
-        return
+def _check_sequence_length(spec: JobSpec, family: Family, denoiser_config: Mapping) -> None:
+    """generation.max_sequence_length and every swept value: a family with T5, within its
+    checkpoint kind's limit."""
     variant = family.variant(denoiser_config)
     limits, kind = family.sequence_limits(variant), family.kind(variant)
-    if limits is None:
+    given = _set_or_swept(spec, MAX_SEQUENCE_LENGTH, None)
+    if given and limits is None:
         raise SpecError(
-            f"generation.max_sequence_length={given}: {kind} has no T5 encoder to read it; "
-            "remove generation.max_sequence_length"
+            f"{given[0]}={given[1]}: {kind} has no T5 encoder to read it; remove {given[0]}"
         )
-    if given > limits[1]:
-        raise SpecError(
-            f"generation.max_sequence_length={given}: {kind}'s T5 encoder reads at most "
-            f"{limits[1]} tokens; use {limits[1]} or less (default {limits[0]})"
-        )
+    for key, given in _given(spec, MAX_SEQUENCE_LENGTH, None):
+        if given > limits[1]:
+            raise SpecError(
+                f"{key}={given}: {kind}'s T5 encoder reads at most {limits[1]} tokens; use "
+                f"{limits[1]} or less (default {limits[0]})"
+            )
+
+
+def _set_or_swept(spec: JobSpec, key: str, unset: Any) -> tuple[str, Any] | None:
+    """(sweep.axes.<key>, its values) where the job sweeps the key, else (generation.<key>, its
+    value) where that is not `unset`; None where the job leaves the key alone."""
+    if key in spec.sweep.axes:
+        return f"sweep.axes.{key}", spec.sweep.axes[key]
+    value = getattr(spec.generation, key)
+    return None if value == unset else (f"generation.{key}", value)
+
+
+def _given(spec: JobSpec, key: str, unset: Any) -> list[tuple[str, Any]]:
+    """(the spec key, its value) for generation.<key> where it is not `unset`, then for each value
+    of sweep.axes.<key>: every value of the key some sample of the job runs with."""
+    value = getattr(spec.generation, key)
+    given = [] if value == unset else [(f"generation.{key}", value)]
+    return given + [(f"sweep.axes.{key}", v) for v in spec.sweep.axes.get(key, [])]
 
 
 def _check_skip_layer_guidance(
@@ -225,20 +257,15 @@ def _check_guidance(spec: JobSpec, family: Family, denoiser_config: Mapping) -> 
     gen, axes = spec.generation, spec.sweep.axes
     variant = family.variant(denoiser_config)
     kind = family.kind(variant)
-    if gen.true_cfg_scale != 1.0 and not family.true_cfg:
+    given = _set_or_swept(spec, TRUE_CFG_SCALE, 1.0)
+    if given and not family.true_cfg:
         raise SpecError(
-            f"generation.true_cfg_scale={gen.true_cfg_scale}: {kind} has classifier-free "
-            "guidance of its own (generation.guidance_scale); remove true_cfg_scale"
+            f"{given[0]}={given[1]}: {kind} has classifier-free guidance of its own "
+            f"(generation.guidance_scale); remove {given[0]}"
         )
     if family.cfg or not family.true_cfg:
         return
-    negative = _negative_prompt_key(spec)
-    if negative and gen.true_cfg_scale <= 1.0:
-        raise SpecError(
-            f"{negative}: {kind} is guidance-distilled (no unconditional pass), so a negative "
-            "prompt does nothing unless generation.true_cfg_scale > 1 (true CFG: a second "
-            "transformer pass per step); set true_cfg_scale (e.g. 4.0) or remove it"
-        )
+    _check_negative_prompt(spec, kind)
     if variant is not None and not variant.guidance:
         set_scale = "guidance_scale" in gen.model_fields_set and gen.guidance_scale != 0.0
         if set_scale or "guidance_scale" in axes:
@@ -250,6 +277,31 @@ def _check_guidance(spec: JobSpec, family: Family, denoiser_config: Mapping) -> 
                 "remove guidance_scale, or set generation.true_cfg_scale > 1 with a negative "
                 "prompt for true CFG"
             )
+
+
+def _check_negative_prompt(spec: JobSpec, kind: str) -> None:
+    """A guidance-distilled family reads a negative prompt only with true CFG: every
+    true_cfg_scale the job runs (generation's, or each swept value) above 1. A sweep that holds
+    1.0 beside a negative prompt is refused too: its 1.0 points would ignore the prompt, the same
+    images as a job without it."""
+    negative = _negative_prompt_key(spec)
+    if not negative:
+        return
+    gen, swept = spec.generation, spec.sweep.axes.get(TRUE_CFG_SCALE)
+    if swept is None and gen.true_cfg_scale <= 1.0:
+        raise SpecError(
+            f"{negative}: {kind} is guidance-distilled (no unconditional pass), so a negative "
+            "prompt does nothing unless generation.true_cfg_scale > 1 (true CFG: a second "
+            "transformer pass per step); set true_cfg_scale (e.g. 4.0) or remove it"
+        )
+    unguided = [v for v in swept or [] if v <= 1.0]
+    if unguided:
+        raise SpecError(
+            f"sweep.axes.true_cfg_scale has {unguided[0]}: with {negative}, {kind} is "
+            "guidance-distilled and reads a negative prompt only with true_cfg_scale > 1, so "
+            "those points would ignore it (the images of a job without it); sweep values above "
+            "1 only, or run the no-true-CFG images as a job without the negative prompt"
+        )
 
 
 def _negative_prompt_key(spec: JobSpec) -> str | None:

@@ -229,6 +229,15 @@ REFINER_FIELDS = [
 ]
 
 
+def every_output_column() -> frozenset[str]:
+    """Every column an output may have but the input's passthrough ones: the common columns, every
+    registered family's own, model.refiner's and model.vae's."""
+    from sdfleet.schemas.families import FAMILIES
+
+    names = set(OUTPUT_COLUMNS) | {f.name for f in REFINER_FIELDS} | set(VAE_COLUMNS)
+    return frozenset(names | {f.name for fam in FAMILIES.values() for f in family_fields(fam)})
+
+
 def output_schema(
     passthrough: pa.Schema | None = None,
     family: Family | None = None,

@@ -34,6 +34,10 @@ SWEEP_COORDINATES = (
     "height",
     "negative_prompt",
     *TASK_PARAMETERS,
+    # The T5 families' own (SD3.5, FLUX.1): T5's tokens read, FLUX.1's true CFG. Rows of the
+    # families that have them record them (schemas.family_spec, schemas.rows).
+    "max_sequence_length",
+    "true_cfg_scale",
 )
 # What samples that go through the pipeline in one call share: every coordinate but the ones that
 # may differ per sample within a call (the seed, the negative prompt), and the input image's size.
@@ -103,6 +107,10 @@ class GenerationParams:
     noise_level: int | None = None
     image: InputImage | None = None
     mask: InputImage | None = None
+    # A T5 family's T5 tokens read and true CFG's scale (generation.* or a sweep axis; None: the
+    # job-wide value the engine computes from the checkpoint).
+    max_sequence_length: int | None = None
+    true_cfg_scale: float | None = None
 
     def batch_key(self) -> tuple:
         """Samples that share it can go through the pipeline in one call."""
@@ -163,6 +171,8 @@ def resolve_params(
         # record what made the image, not what was written.
         strength=_first_set(point.get("strength"), gen.strength, task.strength),
         noise_level=_first_set(point.get("noise_level"), gen.noise_level, task.noise_level),
+        max_sequence_length=point.get("max_sequence_length", gen.max_sequence_length),
+        true_cfg_scale=point.get("true_cfg_scale", gen.true_cfg_scale),
     )
 
 

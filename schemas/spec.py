@@ -184,8 +184,6 @@ class SweepSpec(Section):
                 )
             if not isinstance(values, list) or not values:
                 raise ValueError(f"sweep.axes.{key}={values!r}: give a non-empty list of values")
-            if len({json.dumps(x, sort_keys=True) for x in values}) != len(values):
-                raise ValueError(f"sweep.axes.{key}={values!r} repeats a value")
             checked = []
             for x in values:
                 # Validate each value exactly as the scalar key would be validated.
@@ -197,6 +195,9 @@ class SweepSpec(Section):
                 except ValidationError as e:
                     msg = e.errors()[0]["msg"].removeprefix("Value error, ")
                     raise ValueError(f"sweep.axes.{key} has {x!r}: {msg}") from None
+            # Compared as read (4 and 4.0 are one true_cfg_scale): a repeat is a duplicate image.
+            if len({json.dumps(x, sort_keys=True) for x in checked}) != len(values):
+                raise ValueError(f"sweep.axes.{key}={values!r} repeats a value")
             v[key] = checked
         return v
 

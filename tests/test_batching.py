@@ -181,6 +181,21 @@ def test_auto_fits_the_gpu_at_the_sweeps_largest_shape_up_to_the_cap(monkeypatch
     assert cpu.size == CPU_AUTO_BATCH
 
 
+def test_auto_probes_a_t5_sweep_at_its_longest_text(monkeypatch):
+    """A swept max_sequence_length: the probe is the longest T5 length at the largest size (the
+    text tokens join the image tokens in a T5 family's transformer)."""
+    import dataclasses
+
+    call = FakeGpu(monkeypatch, free=20 * GIB).pipeline()
+    sweep = [
+        dataclasses.replace(text(0, width=w), max_sequence_length=n)
+        for w in (64, 128)
+        for n in (77, 512, 256)
+    ]
+    BatchSizer(call, "text-to-image", on_gpu=True, batch_size="auto", sweep=sweep)
+    assert {(p.width, p.max_sequence_length) for p in call.fake.firsts} == {(128, 512)}
+
+
 def test_auto_measures_each_new_input_size_once_and_keeps_its_halving(monkeypatch):
     """Image tasks on a GPU: the sweep is probed at the native input size, then each input size
     is measured when it first arrives; an OOM halves that size's batch only."""

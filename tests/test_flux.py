@@ -276,6 +276,52 @@ def test_flux_rows_regenerate_with_plain_diffusers(tmp_path, tiny_flux, s3, ray_
     assert np.abs(images[row["key"]].astype(int) - other.astype(int)).max() > 2
 
 
+@pytest.mark.slow
+def test_a_sweep_of_t5_length_and_true_cfg_regenerates_row_by_row(
+    tmp_path, tiny_flux, s3, ray_cluster
+):
+    """sweep.axes.max_sequence_length x sweep.axes.true_cfg_scale on a dev-shaped checkpoint: each
+    row records the values its sample ran with (T5's truncation at its own length), regenerates
+    from them with plain FluxPipeline, and the axis values change the image and the sample id."""
+    table = pa.table({"prompt_id": ["a", "b"], "prompt": ["a red fox in snow", LONG]})
+    lengths, scales = [8, 24], [1.0, 3.0]
+    rows, images, _ = run_job(
+        tmp_path,
+        s3,
+        ray_cluster.address,
+        tiny_flux["dev"],
+        "text-to-image",
+        table,
+        model={"scheduler": None},
+        generation=TINY,
+        sweep={"seeds": 1, "axes": {"max_sequence_length": lengths, "true_cfg_scale": scales}},
+    )
+    # 1. One row per prompt and point, each with its point's values and its own id.
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows.values())
+    points = {
+        (r["prompt_id"], r["max_sequence_length"], r["true_cfg_scale"]) for r in rows.values()
+    }
+    assert points == {(p, n, c) for p in "ab" for n in lengths for c in scales}
+    assert len({r["sample_id"] for r in rows.values()}) == 8
+    for row in rows.values():
+        assert row["prompt_truncated_2"] is (row["prompt_tokens_2"] > row["max_sequence_length"])
+    # 2. Every row from plain diffusers and its own values.
+    pipe = _pipe(tiny_flux["dev"])
+    for row in rows.values():
+        assert_close(images[row["key"]], regenerate(pipe, row))
+    # 3. Each axis changes the image (the same prompt and seed, one value apart). A prompt's four
+    #    points share a shard, so one worker made them: any difference is the value's. The tiny
+    #    transformer reads its text weakly, so the differences are small, but never none.
+    by_point = {
+        (r["prompt_id"], r["max_sequence_length"], r["true_cfg_scale"]): images[r["key"]]
+        for r in rows.values()
+    }
+    for prompt in "ab":
+        base = by_point[prompt, 24, 1.0]
+        assert not np.array_equal(base, by_point[prompt, 8, 1.0])
+        assert not np.array_equal(base, by_point[prompt, 24, 3.0])
+
+
 def test_the_example_specs_pass_their_checkpoint_kinds_checks():
     """jobs/examples' FLUX.1 specs, checked as pre-flight checks them against the published
     transformer configs (guidance_embeds true for dev, false for schnell)."""

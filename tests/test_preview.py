@@ -1035,3 +1035,34 @@ def test_gallery_runs_no_hostile_markup_in_chromium_and_shows_it_verbatim(tmp_pa
         assert driver.js(pwned) == ["control"]
     finally:
         driver.close()
+
+
+def test_xy_grid_on_a_t5_familys_swept_keys(tmp_path):
+    """A FLUX.1 sweep of T5 length x true CFG: either key is a grid axis, and the family's columns
+    that follow it (T5's truncation at each length) are results, never held (holding one would
+    empty the other lengths' cells)."""
+    samples = [
+        {
+            "max_sequence_length": length,
+            "true_cfg_scale": scale,
+            "seed": seed,
+            "prompt_tokens_2": 100,
+            "prompt_truncated_2": length < 100,
+            "scheduler_mu": 0.6,
+        }
+        for length in (77, 256)
+        for scale in (1.0, 4.0)
+        for seed in (1, 2)
+    ]
+    out = synthetic_output(tmp_path / "out", samples)
+    meta = preview.read_preview_meta(preview.xy_grid(reader_of(out), "max_sequence_length", "seed"))
+    assert meta["x_values"] == [77, 256] and meta["y_values"] == [1, 2]
+    assert meta["held"] == {"true_cfg_scale": 1.0}
+    assert len({c["key"] for c in meta["cells"]}) == 4
+    meta = preview.read_preview_meta(
+        preview.xy_grid(reader_of(out), "true_cfg_scale", "max_sequence_length")
+    )
+    assert meta["x_values"] == [1.0, 4.0] and meta["held"] == {"seed": 1}
+    assert len(meta["cells"]) == 4
+    with pytest.raises(PreviewError, match="prompt_truncated_2' is a result column"):
+        preview.xy_grid(reader_of(out), "prompt_truncated_2", "seed")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from sdfleet.schemas.families import FAMILIES
 from sdfleet.schemas.locations import fixed_part, input_folder, is_glob, is_remote, kind_of
 from sdfleet.schemas.resources import cpu_threads_per_worker, gpu_workers_per_node
-from sdfleet.schemas.rows import OUTPUT_COLUMNS
+from sdfleet.schemas.rows import OUTPUT_COLUMNS, family_fields
 from sdfleet.schemas.samples import SWEEP_COORDINATES, GenerationParams
 from sdfleet.schemas.schedulers import (
     check_scheduler_name,
@@ -65,7 +66,9 @@ def test_sweepable_keys_and_grid_axes_derive_from_the_coordinates():
     from sdfleet.jobs.preview.grid import AXIS_COLUMNS, NOT_AXES
 
     assert set(SWEEPABLE) == set(SWEEP_COORDINATES) - {"seed"}
-    assert set(SWEEP_COORDINATES) <= set(OUTPUT_COLUMNS)
+    # Each is a column of every row, or of the rows of the families that have it (T5's length).
+    family_columns = {f.name for family in FAMILIES.values() for f in family_fields(family)}
+    assert set(SWEEP_COORDINATES) <= set(OUTPUT_COLUMNS) | family_columns
     assert AXIS_COLUMNS == SWEEP_COORDINATES
     # Results are never axes (the hand-kept list had drifted to offer these).
     assert {"clip_score", "candidate", "duplicate_of", "punsafe", "key"} <= NOT_AXES
@@ -76,6 +79,14 @@ def test_batch_key_groups_by_every_coordinate_but_seed_and_negative_prompt():
     a = GenerationParams("p", "n", 1, 50, 7.5, 512, 512, "S")
     b = GenerationParams("q", "m", 2, 50, 7.5, 512, 512, "S")
     assert a.batch_key() == b.batch_key()
-    for change in ({"num_inference_steps": 25}, {"width": 64}, {"scheduler": "T"}, {"strength": 1}):
+    changes = (
+        {"num_inference_steps": 25},
+        {"width": 64},
+        {"scheduler": "T"},
+        {"strength": 1},
+        {"max_sequence_length": 77},
+        {"true_cfg_scale": 4.0},
+    )
+    for change in changes:
         c = GenerationParams(**{**a.__dict__, **change})
         assert c.batch_key() != a.batch_key()

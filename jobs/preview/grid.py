@@ -24,14 +24,16 @@ from sdfleet.jobs.preview.draw import (
 from sdfleet.jobs.preview.errors import PreviewError
 from sdfleet.jobs.preview.files import encode_png, png_or_written
 from sdfleet.jobs.preview.text import Font, fmt_value, font, line_height, text_width, wrap
-from sdfleet.schemas.rows import OUTPUT_COLUMNS, STATUS_FAILED, STATUS_FILTERED, STATUS_OK
+from sdfleet.schemas.rows import STATUS_FAILED, STATUS_FILTERED, STATUS_OK, every_output_column
 from sdfleet.schemas.samples import SWEEP_COORDINATES
 
 # The columns a sweep varies (a sweep point's coordinates), in the order they are offered when an
 # axis is wrong; besides them, the input's passthrough columns may be axes.
 AXIS_COLUMNS = SWEEP_COORDINATES
-# Every other output column describes the result or how it was made: never an axis.
-NOT_AXES = frozenset(OUTPUT_COLUMNS) - frozenset(AXIS_COLUMNS)
+# Every other output column (a family's too: T5's token counts, FLUX.1's scheduler_mu, SDXL's
+# size conditioning, which follow the swept values) describes the result or how it was made:
+# never an axis, nor a column to hold a grid at.
+NOT_AXES = every_output_column() - frozenset(AXIS_COLUMNS)
 
 MARGIN = 16
 GAP = 6  # between cells: thin, so neighbouring images compare at a glance
