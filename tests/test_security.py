@@ -150,8 +150,32 @@ def test_no_remote_code_and_no_unsafe_loading_in_the_source():
         for f in unsafe_calls(p.read_text(), str(p.relative_to(REPO)))
     ]
     assert found == []
-    text = {f: (REPO / "actors" / f).read_text() for f in ("engine.py", "safety.py")}
-    assert all("use_safetensors=True" in t for t in text.values())
+
+
+def test_every_call_that_loads_weights_asks_for_safetensors():
+    """Every from_pretrained in the product that loads weights (all but image processors and
+    tokenizers, which read JSON) passes use_safetensors=True: a pickle checkpoint runs code when
+    it loads."""
+    calls = []
+    for p in sorted((REPO / "actors").rglob("*.py")) + sorted((REPO / "jobs").rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "from_pretrained"
+            ):
+                continue
+            if ast.unparse(node.func.value).endswith(("Processor", "Tokenizer")):
+                continue
+            safe = any(
+                k.arg == "use_safetensors" and isinstance(k.value, ast.Constant) and k.value.value
+                for k in node.keywords
+            )
+            calls.append((f"{p.relative_to(REPO)}:{node.lineno}", safe))
+    # The one loader of pipelines, refiners and VAEs (actors/components.load_pretrained), both
+    # detectors' models and curation's CLIP.
+    assert len(calls) >= 4, calls
+    assert [where for where, safe in calls if not safe] == []
 
 
 @pytest.mark.parametrize(
