@@ -28,8 +28,9 @@ in the same work folder: keep the default --work (or pass the same one to both).
     python tests/output_identity.py --out digests.json [--work DIR] [--jobs a,b] [--no-run]
     python tests/output_identity.py --compare BASELINE.json NEW.json    # exit 1 on any difference
 
-tests/output_identity_baseline.json holds the digests of 43ef8ac's behaviour (made at a853229, its
-`ruff format` pass). Run with the checkout's own venv, e.g. `.venv/bin/python tests/...`, so the
+tests/output_identity_baseline.json holds the digests made once SD3.5 and FLUX.1 had landed: its
+tars, rows and previews equal those of 43ef8ac (the first baseline, compared then); its cards were
+digested again with the fingerprint line masked. Run with the checkout's own venv, e.g. `.venv/bin/python tests/...`, so the
 installed `sdfleet` is that checkout's code.
 """
 
