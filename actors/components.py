@@ -67,8 +67,9 @@ def load_pretrained(
 
 def load_vae(model: ModelSpec, dtype: str) -> Any | None:
     """model.vae as an AutoencoderKL in `dtype`; None where the spec names none (the checkpoint's
-    own VAE is used)."""
-    if model.vae is None:
+    own VAE is used). Read with getattr, as the engine reads the model: bench/gpu passes a
+    duck-typed model without pydantic."""
+    if getattr(model, "vae", None) is None:
         return None
     import diffusers
 
@@ -89,7 +90,7 @@ def component_overrides(model: ModelSpec, dtype: str) -> dict[str, Any]:
     else nothing."""
     vae = load_vae(model, dtype)
     overrides: dict[str, Any] = {"vae": vae} if vae is not None else {}
-    if model.drop_t5:
+    if getattr(model, "drop_t5", False):
         for family in FAMILIES.values():
             encoder = family.droppable_encoder
             if encoder is not None:
