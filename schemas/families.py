@@ -102,9 +102,6 @@ class Family:
     # The denoiser is also conditioned on the image's sizes and crop (SDXL's micro-conditioning:
     # original_size, crops_coords_top_left, target_size, and their negative twins).
     size_conditioning: bool = False
-    # The family's image-task pipelines make its native size unless told the input's `width` and
-    # `height` (SDXL's inpaint, FLUX.1's img2img and inpaint), which the engine then passes.
-    image_task_size: bool = False
     # The pipeline decodes in float32 where the VAE's config says force_upcast (SDXL's VAE
     # overflows in float16; an fp16-fixed VAE says false), so a float16 job decodes in float32.
     vae_upcast: bool = False
