@@ -199,7 +199,7 @@ def build_row(
                 row["scheduler"],
                 {f.name: row[f.name] for f in REFINER_FIELDS} if made.refiner else None,
                 components,
-                per_sample(made.family_record, s.params),
+                {name: row[name] for name in made.family_record},  # as _add_parameters set
             ),
             prompt=s.params.prompt,
         )
