@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.sdfleet-installed
 # on machines where only the CPU wheel is wanted (and the CUDA one is what PyPI serves on GPU boxes).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo lint test test-fast clean-venv
+.PHONY: install demo lint test test-fast clean-venv gpu-wheels
 
 install: $(STAMP)
 
@@ -41,6 +41,14 @@ test: lint
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# What bench/gpu_session.sh installs on the GPU machine (torch and transformers, Python 3.12, no
+# diffusers, no importlib_metadata): the diffusers this venv runs, as pure-Python wheels in .whl/,
+# which the device run carries.
+gpu-wheels: install
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+	  "diffusers==$$($(PY) -c 'import diffusers; print(diffusers.__version__)')" importlib_metadata
 
 clean-venv:
 	rm -rf $(VENV)

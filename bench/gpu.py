@@ -185,7 +185,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--size", type=int)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
-    parser.add_argument("--model", help="an existing diffusers folder (skips building one)")
+    parser.add_argument(
+        "--model",
+        help="a diffusers folder: loaded where it holds model_index.json, else the model is built "
+        "there (so a later run can load it instead of building it again)",
+    )
     parser.add_argument(
         "--compile-cache", help="engine.compile_cache for both engines (default: a new folder)"
     )
@@ -388,7 +392,7 @@ def main() -> None:
         if args.model
         else Path(tempfile.mkdtemp(prefix="sdfleet-bench-")) / "model"
     )
-    if not args.model:
+    if not (folder / "model_index.json").exists():
         t0 = time.perf_counter()
         (bench_family.tiny if args.tiny else bench_family.build)(folder, variant)
         print(f"built {folder} in {time.perf_counter() - t0:.0f}s", flush=True)

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (their figures are printed, never asserted as speeds)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -84,6 +85,80 @@ def test_the_sdxl_bench_model_has_sdxl_base_parameter_counts():
     assert parameters("vae") == 83_653_863
     assert parameters("text_encoder") + parameters("text_encoder_2") + vocabulary == 817_720_320
     assert type(models["text_encoder_2"]).__name__ == "CLIPTextModelWithProjection"
+
+
+def gpu_session(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, object]:
+    """bench/gpu_session.sh with `args`, as on the GPU machine: a Python where sdfleet is not
+    installed (the machine gets a bare checkout) and ray, pydantic and tensorflow cannot be
+    imported. Returns the run and its $OUT folder."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({ABSENT_ON_THE_GPU_MACHINE!r}))\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path\n"
+        "                    if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+        "sys.path[:] = [p for p in sys.path if not p.startswith('__editable__')]\n"
+    )
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(site)}
+    env["OUT"] = str(tmp_path / "out")
+    probe = subprocess.run([sys.executable, "-c", "import sdfleet"], env=env, capture_output=True)
+    assert probe.returncode != 0, (
+        "sdfleet is still importable: the run would not be a bare checkout"
+    )
+    run = subprocess.run(
+        ["bash", "bench/gpu_session.sh", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run, tmp_path / "out"
+
+
+def gpu_report(out) -> str:
+    return bench("bench/gpu_report.py", str(out))
+
+
+@pytest.mark.slow
+def test_the_gpu_session_runs_each_step_on_a_bare_checkout_and_reports_its_rows(tmp_path):
+    """Issue 18's one device run, on the tiny models: SD2 at the short and the long step count
+    (the second on the first's model and compile cache), then SDXL; gpu_report.py makes the
+    README's rows from its folder, with the command each row came from."""
+    _, out = gpu_session(tmp_path, "--tiny", "500")
+    figures = {step: json.loads((out / f"{step}.json").read_text()) for step in STEPS}
+    assert [figures[step]["family"] for step in STEPS] == ["sd2", "sd2", "sdxl"]
+    steps = {step: {r["steps"] for r in figures[step]["rows"]} for step in STEPS}
+    assert steps == {"sd2-25-steps": {2}, "sd2-50-steps": {3}, "sdxl-25-steps": {2}}
+    auto = figures["sd2-25-steps"]["batch_size"]
+    assert [r["batch"] for r in figures["sd2-25-steps"]["rows"]] == sorted({1, 2, auto})
+    rows = [r for step in STEPS for r in figures[step]["rows"]]
+    assert all(r["max_diff"] <= 2 for r in rows)  # the engine's pixels vs plain diffusers'
+    assert "built" not in (out / "sd2-50-steps.log").read_text()  # step 1's model, loaded
+
+    report = gpu_report(out)
+    table = [line for line in report.splitlines() if line.startswith("| CPU |")]
+    assert len(table) == len(rows)
+    assert (
+        table[0].split(" | ")[2]
+        == "`bench/gpu.py --tiny --steps 2 --batches 1 2 auto --model WORK/sd2`"
+    )
+    assert f"- sd2-25-steps: batch `auto` chose {auto}" in report
+
+
+def test_the_gpu_session_skips_the_steps_its_budget_cannot_hold_and_says_so(tmp_path):
+    run, out = gpu_session(tmp_path, "--tiny", "5")
+    assert run.stdout.count("skipped ") == len(STEPS)
+    assert not list(out.glob("*.json"))
+    report = gpu_report(out)
+    assert [line.split(":")[0] for line in report.splitlines() if "no figures" in line] == [
+        f"- {step}" for step in sorted(STEPS)
+    ]
+
+
+STEPS = ("sd2-25-steps", "sd2-50-steps", "sdxl-25-steps")
 
 
 @pytest.mark.gpu
