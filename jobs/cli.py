@@ -233,7 +233,7 @@ def _dispatch(args) -> int:
 
 
 def _plan(spec) -> int:
-    from sdfleet.jobs.image_flops import checkpoint_variant, measure_inputs
+    from sdfleet.jobs.image_flops import measure_inputs
     from sdfleet.jobs.plan import estimate
     from sdfleet.jobs.preflight import Preflight
     from sdfleet.schemas.families import DEFAULT_FAMILY, family_of
@@ -245,7 +245,7 @@ def _plan(spec) -> int:
     pipeline_class = checked.pipeline_class
     family = family_of(pipeline_class)
     # Costed as the checkpoint's variant (SD3.5 Large, FLUX.1-schnell) where it has one.
-    variant = checkpoint_variant(spec.model, family) if family is not None else None
+    variant = checked.variant
     if family is not None:
         family = family.costed_as(variant)
     measured = measure_inputs(plan, family or DEFAULT_FAMILY)

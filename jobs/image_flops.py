@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdfleet.actors.reader import read_shard_samples
-from sdfleet.jobs.checkpoint import CheckpointRef, read_config
-from sdfleet.schemas.families import Family, Variant
+from sdfleet.schemas.families import Family
 from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, SAMPLE_KEYS, TRUE_CFG_SCALE
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.samples import GenerationParams
-from sdfleet.schemas.spec import JobSpec, ModelSpec
+from sdfleet.schemas.spec import JobSpec
 from sdfleet.schemas.tasks import TASKS, TEXT_TO_IMAGE, Task
 
 
@@ -44,23 +43,6 @@ class MeasuredInputs:
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv))
         shown = ", ".join(f"{w}x{h} ({n})" for (w, h), n in ranked[:most])
         return shown + (f", {len(ranked) - most} more sizes" if len(ranked) > most else "")
-
-
-def checkpoint_variant(model: ModelSpec, family: Family) -> Variant | None:
-    """model.source's variant (SD3.5 Medium or Large, FLUX.1 dev or schnell), told by its
-    denoiser's config.json; None where the family has none or the config matches none."""
-    if not family.variants:
-        return None
-    ref = CheckpointRef.of(model)
-    config = read_config(
-        ref.source, f"{family.denoiser}/config.json", ref.storage_options, ref.revision, ref.key
-    )
-    return family.variant(config)
-
-
-def costed_family(model: ModelSpec, family: Family) -> Family:
-    """The family costed as model.source's variant; the family itself where there is none."""
-    return family.costed_as(checkpoint_variant(model, family))
 
 
 def measure_inputs(plan: Plan, family: Family) -> MeasuredInputs | None:

@@ -34,7 +34,7 @@ from sdfleet.jobs.plan import Planner
 from sdfleet.jobs.sink import OutputSink, Verdict
 from sdfleet.schemas.detectors import DETECTORS
 from sdfleet.schemas.errors import InputError, SpecError
-from sdfleet.schemas.families import Family, family_of
+from sdfleet.schemas.families import Family, Variant, family_of
 from sdfleet.schemas.family_spec import check_family_spec, with_family_defaults
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
 from sdfleet.schemas.plan import Plan
@@ -56,6 +56,9 @@ class CheckedPlan:
     pipeline_class: str | None = None
     # ... and model.refiner's checkpoint's (None: no refiner).
     refiner_class: str | None = None
+    # The checkpoint's variant (SD3.5 Large, FLUX.1-schnell), told by the denoiser config read
+    # here, which `plan` costs it as; None where its family has none or the config matches none.
+    variant: Variant | None = None
 
 
 class Preflight:
@@ -117,7 +120,11 @@ class Preflight:
             )
             plan = dataclasses.replace(plan, content=None)
         return CheckedPlan(
-            plan, verdict, checkpoint.class_name, refiner.class_name if refiner else None
+            plan,
+            verdict,
+            checkpoint.class_name,
+            refiner.class_name if refiner else None,
+            checkpoint.variant,
         )
 
     def _check_input_and_output_apart(self) -> None:

@@ -25,7 +25,7 @@ def _checked(tmp_path, source, **sections):
     write_prompts(tmp_path / "in" / "p.parquet", ["a cat", "a dog"])
     spec = job_dict(source, tmp_path / "in", tmp_path / "out", **sections)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    return Preflight(load_spec(tmp_path / "job.yaml")).check().plan
+    return Preflight(load_spec(tmp_path / "job.yaml")).check()
 
 
 def _axes(**axes):
@@ -132,7 +132,7 @@ def test_each_point_runs_with_its_own_values_batched_and_identified_apart(tmp_pa
         tiny_flux["dev"],
         generation={"negative_prompt": "blurry"},
         sweep={"seeds": 2, "axes": axes},
-    ).spec
+    ).plan.spec
     points = sweep_points(spec)
     assert [(p["max_sequence_length"], p["true_cfg_scale"]) for p in points[::2]] == [
         (77, 2.0),
@@ -161,7 +161,7 @@ def test_without_the_axes_a_sample_keeps_its_id(tmp_path, tiny_flux):
     from sdfleet.schemas.family_spec import call_inputs, per_sample, record
     from sdfleet.schemas.samples import resolve_params, sample_id, sweep_points
 
-    spec = _checked(tmp_path, tiny_flux["dev"], generation={"true_cfg_scale": 3.0}).spec
+    spec = _checked(tmp_path, tiny_flux["dev"], generation={"true_cfg_scale": 3.0}).plan.spec
     job = record(FLUX, call_inputs(FLUX, {"guidance_embeds": True}, spec.generation), False, None)
     for point in sweep_points(spec):
         params = resolve_params(spec, "a cat", None, "p0", point)
@@ -174,13 +174,13 @@ def test_without_the_axes_a_sample_keeps_its_id(tmp_path, tiny_flux):
 def test_plan_costs_each_point_at_its_t5_length_and_true_cfg_passes(tmp_path, tiny_flux):
     """A true-CFG point runs two transformer passes per step, so it costs more than one without;
     a longer T5 sequence costs more than a shorter one; the job's total is the points' sum."""
-    from sdfleet.jobs.image_flops import costed_family
     from sdfleet.jobs.plan import estimate
     from sdfleet.schemas.family_flux import FLUX
 
     def per_image(folder, **axes):
-        plan = _checked(tmp_path / folder, tiny_flux["dev"], **_axes(**axes))
-        figures = estimate(plan, costed_family(plan.spec.model, FLUX))
+        checked = _checked(tmp_path / folder, tiny_flux["dev"], **_axes(**axes))
+        assert checked.variant.name == "FLUX.1-dev"  # read with the checkpoint, in pre-flight
+        figures = estimate(checked.plan, FLUX.costed_as(checked.variant))
         return figures["tflop_per_image_min"], figures["tflop_per_image_max"], figures["tflop"]
 
     lo, hi, _ = per_image("cfg", true_cfg_scale=[1.0, 4.0])

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import job_dict, run_cli, spec_dict, write_spec
-from sdfleet.jobs.image_flops import costed_family, sequence_inputs
+from sdfleet.jobs.image_flops import sequence_inputs
 from sdfleet.jobs.plan import Planner, estimate
 from sdfleet.schemas import family_flops
 from sdfleet.schemas.families import SDXL, Variant
@@ -67,6 +67,10 @@ def checkpoint(tmp_path, denoiser_config: dict):
     return folder
 
 
+def denoiser_config(source) -> dict:
+    return json.loads((source / "transformer" / "config.json").read_text())
+
+
 def plan_for(tmp_path, source, **generation):
     make_input(tmp_path)
     spec = parse_spec(
@@ -94,8 +98,8 @@ def test_plans_cost_per_image_is_the_checkpoint_variants_count(
     tmp_path, family, config, flops, steps, guidance, passes
 ):
     source = checkpoint(tmp_path, {"_class_name": "T", "other": 1, **config})
-    spec, plan = plan_for(tmp_path, source, num_inference_steps=steps, guidance_scale=guidance)
-    costed = costed_family(spec.model, family)
+    _, plan = plan_for(tmp_path, source, num_inference_steps=steps, guidance_scale=guidance)
+    costed = family.costed(denoiser_config(source))
     assert costed.flops is flops and costed.name == family.name
     est = estimate(plan, costed)
     assert est["tflop_per_image_max"] == pytest.approx(stated(flops, steps, passes), rel=1e-4)
@@ -103,10 +107,9 @@ def test_plans_cost_per_image_is_the_checkpoint_variants_count(
 
 
 def test_a_checkpoint_of_no_known_variant_is_costed_by_the_familys_own_figures(tmp_path):
-    source = checkpoint(tmp_path, {"num_layers": 12})
-    spec, _ = plan_for(tmp_path, source)
-    assert costed_family(spec.model, SD3_LIKE) is SD3_LIKE
-    assert costed_family(spec.model, SDXL) is SDXL  # no variants: no config read
+    config = denoiser_config(checkpoint(tmp_path, {"num_layers": 12}))
+    assert SD3_LIKE.costed(config) is SD3_LIKE
+    assert SDXL.costed(config) is SDXL  # no variants
 
 
 def test_true_cfg_doubles_a_distilled_familys_passes_and_the_t5_length_counts():
@@ -198,7 +201,7 @@ def test_a_bf16_jobs_estimate_uses_the_bf16_figure(tmp_path):
         plan,
         spec=spec.model_copy(update={"model": spec.model.model_copy(update={"dtype": "bfloat16"})}),
     )
-    est = estimate(plan, costed_family(spec.model, FLUX_LIKE))
+    est = estimate(plan, FLUX_LIKE.costed(denoiser_config(source)))
     assert est["throughput_source"] == "gpu_throughput.yaml: h100 bfloat16, estimate"
     assert est["gpu_hours"] == pytest.approx(est["tflop"] / est["sustained_tflops"] / 3600)
 
