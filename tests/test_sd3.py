@@ -289,12 +289,19 @@ def regenerate(folder, row, **override):
 def test_sd3_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sd3, s3, ray_cluster, drop_t5):
     """A non-square size on the 16-px grid; a prompt over CLIP's 77 tokens and the job's T5
     sequence, so each encoder's truncation shows; skip-layer guidance over the whole schedule, so
-    it acts in three steps."""
+    it acts in three steps. With T5, the job sweeps its sequence length, so workers batch samples
+    of two lengths and each row must say which one made it."""
     import numpy as np
     import pyarrow as pa
 
     from test_tasks import assert_close, run_job, three_ok
 
+    lengths = [T5_TOKENS] if drop_t5 else [T5_TOKENS, 2 * T5_TOKENS]
+    t5 = (
+        {"generation": {"max_sequence_length": T5_TOKENS}}
+        if drop_t5
+        else {"sweep": {"seeds": 2, "axes": {"max_sequence_length": lengths}}}
+    )
     table = pa.table({"prompt_id": ["a", "b"], "prompt": ["a red fox in snow", LONG]})
     rows, images, _ = run_job(
         tmp_path,
@@ -312,17 +319,23 @@ def test_sd3_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sd3, s3, ray_cl
             "width": 64,
             "height": 48,
             "guidance_scale": 5.0,
-            "max_sequence_length": T5_TOKENS,
             "skip_guidance_layers": [1],
             "skip_layer_guidance_start": 0.0,
             "skip_layer_guidance_stop": 1.0,
+            **t5.get("generation", {}),
         },
+        **({"sweep": t5["sweep"]} if "sweep" in t5 else {}),
     )
     # 1. What the rows record: each encoder's count (T5's against the call's sequence length, none
-    #    where T5 was dropped), the call's sequence length, skip-layer guidance, the shift.
+    #    where T5 was dropped), the call's sequence length, skip-layer guidance, the shift. Each
+    #    (prompt, seed, length) is its own sample.
+    assert len(rows) == 2 * 2 * len(lengths)
+    made = sorted((r["prompt_id"], r["seed"], r["max_sequence_length"]) for r in rows.values())
+    assert len(set(made)) == len(made)
+    assert {r["max_sequence_length"] for r in rows.values()} == set(lengths)
     for row in rows.values():
         assert (row["width"], row["height"]) == (64, 48) and row["drop_t5"] is drop_t5
-        assert row["max_sequence_length"] == T5_TOKENS and row["scheduler_shift"] == 3.0
+        assert row["scheduler_shift"] == 3.0
         assert row["skip_guidance_layers"] == [1] and row["skip_layer_guidance_scale"] == 2.8
         long = row["prompt"] == LONG
         assert row["prompt_truncated"] is long and row["prompt_truncated_2"] is long
@@ -330,9 +343,13 @@ def test_sd3_rows_regenerate_with_plain_diffusers(tmp_path, tiny_sd3, s3, ray_cl
             assert row["prompt_tokens_3"] is None and row["prompt_truncated_3"] is None
         else:
             assert row["prompt_truncated_3"] is long
-            assert (row["prompt_tokens_3"] > T5_TOKENS) is long
-    # 2. Three rows from plain diffusers.
-    for row in three_ok(rows):
+            assert row["prompt_truncated_3"] is (
+                row["prompt_tokens_3"] > row["max_sequence_length"]
+            )
+    # 2. Rows from plain diffusers, each at its own T5 length.
+    checked = three_ok(rows) if drop_t5 else [r for r in rows.values() if r["status"] == "ok"]
+    assert {r["max_sequence_length"] for r in checked} == set(lengths)
+    for row in checked:
         assert_close(images[row["key"]], regenerate(tiny_sd3, row))
     # 3. The recorded T5 length matters: another one is another image (with T5; without it, the
     #    zeros in its place are as long).
