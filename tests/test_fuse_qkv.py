@@ -16,66 +16,51 @@ from sdfleet.schemas.family_sd3 import SD3
 OPTIONS = SimpleNamespace(channels_last=False, fuse_qkv=True, uint8_on_device=False)
 
 
-def sd3(dual: list[int]):
-    from diffusers import SD3Transformer2DModel
+def transformer(folder):
+    """The tiny checkpoint's transformer, loaded as diffusers loads it (safetensors only)."""
+    import json
 
+    import diffusers
+
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    cls = getattr(diffusers, config["_class_name"])
+    return cls.from_pretrained(folder, subfolder="transformer", use_safetensors=True).eval()
+
+
+def sd3(tiny_sd3, dual: list[int]):
+    """The tiny SD3.5 transformer (Medium: image-only attention in layer 0), or one built from its
+    config without that layer (Large's kind), with random weights."""
+    model = transformer(tiny_sd3)
+    if list(model.config.dual_attention_layers) == dual:
+        return model
     torch.manual_seed(0)
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        pos_embed_max_size=8,
-        dual_attention_layers=dual,
-        qk_norm="rms_norm",
-    ).eval()
+    return type(model).from_config({**model.config, "dual_attention_layers": tuple(dual)}).eval()
 
 
 def sd3_call(model):
+    c = model.config
     torch.manual_seed(1)
     inputs = (
-        torch.randn(1, 4, 8, 8),
-        torch.randn(1, 5, 16),
-        torch.randn(1, 8),
+        torch.randn(1, c.in_channels, 8, 8),
+        torch.randn(1, 5, c.joint_attention_dim),
+        torch.randn(1, c.pooled_projection_dim),
         torch.tensor([3.0]),
     )
     return lambda: model(*inputs, return_dict=False)[0]
 
 
-def flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-        guidance_embeds=True,
-    ).eval()
-
-
 def flux_call(model):
+    c = model.config
     torch.manual_seed(1)
-    image, text = torch.randn(1, 16, 16), torch.randn(1, 6, 32)
+    image, text = torch.randn(1, 16, c.in_channels), torch.randn(1, 6, c.joint_attention_dim)
     ids = (torch.zeros(16, 3), torch.zeros(6, 3))
-    pooled, step, guidance = torch.randn(1, 32), torch.tensor([0.5]), torch.tensor([3.5])
+    pooled, step = torch.randn(1, c.pooled_projection_dim), torch.tensor([0.5])
+    guidance = torch.tensor([3.5])
     return lambda: model(image, text, pooled, step, *ids, guidance, return_dict=False)[0]
 
 
-def test_flux1s_qkv_is_fused_and_computes_the_same():
-    model = flux()
+def test_flux1s_qkv_is_fused_and_computes_the_same(tiny_flux):
+    model = transformer(tiny_flux["dev"])
     pipe = SimpleNamespace(transformer=model)  # no fuse_qkv_projections of its own
     run = flux_call(model)
     with torch.no_grad():
@@ -88,8 +73,8 @@ def test_flux1s_qkv_is_fused_and_computes_the_same():
 
 
 @pytest.mark.parametrize("dual", [[], [0]], ids=["sd3.5-large", "sd3.5-medium"])
-def test_sd35_is_left_unfused_where_diffusers_fusion_would_change_it(dual):
-    model = sd3(dual)
+def test_sd35_is_left_unfused_where_diffusers_fusion_would_change_it(tiny_sd3, dual):
+    model = sd3(tiny_sd3, dual)
     pipe = SimpleNamespace(transformer=model)
     run = sd3_call(model)
     with torch.no_grad():
