@@ -70,7 +70,7 @@ fi
 # 1. SD2-base, 25 steps, compile auto: the engine against plain diffusers at batch 1, 16 and the
 #    engine's own choice, and a second engine in a fresh process loading the compile cache.
 #    The model is built once into WORK/sd2, its compile cache kept beside it for step 2.
-step sd2-25-steps 330 --steps "$short" --batches "${sd2_batches[@]}" --model "$work/sd2"
+step sd2-25-steps 420 --steps "$short" --batches "${sd2_batches[@]}" --model "$work/sd2"
 # 2. The same at 50 steps (the MFU basis, 83 TFLOP per image), on the cached graphs.
 step sd2-50-steps 180 --steps "$long" --batches "${sd2_batches[@]}" --model "$work/sd2" \
   --no-second-engine
