@@ -231,3 +231,21 @@ def test_fill_rows_regenerate_with_plain_fluxfillpipeline(tmp_path, tiny_flux, s
             output_type="np",
         ).images[0]
         assert_close(images[row["key"]], (image * 255).round().astype(np.uint8))
+
+
+def test_the_example_spec_passes_fills_checks():
+    """jobs/examples/flux1_fill_inpaint_1024.yaml, checked as pre-flight checks it against
+    FLUX.1-Fill-dev's published transformer config."""
+    from pathlib import Path
+
+    from sdfleet.schemas.family_flux import FLUX
+    from sdfleet.schemas.family_spec import check_family_spec, with_family_defaults
+    from sdfleet.schemas.spec import load_spec
+
+    example = Path(__file__).resolve().parents[1] / "jobs" / "examples"
+    spec = load_spec(example / "flux1_fill_inpaint_1024.yaml")
+    config = {"in_channels": 384, "out_channels": 64, "guidance_embeds": True}
+    FLUX.check_task(spec.model.task, spec.model.source, FLUX.variant(config))
+    check_family_spec(spec, FLUX, config, spec.model.source)
+    gen = with_family_defaults(spec, FLUX, config).generation
+    assert (gen.num_inference_steps, gen.guidance_scale, gen.max_sequence_length) == (50, 30.0, 512)
