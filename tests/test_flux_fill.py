@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from helpers import job_dict, run_cli, write_prompts
+from test_flux import image_task_sample
 from test_tasks import assert_close, decoded, image_table, input_bytes, run_job, three_ok
 
 FILL_MESSAGE = "is a flux (FLUX.1-Fill-dev) checkpoint"
@@ -127,28 +128,11 @@ def test_the_engine_makes_a_fill_image_as_plain_fluxfillpipeline(tiny_flux, stre
     floored to the 16-px grid, the row's strength; the same pixels as plain diffusers."""
     import diffusers
     import torch
-    from PIL import Image
 
     from sdfleet.actors.engine import Engine
-    from sdfleet.schemas.samples import GenerationParams, InputImage
     from sdfleet.schemas.spec import GenerationSpec, ModelSpec
 
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, (50, 75, 3), dtype=np.uint8))  # 75 x 50
-    mask = Image.fromarray(np.where(rng.random((50, 75)) > 0.5, 255, 0).astype(np.uint8))
-    params = GenerationParams(
-        prompt="an oil painting",
-        negative_prompt="",
-        seed=7,
-        num_inference_steps=3,
-        guidance_scale=30.0,
-        width=None,
-        height=None,
-        scheduler=None,
-        strength=strength,
-        image=InputImage(image, "0" * 64),
-        mask=InputImage(mask, "1" * 64),
-    )
+    image, mask, params = image_task_sample(True, strength=strength, guidance_scale=30.0)
     model = ModelSpec(
         source=str(tiny_flux["fill"]), task="inpaint", scheduler=None, dtype="float32"
     )
