@@ -35,7 +35,8 @@ def _transformer(guidance_embeds: bool, fill: bool = False):
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=2 * LATENT_CHANNELS + FILL_MASK_CHANNELS if fill else LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
+        # Fill's only: dev's and schnell's configs leave it null (the same as in_channels).
+        out_channels=LATENT_CHANNELS if fill else None,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
