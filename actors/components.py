@@ -30,6 +30,19 @@ def dtype_keyword(diffusers_version: str) -> str:
     return "dtype" if Version(diffusers_version) >= Version("0.40") else "torch_dtype"
 
 
+def checkpoint_class(source: str, revision: str | None, storage_options: dict) -> str | None:
+    """The pipeline class a checkpoint's model_index.json names (an s3:// folder through the
+    node's model cache, as `load_pretrained` reads it); None where it cannot be read, for
+    `load_pretrained` to say why."""
+    import diffusers
+
+    try:
+        path = local_copy(source, storage_options)
+        return diffusers.DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+    except Exception:  # noqa: BLE001 -- loading it fails next, naming the spec key
+        return None
+
+
 def load_pretrained(
     cls, key: str, source: str, revision: str | None, storage_options: dict, dtype: str, **parts
 ) -> Any:

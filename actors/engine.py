@@ -26,7 +26,12 @@ import numpy as np
 import torch
 
 from sdfleet.actors.batching import CPU_AUTO_BATCH, BatchSizer, SampleFailed
-from sdfleet.actors.components import component_overrides, load_pretrained, vae_decode_dtype
+from sdfleet.actors.components import (
+    checkpoint_class,
+    component_overrides,
+    load_pretrained,
+    vae_decode_dtype,
+)
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
@@ -67,6 +72,7 @@ class Engine:
         self.model = model
         # The family whose pipeline class loads the checkpoint; once loaded, the checkpoint's own.
         self.family = DEFAULT_FAMILY
+        self.variant = None  # the family's checkpoint kind, once loaded (FLUX.1-Fill-dev)
         self.task_name = getattr(model, "task", TEXT_TO_IMAGE)
         self.task = TASKS[self.task_name]
 
@@ -148,6 +154,7 @@ class Engine:
         dtype its VAE decodes in, the family's own call inputs, and its tokenizers."""
         denoiser = getattr(self.pipe, family.denoiser, None)
         config = getattr(denoiser, "config", {})
+        self.variant = family.variant(config)
         sample = config.get("sample_size")
         # The family's keywords every call passes (empty for SD2 and SDXL).
         self.call_inputs = call_inputs(family, config, generation)
@@ -190,8 +197,14 @@ class Engine:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
+        # A checkpoint a variant's own class runs (FLUX.1 Fill's FluxFillPipeline) loads as that
+        # class: no auto pipeline maps to it.
+        index_class = checkpoint_class(model.source, model.revision, model.storage_options)
+        own = (family_of(index_class) or DEFAULT_FAMILY).own_pipeline(index_class, self.task_name)
         pipe = load_pretrained(
-            getattr(diffusers, self.task.auto_pipeline or self.family.pipeline(self.task_name)),
+            getattr(
+                diffusers, own or self.task.auto_pipeline or self.family.pipeline(self.task_name)
+            ),
             "model.source",
             model.source,
             model.revision,
@@ -262,12 +275,14 @@ class Engine:
         task = self.task
         inputs = dict(
             prompt=[p.prompt for p in batch],
-            negative_prompt=[p.negative_prompt for p in batch],
             num_inference_steps=first.num_inference_steps,
             guidance_scale=first.guidance_scale,
             generator=generators,
             output_type="pt" if on_device else "np",
         )
+        # Pre-flight refused a negative prompt where the pipeline takes none (FLUX.1 Fill's).
+        if self.family.takes_negative_prompt(self.variant):
+            inputs["negative_prompt"] = [p.negative_prompt for p in batch]
         if task.image:
             inputs["image"] = [p.image.pixels for p in batch]
             inputs.update(self.image_task_size(first))

@@ -1,4 +1,4 @@
-"""FLOPs of the transformer families (SD3.5 Medium and Large, FLUX.1 dev and schnell), counted on
+"""FLOPs of the transformer families (SD3.5 Medium and Large, FLUX.1 dev, schnell and Fill), counted on
 meta tensors: what `schemas/family_flops.py` states. bench/flops.py prints and checks them.
 
 A transformer's cost is not linear in pixels: attention is quadratic in its tokens, and its
@@ -63,6 +63,9 @@ FLUX1_DEV = {
     "axes_dims_rope": [16, 56, 56],
 }
 FLUX1_SCHNELL = dict(FLUX1_DEV, guidance_embeds=False)
+# black-forest-labs/FLUX.1-Fill-dev's transformer/config.json: dev's, but its x_embedder reads the
+# noisy latents, the masked image's latents and the packed mask (64 + 64 + 256 channels).
+FLUX1_FILL = dict(FLUX1_DEV, in_channels=384, out_channels=64)
 # SD3's VAE (and FLUX.1's, with scaling_factor 0.3611, shift_factor 0.1159): SD2's architecture
 # with 16 latent channels and no quant convs.
 SD3_VAE = dict(
@@ -159,6 +162,19 @@ DIT_MODELS = (
         256,
         4,
         0.0,
+    ),
+    # FluxFillPipeline's defaults: 50 steps at guidance 30, 512 T5 tokens.
+    DitModel(
+        "flux1-fill",
+        "FLUX1_FILL_FLOPS",
+        "flux",
+        FLUX1_FILL,
+        FLUX_VAE,
+        ((CLIP_L, False),),
+        1024,
+        512,
+        50,
+        30.0,
     ),
 )
 
@@ -432,8 +448,8 @@ def render(counts: list[DitCount]) -> str:
     return "\n".join(lines)
 
 
-MODULE_HEADER = '''"""FLOPs of the transformer families' variants (SD3.5 Medium and Large, FLUX.1 dev and
-schnell), counted on meta tensors at each variant's native size and default T5 length by
+MODULE_HEADER = '''"""FLOPs of the transformer families' variants (SD3.5 Medium and Large, FLUX.1 dev,
+schnell and Fill), counted on meta tensors at each variant's native size and default T5 length by
 bench/flops_dit.py, which also fits each part's polynomial in its tokens (`TokenFlops`).
 
 Written by `python bench/flops.py --write` (then `ruff format`); `python bench/flops.py --check`

@@ -233,7 +233,7 @@ def check_task(task_name: str, checkpoint: Checkpoint) -> None:
         # A transformer family (SD3.5, FLUX.1): the base checkpoint runs each task its family has
         # a class for (SD3's and FLUX's inpaint pipelines blend the mask in the latents;
         # `Family.check_task` refused the others, naming them).
-        fits = task_name in checkpoint.family.pipelines
+        fits = task_name in checkpoint.family.tasks(checkpoint.variant)
     else:
         fits = task_name == TEXT_TO_IMAGE
     if task.needs_component and task.needs_component not in checkpoint.components:

@@ -154,7 +154,7 @@ class Preflight:
         checkpoint = read_checkpoint(self.spec.model)
         family = family_of(checkpoint.class_name)
         if family is not None:  # an unknown class is left to check_task
-            family.check_task(self.spec.model.task, checkpoint.source)
+            family.check_task(self.spec.model.task, checkpoint.source, checkpoint.variant)
         check_task(self.spec.model.task, checkpoint)
         refiner = check_refiner(self.spec.model, checkpoint)
         check_vae(self.spec.model, checkpoint)

@@ -285,7 +285,7 @@ def write_tiny_hf_classifier(path: str | os.PathLike, flag: str = "nothing") -> 
 
 def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
     """Everything `sdfleet tiny-models` writes: the pipelines (SD2's variants, SDXL's base and
-    refiner, SD3.5's, FLUX.1 dev- and schnell-shaped), an fp16-fixed SDXL VAE (for model.vae)
+    refiner, SD3.5's, FLUX.1 dev-, schnell- and Fill-shaped), an fp16-fixed SDXL VAE (for model.vae)
     and one tiny model per detector and scorer."""
     from sdfleet.jobs.tiny_flux import TINY_FLUX_VARIANTS, write_tiny_flux
     from sdfleet.jobs.tiny_sd3 import write_tiny_sd3

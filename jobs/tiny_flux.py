@@ -7,7 +7,10 @@ of one double and one single block over 2x2-packed latents with rotary position 
 a `shift_factor` (FLUX.1's latents are shifted, then scaled), and a flow-matching scheduler. The
 dev-shaped checkpoint embeds guidance (`guidance_embeds: true`) and shifts its schedule by the
 image's token count (`use_dynamic_shifting`), as black-forest-labs/FLUX.1-dev's configs say; the
-schnell-shaped one has neither, as FLUX.1-schnell's say.
+schnell-shaped one has neither, as FLUX.1-schnell's say. The Fill-shaped one (FLUX.1-Fill-dev's
+FluxFillPipeline) is dev's with a wider input: its transformer reads the noisy latents, the masked
+image's latents and the mask packed 2x2 after an 8x8 space-to-depth (FluxFillPipeline's
+prepare_mask_latents), so in_channels = 2 x out_channels + 8 x 8 x 4.
 """
 
 from __future__ import annotations
@@ -17,19 +20,23 @@ import pathlib
 
 from sdfleet.jobs.tiny_clip import clip_text_encoder, clip_tokenizer
 from sdfleet.jobs.tiny_t5 import T5_HIDDEN, t5_encoder, t5_tokenizer
+from sdfleet.schemas.family_flux import FILL_MASK_CHANNELS
 
 CLIP_HIDDEN = 32  # the CLIP encoder's width, and its pooled embedding's
-TINY_FLUX_VARIANTS = ("dev", "schnell")
+TINY_FLUX_VARIANTS = ("dev", "schnell", "fill")
+LATENT_CHANNELS = 16  # the VAE's 4 latent channels x the 2x2 packing
 
 
-def _transformer(guidance_embeds: bool):
+def _transformer(guidance_embeds: bool, fill: bool = False):
     from diffusers import FluxTransformer2DModel
 
-    # in_channels: the VAE's 4 latent channels x the 2x2 packing; the rotary axes' dims sum to
-    # the attention head's (16), as FLUX.1's (16, 56, 56) sum to its 128.
+    # The rotary axes' dims sum to the attention head's (16), as FLUX.1's (16, 56, 56) sum to
+    # its 128.
     return FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16,
+        in_channels=2 * LATENT_CHANNELS + FILL_MASK_CHANNELS if fill else LATENT_CHANNELS,
+        # Fill's only: dev's and schnell's configs leave it null (the same as in_channels).
+        out_channels=LATENT_CHANNELS if fill else None,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
@@ -77,22 +84,22 @@ def _scheduler(dynamic: bool):
 
 
 def write_tiny_flux(path: str | os.PathLike, variant: str = "dev") -> pathlib.Path:
-    """Write a tiny FLUX.1-dev- or -schnell-shaped checkpoint to `path` (safetensors) and return
-    it. Seeded before each component, so the weights are the same on every run."""
+    """Write a tiny FLUX.1-dev-, -schnell- or -Fill-dev-shaped checkpoint to `path` (safetensors)
+    and return it. Seeded before each component, so the weights are the same on every run."""
     import torch
-    from diffusers import FluxPipeline
+    from diffusers import FluxFillPipeline, FluxPipeline
 
     if variant not in TINY_FLUX_VARIANTS:
         raise ValueError(f"variant {variant!r} is not one of {', '.join(TINY_FLUX_VARIANTS)}")
-    dev = variant == "dev"
+    dev = variant != "schnell"  # Fill is dev's, guidance embedding and schedule alike
     tokenizer = clip_tokenizer()
     torch.manual_seed(0)
     text_encoder = clip_text_encoder(tokenizer, CLIP_HIDDEN)
     text_encoder_2 = t5_encoder(seed=1)
     torch.manual_seed(2)
-    transformer = _transformer(guidance_embeds=dev)
+    transformer = _transformer(guidance_embeds=dev, fill=variant == "fill")
     torch.manual_seed(3)
-    pipe = FluxPipeline(
+    pipe = (FluxFillPipeline if variant == "fill" else FluxPipeline)(
         scheduler=_scheduler(dynamic=dev),
         vae=_vae(),
         text_encoder=text_encoder,

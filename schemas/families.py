@@ -13,7 +13,7 @@ both import it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from sdfleet.schemas.errors import SpecError
@@ -77,8 +77,18 @@ class Variant:
     # makers recommend skipping (SD3.5 Medium: 7, 8, 9); empty: the variant has none, and a job
     # that asks for it is refused.
     skip_guidance_layers: tuple[int, ...] = ()
+    # What tells the variant apart where no set of equal values can (FLUX.1 Fill: its
+    # transformer's in_channels against its out_channels); None: `match` alone.
+    rule: Callable[[Mapping], bool] | None = None
+    # The tasks a checkpoint of the variant runs, and the class of each, in place of the family's
+    # (FLUX.1 Fill's own checkpoint runs FluxFillPipeline and nothing else); None: the family's.
+    pipelines: Mapping[str, str] | None = None
+    # False: its pipeline takes no negative prompt, and so no true CFG (FluxFillPipeline).
+    negative_prompt: bool = True
 
     def matches(self, denoiser_config: Mapping) -> bool:
+        if self.rule is not None and not self.rule(denoiser_config):
+            return False
         return all(denoiser_config.get(key) == value for key, value in self.match.items())
 
 
@@ -152,17 +162,48 @@ class Family:
         matches none of them (a fine-tune of another size: the family's own `flops` stand)."""
         return next((v for v in self.variants if v.matches(denoiser_config)), None)
 
-    def pipeline(self, task: str) -> str:
-        return self.pipelines[task]
+    def tasks(self, variant: Variant | None = None) -> Mapping[str, str]:
+        """The one owner of task -> pipeline class: the tasks a checkpoint of this variant (None:
+        the family's base checkpoint) runs, and the diffusers class of each."""
+        if variant is not None and variant.pipelines is not None:
+            return variant.pipelines
+        return self.pipelines
 
-    def check_task(self, task: str, source: str) -> None:
-        """The family has a pipeline for the task; else a SpecError naming the family and the key
-        (the checkpoint's channel count alone would not say why: SDXL has no depth model)."""
-        if task not in self.pipelines:
+    def pipeline(self, task: str, variant: Variant | None = None) -> str:
+        return self.tasks(variant)[task]
+
+    def own_pipeline(self, class_name: str | None, task: str) -> str | None:
+        """The class that runs `task` on a checkpoint whose model_index.json names `class_name`,
+        where that class is a variant's own (FLUX.1 Fill's FluxFillPipeline: no diffusers auto
+        pipeline maps to it); None: the task's auto pipeline picks the class."""
+        for variant in self.variants:
+            if variant.pipelines is not None and class_name in variant.pipelines.values():
+                return variant.pipelines.get(task)
+        return None
+
+    def takes_negative_prompt(self, variant: Variant | None = None) -> bool:
+        """The checkpoint's pipeline takes a negative prompt (and, where the family has it, true
+        CFG's scale); FLUX.1 Fill's does not."""
+        return self.negative_prompt and (variant is None or variant.negative_prompt)
+
+    def check_task(self, task: str, source: str, variant: Variant | None = None) -> None:
+        """The checkpoint has a pipeline for the task; else a SpecError naming the checkpoint kind
+        and the key (the checkpoint's channel count alone would not say why: SDXL has no depth
+        model, FLUX.1 Fill's checkpoint only inpaints)."""
+        tasks = self.tasks(variant)
+        if task in tasks:
+            return
+        if variant is not None and variant.pipelines is not None:
+            only = " or ".join(f"model.task: {t}" for t in tasks)
             raise SpecError(
-                f"model.task={task}: model.source {source} is {self.kind()}, and "
-                f"{self.name} has no pipeline for {task}; it runs {', '.join(self.pipelines)}"
+                f"model.task={task}: model.source {source} is {self.kind(variant)}, whose "
+                f"{', '.join(tasks.values())} cannot do {task}; use {only}, or another "
+                f"{self.name} checkpoint for {task}"
             )
+        raise SpecError(
+            f"model.task={task}: model.source {source} is {self.kind()}, and "
+            f"{self.name} has no pipeline for {task}; it runs {', '.join(tasks)}"
+        )
 
     def kind(self, variant: Variant | None = None) -> str:
         """The checkpoint kind as errors name it: 'an sd3 checkpoint', 'a flux (FLUX.1-dev)
@@ -389,7 +430,9 @@ _BY_PIPELINE: dict[str, Family] = {}
 def register(family: Family) -> None:
     """Add a family's row to FAMILIES, and its pipeline classes to `family_of`."""
     FAMILIES[family.name] = family
-    _BY_PIPELINE.update({cls: family for cls in family.pipelines.values()})
+    classes = [*family.pipelines.values()]
+    classes += [c for v in family.variants for c in (v.pipelines or {}).values()]
+    _BY_PIPELINE.update({cls: family for cls in classes})
 
 
 for _family in (SD2, SDXL):

@@ -1,5 +1,5 @@
-"""FLOPs of the transformer families' variants (SD3.5 Medium and Large, FLUX.1 dev and
-schnell), counted on meta tensors at each variant's native size and default T5 length by
+"""FLOPs of the transformer families' variants (SD3.5 Medium and Large, FLUX.1 dev,
+schnell and Fill), counted on meta tensors at each variant's native size and default T5 length by
 bench/flops_dit.py, which also fits each part's polynomial in its tokens (`TokenFlops`).
 
 Written by `python bench/flops.py --write` (then `ruff format`); `python bench/flops.py --check`
@@ -105,5 +105,28 @@ FLUX1_SCHNELL_FLOPS = Flops(
         clip_tflop=0.01329850368,
         clip_tokens=0,
         sequence_length=256,
+    ),
+)
+
+# flux1-fill: 11.902B transformer parameters. At 1024x1024 and T5 512 tokens:
+# 74.3927 TFLOP per transformer forward, 3735.0 per image at 50 steps x 1 pass(es).
+FLUX1_FILL_FLOPS = Flops(
+    pixels=1024 * 1024,
+    denoiser_tflop=74.3927,
+    vae_decode_tflop=10.4722,
+    text_tflop=4.858,
+    tokens=TokenFlops(
+        denoiser=TokenCost(
+            constant=0.006557270016,
+            image=0.012912820224,
+            text=0.012935233536,
+            joint_pairs=7.00416e-07,
+            image_pairs=0.0,
+        ),
+        vae_decode=VAE_DECODE,
+        sequence_encoder=T5_XXL_ENCODER,
+        clip_tflop=0.01329850368,
+        clip_tokens=0,
+        sequence_length=512,
     ),
 )

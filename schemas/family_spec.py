@@ -68,7 +68,7 @@ def call_inputs(family: Family, denoiser_config: Mapping, gen: GenerationSpec | 
         for key, default in family.skip_layer_guidance.items():
             given = getattr(gen, key)
             inputs[key] = default if given is None else given
-    if family.true_cfg:
+    if family.true_cfg and family.takes_negative_prompt(family.variant(denoiser_config)):
         inputs[TRUE_CFG_SCALE] = gen.true_cfg_scale if gen is not None else 1.0
     return inputs
 
@@ -98,7 +98,8 @@ def record(family: Family, inputs: Mapping, drop_t5: bool, scheduler_shift: floa
     if family.skip_layer_guidance:
         row.update({k: inputs.get(k) for k in (SKIP_GUIDANCE_LAYERS, *SKIP_LAYER_GUIDANCE_KEYS)})
     if family.true_cfg:
-        row[TRUE_CFG_SCALE] = inputs.get(TRUE_CFG_SCALE)
+        # 1.0 (none) where the checkpoint's pipeline takes no true_cfg_scale (FLUX.1 Fill's).
+        row[TRUE_CFG_SCALE] = inputs.get(TRUE_CFG_SCALE, 1.0)
     if family.scheduler_prefix is not None:
         row[SCHEDULER_SHIFT] = scheduler_shift
     return row
@@ -258,6 +259,14 @@ def _check_guidance(spec: JobSpec, family: Family, denoiser_config: Mapping) -> 
     variant = family.variant(denoiser_config)
     kind = family.kind(variant)
     given = _set_or_swept(spec, TRUE_CFG_SCALE, 1.0)
+    if not family.takes_negative_prompt(variant):
+        key = _negative_prompt_key(spec) or (given and f"{given[0]}={given[1]}")
+        if key:
+            name = key.split("=")[0]
+            raise SpecError(
+                f"{key}: {kind}'s pipeline ({', '.join(family.tasks(variant).values())}) takes "
+                f"no negative prompt, and so no true CFG; remove {name}"
+            )
     if given and not family.true_cfg:
         raise SpecError(
             f"{given[0]}={given[1]}: {kind} has classifier-free guidance of its own "

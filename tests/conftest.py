@@ -63,7 +63,7 @@ def tiny_sd3(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> dict[str, Path]:
-    """The tiny FLUX.1 dev- and schnell-shaped checkpoints (`sdfleet tiny-models`' `tiny-flux-*`),
+    """The tiny FLUX.1 dev-, schnell- and Fill-shaped checkpoints (`sdfleet tiny-models`' `tiny-flux-*`),
     by variant."""
     from sdfleet.jobs.tiny_flux import TINY_FLUX_VARIANTS, write_tiny_flux
 

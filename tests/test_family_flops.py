@@ -31,6 +31,7 @@ VARIANTS = {
     "sd3.5-large": family_flops.SD35_LARGE_FLOPS,
     "flux1-dev": family_flops.FLUX1_DEV_FLOPS,
     "flux1-schnell": family_flops.FLUX1_SCHNELL_FLOPS,
+    "flux1-fill": family_flops.FLUX1_FILL_FLOPS,
 }
 TINY_SD3 = dict(
     DIT_MODELS[0].transformer,

@@ -347,6 +347,32 @@ def test_the_example_specs_pass_their_checkpoint_kinds_checks():
 # ------------------------------------------------------------------ image tasks
 
 
+def image_task_sample(masked: bool, strength: float, guidance_scale: float):
+    """A 75 x 50 input (the engine floors it to 64 x 48), a random mask where `masked`, and the
+    sample that reads them: (image, mask or None, GenerationParams)."""
+    from PIL import Image
+
+    from sdfleet.schemas.samples import GenerationParams, InputImage
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (50, 75, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.where(rng.random((50, 75)) > 0.5, 255, 0).astype(np.uint8))
+    params = GenerationParams(
+        prompt="an oil painting",
+        negative_prompt="",
+        seed=7,
+        num_inference_steps=3,
+        guidance_scale=guidance_scale,
+        width=None,
+        height=None,
+        scheduler=None,
+        strength=strength,
+        image=InputImage(image, "0" * 64),
+        mask=InputImage(mask, "1" * 64) if masked else None,
+    )
+    return image, mask if masked else None, params
+
+
 @pytest.mark.parametrize("task", ["image-to-image", "inpaint"])
 def test_flux_image_tasks_match_plain_diffusers(tiny_flux, task):
     """The Engine, as a worker builds it: the base checkpoint as FluxImg2ImgPipeline or
@@ -355,28 +381,11 @@ def test_flux_image_tasks_match_plain_diffusers(tiny_flux, task):
     import diffusers
     import torch
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-    from PIL import Image
 
     from sdfleet.actors.engine import Engine
-    from sdfleet.schemas.samples import GenerationParams, InputImage
     from sdfleet.schemas.spec import GenerationSpec, ModelSpec
 
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, (50, 75, 3), dtype=np.uint8))  # 75 x 50
-    mask = Image.fromarray(np.where(rng.random((50, 75)) > 0.5, 255, 0).astype(np.uint8))
-    params = GenerationParams(
-        prompt="an oil painting",
-        negative_prompt="",
-        seed=7,
-        num_inference_steps=3,
-        guidance_scale=3.5,
-        width=None,
-        height=None,
-        scheduler=None,
-        strength=0.6,
-        image=InputImage(image, "0" * 64),
-        mask=InputImage(mask, "1" * 64) if task == "inpaint" else None,
-    )
+    image, mask, params = image_task_sample(task == "inpaint", strength=0.6, guidance_scale=3.5)
     model = ModelSpec(source=str(tiny_flux["dev"]), task=task, scheduler=None, dtype="float32")
     generation = GenerationSpec(max_sequence_length=24)
     engine = Engine(model, device="cpu", batch_size=1, generation=generation)
