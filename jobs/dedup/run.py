@@ -52,9 +52,10 @@ FLAGS_SCHEMA = pa.schema(
 
 @dataclass
 class Embeddings:
-    """One shard's (or evaluation set's) embeddings as float32 unit rows, with their keys."""
+    """One shard's embeddings as float32 unit rows, as read (float16), with their keys."""
 
     vectors: np.ndarray
+    raw: np.ndarray
     keys: list[str]
     prompt_ids: list[str | None] = field(default_factory=list)
 
@@ -156,7 +157,9 @@ class Scan:
     def __init__(self, threshold: float, evals: list[EvalSet]):
         self.threshold = threshold - TOLERANCE
         self.evals = evals
-        self.kept: list[np.ndarray] = []  # float16 blocks, in scan order
+        # The kept rows as read (float16: half the memory) with their inverse norms, in scan order:
+        # float16 of the renormalized rows would put an exact copy's cosine ~1e-4 under 1.
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
         self.kept_keys: list[str] = []
         self.flags: list[dict[str, Any]] = []
         self.images = 0
@@ -164,14 +167,14 @@ class Scan:
     def add(self, shard: str, emb: Embeddings) -> None:
         for start in range(0, len(emb.keys), BLOCK_ROWS):
             stop = start + BLOCK_ROWS
-            block = emb.vectors[start:stop]
+            block, raw = emb.vectors[start:stop], emb.raw[start:stop]
             keys, prompt_ids = emb.keys[start:stop], emb.prompt_ids[start:stop]
             # 1. Against the images kept before the block, 2. the block's own rows in order.
             match, sim = self.against_kept(block)
             self.within(block, match, sim)
             # 3. Its kept rows join the kept ones (the indices `within` gave them), then the flags.
             keep = match < 0
-            self.kept.append(block[keep].astype(np.float16))
+            self.kept.append((raw[keep], inverse_norms(raw[keep])))
             self.kept_keys += [k for k, kept in zip(keys, keep) if kept]
             for i in np.flatnonzero(~keep):
                 self.flag(
@@ -196,10 +199,10 @@ class Scan:
         match = np.full(len(block), -1, dtype=np.int64)
         sim = np.zeros(len(block), dtype=np.float32)
         offset = 0
-        for kept in self.kept:
+        for kept, scale in self.kept:
             open_rows = np.flatnonzero(match < 0)
             if open_rows.size and len(kept):
-                s = block[open_rows] @ kept.astype(np.float32).T
+                s = (block[open_rows] @ kept.astype(np.float32).T) * scale
                 hit = s >= self.threshold
                 found = hit.any(axis=1)
                 first = hit.argmax(axis=1)
@@ -274,7 +277,8 @@ def shard_embeddings(reader: OutputReader, shard: str, width: int | None) -> Emb
             f"{reader.storage.url(name)} is missing: committed shard {shard} has no embeddings; "
             "rerun the job with curation.save_embeddings: true"
         )
-    vectors = _matrix(reader.storage.read_bytes(name), reader.storage.url(name))
+    raw = _matrix(reader.storage.read_bytes(name), reader.storage.url(name))
+    vectors = raw.astype(np.float32) * inverse_norms(raw)[:, None]
     meta = pq.read_table(
         io.BytesIO(reader.storage.read_bytes(layout.embeddings_metadata_file(shard))),
         columns=["key", "prompt_id"],
@@ -291,7 +295,7 @@ def shard_embeddings(reader: OutputReader, shard: str, width: int | None) -> Emb
             f"{reader.storage.url(name)} holds {vectors.shape[1]}-wide embeddings, the output's "
             f"first shard {width}-wide ones: they come from different CLIP models"
         )
-    return Embeddings(vectors, keys, meta.column("prompt_id").to_pylist())
+    return Embeddings(vectors, raw, keys, meta.column("prompt_id").to_pylist())
 
 
 def load_eval_set(
@@ -305,7 +309,8 @@ def load_eval_set(
             path = Path(source.removeprefix("file://")).absolute()
             folder, file = str(path.parent), path.name
         storage = Storage(folder, storage_options)
-        found = EvalSet(source, "npy", _matrix(storage.read_bytes(file), source), None)
+        m = _matrix(storage.read_bytes(file), source).astype(np.float32)
+        found = EvalSet(source, "npy", m * inverse_norms(m)[:, None], None)
     else:
         other = OutputReader.open(source, storage_options)
         if not other.job["spec"].get("curation", {}).get("save_embeddings"):
@@ -330,7 +335,7 @@ def load_eval_set(
 
 
 def _matrix(data: bytes, where: str) -> np.ndarray:
-    """A .npy's 2-D matrix as float32 rows of length 1 (float16 leaves them only near 1)."""
+    """A .npy's 2-D float matrix, as stored."""
     try:
         m = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
@@ -340,9 +345,14 @@ def _matrix(data: bytes, where: str) -> np.ndarray:
             f"{where}: a {m.ndim}-D {m.dtype} array; give embeddings as a 2-D float array "
             "(one row per image)"
         )
-    m = m.astype(np.float32)
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    return np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
+    return m
+
+
+def inverse_norms(m: np.ndarray) -> np.ndarray:
+    """1 / each row's length in float32 (0 for a zero row, which then matches nothing): float16
+    rows are only near length 1, and cosines are computed exactly from them."""
+    norms = np.linalg.norm(m.astype(np.float32), axis=1)
+    return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
 
 
 def _output_width(reader: OutputReader) -> int | None:
