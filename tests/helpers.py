@@ -76,6 +76,17 @@ def _environment(changes: dict | None) -> dict:
     return {k: v for k, v in env.items() if v is not None}
 
 
+def loaded_by(imports: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh Python has loaded after `import {imports}`: what a light import
+    path (the CLI building its parser) must keep out."""
+    code = f"import sys, {imports}; print(sorted(m for m in {modules!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().replace("'", '"'))
+
+
 # ----------------------------------------------------------------------------- prompt tables
 
 

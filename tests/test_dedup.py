@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import TINY_GENERATION, job_dict, run_cli, write_prompts, write_spec
+from helpers import TINY_GENERATION, job_dict, loaded_by, run_cli, write_prompts, write_spec
 
 PROMPTS = [
     "a lighthouse at dusk",
@@ -282,19 +282,8 @@ def test_refusals_name_the_value_and_what_to_do(dataset, tmp_path, capsys):
 
 def test_importing_dedup_loads_no_heavy_frameworks():
     """The CLI imports the package to build its parser; numpy and the reader load only to run."""
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
-    code = (
-        "import sys, sdfleet.jobs.dedup, sdfleet.jobs.cli; print([m for m in "
-        "('torch', 'ray', 'tensorflow', 'numpy', 'pyarrow') if m in sys.modules])"
-    )
-    got = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert got.returncode == 0 and got.stdout.strip() == "[]", got.stdout + got.stderr
+    heavy = ("torch", "ray", "tensorflow", "numpy", "pyarrow")
+    assert loaded_by("sdfleet.jobs.dedup, sdfleet.jobs.cli", heavy) == []
 
 
 # ---------------------------------------------------------------------------------------- S3

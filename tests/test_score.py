@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import REPO, TINY_GENERATION, job_dict, run_cli, write_prompts, write_spec
+from helpers import REPO, TINY_GENERATION, job_dict, loaded_by, run_cli, write_prompts, write_spec
 
 EXAMPLE = REPO / "jobs" / "examples" / "sd2_model_card_eval.yaml"
 PROMPTS = [
@@ -279,17 +279,8 @@ def test_score_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
 
 def test_importing_score_loads_no_heavy_frameworks():
     """The CLI imports the package to build its parser; the scoring modules load only to score."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, sdfleet.jobs.score, sdfleet.jobs.cli; print([m for m in "
-        "('torch', 'ray', 'tensorflow', 'diffusers', 'matplotlib') if m in sys.modules])"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    heavy = ("torch", "ray", "tensorflow", "diffusers", "matplotlib")
+    assert loaded_by("sdfleet.jobs.score, sdfleet.jobs.cli", heavy) == []
 
 
 @pytest.mark.slow
