@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import TINY_GENERATION, job_dict, loaded_by, run_cli, write_prompts, write_spec
+from test_empty_shards import run_snippet
+from test_score import readme_block
 
 PROMPTS = [
     "a lighthouse at dusk",
@@ -196,6 +198,13 @@ def test_exact_duplicates_across_shards_name_the_earliest_kept_image(dataset, tm
     }
     assert all(r["prompt_id"] == prompt_of[r["key"]] for r in rows)
     assert "duplicates    4" in capsys.readouterr().out
+    # README's snippet, run as a user runs it (cwd holds OUTPUT), reads the rows less those four.
+    snippet = readme_block("**Dedup across the job and against an evaluation set.**")
+    report = "\nimport json\nprint(json.dumps(sorted(rows['key'])))\n"
+    every = sorted(k0 + k1 + k2)
+    assert run_snippet(snippet + report, tmp_path) == [
+        k for k in every if k not in {g[0] for g in got}
+    ]
     # Threshold 1 still catches exact copies (float16 rows renormalized in float32).
     assert dedup(str(out), "--threshold", "1", "--out", "exact") == 0
     assert len(flags(out, "exact")) == 4
