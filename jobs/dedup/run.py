@@ -23,7 +23,7 @@ from sdfleet.jobs.dedup import (
     DedupError,
     threshold_value,
 )
-from sdfleet.jobs.output import OutputReader
+from sdfleet.jobs.output import OutputReader, Survey
 from sdfleet.schemas import layout
 from sdfleet.schemas.locations import is_remote
 
@@ -115,31 +115,10 @@ def run_dedup(
     ]
     # 3. The scan.
     scan = Scan(threshold, evals)
-    shards = reader.shards
-    for shard in shards:
+    for shard in reader.shards:
         scan.add(shard, shard_embeddings(reader, shard, width))
     # 4. Write.
-    summary = {
-        "output": reader.storage.url(),
-        "job_name": spec.get("name"),
-        "job_fingerprint": reader.job.get("fingerprint"),
-        "dataset_complete": survey.complete,
-        "shards_read": len(shards),
-        "images_read": scan.images,
-        "embedding_width": width,
-        "threshold": threshold,
-        "counts": {
-            REASON_DUPLICATE: sum(f["reason"] == REASON_DUPLICATE for f in scan.flags),
-            REASON_CONTAMINATED: sum(f["reason"] == REASON_CONTAMINATED for f in scan.flags),
-        },
-        "flagged_images": len({f["key"] for f in scan.flags}),
-        "embedding_model": _embedding_model(reader),
-        "against": [{"source": e.source, "kind": e.kind, "rows": len(e.vectors)} for e in evals],
-        "rule": "scan in (shard, row) order; an image with cosine >= threshold to an earlier kept "
-        "image is a duplicate of the earliest such; contaminated: max cosine to an evaluation "
-        "set's embeddings >= threshold",
-        "files": {role: reader.storage.url(f) for role, f in files.items()},
-    }
+    summary = _summary(reader, survey, scan, width, files)
     # Keys run in scan order (shard, then offset): sorted, each block's duplicates and
     # contaminations interleave as the images came.
     flags = sorted(scan.flags, key=lambda f: (f["key"], f["reason"]))
@@ -155,6 +134,7 @@ class Scan:
     """The flags of the images seen so far, and the embeddings of those kept (float16, in order)."""
 
     def __init__(self, threshold: float, evals: list[EvalSet]):
+        self.given = threshold
         self.threshold = threshold - TOLERANCE
         self.evals = evals
         # The kept rows as read (float16: half the memory) with their inverse norms, in scan order:
@@ -263,6 +243,36 @@ class Scan:
                 "similarity": float(similarity),
             }
         )
+
+
+def _summary(
+    reader: OutputReader, survey: Survey, scan: Scan, width: int | None, files: dict[str, str]
+) -> dict[str, Any]:
+    """NAME_summary.json, less the seconds taken."""
+    shards = reader.shards
+    return {
+        "output": reader.storage.url(),
+        "job_name": reader.job["spec"].get("name"),
+        "job_fingerprint": reader.job.get("fingerprint"),
+        "dataset_complete": survey.complete,
+        "shards_read": len(shards),
+        "images_read": scan.images,
+        "embedding_width": width,
+        "threshold": scan.given,
+        "counts": {
+            REASON_DUPLICATE: sum(f["reason"] == REASON_DUPLICATE for f in scan.flags),
+            REASON_CONTAMINATED: sum(f["reason"] == REASON_CONTAMINATED for f in scan.flags),
+        },
+        "flagged_images": len({f["key"] for f in scan.flags}),
+        "embedding_model": _embedding_model(reader),
+        "against": [
+            {"source": e.source, "kind": e.kind, "rows": len(e.vectors)} for e in scan.evals
+        ],
+        "rule": "scan in (shard, row) order; an image with cosine >= threshold to an earlier kept "
+        "image is a duplicate of the earliest such; contaminated: max cosine to an evaluation "
+        "set's embeddings >= threshold",
+        "files": {role: reader.storage.url(f) for role, f in files.items()},
+    }
 
 
 # ---------------------------------------------------------------------------- reading embeddings
