@@ -141,6 +141,23 @@ def write_spec(folder, spec: dict, file: str | None = None, /, **sections) -> Pa
     return path
 
 
+def run_tiny_job(folder: Path, model, prompts: list[str], **sections) -> Path:
+    """The tiny model's usual job (TINY_GENERATION, PNG) on `prompts`, with `sections` merged in,
+    run by `sdfleet run` on an embedded local Ray in `folder`; its output folder."""
+    write_prompts(folder / "in" / "p.parquet", prompts)
+    spec = job_dict(
+        model,
+        folder / "in",
+        folder / "out",
+        generation=TINY_GENERATION,
+        output={"image_format": "png"},
+    )
+    write_spec(folder, spec, "job.yaml", **sections)
+    done = run_cli("run", str(folder / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "out"
+
+
 # The fault tests' job: 12 prompts x 2 seeds = 24 samples in 8 shards of 3.
 N_PROMPTS = 12
 

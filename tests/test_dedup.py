@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import TINY_GENERATION, job_dict, loaded_by, run_cli, write_prompts, write_spec
+from helpers import loaded_by, run_tiny_job
 from test_empty_shards import run_snippet
 from test_score import readme_block
 
@@ -39,20 +39,14 @@ def dataset(tmp_path_factory, tiny_model):
     from sdfleet.jobs.tiny import write_tiny_clip
 
     tmp = tmp_path_factory.mktemp("dedup-job")
-    write_prompts(tmp / "in" / "p.parquet", PROMPTS)
-    spec = job_dict(
+    return run_tiny_job(
+        tmp,
         tiny_model,
-        tmp / "in",
-        tmp / "out",
-        generation=TINY_GENERATION,
+        PROMPTS,
         sweep={"seeds": 2},
-        output={"image_format": "png", "samples_per_shard": 4},
+        output={"samples_per_shard": 4},
         curation={"clip_model": str(write_tiny_clip(tmp / "clip")), "save_embeddings": True},
     )
-    write_spec(tmp, spec, "job.yaml")
-    done = run_cli("run", str(tmp / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp / "out"
 
 
 def copy_of(dataset, tmp_path):

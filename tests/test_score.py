@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import REPO, TINY_GENERATION, job_dict, loaded_by, run_cli, write_prompts, write_spec
+from helpers import REPO, loaded_by, run_tiny_job, write_prompts
 
 EXAMPLE = REPO / "jobs" / "examples" / "sd2_model_card_eval.yaml"
 PROMPTS = [
@@ -56,20 +56,13 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, tiny_model):
     """A real dataset: 5 prompts x 2 seeds x 2 guidance scales through `sdfleet run` on a local Ray."""
-    tmp = tmp_path_factory.mktemp("score-job")
-    write_prompts(tmp / "in" / "p.parquet", PROMPTS)
-    spec = job_dict(
+    return run_tiny_job(
+        tmp_path_factory.mktemp("score-job"),
         tiny_model,
-        tmp / "in",
-        tmp / "out",
-        generation=TINY_GENERATION,
+        PROMPTS,
         sweep={"seeds": 2, "axes": {"guidance_scale": SCALES}},
         output={"image_format": "png", "samples_per_shard": 12},
     )
-    write_spec(tmp, spec, "job.yaml")
-    out = run_cli("run", str(tmp / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return tmp / "out"
 
 
 def read_rows(folder):
