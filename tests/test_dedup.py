@@ -82,11 +82,17 @@ def controlled_copy(dataset, tmp_path):
 
 
 def naive_flags(out, threshold: float) -> list[tuple[str, str]]:
-    """The rule, spelled out over all pairs: (key, the earliest kept key it matches) per duplicate."""
+    """naive_rule over the output's embeddings and keys, in shard order."""
     shards = sorted(p.name[len("img_emb_") : -4] for p in (out / "img_emb").glob("*.npy"))
-    x = np.concatenate([embeddings(out, s) for s in shards]).astype(np.float64)
+    x = np.concatenate([embeddings(out, s) for s in shards])
+    return naive_rule(x, [k for s in shards for k in keys(out, s)], threshold)
+
+
+def naive_rule(x: np.ndarray, names: list[str], threshold: float) -> list[tuple[str, str]]:
+    """The rule, spelled out over all pairs in float64: (key, the earliest kept key it matches)
+    per duplicate."""
+    x = x.astype(np.float64)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    names = [k for s in shards for k in keys(out, s)]
     kept, found = [], []
     for i in range(len(x)):
         match = next((j for j in kept if x[i] @ x[j] >= threshold - 1e-6), None)
@@ -139,6 +145,32 @@ def test_the_jobs_own_embeddings_are_flagged_as_a_naive_reference_of_the_rule_sa
         assert 0 < len(expected) < 11  # some kept besides the first, some not
         got = [(r["key"], r["match"]) for r in flags(out, threshold)]
         assert got == expected
+
+
+@pytest.mark.parametrize("block_rows", [4096, 7, 1])
+def test_the_scan_of_many_small_shards_follows_the_rule(monkeypatch, block_rows):
+    """Clusters of near-copies spread over 24 shards of 5, blocks of 7 or 1 rows crossing shard
+    ends: the same flags as the rule over all pairs. No output: the scan alone, in memory."""
+    import sdfleet.jobs.dedup.run as run
+
+    monkeypatch.setattr(run, "BLOCK_ROWS", block_rows)
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((12, 32))
+    x = centres[rng.integers(0, 12, 120)] + 0.2 * rng.standard_normal((120, 32))
+    raw = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    names = [f"{i:09d}" for i in range(120)]
+    scan = run.Scan(0.97, [])
+    for s in range(24):
+        rows = slice(5 * s, 5 * s + 5)
+        vectors = raw[rows].astype(np.float32) * run.inverse_norms(raw[rows])[:, None]
+        scan.add(f"{s:05d}", run.Embeddings(vectors, raw[rows], names[rows], [None] * 5))
+    scan.finish()
+    expected = naive_rule(raw, names, 0.97)
+    assert 20 < len(expected) < 100
+    assert [(f["key"], f["match"]) for f in scan.flags] == expected
+    assert scan.images == 120 and len(scan.kept_keys) == 120 - len(expected)
+    # Kept rows in chunks of a block or more, however small the shards: few products per block.
+    assert all(len(chunk) >= min(block_rows, 120) for chunk, _ in scan.kept[:-1])
 
 
 @pytest.mark.slow

@@ -117,6 +117,7 @@ def run_dedup(
     scan = Scan(threshold, evals)
     for shard in reader.shards:
         scan.add(shard, shard_embeddings(reader, shard, width))
+    scan.finish()
     # 4. Write.
     summary = _summary(reader, survey, scan, width, files)
     # Keys run in scan order (shard, then offset): sorted, each block's duplicates and
@@ -143,34 +144,69 @@ class Scan:
         self.kept_keys: list[str] = []
         self.flags: list[dict[str, Any]] = []
         self.images = 0
+        self.pending: list[tuple[str, Embeddings]] = []
+        self.pending_rows = 0
 
     def add(self, shard: str, emb: Embeddings) -> None:
-        for start in range(0, len(emb.keys), BLOCK_ROWS):
-            stop = start + BLOCK_ROWS
-            block, raw = emb.vectors[start:stop], emb.raw[start:stop]
-            keys, prompt_ids = emb.keys[start:stop], emb.prompt_ids[start:stop]
-            # 1. Against the images kept before the block, 2. the block's own rows in order.
-            match, sim = self.against_kept(block)
-            self.within(block, match, sim)
-            # 3. Its kept rows join the kept ones (the indices `within` gave them), then the flags.
-            keep = match < 0
-            self.kept.append((raw[keep], inverse_norms(raw[keep])))
-            self.kept_keys += [k for k, kept in zip(keys, keep) if kept]
-            for i in np.flatnonzero(~keep):
-                self.flag(
-                    shard,
-                    keys[i],
-                    prompt_ids[i],
-                    REASON_DUPLICATE,
-                    self.kept_keys[match[i]],
-                    None,
-                    None,
-                    sim[i],
-                )
-            # 4. Against every evaluation set.
-            for e in self.evals:
-                self.contamination(shard, keys, prompt_ids, block, e)
-            self.images += len(keys)
+        """Queue a shard's rows; they are compared BLOCK_ROWS at a time across shard ends, so a job
+        of many small shards costs as few matrix products as one of large shards."""
+        self.pending.append((shard, emb))
+        self.pending_rows += len(emb.keys)
+        if self.pending_rows >= BLOCK_ROWS:
+            self.finish()
+
+    def finish(self) -> None:
+        """Compare every queued row (the caller's last call: the rows left at the end)."""
+        if not self.pending:
+            return
+        shards = [shard for shard, emb in self.pending for _ in emb.keys]
+        keys = [k for _, emb in self.pending for k in emb.keys]
+        prompt_ids = [p for _, emb in self.pending for p in emb.prompt_ids]
+        block = np.concatenate([emb.vectors for _, emb in self.pending])
+        raw = np.concatenate([emb.raw for _, emb in self.pending])
+        self.pending, self.pending_rows = [], 0
+        for a in range(0, len(keys), BLOCK_ROWS):
+            b = a + BLOCK_ROWS
+            self.compare(shards[a:b], keys[a:b], prompt_ids[a:b], block[a:b], raw[a:b])
+
+    def compare(
+        self,
+        shards: list[str],
+        keys: list[str],
+        prompt_ids: list,
+        block: np.ndarray,
+        raw: np.ndarray,
+    ) -> None:
+        """One block of at most BLOCK_ROWS rows, in scan order."""
+        # 1. Against the images kept before the block, 2. the block's own rows in order.
+        match, sim = self.against_kept(block)
+        self.within(block, match, sim)
+        # 3. Its kept rows join the kept ones (the indices `within` gave them), then the flags.
+        keep = match < 0
+        self.keep(raw[keep])
+        self.kept_keys += [k for k, kept in zip(keys, keep) if kept]
+        for i in np.flatnonzero(~keep):
+            self.flag(
+                shards[i],
+                keys[i],
+                prompt_ids[i],
+                REASON_DUPLICATE,
+                self.kept_keys[match[i]],
+                None,
+                None,
+                sim[i],
+            )
+        # 4. Against every evaluation set.
+        for e in self.evals:
+            self.contamination(shards, keys, prompt_ids, block, e)
+        self.images += len(keys)
+
+    def keep(self, raw: np.ndarray) -> None:
+        """Append kept rows, topping up the last chunk first: chunks stay about BLOCK_ROWS long,
+        so a block meets the kept images in few products whatever the number of shards."""
+        if self.kept and len(self.kept[-1][0]) < BLOCK_ROWS:
+            raw = np.concatenate([self.kept.pop()[0], raw])
+        self.kept.append((raw, inverse_norms(raw)))
 
     def against_kept(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row of the block: the index (into kept_keys) of the earliest kept image it matches,
@@ -208,7 +244,7 @@ class Scan:
             next_kept += 1
 
     def contamination(
-        self, shard: str, keys: list[str], prompt_ids: list, block: np.ndarray, e: EvalSet
+        self, shards: list[str], keys: list[str], prompt_ids: list, block: np.ndarray, e: EvalSet
     ) -> None:
         best = np.full(len(block), -np.inf, dtype=np.float32)
         where = np.zeros(len(block), dtype=np.int64)
@@ -220,7 +256,7 @@ class Scan:
         for i in np.flatnonzero(best >= self.threshold):
             j = int(where[i])
             self.flag(
-                shard,
+                shards[i],
                 keys[i],
                 prompt_ids[i],
                 REASON_CONTAMINATED,
