@@ -98,13 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
         "dir", nargs="?", default="sdfleet-demo", help="working folder (default: ./sdfleet-demo)"
     )
 
-    from sdfleet.jobs import preview, score
+    from sdfleet.jobs import dedup, preview, score
 
     preview.add_arguments(
         sub.add_parser("preview", help="contact sheet, X/Y grid or HTML gallery of an output")
     )
     score.add_arguments(
         sub.add_parser("score", help="CLIP score per image and FID per sweep point of an output")
+    )
+    dedup.add_arguments(
+        sub.add_parser(
+            "dedup",
+            help="flag near-duplicate images across the whole output, and images too close to "
+            "an evaluation set, from its saved CLIP embeddings",
+        )
     )
 
     p = sub.add_parser(
@@ -199,7 +206,7 @@ def _dispatch(args) -> int:
         from sdfleet.jobs.run import JobRunner
 
         return JobRunner(_load(args), address=args.address, progress=not args.no_progress).run()
-    if args.command in ("status", "preview", "score", "withdraw"):
+    if args.command in ("status", "preview", "score", "dedup", "withdraw"):
         args.output, args.storage_options = _output_location(args.output)
     if args.command == "status":
         return _status(args.output, args.storage_options, args.verify)
@@ -221,6 +228,10 @@ def _dispatch(args) -> int:
         return command(args)
     if args.command == "score":
         from sdfleet.jobs.score import command
+
+        return command(args)
+    if args.command == "dedup":
+        from sdfleet.jobs.dedup import command
 
         return command(args)
     if args.command == "tiny-models":

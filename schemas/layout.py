@@ -21,6 +21,8 @@ the finalizer) import the names from here; none spells a file name itself.
       README.md                the dataset card; only when complete
       preview/                 previews: contact_sheet.png, xy_*.png, index.html, the card's sheet
       _scores/                 `sdfleet score`: {name}.parquet, {name}_summary.json, the FID plot
+      _dedup/                  `sdfleet dedup`: {name}.parquet (one row per flagged image: a
+                               near-duplicate, or contaminated by an evaluation set), {name}_summary.json
       _index/stats-*.parquet   a cache of the stats files' contents, each entry valid only while its
                                file's listing tag is the one recorded (status reads it, not 100k files)
       _SUCCESS                 written last of all, only when every planned sample has its row
@@ -158,6 +160,16 @@ def score_files(name: str, folder: str = SCORES_DIR) -> dict[str, str]:
         "summary": f"{where}{name}_summary.json",
         "plot": f"{where}{name}_fid_vs_clip.png",
     }
+
+
+# `sdfleet dedup`'s folder, beside _scores/ and for the same reason: the flags are about the dataset's
+# rows, not rows of it, so no reader of OUTPUT/*.parquet may take them for rows.
+DEDUP_DIR = "_dedup"
+
+
+def dedup_files(name: str) -> dict[str, str]:
+    """The files `sdfleet dedup --out NAME` writes into the output, by role."""
+    return {"flags": f"{DEDUP_DIR}/{name}.parquet", "summary": f"{DEDUP_DIR}/{name}_summary.json"}
 
 
 def image_member(key: str, image_format: str) -> str:

@@ -76,6 +76,17 @@ def _environment(changes: dict | None) -> dict:
     return {k: v for k, v in env.items() if v is not None}
 
 
+def loaded_by(imports: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh Python has loaded after `import {imports}`: what a light import
+    path (the CLI building its parser) must keep out."""
+    code = f"import sys, {imports}; print(sorted(m for m in {modules!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().replace("'", '"'))
+
+
 # ----------------------------------------------------------------------------- prompt tables
 
 
@@ -128,6 +139,23 @@ def write_spec(folder, spec: dict, file: str | None = None, /, **sections) -> Pa
     path = Path(folder) / (file or f"job-{uuid.uuid4().hex[:6]}.yaml")
     path.write_text(yaml.safe_dump(spec_dict(spec, **sections)))
     return path
+
+
+def run_tiny_job(folder: Path, model, prompts: list[str], **sections) -> Path:
+    """The tiny model's usual job (TINY_GENERATION, PNG) on `prompts`, with `sections` merged in,
+    run by `sdfleet run` on an embedded local Ray in `folder`; its output folder."""
+    write_prompts(folder / "in" / "p.parquet", prompts)
+    spec = job_dict(
+        model,
+        folder / "in",
+        folder / "out",
+        generation=TINY_GENERATION,
+        output={"image_format": "png"},
+    )
+    write_spec(folder, spec, "job.yaml", **sections)
+    done = run_cli("run", str(folder / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "out"
 
 
 # The fault tests' job: 12 prompts x 2 seeds = 24 samples in 8 shards of 3.

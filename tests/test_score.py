@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import REPO, TINY_GENERATION, job_dict, run_cli, write_prompts, write_spec
+from helpers import REPO, loaded_by, run_tiny_job, write_prompts
 
 EXAMPLE = REPO / "jobs" / "examples" / "sd2_model_card_eval.yaml"
 PROMPTS = [
@@ -56,20 +56,13 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, tiny_model):
     """A real dataset: 5 prompts x 2 seeds x 2 guidance scales through `sdfleet run` on a local Ray."""
-    tmp = tmp_path_factory.mktemp("score-job")
-    write_prompts(tmp / "in" / "p.parquet", PROMPTS)
-    spec = job_dict(
+    return run_tiny_job(
+        tmp_path_factory.mktemp("score-job"),
         tiny_model,
-        tmp / "in",
-        tmp / "out",
-        generation=TINY_GENERATION,
+        PROMPTS,
         sweep={"seeds": 2, "axes": {"guidance_scale": SCALES}},
         output={"image_format": "png", "samples_per_shard": 12},
     )
-    write_spec(tmp, spec, "job.yaml")
-    out = run_cli("run", str(tmp / "job.yaml"), "--no-progress", env={"RAY_ADDRESS": ""})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return tmp / "out"
 
 
 def read_rows(folder):
@@ -279,17 +272,8 @@ def test_score_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
 
 def test_importing_score_loads_no_heavy_frameworks():
     """The CLI imports the package to build its parser; the scoring modules load only to score."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, sdfleet.jobs.score, sdfleet.jobs.cli; print([m for m in "
-        "('torch', 'ray', 'tensorflow', 'diffusers', 'matplotlib') if m in sys.modules])"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    heavy = ("torch", "ray", "tensorflow", "diffusers", "matplotlib")
+    assert loaded_by("sdfleet.jobs.score, sdfleet.jobs.cli", heavy) == []
 
 
 @pytest.mark.slow
