@@ -11,8 +11,10 @@ from __future__ import annotations
 T5_VOCAB = 200
 T5_HIDDEN = 32  # d_model: the width the tiny denoisers' joint attention reads
 
-# Enough words that the Unigram model learns pieces for the prompts tests write; any other text
-# still tokenizes (the Metaspace pre-tokenizer and <unk> cover it).
+_SPECIAL = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
+# The Metaspace pre-tokenizer's mark of a word's start, as in T5's vocabulary.
+_WORD_START = "\u2581"
+# The words that are one token each; any other text is the word-start mark and its characters.
 _CORPUS = [
     "a photo of an astronaut riding a horse on the moon",
     "a watercolor painting of a cat sitting on a red chair",
@@ -27,16 +29,28 @@ _CORPUS = [
 
 
 def t5_tokenizer():
-    """A T5TokenizerFast over a Unigram vocabulary of T5_VOCAB pieces, trained in a few seconds."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """A T5TokenizerFast over a Unigram vocabulary written out here: the corpus' words, then every
+    printable ASCII character, so that any other text tokenizes too, piece by piece. Written, not
+    trained: `tokenizers`' Unigram trainer orders pieces of near-equal score differently from run
+    to run (its threads), which changed tokenizer.json, the token ids and the checkpoint's hash
+    with each build."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import T5TokenizerFast
 
-    tokenizer = Tokenizer(models.Unigram())
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=T5_VOCAB, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    # Viterbi picks the highest total score: a known word (one piece) beats any split of it into
+    # the word-start mark and characters.
+    words = dict.fromkeys(
+        f"{_WORD_START}{w}" for text in _CORPUS for w in text.replace(",", " ,").split()
     )
-    tokenizer.train_from_iterator(_CORPUS * 4, trainer)
+    characters = dict.fromkeys(string.ascii_letters + string.digits + string.punctuation)
+    vocab = [(token, 0.0) for token in _SPECIAL]
+    vocab += [(word, -2.0) for word in words]
+    vocab += [(_WORD_START, -3.0)] + [(c, -5.0) for c in characters if c not in words]
+    assert len(vocab) <= T5_VOCAB, len(vocab)
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=_SPECIAL.index("<unk>")))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     return T5TokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<pad>",

@@ -30,7 +30,9 @@ in the same work folder: keep the default --work (or pass the same one to both).
 
 tests/output_identity_baseline.json holds the digests made once SD3.5 and FLUX.1 had landed: its
 tars, rows and previews equal those of 43ef8ac (the first baseline, compared then); its cards were
-digested again with the fingerprint line masked. Run with the checkout's own venv, e.g. `.venv/bin/python tests/...`, so the
+digested again with the fingerprint line masked; the T5 tokenizers' tokenizer.json again once
+the tiny T5 tokenizer was written instead of trained (the trainer's piece order varied by run),
+and tiny-flux-fill's files added. Run with the checkout's own venv, e.g. `.venv/bin/python tests/...`, so the
 installed `sdfleet` is that checkout's code.
 """
 

@@ -23,3 +23,23 @@ def test_t5_encoder_reads_the_tokenizers_ids():
     ids = tokenizer("a photo of an astronaut", return_tensors="pt").input_ids
     hidden = t5_encoder()(ids).last_hidden_state
     assert hidden.shape == (1, ids.shape[1], T5_HIDDEN)
+
+
+def test_t5_tokenizer_is_the_same_file_in_every_process(tmp_path):
+    """The tiny checkpoints' hash, and the ids prompts get, must not change from build to build."""
+    import subprocess
+    import sys
+
+    def build(folder) -> bytes:
+        code = f"from sdfleet.jobs.tiny_t5 import t5_tokenizer; t5_tokenizer().save_pretrained({str(folder)!r})"
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        return (folder / "tokenizer.json").read_bytes()
+
+    assert build(tmp_path / "a") == build(tmp_path / "b")
+
+
+def test_t5_tokenizer_keeps_corpus_words_whole_and_spells_out_the_rest():
+    tokenizer = t5_tokenizer()
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("a red fox").input_ids)
+    assert pieces == ["\u2581a", "\u2581red", "\u2581", "f", "o", "x", "</s>"]
+    assert tokenizer.unk_token_id not in tokenizer("Zebra #42!").input_ids
