@@ -63,6 +63,33 @@ class NotAnOutput(UserError, FileNotFoundError):
     """The URI holds no job record: not an sdfleet output, or a job that never started."""
 
 
+class NameTaken(UserError, FileExistsError):
+    """A tool's file (`sdfleet score --out NAME`, `sdfleet dedup --out NAME`) already exists in
+    the output: tools add files to an output, they never replace one."""
+
+    def __init__(self, storage: Storage, name: str, out: str):
+        super().__init__(
+            f"{storage.url(name)} exists: pass --out with another name (e.g. --out {out}-2) to "
+            "keep it, or delete it first"
+        )
+
+
+def check_names_free(storage: Storage, files: Iterable[str], out: str) -> None:
+    """Before a tool computes anything: none of the files it will write under --out `out` exists."""
+    for name in files:
+        if storage.exists(name):
+            raise NameTaken(storage, name, out)
+
+
+def create_tool_file(storage: Storage, name: str, data: bytes, out: str) -> None:
+    """Write a tool's file, which must not exist yet (a run beside this one may have made it
+    since `check_names_free`)."""
+    try:
+        storage.write_bytes(name, data, exclusive=True)
+    except FileExistsError:
+        raise NameTaken(storage, name, out) from None
+
+
 @dataclass
 class Survey:
     """Every planned shard of one job, classified as committed, quarantined or pending."""

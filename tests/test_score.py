@@ -270,6 +270,29 @@ def test_score_refuses_bad_arguments_before_loading_anything(tmp_path, capsys):
     assert "sdfleet: error: " in err and "has no _job.json: it is not an sdfleet output" in err
 
 
+@pytest.mark.slow
+def test_a_second_score_under_the_same_name_is_refused_and_the_first_kept(
+    dataset, tmp_path, capsys
+):
+    """Scores are never replaced: a rerun under a used --out name is refused before any model
+    loads (the CLIP model named here does not exist), and the earlier files stay as they were."""
+    import shutil
+
+    from sdfleet.jobs.cli import main
+
+    out = tmp_path / "OUTPUT"
+    shutil.copytree(dataset, out)
+    shutil.rmtree(out / "_scores", ignore_errors=True)  # another test's scores
+    earlier = out / "_scores" / "scores_summary.json"
+    earlier.parent.mkdir()
+    earlier.write_text('{"earlier": true}')
+    assert main(["score", str(out), "--clip-model", "no-such-clip"]) == 1
+    err = capsys.readouterr().err
+    assert f"{earlier} exists: pass --out with another name (e.g. --out scores-2)" in err
+    assert earlier.read_text() == '{"earlier": true}'
+    assert not (out / "_scores" / "scores.parquet").exists()
+
+
 def test_importing_score_loads_no_heavy_frameworks():
     """The CLI imports the package to build its parser; the scoring modules load only to score."""
     heavy = ("torch", "ray", "tensorflow", "diffusers", "matplotlib")
@@ -418,9 +441,9 @@ def test_score_flags_are_the_working_directorys_and_recorded_absolute(
     shutil.copytree(dataset, tmp_path / "OUTPUT")
     shutil.copytree(scorers["clip"], tmp_path / "models" / "clip")
     monkeypatch.chdir(tmp_path)
-    argv = ["score", "OUTPUT", "--clip-model", "models/clip", "--device", "cpu"]
+    argv = ["score", "OUTPUT", "--clip-model", "models/clip", "--device", "cpu", "--out", "cwd"]
     assert main([*argv, "--batch-size", "8"]) == 0
-    summary = json.loads((tmp_path / "OUTPUT" / "_scores" / "scores_summary.json").read_text())
+    summary = json.loads((tmp_path / "OUTPUT" / "_scores" / "cwd_summary.json").read_text())
     assert summary["clip_model"]["source"] == str(tmp_path / "models" / "clip")
 
 

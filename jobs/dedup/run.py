@@ -23,7 +23,7 @@ from sdfleet.jobs.dedup import (
     DedupError,
     threshold_value,
 )
-from sdfleet.jobs.output import OutputReader, Survey
+from sdfleet.jobs.output import OutputReader, Survey, check_names_free, create_tool_file
 from sdfleet.schemas import layout
 from sdfleet.schemas.locations import is_remote
 
@@ -98,9 +98,7 @@ def run_dedup(
             "curation.save_embeddings: true (and curation.clip_model) to write img_emb/"
         )
     files = layout.dedup_files(name)
-    for f in files.values():
-        if reader.storage.exists(f):
-            raise _exists(reader.storage, f, name)
+    check_names_free(reader.storage, files.values(), name)
     survey = reader.survey()
     if not survey.complete:
         log.warning(
@@ -125,9 +123,9 @@ def run_dedup(
     flags = sorted(scan.flags, key=lambda f: (f["key"], f["reason"]))
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(flags, schema=FLAGS_SCHEMA), buf)
-    _create(reader.storage, files["flags"], buf.getvalue(), name)
+    create_tool_file(reader.storage, files["flags"], buf.getvalue(), name)
     summary["seconds"] = round(time.time() - started, 2)
-    _create(reader.storage, files["summary"], json_bytes(summary), name)
+    create_tool_file(reader.storage, files["summary"], json_bytes(summary), name)
     return summary
 
 
@@ -421,18 +419,3 @@ def _embedding_model(reader: OutputReader) -> dict[str, Any]:
         "clip_model": reader.job["spec"].get("curation", {}).get("clip_model"),
         "sha256": hashes,
     }
-
-
-def _create(storage: Storage, name: str, data: bytes, out: str) -> None:
-    """Write a file that must not exist yet (a dedup running beside this one may have made it)."""
-    try:
-        storage.write_bytes(name, data, exclusive=True)
-    except FileExistsError:
-        raise _exists(storage, name, out) from None
-
-
-def _exists(storage: Storage, name: str, out: str) -> DedupError:
-    return DedupError(
-        f"{storage.url(name)} exists: pass --out with another name (e.g. --out {out}-2) to keep "
-        "it, or delete it first"
-    )

@@ -45,6 +45,9 @@ output's top level holds only the dataset's files), with NAME = ``--out`` (defau
   their hashes, reference count, settings) and ``notes``.
 - ``NAME_fid_vs_clip.png``: FID against mean CLIP score, each point labelled with its guidance scale.
 
+None of them is ever replaced: a NAME whose files exist is refused before any model loads
+(``jobs.output.check_names_free``), and each file is created exclusively.
+
 Figures from tiny or untrained models mean nothing, so a loud note goes into the summary and onto the
 plot when the CLIP model or the feature extractor is tiny (by parameter count or architecture) or
 untrained (normalisation layers still at their initial values), and ``--note`` adds any text of yours.

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from sdfleet.actors.model_cache import local_copy, weights_sha256
-from sdfleet.actors.storage import Storage
-from sdfleet.jobs.output import OutputReader, Survey
+from sdfleet.actors.storage import Storage, json_bytes
+from sdfleet.jobs.output import OutputReader, Survey, check_names_free, create_tool_file
 from sdfleet.jobs.score import DEFAULT_FID_SIZE, DEFAULT_OUT, LOUD_NOTE, ScoreError
 from sdfleet.jobs.score.clip import ClipScorer
 from sdfleet.jobs.score.fid import SweepFID, fid_array
@@ -121,6 +121,8 @@ class ScoreRun:
         self.fid_weights = fid_weights
         self.name = name
         self.files = layout.score_files(name)
+        # Before any model loads: a rerun under the same name would replace the earlier scores.
+        check_names_free(reader.storage, self.files.values(), name)
         self.batch_size = batch_size
         self.device = device
         self.fid_size = fid_size
@@ -320,14 +322,13 @@ class ScoreRun:
         pq.write_table(
             pa.Table.from_pylist(self.results, schema=scores_schema(self.group_cols)), buf
         )
-        storage.write_bytes(self.files["scores"], buf.getvalue())
+        create_tool_file(storage, self.files["scores"], buf.getvalue(), self.name)
         if self.fid and any(p["fid"] is not None for p in points):
-            storage.write_bytes(
-                self.files["plot"], plot_fid_vs_clip(points, self.group_cols, summary)
-            )
+            plot = plot_fid_vs_clip(points, self.group_cols, summary)
+            create_tool_file(storage, self.files["plot"], plot, self.name)
             summary["files"]["plot"] = self.files["plot"]
         summary["seconds"] = round(time.time() - self.started, 2)
-        storage.write_json(self.files["summary"], summary)
+        create_tool_file(storage, self.files["summary"], json_bytes(summary), self.name)
         log.info("wrote %s", ", ".join(storage.url(f) for f in summary["files"].values() if f))
         retire_top_level_scores(storage, self.name)
 
