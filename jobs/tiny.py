@@ -217,6 +217,16 @@ def write_tiny_nsfw_model(path: str | os.PathLike, flag: str = "nothing") -> pat
     return out
 
 
+# The tiny CLIP towers of the clip-checker detector and the scoring CLIP: two layers of width 32.
+_CLIP_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
+_CLIP_VISION = {**_CLIP_TOWER, "image_size": 32, "patch_size": 8}
+
+
 def write_tiny_clip_checker(path: str | os.PathLike, flag: str = "nothing") -> pathlib.Path:
     """diffusers' StableDiffusionSafetyChecker with a tiny CLIP vision tower, and its image processor."""
     import torch
@@ -225,21 +235,8 @@ def write_tiny_clip_checker(path: str | os.PathLike, flag: str = "nothing") -> p
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "vocab_size": 100,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
+        text_config={**_CLIP_TOWER, "vocab_size": 100},
+        vision_config=_CLIP_VISION,
         projection_dim=16,
     )
     checker = StableDiffusionSafetyChecker(config).eval()
@@ -331,24 +328,14 @@ def write_tiny_clip(path: str | os.PathLike) -> pathlib.Path:
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            **_CLIP_TOWER,
             "vocab_size": len(tokenizer),
             "max_position_embeddings": CLIP_TOKENS,
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
+        vision_config=_CLIP_VISION,
         projection_dim=16,
     )
     model = CLIPModel(config).eval()
