@@ -226,11 +226,13 @@ def test_exact_duplicates_across_shards_name_the_earliest_kept_image(dataset, tm
     assert "duplicates    4" in capsys.readouterr().out
     # README's snippet, run as a user runs it (cwd holds OUTPUT), reads the rows less those four.
     snippet = readme_block("**Dedup across the job and against an evaluation set.**")
-    report = "\nimport json\nprint(json.dumps(sorted(rows['key'])))\n"
+    report = (
+        "\nimport json\n"
+        "print(json.dumps([sorted(rows['key']), sorted(s['__key__'] for s in ds)]))\n"
+    )
     every = sorted(k0 + k1 + k2)
-    assert run_snippet(snippet + report, tmp_path) == [
-        k for k in every if k not in {g[0] for g in got}
-    ]
+    kept = [k for k in every if k not in {g[0] for g in got}]
+    assert run_snippet(snippet + report, tmp_path) == [kept, kept]
     # Threshold 1 still catches exact copies (float16 rows renormalized in float32).
     assert dedup(str(out), "--threshold", "1", "--out", "exact") == 0
     assert len(flags(out, "exact")) == 4
