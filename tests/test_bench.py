@@ -170,6 +170,12 @@ def test_gpu_bench_full_size():
     assert "MFU" in out
 
 
+def test_dedup_bench_flags_exactly_its_planted_copies_across_blocks():
+    """Small shards and more images than one block (4096): the planted copies, and only they."""
+    figures = last_json(bench("bench/dedup.py", "--images", "9000", "--shard", "700"))
+    assert figures["exact"] and figures["flagged"] == figures["planted"] == 90
+
+
 def test_plan_bench_runs_at_small_scale():
     out = bench("bench/plan.py", "--rows", "20000", "--files", "2")
     assert re.search(r"planned 20,000 prompts -> 160,000 samples in 16 shards", out)
