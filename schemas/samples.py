@@ -186,12 +186,12 @@ def sample_id(
     params: GenerationParams,
     scheduler: str,
     refiner: dict[str, Any] | None = None,
-    components: dict[str, str | None] | None = None,
+    components: dict[str, Any] | None = None,
     family: dict[str, Any] | None = None,
 ) -> str:
     """The identity of one image across jobs: everything that determines its pixels. refiner:
     a base + refiner sample's refiner columns (schemas.rows.REFINER_FIELDS). components: what
-    replaced the checkpoint's own (vae_source, vae_revision), set values only. family: the
+    replaced the checkpoint's own (vae_source, vae_revision) or adapts it (loras), set values only. family: the
     family's own inputs as its rows record them (`family_spec.record`: T5's sequence length,
     drop_t5, skip-layer guidance, true CFG, the scheduler's shift), set values only. Each adds nothing when unset, so a job without
     them keeps the ids it had."""

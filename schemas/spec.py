@@ -24,6 +24,7 @@ from sdfleet.schemas.loading import (
     resolve_relative_paths,
 )
 from sdfleet.schemas.locations import check_model_location
+from sdfleet.schemas.lora import LoraSpec, named_loras
 from sdfleet.schemas.passthrough import PassthroughColumns
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
@@ -59,6 +60,13 @@ class ModelSpec(Section):
     # pipeline passes zeros in T5's place, which saves its memory and time at a price in prompt
     # adherence. Only SD3 checkpoints have a T5 to drop (pre-flight checks).
     drop_t5: bool = False
+    # LoRA adapters on the denoiser (sdfleet.schemas.lora), applied in order at their scales.
+    loras: list[LoraSpec] = Field(default_factory=list)
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: list[LoraSpec]) -> list[LoraSpec]:
+        return named_loras(v)
 
     @model_validator(mode="after")
     def _refiner_fits_the_task(self):

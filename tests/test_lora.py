@@ -1,0 +1,249 @@
+"""model.loras (LoRA adapters): the spec's keys and their one-line errors, pre-flight refusing a
+missing, pickled or non-LoRA file before any worker starts, the engine's fused LoRA against plain
+diffusers' unfused one (SD2 and FLUX.1), the fingerprint unchanged for jobs without LoRAs, and a
+Ray job whose rows record the LoRA, regenerate with plain diffusers and refuse a changed file."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import TINY_GENERATION, job_dict, run_cli, write_prompts, write_spec
+from sdfleet.schemas.errors import SpecError
+from sdfleet.schemas.samples import GenerationParams
+from sdfleet.schemas.spec import JobSpec, ModelSpec, parse_spec
+
+BASE = {"input": {"uri": "/in"}, "output": {"uri": "/out"}}
+
+
+@pytest.fixture(scope="module")
+def sd2_lora(tiny_model, tmp_path_factory):
+    from sdfleet.jobs.tiny_lora import write_tiny_lora
+
+    return write_tiny_lora(tiny_model, tmp_path_factory.mktemp("lora-sd2"))
+
+
+@pytest.fixture(scope="module")
+def flux_lora(tiny_flux, tmp_path_factory):
+    from sdfleet.jobs.tiny_lora import write_tiny_lora
+
+    return write_tiny_lora(tiny_flux["dev"], tmp_path_factory.mktemp("lora-flux"))
+
+
+# ---------------------------------------------------------------- the spec
+
+
+def _loras(loras) -> JobSpec:
+    return parse_spec({**BASE, "model": {"loras": loras}})
+
+
+def test_names_are_derived_unique_and_scales_kept():
+    spec = _loras(
+        [
+            {"source": "/a/style.safetensors"},
+            {"source": "/b/style.safetensors", "scale": 0.5},
+            {"source": "/c", "weight_name": "w.safetensors", "name": "mine"},
+        ]
+    )
+    assert [(lo.name, lo.scale) for lo in spec.model.loras] == [
+        ("style", 1.0),
+        ("style-2", 0.5),
+        ("mine", 1.0),
+    ]
+    assert spec.model.loras[2].location() == "/c/w.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("loras", "message"),
+    [
+        ([{"source": "/a/x.bin"}], "model.loras[0].source='/a/x.bin' is not a .safetensors file"),
+        (
+            [{"source": "/a", "weight_name": "x.pt"}],
+            "model.loras[0].weight_name='x.pt' is not a .safetensors file",
+        ),
+        ([{"source": "org/repo"}], "give weight_name for a folder or hub id"),
+        (
+            [{"source": "/a.safetensors", "name": "x"}, {"source": "/b.safetensors", "name": "x"}],
+            "model.loras[1].name='x' is used twice",
+        ),
+        ([{"source": "/a.safetensors", "scale": float("nan")}], "scale=nan is not a finite"),
+        ([{"source": "/a.safetensors", "name": "a.b"}], "name='a.b': use 1-64 letters"),
+        ([{"source": " "}], "source is empty"),
+        ([{"source": "/a.safetensors", "strength": 1}], "model.loras.0.strength: unknown key"),
+    ],
+)
+def test_bad_loras_are_one_line_naming_the_key(loras, message):
+    with pytest.raises(SpecError, match="invalid job spec") as e:
+        _loras(loras)
+    assert message in str(e.value)
+
+
+def test_the_fingerprint_has_loras_only_when_there_are_some():
+    plain = parse_spec(BASE)
+    assert not any(k.startswith("model.loras") for k in plain.fingerprint_fields())
+    # Unchanged against a spec dumped without the key at all: a job made before LoRAs resumes.
+    assert plain.fingerprint() == parse_spec({**BASE, "model": {"loras": []}}).fingerprint()
+    one = _loras([{"source": "/a/s.safetensors"}])
+    half = _loras([{"source": "/a/s.safetensors", "scale": 0.5}])
+    assert "model.loras" in one.fingerprint_fields()
+    assert len({plain.fingerprint(), one.fingerprint(), half.fingerprint()}) == 3
+
+
+def test_relative_sources_follow_the_spec_files_folder(tmp_path):
+    from sdfleet.schemas.spec import load_spec
+
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "s.safetensors").write_bytes(b"")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "input: {uri: ./in}\noutput: {uri: ./out}\n"
+        "model: {loras: [{source: ./loras/s.safetensors}, {source: org/repo, "
+        "weight_name: w.safetensors}]}\n"
+    )
+    loaded = load_spec(spec)
+    assert loaded.model.loras[0].source == str(tmp_path / "loras" / "s.safetensors")
+    assert loaded.model.loras[1].source == "org/repo"  # a hub id stays as written
+
+
+# ---------------------------------------------------------------- pre-flight (sdfleet plan)
+
+
+def _plan(tmp_path, model, loras):
+    write_prompts(tmp_path / "in" / "p.parquet", ["a red cube"])
+    spec = job_dict(
+        model, tmp_path / "in", tmp_path / "out", generation=TINY_GENERATION, model={"loras": loras}
+    )
+    return run_cli("plan", str(write_spec(tmp_path, spec)))
+
+
+def test_plan_accepts_a_lora_for_the_family(tiny_model, sd2_lora, tmp_path):
+    done = _plan(
+        tmp_path, tiny_model, [{"source": str(sd2_lora.parent), "weight_name": sd2_lora.name}]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_plan_refuses_a_missing_file(tiny_model, tmp_path):
+    missing = tmp_path / "nowhere" / "s.safetensors"
+    refused = _plan(tmp_path, tiny_model, [{"source": str(missing)}])
+    assert refused.returncode == 1
+    assert f"model.loras[0].source {missing} does not exist" in refused.stderr
+
+
+def test_plan_refuses_a_pickle(tiny_model, tmp_path):
+    path = tmp_path / "style.bin"
+    path.write_bytes(pickle.dumps({"unet.x.lora_A.weight": [0.0]}))
+    refused = _plan(tmp_path, tiny_model, [{"source": str(path)}])
+    assert refused.returncode == 1
+    assert "model.loras[0].source" in refused.stderr and "safetensors only" in refused.stderr
+    # ... and a pickle renamed .safetensors: its header says what it is.
+    renamed = tmp_path / "style.safetensors"
+    renamed.write_bytes(path.read_bytes())
+    refused = _plan(tmp_path, tiny_model, [{"source": str(renamed)}])
+    assert refused.returncode == 1
+    assert f"model.loras[0].source {renamed} is not a readable safetensors file" in refused.stderr
+
+
+def test_plan_refuses_a_file_that_is_no_lora_for_this_family(tiny_model, flux_lora, tmp_path):
+    weights = tiny_model / "unet" / "diffusion_pytorch_model.safetensors"
+    refused = _plan(tmp_path, tiny_model, [{"source": str(weights)}])
+    assert refused.returncode == 1
+    assert "model.loras[0].source" in refused.stderr and "holds no LoRA weights" in refused.stderr
+    refused = _plan(tmp_path, tiny_model, [{"source": str(flux_lora)}])
+    assert refused.returncode == 1
+    assert "has no LoRA weights for this checkpoint's unet" in refused.stderr
+
+
+# ---------------------------------------------------------------- the engine vs plain diffusers
+
+
+def _uint8(image) -> np.ndarray:
+    return (np.asarray(image) * 255).round().astype(np.uint8).astype(int)
+
+
+def _engine_image(model: ModelSpec, p: GenerationParams, generation=None) -> np.ndarray:
+    from sdfleet.actors.engine import Engine
+
+    engine = Engine(model, device="cpu", batch_size=1, generation=generation)
+    [image] = engine.call([p])
+    return image.astype(int), engine
+
+
+def _plain(cls, folder, lora, p: GenerationParams, scale: float, **extra) -> np.ndarray:
+    """README's recipe: the pipeline, load_lora_weights, set_adapters at the row's scale; unfused."""
+    pipe = cls.from_pretrained(str(folder), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="style")
+        pipe.set_adapters(["style"], adapter_weights=[scale])
+    image = pipe(
+        p.prompt,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        width=p.width,
+        height=p.height,
+        generator=torch.Generator("cpu").manual_seed(p.seed),
+        output_type="np",
+        **extra,
+    ).images[0]
+    return _uint8(image)
+
+
+def _params(size: int, guidance: float) -> GenerationParams:
+    return GenerationParams(
+        prompt="a red cube on a table",
+        negative_prompt="",
+        seed=7,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        width=size,
+        height=size,
+        scheduler=None,
+    )
+
+
+def test_sd2_engine_fuses_the_lora_as_plain_diffusers_applies_it(tiny_model, sd2_lora):
+    from diffusers import StableDiffusionPipeline
+
+    p = _params(64, 7.5)
+    lora = {"source": str(sd2_lora), "scale": 0.7}
+    model = ModelSpec(source=str(tiny_model), scheduler=None, loras=[lora])
+    ours, engine = _engine_image(model, p)
+    assert [lo.record()["scale"] for lo in engine.loras] == [0.7]
+    assert len(engine.loras[0].sha256) == 64
+    assert not engine.pipe.get_list_adapters()  # fused and unloaded: a plain UNet
+    plain = _plain(StableDiffusionPipeline, tiny_model, sd2_lora, p, 0.7)
+    base = _plain(StableDiffusionPipeline, tiny_model, None, p, 0)
+    assert np.abs(ours - plain).max() <= 2
+    assert np.abs(plain - base).max() > 2  # the LoRA changes the image
+
+
+def test_flux_engine_fuses_the_lora_as_plain_diffusers_applies_it(tiny_flux, flux_lora):
+    from diffusers import FluxPipeline
+
+    from sdfleet.schemas.spec import GenerationSpec
+
+    p = _params(32, 3.5)
+    model = ModelSpec(
+        source=str(tiny_flux["dev"]), scheduler=None, loras=[{"source": str(flux_lora)}]
+    )
+    ours, _ = _engine_image(model, p, GenerationSpec(max_sequence_length=16))
+    plain = _plain(FluxPipeline, tiny_flux["dev"], flux_lora, p, 1.0, max_sequence_length=16)
+    base = _plain(FluxPipeline, tiny_flux["dev"], None, p, 0, max_sequence_length=16)
+    assert np.abs(ours - plain).max() <= 2
+    assert np.abs(plain - base).max() > 2
+
+
+def test_a_worker_checks_a_remote_lora_before_diffusers_reads_it(tmp_path):
+    from sdfleet.actors.lora import check_lora_file
+    from sdfleet.schemas.errors import ModelLoadError
+
+    path = tmp_path / "copy.safetensors"
+    path.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(
+        ModelLoadError, match=r"model.loras\[0\].source .* not a readable safetensors"
+    ):
+        check_lora_file(path, "unet", "model.loras[0].source")
