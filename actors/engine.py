@@ -82,9 +82,7 @@ class Engine:
         self.pipe = self._load(model)
         self.family = family = family_of(type(self.pipe).__name__) or DEFAULT_FAMILY
         self._read_the_checkpoint(family, generation)
-        # ... with model.loras on its denoiser, fused at their scales (what the rows record of
-        # each, [] without): before the speed-ups, so fused QKV and compile see the LoRA's weights.
-        self.loras = apply_loras(self.pipe, model, family.denoiser, fuse=True)
+        self.loras = apply_loras(self.pipe, model, family.denoiser, fuse=True)  # before speed-ups
 
         # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides; what the
         #    rows record of the family's own inputs (a flow-matching scheduler's shift among them).

@@ -35,7 +35,7 @@ def write_tiny_lora(
     denoiser_name = "unet" if (pipeline / "unet").is_dir() else "transformer"
     config = json.loads((pipeline / denoiser_name / "config.json").read_text())
     denoiser = getattr(diffusers, config["_class_name"]).from_pretrained(
-        str(pipeline / denoiser_name)
+        str(pipeline / denoiser_name), use_safetensors=True
     )
     # 2. The adapter, its weights drawn from the seed (lora_B too).
     torch.manual_seed(seed)

@@ -24,7 +24,8 @@ from sdfleet.schemas.loading import (
     resolve_relative_paths,
 )
 from sdfleet.schemas.locations import check_model_location
-from sdfleet.schemas.lora import LoraSpec, named_loras
+from sdfleet.schemas.lora import named_loras
+from sdfleet.schemas.lora_spec import LoraSpec
 from sdfleet.schemas.passthrough import PassthroughColumns
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
