@@ -187,6 +187,11 @@ class SweepSpec(Section):
     @classmethod
     def _axes(cls, v: dict[str, list[Any]]):
         for key, values in v.items():
+            if key == "lora_scale":  # LoRAs are fused into the weights: one scale per job
+                raise ValueError(
+                    "sweep.axes.lora_scale is not supported yet: LoRAs are fused at one scale per "
+                    "job; run one job per model.loras[i].scale (each its own output)"
+                )
             if key not in SWEEPABLE:
                 raise ValueError(
                     f"sweep.axes.{key} cannot be swept; sweepable keys are {', '.join(SWEEPABLE)}"

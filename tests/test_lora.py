@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_GENERATION, job_dict, run_cli, write_prompts, write_spec
+from helpers import TINY_GENERATION, job_dict, rows_of, run_cli, write_prompts, write_spec
 from sdfleet.schemas.errors import SpecError
 from sdfleet.schemas.samples import GenerationParams
 from sdfleet.schemas.spec import JobSpec, ModelSpec, parse_spec
@@ -79,6 +79,12 @@ def test_bad_loras_are_one_line_naming_the_key(loras, message):
     with pytest.raises(SpecError, match="invalid job spec") as e:
         _loras(loras)
     assert message in str(e.value)
+
+
+def test_a_lora_scale_sweep_is_refused_saying_what_to_do():
+    with pytest.raises(SpecError, match=r"sweep\.axes\.lora_scale is not supported yet") as e:
+        parse_spec({**BASE, "sweep": {"axes": {"lora_scale": [0.5, 1.0]}}})
+    assert "run one job per model.loras[i].scale" in str(e.value)
 
 
 def test_the_fingerprint_has_loras_only_when_there_are_some():
@@ -247,3 +253,103 @@ def test_a_worker_checks_a_remote_lora_before_diffusers_reads_it(tmp_path):
         ModelLoadError, match=r"model.loras\[0\].source .* not a readable safetensors"
     ):
         check_lora_file(path, "unet", "model.loras[0].source")
+
+
+# ---------------------------------------------------------------- a Ray job, a LoRA on S3
+
+
+def _images(out) -> dict[str, np.ndarray]:
+    import tarfile
+
+    from PIL import Image
+
+    images = {}
+    for name in sorted(out.glob("*.tar")):
+        with tarfile.open(name) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".png"):
+                    images[m.name.split(".")[0]] = np.asarray(Image.open(tar.extractfile(m)))
+    return images
+
+
+@pytest.mark.slow
+def test_a_job_with_an_s3_lora_records_it_and_refuses_a_changed_file(
+    tiny_model, sd2_lora, ray_cluster, s3, tmp_path
+):
+    """A job whose LoRA is an s3:// file, stopped by its budget after a shard; the LoRA rewritten
+    under the same key: the resume is refused naming it. Put back: the job completes, every row
+    records the LoRA (the file's sha256, its scale), and plain diffusers regenerates its images."""
+    import hashlib
+
+    from diffusers import StableDiffusionPipeline
+
+    from sdfleet.jobs.tiny_lora import write_tiny_lora
+
+    # 1. The LoRA on S3; a job stopped after its first shards.
+    key = f"{s3.bucket}/loras/{tmp_path.name}/style.safetensors"
+    original = sd2_lora.read_bytes()
+    s3.pipe(key, original)
+    prompts = [f"a lighthouse at dusk, number {i}" for i in range(4)]
+    write_prompts(tmp_path / "in" / "p.parquet", prompts)
+    out = tmp_path / "out"
+    lora = {"source": f"s3://{key}", "scale": 0.6}
+    spec = job_dict(
+        tiny_model,
+        tmp_path / "in",
+        out,
+        model={"loras": [lora], "scheduler": None},
+        generation=TINY_GENERATION,
+        output={"samples_per_shard": 1, "image_format": "png"},
+        resources={"max_workers": 1, "budget_usd": 0.01, "gpu_hour_usd": 1000.0},
+    )
+    run = (
+        "run",
+        str(write_spec(tmp_path, spec)),
+        "--address",
+        ray_cluster.address,
+        "--no-progress",
+    )
+    first = run_cli(*run)
+    assert first.returncode == 2, first.stderr[-3000:]
+    done = len(list(out.glob("*_stats.json")))
+    assert 1 <= done < len(prompts)
+
+    # 2. Another LoRA under the same key: refused, naming it; nothing more is written.
+    other = write_tiny_lora(tiny_model, tmp_path / "other", seed=1)
+    s3.pipe(key, other.read_bytes())
+    refused = run_cli(*run, "--set", "resources.budget_usd=100")
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert f"model.loras[0].source s3://{key} changed content" in refused.stderr
+    assert len(list(out.glob("*_stats.json"))) == done
+
+    # 3. Put back: the job completes; each row records the LoRA as the worker loaded it.
+    s3.pipe(key, original)
+    resumed = run_cli(*run, "--set", "resources.budget_usd=100")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = rows_of(str(out))
+    assert sorted(r["prompt"] for r in rows) == sorted(prompts)
+    sha = hashlib.sha256(original).hexdigest()
+    expected = [
+        {"name": "style", "source": f"s3://{key}", "weight_name": None, "sha256": sha, "scale": 0.6}
+    ]
+    assert all(r["loras"] == expected for r in rows)
+    assert "LoRA `style`" in (out / "README.md").read_text()
+
+    # 4. README's recipe: the base pipeline, the LoRA file at the row's scale, unfused.
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(sd2_lora.parent), weight_name=sd2_lora.name, adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[rows[0]["loras"][0]["scale"]])
+    images = _images(out)
+    for row in rows[:2]:
+        image = pipe(
+            row["prompt"],
+            negative_prompt=row["negative_prompt"],
+            num_inference_steps=row["num_inference_steps"],
+            guidance_scale=row["guidance_scale"],
+            width=row["width"],
+            height=row["height"],
+            generator=torch.Generator(row["generator_device"]).manual_seed(row["seed"]),
+            output_type="np",
+        ).images[0]
+        assert np.abs(_uint8(image) - images[row["key"]].astype(int)).max() <= 2
