@@ -349,7 +349,9 @@ class ShardGenerator:
             vae_decode_dtype=getattr(self.engine, "vae_decode_dtype", None),
             family_record=getattr(self.engine, "family_record", {}),
             model_hash=self.plan.content.main_model_digest() if self.plan.content else None,
-            loras=[lora.record() for lora in getattr(self.engine, "loras", [])],
+            loras=[
+                lo.record() for lo in getattr(getattr(self.engine, "adapters", None), "loaded", [])
+            ],
             scheduler_mu=self._scheduler_mu(),
         )
 

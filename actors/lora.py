@@ -3,12 +3,14 @@ the node cache, a hub file downloaded at its pinned commit), checked from its sa
 as the driver checks local ones, hashed for the rows, then loaded into the pipeline.
 
 With fixed scales the adapters are fused into the denoiser's weights and unloaded, so each step
-runs at the base model's speed and torch.compile sees a plain model.
+runs at the base model's speed and torch.compile sees a plain model. A lora_scale sweep keeps the
+one LoRA live instead and sets each batch's scale (batches are grouped by it).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,28 @@ def check_lora_file(path: Path, denoiser: str, what: str) -> None:
         check_lora_tensors(header.shapes, denoiser, f"{what} {path}")
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
+
+
+class Adapters:
+    """model.loras on one pipeline: fused at their scales, or, with a lora_scale sweep (a warm-up
+    point that sets one), left live so that each batch sets its own scale."""
+
+    def __init__(self, pipe: Any, model: Any, denoiser: str, warm_up: Iterable[Any] = ()):
+        swept = any(getattr(p, "lora_scale", None) is not None for p in warm_up)
+        self.pipe = pipe
+        self.loaded = apply_loras(pipe, model, denoiser, fuse=not swept)
+        self.live = swept and bool(self.loaded)
+        self.scale = self.loaded[0].scale if self.live else None
+
+    def set_scale(self, scale: float | None) -> None:
+        """The job's one LoRA at this batch's scale (None: model.loras' own)."""
+        if scale is None or not self.loaded:
+            return
+        if not self.live:
+            raise ValueError("the LoRAs are fused at one scale; a lora_scale needs them live")
+        if scale != self.scale:
+            self.pipe.set_adapters([self.loaded[0].name], adapter_weights=[scale])
+            self.scale = scale
 
 
 def apply_loras(pipe: Any, model: Any, denoiser: str, fuse: bool) -> list[LoadedLora]:

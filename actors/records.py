@@ -19,6 +19,7 @@ from sdfleet.schemas import layout
 from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, SCHEDULER_MU, per_sample
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import (
+    LORA_SCALE,
     LORAS,
     REFINER_FIELDS,
     STATUS_DUPLICATE,
@@ -190,7 +191,7 @@ def build_row(
             safety_flagged=verdict.flagged,
         )
     row.update(task=spec.model.task, vae_tiling=spec.engine.vae_tiling)
-    components = _add_components(row, spec, made)
+    components = _add_components(row, spec, made, s.params or s.planned)
     _add_parameters(row, s, o, made)
     if s.params is not None:
         _add_tokens(row, tokens.get(s.params.prompt), made)
@@ -209,7 +210,9 @@ def build_row(
     return row
 
 
-def _add_components(row: dict[str, Any], spec: JobSpec, made: Provenance) -> dict[str, Any]:
+def _add_components(
+    row: dict[str, Any], spec: JobSpec, made: Provenance, planned: GenerationParams | None
+) -> dict[str, Any]:
     """model.vae's and model.loras' columns where the job sets them (no key otherwise, so other
     jobs' rows and tars stay as they were), and the decode's dtype where the family may upcast
     it. Returns the components' columns, which are part of the sample's identity."""
@@ -217,7 +220,11 @@ def _add_components(row: dict[str, Any], spec: JobSpec, made: Provenance) -> dic
     if spec.model.vae is not None:
         components = dict(zip(VAE_COLUMNS, (spec.model.vae, spec.model.vae_revision), strict=True))
     if made.loras:
-        components[LORAS] = made.loras
+        # A lora_scale sweep sets the one LoRA's scale per sample.
+        scale = planned.lora_scale if planned is not None else None
+        loras = [{**lo, "scale": scale} for lo in made.loras] if scale is not None else made.loras
+        components[LORAS] = loras
+        row[LORA_SCALE] = scale
     row.update(components)
     if made.vae_decode_dtype is not None:
         row[VAE_DECODE_DTYPE] = made.vae_decode_dtype

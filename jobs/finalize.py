@@ -55,7 +55,7 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         f"- scheduler: `{spec['model']['scheduler'] or 'checkpoint default'}`, dtype {', '.join(t.dtypes) or spec['model']['dtype']}",
         f"- steps {swept('num_inference_steps')}, guidance {swept('guidance_scale')}, "
         f"{swept('width')}x{swept('height')}",
-        *_lora_lines(spec["model"].get("loras")),
+        *_lora_lines(spec["model"].get("loras"), axes.get("lora_scale")),
         f"- seeds: {seed_text}",
         f"- sweep axes: {json.dumps(axes) if axes else 'none'}",
         f"- safety: {safety_text}",
@@ -86,15 +86,16 @@ def _tarless_line(s: Survey) -> list[str]:
     ]
 
 
-def _lora_lines(loras: list[dict[str, Any]] | None) -> list[str]:
-    """model.loras in the Generation section (each file's sha256 is in the rows' `loras`);
-    nothing without any."""
+def _lora_lines(loras: list[dict[str, Any]] | None, swept: list[float] | None) -> list[str]:
+    """model.loras in the Generation section (each file's sha256 is in the rows' `loras`), at
+    the lora_scale sweep's scales where it has one; nothing without any."""
     if not loras:
         return []
+    how = f"scales {'/'.join(map(str, swept))} (swept)" if swept else "scale {} (fused)"
     return [
         f"- LoRA `{lo['name']}`: `{lo['source']}`"
         f"{' weight_name `' + lo['weight_name'] + '`' if lo['weight_name'] else ''}, "
-        f"scale {lo['scale']} (fused; file sha256 in the rows' `loras` column)"
+        f"{how.format(lo['scale'])}; file sha256 in the rows' `loras` column"
         for lo in loras
     ]
 

@@ -7,6 +7,7 @@ a worker checks a remote one the same way before diffusers reads it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +20,13 @@ LORA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # `unet.` / `transformer.` prefix: kohya's and the original repositories' (FLUX.1 LoRAs from
 # kohya also say lora_unet_).
 _KOHYA_DENOISER = ("lora_unet_", "diffusion_model.", "lora_transformer_")
+
+
+def check_lora_scale(value: Any, what: str = "scale") -> float:
+    """A LoRA's scale: a finite number (model.loras[i].scale, a sweep.axes.lora_scale value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what}={value!r} is not a finite number; give e.g. 1.0")
+    return float(value)
 
 
 def lora_key(i: int) -> str:

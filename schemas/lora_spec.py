@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import math
-
 from pydantic import field_validator
 
 from sdfleet.schemas.locations import check_model_location, kind_of
-from sdfleet.schemas.lora import LORA_NAME
+from sdfleet.schemas.lora import LORA_NAME, check_lora_scale
 from sdfleet.schemas.section import Section
 
 
@@ -31,9 +29,7 @@ class LoraSpec(Section):
     @field_validator("scale")
     @classmethod
     def _scale(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError(f"scale={v} is not a finite number; give e.g. 1.0")
-        return v
+        return check_lora_scale(v)
 
     @field_validator("name")
     @classmethod

@@ -161,9 +161,11 @@ VAE_DECODE_DTYPE = "vae_decode_dtype"
 VAE_COLUMNS = ("vae_source", "vae_revision")
 
 
-# model.loras as the job ran them, only in a job that sets them: each LoRA's name, the spec's
-# source and weight_name, the sha256 of the file's bytes the worker loaded, and its scale.
+# model.loras as the sample ran them, only in a job that sets them: each LoRA's name, the spec's
+# source and weight_name, the sha256 of the file's bytes the worker loaded, and its scale; and
+# the sweep's lora_scale (null without that axis; the one LoRA's scale in `loras` says it too).
 LORAS = "loras"
+LORA_SCALE = "lora_scale"
 LORAS_FIELD = pa.field(
     LORAS,
     pa.list_(
@@ -253,7 +255,8 @@ def every_output_column() -> frozenset[str]:
     registered family's own, model.refiner's and model.vae's."""
     from sdfleet.schemas.families import FAMILIES
 
-    names = set(OUTPUT_COLUMNS) | {f.name for f in REFINER_FIELDS} | set(VAE_COLUMNS) | {LORAS}
+    names = set(OUTPUT_COLUMNS) | {f.name for f in REFINER_FIELDS} | set(VAE_COLUMNS)
+    names |= {LORAS, LORA_SCALE}
     return frozenset(names | {f.name for fam in FAMILIES.values() for f in family_fields(fam)})
 
 
@@ -272,7 +275,7 @@ def output_schema(
     if vae:
         fields += [pa.field(name, pa.string()) for name in VAE_COLUMNS]
     if loras:
-        fields.append(LORAS_FIELD)
+        fields += [LORAS_FIELD, pa.field(LORA_SCALE, pa.float64())]
     if passthrough is not None:
         names = {f.name for f in fields}
         clash = [f.name for f in passthrough if f.name in names]

@@ -38,6 +38,8 @@ SWEEP_COORDINATES = (
     # families that have them record them (schemas.family_spec, schemas.rows).
     "max_sequence_length",
     "true_cfg_scale",
+    # The scale of a job's one LoRA (model.loras), per sample; rows of jobs with LoRAs have it.
+    "lora_scale",
 )
 # What samples that go through the pipeline in one call share: every coordinate but the ones that
 # may differ per sample within a call (the seed, the negative prompt), and the input image's size.
@@ -111,6 +113,8 @@ class GenerationParams:
     # job-wide value the engine computes from the checkpoint).
     max_sequence_length: int | None = None
     true_cfg_scale: float | None = None
+    # The job's one LoRA's scale at this sample (sweep.axes.lora_scale); None: model.loras' own.
+    lora_scale: float | None = None
 
     def batch_key(self) -> tuple:
         """Samples that share it can go through the pipeline in one call."""
@@ -173,6 +177,7 @@ def resolve_params(
         noise_level=_first_set(point.get("noise_level"), gen.noise_level, task.noise_level),
         max_sequence_length=point.get("max_sequence_length", gen.max_sequence_length),
         true_cfg_scale=point.get("true_cfg_scale", gen.true_cfg_scale),
+        lora_scale=point.get("lora_scale"),
     )
 
 

@@ -24,7 +24,7 @@ from sdfleet.schemas.loading import (
     resolve_relative_paths,
 )
 from sdfleet.schemas.locations import check_model_location
-from sdfleet.schemas.lora import named_loras
+from sdfleet.schemas.lora import check_lora_scale, named_loras
 from sdfleet.schemas.lora_spec import LoraSpec
 from sdfleet.schemas.passthrough import PassthroughColumns
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
@@ -187,11 +187,6 @@ class SweepSpec(Section):
     @classmethod
     def _axes(cls, v: dict[str, list[Any]]):
         for key, values in v.items():
-            if key == "lora_scale":  # LoRAs are fused into the weights: one scale per job
-                raise ValueError(
-                    "sweep.axes.lora_scale is not supported yet: LoRAs are fused at one scale per "
-                    "job; run one job per model.loras[i].scale (each its own output)"
-                )
             if key not in SWEEPABLE:
                 raise ValueError(
                     f"sweep.axes.{key} cannot be swept; sweepable keys are {', '.join(SWEEPABLE)}"
@@ -203,6 +198,9 @@ class SweepSpec(Section):
                 # Validate each value exactly as the scalar key would be validated.
                 if key == "scheduler":
                     checked.append(check_scheduler_name(x))
+                    continue
+                if key == "lora_scale":  # as model.loras[i].scale is
+                    checked.append(check_lora_scale(x, "sweep.axes.lora_scale value"))
                     continue
                 try:
                     checked.append(getattr(GenerationSpec(**{key: x}), key))
@@ -433,6 +431,15 @@ class JobSpec(Section):
                         f"image's size{' times 4' if task.scale == 4 else ''}; remove {key} "
                         "(or resize the input images)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_sweep_has_one_lora(self):
+        if "lora_scale" in self.sweep.axes and len(self.model.loras) != 1:
+            raise ValueError(
+                f"sweep.axes.lora_scale sets the scale of the job's one LoRA, but model.loras has "
+                f"{len(self.model.loras)}: give exactly one (or sweep by running one job per scale)"
+            )
         return self
 
     def fingerprint_fields(self) -> dict[str, Any]:

@@ -81,10 +81,31 @@ def test_bad_loras_are_one_line_naming_the_key(loras, message):
     assert message in str(e.value)
 
 
-def test_a_lora_scale_sweep_is_refused_saying_what_to_do():
-    with pytest.raises(SpecError, match=r"sweep\.axes\.lora_scale is not supported yet") as e:
-        parse_spec({**BASE, "sweep": {"axes": {"lora_scale": [0.5, 1.0]}}})
-    assert "run one job per model.loras[i].scale" in str(e.value)
+@pytest.mark.parametrize(
+    ("loras", "scales", "message"),
+    [
+        ([], [0.5, 1.0], "sets the scale of the job's one LoRA, but model.loras has 0"),
+        (["/a.safetensors", "/b.safetensors"], [0.5], "but model.loras has 2"),
+        (["/a.safetensors"], [0.5, "x"], "sweep.axes.lora_scale value='x' is not a finite"),
+        (["/a.safetensors"], [0.5, 0.5], "repeats a value"),
+    ],
+)
+def test_a_lora_scale_sweep_needs_one_lora_and_finite_scales(loras, scales, message):
+    data = {
+        **BASE,
+        "model": {"loras": [{"source": s} for s in loras]},
+        "sweep": {"axes": {"lora_scale": scales}},
+    }
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert message in str(e.value)
+    assert parse_spec(
+        {
+            **data,
+            "model": {"loras": [{"source": "/a.safetensors"}]},
+            "sweep": {"axes": {"lora_scale": [0, 1]}},
+        }
+    ).sweep.axes == {"lora_scale": [0.0, 1.0]}
 
 
 def test_the_fingerprint_has_loras_only_when_there_are_some():
@@ -218,8 +239,8 @@ def test_sd2_engine_fuses_the_lora_as_plain_diffusers_applies_it(tiny_model, sd2
     lora = {"source": str(sd2_lora), "scale": 0.7}
     model = ModelSpec(source=str(tiny_model), scheduler=None, loras=[lora])
     ours, engine = _engine_image(model, p)
-    assert [lo.record()["scale"] for lo in engine.loras] == [0.7]
-    assert len(engine.loras[0].sha256) == 64
+    assert [lo.record()["scale"] for lo in engine.adapters.loaded] == [0.7]
+    assert len(engine.adapters.loaded[0].sha256) == 64
     assert not engine.pipe.get_list_adapters()  # fused and unloaded: a plain UNet
     plain = _plain(StableDiffusionPipeline, tiny_model, sd2_lora, p, 0.7)
     base = _plain(StableDiffusionPipeline, tiny_model, None, p, 0)
@@ -241,6 +262,30 @@ def test_flux_engine_fuses_the_lora_as_plain_diffusers_applies_it(tiny_flux, flu
     base = _plain(FluxPipeline, tiny_flux["dev"], None, p, 0, max_sequence_length=16)
     assert np.abs(ours - plain).max() <= 2
     assert np.abs(plain - base).max() > 2
+
+
+def test_a_lora_scale_sweep_keeps_the_lora_live_and_sets_each_batchs_scale(tiny_model, sd2_lora):
+    """Batches are grouped by scale and each sets its own; Q, K and V stay unfused (fusing them
+    would drop the live LoRA there): every image as plain diffusers makes it at its scale."""
+    import dataclasses
+
+    from diffusers import StableDiffusionPipeline
+
+    from sdfleet.actors.engine import Engine
+
+    base = _params(64, 7.5)
+    scales = [0.3, 1.0, 0.3, 1.0]
+    batch = [dataclasses.replace(base, seed=i, lora_scale=scale) for i, scale in enumerate(scales)]
+    model = ModelSpec(source=str(tiny_model), scheduler=None, loras=[{"source": str(sd2_lora)}])
+    engine = Engine(model, device="cpu", batch_size=4, warm_up=batch[:2])
+    assert engine.adapters.live and "fuse_qkv" not in engine.applied
+    made = {}
+    for indices, images, _ in engine.generate(batch, 4):
+        assert len({scales[i] for i in indices}) == 1  # one scale per pipeline call
+        made.update(zip(indices, images))
+    for i, p in enumerate(batch):
+        plain = _plain(StableDiffusionPipeline, tiny_model, sd2_lora, p, p.lora_scale)
+        assert np.abs(made[i].astype(int) - plain).max() <= 2
 
 
 def test_a_worker_checks_a_remote_lora_before_diffusers_reads_it(tmp_path):
