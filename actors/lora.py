@@ -59,6 +59,11 @@ def check_lora_file(path: Path, denoiser: str, what: str) -> None:
         raise ModelLoadError(str(e)) from None
 
 
+def lora_records(engine: Any) -> list[dict[str, Any]]:
+    """What the rows record of an engine's LoRAs; [] without (bench's stand-in has no adapters)."""
+    return [lo.record() for lo in getattr(getattr(engine, "adapters", None), "loaded", [])]
+
+
 class Adapters:
     """model.loras on one pipeline: fused at their scales, or, with a lora_scale sweep (a warm-up
     point that sets one), left live so that each batch sets its own scale."""

@@ -398,3 +398,41 @@ def test_a_job_with_an_s3_lora_records_it_and_refuses_a_changed_file(
             output_type="np",
         ).images[0]
         assert np.abs(_uint8(image) - images[row["key"]].astype(int)).max() <= 2
+
+
+@pytest.mark.slow
+def test_a_lora_scale_sweep_through_sdfleet_run_records_each_scale(tiny_model, sd2_lora, tmp_path):
+    """sdfleet run with sweep.axes.lora_scale: each row's lora_scale and loras[0].scale are the
+    scale its image was made at (plain diffusers at that scale regenerates it), and the card says
+    the scales."""
+    from diffusers import StableDiffusionPipeline
+
+    from helpers import run_tiny_job
+
+    out = run_tiny_job(
+        tmp_path,
+        tiny_model,
+        ["a red cube", "a blue sphere"],
+        model={"loras": [{"source": str(sd2_lora)}], "scheduler": None},
+        sweep={"axes": {"lora_scale": [0.3, 1.0]}},
+        resources={"batch_size": 4, "max_workers": 1},
+    )
+    rows = rows_of(str(out))
+    assert sorted(r["lora_scale"] for r in rows) == [0.3, 0.3, 1.0, 1.0]
+    assert all(r["loras"][0]["scale"] == r["lora_scale"] for r in rows)
+    assert len({r["sample_id"] for r in rows}) == 4
+    assert "scales 0.3/1.0 (swept)" in (out / "README.md").read_text()
+    images = _images(out)
+    for row in rows:
+        p = GenerationParams(
+            row["prompt"],
+            row["negative_prompt"],
+            row["seed"],
+            row["num_inference_steps"],
+            row["guidance_scale"],
+            row["width"],
+            row["height"],
+            None,
+        )
+        plain = _plain(StableDiffusionPipeline, tiny_model, sd2_lora, p, row["lora_scale"])
+        assert np.abs(images[row["key"]].astype(int) - plain).max() <= 2
