@@ -184,6 +184,13 @@ def test_plan_refuses_a_file_that_is_no_lora_for_this_family(tiny_model, flux_lo
     assert "has no LoRA weights for this checkpoint's unet" in refused.stderr
 
 
+def test_plan_refuses_a_missing_s3_lora_naming_it(tiny_model, s3, tmp_path):
+    uri = f"s3://{s3.bucket}/loras/none.safetensors"
+    refused = _plan(tmp_path, tiny_model, [{"source": uri}])
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert uri in refused.stderr and "Traceback" not in refused.stderr
+
+
 # ---------------------------------------------------------------- the engine vs plain diffusers
 
 
