@@ -414,16 +414,22 @@ def test_a_lora_scale_sweep_through_sdfleet_run_records_each_scale(tiny_model, s
     the scales."""
     from diffusers import StableDiffusionPipeline
 
-    from helpers import run_tiny_job
-
-    out = run_tiny_job(
-        tmp_path,
+    # 1. run_tiny_job's job (its `model` argument is the source), on an embedded local Ray.
+    write_prompts(tmp_path / "in" / "p.parquet", ["a red cube", "a blue sphere"])
+    out = tmp_path / "out"
+    spec = job_dict(
         tiny_model,
-        ["a red cube", "a blue sphere"],
+        tmp_path / "in",
+        out,
         model={"loras": [{"source": str(sd2_lora)}], "scheduler": None},
+        generation=TINY_GENERATION,
         sweep={"axes": {"lora_scale": [0.3, 1.0]}},
+        output={"image_format": "png"},
         resources={"batch_size": 4, "max_workers": 1},
     )
+    done = run_cli("run", str(write_spec(tmp_path, spec)), "--no-progress", env={"RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 2. Each row says its scale, and plain diffusers at that scale makes its image.
     rows = rows_of(str(out))
     assert sorted(r["lora_scale"] for r in rows) == [0.3, 0.3, 1.0, 1.0]
     assert all(r["loras"][0]["scale"] == r["lora_scale"] for r in rows)
