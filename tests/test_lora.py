@@ -151,6 +151,8 @@ def test_plan_accepts_a_lora_for_the_family(tiny_model, sd2_lora, tmp_path):
         tmp_path, tiny_model, [{"source": str(sd2_lora.parent), "weight_name": sd2_lora.name}]
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    # plan shows where it resolved, as it does every location.
+    assert f"{'model.loras[0].source':25}{sd2_lora.parent}\n" in done.stdout
 
 
 def test_plan_refuses_a_missing_file(tiny_model, tmp_path):
