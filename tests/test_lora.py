@@ -217,6 +217,7 @@ def _plain(cls, folder, lora, p: GenerationParams, scale: float, **extra) -> np.
         pipe.set_adapters(["style"], adapter_weights=[scale])
     image = pipe(
         p.prompt,
+        negative_prompt=p.negative_prompt,
         num_inference_steps=p.num_inference_steps,
         guidance_scale=p.guidance_scale,
         width=p.width,
@@ -269,6 +270,32 @@ def test_flux_engine_fuses_the_lora_as_plain_diffusers_applies_it(tiny_flux, flu
     ours, _ = _engine_image(model, p, GenerationSpec(max_sequence_length=16))
     plain = _plain(FluxPipeline, tiny_flux["dev"], flux_lora, p, 1.0, max_sequence_length=16)
     base = _plain(FluxPipeline, tiny_flux["dev"], None, p, 0, max_sequence_length=16)
+    assert np.abs(ours - plain).max() <= 2
+    assert np.abs(plain - base).max() > 2
+
+
+@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+def test_sd3_and_sdxl_engines_fuse_a_lora_as_plain_diffusers_applies_it(family, request, tmp_path):
+    """The other families through the same path: the pipeline class's own LoRA loader."""
+    import diffusers
+
+    from sdfleet.jobs.tiny_lora import write_tiny_lora
+    from sdfleet.schemas.spec import GenerationSpec
+
+    if family == "sd3":
+        folder, cls, size = request.getfixturevalue("tiny_sd3"), "StableDiffusion3Pipeline", 32
+        generation, extra = GenerationSpec(max_sequence_length=16), {"max_sequence_length": 16}
+    else:
+        folder = request.getfixturevalue("tiny_sdxl")["base"]
+        cls, size, generation, extra = "StableDiffusionXLPipeline", 64, None, {}
+    lora = write_tiny_lora(folder, tmp_path / "lora")
+    p = _params(size, 5.0)
+    model = ModelSpec(
+        source=str(folder), scheduler=None, loras=[{"source": str(lora), "scale": 0.8}]
+    )
+    ours, _ = _engine_image(model, p, generation)
+    plain = _plain(getattr(diffusers, cls), folder, lora, p, 0.8, **extra)
+    base = _plain(getattr(diffusers, cls), folder, None, p, 0, **extra)
     assert np.abs(ours - plain).max() <= 2
     assert np.abs(plain - base).max() > 2
 
