@@ -32,6 +32,7 @@ from sdfleet.actors.components import (
     load_pretrained,
     vae_decode_dtype,
 )
+from sdfleet.actors.lora import Adapters
 from sdfleet.actors.speed_ups import CompiledWarmUp, apply_speed_ups, wants_compile
 from sdfleet.schemas.errors import ModelLoadError
 from sdfleet.schemas.families import DEFAULT_FAMILY, Family, family_of
@@ -81,6 +82,7 @@ class Engine:
         self.pipe = self._load(model)
         self.family = family = family_of(type(self.pipe).__name__) or DEFAULT_FAMILY
         self._read_the_checkpoint(family, generation)
+        self.adapters = Adapters(self.pipe, model, family.denoiser, warm_up)  # model.loras
 
         # 3. Schedulers: the checkpoint's own, or the spec's class with its overrides; what the
         #    rows record of the family's own inputs (a flow-matching scheduler's shift among them).
@@ -268,6 +270,7 @@ class Engine:
         first = batch[0]
         scheduler = first.scheduler or self.default_scheduler
         self.pipe.scheduler = self._scheduler(scheduler)
+        self.adapters.set_scale(first.lora_scale)
         generators = [torch.Generator(GENERATOR_DEVICE).manual_seed(p.seed) for p in batch]
         on_device = self.options.uint8_on_device
         # 1. What every task takes, then the task's own inputs: the size (text-to-image), or the

@@ -31,6 +31,7 @@ from sdfleet.actors.engine import Engine
 from sdfleet.actors.gpu_turns import GpuTurns
 from sdfleet.actors.judge import Evidence, Judge, Outcome
 from sdfleet.actors.logs import configure_logging, remember_secrets
+from sdfleet.actors.lora import lora_records
 from sdfleet.actors.metrics import Metrics
 from sdfleet.actors.model_content import pin_models
 from sdfleet.actors.placement import node_cpu_threads, worker_identity
@@ -349,6 +350,7 @@ class ShardGenerator:
             vae_decode_dtype=getattr(self.engine, "vae_decode_dtype", None),
             family_record=getattr(self.engine, "family_record", {}),
             model_hash=self.plan.content.main_model_digest() if self.plan.content else None,
+            loras=lora_records(self.engine),
             scheduler_mu=self._scheduler_mu(),
         )
 

@@ -34,6 +34,7 @@ from sdfleet.schemas.content import (
 )
 from sdfleet.schemas.errors import ModelLoadError, first_line
 from sdfleet.schemas.locations import kind_of
+from sdfleet.schemas.lora import lora_key
 
 # How long the driver waits for the Hugging Face hub before saying it cannot reach it.
 HUB_TIMEOUT_S = 10.0
@@ -144,7 +145,8 @@ def pin_model(model: Any, content: ModelContent | None) -> Any:
 
 
 def pin_models(model: Any, content: JobContent | None) -> Any:
-    """A ModelSpec with every checkpoint it names (the main one, model.refiner's, model.vae's) as
+    """A ModelSpec with every checkpoint it names (the main one, model.refiner's, model.vae's,
+    model.loras' files) as
     the driver resolved it: each verified on this node, a hub id's revision pinned to its commit.
     None: unpinned (a job planned before content was recorded)."""
     if content is None:
@@ -160,4 +162,9 @@ def pin_models(model: Any, content: JobContent | None) -> Any:
         update["refiner"] = model.refiner.model_copy(update={"revision": refiner_revision})
     if getattr(model, "vae", None) is not None:
         update["vae_revision"] = pinned(VAE_MODEL, model.vae_revision)
+    if getattr(model, "loras", None):
+        update["loras"] = [
+            lora.model_copy(update={"revision": pinned(lora_key(i), lora.revision)})
+            for i, lora in enumerate(model.loras)
+        ]
     return model.model_copy(update=update)

@@ -19,6 +19,8 @@ from sdfleet.schemas import layout
 from sdfleet.schemas.family_spec import MAX_SEQUENCE_LENGTH, SCHEDULER_MU, per_sample
 from sdfleet.schemas.layout import ShardStats
 from sdfleet.schemas.rows import (
+    LORA_SCALE,
+    LORAS,
     REFINER_FIELDS,
     STATUS_DUPLICATE,
     STATUS_FAILED,
@@ -124,6 +126,8 @@ class Provenance:
     # The dtype the latents were decoded in (the engine's); None: a family that never upcasts.
     vae_decode_dtype: str | None = None
     model_hash: str | None = None  # model.source by content, as the driver resolved it
+    # model.loras as the engine loaded them (`LoadedLora.record()` each); empty without.
+    loras: list[dict[str, Any]] = field(default_factory=list)
     # The family's own inputs as every call of the job ran them, by column (the engine's: T5's
     # sequence length, drop_t5, skip-layer guidance, true CFG, the scheduler's static shift);
     # empty for SD2 and SDXL. And the `mu` a sample's call shifted its schedule by, where the
@@ -187,7 +191,7 @@ def build_row(
             safety_flagged=verdict.flagged,
         )
     row.update(task=spec.model.task, vae_tiling=spec.engine.vae_tiling)
-    components = _add_components(row, spec, made)
+    components = _add_components(row, spec, made, s.params or s.planned)
     _add_parameters(row, s, o, made)
     if s.params is not None:
         _add_tokens(row, tokens.get(s.params.prompt), made)
@@ -206,14 +210,22 @@ def build_row(
     return row
 
 
-def _add_components(row: dict[str, Any], spec: JobSpec, made: Provenance) -> dict[str, Any]:
-    """model.vae's columns where the job sets it (no key otherwise, so other jobs' rows and tars
-    stay as they were), and the decode's dtype where the family may upcast it. Returns the
-    components' columns, which are part of the sample's identity."""
-    components = {}
+def _add_components(
+    row: dict[str, Any], spec: JobSpec, made: Provenance, planned: GenerationParams | None
+) -> dict[str, Any]:
+    """model.vae's and model.loras' columns where the job sets them (no key otherwise, so other
+    jobs' rows and tars stay as they were), and the decode's dtype where the family may upcast
+    it. Returns the components' columns, which are part of the sample's identity."""
+    components: dict[str, Any] = {}
     if spec.model.vae is not None:
         components = dict(zip(VAE_COLUMNS, (spec.model.vae, spec.model.vae_revision), strict=True))
-        row.update(components)
+    if made.loras:
+        # A lora_scale sweep sets the one LoRA's scale per sample.
+        scale = planned.lora_scale if planned is not None else None
+        loras = [{**lo, "scale": scale} for lo in made.loras] if scale is not None else made.loras
+        components[LORAS] = loras
+        row[LORA_SCALE] = scale
+    row.update(components)
     if made.vae_decode_dtype is not None:
         row[VAE_DECODE_DTYPE] = made.vae_decode_dtype
     return components

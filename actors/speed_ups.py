@@ -45,10 +45,20 @@ def qkv_fusable(pipe, fuse_transformer: bool):
     )
 
 
+def live_adapters(pipe) -> bool:
+    """Whether LoRA adapters are loaded and not fused away (model.loras with a lora_scale sweep)."""
+    lister = getattr(pipe, "get_list_adapters", None)
+    try:
+        return bool(lister and any(lister().values()))
+    except ValueError:  # diffusers without its peft backend: no adapter can be loaded
+        return False
+
+
 def apply_speed_ups(pipe, options: EngineSpec, fuse_transformer: bool = False) -> list[str]:
     """The speed-ups that need no warm-up (compile comes after the batch size is measured); the
     names of those applied. fuse_transformer: the family's transformer fuses its attention
-    losslessly (`Family.fuse_transformer_qkv`)."""
+    losslessly (`Family.fuse_transformer_qkv`). Not with live LoRA adapters (a lora_scale sweep):
+    fusing Q, K and V would read their base weights and drop the LoRA there."""
     applied = []
     modules = [
         m for m in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)) if m is not None
@@ -58,7 +68,7 @@ def apply_speed_ups(pipe, options: EngineSpec, fuse_transformer: bool = False) -
             m.to(memory_format=torch.channels_last)
         applied.append("channels_last")
     fusable = qkv_fusable(pipe, fuse_transformer)
-    if options.fuse_qkv and fusable is not None:
+    if options.fuse_qkv and fusable is not None and not live_adapters(pipe):
         fusable.fuse_qkv_projections()
         applied.append("fuse_qkv")
     if options.uint8_on_device:

@@ -55,6 +55,7 @@ def dataset_card(job: dict[str, Any], s: Survey, sheet: str | None = None) -> st
         f"- scheduler: `{spec['model']['scheduler'] or 'checkpoint default'}`, dtype {', '.join(t.dtypes) or spec['model']['dtype']}",
         f"- steps {swept('num_inference_steps')}, guidance {swept('guidance_scale')}, "
         f"{swept('width')}x{swept('height')}",
+        *_lora_lines(spec["model"].get("loras"), axes.get("lora_scale")),
         f"- seeds: {seed_text}",
         f"- sweep axes: {json.dumps(axes) if axes else 'none'}",
         f"- safety: {safety_text}",
@@ -82,6 +83,20 @@ def _tarless_line(s: Survey) -> list[str]:
         f"- {len(tarless)} of {s.num_shards} shards kept no image and have no tar "
         f"({', '.join(tarless[:5])}{', ...' if len(tarless) > 5 else ''}); their rows are in their "
         "Parquet files, and `sizes.json` names only the tars there are"
+    ]
+
+
+def _lora_lines(loras: list[dict[str, Any]] | None, swept: list[float] | None) -> list[str]:
+    """model.loras in the Generation section (each file's sha256 is in the rows' `loras`), at
+    the lora_scale sweep's scales where it has one; nothing without any."""
+    if not loras:
+        return []
+    how = f"scales {'/'.join(map(str, swept))} (swept)" if swept else "scale {} (fused)"
+    return [
+        f"- LoRA `{lo['name']}`: `{lo['source']}`"
+        f"{' weight_name `' + lo['weight_name'] + '`' if lo['weight_name'] else ''}, "
+        f"{how.format(lo['scale'])}; file sha256 in the rows' `loras` column"
+        for lo in loras
     ]
 
 

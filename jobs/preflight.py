@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from sdfleet.actors.keras_models import check_keras_builds, check_keras_model, import_tensorflow
+from sdfleet.actors.lora import check_lora_file
 from sdfleet.actors.model_files import (
     check_head_file,
     check_keras_file_format,
@@ -37,6 +39,7 @@ from sdfleet.schemas.errors import InputError, SpecError
 from sdfleet.schemas.families import Family, Variant, family_of
 from sdfleet.schemas.family_spec import check_family_spec, with_family_defaults
 from sdfleet.schemas.locations import fixed_part, is_glob, kind_of
+from sdfleet.schemas.lora import lora_key
 from sdfleet.schemas.plan import Plan
 from sdfleet.schemas.schedulers import scheduler_names
 from sdfleet.schemas.spec import JobSpec
@@ -89,6 +92,7 @@ class Preflight:
         check_family_spec(
             self.spec, checkpoint.family, checkpoint.denoiser_config, checkpoint.source
         )
+        self._check_loras(checkpoint.family)
         self._check_detector()
         self._check_curation_models()
         # 3. The checkpoint's own image size where the spec gives none, so that the fingerprint,
@@ -160,6 +164,21 @@ class Preflight:
         check_vae(self.spec.model, checkpoint)
         check_scheduler_names(names)
         return checkpoint, refiner
+
+    def _check_loras(self, family: Family) -> None:
+        """model.loras: each local file there, safetensors by its header, with LoRA weights for
+        this family's denoiser (read from the header alone). A remote or hub file is checked the
+        same way by the first worker that copies it (sdfleet.actors.lora)."""
+        for i, lora in enumerate(self.spec.model.loras):
+            key, path = lora_key(i), lora.location()
+            kind = kind_of(lora.source)
+            if kind == "missing" or (kind == "local" and not Path(path).expanduser().is_file()):
+                raise SpecError(
+                    f"{key} {path} does not exist: give the LoRA's .safetensors file (or its "
+                    "folder with weight_name)"
+                )
+            if kind == "local":
+                check_lora_file(Path(path).expanduser(), family.denoiser, key)
 
     def _check_sizes(self, family: Family) -> None:
         """generation.width and height, and their sweep values, on the latent grid of the

@@ -282,9 +282,11 @@ def write_tiny_hf_classifier(path: str | os.PathLike, flag: str = "nothing") -> 
 
 def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
     """Everything `sdfleet tiny-models` writes: the pipelines (SD2's variants, SDXL's base and
-    refiner, SD3.5's, FLUX.1 dev-, schnell- and Fill-shaped), an fp16-fixed SDXL VAE (for model.vae)
-    and one tiny model per detector and scorer."""
+    refiner, SD3.5's, FLUX.1 dev-, schnell- and Fill-shaped), an fp16-fixed SDXL VAE (for model.vae),
+    a LoRA for the SD2 and the FLUX.1 dev pipelines (for model.loras) and one tiny model per
+    detector and scorer."""
     from sdfleet.jobs.tiny_flux import TINY_FLUX_VARIANTS, write_tiny_flux
+    from sdfleet.jobs.tiny_lora import write_tiny_lora
     from sdfleet.jobs.tiny_sd3 import write_tiny_sd3
     from sdfleet.jobs.tiny_sdxl import (
         TINY_SDXL_VAE,
@@ -294,7 +296,7 @@ def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
     )
 
     folder = pathlib.Path(folder)
-    return {
+    models = {
         "pipeline": write_tiny_pipeline(folder / "tiny-sd2"),
         **{
             f"pipeline {v}": write_tiny_pipeline(folder / f"tiny-sd2-{v}", v)
@@ -312,6 +314,10 @@ def write_tiny_models(folder: str | os.PathLike) -> dict[str, pathlib.Path]:
         "nsfw head": write_tiny_nsfw_head(folder / "tiny-laion-nsfw.safetensors"),
         "fid (score)": write_tiny_inception(folder / "tiny-fid.safetensors"),
     }
+    # LoRAs for model.loras, made for the pipelines just written.
+    models["lora (sd2)"] = write_tiny_lora(models["pipeline"], folder / "tiny-lora-sd2")
+    models["lora (flux)"] = write_tiny_lora(models["flux dev"], folder / "tiny-lora-flux")
+    return models
 
 
 # --------------------------------------------------------------------------- tiny scoring models

@@ -13,6 +13,8 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sdfleet.schemas.lora import lora_key
+
 # JobContent.models is keyed by the spec key that names each checkpoint's location: the main one's
 # is model.source; further checkpoints (a refiner, a VAE override) are keyed by their own keys.
 MAIN_MODEL = "model.source"
@@ -22,8 +24,10 @@ VAE_MODEL = "model.vae"
 
 def checkpoints_of(model: Any) -> dict[str, tuple[str, str | None]]:
     """Every checkpoint a ModelSpec loads, as (source, revision), by the spec key naming it: the
-    main one, model.refiner's and model.vae's where set."""
+    main one, model.refiner's and model.vae's where set, and each of model.loras' files."""
     found = {MAIN_MODEL: (model.source, model.revision)}
+    for i, lora in enumerate(getattr(model, "loras", ())):
+        found[lora_key(i)] = (lora.location(), lora.revision)
     if getattr(model, "refiner", None) is not None:
         found[REFINER_MODEL] = (model.refiner.source, model.refiner.revision)
     if getattr(model, "vae", None) is not None:

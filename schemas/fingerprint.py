@@ -71,6 +71,7 @@ _ADDED_KEYS = {
     "generation.noise_level": None,
     "engine.vae_tiling": False,
     "model.drop_t5": False,
+    "model.loras": [],
     "generation.max_sequence_length": None,
     "generation.true_cfg_scale": 1.0,
     "generation.skip_guidance_layers": None,

@@ -102,6 +102,7 @@ def resolve_relative_paths(
     command_line_keys: the dotted keys `--set` assigned (a key under an assigned section counts);
     working_dir: their base (default: the current directory). input.uri and output.uri are paths
     whenever they are not URIs; model.source, model.vae and safety.model may also be hub ids, so
+    model.loras' sources likewise;
     they count as paths only if written as one (./, ../, ~; `locations.written_as_path`) or if
     they name something that exists."""
     here = working_dir or Path.cwd()
@@ -126,6 +127,10 @@ def resolve_relative_paths(
                     update={"source": resolved("model.refiner.source", refiner.source, True)}
                 ),
                 "vae": resolved("model.vae", model.vae, True),
+                "loras": [
+                    lora.model_copy(update={"source": resolved("model.loras", lora.source, True)})
+                    for lora in model.loras
+                ],
             }
         ),
         "safety": spec.safety.model_copy(
@@ -179,6 +184,8 @@ def resolved_locations(spec: JobSpec) -> dict[str, str]:
             value = getattr(value, part, None)
         if isinstance(value, str) and value:
             out[key] = value
+    for i, lora in enumerate(spec.model.loras):
+        out[f"model.loras[{i}].source"] = lora.source
     return out
 
 

@@ -106,6 +106,7 @@ class Plan:
                 FAMILIES.get(self.family or ""),
                 refiner=self.spec.model.refiner is not None,
                 vae=self.spec.model.vae is not None,
+                loras=bool(self.spec.model.loras),
             )
         except PassthroughClash as e:
             raise ValueError(clash_message(self.spec.input.passthrough_columns, e)) from None

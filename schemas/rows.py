@@ -161,6 +161,27 @@ VAE_DECODE_DTYPE = "vae_decode_dtype"
 VAE_COLUMNS = ("vae_source", "vae_revision")
 
 
+# model.loras as the sample ran them, only in a job that sets them: each LoRA's name, the spec's
+# source and weight_name, the sha256 of the file's bytes the worker loaded, and its scale; and
+# the sweep's lora_scale (null without that axis; the one LoRA's scale in `loras` says it too).
+LORAS = "loras"
+LORA_SCALE = "lora_scale"
+LORAS_FIELD = pa.field(
+    LORAS,
+    pa.list_(
+        pa.struct(
+            [
+                ("name", pa.string()),
+                ("source", pa.string()),
+                ("weight_name", pa.string()),
+                ("sha256", pa.string()),
+                ("scale", pa.float64()),
+            ]
+        )
+    ),
+)
+
+
 def token_columns(encoder: int) -> tuple[str, str]:
     """The token count and truncation columns of the family's text encoder `encoder` (0: the
     first, whose columns every family has; 1: prompt_tokens_2, as diffusers names tokenizer_2)."""
@@ -235,6 +256,7 @@ def every_output_column() -> frozenset[str]:
     from sdfleet.schemas.families import FAMILIES
 
     names = set(OUTPUT_COLUMNS) | {f.name for f in REFINER_FIELDS} | set(VAE_COLUMNS)
+    names |= {LORAS, LORA_SCALE}
     return frozenset(names | {f.name for fam in FAMILIES.values() for f in family_fields(fam)})
 
 
@@ -243,14 +265,17 @@ def output_schema(
     family: Family | None = None,
     refiner: bool = False,
     vae: bool = False,
+    loras: bool = False,
 ) -> pa.Schema:
     """The output schema: the family's own columns after the common ones (family: the
     checkpoint's, where it is known), the refiner's with model.refiner, model.vae's where the job
-    sets it, then the input's passthrough columns under their output names and their own types
+    sets it, model.loras' where it has any, then the input's passthrough columns under their output names and their own types
     (PassthroughClash: one is named as a column before it)."""
     fields = list(OUTPUT_FIELDS) + family_fields(family) + (REFINER_FIELDS if refiner else [])
     if vae:
         fields += [pa.field(name, pa.string()) for name in VAE_COLUMNS]
+    if loras:
+        fields += [LORAS_FIELD, pa.field(LORA_SCALE, pa.float64())]
     if passthrough is not None:
         names = {f.name for f in fields}
         clash = [f.name for f in passthrough if f.name in names]

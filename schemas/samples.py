@@ -38,6 +38,8 @@ SWEEP_COORDINATES = (
     # families that have them record them (schemas.family_spec, schemas.rows).
     "max_sequence_length",
     "true_cfg_scale",
+    # The scale of a job's one LoRA (model.loras), per sample; rows of jobs with LoRAs have it.
+    "lora_scale",
 )
 # What samples that go through the pipeline in one call share: every coordinate but the ones that
 # may differ per sample within a call (the seed, the negative prompt), and the input image's size.
@@ -111,6 +113,8 @@ class GenerationParams:
     # job-wide value the engine computes from the checkpoint).
     max_sequence_length: int | None = None
     true_cfg_scale: float | None = None
+    # The job's one LoRA's scale at this sample (sweep.axes.lora_scale); None: model.loras' own.
+    lora_scale: float | None = None
 
     def batch_key(self) -> tuple:
         """Samples that share it can go through the pipeline in one call."""
@@ -173,6 +177,7 @@ def resolve_params(
         noise_level=_first_set(point.get("noise_level"), gen.noise_level, task.noise_level),
         max_sequence_length=point.get("max_sequence_length", gen.max_sequence_length),
         true_cfg_scale=point.get("true_cfg_scale", gen.true_cfg_scale),
+        lora_scale=point.get("lora_scale"),
     )
 
 
@@ -186,12 +191,12 @@ def sample_id(
     params: GenerationParams,
     scheduler: str,
     refiner: dict[str, Any] | None = None,
-    components: dict[str, str | None] | None = None,
+    components: dict[str, Any] | None = None,
     family: dict[str, Any] | None = None,
 ) -> str:
     """The identity of one image across jobs: everything that determines its pixels. refiner:
     a base + refiner sample's refiner columns (schemas.rows.REFINER_FIELDS). components: what
-    replaced the checkpoint's own (vae_source, vae_revision), set values only. family: the
+    replaced the checkpoint's own (vae_source, vae_revision) or adapts it (loras), set values only. family: the
     family's own inputs as its rows record them (`family_spec.record`: T5's sequence length,
     drop_t5, skip-layer guidance, true CFG, the scheduler's shift), set values only. Each adds nothing when unset, so a job without
     them keeps the ids it had."""

@@ -24,6 +24,8 @@ from sdfleet.schemas.loading import (
     resolve_relative_paths,
 )
 from sdfleet.schemas.locations import check_model_location
+from sdfleet.schemas.lora import check_lora_scale, named_loras
+from sdfleet.schemas.lora_spec import LoraSpec
 from sdfleet.schemas.passthrough import PassthroughColumns
 from sdfleet.schemas.refiner import RefinerSpec, check_refiner_task
 from sdfleet.schemas.samples import SWEEP_COORDINATES
@@ -59,6 +61,13 @@ class ModelSpec(Section):
     # pipeline passes zeros in T5's place, which saves its memory and time at a price in prompt
     # adherence. Only SD3 checkpoints have a T5 to drop (pre-flight checks).
     drop_t5: bool = False
+    # LoRA adapters on the denoiser (sdfleet.schemas.lora), applied in order at their scales.
+    loras: list[LoraSpec] = Field(default_factory=list)
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: list[LoraSpec]) -> list[LoraSpec]:
+        return named_loras(v)
 
     @model_validator(mode="after")
     def _refiner_fits_the_task(self):
@@ -189,6 +198,9 @@ class SweepSpec(Section):
                 # Validate each value exactly as the scalar key would be validated.
                 if key == "scheduler":
                     checked.append(check_scheduler_name(x))
+                    continue
+                if key == "lora_scale":  # as model.loras[i].scale is
+                    checked.append(check_lora_scale(x, "sweep.axes.lora_scale value"))
                     continue
                 try:
                     checked.append(getattr(GenerationSpec(**{key: x}), key))
@@ -419,6 +431,15 @@ class JobSpec(Section):
                         f"image's size{' times 4' if task.scale == 4 else ''}; remove {key} "
                         "(or resize the input images)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_sweep_has_one_lora(self):
+        if "lora_scale" in self.sweep.axes and len(self.model.loras) != 1:
+            raise ValueError(
+                f"sweep.axes.lora_scale sets the scale of the job's one LoRA, but model.loras has "
+                f"{len(self.model.loras)}: give exactly one (or sweep by running one job per scale)"
+            )
         return self
 
     def fingerprint_fields(self) -> dict[str, Any]:

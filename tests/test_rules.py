@@ -8,7 +8,7 @@ import pytest
 from sdfleet.schemas.families import FAMILIES
 from sdfleet.schemas.locations import fixed_part, input_folder, is_glob, is_remote, kind_of
 from sdfleet.schemas.resources import cpu_threads_per_worker, gpu_workers_per_node
-from sdfleet.schemas.rows import OUTPUT_COLUMNS, family_fields
+from sdfleet.schemas.rows import OUTPUT_COLUMNS, family_fields, output_schema
 from sdfleet.schemas.samples import SWEEP_COORDINATES, GenerationParams
 from sdfleet.schemas.schedulers import (
     check_scheduler_name,
@@ -66,9 +66,11 @@ def test_sweepable_keys_and_grid_axes_derive_from_the_coordinates():
     from sdfleet.jobs.preview.grid import AXIS_COLUMNS, NOT_AXES
 
     assert set(SWEEPABLE) == set(SWEEP_COORDINATES) - {"seed"}
-    # Each is a column of every row, or of the rows of the families that have it (T5's length).
+    # Each is a column of every row, or of the rows of the families that have it (T5's length),
+    # or of jobs with model.loras (lora_scale).
     family_columns = {f.name for family in FAMILIES.values() for f in family_fields(family)}
-    assert set(SWEEP_COORDINATES) <= set(OUTPUT_COLUMNS) | family_columns
+    lora_columns = set(output_schema(loras=True).names) - set(OUTPUT_COLUMNS)
+    assert set(SWEEP_COORDINATES) <= set(OUTPUT_COLUMNS) | family_columns | lora_columns
     assert AXIS_COLUMNS == SWEEP_COORDINATES
     # Results are never axes (the hand-kept list had drifted to offer these).
     assert {"clip_score", "candidate", "duplicate_of", "punsafe", "key"} <= NOT_AXES
