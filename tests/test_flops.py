@@ -44,6 +44,7 @@ def test_the_family_table_states_what_the_full_size_models_count():
         "sd3.5-large",
         "flux1-dev",
         "flux1-schnell",
+        "flux1-fill",
     }
     # The transformers' parameters, counted on the meta tensors (published: SD3.5 Large 8.1B,
     # FLUX.1 12B; SD3.5 Medium's model card says 2.5B, its transformer alone holds 2.24B).
@@ -52,3 +53,4 @@ def test_the_family_table_states_what_the_full_size_models_count():
     assert params["sd3.5-large"] == pytest.approx(8.057, abs=0.001)
     assert params["flux1-dev"] == pytest.approx(11.901, abs=0.001)
     assert params["flux1-schnell"] < params["flux1-dev"]  # no guidance embedder
+    assert params["flux1-fill"] > params["flux1-dev"]  # x_embedder reads 384 channels, not 64
