@@ -118,3 +118,21 @@ def test_ray_ships_the_package_under_its_own_name(tmp_path):
         )
     finally:
         shutil.rmtree(stage.parent)
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject lists the packages one by one (the folders map to sdfleet.*): a new subpackage
+    left out would be missing from every non-editable install, as jobs/dedup once was."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        "sdfleet." + ".".join(p.parent.relative_to(REPO).parts)
+        for root in ("schemas", "actors", "jobs")
+        for p in (REPO / root).rglob("__init__.py")
+    }
+    assert set(config["packages"]) == folders
+    assert all(
+        config["package-dir"][name] == name.removeprefix("sdfleet.").replace(".", "/")
+        for name in folders
+    )
